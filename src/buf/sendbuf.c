@@ -1,0 +1,185 @@
+/*
+ * Send buffers: reference counted, immutable once closed, carved from a
+ * per-thread chunk so that opening one takes no lock.
+ *
+ * A chunk is referenced by the thread that carves from it and by every live
+ * buffer cut from it. When the thread moves on to a fresh chunk it drops its
+ * reference; the chunk returns to a small global pool when its last buffer is
+ * released (the pool keeps a bounded number, the rest go back to malloc).
+ * Buffers too large for a chunk are allocated on their own.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK_SIZE (32u * 1024u)
+#define ALONE_THRESHOLD (CHUNK_SIZE / 4)
+#define POOL_MAX 256
+#define ALIGN 16u
+
+typedef struct cp_chunk {
+    atomic_uint refs;
+    uint32_t used;
+    struct cp_chunk *next_free;
+    _Alignas(16) uint8_t mem[CHUNK_SIZE];
+} cp_chunk;
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static cp_chunk *pool;
+static unsigned pool_n;
+
+static _Thread_local cp_chunk *tls_chunk;
+static _Thread_local cp_sendbuf *tls_open;
+static pthread_key_t tls_key;
+static pthread_once_t tls_once = PTHREAD_ONCE_INIT;
+
+static void chunk_unref(cp_chunk *c)
+{
+    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    pthread_mutex_lock(&pool_lock);
+    if (pool_n < POOL_MAX) {
+        c->next_free = pool;
+        pool = c;
+        pool_n++;
+        c = NULL;
+    }
+    pthread_mutex_unlock(&pool_lock);
+    free(c);
+}
+
+/* Runs when a thread that carved buffers exits: drop its chunk reference. */
+static void tls_release(void *unused)
+{
+    CP_UNUSED(unused);
+    if (tls_chunk) {
+        chunk_unref(tls_chunk);
+        tls_chunk = NULL;
+    }
+}
+
+static void tls_key_make(void) { pthread_key_create(&tls_key, tls_release); }
+
+static cp_chunk *chunk_get(void)
+{
+    cp_chunk *c = NULL;
+    pthread_mutex_lock(&pool_lock);
+    if (pool) {
+        c = pool;
+        pool = c->next_free;
+        pool_n--;
+    }
+    pthread_mutex_unlock(&pool_lock);
+    if (!c && !(c = malloc(sizeof *c)))
+        return NULL;
+    atomic_init(&c->refs, 1); /* the carving thread's reference */
+    c->used = 0;
+    c->next_free = NULL;
+    return c;
+}
+
+static size_t round_up(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
+
+/* Commits the buffer open on this thread (if any) at its current length. */
+static void commit_open(void)
+{
+    cp_sendbuf *b = tls_open;
+    if (!b)
+        return;
+    tls_open = NULL;
+    if (b->chunk)
+        b->chunk->used += (uint32_t)round_up(sizeof *b + b->len);
+}
+
+cp_sendbuf *cp_sendbuf_open(size_t cap)
+{
+    if (cap > UINT32_MAX - 64)
+        return NULL;
+    if (tls_open) {
+        /* The previous buffer was never closed: keep it whole. */
+        tls_open->len = tls_open->cap;
+        commit_open();
+    }
+    cp_sendbuf *b;
+    if (cap > ALONE_THRESHOLD) {
+        b = malloc(sizeof *b + cap);
+        if (!b)
+            return NULL;
+        b->chunk = NULL;
+    } else {
+        size_t need = round_up(sizeof *b + cap);
+        if (!tls_chunk || CHUNK_SIZE - tls_chunk->used < need) {
+            pthread_once(&tls_once, tls_key_make);
+            cp_chunk *c = chunk_get();
+            if (!c)
+                return NULL;
+            if (tls_chunk)
+                chunk_unref(tls_chunk);
+            else
+                pthread_setspecific(tls_key, (void *)1); /* arm the exit hook */
+            tls_chunk = c;
+        }
+        b = (cp_sendbuf *)(tls_chunk->mem + tls_chunk->used);
+        b->chunk = tls_chunk;
+        atomic_fetch_add_explicit(&tls_chunk->refs, 1, memory_order_relaxed);
+        tls_open = b;
+    }
+    atomic_init(&b->refs, 1);
+    b->len = 0;
+    b->cap = (uint32_t)cap;
+    return b;
+}
+
+uint8_t *cp_sendbuf_data(cp_sendbuf *b) { return b->data; }
+
+void cp_sendbuf_close(cp_sendbuf *b, size_t len)
+{
+    b->len = (uint32_t)(len > b->cap ? b->cap : len);
+    if (tls_open == b)
+        commit_open();
+}
+
+size_t cp_sendbuf_len(const cp_sendbuf *b) { return b->len; }
+
+void cp_sendbuf_ref(cp_sendbuf *b) { atomic_fetch_add_explicit(&b->refs, 1, memory_order_relaxed); }
+
+void cp_sendbuf_unref(cp_sendbuf *b)
+{
+    if (!b || atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    if (b->chunk)
+        chunk_unref(b->chunk);
+    else
+        free(b);
+}
+
+cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len)
+{
+    cp_sendbuf *b = cp_sendbuf_open(len);
+    if (!b)
+        return NULL;
+    if (len)
+        memcpy(b->data, data, len);
+    cp_sendbuf_close(b, len);
+    return b;
+}
+
+cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len)
+{
+    if (body_len > CP_PACKET_MAX - CP_PACKET_HEADER)
+        return NULL;
+    size_t size = body_len + CP_PACKET_HEADER;
+    cp_sendbuf *b = cp_sendbuf_open(size);
+    if (!b)
+        return NULL;
+    b->data[0] = (uint8_t)(size & 0xff);
+    b->data[1] = (uint8_t)(size >> 8);
+    b->data[2] = (uint8_t)(id & 0xff);
+    b->data[3] = (uint8_t)(id >> 8);
+    if (body_len)
+        memcpy(b->data + CP_PACKET_HEADER, body, body_len);
+    cp_sendbuf_close(b, size);
+    return b;
+}

@@ -1,0 +1,254 @@
+/*
+ * Internal declarations shared by the layers of cport. Nothing here is public.
+ */
+#ifndef CP_INTERNAL_H
+#define CP_INTERNAL_H
+
+#include "cport.h"
+#include "port/backend.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <sys/socket.h>
+
+#define CP_UNUSED(x) ((void)(x))
+#define CP_LIKELY(x) __builtin_expect(!!(x), 1)
+#define CP_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* ------------------------------------------------------------------ core.c */
+
+void cp__log(cp_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+uint64_t cp__now_ns(void);
+void *cp__xalloc(size_t n); /* malloc that returns NULL; zeroed */
+
+/* ------------------------------------------------------------------ messages */
+
+/* Work handed from one thread to a worker: fn(w, a, b) runs on that worker. */
+typedef void (*cp_msg_fn)(cp_worker *w, void *a, void *b);
+typedef struct cp_msg {
+    cp_msg_fn fn;
+    void *a, *b;
+} cp_msg;
+
+typedef struct cp_msgblk {
+    struct cp_msgblk *next;
+    uint32_t n, cap;
+    cp_msg m[];
+} cp_msgblk;
+
+/* ------------------------------------------------------------------ timers */
+
+typedef struct cp_timer {
+    uint64_t deadline_ns;
+    void (*fn)(cp_worker *w, void *arg);
+    void *arg;
+    uint32_t heap_index; /* UINT32_MAX when not armed */
+} cp_timer;
+
+/* Per-worker internal timers (owner thread only). */
+void cp__timer_arm(cp_worker *w, cp_timer *t, uint64_t delay_ms);
+void cp__timer_cancel(cp_worker *w, cp_timer *t);
+
+/* ------------------------------------------------------------------ port */
+
+typedef struct cp_session cp_session;
+
+struct cp_worker {
+    cp_port *port;
+    int index;
+    pthread_t thread;
+    void *be; /* backend state */
+
+    /* Lock-free inbox: a stack of message blocks pushed by any thread, taken
+     * all at once by the owner and replayed in push order. */
+    _Atomic(cp_msgblk *) inbox;
+
+    /* Messages this worker produced during the current round for each worker
+     * (itself included); pushed once at the end of the round. */
+    cp_msgblk **outbox;
+
+    /* Sessions with queued bytes to write at the end of the round. */
+    cp_session *dirty;
+
+    /* Completions known before their operation could finish (cancellations). */
+    struct cp_deferred {
+        cp_op *op;
+        int res;
+    } *deferred;
+    size_t ndeferred, capdeferred;
+
+    /* Receive buffer shared by every session of this worker. */
+    uint8_t *rbuf;
+    size_t rbuf_size;
+
+    /* Timer heap. */
+    cp_timer **timers;
+    uint32_t ntimers, captimers;
+
+    /* Handles that still had input after their fair share (epoll). */
+    cp_handle *ready;
+};
+
+struct cp_port {
+    const cp_backend_ops *be;
+    int nworkers;
+    cp_worker *workers;
+    atomic_bool stopping;
+    atomic_uint rr;        /* round-robin cursor for posts and new sessions */
+    atomic_int services;   /* live services */
+};
+
+/* The worker running on this thread, or NULL for threads the user owns. */
+extern _Thread_local cp_worker *cp__self;
+
+/* Sends msg to worker dst. On a worker of the same port it is batched in the
+ * round's outbox; other threads push it at once. */
+void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b);
+/* Foreign threads may batch several messages: begin, send_msg..., end. */
+void cp__batch_begin(cp_port *port);
+void cp__batch_end(cp_port *port);
+cp_worker *cp__pick_worker(cp_port *port);
+/* True when called on a worker of this port. */
+static inline bool cp__on_worker(const cp_port *p) { return cp__self && cp__self->port == p; }
+
+/* ------------------------------------------------------------------ send buffers */
+
+struct cp_sendbuf {
+    atomic_uint refs;
+    uint32_t len;
+    uint32_t cap;
+    uint32_t pad_;
+    struct cp_chunk *chunk; /* NULL for buffers allocated alone */
+    uint8_t data[];
+};
+
+/* ------------------------------------------------------------------ sessions */
+
+enum cp_session_state {
+    CP_S_NEW = 0,     /* allocated, not yet on its worker */
+    CP_S_CONNECTING,  /* client: connect in flight */
+    CP_S_CONNECTED,
+    CP_S_CLOSING,     /* disconnect started; waiting for completions */
+    CP_S_CLOSED       /* every completion arrived; left the service */
+};
+
+typedef struct cp_sendq {
+    cp_sendbuf **ring; /* power-of-two capacity */
+    uint32_t head, count, cap;
+    uint32_t first_off; /* bytes of ring[head] already written */
+    size_t bytes;       /* unsent bytes in the queue */
+} cp_sendq;
+
+struct cp_session {
+    atomic_uint refs;
+    _Atomic int state;
+    cp_service *svc;  /* valid until the session reaches CP_S_CLOSED */
+    cp_worker *owner;
+    uint64_t id;
+    void *data;
+
+    cp_handle h;
+    cp_op rd, wr;
+    int ops_pending;        /* armed ops; the session is released at 0 */
+    bool was_connected;     /* on_connected ran */
+    bool dirty;             /* on owner->dirty */
+    bool is_client;
+    int close_soon_err;     /* a close is already on its way (close_soon) */
+    cp_reason reason;
+    int reason_err;
+    cp_session *dirty_next;
+
+    /* Bytes of an incomplete packet (or unconsumed raw bytes). */
+    uint8_t *carry;
+    uint32_t carry_len, carry_cap;
+
+    cp_sendq sq;
+
+    /* Groups this session is in; guarded by glock. */
+    pthread_mutex_t glock;
+    cp_group **groups;
+    uint32_t ngroups, capgroups;
+
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+};
+
+cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client);
+/* On the owner: take over an accepted descriptor and start the session. */
+void cp__session_start_accepted(cp_worker *w, void *s, void *fd);
+void cp__session_start_connect(cp_worker *w, void *s, void *unused);
+/* Queue b on s (takes its own reference). Any thread. */
+int cp__session_send(cp_session *s, cp_sendbuf *b);
+void cp__session_close(cp_session *s, cp_reason reason, int err);
+/* End of round: write every dirty session once. */
+void cp__session_flush_dirty(cp_worker *w);
+void cp__session_post_disconnect(cp_session *s, cp_reason reason);
+
+/* Packet/raw parser: consume received bytes for s. */
+void cp__session_input(cp_session *s, const uint8_t *data, size_t n);
+
+/* Groups: remove s from every group (on close). */
+void cp__group_leave_all(cp_session *s);
+
+/* ------------------------------------------------------------------ services */
+
+typedef struct cp_slot {
+    cp_session *s;
+    uint32_t gen;
+    uint32_t next_free;
+} cp_slot;
+
+typedef struct cp_listener cp_listener;
+
+struct cp_service {
+    cp_port *port;
+    cp_handlers h;
+    void *ctx;
+    bool is_client;
+    atomic_bool stopping;
+
+    /* Session options, fixed at start. */
+    cp_framing framing;
+    uint32_t max_packet;
+    size_t send_queue_limit;
+    bool nodelay;
+    cp_packet_fn *routes; /* indexed by id, nroutes entries */
+    uint32_t nroutes;
+
+    /* Live-session table: slot + generation make the session id. */
+    pthread_mutex_t lock;
+    pthread_cond_t drained;
+    cp_slot *slots;
+    uint32_t nslots, free_head, live; /* live = occupied slots */
+    int objects;                      /* live sessions + listener, for stop */
+
+    cp_listener *listener;
+    struct sockaddr_storage addr;     /* server: bound address; client: target */
+    socklen_t addr_len;
+
+    struct {
+        atomic_uint_fast64_t connected, disconnected, rejected, connect_failed, accept_errors,
+            bytes_in, bytes_out, packets_in;
+        atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
+    } st;
+};
+
+/* Table slot management (service.c). */
+int cp__service_add_session(cp_service *svc, cp_session *s);
+void cp__service_session_done(cp_service *svc, cp_session *s);
+void cp__service_object_done(cp_service *svc);
+int cp__addr_str(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
+int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss,
+                socklen_t *len);
+
+/* Listener (listener.c). */
+int cp__listener_start(cp_service *svc, int backlog, int accepts);
+void cp__listener_stop(cp_service *svc);
+
+static inline void cp__stat_add(atomic_uint_fast64_t *c, uint64_t v)
+{
+    atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+#endif

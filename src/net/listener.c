@@ -1,0 +1,183 @@
+/*
+ * The listener keeps accepts pending and hands each new connection to a
+ * worker (round-robin), where its session lives from then on.
+ *
+ * Accept errors: a connection that died in the backlog is skipped (the backend
+ * keeps the accept armed). Running out of descriptors or memory (EMFILE,
+ * ENFILE, ENOBUFS, ENOMEM) disarms the accept; the listener then waits on a
+ * timer, backing off from 10 ms to 1 s, and tries again. It never recurses,
+ * never spins while descriptors are exhausted, and never stops for good:
+ * pending connections wait in the kernel's backlog until descriptors free up.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define BACKOFF_MIN_MS 10
+#define BACKOFF_MAX_MS 1000
+
+struct cp_listener {
+    cp_service *svc;
+    cp_worker *w;
+    cp_handle h;
+    cp_op acc;
+    cp_timer retry;
+    uint32_t backoff_ms;
+    bool armed;
+    bool closing;
+};
+
+static void on_accept_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
+
+static void listener_done(cp_listener *l)
+{
+    cp_service *svc = l->svc;
+    free(l);
+    cp__service_object_done(svc);
+}
+
+static void arm(cp_listener *l)
+{
+    int r = l->w->port->be->accept(l->w, &l->h, &l->acc);
+    if (r < 0) {
+        /* Cannot even submit: treat like a resource error and retry later. */
+        cp__log(CP_LOG_WARN, "listener: cannot arm accept: %s", cp_strerror(r));
+        cp__timer_arm(l->w, &l->retry, l->backoff_ms);
+        return;
+    }
+    l->armed = true;
+}
+
+static void retry_fire(cp_worker *w, void *arg)
+{
+    CP_UNUSED(w);
+    cp_listener *l = arg;
+    if (!l->closing)
+        arm(l);
+}
+
+static void new_connection(cp_listener *l, int fd)
+{
+    cp_service *svc = l->svc;
+    l->backoff_ms = BACKOFF_MIN_MS;
+    cp_worker *owner = cp__pick_worker(svc->port);
+    cp_session *s = cp__session_new(svc, owner, false);
+    int r = s ? cp__service_add_session(svc, s) : -ENOMEM;
+    if (r < 0) {
+        /* Beyond max_sessions (or out of memory): close at once, and count it. */
+        close(fd);
+        if (s)
+            cp_session_unref(s);
+        if (r != -ESHUTDOWN)
+            cp__stat_add(&svc->st.rejected, 1);
+        return;
+    }
+    if (owner == l->w)
+        cp__session_start_accepted(owner, s, (void *)(intptr_t)fd);
+    else
+        cp__send_msg(owner, cp__session_start_accepted, s, (void *)(intptr_t)fd);
+}
+
+static void on_accept_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
+{
+    CP_UNUSED(data);
+    cp_listener *l = (cp_listener *)((char *)op - offsetof(cp_listener, acc));
+    if (res >= 0) {
+        if (l->closing)
+            close(res);
+        else
+            new_connection(l, res);
+    } else if (res != -ECANCELED && !(flags & CP_CQE_MORE)) {
+        cp__stat_add(&l->svc->st.accept_errors, 1);
+        cp__log(CP_LOG_WARN, "listener: accept paused for %u ms: %s", l->backoff_ms, cp_strerror(res));
+    }
+    if (flags & CP_CQE_MORE)
+        return;
+    l->armed = false;
+    if (l->closing) {
+        listener_done(l);
+        return;
+    }
+    if (res == -ECANCELED || res >= 0) {
+        arm(l);
+        return;
+    }
+    cp__timer_arm(w, &l->retry, l->backoff_ms);
+    l->backoff_ms = l->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : l->backoff_ms * 2;
+}
+
+static void listener_begin(cp_worker *w, void *lp, void *unused)
+{
+    CP_UNUSED(unused);
+    cp_listener *l = lp;
+    int r = w->port->be->attach(w, &l->h);
+    if (r < 0) {
+        cp__log(CP_LOG_ERROR, "listener: cannot watch the socket: %s", cp_strerror(r));
+        close(l->h.fd);
+        l->h.fd = -1;
+        return; /* stays inert until the service stops */
+    }
+    arm(l);
+}
+
+static void listener_close(cp_worker *w, void *lp, void *unused)
+{
+    CP_UNUSED(unused);
+    cp_listener *l = lp;
+    l->closing = true;
+    cp__timer_cancel(w, &l->retry);
+    bool was_armed = l->armed;
+    if (l->h.fd >= 0)
+        w->port->be->close(w, &l->h);
+    if (!was_armed)
+        listener_done(l);
+    /* else: the accept completes with -ECANCELED and finishes the listener */
+}
+
+int cp__listener_start(cp_service *svc, int backlog, int accepts)
+{
+    const struct sockaddr *sa = (const struct sockaddr *)&svc->addr;
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, sa, svc->addr_len) < 0 || listen(fd, backlog) < 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    socklen_t len = sizeof svc->addr;
+    getsockname(fd, (struct sockaddr *)&svc->addr, &len);
+    svc->addr_len = len;
+
+    cp_listener *l = cp__xalloc(sizeof *l);
+    if (!l) {
+        close(fd);
+        return -ENOMEM;
+    }
+    l->svc = svc;
+    l->w = cp__pick_worker(svc->port);
+    l->h.fd = fd;
+    l->acc.cb = on_accept_cqe;
+    l->acc.kind = CP_OP_ACCEPT;
+    l->acc.batch = (uint16_t)accepts;
+    l->retry.fn = retry_fire;
+    l->retry.arg = l;
+    l->retry.heap_index = UINT32_MAX;
+    l->backoff_ms = BACKOFF_MIN_MS;
+    svc->listener = l;
+    pthread_mutex_lock(&svc->lock);
+    svc->objects++;
+    pthread_mutex_unlock(&svc->lock);
+    cp__send_msg(l->w, listener_begin, l, NULL);
+    return 0;
+}
+
+void cp__listener_stop(cp_service *svc)
+{
+    cp__send_msg(svc->listener->w, listener_close, svc->listener, NULL);
+}

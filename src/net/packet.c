@@ -1,0 +1,184 @@
+/*
+ * Framing: {u16 size, u16 id} little-endian, size counting the 4-byte header.
+ *
+ * Received bytes arrive in a buffer the backend lends for one call, so whole
+ * packets are handed to handlers straight from it. Only the bytes of a packet
+ * that is not complete yet are copied, into the session's carry buffer, which
+ * is sized to that one packet and released as soon as it has been handled: a
+ * session between packets holds no receive memory at all.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Raw mode keeps at most this many unconsumed bytes (or max_packet if larger). */
+#define RAW_CARRY_MIN (64u * 1024u)
+
+static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+static bool still_connected(const cp_session *s) { return atomic_load(&s->state) == CP_S_CONNECTED; }
+
+static bool carry_reserve(cp_session *s, size_t cap)
+{
+    if (s->carry_cap >= cap)
+        return true;
+    uint8_t *c = realloc(s->carry, cap);
+    if (!c) {
+        cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
+        return false;
+    }
+    s->carry = c;
+    s->carry_cap = (uint32_t)cap;
+    return true;
+}
+
+static void carry_release(cp_session *s)
+{
+    free(s->carry);
+    s->carry = NULL;
+    s->carry_len = s->carry_cap = 0;
+}
+
+/* Validates a header; returns the packet size, or 0 after closing the session. */
+static size_t header_size(cp_session *s, const uint8_t *hdr)
+{
+    size_t size = le16(hdr);
+    if (size < CP_PACKET_HEADER) {
+        cp__session_close(s, CP_REASON_BAD_HEADER, -EPROTO);
+        return 0;
+    }
+    if (size > s->svc->max_packet) {
+        cp__session_close(s, CP_REASON_TOO_BIG, -EMSGSIZE);
+        return 0;
+    }
+    return size;
+}
+
+/* Hands one packet to its handler. Returns false if the session is closing. */
+static bool dispatch(cp_session *s, const uint8_t *pkt, size_t size)
+{
+    cp_service *svc = s->svc;
+    uint16_t id = le16(pkt + 2);
+    cp_packet_fn fn = id < svc->nroutes ? svc->routes[id] : NULL;
+    if (!fn)
+        fn = svc->h.on_packet;
+    if (fn && fn(s, id, pkt + CP_PACKET_HEADER, size - CP_PACKET_HEADER) < 0) {
+        cp__session_close(s, CP_REASON_HANDLER, 0);
+        return false;
+    }
+    return still_connected(s);
+}
+
+static void packet_input(cp_session *s, const uint8_t *p, size_t n)
+{
+    uint64_t packets = 0;
+    if (s->carry_len) {
+        /* Finish the packet started by an earlier receive. */
+        if (s->carry_len < CP_PACKET_HEADER) {
+            size_t take = CP_PACKET_HEADER - s->carry_len;
+            if (take > n)
+                take = n;
+            memcpy(s->carry + s->carry_len, p, take);
+            s->carry_len += (uint32_t)take;
+            p += take;
+            n -= take;
+            if (s->carry_len < CP_PACKET_HEADER)
+                return;
+        }
+        size_t size = header_size(s, s->carry);
+        if (!size || !carry_reserve(s, size))
+            return;
+        size_t take = size - s->carry_len;
+        if (take > n)
+            take = n;
+        memcpy(s->carry + s->carry_len, p, take);
+        s->carry_len += (uint32_t)take;
+        p += take;
+        n -= take;
+        if (s->carry_len < size)
+            return;
+        packets++;
+        bool ok = dispatch(s, s->carry, size);
+        if (s->carry) /* the handler may have closed the session, which frees it */
+            carry_release(s);
+        if (!ok)
+            goto out;
+    }
+    while (n >= CP_PACKET_HEADER) {
+        size_t size = header_size(s, p);
+        if (!size)
+            goto out;
+        if (n < size) {
+            if (!carry_reserve(s, size))
+                goto out;
+            break;
+        }
+        packets++;
+        if (!dispatch(s, p, size))
+            goto out;
+        p += size;
+        n -= size;
+    }
+    if (n) {
+        if (!carry_reserve(s, n > CP_PACKET_HEADER ? n : CP_PACKET_HEADER))
+            goto out;
+        memcpy(s->carry, p, n);
+        s->carry_len = (uint32_t)n;
+    }
+out:
+    if (packets)
+        cp__stat_add(&s->svc->st.packets_in, packets);
+}
+
+static size_t raw_deliver(cp_session *s, const uint8_t *p, size_t n)
+{
+    size_t (*on_recv)(cp_session *, const uint8_t *, size_t) = s->svc->h.on_recv;
+    size_t used = on_recv ? on_recv(s, p, n) : n;
+    return used > n ? n : used;
+}
+
+static void raw_input(cp_session *s, const uint8_t *p, size_t n)
+{
+    size_t limit = s->svc->max_packet > RAW_CARRY_MIN ? s->svc->max_packet : RAW_CARRY_MIN;
+    if (s->carry_len) {
+        if (s->carry_len + n > limit) {
+            cp__session_close(s, CP_REASON_TOO_BIG, -EMSGSIZE);
+            return;
+        }
+        if (!carry_reserve(s, s->carry_len + n))
+            return;
+        memcpy(s->carry + s->carry_len, p, n);
+        s->carry_len += (uint32_t)n;
+        size_t used = raw_deliver(s, s->carry, s->carry_len);
+        if (!still_connected(s))
+            return;
+        if (used == s->carry_len) {
+            carry_release(s);
+        } else if (used) {
+            memmove(s->carry, s->carry + used, s->carry_len - used);
+            s->carry_len -= (uint32_t)used;
+        }
+        return;
+    }
+    size_t used = raw_deliver(s, p, n);
+    if (used == n || !still_connected(s))
+        return;
+    if (n - used > limit) {
+        cp__session_close(s, CP_REASON_TOO_BIG, -EMSGSIZE);
+        return;
+    }
+    if (!carry_reserve(s, n - used))
+        return;
+    memcpy(s->carry, p + used, n - used);
+    s->carry_len = (uint32_t)(n - used);
+}
+
+void cp__session_input(cp_session *s, const uint8_t *data, size_t n)
+{
+    if (s->svc->framing == CP_FRAMING_RAW)
+        raw_input(s, data, n);
+    else
+        packet_input(s, data, n);
+}

@@ -1,0 +1,394 @@
+/*
+ * Services own sessions. A server service has a listener; a client service
+ * connects sessions to one address. Both keep the live-session table: slot
+ * plus generation make the 64-bit session id, so an id kept by game code
+ * never reaches a different session that later reuses the slot.
+ *
+ * Stopping: the service refuses new sessions, closes its listener, asks every
+ * session's worker to disconnect it, and waits until every session (and the
+ * listener) has finished, i.e. every callback has run and every completion
+ * has drained. Only then is the service freed.
+ */
+#include "internal.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SLOT_NONE UINT32_MAX
+
+int cp__addr_str(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
+{
+    char ip[INET6_ADDRSTRLEN];
+    int n;
+    if (sa->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, ip, sizeof ip);
+        n = snprintf(buf, size, "%s:%u", ip, ntohs(in->sin_port));
+    } else if (sa->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof ip);
+        n = snprintf(buf, size, "[%s]:%u", ip, ntohs(in6->sin6_port));
+    } else {
+        return -EAFNOSUPPORT;
+    }
+    return n < 0 || (size_t)n >= size ? -ENOBUFS : n;
+}
+
+int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss,
+                socklen_t *len)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0)};
+    char serv[8];
+    snprintf(serv, sizeof serv, "%u", port);
+    if (passive && (!host || !*host))
+        host = "0.0.0.0";
+    if (!host || !*host)
+        return -EINVAL;
+    struct addrinfo *res = NULL;
+    int r = getaddrinfo(host, serv, &hints, &res);
+    if (r != 0 || !res)
+        return r == EAI_MEMORY ? -ENOMEM : -EADDRNOTAVAIL;
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    *len = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ table */
+
+int cp__service_add_session(cp_service *svc, cp_session *s)
+{
+    pthread_mutex_lock(&svc->lock);
+    int r = 0;
+    if (atomic_load(&svc->stopping)) {
+        r = -ESHUTDOWN;
+    } else if (svc->free_head == SLOT_NONE) {
+        r = -EMFILE;
+    } else {
+        uint32_t i = svc->free_head;
+        cp_slot *slot = &svc->slots[i];
+        svc->free_head = slot->next_free;
+        slot->s = s;
+        s->id = ((uint64_t)slot->gen << 32) | i;
+        svc->live++;
+        svc->objects++;
+    }
+    pthread_mutex_unlock(&svc->lock);
+    return r;
+}
+
+void cp__service_object_done(cp_service *svc)
+{
+    pthread_mutex_lock(&svc->lock);
+    if (--svc->objects == 0)
+        pthread_cond_broadcast(&svc->drained);
+    pthread_mutex_unlock(&svc->lock);
+    /* svc may be freed by the stopping thread from here on. */
+}
+
+void cp__service_session_done(cp_service *svc, cp_session *s)
+{
+    uint32_t i = (uint32_t)s->id;
+    pthread_mutex_lock(&svc->lock);
+    cp_slot *slot = &svc->slots[i];
+    slot->s = NULL;
+    if (++slot->gen == 0)
+        slot->gen = 1;
+    slot->next_free = svc->free_head;
+    svc->free_head = i;
+    svc->live--;
+    if (--svc->objects == 0)
+        pthread_cond_broadcast(&svc->drained);
+    pthread_mutex_unlock(&svc->lock);
+    cp_session_unref(s); /* the table's reference */
+}
+
+/* The session with this id, referenced, or NULL. */
+static cp_session *lookup(cp_service *svc, uint64_t id)
+{
+    uint32_t i = (uint32_t)id, gen = (uint32_t)(id >> 32);
+    cp_session *s = NULL;
+    pthread_mutex_lock(&svc->lock);
+    if (i < svc->nslots && svc->slots[i].gen == gen && svc->slots[i].s) {
+        s = svc->slots[i].s;
+        cp_session_ref(s);
+    }
+    pthread_mutex_unlock(&svc->lock);
+    return s;
+}
+
+/* Every live session, referenced; the caller unrefs each and frees the array. */
+static cp_session **snapshot(cp_service *svc, size_t *n)
+{
+    pthread_mutex_lock(&svc->lock);
+    cp_session **all = malloc(sizeof *all * (svc->live ? svc->live : 1));
+    size_t k = 0;
+    if (all) {
+        for (uint32_t i = 0; i < svc->nslots && k < svc->live; i++) {
+            cp_session *s = svc->slots[i].s;
+            if (s) {
+                cp_session_ref(s);
+                all[k++] = s;
+            }
+        }
+    }
+    pthread_mutex_unlock(&svc->lock);
+    *n = k;
+    return all;
+}
+
+/* ------------------------------------------------------------------ create */
+
+static int service_new(cp_service **out, cp_port *port, const cp_session_opts *so,
+                       const cp_handlers *h, void *ctx, uint32_t max_sessions, bool is_client)
+{
+    *out = NULL;
+    if (!port || !h || atomic_load(&port->stopping))
+        return port && atomic_load(&port->stopping) ? -ESHUTDOWN : -EINVAL;
+    cp_session_opts o = so ? *so : (cp_session_opts){0};
+    if (o.framing != CP_FRAMING_PACKET && o.framing != CP_FRAMING_RAW)
+        return -EINVAL;
+    if (o.max_packet == 0)
+        o.max_packet = 4096;
+    if (o.max_packet < CP_PACKET_HEADER || o.max_packet > CP_PACKET_MAX)
+        return -EINVAL;
+    if (o.send_queue_limit == 0)
+        o.send_queue_limit = 1u << 20;
+    if (o.nroutes && !o.routes)
+        return -EINVAL;
+
+    cp_service *svc = cp__xalloc(sizeof *svc);
+    if (!svc)
+        return -ENOMEM;
+    svc->port = port;
+    svc->h = *h;
+    svc->ctx = ctx;
+    svc->is_client = is_client;
+    svc->framing = o.framing;
+    svc->max_packet = o.max_packet;
+    svc->send_queue_limit = o.send_queue_limit;
+    svc->nodelay = !o.no_nodelay;
+
+    uint32_t top = 0;
+    for (size_t i = 0; i < o.nroutes; i++)
+        if (o.routes[i].fn && (uint32_t)o.routes[i].id + 1 > top)
+            top = (uint32_t)o.routes[i].id + 1;
+    if (top) {
+        svc->routes = cp__xalloc(sizeof *svc->routes * top);
+        if (!svc->routes) {
+            free(svc);
+            return -ENOMEM;
+        }
+        for (size_t i = 0; i < o.nroutes; i++)
+            if (o.routes[i].fn)
+                svc->routes[o.routes[i].id] = o.routes[i].fn;
+        svc->nroutes = top;
+    }
+
+    svc->nslots = max_sessions;
+    svc->slots = malloc(sizeof *svc->slots * max_sessions);
+    if (!svc->slots) {
+        free(svc->routes);
+        free(svc);
+        return -ENOMEM;
+    }
+    for (uint32_t i = 0; i < max_sessions; i++)
+        svc->slots[i] = (cp_slot){.s = NULL, .gen = 1, .next_free = i + 1 < max_sessions ? i + 1 : SLOT_NONE};
+    svc->free_head = 0;
+    pthread_mutex_init(&svc->lock, NULL);
+    pthread_cond_init(&svc->drained, NULL);
+    atomic_fetch_add(&port->services, 1);
+    *out = svc;
+    return 0;
+}
+
+static void service_free(cp_service *svc)
+{
+    atomic_fetch_sub(&svc->port->services, 1);
+    pthread_mutex_destroy(&svc->lock);
+    pthread_cond_destroy(&svc->drained);
+    free(svc->slots);
+    free(svc->routes);
+    free(svc);
+}
+
+int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts, const cp_handlers *h,
+                    void *ctx)
+{
+    if (!out || !opts)
+        return -EINVAL;
+    *out = NULL;
+    if (opts->backlog < 0 || opts->accepts < 0 || opts->accepts > 65535)
+        return -EINVAL;
+    cp_service *svc;
+    int r = service_new(&svc, port, &opts->session, h, ctx,
+                        opts->max_sessions ? opts->max_sessions : 10000, false);
+    if (r < 0)
+        return r;
+    r = cp__resolve(opts->host, opts->port, true, &svc->addr, &svc->addr_len);
+    if (r == 0)
+        r = cp__listener_start(svc, opts->backlog ? opts->backlog : 1024,
+                               opts->accepts ? opts->accepts : 64);
+    if (r < 0) {
+        service_free(svc);
+        return r;
+    }
+    *out = svc;
+    return 0;
+}
+
+int cp_client_connect(cp_service *svc)
+{
+    if (!svc || !svc->is_client)
+        return -EINVAL;
+    cp_worker *w = cp__pick_worker(svc->port);
+    cp_session *s = cp__session_new(svc, w, true);
+    if (!s)
+        return -ENOMEM;
+    int r = cp__service_add_session(svc, s);
+    if (r < 0) {
+        cp_session_unref(s);
+        return r;
+    }
+    cp__send_msg(w, cp__session_start_connect, s, NULL);
+    return 0;
+}
+
+int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts, const cp_handlers *h,
+                    void *ctx)
+{
+    if (!out || !opts)
+        return -EINVAL;
+    *out = NULL;
+    uint32_t max = opts->max_sessions ? opts->max_sessions : (opts->sessions > 10000 ? opts->sessions : 10000);
+    if (opts->sessions > max)
+        return -EINVAL;
+    cp_service *svc;
+    int r = service_new(&svc, port, &opts->session, h, ctx, max, true);
+    if (r < 0)
+        return r;
+    r = cp__resolve(opts->host, opts->port, false, &svc->addr, &svc->addr_len);
+    if (r < 0) {
+        service_free(svc);
+        return r;
+    }
+    *out = svc;
+    cp__batch_begin(port);
+    for (uint32_t i = 0; i < opts->sessions; i++)
+        if ((r = cp_client_connect(svc)) < 0)
+            break;
+    cp__batch_end(port);
+    return 0;
+}
+
+int cp_service_stop(cp_service *svc)
+{
+    if (!svc)
+        return -EINVAL;
+    if (cp__on_worker(svc->port))
+        return -EDEADLK;
+    if (atomic_exchange(&svc->stopping, true))
+        return -EALREADY;
+    if (svc->listener)
+        cp__listener_stop(svc);
+    size_t n;
+    cp_session **all = snapshot(svc, &n);
+    cp__batch_begin(svc->port);
+    for (size_t i = 0; i < n; i++) {
+        cp__session_post_disconnect(all[i], CP_REASON_STOPPING);
+        cp_session_unref(all[i]);
+    }
+    cp__batch_end(svc->port);
+    free(all);
+    pthread_mutex_lock(&svc->lock);
+    while (svc->objects > 0)
+        pthread_cond_wait(&svc->drained, &svc->lock);
+    pthread_mutex_unlock(&svc->lock);
+    service_free(svc);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ by id, broadcast */
+
+int cp_service_send_to(cp_service *svc, uint64_t id, cp_sendbuf *b)
+{
+    if (!svc || !b)
+        return -EINVAL;
+    cp_session *s = lookup(svc, id);
+    if (!s)
+        return -ENOTCONN;
+    int r = cp__session_send(s, b);
+    cp_session_unref(s);
+    return r;
+}
+
+int cp_service_disconnect_id(cp_service *svc, uint64_t id)
+{
+    if (!svc)
+        return -EINVAL;
+    cp_session *s = lookup(svc, id);
+    if (!s)
+        return -ENOTCONN;
+    int r = cp_session_disconnect(s);
+    cp_session_unref(s);
+    return r;
+}
+
+int cp_service_broadcast(cp_service *svc, cp_sendbuf *b)
+{
+    if (!svc || !b)
+        return -EINVAL;
+    size_t n;
+    cp_session **all = snapshot(svc, &n);
+    if (!all)
+        return -ENOMEM;
+    int sent = 0;
+    cp__batch_begin(svc->port);
+    for (size_t i = 0; i < n; i++) {
+        if (cp__session_send(all[i], b) == 0)
+            sent++;
+        cp_session_unref(all[i]);
+    }
+    cp__batch_end(svc->port);
+    free(all);
+    return sent;
+}
+
+/* ------------------------------------------------------------------ accessors */
+
+void *cp_service_ctx(const cp_service *svc) { return svc->ctx; }
+cp_port *cp_service_port_of(const cp_service *svc) { return svc->port; }
+
+uint16_t cp_service_port(const cp_service *svc)
+{
+    const struct sockaddr *sa = (const struct sockaddr *)&svc->addr;
+    if (sa->sa_family == AF_INET)
+        return ntohs(((const struct sockaddr_in *)sa)->sin_port);
+    if (sa->sa_family == AF_INET6)
+        return ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
+    return 0;
+}
+
+void cp_service_stats_get(const cp_service *svc, cp_service_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    cp_service *m = (cp_service *)svc; /* the lock is not part of the logical state */
+    pthread_mutex_lock(&m->lock);
+    out->sessions = svc->live;
+    pthread_mutex_unlock(&m->lock);
+    out->connected = atomic_load(&svc->st.connected);
+    out->disconnected = atomic_load(&svc->st.disconnected);
+    out->rejected = atomic_load(&svc->st.rejected);
+    out->connect_failed = atomic_load(&svc->st.connect_failed);
+    out->accept_errors = atomic_load(&svc->st.accept_errors);
+    out->bytes_in = atomic_load(&svc->st.bytes_in);
+    out->bytes_out = atomic_load(&svc->st.bytes_out);
+    out->packets_in = atomic_load(&svc->st.packets_in);
+    for (int i = 0; i < CP_REASON_COUNT_; i++)
+        out->by_reason[i] = atomic_load(&svc->st.by_reason[i]);
+}

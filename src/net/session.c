@@ -1,0 +1,555 @@
+/*
+ * Sessions: the connect / receive / send / disconnect state machine.
+ *
+ * Every session lives on one worker (its owner) for its whole life; all of its
+ * callbacks and all changes to its I/O state happen there, which is why one
+ * session's callbacks never run concurrently and need no lock. Other threads
+ * reach a session through messages to the owner (cp__send_msg).
+ *
+ * Lifetime: the session's memory is reference counted. The service's table
+ * holds one reference from creation until the session is finished; every armed
+ * operation holds one; a message in flight to the owner holds one; the user
+ * may hold more (cp_session_ref). Disconnecting cancels the armed operations
+ * and queues one more "close" completion behind them; when the last of them
+ * has completed (ops_pending reaches 0) the session is finished: it leaves the
+ * service's table, which drops the table's reference. The memory goes when the
+ * last reference does, on whatever thread that is, and that path touches
+ * nothing but the session itself.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define IOV_CAP 64
+#define SEND_BYTES_CAP (256u * 1024u)
+
+static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
+static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
+static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
+static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
+
+#define SESSION_OF(op, field) ((cp_session *)((char *)(op) - offsetof(cp_session, field)))
+
+/* The "close" pseudo-operation lives in a small side struct so that cp_session
+ * keeps one op per direction, as the backend sees them. */
+typedef struct close_op {
+    cp_op op;
+    cp_session *s;
+} close_op;
+
+cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
+{
+    cp_session *s = cp__xalloc(sizeof *s);
+    if (!s)
+        return NULL;
+    atomic_init(&s->refs, 1); /* the service table's reference */
+    atomic_init(&s->state, CP_S_NEW);
+    s->svc = svc;
+    s->owner = owner;
+    s->is_client = is_client;
+    s->h.fd = -1;
+    s->rd.cb = on_recv_cqe;
+    s->rd.kind = CP_OP_RECV;
+    s->wr.cb = on_send_cqe;
+    s->wr.kind = CP_OP_SEND;
+    pthread_mutex_init(&s->glock, NULL);
+    return s;
+}
+
+static void session_free(cp_session *s)
+{
+    free(s->carry);
+    for (uint32_t i = 0; i < s->sq.count; i++)
+        cp_sendbuf_unref(s->sq.ring[(s->sq.head + i) & (s->sq.cap - 1)]);
+    free(s->sq.ring);
+    free(s->groups);
+    pthread_mutex_destroy(&s->glock);
+    free(s);
+}
+
+void cp_session_ref(cp_session *s) { atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed); }
+
+void cp_session_unref(cp_session *s)
+{
+    if (s && atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
+        session_free(s);
+}
+
+static cp_reason reason_of_errno(int err)
+{
+    switch (-err) {
+    case ECONNRESET:
+    case ECONNABORTED:
+    case EPIPE:
+    case ETIMEDOUT:
+        return CP_REASON_RESET;
+    default:
+        return CP_REASON_IO_ERROR;
+    }
+}
+
+static bool connected(const cp_session *s)
+{
+    return atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_CONNECTED;
+}
+
+/* ------------------------------------------------------------------ finish */
+
+/* Every completion has arrived: leave the service, drop the table reference. */
+static void session_finish(cp_session *s)
+{
+    atomic_store(&s->state, CP_S_CLOSED);
+    free(s->carry);
+    s->carry = NULL;
+    s->carry_len = s->carry_cap = 0;
+    for (uint32_t i = 0; i < s->sq.count; i++)
+        cp_sendbuf_unref(s->sq.ring[(s->sq.head + i) & (s->sq.cap - 1)]);
+    s->sq.count = 0;
+    s->sq.bytes = 0;
+    free(s->sq.ring);
+    s->sq.ring = NULL;
+    s->sq.cap = 0;
+    cp_service *svc = s->svc;
+    s->svc = NULL;
+    cp__service_session_done(svc, s); /* drops the table's reference */
+}
+
+/* An armed operation finally completed. */
+static void op_done(cp_session *s)
+{
+    if (--s->ops_pending == 0 && atomic_load(&s->state) == CP_S_CLOSING)
+        session_finish(s);
+}
+
+static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
+{
+    CP_UNUSED(w), CP_UNUSED(res), CP_UNUSED(flags), CP_UNUSED(data);
+    close_op *c = (close_op *)op;
+    cp_session *s = c->s;
+    free(c);
+    op_done(s);
+    cp_session_unref(s);
+}
+
+/* ------------------------------------------------------------------ close */
+
+void cp__session_close(cp_session *s, cp_reason reason, int err)
+{
+    int st = atomic_load(&s->state);
+    if (st >= CP_S_CLOSING)
+        return;
+    atomic_store(&s->state, CP_S_CLOSING);
+    cp_worker *w = s->owner;
+    cp_service *svc = s->svc;
+    s->reason = reason;
+    s->reason_err = err;
+    if (s->h.fd >= 0)
+        w->port->be->close(w, &s->h);
+    /* The carry buffer stays until the session finishes: a packet handler
+     * that disconnects may still be reading its body from it. */
+    cp__group_leave_all(s);
+
+    if (s->was_connected) {
+        cp__stat_add(&svc->st.disconnected, 1);
+        cp__stat_add(&svc->st.by_reason[reason], 1);
+        if (svc->h.on_disconnected)
+            svc->h.on_disconnected(s, reason, err);
+    } else if (s->is_client) {
+        cp__stat_add(&svc->st.connect_failed, 1);
+        if (svc->h.on_connect_failed)
+            svc->h.on_connect_failed(svc, err ? err : -ECANCELED);
+    }
+
+    /* The close completion queues behind every cancellation the backend just
+     * issued, so finishing never races a late completion of this pass. */
+    close_op *c = malloc(sizeof *c);
+    if (!c) {
+        if (s->ops_pending == 0)
+            session_finish(s);
+        return;
+    }
+    c->op = (cp_op){.cb = on_close_cqe, .kind = 0, .armed = 1};
+    c->s = s;
+    s->ops_pending++;
+    cp_session_ref(s);
+    cp__worker_defer(w, &c->op, 0);
+}
+
+/* ------------------------------------------------------------------ receive */
+
+static void arm_recv(cp_session *s)
+{
+    cp_worker *w = s->owner;
+    int r = w->port->be->recv(w, &s->h, &s->rd);
+    if (r < 0) {
+        cp__session_close(s, CP_REASON_IO_ERROR, r);
+        return;
+    }
+    s->ops_pending++;
+    cp_session_ref(s);
+}
+
+static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
+{
+    CP_UNUSED(w);
+    cp_session *s = SESSION_OF(op, rd);
+    if (res > 0) {
+        if (connected(s)) {
+            cp__stat_add(&s->svc->st.bytes_in, (uint64_t)res);
+            cp__session_input(s, data, (size_t)res);
+        }
+    } else if (res == 0) {
+        cp__session_close(s, CP_REASON_PEER_CLOSED, 0);
+    } else if (res != -ECANCELED && res != -ENOBUFS) {
+        cp__session_close(s, reason_of_errno(res), res);
+    }
+    if (flags & CP_CQE_MORE)
+        return;
+    /* A multishot receive that ended without an error (or ran out of provided
+     * buffers) is simply armed again. */
+    bool rearm = connected(s) && (res > 0 || res == -ENOBUFS);
+    op_done(s);
+    if (rearm)
+        arm_recv(s);
+    cp_session_unref(s);
+}
+
+/* ------------------------------------------------------------------ start */
+
+static void session_connected(cp_session *s)
+{
+    cp_service *svc = s->svc;
+    atomic_store(&s->state, CP_S_CONNECTED);
+    s->was_connected = true;
+    cp__stat_add(&svc->st.connected, 1);
+    if (svc->h.on_connected)
+        svc->h.on_connected(s);
+    if (connected(s))
+        arm_recv(s);
+}
+
+static void set_nodelay(cp_session *s)
+{
+    if (!s->svc->nodelay)
+        return;
+    int one = 1;
+    /* TCP_NODELAY lives at IPPROTO_TCP, not SOL_SOCKET (REFERENCE flaw 12). */
+    setsockopt(s->h.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+void cp__session_start_accepted(cp_worker *w, void *sp, void *fdp)
+{
+    cp_session *s = sp;
+    s->h.fd = (int)(intptr_t)fdp;
+    s->peer_len = sizeof s->peer;
+    if (getpeername(s->h.fd, (struct sockaddr *)&s->peer, &s->peer_len) < 0)
+        s->peer_len = 0;
+    int r = atomic_load(&s->svc->stopping) ? -ESHUTDOWN : w->port->be->attach(w, &s->h);
+    if (r < 0) {
+        cp__session_close(s, CP_REASON_IO_ERROR, r);
+        return;
+    }
+    set_nodelay(s);
+    session_connected(s);
+}
+
+static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
+{
+    CP_UNUSED(w), CP_UNUSED(flags), CP_UNUSED(data);
+    cp_session *s = SESSION_OF(op, wr);
+    s->wr.cb = on_send_cqe;
+    s->wr.kind = CP_OP_SEND;
+    if (atomic_load(&s->state) == CP_S_CONNECTING) {
+        if (res < 0) {
+            cp__session_close(s, CP_REASON_IO_ERROR, res);
+        } else {
+            s->peer_len = sizeof s->peer;
+            if (getpeername(s->h.fd, (struct sockaddr *)&s->peer, &s->peer_len) < 0) {
+                /* Not connected after all (the peer vanished in between). */
+                cp__session_close(s, CP_REASON_IO_ERROR, -errno);
+            } else {
+                session_connected(s);
+            }
+        }
+    }
+    op_done(s);
+    cp_session_unref(s);
+}
+
+void cp__session_start_connect(cp_worker *w, void *sp, void *unused)
+{
+    CP_UNUSED(unused);
+    cp_session *s = sp;
+    cp_service *svc = s->svc;
+    atomic_store(&s->state, CP_S_CONNECTING);
+    int r = -ESHUTDOWN;
+    if (!atomic_load(&svc->stopping)) {
+        s->h.fd = socket(svc->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        r = s->h.fd < 0 ? -errno : w->port->be->attach(w, &s->h);
+    }
+    if (r == 0) {
+        set_nodelay(s);
+        s->wr.cb = on_connect_cqe;
+        s->wr.kind = CP_OP_CONNECT;
+        r = w->port->be->connect(w, &s->h, &s->wr, (struct sockaddr *)&svc->addr, svc->addr_len);
+        if (r == 0) {
+            s->ops_pending++;
+            cp_session_ref(s);
+            return;
+        }
+        s->wr.cb = on_send_cqe;
+        s->wr.kind = CP_OP_SEND;
+    }
+    cp__session_close(s, CP_REASON_IO_ERROR, r);
+}
+
+/* ------------------------------------------------------------------ send */
+
+static void send_start(cp_session *s);
+
+/* n bytes of the queue were written. */
+static void sent(cp_session *s, size_t n)
+{
+    cp__stat_add(&s->svc->st.bytes_out, n);
+    size_t total = n;
+    cp_sendq *q = &s->sq;
+    while (n > 0) {
+        cp_sendbuf *b = q->ring[q->head];
+        size_t rem = b->len - q->first_off;
+        if (n < rem) {
+            q->first_off += (uint32_t)n;
+            break;
+        }
+        n -= rem;
+        q->first_off = 0;
+        q->head = (q->head + 1) & (q->cap - 1);
+        q->count--;
+        cp_sendbuf_unref(b);
+    }
+    q->bytes -= total;
+    if (s->svc->h.on_sent)
+        s->svc->h.on_sent(s, total);
+}
+
+static int gather(cp_session *s, struct iovec *iov, size_t *total)
+{
+    cp_sendq *q = &s->sq;
+    int n = 0;
+    size_t bytes = 0;
+    for (uint32_t i = 0; i < q->count && n < IOV_CAP && bytes < SEND_BYTES_CAP; i++) {
+        cp_sendbuf *b = q->ring[(q->head + i) & (q->cap - 1)];
+        size_t off = i == 0 ? q->first_off : 0;
+        iov[n].iov_base = b->data + off;
+        iov[n].iov_len = b->len - off;
+        bytes += iov[n].iov_len;
+        n++;
+    }
+    *total = bytes;
+    return n;
+}
+
+static void send_start(cp_session *s)
+{
+    cp_worker *w = s->owner;
+    struct iovec iov[IOV_CAP];
+    while (connected(s) && s->sq.count && !s->wr.armed) {
+        size_t total;
+        int n = gather(s, iov, &total);
+        int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
+        if (r == CP_PENDING) {
+            s->ops_pending++;
+            cp_session_ref(s);
+            return;
+        }
+        if (r < 0) {
+            cp__session_close(s, reason_of_errno(r), r);
+            return;
+        }
+        sent(s, (size_t)r);
+    }
+}
+
+static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
+{
+    CP_UNUSED(w), CP_UNUSED(flags), CP_UNUSED(data);
+    cp_session *s = SESSION_OF(op, wr);
+    if (connected(s)) {
+        if (res >= 0)
+            sent(s, (size_t)res);
+        else if (res != -EAGAIN)
+            cp__session_close(s, reason_of_errno(res), res);
+    }
+    op_done(s);
+    if (connected(s))
+        send_start(s);
+    cp_session_unref(s);
+}
+
+static int sq_push(cp_sendq *q, cp_sendbuf *b)
+{
+    if (q->count == q->cap) {
+        uint32_t cap = q->cap ? q->cap * 2 : 8;
+        cp_sendbuf **r = malloc(sizeof *r * cap);
+        if (!r)
+            return -ENOMEM;
+        for (uint32_t i = 0; i < q->count; i++)
+            r[i] = q->ring[(q->head + i) & (q->cap - 1)];
+        free(q->ring);
+        q->ring = r;
+        q->head = 0;
+        q->cap = cap;
+    }
+    q->ring[(q->head + q->count) & (q->cap - 1)] = b;
+    q->count++;
+    q->bytes += b->len;
+    return 0;
+}
+
+static void msg_close(cp_worker *w, void *sp, void *reason)
+{
+    CP_UNUSED(w);
+    cp_session *s = sp;
+    cp__session_close(s, (cp_reason)(intptr_t)reason, s->close_soon_err);
+    cp_session_unref(s);
+}
+
+/* Queueing happens inside broadcasts that hold a group's or the service's
+ * lock, and closing runs on_disconnected and leaves groups: so a close decided
+ * while queueing is carried out a moment later, in this same round. */
+static void close_soon(cp_session *s, cp_reason reason, int err)
+{
+    if (s->close_soon_err)
+        return;
+    s->close_soon_err = err;
+    cp_session_ref(s);
+    cp__send_msg(s->owner, msg_close, s, (void *)(intptr_t)reason);
+}
+
+/* On the owner: append to the queue; the write happens at the end of the round. */
+static int queue_local(cp_session *s, cp_sendbuf *b)
+{
+    if (!connected(s))
+        return -ENOTCONN;
+    if (b->len == 0)
+        return 0;
+    if (s->sq.bytes + b->len > s->svc->send_queue_limit) {
+        close_soon(s, CP_REASON_SEND_OVERFLOW, -ENOBUFS);
+        return -ENOBUFS;
+    }
+    if (sq_push(&s->sq, b) < 0) {
+        close_soon(s, CP_REASON_NO_MEMORY, -ENOMEM);
+        return -ENOMEM;
+    }
+    cp_sendbuf_ref(b);
+    if (!s->dirty && !s->wr.armed) {
+        s->dirty = true;
+        cp_session_ref(s); /* the dirty list's reference */
+        s->dirty_next = s->owner->dirty;
+        s->owner->dirty = s;
+    }
+    return 0;
+}
+
+void cp__session_flush_dirty(cp_worker *w)
+{
+    cp_session *s = w->dirty;
+    w->dirty = NULL;
+    while (s) {
+        cp_session *next = s->dirty_next;
+        s->dirty = false;
+        send_start(s);
+        cp_session_unref(s);
+        s = next;
+    }
+}
+
+static void msg_send(cp_worker *w, void *sp, void *bp)
+{
+    CP_UNUSED(w);
+    cp_session *s = sp;
+    queue_local(s, bp);
+    cp_sendbuf_unref(bp);
+    cp_session_unref(s);
+}
+
+int cp__session_send(cp_session *s, cp_sendbuf *b)
+{
+    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_CLOSING)
+        return -ENOTCONN;
+    if (cp__self == s->owner)
+        return queue_local(s, b);
+    cp_sendbuf_ref(b);
+    cp_session_ref(s);
+    cp__send_msg(s->owner, msg_send, s, b);
+    return 0;
+}
+
+int cp_session_send(cp_session *s, cp_sendbuf *b)
+{
+    if (!s || !b)
+        return -EINVAL;
+    return cp__session_send(s, b);
+}
+
+int cp_session_send_copy(cp_session *s, const void *data, size_t len)
+{
+    if (!s || (!data && len))
+        return -EINVAL;
+    cp_sendbuf *b = cp_sendbuf_copy(data, len);
+    if (!b)
+        return -ENOMEM;
+    int r = cp__session_send(s, b);
+    cp_sendbuf_unref(b);
+    return r;
+}
+
+/* ------------------------------------------------------------------ disconnect */
+
+static void msg_disconnect(cp_worker *w, void *sp, void *reason)
+{
+    CP_UNUSED(w);
+    cp_session *s = sp;
+    cp__session_close(s, (cp_reason)(intptr_t)reason, 0);
+    cp_session_unref(s);
+}
+
+void cp__session_post_disconnect(cp_session *s, cp_reason reason)
+{
+    if (cp__self == s->owner) {
+        cp__session_close(s, reason, 0);
+        return;
+    }
+    cp_session_ref(s);
+    cp__send_msg(s->owner, msg_disconnect, s, (void *)(intptr_t)reason);
+}
+
+int cp_session_disconnect(cp_session *s)
+{
+    if (!s)
+        return -EINVAL;
+    if (atomic_load(&s->state) >= CP_S_CLOSING)
+        return -ENOTCONN;
+    cp__session_post_disconnect(s, CP_REASON_LOCAL);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ accessors */
+
+uint64_t cp_session_id(const cp_session *s) { return s->id; }
+cp_service *cp_session_service(const cp_session *s) { return s->svc; }
+void *cp_session_ctx(const cp_session *s) { return s->svc ? s->svc->ctx : NULL; }
+void *cp_session_data(const cp_session *s) { return s->data; }
+void cp_session_set_data(cp_session *s, void *data) { s->data = data; }
+int cp_session_connected(const cp_session *s) { return connected(s); }
+
+int cp_session_peer(const cp_session *s, char *buf, size_t len)
+{
+    if (!s || !buf || !len)
+        return -EINVAL;
+    return cp__addr_str((const struct sockaddr *)&s->peer, s->peer_len, buf, len);
+}

@@ -1,0 +1,88 @@
+/*
+ * The internal backend contract. A backend turns one platform's I/O facility
+ * (epoll, io_uring, IOCP) into completions: the core submits an operation on a
+ * handle and later receives exactly one completion per submitted operation
+ * (multishot operations: one per result, with CP_CQE_MORE while they stay
+ * armed), carrying the result as bytes, a new descriptor, or -errno.
+ *
+ * A backend knows handles and operations, never sessions. Every function runs
+ * on the worker that owns the handle, except wake(), which any thread may call.
+ */
+#ifndef CP_BACKEND_H
+#define CP_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+typedef struct cp_worker cp_worker;
+typedef struct cp_op cp_op;
+typedef struct cp_handle cp_handle;
+
+/* The operation is still armed: more completions will follow. */
+#define CP_CQE_MORE 1u
+
+/* send() returns this when the operation is in flight; its completion follows. */
+#define CP_PENDING (-1000000)
+
+/* data is the received bytes for receive completions (lent to the callback
+ * only for the duration of the call); NULL otherwise. */
+typedef void (*cp_op_cb)(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
+
+enum cp_op_kind { CP_OP_ACCEPT = 1, CP_OP_CONNECT, CP_OP_RECV, CP_OP_SEND };
+
+struct cp_op {
+    cp_op_cb cb;
+    uint8_t kind;
+    uint8_t armed;  /* submitted and not finally completed */
+    uint16_t batch; /* accept: results handed over per readiness pass (K) */
+};
+
+/* One socket known to a backend. Embedded in the object that owns it (a
+ * session or a listener), which keeps it alive while any op on it is armed. */
+struct cp_handle {
+    int fd;
+    cp_op *rd;              /* armed accept or receive (multishot) */
+    cp_op *wr;              /* armed connect or send */
+    unsigned on_ready : 1;  /* queued on the worker's ready list */
+    unsigned registered : 1;
+    cp_handle *ready_next;
+};
+
+typedef struct cp_backend_ops {
+    const char *name;
+    int (*init)(cp_worker *w);
+    void (*fini)(cp_worker *w);
+    /* Waits up to timeout_ms (-1 forever, 0 not at all) and dispatches the
+     * completions that are ready. Returns how many, or -errno. */
+    int (*poll)(cp_worker *w, int timeout_ms);
+    /* True while the backend has work that must not wait (no blocking poll). */
+    int (*busy)(cp_worker *w);
+    /* Makes a worker blocked in poll() return. Any thread. */
+    void (*wake)(cp_worker *w);
+    /* Starts watching h->fd on this worker. */
+    int (*attach)(cp_worker *w, cp_handle *h);
+    /* Multishot accept: completions carry a new descriptor (non-blocking,
+     * close-on-exec) or -errno; an error without CP_CQE_MORE disarms it. */
+    int (*accept)(cp_worker *w, cp_handle *h, cp_op *op);
+    int (*connect)(cp_worker *w, cp_handle *h, cp_op *op, const struct sockaddr *sa, socklen_t len);
+    /* Multishot receive into a backend-owned buffer; 0 bytes = peer closed. */
+    int (*recv)(cp_worker *w, cp_handle *h, cp_op *op);
+    /* Gather send. Returns bytes written if it completed at once, CP_PENDING if
+     * a completion will follow, or -errno. The iovec array need not outlive the
+     * call. A completion of -EAGAIN means "nothing written, writable now":
+     * the core gathers again and resubmits. */
+    int (*send)(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *iov, int iovcnt);
+    /* Cancels every armed op (each completes with -ECANCELED, later, never
+     * inside this call) and closes the descriptor. */
+    void (*close)(cp_worker *w, cp_handle *h);
+} cp_backend_ops;
+
+extern const cp_backend_ops cp__epoll_backend;
+
+/* Called by backends: deliver a completion after the current dispatch pass
+ * (used for cancellations and results known at submission time). */
+void cp__worker_defer(cp_worker *w, cp_op *op, int res);
+
+#endif

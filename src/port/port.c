@@ -1,0 +1,518 @@
+/*
+ * The completion port: a pool of workers, each running one backend instance,
+ * and the plumbing that moves work between threads.
+ *
+ * A worker's loop is a sequence of rounds. A round dispatches the backend's
+ * completions, replays the worker's inbox (work sent by other threads),
+ * fires due timers, then writes every session that got bytes queued during the
+ * round (one gather write each), and finally hands the messages it produced
+ * for other workers over in one push per destination. Batching per round is
+ * what keeps a broadcast to a thousand sessions at one write per recipient and
+ * one wake-up per worker.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+_Thread_local cp_worker *cp__self;
+
+#define RBUF_SIZE (64u * 1024u)
+#define BLK_MIN 16u
+#define BLK_MAX 1024u
+
+/* ------------------------------------------------------------------ message blocks */
+
+static cp_msgblk *blk_new(uint32_t cap)
+{
+    cp_msgblk *b = malloc(sizeof *b + cap * sizeof(cp_msg));
+    if (!b)
+        return NULL;
+    b->next = NULL;
+    b->n = 0;
+    b->cap = cap;
+    return b;
+}
+
+/* Appends to a chain whose head is the newest block. Returns -ENOMEM only if
+ * no block could be had. */
+static int chain_append(cp_msgblk **chain, cp_msg_fn fn, void *a, void *b)
+{
+    cp_msgblk *head = *chain;
+    if (!head || head->n == head->cap) {
+        uint32_t cap = head ? (head->cap * 2 > BLK_MAX ? BLK_MAX : head->cap * 2) : BLK_MIN;
+        cp_msgblk *nb = blk_new(cap);
+        if (!nb)
+            return -ENOMEM;
+        nb->next = head;
+        *chain = head = nb;
+    }
+    head->m[head->n++] = (cp_msg){fn, a, b};
+    return 0;
+}
+
+/* Pushes a chain (newest block first) onto dst's inbox. The consumer takes the
+ * whole stack and reverses it, so blocks are replayed in push order. The
+ * worker is woken only by the push that finds its inbox empty: any later push
+ * is covered by that wake-up, because the worker empties the inbox after it. */
+static void inbox_push(cp_worker *dst, cp_msgblk *head)
+{
+    cp_msgblk *tail = head;
+    while (tail->next)
+        tail = tail->next;
+    cp_msgblk *old = atomic_load_explicit(&dst->inbox, memory_order_relaxed);
+    do {
+        tail->next = old;
+    } while (!atomic_compare_exchange_weak_explicit(&dst->inbox, &old, head, memory_order_release,
+                                                    memory_order_relaxed));
+    if (!old && dst != cp__self)
+        dst->port->be->wake(dst);
+}
+
+static bool inbox_drain(cp_worker *w)
+{
+    cp_msgblk *list = atomic_exchange_explicit(&w->inbox, NULL, memory_order_acquire);
+    if (!list)
+        return false;
+    cp_msgblk *rev = NULL;
+    while (list) {
+        cp_msgblk *next = list->next;
+        list->next = rev;
+        rev = list;
+        list = next;
+    }
+    while (rev) {
+        cp_msgblk *next = rev->next;
+        for (uint32_t i = 0; i < rev->n; i++)
+            rev->m[i].fn(w, rev->m[i].a, rev->m[i].b);
+        free(rev);
+        rev = next;
+    }
+    return true;
+}
+
+/* Threads that are not workers batch only inside cp__batch_begin/end (a
+ * broadcast, say); otherwise each message is pushed at once. */
+static _Thread_local struct {
+    cp_port *port;
+    int depth;
+    cp_msgblk **chains;
+    int nchains;
+} foreign;
+
+void cp__batch_begin(cp_port *port)
+{
+    if (cp__on_worker(port))
+        return;
+    if (foreign.depth++ > 0)
+        return;
+    if (foreign.nchains < port->nworkers) {
+        cp_msgblk **c = realloc(foreign.chains, sizeof *c * (size_t)port->nworkers);
+        if (!c) {
+            foreign.depth--;
+            return;
+        }
+        foreign.chains = c;
+        foreign.nchains = port->nworkers;
+    }
+    memset(foreign.chains, 0, sizeof *foreign.chains * (size_t)port->nworkers);
+    foreign.port = port;
+}
+
+void cp__batch_end(cp_port *port)
+{
+    if (cp__on_worker(port) || foreign.port != port || --foreign.depth > 0)
+        return;
+    for (int i = 0; i < port->nworkers; i++)
+        if (foreign.chains[i])
+            inbox_push(&port->workers[i], foreign.chains[i]);
+    foreign.port = NULL;
+    free(foreign.chains);
+    foreign.chains = NULL;
+    foreign.nchains = 0;
+}
+
+void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b)
+{
+    cp_port *port = dst->port;
+    cp_msgblk **chain = NULL;
+    if (cp__on_worker(port))
+        chain = &cp__self->outbox[dst->index];
+    else if (foreign.depth > 0 && foreign.port == port)
+        chain = &foreign.chains[dst->index];
+    if (chain) {
+        if (chain_append(chain, fn, a, b) == 0)
+            return;
+    } else {
+        cp_msgblk *one = blk_new(1);
+        if (one) {
+            one->m[one->n++] = (cp_msg){fn, a, b};
+            inbox_push(dst, one);
+            return;
+        }
+    }
+    /* Out of memory for even one message block. Messages carry references and
+     * completion duties, so dropping one would leak or hang; spin until memory
+     * frees up, which on Linux in practice means never reaching here. */
+    for (;;) {
+        cp_msgblk *one = blk_new(1);
+        if (one) {
+            one->m[one->n++] = (cp_msg){fn, a, b};
+            inbox_push(dst, one);
+            return;
+        }
+        usleep(1000);
+    }
+}
+
+static void outbox_flush(cp_worker *w)
+{
+    for (int i = 0; i < w->port->nworkers; i++) {
+        cp_msgblk *c = w->outbox[i];
+        if (c) {
+            w->outbox[i] = NULL;
+            inbox_push(&w->port->workers[i], c);
+        }
+    }
+}
+
+cp_worker *cp__pick_worker(cp_port *port)
+{
+    unsigned i = atomic_fetch_add_explicit(&port->rr, 1, memory_order_relaxed);
+    return &port->workers[i % (unsigned)port->nworkers];
+}
+
+/* ------------------------------------------------------------------ deferred completions */
+
+void cp__worker_defer(cp_worker *w, cp_op *op, int res)
+{
+    if (w->ndeferred == w->capdeferred) {
+        size_t cap = w->capdeferred ? w->capdeferred * 2 : 64;
+        struct cp_deferred *d = realloc(w->deferred, cap * sizeof *d);
+        if (!d) {
+            /* Cannot record it: deliver now. Callers never hold state that
+             * this would break; deferral only avoids deep recursion. */
+            op->cb(w, op, res, 0, NULL);
+            return;
+        }
+        w->deferred = d;
+        w->capdeferred = cap;
+    }
+    w->deferred[w->ndeferred++] = (struct cp_deferred){op, res};
+}
+
+static bool deferred_drain(cp_worker *w)
+{
+    if (!w->ndeferred)
+        return false;
+    /* Callbacks may defer more; the array may move, so index afresh. */
+    for (size_t i = 0; i < w->ndeferred; i++) {
+        struct cp_deferred d = w->deferred[i];
+        d.op->cb(w, d.op, d.res, 0, NULL);
+    }
+    w->ndeferred = 0;
+    return true;
+}
+
+/* ------------------------------------------------------------------ timers (min-heap) */
+
+static bool timer_less(const cp_timer *a, const cp_timer *b) { return a->deadline_ns < b->deadline_ns; }
+
+static void heap_set(cp_worker *w, uint32_t i, cp_timer *t)
+{
+    w->timers[i] = t;
+    t->heap_index = i;
+}
+
+static void heap_up(cp_worker *w, uint32_t i)
+{
+    cp_timer *t = w->timers[i];
+    while (i > 0) {
+        uint32_t p = (i - 1) / 2;
+        if (!timer_less(t, w->timers[p]))
+            break;
+        heap_set(w, i, w->timers[p]);
+        i = p;
+    }
+    heap_set(w, i, t);
+}
+
+static void heap_down(cp_worker *w, uint32_t i)
+{
+    cp_timer *t = w->timers[i];
+    for (;;) {
+        uint32_t c = 2 * i + 1;
+        if (c >= w->ntimers)
+            break;
+        if (c + 1 < w->ntimers && timer_less(w->timers[c + 1], w->timers[c]))
+            c++;
+        if (!timer_less(w->timers[c], t))
+            break;
+        heap_set(w, i, w->timers[c]);
+        i = c;
+    }
+    heap_set(w, i, t);
+}
+
+void cp__timer_cancel(cp_worker *w, cp_timer *t)
+{
+    uint32_t i = t->heap_index;
+    if (i == UINT32_MAX || i >= w->ntimers || w->timers[i] != t)
+        return;
+    t->heap_index = UINT32_MAX;
+    cp_timer *last = w->timers[--w->ntimers];
+    if (i < w->ntimers) {
+        heap_set(w, i, last);
+        heap_up(w, i);
+        heap_down(w, last->heap_index);
+    }
+}
+
+void cp__timer_arm(cp_worker *w, cp_timer *t, uint64_t delay_ms)
+{
+    cp__timer_cancel(w, t);
+    if (w->ntimers == w->captimers) {
+        uint32_t cap = w->captimers ? w->captimers * 2 : 16;
+        cp_timer **a = realloc(w->timers, cap * sizeof *a);
+        if (!a)
+            abort(); /* a timer is a promise we cannot silently drop */
+        w->timers = a;
+        w->captimers = cap;
+    }
+    t->deadline_ns = cp__now_ns() + delay_ms * 1000000u;
+    heap_set(w, w->ntimers++, t);
+    heap_up(w, t->heap_index);
+}
+
+static bool timers_run(cp_worker *w)
+{
+    bool ran = false;
+    uint64_t now = cp__now_ns();
+    while (w->ntimers && w->timers[0]->deadline_ns <= now) {
+        cp_timer *t = w->timers[0];
+        cp__timer_cancel(w, t);
+        t->fn(w, t->arg);
+        ran = true;
+    }
+    return ran;
+}
+
+static int timers_timeout_ms(cp_worker *w)
+{
+    if (!w->ntimers)
+        return -1;
+    uint64_t now = cp__now_ns(), d = w->timers[0]->deadline_ns;
+    if (d <= now)
+        return 0;
+    uint64_t ms = (d - now + 999999u) / 1000000u;
+    return ms > 60000 ? 60000 : (int)ms;
+}
+
+/* ------------------------------------------------------------------ worker loop */
+
+static bool has_work(cp_worker *w)
+{
+    return w->ndeferred || w->dirty || atomic_load_explicit(&w->inbox, memory_order_relaxed) ||
+           w->port->be->busy(w);
+}
+
+static void round_finish(cp_worker *w)
+{
+    bool more;
+    do {
+        more = deferred_drain(w);
+        more |= inbox_drain(w);
+        more |= timers_run(w);
+        more |= deferred_drain(w);
+        if (w->dirty) {
+            cp__session_flush_dirty(w);
+            more = true;
+        }
+        /* Messages to itself are replayed in this same round. */
+        if (w->outbox[w->index]) {
+            cp_msgblk *c = w->outbox[w->index];
+            w->outbox[w->index] = NULL;
+            inbox_push(w, c);
+            more = true;
+        }
+    } while (more && (w->ndeferred || w->dirty || atomic_load(&w->inbox)));
+    outbox_flush(w);
+}
+
+static void *worker_main(void *arg)
+{
+    cp_worker *w = arg;
+    cp__self = w;
+    for (;;) {
+        if (atomic_load(&w->port->stopping) && !has_work(w))
+            break;
+        int timeout = has_work(w) ? 0 : timers_timeout_ms(w);
+        int r = w->port->be->poll(w, timeout);
+        if (r < 0 && r != -EINTR)
+            cp__log(CP_LOG_ERROR, "worker %d: poll failed: %s", w->index, cp_strerror(r));
+        round_finish(w);
+    }
+    cp__self = NULL;
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ public */
+
+static void run_post(cp_worker *w, void *fn, void *arg)
+{
+    CP_UNUSED(w);
+    void (*f)(void *);
+    memcpy(&f, &fn, sizeof f);
+    f(arg);
+}
+
+int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg)
+{
+    if (!port || !fn)
+        return -EINVAL;
+    if (atomic_load(&port->stopping))
+        return -ESHUTDOWN;
+    void *f;
+    memcpy(&f, &fn, sizeof f);
+    cp__send_msg(cp__pick_worker(port), run_post, f, arg);
+    return 0;
+}
+
+static const cp_backend_ops *choose_backend(cp_backend want, int *err)
+{
+    if (want == CP_BACKEND_AUTO) {
+        const char *env = getenv("CP_BACKEND");
+        if (env && *env) {
+            if (!strcmp(env, "epoll"))
+                want = CP_BACKEND_EPOLL;
+            else if (!strcmp(env, "uring") || !strcmp(env, "io_uring"))
+                want = CP_BACKEND_URING;
+            else if (!strcmp(env, "iocp"))
+                want = CP_BACKEND_IOCP;
+            else if (strcmp(env, "auto")) {
+                cp__log(CP_LOG_WARN, "CP_BACKEND=%s is not a backend; choosing automatically", env);
+            }
+        }
+    }
+    switch (want) {
+    case CP_BACKEND_AUTO:
+    case CP_BACKEND_EPOLL:
+        return &cp__epoll_backend;
+    case CP_BACKEND_URING:
+    case CP_BACKEND_IOCP:
+    default:
+        *err = -ENOTSUP;
+        return NULL;
+    }
+}
+
+static void port_free(cp_port *p)
+{
+    for (int i = 0; i < p->nworkers; i++) {
+        cp_worker *w = &p->workers[i];
+        free(w->outbox);
+        free(w->deferred);
+        free(w->rbuf);
+        free(w->timers);
+    }
+    free(p->workers);
+    free(p);
+}
+
+int cp_port_create(cp_port **out, const cp_port_opts *opts)
+{
+    if (!out)
+        return -EINVAL;
+    *out = NULL;
+    cp_port_opts o = opts ? *opts : (cp_port_opts){0};
+    if (o.workers < 0 || o.workers > 1024)
+        return -EINVAL;
+    if (o.workers == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        o.workers = n > 0 ? (int)n : 1;
+    }
+    int err = 0;
+    const cp_backend_ops *be = choose_backend(o.backend, &err);
+    if (!be)
+        return err;
+
+    cp_port *p = cp__xalloc(sizeof *p);
+    if (!p)
+        return -ENOMEM;
+    p->be = be;
+    p->nworkers = o.workers;
+    p->workers = cp__xalloc(sizeof *p->workers * (size_t)o.workers);
+    if (!p->workers) {
+        free(p);
+        return -ENOMEM;
+    }
+    int inited = 0;
+    for (; inited < o.workers; inited++) {
+        cp_worker *w = &p->workers[inited];
+        w->port = p;
+        w->index = inited;
+        w->outbox = cp__xalloc(sizeof *w->outbox * (size_t)o.workers);
+        w->rbuf_size = RBUF_SIZE;
+        w->rbuf = malloc(RBUF_SIZE);
+        if (!w->outbox || !w->rbuf) {
+            err = -ENOMEM;
+            break;
+        }
+        if ((err = be->init(w)) < 0)
+            break;
+    }
+    int started = 0;
+    if (!err) {
+        for (; started < o.workers; started++) {
+            if (pthread_create(&p->workers[started].thread, NULL, worker_main, &p->workers[started])) {
+                err = -EAGAIN;
+                break;
+            }
+        }
+    }
+    if (err) {
+        atomic_store(&p->stopping, true);
+        for (int i = 0; i < started; i++) {
+            be->wake(&p->workers[i]);
+            pthread_join(p->workers[i].thread, NULL);
+        }
+        for (int i = 0; i < inited; i++)
+            be->fini(&p->workers[i]);
+        port_free(p);
+        return err;
+    }
+    *out = p;
+    return 0;
+}
+
+int cp_port_destroy(cp_port *p)
+{
+    if (!p)
+        return -EINVAL;
+    if (cp__on_worker(p))
+        return -EDEADLK;
+    if (atomic_load(&p->services) > 0)
+        return -EBUSY;
+    atomic_store(&p->stopping, true);
+    for (int i = 0; i < p->nworkers; i++)
+        p->be->wake(&p->workers[i]);
+    for (int i = 0; i < p->nworkers; i++)
+        pthread_join(p->workers[i].thread, NULL);
+    /* A post that raced with the stop flag may still sit in an inbox: run it
+     * here rather than lose it (its argument may own memory). */
+    for (int i = 0; i < p->nworkers; i++) {
+        cp_worker *w = &p->workers[i];
+        cp__self = w;
+        while (inbox_drain(w) || deferred_drain(w))
+            ;
+        cp__self = NULL;
+        p->be->fini(w);
+    }
+    port_free(p);
+    return 0;
+}
+
+const char *cp_port_backend_name(const cp_port *port) { return port ? port->be->name : "none"; }
+int cp_port_workers(const cp_port *port) { return port ? port->nworkers : 0; }

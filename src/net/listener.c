@@ -75,6 +75,7 @@ static void new_connection(cp_listener *l, int fd)
             cp__stat_add(&svc->st.rejected, 1);
         return;
     }
+    cp_session_ref(s); /* the start message's reference */
     if (owner == l->w)
         cp__session_start_accepted(owner, s, (void *)(intptr_t)fd);
     else

@@ -255,6 +255,7 @@ int cp_client_connect(cp_service *svc)
         cp_session_unref(s);
         return r;
     }
+    cp_session_ref(s); /* the start message's reference */
     cp__send_msg(w, cp__session_start_connect, s, NULL);
     return 0;
 }

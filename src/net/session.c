@@ -31,6 +31,8 @@
 static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
+static void session_accept(cp_worker *w, cp_session *s, int fd);
+static void session_connect(cp_worker *w, cp_session *s);
 static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 
 #define SESSION_OF(op, field) ((cp_session *)((char *)(op) - offsetof(cp_session, field)))
@@ -242,10 +244,24 @@ static void set_nodelay(cp_session *s)
     setsockopt(s->h.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
+/* Both start functions run from a message that holds a reference: a stop may
+ * have disconnected the session before its start arrived, in which case the
+ * session is already finishing and only the descriptor needs closing. */
 void cp__session_start_accepted(cp_worker *w, void *sp, void *fdp)
 {
     cp_session *s = sp;
-    s->h.fd = (int)(intptr_t)fdp;
+    if (atomic_load(&s->state) != CP_S_NEW) {
+        close((int)(intptr_t)fdp);
+        cp_session_unref(s);
+        return;
+    }
+    session_accept(w, s, (int)(intptr_t)fdp);
+    cp_session_unref(s);
+}
+
+static void session_accept(cp_worker *w, cp_session *s, int fd)
+{
+    s->h.fd = fd;
     s->peer_len = sizeof s->peer;
     if (getpeername(s->h.fd, (struct sockaddr *)&s->peer, &s->peer_len) < 0)
         s->peer_len = 0;
@@ -285,6 +301,13 @@ void cp__session_start_connect(cp_worker *w, void *sp, void *unused)
 {
     CP_UNUSED(unused);
     cp_session *s = sp;
+    if (atomic_load(&s->state) == CP_S_NEW)
+        session_connect(w, s);
+    cp_session_unref(s);
+}
+
+static void session_connect(cp_worker *w, cp_session *s)
+{
     cp_service *svc = s->svc;
     atomic_store(&s->state, CP_S_CONNECTING);
     int r = -ESHUTDOWN;

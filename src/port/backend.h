@@ -37,6 +37,9 @@ struct cp_op {
     uint8_t kind;
     uint8_t armed;  /* submitted and not finally completed */
     uint16_t batch; /* accept: results handed over per readiness pass (K) */
+    uint16_t gen;   /* io_uring: bumped per submission; stale completions differ */
+    cp_handle *h;   /* io_uring: the handle it was submitted on */
+    void *be;       /* backend-private per-operation storage */
 };
 
 /* One socket known to a backend. Embedded in the object that owns it (a
@@ -54,6 +57,8 @@ typedef struct cp_backend_ops {
     const char *name;
     int (*init)(cp_worker *w);
     void (*fini)(cp_worker *w);
+    /* Optional: runs first thing on the worker's own thread. */
+    int (*thread_init)(cp_worker *w);
     /* Waits up to timeout_ms (-1 forever, 0 not at all) and dispatches the
      * completions that are ready. Returns how many, or -errno. */
     int (*poll)(cp_worker *w, int timeout_ms);
@@ -80,6 +85,11 @@ typedef struct cp_backend_ops {
 } cp_backend_ops;
 
 extern const cp_backend_ops cp__epoll_backend;
+#ifdef CP_HAVE_URING
+extern const cp_backend_ops cp__uring_backend;
+/* 0 if io_uring can be used here, else -errno with a reason for the log. */
+int cp__uring_probe(const char **why);
+#endif
 
 /* Called by backends: deliver a completion after the current dispatch pass
  * (used for cancellations and results known at submission time). */

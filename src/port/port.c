@@ -345,6 +345,11 @@ static void *worker_main(void *arg)
 {
     cp_worker *w = arg;
     cp__self = w;
+    if (w->port->be->thread_init) {
+        int r = w->port->be->thread_init(w);
+        if (r < 0)
+            cp__log(CP_LOG_ERROR, "worker %d: backend start failed: %s", w->index, cp_strerror(r));
+    }
     for (;;) {
         if (atomic_load(&w->port->stopping) && !has_work(w))
             break;
@@ -396,6 +401,21 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
             }
         }
     }
+#ifdef CP_HAVE_URING
+    const char *why = NULL;
+    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_URING) {
+        int r = cp__uring_probe(&why);
+        if (r == 0)
+            return &cp__uring_backend;
+        if (want == CP_BACKEND_URING) {
+            cp__log(CP_LOG_ERROR, "io_uring requested but unusable: %s", why ? why : cp_strerror(r));
+            *err = -ENOTSUP;
+            return NULL;
+        }
+        cp__log(CP_LOG_INFO, "io_uring unusable (%s): using epoll", why ? why : cp_strerror(r));
+        return &cp__epoll_backend;
+    }
+#endif
     switch (want) {
     case CP_BACKEND_AUTO:
     case CP_BACKEND_EPOLL:

@@ -1,0 +1,443 @@
+/*
+ * The io_uring backend: one ring per worker.
+ *
+ * Accepts and receives are multishot. Receives pick buffers from a provided-
+ * buffer ring that belongs to the worker, so an idle session owns no receive
+ * memory; a buffer goes back to the ring as soon as the completion's callback
+ * has consumed it. Sends are sendmsg operations whose msghdr and iovec copy
+ * live in a per-worker pool of send slots until the completion arrives. All
+ * submissions of a round go to the kernel in one io_uring_enter.
+ *
+ * user_data packs the op pointer with a 16-bit generation (bumped at every
+ * submission): a completion whose generation differs from the op's is stale
+ * and is dropped. Closing a handle cancels its armed operations by user_data;
+ * each then completes (usually with -ECANCELED) and only then is the owner
+ * told, so the owner's memory outlives every completion that names it.
+ *
+ * Ring set-up: SINGLE_ISSUER + DEFER_TASKRUN where the kernel has them, else
+ * COOP_TASKRUN, else nothing. The ring is created disabled and enabled on its
+ * worker's thread, because SINGLE_ISSUER binds it to the enabling thread.
+ * Other threads never touch a ring: they write the worker's eventfd, which a
+ * read operation on the ring keeps watching.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <liburing.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define UR_ENTRIES 1024
+#define UR_CQ_ENTRIES 8192
+#define UR_BGID 1
+#define UR_NBUFS 512            /* power of two */
+#define UR_BUFSZ (32u * 1024u) /* large enough for 16 KiB messages in one piece */
+#define UR_IOV 64
+#define UR_BATCH 256
+
+#define TAG_WAKE 1u
+#define TAG_IGNORE 2u
+#define PTR_MASK ((UINT64_C(1) << 48) - 1)
+
+typedef struct ur_slot {
+    struct msghdr mh;
+    struct iovec iov[UR_IOV];
+    struct ur_slot *next;
+} ur_slot;
+
+typedef struct ur_state {
+    struct io_uring ring;
+    int evfd;
+    uint64_t evval;
+    bool wake_armed;
+    struct io_uring_buf_ring *br;
+    uint8_t *bufs;
+    unsigned buf_returns; /* buffers handed back in this batch, not yet published */
+    ur_slot *free_slots;
+} ur_state;
+
+static uint64_t ud_of(cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
+
+static struct io_uring_sqe *get_sqe(ur_state *st)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&st->ring);
+    while (!sqe) {
+        /* The submission queue is full: hand it to the kernel and go on. */
+        io_uring_submit(&st->ring);
+        sqe = io_uring_get_sqe(&st->ring);
+    }
+    return sqe;
+}
+
+static void submit_op(ur_state *st, struct io_uring_sqe *sqe, cp_handle *h, cp_op *op)
+{
+    op->gen++;
+    op->h = h;
+    op->armed = 1;
+    io_uring_sqe_set_data64(sqe, ud_of(op));
+}
+
+/* ------------------------------------------------------------------ set-up */
+
+static int ring_init(struct io_uring *ring, unsigned extra)
+{
+    static const unsigned tries[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_COOP_TASKRUN,
+        0,
+    };
+    int r = -EINVAL;
+    for (size_t i = 0; i < sizeof tries / sizeof tries[0]; i++) {
+        struct io_uring_params p = {.flags = tries[i] | extra | IORING_SETUP_CQSIZE |
+                                             IORING_SETUP_SUBMIT_ALL,
+                                    .cq_entries = UR_CQ_ENTRIES};
+        r = io_uring_queue_init_params(UR_ENTRIES, ring, &p);
+        if (r != -EINVAL)
+            return r;
+    }
+    return r;
+}
+
+int cp__uring_probe(const char **why)
+{
+    static int cached = 1;
+    static const char *cached_why;
+    if (cached != 1) {
+        *why = cached_why;
+        return cached;
+    }
+    int r = 0;
+    const char *reason = NULL;
+    FILE *f = fopen("/proc/sys/kernel/io_uring_disabled", "r");
+    if (f) {
+        int v = 0;
+        if (fscanf(f, "%d", &v) == 1 && v == 2) {
+            r = -EPERM;
+            reason = "io_uring is disabled by the kernel.io_uring_disabled sysctl";
+        }
+        fclose(f);
+    }
+    struct io_uring ring;
+    if (!r) {
+        r = ring_init(&ring, 0);
+        if (r < 0)
+            reason = r == -ENOSYS   ? "the kernel has no io_uring (ENOSYS)"
+                     : r == -EPERM  ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
+                                    : "io_uring_setup failed";
+    }
+    if (!r) {
+        struct io_uring_probe *p = io_uring_get_probe_ring(&ring);
+        if (!p || !io_uring_opcode_supported(p, IORING_OP_SENDMSG) ||
+            !io_uring_opcode_supported(p, IORING_OP_ACCEPT) ||
+            !io_uring_opcode_supported(p, IORING_OP_RECV) ||
+            !io_uring_opcode_supported(p, IORING_OP_ASYNC_CANCEL)) {
+            r = -ENOTSUP;
+            reason = "the kernel's io_uring lacks an operation cport needs";
+        }
+        if (p)
+            io_uring_free_probe(p);
+        if (!r) {
+            /* Provided-buffer rings (5.19) and multishot receive (6.0) are the
+             * newest features used; registering a ring proves the former. */
+            struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                                                MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+            struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7};
+            if (br == MAP_FAILED || io_uring_register_buf_ring(&ring, &reg, 0) < 0) {
+                r = -ENOTSUP;
+                reason = "the kernel's io_uring has no provided-buffer rings";
+            }
+            if (br != MAP_FAILED)
+                munmap(br, 4096);
+        }
+        io_uring_queue_exit(&ring);
+    }
+    cached = r;
+    cached_why = reason;
+    *why = reason;
+    return r;
+}
+
+static void ur_fini(cp_worker *w);
+
+static int ur_init(cp_worker *w)
+{
+    ur_state *st = cp__xalloc(sizeof *st);
+    if (!st)
+        return -ENOMEM;
+    st->evfd = -1;
+    w->be = st;
+    int r = ring_init(&st->ring, IORING_SETUP_R_DISABLED);
+    if (r < 0) {
+        free(st);
+        w->be = NULL;
+        return r;
+    }
+    st->evfd = eventfd(0, EFD_CLOEXEC);
+    size_t brsz = sizeof(struct io_uring_buf) * UR_NBUFS;
+    st->br = mmap(NULL, brsz, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    st->bufs = mmap(NULL, (size_t)UR_NBUFS * UR_BUFSZ, PROT_READ | PROT_WRITE,
+                    MAP_ANONYMOUS | MAP_PRIVATE | MAP_NORESERVE, -1, 0);
+    if (st->evfd < 0 || st->br == MAP_FAILED || st->bufs == MAP_FAILED) {
+        r = -ENOMEM;
+        goto fail;
+    }
+    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)st->br, .ring_entries = UR_NBUFS, .bgid = UR_BGID};
+    if ((r = io_uring_register_buf_ring(&st->ring, &reg, 0)) < 0)
+        goto fail;
+    io_uring_buf_ring_init(st->br);
+    int mask = io_uring_buf_ring_mask(UR_NBUFS);
+    for (unsigned i = 0; i < UR_NBUFS; i++)
+        io_uring_buf_ring_add(st->br, st->bufs + (size_t)i * UR_BUFSZ, UR_BUFSZ, (unsigned short)i, mask, (int)i);
+    io_uring_buf_ring_advance(st->br, UR_NBUFS);
+    return 0;
+fail:
+    ur_fini(w);
+    return r;
+}
+
+static int ur_thread_init(cp_worker *w)
+{
+    ur_state *st = w->be;
+    /* liburing 2.3 declares io_uring_enable_rings() but does not export it. */
+    if (syscall(__NR_io_uring_register, st->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0)
+        return -errno;
+    return 0;
+}
+
+static void ur_fini(cp_worker *w)
+{
+    ur_state *st = w->be;
+    if (!st)
+        return;
+    io_uring_queue_exit(&st->ring);
+    if (st->evfd >= 0)
+        close(st->evfd);
+    if (st->br && st->br != MAP_FAILED)
+        munmap(st->br, sizeof(struct io_uring_buf) * UR_NBUFS);
+    if (st->bufs && st->bufs != MAP_FAILED)
+        munmap(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
+    while (st->free_slots) {
+        ur_slot *n = st->free_slots->next;
+        free(st->free_slots);
+        st->free_slots = n;
+    }
+    free(st);
+    w->be = NULL;
+}
+
+static void ur_wake(cp_worker *w)
+{
+    ur_state *st = w->be;
+    uint64_t one = 1;
+    while (write(st->evfd, &one, sizeof one) < 0 && errno == EINTR)
+        ;
+}
+
+/* ------------------------------------------------------------------ operations */
+
+static int ur_attach(cp_worker *w, cp_handle *h)
+{
+    CP_UNUSED(w);
+    h->registered = 1;
+    return 0;
+}
+
+static int ur_accept(cp_worker *w, cp_handle *h, cp_op *op)
+{
+    ur_state *st = w->be;
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_multishot_accept(sqe, h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    submit_op(st, sqe, h, op);
+    h->rd = op;
+    return 0;
+}
+
+static int ur_recv(cp_worker *w, cp_handle *h, cp_op *op)
+{
+    ur_state *st = w->be;
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = UR_BGID;
+    submit_op(st, sqe, h, op);
+    h->rd = op;
+    return 0;
+}
+
+static int ur_connect(cp_worker *w, cp_handle *h, cp_op *op, const struct sockaddr *sa, socklen_t len)
+{
+    ur_state *st = w->be;
+    struct io_uring_sqe *sqe = get_sqe(st);
+    /* The address is the service's and outlives the operation. */
+    io_uring_prep_connect(sqe, h->fd, sa, len);
+    submit_op(st, sqe, h, op);
+    h->wr = op;
+    return 0;
+}
+
+static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *iov, int iovcnt)
+{
+    ur_state *st = w->be;
+    ur_slot *slot = st->free_slots;
+    if (slot) {
+        st->free_slots = slot->next;
+    } else if (!(slot = malloc(sizeof *slot))) {
+        return -ENOMEM;
+    }
+    if (iovcnt > UR_IOV)
+        iovcnt = UR_IOV;
+    memcpy(slot->iov, iov, sizeof *iov * (size_t)iovcnt);
+    memset(&slot->mh, 0, sizeof slot->mh);
+    slot->mh.msg_iov = slot->iov;
+    slot->mh.msg_iovlen = (size_t)iovcnt;
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_sendmsg(sqe, h->fd, &slot->mh, MSG_NOSIGNAL);
+    submit_op(st, sqe, h, op);
+    op->be = slot;
+    h->wr = op;
+    return CP_PENDING;
+}
+
+static void ur_close(cp_worker *w, cp_handle *h)
+{
+    ur_state *st = w->be;
+    cp_op *ops[2] = {h->rd, h->wr};
+    for (int i = 0; i < 2; i++) {
+        if (!ops[i])
+            continue;
+        struct io_uring_sqe *sqe = get_sqe(st);
+        io_uring_prep_cancel64(sqe, ud_of(ops[i]), 0);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    }
+    /* The armed operations hold their own reference to the socket, so it is
+     * really closed (and the peer told) when the last of them completes. */
+    if (h->fd >= 0) {
+        close(h->fd);
+        h->fd = -1;
+    }
+    h->registered = 0;
+}
+
+/* ------------------------------------------------------------------ completions */
+
+static void arm_wake(ur_state *st)
+{
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_read(sqe, st->evfd, &st->evval, sizeof st->evval, 0);
+    io_uring_sqe_set_data64(sqe, TAG_WAKE);
+    st->wake_armed = true;
+}
+
+static void recycle(ur_state *st, unsigned bid)
+{
+    io_uring_buf_ring_add(st->br, st->bufs + (size_t)bid * UR_BUFSZ, UR_BUFSZ, (unsigned short)bid,
+                          io_uring_buf_ring_mask(UR_NBUFS), (int)st->buf_returns++);
+    /* Published all at once (one store) after the batch, in ur_poll. */
+}
+
+static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned flags)
+{
+    if (ud == TAG_WAKE) {
+        st->wake_armed = false;
+        return;
+    }
+    const uint8_t *data = NULL;
+    bool has_buf = flags & IORING_CQE_F_BUFFER;
+    unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+    if (has_buf)
+        data = st->bufs + (size_t)bid * UR_BUFSZ;
+    if (ud != TAG_IGNORE) {
+        cp_op *op = (cp_op *)(uintptr_t)(ud & PTR_MASK);
+        if ((uint16_t)(ud >> 48) == op->gen) {
+            bool more = flags & IORING_CQE_F_MORE;
+            if (!more) {
+                cp_handle *h = op->h;
+                if (h->rd == op)
+                    h->rd = NULL;
+                if (h->wr == op)
+                    h->wr = NULL;
+                op->armed = 0;
+                if (op->kind == CP_OP_SEND && op->be) {
+                    ur_slot *slot = op->be;
+                    op->be = NULL;
+                    slot->next = st->free_slots;
+                    st->free_slots = slot;
+                }
+            }
+            op->cb(w, op, res, more ? CP_CQE_MORE : 0, data);
+        }
+        /* else: a completion for an earlier submission of this op; drop it */
+    }
+    if (has_buf)
+        recycle(st, bid);
+}
+
+static int ur_poll(cp_worker *w, int timeout_ms)
+{
+    ur_state *st = w->be;
+    if (!st->wake_armed)
+        arm_wake(st);
+    int r;
+    if (timeout_ms == 0) {
+        r = io_uring_submit_and_get_events(&st->ring);
+    } else {
+        struct io_uring_cqe *cqe;
+        struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
+        r = io_uring_submit_and_wait_timeout(&st->ring, &cqe, 1, timeout_ms > 0 ? &ts : NULL, NULL);
+    }
+    if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
+        return r;
+    int total = 0;
+    for (;;) {
+        struct io_uring_cqe *cqes[UR_BATCH];
+        unsigned n = io_uring_peek_batch_cqe(&st->ring, cqes, UR_BATCH);
+        if (!n)
+            break;
+        /* Copy out and release the slots first: callbacks submit more work. */
+        struct {
+            uint64_t ud;
+            int res;
+            unsigned flags;
+        } c[UR_BATCH];
+        for (unsigned i = 0; i < n; i++)
+            c[i].ud = cqes[i]->user_data, c[i].res = cqes[i]->res, c[i].flags = cqes[i]->flags;
+        io_uring_cq_advance(&st->ring, n);
+        st->buf_returns = 0;
+        for (unsigned i = 0; i < n; i++)
+            dispatch(w, st, c[i].ud, c[i].res, c[i].flags);
+        if (st->buf_returns)
+            io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
+        st->buf_returns = 0;
+        total += (int)n;
+        if (n < UR_BATCH)
+            break;
+    }
+    return total;
+}
+
+static int ur_busy(cp_worker *w)
+{
+    CP_UNUSED(w);
+    return 0;
+}
+
+const cp_backend_ops cp__uring_backend = {
+    .name = "io_uring",
+    .init = ur_init,
+    .fini = ur_fini,
+    .thread_init = ur_thread_init,
+    .poll = ur_poll,
+    .busy = ur_busy,
+    .wake = ur_wake,
+    .attach = ur_attach,
+    .accept = ur_accept,
+    .connect = ur_connect,
+    .recv = ur_recv,
+    .send = ur_send,
+    .close = ur_close,
+};

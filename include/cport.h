@@ -107,6 +107,40 @@ CP_API int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg);
 CP_API const char *cp_port_backend_name(const cp_port *port); /* "epoll", ... */
 CP_API int cp_port_workers(const cp_port *port);
 
+/* ------------------------------------------------------------------ job queues */
+
+/* A job queue runs its jobs one at a time, in push order, on whichever worker
+ * is free: game objects (rooms, say) put their work on one and need no lock.
+ * A queue with work is scheduled once, never twice; a long queue yields its
+ * worker after a time slice so other queues get a turn. */
+typedef struct cp_jobq cp_jobq;
+
+CP_API int cp_jobq_create(cp_jobq **out, cp_port *port);
+/* Any thread. -ESHUTDOWN once the queue is closed. */
+CP_API int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg);
+/* Refuses further pushes; the jobs already pushed still run; then on_closed
+ * (may be NULL) runs on a worker and the queue is freed. Safe from inside one
+ * of the queue's own jobs. The handle must not be used after this call. */
+CP_API int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg);
+/* The queue whose job is running on this thread, or NULL. */
+CP_API cp_jobq *cp_jobq_current(void);
+
+/* ------------------------------------------------------------------ timers */
+
+/* One-shot (repeat_ms 0) or repeating timers with millisecond resolution.
+ * fn(arg) runs on a worker, or as a job of q when q is not NULL. Each timer
+ * costs O(log n) to arm, fire and cancel (a heap per worker).
+ * out may be NULL for a timer that is never cancelled; otherwise the handle
+ * must be given back with cp_timer_cancel() (also after a one-shot fired). */
+typedef struct cp_timer cp_timer;
+
+CP_API int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t repeat_ms,
+                          void (*fn)(void *arg), void *arg, cp_jobq *q);
+/* Any thread. Returns 0 if the timer will not fire again (a call already
+ * running on another worker finishes; a job already queued is skipped),
+ * -ENOENT if a one-shot had already fired. Releases the handle either way. */
+CP_API int cp_timer_cancel(cp_timer *t);
+
 /* ------------------------------------------------------------------ send buffers */
 
 /* Opens a send buffer with room for cap bytes, carved from this thread's chunk
@@ -171,6 +205,8 @@ typedef struct cp_session_opts {
     const cp_route *routes;    /* packet handlers by id, copied at start */
     size_t nroutes;
     int no_nodelay;            /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
+    uint32_t idle_timeout_ms;   /* nothing received for this long: disconnect (0 = off) */
+    uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect */
 } cp_session_opts;
 
 typedef struct cp_server_opts {

@@ -39,16 +39,19 @@ typedef struct cp_msgblk {
 
 /* ------------------------------------------------------------------ timers */
 
-typedef struct cp_timer {
+typedef struct cp_wtimer {
     uint64_t deadline_ns;
     void (*fn)(cp_worker *w, void *arg);
     void *arg;
     uint32_t heap_index; /* UINT32_MAX when not armed */
-} cp_timer;
+    bool is_public;      /* a cp_timer: freed with the port if still armed */
+} cp_wtimer;
 
-/* Per-worker internal timers (owner thread only). */
-void cp__timer_arm(cp_worker *w, cp_timer *t, uint64_t delay_ms);
-void cp__timer_cancel(cp_worker *w, cp_timer *t);
+/* Per-worker timers (owner thread only). */
+void cp__timer_arm(cp_worker *w, cp_wtimer *t, uint64_t delay_ms);
+void cp__timer_arm_at(cp_worker *w, cp_wtimer *t, uint64_t deadline_ns);
+void cp__timer_cancel(cp_worker *w, cp_wtimer *t);
+void cp__timer_drop_public(cp_wtimer *t);
 
 /* ------------------------------------------------------------------ port */
 
@@ -83,11 +86,14 @@ struct cp_worker {
     size_t rbuf_size;
 
     /* Timer heap. */
-    cp_timer **timers;
+    cp_wtimer **timers;
     uint32_t ntimers, captimers;
 
     /* Handles that still had input after their fair share (epoll). */
     cp_handle *ready;
+
+    /* Start of the current round, for cheap activity timestamps. */
+    uint64_t now_ns;
 };
 
 struct cp_port {
@@ -172,6 +178,11 @@ struct cp_session {
 
     struct sockaddr_storage peer;
     socklen_t peer_len;
+
+    /* Idle and partial-packet timeouts: one timer, armed for the nearer. */
+    cp_wtimer tmo;
+    uint64_t last_rx_ns;   /* last receive */
+    uint64_t pkt_start_ns; /* when the incomplete packet in carry began */
 };
 
 cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client);
@@ -213,6 +224,7 @@ struct cp_service {
     uint32_t max_packet;
     size_t send_queue_limit;
     bool nodelay;
+    uint64_t idle_timeout_ns, packet_timeout_ns; /* 0 = off */
     cp_packet_fn *routes; /* indexed by id, nroutes entries */
     uint32_t nroutes;
 

@@ -24,7 +24,7 @@ struct cp_listener {
     cp_worker *w;
     cp_handle h;
     cp_op acc;
-    cp_timer retry;
+    cp_wtimer retry;
     uint32_t backoff_ms;
     bool armed;
     bool closing;

@@ -74,6 +74,7 @@ static bool dispatch(cp_session *s, const uint8_t *pkt, size_t size)
 static void packet_input(cp_session *s, const uint8_t *p, size_t n)
 {
     uint64_t packets = 0;
+    bool had_partial = s->carry_len != 0;
     if (s->carry_len) {
         /* Finish the packet started by an earlier receive. */
         if (s->carry_len < CP_PACKET_HEADER) {
@@ -100,6 +101,7 @@ static void packet_input(cp_session *s, const uint8_t *p, size_t n)
         if (s->carry_len < size)
             return;
         packets++;
+        had_partial = false;
         bool ok = dispatch(s, s->carry, size);
         if (s->carry) /* the handler may have closed the session, which frees it */
             carry_release(s);
@@ -127,6 +129,9 @@ static void packet_input(cp_session *s, const uint8_t *p, size_t n)
         memcpy(s->carry, p, n);
         s->carry_len = (uint32_t)n;
     }
+    /* A packet that began in this receive starts the partial-packet clock. */
+    if (s->carry_len && !had_partial)
+        s->pkt_start_ns = s->owner->now_ns;
 out:
     if (packets)
         cp__stat_add(&s->svc->st.packets_in, packets);

@@ -173,6 +173,8 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     svc->max_packet = o.max_packet;
     svc->send_queue_limit = o.send_queue_limit;
     svc->nodelay = !o.no_nodelay;
+    svc->idle_timeout_ns = (uint64_t)o.idle_timeout_ms * 1000000u;
+    svc->packet_timeout_ns = (uint64_t)o.packet_timeout_ms * 1000000u;
 
     uint32_t top = 0;
     for (size_t i = 0; i < o.nroutes; i++)

@@ -34,6 +34,7 @@ static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, con
 static void session_accept(cp_worker *w, cp_session *s, int fd);
 static void session_connect(cp_worker *w, cp_session *s);
 static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
+static void on_timeout(cp_worker *w, void *sp);
 
 #define SESSION_OF(op, field) ((cp_session *)((char *)(op) - offsetof(cp_session, field)))
 
@@ -43,6 +44,37 @@ typedef struct close_op {
     cp_op op;
     cp_session *s;
 } close_op;
+
+/* ------------------------------------------------------------------ timeouts */
+
+/* The timer holds no reference: it lives in the owner's heap only while the
+ * session is connected, and closing removes it. */
+static void timeout_rearm(cp_worker *w, cp_session *s)
+{
+    cp_service *svc = s->svc;
+    uint64_t when = UINT64_MAX;
+    if (svc->idle_timeout_ns)
+        when = s->last_rx_ns + svc->idle_timeout_ns;
+    if (svc->packet_timeout_ns && s->carry_len && s->pkt_start_ns + svc->packet_timeout_ns < when)
+        when = s->pkt_start_ns + svc->packet_timeout_ns;
+    if (!svc->packet_timeout_ns || svc->idle_timeout_ns || s->carry_len)
+        cp__timer_arm_at(w, &s->tmo, when);
+    else /* only a packet timeout, and no packet under way: check again later */
+        cp__timer_arm_at(w, &s->tmo, w->now_ns + svc->packet_timeout_ns);
+}
+
+static void on_timeout(cp_worker *w, void *sp)
+{
+    cp_session *s = sp;
+    cp_service *svc = s->svc;
+    uint64_t now = cp__now_ns();
+    if (svc->packet_timeout_ns && s->carry_len && now - s->pkt_start_ns >= svc->packet_timeout_ns)
+        cp__session_close(s, CP_REASON_PACKET_TIMEOUT, -ETIMEDOUT);
+    else if (svc->idle_timeout_ns && now - s->last_rx_ns >= svc->idle_timeout_ns)
+        cp__session_close(s, CP_REASON_IDLE_TIMEOUT, -ETIMEDOUT);
+    else
+        timeout_rearm(w, s);
+}
 
 cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
 {
@@ -59,6 +91,9 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     s->rd.kind = CP_OP_RECV;
     s->wr.cb = on_send_cqe;
     s->wr.kind = CP_OP_SEND;
+    s->tmo.fn = on_timeout;
+    s->tmo.arg = s;
+    s->tmo.heap_index = UINT32_MAX;
     pthread_mutex_init(&s->glock, NULL);
     return s;
 }
@@ -150,6 +185,7 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
     cp_service *svc = s->svc;
     s->reason = reason;
     s->reason_err = err;
+    cp__timer_cancel(w, &s->tmo);
     if (s->h.fd >= 0)
         w->port->be->close(w, &s->h);
     /* The carry buffer stays until the session finishes: a packet handler
@@ -198,10 +234,10 @@ static void arm_recv(cp_session *s)
 
 static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
 {
-    CP_UNUSED(w);
     cp_session *s = SESSION_OF(op, rd);
     if (res > 0) {
         if (connected(s)) {
+            s->last_rx_ns = w->now_ns;
             cp__stat_add(&s->svc->st.bytes_in, (uint64_t)res);
             cp__session_input(s, data, (size_t)res);
         }
@@ -229,6 +265,10 @@ static void session_connected(cp_session *s)
     atomic_store(&s->state, CP_S_CONNECTED);
     s->was_connected = true;
     cp__stat_add(&svc->st.connected, 1);
+    if (svc->idle_timeout_ns || svc->packet_timeout_ns) {
+        s->last_rx_ns = s->owner->now_ns = cp__now_ns();
+        timeout_rearm(s->owner, s);
+    }
     if (svc->h.on_connected)
         svc->h.on_connected(s);
     if (connected(s))

@@ -222,6 +222,7 @@ static int ep_poll(cp_worker *w, int timeout_ms)
     int n = epoll_wait(st->epfd, st->ev, EP_EVENTS, timeout_ms);
     if (n < 0)
         return -errno;
+    w->now_ns = cp__now_ns();
     /* Handles queued before this pass get their turn after the new events. */
     cp_handle *ready = w->ready;
     w->ready = NULL;

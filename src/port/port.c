@@ -218,9 +218,9 @@ static bool deferred_drain(cp_worker *w)
 
 /* ------------------------------------------------------------------ timers (min-heap) */
 
-static bool timer_less(const cp_timer *a, const cp_timer *b) { return a->deadline_ns < b->deadline_ns; }
+static bool timer_less(const cp_wtimer *a, const cp_wtimer *b) { return a->deadline_ns < b->deadline_ns; }
 
-static void heap_set(cp_worker *w, uint32_t i, cp_timer *t)
+static void heap_set(cp_worker *w, uint32_t i, cp_wtimer *t)
 {
     w->timers[i] = t;
     t->heap_index = i;
@@ -228,7 +228,7 @@ static void heap_set(cp_worker *w, uint32_t i, cp_timer *t)
 
 static void heap_up(cp_worker *w, uint32_t i)
 {
-    cp_timer *t = w->timers[i];
+    cp_wtimer *t = w->timers[i];
     while (i > 0) {
         uint32_t p = (i - 1) / 2;
         if (!timer_less(t, w->timers[p]))
@@ -241,7 +241,7 @@ static void heap_up(cp_worker *w, uint32_t i)
 
 static void heap_down(cp_worker *w, uint32_t i)
 {
-    cp_timer *t = w->timers[i];
+    cp_wtimer *t = w->timers[i];
     for (;;) {
         uint32_t c = 2 * i + 1;
         if (c >= w->ntimers)
@@ -256,13 +256,13 @@ static void heap_down(cp_worker *w, uint32_t i)
     heap_set(w, i, t);
 }
 
-void cp__timer_cancel(cp_worker *w, cp_timer *t)
+void cp__timer_cancel(cp_worker *w, cp_wtimer *t)
 {
     uint32_t i = t->heap_index;
     if (i == UINT32_MAX || i >= w->ntimers || w->timers[i] != t)
         return;
     t->heap_index = UINT32_MAX;
-    cp_timer *last = w->timers[--w->ntimers];
+    cp_wtimer *last = w->timers[--w->ntimers];
     if (i < w->ntimers) {
         heap_set(w, i, last);
         heap_up(w, i);
@@ -270,18 +270,23 @@ void cp__timer_cancel(cp_worker *w, cp_timer *t)
     }
 }
 
-void cp__timer_arm(cp_worker *w, cp_timer *t, uint64_t delay_ms)
+void cp__timer_arm(cp_worker *w, cp_wtimer *t, uint64_t delay_ms)
+{
+    cp__timer_arm_at(w, t, cp__now_ns() + delay_ms * 1000000u);
+}
+
+void cp__timer_arm_at(cp_worker *w, cp_wtimer *t, uint64_t deadline_ns)
 {
     cp__timer_cancel(w, t);
     if (w->ntimers == w->captimers) {
         uint32_t cap = w->captimers ? w->captimers * 2 : 16;
-        cp_timer **a = realloc(w->timers, cap * sizeof *a);
+        cp_wtimer **a = realloc(w->timers, cap * sizeof *a);
         if (!a)
             abort(); /* a timer is a promise we cannot silently drop */
         w->timers = a;
         w->captimers = cap;
     }
-    t->deadline_ns = cp__now_ns() + delay_ms * 1000000u;
+    t->deadline_ns = deadline_ns;
     heap_set(w, w->ntimers++, t);
     heap_up(w, t->heap_index);
 }
@@ -291,7 +296,7 @@ static bool timers_run(cp_worker *w)
     bool ran = false;
     uint64_t now = cp__now_ns();
     while (w->ntimers && w->timers[0]->deadline_ns <= now) {
-        cp_timer *t = w->timers[0];
+        cp_wtimer *t = w->timers[0];
         cp__timer_cancel(w, t);
         t->fn(w, t->arg);
         ran = true;
@@ -355,6 +360,7 @@ static void *worker_main(void *arg)
             break;
         int timeout = has_work(w) ? 0 : timers_timeout_ms(w);
         int r = w->port->be->poll(w, timeout);
+        w->now_ns = cp__now_ns();
         if (r < 0 && r != -EINTR)
             cp__log(CP_LOG_ERROR, "worker %d: poll failed: %s", w->index, cp_strerror(r));
         round_finish(w);
@@ -528,6 +534,11 @@ int cp_port_destroy(cp_port *p)
         while (inbox_drain(w) || deferred_drain(w))
             ;
         cp__self = NULL;
+        /* Only public timers can be left: every service is stopped. */
+        for (uint32_t k = 0; k < w->ntimers; k++)
+            if (w->timers[k]->is_public)
+                cp__timer_drop_public(w->timers[k]);
+        w->ntimers = 0;
         p->be->fini(w);
     }
     port_free(p);

@@ -392,6 +392,7 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     }
     if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
         return r;
+    w->now_ns = cp__now_ns();
     int total = 0;
     for (;;) {
         struct io_uring_cqe *cqes[UR_BATCH];

@@ -1,0 +1,187 @@
+/*
+ * Job queues: run one object's work one job at a time on whichever worker is
+ * free (the JobQueue / DoAsync of the reference model).
+ *
+ * Jobs sit in an intrusive multi-producer single-consumer list (a push is one
+ * atomic exchange). Scheduling is driven by one atomic word: the number of
+ * jobs pushed and not yet run, plus a "closed" bit. The push that takes the
+ * count from 0 to 1 schedules the queue (sends it to a worker); every other
+ * push only appends. The runner decrements after each job and stops when the
+ * count reaches 0, so at most one runner exists at any time, and a queue that
+ * has work is scheduled exactly once. After a time slice the runner hands the
+ * queue to a worker again instead of looping on, so one busy queue cannot
+ * starve the others.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <stdlib.h>
+
+#define SLICE_NS (2u * 1000u * 1000u)
+#define CLOSED_BIT (UINT64_C(1) << 63)
+
+typedef struct job {
+    _Atomic(struct job *) next;
+    void (*fn)(void *arg);
+    void *arg;
+} job;
+
+struct cp_jobq {
+    cp_port *port;
+    _Atomic uint64_t state; /* pending jobs | CLOSED_BIT */
+    _Atomic(job *) tail;    /* producers exchange here */
+    job *head;              /* consumer side; starts at the stub */
+    job stub;
+    void (*on_closed)(void *arg);
+    void *closed_arg;
+};
+
+static _Thread_local cp_jobq *current;
+
+cp_jobq *cp_jobq_current(void) { return current; }
+
+int cp_jobq_create(cp_jobq **out, cp_port *port)
+{
+    if (!out || !port)
+        return -EINVAL;
+    cp_jobq *q = cp__xalloc(sizeof *q);
+    if (!q)
+        return -ENOMEM;
+    q->port = port;
+    atomic_init(&q->stub.next, NULL);
+    atomic_init(&q->tail, &q->stub);
+    q->head = &q->stub;
+    *out = q;
+    return 0;
+}
+
+static void list_push(cp_jobq *q, job *j)
+{
+    atomic_store_explicit(&j->next, NULL, memory_order_relaxed);
+    job *prev = atomic_exchange_explicit(&q->tail, j, memory_order_acq_rel);
+    atomic_store_explicit(&prev->next, j, memory_order_release);
+}
+
+/* Takes the oldest job. The caller knows one was pushed (the count says so),
+ * but its producer may be between its two steps: wait for the link. */
+static job *list_pop(cp_jobq *q)
+{
+    for (;;) {
+        job *head = q->head;
+        job *next = atomic_load_explicit(&head->next, memory_order_acquire);
+        if (head == &q->stub) {
+            if (!next) {
+                sched_yield();
+                continue;
+            }
+            q->head = next;
+            head = next;
+            next = atomic_load_explicit(&head->next, memory_order_acquire);
+        }
+        if (next) {
+            q->head = next;
+            return head;
+        }
+        if (head != atomic_load_explicit(&q->tail, memory_order_acquire)) {
+            sched_yield(); /* a producer is linking after head */
+            continue;
+        }
+        /* head is the last job: put the stub behind it so it can be taken. */
+        list_push(q, &q->stub);
+        next = atomic_load_explicit(&head->next, memory_order_acquire);
+        if (next) {
+            q->head = next;
+            return head;
+        }
+        sched_yield();
+    }
+}
+
+static void run(cp_worker *w, void *qp, void *unused);
+
+static void schedule(cp_jobq *q) { cp__send_msg(cp__pick_worker(q->port), run, q, NULL); }
+
+static void run(cp_worker *w, void *qp, void *unused)
+{
+    CP_UNUSED(w), CP_UNUSED(unused);
+    cp_jobq *q = qp;
+    uint64_t start = cp__now_ns();
+    cp_jobq *outer = current;
+    current = q;
+    for (unsigned n = 1;; n++) {
+        job *j = list_pop(q);
+        if (j->fn)
+            j->fn(j->arg);
+        free(j);
+        uint64_t left = atomic_fetch_sub_explicit(&q->state, 1, memory_order_acq_rel) - 1;
+        if ((left & ~CLOSED_BIT) == 0) {
+            current = outer;
+            if (left & CLOSED_BIT) {
+                /* Closed and drained: nothing can be pushed any more. */
+                if (q->on_closed)
+                    q->on_closed(q->closed_arg);
+                free(q);
+            }
+            return;
+        }
+        if ((n & 15) == 0 && cp__now_ns() - start > SLICE_NS) {
+            current = outer;
+            schedule(q); /* still counted: nobody else schedules it */
+            return;
+        }
+    }
+}
+
+/* Adds one to the count unless closed (close itself passes force). */
+static int count_up(cp_jobq *q, bool closing)
+{
+    uint64_t s = atomic_load_explicit(&q->state, memory_order_relaxed);
+    for (;;) {
+        if (s & CLOSED_BIT)
+            return -ESHUTDOWN;
+        uint64_t ns = (s + 1) | (closing ? CLOSED_BIT : 0);
+        if (atomic_compare_exchange_weak_explicit(&q->state, &s, ns, memory_order_acq_rel,
+                                                  memory_order_relaxed))
+            return (s & ~CLOSED_BIT) == 0; /* 1: this push must schedule */
+    }
+}
+
+static int enqueue(cp_jobq *q, void (*fn)(void *), void *arg, bool closing)
+{
+    job *j = malloc(sizeof *j);
+    if (!j)
+        return -ENOMEM;
+    j->fn = fn;
+    j->arg = arg;
+    int first = count_up(q, closing);
+    if (first < 0) {
+        free(j);
+        return first;
+    }
+    list_push(q, j);
+    if (first)
+        schedule(q);
+    return 0;
+}
+
+int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg)
+{
+    if (!q || !fn)
+        return -EINVAL;
+    return enqueue(q, fn, arg, false);
+}
+
+int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
+{
+    if (!q)
+        return -EINVAL;
+    if (atomic_load(&q->state) & CLOSED_BIT)
+        return -ESHUTDOWN;
+    /* Set before the closing marker becomes visible to the runner. */
+    q->on_closed = on_closed;
+    q->closed_arg = arg;
+    /* The marker is an empty job: it keeps the count above zero until every
+     * job pushed before the close has run. */
+    return enqueue(q, NULL, NULL, true);
+}

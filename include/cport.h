@@ -118,10 +118,14 @@ typedef struct cp_jobq cp_jobq;
 CP_API int cp_jobq_create(cp_jobq **out, cp_port *port);
 /* Any thread. -ESHUTDOWN once the queue is closed. */
 CP_API int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg);
-/* Refuses further pushes; the jobs already pushed still run; then on_closed
- * (may be NULL) runs on a worker and the queue is freed. Safe from inside one
- * of the queue's own jobs. The handle must not be used after this call. */
+/* Refuses further pushes (they return -ESHUTDOWN); the jobs already pushed
+ * still run; then on_closed (may be NULL) runs on a worker. Safe from inside
+ * one of the queue's own jobs. No job runs after on_closed. */
 CP_API int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg);
+/* The creator holds one reference; the memory goes with the last one (a
+ * closing queue keeps its own until it has drained). Any thread. */
+CP_API void cp_jobq_ref(cp_jobq *q);
+CP_API void cp_jobq_unref(cp_jobq *q);
 /* The queue whose job is running on this thread, or NULL. */
 CP_API cp_jobq *cp_jobq_current(void);
 

@@ -29,6 +29,7 @@ typedef struct job {
 
 struct cp_jobq {
     cp_port *port;
+    atomic_uint refs;       /* the user's, plus one while scheduled */
     _Atomic uint64_t state; /* pending jobs | CLOSED_BIT */
     _Atomic(job *) tail;    /* producers exchange here */
     job *head;              /* consumer side; starts at the stub */
@@ -49,6 +50,7 @@ int cp_jobq_create(cp_jobq **out, cp_port *port)
     if (!q)
         return -ENOMEM;
     q->port = port;
+    atomic_init(&q->refs, 1);
     atomic_init(&q->stub.next, NULL);
     atomic_init(&q->tail, &q->stub);
     q->head = &q->stub;
@@ -98,6 +100,14 @@ static job *list_pop(cp_jobq *q)
     }
 }
 
+void cp_jobq_ref(cp_jobq *q) { atomic_fetch_add_explicit(&q->refs, 1, memory_order_relaxed); }
+
+void cp_jobq_unref(cp_jobq *q)
+{
+    if (q && atomic_fetch_sub_explicit(&q->refs, 1, memory_order_acq_rel) == 1)
+        free(q);
+}
+
 static void run(cp_worker *w, void *qp, void *unused);
 
 static void schedule(cp_jobq *q) { cp__send_msg(cp__pick_worker(q->port), run, q, NULL); }
@@ -117,12 +127,10 @@ static void run(cp_worker *w, void *qp, void *unused)
         uint64_t left = atomic_fetch_sub_explicit(&q->state, 1, memory_order_acq_rel) - 1;
         if ((left & ~CLOSED_BIT) == 0) {
             current = outer;
-            if (left & CLOSED_BIT) {
-                /* Closed and drained: nothing can be pushed any more. */
-                if (q->on_closed)
-                    q->on_closed(q->closed_arg);
-                free(q);
-            }
+            /* Closed and drained: nothing can be pushed any more. */
+            if ((left & CLOSED_BIT) && q->on_closed)
+                q->on_closed(q->closed_arg);
+            cp_jobq_unref(q); /* the scheduled reference */
             return;
         }
         if ((n & 15) == 0 && cp__now_ns() - start > SLICE_NS) {
@@ -159,6 +167,8 @@ static int enqueue(cp_jobq *q, void (*fn)(void *), void *arg, bool closing)
         free(j);
         return first;
     }
+    if (first)
+        cp_jobq_ref(q); /* held while scheduled; taken before the job is visible */
     list_push(q, j);
     if (first)
         schedule(q);

@@ -31,8 +31,11 @@ struct cp_timer {
 
 static void timer_unref(cp_timer *t)
 {
-    if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) == 1)
-        free(t);
+    if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    if (t->q)
+        cp_jobq_unref(t->q);
+    free(t);
 }
 
 static void as_job(void *tp)
@@ -114,6 +117,8 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
     t->fn = fn;
     t->arg = arg;
     t->q = q;
+    if (q)
+        cp_jobq_ref(q);
     atomic_init(&t->state, T_ARMED);
     atomic_init(&t->refs, out ? 2 : 1);
     if (out)

@@ -1,0 +1,39 @@
+/* A complete echo server: every byte a client sends comes straight back. */
+#define _POSIX_C_SOURCE 200809L /* sigwait, pthread_sigmask */
+#include <cport.h>
+#include <signal.h>
+#include <stdio.h>
+
+/* Runs on a worker thread; the bytes are valid only during the call. */
+static size_t on_recv(cp_session *s, const uint8_t *data, size_t len)
+{
+    cp_session_send_copy(s, data, len); /* queue a copy; sending never blocks */
+    return len;                         /* we consumed everything */
+}
+
+int main(void)
+{
+    sigset_t stop;                      /* Ctrl-C is taken by sigwait below, */
+    sigemptyset(&stop);                 /* never by a handler, so blocking it */
+    sigaddset(&stop, SIGINT);           /* before the workers start is enough */
+    pthread_sigmask(SIG_BLOCK, &stop, NULL);
+
+    cp_port *port;                      /* worker threads, one per CPU */
+    cp_service *svc;
+    cp_handlers h = { .on_recv = on_recv };
+    cp_server_opts opts = { .port = 7777, .session.framing = CP_FRAMING_RAW };
+    int rc = cp_port_create(&port, NULL);
+    if (rc == 0 && (rc = cp_server_start(&svc, port, &opts, &h, NULL)) != 0)
+        cp_port_destroy(port);
+    if (rc != 0) {
+        fprintf(stderr, "echo_server: %s\n", cp_strerror(rc));
+        return 1;
+    }
+    printf("echo server on port %u, Ctrl-C stops it\n", cp_service_port(svc));
+
+    int sig;
+    sigwait(&stop, &sig);
+    cp_service_stop(svc);               /* disconnects everyone, drains, frees */
+    cp_port_destroy(port);
+    return 0;
+}

@@ -1,0 +1,346 @@
+/*
+ * cport-server — a ready-to-run cport server for tests, demos and stress runs.
+ *
+ *   echo    raw bytes: whatever arrives is sent straight back
+ *   packet  {u16 size, u16 id} packets: every packet is sent back unchanged
+ *   chat    packets: every session joins one room; every packet is broadcast,
+ *           unchanged, to every session in the room, the sender included
+ *
+ * It prints one line when it listens and one stats line when SIGINT/SIGTERM
+ * stops it. Exit status: 0 after a clean stop, 1 on a runtime failure, 2 for a
+ * bad command line or a backend that is not available.
+ */
+#include "common.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <unistd.h>
+
+static const char *const prog = "cport-server";
+
+typedef enum server_mode { MODE_ECHO, MODE_PACKET, MODE_CHAT } server_mode;
+static const char *const mode_names[] = { "echo", "packet", "chat" };
+
+typedef struct server_config {
+    const char *host;
+    uint16_t port;
+    server_mode mode;
+    cp_backend backend;
+    int workers;
+    uint32_t max_sessions;
+    uint32_t max_packet;
+    size_t send_queue_limit;
+} server_config;
+
+/* Everything the callbacks share: handed to cp_server_start as the service ctx. */
+typedef struct server_state {
+    cp_group *room; /* chat mode only */
+    /* Counted here rather than read from cp_service_stats because the final
+     * line is printed after cp_service_stop has freed the service, and it must
+     * include the sessions that the stop itself disconnected. */
+    atomic_uint_fast64_t connected;
+    atomic_uint_fast64_t disconnected;
+    atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
+} server_state;
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: %s [options]\n"
+            "  --host H              address to listen on (default 0.0.0.0)\n"
+            "  --port P              TCP port, 0 picks a free one (default 7777)\n"
+            "  --mode M              echo | packet | chat (default echo)\n"
+            "  --backend B           auto | epoll | uring (default auto)\n"
+            "  --workers N           worker threads, 0 = one per CPU (default 0)\n"
+            "  --max-sessions M      live sessions at most (default 10000)\n"
+            "  --max-packet B        largest packet in bytes, header included, 4..65535\n"
+            "                        (default 4096)\n"
+            "  --send-queue-limit B  queued unsent bytes per session before it is\n"
+            "                        disconnected; k/m/g suffixes allowed (default 1M)\n"
+            "  --help                show this text\n",
+            prog);
+}
+
+/* Prints what was wrong, then the usage, and exits with status 2. */
+static void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void usage_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: ", prog);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    usage(stderr);
+    exit(TOOL_EXIT_USAGE);
+}
+
+static void parse_args(int argc, char **argv, server_config *cfg)
+{
+    *cfg = (server_config){
+        .host = "0.0.0.0",
+        .port = 7777,
+        .mode = MODE_ECHO,
+        .backend = CP_BACKEND_AUTO,
+        .workers = 0,
+        .max_sessions = 10000,
+        .max_packet = 4096,
+        .send_queue_limit = 1u << 20,
+    };
+    static const char *const value_options[] = { "--host", "--port", "--mode", "--backend", "--workers", "--max-sessions", "--max-packet", "--send-queue-limit", NULL };
+    for (int i = 1; i < argc; i++) {
+        const char *opt = argv[i];
+        if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
+            usage(stdout);
+            exit(0);
+        }
+        if (!tool_is_option(opt, value_options))
+            usage_error(strncmp(opt, "-", 1) == 0 ? "unknown option '%s'" : "unexpected argument '%s'",
+                        opt);
+        if (i + 1 >= argc)
+            usage_error("option %s needs a value", opt);
+        const char *val = argv[++i];
+        uint64_t n;
+        if (strcmp(opt, "--host") == 0) {
+            if (*val == '\0')
+                usage_error("empty --host");
+            cfg->host = val;
+        } else if (strcmp(opt, "--port") == 0) {
+            if (tool_parse_u64(val, 0, 65535, 0, &n) != 0)
+                usage_error("bad --port '%s' (0..65535)", val);
+            cfg->port = (uint16_t)n;
+        } else if (strcmp(opt, "--mode") == 0) {
+            if (strcmp(val, "echo") == 0)
+                cfg->mode = MODE_ECHO;
+            else if (strcmp(val, "packet") == 0)
+                cfg->mode = MODE_PACKET;
+            else if (strcmp(val, "chat") == 0)
+                cfg->mode = MODE_CHAT;
+            else
+                usage_error("bad --mode '%s' (echo, packet or chat)", val);
+        } else if (strcmp(opt, "--backend") == 0) {
+            if (tool_parse_backend(val, &cfg->backend) != 0)
+                usage_error("bad --backend '%s' (auto, epoll or uring)", val);
+        } else if (strcmp(opt, "--workers") == 0) {
+            if (tool_parse_u64(val, 0, 1024, 0, &n) != 0)
+                usage_error("bad --workers '%s' (0..1024)", val);
+            cfg->workers = (int)n;
+        } else if (strcmp(opt, "--max-sessions") == 0) {
+            if (tool_parse_u64(val, 1, 10000000, 0, &n) != 0)
+                usage_error("bad --max-sessions '%s' (1..10000000)", val);
+            cfg->max_sessions = (uint32_t)n;
+        } else if (strcmp(opt, "--max-packet") == 0) {
+            /* At least a header and one body byte; at most what u16 size can say. */
+            if (tool_parse_u64(val, CP_PACKET_HEADER, CP_PACKET_MAX, 0, &n) != 0)
+                usage_error("bad --max-packet '%s' (4..65535)", val);
+            cfg->max_packet = (uint32_t)n;
+        } else if (strcmp(opt, "--send-queue-limit") == 0) {
+            if (tool_parse_u64(val, 1, (uint64_t)1 << 40, 1, &n) != 0)
+                usage_error("bad --send-queue-limit '%s' (bytes, e.g. 65536 or 1M)", val);
+            cfg->send_queue_limit = (size_t)n;
+        } else {
+            usage_error("unknown option '%s'", opt);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ callbacks */
+
+static void on_connected(cp_session *s)
+{
+    server_state *st = cp_session_ctx(s);
+    atomic_fetch_add_explicit(&st->connected, 1, memory_order_relaxed);
+    if (st->room != NULL) {
+        /* Joining before the first packet callback of this session can run
+         * (callbacks of one session are serialized) means a client that gets
+         * its own first packet back knows it is in the room. */
+        int rc = cp_group_add(st->room, s);
+        if (rc != 0 && rc != -ENOTCONN) {
+            char msg[96];
+            snprintf(msg, sizeof msg, "cannot join the chat room: %s", cp_strerror(rc));
+            tool_log_sink(CP_LOG_ERROR, msg, (void *)prog);
+            cp_session_disconnect(s);
+        }
+    }
+}
+
+static void on_disconnected(cp_session *s, cp_reason reason, int err)
+{
+    (void)err;
+    server_state *st = cp_session_ctx(s);
+    /* No cp_group_remove: a member leaves every group by itself before this runs. */
+    if ((unsigned)reason < CP_REASON_COUNT_)
+        atomic_fetch_add_explicit(&st->by_reason[reason], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&st->disconnected, 1, memory_order_relaxed);
+}
+
+/* echo: raw bytes back as they came. Everything offered is consumed, so the
+ * session never keeps a carry buffer. A failed allocation disconnects the
+ * session: silently dropping bytes would corrupt the client's stream. */
+static size_t echo_on_recv(cp_session *s, const uint8_t *data, size_t len)
+{
+    cp_sendbuf *b = cp_sendbuf_copy(data, len);
+    if (b == NULL) {
+        cp_session_disconnect(s);
+        return len;
+    }
+    /* An error here means the session is already going away (or just
+     * overflowed its send queue and is being disconnected for it). */
+    (void)cp_session_send(s, b);
+    cp_sendbuf_unref(b);
+    return len;
+}
+
+/* packet: the same packet back. Returning < 0 disconnects (CP_REASON_HANDLER). */
+static int packet_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    cp_sendbuf *b = cp_packet_make(id, body, len);
+    if (b == NULL)
+        return -1;
+    (void)cp_session_send(s, b);
+    cp_sendbuf_unref(b);
+    return 0;
+}
+
+/* chat: encode once, queue the one buffer on every member (sender included).
+ * The sender's packets reach every member in order: this session's callbacks
+ * are serialized and every member's send queue is FIFO. */
+static int chat_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    server_state *st = cp_session_ctx(s);
+    cp_sendbuf *b = cp_packet_make(id, body, len);
+    if (b == NULL)
+        return -1;
+    (void)cp_group_broadcast(st->room, b);
+    cp_sendbuf_unref(b);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ main */
+
+static void print_final_stats(const server_state *st, const cp_service_stats *lib, double uptime_s)
+{
+    char reasons[512];
+    size_t used = 0;
+    reasons[0] = '\0';
+    for (int r = 0; r < CP_REASON_COUNT_; r++) {
+        uint64_t n = atomic_load_explicit(&st->by_reason[r], memory_order_relaxed);
+        if (n == 0 || used >= sizeof reasons)
+            continue;
+        int w = snprintf(reasons + used, sizeof reasons - used, "%s%s=%llu", used ? "," : "",
+                         cp_reason_str((cp_reason)r), (unsigned long long)n);
+        if (w > 0)
+            used += (size_t)w;
+    }
+    printf("cport-server stopped after %.1fs: connected=%llu disconnected=%llu rejected=%llu "
+           "accept_errors=%llu bytes_in=%llu bytes_out=%llu packets_in=%llu reasons={%s}\n",
+           uptime_s,
+           (unsigned long long)atomic_load(&st->connected),
+           (unsigned long long)atomic_load(&st->disconnected),
+           (unsigned long long)lib->rejected, (unsigned long long)lib->accept_errors,
+           (unsigned long long)lib->bytes_in, (unsigned long long)lib->bytes_out,
+           (unsigned long long)lib->packets_in, reasons);
+    fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+    server_config cfg;
+    parse_args(argc, argv, &cfg);
+
+    /* Before any thread exists, so that every worker inherits the mask. */
+    sigset_t stop_signals;
+    tool_block_stop_signals(&stop_signals);
+    cp_set_log(tool_log_sink, (void *)prog);
+
+    /* Each session is one descriptor; leave room for the listener, the
+     * backend's own descriptors and the sessions rejected beyond the limit. */
+    rlim_t want = (rlim_t)cfg.max_sessions + 1024;
+    rlim_t have = tool_raise_nofile(want);
+    if (have < want)
+        fprintf(stderr, "%s: open-file limit is %llu, below the %llu that --max-sessions %u needs; "
+                "accepts will back off when it is reached\n",
+                prog, (unsigned long long)have, (unsigned long long)want, cfg.max_sessions);
+
+    static server_state state; /* static: zero-initialised atomics, lives past main's frame */
+    if (cfg.mode == MODE_CHAT) {
+        int rc = cp_group_create(&state.room);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot create the chat room: %s\n", prog, cp_strerror(rc));
+            return 1;
+        }
+    }
+
+    cp_port *port = NULL;
+    int status = tool_create_port(prog, &port, cfg.workers, cfg.backend);
+    if (status != 0) {
+        if (state.room != NULL)
+            cp_group_destroy(state.room);
+        return status;
+    }
+
+    cp_handlers handlers = {
+        .on_connected = on_connected,
+        .on_disconnected = on_disconnected,
+    };
+    switch (cfg.mode) {
+    case MODE_ECHO: handlers.on_recv = echo_on_recv; break;
+    case MODE_PACKET: handlers.on_packet = packet_on_packet; break;
+    case MODE_CHAT: handlers.on_packet = chat_on_packet; break;
+    }
+    cp_server_opts opts = {
+        .host = cfg.host,
+        .port = cfg.port,
+        .max_sessions = cfg.max_sessions,
+        .session = {
+            .framing = cfg.mode == MODE_ECHO ? CP_FRAMING_RAW : CP_FRAMING_PACKET,
+            .max_packet = cfg.max_packet,
+            .send_queue_limit = cfg.send_queue_limit,
+        },
+    };
+    cp_service *svc = NULL;
+    int rc = cp_server_start(&svc, port, &opts, &handlers, &state);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot listen on %s:%u: %s\n", prog, cfg.host, cfg.port, cp_strerror(rc));
+        cp_port_destroy(port);
+        if (state.room != NULL)
+            cp_group_destroy(state.room);
+        return 1;
+    }
+
+    /* Scripts wait for this exact line (and read the port from it with --port 0). */
+    const char *fmt = strchr(cfg.host, ':') ? "%s listening on [%s]:%u mode=%s backend=%s workers=%d\n"
+                                            : "%s listening on %s:%u mode=%s backend=%s workers=%d\n";
+    printf(fmt, prog, cfg.host, (unsigned)cp_service_port(svc), mode_names[cfg.mode],
+           cp_port_backend_name(port), cp_port_workers(port));
+    fflush(stdout);
+    uint64_t started = tool_now_ns();
+
+    int sig = 0;
+    while (sigwait(&stop_signals, &sig) != 0)
+        ;
+    fprintf(stderr, "%s: %s received, stopping\n", prog, strsignal(sig));
+
+    /* Library counters (bytes, packets, rejected) are read before the stop
+     * frees the service; the few bytes that arrive during the stop are not
+     * worth a different design. */
+    cp_service_stats lib;
+    cp_service_stats_get(svc, &lib);
+    status = 0;
+    rc = cp_service_stop(svc);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cp_service_stop: %s\n", prog, cp_strerror(rc));
+        status = 1;
+    }
+    rc = cp_port_destroy(port);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cp_port_destroy: %s\n", prog, cp_strerror(rc));
+        status = 1;
+    }
+    if (state.room != NULL)
+        cp_group_destroy(state.room);
+    cp_set_log(NULL, NULL);
+    print_final_stats(&state, &lib, (double)(tool_now_ns() - started) / 1e9);
+    return status;
+}

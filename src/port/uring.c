@@ -38,7 +38,7 @@
 #define UR_NBUFS 512            /* power of two */
 #define UR_BUFSZ (32u * 1024u) /* large enough for 16 KiB messages in one piece */
 #define UR_IOV 64
-#define UR_BATCH 256
+#define UR_BATCH 64
 
 #define TAG_WAKE 1u
 #define TAG_IGNORE 2u
@@ -314,6 +314,10 @@ static void ur_close(cp_worker *w, cp_handle *h)
         io_uring_prep_cancel64(sqe, ud_of(ops[i]), 0);
         io_uring_sqe_set_data64(sqe, TAG_IGNORE);
     }
+    /* An operation prepared in this round but not yet submitted would find
+     * the descriptor closed (EBADF); submit first so it starts, then cancel. */
+    if (io_uring_sq_ready(&st->ring))
+        io_uring_submit(&st->ring);
     /* The armed operations hold their own reference to the socket, so it is
      * really closed (and the peer told) when the last of them completes. */
     if (h->fd >= 0) {
@@ -415,16 +419,25 @@ static int ur_poll(cp_worker *w, int timeout_ms)
             io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
         st->buf_returns = 0;
         total += (int)n;
-        if (n < UR_BATCH)
-            break;
+        /* One batch per round: the round's sends and hand-offs then go out
+         * before more input is taken, which keeps queues short under floods. */
+        break;
     }
     return total;
 }
 
 static int ur_busy(cp_worker *w)
 {
-    CP_UNUSED(w);
-    return 0;
+    ur_state *st = w->be;
+    return io_uring_cq_ready(&st->ring) > 0;
+}
+
+/* Starts what the round prepared (sends, mostly) without waiting. */
+static void ur_kick(cp_worker *w)
+{
+    ur_state *st = w->be;
+    if (io_uring_sq_ready(&st->ring))
+        io_uring_submit(&st->ring);
 }
 
 const cp_backend_ops cp__uring_backend = {
@@ -434,6 +447,7 @@ const cp_backend_ops cp__uring_backend = {
     .thread_init = ur_thread_init,
     .poll = ur_poll,
     .busy = ur_busy,
+    .kick = ur_kick,
     .wake = ur_wake,
     .attach = ur_attach,
     .accept = ur_accept,

@@ -103,6 +103,11 @@ struct cp_port {
     atomic_bool stopping;
     atomic_uint rr;        /* round-robin cursor for posts and new sessions */
     atomic_int services;   /* live services */
+
+    /* Start-up handshake: each worker reports its backend set-up. */
+    pthread_mutex_t start_lock;
+    pthread_cond_t start_cond;
+    int nstarted, start_err;
 };
 
 /* The worker running on this thread, or NULL for threads the user owns. */
@@ -135,6 +140,7 @@ enum cp_session_state {
     CP_S_NEW = 0,     /* allocated, not yet on its worker */
     CP_S_CONNECTING,  /* client: connect in flight */
     CP_S_CONNECTED,
+    CP_S_DISCONNECTING, /* a close was requested; it runs on the owner soon */
     CP_S_CLOSING,     /* disconnect started; waiting for completions */
     CP_S_CLOSED       /* every completion arrived; left the service */
 };
@@ -160,7 +166,6 @@ struct cp_session {
     bool was_connected;     /* on_connected ran */
     bool dirty;             /* on owner->dirty */
     bool is_client;
-    int close_soon_err;     /* a close is already on its way (close_soon) */
     cp_reason reason;
     int reason_err;
     cp_session *dirty_next;
@@ -194,7 +199,9 @@ int cp__session_send(cp_session *s, cp_sendbuf *b);
 void cp__session_close(cp_session *s, cp_reason reason, int err);
 /* End of round: write every dirty session once. */
 void cp__session_flush_dirty(cp_worker *w);
-void cp__session_post_disconnect(cp_session *s, cp_reason reason);
+/* Any thread: refuse sends from now on and close on the owner soon (never
+ * inside a callback in progress). -ENOTCONN if already disconnecting. */
+int cp__session_request_close(cp_session *s, cp_reason reason);
 
 /* Packet/raw parser: consume received bytes for s. */
 void cp__session_input(cp_session *s, const uint8_t *data, size_t n);

@@ -303,7 +303,7 @@ int cp_service_stop(cp_service *svc)
     cp_session **all = snapshot(svc, &n);
     cp__batch_begin(svc->port);
     for (size_t i = 0; i < n; i++) {
-        cp__session_post_disconnect(all[i], CP_REASON_STOPPING);
+        cp__session_request_close(all[i], CP_REASON_STOPPING);
         cp_session_unref(all[i]);
     }
     cp__batch_end(svc->port);

@@ -123,7 +123,6 @@ static cp_reason reason_of_errno(int err)
     case ECONNRESET:
     case ECONNABORTED:
     case EPIPE:
-    case ETIMEDOUT:
         return CP_REASON_RESET;
     default:
         return CP_REASON_IO_ERROR;
@@ -259,10 +258,13 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
 
 /* ------------------------------------------------------------------ start */
 
-static void session_connected(cp_session *s)
+/* from is CP_S_NEW (accepted) or CP_S_CONNECTING (client). A close requested
+ * meanwhile wins: its message finishes the session, never reported connected. */
+static void session_connected(cp_session *s, int from)
 {
     cp_service *svc = s->svc;
-    atomic_store(&s->state, CP_S_CONNECTED);
+    if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_CONNECTED))
+        return;
     s->was_connected = true;
     cp__stat_add(&svc->st.connected, 1);
     if (svc->idle_timeout_ns || svc->packet_timeout_ns) {
@@ -311,7 +313,7 @@ static void session_accept(cp_worker *w, cp_session *s, int fd)
         return;
     }
     set_nodelay(s);
-    session_connected(s);
+    session_connected(s, CP_S_NEW);
 }
 
 static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
@@ -329,7 +331,7 @@ static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, con
                 /* Not connected after all (the peer vanished in between). */
                 cp__session_close(s, CP_REASON_IO_ERROR, -errno);
             } else {
-                session_connected(s);
+                session_connected(s, CP_S_CONNECTING);
             }
         }
     }
@@ -349,7 +351,9 @@ void cp__session_start_connect(cp_worker *w, void *sp, void *unused)
 static void session_connect(cp_worker *w, cp_session *s)
 {
     cp_service *svc = s->svc;
-    atomic_store(&s->state, CP_S_CONNECTING);
+    int from = CP_S_NEW;
+    if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_CONNECTING))
+        return; /* a close was requested first; its message finishes it */
     int r = -ESHUTDOWN;
     if (!atomic_load(&svc->stopping)) {
         s->h.fd = socket(svc->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -473,24 +477,35 @@ static int sq_push(cp_sendq *q, cp_sendbuf *b)
     return 0;
 }
 
+static int err_of_reason(cp_reason reason)
+{
+    return reason == CP_REASON_SEND_OVERFLOW ? -ENOBUFS : reason == CP_REASON_NO_MEMORY ? -ENOMEM : 0;
+}
+
 static void msg_close(cp_worker *w, void *sp, void *reason)
 {
     CP_UNUSED(w);
     cp_session *s = sp;
-    cp__session_close(s, (cp_reason)(intptr_t)reason, s->close_soon_err);
+    cp__session_close(s, (cp_reason)(intptr_t)reason, err_of_reason((cp_reason)(intptr_t)reason));
     cp_session_unref(s);
 }
 
-/* Queueing happens inside broadcasts that hold a group's or the service's
- * lock, and closing runs on_disconnected and leaves groups: so a close decided
- * while queueing is carried out a moment later, in this same round. */
-static void close_soon(cp_session *s, cp_reason reason, int err)
+/* A disconnect asked for by the user, by a stopping service, or by a queue
+ * overflow. The state changes at once, so sends are refused and the receive
+ * loop stops handing out packets from this moment; the close itself (which
+ * runs on_disconnected and leaves groups) is a message to the owner, so it
+ * never runs inside a callback that is still in progress or under a lock a
+ * broadcast holds. */
+int cp__session_request_close(cp_session *s, cp_reason reason)
 {
-    if (s->close_soon_err)
-        return;
-    s->close_soon_err = err;
+    int st = atomic_load(&s->state);
+    do {
+        if (st >= CP_S_DISCONNECTING)
+            return -ENOTCONN;
+    } while (!atomic_compare_exchange_weak(&s->state, &st, CP_S_DISCONNECTING));
     cp_session_ref(s);
     cp__send_msg(s->owner, msg_close, s, (void *)(intptr_t)reason);
+    return 0;
 }
 
 /* On the owner: append to the queue; the write happens at the end of the round. */
@@ -501,11 +516,11 @@ static int queue_local(cp_session *s, cp_sendbuf *b)
     if (b->len == 0)
         return 0;
     if (s->sq.bytes + b->len > s->svc->send_queue_limit) {
-        close_soon(s, CP_REASON_SEND_OVERFLOW, -ENOBUFS);
+        cp__session_request_close(s, CP_REASON_SEND_OVERFLOW);
         return -ENOBUFS;
     }
     if (sq_push(&s->sq, b) < 0) {
-        close_soon(s, CP_REASON_NO_MEMORY, -ENOMEM);
+        cp__session_request_close(s, CP_REASON_NO_MEMORY);
         return -ENOMEM;
     }
     cp_sendbuf_ref(b);
@@ -542,7 +557,7 @@ static void msg_send(cp_worker *w, void *sp, void *bp)
 
 int cp__session_send(cp_session *s, cp_sendbuf *b)
 {
-    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_CLOSING)
+    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_DISCONNECTING)
         return -ENOTCONN;
     if (cp__self == s->owner)
         return queue_local(s, b);
@@ -573,32 +588,11 @@ int cp_session_send_copy(cp_session *s, const void *data, size_t len)
 
 /* ------------------------------------------------------------------ disconnect */
 
-static void msg_disconnect(cp_worker *w, void *sp, void *reason)
-{
-    CP_UNUSED(w);
-    cp_session *s = sp;
-    cp__session_close(s, (cp_reason)(intptr_t)reason, 0);
-    cp_session_unref(s);
-}
-
-void cp__session_post_disconnect(cp_session *s, cp_reason reason)
-{
-    if (cp__self == s->owner) {
-        cp__session_close(s, reason, 0);
-        return;
-    }
-    cp_session_ref(s);
-    cp__send_msg(s->owner, msg_disconnect, s, (void *)(intptr_t)reason);
-}
-
 int cp_session_disconnect(cp_session *s)
 {
     if (!s)
         return -EINVAL;
-    if (atomic_load(&s->state) >= CP_S_CLOSING)
-        return -ENOTCONN;
-    cp__session_post_disconnect(s, CP_REASON_LOCAL);
-    return 0;
+    return cp__session_request_close(s, CP_REASON_LOCAL);
 }
 
 /* ------------------------------------------------------------------ accessors */

@@ -57,8 +57,10 @@ typedef struct cp_backend_ops {
     const char *name;
     int (*init)(cp_worker *w);
     void (*fini)(cp_worker *w);
-    /* Optional: runs first thing on the worker's own thread. */
+    /* Optional: run first and last thing on the worker's own thread; the port
+     * reports a thread_init failure from cp_port_create. */
     int (*thread_init)(cp_worker *w);
+    void (*thread_fini)(cp_worker *w);
     /* Waits up to timeout_ms (-1 forever, 0 not at all) and dispatches the
      * completions that are ready. Returns how many, or -errno. */
     int (*poll)(cp_worker *w, int timeout_ms);

@@ -356,22 +356,31 @@ static void round_finish(cp_worker *w)
 static void *worker_main(void *arg)
 {
     cp_worker *w = arg;
+    cp_port *port = w->port;
     cp__self = w;
-    if (w->port->be->thread_init) {
-        int r = w->port->be->thread_init(w);
-        if (r < 0)
-            cp__log(CP_LOG_ERROR, "worker %d: backend start failed: %s", w->index, cp_strerror(r));
+    int r = port->be->thread_init ? port->be->thread_init(w) : 0;
+    pthread_mutex_lock(&port->start_lock);
+    port->nstarted++;
+    if (r < 0 && !port->start_err)
+        port->start_err = r;
+    pthread_cond_broadcast(&port->start_cond);
+    pthread_mutex_unlock(&port->start_lock);
+    if (r < 0) {
+        cp__self = NULL;
+        return NULL;
     }
     for (;;) {
         if (atomic_load(&w->port->stopping) && !has_work(w))
             break;
         int timeout = has_work(w) ? 0 : timers_timeout_ms(w);
-        int r = w->port->be->poll(w, timeout);
+        int pr = w->port->be->poll(w, timeout);
         w->now_ns = cp__now_ns();
-        if (r < 0 && r != -EINTR)
-            cp__log(CP_LOG_ERROR, "worker %d: poll failed: %s", w->index, cp_strerror(r));
+        if (pr < 0 && pr != -EINTR)
+            cp__log(CP_LOG_ERROR, "worker %d: poll failed: %s", w->index, cp_strerror(pr));
         round_finish(w);
     }
+    if (w->port->be->thread_fini)
+        w->port->be->thread_fini(w);
     cp__self = NULL;
     return NULL;
 }
@@ -443,6 +452,8 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
 
 static void port_free(cp_port *p)
 {
+    pthread_mutex_destroy(&p->start_lock);
+    pthread_cond_destroy(&p->start_cond);
     for (int i = 0; i < p->nworkers; i++) {
         cp_worker *w = &p->workers[i];
         free(w->outbox);
@@ -497,6 +508,8 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
             break;
     }
     int started = 0;
+    pthread_mutex_init(&p->start_lock, NULL);
+    pthread_cond_init(&p->start_cond, NULL);
     if (!err) {
         for (; started < o.workers; started++) {
             if (pthread_create(&p->workers[started].thread, NULL, worker_main, &p->workers[started])) {
@@ -504,6 +517,13 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
                 break;
             }
         }
+        /* Each worker sets its backend up on its own thread; wait for all. */
+        pthread_mutex_lock(&p->start_lock);
+        while (p->nstarted < started)
+            pthread_cond_wait(&p->start_cond, &p->start_lock);
+        if (!err)
+            err = p->start_err;
+        pthread_mutex_unlock(&p->start_lock);
     }
     if (err) {
         atomic_store(&p->stopping, true);

@@ -15,9 +15,7 @@
  * told, so the owner's memory outlives every completion that names it.
  *
  * Ring set-up: SINGLE_ISSUER + DEFER_TASKRUN where the kernel has them, else
- * COOP_TASKRUN, else nothing. The ring is created disabled and enabled on its
- * worker's thread, because SINGLE_ISSUER binds it to the enabling thread.
- * Other threads never touch a ring: they write the worker's eventfd, which a
+ * COOP_TASKRUN, else nothing. Other threads never touch a ring: they write the worker's eventfd, which a
  * read operation on the ring keeps watching.
  */
 #include "internal.h"
@@ -29,7 +27,6 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #define UR_ENTRIES 1024
@@ -55,6 +52,7 @@ typedef struct ur_state {
     int evfd;
     uint64_t evval;
     bool wake_armed;
+    bool ring_up;
     struct io_uring_buf_ring *br;
     uint8_t *bufs;
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
@@ -103,14 +101,36 @@ static int ring_init(struct io_uring *ring, unsigned extra)
     return r;
 }
 
+static void probe_once(void);
+static int probe_result;
+static const char *probe_why;
+
+static void *probe_thread(void *unused);
+
+/* The probe runs once, on a thread of its own (see ur_thread_init on why no
+ * ring is set up or torn down on the caller's thread). */
 int cp__uring_probe(const char **why)
 {
-    static int cached = 1;
-    static const char *cached_why;
-    if (cached != 1) {
-        *why = cached_why;
-        return cached;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, probe_once);
+    *why = probe_why;
+    return probe_result;
+}
+
+static void probe_once(void)
+{
+    pthread_t t;
+    if (pthread_create(&t, NULL, probe_thread, NULL) != 0) {
+        probe_result = -EAGAIN;
+        probe_why = "could not start the probe thread";
+        return;
     }
+    pthread_join(t, NULL);
+}
+
+static void *probe_thread(void *unused)
+{
+    CP_UNUSED(unused);
     int r = 0;
     const char *reason = NULL;
     FILE *f = fopen("/proc/sys/kernel/io_uring_disabled", "r");
@@ -156,33 +176,44 @@ int cp__uring_probe(const char **why)
         }
         io_uring_queue_exit(&ring);
     }
-    cached = r;
-    cached_why = reason;
-    *why = reason;
-    return r;
+    probe_result = r;
+    probe_why = reason;
+    return NULL;
 }
 
-static void ur_fini(cp_worker *w);
-
+/* Rings are created and torn down on the worker's own thread. SINGLE_ISSUER
+ * binds a ring to the thread that creates it, and tearing a ring down
+ * interrupts the tearing thread's next blocking call with EINTR, which must
+ * not happen to the thread of a user who calls cp_port_create/destroy. */
 static int ur_init(cp_worker *w)
 {
     ur_state *st = cp__xalloc(sizeof *st);
     if (!st)
         return -ENOMEM;
-    st->evfd = -1;
-    w->be = st;
-    int r = ring_init(&st->ring, IORING_SETUP_R_DISABLED);
-    if (r < 0) {
-        free(st);
-        w->be = NULL;
-        return r;
-    }
     st->evfd = eventfd(0, EFD_CLOEXEC);
+    if (st->evfd < 0) {
+        int err = -errno;
+        free(st);
+        return err;
+    }
+    w->be = st;
+    return 0;
+}
+
+static void ur_thread_fini(cp_worker *w);
+
+static int ur_thread_init(cp_worker *w)
+{
+    ur_state *st = w->be;
+    int r = ring_init(&st->ring, 0);
+    if (r < 0)
+        return r;
+    st->ring_up = true;
     size_t brsz = sizeof(struct io_uring_buf) * UR_NBUFS;
     st->br = mmap(NULL, brsz, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
     st->bufs = mmap(NULL, (size_t)UR_NBUFS * UR_BUFSZ, PROT_READ | PROT_WRITE,
                     MAP_ANONYMOUS | MAP_PRIVATE | MAP_NORESERVE, -1, 0);
-    if (st->evfd < 0 || st->br == MAP_FAILED || st->bufs == MAP_FAILED) {
+    if (st->br == MAP_FAILED || st->bufs == MAP_FAILED) {
         r = -ENOMEM;
         goto fail;
     }
@@ -196,17 +227,27 @@ static int ur_init(cp_worker *w)
     io_uring_buf_ring_advance(st->br, UR_NBUFS);
     return 0;
 fail:
-    ur_fini(w);
+    ur_thread_fini(w);
     return r;
 }
 
-static int ur_thread_init(cp_worker *w)
+static void ur_thread_fini(cp_worker *w)
 {
     ur_state *st = w->be;
-    /* liburing 2.3 declares io_uring_enable_rings() but does not export it. */
-    if (syscall(__NR_io_uring_register, st->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0)
-        return -errno;
-    return 0;
+    if (st->ring_up)
+        io_uring_queue_exit(&st->ring);
+    st->ring_up = false;
+    if (st->br && st->br != MAP_FAILED)
+        munmap(st->br, sizeof(struct io_uring_buf) * UR_NBUFS);
+    if (st->bufs && st->bufs != MAP_FAILED)
+        munmap(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
+    st->br = NULL;
+    st->bufs = NULL;
+    while (st->free_slots) {
+        ur_slot *n = st->free_slots->next;
+        free(st->free_slots);
+        st->free_slots = n;
+    }
 }
 
 static void ur_fini(cp_worker *w)
@@ -214,18 +255,7 @@ static void ur_fini(cp_worker *w)
     ur_state *st = w->be;
     if (!st)
         return;
-    io_uring_queue_exit(&st->ring);
-    if (st->evfd >= 0)
-        close(st->evfd);
-    if (st->br && st->br != MAP_FAILED)
-        munmap(st->br, sizeof(struct io_uring_buf) * UR_NBUFS);
-    if (st->bufs && st->bufs != MAP_FAILED)
-        munmap(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
-    while (st->free_slots) {
-        ur_slot *n = st->free_slots->next;
-        free(st->free_slots);
-        st->free_slots = n;
-    }
+    close(st->evfd);
     free(st);
     w->be = NULL;
 }
@@ -445,6 +475,7 @@ const cp_backend_ops cp__uring_backend = {
     .init = ur_init,
     .fini = ur_fini,
     .thread_init = ur_thread_init,
+    .thread_fini = ur_thread_fini,
     .poll = ur_poll,
     .busy = ur_busy,
     .kick = ur_kick,

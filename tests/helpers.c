@@ -1,0 +1,903 @@
+/* Shared test helpers; see helpers.h for the rules they follow. */
+#include "helpers.h"
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <malloc.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#  define CPT_ASAN 1
+#elif defined(__has_feature)
+#  if __has_feature(address_sanitizer)
+#    define CPT_ASAN 1
+#  endif
+#endif
+#ifdef CPT_ASAN
+#  include <sanitizer/lsan_interface.h>
+/* No suppressions here: an LSan "leak:" pattern matches any frame of the
+ * allocation's stack, and every test runs under Criterion's frames, so a
+ * pattern naming the framework would hide every leak.
+ * The leak verdict comes from cpt_leak_end() at the end of each test; the
+ * check at exit is off because a test that failed an assertion skipped its
+ * clean-up, and reporting that as a leak would only be noise. */
+const char *__asan_default_options(void);
+const char *__asan_default_options(void)
+{
+    return "leak_check_at_exit=0";
+}
+const char *__lsan_default_options(void);
+const char *__lsan_default_options(void)
+{
+    return "print_suppressions=0";
+}
+#endif
+
+/* ------------------------------------------------------------------ time */
+
+uint64_t cpt_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t cpt_now_ms(void)
+{
+    return cpt_now_ns() / 1000000u;
+}
+
+void cpt_sleep_us(unsigned us)
+{
+    struct timespec ts = { .tv_sec = us / 1000000u, .tv_nsec = (long)(us % 1000000u) * 1000 };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+void cpt_sleep_ms(unsigned ms)
+{
+    cpt_sleep_us(ms * 1000u);
+}
+
+uint64_t cpt_process_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ port and services */
+
+cp_backend cpt_env_backend(void)
+{
+    const char *e = getenv("CP_BACKEND");
+    if (!e || !*e)
+        return CP_BACKEND_AUTO;
+    if (!strcmp(e, "epoll"))
+        return CP_BACKEND_EPOLL;
+    if (!strcmp(e, "uring") || !strcmp(e, "io_uring"))
+        return CP_BACKEND_URING;
+    if (!strcmp(e, "iocp"))
+        return CP_BACKEND_IOCP;
+    return CP_BACKEND_AUTO;
+}
+
+cp_port *cpt_xport(int workers)
+{
+    cp_port *port = NULL;
+    cp_port_opts o = { .workers = workers, .backend = cpt_env_backend() };
+    int rc = cp_port_create(&port, &o);
+    if (rc == -ENOTSUP && o.backend != CP_BACKEND_EPOLL && o.backend != CP_BACKEND_AUTO)
+        cr_skip_test("backend %s not available here", getenv("CP_BACKEND"));
+    cr_assert_eq(rc, 0, "cp_port_create: %d (%s)", rc, cp_strerror(rc));
+    cr_assert_not_null(port);
+    const char *e = getenv("CP_BACKEND");
+    const char *name = cp_port_backend_name(port);
+    cr_assert_not_null(name);
+    if (e && *e)
+        cr_assert(strstr(name, e) != NULL, "CP_BACKEND=%s but the port uses %s", e, name);
+    if (workers > 0)
+        cr_assert_eq(cp_port_workers(port), workers);
+    return port;
+}
+
+void cpt_xport_destroy(cp_port *port)
+{
+    int rc = cp_port_destroy(port);
+    cr_assert_eq(rc, 0, "cp_port_destroy: %d (%s)", rc, cp_strerror(rc));
+}
+
+cp_service *cpt_xserver(cp_port *port, const cp_server_opts *opts, const cp_handlers *h, void *ctx)
+{
+    cp_server_opts o;
+    if (opts)
+        o = *opts;
+    else
+        memset(&o, 0, sizeof o);
+    if (!o.host)
+        o.host = CPT_HOST4;
+    cp_service *svc = NULL;
+    int rc = cp_server_start(&svc, port, &o, h, ctx);
+    cr_assert_eq(rc, 0, "cp_server_start(%s): %d (%s)", o.host, rc, cp_strerror(rc));
+    cr_assert_not_null(svc);
+    cr_assert_neq(cp_service_port(svc), 0, "cp_service_port() is 0 after start");
+    cr_assert_eq(cp_service_ctx(svc), ctx);
+    cr_assert_eq(cp_service_port_of(svc), port);
+    return svc;
+}
+
+cp_service *cpt_xclient(cp_port *port, const cp_client_opts *opts, const cp_handlers *h, void *ctx)
+{
+    cp_service *svc = NULL;
+    int rc = cp_client_start(&svc, port, opts, h, ctx);
+    cr_assert_eq(rc, 0, "cp_client_start: %d (%s)", rc, cp_strerror(rc));
+    cr_assert_not_null(svc);
+    return svc;
+}
+
+void cpt_xstop(cp_service *svc)
+{
+    int rc = cp_service_stop(svc);
+    cr_assert_eq(rc, 0, "cp_service_stop: %d (%s)", rc, cp_strerror(rc));
+}
+
+cp_service_stats cpt_stats(const cp_service *svc)
+{
+    cp_service_stats st;
+    memset(&st, 0, sizeof st);
+    cp_service_stats_get(svc, &st);
+    return st;
+}
+
+/* ------------------------------------------------------------------ session tracking */
+
+cpt_track *cpt_track_new(int cap)
+{
+    cpt_track *t = calloc(1, sizeof *t);
+    cr_assert_not_null(t);
+    t->cap = cap;
+    t->recs = calloc((size_t)cap, sizeof *t->recs);
+    cr_assert_not_null(t->recs);
+    return t;
+}
+
+void cpt_track_free(cpt_track *t)
+{
+    if (!t)
+        return;
+    int n = atomic_load(&t->nrec);
+    if (n > t->cap)
+        n = t->cap;
+    if (t->keep_refs) {
+        for (int i = 0; i < n; i++)
+            if (t->recs[i].s)
+                cp_session_unref(t->recs[i].s);
+    }
+    free(t->recs);
+    free(t);
+}
+
+void cpt_track_stopped(cpt_track *t)
+{
+    atomic_store(&t->stopped, true);
+}
+
+void cpt_track_xcheck(cpt_track *t)
+{
+    cpt_sleep_ms(20); /* give a late callback the chance to show itself */
+    cr_expect_eq(atomic_load(&t->overlaps), 0, "callbacks of one session overlapped %d times",
+                 atomic_load(&t->overlaps));
+    cr_expect_eq(atomic_load(&t->nested), 0,
+                 "%d times a callback of a session ran nested inside another callback of the same session "
+                 "(re-entrant, e.g. on_disconnected from inside cp_session_disconnect)",
+                 atomic_load(&t->nested));
+    cr_expect_eq(atomic_load(&t->after_stop), 0, "%d callbacks ran after cp_service_stop returned",
+                 atomic_load(&t->after_stop));
+    cr_expect_eq(atomic_load(&t->after_disc), 0, "%d callbacks ran after a session's on_disconnected",
+                 atomic_load(&t->after_disc));
+    cr_expect_eq(atomic_load(&t->failures), 0, "%d contract violations inside callbacks",
+                 atomic_load(&t->failures));
+    int n = atomic_load(&t->nrec);
+    cr_assert_leq(n, t->cap, "more sessions than the test expected (%d > %d)", n, t->cap);
+    int bad = 0, first = -1;
+    for (int i = 0; i < n; i++) {
+        if (atomic_load(&t->recs[i].connected) != 1 || atomic_load(&t->recs[i].disconnected) != 1) {
+            if (first < 0)
+                first = i;
+            bad++;
+        }
+    }
+    cr_assert_eq(bad, 0, "%d of %d sessions not connected once + disconnected once (first: #%d: %d/%d)",
+                 bad, n, first, first >= 0 ? atomic_load(&t->recs[first].connected) : 0,
+                 first >= 0 ? atomic_load(&t->recs[first].disconnected) : 0);
+    cr_assert_eq(atomic_load(&t->connected), atomic_load(&t->disconnected),
+                 "on_connected %d times but on_disconnected %d times", atomic_load(&t->connected),
+                 atomic_load(&t->disconnected));
+}
+
+cpt_srec *cpt_rec(cp_session *s)
+{
+    return (cpt_srec *)cp_session_data(s);
+}
+
+static bool settled(const cp_service *svc, cpt_track *t)
+{
+    cp_service_stats st = cpt_stats(svc);
+    uint64_t c = (uint64_t)atomic_load(&t->connected), d = (uint64_t)atomic_load(&t->disconnected);
+    return st.connected == c && st.disconnected == d && st.sessions == c - d &&
+           st.connect_failed == (uint64_t)atomic_load(&t->connect_failed);
+}
+
+void cpt_xsettle(const cp_service *svc, cpt_track *t)
+{
+    CPT_AWAIT(settled(svc, t), 2000,
+              "stats disagree with callbacks: stats connected %llu disconnected %llu sessions %llu "
+              "connect_failed %llu; callbacks connected %d disconnected %d connect_failed %d",
+              (unsigned long long)cpt_stats(svc).connected, (unsigned long long)cpt_stats(svc).disconnected,
+              (unsigned long long)cpt_stats(svc).sessions, (unsigned long long)cpt_stats(svc).connect_failed,
+              atomic_load(&t->connected), atomic_load(&t->disconnected), atomic_load(&t->connect_failed));
+}
+
+cpt_srec *cpt_track_by_peer(cpt_track *t, uint16_t peer_port)
+{
+    int n = atomic_load(&t->nrec);
+    if (n > t->cap)
+        n = t->cap;
+    for (int i = 0; i < n; i++)
+        if (atomic_load(&t->recs[i].peer_port) == peer_port)
+            return &t->recs[i];
+    return NULL;
+}
+
+void cpt_enter(cp_session *s)
+{
+    cpt_track *t = cp_session_ctx(s);
+    cpt_srec *r = cpt_rec(s);
+    if (t && atomic_load(&t->stopped))
+        atomic_fetch_add(&t->after_stop, 1);
+    if (!r)
+        return;
+    if (atomic_load(&r->disconnected) > 0)
+        atomic_fetch_add(&t->after_disc, 1);
+    int me = (int)gettid();
+    int prev = atomic_exchange(&r->inside, me);
+    if (prev == me)
+        atomic_fetch_add(&t->nested, 1);
+    else if (prev != 0)
+        atomic_fetch_add(&t->overlaps, 1);
+    if (t && t->hold_us)
+        cpt_sleep_us(t->hold_us);
+}
+
+void cpt_leave(cp_session *s)
+{
+    cpt_srec *r = cpt_rec(s);
+    if (r)
+        atomic_store(&r->inside, 0);
+}
+
+static uint16_t parse_peer_port(cp_session *s)
+{
+    char buf[96];
+    int n = cp_session_peer(s, buf, sizeof buf);
+    if (n <= 0 || (size_t)n >= sizeof buf)
+        return 0;
+    const char *colon = strrchr(buf, ':');
+    if (!colon)
+        return 0;
+    return (uint16_t)atoi(colon + 1);
+}
+
+void cpt_on_connected(cp_session *s)
+{
+    cpt_track *t = cp_session_ctx(s);
+    int i = atomic_fetch_add(&t->nrec, 1);
+    if (i >= t->cap) {
+        atomic_fetch_add(&t->failures, 1);
+        atomic_fetch_add(&t->connected, 1);
+        return;
+    }
+    cpt_srec *r = &t->recs[i];
+    if (t->keep_refs)
+        cp_session_ref(s);
+    r->s = s;
+    r->id = cp_session_id(s);
+    atomic_store(&r->peer_port, parse_peer_port(s));
+    cp_session_set_data(s, r);
+    cpt_enter(s);
+    if (atomic_fetch_add(&r->connected, 1) != 0)
+        atomic_fetch_add(&t->failures, 1);
+    if (cp_session_connected(s) != 1)
+        atomic_fetch_add(&t->failures, 1);
+    if (cp_session_service(s) == NULL)
+        atomic_fetch_add(&t->failures, 1);
+    cpt_leave(s);
+    atomic_fetch_add(&t->connected, 1);
+}
+
+void cpt_on_disconnected(cp_session *s, cp_reason reason, int err)
+{
+    cpt_track *t = cp_session_ctx(s);
+    cpt_srec *r = cpt_rec(s);
+    if (!r) {
+        atomic_fetch_add(&t->failures, 1);
+        atomic_fetch_add(&t->disconnected, 1);
+        return;
+    }
+    cpt_enter(s);
+    atomic_store(&r->reason, (int)reason);
+    atomic_store(&r->err, err);
+    if ((int)reason <= CP_REASON_NONE || (int)reason >= CP_REASON_COUNT_)
+        atomic_fetch_add(&t->failures, 1);
+    else
+        atomic_fetch_add(&t->reasons[reason], 1);
+    if (reason == CP_REASON_IO_ERROR && err >= 0)
+        atomic_fetch_add(&t->failures, 1);
+    /* The session is disconnecting: it refuses sends and says so. */
+    if (cp_session_connected(s) != 0)
+        atomic_fetch_add(&t->failures, 1);
+    if (cp_session_send_copy(s, "x", 1) != -ENOTCONN)
+        atomic_fetch_add(&t->failures, 1);
+    if (r->id != cp_session_id(s))
+        atomic_fetch_add(&t->failures, 1);
+    cpt_leave(s);
+    if (atomic_fetch_add(&r->disconnected, 1) != 0)
+        atomic_fetch_add(&t->failures, 1);
+    atomic_fetch_add(&t->disconnected, 1);
+}
+
+void cpt_on_connect_failed(cp_service *svc, int err)
+{
+    cpt_track *t = cp_service_ctx(svc);
+    if (atomic_load(&t->stopped))
+        atomic_fetch_add(&t->after_stop, 1);
+    if (err >= 0)
+        atomic_fetch_add(&t->failures, 1);
+    atomic_store(&t->last_connect_err, err);
+    atomic_fetch_add(&t->connect_failed, 1);
+}
+
+void cpt_on_sent(cp_session *s, size_t bytes)
+{
+    cpt_track *t = cp_session_ctx(s);
+    cpt_enter(s);
+    cpt_srec *r = cpt_rec(s);
+    if (r)
+        atomic_fetch_add(&r->sent, (long long)bytes);
+    atomic_fetch_add(&t->bytes_sent, (long long)bytes);
+    cpt_leave(s);
+}
+
+int cpt_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    cpt_track *t = cp_session_ctx(s);
+    cpt_enter(s);
+    cpt_srec *r = cpt_rec(s);
+    if (r) {
+        atomic_fetch_add(&r->packets, 1);
+        atomic_fetch_add(&r->bytes, (long long)len);
+    }
+    atomic_fetch_add(&t->packets, 1);
+    atomic_fetch_add(&t->bytes_in, (long long)len);
+    if (t->echo) {
+        cp_sendbuf *b = cp_packet_make(id, body, len);
+        if (!b) {
+            atomic_fetch_add(&t->failures, 1);
+        } else {
+            int rc = cp_session_send(s, b);
+            if (rc != 0 && rc != -ENOTCONN)
+                atomic_fetch_add(&t->failures, 1);
+            cp_sendbuf_unref(b);
+        }
+    }
+    cpt_leave(s);
+    return 0;
+}
+
+size_t cpt_on_recv(cp_session *s, const uint8_t *data, size_t len)
+{
+    cpt_track *t = cp_session_ctx(s);
+    cpt_enter(s);
+    cpt_srec *r = cpt_rec(s);
+    if (r)
+        atomic_fetch_add(&r->bytes, (long long)len);
+    atomic_fetch_add(&t->bytes_in, (long long)len);
+    if (t->echo) {
+        int rc = cp_session_send_copy(s, data, len);
+        if (rc != 0 && rc != -ENOTCONN)
+            atomic_fetch_add(&t->failures, 1);
+    }
+    cpt_leave(s);
+    return len;
+}
+
+cp_handlers cpt_track_handlers(void)
+{
+    cp_handlers h = {
+        .on_connected = cpt_on_connected,
+        .on_connect_failed = cpt_on_connect_failed,
+        .on_packet = cpt_on_packet,
+        .on_sent = cpt_on_sent,
+        .on_disconnected = cpt_on_disconnected,
+    };
+    return h;
+}
+
+/* ------------------------------------------------------------------ raw sockets */
+
+static int make_addr(const char *host, uint16_t port, struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof *ss);
+    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons(port);
+        *len = sizeof *a4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons(port);
+        *len = sizeof *a6;
+        return 0;
+    }
+    return -EINVAL;
+}
+
+static int set_timeo(int fd, int opt, unsigned ms)
+{
+    struct timeval tv = { .tv_sec = ms / 1000u, .tv_usec = (suseconds_t)(ms % 1000u) * 1000 };
+    return setsockopt(fd, SOL_SOCKET, opt, &tv, sizeof tv) == 0 ? 0 : -errno;
+}
+
+int cpt_set_rcvtimeo(int fd, unsigned ms)
+{
+    return set_timeo(fd, SO_RCVTIMEO, ms);
+}
+
+int cpt_connect(const char *host, uint16_t port, int rcvbuf)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    int rc = make_addr(host, port, &ss, &len);
+    if (rc)
+        return rc;
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (rcvbuf > 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    set_timeo(fd, SO_RCVTIMEO, CPT_IO_TIMEOUT_MS);
+    set_timeo(fd, SO_SNDTIMEO, CPT_IO_TIMEOUT_MS);
+    if (connect(fd, (struct sockaddr *)&ss, len) != 0) {
+        rc = -errno;
+        if (rc == -EINTR) {
+            /* A signal (or io_uring task work) interrupted the wait; the
+             * handshake goes on: wait for it like a non-blocking connect. */
+            struct pollfd pfd = { .fd = fd, .events = POLLOUT };
+            int err = 0;
+            socklen_t el = sizeof err;
+            int pr;
+            while ((pr = poll(&pfd, 1, CPT_IO_TIMEOUT_MS)) < 0 && errno == EINTR) {
+            }
+            if (pr == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0)
+                return fd;
+            rc = pr == 0 ? -ETIMEDOUT : -(err ? err : EIO);
+        }
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+int cpt_xconnect(uint16_t port)
+{
+    int fd = cpt_connect(CPT_HOST4, port, 0);
+    cr_assert_geq(fd, 0, "connect to 127.0.0.1:%u: %s", port, strerror(-fd));
+    return fd;
+}
+
+int cpt_send_all(int fd, const void *p, size_t n)
+{
+    const uint8_t *c = p;
+    while (n > 0) {
+        ssize_t w = send(fd, c, n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        c += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+ssize_t cpt_recv_some(int fd, void *p, size_t n)
+{
+    for (;;) {
+        ssize_t r = recv(fd, p, n, 0);
+        if (r >= 0)
+            return r;
+        if (errno != EINTR)
+            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    }
+}
+
+int cpt_recv_exact(int fd, void *p, size_t n)
+{
+    uint8_t *c = p;
+    while (n > 0) {
+        ssize_t r = recv(fd, c, n, 0);
+        if (r == 0)
+            return 1;
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+        }
+        c += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+int cpt_wait_closed(int fd, unsigned timeout_ms)
+{
+    static uint8_t sink[65536]; /* contents never read */
+    uint64_t deadline = cpt_now_ms() + timeout_ms;
+    for (;;) {
+        uint64_t now = cpt_now_ms();
+        if (now >= deadline)
+            return -ETIMEDOUT;
+        unsigned left = (unsigned)(deadline - now);
+        set_timeo(fd, SO_RCVTIMEO, left < 100 ? left : 100);
+        ssize_t r = recv(fd, sink, sizeof sink, 0);
+        if (r == 0)
+            return 0;
+        if (r < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
+                continue;
+            if (errno == ECONNRESET || errno == EPIPE)
+                return 0;
+            return -errno;
+        }
+    }
+}
+
+int cpt_peek_state(int fd)
+{
+    uint8_t c;
+    ssize_t r = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r == 0)
+        return 1;
+    if (r > 0)
+        return 2;
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+        return 0;
+    return 1;
+}
+
+void cpt_put_header(uint8_t *p, uint16_t size, uint16_t id)
+{
+    p[0] = (uint8_t)(size & 0xff);
+    p[1] = (uint8_t)(size >> 8);
+    p[2] = (uint8_t)(id & 0xff);
+    p[3] = (uint8_t)(id >> 8);
+}
+
+int cpt_send_packet(int fd, uint16_t id, const void *body, size_t len)
+{
+    if (len + 4 > 65535)
+        return -EMSGSIZE;
+    uint8_t stackbuf[4096];
+    uint8_t *p = len + 4 <= sizeof stackbuf ? stackbuf : malloc(len + 4);
+    if (!p)
+        return -ENOMEM;
+    cpt_put_header(p, (uint16_t)(len + 4), id);
+    if (len)
+        memcpy(p + 4, body, len);
+    int rc = cpt_send_all(fd, p, len + 4);
+    if (p != stackbuf)
+        free(p);
+    return rc;
+}
+
+int cpt_recv_packet(int fd, uint16_t *id, void *body, size_t cap, size_t *len)
+{
+    uint8_t h[4];
+    int rc = cpt_recv_exact(fd, h, 4);
+    if (rc)
+        return rc;
+    size_t size = (size_t)h[0] | ((size_t)h[1] << 8);
+    if (size < 4)
+        return -EBADMSG;
+    if (id)
+        *id = (uint16_t)(h[2] | (h[3] << 8));
+    if (size - 4 > cap)
+        return -EMSGSIZE;
+    if (len)
+        *len = size - 4;
+    return cpt_recv_exact(fd, body, size - 4);
+}
+
+int cpt_accept(int lfd)
+{
+    int fd;
+    while ((fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)) < 0 && errno == EINTR) {
+    }
+    return fd;
+}
+
+uint16_t cpt_local_port(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
+        return 0;
+    if (ss.ss_family == AF_INET)
+        return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    if (ss.ss_family == AF_INET6)
+        return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    return 0;
+}
+
+void cpt_close_reset(int fd)
+{
+    struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+void cpt_xsend(int fd, const void *p, size_t n)
+{
+    int rc = cpt_send_all(fd, p, n);
+    cr_assert_eq(rc, 0, "send %zu bytes: %s", n, strerror(-rc));
+}
+
+void cpt_xrecv(int fd, void *p, size_t n)
+{
+    int rc = cpt_recv_exact(fd, p, n);
+    cr_assert_eq(rc, 0, "recv %zu bytes: %s", n, rc == 1 ? "peer closed" : strerror(-rc));
+}
+
+void cpt_xsend_packet(int fd, uint16_t id, const void *body, size_t len)
+{
+    int rc = cpt_send_packet(fd, id, body, len);
+    cr_assert_eq(rc, 0, "send packet id %u len %zu: %s", id, len, strerror(-rc));
+}
+
+void cpt_xrecv_packet_eq(int fd, uint16_t id, const void *body, size_t len)
+{
+    uint8_t *buf = malloc(65536);
+    cr_assert_not_null(buf);
+    uint16_t got_id = 0;
+    size_t got_len = 0;
+    int rc = cpt_recv_packet(fd, &got_id, buf, 65536, &got_len);
+    if (rc != 0)
+        free(buf);
+    cr_assert_eq(rc, 0, "recv packet: %s", rc == 1 ? "peer closed" : strerror(-rc));
+    bool same = got_id == id && got_len == len && (len == 0 || memcmp(buf, body, len) == 0);
+    free(buf);
+    cr_assert(same, "packet differs: id %u len %zu, expected id %u len %zu", got_id, got_len, id, len);
+}
+
+void cpt_xclosed(int fd, unsigned timeout_ms)
+{
+    int rc = cpt_wait_closed(fd, timeout_ms);
+    cr_assert_eq(rc, 0, "connection not closed by the server within %u ms (%s)", timeout_ms, strerror(-rc));
+}
+
+static bool same_addr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return false;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (a->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+        return x->sin6_port == y->sin6_port && !memcmp(&x->sin6_addr, &y->sin6_addr, sizeof x->sin6_addr);
+    }
+    return false;
+}
+
+int cpt_find_peer_fd(int fd)
+{
+    struct sockaddr_storage mine, theirs;
+    socklen_t l1 = sizeof mine, l2 = sizeof theirs;
+    if (getsockname(fd, (struct sockaddr *)&mine, &l1) || getpeername(fd, (struct sockaddr *)&theirs, &l2))
+        return -1;
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return -1;
+    int found = -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        int c = atoi(e->d_name);
+        if (c == fd || c == dirfd(d))
+            continue;
+        struct sockaddr_storage a, b;
+        socklen_t la = sizeof a, lb = sizeof b;
+        if (getsockname(c, (struct sockaddr *)&a, &la) || getpeername(c, (struct sockaddr *)&b, &lb))
+            continue;
+        if (same_addr(&a, &theirs) && same_addr(&b, &mine)) {
+            found = c;
+            break;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+int cpt_xfind_peer_fd(int fd)
+{
+    int found = -1;
+    uint64_t deadline = cpt_now_ms() + 1000;
+    while ((found = cpt_find_peer_fd(fd)) < 0 && cpt_now_ms() < deadline)
+        cpt_sleep_ms(5);
+    if (found < 0 && cpt_env_backend() != CP_BACKEND_EPOLL)
+        cr_skip_test("the library's socket is not a plain fd with this backend");
+    cr_assert_geq(found, 0, "cannot find the library's end of the connection among this process' fds");
+    return found;
+}
+
+uint8_t cpt_pattern(uint64_t i, uint32_t seed)
+{
+    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ ((uint64_t)seed << 32 | seed);
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
+    return (uint8_t)(x >> 24);
+}
+
+void cpt_fill(uint8_t *p, size_t n, uint64_t offset, uint32_t seed)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = cpt_pattern(offset + i, seed);
+}
+
+long long cpt_check_pattern(const uint8_t *p, size_t n, uint64_t offset, uint32_t seed)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] != cpt_pattern(offset + i, seed))
+            return (long long)i;
+    return -1;
+}
+
+/* ------------------------------------------------------------------ resources and leaks */
+
+int cpt_count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n - 1; /* the directory's own fd */
+}
+
+long cpt_rss_kib(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (!f)
+        return -1;
+    long size = 0, rss = -1;
+    if (fscanf(f, "%ld %ld", &size, &rss) != 2)
+        rss = -1;
+    fclose(f);
+    return rss < 0 ? -1 : rss * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+size_t cpt_heap_in_use(void)
+{
+#ifdef CPT_ASAN
+    return 0;
+#else
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+#endif
+}
+
+rlim_t cpt_raise_nofile(rlim_t want)
+{
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    if (rl.rlim_cur < want) {
+        rl.rlim_cur = want < rl.rlim_max ? want : rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    return rl.rlim_cur;
+}
+
+int cpt_sanitized(void)
+{
+#ifdef CPT_ASAN
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void cpt_leak_begin(cpt_leak_mark *m)
+{
+    m->fds = cpt_count_fds();
+}
+
+void cpt_leak_end(const cpt_leak_mark *m)
+{
+    /* Closing is synchronous in a correct library; allow a short grace period. */
+    CPT_AWAIT(cpt_count_fds() <= m->fds, 1000, "file descriptors leaked: %d open, %d at start",
+              cpt_count_fds(), m->fds);
+#ifdef CPT_ASAN
+    int leaks = __lsan_do_recoverable_leak_check();
+    cr_assert_eq(leaks, 0, "LeakSanitizer found leaks (see stderr)");
+#endif
+}
+
+/* ------------------------------------------------------------------ a ready-made test environment */
+
+void cpt_env_start(cpt_env *e, int workers, const cp_server_opts *opts, const cp_handlers *h, int cap,
+                   unsigned flags)
+{
+    memset(e, 0, sizeof *e);
+    cpt_leak_begin(&e->leak);
+    e->port = cpt_xport(workers);
+    e->t = cpt_track_new(cap);
+    e->t->keep_refs = (flags & CPT_KEEP_REFS) != 0;
+    e->t->echo = (flags & CPT_NO_ECHO) == 0;
+    if (h) {
+        e->h = *h;
+    } else {
+        e->h = cpt_track_handlers();
+        if (flags & CPT_RAW) {
+            e->h.on_packet = NULL;
+            e->h.on_recv = cpt_on_recv;
+        }
+    }
+    e->svc = cpt_xserver(e->port, opts, &e->h, e->t);
+    e->sport = cp_service_port(e->svc);
+}
+
+void cpt_env_stop(cpt_env *e)
+{
+    cpt_xstop(e->svc);
+    e->svc = NULL;
+    cpt_track_stopped(e->t);
+    cpt_track_xcheck(e->t);
+    cpt_track_free(e->t);
+    e->t = NULL;
+    cpt_xport_destroy(e->port);
+    e->port = NULL;
+    cpt_leak_end(&e->leak);
+}
+
+void cpt_env_xneighbour(cpt_env *e)
+{
+    int fd = cpt_xconnect(e->sport);
+    static const char msg[] = "neighbour";
+    cpt_xsend_packet(fd, 77, msg, sizeof msg);
+    cpt_xrecv_packet_eq(fd, 77, msg, sizeof msg);
+    close(fd);
+}

@@ -1,0 +1,270 @@
+/*
+ * Shared test helpers for the cport test suite.
+ *
+ * Every test program is a Criterion program; Criterion runs each test in its
+ * own forked process, so a test may change process state (rlimits, globals)
+ * without affecting the next one.
+ *
+ * Rules the helpers follow, so that tests can use them anywhere:
+ * - Functions named cpt_x...() (x for "expect") assert with Criterion and must
+ *   only be called from the test's own thread.
+ * - Every other function returns an error code instead of asserting and may be
+ *   called from any thread, including cport callbacks on worker threads.
+ * - Sockets are blocking with a receive/send timeout (CPT_IO_TIMEOUT_MS), so a
+ *   missing reply fails a test instead of hanging it.
+ */
+#ifndef CPT_HELPERS_H
+#define CPT_HELPERS_H
+
+#include <criterion/criterion.h>
+#include <cport.h>
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+
+#define CPT_HOST4 "127.0.0.1"
+#define CPT_HOST6 "::1"
+#define CPT_IO_TIMEOUT_MS 5000
+
+/* ------------------------------------------------------------------ time */
+
+uint64_t cpt_now_ns(void);
+uint64_t cpt_now_ms(void);
+void cpt_sleep_ms(unsigned ms);
+void cpt_sleep_us(unsigned us);
+/* CPU time used by the whole process (all threads), in nanoseconds. */
+uint64_t cpt_process_cpu_ns(void);
+
+/* Evaluates expr every millisecond until it is true or timeout_ms passed;
+ * sets ok (a bool lvalue) to the final value of expr. */
+#define CPT_WAIT(ok, expr, timeout_ms)                                   \
+    do {                                                                 \
+        uint64_t cpt_deadline_ = cpt_now_ms() + (uint64_t)(timeout_ms);  \
+        for (;;) {                                                       \
+            if (expr) { (ok) = true; break; }                            \
+            if (cpt_now_ms() >= cpt_deadline_) { (ok) = (expr) ? true : false; break; } \
+            cpt_sleep_ms(1);                                             \
+        }                                                                \
+    } while (0)
+
+/* Waits for expr (as CPT_WAIT) and fails the test with the message if it never
+ * became true. Test thread only. The message is mandatory. */
+#define CPT_AWAIT(expr, timeout_ms, ...)                                 \
+    do {                                                                 \
+        bool cpt_ok_ = false;                                            \
+        CPT_WAIT(cpt_ok_, expr, timeout_ms);                             \
+        cr_assert(cpt_ok_, __VA_ARGS__);                                 \
+    } while (0)
+
+/* ------------------------------------------------------------------ port and services */
+
+/* The backend named by the CP_BACKEND environment variable (AUTO if unset). */
+cp_backend cpt_env_backend(void);
+/* Creates a port with that backend (workers 0 = one per CPU). Skips the test if
+ * the named backend is not available on this kernel (io_uring, IOCP). */
+cp_port *cpt_xport(int workers);
+void cpt_xport_destroy(cp_port *port);
+
+/* Starts a server. opts may be NULL; a NULL host becomes 127.0.0.1 and the
+ * port is left as given (0 = any free port). Asserts success. */
+cp_service *cpt_xserver(cp_port *port, const cp_server_opts *opts, const cp_handlers *h, void *ctx);
+/* Starts a client service towards host:port. Asserts success. */
+cp_service *cpt_xclient(cp_port *port, const cp_client_opts *opts, const cp_handlers *h, void *ctx);
+/* cp_service_stop, asserting it returns 0. */
+void cpt_xstop(cp_service *svc);
+cp_service_stats cpt_stats(const cp_service *svc);
+
+/* ------------------------------------------------------------------ session tracking */
+
+/* One record per session seen by a tracking service (see cpt_track). */
+typedef struct cpt_srec {
+    cp_session *s;            /* valid while kept (track->keep_refs) or connected */
+    uint64_t id;
+    atomic_int peer_port;     /* the remote port, from cp_session_peer(); set last */
+    atomic_int connected;     /* on_connected calls */
+    atomic_int disconnected;  /* on_disconnected calls */
+    atomic_int inside;        /* thread id of the callback of this session now running, or 0 */
+    atomic_int reason;        /* reason of on_disconnected */
+    atomic_int err;           /* err of on_disconnected */
+    atomic_int packets;       /* packets seen by the tracking handlers */
+    atomic_llong bytes;       /* bytes seen by the tracking handlers */
+    atomic_llong sent;        /* bytes reported by on_sent */
+    atomic_llong expect_seq;  /* free for the test: per-session sequence checks */
+    void *user;               /* free for the test */
+} cpt_srec;
+
+/* A tracking context: pass it as the service ctx (or a struct that has it as
+ * its first member and is calloc'ed). The cpt_on_* handlers keep counts and
+ * check the callback contract: callbacks of one session never overlap or
+ * nest, nothing runs for a session after its on_disconnected, no callback
+ * runs after the test marked the service stopped, and inside
+ * on_disconnected the session already refuses sends (-ENOTCONN). */
+typedef struct cpt_track {
+    atomic_int connected, disconnected, connect_failed;
+    atomic_int last_connect_err;
+    atomic_int failures;      /* contract violations seen inside callbacks */
+    atomic_int overlaps;      /* callbacks of one session running at once on two threads */
+    atomic_int nested;        /* a callback of a session run inside another of it (re-entrant) */
+    atomic_int after_stop;    /* callbacks after cpt_track_stopped() */
+    atomic_int after_disc;    /* callbacks of a session after its on_disconnected */
+    atomic_int reasons[CP_REASON_COUNT_];
+    atomic_bool stopped;
+    atomic_llong packets, bytes_in, bytes_sent;
+    atomic_int nrec;
+    int cap;
+    bool keep_refs;           /* cp_session_ref every session in on_connected */
+    bool echo;                /* the tracking packet/raw handlers echo what they get */
+    unsigned hold_us;         /* each tracked callback sleeps this long inside */
+    cpt_srec *recs;
+    void *user;               /* free for the test */
+} cpt_track;
+
+cpt_track *cpt_track_new(int cap);
+/* Unrefs kept sessions, frees the records and t itself (call after
+ * cp_service_stop, before cp_port_destroy). */
+void cpt_track_free(cpt_track *t);
+/* Marks the service stopped: any later callback counts as after_stop. */
+void cpt_track_stopped(cpt_track *t);
+/* Asserts: no failures, overlaps, late callbacks, every on_connected matched by
+ * exactly one on_disconnected. Call after cp_service_stop. */
+void cpt_track_xcheck(cpt_track *t);
+/* The record of a session (its cp_session_data). */
+cpt_srec *cpt_rec(cp_session *s);
+/* Waits (up to 2 s) until the service's stats agree with the callbacks seen
+ * by t: stats.connected/disconnected equal t's counts and stats.sessions is
+ * their difference. Counters may be updated just after a callback returns. */
+void cpt_xsettle(const cp_service *svc, cpt_track *t);
+/* Finds the record whose peer port is the given one (NULL if none yet). */
+cpt_srec *cpt_track_by_peer(cpt_track *t, uint16_t peer_port);
+
+/* Callback bracket: use at the start/end of every handler of a tracked
+ * session. Records overlaps and late callbacks. */
+void cpt_enter(cp_session *s);
+void cpt_leave(cp_session *s);
+
+/* Ready-made handlers for a cpt_track ctx. */
+void cpt_on_connected(cp_session *s);
+void cpt_on_disconnected(cp_session *s, cp_reason reason, int err);
+void cpt_on_connect_failed(cp_service *svc, int err);
+void cpt_on_sent(cp_session *s, size_t bytes);
+int cpt_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len);
+size_t cpt_on_recv(cp_session *s, const uint8_t *data, size_t len);
+/* Tracking handlers with echo = true for packet framing. */
+cp_handlers cpt_track_handlers(void);
+
+/* ------------------------------------------------------------------ raw sockets */
+
+/* Connects a blocking TCP socket to host:port with CPT_IO_TIMEOUT_MS send and
+ * receive timeouts and TCP_NODELAY. rcvbuf > 0 sets SO_RCVBUF before connect.
+ * Returns the fd or a negative errno. Any thread. */
+int cpt_connect(const char *host, uint16_t port, int rcvbuf);
+/* Asserting form, 127.0.0.1. */
+int cpt_xconnect(uint16_t port);
+/* Sets the receive timeout of fd. */
+int cpt_set_rcvtimeo(int fd, unsigned ms);
+/* Sends all n bytes (MSG_NOSIGNAL). 0 or negative errno. */
+int cpt_send_all(int fd, const void *p, size_t n);
+/* recv() that retries when interrupted (EINTR): > 0 bytes, 0 at EOF, or a
+ * negative errno (-EAGAIN when the receive timeout expired). */
+ssize_t cpt_recv_some(int fd, void *p, size_t n);
+/* Receives exactly n bytes. 0, 1 if the peer closed first, negative errno
+ * (-EAGAIN when the receive timeout expired). */
+int cpt_recv_exact(int fd, void *p, size_t n);
+/* Reads and discards until the peer closes (EOF or reset): 0, or -ETIMEDOUT
+ * if the connection is still open after timeout_ms. */
+int cpt_wait_closed(int fd, unsigned timeout_ms);
+/* 1 if a read would show the connection closed (EOF/reset) right now, 0 if it
+ * is open and has no data, 2 if data is waiting. Non-blocking. */
+int cpt_peek_state(int fd);
+/* Writes a packet header {size, id} little-endian at p. */
+void cpt_put_header(uint8_t *p, uint16_t size, uint16_t id);
+/* Sends one packet {4 + len, id} + body. 0 or negative errno. */
+int cpt_send_packet(int fd, uint16_t id, const void *body, size_t len);
+/* Receives one packet; body (up to cap bytes) and its length. 0, 1 on EOF,
+ * negative errno; -EMSGSIZE if it does not fit, -EBADMSG if size < 4. */
+int cpt_recv_packet(int fd, uint16_t *id, void *body, size_t cap, size_t *len);
+uint16_t cpt_local_port(int fd);
+/* accept() on a blocking listening socket, retried when interrupted. */
+int cpt_accept(int lfd);
+/* close() with SO_LINGER 0: the peer gets a reset. */
+void cpt_close_reset(int fd);
+/* Asserting wrappers (test thread only). */
+void cpt_xsend(int fd, const void *p, size_t n);
+void cpt_xrecv(int fd, void *p, size_t n);
+void cpt_xsend_packet(int fd, uint16_t id, const void *body, size_t len);
+/* Receives one packet and asserts its id and body. */
+void cpt_xrecv_packet_eq(int fd, uint16_t id, const void *body, size_t len);
+void cpt_xclosed(int fd, unsigned timeout_ms);
+
+/* The fd of this process whose socket is the other end of the loopback
+ * connection fd (the library's accepted socket, for instance), or -1. */
+int cpt_find_peer_fd(int fd);
+/* Asserting form (test thread): waits up to a second for it; if it is not
+ * found and the backend is not epoll (whose sockets are plain fds), the test
+ * is skipped as not applicable. */
+int cpt_xfind_peer_fd(int fd);
+
+/* Deterministic test bytes: byte i of stream `seed`. */
+uint8_t cpt_pattern(uint64_t i, uint32_t seed);
+void cpt_fill(uint8_t *p, size_t n, uint64_t offset, uint32_t seed);
+/* Index of the first byte that differs from the pattern, or -1. */
+long long cpt_check_pattern(const uint8_t *p, size_t n, uint64_t offset, uint32_t seed);
+
+/* ------------------------------------------------------------------ resources and leaks */
+
+int cpt_count_fds(void);
+/* Resident set size of this process in KiB. */
+long cpt_rss_kib(void);
+/* Bytes of heap in use (0 when unknown, e.g. under AddressSanitizer). */
+size_t cpt_heap_in_use(void);
+/* Raises the soft RLIMIT_NOFILE to at least want (capped at the hard limit);
+ * returns the new soft limit. */
+rlim_t cpt_raise_nofile(rlim_t want);
+/* 1 when built with AddressSanitizer (LeakSanitizer available). */
+int cpt_sanitized(void);
+
+typedef struct cpt_leak_mark {
+    int fds;
+} cpt_leak_mark;
+
+/* Leak check around a test: begin records open fds; end (after every service
+ * is stopped, the port destroyed and every test socket closed) asserts that
+ * the fd count is back, and under AddressSanitizer runs LeakSanitizer and
+ * asserts it found nothing. */
+void cpt_leak_begin(cpt_leak_mark *m);
+void cpt_leak_end(const cpt_leak_mark *m);
+
+/* ------------------------------------------------------------------ a ready-made test environment */
+
+enum {
+    CPT_KEEP_REFS = 1, /* track->keep_refs */
+    CPT_NO_ECHO = 2,   /* track->echo = false */
+    CPT_RAW = 4,       /* handlers use on_recv (set opts->session.framing yourself) */
+};
+
+typedef struct cpt_env {
+    cp_port *port;
+    cp_service *svc;
+    cpt_track *t;
+    cp_handlers h;
+    uint16_t sport;
+    cpt_leak_mark leak;
+} cpt_env;
+
+/* Leak mark, a port with `workers` workers, and a tracking server (echo by
+ * default) with room for `cap` sessions. opts may be NULL (127.0.0.1, any
+ * port); h may be NULL (cpt_track_handlers()); h is copied into e->h. */
+void cpt_env_start(cpt_env *e, int workers, const cp_server_opts *opts, const cp_handlers *h, int cap,
+                   unsigned flags);
+/* Stops the server, checks the tracking, frees it, destroys the port and runs
+ * the leak check. Close every test socket first. */
+void cpt_env_stop(cpt_env *e);
+/* Connects to e's server, sends a packet and expects it echoed (the server
+ * must echo): proves the server still serves new sessions. */
+void cpt_env_xneighbour(cpt_env *e);
+
+#endif /* CPT_HELPERS_H */

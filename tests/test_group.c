@@ -1,0 +1,359 @@
+/*
+ * Groups (rooms): membership rules, leaving on disconnect, chat-style
+ * broadcast with per-sender order, concurrent membership changes, service
+ * broadcast.
+ */
+#include "helpers.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+typedef struct room_ctx {
+    cpt_track t; /* first: the ctx is also a cpt_track */
+    cp_group *g;
+    cp_group *g2;
+    atomic_int size_at_disc_bad;
+} room_ctx;
+
+static room_ctx *room_new(int cap)
+{
+    room_ctx *c = calloc(1, sizeof *c);
+    cr_assert_not_null(c);
+    c->t.cap = cap;
+    c->t.recs = calloc((size_t)cap, sizeof *c->t.recs);
+    cr_assert_eq(cp_group_create(&c->g), 0);
+    cr_assert_eq(cp_group_create(&c->g2), 0);
+    return c;
+}
+
+static void room_free(room_ctx *c)
+{
+    cp_group_destroy(c->g);
+    cp_group_destroy(c->g2);
+    cpt_track_free(&c->t); /* frees c */
+}
+
+static void join_connected(cp_session *s)
+{
+    room_ctx *c = cp_session_ctx(s);
+    int rc1 = cp_group_add(c->g, s);
+    int rc2 = cp_group_add(c->g2, s);
+    int rc3 = cp_group_add(c->g, s);
+    cpt_on_connected(s);
+    if (rc1 != 0 || rc2 != 0 || rc3 != -EEXIST)
+        atomic_fetch_add(&c->t.failures, 1);
+}
+
+/* The member has left every group before on_disconnected runs. */
+static void leave_check_disconnected(cp_session *s, cp_reason reason, int err)
+{
+    room_ctx *c = cp_session_ctx(s);
+    if (cp_group_remove(c->g, s) != -ENOENT || cp_group_remove(c->g2, s) != -ENOENT)
+        atomic_fetch_add(&c->size_at_disc_bad, 1);
+    /* joining now would leave a gone session in the group */
+    if (cp_group_add(c->g, s) != -ENOTCONN)
+        atomic_fetch_add(&c->size_at_disc_bad, 1);
+    cpt_on_disconnected(s, reason, err);
+}
+
+/* A group on its own: empty size, destroy. */
+Test(group, create_and_destroy_empty, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_group *g = NULL;
+    cr_assert_eq(cp_group_create(&g), 0);
+    cr_assert_not_null(g);
+    cr_assert_eq(cp_group_size(g), 0);
+    cp_sendbuf *b = cp_sendbuf_copy("x", 1);
+    cr_assert_eq(cp_group_broadcast(g, b), 0);
+    cp_sendbuf_unref(b);
+    cp_group_destroy(g);
+    cpt_leak_end(&leak);
+}
+
+/* add: 0 then -EEXIST; remove: 0 then -ENOENT; a member that disconnects
+ * leaves every group before on_disconnected; a gone session cannot join. */
+Test(group, membership_rules, .timeout = 20)
+{
+    room_ctx *c = room_new(8);
+    cp_handlers h = cpt_track_handlers();
+    h.on_connected = join_connected;
+    h.on_disconnected = leave_check_disconnected;
+    c->t.keep_refs = true;
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *port = cpt_xport(2);
+    cp_service *svc = cpt_xserver(port, NULL, &h, c);
+    int a = cpt_xconnect(cp_service_port(svc));
+    int b = cpt_xconnect(cp_service_port(svc));
+    CPT_AWAIT(atomic_load(&c->t.connected) == 2, 5000, "not connected");
+    cr_assert_eq(cp_group_size(c->g), 2);
+    cr_assert_eq(cp_group_size(c->g2), 2);
+    cp_session *sa = cpt_track_by_peer(&c->t, cpt_local_port(a))->s;
+    cr_assert_eq(cp_group_remove(c->g2, sa), 0);
+    cr_assert_eq(cp_group_remove(c->g2, sa), -ENOENT);
+    cr_assert_eq(cp_group_size(c->g2), 1);
+    cr_assert_eq(cp_group_add(c->g2, sa), 0);
+    close(a);
+    CPT_AWAIT(atomic_load(&c->t.disconnected) == 1, 5000, "not disconnected");
+    cr_assert_eq(cp_group_size(c->g), 1);
+    cr_assert_eq(cp_group_size(c->g2), 1);
+    cr_assert_eq(cp_group_add(c->g, sa), -ENOTCONN, "a gone session joined a group");
+    cr_assert_eq(cp_group_size(c->g), 1);
+    cp_sendbuf *buf = cp_packet_make(3, "room", 4);
+    cr_assert_eq(cp_group_broadcast(c->g, buf), 1);
+    cp_sendbuf_unref(buf);
+    cpt_xrecv_packet_eq(b, 3, "room", 4);
+    close(b);
+    CPT_AWAIT(atomic_load(&c->t.disconnected) == 2, 5000, "not disconnected");
+    cr_assert_eq(cp_group_size(c->g), 0);
+    cr_assert_eq(atomic_load(&c->size_at_disc_bad), 0,
+                 "in on_disconnected a member was still in a group, or could join one");
+    cpt_xstop(svc);
+    cpt_track_stopped(&c->t);
+    cpt_track_xcheck(&c->t);
+    room_free(c);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&leak);
+}
+
+/* Chat: 100 clients in one room, each sends 20 messages; the server
+ * broadcasts every message to the room from its handler. Every client gets
+ * all 2000 messages, each sender's in the order sent. */
+static int chat_route(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    room_ctx *c = cp_session_ctx(s);
+    cpt_enter(s);
+    cp_sendbuf *b = cp_packet_make(id, body, len);
+    int n = cp_group_broadcast(c->g, b);
+    if (n <= 0)
+        atomic_fetch_add(&c->t.failures, 1);
+    cp_sendbuf_unref(b);
+    atomic_fetch_add(&c->t.packets, 1);
+    cpt_leave(s);
+    return 0;
+}
+
+Test(group, chat_100_clients_20_messages, .timeout = 60)
+{
+    enum { N = 100, M = 20 };
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    room_ctx *c = room_new(N);
+    cp_handlers h = cpt_track_handlers();
+    h.on_connected = join_connected;
+    h.on_packet = chat_route;
+    cp_service *svc = cpt_xserver(p, NULL, &h, c);
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = cpt_xconnect(cp_service_port(svc));
+        cpt_set_rcvtimeo(fds[i], 15000);
+    }
+    CPT_AWAIT(cp_group_size(c->g) == N, 5000, "%zu of %d joined", cp_group_size(c->g), N);
+    for (int i = 0; i < N; i++) {
+        uint8_t out[M * 8];
+        for (int k = 0; k < M; k++) {
+            uint16_t sender = (uint16_t)i, seq = (uint16_t)k;
+            cpt_put_header(out + 8 * k, 8, 1004);
+            memcpy(out + 8 * k + 4, &sender, 2);
+            memcpy(out + 8 * k + 6, &seq, 2);
+        }
+        cpt_xsend(fds[i], out, sizeof out);
+    }
+    int bad = 0;
+    uint8_t *in = malloc(N * M * 8);
+    for (int i = 0; i < N; i++) {
+        uint16_t next[N] = { 0 };
+        cpt_xrecv(fds[i], in, N * M * 8);
+        for (int k = 0; k < N * M; k++) {
+            uint16_t sender, seq;
+            memcpy(&sender, in + 8 * k + 4, 2);
+            memcpy(&seq, in + 8 * k + 6, 2);
+            if (in[8 * k] != 8 || sender >= N || seq != next[sender])
+                bad++;
+            else
+                next[sender]++;
+        }
+        cr_assert_eq(cpt_peek_state(fds[i]), 0, "client %d got more than expected", i);
+    }
+    free(in);
+    cr_assert_eq(bad, 0, "%d messages out of per-sender order", bad);
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    CPT_AWAIT(cp_group_size(c->g) == 0, 5000, "members did not leave");
+    cpt_xstop(svc);
+    cpt_track_stopped(&c->t);
+    cpt_track_xcheck(&c->t);
+    room_free(c);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+typedef struct churn {
+    room_ctx *c;
+    int n;
+    atomic_int *stop;
+    int bad;
+    long broadcasts;
+} churn;
+
+static void *add_remove_main(void *arg)
+{
+    churn *ch = arg;
+    while (!atomic_load(ch->stop)) {
+        for (int i = 0; i < ch->n; i++) {
+            cp_session *s = ch->c->t.recs[i].s;
+            int rc = cp_group_remove(ch->c->g2, s);
+            if (rc != 0 && rc != -ENOENT)
+                ch->bad++;
+            rc = cp_group_add(ch->c->g2, s);
+            if (rc != 0 && rc != -EEXIST && rc != -ENOTCONN)
+                ch->bad++;
+        }
+    }
+    return NULL;
+}
+
+static void *broadcast_main(void *arg)
+{
+    churn *ch = arg;
+    cp_sendbuf *b = cp_packet_make(9, "b", 1);
+    while (!atomic_load(ch->stop)) {
+        int n = cp_group_broadcast(ch->c->g2, b);
+        if (n < 0 || n > ch->n)
+            ch->bad++;
+        ch->broadcasts++;
+        cpt_sleep_us(50);
+    }
+    cp_sendbuf_unref(b);
+    return NULL;
+}
+
+static void *reader_drain_main(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    uint8_t buf[4096];
+    ssize_t n;
+    while ((n = cpt_recv_some(fd, buf, sizeof buf)) > 0 || n == -EAGAIN) {
+    }
+    return NULL;
+}
+
+/* Members added and removed by two threads while two threads broadcast and
+ * the members' clients disconnect: results stay in range, nothing crashes,
+ * the group ends empty. */
+Test(group, concurrent_add_remove_broadcast_and_disconnect, .timeout = 60)
+{
+    enum { N = 20 };
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(4);
+    room_ctx *c = room_new(N);
+    c->t.keep_refs = true;
+    cp_handlers h = cpt_track_handlers();
+    h.on_connected = join_connected;
+    cp_server_opts o = { .session.send_queue_limit = 16u << 20 };
+    cp_service *svc = cpt_xserver(p, &o, &h, c);
+    int fds[N];
+    pthread_t rd[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = cpt_xconnect(cp_service_port(svc));
+        pthread_create(&rd[i], NULL, reader_drain_main, (void *)(intptr_t)fds[i]);
+    }
+    CPT_AWAIT(atomic_load(&c->t.connected) == N, 5000, "not connected");
+    atomic_int stop = 0;
+    churn ch[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        ch[i] = (churn){ .c = c, .n = N, .stop = &stop };
+        pthread_create(&th[i], NULL, i < 2 ? add_remove_main : broadcast_main, &ch[i]);
+    }
+    cpt_sleep_ms(300);
+    for (int i = 0; i < N; i++) {
+        shutdown(fds[i], SHUT_RDWR);
+        cpt_sleep_ms(10);
+    }
+    CPT_AWAIT(atomic_load(&c->t.disconnected) == N, 5000, "not disconnected");
+    cpt_sleep_ms(50);
+    atomic_store(&stop, 1);
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        cr_assert_eq(ch[i].bad, 0, "thread %d saw out-of-range results", i);
+    }
+    for (int i = 0; i < N; i++) {
+        pthread_join(rd[i], NULL);
+        close(fds[i]);
+    }
+    cr_assert_eq(cp_group_size(c->g2), 0, "gone sessions remain in the group");
+    cr_assert_eq(cp_group_size(c->g), 0);
+    cpt_xstop(svc);
+    cpt_track_stopped(&c->t);
+    cpt_track_xcheck(&c->t);
+    room_free(c);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+/* A group destroyed while its members are connected: they stay connected and
+ * their later disconnect does not touch the freed group (ASan). */
+Test(group, destroy_group_with_live_members, .timeout = 20)
+{
+    enum { N = 10 };
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    room_ctx *c = room_new(N);
+    c->t.echo = true;
+    cp_handlers h = cpt_track_handlers();
+    h.on_connected = join_connected;
+    cp_service *svc = cpt_xserver(p, NULL, &h, c);
+    int fds[N];
+    for (int i = 0; i < N; i++)
+        fds[i] = cpt_xconnect(cp_service_port(svc));
+    CPT_AWAIT(cp_group_size(c->g) == N && cp_group_size(c->g2) == N, 5000, "not joined");
+    cp_group_destroy(c->g2);
+    c->g2 = NULL;
+    for (int i = 0; i < N; i++) {
+        cpt_xsend_packet(fds[i], 1, "still", 5);
+        cpt_xrecv_packet_eq(fds[i], 1, "still", 5);
+    }
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    CPT_AWAIT(atomic_load(&c->t.disconnected) == N, 5000, "not disconnected");
+    cpt_xstop(svc);
+    cpt_track_stopped(&c->t);
+    cpt_track_xcheck(&c->t);
+    cp_group_destroy(c->g);
+    cpt_track_free(&c->t);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+/* cp_service_broadcast reaches every live session and returns their number. */
+Test(group, service_broadcast_reaches_every_session, .timeout = 20)
+{
+    enum { N = 30 };
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, NULL, N, CPT_NO_ECHO);
+    int fds[N];
+    for (int i = 0; i < N; i++)
+        fds[i] = cpt_xconnect(e.sport);
+    CPT_AWAIT(atomic_load(&e.t->connected) == N, 5000, "not connected");
+    close(fds[0]);
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "not disconnected");
+    cpt_xsettle(e.svc, e.t);
+    cp_sendbuf *b = cp_packet_make(12, "all", 3);
+    cr_assert_eq(cp_service_broadcast(e.svc, b), N - 1);
+    cp_sendbuf_unref(b);
+    for (int i = 1; i < N; i++) {
+        cpt_xrecv_packet_eq(fds[i], 12, "all", 3);
+        close(fds[i]);
+    }
+    cpt_env_stop(&e);
+}

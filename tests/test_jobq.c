@@ -1,0 +1,233 @@
+/* Job queues: order, exclusion, fairness, closing. */
+#include "helpers.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#define PUSHERS 4
+#define PER_PUSHER 25000
+
+typedef struct order_ctx {
+    atomic_int running;      /* jobs of the queue running right now */
+    atomic_int overlaps;
+    atomic_long ran;
+    long last[PUSHERS];      /* written only by jobs, which never overlap */
+    atomic_int out_of_order;
+    cp_jobq *q;
+} order_ctx;
+
+typedef struct order_job {
+    order_ctx *c;
+    int thread;
+    long seq;
+} order_job;
+
+static void order_run(void *arg)
+{
+    order_job *j = arg;
+    order_ctx *c = j->c;
+    if (atomic_fetch_add(&c->running, 1) != 0)
+        atomic_fetch_add(&c->overlaps, 1);
+    if (cp_jobq_current() != c->q)
+        atomic_fetch_add(&c->overlaps, 1);
+    if (j->seq != c->last[j->thread] + 1)
+        atomic_fetch_add(&c->out_of_order, 1);
+    c->last[j->thread] = j->seq;
+    atomic_fetch_sub(&c->running, 1);
+    atomic_fetch_add(&c->ran, 1);
+    free(j);
+}
+
+static void count_up(void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
+
+typedef struct pusher {
+    order_ctx *c;
+    int index;
+} pusher;
+
+static void *push_thread(void *arg)
+{
+    pusher *p = arg;
+    for (long i = 1; i <= PER_PUSHER; i++) {
+        order_job *j = malloc(sizeof *j);
+        *j = (order_job){p->c, p->index, i};
+        while (cp_jobq_push(p->c->q, order_run, j) == -ENOMEM)
+            cpt_sleep_ms(1);
+    }
+    return NULL;
+}
+
+Test(jobq, pushes_from_four_threads_run_once_in_order_never_two_at_a_time, .timeout = 60)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(0);
+    order_ctx c = {0};
+    for (int i = 0; i < PUSHERS; i++)
+        c.last[i] = 0;
+    cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+    pthread_t th[PUSHERS];
+    pusher p[PUSHERS];
+    for (int i = 0; i < PUSHERS; i++) {
+        p[i] = (pusher){&c, i};
+        pthread_create(&th[i], NULL, push_thread, &p[i]);
+    }
+    for (int i = 0; i < PUSHERS; i++)
+        pthread_join(th[i], NULL);
+    CPT_AWAIT(atomic_load(&c.ran) == PUSHERS * PER_PUSHER, 30000, "ran %ld of %d jobs",
+              atomic_load(&c.ran), PUSHERS * PER_PUSHER);
+    cr_expect_eq(atomic_load(&c.overlaps), 0, "jobs of one queue ran concurrently");
+    cr_expect_eq(atomic_load(&c.out_of_order), 0, "a thread's jobs ran out of push order");
+    for (int i = 0; i < PUSHERS; i++)
+        cr_expect_eq(c.last[i], PER_PUSHER);
+    atomic_int closed = 0;
+    cr_assert_eq(cp_jobq_close(c.q, count_up, &closed), 0);
+    CPT_AWAIT(atomic_load(&closed) == 1, 5000, "on_closed did not run");
+    cp_jobq_unref(c.q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+/* ------------------------------------------------------------------ fairness */
+
+typedef struct spin_ctx {
+    cp_jobq *q;
+    atomic_int stop;
+    atomic_long spins;
+} spin_ctx;
+
+/* A job that keeps its queue busy forever by pushing itself again. */
+static void spin_job(void *arg)
+{
+    spin_ctx *c = arg;
+    uint64_t until = cpt_now_ns() + 200000; /* 0.2 ms of work per job */
+    while (cpt_now_ns() < until)
+        ;
+    atomic_fetch_add(&c->spins, 1);
+    if (!atomic_load(&c->stop))
+        cp_jobq_push(c->q, spin_job, c);
+}
+
+Test(jobq, a_busy_queue_does_not_starve_another, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    /* One worker: fairness must come from the time slice, not from a second
+     * thread picking up the other queue. */
+    cp_port *port = cpt_xport(1);
+    spin_ctx busy = {0};
+    cr_assert_eq(cp_jobq_create(&busy.q, port), 0);
+    cp_jobq_push(busy.q, spin_job, &busy);
+    cpt_sleep_ms(20);
+    cp_jobq *other;
+    cr_assert_eq(cp_jobq_create(&other, port), 0);
+    atomic_int ran = 0;
+    uint64_t t0 = cpt_now_ms();
+    cp_jobq_push(other, count_up, &ran);
+    CPT_AWAIT(atomic_load(&ran) == 1, 2000, "a second queue never ran while the first stayed busy");
+    cr_expect_lt(cpt_now_ms() - t0, 500, "the second queue waited %llu ms", (unsigned long long)(cpt_now_ms() - t0));
+    atomic_store(&busy.stop, 1);
+    atomic_int closed = 0;
+    cp_jobq_close(busy.q, count_up, &closed);
+    cp_jobq_close(other, count_up, &closed);
+    CPT_AWAIT(atomic_load(&closed) == 2, 5000, "queues did not close");
+    cp_jobq_unref(busy.q);
+    cp_jobq_unref(other);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+/* ------------------------------------------------------------------ closing */
+
+typedef struct close_ctx {
+    cp_jobq *q;
+    atomic_int ran, after_close, closed;
+    atomic_int close_seen;
+    atomic_int accepted;
+    atomic_int all_pushed;     /* the test thread finished pushing */
+    atomic_int close_result;   /* what the in-job close and push returned */
+    int close_at;
+} close_ctx;
+
+static void counted_job(void *arg)
+{
+    close_ctx *c = arg;
+    if (atomic_load(&c->closed))
+        atomic_fetch_add(&c->after_close, 1);
+    /* The first job holds the queue until every job is pushed, so the close
+     * below cannot overtake a push of the test thread. */
+    while (!atomic_load(&c->all_pushed))
+        cpt_sleep_us(100);
+    int n = atomic_fetch_add(&c->ran, 1) + 1;
+    if (n == c->close_at) {
+        int r = cp_jobq_close(c->q, NULL, NULL);
+        /* Pushing after close is refused, also from inside the queue. */
+        int p = cp_jobq_push(c->q, counted_job, c);
+        atomic_store(&c->close_result, r == 0 && p == -ESHUTDOWN ? 1 : -1);
+    }
+}
+
+Test(jobq, closing_from_inside_a_job_runs_the_earlier_jobs_and_nothing_after, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(0);
+    close_ctx c = {.close_at = 500};
+    cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+    /* Pushed before the close: all 1000 run (the close marker queues behind them). */
+    for (int i = 0; i < 1000; i++)
+        cr_assert_eq(cp_jobq_push(c.q, counted_job, &c), 0);
+    atomic_store(&c.all_pushed, 1);
+    CPT_AWAIT(atomic_load(&c.ran) == 1000, 10000, "ran %d of 1000", atomic_load(&c.ran));
+    cpt_sleep_ms(50);
+    cr_expect_eq(atomic_load(&c.ran), 1000);
+    cr_expect_eq(atomic_load(&c.close_result), 1, "close inside a job failed or a later push was accepted");
+    cr_expect_eq(atomic_load(&c.after_close), 0);
+    cp_jobq_unref(c.q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+static void *close_pusher(void *arg)
+{
+    close_ctx *c = arg;
+    /* Push until the close is seen (bounded, in case it never comes). */
+    for (int i = 0; i < 5000000; i++) {
+        int r = cp_jobq_push(c->q, counted_job, c);
+        if (r == 0)
+            atomic_fetch_add(&c->accepted, 1);
+        if (r == -ESHUTDOWN) {
+            atomic_fetch_add(&c->close_seen, 1);
+            break;
+        }
+    }
+    return NULL;
+}
+
+static void on_closed_under_load(void *arg) { atomic_store(&((close_ctx *)arg)->closed, 1); }
+
+Test(jobq, closing_under_load_loses_no_accepted_job, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(0);
+    close_ctx c = {.close_at = -1, .all_pushed = 1};
+    cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+    pthread_t th[3];
+    for (int i = 0; i < 3; i++)
+        pthread_create(&th[i], NULL, close_pusher, &c);
+    cpt_sleep_ms(2);
+    cr_assert_eq(cp_jobq_close(c.q, on_closed_under_load, &c), 0);
+    for (int i = 0; i < 3; i++)
+        pthread_join(th[i], NULL);
+    CPT_AWAIT(atomic_load(&c.closed) == 1, 10000, "on_closed never ran");
+    /* Every push that returned 0 ran before on_closed; nothing ran after. */
+    cr_expect_eq(atomic_load(&c.ran), atomic_load(&c.accepted), "ran %d, accepted %d",
+                 atomic_load(&c.ran), atomic_load(&c.accepted));
+    cr_expect_eq(atomic_load(&c.close_seen), 3, "%d of 3 pushers saw the close", atomic_load(&c.close_seen));
+    cr_expect_eq(atomic_load(&c.after_close), 0);
+    cp_jobq_unref(c.q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}

@@ -1,0 +1,206 @@
+/*
+ * The listener: binding (port 0, in-use ports, any address, IPv6), keeping
+ * accepts pending under bursts, max_sessions, restart on the same port.
+ */
+#include "helpers.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+Test(listener, port_zero_picks_a_free_port, .timeout = 10)
+{
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, NULL, 4, 0);
+    cr_assert_neq(e.sport, 0);
+    cpt_env_xneighbour(&e);
+    cpt_env_stop(&e);
+}
+
+/* A port held by another socket: -EADDRINUSE, and nothing is left behind. */
+Test(listener, port_in_use_is_reported, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    cr_assert_eq(bind(lfd, (struct sockaddr *)&a, sizeof a), 0);
+    cr_assert_eq(listen(lfd, 4), 0);
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(1);
+    cp_handlers h = cpt_track_handlers();
+    cp_service *svc = NULL;
+    cp_server_opts o = { .host = CPT_HOST4, .port = cpt_local_port(lfd) };
+    int rc = cp_server_start(&svc, p, &o, &h, NULL);
+    cr_assert_eq(rc, -EADDRINUSE, "start on a used port: %d (%s)", rc, cp_strerror(rc));
+    cpt_xport_destroy(p); /* no service was left registered on the port */
+    cpt_leak_end(&leak);
+    close(lfd);
+}
+
+/* Two cport servers on one port: the second is refused (no silent sharing). */
+Test(listener, second_server_on_same_port_is_refused, .timeout = 10)
+{
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, NULL, 4, 0);
+    cp_handlers h = cpt_track_handlers();
+    cp_service *svc = NULL;
+    cp_server_opts o = { .host = CPT_HOST4, .port = e.sport };
+    int rc = cp_server_start(&svc, e.port, &o, &h, e.t);
+    cr_assert_eq(rc, -EADDRINUSE, "second server on port %u: %d (%s)", e.sport, rc, cp_strerror(rc));
+    cpt_env_xneighbour(&e);
+    cpt_env_stop(&e);
+}
+
+Test(listener, bad_host_is_refused, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(1);
+    cp_handlers h = cpt_track_handlers();
+    cp_service *svc = NULL;
+    cp_server_opts o = { .host = "300.1.2.3" };
+    cr_assert_lt(cp_server_start(&svc, p, &o, &h, NULL), 0);
+    o.host = "192.0.2.1"; /* TEST-NET: not an address of this machine */
+    cr_assert_lt(cp_server_start(&svc, p, &o, &h, NULL), 0);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+/* A burst of 500 connects with only 2 accepts kept pending and a small
+ * backlog retried by the kernel: every one is accepted and served. */
+Test(listener, burst_of_connects_with_few_pending_accepts, .timeout = 60)
+{
+    enum { N = 500 };
+    cpt_raise_nofile(4 * N);
+    cp_server_opts o = { .accepts = 2, .backlog = 64 };
+    cpt_env e;
+    cpt_env_start(&e, 2, &o, NULL, N + 4, 0);
+    int *fds = malloc(N * sizeof *fds);
+    for (int i = 0; i < N; i++) {
+        fds[i] = cpt_connect(CPT_HOST4, e.sport, 0);
+        cr_assert_geq(fds[i], 0, "connect #%d: %s", i, strerror(-fds[i]));
+    }
+    CPT_AWAIT(atomic_load(&e.t->connected) == N, 10000, "%d of %d accepted", atomic_load(&e.t->connected), N);
+    for (int i = 0; i < N; i += 25) {
+        cpt_xsend_packet(fds[i], 3, &i, sizeof i);
+        cpt_xrecv_packet_eq(fds[i], 3, &i, sizeof i);
+    }
+    cpt_xsettle(e.svc, e.t);
+    cr_assert_eq(cpt_stats(e.svc).sessions, (uint64_t)N);
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    free(fds);
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == N, 10000, "not all disconnected");
+    cpt_env_stop(&e);
+}
+
+/* max_sessions: connections beyond it are closed at once and counted as
+ * rejected; when a session leaves, a new one is accepted again. */
+Test(listener, max_sessions_enforced, .timeout = 30)
+{
+    enum { MAX = 5, EXTRA = 3 };
+    cp_server_opts o = { .max_sessions = MAX };
+    cpt_env e;
+    cpt_env_start(&e, 2, &o, NULL, MAX + EXTRA + 4, 0);
+    int fds[MAX];
+    for (int i = 0; i < MAX; i++)
+        fds[i] = cpt_xconnect(e.sport);
+    CPT_AWAIT(atomic_load(&e.t->connected) == MAX, 5000, "first %d not connected", MAX);
+    int extra[EXTRA];
+    for (int i = 0; i < EXTRA; i++) {
+        extra[i] = cpt_xconnect(e.sport);
+        cpt_xclosed(extra[i], 3000);
+        close(extra[i]);
+    }
+    CPT_AWAIT(cpt_stats(e.svc).rejected == EXTRA, 2000, "rejected %llu, expected %d",
+              (unsigned long long)cpt_stats(e.svc).rejected, EXTRA);
+    cr_assert_eq(atomic_load(&e.t->connected), MAX, "on_connected ran for a rejected connection");
+    for (int i = 0; i < MAX; i++) { /* the admitted ones are unaffected */
+        cpt_xsend_packet(fds[i], 1, "in", 2);
+        cpt_xrecv_packet_eq(fds[i], 1, "in", 2);
+    }
+    close(fds[0]);
+    CPT_AWAIT(cpt_stats(e.svc).sessions == MAX - 1, 5000, "the closed session did not leave");
+    fds[0] = cpt_xconnect(e.sport);
+    cpt_xsend_packet(fds[0], 2, "again", 5);
+    cpt_xrecv_packet_eq(fds[0], 2, "again", 5);
+    cr_assert_eq(cpt_stats(e.svc).rejected, EXTRA);
+    for (int i = 0; i < MAX; i++)
+        close(fds[i]);
+    cpt_env_stop(&e);
+}
+
+/* Stopping a server closes the listening socket: new connects are refused.
+ * Starting again on the same port works at once, even with the previous
+ * server's connections in TIME_WAIT (the server closed them first). */
+Test(listener, stop_then_restart_on_same_port, .timeout = 30)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    cp_handlers h = cpt_track_handlers();
+    uint16_t port = 0;
+    for (int round = 0; round < 5; round++) {
+        cpt_track *t = cpt_track_new(16);
+        t->echo = true;
+        cp_server_opts o = { .host = CPT_HOST4, .port = port };
+        cp_service *svc = cpt_xserver(p, &o, &h, t);
+        if (round == 0)
+            port = cp_service_port(svc);
+        cr_assert_eq(cp_service_port(svc), port);
+        int fds[8];
+        for (int i = 0; i < 8; i++) {
+            fds[i] = cpt_xconnect(port);
+            cpt_xsend_packet(fds[i], 1, "r", 1);
+            cpt_xrecv_packet_eq(fds[i], 1, "r", 1);
+        }
+        cpt_xstop(svc); /* the server closes first: its side goes to TIME_WAIT */
+        cpt_track_stopped(t);
+        for (int i = 0; i < 8; i++) {
+            cpt_xclosed(fds[i], 3000);
+            close(fds[i]);
+        }
+        int fd = cpt_connect(CPT_HOST4, port, 0);
+        cr_assert_eq(fd, -ECONNREFUSED, "connect after stop: %d", fd);
+        cpt_track_xcheck(t);
+        cpt_track_free(t);
+    }
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+/* Several servers on one port object, each with its own sessions. */
+Test(listener, several_servers_on_one_port, .timeout = 20)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    cp_handlers h = cpt_track_handlers();
+    cpt_track *t[4];
+    cp_service *s[4];
+    for (int i = 0; i < 4; i++) {
+        t[i] = cpt_track_new(8);
+        t[i]->echo = true;
+        s[i] = cpt_xserver(p, NULL, &h, t[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        int fd = cpt_xconnect(cp_service_port(s[i]));
+        cpt_xsend_packet(fd, (uint16_t)i, "s", 1);
+        cpt_xrecv_packet_eq(fd, (uint16_t)i, "s", 1);
+        close(fd);
+    }
+    for (int i = 0; i < 4; i++) {
+        CPT_AWAIT(atomic_load(&t[i]->disconnected) == 1, 5000, "server %d", i);
+        cpt_xstop(s[i]);
+        cpt_track_stopped(t[i]);
+        cpt_track_xcheck(t[i]);
+        cr_assert_eq(atomic_load(&t[i]->connected), 1, "server %d saw another server's session", i);
+        cpt_track_free(t[i]);
+    }
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}

@@ -1,0 +1,369 @@
+/*
+ * The completion port: creation with each option, the backend choice, worker
+ * counts, cp_port_post from many threads, destroy rules, logging, names.
+ */
+#include "helpers.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+Test(port, create_with_null_opts_uses_one_worker_per_cpu, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = NULL;
+    int rc = cp_port_create(&p, NULL);
+    cr_assert_eq(rc, 0, "cp_port_create(NULL opts): %s", cp_strerror(rc));
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    cr_assert_eq(cp_port_workers(p), (int)cpus, "%d workers on %ld CPUs", cp_port_workers(p), cpus);
+    const char *name = cp_port_backend_name(p);
+    cr_assert(name && *name);
+    const char *env = getenv("CP_BACKEND");
+    if (env && *env)
+        cr_assert(strstr(name, env), "AUTO with CP_BACKEND=%s chose %s", env, name);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+Test(port, explicit_worker_count_and_backend, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    for (int w = 1; w <= 5; w += 2) {
+        cp_port *p = cpt_xport(w);
+        cr_assert_eq(cp_port_workers(p), w);
+        cpt_xport_destroy(p);
+    }
+    cpt_leak_end(&leak);
+}
+
+Test(port, epoll_backend_on_request, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = NULL;
+    cp_port_opts o = { .workers = 2, .backend = CP_BACKEND_EPOLL };
+    cr_assert_eq(cp_port_create(&p, &o), 0);
+    cr_assert_str_eq(cp_port_backend_name(p), "epoll");
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+/* A backend that cannot exist here is refused with -ENOTSUP, not faked. */
+Test(port, unavailable_backend_is_refused, .timeout = 10)
+{
+#ifndef _WIN32
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = NULL;
+    cp_port_opts o = { .workers = 1, .backend = CP_BACKEND_IOCP };
+    int rc = cp_port_create(&p, &o);
+    cr_assert_eq(rc, -ENOTSUP, "IOCP on Linux: %d (%s)", rc, cp_strerror(rc));
+    cpt_leak_end(&leak);
+#endif
+}
+
+Test(port, many_ports_created_and_destroyed_leak_nothing, .timeout = 30)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    for (int i = 0; i < 50; i++) {
+        cp_port *p = cpt_xport(2);
+        cpt_xport_destroy(p);
+    }
+    cp_port *ps[8];
+    for (int i = 0; i < 8; i++)
+        ps[i] = cpt_xport(2);
+    for (int i = 0; i < 8; i++)
+        cpt_xport_destroy(ps[i]);
+    cpt_leak_end(&leak);
+}
+
+/* ------------------------------------------------------------------ post */
+
+enum { POSTERS = 8, PER_POSTER = 20000 };
+
+typedef struct post_ctx {
+    cp_port *port;
+    pthread_t main;
+    atomic_int ran;
+    atomic_int on_main;
+    atomic_uchar *seen;
+    atomic_int twice;
+    atomic_int post_errors;
+} post_ctx;
+
+typedef struct post_item {
+    post_ctx *c;
+    int idx;
+} post_item;
+
+static post_item *g_items;
+
+static void post_fn(void *arg)
+{
+    post_item *it = arg;
+    post_ctx *c = it->c;
+    if (pthread_equal(pthread_self(), c->main))
+        atomic_fetch_add(&c->on_main, 1);
+    if (atomic_fetch_add(&c->seen[it->idx], 1) != 0)
+        atomic_fetch_add(&c->twice, 1);
+    atomic_fetch_add(&c->ran, 1);
+}
+
+typedef struct poster {
+    post_ctx *c;
+    int first;
+} poster;
+
+static void *poster_main(void *arg)
+{
+    poster *p = arg;
+    for (int i = 0; i < PER_POSTER; i++) {
+        int idx = p->first + i;
+        if (cp_port_post(p->c->port, post_fn, &g_items[idx]) != 0)
+            atomic_fetch_add(&p->c->post_errors, 1);
+    }
+    return NULL;
+}
+
+/* cp_port_post from 8 threads at once: every function runs exactly once, on
+ * a worker (never on the posting thread). */
+Test(port, post_from_many_threads_runs_each_once_on_workers, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    post_ctx *c = calloc(1, sizeof *c);
+    c->port = cpt_xport(3);
+    c->main = pthread_self();
+    c->seen = calloc(POSTERS * PER_POSTER, sizeof *c->seen);
+    g_items = calloc(POSTERS * PER_POSTER, sizeof *g_items);
+    for (int i = 0; i < POSTERS * PER_POSTER; i++)
+        g_items[i] = (post_item){ .c = c, .idx = i };
+    pthread_t th[POSTERS];
+    poster ps[POSTERS];
+    for (int i = 0; i < POSTERS; i++) {
+        ps[i] = (poster){ .c = c, .first = i * PER_POSTER };
+        cr_assert_eq(pthread_create(&th[i], NULL, poster_main, &ps[i]), 0);
+    }
+    for (int i = 0; i < POSTERS; i++)
+        pthread_join(th[i], NULL);
+    cr_assert_eq(atomic_load(&c->post_errors), 0);
+    CPT_AWAIT(atomic_load(&c->ran) == POSTERS * PER_POSTER, 20000, "%d of %d posted functions ran",
+              atomic_load(&c->ran), POSTERS * PER_POSTER);
+    cpt_sleep_ms(20);
+    cr_assert_eq(atomic_load(&c->ran), POSTERS * PER_POSTER, "a posted function ran more than once");
+    cr_assert_eq(atomic_load(&c->twice), 0);
+    cr_assert_eq(atomic_load(&c->on_main), 0, "a posted function ran on the posting thread");
+    cpt_xport_destroy(c->port);
+    free(c->seen);
+    free(g_items);
+    free(c);
+    cpt_leak_end(&leak);
+}
+
+typedef struct chain {
+    cp_port *port;
+    atomic_int left;
+    atomic_int errors;
+} chain;
+
+static void chain_fn(void *arg)
+{
+    chain *ch = arg;
+    if (atomic_fetch_sub(&ch->left, 1) > 1 && cp_port_post(ch->port, chain_fn, ch) != 0)
+        atomic_fetch_add(&ch->errors, 1);
+}
+
+/* A posted function posts the next one (from a worker): 10000 links. */
+Test(port, post_from_a_worker, .timeout = 30)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    chain ch = { .port = cpt_xport(2) };
+    atomic_store(&ch.left, 10000);
+    cr_assert_eq(cp_port_post(ch.port, chain_fn, &ch), 0);
+    CPT_AWAIT(atomic_load(&ch.left) == 0, 10000, "the chain stopped with %d links left", atomic_load(&ch.left));
+    cr_assert_eq(atomic_load(&ch.errors), 0);
+    cpt_xport_destroy(ch.port);
+    cpt_leak_end(&leak);
+}
+
+typedef struct blocker {
+    atomic_int started, release, done;
+} blocker;
+
+static void block_fn(void *arg)
+{
+    blocker *b = arg;
+    atomic_fetch_add(&b->started, 1);
+    while (!atomic_load(&b->release))
+        cpt_sleep_ms(1);
+    atomic_fetch_add(&b->done, 1);
+}
+
+/* Workers really are separate threads: with 4 workers, 4 posted functions that
+ * wait for each other all run at the same time. */
+Test(port, workers_run_posted_work_in_parallel, .timeout = 30)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(4);
+    blocker b = { 0 };
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(cp_port_post(p, block_fn, &b), 0);
+    bool all = false;
+    CPT_WAIT(all, atomic_load(&b.started) == 4, 5000);
+    atomic_store(&b.release, 1);
+    CPT_AWAIT(atomic_load(&b.done) == 4, 5000, "posted functions did not finish");
+    cr_assert(all, "only %d of 4 posted functions ran at once on 4 workers", atomic_load(&b.started));
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+/* Work posted before destroy either runs before it returns or not at all;
+ * nothing runs after cp_port_destroy returned. */
+typedef struct late {
+    atomic_int ran;
+} late;
+
+static void late_fn(void *arg)
+{
+    late *l = arg;
+    cpt_sleep_us(50);
+    atomic_fetch_add(&l->ran, 1);
+}
+
+Test(port, destroy_with_pending_posts, .timeout = 30)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    late l = { 0 };
+    cp_port *p = cpt_xport(2);
+    for (int i = 0; i < 5000; i++)
+        cr_assert_eq(cp_port_post(p, late_fn, &l), 0);
+    cpt_xport_destroy(p);
+    int n = atomic_load(&l.ran);
+    cpt_sleep_ms(50);
+    cr_assert_eq(atomic_load(&l.ran), n, "posted functions ran after cp_port_destroy returned");
+    cpt_leak_end(&leak);
+}
+
+typedef struct destroy_from_worker {
+    cp_port *port;
+    atomic_int rc, done;
+} destroy_from_worker;
+
+static void destroy_self(void *arg)
+{
+    destroy_from_worker *d = arg;
+    atomic_store(&d->rc, cp_port_destroy(d->port));
+    atomic_store(&d->done, 1);
+}
+
+Test(port, destroy_from_a_worker_is_refused, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    destroy_from_worker d = { .port = cpt_xport(2) };
+    cr_assert_eq(cp_port_post(d.port, destroy_self, &d), 0);
+    CPT_AWAIT(atomic_load(&d.done), 5000, "posted function did not run");
+    cr_assert_eq(atomic_load(&d.rc), -EDEADLK);
+    /* The port still works. */
+    chain ch = { .port = d.port };
+    atomic_store(&ch.left, 10);
+    cr_assert_eq(cp_port_post(d.port, chain_fn, &ch), 0);
+    CPT_AWAIT(atomic_load(&ch.left) == 0, 5000, "the port stopped working");
+    cpt_xport_destroy(d.port);
+    cpt_leak_end(&leak);
+}
+
+Test(port, destroy_with_a_live_service_is_refused, .timeout = 10)
+{
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, NULL, 4, 0);
+    cr_assert_eq(cp_port_destroy(e.port), -EBUSY);
+    cpt_env_xneighbour(&e); /* nothing was freed */
+    cpt_env_stop(&e);
+}
+
+/* ------------------------------------------------------------------ logging and names */
+
+static atomic_int g_logs, g_bad_logs;
+
+static void log_sink(cp_log_level level, const char *msg, void *ud)
+{
+    if (ud != &g_logs || !msg || (int)level < CP_LOG_DEBUG || (int)level > CP_LOG_ERROR)
+        atomic_fetch_add(&g_bad_logs, 1);
+    atomic_fetch_add(&g_logs, 1);
+}
+
+/* A log sink receives well-formed messages with its user data; removing it
+ * stops delivery. The library never prints by itself (nothing on stdout). */
+Test(port, log_sink_install_and_remove, .timeout = 20)
+{
+    cp_set_log(log_sink, &g_logs);
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, NULL, 4, 0);
+    cpt_env_xneighbour(&e);
+    cpt_env_stop(&e);
+    cr_assert_eq(atomic_load(&g_bad_logs), 0, "a log message was malformed");
+    cp_set_log(NULL, NULL);
+    int n = atomic_load(&g_logs);
+    cpt_env_start(&e, 2, NULL, NULL, 4, 0);
+    cpt_env_xneighbour(&e);
+    cpt_env_stop(&e);
+    cr_assert_eq(atomic_load(&g_logs), n, "messages reached a removed sink");
+}
+
+Test(port, strerror_and_reason_names, .timeout = 10)
+{
+    int codes[] = { 0, -ENOTCONN, -EBUSY, -EDEADLK, -ESHUTDOWN, -ENOTSUP, -EADDRINUSE, -ENOMEM, -EINVAL, -EEXIST,
+                    -ENOENT, -12345 };
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+        const char *s = cp_strerror(codes[i]);
+        cr_assert(s && *s, "cp_strerror(%d)", codes[i]);
+    }
+    cr_assert_str_neq(cp_strerror(-EADDRINUSE), cp_strerror(-ENOTCONN));
+    for (int r = 0; r < CP_REASON_COUNT_; r++) {
+        const char *s = cp_reason_str((cp_reason)r);
+        cr_assert(s && *s, "reason %d", r);
+    }
+    cr_assert_str_neq(cp_reason_str(CP_REASON_SEND_OVERFLOW), cp_reason_str(CP_REASON_TOO_BIG));
+}
+
+/* Creating and destroying a port must not disturb the calling thread: a
+ * blocking receive with a 300 ms timeout right afterwards times out
+ * (EAGAIN) instead of failing with EINTR. (Tearing down an io_uring ring on
+ * the caller's thread queues kernel task work that interrupts the caller's
+ * next blocking system call.) */
+static int timed_recv_errno(void)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
+        return -1;
+    cpt_set_rcvtimeo(sv[0], 300);
+    char c;
+    ssize_t n = recv(sv[0], &c, 1, 0);
+    int err = n < 0 ? errno : 0;
+    close(sv[0]);
+    close(sv[1]);
+    return err;
+}
+
+Test(port, create_and_destroy_do_not_interrupt_the_caller, .timeout = 20)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    int after_create = timed_recv_errno();
+    cpt_xport_destroy(p);
+    int after_destroy = timed_recv_errno();
+    cr_assert_eq(after_create, EAGAIN, "blocking recv after cp_port_create failed with %s", strerror(after_create));
+    cr_assert_eq(after_destroy, EAGAIN, "blocking recv after cp_port_destroy failed with %s", strerror(after_destroy));
+    cpt_leak_end(&leak);
+}

@@ -29,7 +29,7 @@ int main(void)
         fprintf(stderr, "echo_server: %s\n", cp_strerror(rc));
         return 1;
     }
-    printf("echo server on port %u, Ctrl-C stops it\n", cp_service_port(svc));
+    fprintf(stderr, "echo server on port %u, Ctrl-C stops it\n", cp_service_port(svc));
 
     int sig;
     sigwait(&stop, &sig);

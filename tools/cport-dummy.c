@@ -19,6 +19,12 @@
  * send rate. cp_port_post would add a hop and run on an arbitrary worker, so it
  * would buy no serialization either. Only ping-pong (--rate 0) sends from the
  * workers, because there the next message depends on the previous echo.
+ *
+ * Joining (chat). A client sees its connect complete before the server has
+ * accepted it and put it into the room, so "all connected" is not "all in the
+ * room". Each session therefore sends one hello packet (id 1000) on connect;
+ * the server broadcasts it like any packet, and a session counts as ready when
+ * its own hello comes back. Chat packets (id 1004) start once all are ready.
  */
 #include "common.h"
 
@@ -145,8 +151,9 @@ typedef struct session_slot {
     uint32_t index;
     atomic_bool alive;     /* on_connected ran, on_disconnected not yet */
     atomic_bool ready;     /* may be sent to (chat: own hello came back) */
-    /* Messages handed to cp_session_send. The sequence number is taken with
-     * fetch_add before sending, so an echo can never outrun the count. */
+    /* Messages handed to cp_session_send. echo/packet count before sending
+     * (and take it back if the send fails), so an echo can never outrun the
+     * count; chat, sent by the main thread only, counts after success. */
     atomic_uint_fast32_t sent;
     atomic_uint_fast64_t received; /* verified echoes / chat deliveries */
     uint32_t echo_seq;     /* (cb) echo/packet: next message expected back */
@@ -163,7 +170,6 @@ typedef struct dummy_state {
     atomic_uint_fast64_t *send_ring; /* backing store of every slot's send_ns */
 
     atomic_uint next_index;         /* slot handed to the next on_connected */
-    atomic_uint connected;          /* on_connected so far */
     atomic_uint ready;              /* slots marked ready */
     atomic_bool sending;            /* ping-pong may send its next message */
     atomic_bool stopping;           /* we are stopping: disconnects are expected */
@@ -399,7 +405,6 @@ static void on_connected(cp_session *s)
 {
     dummy_state *st = cp_session_ctx(s);
     unsigned idx = atomic_fetch_add(&st->next_index, 1);
-    atomic_fetch_add(&st->connected, 1);
     if (idx >= st->cfg.sessions) { /* more sessions than asked for: not ours to use */
         cp_session_disconnect(s);
         return;
@@ -814,7 +819,7 @@ static bool wait_for_signal(const sigset_t *set, uint64_t timeout_ns)
                            .tv_nsec = (long)(timeout_ns % 1000000000u) };
     int sig = sigtimedwait(set, NULL, &ts);
     if (sig > 0) {
-        fprintf(stderr, "%s: %s received, finishing early\n", prog, strsignal(sig));
+        fprintf(stderr, "%s: %s received, finishing early\n", prog, sig == SIGINT ? "SIGINT" : "SIGTERM");
         return true;
     }
     return false;
@@ -1020,6 +1025,74 @@ static void print_reasons(dummy_state *st)
     }
 }
 
+/* The client service's options for this run. */
+static cp_client_opts client_options(const dummy_config *cfg)
+{
+    size_t packet_bytes = CP_PACKET_HEADER + (size_t)cfg->size;
+    /* Room for a full echo window of our own messages, between the 1 MiB
+     * default and 64 MiB: a server that cannot keep up with more than that
+     * shows as a send-overflow disconnect, which fails the run. */
+    size_t send_queue_limit = packet_bytes * ECHO_WINDOW;
+    if (send_queue_limit < ((size_t)1 << 20))
+        send_queue_limit = (size_t)1 << 20;
+    if (send_queue_limit > ((size_t)64 << 20))
+        send_queue_limit = (size_t)64 << 20;
+    return (cp_client_opts){
+        .host = cfg->host,
+        .port = cfg->port,
+        .sessions = cfg->sessions,
+        .session = {
+            .framing = cfg->mode == MODE_ECHO ? CP_FRAMING_RAW : CP_FRAMING_PACKET,
+            /* Room for our own packets (raw framing ignores it; 0 = default). */
+            .max_packet = cfg->mode != MODE_ECHO && packet_bytes > 4096 ? (uint32_t)packet_bytes : 0,
+            .send_queue_limit = send_queue_limit,
+        },
+    };
+}
+
+/* Prints the human summary (stderr) and the RESULT line (stdout). Called
+ * after the service stopped. Returns nonzero if the run failed. */
+static int report(dummy_state *st, int shutdown_errors, double secs, bool completed)
+{
+    verdict v = judge(st);
+    uint64_t lat[HIST_BUCKETS];
+    hist_snapshot(st, lat);
+    double p50 = (double)hist_percentile(lat, 0.50) / 1e6;
+    double p99 = (double)hist_percentile(lat, 0.99) / 1e6;
+    double pmax = (double)hist_max(lat) / 1e6;
+    uint32_t ready = atomic_load(&st->ready);
+    /* A failed connect also leaves a session not ready: count it once. */
+    uint64_t not_ready = st->cfg.sessions - ready;
+    uint64_t connect_errors = not_ready > get(&st->connect_failed) ? not_ready : get(&st->connect_failed);
+    uint64_t errors = v.lost + get(&st->out_of_order) + get(&st->corrupt) + connect_errors +
+                      get(&st->disconnects) +
+                      get(&st->send_errors) + (uint64_t)shutdown_errors;
+
+    fprintf(stderr, "%s: %s %s: %u/%u sessions, %.1fs of sending, sent=%llu received=%llu "
+            "expected=%llu (%.0f/s in), latency p50=%.3fms p99=%.3fms max=%.3fms, errors=%llu%s\n",
+            prog, mode_names[st->cfg.mode], errors == 0 ? "PASSED" : "FAILED", ready, st->cfg.sessions,
+            secs, (unsigned long long)v.sent, (unsigned long long)v.received,
+            (unsigned long long)v.expected, secs > 0 ? (double)v.received / secs : 0.0, p50, p99,
+            pmax, (unsigned long long)errors, completed ? "" : " (run cut short)");
+    if (get(&st->disconnects) != 0)
+        print_reasons(st);
+    if (get(&st->window_full) != 0)
+        fprintf(stderr, "%s: note: %llu sends skipped, %u messages were already in flight\n", prog,
+                (unsigned long long)get(&st->window_full), ECHO_WINDOW);
+    printf("RESULT mode=%s sessions=%u connected=%u sent=%llu received=%llu expected=%llu "
+           "lost=%llu out_of_order=%llu corrupt=%llu p50_ms=%.3f p99_ms=%.3f max_ms=%.3f "
+           "connect_failed=%llu disconnects=%llu send_errors=%llu errors=%llu status=%s\n",
+           mode_names[st->cfg.mode], st->cfg.sessions, ready, (unsigned long long)v.sent,
+           (unsigned long long)v.received, (unsigned long long)v.expected,
+           (unsigned long long)v.lost, (unsigned long long)get(&st->out_of_order),
+           (unsigned long long)get(&st->corrupt), p50, p99, pmax,
+           (unsigned long long)get(&st->connect_failed), (unsigned long long)get(&st->disconnects),
+           (unsigned long long)get(&st->send_errors), (unsigned long long)errors,
+           errors == 0 ? "ok" : "fail");
+    fflush(stdout);
+    return errors != 0;
+}
+
 int main(int argc, char **argv)
 {
     static dummy_state state; /* static: zeroed atomics */
@@ -1060,26 +1133,7 @@ int main(int argc, char **argv)
     case MODE_PACKET: handlers.on_packet = packet_on_packet; break;
     case MODE_CHAT: handlers.on_packet = chat_on_packet; break;
     }
-    size_t packet_bytes = CP_PACKET_HEADER + (size_t)cfg->size;
-    /* Room for a full echo window of our own messages, between the 1 MiB
-     * default and 64 MiB: a server that cannot keep up with more than that
-     * shows as a send-overflow disconnect, which fails the run. */
-    size_t send_queue_limit = packet_bytes * ECHO_WINDOW;
-    if (send_queue_limit < ((size_t)1 << 20))
-        send_queue_limit = (size_t)1 << 20;
-    if (send_queue_limit > ((size_t)64 << 20))
-        send_queue_limit = (size_t)64 << 20;
-    cp_client_opts opts = {
-        .host = cfg->host,
-        .port = cfg->port,
-        .sessions = cfg->sessions,
-        .session = {
-            .framing = cfg->mode == MODE_ECHO ? CP_FRAMING_RAW : CP_FRAMING_PACKET,
-            /* Room for our own packets (raw framing ignores it; 0 = default). */
-            .max_packet = cfg->mode != MODE_ECHO && packet_bytes > 4096 ? (uint32_t)packet_bytes : 0,
-            .send_queue_limit = send_queue_limit,
-        },
-    };
+    cp_client_opts opts = client_options(cfg);
 
     uint64_t hist_bufs[3][HIST_BUCKETS];
     progress prog_state = { .started_ns = tool_now_ns(),
@@ -1131,43 +1185,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s: cp_port_destroy: %s\n", prog, cp_strerror(rc2));
     cp_set_log(NULL, NULL);
 
-    verdict v = judge(st);
-    uint64_t lat[HIST_BUCKETS];
-    hist_snapshot(st, lat);
-    double p50 = (double)hist_percentile(lat, 0.50) / 1e6;
-    double p99 = (double)hist_percentile(lat, 0.99) / 1e6;
-    double pmax = (double)hist_max(lat) / 1e6;
-    uint32_t ready = atomic_load(&st->ready);
-    /* A failed connect also leaves a session not ready: count it once. */
-    uint64_t not_ready = cfg->sessions - ready;
-    uint64_t connect_errors = not_ready > get(&st->connect_failed) ? not_ready : get(&st->connect_failed);
-    uint64_t errors = v.lost + get(&st->out_of_order) + get(&st->corrupt) + connect_errors +
-                      get(&st->disconnects) +
-                      get(&st->send_errors) + (rc != 0) + (rc2 != 0);
     double secs = send_ended > send_started ? (double)(send_ended - send_started) / 1e9 : 0;
-
-    fprintf(stderr, "%s: %s %s: %u/%u sessions, %.1fs of sending, sent=%llu received=%llu "
-            "expected=%llu (%.0f/s in), latency p50=%.3fms p99=%.3fms max=%.3fms, errors=%llu%s\n",
-            prog, mode_names[cfg->mode], errors == 0 ? "PASSED" : "FAILED", ready, cfg->sessions,
-            secs, (unsigned long long)v.sent, (unsigned long long)v.received,
-            (unsigned long long)v.expected, secs > 0 ? (double)v.received / secs : 0.0, p50, p99,
-            pmax, (unsigned long long)errors, completed ? "" : " (run cut short)");
-    if (get(&st->disconnects) != 0)
-        print_reasons(st);
-    if (get(&st->window_full) != 0)
-        fprintf(stderr, "%s: note: %llu sends skipped, %u messages were already in flight\n", prog,
-                (unsigned long long)get(&st->window_full), ECHO_WINDOW);
-    printf("RESULT mode=%s sessions=%u connected=%u sent=%llu received=%llu expected=%llu "
-           "lost=%llu out_of_order=%llu corrupt=%llu p50_ms=%.3f p99_ms=%.3f max_ms=%.3f "
-           "connect_failed=%llu disconnects=%llu send_errors=%llu errors=%llu status=%s\n",
-           mode_names[cfg->mode], cfg->sessions, ready, (unsigned long long)v.sent,
-           (unsigned long long)v.received, (unsigned long long)v.expected,
-           (unsigned long long)v.lost, (unsigned long long)get(&st->out_of_order),
-           (unsigned long long)get(&st->corrupt), p50, p99, pmax,
-           (unsigned long long)get(&st->connect_failed), (unsigned long long)get(&st->disconnects),
-           (unsigned long long)get(&st->send_errors), (unsigned long long)errors,
-           errors == 0 ? "ok" : "fail");
-    fflush(stdout);
+    int failed = report(st, (rc != 0) + (rc2 != 0), secs, completed);
     free_state(st);
-    return errors == 0 ? 0 : 1;
+    return failed ? 1 : 0;
 }

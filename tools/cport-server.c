@@ -320,7 +320,7 @@ int main(int argc, char **argv)
     int sig = 0;
     while (sigwait(&stop_signals, &sig) != 0)
         ;
-    fprintf(stderr, "%s: %s received, stopping\n", prog, strsignal(sig));
+    fprintf(stderr, "%s: %s received, stopping\n", prog, sig == SIGINT ? "SIGINT" : "SIGTERM");
 
     /* Library counters (bytes, packets, rejected) are read before the stop
      * frees the service; the few bytes that arrive during the stop are not

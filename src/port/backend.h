@@ -66,9 +66,6 @@ typedef struct cp_backend_ops {
     int (*poll)(cp_worker *w, int timeout_ms);
     /* True while the backend has work that must not wait (no blocking poll). */
     int (*busy)(cp_worker *w);
-    /* Optional: hands prepared operations to the kernel now (io_uring),
-     * so that a long round does not hold its sends back until it ends. */
-    void (*kick)(cp_worker *w);
     /* Makes a worker blocked in poll() return. Any thread. */
     void (*wake)(cp_worker *w);
     /* Starts watching h->fd on this worker. */

@@ -89,13 +89,6 @@ static bool inbox_drain(cp_worker *w)
             rev->m[i].fn(w, rev->m[i].a, rev->m[i].b);
         free(rev);
         rev = next;
-        /* A burst of broadcasts can fill many blocks: let the bytes queued so
-         * far start moving before the next block piles more on. */
-        if (rev && w->dirty && cp__self == w) {
-            cp__session_flush_dirty(w);
-            if (w->port->be->kick)
-                w->port->be->kick(w);
-        }
     }
     return true;
 }

@@ -462,14 +462,6 @@ static int ur_busy(cp_worker *w)
     return io_uring_cq_ready(&st->ring) > 0;
 }
 
-/* Starts what the round prepared (sends, mostly) without waiting. */
-static void ur_kick(cp_worker *w)
-{
-    ur_state *st = w->be;
-    if (io_uring_sq_ready(&st->ring))
-        io_uring_submit(&st->ring);
-}
-
 const cp_backend_ops cp__uring_backend = {
     .name = "io_uring",
     .init = ur_init,
@@ -478,7 +470,6 @@ const cp_backend_ops cp__uring_backend = {
     .thread_fini = ur_thread_fini,
     .poll = ur_poll,
     .busy = ur_busy,
-    .kick = ur_kick,
     .wake = ur_wake,
     .attach = ur_attach,
     .accept = ur_accept,

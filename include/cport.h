@@ -294,8 +294,11 @@ CP_API void cp_session_ref(cp_session *s);
 CP_API void cp_session_unref(cp_session *s);
 
 CP_API uint64_t cp_session_id(const cp_session *s);
+/* The session's service; NULL once the session has finished (a session kept
+ * with cp_session_ref can outlive its service). */
 CP_API cp_service *cp_session_service(const cp_session *s);
-CP_API void *cp_session_ctx(const cp_session *s); /* the service's ctx */
+/* The service's ctx; stays valid for kept sessions after they finished. */
+CP_API void *cp_session_ctx(const cp_session *s);
 CP_API void *cp_session_data(const cp_session *s);
 CP_API void cp_session_set_data(cp_session *s, void *data);
 CP_API int cp_session_connected(const cp_session *s);

@@ -156,6 +156,7 @@ struct cp_session {
     atomic_uint refs;
     _Atomic int state;
     cp_service *svc;  /* valid until the session reaches CP_S_CLOSED */
+    void *ctx;        /* the service's ctx, kept for sessions held past that */
     cp_worker *owner;
     uint64_t id;
     void *data;

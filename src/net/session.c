@@ -84,6 +84,7 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     atomic_init(&s->refs, 1); /* the service table's reference */
     atomic_init(&s->state, CP_S_NEW);
     s->svc = svc;
+    s->ctx = svc->ctx;
     s->owner = owner;
     s->is_client = is_client;
     s->h.fd = -1;
@@ -599,7 +600,7 @@ int cp_session_disconnect(cp_session *s)
 
 uint64_t cp_session_id(const cp_session *s) { return s->id; }
 cp_service *cp_session_service(const cp_session *s) { return s->svc; }
-void *cp_session_ctx(const cp_session *s) { return s->svc ? s->svc->ctx : NULL; }
+void *cp_session_ctx(const cp_session *s) { return s->ctx; }
 void *cp_session_data(const cp_session *s) { return s->data; }
 void cp_session_set_data(cp_session *s, void *data) { s->data = data; }
 int cp_session_connected(const cp_session *s) { return connected(s); }

@@ -4,7 +4,9 @@
  *   echo    raw bytes: whatever arrives is sent straight back
  *   packet  {u16 size, u16 id} packets: every packet is sent back unchanged
  *   chat    packets: every session joins one room; every packet is broadcast,
- *           unchanged, to every session in the room, the sender included
+ *           unchanged, to every session in the room, the sender included. The
+ *           room is a job queue: join, leave and broadcast are its jobs, run
+ *           one at a time, so no lock guards its member list.
  *
  * It prints one line when it listens and one stats line when SIGINT/SIGTERM
  * stops it. Exit status: 0 after a clean stop, 1 on a runtime failure, 2 for a
@@ -31,11 +33,25 @@ typedef struct server_config {
     uint32_t max_sessions;
     uint32_t max_packet;
     size_t send_queue_limit;
+    uint32_t idle_timeout_ms;
+    uint32_t packet_timeout_ms;
 } server_config;
+
+/* The chat room. Only its own jobs touch members, and they never run two at a
+ * time, so the list needs no lock. Each member is referenced by the room from
+ * its join job to its leave job. */
+typedef struct chat_room {
+    cp_jobq *q;
+    cp_session **members;
+    size_t n, cap;
+} chat_room;
+
+/* The one chat room of this process. */
+static chat_room the_room;
 
 /* Everything the callbacks share: handed to cp_server_start as the service ctx. */
 typedef struct server_state {
-    cp_group *room; /* chat mode only */
+    chat_room *room; /* chat mode only: &the_room */
     /* Counted here rather than read from cp_service_stats because the final
      * line is printed after cp_service_stop has freed the service, and it must
      * include the sessions that the stop itself disconnected. */
@@ -58,6 +74,9 @@ static void usage(FILE *out)
             "                        (default 4096)\n"
             "  --send-queue-limit B  queued unsent bytes per session before it is\n"
             "                        disconnected; k/m/g suffixes allowed (default 1M)\n"
+            "  --idle-timeout MS     disconnect a session that sent nothing for MS (0 = off)\n"
+            "  --packet-timeout MS   disconnect a session whose packet stays unfinished\n"
+            "                        for MS (0 = off)\n"
             "  --help                show this text\n",
             prog);
 }
@@ -88,7 +107,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .max_packet = 4096,
         .send_queue_limit = 1u << 20,
     };
-    static const char *const value_options[] = { "--host", "--port", "--mode", "--backend", "--workers", "--max-sessions", "--max-packet", "--send-queue-limit", NULL };
+    static const char *const value_options[] = { "--host", "--port", "--mode", "--backend", "--workers", "--max-sessions", "--max-packet", "--send-queue-limit", "--idle-timeout", "--packet-timeout", NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -139,6 +158,13 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (tool_parse_u64(val, 1, (uint64_t)1 << 40, 1, &n) != 0)
                 usage_error("bad --send-queue-limit '%s' (bytes, e.g. 65536 or 1M)", val);
             cfg->send_queue_limit = (size_t)n;
+        } else if (strcmp(opt, "--idle-timeout") == 0 || strcmp(opt, "--packet-timeout") == 0) {
+            if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
+                usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
+            if (opt[2] == 'i')
+                cfg->idle_timeout_ms = (uint32_t)n;
+            else
+                cfg->packet_timeout_ms = (uint32_t)n;
         } else {
             usage_error("unknown option '%s'", opt);
         }
@@ -147,19 +173,74 @@ static void parse_args(int argc, char **argv, server_config *cfg)
 
 /* ------------------------------------------------------------------ callbacks */
 
+/* ------------------------------------------------------------------ chat room jobs */
+
+static void room_join(void *arg)
+{
+    cp_session *s = arg;
+    chat_room *room = ((server_state *)cp_session_ctx(s))->room;
+    if (room->n == room->cap) {
+        size_t cap = room->cap ? room->cap * 2 : 64;
+        cp_session **m = realloc(room->members, cap * sizeof *m);
+        if (m == NULL) {
+            tool_log_sink(CP_LOG_ERROR, "chat room: out of memory, refusing a member", (void *)prog);
+            cp_session_disconnect(s);
+            cp_session_unref(s);
+            return;
+        }
+        room->members = m;
+        room->cap = cap;
+    }
+    room->members[room->n++] = s; /* keeps the join job's reference */
+}
+
+static void room_leave(void *arg)
+{
+    cp_session *s = arg;
+    chat_room *room = ((server_state *)cp_session_ctx(s))->room;
+    for (size_t i = 0; i < room->n; i++) {
+        if (room->members[i] == s) {
+            room->members[i] = room->members[--room->n];
+            cp_session_unref(s); /* the room's reference */
+            break;
+        }
+    }
+    cp_session_unref(s); /* the leave job's reference */
+}
+
+/* Runs in the room's queue: one buffer, queued on every member. A member that
+ * is already disconnecting refuses it; its leave job is on its way. */
+static void room_broadcast(void *arg)
+{
+    cp_sendbuf *b = arg;
+    chat_room *room = &the_room; /* a job carries one pointer: the buffer */
+    for (size_t i = 0; i < room->n; i++)
+        (void)cp_session_send(room->members[i], b);
+    cp_sendbuf_unref(b);
+}
+
+static void room_closed(void *arg)
+{
+    chat_room *room = arg;
+    for (size_t i = 0; i < room->n; i++) /* none left after a clean stop */
+        cp_session_unref(room->members[i]);
+    free(room->members);
+    room->members = NULL;
+    room->n = room->cap = 0;
+}
+
+static void room_close(chat_room *room) { (void)cp_jobq_close(room->q, room_closed, room); }
+
 static void on_connected(cp_session *s)
 {
     server_state *st = cp_session_ctx(s);
     atomic_fetch_add_explicit(&st->connected, 1, memory_order_relaxed);
     if (st->room != NULL) {
-        /* Joining before the first packet callback of this session can run
-         * (callbacks of one session are serialized) means a client that gets
-         * its own first packet back knows it is in the room. */
-        int rc = cp_group_add(st->room, s);
-        if (rc != 0 && rc != -ENOTCONN) {
-            char msg[96];
-            snprintf(msg, sizeof msg, "cannot join the chat room: %s", cp_strerror(rc));
-            tool_log_sink(CP_LOG_ERROR, msg, (void *)prog);
+        /* Pushed before any packet job of this session can be (its callbacks
+         * are serialized), so its own packets reach it too. */
+        cp_session_ref(s);
+        if (cp_jobq_push(st->room->q, room_join, s) != 0) {
+            cp_session_unref(s);
             cp_session_disconnect(s);
         }
     }
@@ -169,7 +250,11 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
 {
     (void)err;
     server_state *st = cp_session_ctx(s);
-    /* No cp_group_remove: a member leaves every group by itself before this runs. */
+    if (st->room != NULL) {
+        cp_session_ref(s);
+        if (cp_jobq_push(st->room->q, room_leave, s) != 0)
+            cp_session_unref(s);
+    }
     if ((unsigned)reason < CP_REASON_COUNT_)
         atomic_fetch_add_explicit(&st->by_reason[reason], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&st->disconnected, 1, memory_order_relaxed);
@@ -203,17 +288,20 @@ static int packet_on_packet(cp_session *s, uint16_t id, const uint8_t *body, siz
     return 0;
 }
 
-/* chat: encode once, queue the one buffer on every member (sender included).
- * The sender's packets reach every member in order: this session's callbacks
- * are serialized and every member's send queue is FIFO. */
+/* chat: encode once, and let the room's queue put the one buffer on every
+ * member (sender included). The sender's packets reach every member in order:
+ * this session's callbacks are serialized, the room runs its jobs in push
+ * order, and every member's send queue is FIFO. */
 static int chat_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
 {
     server_state *st = cp_session_ctx(s);
     cp_sendbuf *b = cp_packet_make(id, body, len);
     if (b == NULL)
         return -1;
-    (void)cp_group_broadcast(st->room, b);
-    cp_sendbuf_unref(b);
+    if (cp_jobq_push(st->room->q, room_broadcast, b) != 0) {
+        cp_sendbuf_unref(b);
+        return -1;
+    }
     return 0;
 }
 
@@ -264,20 +352,18 @@ int main(int argc, char **argv)
                 prog, (unsigned long long)have, (unsigned long long)want, cfg.max_sessions);
 
     static server_state state; /* static: zero-initialised atomics, lives past main's frame */
-    if (cfg.mode == MODE_CHAT) {
-        int rc = cp_group_create(&state.room);
-        if (rc != 0) {
-            fprintf(stderr, "%s: cannot create the chat room: %s\n", prog, cp_strerror(rc));
-            return 1;
-        }
-    }
-
     cp_port *port = NULL;
     int status = tool_create_port(prog, &port, cfg.workers, cfg.backend);
-    if (status != 0) {
-        if (state.room != NULL)
-            cp_group_destroy(state.room);
+    if (status != 0)
         return status;
+    if (cfg.mode == MODE_CHAT) {
+        int rc = cp_jobq_create(&the_room.q, port);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot create the chat room: %s\n", prog, cp_strerror(rc));
+            cp_port_destroy(port);
+            return 1;
+        }
+        state.room = &the_room;
     }
 
     cp_handlers handlers = {
@@ -297,15 +383,19 @@ int main(int argc, char **argv)
             .framing = cfg.mode == MODE_ECHO ? CP_FRAMING_RAW : CP_FRAMING_PACKET,
             .max_packet = cfg.max_packet,
             .send_queue_limit = cfg.send_queue_limit,
+            .idle_timeout_ms = cfg.idle_timeout_ms,
+            .packet_timeout_ms = cfg.packet_timeout_ms,
         },
     };
     cp_service *svc = NULL;
     int rc = cp_server_start(&svc, port, &opts, &handlers, &state);
     if (rc != 0) {
         fprintf(stderr, "%s: cannot listen on %s:%u: %s\n", prog, cfg.host, cfg.port, cp_strerror(rc));
+        if (state.room != NULL)
+            room_close(state.room);
         cp_port_destroy(port);
         if (state.room != NULL)
-            cp_group_destroy(state.room);
+            cp_jobq_unref(state.room->q);
         return 1;
     }
 
@@ -333,13 +423,17 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s: cp_service_stop: %s\n", prog, cp_strerror(rc));
         status = 1;
     }
+    /* Every leave job is pushed by now (each on_disconnected ran); the room
+     * drains them, then frees its list. Destroying the port runs what is left. */
+    if (state.room != NULL)
+        room_close(state.room);
     rc = cp_port_destroy(port);
     if (rc != 0) {
         fprintf(stderr, "%s: cp_port_destroy: %s\n", prog, cp_strerror(rc));
         status = 1;
     }
     if (state.room != NULL)
-        cp_group_destroy(state.room);
+        cp_jobq_unref(state.room->q);
     cp_set_log(NULL, NULL);
     print_final_stats(&state, &lib, (double)(tool_now_ns() - started) / 1e9);
     return status;

@@ -1,0 +1,290 @@
+/*
+ * tsan_stress — the multithreaded paths of cport, exercised at once, for
+ * ThreadSanitizer (`make check-tsan`). Criterion cannot run under TSan (its
+ * inheritable arena collides with TSan's memory layout), so this is a plain
+ * program: exit 0 when every check holds, 1 otherwise.
+ *
+ * At the same time: client threads ping-pong packets with an echo server;
+ * a thread sends to sessions by id and broadcasts through a group; another
+ * disconnects sessions by id; job queues take pushes from four threads while
+ * timers are armed and cancelled from two; finally the service is stopped
+ * while the clients are still busy.
+ */
+#include <cport.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CLIENTS 8
+#define MAX_IDS 256
+
+static atomic_int failures;
+static atomic_int stop_clients; /* the socket clients */
+static atomic_int stop_users;   /* the threads that use the service handle */
+static cp_group *room;
+static pthread_mutex_t ids_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t ids[MAX_IDS];
+static int nids;
+
+#define CHECK(cond, ...)                                                 \
+    do {                                                                 \
+        if (!(cond)) {                                                   \
+            fprintf(stderr, "tsan_stress: " __VA_ARGS__);                \
+            fputc('\n', stderr);                                         \
+            atomic_fetch_add(&failures, 1);                              \
+        }                                                                \
+    } while (0)
+
+/* ------------------------------------------------------------------ server side */
+
+typedef struct sess_state {
+    atomic_int inside; /* a callback of this session is running */
+} sess_state;
+
+static atomic_int connected, disconnected;
+
+static void enter(cp_session *s)
+{
+    sess_state *st = cp_session_data(s);
+    CHECK(atomic_fetch_add(&st->inside, 1) == 0, "two callbacks of one session overlapped");
+}
+
+static void leave(cp_session *s)
+{
+    sess_state *st = cp_session_data(s);
+    atomic_fetch_sub(&st->inside, 1);
+}
+
+static void on_connected(cp_session *s)
+{
+    sess_state *st = calloc(1, sizeof *st);
+    cp_session_set_data(s, st);
+    enter(s);
+    atomic_fetch_add(&connected, 1);
+    cp_group_add(room, s);
+    pthread_mutex_lock(&ids_lock);
+    if (nids < MAX_IDS)
+        ids[nids++] = cp_session_id(s);
+    pthread_mutex_unlock(&ids_lock);
+    leave(s);
+}
+
+static int on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    enter(s);
+    cp_sendbuf *b = cp_packet_make(id, body, len);
+    if (b) {
+        cp_session_send(s, b);
+        cp_sendbuf_unref(b);
+    }
+    leave(s);
+    return 0;
+}
+
+static void on_disconnected(cp_session *s, cp_reason reason, int err)
+{
+    (void)reason, (void)err;
+    enter(s);
+    atomic_fetch_add(&disconnected, 1);
+    leave(s);
+    free(cp_session_data(s));
+}
+
+/* ------------------------------------------------------------------ client threads */
+
+static uint16_t server_port;
+
+static void *client_thread(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&stop_clients)) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(server_port)};
+        inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+        struct timeval tv = {.tv_sec = 0, .tv_usec = 200000};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+            close(fd);
+            usleep(1000);
+            continue;
+        }
+        for (int i = 0; i < 50 && !atomic_load(&stop_clients); i++) {
+            uint8_t pkt[36] = {36, 0, 7, 0};
+            memset(pkt + 4, i, 32);
+            if (send(fd, pkt, sizeof pkt, MSG_NOSIGNAL) != (ssize_t)sizeof pkt)
+                break;
+            uint8_t in[512];
+            if (recv(fd, in, sizeof in, 0) <= 0) /* echoes and broadcasts mixed: only liveness */
+                break;
+        }
+        close(fd);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ by-id senders */
+
+static cp_service *svc;
+
+static uint64_t random_id(unsigned *seed)
+{
+    pthread_mutex_lock(&ids_lock);
+    uint64_t id = nids ? ids[rand_r(seed) % nids] : 0;
+    pthread_mutex_unlock(&ids_lock);
+    return id;
+}
+
+static void *sender_thread(void *arg)
+{
+    (void)arg;
+    unsigned seed = 1;
+    while (!atomic_load(&stop_users)) {
+        cp_sendbuf *b = cp_packet_make(9, "by-id", 5);
+        int r = cp_service_send_to(svc, random_id(&seed), b);
+        CHECK(r == 0 || r == -ENOTCONN, "send_to returned %d", r);
+        cp_group_broadcast(room, b);
+        cp_sendbuf_unref(b);
+        usleep(200);
+    }
+    return NULL;
+}
+
+static void *kicker_thread(void *arg)
+{
+    (void)arg;
+    unsigned seed = 2;
+    while (!atomic_load(&stop_users)) {
+        int r = cp_service_disconnect_id(svc, random_id(&seed));
+        CHECK(r == 0 || r == -ENOTCONN, "disconnect_id returned %d", r);
+        usleep(3000);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ job queues and timers */
+
+typedef struct qstate {
+    cp_jobq *q;
+    atomic_int running;
+    long counter; /* touched only by the queue's jobs: TSan checks they are ordered */
+    atomic_long ran;
+} qstate;
+
+static qstate qs[4];
+
+static void job(void *arg)
+{
+    qstate *q = arg;
+    CHECK(atomic_fetch_add(&q->running, 1) == 0, "two jobs of one queue ran at once");
+    q->counter++;
+    atomic_fetch_sub(&q->running, 1);
+    atomic_fetch_add(&q->ran, 1);
+}
+
+static atomic_long pushed;
+
+static void *pusher_thread(void *arg)
+{
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    for (int i = 0; i < 20000; i++) {
+        qstate *q = &qs[rand_r(&seed) % 4];
+        if (cp_jobq_push(q->q, job, q) == 0)
+            atomic_fetch_add(&pushed, 1);
+    }
+    return NULL;
+}
+
+static atomic_int fired;
+static void on_timer(void *arg)
+{
+    (void)arg;
+    atomic_fetch_add(&fired, 1);
+}
+
+static cp_port *port;
+
+static void *timer_thread(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < 2000; i++) {
+        cp_timer *t;
+        if (cp_timer_start(&t, port, (uint64_t)(i % 3), 0, on_timer, NULL, i % 2 ? qs[0].q : NULL) == 0)
+            cp_timer_cancel(t);
+    }
+    return NULL;
+}
+
+int main(void)
+{
+    int r = cp_port_create(&port, &(cp_port_opts){.workers = 2});
+    if (r < 0) {
+        fprintf(stderr, "tsan_stress: cp_port_create: %s\n", cp_strerror(r));
+        return 1;
+    }
+    cp_group_create(&room);
+    cp_handlers h = {.on_connected = on_connected, .on_packet = on_packet, .on_disconnected = on_disconnected};
+    cp_server_opts o = {.host = "127.0.0.1", .port = 0};
+    if ((r = cp_server_start(&svc, port, &o, &h, NULL)) < 0) {
+        fprintf(stderr, "tsan_stress: cp_server_start: %s\n", cp_strerror(r));
+        return 1;
+    }
+    server_port = cp_service_port(svc);
+    for (int i = 0; i < 4; i++)
+        cp_jobq_create(&qs[i].q, port);
+
+    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2];
+    for (int i = 0; i < CLIENTS; i++)
+        pthread_create(&cl[i], NULL, client_thread, NULL);
+    pthread_create(&snd, NULL, sender_thread, NULL);
+    pthread_create(&kick, NULL, kicker_thread, NULL);
+    for (int i = 0; i < 4; i++)
+        pthread_create(&push[i], NULL, pusher_thread, (void *)(uintptr_t)(i + 10));
+    for (int i = 0; i < 2; i++)
+        pthread_create(&tim[i], NULL, timer_thread, NULL);
+
+    for (int i = 0; i < 4; i++)
+        pthread_join(push[i], NULL);
+    for (int i = 0; i < 2; i++)
+        pthread_join(tim[i], NULL);
+    sleep(2);
+
+    /* The service handle is the caller's to stop: threads that use it end
+     * first. The clients, queued sends and group broadcasts in flight do not. */
+    atomic_store(&stop_users, 1);
+    pthread_join(snd, NULL);
+    pthread_join(kick, NULL);
+    r = cp_service_stop(svc);
+    CHECK(r == 0, "cp_service_stop returned %d", r);
+    atomic_store(&stop_clients, 1);
+    for (int i = 0; i < CLIENTS; i++)
+        pthread_join(cl[i], NULL);
+
+    CHECK(atomic_load(&connected) == atomic_load(&disconnected), "%d connected but %d disconnected",
+          atomic_load(&connected), atomic_load(&disconnected));
+    CHECK(atomic_load(&connected) > 0, "no session ever connected");
+    for (int i = 0; i < 4; i++)
+        cp_jobq_close(qs[i].q, NULL, NULL);
+    cp_port_destroy(port);
+    long ran = 0;
+    for (int i = 0; i < 4; i++) {
+        ran += atomic_load(&qs[i].ran);
+        CHECK(qs[i].counter == atomic_load(&qs[i].ran), "queue %d lost an update", i);
+        cp_jobq_unref(qs[i].q);
+    }
+    CHECK(ran == atomic_load(&pushed), "%ld jobs pushed, %ld ran", atomic_load(&pushed), ran);
+    cp_group_destroy(room);
+    printf("tsan_stress: %d sessions, %ld jobs, %d timers fired of 4000 cancelled-at-once: %s\n",
+           atomic_load(&connected), ran, atomic_load(&fired), atomic_load(&failures) ? "FAILED" : "ok");
+    return atomic_load(&failures) ? 1 : 0;
+}

@@ -293,6 +293,8 @@ void cp__timer_arm_at(cp_worker *w, cp_wtimer *t, uint64_t deadline_ns)
 
 static bool timers_run(cp_worker *w)
 {
+    if (!w->ntimers)
+        return false;
     bool ran = false;
     uint64_t now = cp__now_ns();
     while (w->ntimers && w->timers[0]->deadline_ns <= now) {
@@ -366,8 +368,7 @@ static void *worker_main(void *arg)
         if (atomic_load(&w->port->stopping) && !has_work(w))
             break;
         int timeout = has_work(w) ? 0 : timers_timeout_ms(w);
-        int pr = w->port->be->poll(w, timeout);
-        w->now_ns = cp__now_ns();
+        int pr = w->port->be->poll(w, timeout); /* sets w->now_ns */
         if (pr < 0 && pr != -EINTR)
             cp__log(CP_LOG_ERROR, "worker %d: poll failed: %s", w->index, cp_strerror(pr));
         round_finish(w);

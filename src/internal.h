@@ -13,8 +13,6 @@
 #include <sys/socket.h>
 
 #define CP_UNUSED(x) ((void)(x))
-#define CP_LIKELY(x) __builtin_expect(!!(x), 1)
-#define CP_UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 /* ------------------------------------------------------------------ core.c */
 
@@ -129,7 +127,6 @@ struct cp_sendbuf {
     atomic_uint refs;
     uint32_t len;
     uint32_t cap;
-    uint32_t pad_;
     struct cp_chunk *chunk; /* NULL for buffers allocated alone */
     uint8_t data[];
 };
@@ -167,8 +164,6 @@ struct cp_session {
     bool was_connected;     /* on_connected ran */
     bool dirty;             /* on owner->dirty */
     bool is_client;
-    cp_reason reason;
-    int reason_err;
     cp_session *dirty_next;
 
     /* Bytes of an incomplete packet (or unconsumed raw bytes). */

@@ -183,8 +183,6 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
     atomic_store(&s->state, CP_S_CLOSING);
     cp_worker *w = s->owner;
     cp_service *svc = s->svc;
-    s->reason = reason;
-    s->reason_err = err;
     cp__timer_cancel(w, &s->tmo);
     if (s->h.fd >= 0)
         w->port->be->close(w, &s->h);

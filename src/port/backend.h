@@ -49,7 +49,6 @@ struct cp_handle {
     cp_op *rd;              /* armed accept or receive (multishot) */
     cp_op *wr;              /* armed connect or send */
     unsigned on_ready : 1;  /* queued on the worker's ready list */
-    unsigned registered : 1;
     cp_handle *ready_next;
 };
 

@@ -107,7 +107,6 @@ static int ep_attach(cp_worker *w, cp_handle *h)
     struct epoll_event e = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h};
     if (epoll_ctl(st->epfd, EPOLL_CTL_ADD, h->fd, &e) < 0)
         return -errno;
-    h->registered = 1;
     return 0;
 }
 
@@ -326,7 +325,6 @@ static void ep_close(cp_worker *w, cp_handle *h)
         close(h->fd);
         h->fd = -1;
     }
-    h->registered = 0;
 }
 
 const cp_backend_ops cp__epoll_backend = {

@@ -275,7 +275,6 @@ static void ur_wake(cp_worker *w)
 static int ur_attach(cp_worker *w, cp_handle *h)
 {
     CP_UNUSED(w);
-    h->registered = 1;
     return 0;
 }
 
@@ -361,7 +360,6 @@ static void ur_close(cp_worker *w, cp_handle *h)
         close(h->fd);
         h->fd = -1;
     }
-    h->registered = 0;
 }
 
 /* ------------------------------------------------------------------ completions */

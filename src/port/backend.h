@@ -49,6 +49,7 @@ struct cp_handle {
     cp_op *rd;              /* armed accept or receive (multishot) */
     cp_op *wr;              /* armed connect or send */
     unsigned on_ready : 1;  /* queued on the worker's ready list */
+    unsigned hup : 1;       /* epoll: the peer closed or the socket failed */
     cp_handle *ready_next;
 };
 

@@ -167,8 +167,10 @@ static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
             op->cb(w, op, (int)n, CP_CQE_MORE, w->rbuf);
             if (h->rd != op)
                 return;
-            /* A short read drained the socket; the next bytes bring a new edge. */
-            if ((size_t)n < w->rbuf_size)
+            /* A short read drained the socket and the next bytes bring a new
+             * edge, unless the peer's FIN (or an error) came with these
+             * bytes: then no edge follows, so read on to see it. */
+            if ((size_t)n < w->rbuf_size && !h->hup)
                 return;
             continue;
         }
@@ -238,6 +240,8 @@ static int ep_poll(cp_worker *w, int timeout_ms)
          * completions run, after this loop, so reading fd is safe. */
         if (h->fd < 0)
             continue;
+        if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            h->hup = 1;
         if (e & (EPOLLOUT | EPOLLERR | EPOLLHUP))
             do_output(w, h);
         if (h->fd >= 0 && (e & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)))

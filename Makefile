@@ -11,7 +11,18 @@ CMAKE_FLAGS ?=
 DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
-.PHONY: all deps build test check check-tsan run bench bench-quick install clean
+.PHONY: all deps build test check check-tsan run bench bench-quick install clean fuzz soak
+
+# make fuzz: libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each, on a scratch
+# copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= fuzz_framer fuzz_session
+FUZZ_BACKEND ?=
+# make soak: tools/cport-soak under ASan+UBSan+LSan, SOAK_SECONDS per backend.
+SOAK_SECONDS ?= 60
+SOAK_CLIENTS ?= 200
+SOAK_BACKENDS ?= epoll uring
 
 all: build
 
@@ -63,3 +74,27 @@ install: build
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
+
+fuzz:
+	tests/fuzz/build.sh $(FUZZ_BUILD)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  rm -rf $(FUZZ_BUILD)/corpus-$$t; mkdir -p $(FUZZ_BUILD)/corpus-$$t $(FUZZ_BUILD)/artifacts-$$t; \
+	  cp tests/fuzz/corpus/$$t/* $(FUZZ_BUILD)/corpus-$$t/; \
+	  echo "== $$t: $(FUZZ_SECONDS) s"; \
+	  $(if $(FUZZ_BACKEND),CP_BACKEND=$(FUZZ_BACKEND)) ASAN_OPTIONS=detect_leaks=0 $(FUZZ_BUILD)/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=70000 \
+	    -timeout=30 -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/artifacts-$$t/ \
+	    $(FUZZ_BUILD)/corpus-$$t 2>$(FUZZ_BUILD)/$$t.log || { tail -60 $(FUZZ_BUILD)/$$t.log; \
+	    echo "$$t: FINDING, see $(FUZZ_BUILD)/artifacts-$$t/"; exit 1; }; \
+	  grep -E '^(Done|stat::)' $(FUZZ_BUILD)/$$t.log; \
+	  echo "$$t: corpus $$(ls $(FUZZ_BUILD)/corpus-$$t | wc -l) files, no finding"; \
+	done
+
+soak: deps
+	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCP_SANITIZE=ON -DCP_BENCH=OFF $(CMAKE_FLAGS)
+	cmake --build $(ASAN_BUILD) -j$(JOBS) --target cport-soak
+	@fail=; for b in $(SOAK_BACKENDS); do \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    $(ASAN_BUILD)/cport-soak --duration $(SOAK_SECONDS) --clients $(SOAK_CLIENTS) --backend $$b \
+	    || fail="$$fail $$b"; \
+	done; \
+	if [ -n "$$fail" ]; then echo "soak FAILED on:$$fail"; exit 1; fi; echo "soak passed on: $(SOAK_BACKENDS)"

@@ -1,0 +1,28 @@
+#!/bin/sh
+# Builds the libFuzzer targets of tests/fuzz/ into OUTDIR (default build-fuzz):
+# the library sources are compiled into each fuzzer with the same flags
+# (clang, -fsanitize=fuzzer,address,undefined), both backends (epoll and
+# io_uring when liburing is installed). Usage: tests/fuzz/build.sh [OUTDIR]
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+out=${1:-build-fuzz}
+mkdir -p "$out"
+CC=${CC:-clang}
+SAN=${FUZZ_SAN:--fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined}
+srcs="$root/src/core.c $root/src/port/port.c $root/src/port/jobq.c $root/src/port/timer.c
+      $root/src/net/listener.c $root/src/net/service.c $root/src/net/session.c
+      $root/src/net/packet.c $root/src/net/group.c $root/src/buf/sendbuf.c $root/src/port/epoll.c"
+defs="-D_GNU_SOURCE"
+libs="-lpthread"
+if pkg-config --exists liburing 2>/dev/null || [ -f /usr/include/liburing.h ]; then
+  srcs="$srcs $root/src/port/uring.c"
+  defs="$defs -DCP_HAVE_URING"
+  libs="-luring $libs"
+fi
+for t in fuzz_framer fuzz_session; do
+  echo "building $out/$t"
+  # shellcheck disable=SC2086
+  $CC -std=c11 -g -O1 -fno-omit-frame-pointer $SAN $defs -I"$root/include" -I"$root/src" \
+      -o "$out/$t" "$here/$t.c" $srcs $libs
+done

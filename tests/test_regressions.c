@@ -56,3 +56,28 @@ Test(regressions, epoll_lost_eof_when_data_and_fin_arrive_together, .timeout = 3
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
 }
+
+/* ------------------------------------------------------------------ data_then_reset */
+
+/* fuzz_session on io_uring found a session left live for good after its
+ * client sent a packet and reset the connection at once (the input is in
+ * tests/fuzz/crashes/). In a ring's fdinfo the session's multishot receive
+ * then sits in the poll list after its one data completion, never woken by
+ * the reset. This plain form of the pattern does not reproduce it; it pins
+ * the behaviour down on both backends while the cause is open. */
+Test(regressions, session_ends_after_data_then_reset, .timeout = 60)
+{
+    cpt_env e;
+    cpt_env_start(&e, 0, NULL, NULL, 400, 0);
+    uint8_t body[720];
+    memset(body, 0x5a, sizeof body);
+    for (int i = 0; i < 300; i++) {
+        int fd = cpt_xconnect(e.sport);
+        cpt_xsend_packet(fd, (uint16_t)i, body, sizeof body);
+        cpt_close_reset(fd);
+    }
+    CPT_AWAIT(cpt_stats(e.svc).sessions == 0 && cpt_stats(e.svc).connected == 300, 5000,
+              "sessions still live after their clients reset: %llu of %llu",
+              (unsigned long long)cpt_stats(e.svc).sessions, (unsigned long long)cpt_stats(e.svc).connected);
+    cpt_env_stop(&e);
+}

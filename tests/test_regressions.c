@@ -81,3 +81,33 @@ Test(regressions, session_ends_after_data_then_reset, .timeout = 60)
               (unsigned long long)cpt_stats(e.svc).sessions, (unsigned long long)cpt_stats(e.svc).connected);
     cpt_env_stop(&e);
 }
+
+/* The same with the timing that makes it happen: the only worker is busy in
+ * another session's handler while this client's bytes and its reset arrive,
+ * so both are already there when its receive runs. */
+Test(regressions, session_ends_after_data_and_reset_arrive_together, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    atomic_store(&lost_eof_connected, 0);
+    cp_port *port = cpt_xport(1);
+    cp_handlers h = {.on_connected = lost_eof_on_connected, .on_packet = lost_eof_on_packet};
+    cp_service *svc = cpt_xserver(port, NULL, &h, NULL);
+    uint16_t p = cp_service_port(svc);
+    int a = cpt_xconnect(p), b = cpt_xconnect(p);
+    CPT_AWAIT(atomic_load(&lost_eof_connected) == 2, 5000, "the two sessions did not connect");
+    cpt_sleep_ms(10);
+    uint8_t slow[4], pkt[8];
+    cpt_put_header(slow, 4, 1);
+    cpt_put_header(pkt, 8, 2);
+    memcpy(pkt + 4, "data", 4);
+    cpt_xsend(a, slow, sizeof slow);
+    cpt_sleep_ms(20);
+    cpt_xsend(b, pkt, sizeof pkt);
+    cpt_close_reset(b);
+    CPT_AWAIT(cpt_stats(svc).disconnected == 1, 3000, "the reset session never ended");
+    close(a);
+    cpt_xstop(svc);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}

@@ -11,7 +11,7 @@ CMAKE_FLAGS ?=
 DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
-.PHONY: all deps build test check check-tsan run bench bench-quick install clean fuzz soak
+.PHONY: all deps build test check check-tsan run bench bench-quick bench-deps install clean fuzz soak
 
 # make fuzz: libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each, on a scratch
 # copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
@@ -63,10 +63,18 @@ check-tsan: deps
 run: build
 	tools/run-main.sh $(BUILD)
 
-bench: build
+# The peers (libuv, Asio) and the chart need more Debian packages: bench/run.sh --deps
+# installs them (as root) or prints the command; CMake then re-runs to find them.
+bench-deps: deps
+	@bench/run.sh --deps
+	@if [ -f $(BUILD)/CMakeCache.txt ]; then cmake -S . -B $(BUILD) >/dev/null; fi
+
+bench: bench-deps
+	@$(MAKE) --no-print-directory build
 	bench/run.sh $(BUILD) full
 
-bench-quick: build
+bench-quick: bench-deps
+	@$(MAKE) --no-print-directory build
 	bench/run.sh $(BUILD) quick
 
 install: build
@@ -76,6 +84,7 @@ clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
 
 fuzz:
+	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev liburing-dev"
 	tests/fuzz/build.sh $(FUZZ_BUILD)
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  rm -rf $(FUZZ_BUILD)/corpus-$$t; mkdir -p $(FUZZ_BUILD)/corpus-$$t $(FUZZ_BUILD)/artifacts-$$t; \

@@ -1,0 +1,466 @@
+#!/usr/bin/env bash
+# run.sh — cport against what users would pick instead (make bench / make bench-quick).
+#
+#   bench/run.sh BUILD full|quick     run the benchmarks with the programs in BUILD
+#   bench/run.sh --deps               install (as root) or print the Debian packages the
+#                                     peers and the chart need; the Makefile calls it
+#                                     before it builds
+#
+# Builds nothing. Every run: the server pinned to CPU 0 (taskset), the loadgen to CPU 1,
+# contenders alternating (A B C .. then reversed next round), the server's CPU time read
+# from /proc/PID/stat around the loadgen run (same method as bench/cpu_compare.sh).
+# Writes bench/results/latest.md + chart.png + latest.tsv (full) or
+# bench/results/quick.md + quick-chart.png + quick.tsv (quick), and keeps the
+# per-run logs in BUILD/bench-logs/MODE/. Exit 0 if no run failed, 1 otherwise.
+# Environment: BENCH_ROUNDS (override rounds), BENCH_SERVER_CPU / BENCH_LOAD_CPU
+# (default 0 / 1), BENCH_PORT_BASE (default 17900).
+# shellcheck disable=SC2317  # cleanup runs from a trap
+set -u
+
+BENCH_PKGS="libuv1-dev libasio-dev g++ gnuplot-nox"
+
+deps() {
+    local missing="" p
+    for p in $BENCH_PKGS; do
+        dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"
+    done
+    [ -n "$missing" ] || return 0
+    if [ "$(id -u)" = 0 ]; then
+        echo "bench: installing:$missing"
+        # shellcheck disable=SC2086
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+    else
+        echo "bench: the peers (libuv, Asio) and the chart need Debian packages; run:"
+        echo "  sudo apt-get install -y --no-install-recommends$missing"
+        echo "bench: continuing; contenders that were not built are skipped"
+    fi
+    return 0
+}
+
+if [ "${1:-}" = "--deps" ]; then
+    deps
+    exit 0
+fi
+if [ $# -ne 2 ] || { [ "$2" != full ] && [ "$2" != quick ]; }; then
+    echo "usage: bench/run.sh BUILD full|quick   |   bench/run.sh --deps" >&2
+    exit 2
+fi
+here=$(cd "$(dirname "$0")" && pwd)
+B=$(cd "$1" 2>/dev/null && pwd) || { echo "bench: no build directory $1" >&2; exit 2; }
+MODE=$2
+SCPU=${BENCH_SERVER_CPU:-0}
+LCPU=${BENCH_LOAD_CPU:-1}
+port=${BENCH_PORT_BASE:-17900}
+resdir=$here/results
+logdir=$B/bench-logs/$MODE
+mkdir -p "$resdir" "$logdir"
+rm -f "$logdir"/*.log
+if [ "$MODE" = full ]; then
+    out_md=$resdir/latest.md out_png=$resdir/chart.png out_tsv=$resdir/latest.tsv
+else
+    out_md=$resdir/quick.md out_png=$resdir/quick-chart.png out_tsv=$resdir/quick.tsv
+fi
+for t in taskset timeout awk getconf; do
+    command -v $t >/dev/null || { echo "bench: needs $t" >&2; exit 2; }
+done
+for b in loadgen raw_epoll_echo raw_epoll_chat cport-server; do
+    [ -x "$B/$b" ] || { echo "bench: $B/$b missing (build first: make build)" >&2; exit 2; }
+done
+hz=$(getconf CLK_TCK)
+ncpu=$(nproc)
+if [ "$ncpu" -le "$LCPU" ] || [ "$ncpu" -le "$SCPU" ]; then
+    echo "bench: needs CPUs $SCPU and $LCPU (this machine has $ncpu)" >&2
+    exit 2
+fi
+T_START=$(date +%s)
+
+# ------------------------------------------------------------- contenders
+# name|binary|command ({PORT} is replaced). Multi-threaded ones get 1 thread: the
+# server is pinned to one CPU, so every contender is one thread on one CPU.
+ECHO_ALL=(
+    "raw_epoll|raw_epoll_echo|./raw_epoll_echo --port {PORT}"
+    "raw_uring|raw_uring_echo|./raw_uring_echo --port {PORT}"
+    "libuv|uv_echo|./uv_echo --threads 1 --port {PORT}"
+    "asio|asio_echo|./asio_echo --threads 1 --port {PORT}"
+    "cport_epoll|cport-server|./cport-server --backend epoll --workers 1 --mode echo --port {PORT}"
+    "cport_uring|cport-server|./cport-server --backend uring --workers 1 --mode echo --port {PORT}"
+)
+PACKET_ALL=(
+    "raw_epoll|raw_epoll_echo|./raw_epoll_echo --port {PORT}"
+    "raw_uring|raw_uring_echo|./raw_uring_echo --port {PORT}"
+    "libuv|uv_echo|./uv_echo --threads 1 --port {PORT}"
+    "asio|asio_echo|./asio_echo --threads 1 --port {PORT}"
+    "cport_epoll|cport-server|./cport-server --backend epoll --workers 1 --mode packet --port {PORT}"
+    "cport_uring|cport-server|./cport-server --backend uring --workers 1 --mode packet --port {PORT}"
+)
+CHAT_ALL=(
+    "raw_epoll|raw_epoll_chat|./raw_epoll_chat --port {PORT}"
+    "cport_epoll|cport-server|./cport-server --backend epoll --workers 1 --mode chat --port {PORT}"
+    "cport_uring|cport-server|./cport-server --backend uring --workers 1 --mode chat --port {PORT}"
+)
+skipped=""
+available() { # filter a contender list to the built ones; result in AV
+    AV=()
+    local c bin
+    for c in "$@"; do
+        bin=$(echo "$c" | cut -d'|' -f2)
+        if [ -x "$B/$bin" ]; then
+            AV+=("$c")
+        else
+            case " $skipped " in *" $bin "*) ;; *) skipped="$skipped $bin" ;; esac
+        fi
+    done
+}
+
+# ---------------------------------------------------------------- helpers
+server_pid="" load_pid="" idle_pids=""
+stop_pid() { # SIGTERM, then SIGKILL after $2 tenths of a second
+    local p=$1 i
+    [ -n "$p" ] || return 0
+    kill -TERM "$p" 2>/dev/null
+    for ((i = 0; i < ${2:-50}; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$p" 2>/dev/null; then
+        echo "bench: process $p ignored SIGTERM; killing it" >&2
+        kill -KILL "$p" 2>/dev/null
+    fi
+    wait "$p" 2>/dev/null
+}
+cleanup() {
+    local p
+    for p in $load_pid $idle_pids $server_pid; do stop_pid "$p" 20; done
+    load_pid="" idle_pids="" server_pid=""
+}
+trap cleanup EXIT
+trap 'echo "bench: interrupted" >&2; exit 130' INT TERM HUP
+
+cpu_ticks() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo $(( ${12} + ${13} ))
+}
+status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null; }
+listening() {
+    local hex
+    hex=$(printf '%04X' "$1")
+    awk -v h=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { f = 1 } END { exit !f }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+next_port() {
+    while listening "$port"; do port=$((port + 1)); done
+    P=$port
+    port=$((port + 1))
+}
+kv() {
+    local k=$1 w
+    for w in $2; do case "$w" in "$k"=*) echo "${w#*=}"; return 0 ;; esac; done
+    echo ""
+}
+elapsed() { echo $(( $(date +%s) - T_START )); }
+
+# start_server NAME CMD LOG -> server_pid, P; 0 when listening
+start_server() {
+    local name=$1 cmd=$2 log=$3 deadline
+    next_port
+    cmd=${cmd//\{PORT\}/$P}
+    (cd "$B" && exec taskset -c "$SCPU" bash -c "exec env $cmd") >"$log" 2>&1 </dev/null &
+    server_pid=$!
+    deadline=$(( $(date +%s) + 10 ))
+    while ! listening "$P"; do
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            echo "bench: $name exited before listening:" >&2
+            tail -3 "$log" >&2
+            wait "$server_pid" 2>/dev/null
+            server_pid=""
+            return 1
+        fi
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            echo "bench: $name not listening on $P after 10 s" >&2
+            stop_pid "$server_pid"
+            server_pid=""
+            return 1
+        fi
+        sleep 0.05
+    done
+    sleep 0.1
+    return 0
+}
+
+# run_one SCEN NAME CMD ROUND LOADARGS -> appends a row to $out_tsv, sets R_* for the progress line
+run_one() {
+    local scen=$1 name=$2 cmd=$3 round=$4 load=$5
+    local log="$logdir/$scen.$name.r$round.server.log" llog="$logdir/$scen.$name.r$round.loadgen.log"
+    local c0 c1 t0 t1 rc line rss
+    R_ok=0 R_msgs=0 R_rate=0 R_us=nan R_p50=nan R_p99=nan R_util=0 R_cpu=0 R_rss=0
+    if start_server "$name" "$cmd" "$log"; then
+        c0=$(cpu_ticks "$server_pid")
+        t0=$(date +%s%N)
+        # shellcheck disable=SC2086
+        timeout -k 5 120 taskset -c "$LCPU" "$B/loadgen" $load --port "$P" >"$llog" 2>&1 </dev/null &
+        load_pid=$!
+        wait "$load_pid"
+        rc=$?
+        load_pid=""
+        t1=$(date +%s%N)
+        c1=$(cpu_ticks "$server_pid") || c1=""
+        rss=$(status_kib "$server_pid" VmHWM)
+        stop_pid "$server_pid"
+        server_pid=""
+        line=$(grep '^RESULT ' "$llog" | tail -1)
+        if [ -n "$line" ] && [ -n "$c1" ]; then
+            R_msgs=$(kv msgs "$line") R_rate=$(kv msgs_per_s "$line")
+            R_p50=$(kv p50_us "$line") R_p99=$(kv p99_us "$line") R_rss=${rss:-0}
+            read -r R_cpu R_util R_us < <(awk -v c0="$c0" -v c1="$c1" -v hz="$hz" -v m="$R_msgs" \
+                -v t0="$t0" -v t1="$t1" 'BEGIN { s = (c1 - c0) / hz; w = (t1 - t0) / 1e9
+                    printf "%.2f %.0f %s\n", s, (w > 0 ? 100 * s / w : 0), (m > 0 ? sprintf("%.4f", s * 1e6 / m) : "nan") }')
+            [ "$rc" -eq 0 ] && R_ok=1
+        fi
+        if [ "$R_ok" != 1 ]; then
+            echo "bench: $scen $name round $round FAILED (loadgen exit ${rc:-?}$([ -n "$c1" ] || echo ", server died")); $llog:" >&2
+            grep -v '^RESULT ' "$llog" | tail -3 >&2
+        fi
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$name" "$round" \
+        "$([ "$R_ok" = 1 ] && echo ok || echo FAILED)" "$R_msgs" "$R_rate" "$R_cpu" "$R_util" \
+        "$R_us" "$R_p50" "$R_p99" "$R_rss" >>"$out_tsv"
+    [ "$R_ok" = 1 ]
+}
+
+# --------------------------------------------------------------- scenarios
+SCENS=()
+declare -A S_TITLE S_LOAD S_UNIT S_BASE S_ORDER
+fail=0 nrun=0
+# scenario ID "TITLE" UNIT "LOADGEN ARGS" ROUNDS CONTENDER...
+scenario() {
+    local id=$1 title=$2 unit=$3 load=$4 rounds=$5 r k i n
+    shift 5
+    available "$@"
+    n=${#AV[@]}
+    SCENS+=("$id") S_TITLE[$id]=$title S_LOAD[$id]=$load S_UNIT[$id]=$unit
+    S_BASE[$id]=$(echo "${AV[0]}" | cut -d'|' -f1)
+    S_ORDER[$id]=""
+    for ((i = 0; i < n; i++)); do S_ORDER[$id]="${S_ORDER[$id]} $(echo "${AV[$i]}" | cut -d'|' -f1)"; done
+    echo
+    echo "== [$(elapsed) s] $id: $title — $rounds round(s) x $n contenders"
+    echo "   loadgen $load"
+    for ((r = 1; r <= rounds; r++)); do
+        for ((k = 0; k < n; k++)); do
+            i=$k
+            [ $((r % 2)) -eq 0 ] && i=$((n - 1 - k)) # A B C, C B A, ...
+            local name cmd
+            name=$(echo "${AV[$i]}" | cut -d'|' -f1)
+            cmd=$(echo "${AV[$i]}" | cut -d'|' -f3)
+            nrun=$((nrun + 1))
+            if run_one "$id" "$name" "$cmd" "$r" "$load"; then st=ok; else st=FAILED fail=1; fi
+            printf '   r%d %-12s %9s %s/s  %8s us/%s  p50 %8s us  p99 %8s us  srv %3s%%  rss %6s KiB  %s\n' \
+                "$r" "$name" "$R_rate" "$unit" "$R_us" "$unit" "$R_p50" "$R_p99" "$R_util" "$R_rss" "$st"
+        done
+    done
+    print_medians "$id"
+}
+
+# medians of one scenario from the TSV: contender msgs/s us p50 p99 util rss ok n
+medians() {
+    awk -F'\t' -v s="$1" -v order="${S_ORDER[$1]}" -v base="${S_BASE[$1]}" '
+    function med(str,   a, n, i, j, t) {
+        n = split(str, a, " "); if (n == 0) return "nan"
+        for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+    $1 == s { tot[$2]++; if ($4 == "ok") { ok[$2]++; R[$2] = R[$2] " " $6; U[$2] = U[$2] " " $9
+              P5[$2] = P5[$2] " " $10; P9[$2] = P9[$2] " " $11; C[$2] = C[$2] " " $8; M[$2] = M[$2] " " $12 } }
+    END { n = split(order, o, " "); bu = med(U[base])
+        for (i = 1; i <= n; i++) { c = o[i]; u = med(U[c])
+            ratio = (u == "nan" || bu == "nan" || bu == 0) ? "nan" : sprintf("%.2f", u / bu)
+            printf "%s\t%.0f\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%d\t%d\n", c, med(R[c]),
+                (u == "nan" ? "nan" : sprintf("%.3f", u)), ratio, med(P5[c]), med(P9[c]), med(C[c]),
+                med(M[c]) / 1024, ok[c], tot[c] } }' "$out_tsv"
+}
+print_medians() {
+    local id=$1
+    echo "   medians (ratio = server us/${S_UNIT[$id]} / ${S_BASE[$id]}'s):"
+    printf '   %-12s %10s %10s %6s %9s %9s %5s %8s %s\n' contender "${S_UNIT[$id]}/s" "us/${S_UNIT[$id]}" ratio p50_us p99_us srv% rss_MiB ok
+    medians "$id" | while IFS=$'\t' read -r c r u ra p5 p9 cp m ok n; do
+        printf '   %-12s %10s %10s %6s %9s %9s %5s %8s %s/%s\n' "$c" "$r" "$u" "$ra" "$p5" "$p9" "$cp" "$m" "$ok" "$n"
+    done
+}
+
+# memory per idle connection: N idle connections from 2 idle_conns processes (< 20,000 fds each)
+MEM_ROWS=()
+memory_test() {
+    local conns=$1 c name cmd log rss0 rss1 fd0 fdn deadline half p ok
+    shift
+    available "$@"
+    [ -x "$B/idle_conns" ] || { echo "bench: idle_conns not built; memory test skipped"; return; }
+    echo
+    echo "== [$(elapsed) s] idle$conns: server memory per idle connection, $conns connections"
+    half=$((conns / 2))
+    for c in "${AV[@]}"; do
+        name=$(echo "$c" | cut -d'|' -f1)
+        cmd=$(echo "$c" | cut -d'|' -f3)
+        case "$cmd" in *cport-server*) cmd="$cmd --max-sessions $((conns + 1000))" ;; esac
+        log="$logdir/idle.$name.server.log"
+        ok=0 rss0=0 rss1=0
+        nrun=$((nrun + 1))
+        if start_server "$name" "$cmd" "$log"; then
+            rss0=$(status_kib "$server_pid" VmRSS)
+            fd0=$(ls "/proc/$server_pid/fd" | wc -l)
+            idle_pids=""
+            for p in 1 2; do
+                taskset -c "$LCPU" "$B/idle_conns" --port "$P" --conns "$half" --hold 60 \
+                    >"$logdir/idle.$name.client$p.log" 2>&1 </dev/null &
+                idle_pids="$idle_pids $!"
+            done
+            deadline=$(( $(date +%s) + 30 ))
+            while :; do
+                fdn=$(ls "/proc/$server_pid/fd" 2>/dev/null | wc -l)
+                [ "$fdn" -ge $((fd0 + 2 * half)) ] && { ok=1; break; }
+                [ "$(date +%s)" -ge "$deadline" ] && break
+                sleep 0.2
+            done
+            sleep 1
+            rss1=$(status_kib "$server_pid" VmRSS)
+            for p in $idle_pids; do kill -0 "$p" 2>/dev/null || ok=0; done
+            for p in $idle_pids; do stop_pid "$p" 20; done
+            idle_pids=""
+            stop_pid "$server_pid"
+            server_pid=""
+        fi
+        [ "$ok" = 1 ] || { fail=1; echo "bench: idle $name FAILED (server has $((fdn - fd0)) of $conns)" >&2; }
+        local per
+        per=$(awk -v a="$rss0" -v b="$rss1" -v n="$conns" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }')
+        printf '   %-12s RSS %6s -> %6s KiB: %5s B/connection  %s\n' "$name" "$rss0" "$rss1" "$per" \
+            "$([ "$ok" = 1 ] && echo ok || echo FAILED)"
+        MEM_ROWS+=("$name|$rss0|$rss1|$per|$([ "$ok" = 1 ] && echo ok || echo FAILED)")
+    done
+}
+
+# ------------------------------------------------------------------ plan
+: >"$out_tsv"
+echo "bench ($MODE): server on CPU $SCPU, loadgen on CPU $LCPU, CLK_TCK=$hz; programs in $B; logs in $logdir"
+if [ "$MODE" = quick ]; then
+    R=${BENCH_ROUNDS:-3}
+    scenario echo64x200 "echo 64 B, 200 connections, ping-pong" msg \
+        "--mode echo --conns 200 --size 64 --depth 1 --duration 1.5 --drain 3" "$R" "${ECHO_ALL[@]}"
+    scenario chat100 "chat, 100 clients x 10 packets/s x 64 B" delivery \
+        "--mode chat --conns 100 --rate 10 --size 64 --duration 1.5 --drain 3" "$R" "${CHAT_ALL[@]}"
+    MAIN_ECHO=echo64x200 MAIN_CHAT=chat100
+else
+    R=${BENCH_ROUNDS:-3}
+    D=1.5
+    scenario echo64x10 "echo 64 B, 10 connections, ping-pong" msg \
+        "--mode echo --conns 10 --size 64 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+    scenario echo64x200 "echo 64 B, 200 connections, ping-pong" msg \
+        "--mode echo --conns 200 --size 64 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+    scenario echo64x1000 "echo 64 B, 1000 connections, ping-pong" msg \
+        "--mode echo --conns 1000 --size 64 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+    scenario echo1kx200 "echo 1 KiB, 200 connections, ping-pong" msg \
+        "--mode echo --conns 200 --size 1024 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+    scenario echo16kx10 "echo 16 KiB, 10 connections, ping-pong" msg \
+        "--mode echo --conns 10 --size 16384 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+    scenario packet64x200 "packet echo 64 B, 200 connections, 4 in flight" msg \
+        "--mode packet --conns 200 --size 64 --depth 4 --duration $D --drain 3" "$R" "${PACKET_ALL[@]}"
+    scenario chat100 "chat, 100 clients x 10 packets/s x 64 B" delivery \
+        "--mode chat --conns 100 --rate 10 --size 64 --duration $D --drain 3" "$R" "${CHAT_ALL[@]}"
+    scenario chat500 "chat, 500 clients x 1 packet/s x 64 B" delivery \
+        "--mode chat --conns 500 --rate 1 --size 64 --duration $D --drain 3" "$R" "${CHAT_ALL[@]}"
+    scenario chat1000 "chat, 1000 clients x 1 packet/s x 64 B" delivery \
+        "--mode chat --conns 1000 --rate 1 --size 64 --duration $D --drain 2" "$R" "${CHAT_ALL[@]}"
+    scenario churn50 "connection churn: 50 slots connect, echo 64 B, close" conn \
+        "--mode churn --conns 50 --size 64 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+    memory_test 10000 "${ECHO_ALL[@]}"
+    MAIN_ECHO=echo64x200 MAIN_CHAT=chat1000
+fi
+
+# ---------------------------------------------------------------- report
+T_TOTAL=$(elapsed)
+cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+{
+    echo "# cport against what users would pick instead ($MODE run)"
+    echo
+    echo "Date: $(date -u '+%Y-%m-%d %H:%M UTC'). Machine: $(nproc) CPUs ($cpu_model), kernel $(uname -r),"
+    echo "$(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-?}"), $(gcc --version 2>/dev/null | head -1),"
+    echo "build type $(awk -F= '/^CMAKE_BUILD_TYPE:/ { print ($2 == "" ? "(default: RelWithDebInfo)" : $2) }' "$B/CMakeCache.txt" 2>/dev/null),"
+    echo "CLK_TCK=$hz. Loopback only. Total run time ${T_TOTAL} s."
+    echo
+    echo "Command: \`bench/run.sh $1 $MODE\` (\`make bench$([ "$MODE" = quick ] && echo -quick)\`)."
+    echo "Each run starts the server pinned to CPU $SCPU (\`taskset -c $SCPU\`), runs \`taskset -c $LCPU loadgen ARGS --port P\`,"
+    echo "reads the server's utime+stime from /proc/PID/stat before and after, and stops the server"
+    echo "(SIGTERM). Contenders alternate (A B C …, then C B A …). Every number is the median over"
+    echo "the rounds that succeeded; \`ratio\` is the contender's server CPU per message over"
+    echo "the first contender's (raw_epoll). Every contender runs one thread (\`--threads 1\`,"
+    echo "\`--workers 1\`). RSS is the server's peak (VmHWM) at the end of the run."
+    echo
+    echo "Contenders: raw_epoll = \`raw_epoll_echo\` / \`raw_epoll_chat\`; raw_uring = \`raw_uring_echo\`"
+    echo "(multishot accept + recv, provided buffers, SINGLE_ISSUER|DEFER_TASKRUN); libuv = \`uv_echo\`"
+    echo "(libuv $(dpkg-query -W -f='${Version}' libuv1 2>/dev/null)); asio = \`asio_echo\` (standalone Asio"
+    echo "$(dpkg-query -W -f='${Version}' libasio-dev 2>/dev/null)); cport_epoll / cport_uring = \`cport-server --backend epoll|uring --workers 1\`."
+    [ -n "$skipped" ] && echo "Not built, so skipped:$skipped."
+    for id in "${SCENS[@]}"; do
+        u=${S_UNIT[$id]}
+        echo
+        echo "## $id: ${S_TITLE[$id]}"
+        echo
+        echo "\`loadgen ${S_LOAD[$id]}\`"
+        echo
+        if [ "$u" = delivery ]; then us=deliveries; else us=${u}s; fi
+        echo "| contender | $us/s | server µs/$u | ratio | p50 µs | p99 µs | server CPU % | peak RSS MiB | ok runs |"
+        echo "|---|---|---|---|---|---|---|---|---|"
+        medians "$id" | while IFS=$'\t' read -r c r us ra p5 p9 cp m ok n; do
+            echo "| $c | $r | $us | $ra | $p5 | $p9 | $cp | $m | $ok/$n |"
+        done
+    done
+    if [ ${#MEM_ROWS[@]} -gt 0 ]; then
+        echo
+        echo "## idle10000: server memory per idle connection"
+        echo
+        echo "10,000 connections from two \`idle_conns\` processes (5,000 each, pinned to CPU $LCPU), which"
+        echo "send nothing; the server's VmRSS before they connect and 1 s after it holds all of them."
+        echo "cport-server gets \`--max-sessions 11000\`. Kernel socket memory is not in RSS."
+        echo
+        echo "| contender | RSS before KiB | RSS with 10k KiB | bytes / connection | status |"
+        echo "|---|---|---|---|---|"
+        for row in "${MEM_ROWS[@]}"; do
+            IFS='|' read -r c a b per st <<<"$row"
+            echo "| $c | $a | $b | $per | $st |"
+        done
+    fi
+    echo
+    echo "Raw per-run rows: \`$(basename "$out_tsv")\` (scenario, contender, round, status, msgs, msgs/s,"
+    echo "server CPU s, server CPU %, µs/msg, p50, p99, peak RSS KiB). Chart: \`$(basename "$out_png")\`."
+} >"$out_md"
+
+# chart: server CPU per message for the main echo scenario and the main chat scenario
+if command -v gnuplot >/dev/null; then
+    d1=$(mktemp) d2=$(mktemp)
+    medians "$MAIN_ECHO" | awk -F'\t' '$3 != "nan" { print $1, $3 }' >"$d1"
+    medians "$MAIN_CHAT" | awk -F'\t' '$3 != "nan" { print $1, $3 }' >"$d2"
+    gnuplot <<EOF 2>"$logdir/gnuplot.log" || echo "bench: gnuplot failed, see $logdir/gnuplot.log" >&2
+set terminal pngcairo noenhanced size 1100,450 font "sans,10"
+set output "$out_png"
+set multiplot layout 1,2 title "cport vs. alternatives: server CPU per message, one server thread pinned (median of rounds, lower is better)"
+set style fill solid 0.8 border -1
+set boxwidth 0.6
+set yrange [0:*]
+set grid ytics
+unset key
+set xtics rotate by -30
+set ylabel "server µs per message"
+set title "${S_TITLE[$MAIN_ECHO]}"
+plot "$d1" using 0:2:xtic(1) with boxes lc rgb "#4477aa", "" using 0:2:(sprintf("%.2f",\$2)) with labels offset 0,0.7
+set ylabel "server µs per delivery"
+set title "${S_TITLE[$MAIN_CHAT]}"
+plot "$d2" using 0:2:xtic(1) with boxes lc rgb "#cc6677", "" using 0:2:(sprintf("%.2f",\$2)) with labels offset 0,0.7
+unset multiplot
+EOF
+    rm -f "$d1" "$d2"
+else
+    echo "bench: gnuplot not installed; no chart (apt-get install gnuplot-nox)"
+fi
+
+echo
+echo "bench ($MODE): $nrun runs in $(elapsed) s; $( [ $fail = 0 ] && echo "no failure" || echo "SOME RUNS FAILED")"
+[ -n "$skipped" ] && echo "bench: not built, skipped:$skipped"
+echo "bench: wrote $out_md, $out_png, $out_tsv"
+exit $fail

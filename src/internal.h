@@ -160,6 +160,7 @@ struct cp_session {
 
     cp_handle h;
     cp_op rd, wr;
+    cp_op cl;               /* the close pseudo-operation (deferred, never submitted) */
     int ops_pending;        /* armed ops; the session is released at 0 */
     bool was_connected;     /* on_connected ran */
     bool dirty;             /* on owner->dirty */

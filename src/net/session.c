@@ -38,13 +38,6 @@ static void on_timeout(cp_worker *w, void *sp);
 
 #define SESSION_OF(op, field) ((cp_session *)((char *)(op) - offsetof(cp_session, field)))
 
-/* The "close" pseudo-operation lives in a small side struct so that cp_session
- * keeps one op per direction, as the backend sees them. */
-typedef struct close_op {
-    cp_op op;
-    cp_session *s;
-} close_op;
-
 /* ------------------------------------------------------------------ timeouts */
 
 /* The timer holds no reference: it lives in the owner's heap only while the
@@ -92,6 +85,7 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     s->rd.kind = CP_OP_RECV;
     s->wr.cb = on_send_cqe;
     s->wr.kind = CP_OP_SEND;
+    s->cl.cb = on_close_cqe;
     s->tmo.fn = on_timeout;
     s->tmo.arg = s;
     s->tmo.heap_index = UINT32_MAX;
@@ -166,9 +160,8 @@ static void op_done(cp_session *s)
 static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
 {
     CP_UNUSED(w), CP_UNUSED(res), CP_UNUSED(flags), CP_UNUSED(data);
-    close_op *c = (close_op *)op;
-    cp_session *s = c->s;
-    free(c);
+    cp_session *s = SESSION_OF(op, cl);
+    op->armed = 0;
     op_done(s);
     cp_session_unref(s);
 }
@@ -203,17 +196,10 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
 
     /* The close completion queues behind every cancellation the backend just
      * issued, so finishing never races a late completion of this pass. */
-    close_op *c = malloc(sizeof *c);
-    if (!c) {
-        if (s->ops_pending == 0)
-            session_finish(s);
-        return;
-    }
-    c->op = (cp_op){.cb = on_close_cqe, .kind = 0, .armed = 1};
-    c->s = s;
+    s->cl.armed = 1;
     s->ops_pending++;
     cp_session_ref(s);
-    cp__worker_defer(w, &c->op, 0);
+    cp__worker_defer(w, &s->cl, 0);
 }
 
 /* ------------------------------------------------------------------ receive */

@@ -13,6 +13,7 @@
 #endif
 
 #include <errno.h>
+#include <stdarg.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -26,6 +27,18 @@
 /* Exit status for a command line we cannot use (bad, unknown or missing
  * argument, number out of range). 1 is kept for "ran but failed". */
 #define TOOL_EXIT_USAGE 2
+
+/* Prints "prog: <message>", then the program's usage, and exits with
+ * TOOL_EXIT_USAGE. The programs' usage_error() wrappers forward to this. */
+__attribute__((noreturn, format(printf, 3, 0))) static inline void
+tool_usage_vexit(const char *prog, void (*usage)(FILE *), const char *fmt, va_list ap)
+{
+    fprintf(stderr, "%s: ", prog);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    usage(stderr);
+    exit(TOOL_EXIT_USAGE);
+}
 
 /* CLOCK_MONOTONIC in nanoseconds. The dummy puts this value into chat packets
  * and the receivers subtract it from their own clock: valid because sender and

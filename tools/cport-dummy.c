@@ -622,12 +622,7 @@ static void usage_error(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "%s: ", prog);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    usage(stderr);
-    exit(TOOL_EXIT_USAGE);
+    tool_usage_vexit(prog, usage, fmt, ap);
 }
 
 static void parse_args(int argc, char **argv, dummy_config *cfg)

@@ -10,7 +10,6 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
-#include <sys/socket.h>
 
 #define CP_UNUSED(x) ((void)(x))
 

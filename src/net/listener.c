@@ -12,9 +12,7 @@
 #include "internal.h"
 
 #include <errno.h>
-#include <netinet/in.h>
 #include <stdlib.h>
-#include <unistd.h>
 
 #define BACKOFF_MIN_MS 10
 #define BACKOFF_MAX_MS 1000
@@ -68,7 +66,7 @@ static void new_connection(cp_listener *l, int fd)
     int r = s ? cp__service_add_session(svc, s) : -ENOMEM;
     if (r < 0) {
         /* Beyond max_sessions (or out of memory): close at once, and count it. */
-        close(fd);
+        cp__sock_close(fd);
         if (s)
             cp_session_unref(s);
         if (r != -ESHUTDOWN)
@@ -88,7 +86,7 @@ static void on_accept_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, cons
     cp_listener *l = (cp_listener *)((char *)op - offsetof(cp_listener, acc));
     if (res >= 0) {
         if (l->closing)
-            close(res);
+            cp__sock_close(res);
         else
             new_connection(l, res);
     } else if (res != -ECANCELED && !(flags & CP_CQE_MORE)) {
@@ -117,7 +115,7 @@ static void listener_begin(cp_worker *w, void *lp, void *unused)
     int r = w->port->be->attach(w, &l->h);
     if (r < 0) {
         cp__log(CP_LOG_ERROR, "listener: cannot watch the socket: %s", cp_strerror(r));
-        close(l->h.fd);
+        cp__sock_close(l->h.fd);
         l->h.fd = -1;
         return; /* stays inert until the service stops */
     }
@@ -141,23 +139,16 @@ static void listener_close(cp_worker *w, void *lp, void *unused)
 int cp__listener_start(cp_service *svc, int backlog, int accepts)
 {
     const struct sockaddr *sa = (const struct sockaddr *)&svc->addr;
-    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = cp__sock_listener(sa, svc->addr_len, backlog);
     if (fd < 0)
-        return -errno;
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind(fd, sa, svc->addr_len) < 0 || listen(fd, backlog) < 0) {
-        int err = -errno;
-        close(fd);
-        return err;
-    }
+        return fd;
     socklen_t len = sizeof svc->addr;
     getsockname(fd, (struct sockaddr *)&svc->addr, &len);
     svc->addr_len = len;
 
     cp_listener *l = cp__xalloc(sizeof *l);
     if (!l) {
-        close(fd);
+        cp__sock_close(fd);
         return -ENOMEM;
     }
     l->svc = svc;

@@ -19,11 +19,8 @@
 #include "internal.h"
 
 #include <errno.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #define IOV_CAP 64
 #define SEND_BYTES_CAP (256u * 1024u)
@@ -266,9 +263,8 @@ static void set_nodelay(cp_session *s)
 {
     if (!s->svc->nodelay)
         return;
-    int one = 1;
     /* TCP_NODELAY lives at IPPROTO_TCP, not SOL_SOCKET (REFERENCE flaw 12). */
-    setsockopt(s->h.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    cp__sock_setint(s->h.fd, IPPROTO_TCP, TCP_NODELAY, 1);
 }
 
 /* Both start functions run from a message that holds a reference: a stop may
@@ -278,7 +274,7 @@ void cp__session_start_accepted(cp_worker *w, void *sp, void *fdp)
 {
     cp_session *s = sp;
     if (atomic_load(&s->state) != CP_S_NEW) {
-        close((int)(intptr_t)fdp);
+        cp__sock_close((int)(intptr_t)fdp);
         cp_session_unref(s);
         return;
     }
@@ -314,7 +310,7 @@ static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, con
             s->peer_len = sizeof s->peer;
             if (getpeername(s->h.fd, (struct sockaddr *)&s->peer, &s->peer_len) < 0) {
                 /* Not connected after all (the peer vanished in between). */
-                cp__session_close(s, CP_REASON_IO_ERROR, -errno);
+                cp__session_close(s, CP_REASON_IO_ERROR, cp__sock_err());
             } else {
                 session_connected(s, CP_S_CONNECTING);
             }
@@ -341,8 +337,9 @@ static void session_connect(cp_worker *w, cp_session *s)
         return; /* a close was requested first; its message finishes it */
     int r = -ESHUTDOWN;
     if (!atomic_load(&svc->stopping)) {
-        s->h.fd = socket(svc->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        r = s->h.fd < 0 ? -errno : w->port->be->attach(w, &s->h);
+        int fd = cp__sock_stream(svc->addr.ss_family);
+        s->h.fd = fd < 0 ? -1 : fd;
+        r = fd < 0 ? fd : w->port->be->attach(w, &s->h);
     }
     if (r == 0) {
         set_nodelay(s);

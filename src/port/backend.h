@@ -11,10 +11,10 @@
 #ifndef CP_BACKEND_H
 #define CP_BACKEND_H
 
+#include "sys.h"
+
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
 
 typedef struct cp_worker cp_worker;
 typedef struct cp_op cp_op;

@@ -15,7 +15,6 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 _Thread_local cp_worker *cp__self;
 
@@ -163,7 +162,7 @@ void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b)
             inbox_push(dst, one);
             return;
         }
-        usleep(1000);
+        cp__sleep_ms(1);
     }
 }
 
@@ -468,8 +467,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     if (o.workers < 0 || o.workers > 1024)
         return -EINVAL;
     if (o.workers == 0) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
-        o.workers = n > 0 ? (int)n : 1;
+        o.workers = cp__ncpu();
     }
     int err = 0;
     const cp_backend_ops *be = choose_backend(o.backend, &err);

@@ -1,0 +1,65 @@
+/*
+ * The operating-system seam: socket headers, the few socket calls the net
+ * layer makes itself, and small system facts. Everything above this file is
+ * the same on Linux and Windows; the backends (epoll.c, uring.c, iocp.c) are
+ * where the systems really differ.
+ *
+ * Descriptors are ints on every system. A Windows SOCKET is a kernel handle,
+ * and kernel handles are 32-bit significant (Windows guarantees it so that
+ * 32- and 64-bit processes can share them), so it fits.
+ */
+#ifndef CP_SYS_H
+#define CP_SYS_H
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef _WIN32
+#  include <winsock2.h>
+#  include <ws2tcpip.h>
+#  include <windows.h>
+
+/* Windows has no struct iovec; the backends turn it into WSABUFs. */
+struct iovec {
+    void *iov_base;
+    size_t iov_len;
+};
+#  ifndef ESHUTDOWN
+#    define ESHUTDOWN WSAESHUTDOWN
+#  endif
+#  ifndef EHOSTDOWN
+#    define EHOSTDOWN WSAEHOSTDOWN
+#  endif
+#else
+#  include <arpa/inet.h>
+#  include <netdb.h>
+#  include <netinet/in.h>
+#  include <netinet/tcp.h>
+#  include <sys/socket.h>
+#  include <sys/uio.h>
+#  include <unistd.h>
+#endif
+
+/* A non-blocking, close-on-exec (not inherited) TCP socket, or -errno. On
+ * Windows it is also opened for overlapped I/O. */
+int cp__sock_stream(int family);
+/* A socket bound to sa and listening, or -errno. */
+int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog);
+/* closesocket() or close(). */
+void cp__sock_close(int fd);
+/* The last socket error of this thread as a negative errno value. */
+int cp__sock_err(void);
+/* setsockopt with an int value; 0 or -errno. */
+int cp__sock_setint(int fd, int level, int name, int value);
+/* Number of CPUs this process may run on (at least 1). */
+int cp__ncpu(void);
+/* Sleeps the calling thread. */
+void cp__sleep_ms(unsigned ms);
+
+#ifdef _WIN32
+/* Maps a Win32 or Winsock error code to a positive errno value. */
+int cp__win_errno(unsigned long code);
+#endif
+
+#endif

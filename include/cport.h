@@ -15,6 +15,14 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#ifdef _WIN32
+/* cport returns negative errno values on Windows too. The C runtime's errno.h
+ * has the POSIX network codes but not ESHUTDOWN; cport uses Winsock's value. */
+#  include <errno.h>
+#  ifndef ESHUTDOWN
+#    define ESHUTDOWN 10058
+#  endif
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -106,6 +114,15 @@ CP_API int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg);
 
 CP_API const char *cp_port_backend_name(const cp_port *port); /* "epoll", ... */
 CP_API int cp_port_workers(const cp_port *port);
+
+/* Blocks the calling thread until the process is asked to stop: SIGINT or
+ * SIGTERM on POSIX systems, Ctrl-C, Ctrl-Break or closing the console on
+ * Windows. Returns the signal number (SIGINT/SIGTERM; Windows reports the
+ * console events as SIGINT and SIGTERM too), or a negative errno. The first
+ * call installs the handlers; a stop request that arrives after that and
+ * before the call is not lost. Lets a server's main() wait the same way on
+ * every system. */
+CP_API int cp_wait_stop_signal(void);
 
 /* ------------------------------------------------------------------ job queues */
 

@@ -1,5 +1,7 @@
 /* The operating-system seam (see sys.h). */
-#include "sys.h"
+#include "internal.h"
+
+#include <string.h>
 
 #ifdef _WIN32
 
@@ -104,9 +106,84 @@ int cp__ncpu(void)
 
 void cp__sleep_ms(unsigned ms) { Sleep(ms); }
 
+static HANDLE stop_event;
+static volatile LONG stop_sig;
+
+static BOOL WINAPI on_console_event(DWORD type)
+{
+    InterlockedExchange(&stop_sig, type == CTRL_C_EVENT || type == CTRL_BREAK_EVENT ? 2 /* SIGINT */
+                                                                               : 15 /* SIGTERM */);
+    SetEvent(stop_event);
+    /* Returning TRUE for a console close would be ignored after a few seconds
+     * anyway; the main thread has that long to stop the server. */
+    return TRUE;
+}
+
+static INIT_ONCE stop_once = INIT_ONCE_STATIC_INIT;
+
+static BOOL CALLBACK stop_setup(PINIT_ONCE once, PVOID param, PVOID *ctx)
+{
+    (void)once, (void)param, (void)ctx;
+    stop_event = CreateEventW(NULL, TRUE, FALSE, NULL);
+    return stop_event && SetConsoleCtrlHandler(on_console_event, TRUE);
+}
+
+int cp_wait_stop_signal(void)
+{
+    if (!InitOnceExecuteOnce(&stop_once, stop_setup, NULL, NULL))
+        return -cp__win_errno(GetLastError());
+    if (WaitForSingleObject(stop_event, INFINITE) != WAIT_OBJECT_0)
+        return -cp__win_errno(GetLastError());
+    return (int)InterlockedCompareExchange(&stop_sig, 0, 0);
+}
+
 #else /* POSIX */
 
+#include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
 #include <time.h>
+
+/* A handler that posts a semaphore is async-signal-safe and works whatever
+ * the signal masks of the other threads are, so the caller need not block
+ * signals before the workers start. */
+static sem_t stop_sem;
+static volatile sig_atomic_t stop_sig;
+static pthread_once_t stop_once = PTHREAD_ONCE_INIT;
+static int stop_err;
+
+static void on_stop_signal(int sig)
+{
+    int saved = errno;
+    stop_sig = sig;
+    sem_post(&stop_sem);
+    errno = saved;
+}
+
+static void stop_setup(void)
+{
+    if (sem_init(&stop_sem, 0, 0) < 0) {
+        stop_err = -errno;
+        return;
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGINT, &sa, NULL) < 0 || sigaction(SIGTERM, &sa, NULL) < 0)
+        stop_err = -errno;
+}
+
+int cp_wait_stop_signal(void)
+{
+    pthread_once(&stop_once, stop_setup);
+    if (stop_err)
+        return stop_err;
+    while (sem_wait(&stop_sem) < 0)
+        if (errno != EINTR)
+            return -errno;
+    return stop_sig;
+}
 
 int cp__sock_err(void) { return -errno; }
 

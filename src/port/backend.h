@@ -51,6 +51,7 @@ struct cp_handle {
     unsigned on_ready : 1;  /* queued on the worker's ready list */
     unsigned hup : 1;       /* epoll: the peer closed or the socket failed */
     cp_handle *ready_next;
+    void *be;               /* IOCP: the backend's record of the socket */
 };
 
 typedef struct cp_backend_ops {
@@ -86,7 +87,11 @@ typedef struct cp_backend_ops {
     void (*close)(cp_worker *w, cp_handle *h);
 } cp_backend_ops;
 
+#ifdef _WIN32
+extern const cp_backend_ops cp__iocp_backend;
+#else
 extern const cp_backend_ops cp__epoll_backend;
+#endif
 #ifdef CP_HAVE_URING
 extern const cp_backend_ops cp__uring_backend;
 /* 0 if io_uring can be used here, else -errno with a reason for the log. */

@@ -431,6 +431,12 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
         return &cp__epoll_backend;
     }
 #endif
+#ifdef _WIN32
+    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_IOCP)
+        return &cp__iocp_backend;
+    *err = -ENOTSUP;
+    return NULL;
+#else
     switch (want) {
     case CP_BACKEND_AUTO:
     case CP_BACKEND_EPOLL:
@@ -441,6 +447,7 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
         *err = -ENOTSUP;
         return NULL;
     }
+#endif
 }
 
 static void port_free(cp_port *p)

@@ -98,6 +98,11 @@ typedef enum cp_backend {
 typedef struct cp_port_opts {
     int workers;        /* worker threads; 0 = one per CPU */
     cp_backend backend; /* CP_BACKEND_AUTO by default */
+    /* Windows (IOCP) only: recycle the sockets of closed sessions with
+     * DisconnectEx(TF_REUSE_SOCKET) and give them to AcceptEx again, instead
+     * of closing and opening sockets. Off by default: Wine does not implement
+     * it, so only the default path is tested in CI (docs/design.md). */
+    int iocp_reuse_sockets;
 } cp_port_opts;
 
 /* Creates a port and starts its workers. opts may be NULL.

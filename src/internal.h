@@ -96,6 +96,7 @@ struct cp_worker {
 struct cp_port {
     const cp_backend_ops *be;
     void *be_shared; /* backend state shared by the workers (IOCP's one port) */
+    bool reuse_sockets; /* cp_port_opts.iocp_reuse_sockets */
     int nworkers;
     cp_worker *workers;
     atomic_bool stopping;

@@ -44,7 +44,9 @@
 #define READS_PER_PASS 4
 #define ADDR_SPACE (sizeof(struct sockaddr_storage) + 16)
 
-enum io_what { IO_RECV0 = 1, IO_SEND, IO_CONNECT, IO_ACCEPT };
+enum io_what { IO_RECV0 = 1, IO_SEND, IO_CONNECT, IO_ACCEPT, IO_DISCONNECT };
+
+#define POOL_MAX 1024 /* recycled sockets kept per address family */
 
 typedef struct io_sock io_sock;
 
@@ -71,6 +73,7 @@ struct io_sock {
     int outstanding;   /* posted operations whose completion has not arrived */
     int family;
     io_ov rd, wr;
+    io_ov *dc;         /* DisconnectEx in flight (socket reuse only) */
     io_acc *acc;       /* listener: K accept slots */
     int nacc;
 };
@@ -80,7 +83,15 @@ typedef struct io_shared {
     int refs;
     LPFN_ACCEPTEX acceptex;
     LPFN_CONNECTEX connectex;
+    LPFN_DISCONNECTEX disconnectex;
     atomic_int zombies; /* closed io_socks still waiting for completions */
+    /* Socket reuse (cp_port_opts.iocp_reuse_sockets): disconnected sockets
+     * wait here, per family, for the next AcceptEx. Workers of any thread
+     * put and take, under the lock; the lists are short. */
+    bool reuse;
+    SRWLOCK pool_lock;
+    SOCKET pool[2][POOL_MAX];
+    int npool[2];
 } io_shared;
 
 typedef struct io_worker {
@@ -96,6 +107,41 @@ static int status_errno(const io_ov *o)
     return st == 0 ? 0 : cp__win_errno(RtlNtStatusToDosError(st));
 }
 
+/* ------------------------------------------------------------------ socket reuse */
+
+static int family_index(int family) { return family == AF_INET6; }
+
+/* Keeps a disconnected socket for a later AcceptEx, or closes it. */
+static void pool_put(io_shared *sh, int family, SOCKET s)
+{
+    int f = family_index(family);
+    AcquireSRWLockExclusive(&sh->pool_lock);
+    bool kept = sh->npool[f] < POOL_MAX;
+    if (kept)
+        sh->pool[f][sh->npool[f]++] = s;
+    ReleaseSRWLockExclusive(&sh->pool_lock);
+    if (!kept)
+        closesocket(s);
+}
+
+static SOCKET pool_take(io_shared *sh, int family)
+{
+    int f = family_index(family);
+    SOCKET s = INVALID_SOCKET;
+    AcquireSRWLockExclusive(&sh->pool_lock);
+    if (sh->npool[f] > 0)
+        s = sh->pool[f][--sh->npool[f]];
+    ReleaseSRWLockExclusive(&sh->pool_lock);
+    return s;
+}
+
+static void pool_close_all(io_shared *sh)
+{
+    for (int f = 0; f < 2; f++)
+        while (sh->npool[f] > 0)
+            closesocket(sh->pool[f][--sh->npool[f]]);
+}
+
 /* ------------------------------------------------------------------ set-up */
 
 static int load_extensions(io_shared *sh)
@@ -103,16 +149,24 @@ static int load_extensions(io_shared *sh)
     SOCKET s = socket(AF_INET, SOCK_STREAM, IPPROTO_TCP);
     if (s == INVALID_SOCKET)
         return cp__sock_err();
-    GUID ga = WSAID_ACCEPTEX, gc = WSAID_CONNECTEX;
+    GUID ga = WSAID_ACCEPTEX, gc = WSAID_CONNECTEX, gd = WSAID_DISCONNECTEX;
     DWORD n = 0;
     int r = 0;
     if (WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &ga, sizeof ga, &sh->acceptex,
                  sizeof sh->acceptex, &n, NULL, NULL) != 0 ||
         WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &gc, sizeof gc, &sh->connectex,
-                 sizeof sh->connectex, &n, NULL, NULL) != 0)
+                 sizeof sh->connectex, &n, NULL, NULL) != 0 ||
+        WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &gd, sizeof gd, &sh->disconnectex,
+                 sizeof sh->disconnectex, &n, NULL, NULL) != 0)
         r = cp__sock_err();
     closesocket(s);
     return r;
+}
+
+static bool running_on_wine(void)
+{
+    HMODULE nt = GetModuleHandleW(L"ntdll.dll");
+    return nt && GetProcAddress(nt, "wine_get_version") != NULL;
 }
 
 static int io_init(cp_worker *w)
@@ -140,6 +194,14 @@ static int io_init(cp_worker *w)
             free(iw);
             WSACleanup();
             return r;
+        }
+        InitializeSRWLock(&sh->pool_lock);
+        sh->reuse = w->port->reuse_sockets;
+        if (sh->reuse && running_on_wine()) {
+            /* Wine accepts DisconnectEx(TF_REUSE_SOCKET) but the recycled
+             * socket then fails every operation (WSAESHUTDOWN/WSAENOTSOCK). */
+            cp__log(CP_LOG_WARN, "iocp: socket reuse is not implemented by Wine; closing sockets instead");
+            sh->reuse = false;
         }
         w->port->be_shared = sh;
     }
@@ -181,6 +243,7 @@ static void io_fini(cp_worker *w)
         cp__self = w;
         reap_zombies(w, sh);
         cp__self = saved;
+        pool_close_all(sh);
         CloseHandle(sh->iocp);
         free(sh);
         w->port->be_shared = NULL;
@@ -224,10 +287,19 @@ static int io_attach(cp_worker *w, cp_handle *h)
     is->rd.is = is->wr.is = is;
     is->rd.what = IO_RECV0;
     is->rd.as = is->wr.as = INVALID_SOCKET;
-    if (!CreateIoCompletionPort((HANDLE)is->s, shared_of(w)->iocp, 0, 0)) {
+    io_shared *sh = shared_of(w);
+    /* A recycled socket is still associated with this port, and Windows
+     * refuses a second association with ERROR_INVALID_PARAMETER. */
+    if (!CreateIoCompletionPort((HANDLE)is->s, sh->iocp, 0, 0) &&
+        !(sh->reuse && GetLastError() == ERROR_INVALID_PARAMETER)) {
         int r = -cp__win_errno(GetLastError());
         free(is);
         return r;
+    }
+    if (sh->reuse) {
+        struct sockaddr_storage ss;
+        int len = sizeof ss;
+        is->family = getsockname(is->s, (struct sockaddr *)&ss, &len) == 0 ? ss.ss_family : AF_INET;
     }
     h->be = is;
     return 0;
@@ -325,10 +397,14 @@ static void do_recv(cp_worker *w, io_sock *is)
 static int post_accept(cp_worker *w, io_sock *is, io_acc *a)
 {
     io_ov *o = &a->o;
-    int fd = cp__sock_stream(is->family);
-    if (fd < 0)
-        return fd;
-    o->as = (SOCKET)fd;
+    io_shared *sh = shared_of(w);
+    o->as = sh->reuse ? pool_take(sh, is->family) : INVALID_SOCKET;
+    if (o->as == INVALID_SOCKET) {
+        int fd = cp__sock_stream(is->family);
+        if (fd < 0)
+            return fd;
+        o->as = (SOCKET)fd;
+    }
     memset(&o->ov, 0, sizeof o->ov);
     DWORD n = 0;
     if (!shared_of(w)->acceptex(is->s, o->as, a->addr, 0, ADDR_SPACE, ADDR_SPACE, &n, &o->ov) &&
@@ -395,12 +471,19 @@ static void complete(cp_worker *w, io_ov *o)
     int err = status_errno(o);
     if (!is->h) {
         /* Closed: only reap. */
+        if (o->what == IO_DISCONNECT) {
+            if (err)
+                closesocket(is->s);
+            else
+                pool_put(shared_of(w), is->family, is->s);
+        }
         if (o->as != INVALID_SOCKET) {
             closesocket(o->as);
             o->as = INVALID_SOCKET;
         }
         if (is->outstanding == 0) {
             free(is->acc);
+            free(is->dc);
             free(is);
             atomic_fetch_sub(&shared_of(w)->zombies, 1);
         }
@@ -570,7 +653,26 @@ static void free_sock(cp_worker *w, void *isp, void *unused)
     CP_UNUSED(unused);
     io_sock *is = isp;
     free(is->acc);
+    free(is->dc);
     free(is);
+}
+
+/* Socket reuse: cancel what is pending and disconnect; the socket goes to
+ * the pool when DisconnectEx completes. False if it could not be started
+ * (the caller closes the socket instead). */
+static bool disconnect_for_reuse(cp_worker *w, io_sock *is)
+{
+    if (!is->dc && !(is->dc = cp__xalloc(sizeof *is->dc)))
+        return false;
+    is->dc->is = is;
+    is->dc->what = IO_DISCONNECT;
+    is->dc->as = INVALID_SOCKET;
+    CancelIoEx((HANDLE)is->s, NULL);
+    if (!shared_of(w)->disconnectex(is->s, &is->dc->ov, TF_REUSE_SOCKET, 0) &&
+        WSAGetLastError() != ERROR_IO_PENDING)
+        return false;
+    posted(is->dc);
+    return true;
 }
 
 static void io_close(cp_worker *w, cp_handle *h)
@@ -588,7 +690,8 @@ static void io_close(cp_worker *w, cp_handle *h)
     io_sock *is = h->be;
     h->be = NULL;
     if (h->fd >= 0) {
-        closesocket((SOCKET)h->fd); /* aborts every pending operation on it */
+        if (!is || !shared_of(w)->reuse || is->acc || !disconnect_for_reuse(w, is))
+            closesocket((SOCKET)h->fd); /* aborts every pending operation on it */
         h->fd = -1;
     }
     if (!is)

@@ -486,6 +486,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
         return -ENOMEM;
     p->be = be;
     p->nworkers = o.workers;
+    p->reuse_sockets = o.iocp_reuse_sockets != 0;
     p->workers = cp__xalloc(sizeof *p->workers * (size_t)o.workers);
     if (!p->workers) {
         free(p);

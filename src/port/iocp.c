@@ -74,6 +74,7 @@ struct io_sock {
     int family;
     io_ov rd, wr;
     io_ov *dc;         /* DisconnectEx in flight (socket reuse only) */
+    cp_op *late_wr;    /* closed with a send in flight: its -ECANCELED waits for it */
     io_acc *acc;       /* listener: K accept slots */
     int nacc;
 };
@@ -470,7 +471,13 @@ static void complete(cp_worker *w, io_ov *o)
     is->outstanding--;
     int err = status_errno(o);
     if (!is->h) {
-        /* Closed: only reap. */
+        /* Closed: only reap, and release the send that was in flight. */
+        if (o == &is->wr && is->late_wr) {
+            cp_op *op = is->late_wr;
+            is->late_wr = NULL;
+            op->armed = 0;
+            op->cb(w, op, -ECANCELED, 0, NULL);
+        }
         if (o->what == IO_DISCONNECT) {
             if (err)
                 closesocket(is->s);
@@ -679,6 +686,15 @@ static void io_close(cp_worker *w, cp_handle *h)
 {
     if (h->on_ready)
         ready_unlink(w, h);
+    io_sock *is = h->be;
+    if (is && h->wr && is->wr.pending && is->wr.what == IO_SEND) {
+        /* The kernel may read the buffers of an overlapped send until its
+         * (aborted) completion comes back, and the session keeps them only
+         * while the send is armed: so that completion, not this close, ends
+         * the send. */
+        is->late_wr = h->wr;
+        h->wr = NULL;
+    }
     cp_op *ops[2] = {h->rd, h->wr};
     h->rd = h->wr = NULL;
     for (int i = 0; i < 2; i++) {
@@ -687,7 +703,6 @@ static void io_close(cp_worker *w, cp_handle *h)
             cp__worker_defer(w, ops[i], -ECANCELED);
         }
     }
-    io_sock *is = h->be;
     h->be = NULL;
     if (h->fd >= 0) {
         if (!is || !shared_of(w)->reuse || is->acc || !disconnect_for_reuse(w, is))

@@ -13,16 +13,47 @@
 #endif
 
 #include <errno.h>
-#include <stdarg.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <time.h>
 
+/* Everything that differs between POSIX systems and Windows lives in this
+ * header, behind these #ifdefs; the programs themselves have none. */
+#ifdef _WIN32
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  include <windows.h>
+#  include <psapi.h> /* GetProcessMemoryInfo (kernel32's K32 entry point) */
+#else
+#  include <sys/resource.h>
+#endif
+
 #include "cport.h"
+
+/* The printf format checker to use: on mingw-w64, plain "printf" means the
+ * Microsoft runtime's formats, which lack %zu and %llu; with _GNU_SOURCE the
+ * programs use mingw's own C99 printf, whose checker is "gnu_printf". */
+#ifdef __MINGW_PRINTF_FORMAT
+#  define TOOL_PRINTF __MINGW_PRINTF_FORMAT
+#else
+#  define TOOL_PRINTF printf
+#endif
+
+/* The --backend values this system offers, for the usage text and errors. */
+#ifdef _WIN32
+#  define TOOL_BACKEND_CHOICES "auto | iocp"
+#  define TOOL_BACKEND_LIST "auto or iocp"
+#else
+#  define TOOL_BACKEND_CHOICES "auto | epoll | uring"
+#  define TOOL_BACKEND_LIST "auto, epoll or uring"
+#endif
 
 /* Exit status for a command line we cannot use (bad, unknown or missing
  * argument, number out of range). 1 is kept for "ran but failed". */
@@ -30,7 +61,7 @@
 
 /* Prints "prog: <message>", then the program's usage, and exits with
  * TOOL_EXIT_USAGE. The programs' usage_error() wrappers forward to this. */
-__attribute__((noreturn, format(printf, 3, 0))) static inline void
+__attribute__((noreturn, format(TOOL_PRINTF, 3, 0))) static inline void
 tool_usage_vexit(const char *prog, void (*usage)(FILE *), const char *fmt, va_list ap)
 {
     fprintf(stderr, "%s: ", prog);
@@ -48,6 +79,19 @@ static inline uint64_t tool_now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Sleeps for about ns nanoseconds (Windows: whole milliseconds, rounded up). */
+static inline void tool_sleep_ns(uint64_t ns)
+{
+#ifdef _WIN32
+    uint64_t ms = (ns + 999999u) / 1000000u;
+    Sleep(ms > 0xfffffffeu ? 0xfffffffeu : (DWORD)ms);
+#else
+    struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000u), .tv_nsec = (long)(ns % 1000000000u) };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+#endif
 }
 
 /* Parses a whole decimal string into [min, max]. With allow_suffix, one of
@@ -108,15 +152,21 @@ static inline int tool_is_option(const char *opt, const char *const *names)
     return 0;
 }
 
-/* "auto" | "epoll" | "uring" → cp_backend. Returns 0 or -1. */
+/* "auto" | "epoll" | "uring" (Windows: "auto" | "iocp") → cp_backend.
+ * Returns 0 or -1. */
 static inline int tool_parse_backend(const char *text, cp_backend *out)
 {
     if (strcmp(text, "auto") == 0)
         *out = CP_BACKEND_AUTO;
+#ifdef _WIN32
+    else if (strcmp(text, "iocp") == 0)
+        *out = CP_BACKEND_IOCP;
+#else
     else if (strcmp(text, "epoll") == 0)
         *out = CP_BACKEND_EPOLL;
     else if (strcmp(text, "uring") == 0 || strcmp(text, "io_uring") == 0)
         *out = CP_BACKEND_URING;
+#endif
     else
         return -1;
     return 0;
@@ -153,34 +203,170 @@ static inline void tool_log_sink(cp_log_level level, const char *msg, void *ud)
 
 /* Raises the soft open-file limit to want (capped by the hard limit), because
  * the default soft limit (often 1024) is far below what a stress run needs.
- * Returns the soft limit in effect afterwards. */
-static inline rlim_t tool_raise_nofile(rlim_t want)
+ * Returns the soft limit in effect afterwards. Windows has no such limit
+ * (a socket is a handle, bounded by memory): UINT64_MAX. */
+static inline uint64_t tool_raise_nofile(uint64_t want)
 {
+#ifdef _WIN32
+    (void)want;
+    return UINT64_MAX;
+#else
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
         return 0;
     if (rl.rlim_cur < want) {
-        rlim_t target = (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want) ? rl.rlim_max : want;
+        rlim_t target = (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want) ? rl.rlim_max : (rlim_t)want;
         struct rlimit nrl = { .rlim_cur = target, .rlim_max = rl.rlim_max };
         if (setrlimit(RLIMIT_NOFILE, &nrl) == 0)
             rl.rlim_cur = target;
     }
-    return rl.rlim_cur;
+    return (uint64_t)rl.rlim_cur; /* RLIM_INFINITY is the largest value */
+#endif
 }
 
-/* Blocks SIGINT and SIGTERM in the calling thread and (because threads
- * inherit the mask) in every thread created afterwards, notably cport's
- * workers. Call before cp_port_create. The main thread then takes the signals
- * synchronously with sigwait/sigtimedwait, so no cport function ever runs in
- * a signal handler. SIGPIPE is ignored so that a write to a closed peer can
- * only ever produce EPIPE. */
-static inline void tool_block_stop_signals(sigset_t *set)
+/* Stop requests: SIGINT or SIGTERM on POSIX systems; Ctrl-C, Ctrl-Break or
+ * closing the console on Windows (reported as SIGINT and SIGTERM).
+ *
+ * One watcher thread calls cp_wait_stop_signal() and records what it returns.
+ * tool_stop_init() starts it before any other thread exists. On POSIX it
+ * returns only once the handlers are installed, and it then blocks SIGINT and
+ * SIGTERM in the calling thread, which every thread created later (cport's
+ * workers) inherits. So a signal that arrives at any point after that (even
+ * before the server listens, or right after) is never lost, it is always
+ * taken by the watcher, and no worker is ever interrupted by one. The main
+ * thread then either blocks (tool_stop_wait) or polls (tool_stop_requested). */
+
+/* 0 while no stop was requested; then SIGINT/SIGTERM, or a negative errno if
+ * cp_wait_stop_signal failed. */
+static inline atomic_int *tool_stop_state(void)
 {
-    sigemptyset(set);
-    sigaddset(set, SIGINT);
-    sigaddset(set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, set, NULL);
+    static atomic_int state;
+    return &state;
+}
+
+static inline pthread_t *tool_stop_thread(void)
+{
+    static pthread_t thread;
+    return &thread;
+}
+
+static inline void *tool_stop_watch(void *arg)
+{
+    (void)arg;
+#ifndef _WIN32
+    /* This thread takes the signals even if the process was started with
+     * them blocked (a parent's mask is inherited across exec). */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+#endif
+    int sig = cp_wait_stop_signal();
+    atomic_store(tool_stop_state(), sig != 0 ? sig : SIGTERM);
+    return NULL;
+}
+
+/* Call first in main, before cp_port_create. Returns 0 or a negative errno.
+ * POSIX: SIGPIPE is also ignored, so that a write to a closed peer can only
+ * ever produce EPIPE. */
+static inline int tool_stop_init(void)
+{
+#ifndef _WIN32
     signal(SIGPIPE, SIG_IGN);
+#endif
+    int rc = pthread_create(tool_stop_thread(), NULL, tool_stop_watch, NULL);
+    if (rc != 0)
+        return -rc;
+#ifndef _WIN32
+    /* cp_wait_stop_signal installs its handlers (SIGINT, then SIGTERM) on its
+     * first call: wait for that, so no signal meets the default action. */
+    for (int i = 0; i < 10000; i++) { /* 1 s at most; it takes microseconds */
+        int state = atomic_load(tool_stop_state());
+        if (state < 0)
+            return state;
+        struct sigaction sa;
+        if (state > 0 || (sigaction(SIGTERM, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL &&
+                          sa.sa_handler != SIG_IGN))
+            break;
+        tool_sleep_ns(100000);
+    }
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+#endif
+    return 0;
+}
+
+/* Blocks until a stop is requested. Returns SIGINT or SIGTERM, or a negative
+ * errno if waiting failed. Call once, after tool_stop_init. */
+static inline int tool_stop_wait(void)
+{
+    pthread_join(*tool_stop_thread(), NULL);
+    return atomic_load(tool_stop_state());
+}
+
+/* 0 while no stop was requested, then SIGINT or SIGTERM (or a negative errno
+ * if waiting failed). Any thread, never blocks. */
+static inline int tool_stop_requested(void)
+{
+    return atomic_load(tool_stop_state());
+}
+
+/* Resident memory (Windows: working set) of process pid in KiB, or -1 if it
+ * cannot be read or the process is gone. */
+static inline long tool_process_rss_kib(long pid)
+{
+#ifdef _WIN32
+    HANDLE h = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, FALSE, (DWORD)pid);
+    if (h == NULL)
+        return -1;
+    long kib = -1;
+    DWORD code = 0;
+    PROCESS_MEMORY_COUNTERS pmc;
+    if (GetExitCodeProcess(h, &code) && code == STILL_ACTIVE &&
+        GetProcessMemoryInfo(h, &pmc, sizeof pmc))
+        kib = (long)(pmc.WorkingSetSize / 1024u);
+    CloseHandle(h);
+    return kib;
+#else
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%ld/status", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return -1;
+    long kib = -1;
+    while (fgets(line, sizeof line, f) != NULL) {
+        if (strncmp(line, "VmRSS:", 6) == 0) {
+            kib = strtol(line + 6, NULL, 10);
+            break;
+        }
+    }
+    fclose(f);
+    return kib;
+#endif
+}
+
+/* aligned_alloc, which the Windows C runtime lacks; free with
+ * tool_aligned_free. size must be a multiple of align. */
+static inline void *tool_aligned_alloc(size_t align, size_t size)
+{
+#ifdef _WIN32
+    return _aligned_malloc(size, align);
+#else
+    return aligned_alloc(align, size);
+#endif
+}
+
+static inline void tool_aligned_free(void *p)
+{
+#ifdef _WIN32
+    _aligned_free(p);
+#else
+    free(p);
+#endif
 }
 
 #endif /* CPORT_TOOLS_COMMON_H */

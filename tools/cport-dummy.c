@@ -32,7 +32,6 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
-#include <unistd.h>
 
 static const char *const prog = "cport-dummy";
 
@@ -225,7 +224,7 @@ static uint64_t get(atomic_uint_fast64_t *c)
 
 /* Logs one error line, but only the first MAX_ERROR_LOGS of them: with
  * thousands of sessions one failure tends to come in thousands. */
-static void log_error(dummy_state *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void log_error(dummy_state *st, const char *fmt, ...) __attribute__((format(TOOL_PRINTF, 2, 3)));
 static void log_error(dummy_state *st, const char *fmt, ...)
 {
     int n = atomic_fetch_add(&st->error_logs, 1);
@@ -606,7 +605,7 @@ static void usage(FILE *out)
             "  --rate R          messages per second per session (default 1);\n"
             "                    0 = ping-pong, one message in flight (echo/packet)\n"
             "  --duration D      seconds of sending (default 10)\n"
-            "  --backend B       auto | epoll | uring (default auto)\n"
+            "  --backend B       " TOOL_BACKEND_CHOICES " (default auto)\n"
             "  --workers N       worker threads, 0 = one per CPU (default 0)\n"
             "  --server-pid PID  report that process's resident memory each second\n"
             "  --quiet           no progress lines, only the summary\n"
@@ -617,7 +616,7 @@ static void usage(FILE *out)
 }
 
 /* Prints what was wrong, then the usage, and exits with status 2. */
-static void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void usage_error(const char *fmt, ...) __attribute__((format(TOOL_PRINTF, 1, 2), noreturn));
 static void usage_error(const char *fmt, ...)
 {
     va_list ap;
@@ -689,7 +688,7 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
                 usage_error("bad --duration '%s' (seconds, up to 86400)", val);
         } else if (strcmp(opt, "--backend") == 0) {
             if (tool_parse_backend(val, &cfg->backend) != 0)
-                usage_error("bad --backend '%s' (auto, epoll or uring)", val);
+                usage_error("bad --backend '%s' (" TOOL_BACKEND_LIST ")", val);
         } else if (strcmp(opt, "--workers") == 0) {
             if (tool_parse_u64(val, 0, 1024, 0, &n) != 0)
                 usage_error("bad --workers '%s' (0..1024)", val);
@@ -716,25 +715,6 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
 }
 
 /* ------------------------------------------------------------------ progress */
-
-/* Resident memory of a process in KiB from /proc/PID/status, or -1. */
-static long read_rss_kib(long pid)
-{
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%ld/status", pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    long kib = -1;
-    while (fgets(line, sizeof line, f) != NULL) {
-        if (strncmp(line, "VmRSS:", 6) == 0) {
-            kib = strtol(line + 6, NULL, 10);
-            break;
-        }
-    }
-    fclose(f);
-    return kib;
-}
 
 static uint64_t total_sent(dummy_state *st)
 {
@@ -790,7 +770,7 @@ static void print_progress(dummy_state *st, progress *p, uint64_t now, const cha
     if (!st->cfg.quiet) {
         char rss[32] = "";
         if (st->cfg.server_pid > 0) {
-            long kib = read_rss_kib(st->cfg.server_pid);
+            long kib = tool_process_rss_kib(st->cfg.server_pid);
             if (kib >= 0)
                 snprintf(rss, sizeof rss, " server_rss=%.1fMiB", (double)kib / 1024.0);
             else
@@ -807,12 +787,15 @@ static void print_progress(dummy_state *st, progress *p, uint64_t now, const cha
     p->last_ns = now;
 }
 
-/* Waits up to timeout_ns for a stop signal. Returns true if one came. */
-static bool wait_for_signal(const sigset_t *set, uint64_t timeout_ns)
+/* Waits up to timeout_ns for a stop signal (SIGINT/SIGTERM; Windows: Ctrl-C,
+ * console close). Returns true if one came. */
+static bool wait_for_signal(uint64_t timeout_ns)
 {
-    struct timespec ts = { .tv_sec = (time_t)(timeout_ns / 1000000000u),
-                           .tv_nsec = (long)(timeout_ns % 1000000000u) };
-    int sig = sigtimedwait(set, NULL, &ts);
+    int sig = tool_stop_requested();
+    if (sig == 0) {
+        tool_sleep_ns(timeout_ns);
+        sig = tool_stop_requested();
+    }
     if (sig > 0) {
         fprintf(stderr, "%s: %s received, finishing early\n", prog, sig == SIGINT ? "SIGINT" : "SIGTERM");
         return true;
@@ -824,7 +807,7 @@ static bool wait_for_signal(const sigset_t *set, uint64_t timeout_ns)
 
 /* Waits until every session is ready (chat: in the room). Returns true if
  * they all are; false on timeout, failures or a signal. */
-static bool wait_ready(dummy_state *st, progress *p, const sigset_t *signals)
+static bool wait_ready(dummy_state *st, progress *p)
 {
     uint64_t deadline = p->started_ns + CONNECT_TIMEOUT_NS;
     for (;;) {
@@ -839,7 +822,7 @@ static bool wait_ready(dummy_state *st, progress *p, const sigset_t *signals)
             break;
         if (now - p->last_ns >= REPORT_NS)
             print_progress(st, p, now, "connect");
-        if (wait_for_signal(signals, 10 * TICK_NS))
+        if (wait_for_signal(10 * TICK_NS))
             return false;
     }
     int err = atomic_load(&st->last_connect_error);
@@ -856,7 +839,7 @@ static bool wait_ready(dummy_state *st, progress *p, const sigset_t *signals)
  * at start + j / (rate × sessions) and belongs to session j mod sessions: each
  * session sends at its rate, and the sessions' sends are spread evenly over
  * every second instead of all firing on the same tick. */
-static bool run_sending(dummy_state *st, progress *p, const sigset_t *signals)
+static bool run_sending(dummy_state *st, progress *p)
 {
     uint64_t start = tool_now_ns();
     uint64_t end = start + (uint64_t)(st->cfg.duration * 1e9);
@@ -889,7 +872,7 @@ static bool run_sending(dummy_state *st, progress *p, const sigset_t *signals)
             }
         }
         uint64_t until_end = end - now;
-        if (wait_for_signal(signals, until_end < TICK_NS ? until_end : TICK_NS)) {
+        if (wait_for_signal(until_end < TICK_NS ? until_end : TICK_NS)) {
             atomic_store(&st->sending, false);
             return false;
         }
@@ -920,8 +903,7 @@ static void wait_drained(dummy_state *st, progress *p)
             return;
         if (now - p->last_ns >= REPORT_NS)
             print_progress(st, p, now, "drain");
-        struct timespec ts = { 0, 5 * 1000000L };
-        nanosleep(&ts, NULL);
+        tool_sleep_ns(5 * TICK_NS);
     }
 }
 
@@ -977,7 +959,7 @@ static verdict judge(dummy_state *st)
 static int setup_state(dummy_state *st)
 {
     uint32_t n = st->cfg.sessions;
-    st->slots = aligned_alloc(64, sizeof *st->slots * n);
+    st->slots = tool_aligned_alloc(64, sizeof *st->slots * n);
     st->hists = calloc(HIST_THREADS, sizeof *st->hists);
     if (st->slots == NULL || st->hists == NULL)
         return -ENOMEM;
@@ -1004,7 +986,7 @@ static int setup_state(dummy_state *st)
 
 static void free_state(dummy_state *st)
 {
-    free(st->slots);
+    tool_aligned_free(st->slots);
     free(st->hists);
     free(st->chat_matrix);
     free(st->send_ring);
@@ -1095,11 +1077,16 @@ int main(int argc, char **argv)
     parse_args(argc, argv, &st->cfg);
     const dummy_config *cfg = &st->cfg;
 
-    sigset_t signals;
-    tool_block_stop_signals(&signals);
+    /* Before any other thread exists: SIGINT/SIGTERM (Windows: Ctrl-C, console
+     * close) are caught from here on, by a watcher thread, and polled below. */
+    int rc = tool_stop_init();
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot watch for stop signals: %s\n", prog, cp_strerror(rc));
+        return 1;
+    }
     cp_set_log(tool_log_sink, (void *)prog);
 
-    rlim_t want = (rlim_t)cfg->sessions + 256;
+    uint64_t want = (uint64_t)cfg->sessions + 256;
     if (tool_raise_nofile(want) < want) {
         fprintf(stderr, "%s: the open-file limit is below %llu, needed for %u sessions (ulimit -n)\n",
                 prog, (unsigned long long)want, cfg->sessions);
@@ -1144,7 +1131,7 @@ int main(int argc, char **argv)
                 cp_port_workers(port));
 
     cp_service *svc = NULL;
-    int rc = cp_client_start(&svc, port, &opts, &handlers, st);
+    rc = cp_client_start(&svc, port, &opts, &handlers, st);
     if (rc != 0) {
         fprintf(stderr, "%s: cannot start the client service: %s\n", prog, cp_strerror(rc));
         cp_port_destroy(port);
@@ -1154,9 +1141,9 @@ int main(int argc, char **argv)
 
     bool completed = false;
     uint64_t send_started = 0, send_ended = 0;
-    if (wait_ready(st, &prog_state, &signals)) {
+    if (wait_ready(st, &prog_state)) {
         send_started = tool_now_ns();
-        completed = run_sending(st, &prog_state, &signals);
+        completed = run_sending(st, &prog_state);
         send_ended = tool_now_ns();
         wait_drained(st, &prog_state);
         print_progress(st, &prog_state, tool_now_ns(), "end");

@@ -9,15 +9,14 @@
  *           one at a time, so no lock guards its member list.
  *
  * It prints one line when it listens and one stats line when SIGINT/SIGTERM
- * stops it. Exit status: 0 after a clean stop, 1 on a runtime failure, 2 for a
- * bad command line or a backend that is not available.
+ * (Windows: Ctrl-C, Ctrl-Break, closing the console) stops it. Exit status: 0
+ * after a clean stop, 1 on a runtime failure, 2 for a bad command line or a
+ * backend that is not available.
  */
 #include "common.h"
 
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
-#include <unistd.h>
 
 static const char *const prog = "cport-server";
 
@@ -67,7 +66,7 @@ static void usage(FILE *out)
             "  --host H              address to listen on (default 0.0.0.0)\n"
             "  --port P              TCP port, 0 picks a free one (default 7777)\n"
             "  --mode M              echo | packet | chat (default echo)\n"
-            "  --backend B           auto | epoll | uring (default auto)\n"
+            "  --backend B           " TOOL_BACKEND_CHOICES " (default auto)\n"
             "  --workers N           worker threads, 0 = one per CPU (default 0)\n"
             "  --max-sessions M      live sessions at most (default 10000)\n"
             "  --max-packet B        largest packet in bytes, header included, 4..65535\n"
@@ -82,7 +81,7 @@ static void usage(FILE *out)
 }
 
 /* Prints what was wrong, then the usage, and exits with status 2. */
-static void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void usage_error(const char *fmt, ...) __attribute__((format(TOOL_PRINTF, 1, 2), noreturn));
 static void usage_error(const char *fmt, ...)
 {
     va_list ap;
@@ -135,7 +134,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                 usage_error("bad --mode '%s' (echo, packet or chat)", val);
         } else if (strcmp(opt, "--backend") == 0) {
             if (tool_parse_backend(val, &cfg->backend) != 0)
-                usage_error("bad --backend '%s' (auto, epoll or uring)", val);
+                usage_error("bad --backend '%s' (" TOOL_BACKEND_LIST ")", val);
         } else if (strcmp(opt, "--workers") == 0) {
             if (tool_parse_u64(val, 0, 1024, 0, &n) != 0)
                 usage_error("bad --workers '%s' (0..1024)", val);
@@ -332,15 +331,19 @@ int main(int argc, char **argv)
     server_config cfg;
     parse_args(argc, argv, &cfg);
 
-    /* Before any thread exists, so that every worker inherits the mask. */
-    sigset_t stop_signals;
-    tool_block_stop_signals(&stop_signals);
+    /* Before any other thread exists: from here on SIGINT/SIGTERM (Windows:
+     * Ctrl-C, console close) are caught, and only by the watcher thread. */
+    int rc = tool_stop_init();
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot watch for stop signals: %s\n", prog, cp_strerror(rc));
+        return 1;
+    }
     cp_set_log(tool_log_sink, (void *)prog);
 
     /* Each session is one descriptor; leave room for the listener, the
      * backend's own descriptors and the sessions rejected beyond the limit. */
-    rlim_t want = (rlim_t)cfg.max_sessions + 1024;
-    rlim_t have = tool_raise_nofile(want);
+    uint64_t want = (uint64_t)cfg.max_sessions + 1024;
+    uint64_t have = tool_raise_nofile(want);
     if (have < want)
         fprintf(stderr, "%s: open-file limit is %llu, below the %llu that --max-sessions %u needs; "
                 "accepts will back off when it is reached\n",
@@ -352,7 +355,7 @@ int main(int argc, char **argv)
     if (status != 0)
         return status;
     if (cfg.mode == MODE_CHAT) {
-        int rc = cp_jobq_create(&the_room.q, port);
+        rc = cp_jobq_create(&the_room.q, port);
         if (rc != 0) {
             fprintf(stderr, "%s: cannot create the chat room: %s\n", prog, cp_strerror(rc));
             cp_port_destroy(port);
@@ -383,7 +386,7 @@ int main(int argc, char **argv)
         },
     };
     cp_service *svc = NULL;
-    int rc = cp_server_start(&svc, port, &opts, &handlers, &state);
+    rc = cp_server_start(&svc, port, &opts, &handlers, &state);
     if (rc != 0) {
         fprintf(stderr, "%s: cannot listen on %s:%u: %s\n", prog, cfg.host, cfg.port, cp_strerror(rc));
         if (state.room != NULL)
@@ -402,17 +405,20 @@ int main(int argc, char **argv)
     fflush(stdout);
     uint64_t started = tool_now_ns();
 
-    int sig = 0;
-    while (sigwait(&stop_signals, &sig) != 0)
-        ;
-    fprintf(stderr, "%s: %s received, stopping\n", prog, sig == SIGINT ? "SIGINT" : "SIGTERM");
+    status = 0;
+    int sig = tool_stop_wait();
+    if (sig < 0) {
+        fprintf(stderr, "%s: waiting for a stop signal failed: %s; stopping\n", prog, cp_strerror(sig));
+        status = 1;
+    } else {
+        fprintf(stderr, "%s: %s received, stopping\n", prog, sig == SIGINT ? "SIGINT" : "SIGTERM");
+    }
 
     /* Library counters (bytes, packets, rejected) are read before the stop
      * frees the service; the few bytes that arrive during the stop are not
      * worth a different design. */
     cp_service_stats lib;
     cp_service_stats_get(svc, &lib);
-    status = 0;
     rc = cp_service_stop(svc);
     if (rc != 0) {
         fprintf(stderr, "%s: cp_service_stop: %s\n", prog, cp_strerror(rc));

@@ -11,7 +11,7 @@ CMAKE_FLAGS ?=
 DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
-.PHONY: all deps build test check check-tsan run bench bench-quick bench-deps install clean fuzz soak
+.PHONY: all deps build test check check-tsan run bench bench-quick bench-deps install clean fuzz soak test-windows
 
 # make fuzz: libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each, on a scratch
 # copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
@@ -62,6 +62,12 @@ check-tsan: deps
 
 run: build
 	tools/run-main.sh $(BUILD)
+
+# The IOCP backend: cross-build with mingw-w64 (cmake/mingw-w64-x86_64.cmake)
+# and run the suite under Wine, headless. Installs mingw-w64 and Wine as root.
+WIN_BUILD ?= build-win
+test-windows:
+	BUILD_WIN=$(WIN_BUILD) tools/test-windows.sh
 
 # The peers (libuv, Asio) and the chart need more Debian packages: bench/run.sh --deps
 # installs them (as root) or prints the command; CMake then re-runs to find them.

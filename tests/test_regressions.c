@@ -63,8 +63,9 @@ Test(regressions, epoll_lost_eof_when_data_and_fin_arrive_together, .timeout = 3
  * client sent a packet and reset the connection at once (the input is in
  * tests/fuzz/crashes/). In a ring's fdinfo the session's multishot receive
  * then sits in the poll list after its one data completion, never woken by
- * the reset. This plain form of the pattern does not reproduce it; it pins
- * the behaviour down on both backends while the cause is open. */
+ * the reset. This plain form of the pattern does not reproduce it (the cause
+ * and its test are at uring_mshot_lost_reset below); it pins the behaviour
+ * down on both backends. */
 Test(regressions, session_ends_after_data_then_reset, .timeout = 60)
 {
     cpt_env e;

@@ -63,8 +63,9 @@ Test(regressions, epoll_lost_eof_when_data_and_fin_arrive_together, .timeout = 3
  * client sent a packet and reset the connection at once (the input is in
  * tests/fuzz/crashes/). In a ring's fdinfo the session's multishot receive
  * then sits in the poll list after its one data completion, never woken by
- * the reset. This plain form of the pattern does not reproduce it; it pins
- * the behaviour down on both backends while the cause is open. */
+ * the reset. This plain form of the pattern does not reproduce it (the cause
+ * and its test are at uring_mshot_lost_reset below); it pins the behaviour
+ * down on both backends. */
 Test(regressions, session_ends_after_data_then_reset, .timeout = 60)
 {
     cpt_env e;
@@ -107,6 +108,71 @@ Test(regressions, session_ends_after_data_and_reset_arrive_together, .timeout = 
     cpt_close_reset(b);
     CPT_AWAIT(cpt_stats(svc).disconnected == 1, 3000, "the reset session never ended");
     close(a);
+    cpt_xstop(svc);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+/* ------------------------------------------------------------------ uring_mshot_lost_reset */
+
+/* The cause of the fuzz_session finding (docs/reliability.md, finding 2): an
+ * io_uring multishot receive whose first attempt finds the socket empty arms
+ * a poll; when bytes and the peer's reset both land while that attempt holds
+ * the socket, the poll starts with IN|HUP|ERR set and a single reference, the
+ * kernel hands out the bytes, reads "0 bytes left" (tcp_inq_hint says 1 only
+ * after a FIN) as "wait for a wake-up", and no wake-up ever comes. The window
+ * is microseconds inside io_uring_enter, so no socket test hits it on demand;
+ * tests/fuzz/repro/uring_mshot_lost_reset.c shows the kernel side
+ * deterministically. cport's answer (src/port/uring.c, recheck_recvs) is to
+ * poll(2) every receive once it is armed and, when the socket was already
+ * reset, cancel the receive and go on with a single-shot one. This test
+ * drives that path every time: each client sends a packet and resets while
+ * on_connected keeps the only worker busy, so the reset is there before the
+ * receive is armed. Each session must get its packet and then end with
+ * CP_REASON_RESET. */
+
+static atomic_int lost_reset_connected, lost_reset_packets;
+
+static void lost_reset_on_connected(cp_session *s)
+{
+    (void)s;
+    atomic_fetch_add(&lost_reset_connected, 1);
+    cpt_sleep_ms(2); /* the client's bytes and reset arrive meanwhile */
+}
+
+static int lost_reset_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    (void)s;
+    if (id == 7 && len == 720 && body[0] == 0xb4 && body[719] == 0xb4)
+        atomic_fetch_add(&lost_reset_packets, 1);
+    return 0;
+}
+
+Test(regressions, uring_mshot_lost_reset_session_ends_with_its_bytes, .timeout = 60)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    atomic_store(&lost_reset_connected, 0);
+    atomic_store(&lost_reset_packets, 0);
+    cp_port *port = cpt_xport(1);
+    cp_handlers h = {.on_connected = lost_reset_on_connected, .on_packet = lost_reset_on_packet};
+    cp_service *svc = cpt_xserver(port, NULL, &h, NULL);
+    uint16_t p = cp_service_port(svc);
+    uint8_t body[720];
+    memset(body, 0xb4, sizeof body);
+    enum { N = 100 };
+    for (int i = 0; i < N; i++) {
+        int fd = cpt_xconnect(p);
+        CPT_AWAIT(atomic_load(&lost_reset_connected) > i, 5000, "session %d did not connect", i);
+        cpt_xsend_packet(fd, 7, body, sizeof body);
+        cpt_close_reset(fd);
+    }
+    CPT_AWAIT(cpt_stats(svc).sessions == 0 && cpt_stats(svc).disconnected == N, 5000,
+              "sessions still live after their clients sent and reset: %llu of %d",
+              (unsigned long long)cpt_stats(svc).sessions, N);
+    cr_expect_eq(atomic_load(&lost_reset_packets), N, "packets received: %d of %d",
+                 atomic_load(&lost_reset_packets), N);
+    cr_expect_eq(cpt_stats(svc).by_reason[CP_REASON_RESET], N);
     cpt_xstop(svc);
     cpt_xport_destroy(port);
     cpt_leak_end(&m);

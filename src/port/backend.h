@@ -38,6 +38,7 @@ struct cp_op {
     uint8_t armed;  /* submitted and not finally completed */
     uint16_t batch; /* accept: results handed over per readiness pass (K) */
     uint16_t gen;   /* io_uring: bumped per submission; stale completions differ */
+    uint8_t kicked; /* io_uring: the backend cancelled it to re-arm it (uring.c, recheck) */
     cp_handle *h;   /* io_uring: the handle it was submitted on */
     void *be;       /* backend-private per-operation storage */
 };
@@ -48,7 +49,7 @@ struct cp_handle {
     int fd;
     cp_op *rd;              /* armed accept or receive (multishot) */
     cp_op *wr;              /* armed connect or send */
-    unsigned on_ready : 1;  /* queued on the worker's ready list */
+    unsigned on_ready : 1;  /* epoll: on the worker's ready list; io_uring: on the recheck list */
     unsigned hup : 1;       /* epoll: the peer closed or the socket failed */
     cp_handle *ready_next;
     void *be;               /* IOCP: the backend's record of the socket */

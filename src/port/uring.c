@@ -1,12 +1,14 @@
 /*
  * The io_uring backend: one ring per worker.
  *
- * Accepts are multishot; receives are single-shot (ur_recv says why). Both
- * receive paths pick buffers from a provided-buffer ring of the worker, so an idle session owns no receive
+ * Accepts and receives are multishot. Receives pick buffers from a provided-
+ * buffer ring that belongs to the worker, so an idle session owns no receive
  * memory; a buffer goes back to the ring as soon as the completion's callback
- * has consumed it. Sends are sendmsg operations whose msghdr and iovec copy
- * live in a per-worker pool of send slots until the completion arrives. All
- * submissions of a round go to the kernel in one io_uring_enter.
+ * has consumed it. Every newly armed receive is rechecked once, right after
+ * the io_uring_enter that armed it (recheck_recvs says why). Sends are send or
+ * sendmsg operations whose msghdr and iovec copy live in a per-worker pool of
+ * send slots until the completion arrives. All submissions of a round go to
+ * the kernel in one io_uring_enter (two in a round that armed receives).
  *
  * user_data packs the op pointer with a 16-bit generation (bumped at every
  * submission): a completion whose generation differs from the op's is stale
@@ -22,6 +24,7 @@
 
 #include <errno.h>
 #include <liburing.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +39,7 @@
 #define UR_BUFSZ (32u * 1024u) /* large enough for 16 KiB messages in one piece */
 #define UR_IOV 64
 #define UR_BATCH 64
+#define UR_RECHECK 64           /* receives rechecked per poll(2) call */
 
 #define TAG_WAKE 1u
 #define TAG_IGNORE 2u
@@ -57,6 +61,7 @@ typedef struct ur_state {
     uint8_t *bufs;
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
+    cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
 } ur_state;
 
 static uint64_t ud_of(cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
@@ -288,21 +293,29 @@ static int ur_accept(cp_worker *w, cp_handle *h, cp_op *op)
     return 0;
 }
 
-static int ur_recv(cp_worker *w, cp_handle *h, cp_op *op)
+static void prep_recv(ur_state *st, cp_handle *h, cp_op *op, bool multishot)
 {
-    ur_state *st = w->be;
     struct io_uring_sqe *sqe = get_sqe(st);
-    /* A single-shot receive, re-armed by the core after each completion. A
-     * multishot receive is about 8% cheaper per message, but on this kernel
-     * it sometimes stayed parked in the poll list after a data completion and
-     * never saw the peer's reset, so the session never ended (fuzz_session,
-     * tests/fuzz/crashes/fuzz_session-uring-session-never-ends: 3 to 9 hangs
-     * in 15 replays with multishot, none with this). */
-    io_uring_prep_recv(sqe, h->fd, NULL, 0, 0);
+    if (multishot)
+        io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
+    else
+        io_uring_prep_recv(sqe, h->fd, NULL, 0, 0);
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = UR_BGID;
     submit_op(st, sqe, h, op);
     h->rd = op;
+}
+
+static int ur_recv(cp_worker *w, cp_handle *h, cp_op *op)
+{
+    ur_state *st = w->be;
+    prep_recv(st, h, op, true);
+    /* Rechecked once it is armed: see recheck_recvs. */
+    if (!h->on_ready) {
+        h->on_ready = 1;
+        h->ready_next = st->recheck;
+        st->recheck = h;
+    }
     return 0;
 }
 
@@ -348,6 +361,15 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
 static void ur_close(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
+    if (h->on_ready) {
+        for (cp_handle **p = &st->recheck; *p; p = &(*p)->ready_next) {
+            if (*p == h) {
+                *p = h->ready_next;
+                break;
+            }
+        }
+        h->on_ready = 0;
+    }
     cp_op *ops[2] = {h->rd, h->wr};
     for (int i = 0; i < 2; i++) {
         if (!ops[i])
@@ -385,6 +407,61 @@ static void recycle(ur_state *st, unsigned bid)
     /* Published all at once (one store) after the batch, in ur_poll. */
 }
 
+/*
+ * Why every newly armed multishot receive is rechecked.
+ *
+ * A multishot receive that finds the socket empty arms an internal poll. If
+ * bytes and the peer's reset both arrive while that first attempt holds the
+ * socket (they wait in the socket backlog and are processed when it lets go,
+ * before the poll is on the socket's wait queue), no wake-up is left to come:
+ * the poll is armed with IN|HUP|ERR already set and one reference. The kernel
+ * then receives the bytes (a completion with IORING_CQE_F_MORE) and decides
+ * from the socket's "bytes left" hint whether to receive again. That hint
+ * (tcp_inq_hint) reports 1 after a FIN but 0 after a reset, so the receive
+ * stops, stays armed, and is never woken again: the reset is lost and the
+ * session never ends (kernel 6.18; upstream a68ed2df7213 fixed the case of
+ * several wake-ups, not this one of a single activation). Seen as
+ * tests/fuzz/crashes/fuzz_session-uring-session-never-ends, reproduced
+ * deterministically by tests/fuzz/repro/uring_mshot_lost_reset.c.
+ *
+ * A hang needs the reset to have happened before the receive's poll was armed,
+ * and the poll is armed inside the io_uring_enter that submits the receive. So
+ * once that call has returned, one poll(2) over the receives it armed tells
+ * which sockets were already reset or failed then. Each of those has its
+ * receive cancelled (op->kicked), and the -ECANCELED completion is swallowed
+ * here and replaced with a single-shot receive, which reads what is left and
+ * then the error. A reset that comes later wakes the armed poll normally.
+ * Steady traffic costs nothing: one poll(2) per round that armed receives.
+ */
+static void recheck_recvs(ur_state *st)
+{
+    while (st->recheck) {
+        struct pollfd pf[UR_RECHECK];
+        cp_handle *hs[UR_RECHECK];
+        nfds_t n = 0;
+        while (st->recheck && n < UR_RECHECK) {
+            cp_handle *h = st->recheck;
+            st->recheck = h->ready_next;
+            h->on_ready = 0;
+            if (h->fd < 0 || !h->rd || h->rd->kind != CP_OP_RECV || !h->rd->armed || h->rd->kicked)
+                continue;
+            pf[n] = (struct pollfd){.fd = h->fd, .events = POLLRDHUP};
+            hs[n++] = h;
+        }
+        if (!n || poll(pf, n, 0) <= 0)
+            continue;
+        for (nfds_t i = 0; i < n; i++) {
+            if (!(pf[i].revents & (POLLHUP | POLLERR)))
+                continue;
+            cp_op *op = hs[i]->rd;
+            op->kicked = 1;
+            struct io_uring_sqe *sqe = get_sqe(st);
+            io_uring_prep_cancel64(sqe, ud_of(op), 0);
+            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        }
+    }
+}
+
 static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned flags)
 {
     if (ud == TAG_WAKE) {
@@ -400,6 +477,15 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         cp_op *op = (cp_op *)(uintptr_t)(ud & PTR_MASK);
         if ((uint16_t)(ud >> 48) == op->gen) {
             bool more = flags & IORING_CQE_F_MORE;
+            if (!more && op->kicked) {
+                op->kicked = 0;
+                if (res == -ECANCELED && op->h->fd >= 0) {
+                    /* Cancelled by recheck_recvs, not by a close: receive on
+                     * with a single-shot receive; the core sees no gap. */
+                    prep_recv(st, op->h, op, false);
+                    goto out;
+                }
+            }
             if (!more) {
                 cp_handle *h = op->h;
                 if (h->rd == op)
@@ -418,6 +504,7 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         }
         /* else: a completion for an earlier submission of this op; drop it */
     }
+out:
     if (has_buf)
         recycle(st, bid);
 }
@@ -427,6 +514,13 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     ur_state *st = w->be;
     if (!st->wake_armed)
         arm_wake(st);
+    if (st->recheck) {
+        /* Arm this round's receives first, then recheck them (before any
+         * blocking wait, which a lost reset would make endless). */
+        io_uring_submit(&st->ring);
+        if (!io_uring_sq_ready(&st->ring))
+            recheck_recvs(st);
+    }
     int r;
     if (timeout_ms == 0) {
         r = io_uring_submit_and_get_events(&st->ring);

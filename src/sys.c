@@ -179,6 +179,13 @@ int cp_wait_stop_signal(void)
     pthread_once(&stop_once, stop_setup);
     if (stop_err)
         return stop_err;
+    /* A process may start with these signals blocked (the mask is inherited
+     * across exec); then no thread might ever take them. This one will. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
     while (sem_wait(&stop_sem) < 0)
         if (errno != EINTR)
             return -errno;

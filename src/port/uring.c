@@ -514,21 +514,30 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     ur_state *st = w->be;
     if (!st->wake_armed)
         arm_wake(st);
-    if (st->recheck) {
-        /* Arm this round's receives first, then recheck them (before any
-         * blocking wait, which a lost reset would make endless). */
-        io_uring_submit(&st->ring);
-        if (!io_uring_sq_ready(&st->ring))
-            recheck_recvs(st);
-    }
-    int r;
-    if (timeout_ms == 0) {
+    /* Receives armed since the last poll are rechecked right after the
+     * io_uring_enter below has armed them, and before any blocking wait (which
+     * a lost reset would make endless): a round that armed receives does not
+     * wait, it only collects what is ready. */
+    bool recheck = st->recheck != NULL;
+    int r = 0;
+    if (io_uring_cq_ready(&st->ring) >= UR_BATCH) {
+        /* This round's batch is already in the completion queue: submit, but
+         * do not ask for more. With DEFER_TASKRUN, asking would run every
+         * pending receive into a provided buffer, growing a backlog that this
+         * worker takes 64 at a time until the buffers run out (each receive
+         * then ends with ENOBUFS and is re-armed). Nothing to submit: no
+         * system call at all. */
+        if (io_uring_sq_ready(&st->ring))
+            r = io_uring_submit(&st->ring);
+    } else if (timeout_ms == 0 || recheck) {
         r = io_uring_submit_and_get_events(&st->ring);
     } else {
         struct io_uring_cqe *cqe;
         struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
         r = io_uring_submit_and_wait_timeout(&st->ring, &cqe, 1, timeout_ms > 0 ? &ts : NULL, NULL);
     }
+    if (recheck && !io_uring_sq_ready(&st->ring))
+        recheck_recvs(st); /* its cancellations go out with the next submission */
     if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
         return r;
     w->now_ns = cp__now_ns();

@@ -23,6 +23,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
 #include <stdio.h>
@@ -43,8 +44,13 @@
 #define UR_RECHECK 64           /* receives rechecked per poll(2) call */
 #define UR_FILES 65536          /* registered-file table size at most (index = fd) */
 
+#ifndef WAKE_MSG_RING_DEFAULT
+#define WAKE_MSG_RING_DEFAULT 1
+#endif
+
 #define TAG_WAKE 1u
 #define TAG_IGNORE 2u
+#define TAG_MSG_WAKE 3u /* a wake-up posted by another worker's ring (IORING_OP_MSG_RING) */
 #define PTR_MASK ((UINT64_C(1) << 48) - 1)
 
 typedef struct ur_slot {
@@ -65,7 +71,15 @@ typedef struct ur_state {
     ur_slot *free_slots;
     cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
     unsigned nfiles;      /* size of the registered-file table; 0 = none */
+    int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
+                           * wake-ups, open until ur_fini (after every worker has stopped) */
 } ur_state;
+
+/* How a worker wakes another worker of its port (threads that are not workers
+ * always write the eventfd): 1 = IORING_OP_MSG_RING from the waker's own ring,
+ * 0 = the eventfd. Chosen once by the probe; CP_URING_WAKE=eventfd|msgring
+ * overrides it (for measurements). */
+static int wake_msg_ring;
 
 static uint64_t ud_of(cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
 
@@ -175,6 +189,14 @@ static void *probe_thread(void *unused)
             r = -ENOTSUP;
             reason = "the kernel's io_uring lacks an operation cport needs";
         }
+        if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
+            (ring.features & IORING_FEAT_CQE_SKIP))
+            wake_msg_ring = WAKE_MSG_RING_DEFAULT;
+        const char *env = getenv("CP_URING_WAKE");
+        if (env && !strcmp(env, "eventfd"))
+            wake_msg_ring = 0;
+        else if (env && !strcmp(env, "msgring") && p && io_uring_opcode_supported(p, IORING_OP_MSG_RING))
+            wake_msg_ring = 1;
         if (p)
             io_uring_free_probe(p);
         if (!r) {
@@ -206,6 +228,7 @@ static int ur_init(cp_worker *w)
     ur_state *st = cp__xalloc(sizeof *st);
     if (!st)
         return -ENOMEM;
+    st->msg_fd = -1;
     st->evfd = eventfd(0, EFD_CLOEXEC);
     if (st->evfd < 0) {
         int err = -errno;
@@ -225,6 +248,8 @@ static int ur_thread_init(cp_worker *w)
     if (r < 0)
         return r;
     st->ring_up = true;
+    if (wake_msg_ring)
+        st->msg_fd = fcntl(st->ring.ring_fd, F_DUPFD_CLOEXEC, 0);
     /* Saves the ring-file lookup on every io_uring_enter; optional. */
     (void)io_uring_register_ring_fd(&st->ring);
     /* A sparse file table indexed by descriptor number, so that sends and
@@ -261,8 +286,12 @@ fail:
 static void ur_thread_fini(cp_worker *w)
 {
     ur_state *st = w->be;
-    if (st->ring_up)
+    if (st->ring_up) {
+        /* Wake-ups for other workers may still wait in the submission queue. */
+        if (io_uring_sq_ready(&st->ring))
+            io_uring_submit(&st->ring);
         io_uring_queue_exit(&st->ring);
+    }
     st->ring_up = false;
     if (st->br && st->br != MAP_FAILED)
         munmap(st->br, sizeof(struct io_uring_buf) * UR_NBUFS);
@@ -283,13 +312,34 @@ static void ur_fini(cp_worker *w)
     if (!st)
         return;
     close(st->evfd);
+    if (st->msg_fd >= 0)
+        close(st->msg_fd);
     free(st);
     w->be = NULL;
 }
 
+/*
+ * A worker waking another worker of the same port puts an IORING_OP_MSG_RING
+ * on its own ring: the target gets a completion (and returns from its wait)
+ * without an eventfd write on this side or a read to re-arm on the other, and
+ * the request goes to the kernel with this worker's next io_uring_enter,
+ * which follows at once (wake-ups are sent at the end of a round). Other
+ * threads, and a worker whose target has no ring yet, write the eventfd.
+ */
 static void ur_wake(cp_worker *w)
 {
     ur_state *st = w->be;
+    cp_worker *self = cp__self;
+    if (wake_msg_ring && self && self != w && self->port == w->port && st->msg_fd >= 0) {
+        ur_state *me = self->be;
+        if (me && me->ring_up) {
+            struct io_uring_sqe *sqe = get_sqe(me);
+            io_uring_prep_msg_ring(sqe, st->msg_fd, 0, TAG_MSG_WAKE, 0);
+            sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+            return;
+        }
+    }
     uint64_t one = 1;
     while (write(st->evfd, &one, sizeof one) < 0 && errno == EINTR)
         ;
@@ -509,6 +559,8 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         st->wake_armed = false;
         return;
     }
+    if (ud == TAG_MSG_WAKE)
+        return;
     const uint8_t *data = NULL;
     bool has_buf = flags & IORING_CQE_F_BUFFER;
     unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;

@@ -8,7 +8,8 @@
  * the io_uring_enter that armed it (recheck_recvs says why). Sends are send or
  * sendmsg operations whose msghdr and iovec copy live in a per-worker pool of
  * send slots until the completion arrives. All submissions of a round go to
- * the kernel in one io_uring_enter (two in a round that armed receives).
+ * the kernel in one io_uring_enter. Sockets sit in a registered file table
+ * (index = descriptor), so requests skip the kernel's file lookup.
  *
  * user_data packs the op pointer with a 16-bit generation (bumped at every
  * submission): a completion whose generation differs from the op's is stale
@@ -17,8 +18,9 @@
  * told, so the owner's memory outlives every completion that names it.
  *
  * Ring set-up: SINGLE_ISSUER + DEFER_TASKRUN where the kernel has them, else
- * COOP_TASKRUN, else nothing. Other threads never touch a ring: they write the worker's eventfd, which a
- * read operation on the ring keeps watching.
+ * COOP_TASKRUN, else nothing. Other threads never touch a ring: a worker wakes
+ * another with an IORING_OP_MSG_RING on its own ring; any other thread writes
+ * the worker's eventfd, which a read operation on the ring keeps watching.
  */
 #include "internal.h"
 
@@ -522,7 +524,8 @@ static void recycle(ur_state *st, unsigned bid)
  * receive cancelled (op->kicked), and the -ECANCELED completion is swallowed
  * here and replaced with a single-shot receive, which reads what is left and
  * then the error. A reset that comes later wakes the armed poll normally.
- * Steady traffic costs nothing: one poll(2) per round that armed receives.
+ * Steady traffic costs nothing: one poll(2) per round that armed receives,
+ * after that round's only io_uring_enter (which then does not wait).
  */
 static void recheck_recvs(ur_state *st)
 {

@@ -491,12 +491,12 @@ int cp__session_request_close(cp_session *s, cp_reason reason)
 }
 
 /* On the owner: append to the queue; the write happens at the end of the round. */
-static int queue_local(cp_session *s, cp_sendbuf *b)
+static int queue_push(cp_session *s, cp_sendbuf *b)
 {
     if (!connected(s))
         return -ENOTCONN;
     if (b->len == 0)
-        return 0;
+        return 1; /* nothing to queue */
     if (s->sq.bytes + b->len > s->svc->send_queue_limit) {
         cp__session_request_close(s, CP_REASON_SEND_OVERFLOW);
         return -ENOBUFS;
@@ -505,7 +505,6 @@ static int queue_local(cp_session *s, cp_sendbuf *b)
         cp__session_request_close(s, CP_REASON_NO_MEMORY);
         return -ENOMEM;
     }
-    cp_sendbuf_ref(b);
     if (!s->dirty && !s->wr.armed) {
         s->dirty = true;
         cp_session_ref(s); /* the dirty list's reference */
@@ -513,6 +512,25 @@ static int queue_local(cp_session *s, cp_sendbuf *b)
         s->owner->dirty = s;
     }
     return 0;
+}
+
+/* The queue takes a reference of its own. */
+static int queue_local(cp_session *s, cp_sendbuf *b)
+{
+    int r = queue_push(s, b);
+    if (r == 0)
+        cp_sendbuf_ref(b);
+    return r > 0 ? 0 : r;
+}
+
+/* The caller's reference passes to the queue (or is dropped if the buffer is
+ * not queued): saves a reference count pair on every message. */
+static int queue_local_owned(cp_session *s, cp_sendbuf *b)
+{
+    int r = queue_push(s, b);
+    if (r != 0)
+        cp_sendbuf_unref(b);
+    return r > 0 ? 0 : r;
 }
 
 void cp__session_flush_dirty(cp_worker *w)
@@ -532,8 +550,7 @@ static void msg_send(cp_worker *w, void *sp, void *bp)
 {
     CP_UNUSED(w);
     cp_session *s = sp;
-    queue_local(s, bp);
-    cp_sendbuf_unref(bp);
+    queue_local_owned(s, bp); /* the message's reference */
     cp_session_unref(s);
 }
 
@@ -563,9 +580,15 @@ int cp_session_send_copy(cp_session *s, const void *data, size_t len)
     cp_sendbuf *b = cp_sendbuf_copy(data, len);
     if (!b)
         return -ENOMEM;
-    int r = cp__session_send(s, b);
-    cp_sendbuf_unref(b);
-    return r;
+    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_DISCONNECTING) {
+        cp_sendbuf_unref(b);
+        return -ENOTCONN;
+    }
+    if (cp__self == s->owner)
+        return queue_local_owned(s, b); /* the copy's only reference goes to the queue */
+    cp_session_ref(s);
+    cp__send_msg(s->owner, msg_send, s, b); /* and here to the message */
+    return 0;
 }
 
 /* ------------------------------------------------------------------ disconnect */

@@ -51,6 +51,7 @@ struct cp_handle {
     cp_op *wr;              /* armed connect or send */
     unsigned on_ready : 1;  /* epoll: on the worker's ready list; io_uring: on the recheck list */
     unsigned hup : 1;       /* epoll: the peer closed or the socket failed */
+    unsigned fixed : 1;     /* io_uring: in the ring's file table, at index fd */
     cp_handle *ready_next;
     void *be;               /* IOCP: the backend's record of the socket */
 };

@@ -8,7 +8,8 @@
  * the io_uring_enter that armed it (recheck_recvs says why). Sends are send or
  * sendmsg operations whose msghdr and iovec copy live in a per-worker pool of
  * send slots until the completion arrives. All submissions of a round go to
- * the kernel in one io_uring_enter (two in a round that armed receives).
+ * the kernel in one io_uring_enter. Sockets sit in a registered file table
+ * (index = descriptor), so requests skip the kernel's file lookup.
  *
  * user_data packs the op pointer with a 16-bit generation (bumped at every
  * submission): a completion whose generation differs from the op's is stale
@@ -17,12 +18,14 @@
  * told, so the owner's memory outlives every completion that names it.
  *
  * Ring set-up: SINGLE_ISSUER + DEFER_TASKRUN where the kernel has them, else
- * COOP_TASKRUN, else nothing. Other threads never touch a ring: they write the worker's eventfd, which a
- * read operation on the ring keeps watching.
+ * COOP_TASKRUN, else nothing. Other threads never touch a ring: a worker wakes
+ * another with an IORING_OP_MSG_RING on its own ring; any other thread writes
+ * the worker's eventfd, which a read operation on the ring keeps watching.
  */
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
 #include <stdio.h>
@@ -30,6 +33,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define UR_ENTRIES 1024
@@ -40,9 +44,15 @@
 #define UR_IOV 64
 #define UR_BATCH 64
 #define UR_RECHECK 64           /* receives rechecked per poll(2) call */
+#define UR_FILES 65536          /* registered-file table size at most (index = fd) */
+
+#ifndef WAKE_MSG_RING_DEFAULT
+#define WAKE_MSG_RING_DEFAULT 1
+#endif
 
 #define TAG_WAKE 1u
 #define TAG_IGNORE 2u
+#define TAG_MSG_WAKE 3u /* a wake-up posted by another worker's ring (IORING_OP_MSG_RING) */
 #define PTR_MASK ((UINT64_C(1) << 48) - 1)
 
 typedef struct ur_slot {
@@ -62,7 +72,16 @@ typedef struct ur_state {
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
     cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
+    unsigned nfiles;      /* size of the registered-file table; 0 = none */
+    int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
+                           * wake-ups, open until ur_fini (after every worker has stopped) */
 } ur_state;
+
+/* How a worker wakes another worker of its port (threads that are not workers
+ * always write the eventfd): 1 = IORING_OP_MSG_RING from the waker's own ring,
+ * 0 = the eventfd. Chosen once by the probe; CP_URING_WAKE=eventfd|msgring
+ * overrides it (for measurements). */
+static int wake_msg_ring;
 
 static uint64_t ud_of(cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
 
@@ -75,6 +94,14 @@ static struct io_uring_sqe *get_sqe(ur_state *st)
         sqe = io_uring_get_sqe(&st->ring);
     }
     return sqe;
+}
+
+/* Operations on a registered socket name it by its table index (its fd) and
+ * skip the kernel's per-request file lookup and reference (fget/fput). */
+static void use_file(struct io_uring_sqe *sqe, const cp_handle *h)
+{
+    if (h->fixed)
+        sqe->flags |= IOSQE_FIXED_FILE;
 }
 
 static void submit_op(ur_state *st, struct io_uring_sqe *sqe, cp_handle *h, cp_op *op)
@@ -164,6 +191,14 @@ static void *probe_thread(void *unused)
             r = -ENOTSUP;
             reason = "the kernel's io_uring lacks an operation cport needs";
         }
+        if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
+            (ring.features & IORING_FEAT_CQE_SKIP))
+            wake_msg_ring = WAKE_MSG_RING_DEFAULT;
+        const char *env = getenv("CP_URING_WAKE");
+        if (env && !strcmp(env, "eventfd"))
+            wake_msg_ring = 0;
+        else if (env && !strcmp(env, "msgring") && p && io_uring_opcode_supported(p, IORING_OP_MSG_RING))
+            wake_msg_ring = 1;
         if (p)
             io_uring_free_probe(p);
         if (!r) {
@@ -195,6 +230,7 @@ static int ur_init(cp_worker *w)
     ur_state *st = cp__xalloc(sizeof *st);
     if (!st)
         return -ENOMEM;
+    st->msg_fd = -1;
     st->evfd = eventfd(0, EFD_CLOEXEC);
     if (st->evfd < 0) {
         int err = -errno;
@@ -214,8 +250,19 @@ static int ur_thread_init(cp_worker *w)
     if (r < 0)
         return r;
     st->ring_up = true;
+    if (wake_msg_ring)
+        st->msg_fd = fcntl(st->ring.ring_fd, F_DUPFD_CLOEXEC, 0);
     /* Saves the ring-file lookup on every io_uring_enter; optional. */
     (void)io_uring_register_ring_fd(&st->ring);
+    /* A sparse file table indexed by descriptor number, so that sends and
+     * receives skip the per-request file lookup; optional. Descriptors at or
+     * above its size are used unregistered. */
+    struct rlimit rl;
+    unsigned nfiles = UR_FILES;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < nfiles)
+        nfiles = (unsigned)rl.rlim_cur;
+    if (io_uring_register_files_sparse(&st->ring, nfiles) == 0)
+        st->nfiles = nfiles;
     size_t brsz = sizeof(struct io_uring_buf) * UR_NBUFS;
     st->br = mmap(NULL, brsz, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
     st->bufs = mmap(NULL, (size_t)UR_NBUFS * UR_BUFSZ, PROT_READ | PROT_WRITE,
@@ -241,8 +288,12 @@ fail:
 static void ur_thread_fini(cp_worker *w)
 {
     ur_state *st = w->be;
-    if (st->ring_up)
+    if (st->ring_up) {
+        /* Wake-ups for other workers may still wait in the submission queue. */
+        if (io_uring_sq_ready(&st->ring))
+            io_uring_submit(&st->ring);
         io_uring_queue_exit(&st->ring);
+    }
     st->ring_up = false;
     if (st->br && st->br != MAP_FAILED)
         munmap(st->br, sizeof(struct io_uring_buf) * UR_NBUFS);
@@ -263,13 +314,34 @@ static void ur_fini(cp_worker *w)
     if (!st)
         return;
     close(st->evfd);
+    if (st->msg_fd >= 0)
+        close(st->msg_fd);
     free(st);
     w->be = NULL;
 }
 
+/*
+ * A worker waking another worker of the same port puts an IORING_OP_MSG_RING
+ * on its own ring: the target gets a completion (and returns from its wait)
+ * without an eventfd write on this side or a read to re-arm on the other, and
+ * the request goes to the kernel with this worker's next io_uring_enter,
+ * which follows at once (wake-ups are sent at the end of a round). Other
+ * threads, and a worker whose target has no ring yet, write the eventfd.
+ */
 static void ur_wake(cp_worker *w)
 {
     ur_state *st = w->be;
+    cp_worker *self = cp__self;
+    if (wake_msg_ring && self && self != w && self->port == w->port && st->msg_fd >= 0) {
+        ur_state *me = self->be;
+        if (me && me->ring_up) {
+            struct io_uring_sqe *sqe = get_sqe(me);
+            io_uring_prep_msg_ring(sqe, st->msg_fd, 0, TAG_MSG_WAKE, 0);
+            sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+            return;
+        }
+    }
     uint64_t one = 1;
     while (write(st->evfd, &one, sizeof one) < 0 && errno == EINTR)
         ;
@@ -277,9 +349,15 @@ static void ur_wake(cp_worker *w)
 
 /* ------------------------------------------------------------------ operations */
 
+/* Registering costs one system call per connection and saves a file lookup
+ * and an atomic reference count pair on every send. */
 static int ur_attach(cp_worker *w, cp_handle *h)
 {
-    CP_UNUSED(w);
+    ur_state *st = w->be;
+    h->fixed = 0;
+    if (h->fd >= 0 && (unsigned)h->fd < st->nfiles &&
+        io_uring_register_files_update(&st->ring, (unsigned)h->fd, &h->fd, 1) == 1)
+        h->fixed = 1;
     return 0;
 }
 
@@ -300,6 +378,7 @@ static void prep_recv(ur_state *st, cp_handle *h, cp_op *op, bool multishot)
         io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
     else
         io_uring_prep_recv(sqe, h->fd, NULL, 0, 0);
+    use_file(sqe, h);
     sqe->flags |= IOSQE_BUFFER_SELECT;
     sqe->buf_group = UR_BGID;
     submit_op(st, sqe, h, op);
@@ -352,6 +431,7 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
         slot->mh.msg_iovlen = (size_t)iovcnt;
         io_uring_prep_sendmsg(sqe, h->fd, &slot->mh, MSG_NOSIGNAL);
     }
+    use_file(sqe, h);
     submit_op(st, sqe, h, op);
     op->be = slot;
     h->wr = op;
@@ -377,6 +457,19 @@ static void ur_close(cp_worker *w, cp_handle *h)
         struct io_uring_sqe *sqe = get_sqe(st);
         io_uring_prep_cancel64(sqe, ud_of(ops[i]), 0);
         io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    }
+    if (h->fixed) {
+        /* Empty the table slot now, before the descriptor number can be
+         * reused; operations still in flight keep the socket open until they
+         * complete, as with a plain descriptor. */
+        int none = -1;
+        if (io_uring_register_files_update(&st->ring, (unsigned)h->fd, &none, 1) != 1) {
+            static int none_async = -1;
+            struct io_uring_sqe *sqe = get_sqe(st);
+            io_uring_prep_files_update(sqe, &none_async, 1, h->fd);
+            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        }
+        h->fixed = 0;
     }
     /* An operation prepared in this round but not yet submitted would find
      * the descriptor closed (EBADF); submit first so it starts, then cancel. */
@@ -431,7 +524,8 @@ static void recycle(ur_state *st, unsigned bid)
  * receive cancelled (op->kicked), and the -ECANCELED completion is swallowed
  * here and replaced with a single-shot receive, which reads what is left and
  * then the error. A reset that comes later wakes the armed poll normally.
- * Steady traffic costs nothing: one poll(2) per round that armed receives.
+ * Steady traffic costs nothing: one poll(2) per round that armed receives,
+ * after that round's only io_uring_enter (which then does not wait).
  */
 static void recheck_recvs(ur_state *st)
 {
@@ -468,6 +562,8 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         st->wake_armed = false;
         return;
     }
+    if (ud == TAG_MSG_WAKE)
+        return;
     const uint8_t *data = NULL;
     bool has_buf = flags & IORING_CQE_F_BUFFER;
     unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
@@ -514,21 +610,30 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     ur_state *st = w->be;
     if (!st->wake_armed)
         arm_wake(st);
-    if (st->recheck) {
-        /* Arm this round's receives first, then recheck them (before any
-         * blocking wait, which a lost reset would make endless). */
-        io_uring_submit(&st->ring);
-        if (!io_uring_sq_ready(&st->ring))
-            recheck_recvs(st);
-    }
-    int r;
-    if (timeout_ms == 0) {
+    /* Receives armed since the last poll are rechecked right after the
+     * io_uring_enter below has armed them, and before any blocking wait (which
+     * a lost reset would make endless): a round that armed receives does not
+     * wait, it only collects what is ready. */
+    bool recheck = st->recheck != NULL;
+    int r = 0;
+    if (io_uring_cq_ready(&st->ring) >= UR_BATCH) {
+        /* This round's batch is already in the completion queue: submit, but
+         * do not ask for more. With DEFER_TASKRUN, asking would run every
+         * pending receive into a provided buffer, growing a backlog that this
+         * worker takes 64 at a time until the buffers run out (each receive
+         * then ends with ENOBUFS and is re-armed). Nothing to submit: no
+         * system call at all. */
+        if (io_uring_sq_ready(&st->ring))
+            r = io_uring_submit(&st->ring);
+    } else if (timeout_ms == 0 || recheck) {
         r = io_uring_submit_and_get_events(&st->ring);
     } else {
         struct io_uring_cqe *cqe;
         struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
         r = io_uring_submit_and_wait_timeout(&st->ring, &cqe, 1, timeout_ms > 0 ? &ts : NULL, NULL);
     }
+    if (recheck && !io_uring_sq_ready(&st->ring))
+        recheck_recvs(st); /* its cancellations go out with the next submission */
     if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
         return r;
     w->now_ns = cp__now_ns();

@@ -128,6 +128,7 @@ struct cp_sendbuf {
     atomic_uint refs;
     uint32_t len;
     uint32_t cap;
+    uint32_t big_class;     /* allocated alone: its size class, or BIG_NONE */
     struct cp_chunk *chunk; /* NULL for buffers allocated alone */
     uint8_t data[];
 };

@@ -12,8 +12,9 @@
 # Writes bench/results/latest.md + chart.png + latest.tsv (full) or
 # bench/results/quick.md + quick-chart.png + quick.tsv (quick), and keeps the
 # per-run logs in BUILD/bench-logs/MODE/. Exit 0 if no run failed, 1 otherwise.
-# Environment: BENCH_ROUNDS (override rounds), BENCH_SERVER_CPU / BENCH_LOAD_CPU
-# (default 0 / 1), BENCH_PORT_BASE (default 17900).
+# Environment: BENCH_ROUNDS (override rounds, default 3), BENCH_SECONDS (load duration
+# of one run, default 1.5), BENCH_SERVER_CPU / BENCH_LOAD_CPU (default 0 / 1),
+# BENCH_PORT_BASE (default 17900).
 # shellcheck disable=SC2317  # cleanup runs from a trap
 set -u
 
@@ -67,6 +68,8 @@ for b in loadgen raw_epoll_echo raw_epoll_chat cport-server; do
     [ -x "$B/$b" ] || { echo "bench: $B/$b missing (build first: make build)" >&2; exit 2; }
 done
 hz=$(getconf CLK_TCK)
+have_ss=0
+ss -Hltn 'sport = :1' >/dev/null 2>&1 && have_ss=1
 ncpu=$(nproc)
 if [ "$ncpu" -le "$LCPU" ] || [ "$ncpu" -le "$SCPU" ]; then
     echo "bench: needs CPUs $SCPU and $LCPU (this machine has $ncpu)" >&2
@@ -118,7 +121,7 @@ stop_pid() { # SIGTERM, then SIGKILL after $2 tenths of a second
     local p=$1 i
     [ -n "$p" ] || return 0
     kill -TERM "$p" 2>/dev/null
-    for ((i = 0; i < ${2:-50}; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    for ((i = 0; i < ${2:-50} * 5; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.02; done
     if kill -0 "$p" 2>/dev/null; then
         echo "bench: process $p ignored SIGTERM; killing it" >&2
         kill -KILL "$p" 2>/dev/null
@@ -144,6 +147,13 @@ cpu_ticks() {
 status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null; }
 listening() {
     local hex
+    # ss asks the kernel for listening sockets only; /proc/net/tcp also lists every
+    # TIME_WAIT socket (tens of thousands after the 1000-connection and churn runs), and
+    # reading it took up to ~0.1 s per poll
+    if [ "$have_ss" = 1 ]; then
+        [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]
+        return
+    fi
     hex=$(printf '%04X' "$1")
     awk -v h=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { f = 1 } END { exit !f }' \
         /proc/net/tcp /proc/net/tcp6 2>/dev/null
@@ -159,6 +169,11 @@ kv() {
     echo ""
 }
 elapsed() { echo $(( $(date +%s) - T_START )); }
+eta() { # ", about N s left", from the mean time per run so far
+    local e
+    e=$(elapsed)
+    [ "$nrun" -gt 0 ] && [ "$e" -gt 0 ] && echo ", run $((nrun + 1))/$TOTAL_RUNS, ~$(( e * (TOTAL_RUNS - nrun) / nrun )) s left"
+}
 
 # start_server NAME CMD LOG -> server_pid, P; 0 when listening
 start_server() {
@@ -193,7 +208,7 @@ run_one() {
     local scen=$1 name=$2 cmd=$3 round=$4 load=$5
     local log="$logdir/$scen.$name.r$round.server.log" llog="$logdir/$scen.$name.r$round.loadgen.log"
     local c0 c1 t0 t1 rc line rss
-    R_ok=0 R_msgs=0 R_rate=0 R_us=nan R_p50=nan R_p99=nan R_util=0 R_cpu=0 R_rss=0
+    R_ok=0 R_msgs=0 R_rate=0 R_us=nan R_p50=nan R_p99=nan R_util=0 R_cpu=0 R_rss=0 R_lg=0
     if start_server "$name" "$cmd" "$log"; then
         c0=$(cpu_ticks "$server_pid")
         t0=$(date +%s%N)
@@ -215,6 +230,8 @@ run_one() {
             read -r R_cpu R_util R_us < <(awk -v c0="$c0" -v c1="$c1" -v hz="$hz" -v m="$R_msgs" \
                 -v t0="$t0" -v t1="$t1" 'BEGIN { s = (c1 - c0) / hz; w = (t1 - t0) / 1e9
                     printf "%.2f %.0f %s\n", s, (w > 0 ? 100 * s / w : 0), (m > 0 ? sprintf("%.4f", s * 1e6 / m) : "nan") }')
+            # the loadgen's CPU over its window: with srv% also low, something else had the CPUs
+            R_lg=$(awk -v c="$(kv lg_cpu_s "$line")" -v w="$(kv secs "$line")" 'BEGIN { printf "%.0f", (w > 0 ? 100 * c / w : 0) }')
             [ "$rc" -eq 0 ] && R_ok=1
         fi
         if [ "$R_ok" != 1 ]; then
@@ -222,9 +239,9 @@ run_one() {
             grep -v '^RESULT ' "$llog" | tail -3 >&2
         fi
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$name" "$round" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$name" "$round" \
         "$([ "$R_ok" = 1 ] && echo ok || echo FAILED)" "$R_msgs" "$R_rate" "$R_cpu" "$R_util" \
-        "$R_us" "$R_p50" "$R_p99" "$R_rss" >>"$out_tsv"
+        "$R_us" "$R_p50" "$R_p99" "$R_rss" "$R_lg" >>"$out_tsv"
     [ "$R_ok" = 1 ]
 }
 
@@ -238,12 +255,13 @@ scenario() {
     shift 5
     available "$@"
     n=${#AV[@]}
+    if [ "$COUNTING" = 1 ]; then TOTAL_RUNS=$((TOTAL_RUNS + rounds * n)); return; fi
     SCENS+=("$id") S_TITLE[$id]=$title S_LOAD[$id]=$load S_UNIT[$id]=$unit
     S_BASE[$id]=$(echo "${AV[0]}" | cut -d'|' -f1)
     S_ORDER[$id]=""
     for ((i = 0; i < n; i++)); do S_ORDER[$id]="${S_ORDER[$id]} $(echo "${AV[$i]}" | cut -d'|' -f1)"; done
     echo
-    echo "== [$(elapsed) s] $id: $title — $rounds round(s) x $n contenders"
+    echo "== [$(elapsed) s$(eta)] $id: $title — $rounds round(s) x $n contenders"
     echo "   loadgen $load"
     for ((r = 1; r <= rounds; r++)); do
         for ((k = 0; k < n; k++)); do
@@ -254,14 +272,19 @@ scenario() {
             cmd=$(echo "${AV[$i]}" | cut -d'|' -f3)
             nrun=$((nrun + 1))
             if run_one "$id" "$name" "$cmd" "$r" "$load"; then st=ok; else st=FAILED fail=1; fi
-            printf '   r%d %-12s %9s %s/s  %8s us/%s  p50 %8s us  p99 %8s us  srv %3s%%  rss %6s KiB  %s\n' \
-                "$r" "$name" "$R_rate" "$unit" "$R_us" "$unit" "$R_p50" "$R_p99" "$R_util" "$R_rss" "$st"
+            printf '   [%3d/%d %3ss] r%d %-12s %9s %s/s  %8s us/%s  p50 %8s us  p99 %8s us  srv %3s%%  lg %3s%%  rss %6s KiB  %s\n' \
+                "$nrun" "$TOTAL_RUNS" "$(elapsed)" "$r" "$name" "$R_rate" "$unit" "$R_us" "$unit" "$R_p50" "$R_p99" "$R_util" "$R_lg" "$R_rss" "$st"
         done
     done
     print_medians "$id"
 }
 
-# medians of one scenario from the TSV: contender msgs/s us p50 p99 util rss ok n
+# medians of one scenario from the TSV:
+#   contender msgs/s us paired ratio p50 p99 util rss_MiB ok n
+# ratio  = median us/msg of the contender / median us/msg of the baseline (ratio of medians)
+# paired = median over the rounds of (contender's us/msg / the baseline's us/msg in the
+#          same round); only rounds in which both succeeded count. A slow phase of the
+#          machine hits both runs of a round, so this is the steadier of the two.
 medians() {
     awk -F'\t' -v s="$1" -v order="${S_ORDER[$1]}" -v base="${S_BASE[$1]}" '
     function med(str,   a, n, i, j, t) {
@@ -269,21 +292,40 @@ medians() {
         for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
         return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
     $1 == s { tot[$2]++; if ($4 == "ok") { ok[$2]++; R[$2] = R[$2] " " $6; U[$2] = U[$2] " " $9
-              P5[$2] = P5[$2] " " $10; P9[$2] = P9[$2] " " $11; C[$2] = C[$2] " " $8; M[$2] = M[$2] " " $12 } }
+              P5[$2] = P5[$2] " " $10; P9[$2] = P9[$2] " " $11; C[$2] = C[$2] " " $8; M[$2] = M[$2] " " $12
+              rounds[$3] = 1; if ($9 != "nan") UR[$2, $3] = $9 + 0 } }
     END { n = split(order, o, " "); bu = med(U[base])
         for (i = 1; i <= n; i++) { c = o[i]; u = med(U[c])
             ratio = (u == "nan" || bu == "nan" || bu == 0) ? "nan" : sprintf("%.2f", u / bu)
-            printf "%s\t%.0f\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%d\t%d\n", c, med(R[c]),
-                (u == "nan" ? "nan" : sprintf("%.3f", u)), ratio, med(P5[c]), med(P9[c]), med(C[c]),
+            pr = ""
+            for (r in rounds)
+                if ((c, r) in UR && (base, r) in UR && UR[base, r] > 0)
+                    pr = pr " " (UR[c, r] / UR[base, r])
+            p = med(pr); paired = (p == "nan") ? "nan" : sprintf("%.2f", p)
+            printf "%s\t%.0f\t%s\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%d\t%d\n", c, med(R[c]),
+                (u == "nan" ? "nan" : sprintf("%.3f", u)), paired, ratio, med(P5[c]), med(P9[c]), med(C[c]),
                 med(M[c]) / 1024, ok[c], tot[c] } }' "$out_tsv"
 }
 print_medians() {
     local id=$1
-    echo "   medians (ratio = server us/${S_UNIT[$id]} / ${S_BASE[$id]}'s):"
-    printf '   %-12s %10s %10s %6s %9s %9s %5s %8s %s\n' contender "${S_UNIT[$id]}/s" "us/${S_UNIT[$id]}" ratio p50_us p99_us srv% rss_MiB ok
-    medians "$id" | while IFS=$'\t' read -r c r u ra p5 p9 cp m ok n; do
-        printf '   %-12s %10s %10s %6s %9s %9s %5s %8s %s/%s\n' "$c" "$r" "$u" "$ra" "$p5" "$p9" "$cp" "$m" "$ok" "$n"
+    echo "   medians over the rounds; paired = median of the per-round ratios of server us/${S_UNIT[$id]} to ${S_BASE[$id]}'s"
+    echo "   in the same round; ratio = median over ${S_BASE[$id]}'s median:"
+    printf '   %-12s %10s %10s %6s %6s %9s %9s %5s %8s %s\n' contender "${S_UNIT[$id]}/s" "us/${S_UNIT[$id]}" paired ratio p50_us p99_us srv% rss_MiB ok
+    medians "$id" | while IFS=$'\t' read -r c r u pr ra p5 p9 cp m ok n; do
+        printf '   %-12s %10s %10s %6s %6s %9s %9s %5s %8s %s/%s\n' "$c" "$r" "$u" "$pr" "$ra" "$p5" "$p9" "$cp" "$m" "$ok" "$n"
     done
+}
+
+# summary: one row per scenario, the paired ratio of every contender (TSV, header first)
+summary() {
+    local id names="" c
+    for c in "${ECHO_ALL[@]}"; do names="$names ${c%%|*}"; done
+    for id in "${SCENS[@]}"; do
+        medians "$id" | awk -F'\t' -v id="$id" -v names="$names" '
+            { pr[$1] = ($10 == 0 ? "FAILED" : $4) }
+            END { n = split(names, o, " "); line = id
+                  for (i = 1; i <= n; i++) line = line "\t" ((o[i] in pr) ? pr[o[i]] : "-"); print line }'
+    done | { echo "scenario$names" | tr ' ' '\t'; cat; }
 }
 
 # memory per idle connection: N idle connections from 2 idle_conns processes (< 20,000 fds each)
@@ -292,9 +334,10 @@ memory_test() {
     local conns=$1 c name cmd log rss0 rss1 fd0 fdn deadline half p ok
     shift
     available "$@"
-    [ -x "$B/idle_conns" ] || { echo "bench: idle_conns not built; memory test skipped"; return; }
+    [ -x "$B/idle_conns" ] || { [ "$COUNTING" = 1 ] || echo "bench: idle_conns not built; memory test skipped"; return; }
+    if [ "$COUNTING" = 1 ]; then TOTAL_RUNS=$((TOTAL_RUNS + ${#AV[@]})); return; fi
     echo
-    echo "== [$(elapsed) s] idle$conns: server memory per idle connection, $conns connections"
+    echo "== [$(elapsed) s$(eta)] idle$conns: server memory per idle connection, $conns connections"
     half=$((conns / 2))
     for c in "${AV[@]}"; do
         name=$(echo "$c" | cut -d'|' -f1)
@@ -330,35 +373,39 @@ memory_test() {
         [ "$ok" = 1 ] || { fail=1; echo "bench: idle $name FAILED (server has $((fdn - fd0)) of $conns)" >&2; }
         local per
         per=$(awk -v a="$rss0" -v b="$rss1" -v n="$conns" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }')
-        printf '   %-12s RSS %6s -> %6s KiB: %5s B/connection  %s\n' "$name" "$rss0" "$rss1" "$per" \
+        printf '   [%3d/%d %3ss] %-12s RSS %6s -> %6s KiB: %5s B/connection  %s\n' "$nrun" "$TOTAL_RUNS" "$(elapsed)" \
+            "$name" "$rss0" "$rss1" "$per" \
             "$([ "$ok" = 1 ] && echo ok || echo FAILED)"
         MEM_ROWS+=("$name|$rss0|$rss1|$per|$([ "$ok" = 1 ] && echo ok || echo FAILED)")
     done
 }
 
 # ------------------------------------------------------------------ plan
-: >"$out_tsv"
-echo "bench ($MODE): server on CPU $SCPU, loadgen on CPU $LCPU, CLK_TCK=$hz; programs in $B; logs in $logdir"
-if [ "$MODE" = quick ]; then
+# The plan runs twice: first with COUNTING=1, which only adds up the runs (for the
+# "run k/N" progress and the time estimate), then for real.
+plan() {
+    local R D sz n id t
     R=${BENCH_ROUNDS:-3}
-    scenario echo64x200 "echo 64 B, 200 connections, ping-pong" msg \
-        "--mode echo --conns 200 --size 64 --depth 1 --duration 1.5 --drain 3" "$R" "${ECHO_ALL[@]}"
-    scenario chat100 "chat, 100 clients x 10 packets/s x 64 B" delivery \
-        "--mode chat --conns 100 --rate 10 --size 64 --duration 1.5 --drain 3" "$R" "${CHAT_ALL[@]}"
-    MAIN_ECHO=echo64x200 MAIN_CHAT=chat100
-else
-    R=${BENCH_ROUNDS:-3}
-    D=1.5
-    scenario echo64x10 "echo 64 B, 10 connections, ping-pong" msg \
-        "--mode echo --conns 10 --size 64 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
-    scenario echo64x200 "echo 64 B, 200 connections, ping-pong" msg \
-        "--mode echo --conns 200 --size 64 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
-    scenario echo64x1000 "echo 64 B, 1000 connections, ping-pong" msg \
-        "--mode echo --conns 1000 --size 64 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
-    scenario echo1kx200 "echo 1 KiB, 200 connections, ping-pong" msg \
-        "--mode echo --conns 200 --size 1024 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
-    scenario echo16kx10 "echo 16 KiB, 10 connections, ping-pong" msg \
-        "--mode echo --conns 10 --size 16384 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+    if [ "$MODE" = quick ]; then
+        D=${BENCH_SECONDS:-1.5}
+        scenario echo64x200 "echo 64 B, 200 connections, ping-pong" msg \
+            "--mode echo --conns 200 --size 64 --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+        scenario chat100 "chat, 100 clients x 10 packets/s x 64 B" delivery \
+            "--mode chat --conns 100 --rate 10 --size 64 --duration $D --drain 3" "$R" "${CHAT_ALL[@]}"
+        MAIN_ECHO=echo64x200 MAIN_CHAT=chat100
+        return
+    fi
+    D=${BENCH_SECONDS:-1.5}
+    # Echo: every size x every connection count, ping-pong (depth 1: each connection has
+    # one message in flight). In flight at most: 1000 x 16 KiB = 16 MiB; open files:
+    # 1000 + a few per process, far below the 20,000 limit.
+    for sz in 64 1024 16384; do
+        for n in 10 200 1000; do
+            case $sz in 64) id=echo64x$n t="64 B" ;; 1024) id=echo1kx$n t="1 KiB" ;; *) id=echo16kx$n t="16 KiB" ;; esac
+            scenario "$id" "echo $t, $n connections, ping-pong" msg \
+                "--mode echo --conns $n --size $sz --depth 1 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
+        done
+    done
     scenario packet64x200 "packet echo 64 B, 200 connections, 4 in flight" msg \
         "--mode packet --conns 200 --size 64 --depth 4 --duration $D --drain 3" "$R" "${PACKET_ALL[@]}"
     scenario chat100 "chat, 100 clients x 10 packets/s x 64 B" delivery \
@@ -371,7 +418,14 @@ else
         "--mode churn --conns 50 --size 64 --duration $D --drain 3" "$R" "${ECHO_ALL[@]}"
     memory_test 10000 "${ECHO_ALL[@]}"
     MAIN_ECHO=echo64x200 MAIN_CHAT=chat1000
-fi
+}
+
+: >"$out_tsv"
+COUNTING=1 TOTAL_RUNS=0
+plan
+COUNTING=0
+echo "bench ($MODE): $TOTAL_RUNS runs; server on CPU $SCPU, loadgen on CPU $LCPU, CLK_TCK=$hz; programs in $B; logs in $logdir"
+plan
 
 # ---------------------------------------------------------------- report
 T_TOTAL=$(elapsed)
@@ -388,15 +442,23 @@ cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     echo "Each run starts the server pinned to CPU $SCPU (\`taskset -c $SCPU\`), runs \`taskset -c $LCPU loadgen ARGS --port P\`,"
     echo "reads the server's utime+stime from /proc/PID/stat before and after, and stops the server"
     echo "(SIGTERM). Contenders alternate (A B C …, then C B A …). Every number is the median over"
-    echo "the rounds that succeeded; \`ratio\` is the contender's server CPU per message over"
-    echo "the first contender's (raw_epoll). Every contender runs one thread (\`--threads 1\`,"
-    echo "\`--workers 1\`). RSS is the server's peak (VmHWM) at the end of the run."
+    echo "the rounds that succeeded. Two ratios of the server's CPU per message to raw_epoll's:"
+    echo "**\`paired\`** is the median over the rounds of (contender / raw_epoll in the same round),"
+    echo "so a slow phase of the machine, which hits both runs of a round, cancels out;"
+    echo "\`ratio\` is the median over raw_epoll's median. Every contender runs one thread"
+    echo "(\`--threads 1\`, \`--workers 1\`). RSS is the server's peak (VmHWM) at the end of the run."
+    echo "The echo scenarios are ping-pong: one message in flight per connection (\`--depth 1\`)."
     echo
     echo "Contenders: raw_epoll = \`raw_epoll_echo\` / \`raw_epoll_chat\`; raw_uring = \`raw_uring_echo\`"
     echo "(multishot accept + recv, provided buffers, SINGLE_ISSUER|DEFER_TASKRUN); libuv = \`uv_echo\`"
     echo "(libuv $(dpkg-query -W -f='${Version}' libuv1 2>/dev/null)); asio = \`asio_echo\` (standalone Asio"
     echo "$(dpkg-query -W -f='${Version}' libasio-dev 2>/dev/null)); cport_epoll / cport_uring = \`cport-server --backend epoll|uring --workers 1\`."
     [ -n "$skipped" ] && echo "Not built, so skipped:$skipped."
+    echo
+    echo "## Summary: server CPU per message, paired ratio to raw_epoll (lower is better)"
+    echo
+    summary | awk -F'\t' '{ printf "|"; for (i = 1; i <= NF; i++) printf " %s |", $i; print ""
+        if (NR == 1) { printf "|"; for (i = 1; i <= NF; i++) printf "---|"; print "" } }'
     for id in "${SCENS[@]}"; do
         u=${S_UNIT[$id]}
         echo
@@ -405,10 +467,10 @@ cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
         echo "\`loadgen ${S_LOAD[$id]}\`"
         echo
         if [ "$u" = delivery ]; then us=deliveries; else us=${u}s; fi
-        echo "| contender | $us/s | server µs/$u | ratio | p50 µs | p99 µs | server CPU % | peak RSS MiB | ok runs |"
-        echo "|---|---|---|---|---|---|---|---|---|"
-        medians "$id" | while IFS=$'\t' read -r c r us ra p5 p9 cp m ok n; do
-            echo "| $c | $r | $us | $ra | $p5 | $p9 | $cp | $m | $ok/$n |"
+        echo "| contender | $us/s | server µs/$u | paired | ratio | p50 µs | p99 µs | server CPU % | peak RSS MiB | ok runs |"
+        echo "|---|---|---|---|---|---|---|---|---|---|"
+        medians "$id" | while IFS=$'\t' read -r c r us pr ra p5 p9 cp m ok n; do
+            echo "| $c | $r | $us | $pr | $ra | $p5 | $p9 | $cp | $m | $ok/$n |"
         done
     done
     if [ ${#MEM_ROWS[@]} -gt 0 ]; then
@@ -428,7 +490,7 @@ cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     fi
     echo
     echo "Raw per-run rows: \`$(basename "$out_tsv")\` (scenario, contender, round, status, msgs, msgs/s,"
-    echo "server CPU s, server CPU %, µs/msg, p50, p99, peak RSS KiB). Chart: \`$(basename "$out_png")\`."
+    echo "server CPU s, server CPU %, µs/msg, p50, p99, peak RSS KiB, loadgen CPU %). Chart: \`$(basename "$out_png")\`."
 } >"$out_md"
 
 # chart: server CPU per message for the main echo scenario and the main chat scenario
@@ -459,6 +521,9 @@ else
     echo "bench: gnuplot not installed; no chart (apt-get install gnuplot-nox)"
 fi
 
+echo
+echo "summary: server CPU per message, paired ratio to raw_epoll (median of per-round ratios; lower is better)"
+summary | awk -F'\t' '{ printf "   %-14s", $1; for (i = 2; i <= NF; i++) printf " %11s", $i; print "" }'
 echo
 echo "bench ($MODE): $nrun runs in $(elapsed) s; $( [ $fail = 0 ] && echo "no failure" || echo "SOME RUNS FAILED")"
 [ -n "$skipped" ] && echo "bench: not built, skipped:$skipped"

@@ -705,8 +705,12 @@ static void io_close(cp_worker *w, cp_handle *h)
     }
     h->be = NULL;
     if (h->fd >= 0) {
-        if (!is || !shared_of(w)->reuse || is->acc || !disconnect_for_reuse(w, is))
+        if (!is || !shared_of(w)->reuse || is->acc || !disconnect_for_reuse(w, is)) {
+            /* Cancel first: Wine's closesocket alone never completes a pending
+             * overlapped send (the session would wait for it for ever). */
+            CancelIoEx((HANDLE)(SOCKET)h->fd, NULL);
             closesocket((SOCKET)h->fd); /* aborts every pending operation on it */
+        }
         h->fd = -1;
     }
     if (!is)

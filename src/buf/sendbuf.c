@@ -65,13 +65,12 @@ static void chunk_unref(cp_chunk *c)
 }
 
 /* Runs when a thread that carved buffers exits: drop its chunk reference. */
-static void tls_release(void *unused)
+static void tls_release(void *chunk)
 {
-    CP_UNUSED(unused);
-    if (tls_chunk) {
-        chunk_unref(tls_chunk);
-        tls_chunk = NULL;
-    }
+    /* The chunk comes as the key's value: with emutls (mingw) the
+     * _Thread_local variables may already be gone when key destructors run. */
+    if (chunk)
+        chunk_unref(chunk);
 }
 
 static void tls_key_make(void) { pthread_key_create(&tls_key, tls_release); }
@@ -172,8 +171,7 @@ cp_sendbuf *cp_sendbuf_open(size_t cap)
                 return NULL;
             if (tls_chunk)
                 chunk_unref(tls_chunk);
-            else
-                pthread_setspecific(tls_key, (void *)1); /* arm the exit hook */
+            pthread_setspecific(tls_key, c); /* the exit hook's chunk */
             tls_chunk = c;
         }
         b = (cp_sendbuf *)(tls_chunk->mem + tls_chunk->used);

@@ -3,7 +3,9 @@
  *
  * Every test program is a Criterion program; Criterion runs each test in its
  * own forked process, so a test may change process state (rlimits, globals)
- * without affecting the next one.
+ * without affecting the next one. The Windows build uses a small
+ * Criterion-compatible runner instead (tests/win/criterion), which runs each
+ * test in its own child process the same way.
  *
  * Rules the helpers follow, so that tests can use them anywhere:
  * - Functions named cpt_x...() (x for "expect") assert with Criterion and must
@@ -12,6 +14,13 @@
  *   called from any thread, including cport callbacks on worker threads.
  * - Sockets are blocking with a receive/send timeout (CPT_IO_TIMEOUT_MS), so a
  *   missing reply fails a test instead of hanging it.
+ * - Sockets are ints on every system, as in cport itself: a Windows SOCKET is
+ *   a kernel handle, and handles are 32-bit significant. Close them with
+ *   cpt_close(); errors are negative errno values on every system (Winsock
+ *   errors are mapped, see cpt_sock_errno()).
+ *
+ * This header brings in the system's socket API (BSD sockets or Winsock), so
+ * tests include no socket header themselves.
  */
 #ifndef CPT_HELPERS_H
 #define CPT_HELPERS_H
@@ -19,12 +28,33 @@
 #include <criterion/criterion.h>
 #include <cport.h>
 
+#include <errno.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/resource.h>
 #include <sys/types.h>
+
+#ifdef _WIN32
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  include <winsock2.h>
+#  include <ws2tcpip.h>
+#  define SHUT_WR SD_SEND
+#  define SHUT_RDWR SD_BOTH
+/* cport reports -ESHUTDOWN; mingw's errno.h has no ESHUTDOWN, and cport
+ * uses the Winsock code (src/sys.h). */
+#  ifndef ESHUTDOWN
+#    define ESHUTDOWN WSAESHUTDOWN
+#  endif
+#else
+#  include <arpa/inet.h>
+#  include <netinet/in.h>
+#  include <netinet/tcp.h>
+#  include <sys/socket.h>
+#  include <unistd.h>
+#endif
 
 #define CPT_HOST4 "127.0.0.1"
 #define CPT_HOST6 "::1"
@@ -158,6 +188,32 @@ cp_handlers cpt_track_handlers(void);
 
 /* ------------------------------------------------------------------ raw sockets */
 
+/* The portable basics: Winsock and BSD sockets differ in these. */
+/* The last socket error of this thread as a positive errno value (Winsock
+ * codes mapped to <errno.h> ones: WSAECONNREFUSED -> ECONNREFUSED, ...). */
+int cpt_sock_errno(void);
+/* A blocking TCP socket (AF_INET or AF_INET6) that child processes do not
+ * inherit: the fd or a negative errno. */
+int cpt_socket(int family);
+/* close() / closesocket(). */
+void cpt_close(int fd);
+/* setsockopt / getsockopt with an int value: 0 or a negative errno. */
+int cpt_setsockopt_int(int fd, int level, int name, int value);
+int cpt_getsockopt_int(int fd, int level, int name, int *value);
+/* A connected pair of stream sockets (AF_UNIX; loopback TCP on Windows, which
+ * has no socketpair): 0 or a negative errno. */
+int cpt_socketpair(int sv[2]);
+/* Waits up to timeout_ms for fd to be readable (data, EOF or error): 1, 0
+ * on timeout, negative errno. */
+int cpt_poll_in(int fd, int timeout_ms);
+/* A listening socket on 127.0.0.1, any free port (asserting; test thread). */
+int cpt_xlisten(int backlog);
+/* CPUs online (what cp_port_create's one worker per CPU counts). */
+int cpt_ncpu(void);
+/* 1 when running under Wine, whose sockets differ from Windows' in ways a
+ * few tests must know (see cpt_close_reset). */
+int cpt_under_wine(void);
+
 /* Connects a blocking TCP socket to host:port with CPT_IO_TIMEOUT_MS send and
  * receive timeouts and TCP_NODELAY. rcvbuf > 0 sets SO_RCVBUF before connect.
  * Returns the fd or a negative errno. Any thread. */
@@ -171,6 +227,8 @@ int cpt_send_all(int fd, const void *p, size_t n);
 /* recv() that retries when interrupted (EINTR): > 0 bytes, 0 at EOF, or a
  * negative errno (-EAGAIN when the receive timeout expired). */
 ssize_t cpt_recv_some(int fd, void *p, size_t n);
+/* One recv(), not retried when interrupted (-EINTR); otherwise as above. */
+ssize_t cpt_recv_once(int fd, void *p, size_t n);
 /* Receives exactly n bytes. 0, 1 if the peer closed first, negative errno
  * (-EAGAIN when the receive timeout expired). */
 int cpt_recv_exact(int fd, void *p, size_t n);
@@ -190,7 +248,9 @@ int cpt_recv_packet(int fd, uint16_t *id, void *body, size_t cap, size_t *len);
 uint16_t cpt_local_port(int fd);
 /* accept() on a blocking listening socket, retried when interrupted. */
 int cpt_accept(int lfd);
-/* close() with SO_LINGER 0: the peer gets a reset. */
+/* close() with SO_LINGER 0: the peer gets a reset. Not under Wine: its
+ * closesocket() shuts a socket down (FIN) before closing it (server/sock.c,
+ * sock_destroy), so the peer sees an orderly close first. */
 void cpt_close_reset(int fd);
 /* Asserting wrappers (test thread only). */
 void cpt_xsend(int fd, const void *p, size_t n);
@@ -216,14 +276,18 @@ long long cpt_check_pattern(const uint8_t *p, size_t n, uint64_t offset, uint32_
 
 /* ------------------------------------------------------------------ resources and leaks */
 
+/* Open descriptors of this process (Windows: open kernel handles, but for
+ * those of synchronization objects, see helpers.c). */
 int cpt_count_fds(void);
 /* Resident set size of this process in KiB. */
 long cpt_rss_kib(void);
-/* Bytes of heap in use (0 when unknown, e.g. under AddressSanitizer). */
+/* Bytes of heap in use (0 when unknown, e.g. under AddressSanitizer). On
+ * Windows: the busy blocks of the C runtime's heap. */
 size_t cpt_heap_in_use(void);
 /* Raises the soft RLIMIT_NOFILE to at least want (capped at the hard limit);
- * returns the new soft limit. */
-rlim_t cpt_raise_nofile(rlim_t want);
+ * returns the new soft limit. Windows has no such limit (sockets are
+ * handles, bounded by memory): returns want. */
+unsigned long long cpt_raise_nofile(unsigned long long want);
 /* 1 when built with AddressSanitizer (LeakSanitizer available). */
 int cpt_sanitized(void);
 

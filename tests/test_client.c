@@ -4,15 +4,11 @@
  */
 #include "helpers.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 /* A client service connects 50 sessions to a cport server; both sides see
  * them; a broadcast from the client is echoed back to each. */
@@ -132,10 +128,7 @@ Test(client, talks_to_a_raw_server, .timeout = 20)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    cr_assert_eq(bind(lfd, (struct sockaddr *)&a, sizeof a), 0);
-    cr_assert_eq(listen(lfd, 4), 0);
+    int lfd = cpt_xlisten(4);
     cp_port *p = cpt_xport(2);
     raw_peer_ctx *c = calloc(1, sizeof *c);
     c->t.cap = 4;
@@ -153,7 +146,7 @@ Test(client, talks_to_a_raw_server, .timeout = 20)
     cpt_xsend_packet(afd, 1001, "welcome", 7);
     CPT_AWAIT(atomic_load(&c->got_reply) == 1, 5000, "reply not routed");
     cr_assert_eq(atomic_load(&c->bad), 0);
-    close(afd);
+    cpt_close(afd);
     CPT_AWAIT(atomic_load(&c->t.disconnected) == 1, 5000, "server close not seen");
     cr_assert_eq(atomic_load(&c->t.recs[0].reason), CP_REASON_PEER_CLOSED);
     cpt_xsettle(cli, &c->t);
@@ -162,7 +155,7 @@ Test(client, talks_to_a_raw_server, .timeout = 20)
     cpt_track_xcheck(&c->t);
     free(c->t.recs);
     free(c);
-    close(lfd);
+    cpt_close(lfd);
     cpt_xport_destroy(p);
     cpt_leak_end(&leak);
 }
@@ -175,13 +168,13 @@ Test(client, failed_connects_then_success, .timeout = 30)
     cpt_leak_begin(&leak);
     cp_port *p = cpt_xport(2);
     /* reserve a port, close it, aim the client at it */
-    int tmp = socket(AF_INET, SOCK_STREAM, 0);
+    int tmp = cpt_socket(AF_INET);
+    cr_assert_geq(tmp, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    int one = 1;
-    setsockopt(tmp, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    cpt_setsockopt_int(tmp, SOL_SOCKET, SO_REUSEADDR, 1);
     cr_assert_eq(bind(tmp, (struct sockaddr *)&a, sizeof a), 0);
     uint16_t port = cpt_local_port(tmp);
-    close(tmp);
+    cpt_close(tmp);
     cpt_track *ct = cpt_track_new(8);
     cp_handlers h = cpt_track_handlers();
     cp_client_opts o = { .host = CPT_HOST4, .port = port, .sessions = 3 };

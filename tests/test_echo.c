@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 Test(echo, single_round_trip, .timeout = 10)
 {
@@ -20,7 +19,7 @@ Test(echo, single_round_trip, .timeout = 10)
     cpt_xrecv_packet_eq(fd, 42, "ping", 4);
     cpt_xsend_packet(fd, 43, NULL, 0);
     cpt_xrecv_packet_eq(fd, 43, NULL, 0);
-    close(fd);
+    cpt_close(fd);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "not disconnected");
     cr_assert_eq(atomic_load(&e.t->recs[0].reason), CP_REASON_PEER_CLOSED);
     cpt_env_stop(&e);
@@ -63,7 +62,7 @@ Test(echo, pipelined_200_connections_64_bytes, .timeout = 60)
     CPT_AWAIT(cpt_stats(e.svc).bytes_out == (uint64_t)C * P * (B + 4), 2000, "bytes_out %llu",
               (unsigned long long)cpt_stats(e.svc).bytes_out);
     for (int c = 0; c < C; c++)
-        close(fds[c]);
+        cpt_close(fds[c]);
     cpt_env_stop(&e);
 }
 
@@ -104,7 +103,7 @@ static void *big_client_main(void *arg)
     }
     free(out);
     free(in);
-    close(fd);
+    cpt_close(fd);
     return NULL;
 }
 
@@ -158,7 +157,7 @@ Test(echo, raw_framing_byte_exact, .timeout = 30)
     cpt_xsettle(e.svc, e.t);
     cr_assert_eq(cpt_stats(e.svc).bytes_in, total);
     cr_assert_eq(cpt_stats(e.svc).packets_in, 0, "raw framing counted packets");
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -214,7 +213,7 @@ Test(echo, raw_partial_consumption_offers_the_rest_again, .timeout = 20)
         }
     }
     cr_assert_eq(atomic_load(&r.bad), 0);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -236,7 +235,7 @@ Test(echo, session_peer_names_the_client, .timeout = 10)
     cr_assert(small < 0 || buf[3] == '\0' || memchr(buf, '\0', 4), "no terminator within 4 bytes");
     for (size_t i = 4; i < sizeof buf; i++)
         cr_assert_eq(buf[i], 'S', "cp_session_peer wrote past the 4-byte buffer");
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -258,6 +257,6 @@ Test(echo, on_sent_accounts_every_byte, .timeout = 20)
     CPT_AWAIT(atomic_load(&e.t->bytes_sent) == expect, 2000, "on_sent reported %lld of %lld bytes",
               atomic_load(&e.t->bytes_sent), expect);
     cr_assert_eq(cpt_stats(e.svc).bytes_out, (uint64_t)expect);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }

@@ -5,41 +5,37 @@
  */
 #include "helpers.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <unistd.h>
+#ifndef _WIN32
+#  include <fcntl.h>
+#  include <sys/resource.h>
+#  include <sys/time.h>
+#endif
 
 /* A loopback port that nothing listens on: bound once, then closed. */
 static uint16_t closed_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int fd = cpt_socket(AF_INET);
     cr_assert_geq(fd, 0);
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
     uint16_t p = cpt_local_port(fd);
-    close(fd);
+    cpt_close(fd);
     return p;
 }
 
 static bool have_ipv6_loopback(void)
 {
-    int fd = socket(AF_INET6, SOCK_STREAM, 0);
+    int fd = cpt_socket(AF_INET6);
     if (fd < 0)
         return false;
     struct sockaddr_in6 a = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT };
     bool ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    close(fd);
+    cpt_close(fd);
     return ok;
 }
 
@@ -95,9 +91,14 @@ Test(flaws, f01_failed_connect_is_not_connected, .timeout = 20)
  * server's socket is swapped (dup2) for a pipe end, so the server's next write
  * fails with EBADF/ENOTSOCK: the session must be disconnected exactly once with
  * CP_REASON_IO_ERROR and the errno, leave the session table, and answer every
- * later call with -ENOTCONN. */
+ * later call with -ENOTCONN.
+ * POSIX only: Windows cannot put another object under a socket's handle
+ * (no dup2), so there is no such trick there. */
 Test(flaws, f02_send_error_fully_disconnects, .timeout = 20)
 {
+#ifdef _WIN32
+    cr_skip_test("POSIX only: needs dup2() over the library's socket");
+#else
     cpt_env e;
     cpt_env_start(&e, 2, NULL, NULL, 8, CPT_KEEP_REFS);
     int fd = cpt_xconnect(e.sport);
@@ -108,7 +109,7 @@ Test(flaws, f02_send_error_fully_disconnects, .timeout = 20)
     int p[2];
     cr_assert_eq(pipe(p), 0);
     cr_assert_eq(dup2(p[0], sfd), sfd);
-    close(p[0]);
+    cpt_close(p[0]);
 
     cp_sendbuf *b = cp_packet_make(9, "xyz", 3);
     cr_assert_not_null(b);
@@ -123,8 +124,8 @@ Test(flaws, f02_send_error_fully_disconnects, .timeout = 20)
          * write went to the real socket. Then this trick proves nothing. */
         uint8_t buf[7];
         if (cpt_recv_exact(fd, buf, sizeof buf) == 0) {
-            close(p[1]);
-            close(fd);
+            cpt_close(p[1]);
+            cpt_close(fd);
             cpt_env_stop(&e);
             cr_skip_test("the library does not write through the fd number; trick not applicable");
         }
@@ -146,17 +147,23 @@ Test(flaws, f02_send_error_fully_disconnects, .timeout = 20)
     cp_sendbuf_unref(b);
     cr_assert_eq(cp_service_disconnect_id(e.svc, r->id), -ENOTCONN);
 
-    close(p[1]);
-    close(fd);
+    cpt_close(p[1]);
+    cpt_close(fd);
     cpt_env_xneighbour(&e);
     cpt_env_stop(&e);
+#endif
 }
 
 /* Flaw 2, with a real network error: the server's socket gets a 300 ms
  * TCP_USER_TIMEOUT while the peer never reads (zero window), so the kernel
- * aborts the connection with ETIMEDOUT. */
+ * aborts the connection with ETIMEDOUT.
+ * Linux only: Windows has no TCP_USER_TIMEOUT (TCP_MAXRT bounds
+ * retransmissions, not the probes of a zero window). */
 Test(flaws, f02_timeout_error_fully_disconnects, .timeout = 30)
 {
+#ifdef _WIN32
+    cr_skip_test("Linux only: needs TCP_USER_TIMEOUT");
+#else
     cp_server_opts o = { .session.send_queue_limit = 64u << 20 };
     cpt_env e;
     cpt_env_start(&e, 2, &o, NULL, 8, CPT_KEEP_REFS);
@@ -192,18 +199,22 @@ Test(flaws, f02_timeout_error_fully_disconnects, .timeout = 30)
     cr_assert_eq(st.sessions, 0);
     cr_assert_eq(cp_session_send_copy(r->s, "a", 1), -ENOTCONN);
     cr_assert_eq(cp_service_disconnect_id(e.svc, r->id), -ENOTCONN);
-    close(fd);
+    cpt_close(fd);
     cpt_env_xneighbour(&e);
     cpt_env_stop(&e);
+#endif
 }
 
 /* ------------------------------------------------------------------ 3 */
 
 /* Flaw 3: error codes were lost. A reset from the peer is reported as
  * CP_REASON_RESET, an orderly close as CP_REASON_PEER_CLOSED, and every
- * reason has a name. */
+ * reason has a name. Under Wine a client cannot reset a connection (its
+ * closesocket() sends a FIN first): there the test checks all but the reset
+ * and then says skipped. */
 Test(flaws, f03_reasons_reach_the_user, .timeout = 20)
 {
+    bool can_reset = !cpt_under_wine();
     cpt_env e;
     cpt_env_start(&e, 2, NULL, NULL, 8, 0);
     int a = cpt_xconnect(e.sport);
@@ -213,16 +224,19 @@ Test(flaws, f03_reasons_reach_the_user, .timeout = 20)
     cpt_srec *rb = cpt_track_by_peer(e.t, cpt_local_port(b));
     cr_assert(ra && rb, "cp_session_peer() did not name the clients' ports");
     cpt_close_reset(a);
-    close(b);
+    cpt_close(b);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 2, 5000, "not disconnected");
-    cr_assert_eq(atomic_load(&ra->reason), CP_REASON_RESET, "reset reported as %s",
-                 cp_reason_str((cp_reason)atomic_load(&ra->reason)));
+    if (can_reset)
+        cr_assert_eq(atomic_load(&ra->reason), CP_REASON_RESET, "reset reported as %s",
+                     cp_reason_str((cp_reason)atomic_load(&ra->reason)));
     cr_assert_eq(atomic_load(&rb->reason), CP_REASON_PEER_CLOSED, "close reported as %s",
                  cp_reason_str((cp_reason)atomic_load(&rb->reason)));
     cpt_xsettle(e.svc, e.t);
     cp_service_stats st = cpt_stats(e.svc);
-    cr_assert_eq(st.by_reason[CP_REASON_RESET], 1);
-    cr_assert_eq(st.by_reason[CP_REASON_PEER_CLOSED], 1);
+    if (can_reset) {
+        cr_assert_eq(st.by_reason[CP_REASON_RESET], 1);
+        cr_assert_eq(st.by_reason[CP_REASON_PEER_CLOSED], 1);
+    }
     cr_assert_eq(st.disconnected, 2);
     for (int i = CP_REASON_NONE; i < CP_REASON_COUNT_; i++) {
         const char *s = cp_reason_str((cp_reason)i);
@@ -238,6 +252,8 @@ Test(flaws, f03_reasons_reach_the_user, .timeout = 20)
     }
     cr_assert_str_neq(cp_strerror(-ENOTCONN), cp_strerror(-EBUSY));
     cpt_env_stop(&e);
+    if (!can_reset)
+        cr_skip_test("the reset half not checked: Wine cannot reset a connection (all else held)");
 }
 
 typedef struct worker_call {
@@ -297,7 +313,7 @@ Test(flaws, f03_calls_on_gone_objects_fail_cleanly, .timeout = 30)
     cpt_xstop(e.svc);
     cpt_track_stopped(e.t);
     cpt_xclosed(fd, 5000);
-    close(fd);
+    cpt_close(fd);
     /* The kept session outlives its service and answers -ENOTCONN. */
     cr_assert_eq(cp_session_connected(s), 0);
     cr_assert_eq(cp_session_send_copy(s, "x", 1), -ENOTCONN);
@@ -332,9 +348,14 @@ Test(flaws, f03_calls_on_gone_objects_fail_cleanly, .timeout = 30)
  * exists, so every backend sees it), fills its descriptor table with dummy
  * descriptors but a few, and lets 40 clients connect: the server must neither
  * crash nor spin (process CPU over one second stays small), must count the
- * accept errors, and must accept again once the dummies are closed. */
+ * accept errors, and must accept again once the dummies are closed.
+ * POSIX only: Windows has no descriptor limit to lower (sockets are handles,
+ * bounded by memory), so accept errors cannot be provoked this way there. */
 Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
 {
+#ifdef _WIN32
+    cr_skip_test("POSIX only: needs RLIMIT_NOFILE");
+#else
     enum { M = 40, SPARE = 6, LIMIT = 1024 };
     struct rlimit old, low;
     cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
@@ -361,7 +382,7 @@ Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
     }
     cr_assert_eq(errno, EMFILE, "filling the descriptor table: %s", strerror(errno));
     for (int i = 0; i < SPARE && ndummy > 0; i++)
-        close(dummy[--ndummy]);
+        cpt_close(dummy[--ndummy]);
 
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(e.sport),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
@@ -381,7 +402,7 @@ Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
     cp_service_stats st = cpt_stats(e.svc);
     /* Free the descriptors before asserting, so a failure can be reported. */
     for (int i = 0; i < ndummy; i++)
-        close(dummy[i]);
+        cpt_close(dummy[i]);
 
     cr_assert_eq(connect_fail, 0, "%d raw connects failed", connect_fail);
     cr_assert(errors_seen, "no accept error counted although the process is out of descriptors "
@@ -398,7 +419,7 @@ Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
     cpt_set_rcvtimeo(fresh, 10000);
     cpt_xsend_packet(fresh, 1, "again", 5);
     cpt_xrecv_packet_eq(fresh, 1, "again", 5);
-    close(fresh);
+    cpt_close(fresh);
     /* Every waiting client is now either served or closed, none left hanging. */
     for (int i = 0; i < M; i++) {
         int rc = cpt_send_packet(fds[i], 2, "old", 3);
@@ -412,10 +433,11 @@ Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
             if (rc == 0)
                 cr_assert(id == 2 && len == 3 && !memcmp(body, "old", 3));
         }
-        close(fds[i]);
+        cpt_close(fds[i]);
     }
     cpt_env_stop(&e);
     setrlimit(RLIMIT_NOFILE, &old);
+#endif
 }
 
 /* ------------------------------------------------------------------ 5 */
@@ -505,7 +527,7 @@ Test(flaws, f05_short_sends_deliver_every_byte_in_order, .timeout = 60)
     CPT_AWAIT(atomic_load(&e.t->bytes_sent) == (long long)total, 5000, "on_sent reported %lld of %zu bytes",
               atomic_load(&e.t->bytes_sent), total);
     cr_assert_eq(cpt_peek_state(fd), 0, "extra bytes or a close after the data");
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -550,7 +572,7 @@ Test(flaws, f06_never_reading_client_dropped_with_overflow, .timeout = 60)
     cr_assert_eq(cp_session_send_copy(r->s, "x", 1), -ENOTCONN);
     cpt_env_xneighbour(&e);
     cpt_xclosed(fd, 10000);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -584,8 +606,8 @@ static void bad_input_case(const uint8_t *bytes, size_t n, uint32_t max_packet, 
     cpt_xsend_packet(nb, 2, "after", 5);
     cpt_xrecv_packet_eq(nb, 2, "after", 5);
     cpt_env_xneighbour(&e);
-    close(bad);
-    close(nb);
+    cpt_close(bad);
+    cpt_close(nb);
     cpt_env_stop(&e);
 }
 
@@ -693,7 +715,7 @@ static void unrouted_case(bool with_default)
     if (with_default)
         CPT_AWAIT(cpt_stats(e.svc).packets_in == nids + 2, 2000, "stats.packets_in %llu, expected %zu",
                   (unsigned long long)cpt_stats(e.svc).packets_in, nids + 2);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -727,7 +749,7 @@ Test(flaws, f07_packets_up_to_65535_bytes, .timeout = 30)
         cpt_xrecv_packet_eq(fd, (uint16_t)(100 + i), body, sizes[i]);
     }
     free(body);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -741,7 +763,7 @@ Test(flaws, f07_packets_up_to_65535_bytes, .timeout = 30)
 Test(flaws, f08_idle_sessions_hold_no_receive_buffer, .timeout = 90)
 {
     enum { N = 2000, WARM = 64, ROUNDS = 40 };
-    cr_assert_geq(cpt_raise_nofile(2 * N + 2 * WARM + 200), (rlim_t)(2 * N + 2 * WARM + 100),
+    cr_assert_geq(cpt_raise_nofile(2 * N + 2 * WARM + 200), (unsigned long long)(2 * N + 2 * WARM + 100),
                   "not enough file descriptors for this test");
     cp_server_opts o = { .session.max_packet = 65535 };
     cpt_env e;
@@ -758,7 +780,7 @@ Test(flaws, f08_idle_sessions_hold_no_receive_buffer, .timeout = 90)
     }
     CPT_AWAIT(atomic_load(&e.t->packets) == WARM * ROUNDS, 10000, "warm-up packets not received");
     for (int i = 0; i < WARM; i++)
-        close(warm[i]);
+        cpt_close(warm[i]);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == WARM, 5000, "warm-up sessions not disconnected");
     cpt_sleep_ms(100);
 
@@ -781,7 +803,7 @@ Test(flaws, f08_idle_sessions_hold_no_receive_buffer, .timeout = 90)
         cr_assert_lt(growth, (long)N * 2, "%d idle sessions cost %ld KiB of RSS (%.2f KiB each, limit 2)", N, growth,
                      (double)growth / N);
     for (int i = 0; i < N; i++)
-        close(fds[i]);
+        cpt_close(fds[i]);
     free(fds);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == WARM + N, 20000, "sessions not disconnected");
     cpt_env_stop(&e);
@@ -900,8 +922,8 @@ Test(flaws, f09_broadcast_never_blocks_on_slow_member, .timeout = 60)
     cr_assert_eq(cp_group_size(gc->g), 0, "stopped sessions are still group members");
     cpt_track_xcheck(&gc->t);
     for (int i = 0; i < FAST; i++)
-        close(rd[i].fd);
-    close(slow);
+        cpt_close(rd[i].fd);
+    cpt_close(slow);
     cp_group_destroy(gc->g);
     free(gc->t.recs);
     free(gc);
@@ -954,7 +976,7 @@ static void *busy_client_main(void *arg)
             }
             if (rc == -EAGAIN)
                 bc->bad++; /* neither served nor closed within the timeout */
-            close(fds[i]);
+            cpt_close(fds[i]);
             fds[i] = -1;
             open_n--;
         }
@@ -1065,7 +1087,7 @@ static void ref_cycle(cp_port *port)
         player *p = cc->t.recs[i].user;
         cr_assert_eq(cp_session_send_copy(p->s, "x", 1), -ENOTCONN);
         free(p);
-        close(fds[i]);
+        cpt_close(fds[i]);
     }
     cpt_track_xcheck(&cc->t);
     cp_group_destroy(cc->g);
@@ -1101,8 +1123,7 @@ Test(flaws, f11_no_leak_from_refs_and_groups, .timeout = 60)
 static int tcp_nodelay_of(int fd)
 {
     int v = -1;
-    socklen_t l = sizeof v;
-    if (getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &v, &l) != 0)
+    if (cpt_getsockopt_int(fd, IPPROTO_TCP, TCP_NODELAY, &v) != 0)
         return -1;
     return v;
 }
@@ -1118,7 +1139,7 @@ Test(flaws, f12_tcp_nodelay_really_set, .timeout = 30)
     CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
     int sfd = cpt_xfind_peer_fd(fd);
     cr_assert_eq(tcp_nodelay_of(sfd), 1, "TCP_NODELAY is not set on the accepted socket");
-    close(fd);
+    cpt_close(fd);
 
     /* no_nodelay = 1 keeps Nagle on. */
     cp_server_opts o = { .session.no_nodelay = 1 };
@@ -1129,17 +1150,14 @@ Test(flaws, f12_tcp_nodelay_really_set, .timeout = 30)
     CPT_AWAIT(atomic_load(&t2->connected) == 1, 5000, "not connected");
     sfd = cpt_xfind_peer_fd(fd);
     cr_assert_eq(tcp_nodelay_of(sfd), 0, "no_nodelay = 1 but TCP_NODELAY is set");
-    close(fd);
+    cpt_close(fd);
     cpt_xstop(s2);
     cpt_track_stopped(t2);
     cpt_track_xcheck(t2);
     cpt_track_free(t2);
 
     /* A client service's connected socket. */
-    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    cr_assert_eq(bind(lfd, (struct sockaddr *)&a, sizeof a), 0);
-    cr_assert_eq(listen(lfd, 8), 0);
+    int lfd = cpt_xlisten(8);
     cpt_track *t3 = cpt_track_new(4);
     cp_client_opts co = { .host = CPT_HOST4, .port = cpt_local_port(lfd), .sessions = 1 };
     cp_service *cli = cpt_xclient(e.port, &co, &h, t3);
@@ -1152,8 +1170,8 @@ Test(flaws, f12_tcp_nodelay_really_set, .timeout = 30)
     cpt_track_stopped(t3);
     cpt_track_xcheck(t3);
     cpt_track_free(t3);
-    close(afd);
-    close(lfd);
+    cpt_close(afd);
+    cpt_close(lfd);
     cpt_env_stop(&e);
 }
 
@@ -1205,7 +1223,7 @@ static uint64_t pingpong_ms(int no_nodelay, int rounds)
         cr_assert(pong[0] == 4 && pong[2] == 2, "bad pong");
     }
     uint64_t ms = (cpt_now_ns() - t0) / 1000000u;
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
     return ms;
 }
@@ -1251,7 +1269,7 @@ Test(flaws, f12_ipv6_server_and_client, .timeout = 30)
     cr_assert_eq(n, (int)strlen(want));
     int sfd = cpt_xfind_peer_fd(fd);
     cr_assert_eq(tcp_nodelay_of(sfd), 1, "TCP_NODELAY not set on an IPv6 session");
-    close(fd);
+    cpt_close(fd);
 
     cpt_track *ct = cpt_track_new(8);
     ct->echo = false;
@@ -1300,8 +1318,7 @@ static void *flood_reader(void *arg)
     for (;;) {
         if (f->echoes == f->npkts && atomic_load(f->push_done) && f->pushes == atomic_load(f->pushed))
             break;
-        struct pollfd pfd = { .fd = f->fd, .events = POLLIN };
-        if (poll(&pfd, 1, 100) == 0) {
+        if (cpt_poll_in(f->fd, 100) == 0) {
             if (cpt_now_ms() > deadline) {
                 f->rc = -ETIMEDOUT;
                 break;
@@ -1376,6 +1393,6 @@ Test(flaws, f13_callbacks_of_one_session_never_overlap, .timeout = 60)
     cr_assert_eq(atomic_load(&e.t->overlaps), 0, "callbacks of one session overlapped %d times",
                  atomic_load(&e.t->overlaps));
     for (int i = 0; i < C; i++)
-        close(f[i].fd);
+        cpt_close(f[i].fd);
     cpt_env_stop(&e);
 }

@@ -9,8 +9,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 typedef struct room_ctx {
     cpt_track t; /* first: the ctx is also a cpt_track */
@@ -99,7 +97,7 @@ Test(group, membership_rules, .timeout = 20)
     cr_assert_eq(cp_group_remove(c->g2, sa), -ENOENT);
     cr_assert_eq(cp_group_size(c->g2), 1);
     cr_assert_eq(cp_group_add(c->g2, sa), 0);
-    close(a);
+    cpt_close(a);
     CPT_AWAIT(atomic_load(&c->t.disconnected) == 1, 5000, "not disconnected");
     cr_assert_eq(cp_group_size(c->g), 1);
     cr_assert_eq(cp_group_size(c->g2), 1);
@@ -109,7 +107,7 @@ Test(group, membership_rules, .timeout = 20)
     cr_assert_eq(cp_group_broadcast(c->g, buf), 1);
     cp_sendbuf_unref(buf);
     cpt_xrecv_packet_eq(b, 3, "room", 4);
-    close(b);
+    cpt_close(b);
     CPT_AWAIT(atomic_load(&c->t.disconnected) == 2, 5000, "not disconnected");
     cr_assert_eq(cp_group_size(c->g), 0);
     cr_assert_eq(atomic_load(&c->size_at_disc_bad), 0,
@@ -185,7 +183,7 @@ Test(group, chat_100_clients_20_messages, .timeout = 60)
     free(in);
     cr_assert_eq(bad, 0, "%d messages out of per-sender order", bad);
     for (int i = 0; i < N; i++)
-        close(fds[i]);
+        cpt_close(fds[i]);
     CPT_AWAIT(cp_group_size(c->g) == 0, 5000, "members did not leave");
     cpt_xstop(svc);
     cpt_track_stopped(&c->t);
@@ -288,7 +286,7 @@ Test(group, concurrent_add_remove_broadcast_and_disconnect, .timeout = 60)
     }
     for (int i = 0; i < N; i++) {
         pthread_join(rd[i], NULL);
-        close(fds[i]);
+        cpt_close(fds[i]);
     }
     cr_assert_eq(cp_group_size(c->g2), 0, "gone sessions remain in the group");
     cr_assert_eq(cp_group_size(c->g), 0);
@@ -324,7 +322,7 @@ Test(group, destroy_group_with_live_members, .timeout = 20)
         cpt_xrecv_packet_eq(fds[i], 1, "still", 5);
     }
     for (int i = 0; i < N; i++)
-        close(fds[i]);
+        cpt_close(fds[i]);
     CPT_AWAIT(atomic_load(&c->t.disconnected) == N, 5000, "not disconnected");
     cpt_xstop(svc);
     cpt_track_stopped(&c->t);
@@ -345,7 +343,7 @@ Test(group, service_broadcast_reaches_every_session, .timeout = 20)
     for (int i = 0; i < N; i++)
         fds[i] = cpt_xconnect(e.sport);
     CPT_AWAIT(atomic_load(&e.t->connected) == N, 5000, "not connected");
-    close(fds[0]);
+    cpt_close(fds[0]);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "not disconnected");
     cpt_xsettle(e.svc, e.t);
     cp_sendbuf *b = cp_packet_make(12, "all", 3);
@@ -353,7 +351,7 @@ Test(group, service_broadcast_reaches_every_session, .timeout = 20)
     cp_sendbuf_unref(b);
     for (int i = 1; i < N; i++) {
         cpt_xrecv_packet_eq(fds[i], 12, "all", 3);
-        close(fds[i]);
+        cpt_close(fds[i]);
     }
     cpt_env_stop(&e);
 }

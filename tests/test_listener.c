@@ -4,13 +4,9 @@
  */
 #include "helpers.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 Test(listener, port_zero_picks_a_free_port, .timeout = 10)
 {
@@ -25,10 +21,7 @@ Test(listener, port_zero_picks_a_free_port, .timeout = 10)
 Test(listener, port_in_use_is_reported, .timeout = 10)
 {
     cpt_leak_mark leak;
-    int lfd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    cr_assert_eq(bind(lfd, (struct sockaddr *)&a, sizeof a), 0);
-    cr_assert_eq(listen(lfd, 4), 0);
+    int lfd = cpt_xlisten(4);
     cpt_leak_begin(&leak);
     cp_port *p = cpt_xport(1);
     cp_handlers h = cpt_track_handlers();
@@ -38,7 +31,7 @@ Test(listener, port_in_use_is_reported, .timeout = 10)
     cr_assert_eq(rc, -EADDRINUSE, "start on a used port: %d (%s)", rc, cp_strerror(rc));
     cpt_xport_destroy(p); /* no service was left registered on the port */
     cpt_leak_end(&leak);
-    close(lfd);
+    cpt_close(lfd);
 }
 
 /* Two cport servers on one port: the second is refused (no silent sharing). */
@@ -92,7 +85,7 @@ Test(listener, burst_of_connects_with_few_pending_accepts, .timeout = 60)
     cpt_xsettle(e.svc, e.t);
     cr_assert_eq(cpt_stats(e.svc).sessions, (uint64_t)N);
     for (int i = 0; i < N; i++)
-        close(fds[i]);
+        cpt_close(fds[i]);
     free(fds);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == N, 10000, "not all disconnected");
     cpt_env_stop(&e);
@@ -114,7 +107,7 @@ Test(listener, max_sessions_enforced, .timeout = 30)
     for (int i = 0; i < EXTRA; i++) {
         extra[i] = cpt_xconnect(e.sport);
         cpt_xclosed(extra[i], 3000);
-        close(extra[i]);
+        cpt_close(extra[i]);
     }
     CPT_AWAIT(cpt_stats(e.svc).rejected == EXTRA, 2000, "rejected %llu, expected %d",
               (unsigned long long)cpt_stats(e.svc).rejected, EXTRA);
@@ -123,14 +116,14 @@ Test(listener, max_sessions_enforced, .timeout = 30)
         cpt_xsend_packet(fds[i], 1, "in", 2);
         cpt_xrecv_packet_eq(fds[i], 1, "in", 2);
     }
-    close(fds[0]);
+    cpt_close(fds[0]);
     CPT_AWAIT(cpt_stats(e.svc).sessions == MAX - 1, 5000, "the closed session did not leave");
     fds[0] = cpt_xconnect(e.sport);
     cpt_xsend_packet(fds[0], 2, "again", 5);
     cpt_xrecv_packet_eq(fds[0], 2, "again", 5);
     cr_assert_eq(cpt_stats(e.svc).rejected, EXTRA);
     for (int i = 0; i < MAX; i++)
-        close(fds[i]);
+        cpt_close(fds[i]);
     cpt_env_stop(&e);
 }
 
@@ -162,7 +155,7 @@ Test(listener, stop_then_restart_on_same_port, .timeout = 30)
         cpt_track_stopped(t);
         for (int i = 0; i < 8; i++) {
             cpt_xclosed(fds[i], 3000);
-            close(fds[i]);
+            cpt_close(fds[i]);
         }
         int fd = cpt_connect(CPT_HOST4, port, 0);
         cr_assert_eq(fd, -ECONNREFUSED, "connect after stop: %d", fd);
@@ -191,7 +184,7 @@ Test(listener, several_servers_on_one_port, .timeout = 20)
         int fd = cpt_xconnect(cp_service_port(s[i]));
         cpt_xsend_packet(fd, (uint16_t)i, "s", 1);
         cpt_xrecv_packet_eq(fd, (uint16_t)i, "s", 1);
-        close(fd);
+        cpt_close(fd);
     }
     for (int i = 0; i < 4; i++) {
         CPT_AWAIT(atomic_load(&t[i]->disconnected) == 1, 5000, "server %d", i);

@@ -8,7 +8,6 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 /* Route 10: body is a u32 sequence number that must follow the previous. */
 static int seq_route(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
@@ -70,7 +69,7 @@ Test(packet, split_byte_by_byte, .timeout = 20)
     cr_assert_eq(atomic_load(&e.t->packets), 2);
     cr_assert_eq(atomic_load(&e.t->failures), 0, "a packet reached the handler damaged or out of order");
     cr_assert_eq(cpt_peek_state(fd), 0, "the session was closed");
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -93,7 +92,7 @@ Test(packet, header_split_at_every_point, .timeout = 20)
     }
     CPT_AWAIT(atomic_load(&e.t->packets) == 3, 5000, "%lld of 3 packets", atomic_load(&e.t->packets));
     cr_assert_eq(atomic_load(&e.t->failures), 0);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -114,7 +113,7 @@ Test(packet, hundreds_of_packets_in_one_read, .timeout = 20)
     cr_assert_eq(atomic_load(&e.t->failures), 0);
     CPT_AWAIT(cpt_stats(e.svc).packets_in == N, 2000, "packets_in %llu",
               (unsigned long long)cpt_stats(e.svc).packets_in);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -148,7 +147,7 @@ Test(packet, random_sizes_random_cuts, .timeout = 30)
     free(buf);
     CPT_AWAIT(atomic_load(&e.t->packets) == N, 10000, "%lld of %d packets", atomic_load(&e.t->packets), N);
     cr_assert_eq(atomic_load(&e.t->failures), 0, "a packet was damaged or out of order");
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -168,8 +167,8 @@ Test(packet, max_packet_boundary, .timeout = 20)
     free(body);
     CPT_AWAIT(atomic_load(&e.t->reasons[CP_REASON_TOO_BIG]) == 1, 2000, "no too-big disconnect");
     cr_assert_eq(cpt_peek_state(ok), 0, "the other session was closed");
-    close(ok);
-    close(big);
+    cpt_close(ok);
+    cpt_close(big);
     cpt_env_stop(&e);
 }
 
@@ -254,7 +253,7 @@ Test(packet, routes_dispatch_by_id_and_are_copied, .timeout = 20)
               atomic_load(&seen.a), atomic_load(&seen.b), atomic_load(&seen.other));
     cr_assert_eq(atomic_load(&seen.a), 1);
     cr_assert_eq(atomic_load(&seen.bad), 0, "a handler got the wrong packet");
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -290,7 +289,7 @@ Test(packet, handler_refusal_disconnects, .timeout = 20)
                  cp_reason_str((cp_reason)atomic_load(&e.t->recs[0].reason)));
     cr_assert_eq(atomic_load(&e.t->packets), 1, "%lld packets dispatched after the refusal",
                  atomic_load(&e.t->packets) - 1);
-    close(fd);
+    cpt_close(fd);
     cpt_env_xneighbour(&e);
     cpt_env_stop(&e);
 }
@@ -309,13 +308,13 @@ Test(packet, partial_packet_does_not_leak_into_next_session, .timeout = 20)
         hdr[5] = 'q';
         cpt_xsend(fd, hdr, sizeof hdr);
         cpt_sleep_ms(2);
-        close(fd);
+        cpt_close(fd);
     }
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 20, 5000, "not disconnected");
     int fd = cpt_xconnect(e.sport);
     cpt_xsend_packet(fd, 9, "clean", 5);
     cpt_xrecv_packet_eq(fd, 9, "clean", 5);
-    close(fd);
+    cpt_close(fd);
     cr_assert_eq(atomic_load(&e.t->packets), 1, "a partial packet was dispatched");
     cpt_env_stop(&e);
 }

@@ -8,8 +8,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 Test(port, create_with_null_opts_uses_one_worker_per_cpu, .timeout = 10)
 {
@@ -18,8 +16,8 @@ Test(port, create_with_null_opts_uses_one_worker_per_cpu, .timeout = 10)
     cp_port *p = NULL;
     int rc = cp_port_create(&p, NULL);
     cr_assert_eq(rc, 0, "cp_port_create(NULL opts): %s", cp_strerror(rc));
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    cr_assert_eq(cp_port_workers(p), (int)cpus, "%d workers on %ld CPUs", cp_port_workers(p), cpus);
+    int cpus = cpt_ncpu();
+    cr_assert_eq(cp_port_workers(p), cpus, "%d workers on %d CPUs", cp_port_workers(p), cpus);
     const char *name = cp_port_backend_name(p);
     cr_assert(name && *name);
     const char *env = getenv("CP_BACKEND");
@@ -41,6 +39,19 @@ Test(port, explicit_worker_count_and_backend, .timeout = 10)
     cpt_leak_end(&leak);
 }
 
+#ifdef _WIN32
+Test(port, iocp_backend_on_request, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = NULL;
+    cp_port_opts o = { .workers = 2, .backend = CP_BACKEND_IOCP };
+    cr_assert_eq(cp_port_create(&p, &o), 0);
+    cr_assert_str_eq(cp_port_backend_name(p), "iocp");
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+#else
 Test(port, epoll_backend_on_request, .timeout = 10)
 {
     cpt_leak_mark leak;
@@ -52,19 +63,25 @@ Test(port, epoll_backend_on_request, .timeout = 10)
     cpt_xport_destroy(p);
     cpt_leak_end(&leak);
 }
+#endif
 
 /* A backend that cannot exist here is refused with -ENOTSUP, not faked. */
 Test(port, unavailable_backend_is_refused, .timeout = 10)
 {
-#ifndef _WIN32
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    cp_port *p = NULL;
-    cp_port_opts o = { .workers = 1, .backend = CP_BACKEND_IOCP };
-    int rc = cp_port_create(&p, &o);
-    cr_assert_eq(rc, -ENOTSUP, "IOCP on Linux: %d (%s)", rc, cp_strerror(rc));
-    cpt_leak_end(&leak);
+#ifdef _WIN32
+    const cp_backend absent[] = { CP_BACKEND_EPOLL, CP_BACKEND_URING };
+#else
+    const cp_backend absent[] = { CP_BACKEND_IOCP };
 #endif
+    for (size_t i = 0; i < sizeof absent / sizeof absent[0]; i++) {
+        cp_port *p = NULL;
+        cp_port_opts o = { .workers = 1, .backend = absent[i] };
+        int rc = cp_port_create(&p, &o);
+        cr_assert_eq(rc, -ENOTSUP, "backend %d on this system: %d (%s)", (int)absent[i], rc, cp_strerror(rc));
+    }
+    cpt_leak_end(&leak);
 }
 
 Test(port, many_ports_created_and_destroyed_leak_nothing, .timeout = 30)
@@ -344,14 +361,14 @@ Test(port, strerror_and_reason_names, .timeout = 10)
 static int timed_recv_errno(void)
 {
     int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
+    if (cpt_socketpair(sv) != 0)
         return -1;
     cpt_set_rcvtimeo(sv[0], 300);
     char c;
-    ssize_t n = recv(sv[0], &c, 1, 0);
-    int err = n < 0 ? errno : 0;
-    close(sv[0]);
-    close(sv[1]);
+    ssize_t n = cpt_recv_once(sv[0], &c, 1);
+    int err = n < 0 ? (int)-n : 0;
+    cpt_close(sv[0]);
+    cpt_close(sv[1]);
     return err;
 }
 

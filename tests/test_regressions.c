@@ -2,8 +2,6 @@
 #include "helpers.h"
 
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 /* ------------------------------------------------------------------ epoll_lost_eof */
 
@@ -50,8 +48,8 @@ Test(regressions, epoll_lost_eof_when_data_and_fin_arrive_together, .timeout = 3
     cpt_xclosed(b, 2000); /* the server saw the FIN and closed its side */
     CPT_AWAIT(cpt_stats(svc).disconnected == 1, 2000, "the half-closed session never ended");
     cr_expect_eq(cpt_stats(svc).by_reason[CP_REASON_PEER_CLOSED], 1);
-    close(a);
-    close(b);
+    cpt_close(a);
+    cpt_close(b);
     cpt_xstop(svc);
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
@@ -65,15 +63,22 @@ Test(regressions, epoll_lost_eof_when_data_and_fin_arrive_together, .timeout = 3
  * then sits in the poll list after its one data completion, never woken by
  * the reset. This plain form of the pattern does not reproduce it (the cause
  * and its test are at uring_mshot_lost_reset below); it pins the behaviour
- * down on both backends. */
+ * down on every backend.
+ * Under Wine an AcceptEx whose connection was reset before it completed fails
+ * (STATUS_CONNECTION_INVALID) and that connection never becomes a session, so
+ * there each client waits until its session exists before it sends and
+ * resets; the rest is the same. */
 Test(regressions, session_ends_after_data_then_reset, .timeout = 60)
 {
     cpt_env e;
     cpt_env_start(&e, 0, NULL, NULL, 400, 0);
     uint8_t body[720];
     memset(body, 0x5a, sizeof body);
+    bool wine = cpt_under_wine();
     for (int i = 0; i < 300; i++) {
         int fd = cpt_xconnect(e.sport);
+        if (wine)
+            CPT_AWAIT(cpt_stats(e.svc).connected > (uint64_t)i, 5000, "session %d did not connect", i);
         cpt_xsend_packet(fd, (uint16_t)i, body, sizeof body);
         cpt_close_reset(fd);
     }
@@ -107,7 +112,7 @@ Test(regressions, session_ends_after_data_and_reset_arrive_together, .timeout = 
     cpt_xsend(b, pkt, sizeof pkt);
     cpt_close_reset(b);
     CPT_AWAIT(cpt_stats(svc).disconnected == 1, 3000, "the reset session never ended");
-    close(a);
+    cpt_close(a);
     cpt_xstop(svc);
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
@@ -129,7 +134,8 @@ Test(regressions, session_ends_after_data_and_reset_arrive_together, .timeout = 
  * drives that path every time: each client sends a packet and resets while
  * on_connected keeps the only worker busy, so the reset is there before the
  * receive is armed. Each session must get its packet and then end with
- * CP_REASON_RESET. */
+ * CP_REASON_RESET. Under Wine a client cannot reset (its closesocket() sends
+ * a FIN first): there the test checks all but the reason, then says skipped. */
 
 static atomic_int lost_reset_connected, lost_reset_packets;
 
@@ -172,8 +178,12 @@ Test(regressions, uring_mshot_lost_reset_session_ends_with_its_bytes, .timeout =
               (unsigned long long)cpt_stats(svc).sessions, N);
     cr_expect_eq(atomic_load(&lost_reset_packets), N, "packets received: %d of %d",
                  atomic_load(&lost_reset_packets), N);
-    cr_expect_eq(cpt_stats(svc).by_reason[CP_REASON_RESET], N);
+    bool can_reset = !cpt_under_wine();
+    if (can_reset)
+        cr_expect_eq(cpt_stats(svc).by_reason[CP_REASON_RESET], N);
     cpt_xstop(svc);
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
+    if (!can_reset)
+        cr_skip_test("CP_REASON_RESET not checked: Wine cannot reset a connection (all else held)");
 }

@@ -8,8 +8,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 typedef struct sender {
     cp_service *svc;
@@ -74,7 +72,7 @@ Test(send_queue, concurrent_senders_keep_their_order, .timeout = 60)
         cr_assert_eq(s[i].bad, 0);
     }
     cr_assert_eq(bad, 0, "%d packets out of order or damaged", bad);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -111,7 +109,7 @@ Test(send_queue, thousands_of_small_buffers_in_one_round, .timeout = 30)
     free(all);
     CPT_AWAIT(atomic_load(&e.t->bytes_sent) == 5000 * 8, 2000, "on_sent reported %lld bytes",
               atomic_load(&e.t->bytes_sent));
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -133,7 +131,7 @@ Test(send_queue, buffer_larger_than_limit_overflows, .timeout = 20)
     cr_assert_eq(atomic_load(&e.t->recs[0].reason), CP_REASON_SEND_OVERFLOW, "reason %s",
                  cp_reason_str((cp_reason)atomic_load(&e.t->recs[0].reason)));
     cpt_xclosed(fd, 10000);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -213,7 +211,7 @@ Test(send_queue, on_sent_pacing_never_overflows, .timeout = 60)
     cr_assert_eq(bad, -1, "byte %lld differs", bad);
     cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_SEND_OVERFLOW]), 0);
     cr_assert_eq(cpt_peek_state(fd), 0, "the session was closed");
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -236,7 +234,7 @@ Test(send_queue, one_buffer_many_sessions, .timeout = 30)
     cp_sendbuf_unref(b);
     for (int i = 0; i < N; i++) {
         cpt_xrecv_packet_eq(fds[i], 77, body, sizeof body);
-        close(fds[i]);
+        cpt_close(fds[i]);
     }
     cpt_env_stop(&e);
 }

@@ -9,7 +9,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 Test(service_stop, idle_server_stops_at_once, .timeout = 10)
 {
@@ -44,7 +43,7 @@ Test(service_stop, sessions_get_stopping_reason, .timeout = 30)
     cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_STOPPING]), N);
     for (int i = 0; i < N; i++) {
         cpt_xclosed(fds[i], 3000);
-        close(fds[i]);
+        cpt_close(fds[i]);
     }
     cpt_track_xcheck(e.t);
     cpt_track_free(e.t);
@@ -73,7 +72,7 @@ Test(service_stop, unread_queued_data_does_not_delay_stop, .timeout = 30)
     cpt_track_stopped(e.t);
     cr_assert_lt(took, 2000, "stop waited %llu ms for a client that never reads", (unsigned long long)took);
     cpt_xclosed(fd, 10000);
-    close(fd);
+    cpt_close(fd);
     cpt_track_xcheck(e.t);
     cpt_track_free(e.t);
     cpt_xport_destroy(e.port);
@@ -144,7 +143,7 @@ Test(service_stop, waits_for_running_callbacks, .timeout = 20)
     cr_assert_eq(atomic_load(&c->finished), 1, "cp_service_stop returned while a callback was running");
     cpt_track_stopped(&c->t);
     cpt_track_xcheck(&c->t);
-    close(fd);
+    cpt_close(fd);
     free(c->t.recs);
     free(c);
     cpt_xport_destroy(p);
@@ -246,7 +245,7 @@ Test(service_stop, user_threads_sending_through_stop, .timeout = 30)
                      sd[i].after_stop_ok);
     }
     for (int i = 0; i < N; i++)
-        close(fds[i]);
+        cpt_close(fds[i]);
     cpt_track_xcheck(e.t);
     cpt_track_free(e.t);
     cpt_xport_destroy(e.port);
@@ -277,7 +276,7 @@ Test(service_stop, start_stop_cycles_leak_nothing, .timeout = 60)
         cpt_xstop(svc);
         cpt_track_stopped(t);
         for (int i = 0; i < 10; i++)
-            close(fds[i]);
+            cpt_close(fds[i]);
         cpt_track_xcheck(t);
         cpt_track_free(t);
     }
@@ -306,8 +305,8 @@ Test(service_stop, stopping_one_service_leaves_the_other, .timeout = 20)
     cpt_xclosed(b, 3000);
     cpt_xsend_packet(a, 2, "b", 1);
     cpt_xrecv_packet_eq(a, 2, "b", 1);
-    close(a);
-    close(b);
+    cpt_close(a);
+    cpt_close(b);
     cpt_track_xcheck(t2);
     cpt_track_free(t2);
     cpt_env_stop(&e);

@@ -9,8 +9,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 typedef struct racer {
     cpt_track *t;
@@ -61,7 +59,7 @@ Test(session_lifetime, racing_disconnects_exactly_once, .timeout = 60)
             if (i % 2)
                 cpt_close_reset(fds[i]);
             else
-                close(fds[i]);
+                cpt_close(fds[i]);
         }
         for (int i = 0; i < 2; i++)
             pthread_join(th[i], NULL);
@@ -102,7 +100,7 @@ Test(session_lifetime, send_after_disconnect_is_enotconn, .timeout = 20)
     cr_assert(n == 0 || n == 5 || n == -ECONNRESET, "client read %zd bytes", n);
     if (n == 5)
         cpt_xclosed(fd, 3000);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -124,7 +122,7 @@ Test(session_lifetime, disconnecting_session_refuses_at_once, .timeout = 20)
     cr_assert_eq(send_rc, -ENOTCONN, "send right after cp_session_disconnect returned %d", send_rc);
     cr_assert_eq(disc_rc, -ENOTCONN, "a second cp_session_disconnect returned %d", disc_rc);
     cr_assert_eq(conn, 0, "cp_session_connected is 1 while disconnecting");
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }
 
@@ -147,7 +145,7 @@ Test(session_lifetime, stale_ids_are_refused, .timeout = 30)
             cr_assert_neq(old[i], old[j], "sessions %d and %d share id %llu", i, j, (unsigned long long)old[i]);
     }
     for (int i = 0; i < N; i++)
-        close(fds[i]);
+        cpt_close(fds[i]);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == N, 5000, "not disconnected");
     cpt_xsettle(e.svc, e.t);
     /* the same number again: with max_sessions = N every slot is reused */
@@ -175,7 +173,7 @@ Test(session_lifetime, stale_ids_are_refused, .timeout = 30)
     cp_sendbuf_unref(b);
     for (int i = 0; i < N; i++) {
         cpt_xrecv_packet_eq(fds[i], 14, "right", 5);
-        close(fds[i]);
+        cpt_close(fds[i]);
     }
     cpt_env_stop(&e);
 }
@@ -210,7 +208,7 @@ Test(session_lifetime, disconnect_inside_on_connected, .timeout = 20)
         fds[i] = cpt_xconnect(e.sport);
     for (int i = 0; i < 10; i++) {
         cpt_xclosed(fds[i], 3000);
-        close(fds[i]);
+        cpt_close(fds[i]);
     }
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 10, 5000, "not disconnected");
     cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_LOCAL]), 10);
@@ -255,7 +253,7 @@ Test(session_lifetime, disconnect_inside_packet_handler, .timeout = 20)
         cpt_put_header(buf + 4 * i, 4, 1);
     cpt_xsend(fd, buf, sizeof buf);
     cpt_xclosed(fd, 3000);
-    close(fd);
+    cpt_close(fd);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "not disconnected");
     cr_assert_eq(atomic_load(&e.t->recs[0].reason), CP_REASON_LOCAL);
     cr_assert_eq(atomic_load(&e.t->packets), 1, "%lld packets dispatched after disconnect",
@@ -318,7 +316,7 @@ Test(session_lifetime, accessors, .timeout = 20)
     int fd = cpt_xconnect(cp_service_port(svc));
     cpt_xsend_packet(fd, 1, "a", 1);
     cpt_xrecv_packet_eq(fd, 1, "a", 1);
-    close(fd);
+    cpt_close(fd);
     CPT_AWAIT(atomic_load(&c->t.disconnected) == 1, 5000, "not disconnected");
     cr_assert_eq(atomic_load(&c->bad), 0, "an accessor returned the wrong thing");
     cpt_xstop(svc);
@@ -385,7 +383,7 @@ Test(session_lifetime, sends_from_user_threads_during_disconnect, .timeout = 30)
         if (i % 2)
             cpt_close_reset(fds[i]);
         else
-            close(fds[i]);
+            cpt_close(fds[i]);
     }
     CPT_AWAIT(atomic_load(&e.t->disconnected) == N, 10000, "not disconnected");
     atomic_store(&stop, 1);

@@ -2,7 +2,6 @@
 #include "helpers.h"
 
 #include <string.h>
-#include <unistd.h>
 
 static void start_env(cpt_env *e, uint32_t idle_ms, uint32_t packet_ms)
 {
@@ -26,7 +25,9 @@ Test(timeouts, half_a_packet_then_silence_is_cut_by_the_packet_timeout, .timeout
     uint64_t took = cpt_now_ms() - t0;
     cr_expect_geq(took, 180, "cut after %llu ms, before the 200 ms timeout", (unsigned long long)took);
     cr_expect_lt(took, 1500, "cut only after %llu ms", (unsigned long long)took);
-    close(fd);
+    cpt_close(fd);
+    /* The client can see the close before on_disconnected has run. */
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "on_disconnected did not run");
     cpt_xsettle(e.svc, e.t);
     cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_PACKET_TIMEOUT]), 1);
     cpt_env_xneighbour(&e);
@@ -43,7 +44,9 @@ Test(timeouts, an_idle_client_is_cut_by_the_idle_timeout, .timeout = 30)
     uint64_t took = cpt_now_ms() - t0;
     cr_expect_geq(took, 180, "cut after %llu ms", (unsigned long long)took);
     cr_expect_lt(took, 1500, "cut only after %llu ms", (unsigned long long)took);
-    close(fd);
+    cpt_close(fd);
+    /* The client can see the close before on_disconnected has run. */
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "on_disconnected did not run");
     cpt_xsettle(e.svc, e.t);
     cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_IDLE_TIMEOUT]), 1);
     cpt_env_stop(&e);
@@ -72,7 +75,7 @@ Test(timeouts, an_active_client_is_never_cut, .timeout = 30)
         cpt_sleep_ms(30);
     }
     cr_expect_eq(cpt_peek_state(fd), 0, "the active client was disconnected");
-    close(fd);
+    cpt_close(fd);
     cpt_xsettle(e.svc, e.t);
     cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_IDLE_TIMEOUT]), 0);
     cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_PACKET_TIMEOUT]), 0);
@@ -86,6 +89,6 @@ Test(timeouts, timeouts_off_keep_an_idle_client, .timeout = 30)
     int fd = cpt_xconnect(e.sport);
     cpt_sleep_ms(400);
     cr_expect_eq(cpt_peek_state(fd), 0);
-    close(fd);
+    cpt_close(fd);
     cpt_env_stop(&e);
 }

@@ -9,25 +9,62 @@
  * disconnects sessions by id; job queues take pushes from four threads while
  * timers are armed and cancelled from two; finally the service is stopped
  * while the clients are still busy.
+ *
+ * It also runs in every normal build (ctest stress.<backend>), on Windows
+ * (under Wine) too.
  */
 #include <cport.h>
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <time.h>
-#include <unistd.h>
+
+#ifdef _WIN32
+#  define WIN32_LEAN_AND_MEAN
+#  include <winsock2.h>
+#  include <ws2tcpip.h>
+#  include <windows.h>
+typedef SOCKET sock_t;
+#  define sock_close closesocket
+#  define SEND_FLAGS 0
+static void sleep_us(unsigned us) { Sleep((us + 999) / 1000); }
+static void set_rcvtimeo_ms(sock_t fd, unsigned ms)
+{
+    DWORD v = ms;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, (const char *)&v, sizeof v);
+}
+#else
+#  include <arpa/inet.h>
+#  include <netinet/in.h>
+#  include <netinet/tcp.h>
+#  include <sys/socket.h>
+#  include <sys/time.h>
+#  include <time.h>
+#  include <unistd.h>
+typedef int sock_t;
+#  define sock_close close
+#  define SEND_FLAGS MSG_NOSIGNAL
+static void sleep_us(unsigned us) { usleep(us); }
+static void set_rcvtimeo_ms(sock_t fd, unsigned ms)
+{
+    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+#endif
 
 #define CLIENTS 8
 #define MAX_IDS 256
+#define PUSHES 20000 /* jobs per pusher thread */
+
+/* rand_r is POSIX only; any small generator does. */
+static unsigned next_rand(unsigned *seed)
+{
+    *seed = *seed * 1103515245u + 12345u;
+    return *seed >> 8;
+}
 
 static atomic_int failures;
 static atomic_int stop_clients; /* the socket clients */
@@ -109,26 +146,25 @@ static void *client_thread(void *arg)
 {
     (void)arg;
     while (!atomic_load(&stop_clients)) {
-        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        sock_t fd = socket(AF_INET, SOCK_STREAM, 0);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(server_port)};
         inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-        struct timeval tv = {.tv_sec = 0, .tv_usec = 200000};
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        set_rcvtimeo_ms(fd, 200);
         if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
-            close(fd);
-            usleep(1000);
+            sock_close(fd);
+            sleep_us(1000);
             continue;
         }
         for (int i = 0; i < 50 && !atomic_load(&stop_clients); i++) {
             uint8_t pkt[36] = {36, 0, 7, 0};
             memset(pkt + 4, i, 32);
-            if (send(fd, pkt, sizeof pkt, MSG_NOSIGNAL) != (ssize_t)sizeof pkt)
+            if (send(fd, (const void *)pkt, sizeof pkt, SEND_FLAGS) != (int)sizeof pkt)
                 break;
             uint8_t in[512];
-            if (recv(fd, in, sizeof in, 0) <= 0) /* echoes and broadcasts mixed: only liveness */
+            if (recv(fd, (void *)in, sizeof in, 0) <= 0) /* echoes and broadcasts mixed: only liveness */
                 break;
         }
-        close(fd);
+        sock_close(fd);
     }
     return NULL;
 }
@@ -140,7 +176,7 @@ static cp_service *svc;
 static uint64_t random_id(unsigned *seed)
 {
     pthread_mutex_lock(&ids_lock);
-    uint64_t id = nids ? ids[rand_r(seed) % nids] : 0;
+    uint64_t id = nids ? ids[next_rand(seed) % nids] : 0;
     pthread_mutex_unlock(&ids_lock);
     return id;
 }
@@ -155,7 +191,7 @@ static void *sender_thread(void *arg)
         CHECK(r == 0 || r == -ENOTCONN, "send_to returned %d", r);
         cp_group_broadcast(room, b);
         cp_sendbuf_unref(b);
-        usleep(200);
+        sleep_us(200);
     }
     return NULL;
 }
@@ -167,7 +203,7 @@ static void *kicker_thread(void *arg)
     while (!atomic_load(&stop_users)) {
         int r = cp_service_disconnect_id(svc, random_id(&seed));
         CHECK(r == 0 || r == -ENOTCONN, "disconnect_id returned %d", r);
-        usleep(3000);
+        sleep_us(3000);
     }
     return NULL;
 }
@@ -197,8 +233,8 @@ static atomic_long pushed;
 static void *pusher_thread(void *arg)
 {
     unsigned seed = (unsigned)(uintptr_t)arg;
-    for (int i = 0; i < 20000; i++) {
-        qstate *q = &qs[rand_r(&seed) % 4];
+    for (int i = 0; i < PUSHES; i++) {
+        qstate *q = &qs[next_rand(&seed) % 4];
         if (cp_jobq_push(q->q, job, q) == 0)
             atomic_fetch_add(&pushed, 1);
     }
@@ -227,6 +263,13 @@ static void *timer_thread(void *arg)
 
 int main(void)
 {
+#ifdef _WIN32
+    WSADATA wsa;
+    if (WSAStartup(MAKEWORD(2, 2), &wsa) != 0) {
+        fprintf(stderr, "tsan_stress: WSAStartup failed\n");
+        return 1;
+    }
+#endif
     int r = cp_port_create(&port, &(cp_port_opts){.workers = 2});
     if (r < 0) {
         fprintf(stderr, "tsan_stress: cp_port_create: %s\n", cp_strerror(r));
@@ -257,7 +300,7 @@ int main(void)
         pthread_join(push[i], NULL);
     for (int i = 0; i < 2; i++)
         pthread_join(tim[i], NULL);
-    sleep(2);
+    sleep_us(2000000);
 
     /* The service handle is the caller's to stop: threads that use it end
      * first. The clients, queued sends and group broadcasts in flight do not. */

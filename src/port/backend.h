@@ -103,5 +103,9 @@ int cp__uring_probe(const char **why);
 /* Called by backends: deliver a completion after the current dispatch pass
  * (used for cancellations and results known at submission time). */
 void cp__worker_defer(cp_worker *w, cp_op *op, int res);
+/* Ready list of the worker (inline-reading backends): queue h for the next
+ * round, at most once; take it off again (on close). */
+void cp__ready_push(cp_worker *w, cp_handle *h);
+void cp__ready_unlink(cp_worker *w, cp_handle *h);
 
 #endif

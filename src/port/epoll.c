@@ -81,25 +81,6 @@ static void ep_wake(cp_worker *w)
         ;
 }
 
-static void ready_push(cp_worker *w, cp_handle *h)
-{
-    if (h->on_ready)
-        return;
-    h->on_ready = 1;
-    h->ready_next = w->ready;
-    w->ready = h;
-}
-
-static void ready_unlink(cp_worker *w, cp_handle *h)
-{
-    for (cp_handle **p = &w->ready; *p; p = &(*p)->ready_next) {
-        if (*p == h) {
-            *p = h->ready_next;
-            break;
-        }
-    }
-    h->on_ready = 0;
-}
 
 static int ep_attach(cp_worker *w, cp_handle *h)
 {
@@ -156,7 +137,7 @@ static void do_accept(cp_worker *w, cp_handle *h, cp_op *op)
         finish(w, h, op, -err, NULL);
         return;
     }
-    ready_push(w, h); /* fair share used; more may be pending */
+    cp__ready_push(w, h); /* fair share used; more may be pending */
 }
 
 static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
@@ -187,7 +168,7 @@ static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
         finish(w, h, op, -errno, NULL);
         return;
     }
-    ready_push(w, h);
+    cp__ready_push(w, h);
 }
 
 static void do_input(cp_worker *w, cp_handle *h)
@@ -263,7 +244,7 @@ static int ep_accept(cp_worker *w, cp_handle *h, cp_op *op)
 {
     h->rd = op;
     op->armed = 1;
-    ready_push(w, h);
+    cp__ready_push(w, h);
     return 0;
 }
 
@@ -271,7 +252,7 @@ static int ep_recv(cp_worker *w, cp_handle *h, cp_op *op)
 {
     h->rd = op;
     op->armed = 1;
-    ready_push(w, h);
+    cp__ready_push(w, h);
     return 0;
 }
 
@@ -315,7 +296,7 @@ static int ep_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
 static void ep_close(cp_worker *w, cp_handle *h)
 {
     if (h->on_ready)
-        ready_unlink(w, h);
+        cp__ready_unlink(w, h);
     cp_op *ops[2] = {h->rd, h->wr};
     h->rd = h->wr = NULL;
     for (int i = 0; i < 2; i++) {

@@ -306,25 +306,6 @@ static int io_attach(cp_worker *w, cp_handle *h)
     return 0;
 }
 
-static void ready_push(cp_worker *w, cp_handle *h)
-{
-    if (h->on_ready)
-        return;
-    h->on_ready = 1;
-    h->ready_next = w->ready;
-    w->ready = h;
-}
-
-static void ready_unlink(cp_worker *w, cp_handle *h)
-{
-    for (cp_handle **p = &w->ready; *p; p = &(*p)->ready_next) {
-        if (*p == h) {
-            *p = h->ready_next;
-            break;
-        }
-    }
-    h->on_ready = 0;
-}
 
 /* Final completion of an op: disarm first, so the callback may re-arm. */
 static void finish(cp_worker *w, cp_handle *h, cp_op *op, int res)
@@ -392,7 +373,7 @@ static void do_recv(cp_worker *w, io_sock *is)
             finish(w, h, op, err);
         return;
     }
-    ready_push(w, h);
+    cp__ready_push(w, h);
 }
 
 static int post_accept(cp_worker *w, io_sock *is, io_acc *a)
@@ -599,7 +580,7 @@ static int io_recv(cp_worker *w, cp_handle *h, cp_op *op)
 {
     h->rd = op;
     op->armed = 1;
-    ready_push(w, h); /* try a read first: input may already be waiting */
+    cp__ready_push(w, h); /* try a read first: input may already be waiting */
     return 0;
 }
 
@@ -685,7 +666,7 @@ static bool disconnect_for_reuse(cp_worker *w, io_sock *is)
 static void io_close(cp_worker *w, cp_handle *h)
 {
     if (h->on_ready)
-        ready_unlink(w, h);
+        cp__ready_unlink(w, h);
     io_sock *is = h->be;
     if (is && h->wr && is->wr.pending && is->wr.what == IO_SEND) {
         /* The kernel may read the buffers of an overlapped send until its

@@ -183,6 +183,30 @@ cp_worker *cp__pick_worker(cp_port *port)
     return &port->workers[i % (unsigned)port->nworkers];
 }
 
+/* ------------------------------------------------------------------ ready list */
+
+/* The ready list holds handles that still had input after their fair share
+ * of reads (epoll, IOCP); the next round reads them before waiting. */
+void cp__ready_push(cp_worker *w, cp_handle *h)
+{
+    if (h->on_ready)
+        return;
+    h->on_ready = 1;
+    h->ready_next = w->ready;
+    w->ready = h;
+}
+
+void cp__ready_unlink(cp_worker *w, cp_handle *h)
+{
+    for (cp_handle **p = &w->ready; *p; p = &(*p)->ready_next) {
+        if (*p == h) {
+            *p = h->ready_next;
+            break;
+        }
+    }
+    h->on_ready = 0;
+}
+
 /* ------------------------------------------------------------------ deferred completions */
 
 void cp__worker_defer(cp_worker *w, cp_op *op, int res)

@@ -26,6 +26,8 @@
  */
 #include <cport.h>
 
+#include "fuzz_common.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -118,28 +120,6 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
     sem_post(&cur.done);
 }
 
-/* connect() that survives signals (libFuzzer's timers interrupt it): after
- * EINTR the connect goes on in the background; wait for it with poll. */
-static int connect_retry(int fd, const struct sockaddr *sa, socklen_t len)
-{
-    if (connect(fd, sa, len) == 0)
-        return 0;
-    if (errno != EINTR && errno != EINPROGRESS)
-        return -1;
-    for (;;) {
-        struct pollfd pf = { .fd = fd, .events = POLLOUT };
-        int r = poll(&pf, 1, 10000);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return -1;
-        int err = 0;
-        socklen_t el = sizeof err;
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
-        errno = err;
-        return err ? -1 : 0;
-    }
-}
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);

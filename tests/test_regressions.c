@@ -26,33 +26,57 @@ static int lost_eof_on_packet(cp_session *s, uint16_t id, const uint8_t *body, s
     return 0;
 }
 
-Test(regressions, epoll_lost_eof_when_data_and_fin_arrive_together, .timeout = 30)
-{
+/* The scene both tests below share: one worker, two sessions; A's packet
+ * keeps the worker busy in its handler while B's packet (and then whatever
+ * the test makes B do: FIN or reset) queues up behind it. */
+typedef struct busy_scene {
     cpt_leak_mark m;
-    cpt_leak_begin(&m);
-    cp_port *port = cpt_xport(1);
+    cp_port *port;
+    cp_service *svc;
+    int a, b;
+} busy_scene;
+
+static void busy_scene_start(busy_scene *sc)
+{
+    cpt_leak_begin(&sc->m);
+    atomic_store(&lost_eof_connected, 0);
+    sc->port = cpt_xport(1);
     cp_handlers h = {.on_connected = lost_eof_on_connected, .on_packet = lost_eof_on_packet};
-    cp_service *svc = cpt_xserver(port, NULL, &h, NULL);
-    uint16_t p = cp_service_port(svc);
-    int a = cpt_xconnect(p), b = cpt_xconnect(p);
+    sc->svc = cpt_xserver(sc->port, NULL, &h, NULL);
+    uint16_t p = cp_service_port(sc->svc);
+    sc->a = cpt_xconnect(p);
+    sc->b = cpt_xconnect(p);
     CPT_AWAIT(atomic_load(&lost_eof_connected) == 2, 5000, "the two sessions did not connect");
     cpt_sleep_ms(10);
     uint8_t slow[4], pkt[8];
     cpt_put_header(slow, 4, 1);
     cpt_put_header(pkt, 8, 2);
     memcpy(pkt + 4, "data", 4);
-    cpt_xsend(a, slow, sizeof slow);
+    cpt_xsend(sc->a, slow, sizeof slow);
     cpt_sleep_ms(20);
-    cpt_xsend(b, pkt, sizeof pkt);
+    cpt_xsend(sc->b, pkt, sizeof pkt);
+}
+
+static void busy_scene_end(busy_scene *sc)
+{
+    cpt_xstop(sc->svc);
+    cpt_xport_destroy(sc->port);
+    cpt_leak_end(&sc->m);
+}
+
+Test(regressions, epoll_lost_eof_when_data_and_fin_arrive_together, .timeout = 30)
+{
+    busy_scene sc;
+    busy_scene_start(&sc);
+    int a = sc.a, b = sc.b;
+    cp_service *svc = sc.svc;
     shutdown(b, SHUT_WR);
     cpt_xclosed(b, 2000); /* the server saw the FIN and closed its side */
     CPT_AWAIT(cpt_stats(svc).disconnected == 1, 2000, "the half-closed session never ended");
     cr_expect_eq(cpt_stats(svc).by_reason[CP_REASON_PEER_CLOSED], 1);
     cpt_close(a);
     cpt_close(b);
-    cpt_xstop(svc);
-    cpt_xport_destroy(port);
-    cpt_leak_end(&m);
+    busy_scene_end(&sc);
 }
 
 /* ------------------------------------------------------------------ data_then_reset */
@@ -93,29 +117,14 @@ Test(regressions, session_ends_after_data_then_reset, .timeout = 60)
  * so both are already there when its receive runs. */
 Test(regressions, session_ends_after_data_and_reset_arrive_together, .timeout = 30)
 {
-    cpt_leak_mark m;
-    cpt_leak_begin(&m);
-    atomic_store(&lost_eof_connected, 0);
-    cp_port *port = cpt_xport(1);
-    cp_handlers h = {.on_connected = lost_eof_on_connected, .on_packet = lost_eof_on_packet};
-    cp_service *svc = cpt_xserver(port, NULL, &h, NULL);
-    uint16_t p = cp_service_port(svc);
-    int a = cpt_xconnect(p), b = cpt_xconnect(p);
-    CPT_AWAIT(atomic_load(&lost_eof_connected) == 2, 5000, "the two sessions did not connect");
-    cpt_sleep_ms(10);
-    uint8_t slow[4], pkt[8];
-    cpt_put_header(slow, 4, 1);
-    cpt_put_header(pkt, 8, 2);
-    memcpy(pkt + 4, "data", 4);
-    cpt_xsend(a, slow, sizeof slow);
-    cpt_sleep_ms(20);
-    cpt_xsend(b, pkt, sizeof pkt);
+    busy_scene sc;
+    busy_scene_start(&sc);
+    int a = sc.a, b = sc.b;
+    cp_service *svc = sc.svc;
     cpt_close_reset(b);
     CPT_AWAIT(cpt_stats(svc).disconnected == 1, 3000, "the reset session never ended");
     cpt_close(a);
-    cpt_xstop(svc);
-    cpt_xport_destroy(port);
-    cpt_leak_end(&m);
+    busy_scene_end(&sc);
 }
 
 /* ------------------------------------------------------------------ uring_mshot_lost_reset */

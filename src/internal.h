@@ -166,6 +166,7 @@ struct cp_session {
     cp_handle h;
     cp_op rd, wr;
     int ops_pending;        /* armed ops; the session is released at 0 */
+    uint32_t holds;         /* owner-side holders (armed ops, the dirty list): one reference for all */
     bool was_connected;     /* on_connected ran */
     bool dirty;             /* on owner->dirty */
     bool is_client;

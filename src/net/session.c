@@ -7,9 +7,11 @@
  * reach a session through messages to the owner (cp__send_msg).
  *
  * Lifetime: the session's memory is reference counted. The service's table
- * holds one reference from creation until the session is finished; every armed
- * operation holds one; a message in flight to the owner holds one; the user
- * may hold more (cp_session_ref). Disconnecting cancels the armed operations
+ * holds one reference from creation until the session is finished; the owner's
+ * own holders (every armed operation, the dirty list) share one, taken by the
+ * first and dropped by the last of them (holds), so a message costs no atomic
+ * operation on the session; a message in flight to the owner holds one; the
+ * user may hold more (cp_session_ref). Disconnecting cancels the armed operations
  * and queues one more "close" completion behind them; when the last of them
  * has completed (ops_pending reaches 0) the session is finished: it leaves the
  * service's table, which drops the table's reference. The memory goes when the
@@ -109,6 +111,20 @@ void cp_session_unref(cp_session *s)
         session_free(s);
 }
 
+/* Owner only: the first holder takes the shared reference, the last drops it
+ * (which may free the session: the caller's last touch). */
+static void hold(cp_session *s)
+{
+    if (s->holds++ == 0)
+        cp_session_ref(s);
+}
+
+static void unhold(cp_session *s)
+{
+    if (--s->holds == 0)
+        cp_session_unref(s);
+}
+
 static cp_reason reason_of_errno(int err)
 {
     switch (-err) {
@@ -160,7 +176,7 @@ static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const
     cp_session *s = SESSION_OF(op, cl);
     op->armed = 0;
     op_done(s);
-    cp_session_unref(s);
+    unhold(s);
 }
 
 /* ------------------------------------------------------------------ close */
@@ -195,7 +211,7 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
      * issued, so finishing never races a late completion of this pass. */
     s->cl.armed = 1;
     s->ops_pending++;
-    cp_session_ref(s);
+    hold(s);
     cp__worker_defer(w, &s->cl, 0);
 }
 
@@ -210,7 +226,7 @@ static void arm_recv(cp_session *s)
         return;
     }
     s->ops_pending++;
-    cp_session_ref(s);
+    hold(s);
 }
 
 static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
@@ -235,7 +251,7 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     op_done(s);
     if (rearm)
         arm_recv(s);
-    cp_session_unref(s);
+    unhold(s);
 }
 
 /* ------------------------------------------------------------------ start */
@@ -317,7 +333,7 @@ static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, con
         }
     }
     op_done(s);
-    cp_session_unref(s);
+    unhold(s);
 }
 
 void cp__session_start_connect(cp_worker *w, void *sp, void *unused)
@@ -348,7 +364,7 @@ static void session_connect(cp_worker *w, cp_session *s)
         r = w->port->be->connect(w, &s->h, &s->wr, (struct sockaddr *)&svc->addr, svc->addr_len);
         if (r == 0) {
             s->ops_pending++;
-            cp_session_ref(s);
+            hold(s);
             return;
         }
         s->wr.cb = on_send_cqe;
@@ -412,7 +428,7 @@ static void send_start(cp_session *s)
         int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
         if (r == CP_PENDING) {
             s->ops_pending++;
-            cp_session_ref(s);
+            hold(s);
             return;
         }
         if (r < 0) {
@@ -436,7 +452,7 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     op_done(s);
     if (connected(s))
         send_start(s);
-    cp_session_unref(s);
+    unhold(s);
 }
 
 static int sq_push(cp_sendq *q, cp_sendbuf *b)
@@ -507,7 +523,7 @@ static int queue_push(cp_session *s, cp_sendbuf *b)
     }
     if (!s->dirty && !s->wr.armed) {
         s->dirty = true;
-        cp_session_ref(s); /* the dirty list's reference */
+        hold(s); /* the dirty list's */
         s->dirty_next = s->owner->dirty;
         s->owner->dirty = s;
     }
@@ -541,7 +557,7 @@ void cp__session_flush_dirty(cp_worker *w)
         cp_session *next = s->dirty_next;
         s->dirty = false;
         send_start(s);
-        cp_session_unref(s);
+        unhold(s);
         s = next;
     }
 }

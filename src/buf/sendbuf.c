@@ -3,9 +3,13 @@
  * per-thread chunk so that opening one takes no lock.
  *
  * A chunk is referenced by the thread that carves from it and by every live
- * buffer cut from it. When the thread moves on to a fresh chunk it drops its
- * reference; the chunk returns to a small global pool when its last buffer is
- * released (the pool keeps a bounded number, the rest go back to malloc).
+ * buffer cut from it. The carving thread takes the references of all the
+ * buffers a chunk can hold at once, when the chunk becomes its own, and hands
+ * one to each buffer it cuts (spare): cutting a buffer costs no atomic
+ * operation. When the thread moves on to a fresh chunk it drops its own
+ * reference and the spare ones; the chunk returns to a small global pool when
+ * its last buffer is released (the pool keeps a bounded number, the rest go
+ * back to malloc).
  * Buffers too large for a chunk are allocated on their own, in power-of-two
  * size classes up to 128 KiB, and kept in a bounded pool per class when
  * released: a 16 KiB echo allocates and frees one such buffer per message, and
@@ -28,9 +32,13 @@
 #define BIG_NONE UINT32_MAX
 #define BIG_POOL_BYTES (4u << 20) /* kept per class at most */
 
+/* No buffer takes less than ALIGN bytes of a chunk. */
+#define CHUNK_MAX_BUFS (CHUNK_SIZE / ALIGN)
+
 typedef struct cp_chunk {
     atomic_uint refs;
     uint32_t used;
+    uint32_t spare; /* references held for buffers not cut yet (carving thread only) */
     struct cp_chunk *next_free;
     _Alignas(16) uint8_t mem[CHUNK_SIZE];
 } cp_chunk;
@@ -49,9 +57,9 @@ static _Thread_local cp_sendbuf *tls_open;
 static pthread_key_t tls_key;
 static pthread_once_t tls_once = PTHREAD_ONCE_INIT;
 
-static void chunk_unref(cp_chunk *c)
+static void chunk_unref(cp_chunk *c, unsigned n)
 {
-    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1)
+    if (atomic_fetch_sub_explicit(&c->refs, n, memory_order_acq_rel) != n)
         return;
     pthread_mutex_lock(&pool_lock);
     if (pool_n < POOL_MAX) {
@@ -69,8 +77,10 @@ static void tls_release(void *chunk)
 {
     /* The chunk comes as the key's value: with emutls (mingw) the
      * _Thread_local variables may already be gone when key destructors run. */
-    if (chunk)
-        chunk_unref(chunk);
+    if (chunk) {
+        cp_chunk *c = chunk;
+        chunk_unref(c, 1 + c->spare);
+    }
 }
 
 static void tls_key_make(void) { pthread_key_create(&tls_key, tls_release); }
@@ -87,7 +97,8 @@ static cp_chunk *chunk_get(void)
     pthread_mutex_unlock(&pool_lock);
     if (!c && !(c = malloc(sizeof *c)))
         return NULL;
-    atomic_init(&c->refs, 1); /* the carving thread's reference */
+    atomic_init(&c->refs, 1 + CHUNK_MAX_BUFS); /* the carving thread's, and its spare ones */
+    c->spare = CHUNK_MAX_BUFS;
     c->used = 0;
     c->next_free = NULL;
     return c;
@@ -170,13 +181,13 @@ cp_sendbuf *cp_sendbuf_open(size_t cap)
             if (!c)
                 return NULL;
             if (tls_chunk)
-                chunk_unref(tls_chunk);
+                chunk_unref(tls_chunk, 1 + tls_chunk->spare);
             pthread_setspecific(tls_key, c); /* the exit hook's chunk */
             tls_chunk = c;
         }
         b = (cp_sendbuf *)(tls_chunk->mem + tls_chunk->used);
         b->chunk = tls_chunk;
-        atomic_fetch_add_explicit(&tls_chunk->refs, 1, memory_order_relaxed);
+        tls_chunk->spare--; /* the buffer's reference to its chunk */
         tls_open = b;
     }
     atomic_init(&b->refs, 1);
@@ -200,10 +211,16 @@ void cp_sendbuf_ref(cp_sendbuf *b) { atomic_fetch_add_explicit(&b->refs, 1, memo
 
 void cp_sendbuf_unref(cp_sendbuf *b)
 {
-    if (!b || atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
+    if (!b)
+        return;
+    /* Holding the only reference, no other thread can take one (that needs a
+     * reference already): release without the atomic decrement. The acquire
+     * pairs with the release of whoever dropped the one before. */
+    if (atomic_load_explicit(&b->refs, memory_order_acquire) != 1 &&
+        atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
         return;
     if (b->chunk)
-        chunk_unref(b->chunk);
+        chunk_unref(b->chunk, 1);
     else
         big_put(b);
 }

@@ -259,15 +259,11 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
  * session: silently dropping bytes would corrupt the client's stream. */
 static size_t echo_on_recv(cp_session *s, const uint8_t *data, size_t len)
 {
-    cp_sendbuf *b = cp_sendbuf_copy(data, len);
-    if (b == NULL) {
+    /* The copy's only reference goes to the queue. Any other error means the
+     * session is already going away (or just overflowed its send queue and is
+     * being disconnected for it). */
+    if (cp_session_send_copy(s, data, len) == -ENOMEM)
         cp_session_disconnect(s);
-        return len;
-    }
-    /* An error here means the session is already going away (or just
-     * overflowed its send queue and is being disconnected for it). */
-    (void)cp_session_send(s, b);
-    cp_sendbuf_unref(b);
     return len;
 }
 

@@ -72,6 +72,10 @@ static void inbox_push(cp_worker *dst, cp_msgblk *head)
 
 static bool inbox_drain(cp_worker *w)
 {
+    /* Most rounds find it empty: a plain load then spares the locked
+     * exchange, which would wait for every store of the round to drain. */
+    if (!atomic_load_explicit(&w->inbox, memory_order_relaxed))
+        return false;
     cp_msgblk *list = atomic_exchange_explicit(&w->inbox, NULL, memory_order_acquire);
     if (!list)
         return false;

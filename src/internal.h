@@ -223,6 +223,14 @@ typedef struct cp_slot {
 
 typedef struct cp_listener cp_listener;
 
+/* A service's traffic counters on one worker: written by that worker alone,
+ * so adding is a plain load and store (no locked instruction, and no cache
+ * line shared with other workers); readers sum the workers' blocks. */
+typedef struct cp_traffic {
+    atomic_uint_fast64_t bytes_in, bytes_out, packets_in;
+    char pad_[64 - 3 * sizeof(atomic_uint_fast64_t)];
+} cp_traffic;
+
 struct cp_service {
     cp_port *port;
     cp_handlers h;
@@ -251,10 +259,11 @@ struct cp_service {
     socklen_t addr_len;
 
     struct {
-        atomic_uint_fast64_t connected, disconnected, rejected, connect_failed, accept_errors,
-            bytes_in, bytes_out, packets_in;
+        atomic_uint_fast64_t connected, disconnected, rejected, connect_failed, accept_errors;
         atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
     } st;
+    cp_traffic *traffic; /* one per worker of the port, 64-byte aligned */
+    void *traffic_mem;
 };
 
 /* Table slot management (service.c). */
@@ -272,6 +281,14 @@ void cp__listener_stop(cp_service *svc);
 static inline void cp__stat_add(atomic_uint_fast64_t *c, uint64_t v)
 {
     atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+/* On the owner worker w only: see cp_traffic. */
+static inline cp_traffic *cp__traffic(cp_service *svc, const cp_worker *w) { return &svc->traffic[w->index]; }
+
+static inline void cp__traffic_add(atomic_uint_fast64_t *c, uint64_t v)
+{
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v, memory_order_relaxed);
 }
 
 #endif

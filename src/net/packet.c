@@ -134,7 +134,7 @@ static void packet_input(cp_session *s, const uint8_t *p, size_t n)
         s->pkt_start_ns = s->owner->now_ns;
 out:
     if (packets)
-        cp__stat_add(&s->svc->st.packets_in, packets);
+        cp__traffic_add(&cp__traffic(s->svc, s->owner)->packets_in, packets);
 }
 
 static size_t raw_deliver(cp_session *s, const uint8_t *p, size_t n)

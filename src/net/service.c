@@ -192,11 +192,15 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
 
     svc->nslots = max_sessions;
     svc->slots = malloc(sizeof *svc->slots * max_sessions);
-    if (!svc->slots) {
+    svc->traffic_mem = cp__xalloc(sizeof(cp_traffic) * (size_t)port->nworkers + 63);
+    if (!svc->slots || !svc->traffic_mem) {
+        free(svc->traffic_mem);
+        free(svc->slots);
         free(svc->routes);
         free(svc);
         return -ENOMEM;
     }
+    svc->traffic = (cp_traffic *)(((uintptr_t)svc->traffic_mem + 63) & ~(uintptr_t)63);
     for (uint32_t i = 0; i < max_sessions; i++)
         svc->slots[i] = (cp_slot){.s = NULL, .gen = 1, .next_free = i + 1 < max_sessions ? i + 1 : SLOT_NONE};
     svc->free_head = 0;
@@ -212,6 +216,7 @@ static void service_free(cp_service *svc)
     atomic_fetch_sub(&svc->port->services, 1);
     pthread_mutex_destroy(&svc->lock);
     pthread_cond_destroy(&svc->drained);
+    free(svc->traffic_mem);
     free(svc->slots);
     free(svc->routes);
     free(svc);
@@ -387,9 +392,12 @@ void cp_service_stats_get(const cp_service *svc, cp_service_stats *out)
     out->rejected = atomic_load(&svc->st.rejected);
     out->connect_failed = atomic_load(&svc->st.connect_failed);
     out->accept_errors = atomic_load(&svc->st.accept_errors);
-    out->bytes_in = atomic_load(&svc->st.bytes_in);
-    out->bytes_out = atomic_load(&svc->st.bytes_out);
-    out->packets_in = atomic_load(&svc->st.packets_in);
+    for (int i = 0; i < svc->port->nworkers; i++) {
+        const cp_traffic *t = &svc->traffic[i];
+        out->bytes_in += atomic_load_explicit(&t->bytes_in, memory_order_relaxed);
+        out->bytes_out += atomic_load_explicit(&t->bytes_out, memory_order_relaxed);
+        out->packets_in += atomic_load_explicit(&t->packets_in, memory_order_relaxed);
+    }
     for (int i = 0; i < CP_REASON_COUNT_; i++)
         out->by_reason[i] = atomic_load(&svc->st.by_reason[i]);
 }

@@ -235,7 +235,7 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     if (res > 0) {
         if (connected(s)) {
             s->last_rx_ns = w->now_ns;
-            cp__stat_add(&s->svc->st.bytes_in, (uint64_t)res);
+            cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
             cp__session_input(s, data, (size_t)res);
         }
     } else if (res == 0) {
@@ -380,7 +380,7 @@ static void send_start(cp_session *s);
 /* n bytes of the queue were written. */
 static void sent(cp_session *s, size_t n)
 {
-    cp__stat_add(&s->svc->st.bytes_out, n);
+    cp__traffic_add(&cp__traffic(s->svc, s->owner)->bytes_out, n);
     size_t total = n;
     cp_sendq *q = &s->sq;
     while (n > 0) {

@@ -18,7 +18,9 @@
 # srv% is the server's CPU use over the run (100 = one CPU busy), lg% the loadgen's
 # over its load window: a side near 100 is the bottleneck.
 # Prints a table per round, then per contender the medians and the ratio to the
-# baseline (ratio of medians, and median of the per-round paired ratios).
+# baseline (ratio of medians, and median of the per-round paired ratios), and
+# how far the paired median can be trusted: a 90% bootstrap interval and the
+# number of rounds in which the contender cost less than the baseline.
 # Exit 0 if every run succeeded (loadgen exit 0), 1 if any failed, 2 on bad usage.
 # shellcheck disable=SC2317,SC2059  # cleanup runs from a trap; printf formats are ours
 set -u
@@ -221,6 +223,19 @@ cleanup_server() {
     server_pid=""
 }
 
+spread() { # "[lo, hi] k/N" for per-round ratios on stdin: 90% bootstrap interval of their median
+    grep -v -e nan -e '^$' | awk 'function med(a, m,   i, j, t) {
+            for (i = 2; i <= m; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+            return m % 2 ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2 }
+        { v[NR] = $1; if ($1 < 1) below++ }
+        END {
+            if (NR == 0) { print "nan"; exit }
+            srand(1); B = 2000
+            for (b = 1; b <= B; b++) { for (i = 1; i <= NR; i++) s[i] = v[int(rand() * NR) + 1]; m[b] = med(s, NR) }
+            med(m, B)
+            printf "[%.3f, %.3f] %d/%d\n", m[int(B * 0.05)], m[int(B * 0.95)], below, NR }'
+}
+
 median() { # median FORMAT < numbers ("nan" and empty ignored)
     grep -v -e nan -e '^$' | sort -g | awk -v f="$1\n" '{ v[NR] = $1 } END {
         if (NR == 0) { print "nan"; exit }
@@ -274,5 +289,15 @@ for ((i = 0; i < n; i++)); do
     paired=$(awk -v p="$paired" 'BEGIN { if (p == "nan") print p; else printf "%.3f\n", p }')
     printf "$fmt2" "${names[$i]}" "$mu" "$mr" "$mp" "$mc" "$ratio" "$paired"
 done
+if [ "$n" -gt 1 ]; then
+    echo "paired ratio spread (90% bootstrap interval of the median; rounds cheaper than ${names[0]}):"
+    for ((i = 1; i < n; i++)); do
+        sp=$(for ((r = 1; r <= rounds; r++)); do
+            awk -v a="${res_us[$((r * n + i))]}" -v b="${res_us[$((r * n))]}" \
+                'BEGIN { if (a == "nan" || b == "nan" || b == 0) print "nan"; else printf "%.4f\n", a / b }'
+        done | spread)
+        printf "  %-16s %s\n" "${names[$i]}" "$sp"
+    done
+fi
 [ "$keep_logs" = 1 ] && echo "logs: $logdir"
 exit $fail

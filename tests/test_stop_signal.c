@@ -1,0 +1,135 @@
+/*
+ * cp_wait_stop_signal: it returns the signal that asked the process to stop,
+ * a stop request that comes while nobody waits is kept for the next wait, and
+ * it works when the process started with the stop signals blocked (an
+ * inherited mask). Each case runs in a child forked for it, so the handlers it
+ * installs and the signals it takes stay out of the test runner.
+ */
+#include "helpers.h"
+
+#ifdef _WIN32
+
+Test(stop_signal, console_events, .timeout = 10)
+{
+    /* A console control event goes to every process of the console, the test
+     * runner and ctest included. */
+    cr_skip_test("console control events cannot be aimed at one test process");
+}
+
+#else
+
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static void *waiter_main(void *arg)
+{
+    *(int *)arg = cp_wait_stop_signal();
+    return NULL;
+}
+
+/* In the child: true once cp_wait_stop_signal has installed its handler. */
+static bool handler_installed(int sig)
+{
+    struct sigaction sa;
+    return sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL;
+}
+
+static bool await_handler(int sig)
+{
+    for (int i = 0; i < 2000; i++) {
+        if (handler_installed(sig))
+            return true;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    return false;
+}
+
+/* Child exit codes. */
+enum { OK = 0, NO_HANDLER = 10, WRONG_SIGNAL = 11, WRONG_SECOND = 12, THREAD = 13 };
+
+/* Starts a waiter thread, sends sig to the process once the handler is in,
+ * and checks that the waiter returns sig. */
+static int child_wait_once(int sig)
+{
+    int got = 0;
+    pthread_t th;
+    if (pthread_create(&th, NULL, waiter_main, &got))
+        return THREAD;
+    if (!await_handler(sig))
+        return NO_HANDLER;
+    kill(getpid(), sig);
+    pthread_join(th, NULL);
+    return got == sig ? OK : WRONG_SIGNAL;
+}
+
+/* Runs fn(arg) in a forked child and returns its exit code; fails the test if
+ * the child does not exit within 5 s (a lost signal leaves it waiting). */
+static int in_child(int (*fn)(int), int arg)
+{
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0, "fork: %s", strerror(errno));
+    if (pid == 0)
+        _exit(fn(arg));
+    int status = 0;
+    for (int i = 0; i < 500; i++) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid) {
+            cr_assert(WIFEXITED(status), "child ended by signal %d", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+            return WEXITSTATUS(status);
+        }
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    cr_assert_fail("cp_wait_stop_signal did not return within 5 s of the signal");
+    return -1;
+}
+
+Test(stop_signal, returns_the_signal_that_asked_to_stop, .timeout = 20)
+{
+    cr_assert_eq(in_child(child_wait_once, SIGTERM), OK);
+    cr_assert_eq(in_child(child_wait_once, SIGINT), OK);
+}
+
+/* After one wait has returned, a SIGINT with nobody waiting is kept: the next
+ * call returns it at once. */
+static int child_signal_kept(int unused)
+{
+    (void)unused;
+    int r = child_wait_once(SIGTERM);
+    if (r != OK)
+        return r;
+    kill(getpid(), SIGINT);
+    return cp_wait_stop_signal() == SIGINT ? OK : WRONG_SECOND;
+}
+
+Test(stop_signal, a_request_while_nobody_waits_is_not_lost, .timeout = 20)
+{
+    cr_assert_eq(in_child(child_signal_kept, 0), OK);
+}
+
+/* The process starts with SIGINT and SIGTERM blocked in every thread (as
+ * when a parent execs it with that mask): the waiting thread must unblock
+ * them itself, or the signal stays pending for ever. */
+static int child_blocked(int sig)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL); /* the waiter inherits it */
+    return child_wait_once(sig);
+}
+
+Test(stop_signal, wait_stop_signal_returns_when_sigterm_was_blocked, .timeout = 20)
+{
+    cr_assert_eq(in_child(child_blocked, SIGTERM), OK);
+}
+
+#endif

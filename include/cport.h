@@ -123,11 +123,18 @@ CP_API int cp_port_workers(const cp_port *port);
 /* Blocks the calling thread until the process is asked to stop: SIGINT or
  * SIGTERM on POSIX systems, Ctrl-C, Ctrl-Break or closing the console on
  * Windows. Returns the signal number (SIGINT/SIGTERM; Windows reports the
- * console events as SIGINT and SIGTERM too), or a negative errno. The first
- * call installs the handlers; a stop request that arrives after that and
- * before the call is not lost. Lets a server's main() wait the same way on
- * every system. */
+ * console events as SIGINT and SIGTERM too), or a negative errno. The handlers
+ * are installed by cp_catch_stop_signals or by the first call; a stop request
+ * that arrives after that and before the call is not lost. Lets a server's
+ * main() wait the same way on every system. */
 CP_API int cp_wait_stop_signal(void);
+
+/* Installs the stop handlers now, without waiting: from here on a stop
+ * request no longer ends the process but is kept for cp_wait_stop_signal.
+ * For a program that waits in another thread and must not be killed by a
+ * request that comes before that thread gets there. 0 or a negative errno;
+ * any thread, any number of times. */
+CP_API int cp_catch_stop_signals(void);
 
 /* ------------------------------------------------------------------ job queues */
 

@@ -128,10 +128,16 @@ static BOOL CALLBACK stop_setup(PINIT_ONCE once, PVOID param, PVOID *ctx)
     return stop_event && SetConsoleCtrlHandler(on_console_event, TRUE);
 }
 
+int cp_catch_stop_signals(void)
+{
+    return InitOnceExecuteOnce(&stop_once, stop_setup, NULL, NULL) ? 0 : -cp__win_errno(GetLastError());
+}
+
 int cp_wait_stop_signal(void)
 {
-    if (!InitOnceExecuteOnce(&stop_once, stop_setup, NULL, NULL))
-        return -cp__win_errno(GetLastError());
+    int r = cp_catch_stop_signals();
+    if (r < 0)
+        return r;
     if (WaitForSingleObject(stop_event, INFINITE) != WAIT_OBJECT_0)
         return -cp__win_errno(GetLastError());
     return (int)InterlockedCompareExchange(&stop_sig, 0, 0);
@@ -174,11 +180,17 @@ static void stop_setup(void)
         stop_err = -errno;
 }
 
-int cp_wait_stop_signal(void)
+int cp_catch_stop_signals(void)
 {
     pthread_once(&stop_once, stop_setup);
-    if (stop_err)
-        return stop_err;
+    return stop_err;
+}
+
+int cp_wait_stop_signal(void)
+{
+    int r = cp_catch_stop_signals();
+    if (r < 0)
+        return r;
     /* A process may start with these signals blocked (the mask is inherited
      * across exec); then no thread might ever take them. This one will. */
     sigset_t set;

@@ -31,37 +31,20 @@ static void *waiter_main(void *arg)
     return NULL;
 }
 
-/* In the child: true once cp_wait_stop_signal has installed its handler. */
-static bool handler_installed(int sig)
-{
-    struct sigaction sa;
-    return sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL;
-}
-
-static bool await_handler(int sig)
-{
-    for (int i = 0; i < 2000; i++) {
-        if (handler_installed(sig))
-            return true;
-        struct timespec ts = {0, 1000000};
-        nanosleep(&ts, NULL);
-    }
-    return false;
-}
-
 /* Child exit codes. */
 enum { OK = 0, NO_HANDLER = 10, WRONG_SIGNAL = 11, WRONG_SECOND = 12, THREAD = 13 };
 
-/* Starts a waiter thread, sends sig to the process once the handler is in,
- * and checks that the waiter returns sig. */
+/* Installs the handlers, starts a waiter thread, sends sig to the process
+ * (the waiter may or may not be waiting yet) and checks that the waiter
+ * returns sig. */
 static int child_wait_once(int sig)
 {
+    if (cp_catch_stop_signals() != 0)
+        return NO_HANDLER;
     int got = 0;
     pthread_t th;
     if (pthread_create(&th, NULL, waiter_main, &got))
         return THREAD;
-    if (!await_handler(sig))
-        return NO_HANDLER;
     kill(getpid(), sig);
     pthread_join(th, NULL);
     return got == sig ? OK : WRONG_SIGNAL;

@@ -227,14 +227,15 @@ static inline uint64_t tool_raise_nofile(uint64_t want)
 /* Stop requests: SIGINT or SIGTERM on POSIX systems; Ctrl-C, Ctrl-Break or
  * closing the console on Windows (reported as SIGINT and SIGTERM).
  *
- * One watcher thread calls cp_wait_stop_signal() and records what it returns.
- * tool_stop_init() starts it before any other thread exists. On POSIX it
- * returns only once the handlers are installed, and it then blocks SIGINT and
- * SIGTERM in the calling thread, which every thread created later (cport's
- * workers) inherits. So a signal that arrives at any point after that (even
- * before the server listens, or right after) is never lost, it is always
- * taken by the watcher, and no worker is ever interrupted by one. The main
- * thread then either blocks (tool_stop_wait) or polls (tool_stop_requested). */
+ * tool_stop_init() installs cport's handlers (cp_catch_stop_signals), then
+ * starts one watcher thread that calls cp_wait_stop_signal() and records what
+ * it returns, before any other thread exists. On POSIX it then blocks SIGINT
+ * and SIGTERM in the calling thread, which every thread created later (cport's
+ * workers) inherits; cp_wait_stop_signal unblocks them in the watcher. So a
+ * signal that arrives at any point after that (even before the server
+ * listens, or right after) is never lost, it is always taken by the watcher,
+ * and no worker is ever interrupted by one. The main thread then either
+ * blocks (tool_stop_wait) or polls (tool_stop_requested). */
 
 /* 0 while no stop was requested; then SIGINT/SIGTERM, or a negative errno if
  * cp_wait_stop_signal failed. */
@@ -253,15 +254,6 @@ static inline pthread_t *tool_stop_thread(void)
 static inline void *tool_stop_watch(void *arg)
 {
     (void)arg;
-#ifndef _WIN32
-    /* This thread takes the signals even if the process was started with
-     * them blocked (a parent's mask is inherited across exec). */
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
-#endif
     int sig = cp_wait_stop_signal();
     atomic_store(tool_stop_state(), sig != 0 ? sig : SIGTERM);
     return NULL;
@@ -275,22 +267,13 @@ static inline int tool_stop_init(void)
 #ifndef _WIN32
     signal(SIGPIPE, SIG_IGN);
 #endif
-    int rc = pthread_create(tool_stop_thread(), NULL, tool_stop_watch, NULL);
+    int rc = cp_catch_stop_signals();
+    if (rc < 0)
+        return rc;
+    rc = pthread_create(tool_stop_thread(), NULL, tool_stop_watch, NULL);
     if (rc != 0)
         return -rc;
 #ifndef _WIN32
-    /* cp_wait_stop_signal installs its handlers (SIGINT, then SIGTERM) on its
-     * first call: wait for that, so no signal meets the default action. */
-    for (int i = 0; i < 10000; i++) { /* 1 s at most; it takes microseconds */
-        int state = atomic_load(tool_stop_state());
-        if (state < 0)
-            return state;
-        struct sigaction sa;
-        if (state > 0 || (sigaction(SIGTERM, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL &&
-                          sa.sa_handler != SIG_IGN))
-            break;
-        tool_sleep_ns(100000);
-    }
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGINT);

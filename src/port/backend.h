@@ -103,9 +103,9 @@ int cp__uring_probe(const char **why);
 /* Called by backends: deliver a completion after the current dispatch pass
  * (used for cancellations and results known at submission time). */
 void cp__worker_defer(cp_worker *w, cp_op *op, int res);
-/* Ready list of the worker (inline-reading backends): queue h for the next
- * round, at most once; take it off again (on close). */
-void cp__ready_push(cp_worker *w, cp_handle *h);
-void cp__ready_unlink(cp_worker *w, cp_handle *h);
+/* Intrusive handle lists (the worker's ready list, io_uring's recheck list):
+ * push h at most once; take it off again (on close). */
+void cp__hlist_push(cp_handle **list, cp_handle *h);
+void cp__hlist_unlink(cp_handle **list, cp_handle *h);
 
 #endif

@@ -137,7 +137,7 @@ static void do_accept(cp_worker *w, cp_handle *h, cp_op *op)
         finish(w, h, op, -err, NULL);
         return;
     }
-    cp__ready_push(w, h); /* fair share used; more may be pending */
+    cp__hlist_push(&w->ready, h); /* fair share used; more may be pending */
 }
 
 static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
@@ -168,7 +168,7 @@ static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
         finish(w, h, op, -errno, NULL);
         return;
     }
-    cp__ready_push(w, h);
+    cp__hlist_push(&w->ready, h);
 }
 
 static void do_input(cp_worker *w, cp_handle *h)
@@ -244,7 +244,7 @@ static int ep_accept(cp_worker *w, cp_handle *h, cp_op *op)
 {
     h->rd = op;
     op->armed = 1;
-    cp__ready_push(w, h);
+    cp__hlist_push(&w->ready, h);
     return 0;
 }
 
@@ -252,7 +252,7 @@ static int ep_recv(cp_worker *w, cp_handle *h, cp_op *op)
 {
     h->rd = op;
     op->armed = 1;
-    cp__ready_push(w, h);
+    cp__hlist_push(&w->ready, h);
     return 0;
 }
 
@@ -296,7 +296,7 @@ static int ep_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
 static void ep_close(cp_worker *w, cp_handle *h)
 {
     if (h->on_ready)
-        cp__ready_unlink(w, h);
+        cp__hlist_unlink(&w->ready, h);
     cp_op *ops[2] = {h->rd, h->wr};
     h->rd = h->wr = NULL;
     for (int i = 0; i < 2; i++) {

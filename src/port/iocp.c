@@ -373,7 +373,7 @@ static void do_recv(cp_worker *w, io_sock *is)
             finish(w, h, op, err);
         return;
     }
-    cp__ready_push(w, h);
+    cp__hlist_push(&w->ready, h);
 }
 
 static int post_accept(cp_worker *w, io_sock *is, io_acc *a)
@@ -580,7 +580,7 @@ static int io_recv(cp_worker *w, cp_handle *h, cp_op *op)
 {
     h->rd = op;
     op->armed = 1;
-    cp__ready_push(w, h); /* try a read first: input may already be waiting */
+    cp__hlist_push(&w->ready, h); /* try a read first: input may already be waiting */
     return 0;
 }
 
@@ -666,7 +666,7 @@ static bool disconnect_for_reuse(cp_worker *w, io_sock *is)
 static void io_close(cp_worker *w, cp_handle *h)
 {
     if (h->on_ready)
-        cp__ready_unlink(w, h);
+        cp__hlist_unlink(&w->ready, h);
     io_sock *is = h->be;
     if (is && h->wr && is->wr.pending && is->wr.what == IO_SEND) {
         /* The kernel may read the buffers of an overlapped send until its

@@ -187,22 +187,24 @@ cp_worker *cp__pick_worker(cp_port *port)
     return &port->workers[i % (unsigned)port->nworkers];
 }
 
-/* ------------------------------------------------------------------ ready list */
+/* ------------------------------------------------------------------ handle lists */
 
-/* The ready list holds handles that still had input after their fair share
- * of reads (epoll, IOCP); the next round reads them before waiting. */
-void cp__ready_push(cp_worker *w, cp_handle *h)
+/* A handle is on at most one such list at a time (on_ready): the ready list of
+ * the inline-reading backends (epoll, IOCP: handles that still had input after
+ * their fair share of reads, read again next round) or the io_uring recheck
+ * list. */
+void cp__hlist_push(cp_handle **list, cp_handle *h)
 {
     if (h->on_ready)
         return;
     h->on_ready = 1;
-    h->ready_next = w->ready;
-    w->ready = h;
+    h->ready_next = *list;
+    *list = h;
 }
 
-void cp__ready_unlink(cp_worker *w, cp_handle *h)
+void cp__hlist_unlink(cp_handle **list, cp_handle *h)
 {
-    for (cp_handle **p = &w->ready; *p; p = &(*p)->ready_next) {
+    for (cp_handle **p = list; *p; p = &(*p)->ready_next) {
         if (*p == h) {
             *p = h->ready_next;
             break;

@@ -391,12 +391,7 @@ static int ur_recv(cp_worker *w, cp_handle *h, cp_op *op)
 {
     ur_state *st = w->be;
     prep_recv(st, h, op, true);
-    /* Rechecked once it is armed: see recheck_recvs. */
-    if (!h->on_ready) {
-        h->on_ready = 1;
-        h->ready_next = st->recheck;
-        st->recheck = h;
-    }
+    cp__hlist_push(&st->recheck, h); /* rechecked once it is armed: see recheck_recvs */
     return 0;
 }
 
@@ -443,15 +438,8 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
 static void ur_close(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
-    if (h->on_ready) {
-        for (cp_handle **p = &st->recheck; *p; p = &(*p)->ready_next) {
-            if (*p == h) {
-                *p = h->ready_next;
-                break;
-            }
-        }
-        h->on_ready = 0;
-    }
+    if (h->on_ready)
+        cp__hlist_unlink(&st->recheck, h);
     cp_op *ops[2] = {h->rd, h->wr};
     for (int i = 0; i < 2; i++) {
         if (!ops[i])
@@ -527,7 +515,7 @@ static void recycle(ur_state *st, unsigned bid)
  * here and replaced with a single-shot receive, which reads what is left and
  * then the error. A reset that comes later wakes the armed poll normally.
  * Steady traffic costs nothing: one poll(2) per round that armed receives,
- * after that round's only io_uring_enter (which then does not wait).
+ * after the io_uring_enter that submitted them (which then does not wait).
  */
 static void recheck_recvs(ur_state *st)
 {

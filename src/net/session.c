@@ -506,47 +506,33 @@ int cp__session_request_close(cp_session *s, cp_reason reason)
     return 0;
 }
 
-/* On the owner: append to the queue; the write happens at the end of the round. */
-static int queue_push(cp_session *s, cp_sendbuf *b)
+/* On the owner: append b to the queue, which takes over the caller's
+ * reference (dropped if b is not queued); the write happens at the end of the
+ * round. */
+static int queue_owned(cp_session *s, cp_sendbuf *b)
 {
-    if (!connected(s))
-        return -ENOTCONN;
-    if (b->len == 0)
-        return 1; /* nothing to queue */
-    if (s->sq.bytes + b->len > s->svc->send_queue_limit) {
+    int r = 0;
+    if (!connected(s)) {
+        r = -ENOTCONN;
+    } else if (b->len == 0) {
+        r = 0; /* nothing to queue */
+    } else if (s->sq.bytes + b->len > s->svc->send_queue_limit) {
         cp__session_request_close(s, CP_REASON_SEND_OVERFLOW);
-        return -ENOBUFS;
-    }
-    if (sq_push(&s->sq, b) < 0) {
+        r = -ENOBUFS;
+    } else if (sq_push(&s->sq, b) < 0) {
         cp__session_request_close(s, CP_REASON_NO_MEMORY);
-        return -ENOMEM;
+        r = -ENOMEM;
+    } else {
+        if (!s->dirty && !s->wr.armed) {
+            s->dirty = true;
+            hold(s); /* the dirty list's */
+            s->dirty_next = s->owner->dirty;
+            s->owner->dirty = s;
+        }
+        return 0;
     }
-    if (!s->dirty && !s->wr.armed) {
-        s->dirty = true;
-        hold(s); /* the dirty list's */
-        s->dirty_next = s->owner->dirty;
-        s->owner->dirty = s;
-    }
-    return 0;
-}
-
-/* The queue takes a reference of its own. */
-static int queue_local(cp_session *s, cp_sendbuf *b)
-{
-    int r = queue_push(s, b);
-    if (r == 0)
-        cp_sendbuf_ref(b);
-    return r > 0 ? 0 : r;
-}
-
-/* The caller's reference passes to the queue (or is dropped if the buffer is
- * not queued): saves a reference count pair on every message. */
-static int queue_local_owned(cp_session *s, cp_sendbuf *b)
-{
-    int r = queue_push(s, b);
-    if (r != 0)
-        cp_sendbuf_unref(b);
-    return r > 0 ? 0 : r;
+    cp_sendbuf_unref(b);
+    return r;
 }
 
 void cp__session_flush_dirty(cp_worker *w)
@@ -566,20 +552,30 @@ static void msg_send(cp_worker *w, void *sp, void *bp)
 {
     CP_UNUSED(w);
     cp_session *s = sp;
-    queue_local_owned(s, bp); /* the message's reference */
+    queue_owned(s, bp); /* the message's reference */
     cp_session_unref(s);
+}
+
+/* Any thread: queue b on s, taking over one reference the caller owns (it
+ * goes to the queue, or rides with the message to the owner, or is dropped if
+ * s refuses the buffer). */
+static int session_send_owned(cp_session *s, cp_sendbuf *b)
+{
+    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_DISCONNECTING) {
+        cp_sendbuf_unref(b);
+        return -ENOTCONN;
+    }
+    if (cp__self == s->owner)
+        return queue_owned(s, b);
+    cp_session_ref(s);
+    cp__send_msg(s->owner, msg_send, s, b);
+    return 0;
 }
 
 int cp__session_send(cp_session *s, cp_sendbuf *b)
 {
-    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_DISCONNECTING)
-        return -ENOTCONN;
-    if (cp__self == s->owner)
-        return queue_local(s, b);
-    cp_sendbuf_ref(b);
-    cp_session_ref(s);
-    cp__send_msg(s->owner, msg_send, s, b);
-    return 0;
+    cp_sendbuf_ref(b); /* the queue's own; the caller keeps its reference */
+    return session_send_owned(s, b);
 }
 
 int cp_session_send(cp_session *s, cp_sendbuf *b)
@@ -596,15 +592,7 @@ int cp_session_send_copy(cp_session *s, const void *data, size_t len)
     cp_sendbuf *b = cp_sendbuf_copy(data, len);
     if (!b)
         return -ENOMEM;
-    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_DISCONNECTING) {
-        cp_sendbuf_unref(b);
-        return -ENOTCONN;
-    }
-    if (cp__self == s->owner)
-        return queue_local_owned(s, b); /* the copy's only reference goes to the queue */
-    cp_session_ref(s);
-    cp__send_msg(s->owner, msg_send, s, b); /* and here to the message */
-    return 0;
+    return session_send_owned(s, b); /* the copy's only reference */
 }
 
 /* ------------------------------------------------------------------ disconnect */

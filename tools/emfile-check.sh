@@ -37,31 +37,15 @@ RECOVER=${RECOVER:-50}
 MAX_CPU_PCT=${MAX_CPU_PCT:-5}
 STOP_EXHAUSTED=${STOP_EXHAUSTED:-0}
 
-[ -x "$SERVER" ] || { echo "emfile-check: $SERVER not built (make build)"; exit 2; }
-command -v python3 >/dev/null || { echo "emfile-check: needs python3"; exit 2; }
-tmp=$(mktemp -d)
-srv_pid=
-cleanup() {
-  if [ -n "$srv_pid" ] && kill -0 "$srv_pid" 2>/dev/null; then kill -KILL "$srv_pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+# shellcheck source=tools/check-lib.sh
+. "$(dirname "$0")/check-lib.sh"
+check_prepare emfile-check "$SERVER"
 
 # Subshell: the limit applies to the server only. exec keeps the pid.
 ( ulimit -n "$NOFILE"; exec "$SERVER" --port 0 --mode echo --backend "$BACKEND" --workers 2 \
     >"$tmp/out" 2>"$tmp/err" ) &
 srv_pid=$!
-port=
-for _ in $(seq 100); do
-  port=$(sed -n 's/.* listening on [^ ]*:\([0-9][0-9]*\) .*/\1/p' "$tmp/out" 2>/dev/null | head -1)
-  [ -n "$port" ] && break
-  kill -0 "$srv_pid" 2>/dev/null || break
-  sleep 0.05
-done
-if [ -z "$port" ]; then
-  echo "emfile-check: server did not start"; cat "$tmp/out" "$tmp/err"; echo "FAIL"; exit 1
-fi
-head -1 "$tmp/out"
+check_await_port
 echo "server pid $srv_pid, limit $(awk '/Max open files/ {print $4}' /proc/$srv_pid/limits) descriptors"
 
 set +e
@@ -221,12 +205,7 @@ EOF
 py_rc=$?
 set -e
 sleep 0.5
-[ "$STOP_EXHAUSTED" = 1 ] || kill -TERM "$srv_pid"
-srv_rc=0
-wait "$srv_pid" || srv_rc=$?
-srv_pid=
-stats=$(grep 'stopped after' "$tmp/out" || true)
-echo "server: ${stats:-no final stats line} (exit $srv_rc)"
+if [ "$STOP_EXHAUSTED" = 1 ]; then check_stop --no-term; else check_stop; fi
 echo "server log: $(grep -c 'accept paused' "$tmp/err" || true) 'accept paused' warnings; first/last:"
 grep 'accept paused' "$tmp/err" | sed -n '1p;$p' | sed 's/^/  /'
 other=$(grep -v 'accept paused\|received, stopping' "$tmp/err" || true)

@@ -31,30 +31,14 @@ NOREAD=${NOREAD:-$((MAX - MAX / 2))}
 EXTRA=${EXTRA:-50}
 DURATION=${DURATION:-12}
 
-[ -x "$SERVER" ] || { echo "slow-clients-check: $SERVER not built (make build)"; exit 2; }
-command -v python3 >/dev/null || { echo "slow-clients-check: needs python3"; exit 2; }
-tmp=$(mktemp -d)
-srv_pid=
-cleanup() {
-  if [ -n "$srv_pid" ] && kill -0 "$srv_pid" 2>/dev/null; then kill -KILL "$srv_pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+# shellcheck source=tools/check-lib.sh
+. "$(dirname "$0")/check-lib.sh"
+check_prepare slow-clients-check "$SERVER"
 
 "$SERVER" --port 0 --mode packet --backend "$BACKEND" --workers 2 --max-sessions "$MAX" \
   --max-packet 4096 --packet-timeout "$PT" --send-queue-limit 65536 >"$tmp/out" 2>"$tmp/err" &
 srv_pid=$!
-port=
-for _ in $(seq 100); do
-  port=$(sed -n 's/.* listening on [^ ]*:\([0-9][0-9]*\) .*/\1/p' "$tmp/out" 2>/dev/null | head -1)
-  [ -n "$port" ] && break
-  kill -0 "$srv_pid" 2>/dev/null || break
-  sleep 0.05
-done
-if [ -z "$port" ]; then
-  echo "slow-clients-check: server did not start"; cat "$tmp/out" "$tmp/err"; echo "FAIL"; exit 1
-fi
-head -1 "$tmp/out"
+check_await_port
 
 set +e
 timeout $((DURATION + 60)) python3 - "$srv_pid" "$port" "$DRIP" "$NOREAD" "$EXTRA" "$PT" "$DURATION" <<'EOF'
@@ -156,12 +140,7 @@ sys.exit(0 if ok else 1)
 EOF
 py_rc=$?
 set -e
-kill -TERM "$srv_pid"
-srv_rc=0
-wait "$srv_pid" || srv_rc=$?
-srv_pid=
-stats=$(grep 'stopped after' "$tmp/out" || true)
-echo "server: ${stats:-no final stats line} (exit $srv_rc)"
+check_stop
 num() { echo "$stats" | sed -n "s/.*[ {,]$1=\\([0-9]*\\).*/\\1/p"; }
 fail=
 [ "$py_rc" -eq 0 ] || fail="$fail client-checks"

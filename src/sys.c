@@ -51,6 +51,13 @@ int cp__win_errno(unsigned long code)
     case WSAEISCONN: return EISCONN;
     case WSAEALREADY: return EALREADY;
     case WSAEINPROGRESS: return EINPROGRESS;
+    case WSAEBADF: return EBADF;
+    case WSAEFAULT: return EFAULT;
+    case WSAEDESTADDRREQ: return EDESTADDRREQ;
+    case WSAEPROTOTYPE: return EPROTOTYPE;
+    case WSAENOPROTOOPT: return ENOPROTOOPT;
+    case WSAEPROTONOSUPPORT: return EPROTONOSUPPORT;
+    case WSAEOPNOTSUPP: return EOPNOTSUPP;
     default: return EIO;
     }
 }

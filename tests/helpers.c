@@ -1,5 +1,6 @@
 /* Shared test helpers; see helpers.h for the rules they follow. */
 #include "helpers.h"
+#include "sys.h" /* the library's own error mapping (Windows) */
 
 #include <errno.h>
 #include <limits.h>
@@ -517,44 +518,8 @@ cp_handlers cpt_track_handlers(void)
 
 #ifdef _WIN32
 
-static int map_wsa(int code)
-{
-    switch (code) {
-    case 0: return 0;
-    case WSAEINTR: return EINTR;
-    case WSAEBADF: return EBADF;
-    case WSAEACCES: return EACCES;
-    case WSAEFAULT: return EFAULT;
-    case WSAEINVAL: return EINVAL;
-    case WSAEMFILE: return EMFILE;
-    case WSAEWOULDBLOCK: return EAGAIN;
-    case WSAEINPROGRESS: return EINPROGRESS;
-    case WSAEALREADY: return EALREADY;
-    case WSAENOTSOCK: return ENOTSOCK;
-    case WSAEDESTADDRREQ: return EDESTADDRREQ;
-    case WSAEMSGSIZE: return EMSGSIZE;
-    case WSAEPROTOTYPE: return EPROTOTYPE;
-    case WSAENOPROTOOPT: return ENOPROTOOPT;
-    case WSAEPROTONOSUPPORT: return EPROTONOSUPPORT;
-    case WSAEOPNOTSUPP: return EOPNOTSUPP;
-    case WSAEAFNOSUPPORT: return EAFNOSUPPORT;
-    case WSAEADDRINUSE: return EADDRINUSE;
-    case WSAEADDRNOTAVAIL: return EADDRNOTAVAIL;
-    case WSAENETDOWN: return ENETDOWN;
-    case WSAENETUNREACH: return ENETUNREACH;
-    case WSAENETRESET: return ENETRESET;
-    case WSAECONNABORTED: return ECONNABORTED;
-    case WSAECONNRESET: return ECONNRESET;
-    case WSAENOBUFS: return ENOBUFS;
-    case WSAEISCONN: return EISCONN;
-    case WSAENOTCONN: return ENOTCONN;
-    case WSAESHUTDOWN: return EPIPE; /* a send after shutdown: EPIPE on POSIX */
-    case WSAETIMEDOUT: return ETIMEDOUT;
-    case WSAECONNREFUSED: return ECONNREFUSED;
-    case WSAEHOSTUNREACH: return EHOSTUNREACH;
-    default: return EIO;
-    }
-}
+/* Test sockets report errors as the library does: its own mapping. */
+static int map_wsa(int code) { return cp__win_errno((unsigned long)code); }
 
 int cpt_sock_errno(void)
 {

@@ -21,11 +21,14 @@ void *cp__xalloc(size_t n); /* malloc that returns NULL; zeroed */
 
 /* ------------------------------------------------------------------ messages */
 
-/* Work handed from one thread to a worker: fn(w, a, b) runs on that worker. */
-typedef void (*cp_msg_fn)(cp_worker *w, void *a, void *b);
+/* Work handed from one thread to a worker: fn(w, a, b, c) runs on that
+ * worker. Most messages need two pointers; c is a third word for the few that
+ * carry a number beside them (a session send's place in the session's order). */
+typedef void (*cp_msg_fn)(cp_worker *w, void *a, void *b, uintptr_t c);
 typedef struct cp_msg {
     cp_msg_fn fn;
     void *a, *b;
+    uintptr_t c;
 } cp_msg;
 
 typedef struct cp_msgblk {
@@ -115,6 +118,8 @@ extern _Thread_local cp_worker *cp__self;
 /* Sends msg to worker dst. On a worker of the same port it is batched in the
  * round's outbox; other threads push it at once. */
 void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b);
+/* The same with the third word c. */
+void cp__send_msg_c(cp_worker *dst, cp_msg_fn fn, void *a, void *b, uintptr_t c);
 /* Foreign threads may batch several messages: begin, send_msg..., end. */
 void cp__batch_begin(cp_port *port);
 void cp__batch_end(cp_port *port);
@@ -196,8 +201,8 @@ struct cp_session {
 
 cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client);
 /* On the owner: take over an accepted descriptor and start the session. */
-void cp__session_start_accepted(cp_worker *w, void *s, void *fd);
-void cp__session_start_connect(cp_worker *w, void *s, void *unused);
+void cp__session_start_accepted(cp_worker *w, void *s, void *fd, uintptr_t c);
+void cp__session_start_connect(cp_worker *w, void *s, void *unused, uintptr_t c);
 /* Queue b on s (takes its own reference). Any thread. */
 int cp__session_send(cp_session *s, cp_sendbuf *b);
 void cp__session_close(cp_session *s, cp_reason reason, int err);

@@ -75,7 +75,7 @@ static void new_connection(cp_listener *l, int fd)
     }
     cp_session_ref(s); /* the start message's reference */
     if (owner == l->w)
-        cp__session_start_accepted(owner, s, (void *)(intptr_t)fd);
+        cp__session_start_accepted(owner, s, (void *)(intptr_t)fd, 0);
     else
         cp__send_msg(owner, cp__session_start_accepted, s, (void *)(intptr_t)fd);
 }
@@ -108,7 +108,7 @@ static void on_accept_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, cons
     l->backoff_ms = l->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : l->backoff_ms * 2;
 }
 
-static void listener_begin(cp_worker *w, void *lp, void *unused)
+static void listener_begin(cp_worker *w, void *lp, void *unused, uintptr_t c)
 {
     CP_UNUSED(unused);
     cp_listener *l = lp;
@@ -122,7 +122,7 @@ static void listener_begin(cp_worker *w, void *lp, void *unused)
     arm(l);
 }
 
-static void listener_close(cp_worker *w, void *lp, void *unused)
+static void listener_close(cp_worker *w, void *lp, void *unused, uintptr_t c)
 {
     CP_UNUSED(unused);
     cp_listener *l = lp;

@@ -286,7 +286,7 @@ static void set_nodelay(cp_session *s)
 /* Both start functions run from a message that holds a reference: a stop may
  * have disconnected the session before its start arrived, in which case the
  * session is already finishing and only the descriptor needs closing. */
-void cp__session_start_accepted(cp_worker *w, void *sp, void *fdp)
+void cp__session_start_accepted(cp_worker *w, void *sp, void *fdp, uintptr_t c)
 {
     cp_session *s = sp;
     if (atomic_load(&s->state) != CP_S_NEW) {
@@ -336,7 +336,7 @@ static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, con
     unhold(s);
 }
 
-void cp__session_start_connect(cp_worker *w, void *sp, void *unused)
+void cp__session_start_connect(cp_worker *w, void *sp, void *unused, uintptr_t c)
 {
     CP_UNUSED(unused);
     cp_session *s = sp;
@@ -480,7 +480,7 @@ static int err_of_reason(cp_reason reason)
     return reason == CP_REASON_SEND_OVERFLOW ? -ENOBUFS : reason == CP_REASON_NO_MEMORY ? -ENOMEM : 0;
 }
 
-static void msg_close(cp_worker *w, void *sp, void *reason)
+static void msg_close(cp_worker *w, void *sp, void *reason, uintptr_t c)
 {
     CP_UNUSED(w);
     cp_session *s = sp;
@@ -548,7 +548,7 @@ void cp__session_flush_dirty(cp_worker *w)
     }
 }
 
-static void msg_send(cp_worker *w, void *sp, void *bp)
+static void msg_send(cp_worker *w, void *sp, void *bp, uintptr_t c)
 {
     CP_UNUSED(w);
     cp_session *s = sp;

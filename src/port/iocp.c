@@ -503,7 +503,7 @@ static void complete(cp_worker *w, io_ov *o)
     }
 }
 
-static void forwarded(cp_worker *w, void *o, void *unused)
+static void forwarded(cp_worker *w, void *o, void *unused, uintptr_t c)
 {
     CP_UNUSED(unused);
     complete(w, o);
@@ -635,7 +635,7 @@ static int io_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
     return CP_PENDING;
 }
 
-static void free_sock(cp_worker *w, void *isp, void *unused)
+static void free_sock(cp_worker *w, void *isp, void *unused, uintptr_t c)
 {
     CP_UNUSED(w);
     CP_UNUSED(unused);

@@ -108,11 +108,11 @@ void cp_jobq_unref(cp_jobq *q)
         free(q);
 }
 
-static void run(cp_worker *w, void *qp, void *unused);
+static void run(cp_worker *w, void *qp, void *unused, uintptr_t c);
 
 static void schedule(cp_jobq *q) { cp__send_msg(cp__pick_worker(q->port), run, q, NULL); }
 
-static void run(cp_worker *w, void *qp, void *unused)
+static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
 {
     CP_UNUSED(w), CP_UNUSED(unused);
     cp_jobq *q = qp;

@@ -37,7 +37,7 @@ static cp_msgblk *blk_new(uint32_t cap)
 
 /* Appends to a chain whose head is the newest block. Returns -ENOMEM only if
  * no block could be had. */
-static int chain_append(cp_msgblk **chain, cp_msg_fn fn, void *a, void *b)
+static int chain_append(cp_msgblk **chain, cp_msg m)
 {
     cp_msgblk *head = *chain;
     if (!head || head->n == head->cap) {
@@ -48,7 +48,7 @@ static int chain_append(cp_msgblk **chain, cp_msg_fn fn, void *a, void *b)
         nb->next = head;
         *chain = head = nb;
     }
-    head->m[head->n++] = (cp_msg){fn, a, b};
+    head->m[head->n++] = m;
     return 0;
 }
 
@@ -89,7 +89,7 @@ static bool inbox_drain(cp_worker *w)
     while (rev) {
         cp_msgblk *next = rev->next;
         for (uint32_t i = 0; i < rev->n; i++)
-            rev->m[i].fn(w, rev->m[i].a, rev->m[i].b);
+            rev->m[i].fn(w, rev->m[i].a, rev->m[i].b, rev->m[i].c);
         free(rev);
         rev = next;
     }
@@ -137,21 +137,22 @@ void cp__batch_end(cp_port *port)
     foreign.nchains = 0;
 }
 
-void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b)
+void cp__send_msg_c(cp_worker *dst, cp_msg_fn fn, void *a, void *b, uintptr_t c)
 {
     cp_port *port = dst->port;
+    cp_msg m = {fn, a, b, c};
     cp_msgblk **chain = NULL;
     if (cp__on_worker(port))
         chain = &cp__self->outbox[dst->index];
     else if (foreign.depth > 0 && foreign.port == port)
         chain = &foreign.chains[dst->index];
     if (chain) {
-        if (chain_append(chain, fn, a, b) == 0)
+        if (chain_append(chain, m) == 0)
             return;
     } else {
         cp_msgblk *one = blk_new(1);
         if (one) {
-            one->m[one->n++] = (cp_msg){fn, a, b};
+            one->m[one->n++] = m;
             inbox_push(dst, one);
             return;
         }
@@ -162,13 +163,15 @@ void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b)
     for (;;) {
         cp_msgblk *one = blk_new(1);
         if (one) {
-            one->m[one->n++] = (cp_msg){fn, a, b};
+            one->m[one->n++] = m;
             inbox_push(dst, one);
             return;
         }
         cp__sleep_ms(1);
     }
 }
+
+void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b) { cp__send_msg_c(dst, fn, a, b, 0); }
 
 static void outbox_flush(cp_worker *w)
 {
@@ -410,7 +413,7 @@ static void *worker_main(void *arg)
 
 /* ------------------------------------------------------------------ public */
 
-static void run_post(cp_worker *w, void *fn, void *arg)
+static void run_post(cp_worker *w, void *fn, void *arg, uintptr_t c)
 {
     CP_UNUSED(w);
     void (*f)(void *);

@@ -73,7 +73,7 @@ static void fire(cp_worker *w, void *tp)
     timer_unref(t);
 }
 
-static void arm_msg(cp_worker *w, void *tp, void *unused)
+static void arm_msg(cp_worker *w, void *tp, void *unused, uintptr_t c)
 {
     CP_UNUSED(unused);
     cp_timer *t = tp;
@@ -84,7 +84,7 @@ static void arm_msg(cp_worker *w, void *tp, void *unused)
     cp__timer_arm_at(w, &t->wt, t->wt.deadline_ns);
 }
 
-static void unarm_msg(cp_worker *w, void *tp, void *unused)
+static void unarm_msg(cp_worker *w, void *tp, void *unused, uintptr_t c)
 {
     CP_UNUSED(unused);
     cp_timer *t = tp;

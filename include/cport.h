@@ -308,7 +308,16 @@ CP_API int cp_service_broadcast(cp_service *svc, cp_sendbuf *b);
 
 /* Queues buf for sending (the session takes its own reference). Any thread,
  * any time: -ENOTCONN once the session is disconnecting or gone. Exceeding the
- * send_queue_limit disconnects the session with CP_REASON_SEND_OVERFLOW. */
+ * send_queue_limit disconnects the session with CP_REASON_SEND_OVERFLOW.
+ *
+ * Order: sends to one session are written in happens-before order. If one
+ * send call returns before another starts — on the same thread, or on any
+ * thread it handed work to, through cport (the next job of a job queue, a job
+ * it pushed, cp_port_post, a timer it started, a callback of another session
+ * it sent to) or through your own locks and atomics — the first is written
+ * first. The same holds for cp_session_send_copy, cp_group_broadcast,
+ * cp_service_send_to and cp_service_broadcast, on every backend and with any
+ * number of workers. Sends that overlap in time go out in either order. */
 CP_API int cp_session_send(cp_session *s, cp_sendbuf *b);
 /* Copies data into a new buffer and sends it. */
 CP_API int cp_session_send_copy(cp_session *s, const void *data, size_t len);

@@ -160,7 +160,11 @@ struct cp_session {
     /* What a receive and a send touch comes first, so that a session costs a
      * worker as few cache lines as possible per message; the cold tail
      * (close op, groups, peer address) follows. */
-    atomic_uint refs;
+    /* Low 32 bits: references. High 32 bits: send tickets handed to threads
+     * other than the owner (see "Order" in session.c). One word, so that the
+     * reference a cross-thread send takes for its message also takes its
+     * ticket, in the same locked add. */
+    _Atomic uint64_t rc;
     _Atomic int state;
     cp_service *svc;  /* valid until the session reaches CP_S_CLOSED */
     void *ctx;        /* the service's ctx, kept for sessions held past that */
@@ -182,6 +186,12 @@ struct cp_session {
     uint32_t carry_len, carry_cap;
 
     cp_sendq sq;
+
+    /* Sends that arrived before an earlier one (owner only): their buffers
+     * wait here, sorted, until the tickets before them have been applied. */
+    uint32_t tx_applied;    /* tickets applied so far */
+    uint32_t nheld, capheld;
+    struct cp_held *held;
 
     /* Idle and partial-packet timeouts: one timer, armed for the nearer. */
     uint64_t last_rx_ns;   /* last receive */

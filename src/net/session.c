@@ -73,7 +73,7 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     cp_session *s = cp__xalloc(sizeof *s);
     if (!s)
         return NULL;
-    atomic_init(&s->refs, 1); /* the service table's reference */
+    atomic_init(&s->rc, 1); /* the service table's reference, no ticket yet */
     atomic_init(&s->state, CP_S_NEW);
     s->svc = svc;
     s->ctx = svc->ctx;
@@ -92,22 +92,29 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     return s;
 }
 
+static void held_drop(cp_session *s);
+static int queue_owned(cp_session *s, cp_sendbuf *b);
+
 static void session_free(cp_session *s)
 {
     free(s->carry);
     for (uint32_t i = 0; i < s->sq.count; i++)
         cp_sendbuf_unref(s->sq.ring[(s->sq.head + i) & (s->sq.cap - 1)]);
     free(s->sq.ring);
+    held_drop(s);
     free(s->groups);
     pthread_mutex_destroy(&s->glock);
     free(s);
 }
 
-void cp_session_ref(cp_session *s) { atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed); }
+#define RC_REFS UINT64_C(0xffffffff)
+#define RC_TICKET (UINT64_C(1) << 32)
+
+void cp_session_ref(cp_session *s) { atomic_fetch_add_explicit(&s->rc, 1, memory_order_relaxed); }
 
 void cp_session_unref(cp_session *s)
 {
-    if (s && atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) == 1)
+    if (s && (atomic_fetch_sub_explicit(&s->rc, 1, memory_order_acq_rel) & RC_REFS) == 1)
         session_free(s);
 }
 
@@ -158,6 +165,7 @@ static void session_finish(cp_session *s)
     free(s->sq.ring);
     s->sq.ring = NULL;
     s->sq.cap = 0;
+    held_drop(s);
     cp_service *svc = s->svc;
     s->svc = NULL;
     cp__service_session_done(svc, s); /* drops the table's reference */
@@ -548,11 +556,116 @@ void cp__session_flush_dirty(cp_worker *w)
     }
 }
 
-static void msg_send(cp_worker *w, void *sp, void *bp, uintptr_t c)
+/* ------------------------------------------------------------------ order */
+
+/*
+ * Sends to one session are written in happens-before order: if one send call
+ * returns before another starts, on any threads, the first is written first.
+ *
+ * The owner appends its own sends to the queue directly; any other thread
+ * sends a message, and messages from different workers travel in different
+ * per-round batches, so they can arrive in any order, and behind the owner's
+ * own later sends. So every send from another thread takes a ticket from the
+ * session's counter in the same locked add that takes its message's
+ * reference (the high half of rc). The owner applies tickets in order: a
+ * message whose ticket is not the next one waits in the held list. An owner's
+ * own send reads the counter (a plain load): if every ticket handed out has
+ * been applied it goes straight to the queue; otherwise it waits behind them
+ * in the held list, before any ticket handed out later. The counter is one
+ * atomic object, so the order of its increments and loads respects every
+ * happens-before edge between the calls, whatever carried it (a job queue, a
+ * post, a timer, the user's own lock).
+ */
+
+typedef struct cp_held {
+    cp_sendbuf *b;
+    uint32_t key;  /* a ticket; or, for the owner's own send, the tickets handed out before it */
+    bool own;      /* the owner's own send: goes before the ticket numbered key */
+} cp_held;
+
+static void held_drop(cp_session *s)
+{
+    for (uint32_t i = 0; i < s->nheld; i++)
+        cp_sendbuf_unref(s->held[i].b);
+    free(s->held);
+    s->held = NULL;
+    s->nheld = s->capheld = 0;
+}
+
+/* Where e goes among the held entries, counted from tx_applied so that the
+ * 32-bit tickets may wrap. An owner's send with key k sorts just before the
+ * ticket k; entries with the same place keep their arrival order. */
+static uint64_t held_rank(const cp_session *s, const cp_held *e)
+{
+    return (uint64_t)(uint32_t)(e->key - s->tx_applied) * 2 + (e->own ? 0 : 1);
+}
+
+static void held_insert(cp_session *s, cp_held e)
+{
+    if (s->nheld == s->capheld) {
+        uint32_t cap = s->capheld ? s->capheld * 2 : 8;
+        cp_held *h = realloc(s->held, sizeof *h * cap);
+        if (!h) {
+            cp_sendbuf_unref(e.b);
+            cp__session_request_close(s, CP_REASON_NO_MEMORY);
+            return;
+        }
+        s->held = h;
+        s->capheld = cap;
+    }
+    uint64_t rank = held_rank(s, &e);
+    uint32_t i = s->nheld;
+    while (i > 0 && held_rank(s, &s->held[i - 1]) > rank) {
+        s->held[i] = s->held[i - 1];
+        i--;
+    }
+    s->held[i] = e;
+    s->nheld++;
+}
+
+/* Applies the held entries whose turn has come. */
+static void held_release(cp_session *s)
+{
+    uint32_t n = 0;
+    while (n < s->nheld) {
+        cp_held *e = &s->held[n];
+        if (e->own ? (int32_t)(s->tx_applied - e->key) < 0 : e->key != s->tx_applied)
+            break;
+        if (!e->own)
+            s->tx_applied++;
+        n++;
+        queue_owned(s, e->b);
+    }
+    if (n == 0)
+        return;
+    memmove(s->held, s->held + n, sizeof *s->held * (s->nheld - n));
+    s->nheld -= n;
+}
+
+/* The owner's own send: straight to the queue unless a ticket handed out
+ * before it has not been applied yet. */
+static int send_own(cp_session *s, cp_sendbuf *b)
+{
+    uint32_t issued = (uint32_t)(atomic_load_explicit(&s->rc, memory_order_relaxed) >> 32);
+    if (issued == s->tx_applied)
+        return queue_owned(s, b);
+    held_insert(s, (cp_held){.b = b, .key = issued, .own = true});
+    return 0;
+}
+
+static void msg_send(cp_worker *w, void *sp, void *bp, uintptr_t ticket)
 {
     CP_UNUSED(w);
     cp_session *s = sp;
-    queue_owned(s, bp); /* the message's reference */
+    if (!connected(s)) {
+        cp_sendbuf_unref(bp);
+    } else if ((uint32_t)ticket == s->tx_applied && s->nheld == 0) {
+        s->tx_applied++;
+        queue_owned(s, bp); /* the message's reference */
+    } else {
+        held_insert(s, (cp_held){.b = bp, .key = (uint32_t)ticket, .own = false});
+        held_release(s);
+    }
     cp_session_unref(s);
 }
 
@@ -566,9 +679,10 @@ static int session_send_owned(cp_session *s, cp_sendbuf *b)
         return -ENOTCONN;
     }
     if (cp__self == s->owner)
-        return queue_owned(s, b);
-    cp_session_ref(s);
-    cp__send_msg(s->owner, msg_send, s, b);
+        return send_own(s, b);
+    /* The message's reference and the send's ticket, in one add. */
+    uint64_t old = atomic_fetch_add_explicit(&s->rc, RC_TICKET | 1, memory_order_relaxed);
+    cp__send_msg_c(s->owner, msg_send, s, b, (uintptr_t)(uint32_t)(old >> 32));
     return 0;
 }
 

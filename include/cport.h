@@ -322,9 +322,24 @@ CP_API int cp_session_send(cp_session *s, cp_sendbuf *b);
 /* Copies data into a new buffer and sends it. */
 CP_API int cp_session_send_copy(cp_session *s, const void *data, size_t len);
 
-/* Starts disconnecting with CP_REASON_LOCAL. Any thread; -ENOTCONN if already
- * disconnecting. on_disconnected follows on the session's worker. */
+/* The hard close: starts disconnecting with CP_REASON_LOCAL at once. What is
+ * still queued is dropped (a packet sent just before may never arrive; use
+ * cp_session_shutdown for that). Any thread; -ENOTCONN if already
+ * disconnecting. on_disconnected follows on the session's worker. Also ends a
+ * graceful close that is under way. */
 CP_API int cp_session_disconnect(cp_session *s);
+
+/* The graceful close. From this call on no further send is accepted
+ * (-ENOTCONN, and cp_session_connected() is 0); every send that happened
+ * before it (see "Order" above) is still written; then the write side is shut
+ * (FIN), so the peer reads everything and then the end of the stream; what
+ * the peer still sends is read and dropped, and its FIN closes the session:
+ * on_disconnected(s, CP_REASON_LOCAL, 0). If that has not happened within
+ * timeout_ms of this call, the session is closed hard:
+ * on_disconnected(s, CP_REASON_LOCAL, -ETIMEDOUT). Any thread. -EINVAL for
+ * timeout_ms 0, -ENOTCONN if the session is not connected (or already closing,
+ * gracefully or not). */
+CP_API int cp_session_shutdown(cp_session *s, uint32_t timeout_ms);
 
 /* Keep a session's memory alive beyond its callbacks (any thread). A kept
  * session that disconnected answers every call with -ENOTCONN. */

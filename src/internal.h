@@ -144,6 +144,7 @@ enum cp_session_state {
     CP_S_NEW = 0,     /* allocated, not yet on its worker */
     CP_S_CONNECTING,  /* client: connect in flight */
     CP_S_CONNECTED,
+    CP_S_DRAINING,    /* cp_session_shutdown: no new sends; queued ones go out, then FIN */
     CP_S_DISCONNECTING, /* a close was requested; it runs on the owner soon */
     CP_S_CLOSING,     /* disconnect started; waiting for completions */
     CP_S_CLOSED       /* every completion arrived; left the service */
@@ -179,6 +180,9 @@ struct cp_session {
     bool was_connected;     /* on_connected ran */
     bool dirty;             /* on owner->dirty */
     bool is_client;
+    bool drain_marked;      /* draining: the shutdown took its place in the order */
+    bool wr_shut;           /* draining: everything written, FIN sent */
+    bool peer_eof;          /* draining: the peer's FIN arrived */
     cp_session *dirty_next;
 
     /* Bytes of an incomplete packet (or unconsumed raw bytes). */
@@ -190,6 +194,7 @@ struct cp_session {
     /* Sends that arrived before an earlier one (owner only): their buffers
      * wait here, sorted, until the tickets before them have been applied. */
     uint32_t tx_applied;    /* tickets applied so far */
+    uint64_t drain_deadline_ns; /* cp_session_shutdown: closed hard at this time */
     uint32_t nheld, capheld;
     struct cp_held *held;
 

@@ -83,6 +83,8 @@ int cp__sock_stream(int family)
 
 void cp__sock_close(int fd) { closesocket((SOCKET)fd); }
 
+int cp__sock_shutdown_wr(int fd) { return shutdown((SOCKET)fd, SD_SEND) ? cp__sock_err() : 0; }
+
 int cp__sock_setint(int fd, int level, int name, int value)
 {
     return setsockopt((SOCKET)fd, level, name, (const char *)&value, sizeof value) ? cp__sock_err() : 0;
@@ -220,6 +222,8 @@ int cp__sock_stream(int family)
 }
 
 void cp__sock_close(int fd) { close(fd); }
+
+int cp__sock_shutdown_wr(int fd) { return shutdown(fd, SHUT_WR) ? -errno : 0; }
 
 int cp__sock_setint(int fd, int level, int name, int value)
 {

@@ -48,6 +48,8 @@ int cp__sock_stream(int family);
 int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog);
 /* closesocket() or close(). */
 void cp__sock_close(int fd);
+/* Half-close: the peer reads what was sent, then end of stream. 0 or -errno. */
+int cp__sock_shutdown_wr(int fd);
 /* The last socket error of this thread as a negative errno value. */
 int cp__sock_err(void);
 /* setsockopt with an int value; 0 or -errno. */

@@ -149,6 +149,17 @@ static bool connected(const cp_session *s)
     return atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_CONNECTED;
 }
 
+/* Connected, or draining after cp_session_shutdown: what is queued still goes out. */
+static bool writing(const cp_session *s)
+{
+    int st = atomic_load_explicit(&s->state, memory_order_relaxed);
+    return st == CP_S_CONNECTED || st == CP_S_DRAINING;
+}
+
+static void drain_begin(cp_session *s);
+static void drain_step(cp_session *s);
+static void drain_peer_eof(cp_session *s);
+
 /* ------------------------------------------------------------------ finish */
 
 /* Every completion has arrived: leave the service, drop the table reference. */
@@ -246,8 +257,13 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
             cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
             cp__session_input(s, data, (size_t)res);
         }
+        /* Draining: what the peer still sends is read and dropped, so that
+         * closing never resets a connection over unread bytes. */
     } else if (res == 0) {
-        cp__session_close(s, CP_REASON_PEER_CLOSED, 0);
+        if (atomic_load(&s->state) == CP_S_DRAINING)
+            drain_peer_eof(s);
+        else
+            cp__session_close(s, CP_REASON_PEER_CLOSED, 0);
     } else if (res != -ECANCELED && res != -ENOBUFS) {
         cp__session_close(s, reason_of_errno(res), res);
     }
@@ -255,7 +271,7 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         return;
     /* A multishot receive that ended without an error (or ran out of provided
      * buffers) is simply armed again. */
-    bool rearm = connected(s) && (res > 0 || res == -ENOBUFS);
+    bool rearm = writing(s) && !s->peer_eof && (res > 0 || res == -ENOBUFS);
     op_done(s);
     if (rearm)
         arm_recv(s);
@@ -279,7 +295,7 @@ static void session_connected(cp_session *s, int from)
     }
     if (svc->h.on_connected)
         svc->h.on_connected(s);
-    if (connected(s))
+    if (writing(s)) /* on_connected may have started a graceful close */
         arm_recv(s);
 }
 
@@ -430,7 +446,7 @@ static void send_start(cp_session *s)
 {
     cp_worker *w = s->owner;
     struct iovec iov[IOV_CAP];
-    while (connected(s) && s->sq.count && !s->wr.armed) {
+    while (writing(s) && s->sq.count && !s->wr.armed) {
         size_t total;
         int n = gather(s, iov, &total);
         int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
@@ -445,20 +461,22 @@ static void send_start(cp_session *s)
         }
         sent(s, (size_t)r);
     }
+    if (s->drain_marked && !s->sq.count && !s->wr.armed)
+        drain_step(s);
 }
 
 static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
 {
     CP_UNUSED(w), CP_UNUSED(flags), CP_UNUSED(data);
     cp_session *s = SESSION_OF(op, wr);
-    if (connected(s)) {
+    if (writing(s)) {
         if (res >= 0)
             sent(s, (size_t)res);
         else if (res != -EAGAIN)
             cp__session_close(s, reason_of_errno(res), res);
     }
     op_done(s);
-    if (connected(s))
+    if (writing(s))
         send_start(s);
     unhold(s);
 }
@@ -520,7 +538,11 @@ int cp__session_request_close(cp_session *s, cp_reason reason)
 static int queue_owned(cp_session *s, cp_sendbuf *b)
 {
     int r = 0;
-    if (!connected(s)) {
+    if (!b) {
+        drain_begin(s); /* cp_session_shutdown's place in the order */
+        return 0;
+    }
+    if (!writing(s) || s->drain_marked) {
         r = -ENOTCONN;
     } else if (b->len == 0) {
         r = 0; /* nothing to queue */
@@ -657,7 +679,7 @@ static void msg_send(cp_worker *w, void *sp, void *bp, uintptr_t ticket)
 {
     CP_UNUSED(w);
     cp_session *s = sp;
-    if (!connected(s)) {
+    if (!writing(s)) {
         cp_sendbuf_unref(bp);
     } else if ((uint32_t)ticket == s->tx_applied && s->nheld == 0) {
         s->tx_applied++;
@@ -674,7 +696,7 @@ static void msg_send(cp_worker *w, void *sp, void *bp, uintptr_t ticket)
  * s refuses the buffer). */
 static int session_send_owned(cp_session *s, cp_sendbuf *b)
 {
-    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_DISCONNECTING) {
+    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_DRAINING) {
         cp_sendbuf_unref(b);
         return -ENOTCONN;
     }
@@ -707,6 +729,76 @@ int cp_session_send_copy(cp_session *s, const void *data, size_t len)
     if (!b)
         return -ENOMEM;
     return session_send_owned(s, b); /* the copy's only reference */
+}
+
+/* ------------------------------------------------------------------ graceful close */
+
+/*
+ * cp_session_shutdown: the state moves to DRAINING at once (new sends are
+ * refused), and the shutdown takes its place in the session's order like a
+ * send (a NULL buffer): sends that happened before it are still queued, and
+ * nothing after it is. When its turn comes on the owner (drain_begin), the
+ * deadline is armed; when the queue is empty and no write is in flight, the
+ * write side is shut (FIN), so the peer reads everything and then the end of
+ * the stream. What the peer still sends is read and dropped; its FIN closes
+ * the session (CP_REASON_LOCAL, err 0). The deadline closes it hard
+ * (CP_REASON_LOCAL, err -ETIMEDOUT).
+ */
+
+static void on_drain_deadline(cp_worker *w, void *sp)
+{
+    CP_UNUSED(w);
+    cp__session_close(sp, CP_REASON_LOCAL, -ETIMEDOUT);
+}
+
+static void drain_begin(cp_session *s)
+{
+    if (atomic_load(&s->state) != CP_S_DRAINING || s->drain_marked)
+        return;
+    s->drain_marked = true;
+    /* The idle and packet timeouts no longer matter: the session's one timer
+     * now watches the deadline. */
+    s->tmo.fn = on_drain_deadline;
+    cp__timer_arm_at(s->owner, &s->tmo, s->drain_deadline_ns);
+    if (!s->sq.count && !s->wr.armed)
+        drain_step(s);
+}
+
+/* Everything queued has been written: FIN, then wait for the peer's. */
+static void drain_step(cp_session *s)
+{
+    if (s->wr_shut || atomic_load(&s->state) != CP_S_DRAINING)
+        return;
+    s->wr_shut = true;
+    int r = cp__sock_shutdown_wr(s->h.fd);
+    if (r < 0)
+        cp__session_close(s, reason_of_errno(r), r);
+    else if (s->peer_eof)
+        cp__session_close(s, CP_REASON_LOCAL, 0);
+}
+
+static void drain_peer_eof(cp_session *s)
+{
+    s->peer_eof = true;
+    if (s->wr_shut)
+        cp__session_close(s, CP_REASON_LOCAL, 0);
+}
+
+int cp_session_shutdown(cp_session *s, uint32_t timeout_ms)
+{
+    if (!s || timeout_ms == 0)
+        return -EINVAL;
+    int st = CP_S_CONNECTED;
+    if (!atomic_compare_exchange_strong(&s->state, &st, CP_S_DRAINING))
+        return -ENOTCONN;
+    /* Written once, by the caller that won the state change, before the
+     * owner can see the shutdown (the message publishes it). */
+    s->drain_deadline_ns = cp__now_ns() + (uint64_t)timeout_ms * 1000000u;
+    if (cp__self == s->owner)
+        return send_own(s, NULL);
+    uint64_t old = atomic_fetch_add_explicit(&s->rc, RC_TICKET | 1, memory_order_relaxed);
+    cp__send_msg_c(s->owner, msg_send, s, NULL, (uintptr_t)(uint32_t)(old >> 32));
+    return 0;
 }
 
 /* ------------------------------------------------------------------ disconnect */

@@ -52,8 +52,17 @@ typedef struct cp_group cp_group;
 
 /* ------------------------------------------------------------------ errors */
 
-/* Names an error code returned by any cp_ function (negative errno values). */
+/* Describes an error code returned by any cp_ function or passed to a
+ * callback (a negative errno value) in a few words: "connection refused".
+ * Non-negative values give "success"; codes cport does not know give
+ * "unknown error". Never NULL; the string is constant. Any thread. */
 CP_API const char *cp_strerror(int err);
+/* The symbolic name of the same code, for logs and tests: "ECONNREFUSED".
+ * Non-negative values give "OK", codes cport does not know "UNKNOWN". Where
+ * two names share one value on a system (EOPNOTSUPP and ENOTSUP on Linux) the
+ * library's own name is given. Never NULL; constant; any thread. Every code
+ * the library returns has a name and a text (one table gives both). */
+CP_API const char *cp_err_name(int err);
 
 /* Why a session ended; passed to on_disconnected. */
 typedef enum cp_reason {

@@ -197,6 +197,23 @@ CP_API size_t cp_sendbuf_len(const cp_sendbuf *b);
  * holding {size, id} followed by body (NULL if size would exceed 65535). */
 CP_API cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len);
 CP_API cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len);
+
+/* A packet written in place, without a copy: cp_packet_open reserves the
+ * header and body_cap bytes of body (a send buffer opened as by
+ * cp_sendbuf_open, so the same one-open-buffer-per-thread rule holds: close
+ * it before opening the next one on this thread); write the body at
+ * cp_packet_body(), then cp_packet_close() with the body's length fills in
+ * the header {size, id}. The caller holds one reference, as with any buffer.
+ * cp_packet_open: NULL if body_cap > CP_PACKET_MAX - CP_PACKET_HEADER (65531)
+ * or out of memory. cp_packet_body: the first body byte; body_cap bytes are
+ * writable until the close. cp_packet_close: 0, or -EMSGSIZE if body_len >
+ * body_cap, a programming error: the buffer is then closed empty (sending it
+ * sends nothing) rather than framed around bytes that were never reserved;
+ * -EINVAL if b is NULL. b must come from cp_packet_open. All on the thread
+ * that opened the buffer; once closed it is an ordinary buffer (any thread). */
+CP_API cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap);
+CP_API uint8_t *cp_packet_body(cp_sendbuf *b);
+CP_API int cp_packet_close(cp_sendbuf *b, size_t body_len);
 /* Reference counting; any thread. A buffer queued on a session is referenced
  * by that session until written, so the caller may unref right after send. */
 CP_API void cp_sendbuf_ref(cp_sendbuf *b);

@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h> /* memcpy, for the float helpers below */
 #ifdef _WIN32
 /* cport returns negative errno values on Windows too. The C runtime's errno.h
  * has the POSIX network codes but not ESHUTDOWN; cport uses Winsock's value. */
@@ -218,6 +219,169 @@ CP_API int cp_packet_close(cp_sendbuf *b, size_t body_len);
  * by that session until written, so the caller may unref right after send. */
 CP_API void cp_sendbuf_ref(cp_sendbuf *b);
 CP_API void cp_sendbuf_unref(cp_sendbuf *b);
+
+/* ------------------------------------------------------------------ packet bodies */
+
+/* Little-endian fields, the byte order of the packet header. Each helper
+ * moves one byte at a time, so p needs no alignment and the host's byte order
+ * does not matter (compilers merge the byte moves into single loads and
+ * stores where the target allows).
+ * cp_put_* write sizeof(T) bytes at p, cp_get_* read them; the caller
+ * guarantees the room. Floats are IEEE-754 single precision, bit for bit. */
+static inline void cp_put_u8(uint8_t *p, uint8_t v) { p[0] = v; }
+static inline void cp_put_u16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+static inline void cp_put_u32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+static inline void cp_put_u64(uint8_t *p, uint64_t v)
+{
+    cp_put_u32(p, (uint32_t)v);
+    cp_put_u32(p + 4, (uint32_t)(v >> 32));
+}
+static inline void cp_put_i32(uint8_t *p, int32_t v) { cp_put_u32(p, (uint32_t)v); }
+static inline void cp_put_f32(uint8_t *p, float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    cp_put_u32(p, u);
+}
+static inline uint8_t cp_get_u8(const uint8_t *p) { return p[0]; }
+static inline uint16_t cp_get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (unsigned)p[1] << 8); }
+static inline uint32_t cp_get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline uint64_t cp_get_u64(const uint8_t *p)
+{
+    return (uint64_t)cp_get_u32(p) | (uint64_t)cp_get_u32(p + 4) << 32;
+}
+static inline int32_t cp_get_i32(const uint8_t *p)
+{
+    uint32_t u = cp_get_u32(p);
+    int32_t v;
+    memcpy(&v, &u, 4); /* two's complement, without an implementation-defined cast */
+    return v;
+}
+static inline float cp_get_f32(const uint8_t *p)
+{
+    uint32_t u = cp_get_u32(p);
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* Bounded writing and reading: a cursor, an end and a sticky error flag, so a
+ * handler can build or parse a body field by field and check once at the end.
+ * A write or read that does not fit sets err, moves nothing and (reads)
+ * yields 0; every later call does the same. Plain values on the caller's
+ * stack: no allocation, any thread.
+ *
+ *   cp_reader r = cp_reader_make(body, len);
+ *   uint32_t x = cp_read_u32(&r); float y = cp_read_f32(&r);
+ *   if (r.err || cp_reader_left(&r)) return -1;   (short or long body)
+ *
+ *   cp_sendbuf *b = cp_packet_open(ID, 8);
+ *   cp_writer w = cp_writer_make(cp_packet_body(b), 8);
+ *   cp_write_u32(&w, x); cp_write_f32(&w, y);
+ *   cp_packet_close(b, cp_writer_len(&w));   (w.err: it did not fit) */
+typedef struct cp_writer {
+    uint8_t *start, *p, *end;
+    int err;
+} cp_writer;
+typedef struct cp_reader {
+    const uint8_t *p, *end;
+    int err;
+} cp_reader;
+
+/* A writer over cap bytes at buf (buf may be NULL when cap is 0). */
+static inline cp_writer cp_writer_make(uint8_t *buf, size_t cap)
+{
+    cp_writer w = { buf, buf, buf ? buf + cap : buf, 0 };
+    return w;
+}
+/* Bytes written so far (those that fit). */
+static inline size_t cp_writer_len(const cp_writer *w) { return (size_t)(w->p - w->start); }
+/* Room for n more bytes: where they go, or NULL after setting err. */
+static inline uint8_t *cp_writer_take(cp_writer *w, size_t n)
+{
+    if (w->err || (size_t)(w->end - w->p) < n) {
+        w->err = 1;
+        return NULL;
+    }
+    uint8_t *at = w->p;
+    w->p += n;
+    return at;
+}
+static inline void cp_write_bytes(cp_writer *w, const void *data, size_t n)
+{
+    uint8_t *at = cp_writer_take(w, n);
+    if (at && n)
+        memcpy(at, data, n);
+}
+/* cp_write_u8, _u16, _u32, _u64, _i32, _f32: one field at the cursor. */
+#define CP_WRITE_(T, name, n)                                                    \
+    static inline void cp_write_##name(cp_writer *w, T v)                        \
+    {                                                                            \
+        uint8_t *at = cp_writer_take(w, n);                                      \
+        if (at)                                                                  \
+            cp_put_##name(at, v);                                                \
+    }
+CP_WRITE_(uint8_t, u8, 1)
+CP_WRITE_(uint16_t, u16, 2)
+CP_WRITE_(uint32_t, u32, 4)
+CP_WRITE_(uint64_t, u64, 8)
+CP_WRITE_(int32_t, i32, 4)
+CP_WRITE_(float, f32, 4)
+#undef CP_WRITE_
+
+/* A reader over len bytes at body (body may be NULL when len is 0). */
+static inline cp_reader cp_reader_make(const uint8_t *body, size_t len)
+{
+    cp_reader r = { body, body ? body + len : body, 0 };
+    return r;
+}
+/* Bytes not read yet. */
+static inline size_t cp_reader_left(const cp_reader *r) { return (size_t)(r->end - r->p); }
+/* The next n bytes (valid as long as the body is), or NULL after setting err. */
+static inline const uint8_t *cp_reader_take(cp_reader *r, size_t n)
+{
+    if (r->err || cp_reader_left(r) < n) {
+        r->err = 1;
+        return NULL;
+    }
+    const uint8_t *at = r->p;
+    r->p += n;
+    return at;
+}
+/* Copies the next n bytes to out; on a short body out is left untouched. */
+static inline void cp_read_bytes(cp_reader *r, void *out, size_t n)
+{
+    const uint8_t *at = cp_reader_take(r, n);
+    if (at && n)
+        memcpy(out, at, n);
+}
+/* cp_read_u8, _u16, _u32, _u64, _i32, _f32: the field at the cursor, or 0. */
+#define CP_READ_(T, name, n)                                                     \
+    static inline T cp_read_##name(cp_reader *r)                                 \
+    {                                                                            \
+        const uint8_t *at = cp_reader_take(r, n);                                \
+        return at ? cp_get_##name(at) : (T)0;                                    \
+    }
+CP_READ_(uint8_t, u8, 1)
+CP_READ_(uint16_t, u16, 2)
+CP_READ_(uint32_t, u32, 4)
+CP_READ_(uint64_t, u64, 8)
+CP_READ_(int32_t, i32, 4)
+CP_READ_(float, f32, 4)
+#undef CP_READ_
 
 /* ------------------------------------------------------------------ services */
 

@@ -245,8 +245,7 @@ cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap)
     cp_sendbuf *b = cp_sendbuf_open(CP_PACKET_HEADER + body_cap);
     if (!b)
         return NULL;
-    b->data[2] = (uint8_t)(id & 0xff);
-    b->data[3] = (uint8_t)(id >> 8);
+    cp_put_u16(b->data + 2, id);
     return b;
 }
 
@@ -265,8 +264,7 @@ int cp_packet_close(cp_sendbuf *b, size_t body_len)
         return -EMSGSIZE;
     }
     size_t size = CP_PACKET_HEADER + body_len; /* <= CP_PACKET_MAX: cap was checked at open */
-    b->data[0] = (uint8_t)(size & 0xff);
-    b->data[1] = (uint8_t)(size >> 8);
+    cp_put_u16(b->data, (uint16_t)size);
     cp_sendbuf_close(b, size);
     return 0;
 }

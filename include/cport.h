@@ -535,8 +535,13 @@ CP_API void cp_group_destroy(cp_group *g);
 CP_API int cp_group_add(cp_group *g, cp_session *s);    /* -EEXIST, -ENOTCONN */
 CP_API int cp_group_remove(cp_group *g, cp_session *s); /* -ENOENT */
 CP_API size_t cp_group_size(cp_group *g);
-/* Returns the number of members the buffer was queued on. */
+/* Queues b on every member (each takes its own reference; the caller keeps
+ * its own). Returns the number of members the buffer was queued on (members
+ * already disconnecting refuse it), or -EINVAL if g or b is NULL. Any thread. */
 CP_API int cp_group_broadcast(cp_group *g, cp_sendbuf *b);
+/* The same, but skip (typically the sender) does not get b. skip may be NULL
+ * or a session that is not a member: then every member gets it. */
+CP_API int cp_group_broadcast_except(cp_group *g, cp_sendbuf *b, const cp_session *skip);
 
 #ifdef __cplusplus
 }

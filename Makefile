@@ -4,6 +4,7 @@
 # Also: make check (tests under ASan+UBSan), make bench, make install.
 
 BUILD     ?= build
+PREFIX    ?=
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
@@ -83,8 +84,13 @@ bench-quick: bench-deps
 	@$(MAKE) --no-print-directory build
 	bench/run.sh $(BUILD) quick
 
-install: build
-	cmake --install $(BUILD)
+# make install [PREFIX=DIR]: builds what is installed (the libraries and the
+# two programs, not the tests) and installs it under DIR (CMake's
+# CMAKE_INSTALL_PREFIX, given at install time: the installed files locate
+# themselves relative to where they land); without PREFIX, /usr/local.
+install: deps $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j$(JOBS) --target cport cport_static cport-server cport-dummy
+	cmake --install $(BUILD) $(if $(PREFIX),--prefix "$(PREFIX)")
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

@@ -39,8 +39,10 @@ deps:
 	  fi; \
 	fi
 
+CONFIGURE = cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+
 $(BUILD)/CMakeCache.txt: | deps
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+	$(CONFIGURE)
 
 build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j$(JOBS)
@@ -61,8 +63,20 @@ check-tsan: deps
 	cd $(TSAN_BUILD) && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
 	  ctest --output-on-failure
 
-run: build
-	tools/run-main.sh $(BUILD)
+# make run builds only the two programs it runs (not the tests or the
+# benchmark peers) and keeps the configure and build output in RUN_LOG, shown
+# only if a step fails, so the run's own lines come first. cmake --build runs
+# without this make's MAKELEVEL/MAKEFLAGS: as a sub-make the generated
+# Makefiles would print "make[1]: Entering directory" at every level.
+RUN_LOG = $(BUILD)/make-run.log
+run: deps
+	@echo "run: building cport-server and cport-dummy in $(BUILD)/"
+	@mkdir -p $(BUILD); \
+	{ [ -f $(BUILD)/CMakeCache.txt ] || $(CONFIGURE); } >$(RUN_LOG) 2>&1 && \
+	env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS \
+	  cmake --build $(BUILD) -j$(JOBS) --target cport-server cport-dummy >>$(RUN_LOG) 2>&1 || \
+	  { tail -n 40 $(RUN_LOG); echo "run: the build failed; the whole log is $(RUN_LOG)"; exit 1; }
+	@tools/run-main.sh $(BUILD)
 
 # The IOCP backend: cross-build with mingw-w64 (cmake/mingw-w64-x86_64.cmake)
 # and run the suite under Wine, headless. Installs mingw-w64 and Wine as root.

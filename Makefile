@@ -4,6 +4,7 @@
 # Also: make check (tests under ASan+UBSan), make bench, make install.
 
 BUILD     ?= build
+PREFIX    ?=
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
@@ -38,8 +39,10 @@ deps:
 	  fi; \
 	fi
 
+CONFIGURE = cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+
 $(BUILD)/CMakeCache.txt: | deps
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+	$(CONFIGURE)
 
 build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j$(JOBS)
@@ -60,8 +63,20 @@ check-tsan: deps
 	cd $(TSAN_BUILD) && TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
 	  ctest --output-on-failure
 
-run: build
-	tools/run-main.sh $(BUILD)
+# make run builds only the two programs it runs (not the tests or the
+# benchmark peers) and keeps the configure and build output in RUN_LOG, shown
+# only if a step fails, so the run's own lines come first. cmake --build runs
+# without this make's MAKELEVEL/MAKEFLAGS: as a sub-make the generated
+# Makefiles would print "make[1]: Entering directory" at every level.
+RUN_LOG = $(BUILD)/make-run.log
+run: deps
+	@echo "run: building cport-server and cport-dummy in $(BUILD)/"
+	@mkdir -p $(BUILD); \
+	{ [ -f $(BUILD)/CMakeCache.txt ] || $(CONFIGURE); } >$(RUN_LOG) 2>&1 && \
+	env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS \
+	  cmake --build $(BUILD) -j$(JOBS) --target cport-server cport-dummy >>$(RUN_LOG) 2>&1 || \
+	  { tail -n 40 $(RUN_LOG); echo "run: the build failed; the whole log is $(RUN_LOG)"; exit 1; }
+	@tools/run-main.sh $(BUILD)
 
 # The IOCP backend: cross-build with mingw-w64 (cmake/mingw-w64-x86_64.cmake)
 # and run the suite under Wine, headless. Installs mingw-w64 and Wine as root.
@@ -83,8 +98,13 @@ bench-quick: bench-deps
 	@$(MAKE) --no-print-directory build
 	bench/run.sh $(BUILD) quick
 
-install: build
-	cmake --install $(BUILD)
+# make install [PREFIX=DIR]: builds what is installed (the libraries and the
+# two programs, not the tests) and installs it under DIR (CMake's
+# CMAKE_INSTALL_PREFIX, given at install time: the installed files locate
+# themselves relative to where they land); without PREFIX, /usr/local.
+install: deps $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j$(JOBS) --target cport cport_static cport-server cport-dummy
+	cmake --install $(BUILD) $(if $(PREFIX),--prefix "$(PREFIX)")
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h> /* memcpy, for the float helpers below */
 #ifdef _WIN32
 /* cport returns negative errno values on Windows too. The C runtime's errno.h
  * has the POSIX network codes but not ESHUTDOWN; cport uses Winsock's value. */
@@ -52,8 +53,17 @@ typedef struct cp_group cp_group;
 
 /* ------------------------------------------------------------------ errors */
 
-/* Names an error code returned by any cp_ function (negative errno values). */
+/* Describes an error code returned by any cp_ function or passed to a
+ * callback (a negative errno value) in a few words: "connection refused".
+ * Non-negative values give "success"; codes cport does not know give
+ * "unknown error". Never NULL; the string is constant. Any thread. */
 CP_API const char *cp_strerror(int err);
+/* The symbolic name of the same code, for logs and tests: "ECONNREFUSED".
+ * Non-negative values give "OK", codes cport does not know "UNKNOWN". Where
+ * two names share one value on a system (EOPNOTSUPP and ENOTSUP on Linux) the
+ * library's own name is given. Never NULL; constant; any thread. Every code
+ * the library returns has a name and a text (one table gives both). */
+CP_API const char *cp_err_name(int err);
 
 /* Why a session ended; passed to on_disconnected. */
 typedef enum cp_reason {
@@ -188,10 +198,190 @@ CP_API size_t cp_sendbuf_len(const cp_sendbuf *b);
  * holding {size, id} followed by body (NULL if size would exceed 65535). */
 CP_API cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len);
 CP_API cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len);
+
+/* A packet written in place, without a copy: cp_packet_open reserves the
+ * header and body_cap bytes of body (a send buffer opened as by
+ * cp_sendbuf_open, so the same one-open-buffer-per-thread rule holds: close
+ * it before opening the next one on this thread); write the body at
+ * cp_packet_body(), then cp_packet_close() with the body's length fills in
+ * the header {size, id}. The caller holds one reference, as with any buffer.
+ * cp_packet_open: NULL if body_cap > CP_PACKET_MAX - CP_PACKET_HEADER (65531)
+ * or out of memory. cp_packet_body: the first body byte; body_cap bytes are
+ * writable until the close. cp_packet_close: 0, or -EMSGSIZE if body_len >
+ * body_cap, a programming error: the buffer is then closed empty (sending it
+ * sends nothing) rather than framed around bytes that were never reserved;
+ * -EINVAL if b is NULL. b must come from cp_packet_open. All on the thread
+ * that opened the buffer; once closed it is an ordinary buffer (any thread). */
+CP_API cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap);
+CP_API uint8_t *cp_packet_body(cp_sendbuf *b);
+CP_API int cp_packet_close(cp_sendbuf *b, size_t body_len);
 /* Reference counting; any thread. A buffer queued on a session is referenced
  * by that session until written, so the caller may unref right after send. */
 CP_API void cp_sendbuf_ref(cp_sendbuf *b);
 CP_API void cp_sendbuf_unref(cp_sendbuf *b);
+
+/* ------------------------------------------------------------------ packet bodies */
+
+/* Little-endian fields, the byte order of the packet header. Each helper
+ * moves one byte at a time, so p needs no alignment and the host's byte order
+ * does not matter (compilers merge the byte moves into single loads and
+ * stores where the target allows).
+ * cp_put_* write sizeof(T) bytes at p, cp_get_* read them; the caller
+ * guarantees the room. Floats are IEEE-754 single precision, bit for bit. */
+static inline void cp_put_u8(uint8_t *p, uint8_t v) { p[0] = v; }
+static inline void cp_put_u16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+static inline void cp_put_u32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+static inline void cp_put_u64(uint8_t *p, uint64_t v)
+{
+    cp_put_u32(p, (uint32_t)v);
+    cp_put_u32(p + 4, (uint32_t)(v >> 32));
+}
+static inline void cp_put_i32(uint8_t *p, int32_t v) { cp_put_u32(p, (uint32_t)v); }
+static inline void cp_put_f32(uint8_t *p, float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    cp_put_u32(p, u);
+}
+static inline uint8_t cp_get_u8(const uint8_t *p) { return p[0]; }
+static inline uint16_t cp_get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (unsigned)p[1] << 8); }
+static inline uint32_t cp_get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline uint64_t cp_get_u64(const uint8_t *p)
+{
+    return (uint64_t)cp_get_u32(p) | (uint64_t)cp_get_u32(p + 4) << 32;
+}
+static inline int32_t cp_get_i32(const uint8_t *p)
+{
+    uint32_t u = cp_get_u32(p);
+    int32_t v;
+    memcpy(&v, &u, 4); /* two's complement, without an implementation-defined cast */
+    return v;
+}
+static inline float cp_get_f32(const uint8_t *p)
+{
+    uint32_t u = cp_get_u32(p);
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* Bounded writing and reading: a cursor, an end and a sticky error flag, so a
+ * handler can build or parse a body field by field and check once at the end.
+ * A write or read that does not fit sets err, moves nothing and (reads)
+ * yields 0; every later call does the same. Plain values on the caller's
+ * stack: no allocation, any thread.
+ *
+ *   cp_reader r = cp_reader_make(body, len);
+ *   uint32_t x = cp_read_u32(&r); float y = cp_read_f32(&r);
+ *   if (r.err || cp_reader_left(&r)) return -1;   (short or long body)
+ *
+ *   cp_sendbuf *b = cp_packet_open(ID, 8);
+ *   cp_writer w = cp_writer_make(cp_packet_body(b), 8);
+ *   cp_write_u32(&w, x); cp_write_f32(&w, y);
+ *   cp_packet_close(b, cp_writer_len(&w));   (w.err: it did not fit) */
+typedef struct cp_writer {
+    uint8_t *start, *p, *end;
+    int err;
+} cp_writer;
+typedef struct cp_reader {
+    const uint8_t *p, *end;
+    int err;
+} cp_reader;
+
+/* A writer over cap bytes at buf (buf may be NULL when cap is 0). */
+static inline cp_writer cp_writer_make(uint8_t *buf, size_t cap)
+{
+    cp_writer w = { buf, buf, buf ? buf + cap : buf, 0 };
+    return w;
+}
+/* Bytes written so far (those that fit). */
+static inline size_t cp_writer_len(const cp_writer *w) { return (size_t)(w->p - w->start); }
+/* Room for n more bytes: where they go, or NULL after setting err. */
+static inline uint8_t *cp_writer_take(cp_writer *w, size_t n)
+{
+    if (w->err || (size_t)(w->end - w->p) < n) {
+        w->err = 1;
+        return NULL;
+    }
+    uint8_t *at = w->p;
+    w->p += n;
+    return at;
+}
+static inline void cp_write_bytes(cp_writer *w, const void *data, size_t n)
+{
+    uint8_t *at = cp_writer_take(w, n);
+    if (at && n)
+        memcpy(at, data, n);
+}
+/* cp_write_u8, _u16, _u32, _u64, _i32, _f32: one field at the cursor. */
+#define CP_WRITE_(T, name, n)                                                    \
+    static inline void cp_write_##name(cp_writer *w, T v)                        \
+    {                                                                            \
+        uint8_t *at = cp_writer_take(w, n);                                      \
+        if (at)                                                                  \
+            cp_put_##name(at, v);                                                \
+    }
+CP_WRITE_(uint8_t, u8, 1)
+CP_WRITE_(uint16_t, u16, 2)
+CP_WRITE_(uint32_t, u32, 4)
+CP_WRITE_(uint64_t, u64, 8)
+CP_WRITE_(int32_t, i32, 4)
+CP_WRITE_(float, f32, 4)
+#undef CP_WRITE_
+
+/* A reader over len bytes at body (body may be NULL when len is 0). */
+static inline cp_reader cp_reader_make(const uint8_t *body, size_t len)
+{
+    cp_reader r = { body, body ? body + len : body, 0 };
+    return r;
+}
+/* Bytes not read yet. */
+static inline size_t cp_reader_left(const cp_reader *r) { return (size_t)(r->end - r->p); }
+/* The next n bytes (valid as long as the body is), or NULL after setting err. */
+static inline const uint8_t *cp_reader_take(cp_reader *r, size_t n)
+{
+    if (r->err || cp_reader_left(r) < n) {
+        r->err = 1;
+        return NULL;
+    }
+    const uint8_t *at = r->p;
+    r->p += n;
+    return at;
+}
+/* Copies the next n bytes to out; on a short body out is left untouched. */
+static inline void cp_read_bytes(cp_reader *r, void *out, size_t n)
+{
+    const uint8_t *at = cp_reader_take(r, n);
+    if (at && n)
+        memcpy(out, at, n);
+}
+/* cp_read_u8, _u16, _u32, _u64, _i32, _f32: the field at the cursor, or 0. */
+#define CP_READ_(T, name, n)                                                     \
+    static inline T cp_read_##name(cp_reader *r)                                 \
+    {                                                                            \
+        const uint8_t *at = cp_reader_take(r, n);                                \
+        return at ? cp_get_##name(at) : (T)0;                                    \
+    }
+CP_READ_(uint8_t, u8, 1)
+CP_READ_(uint16_t, u16, 2)
+CP_READ_(uint32_t, u32, 4)
+CP_READ_(uint64_t, u64, 8)
+CP_READ_(int32_t, i32, 4)
+CP_READ_(float, f32, 4)
+#undef CP_READ_
 
 /* ------------------------------------------------------------------ services */
 
@@ -369,8 +559,13 @@ CP_API void cp_group_destroy(cp_group *g);
 CP_API int cp_group_add(cp_group *g, cp_session *s);    /* -EEXIST, -ENOTCONN */
 CP_API int cp_group_remove(cp_group *g, cp_session *s); /* -ENOENT */
 CP_API size_t cp_group_size(cp_group *g);
-/* Returns the number of members the buffer was queued on. */
+/* Queues b on every member (each takes its own reference; the caller keeps
+ * its own). Returns the number of members the buffer was queued on (members
+ * already disconnecting refuse it), or -EINVAL if g or b is NULL. Any thread. */
 CP_API int cp_group_broadcast(cp_group *g, cp_sendbuf *b);
+/* The same, but skip (typically the sender) does not get b. skip may be NULL
+ * or a session that is not a member: then every member gets it. */
+CP_API int cp_group_broadcast_except(cp_group *g, cp_sendbuf *b, const cp_session *skip);
 
 #ifdef __cplusplus
 }

@@ -8,41 +8,102 @@
 #include <string.h>
 #include <time.h>
 
+/*
+ * The error table. One list gives both cp_err_name() and cp_strerror(), so no
+ * code can have a name without a text or the other way round (libuv's
+ * UV_ERRNO_MAP does the same). It holds every code the library returns or
+ * passes on from the system (tests/test_errors.c checks that against the
+ * sources), plus the other socket errors a connect, send or receive may meet.
+ *
+ * Every name here must exist on every system cport builds for: mingw-w64's
+ * errno.h lacks ESHUTDOWN and EHOSTDOWN, and sys.h gives them Winsock's values.
+ * Where two names share a value (EOPNOTSUPP is ENOTSUP on Linux, not on
+ * Windows), the first entry names it, so the list keeps the preferred name
+ * first and the lookup is a search, not a switch (which would reject the
+ * duplicate on Linux).
+ */
+#define CP_ERRNO_MAP(X)                                                          \
+    X(EINVAL, "invalid argument")                                                \
+    X(ENOMEM, "out of memory")                                                   \
+    X(ENOTCONN, "session is not connected")                                      \
+    X(ENOTSUP, "not supported on this system or build")                          \
+    X(EBUSY, "still in use")                                                     \
+    X(EDEADLK, "would deadlock: called from a worker thread")                    \
+    X(ESHUTDOWN, "port or service is shutting down")                             \
+    X(EALREADY, "already in progress or done")                                   \
+    X(EEXIST, "already exists")                                                  \
+    X(ENOENT, "not found")                                                       \
+    X(EMSGSIZE, "message too long")                                              \
+    X(EPROTO, "protocol error: malformed packet header")                         \
+    X(ECANCELED, "operation canceled")                                           \
+    X(EAGAIN, "resource temporarily unavailable, try again")                     \
+    X(EINTR, "interrupted by a signal")                                          \
+    X(ETIME, "timer expired")                                                    \
+    X(ETIMEDOUT, "timed out")                                                    \
+    X(EPERM, "operation not permitted")                                          \
+    X(EACCES, "permission denied")                                               \
+    X(ENOSYS, "function not implemented by the kernel")                          \
+    X(EMFILE, "too many open files in this process")                             \
+    X(ENFILE, "too many open files in the system")                               \
+    X(ENOBUFS, "no buffer space")                                                \
+    X(EADDRINUSE, "address already in use")                                      \
+    X(EADDRNOTAVAIL, "address not available")                                    \
+    X(EAFNOSUPPORT, "address family not supported")                              \
+    X(ECONNREFUSED, "connection refused")                                        \
+    X(ECONNRESET, "connection reset by peer")                                    \
+    X(ECONNABORTED, "connection aborted")                                        \
+    X(EPIPE, "broken pipe")                                                      \
+    X(ENETDOWN, "network is down")                                               \
+    X(ENETUNREACH, "network unreachable")                                        \
+    X(ENETRESET, "connection reset by the network")                              \
+    X(EHOSTDOWN, "host is down")                                                 \
+    X(EHOSTUNREACH, "host unreachable")                                          \
+    X(EISCONN, "socket is already connected")                                    \
+    X(EINPROGRESS, "operation in progress")                                      \
+    X(EDESTADDRREQ, "destination address required")                              \
+    X(EPROTOTYPE, "wrong protocol type for socket")                              \
+    X(ENOPROTOOPT, "protocol option not available")                              \
+    X(EPROTONOSUPPORT, "protocol not supported")                                 \
+    X(EOPNOTSUPP, "operation not supported on socket")                           \
+    X(ENOTSOCK, "not a socket")                                                  \
+    X(EBADF, "bad file descriptor")                                              \
+    X(EFAULT, "bad address")                                                     \
+    X(EIO, "input/output error")
+
+typedef struct cp_errdesc {
+    int code; /* positive errno value */
+    const char *name;
+    const char *text;
+} cp_errdesc;
+
+#define CP_ERRDESC(code, text) { code, #code, text },
+static const cp_errdesc err_table[] = { CP_ERRNO_MAP(CP_ERRDESC) };
+#undef CP_ERRDESC
+
+/* The entry for a negative code, or NULL. A search of a few dozen entries:
+ * naming an error is never on a hot path. */
+static const cp_errdesc *err_find(int err)
+{
+    for (size_t i = 0; i < sizeof err_table / sizeof err_table[0]; i++)
+        if (-err_table[i].code == err) /* not -err: INT_MIN has no negation */
+            return &err_table[i];
+    return NULL;
+}
+
 const char *cp_strerror(int err)
 {
     if (err >= 0)
         return "success";
-    /* strerror() is not guaranteed thread-safe; the errno values cport returns
-     * are a small known set, named here. */
-    switch (-err) {
-    case EINVAL: return "invalid argument";
-    case ENOMEM: return "out of memory";
-    case ENOTCONN: return "session is not connected";
-    case ENOTSUP: return "not supported on this system or build";
-    case EBUSY: return "still in use";
-    case EDEADLK: return "would deadlock: called from a worker thread";
-    case ESHUTDOWN: return "port or service is shutting down";
-    case EADDRINUSE: return "address already in use";
-    case EADDRNOTAVAIL: return "address not available";
-    case ECONNREFUSED: return "connection refused";
-    case ECONNRESET: return "connection reset by peer";
-    case ETIMEDOUT: return "timed out";
-    case EMFILE: return "too many open files in this process";
-    case ENFILE: return "too many open files in the system";
-    case ENOBUFS: return "no buffer space";
-    case ECANCELED: return "operation canceled";
-    case EEXIST: return "already exists";
-    case ENOENT: return "not found";
-    case EACCES: return "permission denied";
-    case EPERM: return "operation not permitted";
-    case ENOSYS: return "function not implemented by the kernel";
-    case EHOSTUNREACH: return "host unreachable";
-    case ENETUNREACH: return "network unreachable";
-    case EPIPE: return "broken pipe";
-    case EAFNOSUPPORT: return "address family not supported";
-    case EMSGSIZE: return "message too long";
-    default: return "unknown error";
-    }
+    const cp_errdesc *e = err_find(err);
+    return e ? e->text : "unknown error";
+}
+
+const char *cp_err_name(int err)
+{
+    if (err >= 0)
+        return "OK";
+    const cp_errdesc *e = err_find(err);
+    return e ? e->name : "UNKNOWN";
 }
 
 static const char *const reason_names[CP_REASON_COUNT_] = {

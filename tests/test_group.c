@@ -355,3 +355,123 @@ Test(group, service_broadcast_reaches_every_session, .timeout = 20)
     }
     cpt_env_stop(&e);
 }
+
+/* Chat without echo: each message goes to every member but its sender
+ * (cp_group_broadcast_except). Every client gets the others' messages, each
+ * sender's in order, and never one of its own. */
+static int chat_except_route(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    room_ctx *c = cp_session_ctx(s);
+    cpt_enter(s);
+    cp_sendbuf *b = cp_packet_make(id, body, len);
+    if (cp_group_broadcast_except(c->g, b, s) != (int)cp_group_size(c->g) - 1)
+        atomic_fetch_add(&c->t.failures, 1);
+    cp_sendbuf_unref(b);
+    atomic_fetch_add(&c->t.packets, 1);
+    cpt_leave(s);
+    return 0;
+}
+
+Test(group, broadcast_except_skips_the_sender, .timeout = 60)
+{
+    enum { N = 20, M = 10 };
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    room_ctx *c = room_new(N);
+    cp_handlers h = cpt_track_handlers();
+    h.on_connected = join_connected;
+    h.on_packet = chat_except_route;
+    cp_service *svc = cpt_xserver(p, NULL, &h, c);
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = cpt_xconnect(cp_service_port(svc));
+        cpt_set_rcvtimeo(fds[i], 15000);
+    }
+    CPT_AWAIT(cp_group_size(c->g) == N, 5000, "%zu of %d joined", cp_group_size(c->g), N);
+    for (int i = 0; i < N; i++) {
+        uint8_t out[M * 8];
+        for (int k = 0; k < M; k++) {
+            cpt_put_header(out + 8 * k, 8, 1005);
+            cp_put_u16(out + 8 * k + 4, (uint16_t)i);
+            cp_put_u16(out + 8 * k + 6, (uint16_t)k);
+        }
+        cpt_xsend(fds[i], out, sizeof out);
+    }
+    int own = 0, bad = 0;
+    uint8_t *in = malloc((N - 1) * M * 8);
+    cr_assert_not_null(in);
+    for (int i = 0; i < N; i++) {
+        uint16_t next[N] = { 0 };
+        cpt_xrecv(fds[i], in, (N - 1) * M * 8);
+        for (int k = 0; k < (N - 1) * M; k++) {
+            uint16_t sender = cp_get_u16(in + 8 * k + 4), seq = cp_get_u16(in + 8 * k + 6);
+            if (sender == i)
+                own++;
+            else if (in[8 * k] != 8 || sender >= N || seq != next[sender])
+                bad++;
+            else
+                next[sender]++;
+        }
+    }
+    CPT_AWAIT(atomic_load(&c->t.packets) == N * M, 5000, "%lld of %d messages handled",
+              atomic_load(&c->t.packets), N * M);
+    cpt_sleep_ms(50);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(cpt_peek_state(fds[i]), 0, "client %d got more than the others' messages", i);
+    free(in);
+    cr_assert_eq(own, 0, "%d messages came back to their sender", own);
+    cr_assert_eq(bad, 0, "%d messages damaged or out of per-sender order", bad);
+    cr_assert_eq(atomic_load(&c->t.failures), 0, "broadcast_except did not reach every other member");
+    for (int i = 0; i < N; i++)
+        cpt_close(fds[i]);
+    CPT_AWAIT(cp_group_size(c->g) == 0, 5000, "members did not leave");
+    cpt_xstop(svc);
+    cpt_track_stopped(&c->t);
+    cpt_track_xcheck(&c->t);
+    room_free(c);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+
+/* skip NULL or not a member: every member gets the buffer; NULL group or
+ * buffer: -EINVAL. From a thread that is not a worker. */
+Test(group, broadcast_except_edge_cases, .timeout = 20)
+{
+    room_ctx *c = room_new(4);
+    cp_handlers h = cpt_track_handlers();
+    h.on_connected = join_connected;
+    c->t.keep_refs = true;
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *port = cpt_xport(2);
+    cp_service *svc = cpt_xserver(port, NULL, &h, c);
+    int a = cpt_xconnect(cp_service_port(svc));
+    int b = cpt_xconnect(cp_service_port(svc));
+    CPT_AWAIT(cp_group_size(c->g) == 2, 5000, "not joined");
+    cp_session *sa = cpt_track_by_peer(&c->t, cpt_local_port(a))->s;
+    cp_sendbuf *buf = cp_packet_make(5, "e", 1);
+    cr_assert_eq(cp_group_broadcast_except(NULL, buf, sa), -EINVAL);
+    cr_assert_eq(cp_group_broadcast_except(c->g, NULL, sa), -EINVAL);
+    cr_assert_eq(cp_group_broadcast_except(c->g, buf, NULL), 2, "skip NULL skips nobody");
+    cpt_xrecv_packet_eq(a, 5, "e", 1);
+    cpt_xrecv_packet_eq(b, 5, "e", 1);
+    cr_assert_eq(cp_group_broadcast_except(c->g, buf, sa), 1);
+    cpt_xrecv_packet_eq(b, 5, "e", 1);
+    cr_assert_eq(cp_group_remove(c->g2, sa), 0);
+    cr_assert_eq(cp_group_broadcast_except(c->g2, buf, sa), 1, "skip is not a member: everyone gets it");
+    cpt_xrecv_packet_eq(b, 5, "e", 1);
+    cpt_sleep_ms(50);
+    cr_assert_eq(cpt_peek_state(a), 0, "the skipped member got a packet");
+    cr_assert_eq(cpt_peek_state(b), 0, "a member got a packet twice");
+    cp_sendbuf_unref(buf);
+    cpt_close(a);
+    cpt_close(b);
+    CPT_AWAIT(atomic_load(&c->t.disconnected) == 2, 5000, "not disconnected");
+    cpt_xstop(svc);
+    cpt_track_stopped(&c->t);
+    cpt_track_xcheck(&c->t);
+    room_free(c);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&leak);
+}

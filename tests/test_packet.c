@@ -318,3 +318,45 @@ Test(packet, partial_packet_does_not_leak_into_next_session, .timeout = 20)
     cr_assert_eq(atomic_load(&e.t->packets), 1, "a partial packet was dispatched");
     cpt_env_stop(&e);
 }
+
+/* Replies built in place on the worker: the body reversed, under id + 1, in
+ * a packet reserved exactly (id 20), or far larger than needed (id 22: a
+ * buffer allocated alone, closed short). */
+static int reverse_in_place(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    cpt_track *t = cp_session_ctx(s);
+    cpt_enter(s);
+    cp_sendbuf *b = cp_packet_open((uint16_t)(id + 1), id == 20 ? len : CP_PACKET_MAX - CP_PACKET_HEADER);
+    int rc = -1;
+    if (b) {
+        uint8_t *out = cp_packet_body(b);
+        for (size_t i = 0; i < len; i++)
+            out[i] = body[len - 1 - i];
+        rc = cp_packet_close(b, len);
+        if (rc == 0)
+            rc = cp_session_send(s, b);
+        cp_sendbuf_unref(b);
+    }
+    if (rc != 0)
+        atomic_fetch_add(&t->failures, 1);
+    cpt_leave(s);
+    return 0;
+}
+
+Test(packet, reply_written_in_place, .timeout = 20)
+{
+    cp_route routes[] = { { 20, reverse_in_place }, { 22, reverse_in_place } };
+    cp_server_opts o = { .session.routes = routes, .session.nroutes = 2 };
+    cpt_env e;
+    cpt_env_start(&e, 2, &o, NULL, 4, 0);
+    int fd = cpt_xconnect(e.sport);
+    cpt_xsend_packet(fd, 20, "abcdef", 6);
+    cpt_xrecv_packet_eq(fd, 21, "fedcba", 6);
+    cpt_xsend_packet(fd, 22, "xyz", 3);
+    cpt_xrecv_packet_eq(fd, 23, "zyx", 3);
+    cpt_xsend_packet(fd, 20, NULL, 0);
+    cpt_xrecv_packet_eq(fd, 21, NULL, 0);
+    cr_assert_eq(atomic_load(&e.t->failures), 0, "a reply could not be built or sent");
+    cpt_close(fd);
+    cpt_env_stop(&e);
+}

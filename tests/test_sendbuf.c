@@ -5,7 +5,9 @@
  */
 #include "helpers.h"
 
+#include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -146,6 +148,107 @@ Test(sendbuf, packet_make_size_limit, .timeout = 10)
     cr_assert_null(cp_packet_make(9, body, 65532), "size 65536 does not fit the header");
     cr_assert_null(cp_packet_make(9, body, 70000));
     free(body);
+    cpt_leak_end(&leak);
+}
+
+/* A packet written in place: the id goes in at open, the size at close, and
+ * the bytes equal those of cp_packet_make with the same body. */
+Test(sendbuf, packet_open_writes_in_place_and_close_fills_the_header, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_sendbuf *b = cp_packet_open(0x1234, 100);
+    cr_assert_not_null(b);
+    uint8_t *body = cp_packet_body(b);
+    cr_assert_eq(body, cp_sendbuf_data(b) + CP_PACKET_HEADER);
+    memset(body, 0xEE, 100); /* the whole capacity is writable */
+    memcpy(body, "hello", 5);
+    cr_assert_eq(cp_packet_close(b, 5), 0);
+    cr_assert_eq(cp_sendbuf_len(b), 9);
+    cp_sendbuf *m = cp_packet_make(0x1234, "hello", 5);
+    cr_assert_eq(memcmp(cp_sendbuf_data(b), cp_sendbuf_data(m), 9), 0, "differs from cp_packet_make");
+    const uint8_t *d = cp_sendbuf_data(b);
+    cr_assert(d[0] == 9 && d[1] == 0 && d[2] == 0x34 && d[3] == 0x12, "header %02x %02x %02x %02x", d[0], d[1],
+              d[2], d[3]);
+    cp_sendbuf_unref(m);
+    cp_sendbuf_unref(b);
+
+    b = cp_packet_open(7, 0);
+    cr_assert_not_null(b);
+    cr_assert_eq(cp_packet_close(b, 0), 0);
+    cr_assert_eq(cp_sendbuf_len(b), 4);
+    d = cp_sendbuf_data(b);
+    cr_assert(d[0] == 4 && d[1] == 0 && d[2] == 7 && d[3] == 0);
+    cp_sendbuf_unref(b);
+    cpt_leak_end(&leak);
+}
+
+/* Packets closed much shorter than reserved give the rest back: the next
+ * buffers of the thread do not overlap them. */
+Test(sendbuf, packet_closed_short_then_next_buffers_do_not_overlap, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    enum { N = 32 };
+    cp_sendbuf *bs[N];
+    for (int i = 0; i < N; i++) {
+        bs[i] = cp_packet_open((uint16_t)i, 2000);
+        cr_assert_not_null(bs[i]);
+        memset(cp_packet_body(bs[i]), 0xEE, 2000);
+        cpt_fill(cp_packet_body(bs[i]), 10 + (size_t)i, 0, (uint32_t)i);
+        cr_assert_eq(cp_packet_close(bs[i], 10 + (size_t)i), 0);
+    }
+    for (int i = 0; i < N; i++) {
+        const uint8_t *d = cp_sendbuf_data(bs[i]);
+        cr_assert_eq(cp_sendbuf_len(bs[i]), 14 + (size_t)i);
+        cr_assert(d[0] == 14 + i && d[1] == 0 && d[2] == i && d[3] == 0, "packet %d header", i);
+        cr_assert_eq(cpt_check_pattern(d + 4, 10 + (size_t)i, 0, (uint32_t)i), -1, "packet %d overwritten", i);
+        cp_sendbuf_unref(bs[i]);
+    }
+    cpt_leak_end(&leak);
+}
+
+Test(sendbuf, packet_open_size_limit, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cr_assert_null(cp_packet_open(1, CP_PACKET_MAX - CP_PACKET_HEADER + 1), "size 65536 does not fit the header");
+    cr_assert_null(cp_packet_open(1, SIZE_MAX));
+    cp_sendbuf *b = cp_packet_open(1, CP_PACKET_MAX - CP_PACKET_HEADER);
+    cr_assert_not_null(b, "a 65535-byte packet must be possible");
+    cpt_fill(cp_packet_body(b), 65531, 0, 5);
+    cr_assert_eq(cp_packet_close(b, 65531), 0);
+    const uint8_t *d = cp_sendbuf_data(b);
+    cr_assert_eq(cp_sendbuf_len(b), 65535);
+    cr_assert(d[0] == 0xff && d[1] == 0xff && d[2] == 1 && d[3] == 0);
+    cr_assert_eq(cpt_check_pattern(d + 4, 65531, 0, 5), -1);
+    cp_sendbuf_unref(b);
+    cpt_leak_end(&leak);
+}
+
+/* A body longer than reserved is refused: -EMSGSIZE, and the buffer is
+ * closed empty, so sending it can never put a wrong frame on the wire. The
+ * thread's next buffer is fine. */
+Test(sendbuf, packet_close_longer_than_reserved_is_refused, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cr_assert_eq(cp_packet_close(NULL, 0), -EINVAL);
+    cp_sendbuf *b = cp_packet_open(3, 16);
+    cr_assert_not_null(b);
+    cr_assert_eq(cp_packet_close(b, 17), -EMSGSIZE);
+    cr_assert_eq(cp_sendbuf_len(b), 0, "a refused packet must hold no bytes");
+    cp_sendbuf *next = cp_packet_open(4, 16);
+    cr_assert_not_null(next);
+    memcpy(cp_packet_body(next), "ok", 2);
+    cr_assert_eq(cp_packet_close(next, 2), 0);
+    cr_assert_eq(memcmp(cp_sendbuf_data(next), "\x06\x00\x04\x00ok", 6), 0);
+    cp_sendbuf_unref(b);
+    cp_sendbuf_unref(next);
+
+    b = cp_packet_open(3, 0);
+    cr_assert_eq(cp_packet_close(b, SIZE_MAX), -EMSGSIZE);
+    cp_sendbuf_unref(b);
     cpt_leak_end(&leak);
 }
 

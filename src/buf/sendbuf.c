@@ -236,20 +236,46 @@ cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len)
     return b;
 }
 
-cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len)
+/* A packet buffer is a send buffer whose first CP_PACKET_HEADER bytes are the
+ * header: the id is written at open, the size at close, when it is known. */
+cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap)
 {
-    if (body_len > CP_PACKET_MAX - CP_PACKET_HEADER)
+    if (body_cap > CP_PACKET_MAX - CP_PACKET_HEADER)
         return NULL;
-    size_t size = body_len + CP_PACKET_HEADER;
-    cp_sendbuf *b = cp_sendbuf_open(size);
+    cp_sendbuf *b = cp_sendbuf_open(CP_PACKET_HEADER + body_cap);
     if (!b)
         return NULL;
-    b->data[0] = (uint8_t)(size & 0xff);
-    b->data[1] = (uint8_t)(size >> 8);
-    b->data[2] = (uint8_t)(id & 0xff);
-    b->data[3] = (uint8_t)(id >> 8);
-    if (body_len)
-        memcpy(b->data + CP_PACKET_HEADER, body, body_len);
+    cp_put_u16(b->data + 2, id);
+    return b;
+}
+
+uint8_t *cp_packet_body(cp_sendbuf *b) { return b->data + CP_PACKET_HEADER; }
+
+int cp_packet_close(cp_sendbuf *b, size_t body_len)
+{
+    if (!b)
+        return -EINVAL;
+    if (b->cap < CP_PACKET_HEADER || body_len > b->cap - CP_PACKET_HEADER) {
+        /* More than was reserved: the caller's length is wrong, or it wrote
+         * past the buffer. Neither a clipped body nor the bytes past the
+         * capacity may go out under a header that claims them, so the buffer
+         * closes empty (sending it sends nothing) and the caller hears why. */
+        cp_sendbuf_close(b, 0);
+        return -EMSGSIZE;
+    }
+    size_t size = CP_PACKET_HEADER + body_len; /* <= CP_PACKET_MAX: cap was checked at open */
+    cp_put_u16(b->data, (uint16_t)size);
     cp_sendbuf_close(b, size);
+    return 0;
+}
+
+cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len)
+{
+    cp_sendbuf *b = cp_packet_open(id, body_len);
+    if (!b)
+        return NULL;
+    if (body_len)
+        memcpy(cp_packet_body(b), body, body_len);
+    cp_packet_close(b, body_len); /* cannot fail: body_len is the capacity */
     return b;
 }

@@ -191,7 +191,9 @@ size_t cp_group_size(cp_group *g)
     return n;
 }
 
-int cp_group_broadcast(cp_group *g, cp_sendbuf *b)
+/* Queues b on every member but skip (NULL skips none); see the file comment
+ * for why the lock is held only while queueing. */
+static int broadcast(cp_group *g, cp_sendbuf *b, const cp_session *skip)
 {
     if (!g || !b)
         return -EINVAL;
@@ -203,10 +205,17 @@ int cp_group_broadcast(cp_group *g, cp_sendbuf *b)
     if (port)
         cp__batch_begin(port);
     for (size_t i = 0; i < g->n; i++)
-        if (cp__session_send(g->m[i], b) == 0)
+        if (g->m[i] != skip && cp__session_send(g->m[i], b) == 0)
             sent++;
     pthread_rwlock_unlock(&g->lock);
     if (port)
         cp__batch_end(port);
     return sent;
+}
+
+int cp_group_broadcast(cp_group *g, cp_sendbuf *b) { return broadcast(g, b, NULL); }
+
+int cp_group_broadcast_except(cp_group *g, cp_sendbuf *b, const cp_session *skip)
+{
+    return broadcast(g, b, skip);
 }

@@ -16,8 +16,6 @@
 /* Raw mode keeps at most this many unconsumed bytes (or max_packet if larger). */
 #define RAW_CARRY_MIN (64u * 1024u)
 
-static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-
 static bool still_connected(const cp_session *s) { return atomic_load(&s->state) == CP_S_CONNECTED; }
 
 static bool carry_reserve(cp_session *s, size_t cap)
@@ -44,7 +42,7 @@ static void carry_release(cp_session *s)
 /* Validates a header; returns the packet size, or 0 after closing the session. */
 static size_t header_size(cp_session *s, const uint8_t *hdr)
 {
-    size_t size = le16(hdr);
+    size_t size = cp_get_u16(hdr);
     if (size < CP_PACKET_HEADER) {
         cp__session_close(s, CP_REASON_BAD_HEADER, -EPROTO);
         return 0;
@@ -60,7 +58,7 @@ static size_t header_size(cp_session *s, const uint8_t *hdr)
 static bool dispatch(cp_session *s, const uint8_t *pkt, size_t size)
 {
     cp_service *svc = s->svc;
-    uint16_t id = le16(pkt + 2);
+    uint16_t id = cp_get_u16(pkt + 2);
     cp_packet_fn fn = id < svc->nroutes ? svc->routes[id] : NULL;
     if (!fn)
         fn = svc->h.on_packet;

@@ -169,9 +169,16 @@ typedef struct cp_timer cp_timer;
 
 CP_API int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t repeat_ms,
                           void (*fn)(void *arg), void *arg, cp_jobq *q);
-/* Any thread. Returns 0 if the timer will not fire again (a call already
- * running on another worker finishes; a job already queued is skipped),
- * -ENOENT if a one-shot had already fired. Releases the handle either way. */
+/* Any thread. Returns 0 if the timer will not fire again (a job already
+ * queued for it is skipped), -ENOENT if a one-shot had already fired (with a
+ * job queue: its job had started). Releases the handle either way.
+ * Called from anywhere but the timer's own callback, it returns only when no
+ * call of fn is running and none can start, so arg may be freed right after:
+ * it waits for a call in progress on another worker to return. Called from
+ * inside fn itself, it cancels and returns at once (the call in progress is
+ * the caller's own). Because it may wait, a callback must not cancel a timer
+ * whose own callback waits for that callback to finish (two timers whose
+ * callbacks cancel each other can deadlock). */
 CP_API int cp_timer_cancel(cp_timer *t);
 
 /* ------------------------------------------------------------------ send buffers */

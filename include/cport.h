@@ -151,6 +151,15 @@ CP_API int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg);
  * still run; then on_closed (may be NULL) runs on a worker. Safe from inside
  * one of the queue's own jobs. No job runs after on_closed. */
 CP_API int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg);
+/* Closes the queue (unless it is closed already) and blocks until it has
+ * drained: every job pushed before the close has run and the on_closed of an
+ * earlier cp_jobq_close, if any, has returned. Returns 0, also for a queue
+ * that had drained before the call; -EDEADLK from a worker of the queue's
+ * port, where it could wait for itself (a job of the queue always runs on
+ * one); -ENOMEM if the queue could not be closed (nothing changed then). The
+ * caller must hold a reference for the duration of the call, and still owns
+ * it afterwards. Threads the user owns only. */
+CP_API int cp_jobq_close_wait(cp_jobq *q);
 /* The creator holds one reference; the memory goes with the last one (a
  * closing queue keeps its own until it has drained). Any thread. */
 CP_API void cp_jobq_ref(cp_jobq *q);

@@ -313,6 +313,15 @@ typedef struct cp_service_stats {
 /* A snapshot of counters; any thread. */
 CP_API void cp_service_stats_get(const cp_service *svc, cp_service_stats *out);
 
+/* cp_service_stop that also reports the service's final counters: final (if
+ * not NULL) is filled after every session has finished, just before the
+ * service is freed, so it counts the disconnects of the stop itself
+ * (by_reason[CP_REASON_STOPPING]) and all traffic; sessions is 0.
+ * drain_ms 0: hard stop, as cp_service_stop (which is this call with 0 and
+ * NULL). drain_ms > 0: graceful, see cp_session_shutdown; reserved for now,
+ * it returns -ENOTSUP and leaves the service running. */
+CP_API int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *final);
+
 /* By session id, any thread: queue buf / disconnect. -ENOTCONN if that session
  * is gone or its slot was reused. */
 CP_API int cp_service_send_to(cp_service *svc, uint64_t id, cp_sendbuf *b);

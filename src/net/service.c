@@ -292,12 +292,18 @@ int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
     return 0;
 }
 
-int cp_service_stop(cp_service *svc)
+int cp_service_stop(cp_service *svc) { return cp_service_stop_ex(svc, 0, NULL); }
+
+int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *final)
 {
     if (!svc)
         return -EINVAL;
     if (cp__on_worker(svc->port))
         return -EDEADLK;
+    /* Reserved for the graceful stop (each session shut down as by
+     * cp_session_shutdown within drain_ms); only the hard stop exists yet. */
+    if (drain_ms > 0)
+        return -ENOTSUP;
     if (atomic_exchange(&svc->stopping, true))
         return -EALREADY;
     if (svc->listener)
@@ -315,6 +321,10 @@ int cp_service_stop(cp_service *svc)
     while (svc->objects > 0)
         pthread_cond_wait(&svc->drained, &svc->lock);
     pthread_mutex_unlock(&svc->lock);
+    /* Every session has finished, on its worker and before the lock above:
+     * the counters are final and their last writes are visible here. */
+    if (final)
+        cp_service_stats_get(svc, final);
     service_free(svc);
     return 0;
 }

@@ -280,11 +280,18 @@ typedef struct cp_client_opts {
 CP_API int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
                            const cp_handlers *h, void *ctx);
 
-/* Starts a client service and begins opts->sessions connects. */
+/* Starts a client service and begins opts->sessions connects. If those
+ * connects cannot even be started (the host does not resolve, a socket
+ * cannot be made: -EMFILE, -EAFNOSUPPORT, ...) it returns that error and
+ * starts nothing: no service, no callback. A connect that fails later (refused,
+ * unreachable, ...) is reported to on_connect_failed. */
 CP_API int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
                            const cp_handlers *h, void *ctx);
 
-/* Client services: start one more connect. Any thread. */
+/* Client services: start one more connect. Any thread. Its socket is made
+ * here: if that fails the error is returned (and no callback follows);
+ * later failures go to on_connect_failed. -ESHUTDOWN once stopping, -EMFILE
+ * when max_sessions sessions are live. */
 CP_API int cp_client_connect(cp_service *svc);
 
 /* Graceful stop: stops accepting, disconnects every session with

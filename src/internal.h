@@ -197,7 +197,8 @@ struct cp_session {
 cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client);
 /* On the owner: take over an accepted descriptor and start the session. */
 void cp__session_start_accepted(cp_worker *w, void *s, void *fd);
-void cp__session_start_connect(cp_worker *w, void *s, void *unused);
+/* On the owner: connect s with the socket fd (made by the caller). */
+void cp__session_start_connect(cp_worker *w, void *s, void *fd);
 /* Queue b on s (takes its own reference). Any thread. */
 int cp__session_send(cp_session *s, cp_sendbuf *b);
 void cp__session_close(cp_session *s, cp_reason reason, int err);

@@ -228,3 +228,98 @@ Test(client, server_side_disconnect_seen_by_clients, .timeout = 30)
     cpt_track_free(ct);
     cpt_env_stop(&e);
 }
+
+#ifndef _WIN32
+#include <sys/resource.h>
+#endif
+
+/* cp_client_start whose first connects cannot even be started (no socket
+ * can be made: the descriptor limit leaves room for two of three) reports
+ * the error and starts nothing: no service, no callback, no socket left
+ * open, no connection reaches the server. With room again it starts. */
+Test(client, start_reports_connects_that_cannot_start, .timeout = 20)
+{
+#ifdef _WIN32
+    cr_skip_test("Windows has no descriptor limit to lower");
+#else
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    int lfd = cpt_xlisten(8);
+    cpt_track *ct = cpt_track_new(8);
+    cp_handlers h = cpt_track_handlers();
+    cp_client_opts o = { .host = CPT_HOST4, .port = cpt_local_port(lfd), .sessions = 3 };
+    int fds_before = cpt_count_fds();
+    int lowest_free = dup(0);
+    cr_assert_geq(lowest_free, 0);
+    close(lowest_free);
+    struct rlimit old, tight;
+    cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+    tight = old;
+    tight.rlim_cur = (rlim_t)lowest_free + 2;
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &tight), 0);
+    cp_service *cli = (cp_service *)&o;
+    int rc = cp_client_start(&cli, p, &o, &h, ct);
+    setrlimit(RLIMIT_NOFILE, &old);
+    cr_assert_eq(rc, -EMFILE, "cp_client_start returned %d (%s)", rc, cp_strerror(rc));
+    cr_assert_null(cli);
+    cr_assert_eq(cpt_count_fds(), fds_before, "the sockets of the refused start were left open");
+    cpt_sleep_ms(50);
+    cr_assert_eq(atomic_load(&ct->connect_failed), 0, "a refused start reported a failure later");
+    cr_assert_eq(atomic_load(&ct->connected), 0);
+    cr_assert_eq(cpt_poll_in(lfd, 50), 0, "a connect of the refused start reached the server");
+
+    cli = cpt_xclient(p, &o, &h, ct);
+    int afd[3];
+    for (int i = 0; i < 3; i++)
+        cr_assert_geq(afd[i] = cpt_accept(lfd), 0);
+    CPT_AWAIT(atomic_load(&ct->connected) == 3, 5000, "%d of 3 connected", atomic_load(&ct->connected));
+    cpt_xstop(cli);
+    cpt_track_stopped(ct);
+    cpt_track_xcheck(ct);
+    cpt_track_free(ct);
+    for (int i = 0; i < 3; i++)
+        cpt_close(afd[i]);
+    cpt_close(lfd);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+#endif
+}
+
+/* cp_client_connect reports a socket it cannot make, and fires nothing. */
+Test(client, connect_reports_a_socket_it_cannot_make, .timeout = 20)
+{
+#ifdef _WIN32
+    cr_skip_test("Windows has no descriptor limit to lower");
+#else
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    int lfd = cpt_xlisten(8);
+    cpt_track *ct = cpt_track_new(8);
+    cp_handlers h = cpt_track_handlers();
+    cp_client_opts o = { .host = CPT_HOST4, .port = cpt_local_port(lfd), .sessions = 0 };
+    cp_service *cli = cpt_xclient(p, &o, &h, ct);
+    int lowest_free = dup(0);
+    cr_assert_geq(lowest_free, 0);
+    close(lowest_free);
+    struct rlimit old, tight;
+    cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+    tight = old;
+    tight.rlim_cur = (rlim_t)lowest_free;
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &tight), 0);
+    int rc = cp_client_connect(cli);
+    setrlimit(RLIMIT_NOFILE, &old);
+    cr_assert_eq(rc, -EMFILE, "cp_client_connect returned %d (%s)", rc, cp_strerror(rc));
+    cpt_sleep_ms(50);
+    cr_assert_eq(atomic_load(&ct->connect_failed), 0, "a refused connect reported a failure later");
+    cr_assert_eq(cpt_stats(cli).sessions, 0);
+    cpt_xstop(cli);
+    cpt_track_stopped(ct);
+    cpt_track_xcheck(ct);
+    cpt_track_free(ct);
+    cpt_close(lfd);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+#endif
+}

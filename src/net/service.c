@@ -247,22 +247,78 @@ int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
     return 0;
 }
 
+/* A client connect is made in two steps, so that cp_client_start can make
+ * every socket of its first connects before it starts any of them. prepare
+ * makes the socket and puts a new session in the table; launch hands both to
+ * the session's worker; cancel undoes a prepared connect that was never
+ * launched. */
+static int connect_prepare(cp_service *svc, cp_session **out, int *fd_out)
+{
+    int fd = cp__sock_stream(svc->addr.ss_family);
+    if (fd < 0)
+        return fd;
+    cp_session *s = cp__session_new(svc, cp__pick_worker(svc->port), true);
+    int r = s ? cp__service_add_session(svc, s) : -ENOMEM;
+    if (r < 0) {
+        if (s)
+            cp_session_unref(s);
+        cp__sock_close(fd);
+        return r;
+    }
+    *out = s;
+    *fd_out = fd;
+    return 0;
+}
+
+static void connect_launch(cp_session *s, int fd)
+{
+    cp_session_ref(s); /* the start message's reference */
+    cp__send_msg(s->owner, cp__session_start_connect, s, (void *)(intptr_t)fd);
+}
+
+static void connect_cancel(cp_service *svc, cp_session *s, int fd)
+{
+    cp__sock_close(fd);
+    atomic_store(&s->state, CP_S_CLOSED);
+    cp__service_session_done(svc, s); /* drops the table's (and last) reference */
+}
+
 int cp_client_connect(cp_service *svc)
 {
     if (!svc || !svc->is_client)
         return -EINVAL;
-    cp_worker *w = cp__pick_worker(svc->port);
-    cp_session *s = cp__session_new(svc, w, true);
-    if (!s)
-        return -ENOMEM;
-    int r = cp__service_add_session(svc, s);
+    cp_session *s;
+    int fd;
+    int r = connect_prepare(svc, &s, &fd);
+    if (r == 0)
+        connect_launch(s, fd);
+    return r;
+}
+
+/* Prepares all n first connects, or none: the first failure undoes the
+ * others and is returned. */
+static int client_first_connects(cp_service *svc, uint32_t n)
+{
+    if (n == 0)
+        return 0;
+    cp_session **s = malloc(sizeof *s * n);
+    int *fd = malloc(sizeof *fd * n);
+    int r = s && fd ? 0 : -ENOMEM;
+    uint32_t ready = 0;
+    while (r == 0 && ready < n && (r = connect_prepare(svc, &s[ready], &fd[ready])) == 0)
+        ready++;
     if (r < 0) {
-        cp_session_unref(s);
-        return r;
+        for (uint32_t i = 0; i < ready; i++)
+            connect_cancel(svc, s[i], fd[i]);
+    } else {
+        cp__batch_begin(svc->port);
+        for (uint32_t i = 0; i < n; i++)
+            connect_launch(s[i], fd[i]);
+        cp__batch_end(svc->port);
     }
-    cp_session_ref(s); /* the start message's reference */
-    cp__send_msg(w, cp__session_start_connect, s, NULL);
-    return 0;
+    free(s);
+    free(fd);
+    return r;
 }
 
 int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts, const cp_handlers *h,
@@ -279,16 +335,13 @@ int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
     if (r < 0)
         return r;
     r = cp__resolve(opts->host, opts->port, false, &svc->addr, &svc->addr_len);
+    if (r == 0)
+        r = client_first_connects(svc, opts->sessions);
     if (r < 0) {
         service_free(svc);
         return r;
     }
     *out = svc;
-    cp__batch_begin(port);
-    for (uint32_t i = 0; i < opts->sessions; i++)
-        if ((r = cp_client_connect(svc)) < 0)
-            break;
-    cp__batch_end(port);
     return 0;
 }
 

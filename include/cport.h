@@ -246,13 +246,20 @@ typedef struct cp_handlers {
     void (*on_disconnected)(cp_session *s, cp_reason reason, int err);
 } cp_handlers;
 
-/* Options shared by both kinds of service. Zero means the default. */
+/* Options shared by both kinds of service. Zero means the default.
+ * Options that cannot work make the start fail with -EINVAL instead of being
+ * ignored; each such case is named below. Handlers that do not apply (on_recv
+ * with packet framing, on_connect_failed on a server) are simply not called. */
 typedef struct cp_session_opts {
-    cp_framing framing;        /* CP_FRAMING_PACKET */
-    uint32_t max_packet;       /* 4096; at most 65535 */
-    size_t send_queue_limit;   /* 1 MiB of queued, unsent bytes per session */
-    const cp_route *routes;    /* packet handlers by id, copied at start */
-    size_t nroutes;
+    cp_framing framing;        /* CP_FRAMING_PACKET; CP_FRAMING_RAW needs on_recv
+                                  and takes no routes */
+    uint32_t max_packet;       /* 4096; 4 to 65535 */
+    size_t send_queue_limit;   /* 1 MiB of queued, unsent bytes per session; with
+                                  packet framing at least max_packet, so that a
+                                  packet the service accepts can be echoed */
+    const cp_route *routes;    /* packet handlers by id, copied at start: each
+                                  with a handler, no id twice */
+    size_t nroutes;            /* routes may be NULL only when this is 0 */
     int no_nodelay;            /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
     uint32_t idle_timeout_ms;   /* nothing received for this long: disconnect (0 = off) */
     uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect */
@@ -261,26 +268,28 @@ typedef struct cp_session_opts {
 typedef struct cp_server_opts {
     const char *host;          /* numeric IPv4/IPv6 or a name; NULL = "0.0.0.0" */
     uint16_t port;             /* 0 picks a free port; see cp_service_port() */
-    int backlog;               /* listen backlog; 0 = 1024 */
-    int accepts;               /* accepts kept pending (K); 0 = 64 */
+    int backlog;               /* listen backlog; 0 = 1024; not negative */
+    int accepts;               /* accepts kept pending (K); 0 = 64; at most 65535 */
     uint32_t max_sessions;     /* live sessions at most; 0 = 10000 */
     cp_session_opts session;
 } cp_server_opts;
 
 typedef struct cp_client_opts {
-    const char *host;          /* where to connect */
-    uint16_t port;
+    const char *host;          /* where to connect; not NULL or empty */
+    uint16_t port;             /* not 0 */
     uint32_t sessions;         /* connect this many at start (may be 0) */
-    uint32_t max_sessions;     /* 0 = max(sessions, 10000) */
+    uint32_t max_sessions;     /* 0 = max(sessions, 10000); not below sessions */
     cp_session_opts session;
 } cp_client_opts;
 
 /* Starts a server: listening, accepting, serving. ctx is returned by
- * cp_service_ctx(). Returns -EADDRINUSE etc. if it cannot listen. */
+ * cp_service_ctx(). Returns -EADDRINUSE etc. if it cannot listen, -EINVAL
+ * for options that cannot work (see the option structs). */
 CP_API int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
                            const cp_handlers *h, void *ctx);
 
-/* Starts a client service and begins opts->sessions connects. If those
+/* Starts a client service and begins opts->sessions connects. -EINVAL for
+ * options that cannot work (see the option structs). If those
  * connects cannot even be started (the host does not resolve, a socket
  * cannot be made: -EMFILE, -EAFNOSUPPORT, ...) it returns that error and
  * starts nothing: no service, no callback. A connect that fails later (refused,

@@ -142,6 +142,52 @@ static cp_session **snapshot(cp_service *svc, size_t *n)
 
 /* ------------------------------------------------------------------ create */
 
+/* Options that cannot work are refused at start rather than ignored
+ * (include/cport.h lists them); o has its defaults filled in. Duplicate and
+ * empty routes are found while copying them (routes_copy). */
+static int check_session_opts(const cp_session_opts *o, const cp_handlers *h)
+{
+    if (o->framing != CP_FRAMING_PACKET && o->framing != CP_FRAMING_RAW)
+        return -EINVAL;
+    if (o->max_packet < CP_PACKET_HEADER || o->max_packet > CP_PACKET_MAX)
+        return -EINVAL;
+    if (o->nroutes && !o->routes)
+        return -EINVAL;
+    if (o->framing == CP_FRAMING_RAW)
+        return h->on_recv && !o->nroutes ? 0 : -EINVAL;
+    /* A packet the service accepts must fit its own send queue, or echoing
+     * or relaying it would disconnect the session. */
+    return o->send_queue_limit >= o->max_packet ? 0 : -EINVAL;
+}
+
+/* The routes as a table indexed by id. -EINVAL for a route without a
+ * handler or an id given twice. */
+static int routes_copy(cp_service *svc, const cp_session_opts *o)
+{
+    uint32_t top = 0;
+    for (size_t i = 0; i < o->nroutes; i++) {
+        if (!o->routes[i].fn)
+            return -EINVAL;
+        if ((uint32_t)o->routes[i].id + 1 > top)
+            top = (uint32_t)o->routes[i].id + 1;
+    }
+    if (!top)
+        return 0;
+    cp_packet_fn *table = cp__xalloc(sizeof *table * top);
+    if (!table)
+        return -ENOMEM;
+    for (size_t i = 0; i < o->nroutes; i++) {
+        if (table[o->routes[i].id]) {
+            free(table);
+            return -EINVAL;
+        }
+        table[o->routes[i].id] = o->routes[i].fn;
+    }
+    svc->routes = table;
+    svc->nroutes = top;
+    return 0;
+}
+
 static int service_new(cp_service **out, cp_port *port, const cp_session_opts *so,
                        const cp_handlers *h, void *ctx, uint32_t max_sessions, bool is_client)
 {
@@ -149,16 +195,13 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     if (!port || !h || atomic_load(&port->stopping))
         return port && atomic_load(&port->stopping) ? -ESHUTDOWN : -EINVAL;
     cp_session_opts o = so ? *so : (cp_session_opts){0};
-    if (o.framing != CP_FRAMING_PACKET && o.framing != CP_FRAMING_RAW)
-        return -EINVAL;
     if (o.max_packet == 0)
         o.max_packet = 4096;
-    if (o.max_packet < CP_PACKET_HEADER || o.max_packet > CP_PACKET_MAX)
-        return -EINVAL;
     if (o.send_queue_limit == 0)
         o.send_queue_limit = 1u << 20;
-    if (o.nroutes && !o.routes)
-        return -EINVAL;
+    int r = check_session_opts(&o, h);
+    if (r < 0)
+        return r;
 
     cp_service *svc = cp__xalloc(sizeof *svc);
     if (!svc)
@@ -174,20 +217,9 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     svc->idle_timeout_ns = (uint64_t)o.idle_timeout_ms * 1000000u;
     svc->packet_timeout_ns = (uint64_t)o.packet_timeout_ms * 1000000u;
 
-    uint32_t top = 0;
-    for (size_t i = 0; i < o.nroutes; i++)
-        if (o.routes[i].fn && (uint32_t)o.routes[i].id + 1 > top)
-            top = (uint32_t)o.routes[i].id + 1;
-    if (top) {
-        svc->routes = cp__xalloc(sizeof *svc->routes * top);
-        if (!svc->routes) {
-            free(svc);
-            return -ENOMEM;
-        }
-        for (size_t i = 0; i < o.nroutes; i++)
-            if (o.routes[i].fn)
-                svc->routes[o.routes[i].id] = o.routes[i].fn;
-        svc->nroutes = top;
+    if ((r = routes_copy(svc, &o)) < 0) {
+        free(svc);
+        return r;
     }
 
     svc->nslots = max_sessions;
@@ -328,7 +360,7 @@ int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
         return -EINVAL;
     *out = NULL;
     uint32_t max = opts->max_sessions ? opts->max_sessions : (opts->sessions > 10000 ? opts->sessions : 10000);
-    if (opts->sessions > max)
+    if (opts->sessions > max || opts->port == 0)
         return -EINVAL;
     cp_service *svc;
     int r = service_new(&svc, port, &opts->session, h, ctx, max, true);

@@ -244,6 +244,11 @@ typedef struct cp_handlers {
     /* Exactly once for every session whose on_connected ran; no callback of the
      * session runs after it. err is a negative errno for CP_REASON_IO_ERROR. */
     void (*on_disconnected)(cp_session *s, cp_reason reason, int err);
+    /* Client services: as on_connect_failed, with the data of the failed
+     * connect (cp_client_connect_data; NULL for other connects). When set, it
+     * is called instead of on_connect_failed, so each failure is reported
+     * once. Optional; last, so that code written before it still compiles. */
+    void (*on_connect_error)(cp_service *svc, void *data, int err);
 } cp_handlers;
 
 /* Options shared by both kinds of service. Zero means the default.
@@ -302,6 +307,10 @@ CP_API int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts
  * later failures go to on_connect_failed. -ESHUTDOWN once stopping, -EMFILE
  * when max_sessions sessions are live. */
 CP_API int cp_client_connect(cp_service *svc);
+/* cp_client_connect for a connect that carries user data: the session's data
+ * (cp_session_data) is data from the start, so on_connected knows which
+ * connect it answers; if the connect fails, on_connect_error gets data. */
+CP_API int cp_client_connect_data(cp_service *svc, void *data);
 
 /* Graceful stop: stops accepting, disconnects every session with
  * CP_REASON_STOPPING, waits until every callback has run and every completion

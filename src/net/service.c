@@ -284,7 +284,7 @@ int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
  * makes the socket and puts a new session in the table; launch hands both to
  * the session's worker; cancel undoes a prepared connect that was never
  * launched. */
-static int connect_prepare(cp_service *svc, cp_session **out, int *fd_out)
+static int connect_prepare(cp_service *svc, void *data, cp_session **out, int *fd_out)
 {
     int fd = cp__sock_stream(svc->addr.ss_family);
     if (fd < 0)
@@ -297,6 +297,7 @@ static int connect_prepare(cp_service *svc, cp_session **out, int *fd_out)
         cp__sock_close(fd);
         return r;
     }
+    s->data = data; /* before the worker can see the session */
     *out = s;
     *fd_out = fd;
     return 0;
@@ -315,17 +316,19 @@ static void connect_cancel(cp_service *svc, cp_session *s, int fd)
     cp__service_session_done(svc, s); /* drops the table's (and last) reference */
 }
 
-int cp_client_connect(cp_service *svc)
+int cp_client_connect_data(cp_service *svc, void *data)
 {
     if (!svc || !svc->is_client)
         return -EINVAL;
     cp_session *s;
     int fd;
-    int r = connect_prepare(svc, &s, &fd);
+    int r = connect_prepare(svc, data, &s, &fd);
     if (r == 0)
         connect_launch(s, fd);
     return r;
 }
+
+int cp_client_connect(cp_service *svc) { return cp_client_connect_data(svc, NULL); }
 
 /* Prepares all n first connects, or none: the first failure undoes the
  * others and is returned. */
@@ -337,7 +340,7 @@ static int client_first_connects(cp_service *svc, uint32_t n)
     int *fd = malloc(sizeof *fd * n);
     int r = s && fd ? 0 : -ENOMEM;
     uint32_t ready = 0;
-    while (r == 0 && ready < n && (r = connect_prepare(svc, &s[ready], &fd[ready])) == 0)
+    while (r == 0 && ready < n && (r = connect_prepare(svc, NULL, &s[ready], &fd[ready])) == 0)
         ready++;
     if (r < 0) {
         for (uint32_t i = 0; i < ready; i++)

@@ -203,8 +203,12 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
             svc->h.on_disconnected(s, reason, err);
     } else if (s->is_client) {
         cp__stat_add(&svc->st.connect_failed, 1);
-        if (svc->h.on_connect_failed)
-            svc->h.on_connect_failed(svc, err ? err : -ECANCELED);
+        if (!err)
+            err = -ECANCELED;
+        if (svc->h.on_connect_error)
+            svc->h.on_connect_error(svc, s->data, err);
+        else if (svc->h.on_connect_failed)
+            svc->h.on_connect_failed(svc, err);
     }
 
     /* The close completion queues behind every cancellation the backend just

@@ -9,6 +9,12 @@
  * Callbacks of one session never run concurrently with each other, so the
  * session's own state needs no lock inside them. Functions marked "any thread"
  * may be called from workers and from threads the user owns.
+ *
+ * Misuse: builds with the CMake option CP_ASSERTS (on by default for Debug
+ * and sanitizer builds, off for release) check the caller's side of some
+ * contracts and abort with "cport: misuse: <what> (file:line)" on stderr
+ * when it is broken; each such check is named "Misuse:" below. Release
+ * builds do not check: the behaviour of a misuse is undefined there.
  */
 #ifndef CPORT_H
 #define CPORT_H
@@ -81,8 +87,9 @@ CP_API const char *cp_reason_str(cp_reason reason);
 typedef enum cp_log_level { CP_LOG_DEBUG, CP_LOG_INFO, CP_LOG_WARN, CP_LOG_ERROR } cp_log_level;
 typedef void (*cp_log_fn)(cp_log_level level, const char *msg, void *ud);
 
-/* The library never prints on its own. Install a log sink (any thread; NULL
- * removes it). Messages are rare: backend choice, accept backoff, etc. */
+/* The library never prints on its own (but for the misuse message of a
+ * CP_ASSERTS build, just before it aborts). Install a log sink (any thread;
+ * NULL removes it). Messages are rare: backend choice, accept backoff, etc. */
 CP_API void cp_set_log(cp_log_fn fn, void *ud);
 
 /* ------------------------------------------------------------------ port */
@@ -111,7 +118,7 @@ CP_API int cp_port_create(cp_port **out, const cp_port_opts *opts);
 
 /* Stops and joins every worker and frees the port. Every service on it must
  * have been stopped first (-EBUSY otherwise, and nothing is freed). Must not be
- * called from a worker (-EDEADLK). */
+ * called from a worker (-EDEADLK). Misuse: destroying a port twice. */
 CP_API int cp_port_destroy(cp_port *port);
 
 /* Runs fn(arg) on some worker, soon. Any thread. -ESHUTDOWN once destroying. */
@@ -315,7 +322,8 @@ CP_API int cp_client_connect_data(cp_service *svc, void *data);
 /* Graceful stop: stops accepting, disconnects every session with
  * CP_REASON_STOPPING, waits until every callback has run and every completion
  * has drained, then frees the service. No callback of this service runs after
- * it returns. Not from a worker (-EDEADLK). */
+ * it returns. Not from a worker (-EDEADLK). -EALREADY while another stop of
+ * it is under way. Misuse: stopping a service that was already stopped. */
 CP_API int cp_service_stop(cp_service *svc);
 
 CP_API void *cp_service_ctx(const cp_service *svc);

@@ -239,12 +239,14 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     pthread_mutex_init(&svc->lock, NULL);
     pthread_cond_init(&svc->drained, NULL);
     atomic_fetch_add(&port->services, 1);
+    cp__live_add(CP_LIVE_SERVICE, svc);
     *out = svc;
     return 0;
 }
 
 static void service_free(cp_service *svc)
 {
+    cp__live_del(CP_LIVE_SERVICE, svc);
     atomic_fetch_sub(&svc->port->services, 1);
     pthread_mutex_destroy(&svc->lock);
     pthread_cond_destroy(&svc->drained);
@@ -386,6 +388,7 @@ int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *fin
 {
     if (!svc)
         return -EINVAL;
+    CP_ASSERT(cp__live_has(CP_LIVE_SERVICE, svc), "cp_service_stop: not a live service (stopped twice?)");
     if (cp__on_worker(svc->port))
         return -EDEADLK;
     /* Reserved for the graceful stop (each session shut down as by

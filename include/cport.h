@@ -202,7 +202,9 @@ CP_API int cp_timer_cancel(cp_timer *t);
 /* Opens a send buffer with room for cap bytes, carved from this thread's chunk
  * (no lock). Write into cp_sendbuf_data(), then cp_sendbuf_close() with the
  * number of bytes written; only those are kept. One buffer may be open per
- * thread at a time. The caller holds one reference. NULL if out of memory. */
+ * thread at a time: misuse is opening another before closing it (the
+ * shortcuts below may run while one is open; they close theirs at once).
+ * The caller holds one reference. NULL if out of memory. */
 CP_API cp_sendbuf *cp_sendbuf_open(size_t cap);
 CP_API uint8_t *cp_sendbuf_data(cp_sendbuf *b);
 CP_API void cp_sendbuf_close(cp_sendbuf *b, size_t len);
@@ -212,7 +214,9 @@ CP_API size_t cp_sendbuf_len(const cp_sendbuf *b);
 CP_API cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len);
 CP_API cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len);
 /* Reference counting; any thread. A buffer queued on a session is referenced
- * by that session until written, so the caller may unref right after send. */
+ * by that session until written, so the caller may unref right after send.
+ * Misuse: releasing a reference one does not hold (found while the buffer's
+ * memory is still the library's). */
 CP_API void cp_sendbuf_ref(cp_sendbuf *b);
 CP_API void cp_sendbuf_unref(cp_sendbuf *b);
 

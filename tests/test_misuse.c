@@ -111,6 +111,42 @@ static void stop_service_twice(void)
     cp_service_stop(svc);
 }
 
+static void unref_buffer_twice(void)
+{
+    cp_sendbuf *b = cp_sendbuf_copy("x", 1);
+    if (!b)
+        _exit(3);
+    cp_sendbuf_unref(b);
+    cp_sendbuf_unref(b);
+}
+
+static void unref_shared_buffer_below_zero(void)
+{
+    cp_sendbuf *b = cp_sendbuf_copy("x", 1);
+    if (!b)
+        _exit(3);
+    cp_sendbuf_ref(b);
+    cp_sendbuf_unref(b); /* the decrementing path */
+    cp_sendbuf_unref(b); /* the last reference */
+    cp_sendbuf_unref(b);
+}
+
+static void open_two_buffers(void)
+{
+    cp_sendbuf *a = cp_sendbuf_open(16);
+    if (!a)
+        _exit(3);
+    cp_sendbuf_open(16);
+}
+
+static void open_after_a_large_one(void)
+{
+    cp_sendbuf *a = cp_sendbuf_open(64u << 10); /* allocated alone, not carved */
+    if (!a)
+        _exit(3);
+    cp_sendbuf_open(16);
+}
+
 /* ------------------------------------------------------------------ the tests */
 
 Test(misuse, port_destroyed_twice, .timeout = 20)
@@ -123,10 +159,52 @@ Test(misuse, service_stopped_twice, .timeout = 20)
     EXPECT_MISUSE(stop_service_twice, "cp_service_stop", "stopped twice");
 }
 
-/* The checks must not fire on correct use: a refused stop or destroy keeps
- * the object live. Runs in every build. */
+Test(misuse, send_buffer_released_twice, .timeout = 20)
+{
+    EXPECT_MISUSE(unref_buffer_twice, "cp_sendbuf_unref", "released twice");
+}
+
+Test(misuse, shared_send_buffer_released_once_too_often, .timeout = 20)
+{
+    EXPECT_MISUSE(unref_shared_buffer_below_zero, "cp_sendbuf_unref", "released twice");
+}
+
+Test(misuse, second_send_buffer_opened_on_one_thread, .timeout = 20)
+{
+    EXPECT_MISUSE(open_two_buffers, "cp_sendbuf_open", "already open");
+}
+
+Test(misuse, second_send_buffer_opened_after_a_large_one, .timeout = 20)
+{
+    EXPECT_MISUSE(open_after_a_large_one, "cp_sendbuf_open", "already open");
+}
+
+/* The checks must not fire on correct use: the shortcuts (copy, packet,
+ * send_copy's copy) are allowed while a buffer is open, and a buffer may be
+ * opened again once closed. Runs in every build. */
 Test(misuse, correct_use_is_not_flagged, .timeout = 20)
 {
+    cp_sendbuf *a = cp_sendbuf_open(16);
+    cr_assert_not_null(a);
+    cp_sendbuf *c = cp_sendbuf_copy("abc", 3);
+    cp_sendbuf *p = cp_packet_make(1, "x", 1);
+    cr_assert(c && p);
+    memcpy(cp_sendbuf_data(a), "0123456789abcdef", 16);
+    cp_sendbuf_close(a, 16);
+    cp_sendbuf *a2 = cp_sendbuf_open(64u << 10);
+    cr_assert_not_null(a2);
+    cp_sendbuf_close(a2, 10);
+    cp_sendbuf *a3 = cp_sendbuf_open(16);
+    cr_assert_not_null(a3);
+    cp_sendbuf_close(a3, 1);
+    cr_assert_eq(memcmp(cp_sendbuf_data(c), "abc", 3), 0);
+    cr_assert_eq(memcmp(cp_sendbuf_data(a), "0123456789abcdef", 16), 0);
+    cp_sendbuf_unref(a);
+    cp_sendbuf_unref(a2);
+    cp_sendbuf_unref(a3);
+    cp_sendbuf_unref(c);
+    cp_sendbuf_unref(p);
+    /* Stop and destroy once each, and a refused stop/destroy keeps the object live. */
     cp_port *port = cpt_xport(1);
     cp_handlers h = {0};
     cp_server_opts so = { .host = CPT_HOST4 };

@@ -9,6 +9,12 @@
  * Callbacks of one session never run concurrently with each other, so the
  * session's own state needs no lock inside them. Functions marked "any thread"
  * may be called from workers and from threads the user owns.
+ *
+ * Misuse: builds with the CMake option CP_ASSERTS (on by default for Debug
+ * and sanitizer builds, off for release) check the caller's side of some
+ * contracts and abort with "cport: misuse: <what> (file:line)" on stderr
+ * when it is broken; each such check is named "Misuse:" below. Release
+ * builds do not check: the behaviour of a misuse is undefined there.
  */
 #ifndef CPORT_H
 #define CPORT_H
@@ -91,8 +97,9 @@ CP_API const char *cp_reason_str(cp_reason reason);
 typedef enum cp_log_level { CP_LOG_DEBUG, CP_LOG_INFO, CP_LOG_WARN, CP_LOG_ERROR } cp_log_level;
 typedef void (*cp_log_fn)(cp_log_level level, const char *msg, void *ud);
 
-/* The library never prints on its own. Install a log sink (any thread; NULL
- * removes it). Messages are rare: backend choice, accept backoff, etc. */
+/* The library never prints on its own (but for the misuse message of a
+ * CP_ASSERTS build, just before it aborts). Install a log sink (any thread;
+ * NULL removes it). Messages are rare: backend choice, accept backoff, etc. */
 CP_API void cp_set_log(cp_log_fn fn, void *ud);
 
 /* ------------------------------------------------------------------ port */
@@ -121,7 +128,7 @@ CP_API int cp_port_create(cp_port **out, const cp_port_opts *opts);
 
 /* Stops and joins every worker and frees the port. Every service on it must
  * have been stopped first (-EBUSY otherwise, and nothing is freed). Must not be
- * called from a worker (-EDEADLK). */
+ * called from a worker (-EDEADLK). Misuse: destroying a port twice. */
 CP_API int cp_port_destroy(cp_port *port);
 
 /* Runs fn(arg) on some worker, soon. Any thread. -ESHUTDOWN once destroying. */
@@ -161,6 +168,15 @@ CP_API int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg);
  * still run; then on_closed (may be NULL) runs on a worker. Safe from inside
  * one of the queue's own jobs. No job runs after on_closed. */
 CP_API int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg);
+/* Closes the queue (unless it is closed already) and blocks until it has
+ * drained: every job pushed before the close has run and the on_closed of an
+ * earlier cp_jobq_close, if any, has returned. Returns 0, also for a queue
+ * that had drained before the call; -EDEADLK from a worker of the queue's
+ * port, where it could wait for itself (a job of the queue always runs on
+ * one); -ENOMEM if the queue could not be closed (nothing changed then). The
+ * caller must hold a reference for the duration of the call, and still owns
+ * it afterwards. Threads the user owns only. */
+CP_API int cp_jobq_close_wait(cp_jobq *q);
 /* The creator holds one reference; the memory goes with the last one (a
  * closing queue keeps its own until it has drained). Any thread. */
 CP_API void cp_jobq_ref(cp_jobq *q);
@@ -179,9 +195,16 @@ typedef struct cp_timer cp_timer;
 
 CP_API int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t repeat_ms,
                           void (*fn)(void *arg), void *arg, cp_jobq *q);
-/* Any thread. Returns 0 if the timer will not fire again (a call already
- * running on another worker finishes; a job already queued is skipped),
- * -ENOENT if a one-shot had already fired. Releases the handle either way. */
+/* Any thread. Returns 0 if the timer will not fire again (a job already
+ * queued for it is skipped), -ENOENT if a one-shot had already fired (with a
+ * job queue: its job had started). Releases the handle either way.
+ * Called from anywhere but the timer's own callback, it returns only when no
+ * call of fn is running and none can start, so arg may be freed right after:
+ * it waits for a call in progress on another worker to return. Called from
+ * inside fn itself, it cancels and returns at once (the call in progress is
+ * the caller's own). Because it may wait, a callback must not cancel a timer
+ * whose own callback waits for that callback to finish (two timers whose
+ * callbacks cancel each other can deadlock). */
 CP_API int cp_timer_cancel(cp_timer *t);
 
 /* ------------------------------------------------------------------ send buffers */
@@ -189,7 +212,9 @@ CP_API int cp_timer_cancel(cp_timer *t);
 /* Opens a send buffer with room for cap bytes, carved from this thread's chunk
  * (no lock). Write into cp_sendbuf_data(), then cp_sendbuf_close() with the
  * number of bytes written; only those are kept. One buffer may be open per
- * thread at a time. The caller holds one reference. NULL if out of memory. */
+ * thread at a time: misuse is opening another before closing it (the
+ * shortcuts below may run while one is open; they close theirs at once).
+ * The caller holds one reference. NULL if out of memory. */
 CP_API cp_sendbuf *cp_sendbuf_open(size_t cap);
 CP_API uint8_t *cp_sendbuf_data(cp_sendbuf *b);
 CP_API void cp_sendbuf_close(cp_sendbuf *b, size_t len);
@@ -216,7 +241,9 @@ CP_API cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap);
 CP_API uint8_t *cp_packet_body(cp_sendbuf *b);
 CP_API int cp_packet_close(cp_sendbuf *b, size_t body_len);
 /* Reference counting; any thread. A buffer queued on a session is referenced
- * by that session until written, so the caller may unref right after send. */
+ * by that session until written, so the caller may unref right after send.
+ * Misuse: releasing a reference one does not hold (found while the buffer's
+ * memory is still the library's). */
 CP_API void cp_sendbuf_ref(cp_sendbuf *b);
 CP_API void cp_sendbuf_unref(cp_sendbuf *b);
 
@@ -418,15 +445,27 @@ typedef struct cp_handlers {
     /* Exactly once for every session whose on_connected ran; no callback of the
      * session runs after it. err is a negative errno for CP_REASON_IO_ERROR. */
     void (*on_disconnected)(cp_session *s, cp_reason reason, int err);
+    /* Client services: as on_connect_failed, with the data of the failed
+     * connect (cp_client_connect_data; NULL for other connects). When set, it
+     * is called instead of on_connect_failed, so each failure is reported
+     * once. Optional; last, so that code written before it still compiles. */
+    void (*on_connect_error)(cp_service *svc, void *data, int err);
 } cp_handlers;
 
-/* Options shared by both kinds of service. Zero means the default. */
+/* Options shared by both kinds of service. Zero means the default.
+ * Options that cannot work make the start fail with -EINVAL instead of being
+ * ignored; each such case is named below. Handlers that do not apply (on_recv
+ * with packet framing, on_connect_failed on a server) are simply not called. */
 typedef struct cp_session_opts {
-    cp_framing framing;        /* CP_FRAMING_PACKET */
-    uint32_t max_packet;       /* 4096; at most 65535 */
-    size_t send_queue_limit;   /* 1 MiB of queued, unsent bytes per session */
-    const cp_route *routes;    /* packet handlers by id, copied at start */
-    size_t nroutes;
+    cp_framing framing;        /* CP_FRAMING_PACKET; CP_FRAMING_RAW needs on_recv
+                                  and takes no routes */
+    uint32_t max_packet;       /* 4096; 4 to 65535 */
+    size_t send_queue_limit;   /* 1 MiB of queued, unsent bytes per session; with
+                                  packet framing at least max_packet, so that a
+                                  packet the service accepts can be echoed */
+    const cp_route *routes;    /* packet handlers by id, copied at start: each
+                                  with a handler, no id twice */
+    size_t nroutes;            /* routes may be NULL only when this is 0 */
     int no_nodelay;            /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
     uint32_t idle_timeout_ms;   /* nothing received for this long: disconnect (0 = off) */
     uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect */
@@ -435,36 +474,50 @@ typedef struct cp_session_opts {
 typedef struct cp_server_opts {
     const char *host;          /* numeric IPv4/IPv6 or a name; NULL = "0.0.0.0" */
     uint16_t port;             /* 0 picks a free port; see cp_service_port() */
-    int backlog;               /* listen backlog; 0 = 1024 */
-    int accepts;               /* accepts kept pending (K); 0 = 64 */
+    int backlog;               /* listen backlog; 0 = 1024; not negative */
+    int accepts;               /* accepts kept pending (K); 0 = 64; at most 65535 */
     uint32_t max_sessions;     /* live sessions at most; 0 = 10000 */
     cp_session_opts session;
 } cp_server_opts;
 
 typedef struct cp_client_opts {
-    const char *host;          /* where to connect */
-    uint16_t port;
+    const char *host;          /* where to connect; not NULL or empty */
+    uint16_t port;             /* not 0 */
     uint32_t sessions;         /* connect this many at start (may be 0) */
-    uint32_t max_sessions;     /* 0 = max(sessions, 10000) */
+    uint32_t max_sessions;     /* 0 = max(sessions, 10000); not below sessions */
     cp_session_opts session;
 } cp_client_opts;
 
 /* Starts a server: listening, accepting, serving. ctx is returned by
- * cp_service_ctx(). Returns -EADDRINUSE etc. if it cannot listen. */
+ * cp_service_ctx(). Returns -EADDRINUSE etc. if it cannot listen, -EINVAL
+ * for options that cannot work (see the option structs). */
 CP_API int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
                            const cp_handlers *h, void *ctx);
 
-/* Starts a client service and begins opts->sessions connects. */
+/* Starts a client service and begins opts->sessions connects. -EINVAL for
+ * options that cannot work (see the option structs). If those
+ * connects cannot even be started (the host does not resolve, a socket
+ * cannot be made: -EMFILE, -EAFNOSUPPORT, ...) it returns that error and
+ * starts nothing: no service, no callback. A connect that fails later (refused,
+ * unreachable, ...) is reported to on_connect_failed. */
 CP_API int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
                            const cp_handlers *h, void *ctx);
 
-/* Client services: start one more connect. Any thread. */
+/* Client services: start one more connect. Any thread. Its socket is made
+ * here: if that fails the error is returned (and no callback follows);
+ * later failures go to on_connect_failed. -ESHUTDOWN once stopping, -EMFILE
+ * when max_sessions sessions are live. */
 CP_API int cp_client_connect(cp_service *svc);
+/* cp_client_connect for a connect that carries user data: the session's data
+ * (cp_session_data) is data from the start, so on_connected knows which
+ * connect it answers; if the connect fails, on_connect_error gets data. */
+CP_API int cp_client_connect_data(cp_service *svc, void *data);
 
 /* Graceful stop: stops accepting, disconnects every session with
  * CP_REASON_STOPPING, waits until every callback has run and every completion
  * has drained, then frees the service. No callback of this service runs after
- * it returns. Not from a worker (-EDEADLK). */
+ * it returns. Not from a worker (-EDEADLK). -EALREADY while another stop of
+ * it is under way. Misuse: stopping a service that was already stopped. */
 CP_API int cp_service_stop(cp_service *svc);
 
 CP_API void *cp_service_ctx(const cp_service *svc);
@@ -486,6 +539,15 @@ typedef struct cp_service_stats {
 
 /* A snapshot of counters; any thread. */
 CP_API void cp_service_stats_get(const cp_service *svc, cp_service_stats *out);
+
+/* cp_service_stop that also reports the service's final counters: final (if
+ * not NULL) is filled after every session has finished, just before the
+ * service is freed, so it counts the disconnects of the stop itself
+ * (by_reason[CP_REASON_STOPPING]) and all traffic; sessions is 0.
+ * drain_ms 0: hard stop, as cp_service_stop (which is this call with 0 and
+ * NULL). drain_ms > 0: graceful, see cp_session_shutdown; reserved for now,
+ * it returns -ENOTSUP and leaves the service running. */
+CP_API int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *final);
 
 /* By session id, any thread: queue buf / disconnect. -ENOTCONN if that session
  * is gone or its slot was reused. */

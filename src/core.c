@@ -162,3 +162,79 @@ void *cp__xalloc(size_t n)
 {
     return calloc(1, n);
 }
+
+/* ------------------------------------------------------------------ misuse checks */
+
+int cp__asserts_on(void)
+{
+#ifdef CP_ASSERTS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void cp__misuse(const char *msg, const char *file, int line)
+{
+    /* The one place the library prints: a misuse build is about to abort,
+     * and the log sink may be what the misuse broke. */
+    fprintf(stderr, "cport: misuse: %s (%s:%d)\n", msg, file, line);
+    fflush(stderr);
+    abort();
+}
+
+#ifdef CP_ASSERTS
+/* The live ports and services, so that a second destroy or stop is caught on
+ * entry by looking the pointer up here instead of reading freed memory. A
+ * program has few of them: a small array under one mutex. If it ever cannot
+ * grow, the registry is abandoned (checks pass) rather than raise false
+ * alarms about objects it missed. */
+static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct live { const void *p; int kind; } *live;
+static size_t nlive, caplive;
+static bool live_broken;
+
+void cp__live_add(int kind, const void *p)
+{
+    pthread_mutex_lock(&live_lock);
+    if (nlive == caplive) {
+        size_t cap = caplive ? caplive * 2 : 16;
+        struct live *a = realloc(live, cap * sizeof *a);
+        if (!a)
+            live_broken = true;
+        else
+            live = a, caplive = cap;
+    }
+    if (nlive < caplive)
+        live[nlive++] = (struct live){p, kind};
+    pthread_mutex_unlock(&live_lock);
+}
+
+void cp__live_del(int kind, const void *p)
+{
+    pthread_mutex_lock(&live_lock);
+    for (size_t i = 0; i < nlive; i++) {
+        if (live[i].p == p && live[i].kind == kind) {
+            live[i] = live[--nlive];
+            break;
+        }
+    }
+    if (nlive == 0) {
+        /* Nothing live: give the memory back, so leak checks see none. */
+        free(live);
+        live = NULL;
+        caplive = 0;
+    }
+    pthread_mutex_unlock(&live_lock);
+}
+
+bool cp__live_has(int kind, const void *p)
+{
+    pthread_mutex_lock(&live_lock);
+    bool found = live_broken;
+    for (size_t i = 0; i < nlive && !found; i++)
+        found = live[i].p == p && live[i].kind == kind;
+    pthread_mutex_unlock(&live_lock);
+    return found;
+}
+#endif

@@ -228,3 +228,221 @@ Test(client, server_side_disconnect_seen_by_clients, .timeout = 30)
     cpt_track_free(ct);
     cpt_env_stop(&e);
 }
+
+#ifndef _WIN32
+#include <sys/resource.h>
+#endif
+
+/* cp_client_start whose first connects cannot even be started (no socket
+ * can be made: the descriptor limit leaves room for two of three) reports
+ * the error and starts nothing: no service, no callback, no socket left
+ * open, no connection reaches the server. With room again it starts. */
+Test(client, start_reports_connects_that_cannot_start, .timeout = 20)
+{
+#ifdef _WIN32
+    cr_skip_test("Windows has no descriptor limit to lower");
+#else
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    int lfd = cpt_xlisten(8);
+    cpt_track *ct = cpt_track_new(8);
+    cp_handlers h = cpt_track_handlers();
+    cp_client_opts o = { .host = CPT_HOST4, .port = cpt_local_port(lfd), .sessions = 3 };
+    int fds_before = cpt_count_fds();
+    int lowest_free = dup(0);
+    cr_assert_geq(lowest_free, 0);
+    close(lowest_free);
+    struct rlimit old, tight;
+    cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+    tight = old;
+    tight.rlim_cur = (rlim_t)lowest_free + 2;
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &tight), 0);
+    cp_service *cli = (cp_service *)&o;
+    int rc = cp_client_start(&cli, p, &o, &h, ct);
+    setrlimit(RLIMIT_NOFILE, &old);
+    cr_assert_eq(rc, -EMFILE, "cp_client_start returned %d (%s)", rc, cp_strerror(rc));
+    cr_assert_null(cli);
+    cr_assert_eq(cpt_count_fds(), fds_before, "the sockets of the refused start were left open");
+    cpt_sleep_ms(50);
+    cr_assert_eq(atomic_load(&ct->connect_failed), 0, "a refused start reported a failure later");
+    cr_assert_eq(atomic_load(&ct->connected), 0);
+    cr_assert_eq(cpt_poll_in(lfd, 50), 0, "a connect of the refused start reached the server");
+
+    cli = cpt_xclient(p, &o, &h, ct);
+    int afd[3];
+    for (int i = 0; i < 3; i++)
+        cr_assert_geq(afd[i] = cpt_accept(lfd), 0);
+    CPT_AWAIT(atomic_load(&ct->connected) == 3, 5000, "%d of 3 connected", atomic_load(&ct->connected));
+    cpt_xstop(cli);
+    cpt_track_stopped(ct);
+    cpt_track_xcheck(ct);
+    cpt_track_free(ct);
+    for (int i = 0; i < 3; i++)
+        cpt_close(afd[i]);
+    cpt_close(lfd);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+#endif
+}
+
+/* cp_client_connect reports a socket it cannot make, and fires nothing. */
+Test(client, connect_reports_a_socket_it_cannot_make, .timeout = 20)
+{
+#ifdef _WIN32
+    cr_skip_test("Windows has no descriptor limit to lower");
+#else
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    int lfd = cpt_xlisten(8);
+    cpt_track *ct = cpt_track_new(8);
+    cp_handlers h = cpt_track_handlers();
+    cp_client_opts o = { .host = CPT_HOST4, .port = cpt_local_port(lfd), .sessions = 0 };
+    cp_service *cli = cpt_xclient(p, &o, &h, ct);
+    int lowest_free = dup(0);
+    cr_assert_geq(lowest_free, 0);
+    close(lowest_free);
+    struct rlimit old, tight;
+    cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+    tight = old;
+    tight.rlim_cur = (rlim_t)lowest_free;
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &tight), 0);
+    int rc = cp_client_connect(cli);
+    setrlimit(RLIMIT_NOFILE, &old);
+    cr_assert_eq(rc, -EMFILE, "cp_client_connect returned %d (%s)", rc, cp_strerror(rc));
+    cpt_sleep_ms(50);
+    cr_assert_eq(atomic_load(&ct->connect_failed), 0, "a refused connect reported a failure later");
+    cr_assert_eq(cpt_stats(cli).sessions, 0);
+    cpt_xstop(cli);
+    cpt_track_stopped(ct);
+    cpt_track_xcheck(ct);
+    cpt_track_free(ct);
+    cpt_close(lfd);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+#endif
+}
+
+/* ------------------------------------------------------------------ per-connect data */
+
+typedef struct tagged_ctx {
+    cpt_track t;              /* first: the tracking handlers use it */
+    atomic_int seen[16];      /* on_connected / on_connect_error per tag */
+    atomic_int untagged;      /* on_connected whose data was no tag */
+    atomic_int errors;        /* on_connect_error calls */
+    atomic_int failed_calls;  /* on_connect_failed calls (must stay 0) */
+    atomic_int last_err;
+    int tags[16];
+} tagged_ctx;
+
+static int tag_index(tagged_ctx *c, void *data)
+{
+    for (int i = 0; i < 16; i++)
+        if (data == &c->tags[i])
+            return i;
+    return -1;
+}
+
+static void tagged_on_connected(cp_session *s)
+{
+    tagged_ctx *c = cp_session_ctx(s);
+    int i = tag_index(c, cp_session_data(s));
+    if (i < 0)
+        atomic_fetch_add(&c->untagged, 1);
+    else
+        atomic_fetch_add(&c->seen[i], 1);
+    cpt_on_connected(s); /* takes the session's data for its record */
+}
+
+static void tagged_on_connect_error(cp_service *svc, void *data, int err)
+{
+    tagged_ctx *c = cp_service_ctx(svc);
+    int i = tag_index(c, data);
+    if (i >= 0)
+        atomic_fetch_add(&c->seen[i], 1);
+    atomic_store(&c->last_err, err);
+    atomic_fetch_add(&c->errors, 1);
+}
+
+static void tagged_on_connect_failed(cp_service *svc, int err)
+{
+    (void)err;
+    tagged_ctx *c = cp_service_ctx(svc);
+    atomic_fetch_add(&c->failed_calls, 1);
+}
+
+static tagged_ctx *tagged_new(void)
+{
+    tagged_ctx *c = calloc(1, sizeof *c);
+    c->t.cap = 32;
+    c->t.recs = calloc(32, sizeof *c->t.recs);
+    return c;
+}
+
+static void tagged_free(tagged_ctx *c)
+{
+    free(c->t.recs);
+    free(c);
+}
+
+/* Each connect's data is the session's data when on_connected runs: every
+ * tag is seen exactly once, and a connect without data has none. */
+Test(client, connect_data_reaches_on_connected, .timeout = 20)
+{
+    enum { N = 16 };
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, NULL, N + 4, 0);
+    tagged_ctx *c = tagged_new();
+    cp_handlers h = cpt_track_handlers();
+    h.on_connected = tagged_on_connected;
+    cp_client_opts o = { .host = CPT_HOST4, .port = e.sport };
+    cp_service *cli = cpt_xclient(e.port, &o, &h, c);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(cp_client_connect_data(cli, &c->tags[i]), 0);
+    cr_assert_eq(cp_client_connect(cli), 0);
+    CPT_AWAIT(atomic_load(&c->t.connected) == N + 1, 5000, "%d of %d connected", atomic_load(&c->t.connected), N + 1);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(atomic_load(&c->seen[i]), 1, "connect %d was answered %d times", i, atomic_load(&c->seen[i]));
+    cr_assert_eq(atomic_load(&c->untagged), 1);
+    cr_assert_eq(cp_client_connect_data(e.svc, &c->tags[0]), -EINVAL, "a server took a client connect");
+    cr_assert_eq(cp_client_connect_data(NULL, NULL), -EINVAL);
+    cpt_xstop(cli);
+    cpt_track_stopped(&c->t);
+    cpt_track_xcheck(&c->t);
+    tagged_free(c);
+    cpt_env_stop(&e);
+}
+
+/* A failed connect reports its data through on_connect_error, which then
+ * replaces on_connect_failed (each failure is reported once). */
+Test(client, failed_connect_reports_its_data, .timeout = 20)
+{
+    enum { N = 8 };
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    int lfd = cpt_xlisten(4);
+    uint16_t port = cpt_local_port(lfd);
+    cpt_close(lfd); /* nothing listens there now */
+    tagged_ctx *c = tagged_new();
+    cp_handlers h = cpt_track_handlers();
+    h.on_connect_failed = tagged_on_connect_failed;
+    h.on_connect_error = tagged_on_connect_error;
+    cp_client_opts o = { .host = CPT_HOST4, .port = port, .sessions = 1 };
+    cp_service *cli = cpt_xclient(p, &o, &h, c);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(cp_client_connect_data(cli, &c->tags[i]), 0);
+    CPT_AWAIT(atomic_load(&c->errors) == N + 1, 5000, "%d of %d failures reported", atomic_load(&c->errors), N + 1);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(atomic_load(&c->seen[i]), 1, "failed connect %d was reported %d times", i, atomic_load(&c->seen[i]));
+    cr_assert_eq(atomic_load(&c->last_err), -ECONNREFUSED);
+    cr_assert_eq(atomic_load(&c->failed_calls), 0, "on_connect_failed ran next to on_connect_error");
+    cr_assert_eq(cpt_stats(cli).connect_failed, (uint64_t)N + 1);
+    cpt_xstop(cli);
+    cpt_track_stopped(&c->t);
+    cpt_track_xcheck(&c->t);
+    tagged_free(c);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}

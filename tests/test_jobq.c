@@ -231,3 +231,103 @@ Test(jobq, closing_under_load_loses_no_accepted_job, .timeout = 30)
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
 }
+
+/* ------------------------------------------------------------------ waiting for a closed queue to drain */
+
+typedef struct drain_ctx {
+    cp_jobq *q;
+    atomic_int ran;
+    atomic_int on_closed_done;
+    atomic_int wait_rc;       /* what cp_jobq_close_wait returned inside a job / post */
+    atomic_int wait_done;
+} drain_ctx;
+
+static void slow_counted(void *arg)
+{
+    drain_ctx *c = arg;
+    cpt_sleep_us(300);
+    atomic_fetch_add(&c->ran, 1);
+}
+
+static void slow_on_closed(void *arg)
+{
+    drain_ctx *c = arg;
+    cpt_sleep_ms(30);
+    atomic_store(&c->on_closed_done, 1);
+}
+
+/* close_wait returns only once every job pushed before it has run. */
+Test(jobq, close_wait_returns_after_every_pushed_job_ran, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    drain_ctx c = {0};
+    cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+    for (int i = 0; i < 200; i++)
+        cr_assert_eq(cp_jobq_push(c.q, slow_counted, &c), 0);
+    cr_assert_eq(cp_jobq_close_wait(c.q), 0);
+    cr_assert_eq(atomic_load(&c.ran), 200, "close_wait returned with %d of 200 jobs run", atomic_load(&c.ran));
+    cr_assert_eq(cp_jobq_push(c.q, slow_counted, &c), -ESHUTDOWN, "the queue accepted a push after close_wait");
+    /* Drained already: returns at once. */
+    uint64_t t0 = cpt_now_ms();
+    cr_assert_eq(cp_jobq_close_wait(c.q), 0);
+    cr_assert_lt(cpt_now_ms() - t0, 1000);
+    cp_jobq_unref(c.q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+/* A queue closed earlier with an on_closed: close_wait waits for that
+ * on_closed to return too. */
+Test(jobq, close_wait_after_close_waits_for_on_closed, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    drain_ctx c = {0};
+    cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+    for (int i = 0; i < 50; i++)
+        cr_assert_eq(cp_jobq_push(c.q, slow_counted, &c), 0);
+    cr_assert_eq(cp_jobq_close(c.q, slow_on_closed, &c), 0);
+    cr_assert_eq(cp_jobq_close_wait(c.q), 0);
+    cr_assert_eq(atomic_load(&c.ran), 50);
+    cr_assert_eq(atomic_load(&c.on_closed_done), 1, "close_wait returned before on_closed did");
+    cp_jobq_unref(c.q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+static void wait_from_job(void *arg)
+{
+    drain_ctx *c = arg;
+    atomic_store(&c->wait_rc, cp_jobq_close_wait(c->q));
+    atomic_store(&c->wait_done, 1);
+}
+
+/* From a job of the queue itself, and from any worker of its port (the
+ * queue might be scheduled there), close_wait would wait for itself. */
+Test(jobq, close_wait_refuses_to_wait_for_itself, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    drain_ctx c = {.wait_rc = 1};
+    cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+    cr_assert_eq(cp_jobq_push(c.q, wait_from_job, &c), 0);
+    CPT_AWAIT(atomic_load(&c.wait_done), 5000, "close_wait inside a job of the queue did not return");
+    cr_assert_eq(atomic_load(&c.wait_rc), -EDEADLK);
+    atomic_store(&c.wait_done, 0);
+    atomic_store(&c.wait_rc, 1);
+    cr_assert_eq(cp_port_post(port, wait_from_job, &c), 0);
+    CPT_AWAIT(atomic_load(&c.wait_done), 5000, "close_wait on a worker did not return");
+    cr_assert_eq(atomic_load(&c.wait_rc), -EDEADLK);
+    /* Refused means nothing changed: the queue is still open. */
+    cr_assert_eq(cp_jobq_push(c.q, slow_counted, &c), 0);
+    cr_assert_eq(cp_jobq_close_wait(c.q), 0);
+    cr_assert_eq(atomic_load(&c.ran), 1);
+    cr_assert_eq(cp_jobq_close_wait(NULL), -EINVAL);
+    cp_jobq_unref(c.q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}

@@ -311,3 +311,65 @@ Test(service_stop, stopping_one_service_leaves_the_other, .timeout = 20)
     cpt_track_free(t2);
     cpt_env_stop(&e);
 }
+
+/* cp_service_stop_ex reports the final counters, taken after every session
+ * finished: they include the disconnects the stop itself made (with their
+ * reason) and the traffic before it. A graceful stop (drain_ms > 0) is
+ * reserved: refused, and the service keeps serving. */
+Test(service_stop, stop_ex_reports_final_stats_with_the_stops_own_disconnects, .timeout = 30)
+{
+    enum { N = 20 };
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, NULL, N + 4, 0);
+    int fds[N];
+    for (int i = 0; i < N; i++)
+        fds[i] = cpt_xconnect(e.sport);
+    CPT_AWAIT(atomic_load(&e.t->connected) == N, 5000, "not connected");
+    /* One packet each way on the first session: traffic is counted. */
+    cpt_xsend_packet(fds[0], 7, "ping", 4);
+    cpt_xrecv_packet_eq(fds[0], 7, "ping", 4);
+    /* And one session that ended before the stop, by the peer. */
+    cpt_close(fds[N - 1]);
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "the closed client was not seen");
+
+    cp_service_stats final;
+    memset(&final, 0xab, sizeof final);
+    cr_assert_eq(cp_service_stop_ex(e.svc, 5, &final), -ENOTSUP, "a graceful stop is not there yet");
+    cr_assert_eq(final.sessions, 0xababababababababull, "a refused stop wrote the stats");
+    cpt_env_xneighbour(&e); /* still serving; the neighbour closes too */
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 2, 5000, "the neighbour's close was not seen");
+    cr_assert_eq(cp_service_stop_ex(e.svc, 0, &final), 0);
+    cpt_track_stopped(e.t);
+    cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_STOPPING]), N - 1);
+    cr_assert_eq(final.sessions, 0);
+    cr_assert_eq(final.connected, (uint64_t)N + 1);
+    cr_assert_eq(final.disconnected, (uint64_t)N + 1, "final.disconnected %llu", (unsigned long long)final.disconnected);
+    cr_assert_eq(final.by_reason[CP_REASON_STOPPING], (uint64_t)N - 1, "final.by_reason[STOPPING] %llu",
+                 (unsigned long long)final.by_reason[CP_REASON_STOPPING]);
+    cr_assert_eq(final.by_reason[CP_REASON_PEER_CLOSED] + final.by_reason[CP_REASON_RESET], 2);
+    cr_assert_eq(final.packets_in, 2);
+    cr_assert_eq(final.bytes_in, 4 + 4 + 4 + sizeof "neighbour");
+    cr_assert_eq(final.bytes_out, final.bytes_in);
+    for (int i = 0; i < N - 1; i++) {
+        cpt_xclosed(fds[i], 3000);
+        cpt_close(fds[i]);
+    }
+    cpt_track_xcheck(e.t);
+    cpt_track_free(e.t);
+    cpt_xport_destroy(e.port);
+    cpt_leak_end(&e.leak);
+}
+
+/* final may be NULL; cp_service_stop is stop_ex with 0 and NULL. */
+Test(service_stop, stop_ex_without_stats, .timeout = 10)
+{
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, NULL, 4, 0);
+    cr_assert_eq(cp_service_stop_ex(NULL, 0, NULL), -EINVAL);
+    cr_assert_eq(cp_service_stop_ex(e.svc, 0, NULL), 0);
+    cpt_track_stopped(e.t);
+    cpt_track_xcheck(e.t);
+    cpt_track_free(e.t);
+    cpt_xport_destroy(e.port);
+    cpt_leak_end(&e.leak);
+}

@@ -134,3 +134,180 @@ Test(timer, bad_arguments_are_refused, .timeout = 10)
     cr_expect_eq(cp_timer_cancel(NULL), -EINVAL);
     cpt_xport_destroy(port);
 }
+
+/* ------------------------------------------------------------------ cancel waits for a running call */
+
+typedef struct slow_ctx {
+    atomic_int inside;   /* calls in progress */
+    atomic_int calls;    /* calls started */
+    unsigned sleep_ms;
+} slow_ctx;
+
+static void slow_cb(void *arg)
+{
+    slow_ctx *c = arg;
+    atomic_fetch_add(&c->inside, 1);
+    atomic_fetch_add(&c->calls, 1);
+    cpt_sleep_ms(c->sleep_ms);
+    atomic_fetch_sub(&c->inside, 1);
+}
+
+/* Cancel from the test thread while (or just before) the callback runs:
+ * when cancel returns no call may be in progress, and none may start later,
+ * so the context can be freed at once (AddressSanitizer would see a late
+ * call touch freed memory). Half the rounds cancel once a call is under way,
+ * the others at varying moments around the first deadline. */
+static void cancel_while_running(bool via_jobq, uint64_t repeat_ms)
+{
+    enum { ROUNDS = 60 };
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    cp_jobq *q = NULL;
+    if (via_jobq)
+        cr_assert_eq(cp_jobq_create(&q, port), 0);
+    int caught_running = 0;
+    for (int i = 0; i < ROUNDS; i++) {
+        slow_ctx *c = calloc(1, sizeof *c);
+        c->sleep_ms = 5;
+        cp_timer *t;
+        cr_assert_eq(cp_timer_start(&t, port, 1, repeat_ms, slow_cb, c, q), 0);
+        if (i % 2 == 0)
+            CPT_AWAIT(atomic_load(&c->calls) > 0, 2000, "round %d: the timer never fired", i);
+        else
+            cpt_sleep_us((unsigned)(i * 97 % 3000));
+        if (atomic_load(&c->inside))
+            caught_running++;
+        int r = cp_timer_cancel(t);
+        cr_assert(r == 0 || (r == -ENOENT && !repeat_ms), "round %d: cancel returned %d", i, r);
+        cr_assert_eq(atomic_load(&c->inside), 0, "round %d: cancel returned while the callback ran", i);
+        int calls = atomic_load(&c->calls);
+        cpt_sleep_ms(3);
+        cr_assert_eq(atomic_load(&c->calls), calls, "round %d: a call started after cancel returned", i);
+        free(c);
+    }
+    /* The test means something only if cancels met running calls. */
+    cr_expect(caught_running > ROUNDS / 4, "only %d of %d cancels met a running call", caught_running, ROUNDS);
+    if (q) {
+        cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
+        cp_jobq_unref(q);
+    }
+    cpt_sleep_ms(20);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+Test(timer, cancel_returns_after_a_running_one_shot_call_finished, .timeout = 30)
+{
+    cancel_while_running(false, 0);
+}
+
+Test(timer, cancel_returns_after_a_running_repeating_call_finished, .timeout = 30)
+{
+    cancel_while_running(false, 1);
+}
+
+Test(timer, cancel_returns_after_a_running_job_queue_call_finished, .timeout = 30)
+{
+    cancel_while_running(true, 0);
+}
+
+Test(timer, cancel_returns_after_a_running_repeating_job_queue_call_finished, .timeout = 30)
+{
+    cancel_while_running(true, 1);
+}
+
+typedef struct gate {
+    atomic_int open;
+    atomic_int entered;
+} gate;
+
+static void gate_job(void *arg)
+{
+    gate *g = arg;
+    atomic_store(&g->entered, 1);
+    while (!atomic_load(&g->open))
+        cpt_sleep_ms(1);
+}
+
+/* A one-shot that fired into its job queue while the queue was busy: its job
+ * is queued but has not started. Cancelling it then still stops the call
+ * (0: it will not fire), so its argument can be freed. */
+Test(timer, cancel_skips_a_one_shot_job_already_queued, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    cp_jobq *q;
+    cr_assert_eq(cp_jobq_create(&q, port), 0);
+    gate g = {0};
+    cr_assert_eq(cp_jobq_push(q, gate_job, &g), 0);
+    CPT_AWAIT(atomic_load(&g.entered), 2000, "the gate job did not start");
+    slow_ctx c = {.sleep_ms = 0};
+    cp_timer *t;
+    cr_assert_eq(cp_timer_start(&t, port, 1, 0, slow_cb, &c, q), 0);
+    cpt_sleep_ms(50); /* fired long ago: its job waits behind the gate */
+    cr_assert_eq(cp_timer_cancel(t), 0, "a timer whose job had not started could not be cancelled");
+    atomic_store(&g.open, 1);
+    cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
+    cpt_sleep_ms(50);
+    cr_assert_eq(atomic_load(&c.calls), 0, "the cancelled timer's queued job ran");
+    cp_jobq_unref(q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+typedef struct self_ctx {
+    _Atomic(cp_timer *) t;
+    atomic_int ticks;
+    atomic_int cancel_rc;
+    atomic_int cancelled;
+} self_ctx;
+
+static void self_cancel_cb(void *arg)
+{
+    self_ctx *c = arg;
+    cp_timer *t = atomic_load(&c->t);
+    if (atomic_fetch_add(&c->ticks, 1) + 1 == 3 && t) {
+        atomic_store(&c->cancel_rc, cp_timer_cancel(t));
+        atomic_store(&c->cancelled, 1);
+    }
+}
+
+/* A repeating timer cancels itself from its third call: the cancel does not
+ * wait for the call it is made from, and no call follows. */
+static void cancel_from_own_callback(bool via_jobq)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    cp_jobq *q = NULL;
+    if (via_jobq)
+        cr_assert_eq(cp_jobq_create(&q, port), 0);
+    self_ctx c = {.cancel_rc = 1};
+    cp_timer *t;
+    cr_assert_eq(cp_timer_start(&t, port, 20, 5, self_cancel_cb, &c, q), 0);
+    atomic_store(&c.t, t);
+    CPT_AWAIT(atomic_load(&c.cancelled), 5000, "the callback's own cancel never returned (%d ticks)",
+              atomic_load(&c.ticks));
+    cr_assert_eq(atomic_load(&c.cancel_rc), 0);
+    cpt_sleep_ms(30);
+    cr_assert_eq(atomic_load(&c.ticks), 3, "%d calls; the timer went on after cancelling itself", atomic_load(&c.ticks));
+    if (q) {
+        cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
+        cp_jobq_unref(q);
+    }
+    cpt_sleep_ms(20);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+Test(timer, cancel_from_its_own_callback_does_not_wait_for_itself, .timeout = 30)
+{
+    cancel_from_own_callback(false);
+}
+
+Test(timer, cancel_from_its_own_job_queue_callback_does_not_wait_for_itself, .timeout = 30)
+{
+    cancel_from_own_callback(true);
+}

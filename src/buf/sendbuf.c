@@ -158,7 +158,9 @@ static void commit_open(void)
         b->chunk->used += (uint32_t)round_up(sizeof *b + b->len);
 }
 
-cp_sendbuf *cp_sendbuf_open(size_t cap)
+/* The shortcuts (copy, packet) may run while the user has a buffer open:
+ * they close theirs at once, and the open one is kept whole. */
+static cp_sendbuf *sendbuf_open(size_t cap)
 {
     if (cap > UINT32_MAX - 64)
         return NULL;
@@ -196,6 +198,22 @@ cp_sendbuf *cp_sendbuf_open(size_t cap)
     return b;
 }
 
+#ifdef CP_ASSERTS
+/* The buffer cp_sendbuf_open gave this thread and cp_sendbuf_close has not
+ * closed yet, of any size (tls_open knows only those carved from a chunk). */
+static _Thread_local cp_sendbuf *user_open;
+#endif
+
+cp_sendbuf *cp_sendbuf_open(size_t cap)
+{
+#ifdef CP_ASSERTS
+    CP_ASSERT(!user_open, "cp_sendbuf_open: a send buffer is already open on this thread (close it first)");
+    return user_open = sendbuf_open(cap);
+#else
+    return sendbuf_open(cap);
+#endif
+}
+
 uint8_t *cp_sendbuf_data(cp_sendbuf *b) { return b->data; }
 
 void cp_sendbuf_close(cp_sendbuf *b, size_t len)
@@ -203,6 +221,10 @@ void cp_sendbuf_close(cp_sendbuf *b, size_t len)
     b->len = (uint32_t)(len > b->cap ? b->cap : len);
     if (tls_open == b)
         commit_open();
+#ifdef CP_ASSERTS
+    if (user_open == b)
+        user_open = NULL;
+#endif
 }
 
 size_t cp_sendbuf_len(const cp_sendbuf *b) { return b->len; }
@@ -216,9 +238,16 @@ void cp_sendbuf_unref(cp_sendbuf *b)
     /* Holding the only reference, no other thread can take one (that needs a
      * reference already): release without the atomic decrement. The acquire
      * pairs with the release of whoever dropped the one before. */
-    if (atomic_load_explicit(&b->refs, memory_order_acquire) != 1 &&
-        atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
+    unsigned refs = atomic_load_explicit(&b->refs, memory_order_acquire);
+    CP_ASSERT(refs != 0, "cp_sendbuf_unref: the buffer has no reference left (released twice?)");
+    if (refs != 1 && atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
         return;
+#ifdef CP_ASSERTS
+    /* The last release writes nothing to the count (see above), so a second
+     * one would find 1 there again: mark the buffer released, so that it is
+     * caught while its memory is still the library's (its chunk, its pool). */
+    atomic_store_explicit(&b->refs, 0, memory_order_relaxed);
+#endif
     if (b->chunk)
         chunk_unref(b->chunk, 1);
     else
@@ -227,7 +256,7 @@ void cp_sendbuf_unref(cp_sendbuf *b)
 
 cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len)
 {
-    cp_sendbuf *b = cp_sendbuf_open(len);
+    cp_sendbuf *b = sendbuf_open(len);
     if (!b)
         return NULL;
     if (len)
@@ -237,17 +266,22 @@ cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len)
 }
 
 /* A packet buffer is a send buffer whose first CP_PACKET_HEADER bytes are the
- * header: the id is written at open, the size at close, when it is known. */
-cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap)
+ * header: the id is written at open, the size at close, when it is known.
+ * cp_packet_make opens one as a shortcut (allowed while the user has a buffer
+ * open), cp_packet_open as the user's one open buffer. */
+static cp_sendbuf *packet_open(uint16_t id, size_t body_cap, bool for_user)
 {
     if (body_cap > CP_PACKET_MAX - CP_PACKET_HEADER)
         return NULL;
-    cp_sendbuf *b = cp_sendbuf_open(CP_PACKET_HEADER + body_cap);
+    size_t cap = CP_PACKET_HEADER + body_cap;
+    cp_sendbuf *b = for_user ? cp_sendbuf_open(cap) : sendbuf_open(cap);
     if (!b)
         return NULL;
     cp_put_u16(b->data + 2, id);
     return b;
 }
+
+cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap) { return packet_open(id, body_cap, true); }
 
 uint8_t *cp_packet_body(cp_sendbuf *b) { return b->data + CP_PACKET_HEADER; }
 
@@ -271,7 +305,7 @@ int cp_packet_close(cp_sendbuf *b, size_t body_len)
 
 cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len)
 {
-    cp_sendbuf *b = cp_packet_open(id, body_len);
+    cp_sendbuf *b = packet_open(id, body_len, false);
     if (!b)
         return NULL;
     if (body_len)

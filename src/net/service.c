@@ -142,6 +142,52 @@ static cp_session **snapshot(cp_service *svc, size_t *n)
 
 /* ------------------------------------------------------------------ create */
 
+/* Options that cannot work are refused at start rather than ignored
+ * (include/cport.h lists them); o has its defaults filled in. Duplicate and
+ * empty routes are found while copying them (routes_copy). */
+static int check_session_opts(const cp_session_opts *o, const cp_handlers *h)
+{
+    if (o->framing != CP_FRAMING_PACKET && o->framing != CP_FRAMING_RAW)
+        return -EINVAL;
+    if (o->max_packet < CP_PACKET_HEADER || o->max_packet > CP_PACKET_MAX)
+        return -EINVAL;
+    if (o->nroutes && !o->routes)
+        return -EINVAL;
+    if (o->framing == CP_FRAMING_RAW)
+        return h->on_recv && !o->nroutes ? 0 : -EINVAL;
+    /* A packet the service accepts must fit its own send queue, or echoing
+     * or relaying it would disconnect the session. */
+    return o->send_queue_limit >= o->max_packet ? 0 : -EINVAL;
+}
+
+/* The routes as a table indexed by id. -EINVAL for a route without a
+ * handler or an id given twice. */
+static int routes_copy(cp_service *svc, const cp_session_opts *o)
+{
+    uint32_t top = 0;
+    for (size_t i = 0; i < o->nroutes; i++) {
+        if (!o->routes[i].fn)
+            return -EINVAL;
+        if ((uint32_t)o->routes[i].id + 1 > top)
+            top = (uint32_t)o->routes[i].id + 1;
+    }
+    if (!top)
+        return 0;
+    cp_packet_fn *table = cp__xalloc(sizeof *table * top);
+    if (!table)
+        return -ENOMEM;
+    for (size_t i = 0; i < o->nroutes; i++) {
+        if (table[o->routes[i].id]) {
+            free(table);
+            return -EINVAL;
+        }
+        table[o->routes[i].id] = o->routes[i].fn;
+    }
+    svc->routes = table;
+    svc->nroutes = top;
+    return 0;
+}
+
 static int service_new(cp_service **out, cp_port *port, const cp_session_opts *so,
                        const cp_handlers *h, void *ctx, uint32_t max_sessions, bool is_client)
 {
@@ -149,16 +195,13 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     if (!port || !h || atomic_load(&port->stopping))
         return port && atomic_load(&port->stopping) ? -ESHUTDOWN : -EINVAL;
     cp_session_opts o = so ? *so : (cp_session_opts){0};
-    if (o.framing != CP_FRAMING_PACKET && o.framing != CP_FRAMING_RAW)
-        return -EINVAL;
     if (o.max_packet == 0)
         o.max_packet = 4096;
-    if (o.max_packet < CP_PACKET_HEADER || o.max_packet > CP_PACKET_MAX)
-        return -EINVAL;
     if (o.send_queue_limit == 0)
         o.send_queue_limit = 1u << 20;
-    if (o.nroutes && !o.routes)
-        return -EINVAL;
+    int r = check_session_opts(&o, h);
+    if (r < 0)
+        return r;
 
     cp_service *svc = cp__xalloc(sizeof *svc);
     if (!svc)
@@ -174,20 +217,9 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     svc->idle_timeout_ns = (uint64_t)o.idle_timeout_ms * 1000000u;
     svc->packet_timeout_ns = (uint64_t)o.packet_timeout_ms * 1000000u;
 
-    uint32_t top = 0;
-    for (size_t i = 0; i < o.nroutes; i++)
-        if (o.routes[i].fn && (uint32_t)o.routes[i].id + 1 > top)
-            top = (uint32_t)o.routes[i].id + 1;
-    if (top) {
-        svc->routes = cp__xalloc(sizeof *svc->routes * top);
-        if (!svc->routes) {
-            free(svc);
-            return -ENOMEM;
-        }
-        for (size_t i = 0; i < o.nroutes; i++)
-            if (o.routes[i].fn)
-                svc->routes[o.routes[i].id] = o.routes[i].fn;
-        svc->nroutes = top;
+    if ((r = routes_copy(svc, &o)) < 0) {
+        free(svc);
+        return r;
     }
 
     svc->nslots = max_sessions;
@@ -207,12 +239,14 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     pthread_mutex_init(&svc->lock, NULL);
     pthread_cond_init(&svc->drained, NULL);
     atomic_fetch_add(&port->services, 1);
+    cp__live_add(CP_LIVE_SERVICE, svc);
     *out = svc;
     return 0;
 }
 
 static void service_free(cp_service *svc)
 {
+    cp__live_del(CP_LIVE_SERVICE, svc);
     atomic_fetch_sub(&svc->port->services, 1);
     pthread_mutex_destroy(&svc->lock);
     pthread_cond_destroy(&svc->drained);
@@ -247,22 +281,81 @@ int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
     return 0;
 }
 
-int cp_client_connect(cp_service *svc)
+/* A client connect is made in two steps, so that cp_client_start can make
+ * every socket of its first connects before it starts any of them. prepare
+ * makes the socket and puts a new session in the table; launch hands both to
+ * the session's worker; cancel undoes a prepared connect that was never
+ * launched. */
+static int connect_prepare(cp_service *svc, void *data, cp_session **out, int *fd_out)
+{
+    int fd = cp__sock_stream(svc->addr.ss_family);
+    if (fd < 0)
+        return fd;
+    cp_session *s = cp__session_new(svc, cp__pick_worker(svc->port), true);
+    int r = s ? cp__service_add_session(svc, s) : -ENOMEM;
+    if (r < 0) {
+        if (s)
+            cp_session_unref(s);
+        cp__sock_close(fd);
+        return r;
+    }
+    s->data = data; /* before the worker can see the session */
+    *out = s;
+    *fd_out = fd;
+    return 0;
+}
+
+static void connect_launch(cp_session *s, int fd)
+{
+    cp_session_ref(s); /* the start message's reference */
+    cp__send_msg(s->owner, cp__session_start_connect, s, (void *)(intptr_t)fd);
+}
+
+static void connect_cancel(cp_service *svc, cp_session *s, int fd)
+{
+    cp__sock_close(fd);
+    atomic_store(&s->state, CP_S_CLOSED);
+    cp__service_session_done(svc, s); /* drops the table's (and last) reference */
+}
+
+int cp_client_connect_data(cp_service *svc, void *data)
 {
     if (!svc || !svc->is_client)
         return -EINVAL;
-    cp_worker *w = cp__pick_worker(svc->port);
-    cp_session *s = cp__session_new(svc, w, true);
-    if (!s)
-        return -ENOMEM;
-    int r = cp__service_add_session(svc, s);
+    cp_session *s;
+    int fd;
+    int r = connect_prepare(svc, data, &s, &fd);
+    if (r == 0)
+        connect_launch(s, fd);
+    return r;
+}
+
+int cp_client_connect(cp_service *svc) { return cp_client_connect_data(svc, NULL); }
+
+/* Prepares all n first connects, or none: the first failure undoes the
+ * others and is returned. */
+static int client_first_connects(cp_service *svc, uint32_t n)
+{
+    if (n == 0)
+        return 0;
+    cp_session **s = malloc(sizeof *s * n);
+    int *fd = malloc(sizeof *fd * n);
+    int r = s && fd ? 0 : -ENOMEM;
+    uint32_t ready = 0;
+    while (r == 0 && ready < n && (r = connect_prepare(svc, NULL, &s[ready], &fd[ready])) == 0)
+        ready++;
     if (r < 0) {
-        cp_session_unref(s);
-        return r;
+        for (uint32_t i = 0; i < ready; i++)
+            connect_cancel(svc, s[i], fd[i]);
+    } else {
+        cp__batch_begin(svc->port);
+        for (uint32_t i = 0; i < n; i++)
+            connect_launch(s[i], fd[i]);
+        cp__batch_end(svc->port);
     }
-    cp_session_ref(s); /* the start message's reference */
-    cp__send_msg(w, cp__session_start_connect, s, NULL);
-    return 0;
+    free(s);
+    free(fd);
+    return r;
 }
 
 int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts, const cp_handlers *h,
@@ -272,32 +365,36 @@ int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
         return -EINVAL;
     *out = NULL;
     uint32_t max = opts->max_sessions ? opts->max_sessions : (opts->sessions > 10000 ? opts->sessions : 10000);
-    if (opts->sessions > max)
+    if (opts->sessions > max || opts->port == 0)
         return -EINVAL;
     cp_service *svc;
     int r = service_new(&svc, port, &opts->session, h, ctx, max, true);
     if (r < 0)
         return r;
     r = cp__resolve(opts->host, opts->port, false, &svc->addr, &svc->addr_len);
+    if (r == 0)
+        r = client_first_connects(svc, opts->sessions);
     if (r < 0) {
         service_free(svc);
         return r;
     }
     *out = svc;
-    cp__batch_begin(port);
-    for (uint32_t i = 0; i < opts->sessions; i++)
-        if ((r = cp_client_connect(svc)) < 0)
-            break;
-    cp__batch_end(port);
     return 0;
 }
 
-int cp_service_stop(cp_service *svc)
+int cp_service_stop(cp_service *svc) { return cp_service_stop_ex(svc, 0, NULL); }
+
+int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *final)
 {
     if (!svc)
         return -EINVAL;
+    CP_ASSERT(cp__live_has(CP_LIVE_SERVICE, svc), "cp_service_stop: not a live service (stopped twice?)");
     if (cp__on_worker(svc->port))
         return -EDEADLK;
+    /* Reserved for the graceful stop (each session shut down as by
+     * cp_session_shutdown within drain_ms); only the hard stop exists yet. */
+    if (drain_ms > 0)
+        return -ENOTSUP;
     if (atomic_exchange(&svc->stopping, true))
         return -EALREADY;
     if (svc->listener)
@@ -315,6 +412,10 @@ int cp_service_stop(cp_service *svc)
     while (svc->objects > 0)
         pthread_cond_wait(&svc->drained, &svc->lock);
     pthread_mutex_unlock(&svc->lock);
+    /* Every session has finished, on its worker and before the lock above:
+     * the counters are final and their last writes are visible here. */
+    if (final)
+        cp_service_stats_get(svc, final);
     service_free(svc);
     return 0;
 }

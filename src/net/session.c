@@ -31,7 +31,7 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
 static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 static void session_accept(cp_worker *w, cp_session *s, int fd);
-static void session_connect(cp_worker *w, cp_session *s);
+static void session_connect(cp_worker *w, cp_session *s, int fd);
 static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 static void on_timeout(cp_worker *w, void *sp);
 
@@ -222,8 +222,12 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
             svc->h.on_disconnected(s, reason, err);
     } else if (s->is_client) {
         cp__stat_add(&svc->st.connect_failed, 1);
-        if (svc->h.on_connect_failed)
-            svc->h.on_connect_failed(svc, err ? err : -ECANCELED);
+        if (!err)
+            err = -ECANCELED;
+        if (svc->h.on_connect_error)
+            svc->h.on_connect_error(svc, s->data, err);
+        else if (svc->h.on_connect_failed)
+            svc->h.on_connect_failed(svc, err);
     }
 
     /* The close completion queues behind every cancellation the backend just
@@ -360,26 +364,29 @@ static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, con
     unhold(s);
 }
 
-void cp__session_start_connect(cp_worker *w, void *sp, void *unused, uintptr_t c)
+/* The socket was made by the thread that asked for the connect, so that a
+ * connect that cannot even start fails there, synchronously. */
+void cp__session_start_connect(cp_worker *w, void *sp, void *fdp, uintptr_t c)
 {
-    CP_UNUSED(unused);
     cp_session *s = sp;
-    if (atomic_load(&s->state) == CP_S_NEW)
-        session_connect(w, s);
+    session_connect(w, s, (int)(intptr_t)fdp);
     cp_session_unref(s);
 }
 
-static void session_connect(cp_worker *w, cp_session *s)
+static void session_connect(cp_worker *w, cp_session *s, int fd)
 {
     cp_service *svc = s->svc;
     int from = CP_S_NEW;
-    if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_CONNECTING))
+    if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_CONNECTING)) {
+        cp__sock_close(fd);
         return; /* a close was requested first; its message finishes it */
+    }
     int r = -ESHUTDOWN;
-    if (!atomic_load(&svc->stopping)) {
-        int fd = cp__sock_stream(svc->addr.ss_family);
-        s->h.fd = fd < 0 ? -1 : fd;
-        r = fd < 0 ? fd : w->port->be->attach(w, &s->h);
+    if (atomic_load(&svc->stopping)) {
+        cp__sock_close(fd);
+    } else {
+        s->h.fd = fd;
+        r = w->port->be->attach(w, &s->h);
     }
     if (r == 0) {
         set_nodelay(s);

@@ -11,6 +11,12 @@
  * has work is scheduled exactly once. After a time slice the runner hands the
  * queue to a worker again instead of looping on, so one busy queue cannot
  * starve the others.
+ *
+ * Waiting for a closed queue to drain (cp_jobq_close_wait): the runner that
+ * takes the count to zero with the closed bit set runs on_closed and then
+ * marks the queue drained. Waiters sleep on one mutex and condition variable
+ * shared by every queue; the runner takes them only when a waiter is
+ * registered, so queues nobody waits for pay one load.
  */
 #include "internal.h"
 
@@ -36,7 +42,12 @@ struct cp_jobq {
     job stub;
     void (*on_closed)(void *arg);
     void *closed_arg;
+    atomic_bool drained;    /* closed, every job run, on_closed returned */
+    atomic_int waiters;     /* threads in cp_jobq_close_wait */
 };
+
+static pthread_mutex_t drain_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t drain_cond = PTHREAD_COND_INITIALIZER;
 
 static _Thread_local cp_jobq *current;
 
@@ -110,6 +121,20 @@ void cp_jobq_unref(cp_jobq *q)
 
 static void run(cp_worker *w, void *qp, void *unused, uintptr_t c);
 
+/* Runs before the runner drops its reference, so q is alive here even if a
+ * woken waiter's owner frees it right away. The flag and the waiter count are
+ * sequentially consistent: either this sees the waiter, or the waiter sees
+ * the flag. */
+static void mark_drained(cp_jobq *q)
+{
+    atomic_store(&q->drained, true);
+    if (atomic_load(&q->waiters) == 0)
+        return;
+    pthread_mutex_lock(&drain_lock);
+    pthread_cond_broadcast(&drain_cond);
+    pthread_mutex_unlock(&drain_lock);
+}
+
 static void schedule(cp_jobq *q) { cp__send_msg(cp__pick_worker(q->port), run, q, NULL); }
 
 static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
@@ -128,8 +153,11 @@ static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
         if ((left & ~CLOSED_BIT) == 0) {
             current = outer;
             /* Closed and drained: nothing can be pushed any more. */
-            if ((left & CLOSED_BIT) && q->on_closed)
-                q->on_closed(q->closed_arg);
+            if (left & CLOSED_BIT) {
+                if (q->on_closed)
+                    q->on_closed(q->closed_arg);
+                mark_drained(q);
+            }
             cp_jobq_unref(q); /* the scheduled reference */
             return;
         }
@@ -194,4 +222,24 @@ int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
     /* The marker is an empty job: it keeps the count above zero until every
      * job pushed before the close has run. */
     return enqueue(q, NULL, NULL, true);
+}
+
+int cp_jobq_close_wait(cp_jobq *q)
+{
+    if (!q)
+        return -EINVAL;
+    /* Every job of the queue, on_closed included, runs on a worker of its
+     * port, and the queue may be scheduled on this very worker. */
+    if (cp__on_worker(q->port))
+        return -EDEADLK;
+    int r = enqueue(q, NULL, NULL, true);
+    if (r < 0 && r != -ESHUTDOWN)
+        return r; /* out of memory: not closed */
+    atomic_fetch_add(&q->waiters, 1);
+    pthread_mutex_lock(&drain_lock);
+    while (!atomic_load(&q->drained))
+        pthread_cond_wait(&drain_cond, &drain_lock);
+    pthread_mutex_unlock(&drain_lock);
+    atomic_fetch_sub(&q->waiters, 1);
+    return 0;
 }

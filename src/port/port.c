@@ -569,6 +569,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
         port_free(p);
         return err;
     }
+    cp__live_add(CP_LIVE_PORT, p);
     *out = p;
     return 0;
 }
@@ -577,6 +578,7 @@ int cp_port_destroy(cp_port *p)
 {
     if (!p)
         return -EINVAL;
+    CP_ASSERT(cp__live_has(CP_LIVE_PORT, p), "cp_port_destroy: not a live port (destroyed twice?)");
     if (cp__on_worker(p))
         return -EDEADLK;
     if (atomic_load(&p->services) > 0)
@@ -601,6 +603,7 @@ int cp_port_destroy(cp_port *p)
         w->ntimers = 0;
         p->be->fini(w);
     }
+    cp__live_del(CP_LIVE_PORT, p);
     port_free(p);
     return 0;
 }

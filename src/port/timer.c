@@ -8,6 +8,17 @@
  * fires. A job already queued for a cancelled timer finds it cancelled and
  * does nothing, so a cancelled timer never fires.
  *
+ * The same word says whether a call of the user's function is in progress
+ * (RUN) and whether a cancel waits for it to end (WAIT). Setting RUN is part
+ * of the compare-and-swap that decides the timer fires, so a cancel that wins
+ * afterwards sees it: cp_timer_cancel then waits for the call to end, which
+ * lets its caller free the argument at once. The wait is on one mutex and
+ * condition variable shared by every timer; a call that ends takes them only
+ * when a cancel is waiting. A cancel made by the callback itself does not
+ * wait (the call in progress is its own). At most one call of a timer runs at
+ * a time: calls come from the owner's heap one after another, or as jobs of
+ * one queue, which runs them one at a time.
+ *
  * References: the owner's heap holds one while the timer is armed or firing, a
  * queued job holds one, and the user's handle holds one until cp_timer_cancel.
  */
@@ -16,18 +27,35 @@
 #include <errno.h>
 #include <stdlib.h>
 
-enum { T_ARMED, T_FIRING, T_CANCELLED, T_DONE };
+/* Phases, in the low bits of the state word. */
+enum {
+    T_ARMED,     /* in its owner's heap, or on the way there */
+    T_FIRING,    /* the owner is firing it */
+    T_PENDING,   /* a one-shot fired into its job queue; the job has not started */
+    T_CANCELLED,
+    T_DONE       /* a one-shot whose call started */
+};
+#define T_PHASE 7u
+#define T_RUN 8u   /* a call of fn is in progress */
+#define T_WAIT 16u /* a cancel waits for that call to end */
 
 struct cp_timer {
     cp_wtimer wt;
     cp_worker *owner;
-    _Atomic int state;
+    atomic_uint state;
     atomic_uint refs;
     uint64_t repeat_ns;
     void (*fn)(void *arg);
     void *arg;
     cp_jobq *q;
 };
+
+static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wait_cond = PTHREAD_COND_INITIALIZER;
+
+/* The timer whose function this thread is running (innermost), so that a
+ * cancel from inside the callback knows not to wait for itself. */
+static _Thread_local cp_timer *running_here;
 
 static void timer_unref(cp_timer *t)
 {
@@ -38,38 +66,106 @@ static void timer_unref(cp_timer *t)
     free(t);
 }
 
+static void call_fn(cp_timer *t)
+{
+    cp_timer *outer = running_here;
+    running_here = t;
+    t->fn(t->arg);
+    running_here = outer;
+}
+
+/* A call ended and cleared RUN; old is the state word before that. The
+ * caller still holds a reference, so t is alive while waiters are woken. */
+static void call_ended(unsigned old)
+{
+    if (!(old & T_WAIT))
+        return;
+    pthread_mutex_lock(&wait_lock);
+    pthread_cond_broadcast(&wait_cond);
+    pthread_mutex_unlock(&wait_lock);
+}
+
+/* The waiting side of call_ended: RUN is cleared before the lock is taken
+ * there, and tested under the lock here, so the wake-up cannot be missed. */
+static void wait_call_end(cp_timer *t)
+{
+    pthread_mutex_lock(&wait_lock);
+    while (atomic_load(&t->state) & T_RUN)
+        pthread_cond_wait(&wait_cond, &wait_lock);
+    pthread_mutex_unlock(&wait_lock);
+}
+
 static void as_job(void *tp)
 {
     cp_timer *t = tp;
-    if (atomic_load(&t->state) != T_CANCELLED)
-        t->fn(t->arg);
+    unsigned s = atomic_load(&t->state), ns;
+    do {
+        unsigned phase = s & T_PHASE;
+        if (phase == T_CANCELLED) {
+            timer_unref(t); /* skipped: the job's reference */
+            return;
+        }
+        /* A one-shot has fired once its call starts; a repeating timer keeps
+         * the phase its owner gave it. */
+        ns = (s & ~T_PHASE) | (t->repeat_ns ? phase : T_DONE) | T_RUN;
+    } while (!atomic_compare_exchange_weak(&t->state, &s, ns));
+    call_fn(t);
+    call_ended(atomic_fetch_and(&t->state, ~(T_RUN | T_WAIT)));
     timer_unref(t);
+}
+
+/* Takes an armed timer to FIRING (and RUN when it calls fn itself); false if
+ * it was cancelled. Flags set by a job of the timer still running stay. */
+static bool fire_begin(cp_timer *t)
+{
+    unsigned s = atomic_load(&t->state);
+    do {
+        if ((s & T_PHASE) != T_ARMED)
+            return false;
+    } while (!atomic_compare_exchange_weak(&t->state, &s, (s & ~T_PHASE) | T_FIRING | (t->q ? 0 : T_RUN)));
+    return true;
+}
+
+/* Leaves FIRING for the next phase, unless a cancel or the timer's job moved
+ * it on meanwhile; returns the new state word. */
+static unsigned fire_end(cp_timer *t, bool queued)
+{
+    unsigned s = atomic_load(&t->state), ns;
+    do {
+        unsigned phase = s & T_PHASE;
+        if (phase == T_FIRING)
+            phase = t->repeat_ns ? T_ARMED : queued ? T_PENDING : T_DONE;
+        ns = (s & ~T_PHASE) | phase;
+        if (!t->q)
+            ns &= ~(T_RUN | T_WAIT);
+    } while (!atomic_compare_exchange_weak(&t->state, &s, ns));
+    if (!t->q)
+        call_ended(s);
+    return ns;
 }
 
 static void fire(cp_worker *w, void *tp)
 {
     cp_timer *t = tp;
-    int expect = T_ARMED;
-    if (!atomic_compare_exchange_strong(&t->state, &expect, T_FIRING)) {
+    if (!fire_begin(t)) {
         timer_unref(t); /* cancelled: the heap's reference */
         return;
     }
+    bool queued = false;
     if (t->q) {
         atomic_fetch_add(&t->refs, 1);
-        if (cp_jobq_push(t->q, as_job, t) < 0)
+        queued = cp_jobq_push(t->q, as_job, t) == 0;
+        if (!queued)
             timer_unref(t);
     } else {
-        t->fn(t->arg);
+        call_fn(t);
     }
-    expect = T_FIRING;
-    if (t->repeat_ns && atomic_compare_exchange_strong(&t->state, &expect, T_ARMED)) {
+    if ((fire_end(t, queued) & T_PHASE) == T_ARMED) {
         /* Keep the period; after a stall, the next tick is one period away. */
         uint64_t next = t->wt.deadline_ns + t->repeat_ns, now = cp__now_ns();
         cp__timer_arm_at(w, &t->wt, next > now ? next : now + t->repeat_ns);
         return;
     }
-    expect = T_FIRING;
-    atomic_compare_exchange_strong(&t->state, &expect, T_DONE);
     timer_unref(t);
 }
 
@@ -77,7 +173,7 @@ static void arm_msg(cp_worker *w, void *tp, void *unused, uintptr_t c)
 {
     CP_UNUSED(unused);
     cp_timer *t = tp;
-    if (atomic_load(&t->state) != T_ARMED) {
+    if ((atomic_load(&t->state) & T_PHASE) != T_ARMED) {
         timer_unref(t); /* cancelled before it reached its worker */
         return;
     }
@@ -119,7 +215,7 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
     t->q = q;
     if (q)
         cp_jobq_ref(q);
-    atomic_init(&t->state, T_ARMED);
+    atomic_init(&t->state, (unsigned)T_ARMED);
     atomic_init(&t->refs, out ? 2 : 1);
     if (out)
         *out = t;
@@ -131,18 +227,23 @@ int cp_timer_cancel(cp_timer *t)
 {
     if (!t)
         return -EINVAL;
-    int r = -ENOENT;
-    int s = atomic_load(&t->state);
-    while (s == T_ARMED || s == T_FIRING) {
-        if (atomic_compare_exchange_weak(&t->state, &s, T_CANCELLED)) {
-            r = 0;
-            break;
-        }
-    }
-    if (r == 0 && s == T_ARMED) {
+    bool own = running_here == t;
+    int r;
+    unsigned s = atomic_load(&t->state), ns;
+    do {
+        unsigned phase = s & T_PHASE;
+        bool live = phase == T_ARMED || phase == T_FIRING || phase == T_PENDING;
+        r = live ? 0 : -ENOENT;
+        ns = live ? (s & ~T_PHASE) | T_CANCELLED : s;
+        if ((s & T_RUN) && !own)
+            ns |= T_WAIT;
+    } while (ns != s && !atomic_compare_exchange_weak(&t->state, &s, ns));
+    if (r == 0 && (s & T_PHASE) == T_ARMED) {
         atomic_fetch_add(&t->refs, 1);
         cp__send_msg(t->owner, unarm_msg, t, NULL);
     }
+    if ((ns & T_RUN) && !own)
+        wait_call_end(t);
     timer_unref(t); /* the handle's */
     return r;
 }

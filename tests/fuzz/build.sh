@@ -14,7 +14,8 @@ srcs="$root/src/core.c $root/src/port/port.c $root/src/port/jobq.c $root/src/por
       $root/src/net/listener.c $root/src/net/service.c $root/src/net/session.c
       $root/src/net/packet.c $root/src/net/group.c $root/src/buf/sendbuf.c $root/src/port/epoll.c
       $root/src/sys.c"
-defs="-D_GNU_SOURCE"
+# CP_ASSERTS: a misuse the fuzzer provokes aborts with its name (src/internal.h).
+defs="-D_GNU_SOURCE -DCP_ASSERTS"
 libs="-lpthread"
 if pkg-config --exists liburing 2>/dev/null || [ -f /usr/include/liburing.h ]; then
   srcs="$srcs $root/src/port/uring.c"

@@ -32,15 +32,21 @@ static void run_half_cancelled(bool via_jobq)
     cp_timer **t = calloc(NTIMERS, sizeof *t);
     uint64_t start = cpt_now_ns();
     for (int i = 0; i < NTIMERS; i++) {
-        uint64_t delay = 100 + (uint64_t)(i % 200); /* 100..299 ms */
+        uint64_t delay = 300 + (uint64_t)(i % 200); /* 300..499 ms */
         c[i].due_ns = start + delay * 1000000u;
         cr_assert_eq(cp_timer_start(&t[i], port, delay, 0, on_fire, &c[i], q), 0);
     }
-    /* Cancel every odd timer well before any is due. */
-    for (int i = 1; i < NTIMERS; i += 2)
-        cr_assert_eq(cp_timer_cancel(t[i]), 0, "timer %d could not be cancelled", i);
-    cr_assert_lt(cpt_now_ns() - start, 90000000u, "arming and cancelling took too long to test");
-    cpt_sleep_ms(600);
+    /* Cancel every odd timer well before any is due. On a loaded machine
+     * arming and cancelling can take long; the time is checked first, so that
+     * such a run says so instead of blaming cancel. */
+    int refused = 0, first_refused = -1;
+    for (int i = 1; i < NTIMERS; i += 2) {
+        if (cp_timer_cancel(t[i]) != 0 && refused++ == 0)
+            first_refused = i;
+    }
+    cr_assert_lt(cpt_now_ns() - start, 250000000u, "arming and cancelling took too long to test");
+    cr_assert_eq(refused, 0, "%d timers could not be cancelled (the first: %d)", refused, first_refused);
+    cpt_sleep_ms(800);
     int fired = 0, wrong = 0, early = 0;
     for (int i = 0; i < NTIMERS; i++) {
         int f = atomic_load(&c[i].fired);

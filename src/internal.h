@@ -244,6 +244,9 @@ struct cp_session {
 
     struct sockaddr_storage peer;
     socklen_t peer_len;
+#ifdef CP_ASSERTS
+    atomic_int user_refs; /* cp_session_ref minus cp_session_unref, for the misuse check */
+#endif
 };
 
 cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client);
@@ -253,6 +256,9 @@ void cp__session_start_accepted(cp_worker *w, void *s, void *fd, uintptr_t c);
 void cp__session_start_connect(cp_worker *w, void *s, void *fd, uintptr_t c);
 /* Queue b on s (takes its own reference). Any thread. */
 int cp__session_send(cp_session *s, cp_sendbuf *b);
+/* The library's own references (cp_session_ref/unref are the user's). */
+void cp__session_ref(cp_session *s);
+void cp__session_unref(cp_session *s);
 void cp__session_close(cp_session *s, cp_reason reason, int err);
 /* End of round: write every dirty session once. */
 void cp__session_flush_dirty(cp_worker *w);

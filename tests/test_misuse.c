@@ -147,6 +147,36 @@ static void open_after_a_large_one(void)
     cp_sendbuf_open(16);
 }
 
+static _Atomic(cp_session *) connected_session;
+
+static void keep_connected(cp_session *s) { atomic_store(&connected_session, s); }
+
+/* A session the caller never took a reference on, released anyway (as if
+ * the session pointer of a callback were the caller's to drop). */
+static void unref_session_not_referenced(void)
+{
+    cp_port *port;
+    cp_port_opts o = { .workers = 2, .backend = cpt_env_backend() };
+    if (cp_port_create(&port, &o) != 0)
+        _exit(3);
+    cp_handlers h = { .on_connected = keep_connected };
+    cp_server_opts so = { .host = CPT_HOST4 };
+    cp_service *svc;
+    if (cp_server_start(&svc, port, &so, &h, NULL) != 0)
+        _exit(4);
+    int fd = cpt_connect(CPT_HOST4, cp_service_port(svc), 0);
+    if (fd < 0)
+        _exit(5);
+    for (int i = 0; i < 5000 && !atomic_load(&connected_session); i++)
+        cpt_sleep_ms(1);
+    cp_session *s = atomic_load(&connected_session);
+    if (!s)
+        _exit(6);
+    cp_session_ref(s);
+    cp_session_unref(s);
+    cp_session_unref(s);
+}
+
 /* ------------------------------------------------------------------ the tests */
 
 Test(misuse, port_destroyed_twice, .timeout = 20)
@@ -177,6 +207,11 @@ Test(misuse, second_send_buffer_opened_on_one_thread, .timeout = 20)
 Test(misuse, second_send_buffer_opened_after_a_large_one, .timeout = 20)
 {
     EXPECT_MISUSE(open_after_a_large_one, "cp_sendbuf_open", "already open");
+}
+
+Test(misuse, session_released_more_often_than_referenced, .timeout = 20)
+{
+    EXPECT_MISUSE(unref_session_not_referenced, "cp_session_unref", "more references dropped");
 }
 
 /* The checks must not fire on correct use: the shortcuts (copy, packet,

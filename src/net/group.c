@@ -89,7 +89,7 @@ void cp_group_destroy(cp_group *g)
     for (size_t i = 0; i < n; i++) {
         if (membership_drop(m[i], g))
             group_unref(g);
-        cp_session_unref(m[i]);
+        cp__session_unref(m[i]);
     }
     free(m);
     group_unref(g);
@@ -139,7 +139,7 @@ int cp_group_add(cp_group *g, cp_session *s)
     if (r == 0) {
         s->groups[s->ngroups++] = g;
         atomic_fetch_add_explicit(&g->refs, 1, memory_order_relaxed);
-        cp_session_ref(s);
+        cp__session_ref(s);
         g->m[g->n++] = s;
     }
     pthread_mutex_unlock(&s->glock);
@@ -159,7 +159,7 @@ int cp_group_remove(cp_group *g, cp_session *s)
         return -ENOENT;
     if (membership_drop(s, g))
         group_unref(g);
-    cp_session_unref(s);
+    cp__session_unref(s);
     return 0;
 }
 
@@ -177,7 +177,7 @@ void cp__group_leave_all(cp_session *s)
         bool was = members_remove(g, s);
         pthread_rwlock_unlock(&g->lock);
         if (was)
-            cp_session_unref(s); /* never the last: the table still holds one */
+            cp__session_unref(s); /* never the last: the table still holds one */
         group_unref(g);
     }
     free(gs);

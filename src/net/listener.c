@@ -68,12 +68,12 @@ static void new_connection(cp_listener *l, int fd)
         /* Beyond max_sessions (or out of memory): close at once, and count it. */
         cp__sock_close(fd);
         if (s)
-            cp_session_unref(s);
+            cp__session_unref(s);
         if (r != -ESHUTDOWN)
             cp__stat_add(&svc->st.rejected, 1);
         return;
     }
-    cp_session_ref(s); /* the start message's reference */
+    cp__session_ref(s); /* the start message's reference */
     if (owner == l->w)
         cp__session_start_accepted(owner, s, (void *)(intptr_t)fd, 0);
     else

@@ -103,7 +103,7 @@ void cp__service_session_done(cp_service *svc, cp_session *s)
     if (--svc->objects == 0)
         pthread_cond_broadcast(&svc->drained);
     pthread_mutex_unlock(&svc->lock);
-    cp_session_unref(s); /* the table's reference */
+    cp__session_unref(s); /* the table's reference */
 }
 
 /* The session with this id, referenced, or NULL. */
@@ -114,7 +114,7 @@ static cp_session *lookup(cp_service *svc, uint64_t id)
     pthread_mutex_lock(&svc->lock);
     if (i < svc->nslots && svc->slots[i].gen == gen && svc->slots[i].s) {
         s = svc->slots[i].s;
-        cp_session_ref(s);
+        cp__session_ref(s);
     }
     pthread_mutex_unlock(&svc->lock);
     return s;
@@ -130,7 +130,7 @@ static cp_session **snapshot(cp_service *svc, size_t *n)
         for (uint32_t i = 0; i < svc->nslots && k < svc->live; i++) {
             cp_session *s = svc->slots[i].s;
             if (s) {
-                cp_session_ref(s);
+                cp__session_ref(s);
                 all[k++] = s;
             }
         }
@@ -295,7 +295,7 @@ static int connect_prepare(cp_service *svc, void *data, cp_session **out, int *f
     int r = s ? cp__service_add_session(svc, s) : -ENOMEM;
     if (r < 0) {
         if (s)
-            cp_session_unref(s);
+            cp__session_unref(s);
         cp__sock_close(fd);
         return r;
     }
@@ -307,7 +307,7 @@ static int connect_prepare(cp_service *svc, void *data, cp_session **out, int *f
 
 static void connect_launch(cp_session *s, int fd)
 {
-    cp_session_ref(s); /* the start message's reference */
+    cp__session_ref(s); /* the start message's reference */
     cp__send_msg(s->owner, cp__session_start_connect, s, (void *)(intptr_t)fd);
 }
 
@@ -404,7 +404,7 @@ int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *fin
     cp__batch_begin(svc->port);
     for (size_t i = 0; i < n; i++) {
         cp__session_request_close(all[i], CP_REASON_STOPPING);
-        cp_session_unref(all[i]);
+        cp__session_unref(all[i]);
     }
     cp__batch_end(svc->port);
     free(all);
@@ -430,7 +430,7 @@ int cp_service_send_to(cp_service *svc, uint64_t id, cp_sendbuf *b)
     if (!s)
         return -ENOTCONN;
     int r = cp__session_send(s, b);
-    cp_session_unref(s);
+    cp__session_unref(s);
     return r;
 }
 
@@ -442,7 +442,7 @@ int cp_service_disconnect_id(cp_service *svc, uint64_t id)
     if (!s)
         return -ENOTCONN;
     int r = cp_session_disconnect(s);
-    cp_session_unref(s);
+    cp__session_unref(s);
     return r;
 }
 
@@ -459,7 +459,7 @@ int cp_service_broadcast(cp_service *svc, cp_sendbuf *b)
     for (size_t i = 0; i < n; i++) {
         if (cp__session_send(all[i], b) == 0)
             sent++;
-        cp_session_unref(all[i]);
+        cp__session_unref(all[i]);
     }
     cp__batch_end(svc->port);
     free(all);

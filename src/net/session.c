@@ -110,12 +110,35 @@ static void session_free(cp_session *s)
 #define RC_REFS UINT64_C(0xffffffff)
 #define RC_TICKET (UINT64_C(1) << 32)
 
-void cp_session_ref(cp_session *s) { atomic_fetch_add_explicit(&s->rc, 1, memory_order_relaxed); }
+void cp__session_ref(cp_session *s) { atomic_fetch_add_explicit(&s->rc, 1, memory_order_relaxed); }
 
-void cp_session_unref(cp_session *s)
+void cp__session_unref(cp_session *s)
 {
     if (s && (atomic_fetch_sub_explicit(&s->rc, 1, memory_order_acq_rel) & RC_REFS) == 1)
         session_free(s);
+}
+
+/* The user's references are the library's too; builds with the misuse
+ * checks also count them apart, so that a cp_session_unref without its
+ * cp_session_ref is named while the session is still alive, instead of
+ * freeing it under the library's own holders. */
+void cp_session_ref(cp_session *s)
+{
+#ifdef CP_ASSERTS
+    atomic_fetch_add_explicit(&s->user_refs, 1, memory_order_relaxed);
+#endif
+    cp__session_ref(s);
+}
+
+void cp_session_unref(cp_session *s)
+{
+    if (!s)
+        return;
+#ifdef CP_ASSERTS
+    int left = atomic_fetch_sub_explicit(&s->user_refs, 1, memory_order_relaxed);
+    CP_ASSERT(left > 0, "cp_session_unref: more references dropped than cp_session_ref took");
+#endif
+    cp__session_unref(s);
 }
 
 /* Owner only: the first holder takes the shared reference, the last drops it
@@ -123,13 +146,13 @@ void cp_session_unref(cp_session *s)
 static void hold(cp_session *s)
 {
     if (s->holds++ == 0)
-        cp_session_ref(s);
+        cp__session_ref(s);
 }
 
 static void unhold(cp_session *s)
 {
     if (--s->holds == 0)
-        cp_session_unref(s);
+        cp__session_unref(s);
 }
 
 static cp_reason reason_of_errno(int err)
@@ -319,11 +342,11 @@ void cp__session_start_accepted(cp_worker *w, void *sp, void *fdp, uintptr_t c)
     cp_session *s = sp;
     if (atomic_load(&s->state) != CP_S_NEW) {
         cp__sock_close((int)(intptr_t)fdp);
-        cp_session_unref(s);
+        cp__session_unref(s);
         return;
     }
     session_accept(w, s, (int)(intptr_t)fdp);
-    cp_session_unref(s);
+    cp__session_unref(s);
 }
 
 static void session_accept(cp_worker *w, cp_session *s, int fd)
@@ -370,7 +393,7 @@ void cp__session_start_connect(cp_worker *w, void *sp, void *fdp, uintptr_t c)
 {
     cp_session *s = sp;
     session_connect(w, s, (int)(intptr_t)fdp);
-    cp_session_unref(s);
+    cp__session_unref(s);
 }
 
 static void session_connect(cp_worker *w, cp_session *s, int fd)
@@ -518,7 +541,7 @@ static void msg_close(cp_worker *w, void *sp, void *reason, uintptr_t c)
     CP_UNUSED(w);
     cp_session *s = sp;
     cp__session_close(s, (cp_reason)(intptr_t)reason, err_of_reason((cp_reason)(intptr_t)reason));
-    cp_session_unref(s);
+    cp__session_unref(s);
 }
 
 /* A disconnect asked for by the user, by a stopping service, or by a queue
@@ -534,7 +557,7 @@ int cp__session_request_close(cp_session *s, cp_reason reason)
         if (st >= CP_S_DISCONNECTING)
             return -ENOTCONN;
     } while (!atomic_compare_exchange_weak(&s->state, &st, CP_S_DISCONNECTING));
-    cp_session_ref(s);
+    cp__session_ref(s);
     cp__send_msg(s->owner, msg_close, s, (void *)(intptr_t)reason);
     return 0;
 }
@@ -695,7 +718,7 @@ static void msg_send(cp_worker *w, void *sp, void *bp, uintptr_t ticket)
         held_insert(s, (cp_held){.b = bp, .key = (uint32_t)ticket, .own = false});
         held_release(s);
     }
-    cp_session_unref(s);
+    cp__session_unref(s);
 }
 
 /* Any thread: queue b on s, taking over one reference the caller owns (it

@@ -545,8 +545,13 @@ CP_API void cp_service_stats_get(const cp_service *svc, cp_service_stats *out);
  * service is freed, so it counts the disconnects of the stop itself
  * (by_reason[CP_REASON_STOPPING]) and all traffic; sessions is 0.
  * drain_ms 0: hard stop, as cp_service_stop (which is this call with 0 and
- * NULL). drain_ms > 0: graceful, see cp_session_shutdown; reserved for now,
- * it returns -ENOTSUP and leaves the service running. */
+ * NULL). drain_ms > 0: the graceful stop. Accepting stops at once; every
+ * connected session is closed as by cp_session_shutdown(s, drain_ms): no new
+ * sends, what is queued is written, then FIN, and the session ends on the
+ * peer's FIN (on_disconnected(s, CP_REASON_STOPPING, 0)) or hard at the
+ * deadline (CP_REASON_STOPPING, -ETIMEDOUT); sessions not yet connected, and
+ * any left a moment after the deadline, are closed hard. Returns when every
+ * session has finished, so within about drain_ms. */
 CP_API int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *final);
 
 /* By session id, any thread: queue buf / disconnect. -ENOTCONN if that session

@@ -215,6 +215,7 @@ struct cp_session {
     bool drain_marked;      /* draining: the shutdown took its place in the order */
     bool wr_shut;           /* draining: everything written, FIN sent */
     bool peer_eof;          /* draining: the peer's FIN arrived */
+    uint8_t drain_reason;   /* draining: the reason on_disconnected will get */
     cp_session *dirty_next;
 
     /* Bytes of an incomplete packet (or unconsumed raw bytes). */
@@ -265,6 +266,9 @@ void cp__session_flush_dirty(cp_worker *w);
 /* Any thread: refuse sends from now on and close on the owner soon (never
  * inside a callback in progress). -ENOTCONN if already disconnecting. */
 int cp__session_request_close(cp_session *s, cp_reason reason);
+/* Any thread: the graceful close of cp_session_shutdown, ending with reason.
+ * -ENOTCONN unless connected. */
+int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason);
 
 /* Packet/raw parser: consume received bytes for s. */
 void cp__session_input(cp_session *s, const uint8_t *data, size_t n);

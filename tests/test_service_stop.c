@@ -314,8 +314,7 @@ Test(service_stop, stopping_one_service_leaves_the_other, .timeout = 20)
 
 /* cp_service_stop_ex reports the final counters, taken after every session
  * finished: they include the disconnects the stop itself made (with their
- * reason) and the traffic before it. A graceful stop (drain_ms > 0) is
- * reserved: refused, and the service keeps serving. */
+ * reason) and the traffic before it. */
 Test(service_stop, stop_ex_reports_final_stats_with_the_stops_own_disconnects, .timeout = 30)
 {
     enum { N = 20 };
@@ -333,10 +332,7 @@ Test(service_stop, stop_ex_reports_final_stats_with_the_stops_own_disconnects, .
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "the closed client was not seen");
 
     cp_service_stats final;
-    memset(&final, 0xab, sizeof final);
-    cr_assert_eq(cp_service_stop_ex(e.svc, 5, &final), -ENOTSUP, "a graceful stop is not there yet");
-    cr_assert_eq(final.sessions, 0xababababababababull, "a refused stop wrote the stats");
-    cpt_env_xneighbour(&e); /* still serving; the neighbour closes too */
+    cpt_env_xneighbour(&e); /* one more session, which its client closes too */
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 2, 5000, "the neighbour's close was not seen");
     cr_assert_eq(cp_service_stop_ex(e.svc, 0, &final), 0);
     cpt_track_stopped(e.t);
@@ -368,6 +364,85 @@ Test(service_stop, stop_ex_without_stats, .timeout = 10)
     cr_assert_eq(cp_service_stop_ex(NULL, 0, NULL), -EINVAL);
     cr_assert_eq(cp_service_stop_ex(e.svc, 0, NULL), 0);
     cpt_track_stopped(e.t);
+    cpt_track_xcheck(e.t);
+    cpt_track_free(e.t);
+    cpt_xport_destroy(e.port);
+    cpt_leak_end(&e.leak);
+}
+
+/* The graceful stop: every client gets the packet queued for it right before
+ * the stop, then the end of the stream, and its FIN ends the session with
+ * CP_REASON_STOPPING and no error; a client that reads nothing is cut at the
+ * deadline (-ETIMEDOUT); the stop returns about then, and nobody is accepted
+ * meanwhile. */
+typedef struct drain_client {
+    int fd;
+    int got;      /* 1: the packet, then EOF */
+    pthread_t th;
+} drain_client;
+
+static void *drain_read(void *arg)
+{
+    drain_client *c = arg;
+    uint16_t id;
+    char body[16];
+    size_t len;
+    if (cpt_recv_packet(c->fd, &id, body, sizeof body, &len) == 0 && id == 5 && len == 3 &&
+        memcmp(body, "bye", 3) == 0 && cpt_recv_once(c->fd, body, sizeof body) == 0)
+        c->got = 1;
+    cpt_close(c->fd); /* the FIN that ends the session */
+    return NULL;
+}
+
+Test(service_stop, graceful_stop_writes_what_was_queued_then_closes, .timeout = 30)
+{
+    enum { N = 16 };
+    cpt_env e;
+    cp_server_opts o = {0};
+    o.session.send_queue_limit = 16u << 20;
+    cpt_env_start(&e, 2, &o, NULL, N + 4, CPT_KEEP_REFS | CPT_NO_ECHO);
+    drain_client c[N];
+    for (int i = 0; i < N; i++)
+        c[i] = (drain_client){.fd = cpt_xconnect(e.sport)};
+    int mute = cpt_connect(CPT_HOST4, e.sport, 4096); /* reads nothing */
+    cr_assert_geq(mute, 0);
+    CPT_AWAIT(atomic_load(&e.t->connected) == N + 1, 5000, "not connected");
+    cp_sendbuf *bye = cp_packet_make(5, "bye", 3);
+    static uint8_t big[60000];
+    cp_sendbuf *lots = cp_packet_make(6, big, sizeof big);
+    for (int i = 0; i < N + 1; i++) {
+        cpt_srec *r = &e.t->recs[i];
+        if (atomic_load(&r->peer_port) == cpt_local_port(mute)) {
+            for (int k = 0; k < 100; k++)
+                cr_assert_eq(cp_session_send(r->s, lots), 0);
+        } else {
+            cr_assert_eq(cp_session_send(r->s, bye), 0);
+        }
+    }
+    cp_sendbuf_unref(bye);
+    cp_sendbuf_unref(lots);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(pthread_create(&c[i].th, NULL, drain_read, &c[i]), 0);
+    cp_service_stats final;
+    uint64_t t0 = cpt_now_ms();
+    cr_assert_eq(cp_service_stop_ex(e.svc, 1000, &final), 0);
+    uint64_t took = cpt_now_ms() - t0;
+    cpt_track_stopped(e.t);
+    for (int i = 0; i < N; i++) {
+        pthread_join(c[i].th, NULL);
+        cr_expect_eq(c[i].got, 1, "client %d: the queued packet, then EOF", i);
+    }
+    cr_assert(took >= 900 && took < 3000, "the stop took %llu ms with a 1000 ms drain", (unsigned long long)took);
+    cr_assert_eq(final.by_reason[CP_REASON_STOPPING], (uint64_t)N + 1);
+    int timed_out = 0, clean = 0;
+    for (int i = 0; i < N + 1; i++) {
+        int err = atomic_load(&e.t->recs[i].err);
+        timed_out += err == -ETIMEDOUT;
+        clean += err == 0;
+    }
+    cr_assert_eq(timed_out, 1, "only the client that reads nothing hit the deadline");
+    cr_assert_eq(clean, N, "the others ended on their FIN");
+    cpt_close(mute);
     cpt_track_xcheck(e.t);
     cpt_track_free(e.t);
     cpt_xport_destroy(e.port);

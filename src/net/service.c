@@ -12,6 +12,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -384,6 +385,49 @@ int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
 
 int cp_service_stop(cp_service *svc) { return cp_service_stop_ex(svc, 0, NULL); }
 
+/* Every session still in the table: closed hard, or gracefully within
+ * drain_ms (a session that is not connected yet is closed hard either way). */
+static void close_all(cp_service *svc, uint32_t drain_ms)
+{
+    size_t n;
+    cp_session **all = snapshot(svc, &n);
+    cp__batch_begin(svc->port);
+    for (size_t i = 0; i < n; i++) {
+        if (!drain_ms || cp__session_shutdown(all[i], drain_ms, CP_REASON_STOPPING) != 0)
+            cp__session_request_close(all[i], CP_REASON_STOPPING);
+        cp__session_unref(all[i]);
+    }
+    cp__batch_end(svc->port);
+    free(all);
+}
+
+/* Waits until every session and the listener have finished, or until the
+ * deadline (0: none). True if they have. */
+static bool wait_drained(cp_service *svc, uint64_t deadline_ns)
+{
+    pthread_mutex_lock(&svc->lock);
+    while (svc->objects > 0) {
+        if (!deadline_ns) {
+            pthread_cond_wait(&svc->drained, &svc->lock);
+            continue;
+        }
+        uint64_t now = cp__now_ns();
+        if (now >= deadline_ns)
+            break;
+        /* The condition variable's clock is the wall clock: wait for the
+         * remaining time measured on it, and recheck against ours. */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t left = deadline_ns - now, ns = (uint64_t)ts.tv_nsec + left % 1000000000u;
+        ts.tv_sec += (time_t)(left / 1000000000u + ns / 1000000000u);
+        ts.tv_nsec = (long)(ns % 1000000000u);
+        pthread_cond_timedwait(&svc->drained, &svc->lock, &ts);
+    }
+    bool done = svc->objects == 0;
+    pthread_mutex_unlock(&svc->lock);
+    return done;
+}
+
 int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *final)
 {
     if (!svc)
@@ -391,27 +435,20 @@ int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *fin
     CP_ASSERT(cp__live_has(CP_LIVE_SERVICE, svc), "cp_service_stop: not a live service (stopped twice?)");
     if (cp__on_worker(svc->port))
         return -EDEADLK;
-    /* Reserved for the graceful stop (each session shut down as by
-     * cp_session_shutdown within drain_ms); only the hard stop exists yet. */
-    if (drain_ms > 0)
-        return -ENOTSUP;
     if (atomic_exchange(&svc->stopping, true))
         return -EALREADY;
     if (svc->listener)
         cp__listener_stop(svc);
-    size_t n;
-    cp_session **all = snapshot(svc, &n);
-    cp__batch_begin(svc->port);
-    for (size_t i = 0; i < n; i++) {
-        cp__session_request_close(all[i], CP_REASON_STOPPING);
-        cp__session_unref(all[i]);
+    close_all(svc, drain_ms);
+    if (drain_ms) {
+        /* Each session's own deadline closes it hard; this one is a backstop
+         * for the sessions that were closing already with a longer deadline
+         * of their own, or whose close was underway. */
+        uint64_t deadline = cp__now_ns() + ((uint64_t)drain_ms + 100u) * 1000000u;
+        if (!wait_drained(svc, deadline))
+            close_all(svc, 0);
     }
-    cp__batch_end(svc->port);
-    free(all);
-    pthread_mutex_lock(&svc->lock);
-    while (svc->objects > 0)
-        pthread_cond_wait(&svc->drained, &svc->lock);
-    pthread_mutex_unlock(&svc->lock);
+    wait_drained(svc, 0);
     /* Every session has finished, on its worker and before the lock above:
      * the counters are final and their last writes are visible here. */
     if (final)

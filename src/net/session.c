@@ -778,7 +778,8 @@ int cp_session_send_copy(cp_session *s, const void *data, size_t len)
 static void on_drain_deadline(cp_worker *w, void *sp)
 {
     CP_UNUSED(w);
-    cp__session_close(sp, CP_REASON_LOCAL, -ETIMEDOUT);
+    cp_session *s = sp;
+    cp__session_close(s, (cp_reason)s->drain_reason, -ETIMEDOUT);
 }
 
 static void drain_begin(cp_session *s)
@@ -804,26 +805,32 @@ static void drain_step(cp_session *s)
     if (r < 0)
         cp__session_close(s, reason_of_errno(r), r);
     else if (s->peer_eof)
-        cp__session_close(s, CP_REASON_LOCAL, 0);
+        cp__session_close(s, (cp_reason)s->drain_reason, 0);
 }
 
 static void drain_peer_eof(cp_session *s)
 {
     s->peer_eof = true;
     if (s->wr_shut)
-        cp__session_close(s, CP_REASON_LOCAL, 0);
+        cp__session_close(s, (cp_reason)s->drain_reason, 0);
 }
 
 int cp_session_shutdown(cp_session *s, uint32_t timeout_ms)
 {
     if (!s || timeout_ms == 0)
         return -EINVAL;
+    return cp__session_shutdown(s, timeout_ms, CP_REASON_LOCAL);
+}
+
+int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason)
+{
     int st = CP_S_CONNECTED;
     if (!atomic_compare_exchange_strong(&s->state, &st, CP_S_DRAINING))
         return -ENOTCONN;
     /* Written once, by the caller that won the state change, before the
      * owner can see the shutdown (the message publishes it). */
     s->drain_deadline_ns = cp__now_ns() + (uint64_t)timeout_ms * 1000000u;
+    s->drain_reason = (uint8_t)reason;
     if (cp__self == s->owner)
         return send_own(s, NULL);
     uint64_t old = atomic_fetch_add_explicit(&s->rc, RC_TICKET | 1, memory_order_relaxed);

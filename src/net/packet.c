@@ -20,6 +20,14 @@ static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] <
 
 static bool still_connected(const cp_session *s) { return atomic_load(&s->state) == CP_S_CONNECTED; }
 
+/* An unfinished packet begins in this receive: its partial-packet clock
+ * starts now. */
+static void partial_started(cp_session *s)
+{
+    s->pkt_start_ns = s->owner->now_ns;
+    cp__session_packet_started(s);
+}
+
 static bool carry_reserve(cp_session *s, size_t cap)
 {
     if (s->carry_cap >= cap)
@@ -131,7 +139,7 @@ static void packet_input(cp_session *s, const uint8_t *p, size_t n)
     }
     /* A packet that began in this receive starts the partial-packet clock. */
     if (s->carry_len && !had_partial)
-        s->pkt_start_ns = s->owner->now_ns;
+        partial_started(s);
 out:
     if (packets)
         cp__traffic_add(&cp__traffic(s->svc, s->owner)->packets_in, packets);

@@ -239,7 +239,9 @@ typedef struct cp_session_opts {
     size_t nroutes;
     int no_nodelay;            /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
     uint32_t idle_timeout_ms;   /* nothing received for this long: disconnect (0 = off) */
-    uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect */
+    uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect
+                                   (raw framing: bytes on_recv left unconsumed this long,
+                                   timed afresh whenever it consumes some) */
 } cp_session_opts;
 
 typedef struct cp_server_opts {

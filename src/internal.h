@@ -209,8 +209,8 @@ int cp__session_request_close(cp_session *s, cp_reason reason);
 
 /* Packet/raw parser: consume received bytes for s. */
 void cp__session_input(cp_session *s, const uint8_t *data, size_t n);
-/* The parser kept the start of an unfinished packet and set pkt_start_ns:
- * the timeout timer may have to fire sooner. */
+/* The parser kept the start of an unfinished packet (raw: unconsumed bytes)
+ * and set pkt_start_ns: the timeout timer may have to fire sooner. */
 void cp__session_packet_started(cp_session *s);
 
 /* Groups: remove s from every group (on close). */

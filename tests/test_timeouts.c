@@ -219,3 +219,50 @@ Test(timeouts, a_packet_finished_in_time_leaves_the_idle_deadline, .timeout = 30
     expect_one_disconnect(&e, CP_REASON_IDLE_TIMEOUT);
     cpt_env_stop(&e);
 }
+
+/* ------------------------------------------------------------------ raw_unconsumed_bytes_had_no_start_time */
+
+/* The bug: raw framing kept the bytes on_recv left without noting when they
+ * came, so the partial-packet check measured them from time zero and cut the
+ * session the first time the timer fired, however young the bytes were. Now
+ * they are timed like a packet: from the receive that left them, and afresh
+ * whenever on_recv consumes some. */
+
+/* Consumes whole lines only. */
+static size_t lines_on_recv(cp_session *s, const uint8_t *data, size_t len)
+{
+    cpt_enter(s);
+    size_t used = 0;
+    for (size_t i = 0; i < len; i++)
+        if (data[i] == '\n')
+            used = i + 1;
+    cpt_leave(s);
+    return used;
+}
+
+Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
+{
+    cpt_env e;
+    cp_server_opts o = {.host = CPT_HOST4};
+    o.session.framing = CP_FRAMING_RAW;
+    o.session.packet_timeout_ms = 300;
+    cp_handlers h = cpt_track_handlers();
+    h.on_packet = NULL;
+    h.on_recv = lines_on_recv;
+    cpt_env_start(&e, 0, &o, &h, 64, 0);
+    int fd = connect_tracked(&e);
+    uint64_t t0 = cpt_now_ms();
+    cpt_xsend(fd, "ab", 2);
+    cpt_sleep_ms(200);
+    cr_expect_eq(cpt_peek_state(fd), 0, "cut %llu ms after 2 unconsumed bytes; the packet timeout is 300 ms",
+                 (unsigned long long)(cpt_now_ms() - t0));
+    uint64_t t1 = cpt_now_ms();
+    cpt_xsend(fd, "c\nd", 3); /* a line consumed: "d" starts a new clock */
+    uint64_t took = xcut_after(fd, t1, 4000);
+    cr_expect_geq(took, 280, "cut %llu ms after the line, before the 300 ms packet timeout",
+                  (unsigned long long)took);
+    cr_expect_lt(took, 1000, "cut %llu ms after the line: the packet timeout is 300 ms", (unsigned long long)took);
+    cpt_close(fd);
+    expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
+    cpt_env_stop(&e);
+}

@@ -20,8 +20,8 @@ static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] <
 
 static bool still_connected(const cp_session *s) { return atomic_load(&s->state) == CP_S_CONNECTED; }
 
-/* An unfinished packet begins in this receive: its partial-packet clock
- * starts now. */
+/* An unfinished packet (raw mode: bytes on_recv left) begins in this receive:
+ * its partial-packet clock starts now. */
 static void partial_started(cp_session *s)
 {
     s->pkt_start_ns = s->owner->now_ns;
@@ -172,6 +172,7 @@ static void raw_input(cp_session *s, const uint8_t *p, size_t n)
         } else if (used) {
             memmove(s->carry, s->carry + used, s->carry_len - used);
             s->carry_len -= (uint32_t)used;
+            partial_started(s);
         }
         return;
     }
@@ -186,6 +187,7 @@ static void raw_input(cp_session *s, const uint8_t *p, size_t n)
         return;
     memcpy(s->carry, p + used, n - used);
     s->carry_len = (uint32_t)(n - used);
+    partial_started(s);
 }
 
 void cp__session_input(cp_session *s, const uint8_t *data, size_t n)

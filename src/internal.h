@@ -192,6 +192,13 @@ struct cp_session {
 
     struct sockaddr_storage peer;
     socklen_t peer_len;
+
+    /* Work bound to the session (session_work.c): posts and timer starts on
+     * their way to the owner. Any thread pushes onto the stack; the owner
+     * moves them to its list; the close closes the stack. */
+    _Atomic(struct cp_swork *) work_stack;
+    struct cp_swork *work_head, *work_tail;
+    struct cp_session_timer *timers; /* armed session timers (owner only) */
 };
 
 cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client);
@@ -212,6 +219,11 @@ void cp__session_input(cp_session *s, const uint8_t *data, size_t n);
 /* The parser kept the start of an unfinished packet (raw: unconsumed bytes)
  * and set pkt_start_ns: the timeout timer may have to fire sooner. */
 void cp__session_packet_started(cp_session *s);
+
+/* On the owner, from the close, before on_disconnected: refuse further posts
+ * and timer starts, end the session's timers and run the posts still on
+ * their way (session_work.c). */
+void cp__session_work_close(cp_session *s);
 
 /* Groups: remove s from every group (on close). */
 void cp__group_leave_all(cp_session *s);

@@ -219,6 +219,7 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
     /* The carry buffer stays until the session finishes: a packet handler
      * that disconnects may still be reading its body from it. */
     cp__group_leave_all(s);
+    cp__session_work_close(s);
 
     if (s->was_connected) {
         cp__stat_add(&svc->st.disconnected, 1);

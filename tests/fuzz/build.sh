@@ -13,7 +13,7 @@ SAN=${FUZZ_SAN:--fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefi
 srcs="$root/src/core.c $root/src/port/port.c $root/src/port/jobq.c $root/src/port/timer.c
       $root/src/net/listener.c $root/src/net/service.c $root/src/net/session.c
       $root/src/net/packet.c $root/src/net/group.c $root/src/buf/sendbuf.c $root/src/port/epoll.c
-      $root/src/sys.c"
+      $root/src/sys.c $root/src/net/session_work.c"
 defs="-D_GNU_SOURCE"
 libs="-lpthread"
 if pkg-config --exists liburing 2>/dev/null || [ -f /usr/include/liburing.h ]; then

@@ -468,7 +468,9 @@ typedef struct cp_session_opts {
     size_t nroutes;            /* routes may be NULL only when this is 0 */
     int no_nodelay;            /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
     uint32_t idle_timeout_ms;   /* nothing received for this long: disconnect (0 = off) */
-    uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect */
+    uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect
+                                   (raw framing: bytes on_recv left unconsumed this long,
+                                   timed afresh whenever it consumes some) */
 } cp_session_opts;
 
 typedef struct cp_server_opts {
@@ -614,6 +616,46 @@ CP_API void cp_session_set_data(cp_session *s, void *data);
 CP_API int cp_session_connected(const cp_session *s);
 /* Peer address as text "ip:port" / "[ip]:port"; returns length or < 0. */
 CP_API int cp_session_peer(const cp_session *s, char *buf, size_t len);
+
+/* ------------------------------------------------------------------ work bound to a session */
+
+/* Game code that acts for one player (a bot's tick, a reply computed on
+ * another thread) runs it here instead of on a job queue of its own: on the
+ * session's worker, serialized with the session's callbacks (never
+ * concurrently with them, so it needs no lock for the session's state), and
+ * never after on_disconnected. */
+
+/* Runs fn(s, arg) on the session's worker, soon. Any thread. Every post that
+ * returns 0 runs exactly once, before on_disconnected: a post still on its
+ * way when the session disconnects runs during the disconnect, just before
+ * on_disconnected, when cp_session_connected(s) is already 0 and sends fail.
+ * So fn may always free arg. Posts made by one thread run in the order made.
+ * -ENOTCONN once the session is disconnecting (fn will not run), -ENOMEM. */
+CP_API int cp_session_post(cp_session *s, void (*fn)(cp_session *s, void *arg), void *arg);
+
+/* A one-shot (repeat_ms 0) or repeating timer of one session: fn(s, arg) runs
+ * on the session's worker, serialized with its callbacks, while the session
+ * is connected. Any thread; -ENOTCONN once the session is disconnecting.
+ * The disconnect ends every timer of the session, also one whose start had
+ * not reached the worker yet: when on_disconnected runs, no timer fn of the
+ * session is running or will run again, so that is the place to free the
+ * args of the timers still live. A start that fails does nothing.
+ * Handles as with cp_timer: out may be NULL for a timer that is never
+ * cancelled; otherwise the handle must be given back with
+ * cp_session_timer_cancel() (also after a one-shot fired or the session
+ * disconnected). A handle stays valid until then, even past the session. */
+typedef struct cp_session_timer cp_session_timer;
+
+CP_API int cp_session_timer_start(cp_session_timer **out, cp_session *s, uint32_t delay_ms,
+                                  uint32_t repeat_ms, void (*fn)(cp_session *s, void *arg), void *arg);
+/* Any thread. Returns 0 if the timer will not fire again, -ENOENT if it had
+ * already ended (a one-shot fired, or the session disconnected); releases the
+ * handle either way. On the session's worker the end is immediate: after a 0
+ * fn does not run again (called from fn itself, that run is the last), so arg
+ * may be freed at once. From another thread a run already under way
+ * finishes: free arg in a post made after the cancel (it runs after that
+ * run), or in on_disconnected if the post is refused. */
+CP_API int cp_session_timer_cancel(cp_session_timer *t);
 
 /* ------------------------------------------------------------------ groups */
 

@@ -245,6 +245,13 @@ struct cp_session {
 
     struct sockaddr_storage peer;
     socklen_t peer_len;
+
+    /* Work bound to the session (session_work.c): posts and timer starts on
+     * their way to the owner. Any thread pushes onto the stack; the owner
+     * moves them to its list; the close closes the stack. */
+    _Atomic(struct cp_swork *) work_stack;
+    struct cp_swork *work_head, *work_tail;
+    struct cp_session_timer *timers; /* armed session timers (owner only) */
 #ifdef CP_ASSERTS
     atomic_int user_refs; /* cp_session_ref minus cp_session_unref, for the misuse check */
 #endif
@@ -272,6 +279,14 @@ int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason);
 
 /* Packet/raw parser: consume received bytes for s. */
 void cp__session_input(cp_session *s, const uint8_t *data, size_t n);
+/* The parser kept the start of an unfinished packet (raw: unconsumed bytes)
+ * and set pkt_start_ns: the timeout timer may have to fire sooner. */
+void cp__session_packet_started(cp_session *s);
+
+/* On the owner, from the close, before on_disconnected: refuse further posts
+ * and timer starts, end the session's timers and run the posts still on
+ * their way (session_work.c). */
+void cp__session_work_close(cp_session *s);
 
 /* Groups: remove s from every group (on close). */
 void cp__group_leave_all(cp_session *s);

@@ -92,3 +92,177 @@ Test(timeouts, timeouts_off_keep_an_idle_client, .timeout = 30)
     cpt_close(fd);
     cpt_env_stop(&e);
 }
+
+/* ------------------------------------------------------------------ both timeouts, each at its own deadline */
+
+/* The connection is up and its session has started its timers. */
+static int connect_tracked(cpt_env *e)
+{
+    int fd = cpt_xconnect(e->sport);
+    CPT_AWAIT(atomic_load(&e->t->connected) == 1, 2000, "the session did not connect");
+    return fd;
+}
+
+static uint64_t xcut_after(int fd, uint64_t t0, unsigned timeout_ms)
+{
+    cpt_xclosed(fd, timeout_ms);
+    return cpt_now_ms() - t0;
+}
+
+static void expect_one_disconnect(cpt_env *e, cp_reason reason)
+{
+    CPT_AWAIT(atomic_load(&e->t->disconnected) == 1, 2000, "on_disconnected did not run");
+    cpt_xsettle(e->svc, e->t);
+    cr_expect_eq(atomic_load(&e->t->reasons[reason]), 1, "the session did not end with \"%s\"",
+                 cp_reason_str(reason));
+}
+
+/* The bug: with both timeouts on, the session's one timer stayed armed for
+ * the idle deadline when a packet began, so half a packet and silence was cut
+ * at the idle timeout (here 1.5 s), not at the packet timeout (0.6 s). */
+Test(timeouts, packet_timeout_waited_for_the_idle_deadline, .timeout = 30)
+{
+    cpt_env e;
+    start_env(&e, 1500, 600);
+    int fd = connect_tracked(&e);
+    uint8_t hdr[6];
+    cpt_put_header(hdr, 40, 7);
+    hdr[4] = hdr[5] = 0xAA;
+    uint64_t t0 = cpt_now_ms();
+    cpt_xsend(fd, hdr, sizeof hdr);
+    uint64_t took = xcut_after(fd, t0, 4000);
+    cr_expect_geq(took, 580, "cut after %llu ms, before the 600 ms packet timeout", (unsigned long long)took);
+    cr_expect_lt(took, 1000, "cut after %llu ms: the packet timeout is 600 ms", (unsigned long long)took);
+    cpt_close(fd);
+    expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
+    cpt_env_stop(&e);
+}
+
+/* A client that drips one byte of a packet every 50 ms keeps the idle clock
+ * from ever running out; the packet's own deadline still ends it. */
+Test(timeouts, a_drip_fed_packet_is_cut_by_the_packet_timeout, .timeout = 30)
+{
+    cpt_env e;
+    start_env(&e, 1500, 600);
+    int fd = connect_tracked(&e);
+    uint8_t pkt[40];
+    cpt_put_header(pkt, sizeof pkt, 7);
+    memset(pkt + 4, 0xAA, sizeof pkt - 4);
+    uint64_t t0 = cpt_now_ms();
+    for (size_t i = 0; i < sizeof pkt - 1; i++) {
+        if (cpt_peek_state(fd) == 1 || cpt_send_all(fd, pkt + i, 1) < 0)
+            break;
+        cpt_sleep_ms(50);
+    }
+    uint64_t took = xcut_after(fd, t0, 4000);
+    cr_expect_geq(took, 580, "cut after %llu ms, before the 600 ms packet timeout", (unsigned long long)took);
+    cr_expect_lt(took, 1000, "a drip-fed packet was cut after %llu ms: the packet timeout is 600 ms",
+                 (unsigned long long)took);
+    cpt_close(fd);
+    expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
+    cpt_env_stop(&e);
+}
+
+Test(timeouts, with_both_timeouts_an_idle_client_is_cut_at_the_idle_deadline, .timeout = 30)
+{
+    cpt_env e;
+    start_env(&e, 1500, 600);
+    uint64_t t0 = cpt_now_ms();
+    int fd = connect_tracked(&e);
+    uint64_t took = xcut_after(fd, t0, 4000);
+    cr_expect_geq(took, 1450, "cut after %llu ms, before the 1500 ms idle timeout", (unsigned long long)took);
+    cr_expect_lt(took, 2000, "cut only after %llu ms: the idle timeout is 1500 ms", (unsigned long long)took);
+    cpt_close(fd);
+    expect_one_disconnect(&e, CP_REASON_IDLE_TIMEOUT);
+    cpt_env_stop(&e);
+}
+
+/* The other way round: the idle deadline of half a packet comes first. */
+Test(timeouts, an_idle_deadline_before_the_packet_deadline_cuts_first, .timeout = 30)
+{
+    cpt_env e;
+    start_env(&e, 300, 1500);
+    int fd = connect_tracked(&e);
+    cpt_sleep_ms(100);
+    uint8_t hdr[6];
+    cpt_put_header(hdr, 40, 7);
+    hdr[4] = hdr[5] = 0xAA;
+    uint64_t t0 = cpt_now_ms();
+    cpt_xsend(fd, hdr, sizeof hdr);
+    uint64_t took = xcut_after(fd, t0, 4000);
+    cr_expect_geq(took, 280, "cut after %llu ms, before the 300 ms idle timeout", (unsigned long long)took);
+    cr_expect_lt(took, 1000, "cut after %llu ms: the idle timeout is 300 ms", (unsigned long long)took);
+    cpt_close(fd);
+    expect_one_disconnect(&e, CP_REASON_IDLE_TIMEOUT);
+    cpt_env_stop(&e);
+}
+
+/* A packet finished in time leaves no deadline behind: the timer, armed for
+ * the packet, finds it done and waits for the idle deadline. */
+Test(timeouts, a_packet_finished_in_time_leaves_the_idle_deadline, .timeout = 30)
+{
+    cpt_env e;
+    start_env(&e, 1000, 300);
+    int fd = connect_tracked(&e);
+    uint8_t pkt[12];
+    cpt_put_header(pkt, sizeof pkt, 3);
+    memcpy(pkt + 4, "finished", 8);
+    cpt_xsend(fd, pkt, 6);
+    cpt_sleep_ms(100);
+    uint64_t t0 = cpt_now_ms();
+    cpt_xsend(fd, pkt + 6, sizeof pkt - 6);
+    cpt_xrecv_packet_eq(fd, 3, "finished", 8);
+    uint64_t took = xcut_after(fd, t0, 4000);
+    cr_expect_geq(took, 950, "cut after %llu ms, before the 1000 ms idle timeout", (unsigned long long)took);
+    cr_expect_lt(took, 1500, "cut after %llu ms: the idle timeout is 1000 ms", (unsigned long long)took);
+    cpt_close(fd);
+    expect_one_disconnect(&e, CP_REASON_IDLE_TIMEOUT);
+    cpt_env_stop(&e);
+}
+
+/* ------------------------------------------------------------------ raw_unconsumed_bytes_had_no_start_time */
+
+/* The bug: raw framing kept the bytes on_recv left without noting when they
+ * came, so the partial-packet check measured them from time zero and cut the
+ * session the first time the timer fired, however young the bytes were. Now
+ * they are timed like a packet: from the receive that left them, and afresh
+ * whenever on_recv consumes some. */
+
+/* Consumes whole lines only. */
+static size_t lines_on_recv(cp_session *s, const uint8_t *data, size_t len)
+{
+    cpt_enter(s);
+    size_t used = 0;
+    for (size_t i = 0; i < len; i++)
+        if (data[i] == '\n')
+            used = i + 1;
+    cpt_leave(s);
+    return used;
+}
+
+Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
+{
+    cpt_env e;
+    cp_server_opts o = {.host = CPT_HOST4};
+    o.session.framing = CP_FRAMING_RAW;
+    o.session.packet_timeout_ms = 300;
+    cp_handlers h = cpt_track_handlers();
+    h.on_packet = NULL;
+    h.on_recv = lines_on_recv;
+    cpt_env_start(&e, 0, &o, &h, 64, 0);
+    int fd = connect_tracked(&e);
+    uint64_t t0 = cpt_now_ms();
+    cpt_xsend(fd, "ab", 2);
+    cpt_sleep_ms(200);
+    cr_expect_eq(cpt_peek_state(fd), 0, "cut %llu ms after 2 unconsumed bytes; the packet timeout is 300 ms",
+                 (unsigned long long)(cpt_now_ms() - t0));
+    uint64_t t1 = cpt_now_ms();
+    cpt_xsend(fd, "c\nd", 3); /* a line consumed: "d" starts a new clock */
+    uint64_t took = xcut_after(fd, t1, 4000);
+    cr_expect_geq(took, 280, "cut %llu ms after the line, before the 300 ms packet timeout",
+                  (unsigned long long)took);
+    cr_expect_lt(took, 1000, "cut %llu ms after the line: the packet timeout is 300 ms", (unsigned long long)took);
+    cpt_close(fd);
+    expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
+    cpt_env_stop(&e);
+}

@@ -7,8 +7,10 @@
  * At the same time: client threads ping-pong packets with an echo server;
  * a thread sends to sessions by id and broadcasts through a group; another
  * disconnects sessions by id; job queues take pushes from four threads while
- * timers are armed and cancelled from two; finally the service is stopped
- * while the clients are still busy.
+ * timers are armed and cancelled from two; sessions tick on their own timers
+ * and take posts from their handlers and from two threads, which also start
+ * and cancel session timers; finally the service is stopped while the
+ * clients are still busy.
  *
  * It also runs in every normal build (ctest stress.<backend>), on Windows
  * (under Wine) too.
@@ -87,7 +89,15 @@ static int nids;
 
 typedef struct sess_state {
     atomic_int inside; /* a callback of this session is running */
+    long work;         /* touched by callbacks, posts and session timers alike */
+    cp_session_timer *tick;
 } sess_state;
+
+/* Sessions kept (cp_session_ref) for the threads that post to them. */
+static pthread_mutex_t kept_lock = PTHREAD_MUTEX_INITIALIZER;
+static cp_session *kept[MAX_IDS];
+static int nkept;
+static atomic_long posts_made, posts_ran;
 
 static atomic_int connected, disconnected;
 
@@ -103,11 +113,53 @@ static void leave(cp_session *s)
     atomic_fetch_sub(&st->inside, 1);
 }
 
+static void session_tick(cp_session *s, void *arg)
+{
+    (void)arg;
+    enter(s);
+    ((sess_state *)cp_session_data(s))->work++;
+    leave(s);
+}
+
+/* Frees its arg: a post that returned 0 always runs, before on_disconnected. */
+static void session_job(cp_session *s, void *arg)
+{
+    enter(s);
+    ((sess_state *)cp_session_data(s))->work++;
+    leave(s);
+    free(arg);
+    atomic_fetch_add(&posts_ran, 1);
+}
+
+static void post_job(cp_session *s)
+{
+    void *arg = malloc(16);
+    int r = cp_session_post(s, session_job, arg);
+    CHECK(r == 0 || r == -ENOTCONN, "cp_session_post returned %d", r);
+    if (r == 0)
+        atomic_fetch_add(&posts_made, 1);
+    else
+        free(arg);
+}
+
 static void on_connected(cp_session *s)
 {
     sess_state *st = calloc(1, sizeof *st);
     cp_session_set_data(s, st);
     enter(s);
+    cp_session_timer_start(&st->tick, s, 1, 1, session_tick, NULL);
+    cp_session_ref(s);
+    cp_session *dropped = NULL;
+    pthread_mutex_lock(&kept_lock);
+    if (nkept < MAX_IDS) {
+        kept[nkept++] = s;
+    } else { /* newer sessions replace older ones */
+        unsigned i = (unsigned)cp_session_id(s) % MAX_IDS;
+        dropped = kept[i];
+        kept[i] = s;
+    }
+    pthread_mutex_unlock(&kept_lock);
+    cp_session_unref(dropped);
     atomic_fetch_add(&connected, 1);
     cp_group_add(room, s);
     pthread_mutex_lock(&ids_lock);
@@ -120,6 +172,7 @@ static void on_connected(cp_session *s)
 static int on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
 {
     enter(s);
+    post_job(s);
     cp_sendbuf *b = cp_packet_make(id, body, len);
     if (b) {
         cp_session_send(s, b);
@@ -134,6 +187,9 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
     (void)reason, (void)err;
     enter(s);
     atomic_fetch_add(&disconnected, 1);
+    sess_state *st = cp_session_data(s);
+    if (st->tick)
+        CHECK(cp_session_timer_cancel(st->tick) == -ENOENT, "a session timer outlived its session");
     leave(s);
     free(cp_session_data(s));
 }
@@ -204,6 +260,33 @@ static void *kicker_thread(void *arg)
         int r = cp_service_disconnect_id(svc, random_id(&seed));
         CHECK(r == 0 || r == -ENOTCONN, "disconnect_id returned %d", r);
         sleep_us(3000);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ work bound to sessions */
+
+static void *session_poster_thread(void *arg)
+{
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    while (!atomic_load(&stop_users)) {
+        pthread_mutex_lock(&kept_lock);
+        cp_session *s = nkept ? kept[next_rand(&seed) % nkept] : NULL;
+        if (s)
+            cp_session_ref(s); /* on_connected may replace it meanwhile */
+        pthread_mutex_unlock(&kept_lock);
+        if (!s) {
+            sleep_us(1000);
+            continue;
+        }
+        post_job(s);
+        cp_session_timer *t;
+        if (cp_session_timer_start(&t, s, next_rand(&seed) % 3, next_rand(&seed) % 2, session_tick, NULL) == 0) {
+            int r = cp_session_timer_cancel(t);
+            CHECK(r == 0 || r == -ENOENT, "cp_session_timer_cancel returned %d", r);
+        }
+        cp_session_unref(s);
+        sleep_us(100);
     }
     return NULL;
 }
@@ -286,7 +369,7 @@ int main(void)
     for (int i = 0; i < 4; i++)
         cp_jobq_create(&qs[i].q, port);
 
-    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2];
+    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2], sposter[2];
     for (int i = 0; i < CLIENTS; i++)
         pthread_create(&cl[i], NULL, client_thread, NULL);
     pthread_create(&snd, NULL, sender_thread, NULL);
@@ -295,6 +378,8 @@ int main(void)
         pthread_create(&push[i], NULL, pusher_thread, (void *)(uintptr_t)(i + 10));
     for (int i = 0; i < 2; i++)
         pthread_create(&tim[i], NULL, timer_thread, NULL);
+    for (int i = 0; i < 2; i++)
+        pthread_create(&sposter[i], NULL, session_poster_thread, (void *)(uintptr_t)(i + 20));
 
     for (int i = 0; i < 4; i++)
         pthread_join(push[i], NULL);
@@ -307,6 +392,8 @@ int main(void)
     atomic_store(&stop_users, 1);
     pthread_join(snd, NULL);
     pthread_join(kick, NULL);
+    for (int i = 0; i < 2; i++)
+        pthread_join(sposter[i], NULL);
     r = cp_service_stop(svc);
     CHECK(r == 0, "cp_service_stop returned %d", r);
     atomic_store(&stop_clients, 1);
@@ -316,6 +403,10 @@ int main(void)
     CHECK(atomic_load(&connected) == atomic_load(&disconnected), "%d connected but %d disconnected",
           atomic_load(&connected), atomic_load(&disconnected));
     CHECK(atomic_load(&connected) > 0, "no session ever connected");
+    CHECK(atomic_load(&posts_ran) == atomic_load(&posts_made), "%ld session posts made, %ld ran",
+          atomic_load(&posts_made), atomic_load(&posts_ran));
+    for (int i = 0; i < nkept; i++)
+        cp_session_unref(kept[i]);
     for (int i = 0; i < 4; i++)
         cp_jobq_close(qs[i].q, NULL, NULL);
     cp_port_destroy(port);
@@ -327,7 +418,8 @@ int main(void)
     }
     CHECK(ran == atomic_load(&pushed), "%ld jobs pushed, %ld ran", atomic_load(&pushed), ran);
     cp_group_destroy(room);
-    printf("tsan_stress: %d sessions, %ld jobs, %d timers fired of 4000 cancelled-at-once: %s\n",
-           atomic_load(&connected), ran, atomic_load(&fired), atomic_load(&failures) ? "FAILED" : "ok");
+    printf("tsan_stress: %d sessions, %ld jobs, %d timers fired of 4000 cancelled-at-once, %ld session posts: %s\n",
+           atomic_load(&connected), ran, atomic_load(&fired), atomic_load(&posts_ran),
+           atomic_load(&failures) ? "FAILED" : "ok");
     return atomic_load(&failures) ? 1 : 0;
 }

@@ -18,6 +18,14 @@
 
 static bool still_connected(const cp_session *s) { return atomic_load(&s->state) == CP_S_CONNECTED; }
 
+/* An unfinished packet (raw mode: bytes on_recv left) begins in this receive:
+ * its partial-packet clock starts now. */
+static void partial_started(cp_session *s)
+{
+    s->pkt_start_ns = s->owner->now_ns;
+    cp__session_packet_started(s);
+}
+
 static bool carry_reserve(cp_session *s, size_t cap)
 {
     if (s->carry_cap >= cap)
@@ -129,7 +137,7 @@ static void packet_input(cp_session *s, const uint8_t *p, size_t n)
     }
     /* A packet that began in this receive starts the partial-packet clock. */
     if (s->carry_len && !had_partial)
-        s->pkt_start_ns = s->owner->now_ns;
+        partial_started(s);
 out:
     if (packets)
         cp__traffic_add(&cp__traffic(s->svc, s->owner)->packets_in, packets);
@@ -162,6 +170,7 @@ static void raw_input(cp_session *s, const uint8_t *p, size_t n)
         } else if (used) {
             memmove(s->carry, s->carry + used, s->carry_len - used);
             s->carry_len -= (uint32_t)used;
+            partial_started(s);
         }
         return;
     }
@@ -176,6 +185,7 @@ static void raw_input(cp_session *s, const uint8_t *p, size_t n)
         return;
     memcpy(s->carry, p + used, n - used);
     s->carry_len = (uint32_t)(n - used);
+    partial_started(s);
 }
 
 void cp__session_input(cp_session *s, const uint8_t *data, size_t n)

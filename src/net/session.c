@@ -41,7 +41,10 @@ static void on_timeout(cp_worker *w, void *sp);
 
 /* The timer holds no reference: it lives in the owner's heap only while the
  * session is connected, and closing removes it. */
-static void timeout_rearm(cp_worker *w, cp_session *s)
+
+/* The nearer of the idle and the partial-packet deadline, or UINT64_MAX when
+ * neither is running. */
+static uint64_t timeout_deadline(const cp_session *s)
 {
     cp_service *svc = s->svc;
     uint64_t when = UINT64_MAX;
@@ -49,10 +52,31 @@ static void timeout_rearm(cp_worker *w, cp_session *s)
         when = s->last_rx_ns + svc->idle_timeout_ns;
     if (svc->packet_timeout_ns && s->carry_len && s->pkt_start_ns + svc->packet_timeout_ns < when)
         when = s->pkt_start_ns + svc->packet_timeout_ns;
-    if (!svc->packet_timeout_ns || svc->idle_timeout_ns || s->carry_len)
+    return when;
+}
+
+/* With only a packet timeout and no packet under way the timer stays
+ * disarmed: the next packet that starts arms it. */
+static void timeout_rearm(cp_worker *w, cp_session *s)
+{
+    uint64_t when = timeout_deadline(s);
+    if (when != UINT64_MAX)
         cp__timer_arm_at(w, &s->tmo, when);
-    else /* only a packet timeout, and no packet under way: check again later */
-        cp__timer_arm_at(w, &s->tmo, w->now_ns + svc->packet_timeout_ns);
+}
+
+/* Receives only stamp last_rx_ns, so the idle deadline moves later without
+ * touching the heap and the timer, when it fires early, re-arms itself. A
+ * packet deadline is the one that can come earlier than the armed one: the
+ * timer moves then, once per packet left unfinished, and not even then while
+ * an earlier packet's deadline is still armed. */
+void cp__session_packet_started(cp_session *s)
+{
+    cp_service *svc = s->svc;
+    if (!svc->packet_timeout_ns || atomic_load_explicit(&s->state, memory_order_relaxed) >= CP_S_CLOSING)
+        return;
+    uint64_t when = s->pkt_start_ns + svc->packet_timeout_ns;
+    if (s->tmo.heap_index == UINT32_MAX || when < s->tmo.deadline_ns)
+        cp__timer_arm_at(s->owner, &s->tmo, when);
 }
 
 static void on_timeout(cp_worker *w, void *sp)
@@ -237,6 +261,7 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
     /* The carry buffer stays until the session finishes: a packet handler
      * that disconnects may still be reading its body from it. */
     cp__group_leave_all(s);
+    cp__session_work_close(s);
 
     if (s->was_connected) {
         cp__stat_add(&svc->st.disconnected, 1);

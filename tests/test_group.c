@@ -449,6 +449,9 @@ Test(group, broadcast_except_edge_cases, .timeout = 20)
     int a = cpt_xconnect(cp_service_port(svc));
     int b = cpt_xconnect(cp_service_port(svc));
     CPT_AWAIT(cp_group_size(c->g) == 2, 5000, "not joined");
+    /* The session joins before its tracking record learns the peer's port. */
+    CPT_AWAIT(atomic_load(&c->t.connected) == 2 && cpt_track_by_peer(&c->t, cpt_local_port(a)), 5000,
+              "not tracked");
     cp_session *sa = cpt_track_by_peer(&c->t, cpt_local_port(a))->s;
     cp_sendbuf *buf = cp_packet_make(5, "e", 1);
     cr_assert_eq(cp_group_broadcast_except(NULL, buf, sa), -EINVAL);

@@ -166,7 +166,9 @@ CP_API int cp_jobq_create(cp_jobq **out, cp_port *port);
 CP_API int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg);
 /* Refuses further pushes (they return -ESHUTDOWN); the jobs already pushed
  * still run; then on_closed (may be NULL) runs on a worker. Safe from inside
- * one of the queue's own jobs. No job runs after on_closed. */
+ * one of the queue's own jobs. No job runs after on_closed. -ESHUTDOWN if the
+ * queue is closed already; of several closes at once exactly one returns 0,
+ * and only its on_closed runs (a close that fails never runs its own). */
 CP_API int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg);
 /* Closes the queue (unless it is closed already) and blocks until it has
  * drained: every job pushed before the close has run and the on_closed of an

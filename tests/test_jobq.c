@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 
 #define PUSHERS 4
@@ -328,6 +329,95 @@ Test(jobq, close_wait_refuses_to_wait_for_itself, .timeout = 30)
     cr_assert_eq(atomic_load(&c.ran), 1);
     cr_assert_eq(cp_jobq_close_wait(NULL), -EINVAL);
     cp_jobq_unref(c.q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+/* ------------------------------------------------------------------ two closes at once */
+
+/* Two threads close one queue at the same moment, each with its own
+ * on_closed. Exactly one close succeeds, and the on_closed that runs is that
+ * one's: a close that failed (-ESHUTDOWN) never fires its callback. The
+ * closes used to write the callback into the queue before deciding who
+ * closes, so the loser's could overwrite the winner's. */
+typedef struct close_race {
+    _Atomic(cp_jobq *) q;
+    atomic_int round;       /* the round the closers are released into */
+    atomic_int done;        /* closes finished in all rounds */
+    atomic_int quit;
+    int rc[2];              /* this round's results; read after done says so */
+    atomic_int fired[2];    /* this round's on_closed calls, per closer */
+} close_race;
+
+typedef struct closer {
+    close_race *r;
+    int index;
+} closer;
+
+static void race_on_closed(void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
+
+static void *race_closer(void *arg)
+{
+    closer *c = arg;
+    close_race *r = c->r;
+    for (int seen = 0;;) {
+        int round;
+        while ((round = atomic_load(&r->round)) == seen && !atomic_load(&r->quit))
+            sched_yield();
+        if (atomic_load(&r->quit))
+            return NULL;
+        seen = round;
+        r->rc[c->index] = cp_jobq_close(atomic_load(&r->q), race_on_closed, &r->fired[c->index]);
+        atomic_fetch_add(&r->done, 1);
+    }
+}
+
+Test(jobq, concurrent_closes_run_only_the_winners_on_closed, .timeout = 60)
+{
+    enum { ROUNDS = 20000, BUDGET_MS = 4000 };
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    close_race r = {0};
+    closer cl[2] = {{&r, 0}, {&r, 1}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, race_closer, &cl[i]), 0);
+    int rounds = 0, both = 0, neither = 0, loser_fired = 0, winner_silent = 0;
+    uint64_t t0 = cpt_now_ms();
+    for (; rounds < ROUNDS && cpt_now_ms() - t0 < BUDGET_MS; rounds++) {
+        cp_jobq *q;
+        cr_assert_eq(cp_jobq_create(&q, port), 0);
+        atomic_store(&r.q, q);
+        atomic_store(&r.fired[0], 0);
+        atomic_store(&r.fired[1], 0);
+        atomic_store(&r.round, rounds + 1);
+        while (atomic_load(&r.done) < 2 * (rounds + 1))
+            sched_yield();
+        /* Drained: the winner's on_closed has returned. */
+        cr_assert_eq(cp_jobq_close_wait(q), 0);
+        int ok0 = r.rc[0] == 0, ok1 = r.rc[1] == 0;
+        if (ok0 && ok1)
+            both++;
+        else if (!ok0 && !ok1)
+            neither++;
+        else {
+            int w = ok0 ? 0 : 1;
+            cr_assert_eq(r.rc[1 - w], -ESHUTDOWN);
+            if (atomic_load(&r.fired[1 - w]) != 0)
+                loser_fired++;
+            if (atomic_load(&r.fired[w]) != 1)
+                winner_silent++;
+        }
+        cp_jobq_unref(q);
+    }
+    atomic_store(&r.quit, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    cr_expect_eq(both + neither, 0, "%d rounds with two winners, %d with none", both, neither);
+    cr_expect_eq(loser_fired, 0, "the failed close's on_closed ran in %d of %d rounds", loser_fired, rounds);
+    cr_expect_eq(winner_silent, 0, "the successful close's on_closed did not run once in %d of %d rounds",
+                 winner_silent, rounds);
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
 }

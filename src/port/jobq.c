@@ -29,9 +29,18 @@
 
 typedef struct job {
     _Atomic(struct job *) next;
-    void (*fn)(void *arg);
+    void (*fn)(void *arg); /* NULL: the close marker (a close_job) */
     void *arg;
 } job;
+
+/* The close marker carries the on_closed of the close that queued it. Only
+ * the close that sets the closed bit queues one, so a close that failed
+ * leaves no trace: its callback never reaches the queue. */
+typedef struct close_job {
+    job j;
+    void (*on_closed)(void *arg);
+    void *arg;
+} close_job;
 
 struct cp_jobq {
     cp_port *port;
@@ -40,7 +49,7 @@ struct cp_jobq {
     _Atomic(job *) tail;    /* producers exchange here */
     job *head;              /* consumer side; starts at the stub */
     job stub;
-    void (*on_closed)(void *arg);
+    void (*on_closed)(void *arg); /* taken from the close marker by the runner */
     void *closed_arg;
     atomic_bool drained;    /* closed, every job run, on_closed returned */
     atomic_int waiters;     /* threads in cp_jobq_close_wait */
@@ -146,8 +155,13 @@ static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
     current = q;
     for (unsigned n = 1;; n++) {
         job *j = list_pop(q);
-        if (j->fn)
+        if (j->fn) {
             j->fn(j->arg);
+        } else {
+            close_job *m = (close_job *)j;
+            q->on_closed = m->on_closed;
+            q->closed_arg = m->arg;
+        }
         free(j);
         uint64_t left = atomic_fetch_sub_explicit(&q->state, 1, memory_order_acq_rel) - 1;
         if ((left & ~CLOSED_BIT) == 0) {
@@ -183,13 +197,9 @@ static int count_up(cp_jobq *q, bool closing)
     }
 }
 
-static int enqueue(cp_jobq *q, void (*fn)(void *), void *arg, bool closing)
+/* Appends j (a job, or the close marker when closing); frees it if refused. */
+static int enqueue(cp_jobq *q, job *j, bool closing)
 {
-    job *j = malloc(sizeof *j);
-    if (!j)
-        return -ENOMEM;
-    j->fn = fn;
-    j->arg = arg;
     int first = count_up(q, closing);
     if (first < 0) {
         free(j);
@@ -203,11 +213,30 @@ static int enqueue(cp_jobq *q, void (*fn)(void *), void *arg, bool closing)
     return 0;
 }
 
+/* Closes q unless it is closed: the marker, an empty job carrying on_closed,
+ * keeps the count above zero until every job pushed before it has run. */
+static int close_with(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
+{
+    close_job *c = malloc(sizeof *c);
+    if (!c)
+        return -ENOMEM;
+    c->j.fn = NULL;
+    c->j.arg = NULL;
+    c->on_closed = on_closed;
+    c->arg = arg;
+    return enqueue(q, &c->j, true);
+}
+
 int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg)
 {
     if (!q || !fn)
         return -EINVAL;
-    return enqueue(q, fn, arg, false);
+    job *j = malloc(sizeof *j);
+    if (!j)
+        return -ENOMEM;
+    j->fn = fn;
+    j->arg = arg;
+    return enqueue(q, j, false);
 }
 
 int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
@@ -216,12 +245,7 @@ int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
         return -EINVAL;
     if (atomic_load(&q->state) & CLOSED_BIT)
         return -ESHUTDOWN;
-    /* Set before the closing marker becomes visible to the runner. */
-    q->on_closed = on_closed;
-    q->closed_arg = arg;
-    /* The marker is an empty job: it keeps the count above zero until every
-     * job pushed before the close has run. */
-    return enqueue(q, NULL, NULL, true);
+    return close_with(q, on_closed, arg);
 }
 
 int cp_jobq_close_wait(cp_jobq *q)
@@ -232,7 +256,7 @@ int cp_jobq_close_wait(cp_jobq *q)
      * port, and the queue may be scheduled on this very worker. */
     if (cp__on_worker(q->port))
         return -EDEADLK;
-    int r = enqueue(q, NULL, NULL, true);
+    int r = close_with(q, NULL, NULL);
     if (r < 0 && r != -ESHUTDOWN)
         return r; /* out of memory: not closed */
     atomic_fetch_add(&q->waiters, 1);

@@ -356,14 +356,32 @@ typedef struct closer {
 
 static void race_on_closed(void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
 
+typedef struct race_gate {
+    close_race *r;
+    int until; /* closes done, this round included */
+} race_gate;
+
+/* Holds the queue until both closes of the round have returned, so that the
+ * runner reads the closing callback only after both closes wrote whatever
+ * they write. */
+static void race_hold(void *arg)
+{
+    race_gate *g = arg;
+    uint64_t deadline = cpt_now_ms() + 5000;
+    while (atomic_load(&g->r->done) < g->until && cpt_now_ms() < deadline)
+        sched_yield();
+}
+
 static void *race_closer(void *arg)
 {
     closer *c = arg;
     close_race *r = c->r;
     for (int seen = 0;;) {
         int round;
-        while ((round = atomic_load(&r->round)) == seen && !atomic_load(&r->quit))
-            sched_yield();
+        /* Spin hot for a while, so that both closers leave at the same moment. */
+        for (unsigned spins = 0; (round = atomic_load(&r->round)) == seen && !atomic_load(&r->quit);)
+            if (++spins > 20000)
+                sched_yield();
         if (atomic_load(&r->quit))
             return NULL;
         seen = round;
@@ -374,7 +392,7 @@ static void *race_closer(void *arg)
 
 Test(jobq, concurrent_closes_run_only_the_winners_on_closed, .timeout = 60)
 {
-    enum { ROUNDS = 20000, BUDGET_MS = 4000 };
+    enum { ROUNDS = 100000, BUDGET_MS = 3000 };
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(2);
@@ -388,6 +406,8 @@ Test(jobq, concurrent_closes_run_only_the_winners_on_closed, .timeout = 60)
     for (; rounds < ROUNDS && cpt_now_ms() - t0 < BUDGET_MS; rounds++) {
         cp_jobq *q;
         cr_assert_eq(cp_jobq_create(&q, port), 0);
+        race_gate g = {&r, 2 * (rounds + 1)};
+        cr_assert_eq(cp_jobq_push(q, race_hold, &g), 0);
         atomic_store(&r.q, q);
         atomic_store(&r.fired[0], 0);
         atomic_store(&r.fired[1], 0);

@@ -128,10 +128,25 @@ CP_API int cp_port_create(cp_port **out, const cp_port_opts *opts);
 
 /* Stops and joins every worker and frees the port. Every service on it must
  * have been stopped first (-EBUSY otherwise, and nothing is freed). Must not be
- * called from a worker (-EDEADLK). Misuse: destroying a port twice. */
+ * called from a worker (-EDEADLK). In order:
+ * - from its start, cp_port_post, cp_timer_start and cp_jobq_create on the
+ *   port return -ESHUTDOWN; a call that had already passed that check
+ *   finishes first (a post that returned 0 runs, below);
+ * - every job queue of the port still open is closed (as by cp_jobq_close
+ *   with no on_closed: later pushes return -ESHUTDOWN), and every job a push
+ *   accepted runs, then the on_closed of a queue the user had closed, all
+ *   on the workers (a job that pushes again meets the close: -ESHUTDOWN);
+ * - the workers stop; posts that had not run yet run on the calling thread.
+ * When it returns no callback of the port runs any more, and none will.
+ * Job queue references still held stay valid: cp_jobq_unref frees the queue
+ * afterwards; the port's memory goes with the last one.
+ * Any other call on the port after it returned is a misuse (it must not
+ * start then). Misuse: destroying a port twice. */
 CP_API int cp_port_destroy(cp_port *port);
 
-/* Runs fn(arg) on some worker, soon. Any thread. -ESHUTDOWN once destroying. */
+/* Runs fn(arg) on some worker, soon. Any thread. -ESHUTDOWN once
+ * cp_port_destroy has begun; a post that returned 0 runs exactly once, before
+ * cp_port_destroy returns, also one that raced it. */
 CP_API int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg);
 
 CP_API const char *cp_port_backend_name(const cp_port *port); /* "epoll", ... */
@@ -161,8 +176,11 @@ CP_API int cp_catch_stop_signals(void);
  * worker after a time slice so other queues get a turn. */
 typedef struct cp_jobq cp_jobq;
 
+/* -ESHUTDOWN once cp_port_destroy has begun. */
 CP_API int cp_jobq_create(cp_jobq **out, cp_port *port);
-/* Any thread. -ESHUTDOWN once the queue is closed. */
+/* Any thread. -ESHUTDOWN once the queue is closed (cp_port_destroy closes the
+ * port's queues). A push that returned 0 runs, before the port's destroy
+ * returns. */
 CP_API int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg);
 /* Refuses further pushes (they return -ESHUTDOWN); the jobs already pushed
  * still run; then on_closed (may be NULL) runs on a worker. Safe from inside
@@ -180,7 +198,9 @@ CP_API int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg);
  * it afterwards. Threads the user owns only. */
 CP_API int cp_jobq_close_wait(cp_jobq *q);
 /* The creator holds one reference; the memory goes with the last one (a
- * closing queue keeps its own until it has drained). Any thread. */
+ * closing queue keeps its own until it has drained). Any thread. A reference
+ * may outlive the port: after cp_port_destroy the queue is closed and
+ * drained, and cp_jobq_unref still frees it. */
 CP_API void cp_jobq_ref(cp_jobq *q);
 CP_API void cp_jobq_unref(cp_jobq *q);
 /* The queue whose job is running on this thread, or NULL. */
@@ -192,7 +212,8 @@ CP_API cp_jobq *cp_jobq_current(void);
  * fn(arg) runs on a worker, or as a job of q when q is not NULL. Each timer
  * costs O(log n) to arm, fire and cancel (a heap per worker).
  * out may be NULL for a timer that is never cancelled; otherwise the handle
- * must be given back with cp_timer_cancel() (also after a one-shot fired). */
+ * must be given back with cp_timer_cancel() (also after a one-shot fired).
+ * -ESHUTDOWN once cp_port_destroy has begun. */
 typedef struct cp_timer cp_timer;
 
 CP_API int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t repeat_ms,

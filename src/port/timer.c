@@ -198,11 +198,14 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
         *out = NULL;
     if (!port || !fn || delay_ms > UINT64_MAX / 2000000u || repeat_ms > UINT64_MAX / 2000000u)
         return -EINVAL;
-    if (atomic_load(&port->stopping))
-        return -ESHUTDOWN;
+    int r = cp__port_enter(port);
+    if (r < 0)
+        return r;
     cp_timer *t = cp__xalloc(sizeof *t);
-    if (!t)
+    if (!t) {
+        cp__port_leave(port);
         return -ENOMEM;
+    }
     t->owner = cp__pick_worker(port);
     t->wt.fn = fire;
     t->wt.arg = t;
@@ -220,6 +223,7 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
     if (out)
         *out = t;
     cp__send_msg(t->owner, arm_msg, t, NULL);
+    cp__port_leave(port);
     return 0;
 }
 

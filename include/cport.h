@@ -138,8 +138,9 @@ CP_API int cp_port_create(cp_port **out, const cp_port_opts *opts);
  *   on the workers (a job that pushes again meets the close: -ESHUTDOWN);
  * - the workers stop; posts that had not run yet run on the calling thread.
  * When it returns no callback of the port runs any more, and none will.
- * Job queue references still held stay valid: cp_jobq_unref frees the queue
- * afterwards; the port's memory goes with the last one.
+ * Timer handles and job queue references still held stay valid: give them
+ * back afterwards (cp_timer_cancel answers 0 for a timer that never fired,
+ * cp_jobq_unref frees the queue); the port's memory goes with the last one.
  * Any other call on the port after it returned is a misuse (it must not
  * start then). Misuse: destroying a port twice. */
 CP_API int cp_port_destroy(cp_port *port);
@@ -211,8 +212,11 @@ CP_API cp_jobq *cp_jobq_current(void);
 /* One-shot (repeat_ms 0) or repeating timers with millisecond resolution.
  * fn(arg) runs on a worker, or as a job of q when q is not NULL. Each timer
  * costs O(log n) to arm, fire and cancel (a heap per worker).
+ * cp_port_destroy ends every timer of the port.
  * out may be NULL for a timer that is never cancelled; otherwise the handle
- * must be given back with cp_timer_cancel() (also after a one-shot fired).
+ * must be given back with cp_timer_cancel() (also after a one-shot fired,
+ * and after cp_port_destroy: every handle can still be given back then, and
+ * nothing leaks once all are).
  * -ESHUTDOWN once cp_port_destroy has begun. */
 typedef struct cp_timer cp_timer;
 
@@ -220,7 +224,9 @@ CP_API int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint
                           void (*fn)(void *arg), void *arg, cp_jobq *q);
 /* Any thread. Returns 0 if the timer will not fire again (a job already
  * queued for it is skipped), -ENOENT if a one-shot had already fired (with a
- * job queue: its job had started). Releases the handle either way.
+ * job queue: its job had started). So a one-shot that never called fn, also
+ * one that the port's destroy ended, answers 0.
+ * Releases the handle either way, also after cp_port_destroy.
  * Called from anywhere but the timer's own callback, it returns only when no
  * call of fn is running and none can start, so arg may be freed right after:
  * it waits for a call in progress on another worker to return. Called from

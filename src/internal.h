@@ -136,6 +136,7 @@ struct cp_port {
     cp_worker *workers;
     atomic_bool stopping;  /* destroying: posts, timer starts and new queues are refused */
     atomic_bool exiting;   /* destroying, the queues drained: workers leave once idle */
+    atomic_bool inboxes_closed; /* destroyed: nothing may be sent to a worker any more */
     atomic_uint rr;        /* round-robin cursor for posts and new sessions */
     atomic_int services;   /* live services */
 
@@ -143,7 +144,8 @@ struct cp_port {
      * sends to a worker (cp__port_enter/hold): destroy waits for them. */
     atomic_int callers;
     /* The port's memory: one reference for the port until it is destroyed,
-     * one per job queue, so that a queue can be released after the destroy. */
+     * one per job queue and per public timer, so that their handles can be
+     * given back after the destroy. */
     atomic_uint refs;
 
     /* Job queues that have not drained (jobq.c), for the destroy to close
@@ -165,12 +167,14 @@ extern _Thread_local cp_worker *cp__self;
  * workers race cp_port_destroy, which waits for every such call in
  * progress. enter: 0 and counted, or -ESHUTDOWN (not counted) once the port
  * is being destroyed. hold: counted unconditionally, for a send the caller
- * already owes (a job queue's first push). leave/release end either. On a
- * worker of the port nothing is counted: the destroy joins the workers
- * before it frees anything. */
+ * already owes (a job queue's first push). hold_msgs: counted, or false
+ * (not counted) once the inboxes are closed, when a send would be lost.
+ * leave/release end any of them. On a worker of the port nothing is counted:
+ * the destroy joins the workers before it frees anything. */
 int cp__port_enter(cp_port *p);
 void cp__port_leave(cp_port *p);
 void cp__port_hold(cp_port *p);
+bool cp__port_hold_msgs(cp_port *p);
 void cp__port_release(cp_port *p);
 /* The port's memory (see cp_port.refs). */
 void cp__port_ref(cp_port *p);

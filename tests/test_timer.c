@@ -2,6 +2,7 @@
 #include "helpers.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 #define NTIMERS 10000
@@ -316,4 +317,85 @@ Test(timer, cancel_from_its_own_callback_does_not_wait_for_itself, .timeout = 30
 Test(timer, cancel_from_its_own_job_queue_callback_does_not_wait_for_itself, .timeout = 30)
 {
     cancel_from_own_callback(true);
+}
+
+/* ------------------------------------------------------------------ handles outliving the port */
+
+typedef struct outlive_ctx {
+    cp_port *port;
+    cp_timer **t;
+    int n;
+    atomic_int next;      /* the canceller's cursor */
+    atomic_int bad;       /* cancels that answered neither 0 nor -ENOENT */
+    atomic_int fired_cancelled; /* -ENOENT for a timer that never fired */
+    atomic_int *fired;    /* per timer */
+} outlive_ctx;
+
+static void outlive_fire(void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
+
+static void give_back(outlive_ctx *c, int i)
+{
+    int r = cp_timer_cancel(c->t[i]);
+    if (r != 0 && r != -ENOENT)
+        atomic_fetch_add(&c->bad, 1);
+    if (r == -ENOENT && atomic_load(&c->fired[i]) == 0)
+        atomic_fetch_add(&c->fired_cancelled, 1);
+}
+
+static void *outlive_canceller(void *arg)
+{
+    outlive_ctx *c = arg;
+    for (int i; (i = atomic_fetch_add(&c->next, 1)) < c->n;) {
+        give_back(c, i);
+        cpt_sleep_us(20);
+    }
+    return NULL;
+}
+
+/* Timers still armed when their port is destroyed (one-shot and repeating,
+ * direct and through a job queue), mixed with one-shots that fired: every
+ * handle can be given back after cp_port_destroy, and also while it runs,
+ * from another thread; an armed timer's cancel answers 0 (it never fired)
+ * and nothing leaks once every handle is back. Cancel used to send to the
+ * freed worker. */
+Test(timer, handles_given_back_after_port_destroy_are_safe_and_leak_nothing, .timeout = 60)
+{
+    enum { N = 64 };
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    for (int round = 0; round < 20; round++) {
+        outlive_ctx c = {.n = N};
+        c.port = cpt_xport(2 + round % 3);
+        c.t = calloc(N, sizeof *c.t);
+        c.fired = calloc(N, sizeof *c.fired);
+        cp_jobq *q;
+        cr_assert_eq(cp_jobq_create(&q, c.port), 0);
+        for (int i = 0; i < N; i++) {
+            /* A quarter fire at once, the rest are still armed at the destroy. */
+            uint64_t delay = i % 4 == 0 ? 0 : 60000, repeat = i % 3 == 1 ? 60000 : 0;
+            cr_assert_eq(cp_timer_start(&c.t[i], c.port, delay, repeat, outlive_fire, &c.fired[i],
+                                        i % 2 ? q : NULL), 0);
+        }
+        cp_jobq_unref(q);
+        cpt_sleep_ms(10);
+        /* Odd rounds give the handles back while the destroy runs. */
+        pthread_t th;
+        if (round % 2)
+            cr_assert_eq(pthread_create(&th, NULL, outlive_canceller, &c), 0);
+        cpt_xport_destroy(c.port);
+        if (round % 2)
+            pthread_join(th, NULL);
+        else
+            outlive_canceller(&c);
+        cr_assert_eq(atomic_load(&c.bad), 0, "round %d: a cancel failed", round);
+        cr_assert_eq(atomic_load(&c.fired_cancelled), 0,
+                     "round %d: %d timers that never fired answered -ENOENT", round,
+                     atomic_load(&c.fired_cancelled));
+        for (int i = 0; i < N; i++)
+            cr_assert_eq(atomic_load(&c.fired[i]), i % 4 == 0 ? 1 : 0, "round %d: timer %d fired %d times",
+                         round, i, atomic_load(&c.fired[i]));
+        free(c.t);
+        free(c.fired);
+    }
+    cpt_leak_end(&m);
 }

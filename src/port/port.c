@@ -469,6 +469,20 @@ void cp__port_hold(cp_port *p)
         atomic_fetch_add(&p->callers, 1);
 }
 
+bool cp__port_hold_msgs(cp_port *p)
+{
+    if (cp__on_worker(p))
+        return true;
+    if (atomic_load(&p->inboxes_closed))
+        return false;
+    atomic_fetch_add(&p->callers, 1);
+    if (atomic_load(&p->inboxes_closed)) {
+        atomic_fetch_sub(&p->callers, 1);
+        return false;
+    }
+    return true;
+}
+
 void cp__port_release(cp_port *p)
 {
     if (!cp__on_worker(p))
@@ -708,9 +722,17 @@ int cp_port_destroy(cp_port *p)
      * stop, a message between workers in their last rounds) run here rather
      * than being lost: their arguments may own memory. */
     final_drain(p);
+    /* Timer handles may be given back at any time, also after this returns:
+     * from now on a cancel sends nothing. The cancels that were sending have
+     * their messages run by the second drain. */
+    atomic_store(&p->inboxes_closed, true);
+    wait_callers(p);
+    final_drain(p);
     for (int i = 0; i < p->nworkers; i++) {
         cp_worker *w = &p->workers[i];
-        /* Only public timers can be left: every service is stopped. */
+        /* Only public timers can be left: every service is stopped. Each
+         * gives up the heap's reference; a handle still out keeps the timer
+         * (and the port's memory) until it is given back. */
         for (uint32_t k = 0; k < w->ntimers; k++)
             if (w->timers[k]->is_public)
                 cp__timer_drop_public(w->timers[k]);

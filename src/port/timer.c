@@ -21,6 +21,9 @@
  *
  * References: the owner's heap holds one while the timer is armed or firing, a
  * queued job holds one, and the user's handle holds one until cp_timer_cancel.
+ * A timer holds one on its port's memory, so that a handle can be given back
+ * after cp_port_destroy: the destroy drops the heaps' references, and a
+ * cancel from then on sends nothing (cp__port_hold_msgs).
  */
 #include "internal.h"
 
@@ -61,9 +64,11 @@ static void timer_unref(cp_timer *t)
 {
     if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) != 1)
         return;
+    cp_port *port = t->owner->port;
     if (t->q)
         cp_jobq_unref(t->q);
     free(t);
+    cp__port_unref(port);
 }
 
 static void call_fn(cp_timer *t)
@@ -222,6 +227,7 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
     atomic_init(&t->refs, out ? 2 : 1);
     if (out)
         *out = t;
+    cp__port_ref(port);
     cp__send_msg(t->owner, arm_msg, t, NULL);
     cp__port_leave(port);
     return 0;
@@ -232,6 +238,10 @@ int cp_timer_cancel(cp_timer *t)
     if (!t)
         return -EINVAL;
     bool own = running_here == t;
+    /* After the port's destroy (or late in it) the heaps are gone: an armed
+     * timer is then just cancelled, and nothing is sent. */
+    cp_port *port = t->owner->port;
+    bool can_send = cp__port_hold_msgs(port);
     int r;
     unsigned s = atomic_load(&t->state), ns;
     do {
@@ -242,10 +252,12 @@ int cp_timer_cancel(cp_timer *t)
         if ((s & T_RUN) && !own)
             ns |= T_WAIT;
     } while (ns != s && !atomic_compare_exchange_weak(&t->state, &s, ns));
-    if (r == 0 && (s & T_PHASE) == T_ARMED) {
+    if (r == 0 && (s & T_PHASE) == T_ARMED && can_send) {
         atomic_fetch_add(&t->refs, 1);
         cp__send_msg(t->owner, unarm_msg, t, NULL);
     }
+    if (can_send)
+        cp__port_release(port);
     if ((ns & T_RUN) && !own)
         wait_call_end(t);
     timer_unref(t); /* the handle's */

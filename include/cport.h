@@ -212,12 +212,15 @@ CP_API cp_jobq *cp_jobq_current(void);
 /* One-shot (repeat_ms 0) or repeating timers with millisecond resolution.
  * fn(arg) runs on a worker, or as a job of q when q is not NULL. Each timer
  * costs O(log n) to arm, fire and cancel (a heap per worker).
- * cp_port_destroy ends every timer of the port.
+ * A timer delivered through q ends when q closes: fn is not called for a
+ * tick after the close (a job queued before the close still runs, as every
+ * job does), and a repeating timer stops (it leaves its worker at its next
+ * tick). cp_port_destroy ends every timer of the port.
  * out may be NULL for a timer that is never cancelled; otherwise the handle
  * must be given back with cp_timer_cancel() (also after a one-shot fired,
- * and after cp_port_destroy: every handle can still be given back then, and
- * nothing leaks once all are).
- * -ESHUTDOWN once cp_port_destroy has begun. */
+ * after its queue closed, and after cp_port_destroy: every handle can still
+ * be given back then, and nothing leaks once all are).
+ * -ESHUTDOWN if q is closed or cp_port_destroy has begun. */
 typedef struct cp_timer cp_timer;
 
 CP_API int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t repeat_ms,
@@ -225,7 +228,7 @@ CP_API int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint
 /* Any thread. Returns 0 if the timer will not fire again (a job already
  * queued for it is skipped), -ENOENT if a one-shot had already fired (with a
  * job queue: its job had started). So a one-shot that never called fn, also
- * one that the port's destroy ended, answers 0.
+ * one that its queue's close or the port's destroy ended, answers 0.
  * Releases the handle either way, also after cp_port_destroy.
  * Called from anywhere but the timer's own callback, it returns only when no
  * call of fn is running and none can start, so arg may be freed right after:

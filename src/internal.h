@@ -184,6 +184,8 @@ void cp__port_unref(cp_port *p);
  * still open, then wait until every one of them has drained. */
 void cp__jobq_close_all(cp_port *p);
 void cp__jobq_wait_drained(cp_port *p);
+/* True once q is closed (no job can be added). */
+bool cp__jobq_closed(cp_jobq *q);
 
 /* Sends msg to worker dst. On a worker of the same port it is batched in the
  * round's outbox; other threads push it at once. */

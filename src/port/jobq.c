@@ -334,6 +334,8 @@ int cp_jobq_close_wait(cp_jobq *q)
     return 0;
 }
 
+bool cp__jobq_closed(cp_jobq *q) { return (atomic_load(&q->state) & CLOSED_BIT) != 0; }
+
 /* Sets the closed bit without a marker (no allocation, no on_closed). A
  * queue with work drains as its runner reaches the end; an idle one has
  * drained right here. The caller holds port->qlock, which keeps every listed

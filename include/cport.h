@@ -128,10 +128,26 @@ CP_API int cp_port_create(cp_port **out, const cp_port_opts *opts);
 
 /* Stops and joins every worker and frees the port. Every service on it must
  * have been stopped first (-EBUSY otherwise, and nothing is freed). Must not be
- * called from a worker (-EDEADLK). Misuse: destroying a port twice. */
+ * called from a worker (-EDEADLK). In order:
+ * - from its start, cp_port_post, cp_timer_start and cp_jobq_create on the
+ *   port return -ESHUTDOWN; a call that had already passed that check
+ *   finishes first (a post that returned 0 runs, below);
+ * - every job queue of the port still open is closed (as by cp_jobq_close
+ *   with no on_closed: later pushes return -ESHUTDOWN), and every job a push
+ *   accepted runs, then the on_closed of a queue the user had closed, all
+ *   on the workers (a job that pushes again meets the close: -ESHUTDOWN);
+ * - the workers stop; posts that had not run yet run on the calling thread.
+ * When it returns no callback of the port runs any more, and none will.
+ * Timer handles and job queue references still held stay valid: give them
+ * back afterwards (cp_timer_cancel answers 0 for a timer that never fired,
+ * cp_jobq_unref frees the queue); the port's memory goes with the last one.
+ * Any other call on the port after it returned is a misuse (it must not
+ * start then). Misuse: destroying a port twice. */
 CP_API int cp_port_destroy(cp_port *port);
 
-/* Runs fn(arg) on some worker, soon. Any thread. -ESHUTDOWN once destroying. */
+/* Runs fn(arg) on some worker, soon. Any thread. -ESHUTDOWN once
+ * cp_port_destroy has begun; a post that returned 0 runs exactly once, before
+ * cp_port_destroy returns, also one that raced it. */
 CP_API int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg);
 
 CP_API const char *cp_port_backend_name(const cp_port *port); /* "epoll", ... */
@@ -161,12 +177,17 @@ CP_API int cp_catch_stop_signals(void);
  * worker after a time slice so other queues get a turn. */
 typedef struct cp_jobq cp_jobq;
 
+/* -ESHUTDOWN once cp_port_destroy has begun. */
 CP_API int cp_jobq_create(cp_jobq **out, cp_port *port);
-/* Any thread. -ESHUTDOWN once the queue is closed. */
+/* Any thread. -ESHUTDOWN once the queue is closed (cp_port_destroy closes the
+ * port's queues). A push that returned 0 runs, before the port's destroy
+ * returns. */
 CP_API int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg);
 /* Refuses further pushes (they return -ESHUTDOWN); the jobs already pushed
  * still run; then on_closed (may be NULL) runs on a worker. Safe from inside
- * one of the queue's own jobs. No job runs after on_closed. */
+ * one of the queue's own jobs. No job runs after on_closed. -ESHUTDOWN if the
+ * queue is closed already; of several closes at once exactly one returns 0,
+ * and only its on_closed runs (a close that fails never runs its own). */
 CP_API int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg);
 /* Closes the queue (unless it is closed already) and blocks until it has
  * drained: every job pushed before the close has run and the on_closed of an
@@ -178,7 +199,9 @@ CP_API int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg);
  * it afterwards. Threads the user owns only. */
 CP_API int cp_jobq_close_wait(cp_jobq *q);
 /* The creator holds one reference; the memory goes with the last one (a
- * closing queue keeps its own until it has drained). Any thread. */
+ * closing queue keeps its own until it has drained). Any thread. A reference
+ * may outlive the port: after cp_port_destroy the queue is closed and
+ * drained, and cp_jobq_unref still frees it. */
 CP_API void cp_jobq_ref(cp_jobq *q);
 CP_API void cp_jobq_unref(cp_jobq *q);
 /* The queue whose job is running on this thread, or NULL. */
@@ -189,15 +212,24 @@ CP_API cp_jobq *cp_jobq_current(void);
 /* One-shot (repeat_ms 0) or repeating timers with millisecond resolution.
  * fn(arg) runs on a worker, or as a job of q when q is not NULL. Each timer
  * costs O(log n) to arm, fire and cancel (a heap per worker).
+ * A timer delivered through q ends when q closes: fn is not called for a
+ * tick after the close (a job queued before the close still runs, as every
+ * job does), and a repeating timer stops (it leaves its worker at its next
+ * tick). cp_port_destroy ends every timer of the port.
  * out may be NULL for a timer that is never cancelled; otherwise the handle
- * must be given back with cp_timer_cancel() (also after a one-shot fired). */
+ * must be given back with cp_timer_cancel() (also after a one-shot fired,
+ * after its queue closed, and after cp_port_destroy: every handle can still
+ * be given back then, and nothing leaks once all are).
+ * -ESHUTDOWN if q is closed or cp_port_destroy has begun. */
 typedef struct cp_timer cp_timer;
 
 CP_API int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t repeat_ms,
                           void (*fn)(void *arg), void *arg, cp_jobq *q);
 /* Any thread. Returns 0 if the timer will not fire again (a job already
  * queued for it is skipped), -ENOENT if a one-shot had already fired (with a
- * job queue: its job had started). Releases the handle either way.
+ * job queue: its job had started). So a one-shot that never called fn, also
+ * one that its queue's close or the port's destroy ended, answers 0.
+ * Releases the handle either way, also after cp_port_destroy.
  * Called from anywhere but the timer's own callback, it returns only when no
  * call of fn is running and none can start, so arg may be freed right after:
  * it waits for a call in progress on another worker to return. Called from

@@ -134,9 +134,25 @@ struct cp_port {
     bool reuse_sockets; /* cp_port_opts.iocp_reuse_sockets */
     int nworkers;
     cp_worker *workers;
-    atomic_bool stopping;
+    atomic_bool stopping;  /* destroying: posts, timer starts and new queues are refused */
+    atomic_bool exiting;   /* destroying, the queues drained: workers leave once idle */
+    atomic_bool inboxes_closed; /* destroyed: nothing may be sent to a worker any more */
     atomic_uint rr;        /* round-robin cursor for posts and new sessions */
     atomic_int services;   /* live services */
+
+    /* Threads that are not workers of the port and are inside a call that
+     * sends to a worker (cp__port_enter/hold): destroy waits for them. */
+    atomic_int callers;
+    /* The port's memory: one reference for the port until it is destroyed,
+     * one per job queue and per public timer, so that their handles can be
+     * given back after the destroy. */
+    atomic_uint refs;
+
+    /* Job queues that have not drained (jobq.c), for the destroy to close
+     * and wait for. */
+    pthread_mutex_t qlock;
+    pthread_cond_t qcond;
+    cp_jobq *queues;
 
     /* Start-up handshake: each worker reports its backend set-up. */
     pthread_mutex_t start_lock;
@@ -146,6 +162,30 @@ struct cp_port {
 
 /* The worker running on this thread, or NULL for threads the user owns. */
 extern _Thread_local cp_worker *cp__self;
+
+/* Calls that send to a worker from a thread that is not one of the port's
+ * workers race cp_port_destroy, which waits for every such call in
+ * progress. enter: 0 and counted, or -ESHUTDOWN (not counted) once the port
+ * is being destroyed. hold: counted unconditionally, for a send the caller
+ * already owes (a job queue's first push). hold_msgs: counted, or false
+ * (not counted) once the inboxes are closed, when a send would be lost.
+ * leave/release end any of them. On a worker of the port nothing is counted:
+ * the destroy joins the workers before it frees anything. */
+int cp__port_enter(cp_port *p);
+void cp__port_leave(cp_port *p);
+void cp__port_hold(cp_port *p);
+bool cp__port_hold_msgs(cp_port *p);
+void cp__port_release(cp_port *p);
+/* The port's memory (see cp_port.refs). */
+void cp__port_ref(cp_port *p);
+void cp__port_unref(cp_port *p);
+
+/* Job queues (jobq.c) at cp_port_destroy: close every queue of the port
+ * still open, then wait until every one of them has drained. */
+void cp__jobq_close_all(cp_port *p);
+void cp__jobq_wait_drained(cp_port *p);
+/* True once q is closed (no job can be added). */
+bool cp__jobq_closed(cp_jobq *q);
 
 /* Sends msg to worker dst. On a worker of the same port it is batched in the
  * round's outbox; other threads push it at once. */

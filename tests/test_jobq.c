@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 
 #define PUSHERS 4
@@ -329,5 +330,248 @@ Test(jobq, close_wait_refuses_to_wait_for_itself, .timeout = 30)
     cr_assert_eq(cp_jobq_close_wait(NULL), -EINVAL);
     cp_jobq_unref(c.q);
     cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+/* ------------------------------------------------------------------ two closes at once */
+
+/* Two threads close one queue at the same moment, each with its own
+ * on_closed. Exactly one close succeeds, and the on_closed that runs is that
+ * one's: a close that failed (-ESHUTDOWN) never fires its callback. The
+ * closes used to write the callback into the queue before deciding who
+ * closes, so the loser's could overwrite the winner's. */
+typedef struct close_race {
+    _Atomic(cp_jobq *) q;
+    atomic_int round;       /* the round the closers are released into */
+    atomic_int done;        /* closes finished in all rounds */
+    atomic_int quit;
+    int rc[2];              /* this round's results; read after done says so */
+    atomic_int fired[2];    /* this round's on_closed calls, per closer */
+} close_race;
+
+typedef struct closer {
+    close_race *r;
+    int index;
+} closer;
+
+static void race_on_closed(void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
+
+typedef struct race_gate {
+    close_race *r;
+    int until; /* closes done, this round included */
+} race_gate;
+
+/* Holds the queue until both closes of the round have returned, so that the
+ * runner reads the closing callback only after both closes wrote whatever
+ * they write. */
+static void race_hold(void *arg)
+{
+    race_gate *g = arg;
+    uint64_t deadline = cpt_now_ms() + 5000;
+    while (atomic_load(&g->r->done) < g->until && cpt_now_ms() < deadline)
+        sched_yield();
+}
+
+static void *race_closer(void *arg)
+{
+    closer *c = arg;
+    close_race *r = c->r;
+    for (int seen = 0;;) {
+        int round;
+        /* Spin hot for a while, so that both closers leave at the same moment. */
+        for (unsigned spins = 0; (round = atomic_load(&r->round)) == seen && !atomic_load(&r->quit);)
+            if (++spins > 20000)
+                sched_yield();
+        if (atomic_load(&r->quit))
+            return NULL;
+        seen = round;
+        r->rc[c->index] = cp_jobq_close(atomic_load(&r->q), race_on_closed, &r->fired[c->index]);
+        atomic_fetch_add(&r->done, 1);
+    }
+}
+
+Test(jobq, concurrent_closes_run_only_the_winners_on_closed, .timeout = 60)
+{
+    enum { ROUNDS = 100000, BUDGET_MS = 3000 };
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    close_race r = {0};
+    closer cl[2] = {{&r, 0}, {&r, 1}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, race_closer, &cl[i]), 0);
+    int rounds = 0, both = 0, neither = 0, loser_fired = 0, winner_silent = 0;
+    uint64_t t0 = cpt_now_ms();
+    for (; rounds < ROUNDS && cpt_now_ms() - t0 < BUDGET_MS; rounds++) {
+        cp_jobq *q;
+        cr_assert_eq(cp_jobq_create(&q, port), 0);
+        race_gate g = {&r, 2 * (rounds + 1)};
+        cr_assert_eq(cp_jobq_push(q, race_hold, &g), 0);
+        atomic_store(&r.q, q);
+        atomic_store(&r.fired[0], 0);
+        atomic_store(&r.fired[1], 0);
+        atomic_store(&r.round, rounds + 1);
+        while (atomic_load(&r.done) < 2 * (rounds + 1))
+            sched_yield();
+        /* Drained: the winner's on_closed has returned. */
+        cr_assert_eq(cp_jobq_close_wait(q), 0);
+        int ok0 = r.rc[0] == 0, ok1 = r.rc[1] == 0;
+        if (ok0 && ok1)
+            both++;
+        else if (!ok0 && !ok1)
+            neither++;
+        else {
+            int w = ok0 ? 0 : 1;
+            cr_assert_eq(r.rc[1 - w], -ESHUTDOWN);
+            if (atomic_load(&r.fired[1 - w]) != 0)
+                loser_fired++;
+            if (atomic_load(&r.fired[w]) != 1)
+                winner_silent++;
+        }
+        cp_jobq_unref(q);
+    }
+    atomic_store(&r.quit, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    cr_expect_eq(both + neither, 0, "%d rounds with two winners, %d with none", both, neither);
+    cr_expect_eq(loser_fired, 0, "the failed close's on_closed ran in %d of %d rounds", loser_fired, rounds);
+    cr_expect_eq(winner_silent, 0, "the successful close's on_closed did not run once in %d of %d rounds",
+                 winner_silent, rounds);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+/* ------------------------------------------------------------------ queued work at cp_port_destroy */
+
+typedef struct destroy_ctx {
+    cp_jobq *q;
+    atomic_int ran;
+    atomic_int ran_at_on_closed; /* ran when on_closed started; -1 before */
+    atomic_int on_closed_calls;
+    atomic_int accepted;         /* re-pushes that returned 0 */
+    atomic_int refused;          /* re-pushes that returned -ESHUTDOWN */
+    atomic_int other;            /* anything else a re-push returned */
+    atomic_int stop;
+} destroy_ctx;
+
+static void spin_20us(void *arg)
+{
+    destroy_ctx *c = arg;
+    uint64_t until = cpt_now_ns() + 20000;
+    while (cpt_now_ns() < until)
+        ;
+    atomic_fetch_add(&c->ran, 1);
+}
+
+static void destroy_on_closed(void *arg)
+{
+    destroy_ctx *c = arg;
+    atomic_store(&c->ran_at_on_closed, atomic_load(&c->ran));
+    atomic_fetch_add(&c->on_closed_calls, 1);
+}
+
+/* 500 jobs of 20 us queued, then the port is destroyed (2 to 4 workers, with
+ * the queue still open, the caller's reference given up before or after):
+ * every job whose push returned 0 has run when cp_port_destroy returns, and
+ * the queue, its jobs and the messages that scheduled it are freed (the leak
+ * check). Destroy used to drop most of them and leak the rest. */
+Test(jobq, port_destroy_runs_every_queued_job, .timeout = 60)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    for (int round = 0; round < 12; round++) {
+        cp_port *port = cpt_xport(2 + round % 3);
+        destroy_ctx c = {0};
+        cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+        for (int i = 0; i < 500; i++)
+            cr_assert_eq(cp_jobq_push(c.q, spin_20us, &c), 0);
+        bool keep = round % 2;
+        if (!keep)
+            cp_jobq_unref(c.q);
+        cpt_xport_destroy(port);
+        cr_assert_eq(atomic_load(&c.ran), 500, "round %d: %d of 500 accepted jobs ran before destroy returned",
+                     round, atomic_load(&c.ran));
+        if (keep) {
+            /* The destroy closed the queue: it refuses work, and is drained. */
+            cr_assert_eq(cp_jobq_push(c.q, spin_20us, &c), -ESHUTDOWN);
+            cr_assert_eq(cp_jobq_close(c.q, destroy_on_closed, &c), -ESHUTDOWN);
+            cr_assert_eq(cp_jobq_close_wait(c.q), 0);
+            cp_jobq_unref(c.q);
+        }
+        cpt_sleep_ms(2);
+        cr_assert_eq(atomic_load(&c.ran), 500, "round %d: a job ran after destroy returned", round);
+        cr_assert_eq(atomic_load(&c.on_closed_calls), 0, "round %d: a refused close ran its on_closed", round);
+    }
+    cpt_leak_end(&m);
+}
+
+/* The same with the queue closed just before the destroy: every job runs,
+ * then on_closed, once, all before cp_port_destroy returns. Destroy used to
+ * run a few dozen of the 500 and never on_closed. */
+Test(jobq, port_destroy_after_close_runs_every_job_then_on_closed, .timeout = 60)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    for (int round = 0; round < 12; round++) {
+        cp_port *port = cpt_xport(2 + round % 3);
+        destroy_ctx c = {.ran_at_on_closed = -1};
+        cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+        for (int i = 0; i < 500; i++)
+            cr_assert_eq(cp_jobq_push(c.q, spin_20us, &c), 0);
+        cr_assert_eq(cp_jobq_close(c.q, destroy_on_closed, &c), 0);
+        cp_jobq_unref(c.q);
+        cpt_xport_destroy(port);
+        cr_assert_eq(atomic_load(&c.ran), 500, "round %d: %d of 500 jobs ran", round, atomic_load(&c.ran));
+        cr_assert_eq(atomic_load(&c.on_closed_calls), 1, "round %d: on_closed ran %d times before destroy returned",
+                     round, atomic_load(&c.on_closed_calls));
+        cr_assert_eq(atomic_load(&c.ran_at_on_closed), 500, "round %d: on_closed ran after %d of 500 jobs", round,
+                     atomic_load(&c.ran_at_on_closed));
+    }
+    cpt_leak_end(&m);
+}
+
+/* A job that pushes itself again, for as long as the queue takes it. */
+static void repush_job(void *arg)
+{
+    destroy_ctx *c = arg;
+    uint64_t until = cpt_now_ns() + 20000;
+    while (cpt_now_ns() < until)
+        ;
+    atomic_fetch_add(&c->ran, 1);
+    if (atomic_load(&c->stop))
+        return;
+    int r = cp_jobq_push(c->q, repush_job, c);
+    if (r == 0)
+        atomic_fetch_add(&c->accepted, 1);
+    else if (r == -ESHUTDOWN)
+        atomic_fetch_add(&c->refused, 1);
+    else
+        atomic_fetch_add(&c->other, 1);
+}
+
+/* A job re-pushing itself while the port is destroyed: the destroy closes
+ * the queue (the last re-push is refused), and every re-push that was
+ * accepted runs before destroy returns. Destroy used to lose the job whose
+ * run was handed on during its final drain. */
+Test(jobq, port_destroy_loses_no_job_a_job_pushed, .timeout = 60)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    for (int round = 0; round < 12; round++) {
+        cp_port *port = cpt_xport(2 + round % 3);
+        destroy_ctx c = {0};
+        cr_assert_eq(cp_jobq_create(&c.q, port), 0);
+        cr_assert_eq(cp_jobq_push(c.q, repush_job, &c), 0);
+        cpt_sleep_ms(5 + round % 4);
+        cp_jobq_unref(c.q);
+        /* The stop flag bounds the test if the destroy never closes the queue. */
+        cpt_xport_destroy(port);
+        atomic_store(&c.stop, 1);
+        int ran = atomic_load(&c.ran), accepted = atomic_load(&c.accepted);
+        cr_assert_eq(ran, accepted + 1, "round %d: %d jobs ran, 1 + %d pushed", round, ran, accepted);
+        cr_assert_eq(atomic_load(&c.refused), 1, "round %d: the destroy did not refuse the re-push", round);
+        cr_assert_eq(atomic_load(&c.other), 0);
+    }
     cpt_leak_end(&m);
 }

@@ -1,7 +1,9 @@
 /* Timers: firing on time, cancellation, repeating, delivery to job queues. */
 #include "helpers.h"
+#include "internal.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 #define NTIMERS 10000
@@ -316,4 +318,185 @@ Test(timer, cancel_from_its_own_callback_does_not_wait_for_itself, .timeout = 30
 Test(timer, cancel_from_its_own_job_queue_callback_does_not_wait_for_itself, .timeout = 30)
 {
     cancel_from_own_callback(true);
+}
+
+/* ------------------------------------------------------------------ handles outliving the port */
+
+typedef struct outlive_ctx {
+    cp_port *port;
+    cp_timer **t;
+    int n;
+    atomic_int next;      /* the canceller's cursor */
+    atomic_int bad;       /* cancels that answered neither 0 nor -ENOENT */
+    atomic_int fired_cancelled; /* -ENOENT for a timer that never fired */
+    atomic_int *fired;    /* per timer */
+} outlive_ctx;
+
+static void outlive_fire(void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
+
+static void give_back(outlive_ctx *c, int i)
+{
+    int r = cp_timer_cancel(c->t[i]);
+    if (r != 0 && r != -ENOENT)
+        atomic_fetch_add(&c->bad, 1);
+    if (r == -ENOENT && atomic_load(&c->fired[i]) == 0)
+        atomic_fetch_add(&c->fired_cancelled, 1);
+}
+
+static void *outlive_canceller(void *arg)
+{
+    outlive_ctx *c = arg;
+    for (int i; (i = atomic_fetch_add(&c->next, 1)) < c->n;) {
+        give_back(c, i);
+        cpt_sleep_us(20);
+    }
+    return NULL;
+}
+
+/* Timers still armed when their port is destroyed (one-shot and repeating,
+ * direct and through a job queue), mixed with one-shots that fired: every
+ * handle can be given back after cp_port_destroy, and also while it runs,
+ * from another thread; an armed timer's cancel answers 0 (it never fired)
+ * and nothing leaks once every handle is back. Cancel used to send to the
+ * freed worker. */
+Test(timer, handles_given_back_after_port_destroy_are_safe_and_leak_nothing, .timeout = 60)
+{
+    enum { N = 64 };
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    for (int round = 0; round < 20; round++) {
+        outlive_ctx c = {.n = N};
+        c.port = cpt_xport(2 + round % 3);
+        c.t = calloc(N, sizeof *c.t);
+        c.fired = calloc(N, sizeof *c.fired);
+        cp_jobq *q;
+        cr_assert_eq(cp_jobq_create(&q, c.port), 0);
+        for (int i = 0; i < N; i++) {
+            /* A quarter fire at once, the rest are still armed at the destroy. */
+            uint64_t delay = i % 4 == 0 ? 0 : 60000, repeat = i % 3 == 1 ? 60000 : 0;
+            cr_assert_eq(cp_timer_start(&c.t[i], c.port, delay, repeat, outlive_fire, &c.fired[i],
+                                        i % 2 ? q : NULL), 0);
+        }
+        cp_jobq_unref(q);
+        cpt_sleep_ms(10);
+        /* Odd rounds give the handles back while the destroy runs. */
+        pthread_t th;
+        if (round % 2)
+            cr_assert_eq(pthread_create(&th, NULL, outlive_canceller, &c), 0);
+        cpt_xport_destroy(c.port);
+        if (round % 2)
+            pthread_join(th, NULL);
+        else
+            outlive_canceller(&c);
+        cr_assert_eq(atomic_load(&c.bad), 0, "round %d: a cancel failed", round);
+        cr_assert_eq(atomic_load(&c.fired_cancelled), 0,
+                     "round %d: %d timers that never fired answered -ENOENT", round,
+                     atomic_load(&c.fired_cancelled));
+        for (int i = 0; i < N; i++)
+            cr_assert_eq(atomic_load(&c.fired[i]), i % 4 == 0 ? 1 : 0, "round %d: timer %d fired %d times",
+                         round, i, atomic_load(&c.fired[i]));
+        free(c.t);
+        free(c.fired);
+    }
+    cpt_leak_end(&m);
+}
+
+/* ------------------------------------------------------------------ timers of a closed job queue */
+
+/* The number of timers in the heaps of port's workers, read on each worker. */
+typedef struct heap_probe {
+    atomic_int total;
+    atomic_int answered;
+} heap_probe;
+
+static void probe_heap(cp_worker *w, void *pp, void *unused, uintptr_t c)
+{
+    (void)unused, (void)c;
+    heap_probe *p = pp;
+    atomic_fetch_add(&p->total, (int)w->ntimers);
+    atomic_fetch_add(&p->answered, 1);
+}
+
+static int armed_timers(cp_port *port)
+{
+    heap_probe p = {0};
+    for (int i = 0; i < port->nworkers; i++)
+        cp__send_msg(&port->workers[i], probe_heap, &p, NULL);
+    CPT_AWAIT(atomic_load(&p.answered) == port->nworkers, 5000, "a worker did not answer");
+    return atomic_load(&p.total);
+}
+
+/* A job queue's close ends the timers delivered through it: a one-shot that
+ * fires after the close never calls its function, and cancel says 0 (it
+ * never fired), not -ENOENT; a repeating one stops (it leaves its worker's
+ * heap at its next tick) instead of firing into the closed queue forever.
+ * A timer can no longer be started on a closed queue. */
+Test(timer, a_closed_job_queue_ends_its_timers_and_cancel_tells_the_truth, .timeout = 30)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(2);
+    cp_jobq *q;
+    cr_assert_eq(cp_jobq_create(&q, port), 0);
+    atomic_int once = 0, ticks = 0;
+    cp_timer *one, *rep;
+    cr_assert_eq(cp_timer_start(&one, port, 40, 0, outlive_fire, &once, q), 0);
+    cr_assert_eq(cp_timer_start(&rep, port, 2, 2, outlive_fire, &ticks, q), 0);
+    CPT_AWAIT(atomic_load(&ticks) >= 3, 5000, "the repeating timer did not tick");
+    cr_assert_eq(cp_jobq_close_wait(q), 0);
+    int settled = atomic_load(&ticks);
+    cpt_sleep_ms(80);
+    cr_assert_eq(atomic_load(&once), 0, "the one-shot ran after its queue closed");
+    cr_assert_eq(atomic_load(&ticks), settled, "the repeating timer ran after its queue closed");
+    cr_assert_eq(armed_timers(port), 0, "a timer of the closed queue is still armed");
+    cr_assert_eq(cp_timer_cancel(one), 0, "a one-shot that never fired answered that it had");
+    cr_assert_eq(cp_timer_cancel(rep), 0);
+    cp_timer *late_start = NULL;
+    cr_assert_eq(cp_timer_start(&late_start, port, 1, 0, outlive_fire, &once, q), -ESHUTDOWN);
+    cr_assert_null(late_start);
+    cp_jobq_unref(q);
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}
+
+/* The same as a race: many one-shots due around the moment their queue
+ * closes (2 to 4 workers). Each either ran, and cancel answers -ENOENT, or
+ * did not, and cancel answers 0. Cancel used to answer -ENOENT for a few
+ * whose job the closed queue had refused. */
+Test(timer, one_shots_racing_their_queues_close_cancel_tells_the_truth, .timeout = 60)
+{
+    enum { N = 400, ROUNDS = 8 };
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    int lies = 0, ran_total = 0, refused_total = 0;
+    for (int round = 0; round < ROUNDS; round++) {
+        cp_port *port = cpt_xport(2 + round % 3);
+        cp_jobq *q;
+        cr_assert_eq(cp_jobq_create(&q, port), 0);
+        atomic_int *fired = calloc(N, sizeof *fired);
+        cp_timer **t = calloc(N, sizeof *t);
+        for (int i = 0; i < N; i++)
+            cr_assert_eq(cp_timer_start(&t[i], port, (uint64_t)(i % 20), 0, outlive_fire, &fired[i], q), 0);
+        cpt_sleep_ms(10);
+        cr_assert_eq(cp_jobq_close_wait(q), 0);
+        cpt_sleep_ms(40); /* every timer is due by now */
+        for (int i = 0; i < N; i++) {
+            int r = cp_timer_cancel(t[i]);
+            int f = atomic_load(&fired[i]);
+            cr_assert(f <= 1);
+            if ((r == -ENOENT) != (f == 1))
+                lies++;
+            ran_total += f;
+            refused_total += !f;
+        }
+        cp_jobq_unref(q);
+        cpt_xport_destroy(port);
+        free(fired);
+        free(t);
+    }
+    cr_assert_eq(lies, 0, "cancel's answer disagreed with whether the timer ran for %d of %d timers", lies,
+                 N * ROUNDS);
+    cr_expect(ran_total > 0 && refused_total > 0, "the close met no timer (%d ran, %d did not)", ran_total,
+              refused_total);
+    cpt_leak_end(&m);
 }

@@ -10,7 +10,9 @@
  * timers are armed and cancelled from two; sessions tick on their own timers
  * and take posts from their handlers and from two threads, which also start
  * and cancel session timers; finally the service is stopped while the
- * clients are still busy.
+ * clients are still busy. Then, on ports of their own, the lifetimes at
+ * close and destroy: two closes of one queue at once, timers through a queue
+ * that closes, posts across a destroy, and a destroy with work in flight.
  *
  * It also runs in every normal build (ctest stress.<backend>), on Windows
  * (under Wine) too.
@@ -19,6 +21,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -344,6 +347,213 @@ static void *timer_thread(void *arg)
     return NULL;
 }
 
+/* ------------------------------------------------------------------ lifetimes at close and destroy */
+
+/* Two threads close one queue at once, each with its own on_closed: only the
+ * close that returned 0 has its callback run. */
+#define LT_CLOSE_ROUNDS 2000
+
+typedef struct lt_close {
+    _Atomic(cp_jobq *) q;
+    atomic_int round, done, quit;
+    atomic_int rc[2];
+    atomic_int fired[2];
+} lt_close;
+
+typedef struct lt_closer {
+    lt_close *c;
+    int i;
+} lt_closer;
+
+static void lt_fired(void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
+
+static void *lt_closer_main(void *arg)
+{
+    lt_closer *me = arg;
+    lt_close *c = me->c;
+    for (int seen = 0;;) {
+        int r;
+        /* Spin hot for a while, so that both closers leave at the same moment. */
+        for (unsigned spins = 0; (r = atomic_load(&c->round)) == seen && !atomic_load(&c->quit);)
+            if (++spins > 20000)
+                sched_yield();
+        if (atomic_load(&c->quit))
+            return NULL;
+        seen = r;
+        atomic_store(&c->rc[me->i], cp_jobq_close(atomic_load(&c->q), lt_fired, &c->fired[me->i]));
+        atomic_fetch_add(&c->done, 1);
+    }
+}
+
+static void lt_close_race(cp_port *p)
+{
+    lt_close c = {0};
+    lt_closer cl[2] = {{&c, 0}, {&c, 1}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&th[i], NULL, lt_closer_main, &cl[i]);
+    int wrong = 0;
+    for (int round = 1; round <= LT_CLOSE_ROUNDS; round++) {
+        cp_jobq *q;
+        cp_jobq_create(&q, p);
+        atomic_store(&c.q, q);
+        atomic_store(&c.fired[0], 0);
+        atomic_store(&c.fired[1], 0);
+        atomic_store(&c.round, round);
+        while (atomic_load(&c.done) < 2 * round)
+            sched_yield();
+        cp_jobq_close_wait(q);
+        int w = atomic_load(&c.rc[0]) == 0 ? 0 : 1;
+        if (atomic_load(&c.rc[w]) != 0 || atomic_load(&c.rc[1 - w]) != -ESHUTDOWN ||
+            atomic_load(&c.fired[w]) != 1 || atomic_load(&c.fired[1 - w]) != 0)
+            wrong++;
+        cp_jobq_unref(q);
+    }
+    atomic_store(&c.quit, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    CHECK(wrong == 0, "concurrent closes: %d of %d rounds ran the wrong on_closed", wrong, LT_CLOSE_ROUNDS);
+}
+
+/* Posts from two threads while their port is destroyed: each returns
+ * -ESHUTDOWN or has run when the destroy returns. The posters run freely
+ * across the destroy; a job queue of the port, kept until they have stopped,
+ * keeps the port's memory (not its workers), so that a post starting after
+ * the destroy returned is refused rather than reading freed memory (how the
+ * library is built, not a promise of its API). */
+typedef struct lt_posts {
+    cp_port *port;
+    atomic_long accepted, ran;
+} lt_posts;
+
+static void lt_post_ran(void *arg) { atomic_fetch_add(&((lt_posts *)arg)->ran, 1); }
+
+static void *lt_poster(void *arg)
+{
+    lt_posts *lp = arg;
+    while (cp_port_post(lp->port, lt_post_ran, lp) == 0)
+        atomic_fetch_add(&lp->accepted, 1);
+    return NULL;
+}
+
+static void lt_posts_vs_destroy(void)
+{
+    long lost = 0;
+    for (int round = 0; round < 12; round++) {
+        lt_posts lp = {0};
+        if (cp_port_create(&lp.port, &(cp_port_opts){.workers = 2 + round % 2}) < 0) {
+            CHECK(0, "posts vs destroy: cp_port_create failed");
+            return;
+        }
+        cp_jobq *keep;
+        cp_jobq_create(&keep, lp.port);
+        pthread_t th[2];
+        for (int i = 0; i < 2; i++)
+            pthread_create(&th[i], NULL, lt_poster, &lp);
+        sleep_us(1000);
+        int r = cp_port_destroy(lp.port);
+        CHECK(r == 0, "posts vs destroy: cp_port_destroy returned %d", r);
+        long ran = atomic_load(&lp.ran);
+        for (int i = 0; i < 2; i++)
+            pthread_join(th[i], NULL);
+        cp_jobq_unref(keep);
+        lost += atomic_load(&lp.accepted) - ran;
+    }
+    CHECK(lost == 0, "posts vs destroy: %ld accepted posts had not run when the destroy returned", lost);
+}
+
+/* A port destroyed with work in flight: 300 jobs queued on an open queue, a
+ * job that pushes itself again, timers armed (direct and through the queue)
+ * whose handles another thread gives back during and after the destroy.
+ * Every accepted job has run when the destroy returns; every handle can be
+ * given back; a timer that never fired answers 0. */
+typedef struct lt_destroy {
+    cp_jobq *q;
+    atomic_long ran, accepted;
+    cp_timer *t[64];
+    atomic_int fired[64];
+    atomic_int next, lies;
+} lt_destroy;
+
+static void lt_job(void *arg) { atomic_fetch_add(&((lt_destroy *)arg)->ran, 1); }
+
+static void lt_repush(void *arg)
+{
+    lt_destroy *d = arg;
+    atomic_fetch_add(&d->ran, 1);
+    if (cp_jobq_push(d->q, lt_repush, d) == 0)
+        atomic_fetch_add(&d->accepted, 1);
+}
+
+static void *lt_giver(void *arg)
+{
+    lt_destroy *d = arg;
+    for (int i; (i = atomic_fetch_add(&d->next, 1)) < 64;) {
+        int r = cp_timer_cancel(d->t[i]);
+        if (r != (atomic_load(&d->fired[i]) && i % 3 != 1 ? -ENOENT : 0))
+            atomic_fetch_add(&d->lies, 1);
+        sleep_us(30);
+    }
+    return NULL;
+}
+
+static void lt_destroy_with_work(void)
+{
+    for (int round = 0; round < 6; round++) {
+        cp_port *p;
+        if (cp_port_create(&p, &(cp_port_opts){.workers = 2 + round % 2}) < 0) {
+            CHECK(0, "destroy with work: cp_port_create failed");
+            return;
+        }
+        lt_destroy *d = calloc(1, sizeof *d);
+        cp_jobq_create(&d->q, p);
+        for (int i = 0; i < 64; i++)
+            cp_timer_start(&d->t[i], p, i % 4 ? 60000 : 0, i % 3 == 1 ? 60000 : 0, lt_fired, &d->fired[i],
+                           i % 2 ? d->q : NULL);
+        sleep_us(5000);
+        cp_jobq_push(d->q, lt_repush, d);
+        for (int i = 0; i < 300; i++)
+            if (cp_jobq_push(d->q, lt_job, d) == 0)
+                atomic_fetch_add(&d->accepted, 1);
+        cp_jobq_unref(d->q);
+        pthread_t th;
+        pthread_create(&th, NULL, lt_giver, d);
+        int r = cp_port_destroy(p);
+        CHECK(r == 0, "destroy with work: cp_port_destroy returned %d", r);
+        long ran = atomic_load(&d->ran), accepted = atomic_load(&d->accepted);
+        CHECK(ran == accepted + 1, "destroy with work: %ld jobs ran, 1 + %ld pushed", ran, accepted);
+        pthread_join(th, NULL);
+        CHECK(atomic_load(&d->lies) == 0, "destroy with work: %d cancels misreported", atomic_load(&d->lies));
+        free(d);
+    }
+}
+
+/* One-shots delivered through a queue that closes while they come due:
+ * cancel answers -ENOENT exactly for those that ran. */
+static void lt_timers_vs_close(cp_port *p)
+{
+    enum { N = 200 };
+    atomic_int *hits = calloc(N, sizeof *hits);
+    cp_timer **t = calloc(N, sizeof *t);
+    cp_jobq *q;
+    cp_jobq_create(&q, p);
+    for (int i = 0; i < N; i++)
+        cp_timer_start(&t[i], p, (uint64_t)(i % 8), 0, lt_fired, &hits[i], q);
+    sleep_us(4000);
+    cp_jobq_close_wait(q);
+    sleep_us(30000);
+    int lies = 0;
+    for (int i = 0; i < N; i++) {
+        int r = cp_timer_cancel(t[i]);
+        if ((r == -ENOENT) != (atomic_load(&hits[i]) == 1))
+            lies++;
+    }
+    CHECK(lies == 0, "timers vs close: cancel misreported %d of %d timers", lies, N);
+    cp_jobq_unref(q);
+    free(hits);
+    free(t);
+}
+
 int main(void)
 {
 #ifdef _WIN32
@@ -418,6 +628,19 @@ int main(void)
     }
     CHECK(ran == atomic_load(&pushed), "%ld jobs pushed, %ld ran", atomic_load(&pushed), ran);
     cp_group_destroy(room);
+
+    /* Lifetimes at close and destroy, on ports of their own. */
+    cp_port *lp;
+    if ((r = cp_port_create(&lp, &(cp_port_opts){.workers = 2})) == 0) {
+        lt_close_race(lp);
+        lt_timers_vs_close(lp);
+        CHECK(cp_port_destroy(lp) == 0, "lifetimes: cp_port_destroy failed");
+    } else {
+        CHECK(0, "lifetimes: cp_port_create: %d", r);
+    }
+    lt_posts_vs_destroy();
+    lt_destroy_with_work();
+
     printf("tsan_stress: %d sessions, %ld jobs, %d timers fired of 4000 cancelled-at-once, %ld session posts: %s\n",
            atomic_load(&connected), ran, atomic_load(&fired), atomic_load(&posts_ran),
            atomic_load(&failures) ? "FAILED" : "ok");

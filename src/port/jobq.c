@@ -17,6 +17,13 @@
  * marks the queue drained. Waiters sleep on one mutex and condition variable
  * shared by every queue; the runner takes them only when a waiter is
  * registered, so queues nobody waits for pay one load.
+ *
+ * The port keeps a list of its queues that have not drained, so that
+ * cp_port_destroy can close them and wait until every job they accepted has
+ * run (cp__jobq_close_all, cp__jobq_wait_drained). A queue leaves the list
+ * when it drains, or when it is freed without having been closed. It holds a
+ * reference to the port's memory, so it can be used (and refuses work) after
+ * the destroy.
  */
 #include "internal.h"
 
@@ -29,9 +36,18 @@
 
 typedef struct job {
     _Atomic(struct job *) next;
-    void (*fn)(void *arg);
+    void (*fn)(void *arg); /* NULL: the close marker (a close_job) */
     void *arg;
 } job;
+
+/* The close marker carries the on_closed of the close that queued it. Only
+ * the close that sets the closed bit queues one, so a close that failed
+ * leaves no trace: its callback never reaches the queue. */
+typedef struct close_job {
+    job j;
+    void (*on_closed)(void *arg);
+    void *arg;
+} close_job;
 
 struct cp_jobq {
     cp_port *port;
@@ -40,10 +56,12 @@ struct cp_jobq {
     _Atomic(job *) tail;    /* producers exchange here */
     job *head;              /* consumer side; starts at the stub */
     job stub;
-    void (*on_closed)(void *arg);
+    void (*on_closed)(void *arg); /* taken from the close marker by the runner */
     void *closed_arg;
     atomic_bool drained;    /* closed, every job run, on_closed returned */
     atomic_int waiters;     /* threads in cp_jobq_close_wait */
+    cp_jobq *prev, *next;   /* on the port's list of queues; under port->qlock */
+    bool listed;
 };
 
 static pthread_mutex_t drain_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -65,8 +83,48 @@ int cp_jobq_create(cp_jobq **out, cp_port *port)
     atomic_init(&q->stub.next, NULL);
     atomic_init(&q->tail, &q->stub);
     q->head = &q->stub;
+    /* Under the lock, so that the destroy's sweep sees every queue created
+     * before it began and none after. */
+    pthread_mutex_lock(&port->qlock);
+    if (atomic_load(&port->stopping)) {
+        pthread_mutex_unlock(&port->qlock);
+        free(q);
+        return -ESHUTDOWN;
+    }
+    q->next = port->queues;
+    if (q->next)
+        q->next->prev = q;
+    port->queues = q;
+    q->listed = true;
+    cp__port_ref(port);
+    pthread_mutex_unlock(&port->qlock);
     *out = q;
     return 0;
+}
+
+/* Off the port's list; the caller holds port->qlock. */
+static void unlist_locked(cp_jobq *q)
+{
+    cp_port *port = q->port;
+    if (!q->listed)
+        return;
+    if (q->prev)
+        q->prev->next = q->next;
+    else
+        port->queues = q->next;
+    if (q->next)
+        q->next->prev = q->prev;
+    q->prev = q->next = NULL;
+    q->listed = false;
+    if (!port->queues)
+        pthread_cond_broadcast(&port->qcond);
+}
+
+static void unlist(cp_jobq *q)
+{
+    pthread_mutex_lock(&q->port->qlock);
+    unlist_locked(q);
+    pthread_mutex_unlock(&q->port->qlock);
 }
 
 static void list_push(cp_jobq *q, job *j)
@@ -115,24 +173,35 @@ void cp_jobq_ref(cp_jobq *q) { atomic_fetch_add_explicit(&q->refs, 1, memory_ord
 
 void cp_jobq_unref(cp_jobq *q)
 {
-    if (q && atomic_fetch_sub_explicit(&q->refs, 1, memory_order_acq_rel) == 1)
-        free(q);
+    if (!q || atomic_fetch_sub_explicit(&q->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    cp_port *port = q->port;
+    unlist(q); /* a queue that was never closed */
+    free(q);
+    cp__port_unref(port);
 }
 
 static void run(cp_worker *w, void *qp, void *unused, uintptr_t c);
 
-/* Runs before the runner drops its reference, so q is alive here even if a
- * woken waiter's owner frees it right away. The flag and the waiter count are
- * sequentially consistent: either this sees the waiter, or the waiter sees
- * the flag. */
-static void mark_drained(cp_jobq *q)
+/* Wakes every thread in cp_jobq_close_wait (of any queue) to look again. */
+static void wake_waiters(void)
 {
-    atomic_store(&q->drained, true);
-    if (atomic_load(&q->waiters) == 0)
-        return;
     pthread_mutex_lock(&drain_lock);
     pthread_cond_broadcast(&drain_cond);
     pthread_mutex_unlock(&drain_lock);
+}
+
+/* Runs before the runner drops its reference, so q is alive here even if a
+ * woken waiter's owner frees it right away. The flag and the waiter count are
+ * sequentially consistent: either this sees the waiter, or the waiter sees
+ * the flag. Leaving the port's list may let the port's destroy go on; this
+ * runs on a worker, which the destroy still joins. */
+static void mark_drained(cp_jobq *q)
+{
+    atomic_store(&q->drained, true);
+    unlist(q);
+    if (atomic_load(&q->waiters) > 0)
+        wake_waiters();
 }
 
 static void schedule(cp_jobq *q) { cp__send_msg(cp__pick_worker(q->port), run, q, NULL); }
@@ -146,8 +215,13 @@ static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
     current = q;
     for (unsigned n = 1;; n++) {
         job *j = list_pop(q);
-        if (j->fn)
+        if (j->fn) {
             j->fn(j->arg);
+        } else {
+            close_job *m = (close_job *)j;
+            q->on_closed = m->on_closed;
+            q->closed_arg = m->arg;
+        }
         free(j);
         uint64_t left = atomic_fetch_sub_explicit(&q->state, 1, memory_order_acq_rel) - 1;
         if ((left & ~CLOSED_BIT) == 0) {
@@ -183,31 +257,52 @@ static int count_up(cp_jobq *q, bool closing)
     }
 }
 
-static int enqueue(cp_jobq *q, void (*fn)(void *), void *arg, bool closing)
+/* Appends j (a job, or the close marker when closing); frees it if refused. */
+static int enqueue(cp_jobq *q, job *j, bool closing)
 {
-    job *j = malloc(sizeof *j);
-    if (!j)
-        return -ENOMEM;
-    j->fn = fn;
-    j->arg = arg;
     int first = count_up(q, closing);
     if (first < 0) {
         free(j);
         return first;
     }
-    if (first)
-        cp_jobq_ref(q); /* held while scheduled; taken before the job is visible */
+    if (!first) {
+        list_push(q, j);
+        return 0;
+    }
+    cp_jobq_ref(q); /* held while scheduled; taken before the job is visible */
     list_push(q, j);
-    if (first)
-        schedule(q);
+    /* The queue cannot drain before this job ran, so the port's destroy is
+     * still waiting for it; it also waits for this send to end. */
+    cp__port_hold(q->port);
+    schedule(q);
+    cp__port_release(q->port);
     return 0;
+}
+
+/* Closes q unless it is closed: the marker, an empty job carrying on_closed,
+ * keeps the count above zero until every job pushed before it has run. */
+static int close_with(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
+{
+    close_job *c = malloc(sizeof *c);
+    if (!c)
+        return -ENOMEM;
+    c->j.fn = NULL;
+    c->j.arg = NULL;
+    c->on_closed = on_closed;
+    c->arg = arg;
+    return enqueue(q, &c->j, true);
 }
 
 int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg)
 {
     if (!q || !fn)
         return -EINVAL;
-    return enqueue(q, fn, arg, false);
+    job *j = malloc(sizeof *j);
+    if (!j)
+        return -ENOMEM;
+    j->fn = fn;
+    j->arg = arg;
+    return enqueue(q, j, false);
 }
 
 int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
@@ -216,12 +311,7 @@ int cp_jobq_close(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
         return -EINVAL;
     if (atomic_load(&q->state) & CLOSED_BIT)
         return -ESHUTDOWN;
-    /* Set before the closing marker becomes visible to the runner. */
-    q->on_closed = on_closed;
-    q->closed_arg = arg;
-    /* The marker is an empty job: it keeps the count above zero until every
-     * job pushed before the close has run. */
-    return enqueue(q, NULL, NULL, true);
+    return close_with(q, on_closed, arg);
 }
 
 int cp_jobq_close_wait(cp_jobq *q)
@@ -232,7 +322,7 @@ int cp_jobq_close_wait(cp_jobq *q)
      * port, and the queue may be scheduled on this very worker. */
     if (cp__on_worker(q->port))
         return -EDEADLK;
-    int r = enqueue(q, NULL, NULL, true);
+    int r = close_with(q, NULL, NULL);
     if (r < 0 && r != -ESHUTDOWN)
         return r; /* out of memory: not closed */
     atomic_fetch_add(&q->waiters, 1);
@@ -242,4 +332,45 @@ int cp_jobq_close_wait(cp_jobq *q)
     pthread_mutex_unlock(&drain_lock);
     atomic_fetch_sub(&q->waiters, 1);
     return 0;
+}
+
+bool cp__jobq_closed(cp_jobq *q) { return (atomic_load(&q->state) & CLOSED_BIT) != 0; }
+
+/* Sets the closed bit without a marker (no allocation, no on_closed). A
+ * queue with work drains as its runner reaches the end; an idle one has
+ * drained right here. The caller holds port->qlock, which keeps every listed
+ * queue alive (a queue being freed waits for it to leave the list). */
+static bool close_quietly_locked(cp_jobq *q)
+{
+    uint64_t s = atomic_load(&q->state);
+    do {
+        if (s & CLOSED_BIT)
+            return false;
+    } while (!atomic_compare_exchange_weak(&q->state, &s, s | CLOSED_BIT));
+    if ((s & ~CLOSED_BIT) != 0)
+        return false;
+    atomic_store(&q->drained, true);
+    unlist_locked(q);
+    return true;
+}
+
+void cp__jobq_close_all(cp_port *p)
+{
+    bool woke = false;
+    pthread_mutex_lock(&p->qlock);
+    for (cp_jobq *q = p->queues, *next; q; q = next) {
+        next = q->next;
+        woke |= close_quietly_locked(q);
+    }
+    pthread_mutex_unlock(&p->qlock);
+    if (woke)
+        wake_waiters();
+}
+
+void cp__jobq_wait_drained(cp_port *p)
+{
+    pthread_mutex_lock(&p->qlock);
+    while (p->queues)
+        pthread_cond_wait(&p->qcond, &p->qlock);
+    pthread_mutex_unlock(&p->qlock);
 }

@@ -13,6 +13,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -56,7 +57,7 @@ static int chain_append(cp_msgblk **chain, cp_msg m)
  * whole stack and reverses it, so blocks are replayed in push order. The
  * worker is woken only by the push that finds its inbox empty: any later push
  * is covered by that wake-up, because the worker empties the inbox after it. */
-static void inbox_push(cp_worker *dst, cp_msgblk *head)
+static bool inbox_put(cp_worker *dst, cp_msgblk *head)
 {
     cp_msgblk *tail = head;
     while (tail->next)
@@ -66,7 +67,12 @@ static void inbox_push(cp_worker *dst, cp_msgblk *head)
         tail->next = old;
     } while (!atomic_compare_exchange_weak_explicit(&dst->inbox, &old, head, memory_order_release,
                                                     memory_order_relaxed));
-    if (!old && dst != cp__self)
+    return !old;
+}
+
+static void inbox_push(cp_worker *dst, cp_msgblk *head)
+{
+    if (inbox_put(dst, head) && dst != cp__self)
         dst->port->be->wake(dst);
 }
 
@@ -397,7 +403,7 @@ static void *worker_main(void *arg)
         return NULL;
     }
     for (;;) {
-        if (atomic_load(&w->port->stopping) && !has_work(w))
+        if (atomic_load(&w->port->exiting) && !has_work(w))
             break;
         int timeout = has_work(w) ? 0 : timers_timeout_ms(w);
         int pr = w->port->be->poll(w, timeout); /* sets w->now_ns */
@@ -425,12 +431,71 @@ int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg)
 {
     if (!port || !fn)
         return -EINVAL;
-    if (atomic_load(&port->stopping))
-        return -ESHUTDOWN;
+    int r = cp__port_enter(port);
+    if (r < 0)
+        return r;
     void *f;
     memcpy(&f, &fn, sizeof f);
     cp__send_msg(cp__pick_worker(port), run_post, f, arg);
+    cp__port_leave(port);
     return 0;
+}
+
+/* ------------------------------------------------------------------ calls racing the destroy */
+
+/* The counter and the flags are sequentially consistent: a caller counts
+ * itself, then reads the flag; the destroy sets the flag, then reads the
+ * count. So either the caller sees the flag and backs off, or the destroy
+ * sees the caller and waits for it. A refused call does not count itself
+ * at all when it sees the flag first, so that a busy caller cannot keep the
+ * destroy waiting. */
+int cp__port_enter(cp_port *p)
+{
+    if (cp__on_worker(p))
+        return atomic_load(&p->stopping) ? -ESHUTDOWN : 0;
+    if (atomic_load(&p->stopping))
+        return -ESHUTDOWN;
+    atomic_fetch_add(&p->callers, 1);
+    if (atomic_load(&p->stopping)) {
+        atomic_fetch_sub(&p->callers, 1);
+        return -ESHUTDOWN;
+    }
+    return 0;
+}
+
+void cp__port_hold(cp_port *p)
+{
+    if (!cp__on_worker(p))
+        atomic_fetch_add(&p->callers, 1);
+}
+
+bool cp__port_hold_msgs(cp_port *p)
+{
+    if (cp__on_worker(p))
+        return true;
+    if (atomic_load(&p->inboxes_closed))
+        return false;
+    atomic_fetch_add(&p->callers, 1);
+    if (atomic_load(&p->inboxes_closed)) {
+        atomic_fetch_sub(&p->callers, 1);
+        return false;
+    }
+    return true;
+}
+
+void cp__port_release(cp_port *p)
+{
+    if (!cp__on_worker(p))
+        atomic_fetch_sub(&p->callers, 1);
+}
+
+void cp__port_leave(cp_port *p) { cp__port_release(p); }
+
+/* Every call counted above is short (a few pushes), so the destroy spins. */
+static void wait_callers(cp_port *p)
+{
+    while (atomic_load(&p->callers) > 0)
+        sched_yield();
 }
 
 static const cp_backend_ops *choose_backend(cp_backend want, int *err)
@@ -483,19 +548,40 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
 #endif
 }
 
-static void port_free(cp_port *p)
+/* What the workers used; the port and worker structures themselves stay
+ * until the last reference (see cp_port.refs). */
+static void workers_free(cp_port *p)
 {
-    pthread_mutex_destroy(&p->start_lock);
-    pthread_cond_destroy(&p->start_cond);
     for (int i = 0; i < p->nworkers; i++) {
         cp_worker *w = &p->workers[i];
         free(w->outbox);
         free(w->deferred);
         free(w->rbuf);
         free(w->timers);
+        w->outbox = NULL;
+        w->deferred = NULL;
+        w->rbuf = NULL;
+        w->timers = NULL;
     }
+}
+
+static void port_free(cp_port *p)
+{
+    workers_free(p);
+    pthread_mutex_destroy(&p->start_lock);
+    pthread_cond_destroy(&p->start_cond);
+    pthread_mutex_destroy(&p->qlock);
+    pthread_cond_destroy(&p->qcond);
     free(p->workers);
     free(p);
+}
+
+void cp__port_ref(cp_port *p) { atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed); }
+
+void cp__port_unref(cp_port *p)
+{
+    if (atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1)
+        port_free(p);
 }
 
 int cp_port_create(cp_port **out, const cp_port_opts *opts)
@@ -518,10 +604,15 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     if (!p)
         return -ENOMEM;
     p->be = be;
+    atomic_init(&p->refs, 1);
+    pthread_mutex_init(&p->qlock, NULL);
+    pthread_cond_init(&p->qcond, NULL);
     p->nworkers = o.workers;
     p->reuse_sockets = o.iocp_reuse_sockets != 0;
     p->workers = cp__xalloc(sizeof *p->workers * (size_t)o.workers);
     if (!p->workers) {
+        pthread_mutex_destroy(&p->qlock);
+        pthread_cond_destroy(&p->qcond);
         free(p);
         return -ENOMEM;
     }
@@ -560,6 +651,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     }
     if (err) {
         atomic_store(&p->stopping, true);
+        atomic_store(&p->exiting, true);
         for (int i = 0; i < started; i++) {
             be->wake(&p->workers[i]);
             pthread_join(p->workers[i].thread, NULL);
@@ -574,6 +666,33 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     return 0;
 }
 
+/* After the workers have left: runs what is still in their inboxes and
+ * deferred lists on this thread, each as its worker, and hands on what that
+ * produces (outboxes, itself included) until nothing is left. No wake-ups:
+ * nobody waits on the workers' backends any more. */
+static void final_drain(cp_port *p)
+{
+    bool more;
+    do {
+        more = false;
+        for (int i = 0; i < p->nworkers; i++) {
+            cp_worker *w = &p->workers[i];
+            cp__self = w;
+            while (inbox_drain(w) | deferred_drain(w))
+                more = true;
+            for (int k = 0; k < p->nworkers; k++) {
+                cp_msgblk *c = w->outbox[k];
+                if (c) {
+                    w->outbox[k] = NULL;
+                    inbox_put(&p->workers[k], c);
+                    more = true;
+                }
+            }
+            cp__self = NULL;
+        }
+    } while (more);
+}
+
 int cp_port_destroy(cp_port *p)
 {
     if (!p)
@@ -583,20 +702,37 @@ int cp_port_destroy(cp_port *p)
         return -EDEADLK;
     if (atomic_load(&p->services) > 0)
         return -EBUSY;
+    /* From here posts, timer starts and new queues are refused; the calls
+     * already past that check finish their sends first. */
     atomic_store(&p->stopping, true);
+    wait_callers(p);
+    /* Every queue still open is closed (its later pushes are refused), and
+     * every job a push accepted runs, on the workers, before they stop;
+     * on_closed too. Then the pushers that scheduled a queue from other
+     * threads have left their wake-ups. */
+    cp__jobq_close_all(p);
+    cp__jobq_wait_drained(p);
+    wait_callers(p);
+    atomic_store(&p->exiting, true);
     for (int i = 0; i < p->nworkers; i++)
         p->be->wake(&p->workers[i]);
     for (int i = 0; i < p->nworkers; i++)
         pthread_join(p->workers[i].thread, NULL);
-    /* A post that raced with the stop flag may still sit in an inbox: run it
-     * here rather than lose it (its argument may own memory). */
+    /* Messages that reached a worker after it left (a post that raced the
+     * stop, a message between workers in their last rounds) run here rather
+     * than being lost: their arguments may own memory. */
+    final_drain(p);
+    /* Timer handles may be given back at any time, also after this returns:
+     * from now on a cancel sends nothing. The cancels that were sending have
+     * their messages run by the second drain. */
+    atomic_store(&p->inboxes_closed, true);
+    wait_callers(p);
+    final_drain(p);
     for (int i = 0; i < p->nworkers; i++) {
         cp_worker *w = &p->workers[i];
-        cp__self = w;
-        while (inbox_drain(w) || deferred_drain(w))
-            ;
-        cp__self = NULL;
-        /* Only public timers can be left: every service is stopped. */
+        /* Only public timers can be left: every service is stopped. Each
+         * gives up the heap's reference; a handle still out keeps the timer
+         * (and the port's memory) until it is given back. */
         for (uint32_t k = 0; k < w->ntimers; k++)
             if (w->timers[k]->is_public)
                 cp__timer_drop_public(w->timers[k]);
@@ -604,7 +740,8 @@ int cp_port_destroy(cp_port *p)
         p->be->fini(w);
     }
     cp__live_del(CP_LIVE_PORT, p);
-    port_free(p);
+    workers_free(p);
+    cp__port_unref(p);
     return 0;
 }
 

@@ -21,6 +21,14 @@
  *
  * References: the owner's heap holds one while the timer is armed or firing, a
  * queued job holds one, and the user's handle holds one until cp_timer_cancel.
+ * A timer holds one on its port's memory, so that a handle can be given back
+ * after cp_port_destroy: the destroy drops the heaps' references, and a
+ * cancel from then on sends nothing (cp__port_hold_msgs).
+ *
+ * A timer delivered through a job queue ends when that queue closes: the
+ * first time it fires into the closed queue (its job refused), it goes to
+ * ENDED instead of being armed again, and it never called fn since the
+ * close; so cancel answers 0 (it will not fire), not -ENOENT (it fired).
  */
 #include "internal.h"
 
@@ -33,7 +41,8 @@ enum {
     T_FIRING,    /* the owner is firing it */
     T_PENDING,   /* a one-shot fired into its job queue; the job has not started */
     T_CANCELLED,
-    T_DONE       /* a one-shot whose call started */
+    T_DONE,      /* a one-shot whose call started */
+    T_ENDED      /* ended without a call: its job queue had closed */
 };
 #define T_PHASE 7u
 #define T_RUN 8u   /* a call of fn is in progress */
@@ -61,9 +70,11 @@ static void timer_unref(cp_timer *t)
 {
     if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) != 1)
         return;
+    cp_port *port = t->owner->port;
     if (t->q)
         cp_jobq_unref(t->q);
     free(t);
+    cp__port_unref(port);
 }
 
 static void call_fn(cp_timer *t)
@@ -126,15 +137,28 @@ static bool fire_begin(cp_timer *t)
     return true;
 }
 
+/* How a firing went: fn called here, or its job queued, refused by the
+ * closed queue, or not queued for want of memory (tried again later). */
+enum { F_CALLED, F_QUEUED, F_REFUSED, F_NOMEM };
+
+static unsigned next_phase(const cp_timer *t, int how)
+{
+    if (how == F_REFUSED)
+        return T_ENDED;
+    if (t->repeat_ns || how == F_NOMEM)
+        return T_ARMED;
+    return how == F_QUEUED ? T_PENDING : T_DONE;
+}
+
 /* Leaves FIRING for the next phase, unless a cancel or the timer's job moved
  * it on meanwhile; returns the new state word. */
-static unsigned fire_end(cp_timer *t, bool queued)
+static unsigned fire_end(cp_timer *t, int how)
 {
     unsigned s = atomic_load(&t->state), ns;
     do {
         unsigned phase = s & T_PHASE;
         if (phase == T_FIRING)
-            phase = t->repeat_ns ? T_ARMED : queued ? T_PENDING : T_DONE;
+            phase = next_phase(t, how);
         ns = (s & ~T_PHASE) | phase;
         if (!t->q)
             ns &= ~(T_RUN | T_WAIT);
@@ -151,19 +175,22 @@ static void fire(cp_worker *w, void *tp)
         timer_unref(t); /* cancelled: the heap's reference */
         return;
     }
-    bool queued = false;
+    int how = F_CALLED;
     if (t->q) {
         atomic_fetch_add(&t->refs, 1);
-        queued = cp_jobq_push(t->q, as_job, t) == 0;
-        if (!queued)
+        int r = cp_jobq_push(t->q, as_job, t);
+        how = r == 0 ? F_QUEUED : r == -ESHUTDOWN ? F_REFUSED : F_NOMEM;
+        if (r != 0)
             timer_unref(t);
     } else {
         call_fn(t);
     }
-    if ((fire_end(t, queued) & T_PHASE) == T_ARMED) {
-        /* Keep the period; after a stall, the next tick is one period away. */
-        uint64_t next = t->wt.deadline_ns + t->repeat_ns, now = cp__now_ns();
-        cp__timer_arm_at(w, &t->wt, next > now ? next : now + t->repeat_ns);
+    if ((fire_end(t, how) & T_PHASE) == T_ARMED) {
+        /* Keep the period; after a stall, the next tick is one period away.
+         * A one-shot whose job found no memory tries again in 1 ms. */
+        uint64_t period = t->repeat_ns ? t->repeat_ns : 1000000u;
+        uint64_t next = t->wt.deadline_ns + period, now = cp__now_ns();
+        cp__timer_arm_at(w, &t->wt, next > now ? next : now + period);
         return;
     }
     timer_unref(t);
@@ -198,11 +225,16 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
         *out = NULL;
     if (!port || !fn || delay_ms > UINT64_MAX / 2000000u || repeat_ms > UINT64_MAX / 2000000u)
         return -EINVAL;
-    if (atomic_load(&port->stopping))
+    if (q && cp__jobq_closed(q))
         return -ESHUTDOWN;
+    int r = cp__port_enter(port);
+    if (r < 0)
+        return r;
     cp_timer *t = cp__xalloc(sizeof *t);
-    if (!t)
+    if (!t) {
+        cp__port_leave(port);
         return -ENOMEM;
+    }
     t->owner = cp__pick_worker(port);
     t->wt.fn = fire;
     t->wt.arg = t;
@@ -219,7 +251,9 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
     atomic_init(&t->refs, out ? 2 : 1);
     if (out)
         *out = t;
+    cp__port_ref(port);
     cp__send_msg(t->owner, arm_msg, t, NULL);
+    cp__port_leave(port);
     return 0;
 }
 
@@ -228,20 +262,26 @@ int cp_timer_cancel(cp_timer *t)
     if (!t)
         return -EINVAL;
     bool own = running_here == t;
+    /* After the port's destroy (or late in it) the heaps are gone: an armed
+     * timer is then just cancelled, and nothing is sent. */
+    cp_port *port = t->owner->port;
+    bool can_send = cp__port_hold_msgs(port);
     int r;
     unsigned s = atomic_load(&t->state), ns;
     do {
         unsigned phase = s & T_PHASE;
         bool live = phase == T_ARMED || phase == T_FIRING || phase == T_PENDING;
-        r = live ? 0 : -ENOENT;
+        r = live || phase == T_ENDED ? 0 : -ENOENT;
         ns = live ? (s & ~T_PHASE) | T_CANCELLED : s;
         if ((s & T_RUN) && !own)
             ns |= T_WAIT;
     } while (ns != s && !atomic_compare_exchange_weak(&t->state, &s, ns));
-    if (r == 0 && (s & T_PHASE) == T_ARMED) {
+    if (r == 0 && (s & T_PHASE) == T_ARMED && can_send) {
         atomic_fetch_add(&t->refs, 1);
         cp__send_msg(t->owner, unarm_msg, t, NULL);
     }
+    if (can_send)
+        cp__port_release(port);
     if ((ns & T_RUN) && !own)
         wait_call_end(t);
     timer_unref(t); /* the handle's */

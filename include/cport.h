@@ -492,7 +492,9 @@ typedef struct cp_client_opts {
 
 /* Starts a server: listening, accepting, serving. ctx is returned by
  * cp_service_ctx(). Returns -EADDRINUSE etc. if it cannot listen, -EINVAL
- * for options that cannot work (see the option structs). */
+ * for options that cannot work (see the option structs). Any thread,
+ * workers included; the service may be stopped from any other thread as soon
+ * as this returns, even before it has begun accepting. */
 CP_API int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
                            const cp_handlers *h, void *ctx);
 
@@ -518,8 +520,9 @@ CP_API int cp_client_connect_data(cp_service *svc, void *data);
 /* Graceful stop: stops accepting, disconnects every session with
  * CP_REASON_STOPPING, waits until every callback has run and every completion
  * has drained, then frees the service. No callback of this service runs after
- * it returns. Not from a worker (-EDEADLK). -EALREADY while another stop of
- * it is under way. Misuse: stopping a service that was already stopped. */
+ * it returns, and the listening socket is closed. Not from a worker
+ * (-EDEADLK). -EALREADY while another stop of it is under way. Misuse:
+ * stopping a service that was already stopped. */
 CP_API int cp_service_stop(cp_service *svc);
 
 CP_API void *cp_service_ctx(const cp_service *svc);

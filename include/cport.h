@@ -211,10 +211,14 @@ CP_API int cp_timer_cancel(cp_timer *t);
 
 /* Opens a send buffer with room for cap bytes, carved from this thread's chunk
  * (no lock). Write into cp_sendbuf_data(), then cp_sendbuf_close() with the
- * number of bytes written; only those are kept. One buffer may be open per
- * thread at a time: misuse is opening another before closing it (the
- * shortcuts below may run while one is open; they close theirs at once).
- * The caller holds one reference. NULL if out of memory. */
+ * number of bytes written; only those are kept. The writing and the close
+ * may happen on another thread (hand the buffer over with your own
+ * synchronization): the buffer keeps the length it was closed at, whatever
+ * the opening thread does meanwhile. One buffer may be open per thread at a
+ * time: misuse is opening another on a thread whose last buffer has not been
+ * closed (on any thread) before the call; the shortcuts below may run while
+ * one is open (they close theirs at once). The caller holds one reference.
+ * NULL if out of memory. */
 CP_API cp_sendbuf *cp_sendbuf_open(size_t cap);
 CP_API uint8_t *cp_sendbuf_data(cp_sendbuf *b);
 CP_API void cp_sendbuf_close(cp_sendbuf *b, size_t len);
@@ -235,8 +239,9 @@ CP_API cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len
  * writable until the close. cp_packet_close: 0, or -EMSGSIZE if body_len >
  * body_cap, a programming error: the buffer is then closed empty (sending it
  * sends nothing) rather than framed around bytes that were never reserved;
- * -EINVAL if b is NULL. b must come from cp_packet_open. All on the thread
- * that opened the buffer; once closed it is an ordinary buffer (any thread). */
+ * -EINVAL if b is NULL. b must come from cp_packet_open. As with
+ * cp_sendbuf_open, the body may be written and the packet closed on another
+ * thread; once closed it is an ordinary buffer (any thread). */
 CP_API cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap);
 CP_API uint8_t *cp_packet_body(cp_sendbuf *b);
 CP_API int cp_packet_close(cp_sendbuf *b, size_t body_len);

@@ -10,7 +10,8 @@
  * timers are armed and cancelled from two; sessions tick on their own timers
  * and take posts from their handlers and from two threads, which also start
  * and cancel session timers; finally the service is stopped while the
- * clients are still busy.
+ * clients are still busy. Before all that, send buffers are closed on another
+ * thread than the one that opened them, while the opener opens more.
  *
  * It also runs in every normal build (ctest stress.<backend>), on Windows
  * (under Wine) too.
@@ -291,6 +292,48 @@ static void *session_poster_thread(void *arg)
     return NULL;
 }
 
+/* ------------------------------------------------------------------ send buffers closed elsewhere */
+
+/* A buffer opened here is closed on a partner thread while this thread makes
+ * a copy (a shortcut, allowed while a buffer is open): the copy's open must
+ * not touch the other buffer's length (before the fix it set it to the
+ * capacity, racing with the close and sometimes winning). */
+static _Atomic(cp_sendbuf *) far_buf;
+static atomic_int far_closed;
+
+static void *far_close_thread(void *arg)
+{
+    int rounds = (int)(intptr_t)arg;
+    for (int i = 0; i < rounds; i++) {
+        cp_sendbuf *b;
+        while (!(b = atomic_exchange(&far_buf, NULL)))
+            sleep_us(0);
+        cp_sendbuf_close(b, 10);
+        atomic_store(&far_closed, 1);
+    }
+    return NULL;
+}
+
+static void sendbuf_closed_elsewhere(void)
+{
+    enum { ROUNDS = 2000 };
+    pthread_t th;
+    pthread_create(&th, NULL, far_close_thread, (void *)(intptr_t)ROUNDS);
+    for (int i = 0; i < ROUNDS; i++) {
+        cp_sendbuf *b = cp_sendbuf_open(1000);
+        memset(cp_sendbuf_data(b), 'x', 10);
+        atomic_store(&far_closed, 0);
+        atomic_store(&far_buf, b);
+        cp_sendbuf *c = cp_sendbuf_copy("copy", 4);
+        while (!atomic_load(&far_closed))
+            sleep_us(0);
+        CHECK(cp_sendbuf_len(b) == 10, "a buffer closed at 10 on another thread has length %zu", cp_sendbuf_len(b));
+        cp_sendbuf_unref(c);
+        cp_sendbuf_unref(b);
+    }
+    pthread_join(th, NULL);
+}
+
 /* ------------------------------------------------------------------ job queues and timers */
 
 typedef struct qstate {
@@ -368,6 +411,8 @@ int main(void)
     server_port = cp_service_port(svc);
     for (int i = 0; i < 4; i++)
         cp_jobq_create(&qs[i].q, port);
+
+    sendbuf_closed_elsewhere();
 
     pthread_t cl[CLIENTS], snd, kick, push[4], tim[2], sposter[2];
     for (int i = 0; i < CLIENTS; i++)

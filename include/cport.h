@@ -615,7 +615,14 @@ CP_API void cp_session_unref(cp_session *s);
 
 CP_API uint64_t cp_session_id(const cp_session *s);
 /* The session's service; NULL once the session has finished (a session kept
- * with cp_session_ref can outlive its service). */
+ * with cp_session_ref can outlive its service). Any thread, at any time, also
+ * while the session finishes or its service stops. Inside the session's
+ * callbacks it is the service. Elsewhere the answer is a snapshot: NULL
+ * means the session has left its service for good (its on_disconnected, if
+ * it had one, has returned, and what that callback did is visible to the
+ * caller); a service pointer may go stale at once and stays usable only
+ * while the caller knows the service is not being stopped. After
+ * cp_service_stop returns, every session of that service answers NULL. */
 CP_API cp_service *cp_session_service(const cp_session *s);
 /* The service's ctx; stays valid for kept sessions after they finished. */
 CP_API void *cp_session_ctx(const cp_session *s);

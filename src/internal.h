@@ -199,7 +199,12 @@ struct cp_session {
      * ticket, in the same locked add. */
     _Atomic uint64_t rc;
     _Atomic int state;
-    cp_service *svc;  /* valid until the session reaches CP_S_CLOSED */
+    /* Valid until the session finishes, which clears it (on the owner, with
+     * release order). Other threads read it through cp_session_service() on a
+     * kept session at any time, so it is atomic; the owner's own reads are
+     * the implicit loads of an atomic, plain loads on x86 and one
+     * load-acquire on ARM. */
+    _Atomic(cp_service *) svc;
     void *ctx;        /* the service's ctx, kept for sessions held past that */
     cp_worker *owner;
     uint64_t id;

@@ -9,8 +9,9 @@
  * disconnects sessions by id; job queues take pushes from four threads while
  * timers are armed and cancelled from two; sessions tick on their own timers
  * and take posts from their handlers and from two threads, which also start
- * and cancel session timers; finally the service is stopped while the
- * clients are still busy. Before all that, send buffers are closed on another
+ * and cancel session timers; a thread asks kept sessions for their service;
+ * finally the service is stopped while the clients are still busy (and that
+ * thread still asks). Before all that, send buffers are closed on another
  * thread than the one that opened them, while the opener opens more.
  *
  * It also runs in every normal build (ctest stress.<backend>), on Windows
@@ -292,6 +293,29 @@ static void *session_poster_thread(void *arg)
     return NULL;
 }
 
+/* A thread that asks kept sessions for their service while sessions finish
+ * and the service stops: the finish clears the pointer on the worker as this
+ * reads it (a data race before the pointer was atomic). */
+static atomic_int stop_watch;
+
+static void *service_watch_thread(void *arg)
+{
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    while (!atomic_load(&stop_watch)) {
+        pthread_mutex_lock(&kept_lock);
+        cp_session *s = nkept ? kept[next_rand(&seed) % nkept] : NULL;
+        if (s)
+            cp_session_ref(s);
+        pthread_mutex_unlock(&kept_lock);
+        if (s) {
+            cp_service *got = cp_session_service(s);
+            CHECK(got == svc || got == NULL, "cp_session_service gave neither the service nor NULL");
+            cp_session_unref(s);
+        }
+    }
+    return NULL;
+}
+
 /* ------------------------------------------------------------------ send buffers closed elsewhere */
 
 /* A buffer opened here is closed on a partner thread while this thread makes
@@ -414,7 +438,7 @@ int main(void)
 
     sendbuf_closed_elsewhere();
 
-    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2], sposter[2];
+    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2], sposter[2], watch;
     for (int i = 0; i < CLIENTS; i++)
         pthread_create(&cl[i], NULL, client_thread, NULL);
     pthread_create(&snd, NULL, sender_thread, NULL);
@@ -425,6 +449,7 @@ int main(void)
         pthread_create(&tim[i], NULL, timer_thread, NULL);
     for (int i = 0; i < 2; i++)
         pthread_create(&sposter[i], NULL, session_poster_thread, (void *)(uintptr_t)(i + 20));
+    pthread_create(&watch, NULL, service_watch_thread, (void *)(uintptr_t)30);
 
     for (int i = 0; i < 4; i++)
         pthread_join(push[i], NULL);
@@ -441,6 +466,10 @@ int main(void)
         pthread_join(sposter[i], NULL);
     r = cp_service_stop(svc);
     CHECK(r == 0, "cp_service_stop returned %d", r);
+    atomic_store(&stop_watch, 1);
+    pthread_join(watch, NULL);
+    for (int i = 0; i < nkept; i++)
+        CHECK(cp_session_service(kept[i]) == NULL, "a session names its stopped service");
     atomic_store(&stop_clients, 1);
     for (int i = 0; i < CLIENTS; i++)
         pthread_join(cl[i], NULL);

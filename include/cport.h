@@ -677,11 +677,15 @@ CP_API int cp_session_timer_cancel(cp_session_timer *t);
 /* A set of sessions (a room) with broadcast. Any thread. A member that
  * disconnects leaves every group by itself before on_disconnected. Broadcast
  * queues one buffer on every member: no payload copy, and no lock is held
- * across any socket call. */
+ * while it does, so broadcasts from any number of threads never hold up a
+ * member's disconnect, nor add and remove. Add and remove copy the member
+ * list (their cost grows with the group's size); a broadcast that starts
+ * after a remove returned does not reach that member, one that overlaps it
+ * may. */
 CP_API int cp_group_create(cp_group **out);
 CP_API void cp_group_destroy(cp_group *g);
-CP_API int cp_group_add(cp_group *g, cp_session *s);    /* -EEXIST, -ENOTCONN */
-CP_API int cp_group_remove(cp_group *g, cp_session *s); /* -ENOENT */
+CP_API int cp_group_add(cp_group *g, cp_session *s);    /* -EEXIST, -ENOTCONN, -ENOMEM */
+CP_API int cp_group_remove(cp_group *g, cp_session *s); /* -ENOENT, -ENOMEM */
 CP_API size_t cp_group_size(cp_group *g);
 /* Queues b on every member (each takes its own reference; the caller keeps
  * its own). Returns the number of members the buffer was queued on (members

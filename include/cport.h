@@ -525,7 +525,9 @@ CP_API int cp_client_connect_data(cp_service *svc, void *data);
 /* Graceful stop: stops accepting, disconnects every session with
  * CP_REASON_STOPPING, waits until every callback has run and every completion
  * has drained, then frees the service. No callback of this service runs after
- * it returns, and the listening socket is closed. Not from a worker
+ * it returns, and the listening socket is closed. Its wait does not grow with
+ * the sends queued for the workers (see cp_session_disconnect), nor with
+ * broadcasts other threads keep making meanwhile. Not from a worker
  * (-EDEADLK). -EALREADY while another stop of it is under way. Misuse:
  * stopping a service that was already stopped. */
 CP_API int cp_service_stop(cp_service *svc);
@@ -592,8 +594,11 @@ CP_API int cp_session_send_copy(cp_session *s, const void *data, size_t len);
 /* The hard close: starts disconnecting with CP_REASON_LOCAL at once. What is
  * still queued is dropped (a packet sent just before may never arrive; use
  * cp_session_shutdown for that). Any thread; -ENOTCONN if already
- * disconnecting. on_disconnected follows on the session's worker. Also ends a
- * graceful close that is under way. */
+ * disconnecting. on_disconnected follows on the session's worker, soon: the
+ * close does not wait behind the sends and other work queued for that worker
+ * before it (user threads that send faster than the worker can apply may
+ * queue any amount), only behind the slice of it the worker is replaying.
+ * Also ends a graceful close that is under way. */
 CP_API int cp_session_disconnect(cp_session *s);
 
 /* The graceful close. From this call on no further send is accepted

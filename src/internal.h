@@ -98,6 +98,14 @@ struct cp_worker {
     /* Lock-free inbox: a stack of message blocks pushed by any thread, taken
      * all at once by the owner and replayed in push order. */
     _Atomic(cp_msgblk *) inbox;
+    /* Blocks taken from the inbox and not replayed yet, oldest first (owner
+     * only): a round replays a bounded number of messages, then gives the
+     * backend its turn. */
+    cp_msgblk *pending;
+    /* A second stack of the same kind for messages that must not wait behind
+     * the inbox (cp__send_msg_urgent), replayed first in every pass of a
+     * round. */
+    _Atomic(cp_msgblk *) urgent;
 
     /* Messages this worker produced during the current round for each worker
      * (itself included); pushed once at the end of the round. */
@@ -152,6 +160,11 @@ extern _Thread_local cp_worker *cp__self;
 void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b);
 /* The same with the third word c. */
 void cp__send_msg_c(cp_worker *dst, cp_msg_fn fn, void *a, void *b, uintptr_t c);
+/* Sends msg to dst at once (never batched) on the urgent lane, which dst
+ * replays before its inbox: for work that must not wait behind a backlog of
+ * messages, such as a session's close. No order with other messages, not
+ * even with earlier messages of the same thread. */
+void cp__send_msg_urgent(cp_worker *dst, cp_msg_fn fn, void *a, void *b);
 /* Foreign threads may batch several messages: begin, send_msg..., end. */
 void cp__batch_begin(cp_port *port);
 void cp__batch_end(cp_port *port);

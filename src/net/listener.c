@@ -188,5 +188,7 @@ int cp__listener_start(cp_service *svc, int backlog, int accepts)
 
 void cp__listener_stop(cp_service *svc)
 {
-    cp__send_msg(svc->listener->w, listener_close, svc->listener, NULL);
+    /* Urgent, so that the stop does not wait behind a backlog of messages
+     * to the listener's worker; it may overtake the first step (see begun). */
+    cp__send_msg_urgent(svc->listener->w, listener_close, svc->listener, NULL);
 }

@@ -585,7 +585,11 @@ int cp__session_request_close(cp_session *s, cp_reason reason)
             return -ENOTCONN;
     } while (!atomic_compare_exchange_weak(&s->state, &st, CP_S_DISCONNECTING));
     cp__session_ref(s);
-    cp__send_msg(s->owner, msg_close, s, (void *)(intptr_t)reason);
+    /* Urgent: the close must not wait behind the messages queued for the
+     * owner before it (a flood of broadcasts), which it makes moot anyway:
+     * sends are refused from now on, and posts and timer starts still on
+     * their way are settled by the close (session_work.c). */
+    cp__send_msg_urgent(s->owner, msg_close, s, (void *)(intptr_t)reason);
     return 0;
 }
 

@@ -476,15 +476,16 @@ Test(group, broadcast_except_edge_cases, .timeout = 20)
     cpt_leak_end(&leak);
 }
 
-/* Four user threads broadcast to a room of 200 in a tight loop, and after a
- * second of it the service stops: the stop returns within a second. Each
- * member's close has to take it out of the room while broadcasts are under
+/* Four user threads broadcast to a room of 200 in a tight loop, and after
+ * half a second of it the service stops: the stop returns within a second.
+ * Each member's close has to take it out of the room while broadcasts are under
  * way; before the fix that was a write lock on a reader-preferring
  * read-write lock, which overlapping broadcasts never let go of, so the
  * workers blocked in the members' leave-all and the stop hung (no return
  * within 5 s in every run). With the lock gone the stop still waited for
  * the workers to replay every message the flood had queued before it
- * (0.5-3 s after a second of flood), until the closes took the urgent lane.
+ * (0.2-0.75 s after half a second of flood, 0.5-3 s after a second), until
+ * the closes took the urgent lane.
  * The stop runs on a thread of its own, so that a hang fails the test
  * instead of blocking it. */
 typedef struct room_flood {
@@ -532,7 +533,7 @@ static void join_room(cp_session *s)
 
 Test(group, stop_while_user_threads_broadcast_to_200_members, .timeout = 120)
 {
-    enum { N = 200, THREADS = 4, RUNS = 3, FLOOD_MS = 1000 };
+    enum { N = 200, THREADS = 4, RUNS = 3, FLOOD_MS = 500 };
     cpt_raise_nofile(2 * N + 100);
     for (int run = 0; run < RUNS; run++) {
         cpt_leak_mark leak;

@@ -448,7 +448,8 @@ Test(group, broadcast_except_edge_cases, .timeout = 20)
     cp_service *svc = cpt_xserver(port, NULL, &h, c);
     int a = cpt_xconnect(cp_service_port(svc));
     int b = cpt_xconnect(cp_service_port(svc));
-    CPT_AWAIT(cp_group_size(c->g) == 2, 5000, "not joined");
+    /* join_connected joins before it records the session: wait for both. */
+    CPT_AWAIT(cp_group_size(c->g) == 2 && cpt_track_by_peer(&c->t, cpt_local_port(a)), 5000, "not joined");
     cp_session *sa = cpt_track_by_peer(&c->t, cpt_local_port(a))->s;
     cp_sendbuf *buf = cp_packet_make(5, "e", 1);
     cr_assert_eq(cp_group_broadcast_except(NULL, buf, sa), -EINVAL);

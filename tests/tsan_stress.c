@@ -9,7 +9,9 @@
  * disconnects sessions by id; job queues take pushes from four threads while
  * timers are armed and cancelled from two; sessions tick on their own timers
  * and take posts from their handlers and from two threads, which also start
- * and cancel session timers; a thread asks kept sessions for their service;
+ * and cancel session timers; a thread asks kept sessions for their service
+ * and moves them out of the room and back; two threads broadcast to the room
+ * throughout, also while the service stops;
  * finally the service is stopped while the clients are still busy (and that
  * thread still asks). Before all that, send buffers are closed on another
  * thread than the one that opened them, while the opener opens more.
@@ -295,7 +297,8 @@ static void *session_poster_thread(void *arg)
 
 /* A thread that asks kept sessions for their service while sessions finish
  * and the service stops: the finish clears the pointer on the worker as this
- * reads it (a data race before the pointer was atomic). */
+ * reads it (a data race before the pointer was atomic). It also takes them
+ * out of the room and puts them back. */
 static atomic_int stop_watch;
 
 static void *service_watch_thread(void *arg)
@@ -310,9 +313,33 @@ static void *service_watch_thread(void *arg)
         if (s) {
             cp_service *got = cp_session_service(s);
             CHECK(got == svc || got == NULL, "cp_session_service gave neither the service nor NULL");
+            /* Membership changes from a user thread, against the broadcasts
+             * and the members' own leaving on their workers. */
+            int r = cp_group_remove(room, s);
+            CHECK(r == 0 || r == -ENOENT, "cp_group_remove returned %d", r);
+            r = cp_group_add(room, s);
+            CHECK(r == 0 || r == -EEXIST || r == -ENOTCONN, "cp_group_add returned %d", r);
             cp_session_unref(s);
         }
     }
+    return NULL;
+}
+
+/* Threads that broadcast to the room until after the service has stopped:
+ * the members' closes (urgent messages to their workers) take them out of the
+ * room while broadcasts hold the member array. */
+static atomic_int stop_flood;
+
+static void *room_flood_thread(void *arg)
+{
+    (void)arg;
+    cp_sendbuf *b = cp_packet_make(10, "flood", 5);
+    while (!atomic_load(&stop_flood)) {
+        int n = cp_group_broadcast(room, b);
+        CHECK(n >= 0, "cp_group_broadcast returned %d", n);
+        sleep_us(50);
+    }
+    cp_sendbuf_unref(b);
     return NULL;
 }
 
@@ -438,7 +465,7 @@ int main(void)
 
     sendbuf_closed_elsewhere();
 
-    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2], sposter[2], watch;
+    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2], sposter[2], watch, flood[2];
     for (int i = 0; i < CLIENTS; i++)
         pthread_create(&cl[i], NULL, client_thread, NULL);
     pthread_create(&snd, NULL, sender_thread, NULL);
@@ -450,6 +477,8 @@ int main(void)
     for (int i = 0; i < 2; i++)
         pthread_create(&sposter[i], NULL, session_poster_thread, (void *)(uintptr_t)(i + 20));
     pthread_create(&watch, NULL, service_watch_thread, (void *)(uintptr_t)30);
+    for (int i = 0; i < 2; i++)
+        pthread_create(&flood[i], NULL, room_flood_thread, NULL);
 
     for (int i = 0; i < 4; i++)
         pthread_join(push[i], NULL);
@@ -468,6 +497,10 @@ int main(void)
     CHECK(r == 0, "cp_service_stop returned %d", r);
     atomic_store(&stop_watch, 1);
     pthread_join(watch, NULL);
+    atomic_store(&stop_flood, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(flood[i], NULL);
+    CHECK(cp_group_size(room) == 0, "%zu stopped sessions are still in the room", cp_group_size(room));
     for (int i = 0; i < nkept; i++)
         CHECK(cp_session_service(kept[i]) == NULL, "a session names its stopped service");
     atomic_store(&stop_clients, 1);

@@ -18,7 +18,7 @@
  *               the call to their on_disconnected (median, max);
  *   stop:       cp_service_stop while 4 threads flood (after D ms of it).
  *
- * Usage: bench_group [--members M] [--broadcasts K] [--flood-ms D] [--workers W]
+ * Usage: bench_group [--members M] [--broadcasts K] [--flood-ms D] [--workers W] [--calls-only 1]
  * Prints one RESULT line per measurement. Linux only (epoll reader).
  */
 #include <cport.h>
@@ -28,6 +28,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -287,6 +288,7 @@ int main(int argc, char **argv)
     int members = 200, workers = 2;
     long k = 2000;
     unsigned flood_ms = 1000;
+    bool calls_only = false;
     for (int i = 1; i < argc; i++) {
         if (i + 1 >= argc)
             goto usage;
@@ -298,6 +300,8 @@ int main(int argc, char **argv)
             flood_ms = (unsigned)arg_long(argv[++i], 100, 600000);
         else if (!strcmp(argv[i], "--workers"))
             workers = (int)arg_long(argv[++i], 1, 1024);
+        else if (!strcmp(argv[i], "--calls-only"))
+            calls_only = arg_long(argv[++i], 0, 1) != 0;
         else
             goto usage;
     }
@@ -332,6 +336,10 @@ int main(int argc, char **argv)
 
     run_calls(1, k, members);
     run_calls(4, k, members);
+    if (calls_only) {
+        fflush(stdout);
+        _exit(0);
+    }
     run_changes(members, flood_ms);
     run_disconnects(svc, 1, 1, flood_ms);
     run_disconnects(svc, 4, 1 + 10, flood_ms);
@@ -368,6 +376,6 @@ int main(int argc, char **argv)
     cp_port_destroy(port);
     return 0;
 usage:
-    fprintf(stderr, "usage: bench_group [--members M] [--broadcasts K] [--flood-ms D] [--workers W]\n");
+    fprintf(stderr, "usage: bench_group [--members M] [--broadcasts K] [--flood-ms D] [--workers W] [--calls-only 1]\n");
     return 2;
 }

@@ -243,10 +243,14 @@ CP_API int cp_timer_cancel(cp_timer *t);
 
 /* Opens a send buffer with room for cap bytes, carved from this thread's chunk
  * (no lock). Write into cp_sendbuf_data(), then cp_sendbuf_close() with the
- * number of bytes written; only those are kept. One buffer may be open per
- * thread at a time: misuse is opening another before closing it (the
- * shortcuts below may run while one is open; they close theirs at once).
- * The caller holds one reference. NULL if out of memory. */
+ * number of bytes written; only those are kept. The writing and the close
+ * may happen on another thread (hand the buffer over with your own
+ * synchronization): the buffer keeps the length it was closed at, whatever
+ * the opening thread does meanwhile. One buffer may be open per thread at a
+ * time: misuse is opening another on a thread whose last buffer has not been
+ * closed (on any thread) before the call; the shortcuts below may run while
+ * one is open (they close theirs at once). The caller holds one reference.
+ * NULL if out of memory. */
 CP_API cp_sendbuf *cp_sendbuf_open(size_t cap);
 CP_API uint8_t *cp_sendbuf_data(cp_sendbuf *b);
 CP_API void cp_sendbuf_close(cp_sendbuf *b, size_t len);
@@ -267,8 +271,9 @@ CP_API cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len
  * writable until the close. cp_packet_close: 0, or -EMSGSIZE if body_len >
  * body_cap, a programming error: the buffer is then closed empty (sending it
  * sends nothing) rather than framed around bytes that were never reserved;
- * -EINVAL if b is NULL. b must come from cp_packet_open. All on the thread
- * that opened the buffer; once closed it is an ordinary buffer (any thread). */
+ * -EINVAL if b is NULL. b must come from cp_packet_open. As with
+ * cp_sendbuf_open, the body may be written and the packet closed on another
+ * thread; once closed it is an ordinary buffer (any thread). */
 CP_API cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap);
 CP_API uint8_t *cp_packet_body(cp_sendbuf *b);
 CP_API int cp_packet_close(cp_sendbuf *b, size_t body_len);
@@ -524,7 +529,9 @@ typedef struct cp_client_opts {
 
 /* Starts a server: listening, accepting, serving. ctx is returned by
  * cp_service_ctx(). Returns -EADDRINUSE etc. if it cannot listen, -EINVAL
- * for options that cannot work (see the option structs). */
+ * for options that cannot work (see the option structs). Any thread,
+ * workers included; the service may be stopped from any other thread as soon
+ * as this returns, even before it has begun accepting. */
 CP_API int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
                            const cp_handlers *h, void *ctx);
 
@@ -550,8 +557,11 @@ CP_API int cp_client_connect_data(cp_service *svc, void *data);
 /* Graceful stop: stops accepting, disconnects every session with
  * CP_REASON_STOPPING, waits until every callback has run and every completion
  * has drained, then frees the service. No callback of this service runs after
- * it returns. Not from a worker (-EDEADLK). -EALREADY while another stop of
- * it is under way. Misuse: stopping a service that was already stopped. */
+ * it returns, and the listening socket is closed. Its wait does not grow with
+ * the sends queued for the workers (see cp_session_disconnect), nor with
+ * broadcasts other threads keep making meanwhile. Not from a worker
+ * (-EDEADLK). -EALREADY while another stop of it is under way. Misuse:
+ * stopping a service that was already stopped. */
 CP_API int cp_service_stop(cp_service *svc);
 
 CP_API void *cp_service_ctx(const cp_service *svc);
@@ -616,8 +626,11 @@ CP_API int cp_session_send_copy(cp_session *s, const void *data, size_t len);
 /* The hard close: starts disconnecting with CP_REASON_LOCAL at once. What is
  * still queued is dropped (a packet sent just before may never arrive; use
  * cp_session_shutdown for that). Any thread; -ENOTCONN if already
- * disconnecting. on_disconnected follows on the session's worker. Also ends a
- * graceful close that is under way. */
+ * disconnecting. on_disconnected follows on the session's worker, soon: the
+ * close does not wait behind the sends and other work queued for that worker
+ * before it (user threads that send faster than the worker can apply may
+ * queue any amount), only behind the slice of it the worker is replaying.
+ * Also ends a graceful close that is under way. */
 CP_API int cp_session_disconnect(cp_session *s);
 
 /* The graceful close. From this call on no further send is accepted
@@ -639,7 +652,14 @@ CP_API void cp_session_unref(cp_session *s);
 
 CP_API uint64_t cp_session_id(const cp_session *s);
 /* The session's service; NULL once the session has finished (a session kept
- * with cp_session_ref can outlive its service). */
+ * with cp_session_ref can outlive its service). Any thread, at any time, also
+ * while the session finishes or its service stops. Inside the session's
+ * callbacks it is the service. Elsewhere the answer is a snapshot: NULL
+ * means the session has left its service for good (its on_disconnected, if
+ * it had one, has returned, and what that callback did is visible to the
+ * caller); a service pointer may go stale at once and stays usable only
+ * while the caller knows the service is not being stopped. After
+ * cp_service_stop returns, every session of that service answers NULL. */
 CP_API cp_service *cp_session_service(const cp_session *s);
 /* The service's ctx; stays valid for kept sessions after they finished. */
 CP_API void *cp_session_ctx(const cp_session *s);
@@ -694,11 +714,15 @@ CP_API int cp_session_timer_cancel(cp_session_timer *t);
 /* A set of sessions (a room) with broadcast. Any thread. A member that
  * disconnects leaves every group by itself before on_disconnected. Broadcast
  * queues one buffer on every member: no payload copy, and no lock is held
- * across any socket call. */
+ * while it does, so broadcasts from any number of threads never hold up a
+ * member's disconnect, nor add and remove. Add and remove copy the member
+ * list (their cost grows with the group's size); a broadcast that starts
+ * after a remove returned does not reach that member, one that overlaps it
+ * may. */
 CP_API int cp_group_create(cp_group **out);
 CP_API void cp_group_destroy(cp_group *g);
-CP_API int cp_group_add(cp_group *g, cp_session *s);    /* -EEXIST, -ENOTCONN */
-CP_API int cp_group_remove(cp_group *g, cp_session *s); /* -ENOENT */
+CP_API int cp_group_add(cp_group *g, cp_session *s);    /* -EEXIST, -ENOTCONN, -ENOMEM */
+CP_API int cp_group_remove(cp_group *g, cp_session *s); /* -ENOENT, -ENOMEM */
 CP_API size_t cp_group_size(cp_group *g);
 /* Queues b on every member (each takes its own reference; the caller keeps
  * its own). Returns the number of members the buffer was queued on (members

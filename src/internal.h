@@ -98,6 +98,14 @@ struct cp_worker {
     /* Lock-free inbox: a stack of message blocks pushed by any thread, taken
      * all at once by the owner and replayed in push order. */
     _Atomic(cp_msgblk *) inbox;
+    /* Blocks taken from the inbox and not replayed yet, oldest first (owner
+     * only): a round replays a bounded number of messages, then gives the
+     * backend its turn. */
+    cp_msgblk *pending;
+    /* A second stack of the same kind for messages that must not wait behind
+     * the inbox (cp__send_msg_urgent), replayed first in every pass of a
+     * round. */
+    _Atomic(cp_msgblk *) urgent;
 
     /* Messages this worker produced during the current round for each worker
      * (itself included); pushed once at the end of the round. */
@@ -192,6 +200,11 @@ bool cp__jobq_closed(cp_jobq *q);
 void cp__send_msg(cp_worker *dst, cp_msg_fn fn, void *a, void *b);
 /* The same with the third word c. */
 void cp__send_msg_c(cp_worker *dst, cp_msg_fn fn, void *a, void *b, uintptr_t c);
+/* Sends msg to dst at once (never batched) on the urgent lane, which dst
+ * replays before its inbox: for work that must not wait behind a backlog of
+ * messages, such as a session's close. No order with other messages, not
+ * even with earlier messages of the same thread. */
+void cp__send_msg_urgent(cp_worker *dst, cp_msg_fn fn, void *a, void *b);
 /* Foreign threads may batch several messages: begin, send_msg..., end. */
 void cp__batch_begin(cp_port *port);
 void cp__batch_end(cp_port *port);
@@ -239,7 +252,12 @@ struct cp_session {
      * ticket, in the same locked add. */
     _Atomic uint64_t rc;
     _Atomic int state;
-    cp_service *svc;  /* valid until the session reaches CP_S_CLOSED */
+    /* Valid until the session finishes, which clears it (on the owner, with
+     * release order). Other threads read it through cp_session_service() on a
+     * kept session at any time, so it is atomic; the owner's own reads are
+     * the implicit loads of an atomic, plain loads on x86 and one
+     * load-acquire on ARM. */
+    _Atomic(cp_service *) svc;
     void *ctx;        /* the service's ctx, kept for sessions held past that */
     cp_worker *owner;
     uint64_t id;

@@ -478,3 +478,193 @@ Test(group, broadcast_except_edge_cases, .timeout = 20)
     cpt_xport_destroy(port);
     cpt_leak_end(&leak);
 }
+
+/* Four user threads broadcast to a room of 200 in a tight loop, and after
+ * half a second of it the service stops: the stop returns within a second.
+ * Each member's close has to take it out of the room while broadcasts are under
+ * way; before the fix that was a write lock on a reader-preferring
+ * read-write lock, which overlapping broadcasts never let go of, so the
+ * workers blocked in the members' leave-all and the stop hung (no return
+ * within 5 s in every run). With the lock gone the stop still waited for
+ * the workers to replay every message the flood had queued before it
+ * (0.2-0.75 s after half a second of flood, 0.5-3 s after a second), until
+ * the closes took the urgent lane.
+ * The stop runs on a thread of its own, so that a hang fails the test
+ * instead of blocking it. */
+typedef struct room_flood {
+    room_ctx *c;
+    atomic_int *stop;
+    long broadcasts;
+} room_flood;
+
+static void *room_flood_main(void *arg)
+{
+    room_flood *f = arg;
+    cp_sendbuf *b = cp_packet_make(9, "flood", 5);
+    while (!atomic_load(f->stop)) {
+        cp_group_broadcast(f->c->g, b);
+        f->broadcasts++;
+    }
+    cp_sendbuf_unref(b);
+    return NULL;
+}
+
+typedef struct timed_stop {
+    cp_service *svc;
+    atomic_int rc;
+    atomic_bool done;
+    uint64_t ms;
+} timed_stop;
+
+static void *timed_stop_main(void *arg)
+{
+    timed_stop *t = arg;
+    uint64_t t0 = cpt_now_ms();
+    atomic_store(&t->rc, cp_service_stop(t->svc));
+    t->ms = cpt_now_ms() - t0;
+    atomic_store(&t->done, true);
+    return NULL;
+}
+
+static void join_room(cp_session *s)
+{
+    room_ctx *c = cp_session_ctx(s);
+    if (cp_group_add(c->g, s) != 0)
+        atomic_fetch_add(&c->t.failures, 1);
+    cpt_on_connected(s);
+}
+
+Test(group, stop_while_user_threads_broadcast_to_200_members, .timeout = 120)
+{
+    enum { N = 200, THREADS = 4, RUNS = 3, FLOOD_MS = 500 };
+    cpt_raise_nofile(2 * N + 100);
+    for (int run = 0; run < RUNS; run++) {
+        cpt_leak_mark leak;
+        cpt_leak_begin(&leak);
+        cp_port *p = cpt_xport(2 + run % 3);
+        room_ctx *c = room_new(N);
+        cp_handlers h = cpt_track_handlers();
+        h.on_connected = join_room;
+        cp_server_opts o = { .session.send_queue_limit = 64u << 20 };
+        cp_service *svc = cpt_xserver(p, &o, &h, c);
+        int *fds = malloc(N * sizeof *fds);
+        for (int i = 0; i < N; i++)
+            fds[i] = cpt_xconnect(cp_service_port(svc));
+        CPT_AWAIT(cp_group_size(c->g) == N, 10000, "run %d: %zu of %d joined", run, cp_group_size(c->g), N);
+        atomic_int stop = 0;
+        room_flood f[THREADS];
+        pthread_t th[THREADS];
+        for (int i = 0; i < THREADS; i++) {
+            f[i] = (room_flood){ .c = c, .stop = &stop };
+            pthread_create(&th[i], NULL, room_flood_main, &f[i]);
+        }
+        cpt_sleep_ms(FLOOD_MS);
+        timed_stop ts = { .svc = svc, .rc = 1 };
+        pthread_t st;
+        pthread_create(&st, NULL, timed_stop_main, &ts);
+        bool returned = false;
+        CPT_WAIT(returned, atomic_load(&ts.done), 5000);
+        long total = 0;
+        for (int i = 0; i < THREADS; i++)
+            total += f[i].broadcasts;
+        cr_assert(returned, "run %d: cp_service_stop hung (no return in 5 s) while %d threads broadcast to %d "
+                  "members (%ld broadcasts so far)", run, THREADS, N, total);
+        pthread_join(st, NULL);
+        cr_assert_eq(atomic_load(&ts.rc), 0, "run %d: cp_service_stop: %d", run, atomic_load(&ts.rc));
+        cr_assert_lt(ts.ms, 1000, "run %d: cp_service_stop took %llu ms while %d threads broadcast to %d members",
+                     run, (unsigned long long)ts.ms, THREADS, N);
+        cpt_track_stopped(&c->t);
+        atomic_store(&stop, 1);
+        for (int i = 0; i < THREADS; i++)
+            pthread_join(th[i], NULL);
+        cr_assert_eq(cp_group_size(c->g), 0, "run %d: stopped sessions remain in the room", run);
+        cr_log_info("run %d: %d workers, stop took %llu ms, %ld broadcasts", run, 2 + run % 3,
+                    (unsigned long long)ts.ms, total);
+        for (int i = 0; i < N; i++)
+            cpt_close(fds[i]);
+        free(fds);
+        cpt_track_xcheck(&c->t);
+        room_free(c);
+        cpt_xport_destroy(p);
+        cpt_leak_end(&leak);
+    }
+}
+
+/* Four user threads flood a room of 200 (whose clients read everything)
+ * while members are disconnected by id, 50 ms apart: each on_disconnected
+ * follows its call within a second (typically within tens of ms; a few
+ * hundred on a loaded 2-core machine). Before the fix none completed while the
+ * flood lasted (the members' leave-all waited for the room's write lock);
+ * with the lock gone, the close still waited behind every broadcast message
+ * queued on its worker before it, a queue that grew as long as the flood ran
+ * (0.6-1.3 s for the first disconnect, 2.7-5 s for the tenth). */
+static void stamp_disconnected(cp_session *s, cp_reason reason, int err)
+{
+    cpt_srec *r = cpt_rec(s);
+    if (r)
+        atomic_store(&r->expect_seq, (long long)cpt_now_ns());
+    cpt_on_disconnected(s, reason, err);
+}
+
+Test(group, disconnect_while_user_threads_flood_the_room, .timeout = 120)
+{
+    enum { N = 200, THREADS = 4, KICKS = 10, LIMIT_MS = 1000 };
+    cpt_raise_nofile(2 * N + 100);
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(2);
+    room_ctx *c = room_new(N);
+    cp_handlers h = cpt_track_handlers();
+    h.on_connected = join_room;
+    h.on_disconnected = stamp_disconnected;
+    cp_server_opts o = { .session.send_queue_limit = 64u << 20 };
+    cp_service *svc = cpt_xserver(p, &o, &h, c);
+    int *fds = malloc(N * sizeof *fds);
+    pthread_t *rd = malloc(N * sizeof *rd);
+    for (int i = 0; i < N; i++) {
+        fds[i] = cpt_xconnect(cp_service_port(svc));
+        pthread_create(&rd[i], NULL, reader_drain_main, (void *)(intptr_t)fds[i]);
+    }
+    CPT_AWAIT(cp_group_size(c->g) == N && atomic_load(&c->t.connected) == N, 10000, "%zu of %d joined",
+              cp_group_size(c->g), N);
+    atomic_int stop = 0;
+    room_flood f[THREADS];
+    pthread_t th[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        f[i] = (room_flood){ .c = c, .stop = &stop };
+        pthread_create(&th[i], NULL, room_flood_main, &f[i]);
+    }
+    cpt_sleep_ms(100);
+    uint64_t asked[KICKS];
+    for (int i = 0; i < KICKS; i++) {
+        asked[i] = cpt_now_ns();
+        cr_assert_eq(cp_service_disconnect_id(svc, c->t.recs[i].id), 0);
+        cpt_sleep_ms(50);
+    }
+    bool all = false;
+    CPT_WAIT(all, atomic_load(&c->t.disconnected) >= KICKS, 5000);
+    atomic_store(&stop, 1);
+    long total = 0;
+    for (int i = 0; i < THREADS; i++) {
+        pthread_join(th[i], NULL);
+        total += f[i].broadcasts;
+    }
+    cr_assert(all, "%d of %d disconnects done 5 s after the call", atomic_load(&c->t.disconnected), KICKS);
+    for (int i = 0; i < KICKS; i++) {
+        uint64_t ms = ((uint64_t)atomic_load(&c->t.recs[i].expect_seq) - asked[i]) / 1000000u;
+        cr_assert_lt(ms, LIMIT_MS, "disconnect %d took %llu ms while %d threads broadcast to the room (%ld "
+                     "broadcasts)", i, (unsigned long long)ms, THREADS, total);
+    }
+    cpt_xstop(svc); /* the readers see the end of their streams */
+    cpt_track_stopped(&c->t);
+    for (int i = 0; i < N; i++) {
+        pthread_join(rd[i], NULL);
+        cpt_close(fds[i]);
+    }
+    free(rd);
+    free(fds);
+    cpt_track_xcheck(&c->t);
+    room_free(c);
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}

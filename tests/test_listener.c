@@ -197,3 +197,65 @@ Test(listener, several_servers_on_one_port, .timeout = 20)
     cpt_xport_destroy(p);
     cpt_leak_end(&leak);
 }
+
+/* A server started from a job on a worker and stopped at once from another
+ * thread. The listener's first step travels in the starting worker's outbox
+ * until that round ends, while the stop's close goes straight to the
+ * listener's inbox: the close may arrive first, and must then be the one that
+ * finishes the listener, after its first step (before the fix the close freed
+ * it and the first step then used the freed listener: a use-after-free under
+ * ASan in every run). The job keeps its round open a moment so that the stop
+ * lands in that window. */
+typedef struct start_on_worker {
+    cp_port *port;
+    cp_handlers h;
+    _Atomic(cp_service *) svc;
+    atomic_int rc;
+    atomic_bool job_done;
+} start_on_worker;
+
+/* The listener's log lines: in a release build the freed listener's first
+ * step usually found its closed descriptor and said so at ERROR. */
+static atomic_int listener_errors;
+
+static void count_errors(cp_log_level level, const char *msg, void *ud)
+{
+    (void)msg, (void)ud;
+    if (level >= CP_LOG_WARN)
+        atomic_fetch_add(&listener_errors, 1);
+}
+
+static void start_server_job(void *arg)
+{
+    start_on_worker *j = arg;
+    cp_service *svc = NULL;
+    cp_server_opts o = { .host = CPT_HOST4 };
+    atomic_store(&j->rc, cp_server_start(&svc, j->port, &o, &j->h, NULL));
+    atomic_store(&j->svc, svc);
+    cpt_sleep_ms(2); /* the round, and with it the outbox, stays open */
+    atomic_store(&j->job_done, true);
+}
+
+Test(listener, stop_right_after_start_on_a_worker, .timeout = 60)
+{
+    enum { ROUNDS = 60 };
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_set_log(count_errors, NULL);
+    for (int round = 0; round < ROUNDS; round++) {
+        cp_port *p = cpt_xport(2 + round % 3);
+        start_on_worker j = { .port = p, .h = cpt_track_handlers(), .rc = 1 };
+        cr_assert_eq(cp_port_post(p, start_server_job, &j), 0);
+        CPT_AWAIT(atomic_load(&j.svc) || atomic_load(&j.rc) != 1, 5000, "round %d: the job never ran", round);
+        cr_assert_eq(atomic_load(&j.rc), 0, "round %d: cp_server_start on a worker: %d", round, atomic_load(&j.rc));
+        uint16_t port = cp_service_port(atomic_load(&j.svc));
+        cpt_xstop(atomic_load(&j.svc));
+        CPT_AWAIT(atomic_load(&j.job_done), 5000, "round %d: the job never returned", round);
+        int fd = cpt_connect(CPT_HOST4, port, 0);
+        cr_assert_eq(fd, -ECONNREFUSED, "round %d: connect after stop: %d", round, fd);
+        cpt_xport_destroy(p);
+        cr_assert_eq(atomic_load(&listener_errors), 0, "round %d: the listener logged a failure", round);
+    }
+    cp_set_log(NULL, NULL);
+    cpt_leak_end(&leak);
+}

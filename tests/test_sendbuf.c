@@ -480,3 +480,86 @@ Test(sendbuf, exiting_threads_return_their_chunk, .timeout = 30)
         cr_assert_lt(h1 - h0, 256u << 10, "heap grew %zu bytes over 500 short-lived threads", h1 - h0);
     cpt_leak_end(&leak);
 }
+
+/* A buffer opened on one thread and closed on another keeps the length it was
+ * closed at, whatever the opening thread does next: before the fix, the
+ * opener's next open found the buffer still marked open on its own side and
+ * "kept it whole", rewriting its length to the full capacity (1000 instead
+ * of 10), though it was closed and might already be queued on a session.
+ * The next thing the opener does is each of the ways a buffer is opened; the
+ * first buffer opens as a plain buffer and as a packet, small (cut from the
+ * thread's chunk) and large (allocated alone); and the next buffer must not
+ * overlap the bytes the first one was closed with. */
+typedef struct far_close {
+    cp_sendbuf *b;
+    size_t len;
+    bool packet;
+} far_close;
+
+static void *far_close_main(void *arg)
+{
+    far_close *f = arg;
+    if (f->packet)
+        cp_packet_close(f->b, f->len - CP_PACKET_HEADER);
+    else
+        cp_sendbuf_close(f->b, f->len);
+    return NULL;
+}
+
+enum { NEXT_OPEN, NEXT_PACKET_OPEN, NEXT_COPY, NEXT_PACKET_MAKE, NEXT_KINDS };
+
+static cp_sendbuf *open_next(int kind, size_t cap)
+{
+    static uint8_t junk[1000];
+    memset(junk, 0xEE, sizeof junk);
+    cp_sendbuf *b = NULL;
+    switch (kind) {
+    case NEXT_OPEN:
+        b = cp_sendbuf_open(cap);
+        memset(cp_sendbuf_data(b), 0xEE, cap);
+        cp_sendbuf_close(b, cap);
+        break;
+    case NEXT_PACKET_OPEN:
+        b = cp_packet_open(7, cap);
+        memset(cp_packet_body(b), 0xEE, cap);
+        cp_packet_close(b, cap);
+        break;
+    case NEXT_COPY:
+        b = cp_sendbuf_copy(junk, cap);
+        break;
+    case NEXT_PACKET_MAKE:
+        b = cp_packet_make(7, junk, cap);
+        break;
+    }
+    return b;
+}
+
+Test(sendbuf, closed_on_another_thread_keeps_its_length, .timeout = 30)
+{
+    enum { ROUNDS = 200, CAP = 1000, LEN = 10 };
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    for (int round = 0; round < ROUNDS; round++) {
+        int kind = round % NEXT_KINDS;
+        bool packet = round / NEXT_KINDS % 2;
+        size_t cap = round / (2 * NEXT_KINDS) % 2 ? 20000 : CAP; /* alone, or from the chunk */
+        far_close f = { .len = LEN, .packet = packet };
+        f.b = packet ? cp_packet_open(3, cap - CP_PACKET_HEADER) : cp_sendbuf_open(cap);
+        cr_assert_not_null(f.b);
+        uint8_t *d = cp_sendbuf_data(f.b);
+        cpt_fill(d + CP_PACKET_HEADER, LEN - CP_PACKET_HEADER, 0, (uint32_t)round);
+        pthread_t th;
+        cr_assert_eq(pthread_create(&th, NULL, far_close_main, &f), 0);
+        pthread_join(th, NULL);
+        cp_sendbuf *next = open_next(kind, CAP - CP_PACKET_HEADER);
+        cr_assert_not_null(next);
+        cr_assert_eq(cp_sendbuf_len(f.b), LEN, "round %d (next: kind %d, packet %d, cap %zu): length %zu after "
+                     "the opener's next buffer, closed at %d on another thread", round, kind, packet, cap,
+                     cp_sendbuf_len(f.b), LEN);
+        cr_assert_eq(cpt_check_pattern(d + CP_PACKET_HEADER, LEN - CP_PACKET_HEADER, 0, (uint32_t)round), -1,
+                     "round %d: the next buffer overwrote the closed one", round);
+        cp_sendbuf_unref(next);
+        cp_sendbuf_unref(f.b);
+    }
+    cpt_leak_end(&leak);
+}

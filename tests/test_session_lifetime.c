@@ -393,3 +393,76 @@ Test(session_lifetime, sends_from_user_threads_during_disconnect, .timeout = 30)
     }
     cpt_env_stop(&e);
 }
+
+/* cp_session_service on kept sessions, from user threads, while the service
+ * stops: each answer is the service or NULL, a session that answered NULL
+ * never answers the service again, and after cp_service_stop returns every
+ * session answers NULL. The session's finish clears the pointer on its
+ * worker while these threads read it; before the fix that was a plain store
+ * against a plain load, a data race ThreadSanitizer reported in every run
+ * (tsan_stress.c runs the same under TSan). */
+typedef struct svc_watch {
+    cpt_env *e;
+    int n;
+    atomic_int *stop;
+    long calls;
+    int bad;
+} svc_watch;
+
+static void *svc_watch_main(void *arg)
+{
+    svc_watch *w = arg;
+    bool gone[64] = { false };
+    while (!atomic_load(w->stop)) {
+        for (int i = 0; i < w->n; i++) {
+            cp_service *got = cp_session_service(w->e->t->recs[i].s);
+            w->calls++;
+            if (got == NULL)
+                gone[i] = true;
+            else if (got != w->e->svc || gone[i])
+                w->bad++;
+        }
+    }
+    return NULL;
+}
+
+Test(session_lifetime, kept_session_service_read_while_its_service_stops, .timeout = 60)
+{
+    enum { N = 16, THREADS = 3, ROUNDS = 10 };
+    for (int round = 0; round < ROUNDS; round++) {
+        cpt_env e;
+        cpt_env_start(&e, 2 + round % 3, NULL, NULL, N, CPT_KEEP_REFS);
+        int fds[N];
+        for (int i = 0; i < N; i++)
+            fds[i] = cpt_xconnect(e.sport);
+        CPT_AWAIT(atomic_load(&e.t->connected) == N, 5000, "round %d: not connected", round);
+        atomic_int stop = 0;
+        svc_watch ws[THREADS];
+        pthread_t th[THREADS];
+        for (int i = 0; i < THREADS; i++) {
+            ws[i] = (svc_watch){ .e = &e, .n = N, .stop = &stop };
+            pthread_create(&th[i], NULL, svc_watch_main, &ws[i]);
+        }
+        cpt_sleep_ms(5);
+        cp_service *svc = e.svc;
+        cpt_xstop(svc);
+        cpt_sleep_ms(5);
+        atomic_store(&stop, 1);
+        for (int i = 0; i < THREADS; i++) {
+            pthread_join(th[i], NULL);
+            cr_assert_eq(ws[i].bad, 0, "round %d, thread %d: %d answers of %ld were neither the service nor NULL, "
+                         "or the service again after NULL", round, i, ws[i].bad, ws[i].calls);
+        }
+        for (int i = 0; i < N; i++)
+            cr_assert_null(cp_session_service(e.t->recs[i].s), "round %d: session %d still names its stopped "
+                           "service", round, i);
+        for (int i = 0; i < N; i++)
+            cpt_close(fds[i]);
+        /* cpt_env_stop without the stop, which was the test's */
+        cpt_track_stopped(e.t);
+        cpt_track_xcheck(e.t);
+        cpt_track_free(e.t);
+        cpt_xport_destroy(e.port);
+        cpt_leak_end(&e.leak);
+    }
+}

@@ -9,10 +9,15 @@
  * disconnects sessions by id; job queues take pushes from four threads while
  * timers are armed and cancelled from two; sessions tick on their own timers
  * and take posts from their handlers and from two threads, which also start
- * and cancel session timers; finally the service is stopped while the
- * clients are still busy. Then, on ports of their own, the lifetimes at
- * close and destroy: two closes of one queue at once, timers through a queue
- * that closes, posts across a destroy, and a destroy with work in flight.
+ * and cancel session timers; a thread asks kept sessions for their service
+ * and moves them out of the room and back; two threads broadcast to the room
+ * throughout, also while the service stops; finally the service is stopped
+ * while the clients are still busy (and that thread still asks). Before all
+ * that, send buffers are closed on another thread than the one that opened
+ * them, while the opener opens more. Then, on ports of their own, the
+ * lifetimes at close and destroy: two closes of one queue at once, timers
+ * through a queue that closes, posts across a destroy, and a destroy with
+ * work in flight.
  *
  * It also runs in every normal build (ctest stress.<backend>), on Windows
  * (under Wine) too.
@@ -292,6 +297,96 @@ static void *session_poster_thread(void *arg)
         sleep_us(100);
     }
     return NULL;
+}
+
+/* A thread that asks kept sessions for their service while sessions finish
+ * and the service stops: the finish clears the pointer on the worker as this
+ * reads it (a data race before the pointer was atomic). It also takes them
+ * out of the room and puts them back. */
+static atomic_int stop_watch;
+
+static void *service_watch_thread(void *arg)
+{
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    while (!atomic_load(&stop_watch)) {
+        pthread_mutex_lock(&kept_lock);
+        cp_session *s = nkept ? kept[next_rand(&seed) % nkept] : NULL;
+        if (s)
+            cp_session_ref(s);
+        pthread_mutex_unlock(&kept_lock);
+        if (s) {
+            cp_service *got = cp_session_service(s);
+            CHECK(got == svc || got == NULL, "cp_session_service gave neither the service nor NULL");
+            /* Membership changes from a user thread, against the broadcasts
+             * and the members' own leaving on their workers. */
+            int r = cp_group_remove(room, s);
+            CHECK(r == 0 || r == -ENOENT, "cp_group_remove returned %d", r);
+            r = cp_group_add(room, s);
+            CHECK(r == 0 || r == -EEXIST || r == -ENOTCONN, "cp_group_add returned %d", r);
+            cp_session_unref(s);
+        }
+    }
+    return NULL;
+}
+
+/* Threads that broadcast to the room until after the service has stopped:
+ * the members' closes (urgent messages to their workers) take them out of the
+ * room while broadcasts hold the member array. */
+static atomic_int stop_flood;
+
+static void *room_flood_thread(void *arg)
+{
+    (void)arg;
+    cp_sendbuf *b = cp_packet_make(10, "flood", 5);
+    while (!atomic_load(&stop_flood)) {
+        int n = cp_group_broadcast(room, b);
+        CHECK(n >= 0, "cp_group_broadcast returned %d", n);
+        sleep_us(50);
+    }
+    cp_sendbuf_unref(b);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ send buffers closed elsewhere */
+
+/* A buffer opened here is closed on a partner thread while this thread makes
+ * a copy (a shortcut, allowed while a buffer is open): the copy's open must
+ * not touch the other buffer's length (before the fix it set it to the
+ * capacity, racing with the close and sometimes winning). */
+static _Atomic(cp_sendbuf *) far_buf;
+static atomic_int far_closed;
+
+static void *far_close_thread(void *arg)
+{
+    int rounds = (int)(intptr_t)arg;
+    for (int i = 0; i < rounds; i++) {
+        cp_sendbuf *b;
+        while (!(b = atomic_exchange(&far_buf, NULL)))
+            sleep_us(0);
+        cp_sendbuf_close(b, 10);
+        atomic_store(&far_closed, 1);
+    }
+    return NULL;
+}
+
+static void sendbuf_closed_elsewhere(void)
+{
+    enum { ROUNDS = 2000 };
+    pthread_t th;
+    pthread_create(&th, NULL, far_close_thread, (void *)(intptr_t)ROUNDS);
+    for (int i = 0; i < ROUNDS; i++) {
+        cp_sendbuf *b = cp_sendbuf_open(1000);
+        memset(cp_sendbuf_data(b), 'x', 10);
+        atomic_store(&far_closed, 0);
+        atomic_store(&far_buf, b);
+        cp_sendbuf *c = cp_sendbuf_copy("copy", 4);
+        while (!atomic_load(&far_closed))
+            sleep_us(0);
+        CHECK(cp_sendbuf_len(b) == 10, "a buffer closed at 10 on another thread has length %zu", cp_sendbuf_len(b));
+        cp_sendbuf_unref(c);
+        cp_sendbuf_unref(b);
+    }
+    pthread_join(th, NULL);
 }
 
 /* ------------------------------------------------------------------ job queues and timers */
@@ -579,7 +674,9 @@ int main(void)
     for (int i = 0; i < 4; i++)
         cp_jobq_create(&qs[i].q, port);
 
-    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2], sposter[2];
+    sendbuf_closed_elsewhere();
+
+    pthread_t cl[CLIENTS], snd, kick, push[4], tim[2], sposter[2], watch, flood[2];
     for (int i = 0; i < CLIENTS; i++)
         pthread_create(&cl[i], NULL, client_thread, NULL);
     pthread_create(&snd, NULL, sender_thread, NULL);
@@ -590,6 +687,9 @@ int main(void)
         pthread_create(&tim[i], NULL, timer_thread, NULL);
     for (int i = 0; i < 2; i++)
         pthread_create(&sposter[i], NULL, session_poster_thread, (void *)(uintptr_t)(i + 20));
+    pthread_create(&watch, NULL, service_watch_thread, (void *)(uintptr_t)30);
+    for (int i = 0; i < 2; i++)
+        pthread_create(&flood[i], NULL, room_flood_thread, NULL);
 
     for (int i = 0; i < 4; i++)
         pthread_join(push[i], NULL);
@@ -606,6 +706,14 @@ int main(void)
         pthread_join(sposter[i], NULL);
     r = cp_service_stop(svc);
     CHECK(r == 0, "cp_service_stop returned %d", r);
+    atomic_store(&stop_watch, 1);
+    pthread_join(watch, NULL);
+    atomic_store(&stop_flood, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(flood[i], NULL);
+    CHECK(cp_group_size(room) == 0, "%zu stopped sessions are still in the room", cp_group_size(room));
+    for (int i = 0; i < nkept; i++)
+        CHECK(cp_session_service(kept[i]) == NULL, "a session names its stopped service");
     atomic_store(&stop_clients, 1);
     for (int i = 0; i < CLIENTS; i++)
         pthread_join(cl[i], NULL);

@@ -147,15 +147,13 @@ static void big_put(cp_sendbuf *b)
 
 static size_t round_up(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
 
-/* Commits the buffer open on this thread (if any) at its current length. */
-static void commit_open(void)
+/* Moves this thread's chunk past its open buffer, which keeps its first
+ * `keep` bytes of data. */
+static void commit_open(uint32_t keep)
 {
     cp_sendbuf *b = tls_open;
-    if (!b)
-        return;
     tls_open = NULL;
-    if (b->chunk)
-        b->chunk->used += (uint32_t)round_up(sizeof *b + b->len);
+    b->chunk->used += (uint32_t)round_up(sizeof *b + keep);
 }
 
 /* The shortcuts (copy, packet) may run while the user has a buffer open:
@@ -165,9 +163,13 @@ static cp_sendbuf *sendbuf_open(size_t cap)
     if (cap > UINT32_MAX - 64)
         return NULL;
     if (tls_open) {
-        /* The previous buffer was never closed: keep it whole. */
-        tls_open->len = tls_open->cap;
-        commit_open();
+        /* This thread has not closed its last buffer: the user has it open
+         * while a shortcut runs, or closed it on another thread (its length
+         * is then that thread's, and the buffer may be queued already), or
+         * will close it there later. Its whole capacity stays reserved, and
+         * its length is not touched: only the capacity, which this thread
+         * wrote, is read. */
+        commit_open(tls_open->cap);
     }
     cp_sendbuf *b;
     if (cap > ALONE_THRESHOLD) {
@@ -199,16 +201,88 @@ static cp_sendbuf *sendbuf_open(size_t cap)
 }
 
 #ifdef CP_ASSERTS
-/* The buffer cp_sendbuf_open gave this thread and cp_sendbuf_close has not
- * closed yet, of any size (tls_open knows only those carved from a chunk). */
-static _Thread_local cp_sendbuf *user_open;
+/* The misuse check for a second cp_sendbuf_open on one thread must know
+ * whether the thread's last buffer has been closed, which may have happened
+ * on another thread, and the buffer may even have been released and its
+ * memory given to another buffer since. So, only in these builds, the
+ * buffers the user opened and has not closed yet are kept in a set under a
+ * mutex, each with the serial number of the thread that opened it; a
+ * thread's user_open (of any size: tls_open knows only those carved from a
+ * chunk) is its last one, which may or may not still be in the set. */
+typedef struct user_open_rec {
+    const cp_sendbuf *b;
+    uint64_t thread;
+} user_open_rec;
+static pthread_mutex_t user_open_lock = PTHREAD_MUTEX_INITIALIZER;
+static user_open_rec *user_open_set;
+static size_t user_open_n, user_open_cap;
+static atomic_uint_fast64_t thread_serials;
+static _Thread_local uint64_t thread_serial; /* 0 until the thread opens its first buffer */
+static _Thread_local const cp_sendbuf *user_open;
+
+static uint64_t my_serial(void)
+{
+    if (!thread_serial)
+        thread_serial = atomic_fetch_add_explicit(&thread_serials, 1, memory_order_relaxed) + 1;
+    return thread_serial;
+}
+
+/* True if this thread's last buffer has not been closed (on any thread). */
+static bool user_open_still(void)
+{
+    if (!user_open)
+        return false;
+    bool open = false;
+    pthread_mutex_lock(&user_open_lock);
+    for (size_t i = 0; i < user_open_n && !open; i++)
+        open = user_open_set[i].b == user_open && user_open_set[i].thread == thread_serial;
+    pthread_mutex_unlock(&user_open_lock);
+    if (!open)
+        user_open = NULL;
+    return open;
+}
+
+static void user_open_add(const cp_sendbuf *b)
+{
+    user_open = b;
+    pthread_mutex_lock(&user_open_lock);
+    if (user_open_n == user_open_cap) {
+        size_t cap = user_open_cap ? user_open_cap * 2 : 16;
+        user_open_rec *r = realloc(user_open_set, sizeof *r * cap);
+        if (r) {
+            user_open_set = r;
+            user_open_cap = cap;
+        }
+    }
+    if (user_open_n < user_open_cap) /* else this buffer goes unchecked */
+        user_open_set[user_open_n++] = (user_open_rec){b, my_serial()};
+    pthread_mutex_unlock(&user_open_lock);
+}
+
+/* The user closes b, on any thread. */
+static void user_open_forget(const cp_sendbuf *b)
+{
+    if (user_open == b)
+        user_open = NULL;
+    pthread_mutex_lock(&user_open_lock);
+    for (size_t i = user_open_n; i-- > 0;) {
+        if (user_open_set[i].b == b) {
+            user_open_set[i] = user_open_set[--user_open_n];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&user_open_lock);
+}
 #endif
 
 cp_sendbuf *cp_sendbuf_open(size_t cap)
 {
 #ifdef CP_ASSERTS
-    CP_ASSERT(!user_open, "cp_sendbuf_open: a send buffer is already open on this thread (close it first)");
-    return user_open = sendbuf_open(cap);
+    CP_ASSERT(!user_open_still(), "cp_sendbuf_open: a send buffer is already open on this thread (close it first)");
+    cp_sendbuf *b = sendbuf_open(cap);
+    if (b)
+        user_open_add(b);
+    return b;
 #else
     return sendbuf_open(cap);
 #endif
@@ -216,15 +290,23 @@ cp_sendbuf *cp_sendbuf_open(size_t cap)
 
 uint8_t *cp_sendbuf_data(cp_sendbuf *b) { return b->data; }
 
-void cp_sendbuf_close(cp_sendbuf *b, size_t len)
+/* Any thread: a buffer opened on one thread may be written and closed on
+ * another. Only the thread that carved it moves its chunk on, and only when
+ * it closes the buffer itself; otherwise sendbuf_open does, without touching
+ * the buffer's length (see there). */
+static void sendbuf_close(cp_sendbuf *b, size_t len)
 {
     b->len = (uint32_t)(len > b->cap ? b->cap : len);
     if (tls_open == b)
-        commit_open();
+        commit_open(b->len); /* closed on the thread that carved it: the rest is free again */
+}
+
+void cp_sendbuf_close(cp_sendbuf *b, size_t len)
+{
 #ifdef CP_ASSERTS
-    if (user_open == b)
-        user_open = NULL;
+    user_open_forget(b);
 #endif
+    sendbuf_close(b, len);
 }
 
 size_t cp_sendbuf_len(const cp_sendbuf *b) { return b->len; }
@@ -261,7 +343,7 @@ cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len)
         return NULL;
     if (len)
         memcpy(b->data, data, len);
-    cp_sendbuf_close(b, len);
+    sendbuf_close(b, len);
     return b;
 }
 
@@ -285,22 +367,30 @@ cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap) { return packet_open(id
 
 uint8_t *cp_packet_body(cp_sendbuf *b) { return b->data + CP_PACKET_HEADER; }
 
-int cp_packet_close(cp_sendbuf *b, size_t body_len)
+static int packet_close(cp_sendbuf *b, size_t body_len)
 {
-    if (!b)
-        return -EINVAL;
     if (b->cap < CP_PACKET_HEADER || body_len > b->cap - CP_PACKET_HEADER) {
         /* More than was reserved: the caller's length is wrong, or it wrote
          * past the buffer. Neither a clipped body nor the bytes past the
          * capacity may go out under a header that claims them, so the buffer
          * closes empty (sending it sends nothing) and the caller hears why. */
-        cp_sendbuf_close(b, 0);
+        sendbuf_close(b, 0);
         return -EMSGSIZE;
     }
     size_t size = CP_PACKET_HEADER + body_len; /* <= CP_PACKET_MAX: cap was checked at open */
     cp_put_u16(b->data, (uint16_t)size);
-    cp_sendbuf_close(b, size);
+    sendbuf_close(b, size);
     return 0;
+}
+
+int cp_packet_close(cp_sendbuf *b, size_t body_len)
+{
+    if (!b)
+        return -EINVAL;
+#ifdef CP_ASSERTS
+    user_open_forget(b);
+#endif
+    return packet_close(b, body_len);
 }
 
 cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len)
@@ -310,6 +400,6 @@ cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len)
         return NULL;
     if (body_len)
         memcpy(cp_packet_body(b), body, body_len);
-    cp_packet_close(b, body_len); /* cannot fail: body_len is the capacity */
+    packet_close(b, body_len); /* cannot fail: body_len is the capacity */
     return b;
 }

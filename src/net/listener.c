@@ -24,6 +24,13 @@ struct cp_listener {
     cp_op acc;
     cp_wtimer retry;
     uint32_t backoff_ms;
+    /* Owner worker only. The first step (begin) and the close are two
+     * messages to the owner that may arrive in either order: begin may wait
+     * in the starting worker's outbox until that worker's round ends, while a
+     * stop on another thread pushes the close straight into the inbox. A
+     * close that comes first only marks the listener closing; begin then
+     * closes the socket and finishes the listener instead of starting it. */
+    bool begun;
     bool armed;
     bool closing;
 };
@@ -112,6 +119,14 @@ static void listener_begin(cp_worker *w, void *lp, void *unused, uintptr_t c)
 {
     CP_UNUSED(unused);
     cp_listener *l = lp;
+    l->begun = true;
+    if (l->closing) {
+        /* The stop's close came first and left the listener to this step. */
+        cp__sock_close(l->h.fd);
+        l->h.fd = -1;
+        listener_done(l);
+        return;
+    }
     int r = w->port->be->attach(w, &l->h);
     if (r < 0) {
         cp__log(CP_LOG_ERROR, "listener: cannot watch the socket: %s", cp_strerror(r));
@@ -127,6 +142,8 @@ static void listener_close(cp_worker *w, void *lp, void *unused, uintptr_t c)
     CP_UNUSED(unused);
     cp_listener *l = lp;
     l->closing = true;
+    if (!l->begun)
+        return; /* the first step is still on its way: it finishes the listener */
     cp__timer_cancel(w, &l->retry);
     bool was_armed = l->armed;
     if (l->h.fd >= 0)
@@ -171,5 +188,7 @@ int cp__listener_start(cp_service *svc, int backlog, int accepts)
 
 void cp__listener_stop(cp_service *svc)
 {
-    cp__send_msg(svc->listener->w, listener_close, svc->listener, NULL);
+    /* Urgent, so that the stop does not wait behind a backlog of messages
+     * to the listener's worker; it may overtake the first step (see begun). */
+    cp__send_msg_urgent(svc->listener->w, listener_close, svc->listener, NULL);
 }

@@ -99,7 +99,7 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
         return NULL;
     atomic_init(&s->rc, 1); /* the service table's reference, no ticket yet */
     atomic_init(&s->state, CP_S_NEW);
-    s->svc = svc;
+    atomic_init(&s->svc, svc);
     s->ctx = svc->ctx;
     s->owner = owner;
     s->is_client = is_client;
@@ -225,7 +225,9 @@ static void session_finish(cp_session *s)
     s->sq.cap = 0;
     held_drop(s);
     cp_service *svc = s->svc;
-    s->svc = NULL;
+    /* Release: a thread that reads NULL through cp_session_service sees
+     * everything the session did before, on_disconnected included. */
+    atomic_store_explicit(&s->svc, NULL, memory_order_release);
     cp__service_session_done(svc, s); /* drops the table's reference */
 }
 
@@ -583,7 +585,11 @@ int cp__session_request_close(cp_session *s, cp_reason reason)
             return -ENOTCONN;
     } while (!atomic_compare_exchange_weak(&s->state, &st, CP_S_DISCONNECTING));
     cp__session_ref(s);
-    cp__send_msg(s->owner, msg_close, s, (void *)(intptr_t)reason);
+    /* Urgent: the close must not wait behind the messages queued for the
+     * owner before it (a flood of broadcasts), which it makes moot anyway:
+     * sends are refused from now on, and posts and timer starts still on
+     * their way are settled by the close (session_work.c). */
+    cp__send_msg_urgent(s->owner, msg_close, s, (void *)(intptr_t)reason);
     return 0;
 }
 
@@ -875,7 +881,10 @@ int cp_session_disconnect(cp_session *s)
 /* ------------------------------------------------------------------ accessors */
 
 uint64_t cp_session_id(const cp_session *s) { return s->id; }
-cp_service *cp_session_service(const cp_session *s) { return s->svc; }
+cp_service *cp_session_service(const cp_session *s)
+{
+    return atomic_load_explicit(&s->svc, memory_order_acquire);
+}
 void *cp_session_ctx(const cp_session *s) { return s->ctx; }
 void *cp_session_data(const cp_session *s) { return s->data; }
 void cp_session_set_data(cp_session *s, void *data) { s->data = data; }

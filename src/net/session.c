@@ -752,6 +752,18 @@ static void msg_send(cp_worker *w, void *sp, void *bp, uintptr_t ticket)
     cp__session_unref(s);
 }
 
+/* Any thread: b (or NULL, a shutdown) takes its place in s's send order, with
+ * the caller's reference to b: straight from the owner, or as a message that
+ * takes its reference to s and its ticket in one add. */
+static int send_ordered(cp_session *s, cp_sendbuf *b)
+{
+    if (cp__self == s->owner)
+        return send_own(s, b);
+    uint64_t old = atomic_fetch_add_explicit(&s->rc, RC_TICKET | 1, memory_order_relaxed);
+    cp__send_msg_c(s->owner, msg_send, s, b, (uintptr_t)(uint32_t)(old >> 32));
+    return 0;
+}
+
 /* Any thread: queue b on s, taking over one reference the caller owns (it
  * goes to the queue, or rides with the message to the owner, or is dropped if
  * s refuses the buffer). */
@@ -761,12 +773,7 @@ static int session_send_owned(cp_session *s, cp_sendbuf *b)
         cp_sendbuf_unref(b);
         return -ENOTCONN;
     }
-    if (cp__self == s->owner)
-        return send_own(s, b);
-    /* The message's reference and the send's ticket, in one add. */
-    uint64_t old = atomic_fetch_add_explicit(&s->rc, RC_TICKET | 1, memory_order_relaxed);
-    cp__send_msg_c(s->owner, msg_send, s, b, (uintptr_t)(uint32_t)(old >> 32));
-    return 0;
+    return send_ordered(s, b);
 }
 
 int cp__session_send(cp_session *s, cp_sendbuf *b)
@@ -862,11 +869,7 @@ int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason)
      * owner can see the shutdown (the message publishes it). */
     s->drain_deadline_ns = cp__now_ns() + (uint64_t)timeout_ms * 1000000u;
     s->drain_reason = (uint8_t)reason;
-    if (cp__self == s->owner)
-        return send_own(s, NULL);
-    uint64_t old = atomic_fetch_add_explicit(&s->rc, RC_TICKET | 1, memory_order_relaxed);
-    cp__send_msg_c(s->owner, msg_send, s, NULL, (uintptr_t)(uint32_t)(old >> 32));
-    return 0;
+    return send_ordered(s, NULL); /* NULL: the shutdown's place in the order */
 }
 
 /* ------------------------------------------------------------------ disconnect */

@@ -56,8 +56,6 @@ struct cp_jobq {
     _Atomic(job *) tail;    /* producers exchange here */
     job *head;              /* consumer side; starts at the stub */
     job stub;
-    void (*on_closed)(void *arg); /* taken from the close marker by the runner */
-    void *closed_arg;
     atomic_bool drained;    /* closed, every job run, on_closed returned */
     atomic_int waiters;     /* threads in cp_jobq_close_wait */
     cp_jobq *prev, *next;   /* on the port's list of queues; under port->qlock */
@@ -213,14 +211,18 @@ static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
     uint64_t start = cp__now_ns();
     cp_jobq *outer = current;
     current = q;
+    /* The close marker is the last job a queue counts (the closed bit stops
+     * every push after it), so the count reaches zero right after it. */
+    void (*on_closed)(void *arg) = NULL;
+    void *closed_arg = NULL;
     for (unsigned n = 1;; n++) {
         job *j = list_pop(q);
         if (j->fn) {
             j->fn(j->arg);
         } else {
             close_job *m = (close_job *)j;
-            q->on_closed = m->on_closed;
-            q->closed_arg = m->arg;
+            on_closed = m->on_closed;
+            closed_arg = m->arg;
         }
         free(j);
         uint64_t left = atomic_fetch_sub_explicit(&q->state, 1, memory_order_acq_rel) - 1;
@@ -228,8 +230,8 @@ static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
             current = outer;
             /* Closed and drained: nothing can be pushed any more. */
             if (left & CLOSED_BIT) {
-                if (q->on_closed)
-                    q->on_closed(q->closed_arg);
+                if (on_closed)
+                    on_closed(closed_arg);
                 mark_drained(q);
             }
             cp_jobq_unref(q); /* the scheduled reference */

@@ -137,53 +137,69 @@ static int chat_route(cp_session *s, uint16_t id, const uint8_t *body, size_t le
     return 0;
 }
 
-Test(group, chat_100_clients_20_messages, .timeout = 60)
+/* A room of n clients on 2 workers; each client sends m numbered messages
+ * {sender, seq} with packet id `id`, the route broadcasts each (to everyone,
+ * or to everyone but the sender when except), and every client checks what it
+ * got: the right count, each sender's messages in order. */
+static void run_chat_room(int n, int m, uint16_t id, cp_packet_fn route, bool except)
 {
-    enum { N = 100, M = 20 };
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
     cp_port *p = cpt_xport(2);
-    room_ctx *c = room_new(N);
+    room_ctx *c = room_new(n);
     cp_handlers h = cpt_track_handlers();
     h.on_connected = join_connected;
-    h.on_packet = chat_route;
+    h.on_packet = route;
     cp_service *svc = cpt_xserver(p, NULL, &h, c);
-    int fds[N];
-    for (int i = 0; i < N; i++) {
+    int *fds = calloc((size_t)n, sizeof *fds);
+    cr_assert_not_null(fds);
+    for (int i = 0; i < n; i++) {
         fds[i] = cpt_xconnect(cp_service_port(svc));
         cpt_set_rcvtimeo(fds[i], 15000);
     }
-    CPT_AWAIT(cp_group_size(c->g) == N, 5000, "%zu of %d joined", cp_group_size(c->g), N);
-    for (int i = 0; i < N; i++) {
-        uint8_t out[M * 8];
-        for (int k = 0; k < M; k++) {
-            uint16_t sender = (uint16_t)i, seq = (uint16_t)k;
-            cpt_put_header(out + 8 * k, 8, 1004);
-            memcpy(out + 8 * k + 4, &sender, 2);
-            memcpy(out + 8 * k + 6, &seq, 2);
+    CPT_AWAIT(cp_group_size(c->g) == (size_t)n, 5000, "%zu of %d joined", cp_group_size(c->g), n);
+    uint8_t *out = malloc((size_t)m * 8);
+    cr_assert_not_null(out);
+    for (int i = 0; i < n; i++) {
+        for (int k = 0; k < m; k++) {
+            cpt_put_header(out + 8 * k, 8, id);
+            cp_put_u16(out + 8 * k + 4, (uint16_t)i);
+            cp_put_u16(out + 8 * k + 6, (uint16_t)k);
         }
-        cpt_xsend(fds[i], out, sizeof out);
+        cpt_xsend(fds[i], out, (size_t)m * 8);
     }
-    int bad = 0;
-    uint8_t *in = malloc(N * M * 8);
-    for (int i = 0; i < N; i++) {
-        uint16_t next[N] = { 0 };
-        cpt_xrecv(fds[i], in, N * M * 8);
-        for (int k = 0; k < N * M; k++) {
-            uint16_t sender, seq;
-            memcpy(&sender, in + 8 * k + 4, 2);
-            memcpy(&seq, in + 8 * k + 6, 2);
-            if (in[8 * k] != 8 || sender >= N || seq != next[sender])
+    free(out);
+    int each = (except ? n - 1 : n) * m; /* messages every client gets */
+    int own = 0, bad = 0;
+    uint8_t *in = malloc((size_t)each * 8);
+    uint16_t *next = malloc(sizeof *next * (size_t)n);
+    cr_assert(in && next);
+    for (int i = 0; i < n; i++) {
+        memset(next, 0, sizeof *next * (size_t)n);
+        cpt_xrecv(fds[i], in, (size_t)each * 8);
+        for (int k = 0; k < each; k++) {
+            uint16_t sender = cp_get_u16(in + 8 * k + 4), seq = cp_get_u16(in + 8 * k + 6);
+            if (except && sender == i)
+                own++;
+            else if (in[8 * k] != 8 || sender >= n || seq != next[sender])
                 bad++;
             else
                 next[sender]++;
         }
-        cr_assert_eq(cpt_peek_state(fds[i]), 0, "client %d got more than expected", i);
     }
     free(in);
-    cr_assert_eq(bad, 0, "%d messages out of per-sender order", bad);
-    for (int i = 0; i < N; i++)
+    free(next);
+    CPT_AWAIT(atomic_load(&c->t.packets) == n * m, 5000, "%lld of %d messages handled",
+              atomic_load(&c->t.packets), n * m);
+    cpt_sleep_ms(50);
+    for (int i = 0; i < n; i++)
+        cr_assert_eq(cpt_peek_state(fds[i]), 0, "client %d got more than expected", i);
+    cr_assert_eq(own, 0, "%d messages came back to their sender", own);
+    cr_assert_eq(bad, 0, "%d messages damaged or out of per-sender order", bad);
+    cr_assert_eq(atomic_load(&c->t.failures), 0, "a broadcast did not reach every member it should");
+    for (int i = 0; i < n; i++)
         cpt_close(fds[i]);
+    free(fds);
     CPT_AWAIT(cp_group_size(c->g) == 0, 5000, "members did not leave");
     cpt_xstop(svc);
     cpt_track_stopped(&c->t);
@@ -191,6 +207,11 @@ Test(group, chat_100_clients_20_messages, .timeout = 60)
     room_free(c);
     cpt_xport_destroy(p);
     cpt_leak_end(&leak);
+}
+
+Test(group, chat_100_clients_20_messages, .timeout = 60)
+{
+    run_chat_room(100, 20, 1004, chat_route, false);
 }
 
 typedef struct churn {
@@ -374,64 +395,7 @@ static int chat_except_route(cp_session *s, uint16_t id, const uint8_t *body, si
 
 Test(group, broadcast_except_skips_the_sender, .timeout = 60)
 {
-    enum { N = 20, M = 10 };
-    cpt_leak_mark leak;
-    cpt_leak_begin(&leak);
-    cp_port *p = cpt_xport(2);
-    room_ctx *c = room_new(N);
-    cp_handlers h = cpt_track_handlers();
-    h.on_connected = join_connected;
-    h.on_packet = chat_except_route;
-    cp_service *svc = cpt_xserver(p, NULL, &h, c);
-    int fds[N];
-    for (int i = 0; i < N; i++) {
-        fds[i] = cpt_xconnect(cp_service_port(svc));
-        cpt_set_rcvtimeo(fds[i], 15000);
-    }
-    CPT_AWAIT(cp_group_size(c->g) == N, 5000, "%zu of %d joined", cp_group_size(c->g), N);
-    for (int i = 0; i < N; i++) {
-        uint8_t out[M * 8];
-        for (int k = 0; k < M; k++) {
-            cpt_put_header(out + 8 * k, 8, 1005);
-            cp_put_u16(out + 8 * k + 4, (uint16_t)i);
-            cp_put_u16(out + 8 * k + 6, (uint16_t)k);
-        }
-        cpt_xsend(fds[i], out, sizeof out);
-    }
-    int own = 0, bad = 0;
-    uint8_t *in = malloc((N - 1) * M * 8);
-    cr_assert_not_null(in);
-    for (int i = 0; i < N; i++) {
-        uint16_t next[N] = { 0 };
-        cpt_xrecv(fds[i], in, (N - 1) * M * 8);
-        for (int k = 0; k < (N - 1) * M; k++) {
-            uint16_t sender = cp_get_u16(in + 8 * k + 4), seq = cp_get_u16(in + 8 * k + 6);
-            if (sender == i)
-                own++;
-            else if (in[8 * k] != 8 || sender >= N || seq != next[sender])
-                bad++;
-            else
-                next[sender]++;
-        }
-    }
-    CPT_AWAIT(atomic_load(&c->t.packets) == N * M, 5000, "%lld of %d messages handled",
-              atomic_load(&c->t.packets), N * M);
-    cpt_sleep_ms(50);
-    for (int i = 0; i < N; i++)
-        cr_assert_eq(cpt_peek_state(fds[i]), 0, "client %d got more than the others' messages", i);
-    free(in);
-    cr_assert_eq(own, 0, "%d messages came back to their sender", own);
-    cr_assert_eq(bad, 0, "%d messages damaged or out of per-sender order", bad);
-    cr_assert_eq(atomic_load(&c->t.failures), 0, "broadcast_except did not reach every other member");
-    for (int i = 0; i < N; i++)
-        cpt_close(fds[i]);
-    CPT_AWAIT(cp_group_size(c->g) == 0, 5000, "members did not leave");
-    cpt_xstop(svc);
-    cpt_track_stopped(&c->t);
-    cpt_track_xcheck(&c->t);
-    room_free(c);
-    cpt_xport_destroy(p);
-    cpt_leak_end(&leak);
+    run_chat_room(20, 10, 1005, chat_except_route, true);
 }
 
 /* skip NULL or not a member: every member gets the buffer; NULL group or

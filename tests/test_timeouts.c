@@ -11,16 +11,24 @@ static void start_env(cpt_env *e, uint32_t idle_ms, uint32_t packet_ms)
     cpt_env_start(e, 0, &o, NULL, 64, 0);
 }
 
+/* Sends 6 bytes of a packet whose header promises 40, and no more; returns
+ * when it was sent (ms). */
+static uint64_t send_half_packet(int fd)
+{
+    uint8_t hdr[6];
+    cpt_put_header(hdr, 40, 7);
+    hdr[4] = hdr[5] = 0xAA;
+    uint64_t t0 = cpt_now_ms();
+    cpt_xsend(fd, hdr, sizeof hdr);
+    return t0;
+}
+
 Test(timeouts, half_a_packet_then_silence_is_cut_by_the_packet_timeout, .timeout = 30)
 {
     cpt_env e;
     start_env(&e, 0, 200);
     int fd = cpt_xconnect(e.sport);
-    uint8_t hdr[6];
-    cpt_put_header(hdr, 40, 7); /* promises 40 bytes, sends 6 */
-    hdr[4] = hdr[5] = 0xAA;
-    uint64_t t0 = cpt_now_ms();
-    cpt_xsend(fd, hdr, sizeof hdr);
+    uint64_t t0 = send_half_packet(fd);
     cpt_xclosed(fd, 3000);
     uint64_t took = cpt_now_ms() - t0;
     cr_expect_geq(took, 180, "cut after %llu ms, before the 200 ms timeout", (unsigned long long)took);
@@ -125,11 +133,7 @@ Test(timeouts, packet_timeout_waited_for_the_idle_deadline, .timeout = 30)
     cpt_env e;
     start_env(&e, 1500, 600);
     int fd = connect_tracked(&e);
-    uint8_t hdr[6];
-    cpt_put_header(hdr, 40, 7);
-    hdr[4] = hdr[5] = 0xAA;
-    uint64_t t0 = cpt_now_ms();
-    cpt_xsend(fd, hdr, sizeof hdr);
+    uint64_t t0 = send_half_packet(fd);
     uint64_t took = xcut_after(fd, t0, 4000);
     cr_expect_geq(took, 580, "cut after %llu ms, before the 600 ms packet timeout", (unsigned long long)took);
     cr_expect_lt(took, 1000, "cut after %llu ms: the packet timeout is 600 ms", (unsigned long long)took);
@@ -184,11 +188,7 @@ Test(timeouts, an_idle_deadline_before_the_packet_deadline_cuts_first, .timeout 
     start_env(&e, 300, 1500);
     int fd = connect_tracked(&e);
     cpt_sleep_ms(100);
-    uint8_t hdr[6];
-    cpt_put_header(hdr, 40, 7);
-    hdr[4] = hdr[5] = 0xAA;
-    uint64_t t0 = cpt_now_ms();
-    cpt_xsend(fd, hdr, sizeof hdr);
+    uint64_t t0 = send_half_packet(fd);
     uint64_t took = xcut_after(fd, t0, 4000);
     cr_expect_geq(took, 280, "cut after %llu ms, before the 300 ms idle timeout", (unsigned long long)took);
     cr_expect_lt(took, 1000, "cut after %llu ms: the idle timeout is 300 ms", (unsigned long long)took);

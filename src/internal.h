@@ -177,10 +177,9 @@ extern _Thread_local cp_worker *cp__self;
  * is being destroyed. hold: counted unconditionally, for a send the caller
  * already owes (a job queue's first push). hold_msgs: counted, or false
  * (not counted) once the inboxes are closed, when a send would be lost.
- * leave/release end any of them. On a worker of the port nothing is counted:
+ * release ends any of them. On a worker of the port nothing is counted:
  * the destroy joins the workers before it frees anything. */
 int cp__port_enter(cp_port *p);
-void cp__port_leave(cp_port *p);
 void cp__port_hold(cp_port *p);
 bool cp__port_hold_msgs(cp_port *p);
 void cp__port_release(cp_port *p);

@@ -496,7 +496,7 @@ int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg)
     void *f;
     memcpy(&f, &fn, sizeof f);
     cp__send_msg(cp__pick_worker(port), run_post, f, arg);
-    cp__port_leave(port);
+    cp__port_release(port);
     return 0;
 }
 
@@ -508,18 +508,24 @@ int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg)
  * sees the caller and waits for it. A refused call does not count itself
  * at all when it sees the flag first, so that a busy caller cannot keep the
  * destroy waiting. */
+/* Counts the caller unless flag is set (checked before and after). */
+static bool count_unless(cp_port *p, atomic_bool *flag)
+{
+    if (atomic_load(flag))
+        return false;
+    atomic_fetch_add(&p->callers, 1);
+    if (atomic_load(flag)) {
+        atomic_fetch_sub(&p->callers, 1);
+        return false;
+    }
+    return true;
+}
+
 int cp__port_enter(cp_port *p)
 {
     if (cp__on_worker(p))
         return atomic_load(&p->stopping) ? -ESHUTDOWN : 0;
-    if (atomic_load(&p->stopping))
-        return -ESHUTDOWN;
-    atomic_fetch_add(&p->callers, 1);
-    if (atomic_load(&p->stopping)) {
-        atomic_fetch_sub(&p->callers, 1);
-        return -ESHUTDOWN;
-    }
-    return 0;
+    return count_unless(p, &p->stopping) ? 0 : -ESHUTDOWN;
 }
 
 void cp__port_hold(cp_port *p)
@@ -528,27 +534,13 @@ void cp__port_hold(cp_port *p)
         atomic_fetch_add(&p->callers, 1);
 }
 
-bool cp__port_hold_msgs(cp_port *p)
-{
-    if (cp__on_worker(p))
-        return true;
-    if (atomic_load(&p->inboxes_closed))
-        return false;
-    atomic_fetch_add(&p->callers, 1);
-    if (atomic_load(&p->inboxes_closed)) {
-        atomic_fetch_sub(&p->callers, 1);
-        return false;
-    }
-    return true;
-}
+bool cp__port_hold_msgs(cp_port *p) { return cp__on_worker(p) || count_unless(p, &p->inboxes_closed); }
 
 void cp__port_release(cp_port *p)
 {
     if (!cp__on_worker(p))
         atomic_fetch_sub(&p->callers, 1);
 }
-
-void cp__port_leave(cp_port *p) { cp__port_release(p); }
 
 /* Every call counted above is short (a few pushes), so the destroy spins. */
 static void wait_callers(cp_port *p)

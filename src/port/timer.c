@@ -232,7 +232,7 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
         return r;
     cp_timer *t = cp__xalloc(sizeof *t);
     if (!t) {
-        cp__port_leave(port);
+        cp__port_release(port);
         return -ENOMEM;
     }
     t->owner = cp__pick_worker(port);
@@ -253,7 +253,7 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
         *out = t;
     cp__port_ref(port);
     cp__send_msg(t->owner, arm_msg, t, NULL);
-    cp__port_leave(port);
+    cp__port_release(port);
     return 0;
 }
 

@@ -17,8 +17,10 @@
  * which frees it (or drops its reference) whether or not it was settled
  * first, so no message meets freed memory.
  *
- * Each message goes to the owner like a send from the same thread does, so a
- * post runs after the sends its thread made before it.
+ * A post's message travels to the owner like the sends of its thread; a send
+ * made before the post may still wait there for an earlier ticket of another
+ * thread (see "Order" in session.c), but any send the post makes is written
+ * after it.
  */
 #include "internal.h"
 

@@ -241,6 +241,16 @@ typedef struct cp_sendq {
     size_t bytes;       /* unsent bytes in the queue */
 } cp_sendq;
 
+/* The send queue (sendq.c), owner thread only. push takes over one
+ * reference to b (-ENOMEM: not queued, the caller keeps it); gather fills at
+ * most max_iov entries with the unsent bytes from the front, stopping once
+ * max_bytes are reached, and returns how many; consume drops the first n
+ * bytes (written); clear releases everything and the ring. */
+int cp__sendq_push(cp_sendq *q, cp_sendbuf *b);
+int cp__sendq_gather(const cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes);
+void cp__sendq_consume(cp_sendq *q, size_t n);
+void cp__sendq_clear(cp_sendq *q);
+
 struct cp_session {
     /* What a receive and a send touch comes first, so that a session costs a
      * worker as few cache lines as possible per message; the cold tail

@@ -122,9 +122,7 @@ static int queue_owned(cp_session *s, cp_sendbuf *b);
 static void session_free(cp_session *s)
 {
     free(s->carry);
-    for (uint32_t i = 0; i < s->sq.count; i++)
-        cp_sendbuf_unref(s->sq.ring[(s->sq.head + i) & (s->sq.cap - 1)]);
-    free(s->sq.ring);
+    cp__sendq_clear(&s->sq);
     held_drop(s);
     free(s->groups);
     pthread_mutex_destroy(&s->glock);
@@ -216,13 +214,7 @@ static void session_finish(cp_session *s)
     free(s->carry);
     s->carry = NULL;
     s->carry_len = s->carry_cap = 0;
-    for (uint32_t i = 0; i < s->sq.count; i++)
-        cp_sendbuf_unref(s->sq.ring[(s->sq.head + i) & (s->sq.cap - 1)]);
-    s->sq.count = 0;
-    s->sq.bytes = 0;
-    free(s->sq.ring);
-    s->sq.ring = NULL;
-    s->sq.cap = 0;
+    cp__sendq_clear(&s->sq);
     held_drop(s);
     cp_service *svc = s->svc;
     /* Release: a thread that reads NULL through cp_session_service sees
@@ -462,41 +454,9 @@ static void send_start(cp_session *s);
 static void sent(cp_session *s, size_t n)
 {
     cp__traffic_add(&cp__traffic(s->svc, s->owner)->bytes_out, n);
-    size_t total = n;
-    cp_sendq *q = &s->sq;
-    while (n > 0) {
-        cp_sendbuf *b = q->ring[q->head];
-        size_t rem = b->len - q->first_off;
-        if (n < rem) {
-            q->first_off += (uint32_t)n;
-            break;
-        }
-        n -= rem;
-        q->first_off = 0;
-        q->head = (q->head + 1) & (q->cap - 1);
-        q->count--;
-        cp_sendbuf_unref(b);
-    }
-    q->bytes -= total;
+    cp__sendq_consume(&s->sq, n);
     if (s->svc->h.on_sent)
-        s->svc->h.on_sent(s, total);
-}
-
-static int gather(cp_session *s, struct iovec *iov, size_t *total)
-{
-    cp_sendq *q = &s->sq;
-    int n = 0;
-    size_t bytes = 0;
-    for (uint32_t i = 0; i < q->count && n < IOV_CAP && bytes < SEND_BYTES_CAP; i++) {
-        cp_sendbuf *b = q->ring[(q->head + i) & (q->cap - 1)];
-        size_t off = i == 0 ? q->first_off : 0;
-        iov[n].iov_base = b->data + off;
-        iov[n].iov_len = b->len - off;
-        bytes += iov[n].iov_len;
-        n++;
-    }
-    *total = bytes;
-    return n;
+        s->svc->h.on_sent(s, n);
 }
 
 static void send_start(cp_session *s)
@@ -504,8 +464,7 @@ static void send_start(cp_session *s)
     cp_worker *w = s->owner;
     struct iovec iov[IOV_CAP];
     while (writing(s) && s->sq.count && !s->wr.armed) {
-        size_t total;
-        int n = gather(s, iov, &total);
+        int n = cp__sendq_gather(&s->sq, iov, IOV_CAP, SEND_BYTES_CAP);
         int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
         if (r == CP_PENDING) {
             s->ops_pending++;
@@ -536,26 +495,6 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     if (writing(s))
         send_start(s);
     unhold(s);
-}
-
-static int sq_push(cp_sendq *q, cp_sendbuf *b)
-{
-    if (q->count == q->cap) {
-        uint32_t cap = q->cap ? q->cap * 2 : 8;
-        cp_sendbuf **r = malloc(sizeof *r * cap);
-        if (!r)
-            return -ENOMEM;
-        for (uint32_t i = 0; i < q->count; i++)
-            r[i] = q->ring[(q->head + i) & (q->cap - 1)];
-        free(q->ring);
-        q->ring = r;
-        q->head = 0;
-        q->cap = cap;
-    }
-    q->ring[(q->head + q->count) & (q->cap - 1)] = b;
-    q->count++;
-    q->bytes += b->len;
-    return 0;
 }
 
 static int err_of_reason(cp_reason reason)
@@ -610,7 +549,7 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
     } else if (s->sq.bytes + b->len > s->svc->send_queue_limit) {
         cp__session_request_close(s, CP_REASON_SEND_OVERFLOW);
         r = -ENOBUFS;
-    } else if (sq_push(&s->sq, b) < 0) {
+    } else if (cp__sendq_push(&s->sq, b) < 0) {
         cp__session_request_close(s, CP_REASON_NO_MEMORY);
         r = -ENOMEM;
     } else {

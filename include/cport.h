@@ -508,6 +508,19 @@ typedef struct cp_session_opts {
     uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect
                                    (raw framing: bytes on_recv left unconsumed this long,
                                    timed afresh whenever it consumes some) */
+    /* Flow control: a session is not read while its peer is over its rate
+     * limit, or while its own send queue is above send_queue_high (until it
+     * is back below send_queue_low). Its bytes then wait in the kernel and
+     * TCP pushes back on the peer; nothing is dropped and no one is cut for
+     * it (a peer that stops reading still is, at send_queue_limit). */
+    size_t send_queue_high;      /* half of send_queue_limit; at most the limit */
+    size_t send_queue_low;       /* half of send_queue_high; below it */
+    uint32_t recv_rate_packets;  /* packets a second per session, on average; 0 = no
+                                    limit; packet framing only */
+    uint32_t recv_burst_packets; /* packets at once above the rate; 0 = twice the rate;
+                                    needs the rate */
+    uint32_t recv_rate_bytes;    /* bytes a second per session; 0 = no limit */
+    uint32_t recv_burst_bytes;   /* 0 = twice the rate; needs the rate */
 } cp_session_opts;
 
 typedef struct cp_server_opts {

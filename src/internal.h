@@ -134,6 +134,10 @@ struct cp_worker {
 
     /* Start of the current round, for cheap activity timestamps. */
     uint64_t now_ns;
+    /* Rounds so far, and the sessions whose receive is paused until the end
+     * of this one because they used their fair share of it (flow.c). */
+    uint32_t round;
+    cp_session *share_paused;
 };
 
 struct cp_port {
@@ -303,6 +307,17 @@ struct cp_session {
     uint64_t pkt_start_ns; /* when the incomplete packet in carry began */
     cp_wtimer tmo;
 
+    /* Receive flow control (flow.c, owner only): why the receive is paused
+     * (CP_RX_* bits; 0 = reading), since when, this round's share, and the
+     * rate limit's theoretical arrival times (GCRA) with the timer that
+     * resumes a session the limit paused. */
+    uint8_t rx_block;
+    uint32_t rx_round, rx_round_bytes;
+    uint64_t rx_paused_ns;
+    uint64_t tat_pkts, tat_bytes;
+    cp_session *share_next;
+    cp_wtimer rx_tmo;
+
     cp_op cl;               /* the close pseudo-operation (deferred, never submitted) */
 
     /* Groups this session is in; guarded by glock. */
@@ -344,8 +359,9 @@ int cp__session_request_close(cp_session *s, cp_reason reason);
  * -ENOTCONN unless connected. */
 int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason);
 
-/* Packet/raw parser: consume received bytes for s. */
-void cp__session_input(cp_session *s, const uint8_t *data, size_t n);
+/* Packet/raw parser: consume received bytes for s; returns the packets
+ * handed to handlers (raw framing: 0). */
+size_t cp__session_input(cp_session *s, const uint8_t *data, size_t n);
 /* The parser kept the start of an unfinished packet (raw: unconsumed bytes)
  * and set pkt_start_ns: the timeout timer may have to fire sooner. */
 void cp__session_packet_started(cp_session *s);
@@ -354,6 +370,25 @@ void cp__session_packet_started(cp_session *s);
  * and timer starts, end the session's timers and run the posts still on
  * their way (session_work.c). */
 void cp__session_work_close(cp_session *s);
+
+/* Receive flow control (flow.c). A session's receive is paused while any
+ * reason holds: its rate limit is spent (RATE), its send queue is above the
+ * high watermark (SENDQ), it used its fair share of the worker's round
+ * (SHARE). While paused nothing more is read from its socket, so TCP pushes
+ * back on the peer. Owner only. */
+enum { CP_RX_RATE = 1, CP_RX_SENDQ = 2, CP_RX_SHARE = 4 };
+void cp__rx_block(cp_session *s, unsigned why);
+void cp__rx_unblock(cp_session *s, unsigned why);
+/* A receive of n bytes holding packets packets was consumed. */
+void cp__rx_account(cp_session *s, size_t n, size_t packets);
+/* The send queue changed: pause above the high watermark, resume below the low. */
+void cp__rx_sendq_check(cp_session *s);
+/* End of a round: the sessions paused for their share read again. */
+void cp__rx_round_end(cp_worker *w);
+/* The session is closing or draining: no reason holds any more. */
+void cp__rx_reset(cp_session *s);
+/* At creation. */
+void cp__rx_init(cp_session *s);
 
 /* Groups: remove s from every group (on close). */
 void cp__group_leave_all(cp_session *s);
@@ -389,6 +424,9 @@ struct cp_service {
     size_t send_queue_limit;
     bool nodelay;
     uint64_t idle_timeout_ns, packet_timeout_ns; /* 0 = off */
+    size_t sq_high, sq_low;          /* send-queue watermarks (receive paused between) */
+    uint32_t rate_pkts, rate_bytes;  /* receive rate limit per second; 0 = none */
+    uint64_t win_pkts_ns, win_bytes_ns; /* the bursts, as time at those rates */
     cp_packet_fn *routes; /* indexed by id, nroutes entries */
     uint32_t nroutes;
 

@@ -77,7 +77,7 @@ static bool dispatch(cp_session *s, const uint8_t *pkt, size_t size)
     return still_connected(s);
 }
 
-static void packet_input(cp_session *s, const uint8_t *p, size_t n)
+static size_t packet_input(cp_session *s, const uint8_t *p, size_t n)
 {
     uint64_t packets = 0;
     bool had_partial = s->carry_len != 0;
@@ -92,11 +92,11 @@ static void packet_input(cp_session *s, const uint8_t *p, size_t n)
             p += take;
             n -= take;
             if (s->carry_len < CP_PACKET_HEADER)
-                return;
+                return 0;
         }
         size_t size = header_size(s, s->carry);
         if (!size || !carry_reserve(s, size))
-            return;
+            return 0;
         size_t take = size - s->carry_len;
         if (take > n)
             take = n;
@@ -105,7 +105,7 @@ static void packet_input(cp_session *s, const uint8_t *p, size_t n)
         p += take;
         n -= take;
         if (s->carry_len < size)
-            return;
+            return 0;
         packets++;
         had_partial = false;
         bool ok = dispatch(s, s->carry, size);
@@ -141,6 +141,7 @@ static void packet_input(cp_session *s, const uint8_t *p, size_t n)
 out:
     if (packets)
         cp__traffic_add(&cp__traffic(s->svc, s->owner)->packets_in, packets);
+    return packets;
 }
 
 static size_t raw_deliver(cp_session *s, const uint8_t *p, size_t n)
@@ -188,10 +189,11 @@ static void raw_input(cp_session *s, const uint8_t *p, size_t n)
     partial_started(s);
 }
 
-void cp__session_input(cp_session *s, const uint8_t *data, size_t n)
+size_t cp__session_input(cp_session *s, const uint8_t *data, size_t n)
 {
-    if (s->svc->framing == CP_FRAMING_RAW)
+    if (s->svc->framing == CP_FRAMING_RAW) {
         raw_input(s, data, n);
-    else
-        packet_input(s, data, n);
+        return 0;
+    }
+    return packet_input(s, data, n);
 }

@@ -154,8 +154,12 @@ static int check_session_opts(const cp_session_opts *o, const cp_handlers *h)
         return -EINVAL;
     if (o->nroutes && !o->routes)
         return -EINVAL;
+    if (o->send_queue_high > o->send_queue_limit || o->send_queue_low >= o->send_queue_high)
+        return -EINVAL;
+    if ((o->recv_burst_packets && !o->recv_rate_packets) || (o->recv_burst_bytes && !o->recv_rate_bytes))
+        return -EINVAL;
     if (o->framing == CP_FRAMING_RAW)
-        return h->on_recv && !o->nroutes ? 0 : -EINVAL;
+        return h->on_recv && !o->nroutes && !o->recv_rate_packets ? 0 : -EINVAL;
     /* A packet the service accepts must fit its own send queue, or echoing
      * or relaying it would disconnect the session. */
     return o->send_queue_limit >= o->max_packet ? 0 : -EINVAL;
@@ -200,6 +204,14 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
         o.max_packet = 4096;
     if (o.send_queue_limit == 0)
         o.send_queue_limit = 1u << 20;
+    if (o.send_queue_high == 0)
+        o.send_queue_high = o.send_queue_limit / 2;
+    if (o.send_queue_low == 0 && o.send_queue_high <= o.send_queue_limit)
+        o.send_queue_low = o.send_queue_high / 2;
+    if (o.recv_rate_packets && !o.recv_burst_packets)
+        o.recv_burst_packets = o.recv_rate_packets > UINT32_MAX / 2 ? UINT32_MAX : o.recv_rate_packets * 2;
+    if (o.recv_rate_bytes && !o.recv_burst_bytes)
+        o.recv_burst_bytes = o.recv_rate_bytes > UINT32_MAX / 2 ? UINT32_MAX : o.recv_rate_bytes * 2;
     int r = check_session_opts(&o, h);
     if (r < 0)
         return r;
@@ -217,6 +229,14 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     svc->nodelay = !o.no_nodelay;
     svc->idle_timeout_ns = (uint64_t)o.idle_timeout_ms * 1000000u;
     svc->packet_timeout_ns = (uint64_t)o.packet_timeout_ms * 1000000u;
+    svc->sq_high = o.send_queue_high;
+    svc->sq_low = o.send_queue_low;
+    svc->rate_pkts = o.recv_rate_packets;
+    svc->rate_bytes = o.recv_rate_bytes;
+    if (o.recv_rate_packets)
+        svc->win_pkts_ns = (uint64_t)o.recv_burst_packets * 1000000000u / o.recv_rate_packets;
+    if (o.recv_rate_bytes)
+        svc->win_bytes_ns = (uint64_t)o.recv_burst_bytes * 1000000000u / o.recv_rate_bytes;
 
     if ((r = routes_copy(svc, &o)) < 0) {
         free(svc);

@@ -86,7 +86,8 @@ static void on_timeout(cp_worker *w, void *sp)
     uint64_t now = cp__now_ns();
     if (svc->packet_timeout_ns && s->carry_len && now - s->pkt_start_ns >= svc->packet_timeout_ns)
         cp__session_close(s, CP_REASON_PACKET_TIMEOUT, -ETIMEDOUT);
-    else if (svc->idle_timeout_ns && now - s->last_rx_ns >= svc->idle_timeout_ns)
+    else if (svc->idle_timeout_ns && now - s->last_rx_ns >= svc->idle_timeout_ns &&
+             !(s->rx_block & (CP_RX_RATE | CP_RX_SHARE))) /* not idle: not read, by us */
         cp__session_close(s, CP_REASON_IDLE_TIMEOUT, -ETIMEDOUT);
     else
         timeout_rearm(w, s);
@@ -112,6 +113,7 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     s->tmo.fn = on_timeout;
     s->tmo.arg = s;
     s->tmo.heap_index = UINT32_MAX;
+    cp__rx_init(s);
     pthread_mutex_init(&s->glock, NULL);
     return s;
 }
@@ -250,6 +252,7 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
     cp_worker *w = s->owner;
     cp_service *svc = s->svc;
     cp__timer_cancel(w, &s->tmo);
+    cp__rx_reset(s);
     if (s->h.fd >= 0)
         w->port->be->close(w, &s->h);
     /* The carry buffer stays until the session finishes: a packet handler
@@ -301,7 +304,8 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         if (connected(s)) {
             s->last_rx_ns = w->now_ns;
             cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
-            cp__session_input(s, data, (size_t)res);
+            size_t packets = cp__session_input(s, data, (size_t)res);
+            cp__rx_account(s, (size_t)res, packets);
         }
         /* Draining: what the peer still sends is read and dropped, so that
          * closing never resets a connection over unread bytes. */
@@ -455,6 +459,8 @@ static void sent(cp_session *s, size_t n)
 {
     cp__traffic_add(&cp__traffic(s->svc, s->owner)->bytes_out, n);
     cp__sendq_consume(&s->sq, n);
+    if (s->rx_block & CP_RX_SENDQ)
+        cp__rx_sendq_check(s);
     if (s->svc->h.on_sent)
         s->svc->h.on_sent(s, n);
 }
@@ -553,6 +559,8 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         cp__session_request_close(s, CP_REASON_NO_MEMORY);
         r = -ENOMEM;
     } else {
+        if (s->sq.bytes > s->svc->sq_high)
+            cp__rx_sendq_check(s);
         if (!s->dirty && !s->wr.armed) {
             s->dirty = true;
             hold(s); /* the dirty list's */
@@ -764,6 +772,8 @@ static void drain_begin(cp_session *s)
     if (atomic_load(&s->state) != CP_S_DRAINING || s->drain_marked)
         return;
     s->drain_marked = true;
+    /* What the peer still sends is read and dropped: no reason to pause. */
+    cp__rx_reset(s);
     /* The idle and packet timeouts no longer matter: the session's one timer
      * now watches the deadline. */
     s->tmo.fn = on_drain_deadline;

@@ -38,7 +38,8 @@ struct cp_op {
     uint8_t armed;  /* submitted and not finally completed */
     uint16_t batch; /* accept: results handed over per readiness pass (K) */
     uint16_t gen;   /* io_uring: bumped per submission; stale completions differ */
-    uint8_t kicked; /* io_uring: the backend cancelled it to re-arm it (uring.c, recheck) */
+    uint8_t kicked; /* io_uring: the backend cancelled it to re-arm it (uring.c, recheck, pause) */
+    uint8_t parked; /* io_uring: a paused receive, armed for the core but not in the kernel */
     cp_handle *h;   /* io_uring: the handle it was submitted on */
     void *be;       /* backend-private per-operation storage */
 };
@@ -52,6 +53,9 @@ struct cp_handle {
     unsigned on_ready : 1;  /* epoll: on the worker's ready list; io_uring: on the recheck list */
     unsigned hup : 1;       /* epoll: the peer closed or the socket failed */
     unsigned fixed : 1;     /* io_uring: in the ring's file table, at index fd */
+    unsigned rd_paused : 1; /* recv_pause: no bytes are read until recv_resume */
+    unsigned hot : 1;       /* io_uring: reads more than it is given; received one buffer at a time */
+    uint16_t held;          /* io_uring: completions held back while paused (uring.c) */
     cp_handle *ready_next;
     void *be;               /* IOCP: the backend's record of the socket */
 };
@@ -84,6 +88,14 @@ typedef struct cp_backend_ops {
      * call. A completion of -EAGAIN means "nothing written, writable now":
      * the core gathers again and resubmits. */
     int (*send)(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *iov, int iovcnt);
+    /* Stop and start reading h, whether or not a receive is armed: while
+     * paused, an armed receive stays armed (no final completion) but nothing
+     * more is read from the socket, so the peer's sends fill its window and
+     * TCP pushes back; a receive armed while paused waits for the resume.
+     * Bytes the backend had already read when pause was called may still be
+     * delivered after it (io_uring: completions already in the ring). */
+    void (*recv_pause)(cp_worker *w, cp_handle *h);
+    void (*recv_resume)(cp_worker *w, cp_handle *h);
     /* Cancels every armed op (each completes with -ECANCELED, later, never
      * inside this call) and closes the descriptor. */
     void (*close)(cp_worker *w, cp_handle *h);

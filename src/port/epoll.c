@@ -146,7 +146,7 @@ static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
         ssize_t n = read(h->fd, w->rbuf, w->rbuf_size);
         if (n > 0) {
             op->cb(w, op, (int)n, CP_CQE_MORE, w->rbuf);
-            if (h->rd != op)
+            if (h->rd != op || h->rd_paused)
                 return;
             /* A short read drained the socket and the next bytes bring a new
              * edge, unless the peer's FIN (or an error) came with these
@@ -178,7 +178,7 @@ static void do_input(cp_worker *w, cp_handle *h)
         return;
     if (op->kind == CP_OP_ACCEPT)
         do_accept(w, h, op);
-    else
+    else if (!h->rd_paused)
         do_recv(w, h, op);
 }
 
@@ -293,6 +293,21 @@ static int ep_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
     }
 }
 
+/* Pausing leaves the socket in the epoll set: its edges while paused are
+ * lost, which is why the resume tries a read (via the ready list). */
+static void ep_recv_pause(cp_worker *w, cp_handle *h)
+{
+    CP_UNUSED(w);
+    h->rd_paused = 1;
+}
+
+static void ep_recv_resume(cp_worker *w, cp_handle *h)
+{
+    h->rd_paused = 0;
+    if (h->rd && h->fd >= 0)
+        cp__hlist_push(&w->ready, h);
+}
+
 static void ep_close(cp_worker *w, cp_handle *h)
 {
     if (h->on_ready)
@@ -324,5 +339,7 @@ const cp_backend_ops cp__epoll_backend = {
     .connect = ep_connect,
     .recv = ep_recv,
     .send = ep_send,
+    .recv_pause = ep_recv_pause,
+    .recv_resume = ep_recv_resume,
     .close = ep_close,
 };

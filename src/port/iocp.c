@@ -346,12 +346,14 @@ static void do_recv(cp_worker *w, io_sock *is)
 {
     cp_handle *h = is->h;
     cp_op *op = h->rd;
+    if (h->rd_paused)
+        return; /* io_recv_resume reads again */
     for (int i = 0; i < READS_PER_PASS; i++) {
         int n = recv(is->s, (char *)w->rbuf, (int)w->rbuf_size, 0);
         if (n > 0) {
             op->cb(w, op, n, CP_CQE_MORE, w->rbuf);
-            if (is->h != h || h->rd != op)
-                return; /* closed or disarmed by the callback */
+            if (is->h != h || h->rd != op || h->rd_paused)
+                return; /* closed, disarmed or paused by the callback */
             if ((size_t)n < w->rbuf_size) {
                 post_recv0(w, is);
                 return;
@@ -584,6 +586,22 @@ static int io_recv(cp_worker *w, cp_handle *h, cp_op *op)
     return 0;
 }
 
+/* A paused socket posts no zero-byte receive; one already pending completes
+ * into do_recv, which sees the pause and posts none. */
+static void io_recv_pause(cp_worker *w, cp_handle *h)
+{
+    CP_UNUSED(w);
+    h->rd_paused = 1;
+}
+
+static void io_recv_resume(cp_worker *w, cp_handle *h)
+{
+    h->rd_paused = 0;
+    io_sock *is = h->be;
+    if (h->rd && h->rd->kind == CP_OP_RECV && is && !is->rd.pending)
+        cp__hlist_push(&w->ready, h);
+}
+
 static int io_connect(cp_worker *w, cp_handle *h, cp_op *op, const struct sockaddr *sa, socklen_t len)
 {
     io_sock *is = h->be;
@@ -715,6 +733,8 @@ const cp_backend_ops cp__iocp_backend = {
     .accept = io_accept,
     .connect = io_connect,
     .recv = io_recv,
+    .recv_pause = io_recv_pause,
+    .recv_resume = io_recv_resume,
     .send = io_send,
     .close = io_close,
 };

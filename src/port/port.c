@@ -443,6 +443,7 @@ static void round_finish(cp_worker *w)
     } while (more && budget &&
              (w->ndeferred || w->dirty || w->pending || atomic_load(&w->inbox) || atomic_load(&w->urgent)));
     outbox_flush(w);
+    cp__rx_round_end(w);
 }
 
 static void *worker_main(void *arg)

@@ -47,6 +47,7 @@
 #define UR_BATCH 64
 #define UR_RECHECK 64           /* receives rechecked per poll(2) call */
 #define UR_FILES 65536          /* registered-file table size at most (index = fd) */
+#define UR_HELD_MAX (UR_NBUFS / 4) /* provided buffers that held completions may keep */
 
 #ifndef WAKE_MSG_RING_DEFAULT
 #define WAKE_MSG_RING_DEFAULT 1
@@ -63,6 +64,15 @@ typedef struct ur_slot {
     struct ur_slot *next;
 } ur_slot;
 
+/* A receive completion held back because its session was paused (see
+ * "Holding completions back"), with the provided buffer it names. */
+typedef struct ur_held {
+    struct ur_held *next;
+    cp_op *op;
+    int res;
+    unsigned flags;
+} ur_held;
+
 typedef struct ur_state {
     struct io_uring ring;
     int evfd;
@@ -74,6 +84,9 @@ typedef struct ur_state {
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
     cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
+    ur_held *replay, *replay_tail; /* held completions of resumed handles, in order */
+    ur_held *free_held;
+    unsigned nheld;       /* completions held (each keeps a provided buffer) */
     unsigned nfiles;      /* size of the registered-file table; 0 = none */
     int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
                            * wake-ups, open until ur_fini (after every worker has stopped) */
@@ -387,12 +400,74 @@ static void prep_recv(ur_state *st, cp_handle *h, cp_op *op, bool multishot)
     h->rd = op;
 }
 
+/* A hot socket (one that had more to read than its session would take) is
+ * read one buffer per submission, so the kernel cannot read ahead of the
+ * session; it goes back to multishot once a read finds it drained. */
+static void arm_multishot(ur_state *st, cp_handle *h, cp_op *op)
+{
+    if (h->hot) {
+        prep_recv(st, h, op, false);
+        return;
+    }
+    prep_recv(st, h, op, true);
+    cp__hlist_push(&st->recheck, h); /* rechecked once it is armed: see recheck_recvs */
+}
+
+/* A receive armed while paused is parked: armed for the core, not in the
+ * kernel until the resume. */
+static void park(cp_handle *h, cp_op *op)
+{
+    op->gen++;
+    op->h = h;
+    op->armed = 1;
+    op->parked = 1;
+    h->rd = op;
+}
+
+static void replay_add(ur_state *st, cp_handle *h);
+
 static int ur_recv(cp_worker *w, cp_handle *h, cp_op *op)
 {
     ur_state *st = w->be;
-    prep_recv(st, h, op, true);
-    cp__hlist_push(&st->recheck, h); /* rechecked once it is armed: see recheck_recvs */
+    if (h->rd_paused)
+        park(h, op);
+    else
+        arm_multishot(st, h, op);
     return 0;
+}
+
+/*
+ * Pausing cancels the multishot receive in the kernel (unless a recheck's
+ * cancellation is already on its way): its final -ECANCELED completion is
+ * swallowed by dispatch, which parks the op, or arms it again if the resume
+ * came first. What the kernel had received before the cancellation still
+ * arrives, as ordinary completions.
+ */
+static void ur_recv_pause(cp_worker *w, cp_handle *h)
+{
+    ur_state *st = w->be;
+    h->rd_paused = 1;
+    cp_op *op = h->rd;
+    if (!op || op->kind != CP_OP_RECV || op->parked || op->kicked || h->fd < 0)
+        return;
+    op->kicked = 2;
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_cancel64(sqe, ud_of(op), 0);
+    io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+}
+
+static void ur_recv_resume(cp_worker *w, cp_handle *h)
+{
+    ur_state *st = w->be;
+    h->rd_paused = 0;
+    if (h->held)
+        replay_add(st, h); /* what was held back is delivered first, next poll */
+    cp_op *op = h->rd;
+    if (op && op->parked && h->fd >= 0) {
+        op->parked = 0;
+        arm_multishot(st, h, op);
+    }
+    /* Otherwise a cancellation is on its way: its completion re-arms. */
 }
 
 static int ur_connect(cp_worker *w, cp_handle *h, cp_op *op, const struct sockaddr *sa, socklen_t len)
@@ -435,15 +510,27 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
     return CP_PENDING;
 }
 
+static void held_drop(ur_state *st, cp_handle *h);
+
 static void ur_close(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
+    if (h->held)
+        held_drop(st, h);
     if (h->on_ready)
         cp__hlist_unlink(&st->recheck, h);
     cp_op *ops[2] = {h->rd, h->wr};
     for (int i = 0; i < 2; i++) {
         if (!ops[i])
             continue;
+        if (ops[i]->parked) {
+            /* Not in the kernel: nothing to cancel, it ends here. */
+            ops[i]->parked = 0;
+            ops[i]->armed = 0;
+            h->rd = NULL;
+            cp__worker_defer(w, ops[i], -ECANCELED);
+            continue;
+        }
         struct io_uring_sqe *sqe = get_sqe(st);
         io_uring_prep_cancel64(sqe, ud_of(ops[i]), 0);
         io_uring_sqe_set_data64(sqe, TAG_IGNORE);
@@ -527,7 +614,8 @@ static void recheck_recvs(ur_state *st)
             cp_handle *h = st->recheck;
             st->recheck = h->ready_next;
             h->on_ready = 0;
-            if (h->fd < 0 || !h->rd || h->rd->kind != CP_OP_RECV || !h->rd->armed || h->rd->kicked)
+            if (h->fd < 0 || !h->rd || h->rd->kind != CP_OP_RECV || !h->rd->armed || h->rd->kicked ||
+                h->rd->parked)
                 continue;
             pf[n] = (struct pollfd){.fd = h->fd, .events = POLLRDHUP};
             hs[n++] = h;
@@ -538,12 +626,156 @@ static void recheck_recvs(ur_state *st)
             if (!(pf[i].revents & (POLLHUP | POLLERR)))
                 continue;
             cp_op *op = hs[i]->rd;
-            op->kicked = 1;
+            op->kicked = 1; /* 1: a recheck's; 2: a pause's (ur_recv_pause) */
             struct io_uring_sqe *sqe = get_sqe(st);
             io_uring_prep_cancel64(sqe, ud_of(op), 0);
             io_uring_sqe_set_data64(sqe, TAG_IGNORE);
         }
     }
+}
+
+/*
+ * Holding completions back.
+ *
+ * Pausing a session's receive cancels its multishot receive, but whatever the
+ * kernel had already received for it sits in the completion queue, and one
+ * io_uring_enter can read a megabyte from one busy socket (32 buffers) before
+ * the worker sees any of it. Delivering all of that to a session that asked
+ * not to be read would defeat the pause (a burst's replies would pass the
+ * send-queue limit in one round). So a receive completion for a paused
+ * handle, or for one that still has completions held, is held back with its
+ * provided buffer, in order, and delivered when the handle is resumed (at the
+ * start of the next poll). The socket is then marked hot and read one buffer
+ * per submission, so the next pause finds at most one buffer in flight. Held
+ * buffers are capped per worker (UR_HELD_MAX), since other sockets need the
+ * ring too: past the cap completions are delivered anyway.
+ */
+static bool handle_hold(ur_state *st, cp_handle *h, cp_op *op, int res, unsigned flags)
+{
+    ur_held *e = st->free_held;
+    if (e)
+        st->free_held = e->next;
+    else if (!(e = malloc(sizeof *e)))
+        return false; /* out of memory: delivered now, out of turn at worst */
+    *e = (ur_held){.op = op, .res = res, .flags = flags};
+    ur_held **at = (ur_held **)&h->be;
+    while (*at)
+        at = &(*at)->next;
+    *at = e;
+    h->held++;
+    h->hot = 1;
+    st->nheld++;
+    return true;
+}
+
+static void held_free(ur_state *st, ur_held *e)
+{
+    if (e->flags & IORING_CQE_F_BUFFER)
+        recycle(st, e->flags >> IORING_CQE_BUFFER_SHIFT);
+    e->next = st->free_held;
+    st->free_held = e;
+    st->nheld--;
+}
+
+/* The handle's held completions go to the end of the worker's replay list. */
+static void replay_add(ur_state *st, cp_handle *h)
+{
+    ur_held *e = h->be;
+    h->be = NULL;
+    while (e) {
+        ur_held *next = e->next;
+        e->next = NULL;
+        if (st->replay_tail)
+            st->replay_tail->next = e;
+        else
+            st->replay = e;
+        st->replay_tail = e;
+        e = next;
+    }
+}
+
+/* Closing: the handle's held completions are dropped (their buffers go back
+ * to the ring), wherever they wait. */
+static void held_drop(ur_state *st, cp_handle *h)
+{
+    ur_held *e = h->be;
+    h->be = NULL;
+    while (e) {
+        ur_held *next = e->next;
+        held_free(st, e);
+        e = next;
+    }
+    ur_held **at = &st->replay;
+    st->replay_tail = NULL;
+    while (*at) {
+        if ((*at)->op->h == h) {
+            ur_held *gone = *at;
+            *at = gone->next;
+            held_free(st, gone);
+        } else {
+            st->replay_tail = *at;
+            at = &(*at)->next;
+        }
+    }
+    h->held = 0;
+}
+
+static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned flags, const uint8_t *data);
+
+/* Start of a poll: deliver the completions held for handles resumed since,
+ * in order; a handle paused again keeps the rest. */
+static void replay_held(cp_worker *w, ur_state *st)
+{
+    ur_held *e = st->replay;
+    st->replay = st->replay_tail = NULL;
+    st->buf_returns = 0;
+    while (e) {
+        ur_held *next = e->next;
+        cp_handle *h = e->op->h;
+        e->next = NULL;
+        if (h->rd_paused) {
+            ur_held **at = (ur_held **)&h->be;
+            while (*at)
+                at = &(*at)->next;
+            *at = e;
+        } else {
+            h->held--;
+            const uint8_t *data = NULL;
+            if (e->flags & IORING_CQE_F_BUFFER)
+                data = st->bufs + (size_t)(e->flags >> IORING_CQE_BUFFER_SHIFT) * UR_BUFSZ;
+            deliver(w, st, e->op, e->res, e->flags, data);
+            held_free(st, e);
+        }
+        e = next;
+    }
+    if (st->buf_returns)
+        io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
+    st->buf_returns = 0;
+}
+
+/* A completion of op that is due for the core. */
+static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned flags, const uint8_t *data)
+{
+    bool more = flags & IORING_CQE_F_MORE;
+    if (!more) {
+        cp_handle *h = op->h;
+        if (h->rd == op) {
+            h->rd = NULL;
+            /* A single read that did not fill its buffer drained the socket. */
+            if (h->hot && res >= 0 && (unsigned)res < UR_BUFSZ)
+                h->hot = 0;
+        }
+        if (h->wr == op)
+            h->wr = NULL;
+        op->armed = 0;
+        if (op->kind == CP_OP_SEND && op->be) {
+            ur_slot *slot = op->be;
+            op->be = NULL;
+            slot->next = st->free_slots;
+            st->free_slots = slot;
+        }
+    }
+    op->cb(w, op, res, more ? CP_CQE_MORE : 0, data);
 }
 
 static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned flags)
@@ -564,29 +796,29 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         if ((uint16_t)(ud >> 48) == op->gen) {
             bool more = flags & IORING_CQE_F_MORE;
             if (!more && op->kicked) {
+                int why = op->kicked;
                 op->kicked = 0;
                 if (res == -ECANCELED && op->h->fd >= 0) {
-                    /* Cancelled by recheck_recvs, not by a close: receive on
-                     * with a single-shot receive; the core sees no gap. */
-                    prep_recv(st, op->h, op, false);
+                    /* Cancelled by recheck_recvs or a pause, not by a close:
+                     * the core sees no gap. Paused: park until the resume.
+                     * Else receive on (after a recheck, with a single-shot
+                     * receive: see recheck_recvs). */
+                    if (op->h->rd_paused)
+                        park(op->h, op);
+                    else if (why == 1)
+                        prep_recv(st, op->h, op, false);
+                    else
+                        arm_multishot(st, op->h, op);
                     goto out;
                 }
             }
-            if (!more) {
-                cp_handle *h = op->h;
-                if (h->rd == op)
-                    h->rd = NULL;
-                if (h->wr == op)
-                    h->wr = NULL;
-                op->armed = 0;
-                if (op->kind == CP_OP_SEND && op->be) {
-                    ur_slot *slot = op->be;
-                    op->be = NULL;
-                    slot->next = st->free_slots;
-                    st->free_slots = slot;
-                }
-            }
-            op->cb(w, op, res, more ? CP_CQE_MORE : 0, data);
+            cp_handle *h = op->h;
+            /* Behind held completions, in turn, always; a paused handle
+             * starts holding only within the cap. */
+            if (op->kind == CP_OP_RECV && h->fd >= 0 &&
+                (h->held || (h->rd_paused && st->nheld < UR_HELD_MAX)) && handle_hold(st, h, op, res, flags))
+                return; /* the buffer stays with the held completion */
+            deliver(w, st, op, res, flags, data);
         }
         /* else: a completion for an earlier submission of this op; drop it */
     }
@@ -644,6 +876,8 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
         return r;
     w->now_ns = cp__now_ns();
+    if (st->replay)
+        replay_held(w, st);
     int total = 0;
     for (;;) {
         struct io_uring_cqe *cqes[UR_BATCH];
@@ -682,7 +916,7 @@ static int ur_poll(cp_worker *w, int timeout_ms)
 static int ur_busy(cp_worker *w)
 {
     ur_state *st = w->be;
-    return io_uring_cq_ready(&st->ring) > 0;
+    return st->replay || io_uring_cq_ready(&st->ring) > 0;
 }
 
 const cp_backend_ops cp__uring_backend = {
@@ -699,5 +933,7 @@ const cp_backend_ops cp__uring_backend = {
     .connect = ur_connect,
     .recv = ur_recv,
     .send = ur_send,
+    .recv_pause = ur_recv_pause,
+    .recv_resume = ur_recv_resume,
     .close = ur_close,
 };

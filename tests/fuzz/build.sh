@@ -13,7 +13,7 @@ SAN=${FUZZ_SAN:--fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefi
 srcs="$root/src/core.c $root/src/port/port.c $root/src/port/jobq.c $root/src/port/timer.c
       $root/src/net/listener.c $root/src/net/service.c $root/src/net/session.c
       $root/src/net/packet.c $root/src/net/group.c $root/src/buf/sendbuf.c $root/src/port/epoll.c
-      $root/src/sys.c $root/src/net/session_work.c $root/src/net/sendq.c"
+      $root/src/sys.c $root/src/net/session_work.c $root/src/net/sendq.c $root/src/net/flow.c"
 # CP_ASSERTS: a misuse the fuzzer provokes aborts with its name (src/internal.h).
 defs="-D_GNU_SOURCE -DCP_ASSERTS"
 libs="-lpthread"

@@ -1,0 +1,194 @@
+/*
+ * Receive flow control: when a session is not read.
+ *
+ * Memory that grows with a peer's input must have a bound, and the pressure
+ * at that bound must go back to the peer, not into a queue: so the answer to
+ * "too much" is to stop reading the session that brings it. Its bytes then
+ * wait in its socket buffer and its TCP window closes; the peer's sends block,
+ * and nothing it sends costs this process anything until it is read again.
+ * Readers that keep up are never cut for it. Three reasons pause a session's
+ * receive, each a bit of rx_block; it reads again when none holds:
+ *
+ * - RATE: the receive rate limit (packets/s and bytes/s, each with a burst)
+ *   is spent. The limit is a GCRA, the token bucket written as a time: each
+ *   packet (byte) moves the theoretical arrival time on by 1/rate, and the
+ *   peer is over its burst when that time runs more than burst/rate ahead of
+ *   now. A receive is always consumed whole (it may run ahead by one
+ *   receive's worth); then the session rests until half its burst is back,
+ *   so a flooder costs one pause and one resume per half burst.
+ * - SENDQ: its send queue is above the high watermark: it is not read until
+ *   the queue is back below the low one. A peer that sends requests without
+ *   reading the replies is then throttled by its own window, and only a peer
+ *   that stops reading altogether reaches the queue's limit and is cut.
+ * - SHARE: it has had its fair share of this worker's round (SHARE_BYTES):
+ *   the rest waits for the next round, after this round's writes, so one fast
+ *   sender cannot fill queues with a whole ring's worth of input in one go or
+ *   hold up its neighbours.
+ *
+ * Time the receive spends paused does not count against the peer: an
+ * unfinished packet's clock (packet timeout) moves on by the pause, and a
+ * session paused by its rate limit or share is not idle. A session paused by
+ * its own send queue is: its peer is not reading.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+
+/* Input one session may bring in one round: four of epoll's 64 KiB reads,
+ * eight of io_uring's 32 KiB buffers. */
+#define SHARE_BYTES (256u * 1024u)
+#define NS_PER_S UINT64_C(1000000000)
+
+static void rx_pause(cp_session *s)
+{
+    cp_worker *w = s->owner;
+    s->rx_paused_ns = w->now_ns;
+    w->port->be->recv_pause(w, &s->h);
+}
+
+static void rx_resume(cp_session *s)
+{
+    cp_worker *w = s->owner;
+    uint64_t now = cp__now_ns();
+    /* The peer could not finish a packet while it was not read. */
+    if (s->carry_len && now > s->rx_paused_ns)
+        s->pkt_start_ns += now - s->rx_paused_ns;
+    w->port->be->recv_resume(w, &s->h);
+}
+
+static bool reading(const cp_session *s)
+{
+    return atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_CONNECTED && s->h.fd >= 0;
+}
+
+void cp__rx_block(cp_session *s, unsigned why)
+{
+    if (!reading(s) || (s->rx_block & why))
+        return;
+    if (!s->rx_block)
+        rx_pause(s);
+    s->rx_block |= (uint8_t)why;
+}
+
+void cp__rx_unblock(cp_session *s, unsigned why)
+{
+    if (!(s->rx_block & why))
+        return;
+    s->rx_block &= (uint8_t)~why;
+    if (!s->rx_block && reading(s))
+        rx_resume(s);
+}
+
+void cp__rx_reset(cp_session *s)
+{
+    cp_worker *w = s->owner;
+    if (s->rx_tmo.heap_index != UINT32_MAX)
+        cp__timer_cancel(w, &s->rx_tmo);
+    bool was = s->rx_block != 0;
+    /* A session on the share list stays there (it holds a reference) and is
+     * skipped at the round's end. */
+    s->rx_block = 0;
+    if (was && s->h.fd >= 0)
+        w->port->be->recv_resume(w, &s->h);
+}
+
+/* ------------------------------------------------------------------ rate */
+
+static void on_rate_rested(cp_worker *w, void *sp)
+{
+    CP_UNUSED(w);
+    cp__rx_unblock(sp, CP_RX_RATE);
+}
+
+/* Moves *tat on by n units at rate per second; returns how far past the
+ * burst window it now runs ahead of now (0: within the burst). */
+static uint64_t gcra_take(uint64_t *tat, uint64_t now, uint64_t n, uint32_t rate, uint64_t window)
+{
+    uint64_t t = *tat > now ? *tat : now;
+    t += n * NS_PER_S / rate;
+    *tat = t;
+    return t - now > window ? t - now - window : 0;
+}
+
+/* When the session may read again: when half of the burst is back. */
+static uint64_t rested_at(uint64_t tat, uint64_t window) { return tat - window / 2; }
+
+static void rate_account(cp_session *s, size_t n, size_t packets)
+{
+    cp_service *svc = s->svc;
+    uint64_t now = s->owner->now_ns, until = 0;
+    if (svc->rate_pkts && packets &&
+        gcra_take(&s->tat_pkts, now, packets, svc->rate_pkts, svc->win_pkts_ns))
+        until = rested_at(s->tat_pkts, svc->win_pkts_ns);
+    if (svc->rate_bytes && gcra_take(&s->tat_bytes, now, n, svc->rate_bytes, svc->win_bytes_ns)) {
+        uint64_t t = rested_at(s->tat_bytes, svc->win_bytes_ns);
+        if (t > until)
+            until = t;
+    }
+    if (!until)
+        return;
+    cp__rx_block(s, CP_RX_RATE);
+    if (s->rx_block & CP_RX_RATE)
+        cp__timer_arm_at(s->owner, &s->rx_tmo, until);
+}
+
+/* ------------------------------------------------------------------ share */
+
+static void share_account(cp_session *s, size_t n)
+{
+    cp_worker *w = s->owner;
+    if (s->rx_round != w->round) {
+        s->rx_round = w->round;
+        s->rx_round_bytes = 0;
+    }
+    s->rx_round_bytes += (uint32_t)n;
+    if (s->rx_round_bytes < SHARE_BYTES || (s->rx_block & CP_RX_SHARE))
+        return;
+    cp__rx_block(s, CP_RX_SHARE);
+    if (!(s->rx_block & CP_RX_SHARE))
+        return;
+    cp__session_ref(s); /* the list's */
+    s->share_next = w->share_paused;
+    w->share_paused = s;
+}
+
+void cp__rx_round_end(cp_worker *w)
+{
+    cp_session *s = w->share_paused;
+    w->share_paused = NULL;
+    w->round++;
+    while (s) {
+        cp_session *next = s->share_next;
+        s->share_next = NULL;
+        cp__rx_unblock(s, CP_RX_SHARE);
+        cp__session_unref(s);
+        s = next;
+    }
+}
+
+void cp__rx_account(cp_session *s, size_t n, size_t packets)
+{
+    if (!reading(s))
+        return;
+    if (s->svc->rate_pkts | s->svc->rate_bytes)
+        rate_account(s, n, packets);
+    share_account(s, n);
+}
+
+/* ------------------------------------------------------------------ send queue */
+
+void cp__rx_sendq_check(cp_session *s)
+{
+    size_t q = s->sq.bytes;
+    if (q > s->svc->sq_high)
+        cp__rx_block(s, CP_RX_SENDQ);
+    else if (q < s->svc->sq_low)
+        cp__rx_unblock(s, CP_RX_SENDQ);
+}
+
+void cp__rx_init(cp_session *s)
+{
+    s->rx_tmo.fn = on_rate_rested;
+    s->rx_tmo.arg = s;
+    s->rx_tmo.heap_index = UINT32_MAX;
+}

@@ -34,6 +34,7 @@ typedef struct server_config {
     size_t send_queue_limit;
     uint32_t idle_timeout_ms;
     uint32_t packet_timeout_ms;
+    int64_t rate_limit; /* packets/s per session; -1 = the mode's default */
 } server_config;
 
 /* The chat room. Only its own jobs touch members, and they never run two at a
@@ -76,6 +77,10 @@ static void usage(FILE *out)
             "  --idle-timeout MS     disconnect a session that sent nothing for MS (0 = off)\n"
             "  --packet-timeout MS   disconnect a session whose packet stays unfinished\n"
             "                        for MS (0 = off)\n"
+            "  --rate-limit N        packets a second a session may send, on average,\n"
+            "                        with bursts of 2N; more are not read until it is\n"
+            "                        back under (TCP pushes back on it); 0 = off\n"
+            "                        (default 1000 in chat mode, else 0; not in echo mode)\n"
             "  --help                show this text\n",
             prog);
 }
@@ -100,8 +105,9 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .max_sessions = 10000,
         .max_packet = 4096,
         .send_queue_limit = 1u << 20,
+        .rate_limit = -1,
     };
-    static const char *const value_options[] = { "--host", "--port", "--mode", "--backend", "--workers", "--max-sessions", "--max-packet", "--send-queue-limit", "--idle-timeout", "--packet-timeout", NULL };
+    static const char *const value_options[] = { "--host", "--port", "--mode", "--backend", "--workers", "--max-sessions", "--max-packet", "--send-queue-limit", "--idle-timeout", "--packet-timeout", "--rate-limit", NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -152,6 +158,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (tool_parse_u64(val, 1, (uint64_t)1 << 40, 1, &n) != 0)
                 usage_error("bad --send-queue-limit '%s' (bytes, e.g. 65536 or 1M)", val);
             cfg->send_queue_limit = (size_t)n;
+        } else if (strcmp(opt, "--rate-limit") == 0) {
+            if (tool_parse_u64(val, 0, 100000000, 0, &n) != 0)
+                usage_error("bad --rate-limit '%s' (packets a second per session, 0 = off)", val);
+            cfg->rate_limit = (int64_t)n;
         } else if (strcmp(opt, "--idle-timeout") == 0 || strcmp(opt, "--packet-timeout") == 0) {
             if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
                 usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
@@ -326,6 +336,12 @@ int main(int argc, char **argv)
 {
     server_config cfg;
     parse_args(argc, argv, &cfg);
+    /* A chat room multiplies every packet by its members: its default limit
+     * is far above real play and keeps one flooder from filling the room. */
+    if (cfg.rate_limit < 0)
+        cfg.rate_limit = cfg.mode == MODE_CHAT ? 1000 : 0;
+    if (cfg.rate_limit > 0 && cfg.mode == MODE_ECHO)
+        usage_error("--rate-limit counts packets: not in echo mode");
 
     /* Before any other thread exists: from here on SIGINT/SIGTERM (Windows:
      * Ctrl-C, console close) are caught, and only by the watcher thread. */
@@ -379,6 +395,7 @@ int main(int argc, char **argv)
             .send_queue_limit = cfg.send_queue_limit,
             .idle_timeout_ms = cfg.idle_timeout_ms,
             .packet_timeout_ms = cfg.packet_timeout_ms,
+            .recv_rate_packets = (uint32_t)cfg.rate_limit,
         },
     };
     cp_service *svc = NULL;

@@ -206,6 +206,15 @@ CP_API void cp_jobq_ref(cp_jobq *q);
 CP_API void cp_jobq_unref(cp_jobq *q);
 /* The queue whose job is running on this thread, or NULL. */
 CP_API cp_jobq *cp_jobq_current(void);
+/* Backpressure: a session whose packet handler pushes onto a queue that has
+ * more than high jobs pending is not read (TCP pushes back on its peer) until
+ * the queue is back under low; the push itself always succeeds, and pushes
+ * from elsewhere (timers, posts, user threads) are never held up. Default
+ * 65536 / 16384; high 0 turns it off. While a worker's inbox is very deep a
+ * queue's runner also waits (a millisecond at a time) before it runs more
+ * jobs, so the queue fills to its bound instead. -EINVAL if low >= high != 0.
+ * Any thread. */
+CP_API int cp_jobq_set_bound(cp_jobq *q, uint32_t high, uint32_t low);
 
 /* ------------------------------------------------------------------ timers */
 

@@ -106,6 +106,9 @@ struct cp_worker {
      * the inbox (cp__send_msg_urgent), replayed first in every pass of a
      * round. */
     _Atomic(cp_msgblk *) urgent;
+    /* Messages pushed to the inbox and not replayed yet: producers that can
+     * wait (a job queue's runner) hold back while it is deep (jobq.c). */
+    atomic_uint backlog;
 
     /* Messages this worker produced during the current round for each worker
      * (itself included); pushed once at the end of the round. */
@@ -138,6 +141,9 @@ struct cp_worker {
      * of this one because they used their fair share of it (flow.c). */
     uint32_t round;
     cp_session *share_paused;
+    /* The session whose received bytes are being handled (its callbacks run
+     * now), so that a job queue that is full can pause it (jobq.c). */
+    cp_session *rx_session;
 };
 
 struct cp_port {
@@ -374,9 +380,10 @@ void cp__session_work_close(cp_session *s);
 /* Receive flow control (flow.c). A session's receive is paused while any
  * reason holds: its rate limit is spent (RATE), its send queue is above the
  * high watermark (SENDQ), it used its fair share of the worker's round
- * (SHARE). While paused nothing more is read from its socket, so TCP pushes
- * back on the peer. Owner only. */
-enum { CP_RX_RATE = 1, CP_RX_SENDQ = 2, CP_RX_SHARE = 4 };
+ * (SHARE), a job queue it fed is over its bound (QUEUE, jobq.c). While
+ * paused nothing more is read from its socket, so TCP pushes back on the
+ * peer. Owner only, except cp__rx_unblock_msg. */
+enum { CP_RX_RATE = 1, CP_RX_SENDQ = 2, CP_RX_SHARE = 4, CP_RX_QUEUE = 8 };
 void cp__rx_block(cp_session *s, unsigned why);
 void cp__rx_unblock(cp_session *s, unsigned why);
 /* A receive of n bytes holding packets packets was consumed. */
@@ -389,6 +396,8 @@ void cp__rx_round_end(cp_worker *w);
 void cp__rx_reset(cp_session *s);
 /* At creation. */
 void cp__rx_init(cp_session *s);
+/* Any thread: unblock why on s, on its owner, by message (takes its own reference). */
+void cp__rx_unblock_later(cp_session *s, unsigned why);
 
 /* Groups: remove s from every group (on close). */
 void cp__group_leave_all(cp_session *s);

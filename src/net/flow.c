@@ -20,6 +20,8 @@
  *   the queue is back below the low one. A peer that sends requests without
  *   reading the replies is then throttled by its own window, and only a peer
  *   that stops reading altogether reaches the queue's limit and is cut.
+ * - QUEUE: a job queue its handlers pushed to is over its bound (jobq.c):
+ *   it is read again when that queue is back below its low mark.
  * - SHARE: it has had its fair share of this worker's round (SHARE_BYTES):
  *   the rest waits for the next round, after this round's writes, so one fast
  *   sender cannot fill queues with a whole ring's worth of input in one go or
@@ -184,6 +186,19 @@ void cp__rx_sendq_check(cp_session *s)
         cp__rx_block(s, CP_RX_SENDQ);
     else if (q < s->svc->sq_low)
         cp__rx_unblock(s, CP_RX_SENDQ);
+}
+
+static void msg_unblock(cp_worker *w, void *sp, void *why, uintptr_t c)
+{
+    CP_UNUSED(w), CP_UNUSED(c);
+    cp__rx_unblock(sp, (unsigned)(uintptr_t)why);
+    cp__session_unref(sp);
+}
+
+void cp__rx_unblock_later(cp_session *s, unsigned why)
+{
+    cp__session_ref(s);
+    cp__send_msg(s->owner, msg_unblock, s, (void *)(uintptr_t)why);
 }
 
 void cp__rx_init(cp_session *s)

@@ -33,6 +33,14 @@
 
 #define SLICE_NS (2u * 1000u * 1000u)
 #define CLOSED_BIT (UINT64_C(1) << 63)
+/* Default bound: sessions that push past HIGH pending jobs are not read until
+ * the queue is back under LOW (cp_jobq_set_bound). */
+#define BOUND_HIGH 65536u
+#define BOUND_LOW 16384u
+/* A runner holds back while a worker's inbox has more messages than this
+ * waiting: its jobs' sends would only deepen it. */
+#define BACKLOG_MAX (256u * 1024u)
+#define BACKLOG_RETRY_MS 1u
 
 typedef struct job {
     _Atomic(struct job *) next;
@@ -60,6 +68,15 @@ struct cp_jobq {
     atomic_int waiters;     /* threads in cp_jobq_close_wait */
     cp_jobq *prev, *next;   /* on the port's list of queues; under port->qlock */
     bool listed;
+
+    /* Backpressure: sessions paused for pushing past high, resumed once the
+     * queue is back under low (see "Bounds" below). */
+    _Atomic uint32_t high, low;
+    atomic_bool has_paused;
+    pthread_mutex_t plock;
+    cp_session **paused;
+    uint32_t npaused, cappaused;
+    cp_wtimer retry; /* a runner that held back for a deep inbox goes on here */
 };
 
 static pthread_mutex_t drain_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -78,6 +95,10 @@ int cp_jobq_create(cp_jobq **out, cp_port *port)
         return -ENOMEM;
     q->port = port;
     atomic_init(&q->refs, 1);
+    atomic_init(&q->high, BOUND_HIGH);
+    atomic_init(&q->low, BOUND_LOW);
+    pthread_mutex_init(&q->plock, NULL);
+    q->retry.heap_index = UINT32_MAX;
     atomic_init(&q->stub.next, NULL);
     atomic_init(&q->tail, &q->stub);
     q->head = &q->stub;
@@ -167,6 +188,78 @@ static job *list_pop(cp_jobq *q)
     }
 }
 
+/*
+ * Bounds. A queue fed by sessions' packets grows as fast as they send, and
+ * its jobs (a room's broadcasts) may be slower: without a bound it takes all
+ * memory. So a push that finds more than `high` jobs pending, made while a
+ * session's received bytes are being handled (worker->rx_session), pauses
+ * that session's receive (CP_RX_QUEUE) and lists it here; when the runner
+ * brings the queue back under `low`, every listed session is read again. The
+ * push itself always succeeds: what is pushed is never lost, and producers
+ * that are not sessions (timers, user threads) are not stopped. Each paused
+ * session can add at most the rest of one receive, so the queue stays
+ * within high plus a receive per feeding session.
+ */
+static void pause_pusher(cp_jobq *q, cp_session *s)
+{
+    if (s->rx_block & CP_RX_QUEUE)
+        return; /* already waiting for a queue */
+    pthread_mutex_lock(&q->plock);
+    if (q->npaused == q->cappaused) {
+        uint32_t cap = q->cappaused ? q->cappaused * 2 : 8;
+        cp_session **a = realloc(q->paused, sizeof *a * cap);
+        if (!a) {
+            pthread_mutex_unlock(&q->plock);
+            return; /* not paused: the queue grows instead */
+        }
+        q->paused = a;
+        q->cappaused = cap;
+    }
+    cp__session_ref(s);
+    q->paused[q->npaused++] = s;
+    atomic_store_explicit(&q->has_paused, true, memory_order_release);
+    pthread_mutex_unlock(&q->plock);
+    cp__rx_block(s, CP_RX_QUEUE);
+}
+
+/* Resumes every session paused for this queue (any thread). */
+static void release_paused(cp_jobq *q)
+{
+    if (!atomic_load_explicit(&q->has_paused, memory_order_acquire))
+        return;
+    pthread_mutex_lock(&q->plock);
+    cp_session **a = q->paused;
+    uint32_t n = q->npaused;
+    q->paused = NULL;
+    q->npaused = q->cappaused = 0;
+    atomic_store_explicit(&q->has_paused, false, memory_order_relaxed);
+    pthread_mutex_unlock(&q->plock);
+    for (uint32_t i = 0; i < n; i++) {
+        cp__rx_unblock_later(a[i], CP_RX_QUEUE);
+        cp__session_unref(a[i]);
+    }
+    free(a);
+}
+
+int cp_jobq_set_bound(cp_jobq *q, uint32_t high, uint32_t low)
+{
+    if (!q || (high && low >= high))
+        return -EINVAL;
+    atomic_store(&q->low, low);
+    atomic_store(&q->high, high);
+    return 0;
+}
+
+/* True when a worker of the port has a deep inbox: the runner's sends would
+ * only add to it. */
+static bool backlog_deep(const cp_port *p)
+{
+    for (int i = 0; i < p->nworkers; i++)
+        if (atomic_load_explicit(&p->workers[i].backlog, memory_order_relaxed) > BACKLOG_MAX)
+            return true;
+    return false;
+}
+
 void cp_jobq_ref(cp_jobq *q) { atomic_fetch_add_explicit(&q->refs, 1, memory_order_relaxed); }
 
 void cp_jobq_unref(cp_jobq *q)
@@ -175,11 +268,14 @@ void cp_jobq_unref(cp_jobq *q)
         return;
     cp_port *port = q->port;
     unlist(q); /* a queue that was never closed */
+    release_paused(q);
+    pthread_mutex_destroy(&q->plock);
     free(q);
     cp__port_unref(port);
 }
 
 static void run(cp_worker *w, void *qp, void *unused, uintptr_t c);
+static void release_paused(cp_jobq *q);
 
 /* Wakes every thread in cp_jobq_close_wait (of any queue) to look again. */
 static void wake_waiters(void)
@@ -204,6 +300,8 @@ static void mark_drained(cp_jobq *q)
 
 static void schedule(cp_jobq *q) { cp__send_msg(cp__pick_worker(q->port), run, q, NULL); }
 
+static void retry_run(cp_worker *w, void *qp) { run(w, qp, NULL, 0); }
+
 static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
 {
     CP_UNUSED(w), CP_UNUSED(unused);
@@ -226,6 +324,9 @@ static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
         }
         free(j);
         uint64_t left = atomic_fetch_sub_explicit(&q->state, 1, memory_order_acq_rel) - 1;
+        if (atomic_load_explicit(&q->has_paused, memory_order_relaxed) &&
+            (left & ~CLOSED_BIT) <= atomic_load_explicit(&q->low, memory_order_relaxed))
+            release_paused(q);
         if ((left & ~CLOSED_BIT) == 0) {
             current = outer;
             /* Closed and drained: nothing can be pushed any more. */
@@ -242,11 +343,21 @@ static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
             schedule(q); /* still counted: nobody else schedules it */
             return;
         }
+        if ((n & 15) == 0 && backlog_deep(q->port)) {
+            /* Still counted: goes on here after a pause, and meanwhile the
+             * queue fills to its bound and its feeders stop being read. */
+            current = outer;
+            q->retry.fn = retry_run;
+            q->retry.arg = q;
+            cp__timer_arm(w, &q->retry, BACKLOG_RETRY_MS);
+            return;
+        }
     }
 }
 
-/* Adds one to the count unless closed (close itself passes force). */
-static int count_up(cp_jobq *q, bool closing)
+/* Adds one to the count unless closed (close itself passes force); *before
+ * gets the count it found. */
+static int count_up(cp_jobq *q, bool closing, uint64_t *before)
 {
     uint64_t s = atomic_load_explicit(&q->state, memory_order_relaxed);
     for (;;) {
@@ -254,21 +365,27 @@ static int count_up(cp_jobq *q, bool closing)
             return -ESHUTDOWN;
         uint64_t ns = (s + 1) | (closing ? CLOSED_BIT : 0);
         if (atomic_compare_exchange_weak_explicit(&q->state, &s, ns, memory_order_acq_rel,
-                                                  memory_order_relaxed))
-            return (s & ~CLOSED_BIT) == 0; /* 1: this push must schedule */
+                                                  memory_order_relaxed)) {
+            *before = s & ~CLOSED_BIT;
+            return *before == 0; /* 1: this push must schedule */
+        }
     }
 }
 
 /* Appends j (a job, or the close marker when closing); frees it if refused. */
 static int enqueue(cp_jobq *q, job *j, bool closing)
 {
-    int first = count_up(q, closing);
+    uint64_t before;
+    int first = count_up(q, closing, &before);
     if (first < 0) {
         free(j);
         return first;
     }
     if (!first) {
         list_push(q, j);
+        uint32_t high = atomic_load_explicit(&q->high, memory_order_relaxed);
+        if (high && before >= high && cp__self && cp__self->port == q->port && cp__self->rx_session)
+            pause_pusher(q, cp__self->rx_session);
         return 0;
     }
     cp_jobq_ref(q); /* held while scheduled; taken before the job is visible */

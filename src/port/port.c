@@ -68,11 +68,14 @@ static int chain_append(cp_msgblk **chain, cp_msg m)
  * The worker is woken only by the push that finds the stack empty: any later
  * push is covered by that wake-up, because the worker empties the stack after
  * it. */
-static bool stack_put(_Atomic(cp_msgblk *) *stack, cp_msgblk *head)
+static bool stack_put(_Atomic(cp_msgblk *) *stack, cp_msgblk *head, uint32_t *msgs)
 {
     cp_msgblk *tail = head;
-    while (tail->next)
+    *msgs = head->n;
+    while (tail->next) {
         tail = tail->next;
+        *msgs += tail->n;
+    }
     cp_msgblk *old = atomic_load_explicit(stack, memory_order_relaxed);
     do {
         tail->next = old;
@@ -81,7 +84,13 @@ static bool stack_put(_Atomic(cp_msgblk *) *stack, cp_msgblk *head)
     return !old;
 }
 
-static bool inbox_put(cp_worker *dst, cp_msgblk *head) { return stack_put(&dst->inbox, head); }
+static bool inbox_put(cp_worker *dst, cp_msgblk *head)
+{
+    uint32_t n;
+    bool was_empty = stack_put(&dst->inbox, head, &n);
+    atomic_fetch_add_explicit(&dst->backlog, n, memory_order_relaxed);
+    return was_empty;
+}
 
 static void inbox_push(cp_worker *dst, cp_msgblk *head)
 {
@@ -143,6 +152,8 @@ static uint32_t inbox_drain(cp_worker *w, uint32_t budget)
         w->pending = b->next;
         ran += blk_replay(w, b);
     }
+    if (ran)
+        atomic_fetch_sub_explicit(&w->backlog, ran, memory_order_relaxed);
     return ran;
 }
 
@@ -229,7 +240,8 @@ void cp__send_msg_urgent(cp_worker *dst, cp_msg_fn fn, void *a, void *b)
     while (!(one = blk_new(1))) /* as cp__send_msg_c: dropping it would leak or hang */
         cp__sleep_ms(1);
     one->m[one->n++] = (cp_msg){fn, a, b, 0};
-    if (stack_put(&dst->urgent, one) && dst != cp__self)
+    uint32_t n;
+    if (stack_put(&dst->urgent, one, &n) && dst != cp__self)
         dst->port->be->wake(dst);
 }
 

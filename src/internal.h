@@ -392,8 +392,9 @@ void cp__rx_account(cp_session *s, size_t n, size_t packets);
 void cp__rx_sendq_check(cp_session *s);
 /* End of a round: the sessions paused for their share read again. */
 void cp__rx_round_end(cp_worker *w);
-/* The session is closing or draining: no reason holds any more. */
-void cp__rx_reset(cp_session *s);
+/* The session is closing or draining: no reason holds any more; resume:
+ * read again (draining reads and drops; a close cancels the receive anyway). */
+void cp__rx_reset(cp_session *s, bool resume);
 /* At creation. */
 void cp__rx_init(cp_session *s);
 /* Any thread: unblock why on s, on its owner, by message (takes its own reference). */

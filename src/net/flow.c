@@ -81,7 +81,7 @@ void cp__rx_unblock(cp_session *s, unsigned why)
         rx_resume(s);
 }
 
-void cp__rx_reset(cp_session *s)
+void cp__rx_reset(cp_session *s, bool resume)
 {
     cp_worker *w = s->owner;
     if (s->rx_tmo.heap_index != UINT32_MAX)
@@ -90,7 +90,7 @@ void cp__rx_reset(cp_session *s)
     /* A session on the share list stays there (it holds a reference) and is
      * skipped at the round's end. */
     s->rx_block = 0;
-    if (was && s->h.fd >= 0)
+    if (was && resume && s->h.fd >= 0)
         w->port->be->recv_resume(w, &s->h);
 }
 

@@ -252,7 +252,7 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
     cp_worker *w = s->owner;
     cp_service *svc = s->svc;
     cp__timer_cancel(w, &s->tmo);
-    cp__rx_reset(s);
+    cp__rx_reset(s, false);
     if (s->h.fd >= 0)
         w->port->be->close(w, &s->h);
     /* The carry buffer stays until the session finishes: a packet handler
@@ -775,7 +775,7 @@ static void drain_begin(cp_session *s)
         return;
     s->drain_marked = true;
     /* What the peer still sends is read and dropped: no reason to pause. */
-    cp__rx_reset(s);
+    cp__rx_reset(s, true);
     /* The idle and packet timeouts no longer matter: the session's one timer
      * now watches the deadline. */
     s->tmo.fn = on_drain_deadline;

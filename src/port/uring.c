@@ -733,7 +733,12 @@ static void replay_held(cp_worker *w, ur_state *st)
         ur_held *next = e->next;
         cp_handle *h = e->op->h;
         e->next = NULL;
-        if (h->rd_paused) {
+        if (h->fd < 0) {
+            /* Closed by an earlier delivery of this loop (held_drop could not
+             * see this list): the handle's memory lives until its cancelled
+             * receive completes, in a later poll. */
+            held_free(st, e);
+        } else if (h->rd_paused) {
             ur_held **at = (ur_held **)&h->be;
             while (*at)
                 at = &(*at)->next;

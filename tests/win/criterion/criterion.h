@@ -92,6 +92,8 @@ void cr_log_(const char *fmt, ...) __attribute__((format(gnu_printf, 1, 2)));
 #define cr_expect_eq(a, b, ...) cr_check_(0, (a) == (b), #a " == " #b, __VA_ARGS__)
 #define cr_expect_geq(a, b, ...) cr_check_(0, (a) >= (b), #a " >= " #b, __VA_ARGS__)
 #define cr_expect_lt(a, b, ...) cr_check_(0, (a) < (b), #a " < " #b, __VA_ARGS__)
+#define cr_expect_leq(a, b, ...) cr_check_(0, (a) <= (b), #a " <= " #b, __VA_ARGS__)
+#define cr_expect_gt(a, b, ...) cr_check_(0, (a) > (b), #a " > " #b, __VA_ARGS__)
 
 #define cr_skip_test(...) cr_skip_(__FILE__, __LINE__, " " __VA_ARGS__)
 #define cr_log_info(...) cr_log_(" " __VA_ARGS__)

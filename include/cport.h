@@ -210,7 +210,8 @@ CP_API cp_jobq *cp_jobq_current(void);
  * more than high jobs pending is not read (TCP pushes back on its peer) until
  * the queue is back under low; the push itself always succeeds, and pushes
  * from elsewhere (timers, posts, user threads) are never held up. Default
- * 65536 / 16384; high 0 turns it off. While a worker's inbox is very deep a
+ * 8192 / 2048: a job waits behind at most about that many (what a flooded
+ * room adds to its members' latency); high 0 turns it off. While a worker's inbox is very deep a
  * queue's runner also waits (a millisecond at a time) before it runs more
  * jobs, so the queue fills to its bound instead. -EINVAL if low >= high != 0.
  * Any thread. */

@@ -35,8 +35,8 @@
 #define CLOSED_BIT (UINT64_C(1) << 63)
 /* Default bound: sessions that push past HIGH pending jobs are not read until
  * the queue is back under LOW (cp_jobq_set_bound). */
-#define BOUND_HIGH 65536u
-#define BOUND_LOW 16384u
+#define BOUND_HIGH 8192u
+#define BOUND_LOW 2048u
 /* A runner holds back while a worker's inbox has more messages than this
  * waiting: its jobs' sends would only deepen it. */
 #define BACKLOG_MAX (256u * 1024u)

@@ -321,6 +321,12 @@ static void ur_thread_fini(cp_worker *w)
         free(st->free_slots);
         st->free_slots = n;
     }
+    /* Held-completion records: closing every handle gave them back. */
+    while (st->free_held) {
+        ur_held *n = st->free_held->next;
+        free(st->free_held);
+        st->free_held = n;
+    }
 }
 
 static void ur_fini(cp_worker *w)

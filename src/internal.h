@@ -371,6 +371,9 @@ size_t cp__session_input(cp_session *s, const uint8_t *data, size_t n);
 /* The parser kept the start of an unfinished packet (raw: unconsumed bytes)
  * and set pkt_start_ns: the timeout timer may have to fire sooner. */
 void cp__session_packet_started(cp_session *s);
+/* The receive was paused or resumed (flow.c): the timeouts' deadlines moved.
+ * Connected sessions only. */
+void cp__session_timeout_rearm(cp_session *s);
 
 /* On the owner, from the close, before on_disconnected: refuse further posts
  * and timer starts, end the session's timers and run the posts still on

@@ -200,3 +200,46 @@ Test(options, missing_arguments, .timeout = 20)
     cr_expect_eq(cp_server_start(NULL, port, &o, &packet_h, NULL), -EINVAL);
     cpt_xport_destroy(port);
 }
+
+/* Flow control (send-queue watermarks, receive rate limits): settings that
+ * cannot mean anything are refused, each next to the nearest that works. */
+Test(options, flow_control_settings_must_make_sense, .timeout = 20)
+{
+    cpt_leak_mark m;
+    cpt_leak_begin(&m);
+    cp_port *port = cpt_xport(1);
+    cp_server_opts o = { .session.send_queue_limit = 1u << 20, .session.send_queue_high = (1u << 20) + 1 };
+    cr_expect_eq(try_server(port, o, packet_h), -EINVAL, "a high watermark above the limit was accepted");
+    o.session.send_queue_high = 1u << 20;
+    cr_expect_eq(try_server(port, o, packet_h), 0);
+    /* The low watermark must be below the high one, given or by default. */
+    o.session.send_queue_high = 4096;
+    o.session.send_queue_low = 4096;
+    cr_expect_eq(try_server(port, o, packet_h), -EINVAL, "a low watermark equal to the high one was accepted");
+    o.session.send_queue_low = 4095;
+    cr_expect_eq(try_server(port, o, packet_h), 0);
+    o = (cp_server_opts){ .session.send_queue_low = 512u << 10 };
+    cr_expect_eq(try_server(port, o, packet_h), -EINVAL, "a low watermark at the default high one was accepted");
+    o.session.send_queue_low = (512u << 10) - 1;
+    cr_expect_eq(try_server(port, o, packet_h), 0);
+    /* A burst without its rate. */
+    o = (cp_server_opts){ .session.recv_burst_packets = 10 };
+    cr_expect_eq(try_server(port, o, packet_h), -EINVAL, "a packet burst without a packet rate was accepted");
+    o.session.recv_rate_packets = 5;
+    cr_expect_eq(try_server(port, o, packet_h), 0);
+    o = (cp_server_opts){ .session.recv_burst_bytes = 1000 };
+    cr_expect_eq(try_server(port, o, packet_h), -EINVAL, "a byte burst without a byte rate was accepted");
+    o.session.recv_rate_bytes = 500;
+    cr_expect_eq(try_server(port, o, packet_h), 0);
+    /* Raw framing has no packets to count, only bytes. */
+    o = (cp_server_opts){ .session.framing = CP_FRAMING_RAW, .session.recv_rate_packets = 100 };
+    cr_expect_eq(try_server(port, o, raw_h), -EINVAL, "a packet rate limit with raw framing was accepted");
+    o.session.recv_rate_packets = 0;
+    o.session.recv_rate_bytes = 100000;
+    cr_expect_eq(try_server(port, o, raw_h), 0);
+    /* The same checks hold for clients. */
+    cp_client_opts c = { .host = CPT_HOST4, .port = 9, .session.recv_burst_packets = 10 };
+    cr_expect_eq(try_client(port, c, packet_h), -EINVAL, "a client's packet burst without a rate was accepted");
+    cpt_xport_destroy(port);
+    cpt_leak_end(&m);
+}

@@ -52,9 +52,11 @@ static void rx_resume(cp_session *s)
 {
     cp_worker *w = s->owner;
     uint64_t now = cp__now_ns();
-    /* The peer could not finish a packet while it was not read. */
-    if (s->carry_len && now > s->rx_paused_ns)
-        s->pkt_start_ns += now - s->rx_paused_ns;
+    /* The peer could not finish a packet while it was not read (a packet
+     * may also have begun in bytes delivered after the pause). */
+    uint64_t since = s->pkt_start_ns > s->rx_paused_ns ? s->pkt_start_ns : s->rx_paused_ns;
+    if (s->carry_len && now > since)
+        s->pkt_start_ns += now - since;
     w->port->be->recv_resume(w, &s->h);
 }
 
@@ -76,9 +78,18 @@ void cp__rx_unblock(cp_session *s, unsigned why)
 {
     if (!(s->rx_block & why))
         return;
+    /* A peer we did not read for its rate or share was not idle meanwhile:
+     * its idle clock starts again now. */
+    if (s->rx_block & why & (CP_RX_RATE | CP_RX_SHARE) && s->last_rx_ns < s->owner->now_ns)
+        s->last_rx_ns = s->owner->now_ns;
     s->rx_block &= (uint8_t)~why;
-    if (!s->rx_block && reading(s))
+    if (!reading(s))
+        return;
+    if (!s->rx_block)
         rx_resume(s);
+    /* The timeouts do not run while paused (session.c): their deadlines
+     * are back, or the idle one is now that only the send queue holds. */
+    cp__session_timeout_rearm(s);
 }
 
 void cp__rx_reset(cp_session *s, bool resume)

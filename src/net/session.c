@@ -42,17 +42,31 @@ static void on_timeout(cp_worker *w, void *sp);
 /* The timer holds no reference: it lives in the owner's heap only while the
  * session is connected, and closing removes it. */
 
-/* The nearer of the idle and the partial-packet deadline, or UINT64_MAX when
- * neither is running. */
-static uint64_t timeout_deadline(const cp_session *s)
+/* The partial-packet and idle deadlines, UINT64_MAX when not running. While
+ * the receive is paused (flow.c) the peer cannot finish a packet, so that
+ * clock stands still (the resume moves it on by the pause); and while we
+ * pause it for its rate or its share of a round the peer is not idle. */
+static uint64_t packet_deadline(const cp_session *s)
 {
     cp_service *svc = s->svc;
-    uint64_t when = UINT64_MAX;
-    if (svc->idle_timeout_ns)
-        when = s->last_rx_ns + svc->idle_timeout_ns;
-    if (svc->packet_timeout_ns && s->carry_len && s->pkt_start_ns + svc->packet_timeout_ns < when)
-        when = s->pkt_start_ns + svc->packet_timeout_ns;
-    return when;
+    if (!svc->packet_timeout_ns || !s->carry_len || s->rx_block)
+        return UINT64_MAX;
+    return s->pkt_start_ns + svc->packet_timeout_ns;
+}
+
+static uint64_t idle_deadline(const cp_session *s)
+{
+    cp_service *svc = s->svc;
+    if (!svc->idle_timeout_ns || (s->rx_block & (CP_RX_RATE | CP_RX_SHARE)))
+        return UINT64_MAX;
+    return s->last_rx_ns + svc->idle_timeout_ns;
+}
+
+/* The nearer of the two. */
+static uint64_t timeout_deadline(const cp_session *s)
+{
+    uint64_t p = packet_deadline(s), i = idle_deadline(s);
+    return p < i ? p : i;
 }
 
 /* With only a packet timeout and no packet under way the timer stays
@@ -79,18 +93,25 @@ void cp__session_packet_started(cp_session *s)
         cp__timer_arm_at(s->owner, &s->tmo, when);
 }
 
+/* Decided by the deadlines the timer is armed at: a timer that fires either
+ * closes the session or moves on to a deadline still ahead (re-arming at one
+ * already past would fire again in the same pass, for ever). */
 static void on_timeout(cp_worker *w, void *sp)
 {
     cp_session *s = sp;
-    cp_service *svc = s->svc;
     uint64_t now = cp__now_ns();
-    if (svc->packet_timeout_ns && s->carry_len && now - s->pkt_start_ns >= svc->packet_timeout_ns)
+    if (packet_deadline(s) <= now)
         cp__session_close(s, CP_REASON_PACKET_TIMEOUT, -ETIMEDOUT);
-    else if (svc->idle_timeout_ns && now - s->last_rx_ns >= svc->idle_timeout_ns &&
-             !(s->rx_block & (CP_RX_RATE | CP_RX_SHARE))) /* not idle: not read, by us */
+    else if (idle_deadline(s) <= now)
         cp__session_close(s, CP_REASON_IDLE_TIMEOUT, -ETIMEDOUT);
     else
         timeout_rearm(w, s);
+}
+
+void cp__session_timeout_rearm(cp_session *s)
+{
+    if (s->svc->idle_timeout_ns || s->svc->packet_timeout_ns)
+        timeout_rearm(s->owner, s);
 }
 
 cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)

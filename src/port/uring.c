@@ -321,6 +321,12 @@ static void ur_thread_fini(cp_worker *w)
         free(st->free_slots);
         st->free_slots = n;
     }
+    /* Held-completion records: closing every handle gave them back. */
+    while (st->free_held) {
+        ur_held *n = st->free_held->next;
+        free(st->free_held);
+        st->free_held = n;
+    }
 }
 
 static void ur_fini(cp_worker *w)
@@ -510,13 +516,16 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
     return CP_PENDING;
 }
 
-static void held_drop(ur_state *st, cp_handle *h);
+static bool held_drop(ur_state *st, cp_handle *h);
 
 static void ur_close(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
-    if (h->held)
-        held_drop(st, h);
+    /* A receive whose last completion was held (and is now dropped) is no
+     * longer in the kernel: it ends as a parked one does, or the core would
+     * wait for its final completion for ever. */
+    if (h->held && held_drop(st, h) && h->rd && h->rd->kind == CP_OP_RECV)
+        h->rd->parked = 1;
     if (h->on_ready)
         cp__hlist_unlink(&st->recheck, h);
     cp_op *ops[2] = {h->rd, h->wr};
@@ -695,13 +704,16 @@ static void replay_add(ur_state *st, cp_handle *h)
 }
 
 /* Closing: the handle's held completions are dropped (their buffers go back
- * to the ring), wherever they wait. */
-static void held_drop(ur_state *st, cp_handle *h)
+ * to the ring), wherever they wait. Returns true if one of them was final
+ * (the receive's last, without IORING_CQE_F_MORE). */
+static bool held_drop(ur_state *st, cp_handle *h)
 {
+    bool final = false;
     ur_held *e = h->be;
     h->be = NULL;
     while (e) {
         ur_held *next = e->next;
+        final |= !(e->flags & IORING_CQE_F_MORE);
         held_free(st, e);
         e = next;
     }
@@ -711,6 +723,7 @@ static void held_drop(ur_state *st, cp_handle *h)
         if ((*at)->op->h == h) {
             ur_held *gone = *at;
             *at = gone->next;
+            final |= !(gone->flags & IORING_CQE_F_MORE);
             held_free(st, gone);
         } else {
             st->replay_tail = *at;
@@ -718,6 +731,7 @@ static void held_drop(ur_state *st, cp_handle *h)
         }
     }
     h->held = 0;
+    return final;
 }
 
 static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned flags, const uint8_t *data);
@@ -733,18 +747,17 @@ static void replay_held(cp_worker *w, ur_state *st)
         ur_held *next = e->next;
         cp_handle *h = e->op->h;
         e->next = NULL;
-        if (h->fd < 0) {
-            /* Closed by an earlier delivery of this loop (held_drop could not
-             * see this list): the handle's memory lives until its cancelled
-             * receive completes, in a later poll. */
-            held_free(st, e);
-        } else if (h->rd_paused) {
+        if (h->rd_paused && h->fd >= 0) {
             ur_held **at = (ur_held **)&h->be;
             while (*at)
                 at = &(*at)->next;
             *at = e;
         } else {
-            h->held--;
+            /* A handle closed by an earlier delivery of this replay still
+             * gets the rest of its completions here (the core drops the data
+             * and needs the final one), but it holds nothing any more. */
+            if (h->held)
+                h->held--;
             const uint8_t *data = NULL;
             if (e->flags & IORING_CQE_F_BUFFER)
                 data = st->bufs + (size_t)(e->flags >> IORING_CQE_BUFFER_SHIFT) * UR_BUFSZ;

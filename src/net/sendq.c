@@ -1,40 +1,286 @@
 /*
  * A session's send queue: the buffers queued on it and not yet written, in
  * order, as a ring of references. Owner thread only; the session decides
- * when to write and what the queue may hold (session.c), this file keeps the
- * ring and its counts.
+ * when to write (session.c), this file keeps the ring, its counts, and what
+ * the queue's memory is.
+ *
+ * Memory. The queue accounts (mem) what its entries may keep alive, not just
+ * their bytes: a buffer carved from a shared 32 KiB chunk keeps the whole
+ * chunk alive while it is queued, so a 4-byte packet queued behind a client
+ * that never reads can pin 32 KiB. Each entry is charged what it may pin
+ * (cp__sendbuf_charge): its chunk, or its own allocation; a chunk is charged
+ * once for all the entries from it while it has one of CP_SENDQ_CHUNKS slots
+ * (the usual case: a session's packets come from its own worker's chunk and
+ * one or two others), and by each entry alone otherwise (those entries carry
+ * a tag bit in the ring). The ring's slots count too. send_queue_limit is
+ * compared with this number.
+ *
+ * Compaction. Honest charges alone would cut a reader that is only a little
+ * behind, and would let the chunks stay pinned. So once mem passes a quarter
+ * of the limit (the queue is backed up), the entries worth copying (carved
+ * from a chunk, or a small buffer in a big allocation) are copied into
+ * blocks the queue owns, consecutive ones coalesced into one block of up to
+ * BLOCK_MAX bytes, and the shared buffers are released; while the queue
+ * stays backed up, new small buffers are appended to its tail block
+ * directly. A tiny packet then costs its bytes, and no chunk stays pinned.
+ * Entries that a pending send reads (inflight, from the head: io_uring and
+ * IOCP read the buffers when the socket has room) are never touched;
+ * compaction goes only through entries it has not seen yet (tidy), so its
+ * cost is paid once per entry. Below the quarter (a reader that keeps up)
+ * nothing is copied: a broadcast's one buffer stays shared.
+ *
+ * Shrinking. When the queue empties, a ring bigger than SQ_CAP_KEEP is freed
+ * (a burst's ring would otherwise stay with the session for good); blocks
+ * are freed as they are written.
  */
 #include "internal.h"
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define SQ_CAP_MIN 8u
+#define SQ_CAP_KEEP 16u /* an emptied queue keeps a ring this big at most */
+#define ALONE_TAG ((uintptr_t)1)
+#define BLOCK_MIN 256u                   /* a new block's first capacity */
+#define BLOCK_MAX (16u * 1024u - 64u)    /* small buffers coalesce up to this */
+#define BLOCK_HEAD (sizeof(cp_sendbuf) + 16u) /* a block's header and malloc's, about */
 
-static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return q->ring[(q->head + i) & (q->cap - 1)]; }
+static cp_sendbuf *buf_of(uintptr_t v) { return (cp_sendbuf *)(v & ~ALONE_TAG); }
+static uintptr_t *slot(const cp_sendq *q, uint32_t i) { return &q->ring[(q->head + i) & (q->cap - 1)]; }
+static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return buf_of(*slot(q, i)); }
 
-int cp__sendq_push(cp_sendq *q, cp_sendbuf *b)
+/* ------------------------------------------------------------------ charges */
+
+/* The slot charging chunk c (NULL: a free slot), or -1. */
+static int chunk_slot(const cp_sendq *q, const struct cp_chunk *c)
 {
-    if (q->count == q->cap) {
-        uint32_t cap = q->cap ? q->cap * 2 : SQ_CAP_MIN;
-        cp_sendbuf **r = malloc(sizeof *r * cap);
-        if (!r)
-            return -ENOMEM;
-        for (uint32_t i = 0; i < q->count; i++)
-            r[i] = at(q, i);
-        free(q->ring);
-        q->ring = r;
-        q->head = 0;
-        q->cap = cap;
+    for (int i = 0; i < CP_SENDQ_CHUNKS; i++)
+        if (q->chunks[i].c == c)
+            return i;
+    return -1;
+}
+
+size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b)
+{
+    if (b->chunk && chunk_slot(q, b->chunk) >= 0)
+        return 0; /* its chunk is charged already */
+    return cp__sendbuf_charge(b);
+}
+
+/* Charges b as a new entry; returns the entry's ring value. */
+static uintptr_t charge_take(cp_sendq *q, cp_sendbuf *b)
+{
+    uintptr_t v = (uintptr_t)b;
+    if (b->chunk) {
+        int i = chunk_slot(q, b->chunk);
+        if (i >= 0) {
+            q->chunks[i].n++;
+            return v;
+        }
+        if ((i = chunk_slot(q, NULL)) >= 0) {
+            q->chunks[i].c = b->chunk;
+            q->chunks[i].n = 1;
+        } else {
+            v |= ALONE_TAG;
+        }
     }
-    q->ring[(q->head + q->count) & (q->cap - 1)] = b;
+    q->mem += cp__sendbuf_charge(b);
+    return v;
+}
+
+/* The entry v leaves the queue: its charge goes. */
+static void charge_drop(cp_sendq *q, uintptr_t v)
+{
+    cp_sendbuf *b = buf_of(v);
+    if (b->chunk && !(v & ALONE_TAG)) {
+        int i = chunk_slot(q, b->chunk);
+        CP_ASSERT(i >= 0, "send queue: an entry's chunk has no slot");
+        if (--q->chunks[i].n)
+            return;
+        q->chunks[i].c = NULL;
+    }
+    q->mem -= cp__sendbuf_charge(b);
+}
+
+/* ------------------------------------------------------------------ ring */
+
+static int ring_reserve(cp_sendq *q)
+{
+    if (q->count < q->cap)
+        return 0;
+    uint32_t cap = q->cap ? q->cap * 2 : SQ_CAP_MIN;
+    uintptr_t *r = malloc(sizeof *r * cap);
+    if (!r)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < q->count; i++)
+        r[i] = *slot(q, i);
+    free(q->ring);
+    q->mem += sizeof *r * (cap - q->cap);
+    q->ring = r;
+    q->head = 0;
+    q->cap = cap;
+    return 0;
+}
+
+static void ring_free(cp_sendq *q)
+{
+    q->mem -= sizeof *q->ring * q->cap;
+    free(q->ring);
+    q->ring = NULL;
+    q->head = q->cap = 0;
+}
+
+/* ------------------------------------------------------------------ compaction */
+
+/* A buffer whose bytes cost less copied than what it pins: carved from a
+ * chunk, or a small part of a big allocation. Blocks are the queue's own. */
+static bool worth_copying(const cp_sendbuf *b)
+{
+    if (b->chunk)
+        return true;
+    return !cp__sendbuf_is_block(b) && (size_t)b->len * 2 < cp__sendbuf_charge(b);
+}
+
+/* The block just before entry j that may take more bytes: the queue's own,
+ * and not read by a pending send. */
+static cp_sendbuf *block_before(const cp_sendq *q, uint32_t j)
+{
+    if (j == 0 || j <= q->inflight)
+        return NULL;
+    cp_sendbuf *b = at(q, j - 1);
+    return cp__sendbuf_is_block(b) ? b : NULL;
+}
+
+/* The capacity blk must have to take n more bytes (its own when it has
+ * room), or 0 when those go to a new block. Blocks double as they fill, so
+ * that appending tiny packets one by one costs few reallocs. */
+static size_t grow_to(const cp_sendbuf *blk, size_t n)
+{
+    size_t need = (size_t)blk->len + n;
+    if (need <= blk->cap)
+        return blk->cap;
+    if (need > BLOCK_MAX)
+        return 0;
+    size_t cap = (size_t)blk->cap * 2;
+    if (cap > BLOCK_MAX)
+        cap = BLOCK_MAX;
+    return cap < need ? need : cap;
+}
+
+static size_t new_block_cap(size_t n) { return n < BLOCK_MIN ? BLOCK_MIN : n; }
+
+/* About what copying n bytes to the queue's tail (entry j) adds to mem. */
+static size_t copy_cost(const cp_sendq *q, uint32_t j, size_t n)
+{
+    cp_sendbuf *blk = block_before(q, j);
+    size_t cap = blk ? grow_to(blk, n) : 0;
+    return cap ? cap - blk->cap : BLOCK_HEAD + new_block_cap(n);
+}
+
+/* Copies n bytes to the end of the entries before *j: into the block there,
+ * or a new block at *j (the ring has that slot). */
+static int copy_in(cp_sendq *q, uint32_t *j, const uint8_t *p, size_t n)
+{
+    cp_sendbuf *blk = block_before(q, *j);
+    size_t cap = blk ? grow_to(blk, n) : 0;
+    if (!cap) {
+        if (!(blk = cp__sendbuf_block_new(new_block_cap(n))))
+            return -ENOMEM;
+        q->mem += cp__sendbuf_charge(blk);
+        *slot(q, (*j)++) = (uintptr_t)blk;
+    } else if (cap > blk->cap) {
+        size_t old = cp__sendbuf_charge(blk);
+        cp_sendbuf *g = cp__sendbuf_block_grow(blk, cap);
+        if (!g)
+            return -ENOMEM;
+        q->mem += cp__sendbuf_charge(g) - old;
+        *slot(q, *j - 1) = (uintptr_t)g;
+        blk = g;
+    }
+    memcpy(blk->data + blk->len, p, n);
+    blk->len += (uint32_t)n;
+    return 0;
+}
+
+/* Copies the entries worth it that compaction has not seen and no pending
+ * send reads into the queue's blocks, and releases their buffers. Runs of
+ * them coalesce; the other entries keep their places in the order. Out of
+ * memory, an entry simply stays as it is. */
+static void compact(cp_sendq *q)
+{
+    uint32_t lo = q->tidy > q->inflight ? q->tidy : q->inflight;
+    uint32_t j = lo;
+    for (uint32_t i = lo; i < q->count; i++) {
+        uintptr_t v = *slot(q, i);
+        cp_sendbuf *b = buf_of(v);
+        if (worth_copying(b)) {
+            uint32_t off = i == 0 ? q->first_off : 0;
+            if (copy_in(q, &j, b->data + off, b->len - off) == 0) {
+                if (i == 0)
+                    q->first_off = 0; /* the new block holds only the unsent bytes */
+                charge_drop(q, v);
+                cp_sendbuf_unref(b);
+                continue;
+            }
+        }
+        *slot(q, j++) = v;
+    }
+    /* In-flight entries compaction could not see stay unseen until their
+     * send lands (tidy below inflight); the rest has been seen. */
+    if (q->tidy >= q->inflight)
+        q->tidy = j;
+    q->count = j;
+}
+
+/* ------------------------------------------------------------------ queue */
+
+/* The queue is backed up: b's bytes go to the tail block. */
+static int push_copy(cp_sendq *q, cp_sendbuf *b, size_t limit)
+{
+    size_t n = b->len;
+    if (q->mem + copy_cost(q, q->count, n) > limit)
+        return -ENOBUFS;
+    if (ring_reserve(q) < 0)
+        return -ENOMEM;
+    uint32_t j = q->count;
+    if (copy_in(q, &j, b->data, n) < 0)
+        return -ENOMEM;
+    if (q->tidy == q->count)
+        q->tidy = j;
+    q->count = j;
+    q->bytes += n;
+    cp_sendbuf_unref(b);
+    return 0;
+}
+
+int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit)
+{
+    q->soft = limit / 4;
+    if (q->count && q->mem + cp__sendq_charge(q, b) > q->soft) {
+        if (q->tidy < q->count)
+            compact(q);
+        if (worth_copying(b))
+            return push_copy(q, b, limit);
+    }
+    /* An empty queue takes any buffer the limit's bytes allow, whatever it
+     * pins: a packet as big as the limit must always be sendable. */
+    if (q->count ? q->mem + cp__sendq_charge(q, b) > limit : b->len > limit)
+        return -ENOBUFS;
+    if (ring_reserve(q) < 0)
+        return -ENOMEM;
+    *slot(q, q->count) = charge_take(q, b);
     q->count++;
     q->bytes += b->len;
     return 0;
 }
 
-int cp__sendq_gather(const cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes)
+int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes)
 {
+    /* Backed up: what the send will read should pin no chunk either (entries
+     * a landed send left behind have not been through compaction yet). */
+    if (q->mem > q->soft && q->tidy < q->count && !q->inflight)
+        compact(q);
     int n = 0;
     size_t bytes = 0;
     for (uint32_t i = 0; i < q->count && n < max_iov && bytes < max_bytes; i++) {
@@ -52,7 +298,8 @@ void cp__sendq_consume(cp_sendq *q, size_t n)
 {
     q->bytes -= n;
     while (n > 0) {
-        cp_sendbuf *b = q->ring[q->head];
+        uintptr_t v = q->ring[q->head];
+        cp_sendbuf *b = buf_of(v);
         size_t rem = b->len - q->first_off;
         if (n < rem) {
             q->first_off += (uint32_t)n;
@@ -62,8 +309,15 @@ void cp__sendq_consume(cp_sendq *q, size_t n)
         q->first_off = 0;
         q->head = (q->head + 1) & (q->cap - 1);
         q->count--;
+        if (q->tidy)
+            q->tidy--;
+        if (q->inflight)
+            q->inflight--;
+        charge_drop(q, v);
         cp_sendbuf_unref(b);
     }
+    if (!q->count && q->cap > SQ_CAP_KEEP)
+        ring_free(q);
 }
 
 void cp__sendq_clear(cp_sendq *q)

@@ -467,6 +467,8 @@ static void send_start(cp_session *s)
         int n = cp__sendq_gather(&s->sq, iov, IOV_CAP, SEND_BYTES_CAP);
         int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
         if (r == CP_PENDING) {
+            if (w->port->be->send_holds_bufs)
+                cp__sendq_pending(&s->sq, n); /* the queue must not move those entries */
             s->ops_pending++;
             hold(s);
             return;
@@ -485,6 +487,7 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
 {
     CP_UNUSED(w), CP_UNUSED(flags), CP_UNUSED(data);
     cp_session *s = SESSION_OF(op, wr);
+    cp__sendq_landed(&s->sq);
     if (writing(s)) {
         if (res >= 0)
             sent(s, (size_t)res);
@@ -546,12 +549,9 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         r = -ENOTCONN;
     } else if (b->len == 0) {
         r = 0; /* nothing to queue */
-    } else if (s->sq.bytes + b->len > s->svc->send_queue_limit) {
-        cp__session_request_close(s, CP_REASON_SEND_OVERFLOW);
-        r = -ENOBUFS;
-    } else if (cp__sendq_push(&s->sq, b) < 0) {
-        cp__session_request_close(s, CP_REASON_NO_MEMORY);
-        r = -ENOMEM;
+    } else if ((r = cp__sendq_push(&s->sq, b, s->svc->send_queue_limit)) < 0) {
+        /* -ENOBUFS: what the queue would pin passes the limit (sendq.c). */
+        cp__session_request_close(s, r == -ENOBUFS ? CP_REASON_SEND_OVERFLOW : CP_REASON_NO_MEMORY);
     } else {
         if (!s->dirty && !s->wr.armed) {
             s->dirty = true;

@@ -13,6 +13,7 @@
 
 #include "sys.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -84,6 +85,10 @@ typedef struct cp_backend_ops {
      * call. A completion of -EAGAIN means "nothing written, writable now":
      * the core gathers again and resubmits. */
     int (*send)(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *iov, int iovcnt);
+    /* True if a pending send reads the memory its iovec named until its
+     * completion (io_uring, IOCP): the core must not move those bytes. An
+     * epoll send only waits for room, and gathers again. */
+    bool send_holds_bufs;
     /* Cancels every armed op (each completes with -ECANCELED, later, never
      * inside this call) and closes the descriptor. */
     void (*close)(cp_worker *w, cp_handle *h);

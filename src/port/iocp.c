@@ -716,5 +716,6 @@ const cp_backend_ops cp__iocp_backend = {
     .connect = io_connect,
     .recv = io_recv,
     .send = io_send,
+    .send_holds_bufs = true,
     .close = io_close,
 };

@@ -699,5 +699,6 @@ const cp_backend_ops cp__uring_backend = {
     .connect = ur_connect,
     .recv = ur_recv,
     .send = ur_send,
+    .send_holds_bufs = true,
     .close = ur_close,
 };

@@ -605,6 +605,8 @@ typedef struct cp_held {
     bool own;      /* the owner's own send: goes before the ticket numbered key */
 } cp_held;
 
+#define HELD_KEEP 8u /* an emptied held list keeps this many places at most */
+
 static void held_drop(cp_session *s)
 {
     for (uint32_t i = 0; i < s->nheld; i++)
@@ -662,6 +664,12 @@ static void held_release(cp_session *s)
         return;
     memmove(s->held, s->held + n, sizeof *s->held * (s->nheld - n));
     s->nheld -= n;
+    if (s->nheld == 0 && s->capheld > HELD_KEEP) {
+        /* A burst's list would stay with an idle session for good. */
+        free(s->held);
+        s->held = NULL;
+        s->capheld = 0;
+    }
 }
 
 /* The owner's own send: straight to the queue unless a ticket handed out

@@ -235,6 +235,8 @@ size_t cp__sendbuf_charge(const cp_sendbuf *b);
  * was). */
 cp_sendbuf *cp__sendbuf_block_new(size_t cap);
 cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap);
+/* Bytes the free pools of chunks and big buffers hold (for tests). */
+size_t cp__sendbuf_pooled(void);
 static inline bool cp__sendbuf_is_block(const cp_sendbuf *b) { return b->big_class == CP_SENDBUF_BLOCK; }
 
 /* ------------------------------------------------------------------ sessions */

@@ -173,6 +173,16 @@ size_t cp__sendbuf_charge(const cp_sendbuf *b)
     return malloc_cost(sizeof(cp_sendbuf) + b->cap);
 }
 
+size_t cp__sendbuf_pooled(void)
+{
+    pthread_mutex_lock(&pool_lock);
+    size_t n = pool_n * sizeof(cp_chunk);
+    for (uint32_t c = 0; c < BIG_CLASSES; c++)
+        n += big_pool[c].n * (sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + c)));
+    pthread_mutex_unlock(&pool_lock);
+    return n;
+}
+
 cp_sendbuf *cp__sendbuf_block_new(size_t cap)
 {
     if (cap > UINT32_MAX - 64)

@@ -152,20 +152,20 @@ static cp_sendbuf *block_before(const cp_sendq *q, uint32_t j)
     return cp__sendbuf_is_block(b) ? b : NULL;
 }
 
-/* The capacity blk must have to take n more bytes (its own when it has
- * room), or 0 when those go to a new block. Blocks double as they fill, so
- * that appending tiny packets one by one costs few reallocs. */
+/* The capacity blk should grow to for n more bytes: enough for all of them
+ * if BLOCK_MAX allows, else BLOCK_MAX (the rest goes to a new block; the
+ * queue is a byte stream, a buffer's bytes may span two blocks). Blocks
+ * double as they fill, so that appending tiny packets one by one costs few
+ * reallocs. */
 static size_t grow_to(const cp_sendbuf *blk, size_t n)
 {
     size_t need = (size_t)blk->len + n;
-    if (need <= blk->cap)
+    if (need <= blk->cap || blk->cap >= BLOCK_MAX)
         return blk->cap;
-    if (need > BLOCK_MAX)
-        return 0;
     size_t cap = (size_t)blk->cap * 2;
-    if (cap > BLOCK_MAX)
-        cap = BLOCK_MAX;
-    return cap < need ? need : cap;
+    if (cap < need)
+        cap = need;
+    return cap > BLOCK_MAX ? BLOCK_MAX : cap;
 }
 
 static size_t new_block_cap(size_t n) { return n < BLOCK_MIN ? BLOCK_MIN : n; }
@@ -174,32 +174,51 @@ static size_t new_block_cap(size_t n) { return n < BLOCK_MIN ? BLOCK_MIN : n; }
 static size_t copy_cost(const cp_sendq *q, uint32_t j, size_t n)
 {
     cp_sendbuf *blk = block_before(q, j);
-    size_t cap = blk ? grow_to(blk, n) : 0;
-    return cap ? cap - blk->cap : BLOCK_HEAD + new_block_cap(n);
+    size_t cost = 0;
+    if (blk) {
+        size_t cap = grow_to(blk, n);
+        size_t take = cap - blk->len < n ? cap - blk->len : n;
+        cost = cap - blk->cap;
+        n -= take;
+    }
+    return n ? cost + BLOCK_HEAD + new_block_cap(n) : cost;
 }
 
-/* Copies n bytes to the end of the entries before *j: into the block there,
- * or a new block at *j (the ring has that slot). */
+/* Copies n bytes to the end of the entries before *j: into the block there
+ * as far as it may grow, the rest into a new block at *j (the ring has that
+ * slot). Out of memory, nothing is copied. */
 static int copy_in(cp_sendq *q, uint32_t *j, const uint8_t *p, size_t n)
 {
     cp_sendbuf *blk = block_before(q, *j);
-    size_t cap = blk ? grow_to(blk, n) : 0;
-    if (!cap) {
-        if (!(blk = cp__sendbuf_block_new(new_block_cap(n))))
-            return -ENOMEM;
-        q->mem += cp__sendbuf_charge(blk);
-        *slot(q, (*j)++) = (uintptr_t)blk;
-    } else if (cap > blk->cap) {
-        size_t old = cp__sendbuf_charge(blk);
-        cp_sendbuf *g = cp__sendbuf_block_grow(blk, cap);
-        if (!g)
-            return -ENOMEM;
-        q->mem += cp__sendbuf_charge(g) - old;
-        *slot(q, *j - 1) = (uintptr_t)g;
-        blk = g;
+    size_t take = 0;
+    if (blk) {
+        size_t cap = grow_to(blk, n);
+        if (cap > blk->cap) {
+            size_t old = cp__sendbuf_charge(blk);
+            cp_sendbuf *g = cp__sendbuf_block_grow(blk, cap);
+            if (!g)
+                return -ENOMEM;
+            q->mem += cp__sendbuf_charge(g) - old;
+            *slot(q, *j - 1) = (uintptr_t)g;
+            blk = g;
+        }
+        take = blk->cap - blk->len < n ? blk->cap - blk->len : n;
     }
-    memcpy(blk->data + blk->len, p, n);
-    blk->len += (uint32_t)n;
+    cp_sendbuf *nb = NULL;
+    if (take < n) {
+        if (!(nb = cp__sendbuf_block_new(new_block_cap(n - take))))
+            return -ENOMEM;
+        q->mem += cp__sendbuf_charge(nb);
+        *slot(q, (*j)++) = (uintptr_t)nb;
+    }
+    if (take) {
+        memcpy(blk->data + blk->len, p, take);
+        blk->len += (uint32_t)take;
+    }
+    if (nb) {
+        memcpy(nb->data, p + take, n - take);
+        nb->len = (uint32_t)(n - take);
+    }
     return 0;
 }
 

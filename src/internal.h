@@ -255,8 +255,8 @@ enum cp_session_state {
 #define CP_SENDQ_CHUNKS 4
 
 typedef struct cp_sendq {
-    /* Entries: buffer pointers; the low bit marks a chunk-carved buffer
-     * charged its whole chunk by itself (its chunk was not in chunks[]). */
+    /* Entries: buffer pointers; two low bits say how a chunk-carved
+     * buffer whose chunk has no slot in chunks[] is charged (sendq.c). */
     uintptr_t *ring; /* power-of-two capacity */
     uint32_t head, count, cap;
     uint32_t first_off; /* bytes of ring[head] already written */
@@ -265,6 +265,7 @@ typedef struct cp_sendq {
     size_t soft;        /* above this mem, small buffers are copied (set by push) */
     uint32_t inflight;  /* entries from the head a pending send reads */
     uint32_t tidy;      /* entries from the head compaction has been through */
+    uint32_t regrow;    /* capacity a freed ring comes back at (0: the least) */
     struct {
         struct cp_chunk *c;
         uint32_t n; /* queued entries charged through this slot */

@@ -11,9 +11,11 @@
  * (cp__sendbuf_charge): its chunk, or its own allocation; a chunk is charged
  * once for all the entries from it while it has one of CP_SENDQ_CHUNKS slots
  * (the usual case: a session's packets come from its own worker's chunk and
- * one or two others), and by each entry alone otherwise (those entries carry
- * a tag bit in the ring). The ring's slots count too. send_queue_limit is
- * compared with this number.
+ * one or two others). Past that, a run of consecutive entries from one chunk
+ * is charged once, by its last entry (the last to leave: ALONE_TAG; the
+ * others carry COVERED_TAG), so a backlog of packets from chunks a worker
+ * filled one after the other costs a chunk per chunk, not per packet. The
+ * ring's slots count too. send_queue_limit is compared with this number.
  *
  * Compaction. Honest charges alone would cut a reader that is only a little
  * behind, and would let the chunks stay pinned. So once mem passes a quarter
@@ -30,8 +32,9 @@
  * nothing is copied: a broadcast's one buffer stays shared.
  *
  * Shrinking. When the queue empties, a ring bigger than SQ_CAP_KEEP is freed
- * (a burst's ring would otherwise stay with the session for good); blocks
- * are freed as they are written.
+ * (a burst's ring would otherwise stay with the session for good; see
+ * ring_free for what it costs a session that fills a big ring every round);
+ * blocks are freed as they are written.
  */
 #include "internal.h"
 
@@ -40,13 +43,16 @@
 #include <string.h>
 
 #define SQ_CAP_MIN 8u
-#define SQ_CAP_KEEP 16u /* an emptied queue keeps a ring this big at most */
-#define ALONE_TAG ((uintptr_t)1)
+#define SQ_CAP_KEEP 32u    /* an emptied queue keeps a ring this big at most */
+#define SQ_REGROW_MAX 256u /* a freed ring comes back at most this big at once */
+#define ALONE_TAG ((uintptr_t)1)   /* charged its chunk itself (the chunk had no slot) */
+#define COVERED_TAG ((uintptr_t)2) /* its chunk is charged by a later entry (of its run) */
+#define TAGS (ALONE_TAG | COVERED_TAG)
 #define BLOCK_MIN 256u                   /* a new block's first capacity */
 #define BLOCK_MAX (16u * 1024u - 64u)    /* small buffers coalesce up to this */
 #define BLOCK_HEAD (sizeof(cp_sendbuf) + 16u) /* a block's header and malloc's, about */
 
-static cp_sendbuf *buf_of(uintptr_t v) { return (cp_sendbuf *)(v & ~ALONE_TAG); }
+static cp_sendbuf *buf_of(uintptr_t v) { return (cp_sendbuf *)(v & ~TAGS); }
 static uintptr_t *slot(const cp_sendq *q, uint32_t i) { return &q->ring[(q->head + i) & (q->cap - 1)]; }
 static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return buf_of(*slot(q, i)); }
 
@@ -61,9 +67,20 @@ static int chunk_slot(const cp_sendq *q, const struct cp_chunk *c)
     return -1;
 }
 
+/* True if the tail entry charges b's chunk by itself: b can take that
+ * charge over (a run of entries from one chunk is charged once, by its
+ * last entry, which is the last to leave). */
+static bool tail_carries(const cp_sendq *q, const cp_sendbuf *b)
+{
+    if (!q->count)
+        return false;
+    uintptr_t t = *slot(q, q->count - 1);
+    return (t & ALONE_TAG) && buf_of(t)->chunk == b->chunk;
+}
+
 size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b)
 {
-    if (b->chunk && chunk_slot(q, b->chunk) >= 0)
+    if (b->chunk && (chunk_slot(q, b->chunk) >= 0 || tail_carries(q, b)))
         return 0; /* its chunk is charged already */
     return cp__sendbuf_charge(b);
 }
@@ -77,6 +94,11 @@ static uintptr_t charge_take(cp_sendq *q, cp_sendbuf *b)
         if (i >= 0) {
             q->chunks[i].n++;
             return v;
+        }
+        if (tail_carries(q, b)) {
+            uintptr_t *t = slot(q, q->count - 1);
+            *t = (*t & ~ALONE_TAG) | COVERED_TAG;
+            return v | ALONE_TAG;
         }
         if ((i = chunk_slot(q, NULL)) >= 0) {
             q->chunks[i].c = b->chunk;
@@ -93,6 +115,8 @@ static uintptr_t charge_take(cp_sendq *q, cp_sendbuf *b)
 static void charge_drop(cp_sendq *q, uintptr_t v)
 {
     cp_sendbuf *b = buf_of(v);
+    if (v & COVERED_TAG)
+        return;
     if (b->chunk && !(v & ALONE_TAG)) {
         int i = chunk_slot(q, b->chunk);
         CP_ASSERT(i >= 0, "send queue: an entry's chunk has no slot");
@@ -109,7 +133,7 @@ static int ring_reserve(cp_sendq *q)
 {
     if (q->count < q->cap)
         return 0;
-    uint32_t cap = q->cap ? q->cap * 2 : SQ_CAP_MIN;
+    uint32_t cap = q->cap ? q->cap * 2 : q->regrow ? q->regrow : SQ_CAP_MIN;
     uintptr_t *r = malloc(sizeof *r * cap);
     if (!r)
         return -ENOMEM;
@@ -123,8 +147,14 @@ static int ring_reserve(cp_sendq *q)
     return 0;
 }
 
+/* The queue is empty and its ring big: it goes, so that a burst's ring
+ * does not stay with an idle session. A session that fills a big ring every
+ * round gets it back in one allocation (regrow), not by doubling from 8; the
+ * size it comes back at halves each time it was not outgrown. */
 static void ring_free(cp_sendq *q)
 {
+    uint32_t back = q->cap == q->regrow ? q->cap / 2 : q->cap;
+    q->regrow = back > SQ_REGROW_MAX ? SQ_REGROW_MAX : back > SQ_CAP_KEEP ? back : 0;
     q->mem -= sizeof *q->ring * q->cap;
     free(q->ring);
     q->ring = NULL;
@@ -230,6 +260,7 @@ static void compact(cp_sendq *q)
 {
     uint32_t lo = q->tidy > q->inflight ? q->tidy : q->inflight;
     uint32_t j = lo;
+    uintptr_t *kept = lo ? slot(q, lo - 1) : NULL; /* the last entry staying before i */
     for (uint32_t i = lo; i < q->count; i++) {
         uintptr_t v = *slot(q, i);
         cp_sendbuf *b = buf_of(v);
@@ -238,11 +269,15 @@ static void compact(cp_sendq *q)
             if (copy_in(q, &j, b->data + off, b->len - off) == 0) {
                 if (i == 0)
                     q->first_off = 0; /* the new block holds only the unsent bytes */
-                charge_drop(q, v);
+                if ((v & ALONE_TAG) && kept && (*kept & COVERED_TAG) && buf_of(*kept)->chunk == b->chunk)
+                    *kept = (*kept & ~COVERED_TAG) | ALONE_TAG; /* the run's charge stays with what stays */
+                else
+                    charge_drop(q, v);
                 cp_sendbuf_unref(b);
                 continue;
             }
         }
+        kept = slot(q, j);
         *slot(q, j++) = v;
     }
     /* In-flight entries compaction could not see stay unseen until their

@@ -229,7 +229,12 @@ struct cp_sendbuf {
 /* The memory b may keep alive while it is referenced, about what malloc
  * took for it: for a buffer carved from a chunk, the whole chunk (any one
  * buffer can keep it); for one allocated alone, its allocation. */
-size_t cp__sendbuf_charge(const cp_sendbuf *b);
+extern const size_t cp__sendbuf_chunk_charge;
+size_t cp__sendbuf_alone_charge(const cp_sendbuf *b);
+static inline size_t cp__sendbuf_charge(const cp_sendbuf *b)
+{
+    return b->chunk ? cp__sendbuf_chunk_charge : cp__sendbuf_alone_charge(b);
+}
 /* A send queue's private block of cap bytes (len 0, one reference), and the
  * same block grown to cap bytes (realloc: it may move; NULL leaves b as it
  * was). */

@@ -164,10 +164,10 @@ static size_t malloc_cost(size_t n)
     return round_up(n) + MALLOC_OVERHEAD;
 }
 
-size_t cp__sendbuf_charge(const cp_sendbuf *b)
+const size_t cp__sendbuf_chunk_charge = sizeof(cp_chunk) + MALLOC_OVERHEAD;
+
+size_t cp__sendbuf_alone_charge(const cp_sendbuf *b)
 {
-    if (b->chunk)
-        return malloc_cost(sizeof(cp_chunk));
     if (b->big_class < BIG_CLASSES)
         return malloc_cost(sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + b->big_class)));
     return malloc_cost(sizeof(cp_sendbuf) + b->cap);

@@ -58,7 +58,7 @@ static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return buf_of(*slot(q, i)
 
 /* ------------------------------------------------------------------ charges */
 
-/* The slot charging chunk c (NULL: a free slot), or -1. */
+/* The slot charging chunk c, or -1. */
 static int chunk_slot(const cp_sendq *q, const struct cp_chunk *c)
 {
     for (int i = 0; i < CP_SENDQ_CHUNKS; i++)
@@ -78,36 +78,46 @@ static bool tail_carries(const cp_sendq *q, const cp_sendbuf *b)
     return (t & ALONE_TAG) && buf_of(t)->chunk == b->chunk;
 }
 
-size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b)
+/* How a new entry b would be charged. */
+enum { HOW_OWN = -1, HOW_CARRY = -2, HOW_ALONE = -3 }; /* else: its chunk's slot */
+typedef struct plan {
+    int how;       /* a slot of chunks[] (taken already, or free), or HOW_* */
+    size_t charge; /* what mem grows by */
+} plan;
+
+static plan plan_for(const cp_sendq *q, const cp_sendbuf *b)
 {
-    if (b->chunk && (chunk_slot(q, b->chunk) >= 0 || tail_carries(q, b)))
-        return 0; /* its chunk is charged already */
-    return cp__sendbuf_charge(b);
+    if (!b->chunk)
+        return (plan){HOW_OWN, cp__sendbuf_charge(b)};
+    int free_slot = -1;
+    for (int i = 0; i < CP_SENDQ_CHUNKS; i++) {
+        if (q->chunks[i].c == b->chunk)
+            return (plan){i, 0};
+        if (!q->chunks[i].c && free_slot < 0)
+            free_slot = i;
+    }
+    if (tail_carries(q, b))
+        return (plan){HOW_CARRY, 0};
+    return (plan){free_slot >= 0 ? free_slot : HOW_ALONE, cp__sendbuf_charge(b)};
 }
 
-/* Charges b as a new entry; returns the entry's ring value. */
-static uintptr_t charge_take(cp_sendq *q, cp_sendbuf *b)
+size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b) { return plan_for(q, b).charge; }
+
+/* Charges b as a new entry as planned; returns the entry's ring value. */
+static uintptr_t charge_take(cp_sendq *q, cp_sendbuf *b, plan p)
 {
     uintptr_t v = (uintptr_t)b;
-    if (b->chunk) {
-        int i = chunk_slot(q, b->chunk);
-        if (i >= 0) {
-            q->chunks[i].n++;
-            return v;
-        }
-        if (tail_carries(q, b)) {
-            uintptr_t *t = slot(q, q->count - 1);
-            *t = (*t & ~ALONE_TAG) | COVERED_TAG;
-            return v | ALONE_TAG;
-        }
-        if ((i = chunk_slot(q, NULL)) >= 0) {
-            q->chunks[i].c = b->chunk;
-            q->chunks[i].n = 1;
-        } else {
-            v |= ALONE_TAG;
-        }
+    q->mem += p.charge;
+    if (p.how >= 0) {
+        q->chunks[p.how].c = b->chunk;
+        q->chunks[p.how].n++; /* 0 in a free slot */
+    } else if (p.how == HOW_CARRY) {
+        uintptr_t *t = slot(q, q->count - 1);
+        *t = (*t & ~ALONE_TAG) | COVERED_TAG;
+        v |= ALONE_TAG;
+    } else if (p.how == HOW_ALONE) {
+        v |= ALONE_TAG;
     }
-    q->mem += cp__sendbuf_charge(b);
     return v;
 }
 
@@ -308,25 +318,38 @@ static int push_copy(cp_sendq *q, cp_sendbuf *b, size_t limit)
     return 0;
 }
 
+/* Appends b as an entry, charged as planned. */
+static int append(cp_sendq *q, cp_sendbuf *b, plan p)
+{
+    if (ring_reserve(q) < 0)
+        return -ENOMEM;
+    *slot(q, q->count) = charge_take(q, b, p);
+    q->count++;
+    q->bytes += b->len;
+    return 0;
+}
+
 int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit)
 {
     q->soft = limit / 4;
-    if (q->count && q->mem + cp__sendq_charge(q, b) > q->soft) {
-        if (q->tidy < q->count)
+    plan p = plan_for(q, b);
+    /* The fast path: the queue is not backed up (a reader that keeps up, a
+     * broadcast's shared buffer, an echo's reply from its chunk). */
+    if (q->mem + p.charge <= q->soft && q->count)
+        return append(q, b, p);
+    if (q->count && q->mem + p.charge > q->soft) {
+        if (q->tidy < q->count) {
             compact(q);
+            p = plan_for(q, b); /* compaction may have freed its chunk's slot */
+        }
         if (worth_copying(b))
             return push_copy(q, b, limit);
     }
     /* An empty queue takes any buffer the limit's bytes allow, whatever it
      * pins: a packet as big as the limit must always be sendable. */
-    if (q->count ? q->mem + cp__sendq_charge(q, b) > limit : b->len > limit)
+    if (q->count ? q->mem + p.charge > limit : b->len > limit)
         return -ENOBUFS;
-    if (ring_reserve(q) < 0)
-        return -ENOMEM;
-    *slot(q, q->count) = charge_take(q, b);
-    q->count++;
-    q->bytes += b->len;
-    return 0;
+    return append(q, b, p);
 }
 
 int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes)

@@ -44,7 +44,6 @@
 #define UR_NBUFS 512            /* power of two */
 #define UR_BUFSZ (32u * 1024u) /* large enough for 16 KiB messages in one piece */
 #define UR_IOV 64
-#define UR_SLOTS_KEEP 64        /* free send slots a worker keeps (1 KiB each) */
 #define UR_BATCH 64
 #define UR_RECHECK 64           /* receives rechecked per poll(2) call */
 #define UR_FILES 65536          /* registered-file table size at most (index = fd) */
@@ -74,7 +73,6 @@ typedef struct ur_state {
     uint8_t *bufs;
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
-    unsigned nfree_slots; /* at most UR_SLOTS_KEEP: a burst's slots go back to malloc */
     cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
     unsigned nfiles;      /* size of the registered-file table; 0 = none */
     int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
@@ -310,7 +308,6 @@ static void ur_thread_fini(cp_worker *w)
         free(st->free_slots);
         st->free_slots = n;
     }
-    st->nfree_slots = 0;
 }
 
 static void ur_fini(cp_worker *w)
@@ -415,7 +412,6 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
     ur_slot *slot = st->free_slots;
     if (slot) {
         st->free_slots = slot->next;
-        st->nfree_slots--;
     } else if (!(slot = malloc(sizeof *slot))) {
         return -ENOMEM;
     }
@@ -586,13 +582,8 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
                 if (op->kind == CP_OP_SEND && op->be) {
                     ur_slot *slot = op->be;
                     op->be = NULL;
-                    if (st->nfree_slots < UR_SLOTS_KEEP) {
-                        slot->next = st->free_slots;
-                        st->free_slots = slot;
-                        st->nfree_slots++;
-                    } else {
-                        free(slot);
-                    }
+                    slot->next = st->free_slots;
+                    st->free_slots = slot;
                 }
             }
             op->cb(w, op, res, more ? CP_CQE_MORE : 0, data);

@@ -81,7 +81,7 @@ typedef enum cp_reason {
     CP_REASON_BAD_HEADER,     /* packet header size < 4 */
     CP_REASON_TOO_BIG,        /* packet header size > max_packet */
     CP_REASON_HANDLER,        /* a packet handler returned a negative value */
-    CP_REASON_SEND_OVERFLOW,  /* queued send bytes would exceed send_queue_limit */
+    CP_REASON_SEND_OVERFLOW,  /* the send queue's memory would exceed send_queue_limit */
     CP_REASON_IDLE_TIMEOUT,   /* nothing received for idle_timeout_ms */
     CP_REASON_PACKET_TIMEOUT, /* a packet was started but not finished in time */
     CP_REASON_STOPPING,       /* the service is stopping */
@@ -507,9 +507,14 @@ typedef struct cp_session_opts {
     cp_framing framing;        /* CP_FRAMING_PACKET; CP_FRAMING_RAW needs on_recv
                                   and takes no routes */
     uint32_t max_packet;       /* 4096; 4 to 65535 */
-    size_t send_queue_limit;   /* 1 MiB of queued, unsent bytes per session; with
-                                  packet framing at least max_packet, so that a
-                                  packet the service accepts can be echoed */
+    size_t send_queue_limit;   /* 1 MiB of memory per session's send queue: what
+                                  its unsent buffers keep alive (a small buffer
+                                  may pin a 32 KiB chunk until the queue backs
+                                  up and copies it out), not only their bytes;
+                                  an empty queue always takes a buffer of up to
+                                  this many bytes. With packet framing at least
+                                  max_packet, so that a packet the service
+                                  accepts can be echoed */
     const cp_route *routes;    /* packet handlers by id, copied at start: each
                                   with a handler, no id twice */
     size_t nroutes;            /* routes may be NULL only when this is 0 */

@@ -232,6 +232,28 @@ struct cp_sendbuf {
     uint8_t data[];
 };
 
+/* big_class of a block a send queue copied small buffers into (sendq.c):
+ * allocated alone, never shared, freed by the last unref. */
+#define CP_SENDBUF_BLOCK (UINT32_MAX - 1)
+
+/* The memory b may keep alive while it is referenced, about what malloc
+ * took for it: for a buffer carved from a chunk, the whole chunk (any one
+ * buffer can keep it); for one allocated alone, its allocation. */
+extern const size_t cp__sendbuf_chunk_charge;
+size_t cp__sendbuf_alone_charge(const cp_sendbuf *b);
+static inline size_t cp__sendbuf_charge(const cp_sendbuf *b)
+{
+    return b->chunk ? cp__sendbuf_chunk_charge : cp__sendbuf_alone_charge(b);
+}
+/* A send queue's private block of cap bytes (len 0, one reference), and the
+ * same block grown to cap bytes (realloc: it may move; NULL leaves b as it
+ * was). */
+cp_sendbuf *cp__sendbuf_block_new(size_t cap);
+cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap);
+/* Bytes the free pools of chunks and big buffers hold (for tests). */
+size_t cp__sendbuf_pooled(void);
+static inline bool cp__sendbuf_is_block(const cp_sendbuf *b) { return b->big_class == CP_SENDBUF_BLOCK; }
+
 /* ------------------------------------------------------------------ sessions */
 
 enum cp_session_state {
@@ -244,22 +266,47 @@ enum cp_session_state {
     CP_S_CLOSED       /* every completion arrived; left the service */
 };
 
+/* How many distinct chunks a send queue charges once each (sendq.c). */
+#define CP_SENDQ_CHUNKS 4
+
 typedef struct cp_sendq {
-    cp_sendbuf **ring; /* power-of-two capacity */
+    /* Entries: buffer pointers; two low bits say how a chunk-carved
+     * buffer whose chunk has no slot in chunks[] is charged (sendq.c). */
+    uintptr_t *ring; /* power-of-two capacity */
     uint32_t head, count, cap;
     uint32_t first_off; /* bytes of ring[head] already written */
     size_t bytes;       /* unsent bytes in the queue */
+    size_t mem;         /* accounted memory: every entry's charge, and the ring */
+    size_t soft;        /* above this mem, small buffers are copied (set by push) */
+    uint32_t inflight;  /* entries from the head a pending send reads */
+    uint32_t tidy;      /* entries from the head compaction has been through */
+    uint32_t regrow;    /* capacity a freed ring comes back at (0: the least) */
+    struct {
+        struct cp_chunk *c;
+        uint32_t n; /* queued entries charged through this slot */
+    } chunks[CP_SENDQ_CHUNKS];
 } cp_sendq;
 
 /* The send queue (sendq.c), owner thread only. push takes over one
- * reference to b (-ENOMEM: not queued, the caller keeps it); gather fills at
- * most max_iov entries with the unsent bytes from the front, stopping once
- * max_bytes are reached, and returns how many; consume drops the first n
+ * reference to b unless it fails: -ENOBUFS when what the queue would account
+ * passes limit (an empty queue takes any b of at most limit bytes), -ENOMEM;
+ * the caller keeps b then. gather fills at most max_iov entries with the
+ * unsent bytes from the front, stopping once max_bytes are reached, and
+ * returns how many; pending says that a send which reads those n entries'
+ * memory is in flight, landed that it completed; consume drops the first n
  * bytes (written); clear releases everything and the ring. */
-int cp__sendq_push(cp_sendq *q, cp_sendbuf *b);
-int cp__sendq_gather(const cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes);
+int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit);
+int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes);
 void cp__sendq_consume(cp_sendq *q, size_t n);
 void cp__sendq_clear(cp_sendq *q);
+static inline void cp__sendq_pending(cp_sendq *q, int n) { q->inflight = (uint32_t)n; }
+static inline void cp__sendq_landed(cp_sendq *q) { q->inflight = 0; }
+/* The memory the queue accounts (what send_queue_limit is compared with):
+ * each entry's charge plus the ring. Cheap: a field. */
+static inline size_t cp__sendq_mem(const cp_sendq *q) { return q->mem; }
+/* What pushing b would add to the queue's memory as things stand (before
+ * any copying the queue may decide on). */
+size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b);
 
 struct cp_session {
     /* What a receive and a send touch comes first, so that a session costs a

@@ -10,12 +10,19 @@
  * reference and the spare ones; the chunk returns to a small global pool when
  * its last buffer is released (the pool keeps a bounded number, the rest go
  * back to malloc).
- * Buffers too large for a chunk are allocated on their own, in power-of-two
- * size classes up to 128 KiB, and kept in a bounded pool per class when
+ * Buffers too large for a chunk are allocated on their own, in classes of
+ * power-of-two capacity (16 KiB to 128 KiB of data, plus the header), and
+ * kept in a bounded pool per class when
  * released: a 16 KiB echo allocates and frees one such buffer per message, and
  * handing it back to malloc each time made glibc trim and re-fault the
  * worker's heap on every message (one madvise per message, 2x the CPU of a raw
- * server at 200 connections).
+ * server at 200 connections). A class is a power of two of data, not of
+ * allocation: a 16 KiB message then takes a 16 KiB class, not a 32 KiB one,
+ * which matters now that a send queue is charged what its buffers pin.
+ *
+ * Send queues charge every buffer what it may keep alive (cp__sendbuf_charge)
+ * and, when they back up, copy small buffers into blocks of their own
+ * (cp__sendbuf_block_new/grow): see sendq.c.
  */
 #include "internal.h"
 
@@ -31,6 +38,8 @@
 #define BIG_CLASSES 4u    /* 16, 32, 64, 128 KiB */
 #define BIG_NONE UINT32_MAX
 #define BIG_POOL_BYTES (4u << 20) /* kept per class at most */
+/* What malloc adds to an allocation (glibc: an 8-byte header, 16-byte steps). */
+#define MALLOC_OVERHEAD 16u
 
 /* No buffer takes less than ALIGN bytes of a chunk. */
 #define CHUNK_MAX_BUFS (CHUNK_SIZE / ALIGN)
@@ -106,12 +115,11 @@ static cp_chunk *chunk_get(void)
 
 static cp_sendbuf *big_get(size_t cap)
 {
-    size_t need = sizeof(cp_sendbuf) + cap;
     uint32_t cls = 0;
-    while (cls < BIG_CLASSES && ((size_t)1 << (BIG_MIN_SHIFT + cls)) < need)
+    while (cls < BIG_CLASSES && ((size_t)1 << (BIG_MIN_SHIFT + cls)) < cap)
         cls++;
     if (cls == BIG_CLASSES) {
-        cp_sendbuf *b = malloc(need);
+        cp_sendbuf *b = malloc(sizeof(cp_sendbuf) + cap);
         if (b)
             b->big_class = BIG_NONE;
         return b;
@@ -123,7 +131,7 @@ static cp_sendbuf *big_get(size_t cap)
         big_pool[cls].n--;
     }
     pthread_mutex_unlock(&pool_lock);
-    if (!b && !(b = malloc((size_t)1 << (BIG_MIN_SHIFT + cls))))
+    if (!b && !(b = malloc(sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + cls)))))
         return NULL;
     b->big_class = cls;
     return b;
@@ -132,7 +140,7 @@ static cp_sendbuf *big_get(size_t cap)
 static void big_put(cp_sendbuf *b)
 {
     uint32_t cls = b->big_class;
-    if (cls != BIG_NONE) {
+    if (cls < BIG_CLASSES) { /* not BIG_NONE, not a queue's block */
         pthread_mutex_lock(&pool_lock);
         if (big_pool[cls].n < (BIG_POOL_BYTES >> (BIG_MIN_SHIFT + cls))) {
             memcpy(b->data, &big_pool[cls].head, sizeof b);
@@ -146,6 +154,59 @@ static void big_put(cp_sendbuf *b)
 }
 
 static size_t round_up(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
+
+/* What malloc really takes for n bytes, about: large blocks are mapped
+ * pages. */
+static size_t malloc_cost(size_t n)
+{
+    if (n >= (128u << 10))
+        return (n + 4095) & ~(size_t)4095;
+    return round_up(n) + MALLOC_OVERHEAD;
+}
+
+const size_t cp__sendbuf_chunk_charge = sizeof(cp_chunk) + MALLOC_OVERHEAD;
+
+size_t cp__sendbuf_alone_charge(const cp_sendbuf *b)
+{
+    if (b->big_class < BIG_CLASSES)
+        return malloc_cost(sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + b->big_class)));
+    return malloc_cost(sizeof(cp_sendbuf) + b->cap);
+}
+
+size_t cp__sendbuf_pooled(void)
+{
+    pthread_mutex_lock(&pool_lock);
+    size_t n = pool_n * sizeof(cp_chunk);
+    for (uint32_t c = 0; c < BIG_CLASSES; c++)
+        n += big_pool[c].n * (sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + c)));
+    pthread_mutex_unlock(&pool_lock);
+    return n;
+}
+
+cp_sendbuf *cp__sendbuf_block_new(size_t cap)
+{
+    if (cap > UINT32_MAX - 64)
+        return NULL;
+    cp_sendbuf *b = malloc(sizeof *b + cap);
+    if (!b)
+        return NULL;
+    atomic_init(&b->refs, 1);
+    b->len = 0;
+    b->cap = (uint32_t)cap;
+    b->big_class = CP_SENDBUF_BLOCK;
+    b->chunk = NULL;
+    return b;
+}
+
+cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap)
+{
+    if (cap > UINT32_MAX - 64)
+        return NULL;
+    cp_sendbuf *n = realloc(b, sizeof *b + cap);
+    if (n)
+        n->cap = (uint32_t)cap;
+    return n;
+}
 
 /* Moves this thread's chunk past its open buffer, which keeps its first
  * `keep` bytes of data. */
@@ -191,6 +252,7 @@ static cp_sendbuf *sendbuf_open(size_t cap)
         }
         b = (cp_sendbuf *)(tls_chunk->mem + tls_chunk->used);
         b->chunk = tls_chunk;
+        b->big_class = BIG_NONE; /* read by cp__sendbuf_is_block */
         tls_chunk->spare--; /* the buffer's reference to its chunk */
         tls_open = b;
     }

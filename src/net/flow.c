@@ -192,7 +192,7 @@ void cp__rx_account(cp_session *s, size_t n, size_t packets)
 
 void cp__rx_sendq_check(cp_session *s)
 {
-    size_t q = s->sq.bytes;
+    size_t q = cp__sendq_mem(&s->sq); /* what the limit counts too */
     if (q > s->svc->sq_high)
         cp__rx_block(s, CP_RX_SENDQ);
     else if (q < s->svc->sq_low)

@@ -1,40 +1,363 @@
 /*
  * A session's send queue: the buffers queued on it and not yet written, in
  * order, as a ring of references. Owner thread only; the session decides
- * when to write and what the queue may hold (session.c), this file keeps the
- * ring and its counts.
+ * when to write (session.c), this file keeps the ring, its counts, and what
+ * the queue's memory is.
+ *
+ * Memory. The queue accounts (mem) what its entries may keep alive, not just
+ * their bytes: a buffer carved from a shared 32 KiB chunk keeps the whole
+ * chunk alive while it is queued, so a 4-byte packet queued behind a client
+ * that never reads can pin 32 KiB. Each entry is charged what it may pin
+ * (cp__sendbuf_charge): its chunk, or its own allocation; a chunk is charged
+ * once for all the entries from it while it has one of CP_SENDQ_CHUNKS slots
+ * (the usual case: a session's packets come from its own worker's chunk and
+ * one or two others). Past that, a run of consecutive entries from one chunk
+ * is charged once, by its last entry (the last to leave: ALONE_TAG; the
+ * others carry COVERED_TAG), so a backlog of packets from chunks a worker
+ * filled one after the other costs a chunk per chunk, not per packet. The
+ * ring's slots count too. send_queue_limit is compared with this number.
+ *
+ * Compaction. Honest charges alone would cut a reader that is only a little
+ * behind, and would let the chunks stay pinned. So once mem passes a quarter
+ * of the limit (the queue is backed up), the entries worth copying (carved
+ * from a chunk, or a small buffer in a big allocation) are copied into
+ * blocks the queue owns, consecutive ones coalesced into one block of up to
+ * BLOCK_MAX bytes, and the shared buffers are released; while the queue
+ * stays backed up, new small buffers are appended to its tail block
+ * directly. A tiny packet then costs its bytes, and no chunk stays pinned.
+ * Entries that a pending send reads (inflight, from the head: io_uring and
+ * IOCP read the buffers when the socket has room) are never touched;
+ * compaction goes only through entries it has not seen yet (tidy), so its
+ * cost is paid once per entry. Below the quarter (a reader that keeps up)
+ * nothing is copied: a broadcast's one buffer stays shared.
+ *
+ * Shrinking. When the queue empties, a ring bigger than SQ_CAP_KEEP is freed
+ * (a burst's ring would otherwise stay with the session for good; see
+ * ring_free for what it costs a session that fills a big ring every round);
+ * blocks are freed as they are written.
  */
 #include "internal.h"
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define SQ_CAP_MIN 8u
+#define SQ_CAP_KEEP 32u    /* an emptied queue keeps a ring this big at most */
+#define SQ_REGROW_MAX 256u /* a freed ring comes back at most this big at once */
+#define ALONE_TAG ((uintptr_t)1)   /* charged its chunk itself (the chunk had no slot) */
+#define COVERED_TAG ((uintptr_t)2) /* its chunk is charged by a later entry (of its run) */
+#define TAGS (ALONE_TAG | COVERED_TAG)
+#define BLOCK_MIN 256u                   /* a new block's first capacity */
+#define BLOCK_MAX (16u * 1024u - 64u)    /* small buffers coalesce up to this */
+#define BLOCK_HEAD (sizeof(cp_sendbuf) + 16u) /* a block's header and malloc's, about */
 
-static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return q->ring[(q->head + i) & (q->cap - 1)]; }
+static cp_sendbuf *buf_of(uintptr_t v) { return (cp_sendbuf *)(v & ~TAGS); }
+static uintptr_t *slot(const cp_sendq *q, uint32_t i) { return &q->ring[(q->head + i) & (q->cap - 1)]; }
+static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return buf_of(*slot(q, i)); }
 
-int cp__sendq_push(cp_sendq *q, cp_sendbuf *b)
+/* ------------------------------------------------------------------ charges */
+
+/* The slot charging chunk c, or -1. */
+static int chunk_slot(const cp_sendq *q, const struct cp_chunk *c)
 {
-    if (q->count == q->cap) {
-        uint32_t cap = q->cap ? q->cap * 2 : SQ_CAP_MIN;
-        cp_sendbuf **r = malloc(sizeof *r * cap);
-        if (!r)
-            return -ENOMEM;
-        for (uint32_t i = 0; i < q->count; i++)
-            r[i] = at(q, i);
-        free(q->ring);
-        q->ring = r;
-        q->head = 0;
-        q->cap = cap;
+    for (int i = 0; i < CP_SENDQ_CHUNKS; i++)
+        if (q->chunks[i].c == c)
+            return i;
+    return -1;
+}
+
+/* True if the tail entry charges b's chunk by itself: b can take that
+ * charge over (a run of entries from one chunk is charged once, by its
+ * last entry, which is the last to leave). */
+static bool tail_carries(const cp_sendq *q, const cp_sendbuf *b)
+{
+    if (!q->count)
+        return false;
+    uintptr_t t = *slot(q, q->count - 1);
+    return (t & ALONE_TAG) && buf_of(t)->chunk == b->chunk;
+}
+
+/* How a new entry b would be charged. */
+enum { HOW_OWN = -1, HOW_CARRY = -2, HOW_ALONE = -3 }; /* else: its chunk's slot */
+typedef struct plan {
+    int how;       /* a slot of chunks[] (taken already, or free), or HOW_* */
+    size_t charge; /* what mem grows by */
+} plan;
+
+static plan plan_for(const cp_sendq *q, const cp_sendbuf *b)
+{
+    if (!b->chunk)
+        return (plan){HOW_OWN, cp__sendbuf_charge(b)};
+    int free_slot = -1;
+    for (int i = 0; i < CP_SENDQ_CHUNKS; i++) {
+        if (q->chunks[i].c == b->chunk)
+            return (plan){i, 0};
+        if (!q->chunks[i].c && free_slot < 0)
+            free_slot = i;
     }
-    q->ring[(q->head + q->count) & (q->cap - 1)] = b;
+    if (tail_carries(q, b))
+        return (plan){HOW_CARRY, 0};
+    return (plan){free_slot >= 0 ? free_slot : HOW_ALONE, cp__sendbuf_charge(b)};
+}
+
+size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b) { return plan_for(q, b).charge; }
+
+/* Charges b as a new entry as planned; returns the entry's ring value. */
+static uintptr_t charge_take(cp_sendq *q, cp_sendbuf *b, plan p)
+{
+    uintptr_t v = (uintptr_t)b;
+    q->mem += p.charge;
+    if (p.how >= 0) {
+        q->chunks[p.how].c = b->chunk;
+        q->chunks[p.how].n++; /* 0 in a free slot */
+    } else if (p.how == HOW_CARRY) {
+        uintptr_t *t = slot(q, q->count - 1);
+        *t = (*t & ~ALONE_TAG) | COVERED_TAG;
+        v |= ALONE_TAG;
+    } else if (p.how == HOW_ALONE) {
+        v |= ALONE_TAG;
+    }
+    return v;
+}
+
+/* The entry v leaves the queue: its charge goes. */
+static void charge_drop(cp_sendq *q, uintptr_t v)
+{
+    cp_sendbuf *b = buf_of(v);
+    if (v & COVERED_TAG)
+        return;
+    if (b->chunk && !(v & ALONE_TAG)) {
+        int i = chunk_slot(q, b->chunk);
+        CP_ASSERT(i >= 0, "send queue: an entry's chunk has no slot");
+        if (--q->chunks[i].n)
+            return;
+        q->chunks[i].c = NULL;
+    }
+    q->mem -= cp__sendbuf_charge(b);
+}
+
+/* ------------------------------------------------------------------ ring */
+
+static int ring_reserve(cp_sendq *q)
+{
+    if (q->count < q->cap)
+        return 0;
+    uint32_t cap = q->cap ? q->cap * 2 : q->regrow ? q->regrow : SQ_CAP_MIN;
+    uintptr_t *r = malloc(sizeof *r * cap);
+    if (!r)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < q->count; i++)
+        r[i] = *slot(q, i);
+    free(q->ring);
+    q->mem += sizeof *r * (cap - q->cap);
+    q->ring = r;
+    q->head = 0;
+    q->cap = cap;
+    return 0;
+}
+
+/* The queue is empty and its ring big: it goes, so that a burst's ring
+ * does not stay with an idle session. A session that fills a big ring every
+ * round gets it back in one allocation (regrow), not by doubling from 8; the
+ * size it comes back at halves each time it was not outgrown. */
+static void ring_free(cp_sendq *q)
+{
+    uint32_t back = q->cap == q->regrow ? q->cap / 2 : q->cap;
+    q->regrow = back > SQ_REGROW_MAX ? SQ_REGROW_MAX : back > SQ_CAP_KEEP ? back : 0;
+    q->mem -= sizeof *q->ring * q->cap;
+    free(q->ring);
+    q->ring = NULL;
+    q->head = q->cap = 0;
+}
+
+/* ------------------------------------------------------------------ compaction */
+
+/* A buffer whose bytes cost less copied than what it pins: carved from a
+ * chunk, or a small part of a big allocation. Blocks are the queue's own. */
+static bool worth_copying(const cp_sendbuf *b)
+{
+    if (b->chunk)
+        return true;
+    return !cp__sendbuf_is_block(b) && (size_t)b->len * 2 < cp__sendbuf_charge(b);
+}
+
+/* The block just before entry j that may take more bytes: the queue's own,
+ * and not read by a pending send. */
+static cp_sendbuf *block_before(const cp_sendq *q, uint32_t j)
+{
+    if (j == 0 || j <= q->inflight)
+        return NULL;
+    cp_sendbuf *b = at(q, j - 1);
+    return cp__sendbuf_is_block(b) ? b : NULL;
+}
+
+/* The capacity blk should grow to for n more bytes: enough for all of them
+ * if BLOCK_MAX allows, else BLOCK_MAX (the rest goes to a new block; the
+ * queue is a byte stream, a buffer's bytes may span two blocks). Blocks
+ * double as they fill, so that appending tiny packets one by one costs few
+ * reallocs. */
+static size_t grow_to(const cp_sendbuf *blk, size_t n)
+{
+    size_t need = (size_t)blk->len + n;
+    if (need <= blk->cap || blk->cap >= BLOCK_MAX)
+        return blk->cap;
+    size_t cap = (size_t)blk->cap * 2;
+    if (cap < need)
+        cap = need;
+    return cap > BLOCK_MAX ? BLOCK_MAX : cap;
+}
+
+static size_t new_block_cap(size_t n) { return n < BLOCK_MIN ? BLOCK_MIN : n; }
+
+/* About what copying n bytes to the queue's tail (entry j) adds to mem. */
+static size_t copy_cost(const cp_sendq *q, uint32_t j, size_t n)
+{
+    cp_sendbuf *blk = block_before(q, j);
+    size_t cost = 0;
+    if (blk) {
+        size_t cap = grow_to(blk, n);
+        size_t take = cap - blk->len < n ? cap - blk->len : n;
+        cost = cap - blk->cap;
+        n -= take;
+    }
+    return n ? cost + BLOCK_HEAD + new_block_cap(n) : cost;
+}
+
+/* Copies n bytes to the end of the entries before *j: into the block there
+ * as far as it may grow, the rest into a new block at *j (the ring has that
+ * slot). Out of memory, nothing is copied. */
+static int copy_in(cp_sendq *q, uint32_t *j, const uint8_t *p, size_t n)
+{
+    cp_sendbuf *blk = block_before(q, *j);
+    size_t take = 0;
+    if (blk) {
+        size_t cap = grow_to(blk, n);
+        if (cap > blk->cap) {
+            size_t old = cp__sendbuf_charge(blk);
+            cp_sendbuf *g = cp__sendbuf_block_grow(blk, cap);
+            if (!g)
+                return -ENOMEM;
+            q->mem += cp__sendbuf_charge(g) - old;
+            *slot(q, *j - 1) = (uintptr_t)g;
+            blk = g;
+        }
+        take = blk->cap - blk->len < n ? blk->cap - blk->len : n;
+    }
+    cp_sendbuf *nb = NULL;
+    if (take < n) {
+        if (!(nb = cp__sendbuf_block_new(new_block_cap(n - take))))
+            return -ENOMEM;
+        q->mem += cp__sendbuf_charge(nb);
+        *slot(q, (*j)++) = (uintptr_t)nb;
+    }
+    if (take) {
+        memcpy(blk->data + blk->len, p, take);
+        blk->len += (uint32_t)take;
+    }
+    if (nb) {
+        memcpy(nb->data, p + take, n - take);
+        nb->len = (uint32_t)(n - take);
+    }
+    return 0;
+}
+
+/* Copies the entries worth it that compaction has not seen and no pending
+ * send reads into the queue's blocks, and releases their buffers. Runs of
+ * them coalesce; the other entries keep their places in the order. Out of
+ * memory, an entry simply stays as it is. */
+static void compact(cp_sendq *q)
+{
+    uint32_t lo = q->tidy > q->inflight ? q->tidy : q->inflight;
+    uint32_t j = lo;
+    uintptr_t *kept = lo ? slot(q, lo - 1) : NULL; /* the last entry staying before i */
+    for (uint32_t i = lo; i < q->count; i++) {
+        uintptr_t v = *slot(q, i);
+        cp_sendbuf *b = buf_of(v);
+        if (worth_copying(b)) {
+            uint32_t off = i == 0 ? q->first_off : 0;
+            if (copy_in(q, &j, b->data + off, b->len - off) == 0) {
+                if (i == 0)
+                    q->first_off = 0; /* the new block holds only the unsent bytes */
+                if ((v & ALONE_TAG) && kept && (*kept & COVERED_TAG) && buf_of(*kept)->chunk == b->chunk)
+                    *kept = (*kept & ~COVERED_TAG) | ALONE_TAG; /* the run's charge stays with what stays */
+                else
+                    charge_drop(q, v);
+                cp_sendbuf_unref(b);
+                continue;
+            }
+        }
+        kept = slot(q, j);
+        *slot(q, j++) = v;
+    }
+    /* In-flight entries compaction could not see stay unseen until their
+     * send lands (tidy below inflight); the rest has been seen. */
+    if (q->tidy >= q->inflight)
+        q->tidy = j;
+    q->count = j;
+}
+
+/* ------------------------------------------------------------------ queue */
+
+/* The queue is backed up: b's bytes go to the tail block. */
+static int push_copy(cp_sendq *q, cp_sendbuf *b, size_t limit)
+{
+    size_t n = b->len;
+    if (q->mem + copy_cost(q, q->count, n) > limit)
+        return -ENOBUFS;
+    if (ring_reserve(q) < 0)
+        return -ENOMEM;
+    uint32_t j = q->count;
+    if (copy_in(q, &j, b->data, n) < 0)
+        return -ENOMEM;
+    if (q->tidy == q->count)
+        q->tidy = j;
+    q->count = j;
+    q->bytes += n;
+    cp_sendbuf_unref(b);
+    return 0;
+}
+
+/* Appends b as an entry, charged as planned. */
+static int append(cp_sendq *q, cp_sendbuf *b, plan p)
+{
+    if (ring_reserve(q) < 0)
+        return -ENOMEM;
+    *slot(q, q->count) = charge_take(q, b, p);
     q->count++;
     q->bytes += b->len;
     return 0;
 }
 
-int cp__sendq_gather(const cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes)
+int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit)
 {
+    q->soft = limit / 4;
+    plan p = plan_for(q, b);
+    /* The fast path: the queue is not backed up (a reader that keeps up, a
+     * broadcast's shared buffer, an echo's reply from its chunk). */
+    if (q->mem + p.charge <= q->soft && q->count)
+        return append(q, b, p);
+    if (q->count && q->mem + p.charge > q->soft) {
+        if (q->tidy < q->count) {
+            compact(q);
+            p = plan_for(q, b); /* compaction may have freed its chunk's slot */
+        }
+        if (worth_copying(b))
+            return push_copy(q, b, limit);
+    }
+    /* An empty queue takes any buffer the limit's bytes allow, whatever it
+     * pins: a packet as big as the limit must always be sendable. */
+    if (q->count ? q->mem + p.charge > limit : b->len > limit)
+        return -ENOBUFS;
+    return append(q, b, p);
+}
+
+int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes)
+{
+    /* Backed up: what the send will read should pin no chunk either (entries
+     * a landed send left behind have not been through compaction yet). */
+    if (q->mem > q->soft && q->tidy < q->count && !q->inflight)
+        compact(q);
     int n = 0;
     size_t bytes = 0;
     for (uint32_t i = 0; i < q->count && n < max_iov && bytes < max_bytes; i++) {
@@ -52,7 +375,8 @@ void cp__sendq_consume(cp_sendq *q, size_t n)
 {
     q->bytes -= n;
     while (n > 0) {
-        cp_sendbuf *b = q->ring[q->head];
+        uintptr_t v = q->ring[q->head];
+        cp_sendbuf *b = buf_of(v);
         size_t rem = b->len - q->first_off;
         if (n < rem) {
             q->first_off += (uint32_t)n;
@@ -62,8 +386,15 @@ void cp__sendq_consume(cp_sendq *q, size_t n)
         q->first_off = 0;
         q->head = (q->head + 1) & (q->cap - 1);
         q->count--;
+        if (q->tidy)
+            q->tidy--;
+        if (q->inflight)
+            q->inflight--;
+        charge_drop(q, v);
         cp_sendbuf_unref(b);
     }
+    if (!q->count && q->cap > SQ_CAP_KEEP)
+        ring_free(q);
 }
 
 void cp__sendq_clear(cp_sendq *q)

@@ -496,6 +496,8 @@ static void send_start(cp_session *s)
         int n = cp__sendq_gather(&s->sq, iov, IOV_CAP, SEND_BYTES_CAP);
         int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
         if (r == CP_PENDING) {
+            if (w->port->be->send_holds_bufs)
+                cp__sendq_pending(&s->sq, n); /* the queue must not move those entries */
             s->ops_pending++;
             hold(s);
             return;
@@ -514,6 +516,7 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
 {
     CP_UNUSED(w), CP_UNUSED(flags), CP_UNUSED(data);
     cp_session *s = SESSION_OF(op, wr);
+    cp__sendq_landed(&s->sq);
     if (writing(s)) {
         if (res >= 0)
             sent(s, (size_t)res);
@@ -575,14 +578,11 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         r = -ENOTCONN;
     } else if (b->len == 0) {
         r = 0; /* nothing to queue */
-    } else if (s->sq.bytes + b->len > s->svc->send_queue_limit) {
-        cp__session_request_close(s, CP_REASON_SEND_OVERFLOW);
-        r = -ENOBUFS;
-    } else if (cp__sendq_push(&s->sq, b) < 0) {
-        cp__session_request_close(s, CP_REASON_NO_MEMORY);
-        r = -ENOMEM;
+    } else if ((r = cp__sendq_push(&s->sq, b, s->svc->send_queue_limit)) < 0) {
+        /* -ENOBUFS: what the queue would pin passes the limit (sendq.c). */
+        cp__session_request_close(s, r == -ENOBUFS ? CP_REASON_SEND_OVERFLOW : CP_REASON_NO_MEMORY);
     } else {
-        if (s->sq.bytes > s->svc->sq_high)
+        if (cp__sendq_mem(&s->sq) > s->svc->sq_high)
             cp__rx_sendq_check(s);
         if (!s->dirty && !s->wr.armed) {
             s->dirty = true;
@@ -635,6 +635,8 @@ typedef struct cp_held {
     uint32_t key;  /* a ticket; or, for the owner's own send, the tickets handed out before it */
     bool own;      /* the owner's own send: goes before the ticket numbered key */
 } cp_held;
+
+#define HELD_KEEP 8u /* an emptied held list keeps this many places at most */
 
 static void held_drop(cp_session *s)
 {
@@ -693,6 +695,12 @@ static void held_release(cp_session *s)
         return;
     memmove(s->held, s->held + n, sizeof *s->held * (s->nheld - n));
     s->nheld -= n;
+    if (s->nheld == 0 && s->capheld > HELD_KEEP) {
+        /* A burst's list would stay with an idle session for good. */
+        free(s->held);
+        s->held = NULL;
+        s->capheld = 0;
+    }
 }
 
 /* The owner's own send: straight to the queue unless a ticket handed out

@@ -13,6 +13,7 @@
 
 #include "sys.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -96,6 +97,10 @@ typedef struct cp_backend_ops {
      * delivered after it (io_uring: completions already in the ring). */
     void (*recv_pause)(cp_worker *w, cp_handle *h);
     void (*recv_resume)(cp_worker *w, cp_handle *h);
+    /* True if a pending send reads the memory its iovec named until its
+     * completion (io_uring, IOCP): the core must not move those bytes. An
+     * epoll send only waits for room, and gathers again. */
+    bool send_holds_bufs;
     /* Cancels every armed op (each completes with -ECANCELED, later, never
      * inside this call) and closes the descriptor. */
     void (*close)(cp_worker *w, cp_handle *h);

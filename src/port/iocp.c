@@ -736,5 +736,6 @@ const cp_backend_ops cp__iocp_backend = {
     .recv_pause = io_recv_pause,
     .recv_resume = io_recv_resume,
     .send = io_send,
+    .send_holds_bufs = true,
     .close = io_close,
 };

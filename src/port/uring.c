@@ -953,5 +953,6 @@ const cp_backend_ops cp__uring_backend = {
     .send = ur_send,
     .recv_pause = ur_recv_pause,
     .recv_resume = ur_recv_resume,
+    .send_holds_bufs = true,
     .close = ur_close,
 };

@@ -376,14 +376,85 @@ static int ur_attach(cp_worker *w, cp_handle *h)
     return 0;
 }
 
-static int ur_accept(cp_worker *w, cp_handle *h, cp_op *op)
+/*
+ * Accepts are bounded per round, as on epoll: a single-shot accept, and when
+ * it completes, up to K-1 more accept4(2) calls in the same pass; then the
+ * accept is armed again for the next round. A multishot accept would not do:
+ * the kernel accepts again for as long as the backlog is not empty, so a
+ * connect storm put thousands of accept completions in the completion queue
+ * at once, and every other session's completions waited behind them for
+ * dozens of rounds (neighbours' round trips of 50-130 ms; docs/reliability.md,
+ * issue 14).
+ */
+static void prep_accept(ur_state *st, cp_handle *h, cp_op *op)
 {
-    ur_state *st = w->be;
     struct io_uring_sqe *sqe = get_sqe(st);
-    io_uring_prep_multishot_accept(sqe, h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    io_uring_prep_accept(sqe, h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     submit_op(st, sqe, h, op);
     h->rd = op;
+}
+
+static int ur_accept(cp_worker *w, cp_handle *h, cp_op *op)
+{
+    prep_accept(w->be, h, op);
     return 0;
+}
+
+static bool accept_error_is_transient(int err)
+{
+    /* The connection died in the backlog, or a signal interrupted: the
+     * listener itself is fine and the next pending connection may be taken
+     * (the same list as epoll.c's). */
+    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM ||
+           err == ENETDOWN || err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET ||
+           err == EHOSTUNREACH || err == EOPNOTSUPP || err == ENETUNREACH;
+}
+
+/* Hands one accept result to the owner while the accept stays armed; false
+ * if the owner closed the listener from its callback. */
+static bool accept_deliver(cp_worker *w, cp_op *op, int res)
+{
+    cp_handle *h = op->h;
+    if (res != -EINTR)
+        op->cb(w, op, res, CP_CQE_MORE, NULL);
+    return h->rd == op && h->fd >= 0;
+}
+
+/* The single-shot accept completed with a descriptor or a transient error:
+ * deliver it, take up to K-1 more pending connections, and arm the accept
+ * again. A hard error on the way (EMFILE ...) disarms it, as on epoll. Returns
+ * false if the completion is a final one for dispatch to deliver (ECANCELED,
+ * hard errors). */
+static bool accept_more(cp_worker *w, ur_state *st, cp_op *op, int res)
+{
+    if (res < 0 && !accept_error_is_transient(-res))
+        return false;
+    cp_handle *h = op->h;
+    unsigned batch = op->batch ? op->batch : 64;
+    bool open = accept_deliver(w, op, res);
+    for (unsigned i = 1; open && i < batch; i++) {
+        int fd = accept4(h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int err = fd < 0 ? errno : 0;
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            break;
+        if (err && !accept_error_is_transient(err)) {
+            h->rd = NULL;
+            op->armed = 0;
+            op->cb(w, op, -err, 0, NULL);
+            return true;
+        }
+        open = accept_deliver(w, op, err ? -err : fd);
+    }
+    if (open) {
+        prep_accept(st, h, op);
+    } else if (h->rd == op) {
+        /* Closed from a callback: nothing is in the kernel to be cancelled,
+         * so the final completion is delivered here, after this pass. */
+        h->rd = NULL;
+        op->armed = 0;
+        cp__worker_defer(w, op, -ECANCELED);
+    }
+    return true;
 }
 
 static void prep_recv(ur_state *st, cp_handle *h, cp_op *op, bool multishot)
@@ -800,6 +871,8 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         cp_op *op = (cp_op *)(uintptr_t)(ud & PTR_MASK);
         if ((uint16_t)(ud >> 48) == op->gen) {
             bool more = flags & IORING_CQE_F_MORE;
+            if (op->kind == CP_OP_ACCEPT && accept_more(w, st, op, res))
+                goto out;
             if (!more && op->kicked) {
                 int why = op->kicked;
                 op->kicked = 0;

@@ -88,6 +88,7 @@ typedef struct ur_state {
     ur_held *free_held;
     unsigned nheld;       /* completions held (each keeps a provided buffer) */
     unsigned nfiles;      /* size of the registered-file table; 0 = none */
+    unsigned clear_mark;  /* submission-queue tail after the last slot clear queued by ur_close */
     int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
                            * wake-ups, open until ur_fini (after every worker has stopped) */
 } ur_state;
@@ -364,14 +365,30 @@ static void ur_wake(cp_worker *w)
 
 /* ------------------------------------------------------------------ operations */
 
+/* True while the submission queue entry before position mark has not been
+ * handed to the kernel yet. */
+static bool sq_pending(ur_state *st, unsigned mark)
+{
+    return (int)(mark - __atomic_load_n(st->ring.sq.khead, __ATOMIC_ACQUIRE)) > 0;
+}
+
 /* Registering costs one system call per connection and saves a file lookup
- * and an atomic reference count pair on every send. */
+ * and an atomic reference count pair on every send. A close queues the
+ * clearing of its slot (ur_close), so a clear still waiting in the
+ * submission queue may be for this very descriptor number, closed and reused
+ * since: it is submitted first, or this registration would be undone by it. */
 static int ur_attach(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
     h->fixed = 0;
-    if (h->fd >= 0 && (unsigned)h->fd < st->nfiles &&
-        io_uring_register_files_update(&st->ring, (unsigned)h->fd, &h->fd, 1) == 1)
+    if (h->fd < 0 || (unsigned)h->fd >= st->nfiles)
+        return 0;
+    if (sq_pending(st, st->clear_mark)) {
+        io_uring_submit(&st->ring);
+        if (sq_pending(st, st->clear_mark))
+            return 0; /* the kernel took only part of it: stay unregistered */
+    }
+    if (io_uring_register_files_update(&st->ring, (unsigned)h->fd, &h->fd, 1) == 1)
         h->fixed = 1;
     return 0;
 }
@@ -390,6 +407,7 @@ static void prep_accept(ur_state *st, cp_handle *h, cp_op *op)
 {
     struct io_uring_sqe *sqe = get_sqe(st);
     io_uring_prep_accept(sqe, h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    use_file(sqe, h);
     submit_op(st, sqe, h, op);
     h->rd = op;
 }
@@ -547,6 +565,7 @@ static int ur_connect(cp_worker *w, cp_handle *h, cp_op *op, const struct sockad
     struct io_uring_sqe *sqe = get_sqe(st);
     /* The address is the service's and outlives the operation. */
     io_uring_prep_connect(sqe, h->fd, sa, len);
+    use_file(sqe, h);
     submit_op(st, sqe, h, op);
     h->wr = op;
     return 0;
@@ -583,6 +602,21 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
 
 static void held_drop(ur_state *st, cp_handle *h);
 
+/* Empties a registered socket's table slot by a request queued behind every
+ * request already prepared for it (they name the slot, not the descriptor,
+ * and so still find the socket), instead of a register call per close. */
+static void clear_slot(ur_state *st, cp_handle *h)
+{
+    static int none = -1;
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_files_update(sqe, &none, 1, h->fd);
+    if (st->ring.features & IORING_FEAT_CQE_SKIP)
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    st->clear_mark = st->ring.sq.sqe_tail;
+    h->fixed = 0;
+}
+
 static void ur_close(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
@@ -607,22 +641,16 @@ static void ur_close(cp_worker *w, cp_handle *h)
         io_uring_sqe_set_data64(sqe, TAG_IGNORE);
     }
     if (h->fixed) {
-        /* Empty the table slot now, before the descriptor number can be
-         * reused; operations still in flight keep the socket open until they
-         * complete, as with a plain descriptor. */
-        int none = -1;
-        if (io_uring_register_files_update(&st->ring, (unsigned)h->fd, &none, 1) != 1) {
-            static int none_async = -1;
-            struct io_uring_sqe *sqe = get_sqe(st);
-            io_uring_prep_files_update(sqe, &none_async, 1, h->fd);
-            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
-        }
-        h->fixed = 0;
-    }
-    /* An operation prepared in this round but not yet submitted would find
-     * the descriptor closed (EBADF); submit first so it starts, then cancel. */
-    if (io_uring_sq_ready(&st->ring))
+        /* The socket stays in the table until the clear runs, at this
+         * round's submission; the descriptor number may be reused before
+         * then (ur_attach takes care). */
+        clear_slot(st, h);
+    } else if (io_uring_sq_ready(&st->ring)) {
+        /* An operation prepared in this round but not yet submitted names
+         * the descriptor and would find it closed (EBADF) or reused: submit
+         * first so it starts, then cancel. */
         io_uring_submit(&st->ring);
+    }
     /* The armed operations hold their own reference to the socket, so it is
      * really closed (and the peer told) when the last of them completes. */
     if (h->fd >= 0) {

@@ -3,6 +3,7 @@
  *
  *   storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]
  *         [--neighbours K] [--interval MS] [--size S] [--duration SEC]
+ *         [--storm-nice N]
  *
  * K neighbour connections (default 20) each send S bytes (default 64) every
  * MS milliseconds (default 10; their sends are spread over the period) and
@@ -17,6 +18,9 @@
  *   connect  connect, send one S-byte message, close normally (FIN).
  * The storm starts 0.5 s after the neighbours and stops 0.5 s before them, so
  * the neighbours' figures cover the storm only (samples outside it are dropped).
+ * --storm-nice N (0..19) runs the storm processes at that nice value: with
+ * the neighbours on the same CPU, their round trips otherwise include the
+ * time they wait for that CPU behind the storm, which is not the server's.
  *
  * Last line: RESULT mode=... procs=N connects=C connects_per_s=X connect_errors=E
  *            samples=K p50_us=... p99_us=... max_us=... neighbour_errors=E
@@ -51,7 +55,7 @@
 
 typedef struct {
     const char *host;
-    long port, procs, rate, neighbours, interval_ms, size, duration;
+    long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice;
     int rst;
 } opts;
 
@@ -77,7 +81,8 @@ static int64_t now_ns(void)
 static void usage(FILE *f)
 {
     fprintf(f, "usage: storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]\n"
-               "             [--neighbours K] [--interval MS] [--size S] [--duration SEC]\n");
+               "             [--neighbours K] [--interval MS] [--size S] [--duration SEC]\n"
+               "             [--storm-nice N]\n");
 }
 
 static int num(const char *s, long lo, long hi, long *out)
@@ -99,7 +104,8 @@ static int parse(int argc, char **argv, opts *o)
         {"mode", required_argument, NULL, 'm'},       {"procs", required_argument, NULL, 'n'},
         {"rate", required_argument, NULL, 'r'},       {"neighbours", required_argument, NULL, 'k'},
         {"interval", required_argument, NULL, 'i'},   {"size", required_argument, NULL, 's'},
-        {"duration", required_argument, NULL, 'd'},   {"help", no_argument, NULL, 'h'},
+        {"duration", required_argument, NULL, 'd'},   {"storm-nice", required_argument, NULL, 'N'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     int c;
@@ -119,6 +125,7 @@ static int parse(int argc, char **argv, opts *o)
         case 'i': bad = num(optarg, 1, 10000, &o->interval_ms); break;
         case 's': bad = num(optarg, 1, 65536, &o->size); break;
         case 'd': bad = num(optarg, 2, 3600, &o->duration); break;
+        case 'N': bad = num(optarg, 0, 19, &o->storm_nice); break;
         case 'h': usage(stdout); exit(0);
         default: bad = 1;
         }
@@ -299,6 +306,8 @@ int main(int argc, char **argv)
     pid_t kids[MAX_PROCS];
     for (long i = 0; i < o.procs; i++) {
         if ((kids[i] = fork()) == 0) {
+            if (o.storm_nice && nice((int)o.storm_nice) < 0)
+                perror("storm: nice");
             storm_proc(&o, &sa, begin, stop, counts);
             _exit(0);
         }

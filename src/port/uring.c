@@ -1,7 +1,8 @@
 /*
  * The io_uring backend: one ring per worker.
  *
- * Accepts and receives are multishot. Receives pick buffers from a provided-
+ * Receives are multishot; accepts are bounded per round (prep_accept says
+ * why). Receives pick buffers from a provided-
  * buffer ring that belongs to the worker, so an idle session owns no receive
  * memory; a buffer goes back to the ring as soon as the completion's callback
  * has consumed it. Every newly armed receive is rechecked once, right after
@@ -11,7 +12,8 @@
  * the kernel in one io_uring_enter; when some of them complete inside it (a
  * send to a socket with room does), their completions are taken before the
  * worker waits, in a second one (ur_poll). Sockets sit in a registered file table
- * (index = descriptor), so requests skip the kernel's file lookup.
+ * (index = descriptor), so requests skip the kernel's file lookup; a close
+ * empties its slot with a queued request (clear_slot).
  *
  * user_data packs the op pointer with a 16-bit generation (bumped at every
  * submission): a completion whose generation differs from the op's is stale

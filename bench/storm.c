@@ -22,8 +22,12 @@
  * the neighbours on the same CPU, their round trips otherwise include the
  * time they wait for that CPU behind the storm, which is not the server's.
  *
+ * Each round trip is also split at the kernel's receive timestamp of the echo
+ * (see sample): srv_* is the send-to-echo part, wake_* the rest.
+ *
  * Last line: RESULT mode=... procs=N connects=C connects_per_s=X connect_errors=E
- *            samples=K p50_us=... p99_us=... max_us=... neighbour_errors=E
+ *            samples=K p50_us=... p99_us=... max_us=... srv_p99_us=... srv_max_us=...
+ *            wake_p99_us=... wake_max_us=... neighbour_errors=E
  * Exit 0 unless a neighbour failed (closed, wrong bytes, could not connect) or
  * arguments were bad (2). Connect errors of the storm are counted, not fatal
  * (a full accept backlog refuses connections; that is part of the picture).
@@ -67,6 +71,8 @@ typedef struct {
 typedef struct {
     int fd;
     int64_t sent_at;   /* 0 = nothing in flight */
+    int64_t sent_rt;   /* the same in CLOCK_REALTIME, the clock of receive timestamps */
+    int64_t rx_rt;     /* the kernel's receive timestamp of the echo's last bytes */
     int64_t next_send;
     long got;
 } neighbour;
@@ -189,21 +195,58 @@ static int cmp_i64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+static int64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* One round trip, split at the kernel's receive timestamp of the echo
+ * (SO_TIMESTAMPNS; on loopback it is taken when the server's send hands the
+ * bytes to the loopback device): srv is the send-to-echo part (request
+ * delivery, the server, the echo's send), wake the rest (the echo's delivery
+ * to this socket and this process getting its CPU back). */
+typedef struct {
+    int64_t rtt, srv, wake;
+} sample;
+
+static void take_timestamp(neighbour *n, struct msghdr *mh)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof ts);
+            n->rx_rt = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+        }
+    }
+}
+
 /* Reads what is there of one neighbour's echo; returns 1 when the whole
  * message is back (and stores its round trip), 0 if not yet, -1 on failure. */
-static int neighbour_read(const opts *o, neighbour *n, const char *pattern, int64_t *rtt)
+static int neighbour_read(const opts *o, neighbour *n, const char *pattern, sample *out)
 {
     char buf[65536];
-    ssize_t r = recv(n->fd, buf, sizeof buf, MSG_DONTWAIT);
+    union {
+        char b[CMSG_SPACE(sizeof(struct timespec)) * 2];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {.iov_base = buf, .iov_len = sizeof buf};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+    ssize_t r = recvmsg(n->fd, &mh, MSG_DONTWAIT);
     if (r < 0)
         return errno == EAGAIN || errno == EINTR ? 0 : -1;
     if (r == 0 || n->got + r > o->size || memcmp(buf, pattern + n->got, (size_t)r))
         return -1;
+    take_timestamp(n, &mh);
     n->got += r;
     if (n->got < o->size)
         return 0;
-    *rtt = now_ns() - n->sent_at;
+    out->rtt = now_ns() - n->sent_at;
+    out->srv = n->rx_rt ? n->rx_rt - n->sent_rt : out->rtt;
+    out->wake = out->rtt - out->srv;
     n->sent_at = 0;
+    n->rx_rt = 0;
     n->got = 0;
     return 1;
 }
@@ -222,6 +265,7 @@ static int neighbours_send(const opts *o, neighbour *ns, const char *pattern, in
         if (send(n->fd, pattern, (size_t)o->size, MSG_NOSIGNAL) != o->size)
             return -1;
         n->sent_at = now_ns();
+        n->sent_rt = realtime_ns();
     }
     return 0;
 }
@@ -236,7 +280,7 @@ static int64_t next_event(const opts *o, const neighbour *ns, int64_t end)
 }
 
 static int run_neighbours(const opts *o, neighbour *ns, struct pollfd *pf, int64_t begin, int64_t end,
-                          int64_t *samples, long cap, long *nsamples)
+                          sample *samples, long cap, long *nsamples)
 {
     char *pattern = malloc((size_t)o->size);
     for (long i = 0; i < o->size; i++)
@@ -263,12 +307,13 @@ static int run_neighbours(const opts *o, neighbour *ns, struct pollfd *pf, int64
         for (long i = 0; r > 0 && i < o->neighbours; i++) {
             if (!pf[i].revents)
                 continue;
-            int64_t rtt, sent = ns[i].sent_at;
-            int k = neighbour_read(o, &ns[i], pattern, &rtt);
+            int64_t sent = ns[i].sent_at;
+            sample smp;
+            int k = neighbour_read(o, &ns[i], pattern, &smp);
             if (k < 0)
                 err = 1;
             else if (k > 0 && sent >= begin && sent < end - MARGIN_NS && *nsamples < cap)
-                samples[(*nsamples)++] = rtt;
+                samples[(*nsamples)++] = smp;
         }
     }
     free(pattern);
@@ -297,6 +342,7 @@ int main(int argc, char **argv)
         }
         int one = 1;
         setsockopt(ns[i].fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        setsockopt(ns[i].fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
     }
     storm_counts *counts = mmap(NULL, sizeof *counts, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (counts == MAP_FAILED)
@@ -313,22 +359,31 @@ int main(int argc, char **argv)
         }
     }
     long cap = o.neighbours * (o.duration * 1000 / o.interval_ms + 1);
-    int64_t *samples = malloc(sizeof *samples * (size_t)cap);
+    sample *samples = malloc(sizeof *samples * (size_t)cap);
     long n = 0;
     int r = run_neighbours(&o, ns, pf, begin, stop + MARGIN_NS, samples, cap, &n);
     for (long i = 0; i < o.procs; i++)
         waitpid(kids[i], NULL, 0);
-    qsort(samples, (size_t)n, sizeof *samples, cmp_i64);
+    int64_t *rtt = malloc(sizeof *rtt * (size_t)(n + 1)), *srv = malloc(sizeof *srv * (size_t)(n + 1)),
+            *wake = malloc(sizeof *wake * (size_t)(n + 1));
+    for (long i = 0; i < n; i++)
+        rtt[i] = samples[i].rtt, srv[i] = samples[i].srv, wake[i] = samples[i].wake;
+    qsort(rtt, (size_t)n, sizeof *rtt, cmp_i64);
+    qsort(srv, (size_t)n, sizeof *srv, cmp_i64);
+    qsort(wake, (size_t)n, sizeof *wake, cmp_i64);
     long c = atomic_load(&counts->connects);
     double secs = (double)(stop - begin) / 1e9;
-    int64_t p50 = n ? samples[n / 2] : 0, p99 = n ? samples[n * 99 / 100] : 0, mx = n ? samples[n - 1] : 0;
+#define PCT(a, q) (n ? (long long)((a)[n * (q) / 100] / 1000) : 0LL)
+#define MAXV(a) (n ? (long long)((a)[n - 1] / 1000) : 0LL)
     printf("storm %s: %ld connects in %.1f s (%.0f/s, %ld errors); neighbours %ld samples, "
-           "p50 %.2f ms p99 %.2f ms max %.2f ms%s\n",
-           o.rst ? "rst" : "connect", c, secs, c / secs, atomic_load(&counts->errors), n, p50 / 1e6,
-           p99 / 1e6, mx / 1e6, r < 0 ? " NEIGHBOUR FAILED" : "");
+           "p50 %.2f ms p99 %.2f ms max %.2f ms (send-to-echo part p99 %.2f ms, wake part p99 %.2f ms)%s\n",
+           o.rst ? "rst" : "connect", c, secs, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50) / 1e3,
+           PCT(rtt, 99) / 1e3, MAXV(rtt) / 1e3, PCT(srv, 99) / 1e3, PCT(wake, 99) / 1e3,
+           r < 0 ? " NEIGHBOUR FAILED" : "");
     printf("RESULT mode=%s procs=%ld connects=%ld connects_per_s=%.0f connect_errors=%ld samples=%ld "
-           "p50_us=%lld p99_us=%lld max_us=%lld neighbour_errors=%d\n",
-           o.rst ? "rst" : "connect", o.procs, c, c / secs, atomic_load(&counts->errors), n,
-           (long long)(p50 / 1000), (long long)(p99 / 1000), (long long)(mx / 1000), r < 0);
+           "p50_us=%lld p99_us=%lld max_us=%lld srv_p99_us=%lld srv_max_us=%lld wake_p99_us=%lld "
+           "wake_max_us=%lld neighbour_errors=%d\n",
+           o.rst ? "rst" : "connect", o.procs, c, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50),
+           PCT(rtt, 99), MAXV(rtt), PCT(srv, 99), MAXV(srv), PCT(wake, 99), MAXV(wake), r < 0);
     return r < 0 ? 1 : 0;
 }

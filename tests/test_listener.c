@@ -8,6 +8,10 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#ifndef _WIN32
+#  include <dirent.h>
+#  include <sys/ioctl.h>
+#endif
 
 Test(listener, port_zero_picks_a_free_port, .timeout = 10)
 {
@@ -262,9 +266,6 @@ Test(listener, stop_right_after_start_on_a_worker, .timeout = 60)
 }
 
 #ifndef _WIN32
-#include <dirent.h>
-#include <sys/ioctl.h>
-
 /* The library's listening socket on port (it lives in this process), or -1. */
 static int find_listener_fd(uint16_t port)
 {

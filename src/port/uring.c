@@ -1,7 +1,8 @@
 /*
  * The io_uring backend: one ring per worker.
  *
- * Accepts and receives are multishot. Receives pick buffers from a provided-
+ * Receives are multishot; accepts are bounded per round (prep_accept says
+ * why). Receives pick buffers from a provided-
  * buffer ring that belongs to the worker, so an idle session owns no receive
  * memory; a buffer goes back to the ring as soon as the completion's callback
  * has consumed it. Every newly armed receive is rechecked once, right after
@@ -11,7 +12,8 @@
  * the kernel in one io_uring_enter; when some of them complete inside it (a
  * send to a socket with room does), their completions are taken before the
  * worker waits, in a second one (ur_poll). Sockets sit in a registered file table
- * (index = descriptor), so requests skip the kernel's file lookup.
+ * (index = descriptor), so requests skip the kernel's file lookup; a close
+ * empties its slot with a queued request (clear_slot).
  *
  * user_data packs the op pointer with a 16-bit generation (bumped at every
  * submission): a completion whose generation differs from the op's is stale
@@ -88,6 +90,7 @@ typedef struct ur_state {
     ur_held *free_held;
     unsigned nheld;       /* completions held (each keeps a provided buffer) */
     unsigned nfiles;      /* size of the registered-file table; 0 = none */
+    unsigned clear_mark;  /* submission-queue tail after the last slot clear queued by ur_close */
     int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
                            * wake-ups, open until ur_fini (after every worker has stopped) */
 } ur_state;
@@ -370,26 +373,114 @@ static void ur_wake(cp_worker *w)
 
 /* ------------------------------------------------------------------ operations */
 
+/* True while the submission queue entry before position mark has not been
+ * handed to the kernel yet. */
+static bool sq_pending(ur_state *st, unsigned mark)
+{
+    return (int)(mark - __atomic_load_n(st->ring.sq.khead, __ATOMIC_ACQUIRE)) > 0;
+}
+
 /* Registering costs one system call per connection and saves a file lookup
- * and an atomic reference count pair on every send. */
+ * and an atomic reference count pair on every send. A close queues the
+ * clearing of its slot (ur_close), so a clear still waiting in the
+ * submission queue may be for this very descriptor number, closed and reused
+ * since: it is submitted first, or this registration would be undone by it. */
 static int ur_attach(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
     h->fixed = 0;
-    if (h->fd >= 0 && (unsigned)h->fd < st->nfiles &&
-        io_uring_register_files_update(&st->ring, (unsigned)h->fd, &h->fd, 1) == 1)
+    if (h->fd < 0 || (unsigned)h->fd >= st->nfiles)
+        return 0;
+    if (sq_pending(st, st->clear_mark)) {
+        io_uring_submit(&st->ring);
+        if (sq_pending(st, st->clear_mark))
+            return 0; /* the kernel took only part of it: stay unregistered */
+    }
+    if (io_uring_register_files_update(&st->ring, (unsigned)h->fd, &h->fd, 1) == 1)
         h->fixed = 1;
     return 0;
 }
 
-static int ur_accept(cp_worker *w, cp_handle *h, cp_op *op)
+/*
+ * Accepts are bounded per round, as on epoll: a single-shot accept, and when
+ * it completes, up to K-1 more accept4(2) calls in the same pass; then the
+ * accept is armed again for the next round. A multishot accept would not do:
+ * the kernel accepts again for as long as the backlog is not empty, so a
+ * connect storm put thousands of accept completions in the completion queue
+ * at once, and every other session's completions waited behind them for
+ * dozens of rounds (neighbours' round trips of 50-130 ms; docs/reliability.md,
+ * issue 14).
+ */
+static void prep_accept(ur_state *st, cp_handle *h, cp_op *op)
 {
-    ur_state *st = w->be;
     struct io_uring_sqe *sqe = get_sqe(st);
-    io_uring_prep_multishot_accept(sqe, h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    io_uring_prep_accept(sqe, h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    use_file(sqe, h);
     submit_op(st, sqe, h, op);
     h->rd = op;
+}
+
+static int ur_accept(cp_worker *w, cp_handle *h, cp_op *op)
+{
+    prep_accept(w->be, h, op);
     return 0;
+}
+
+static bool accept_error_is_transient(int err)
+{
+    /* The connection died in the backlog, or a signal interrupted: the
+     * listener itself is fine and the next pending connection may be taken
+     * (the same list as epoll.c's). */
+    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM ||
+           err == ENETDOWN || err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET ||
+           err == EHOSTUNREACH || err == EOPNOTSUPP || err == ENETUNREACH;
+}
+
+/* Hands one accept result to the owner while the accept stays armed; false
+ * if the owner closed the listener from its callback. */
+static bool accept_deliver(cp_worker *w, cp_op *op, int res)
+{
+    cp_handle *h = op->h;
+    if (res != -EINTR)
+        op->cb(w, op, res, CP_CQE_MORE, NULL);
+    return h->rd == op && h->fd >= 0;
+}
+
+/* The single-shot accept completed with a descriptor or a transient error:
+ * deliver it, take up to K-1 more pending connections, and arm the accept
+ * again. A hard error on the way (EMFILE ...) disarms it, as on epoll. Returns
+ * false if the completion is a final one for dispatch to deliver (ECANCELED,
+ * hard errors). */
+static bool accept_more(cp_worker *w, ur_state *st, cp_op *op, int res)
+{
+    if (res < 0 && !accept_error_is_transient(-res))
+        return false;
+    cp_handle *h = op->h;
+    unsigned batch = op->batch ? op->batch : 64;
+    bool open = accept_deliver(w, op, res);
+    for (unsigned i = 1; open && i < batch; i++) {
+        int fd = accept4(h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int err = fd < 0 ? errno : 0;
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            break;
+        if (err && !accept_error_is_transient(err)) {
+            h->rd = NULL;
+            op->armed = 0;
+            op->cb(w, op, -err, 0, NULL);
+            return true;
+        }
+        open = accept_deliver(w, op, err ? -err : fd);
+    }
+    if (open) {
+        prep_accept(st, h, op);
+    } else if (h->rd == op) {
+        /* Closed from a callback: nothing is in the kernel to be cancelled,
+         * so the final completion is delivered here, after this pass. */
+        h->rd = NULL;
+        op->armed = 0;
+        cp__worker_defer(w, op, -ECANCELED);
+    }
+    return true;
 }
 
 static void prep_recv(ur_state *st, cp_handle *h, cp_op *op, bool multishot)
@@ -482,6 +573,7 @@ static int ur_connect(cp_worker *w, cp_handle *h, cp_op *op, const struct sockad
     struct io_uring_sqe *sqe = get_sqe(st);
     /* The address is the service's and outlives the operation. */
     io_uring_prep_connect(sqe, h->fd, sa, len);
+    use_file(sqe, h);
     submit_op(st, sqe, h, op);
     h->wr = op;
     return 0;
@@ -518,6 +610,21 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
 
 static bool held_drop(ur_state *st, cp_handle *h);
 
+/* Empties a registered socket's table slot by a request queued behind every
+ * request already prepared for it (they name the slot, not the descriptor,
+ * and so still find the socket), instead of a register call per close. */
+static void clear_slot(ur_state *st, cp_handle *h)
+{
+    static int none = -1;
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_files_update(sqe, &none, 1, h->fd);
+    if (st->ring.features & IORING_FEAT_CQE_SKIP)
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    st->clear_mark = st->ring.sq.sqe_tail;
+    h->fixed = 0;
+}
+
 static void ur_close(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
@@ -545,22 +652,16 @@ static void ur_close(cp_worker *w, cp_handle *h)
         io_uring_sqe_set_data64(sqe, TAG_IGNORE);
     }
     if (h->fixed) {
-        /* Empty the table slot now, before the descriptor number can be
-         * reused; operations still in flight keep the socket open until they
-         * complete, as with a plain descriptor. */
-        int none = -1;
-        if (io_uring_register_files_update(&st->ring, (unsigned)h->fd, &none, 1) != 1) {
-            static int none_async = -1;
-            struct io_uring_sqe *sqe = get_sqe(st);
-            io_uring_prep_files_update(sqe, &none_async, 1, h->fd);
-            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
-        }
-        h->fixed = 0;
-    }
-    /* An operation prepared in this round but not yet submitted would find
-     * the descriptor closed (EBADF); submit first so it starts, then cancel. */
-    if (io_uring_sq_ready(&st->ring))
+        /* The socket stays in the table until the clear runs, at this
+         * round's submission; the descriptor number may be reused before
+         * then (ur_attach takes care). */
+        clear_slot(st, h);
+    } else if (io_uring_sq_ready(&st->ring)) {
+        /* An operation prepared in this round but not yet submitted names
+         * the descriptor and would find it closed (EBADF) or reused: submit
+         * first so it starts, then cancel. */
         io_uring_submit(&st->ring);
+    }
     /* The armed operations hold their own reference to the socket, so it is
      * really closed (and the peer told) when the last of them completes. */
     if (h->fd >= 0) {
@@ -813,6 +914,8 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         cp_op *op = (cp_op *)(uintptr_t)(ud & PTR_MASK);
         if ((uint16_t)(ud >> 48) == op->gen) {
             bool more = flags & IORING_CQE_F_MORE;
+            if (op->kind == CP_OP_ACCEPT && accept_more(w, st, op, res))
+                goto out;
             if (!more && op->kicked) {
                 int why = op->kicked;
                 op->kicked = 0;

@@ -1,0 +1,389 @@
+/*
+ * storm — neighbours' echo latency while other clients churn connections.
+ *
+ *   storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]
+ *         [--neighbours K] [--interval MS] [--size S] [--duration SEC]
+ *         [--storm-nice N]
+ *
+ * K neighbour connections (default 20) each send S bytes (default 64) every
+ * MS milliseconds (default 10; their sends are spread over the period) and
+ * wait for the echo: one message in flight per neighbour; a reply later than
+ * the next tick makes that neighbour skip ticks, not queue messages. The
+ * round-trip times are what the tool reports.
+ *
+ * Meanwhile N forked processes (default 2) churn connections as fast as they
+ * can, or at R connects per second in all (default 0 = as fast as possible):
+ *   rst      connect, then close at once with SO_LINGER {1, 0}: the server
+ *            accepts a connection that is already reset;
+ *   connect  connect, send one S-byte message, close normally (FIN).
+ * The storm starts 0.5 s after the neighbours and stops 0.5 s before them, so
+ * the neighbours' figures cover the storm only (samples outside it are dropped).
+ * --storm-nice N (0..19) runs the storm processes at that nice value: with
+ * the neighbours on the same CPU, their round trips otherwise include the
+ * time they wait for that CPU behind the storm, which is not the server's.
+ *
+ * Each round trip is also split at the kernel's receive timestamp of the echo
+ * (see sample): srv_* is the send-to-echo part, wake_* the rest.
+ *
+ * Last line: RESULT mode=... procs=N connects=C connects_per_s=X connect_errors=E
+ *            samples=K p50_us=... p99_us=... max_us=... srv_p99_us=... srv_max_us=...
+ *            wake_p99_us=... wake_max_us=... neighbour_errors=E
+ * Exit 0 unless a neighbour failed (closed, wrong bytes, could not connect) or
+ * arguments were bad (2). Connect errors of the storm are counted, not fatal
+ * (a full accept backlog refuses connections; that is part of the picture).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_NEIGHBOURS 1000
+#define MAX_PROCS 64
+#define MARGIN_NS 500000000LL
+
+typedef struct {
+    const char *host;
+    long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice;
+    int rst;
+} opts;
+
+typedef struct {
+    _Atomic long connects;
+    _Atomic long errors;
+} storm_counts;
+
+typedef struct {
+    int fd;
+    int64_t sent_at;   /* 0 = nothing in flight */
+    int64_t sent_rt;   /* the same in CLOCK_REALTIME, the clock of receive timestamps */
+    int64_t rx_rt;     /* the kernel's receive timestamp of the echo's last bytes */
+    int64_t next_send;
+    long got;
+} neighbour;
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]\n"
+               "             [--neighbours K] [--interval MS] [--size S] [--duration SEC]\n"
+               "             [--storm-nice N]\n");
+}
+
+static int num(const char *s, long lo, long hi, long *out)
+{
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (*s == 0 || *end || v < lo || v > hi)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse(int argc, char **argv, opts *o)
+{
+    *o = (opts){.host = "127.0.0.1", .port = -1, .procs = 2, .neighbours = 20,
+                .interval_ms = 10, .size = 64, .duration = 5, .rst = 1};
+    static const struct option lo[] = {
+        {"port", required_argument, NULL, 'p'},       {"host", required_argument, NULL, 'H'},
+        {"mode", required_argument, NULL, 'm'},       {"procs", required_argument, NULL, 'n'},
+        {"rate", required_argument, NULL, 'r'},       {"neighbours", required_argument, NULL, 'k'},
+        {"interval", required_argument, NULL, 'i'},   {"size", required_argument, NULL, 's'},
+        {"duration", required_argument, NULL, 'd'},   {"storm-nice", required_argument, NULL, 'N'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+        int bad = 0;
+        switch (c) {
+        case 'p': bad = num(optarg, 1, 65535, &o->port); break;
+        case 'H': o->host = optarg; break;
+        case 'm':
+            if (!strcmp(optarg, "rst")) o->rst = 1;
+            else if (!strcmp(optarg, "connect")) o->rst = 0;
+            else bad = 1;
+            break;
+        case 'n': bad = num(optarg, 0, MAX_PROCS, &o->procs); break;
+        case 'r': bad = num(optarg, 0, 10000000, &o->rate); break;
+        case 'k': bad = num(optarg, 1, MAX_NEIGHBOURS, &o->neighbours); break;
+        case 'i': bad = num(optarg, 1, 10000, &o->interval_ms); break;
+        case 's': bad = num(optarg, 1, 65536, &o->size); break;
+        case 'd': bad = num(optarg, 2, 3600, &o->duration); break;
+        case 'N': bad = num(optarg, 0, 19, &o->storm_nice); break;
+        case 'h': usage(stdout); exit(0);
+        default: bad = 1;
+        }
+        if (bad)
+            return -1;
+    }
+    return o->port < 0 || optind != argc ? -1 : 0;
+}
+
+static int connect_to(const opts *o, struct sockaddr_in *sa)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)sa, sizeof *sa) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* One storm process: churns connections until the deadline, at its share of
+ * the rate (0 = unpaced). */
+static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int64_t end,
+                       storm_counts *counts)
+{
+    char *msg = calloc(1, (size_t)o->size);
+    int64_t gap = o->rate ? 1000000000LL * o->procs / o->rate : 0;
+    int64_t next = start;
+    while (now_ns() < start)
+        usleep(1000);
+    while (now_ns() < end) {
+        if (gap) {
+            int64_t t = now_ns();
+            if (t < next) {
+                struct timespec ts = {.tv_sec = (next - t) / 1000000000LL, .tv_nsec = (next - t) % 1000000000LL};
+                nanosleep(&ts, NULL);
+            }
+            next += gap;
+        }
+        int fd = connect_to(o, sa);
+        if (fd < 0) {
+            atomic_fetch_add(&counts->errors, 1);
+            continue;
+        }
+        if (o->rst) {
+            struct linger lg = {.l_onoff = 1, .l_linger = 0};
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        } else if (send(fd, msg, (size_t)o->size, MSG_NOSIGNAL) < 0) {
+            atomic_fetch_add(&counts->errors, 1);
+        }
+        close(fd);
+        atomic_fetch_add(&counts->connects, 1);
+    }
+    free(msg);
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* One round trip, split at the kernel's receive timestamp of the echo
+ * (SO_TIMESTAMPNS; on loopback it is taken when the server's send hands the
+ * bytes to the loopback device): srv is the send-to-echo part (request
+ * delivery, the server, the echo's send), wake the rest (the echo's delivery
+ * to this socket and this process getting its CPU back). */
+typedef struct {
+    int64_t rtt, srv, wake;
+} sample;
+
+static void take_timestamp(neighbour *n, struct msghdr *mh)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof ts);
+            n->rx_rt = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+        }
+    }
+}
+
+/* Reads what is there of one neighbour's echo; returns 1 when the whole
+ * message is back (and stores its round trip), 0 if not yet, -1 on failure. */
+static int neighbour_read(const opts *o, neighbour *n, const char *pattern, sample *out)
+{
+    char buf[65536];
+    union {
+        char b[CMSG_SPACE(sizeof(struct timespec)) * 2];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {.iov_base = buf, .iov_len = sizeof buf};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+    ssize_t r = recvmsg(n->fd, &mh, MSG_DONTWAIT);
+    if (r < 0)
+        return errno == EAGAIN || errno == EINTR ? 0 : -1;
+    if (r == 0 || n->got + r > o->size || memcmp(buf, pattern + n->got, (size_t)r))
+        return -1;
+    take_timestamp(n, &mh);
+    n->got += r;
+    if (n->got < o->size)
+        return 0;
+    out->rtt = now_ns() - n->sent_at;
+    out->srv = n->rx_rt ? n->rx_rt - n->sent_rt : out->rtt;
+    out->wake = out->rtt - out->srv;
+    n->sent_at = 0;
+    n->rx_rt = 0;
+    n->got = 0;
+    return 1;
+}
+
+/* Sends every neighbour whose tick has come; a neighbour still waiting for
+ * its echo skips ticks until it arrives. */
+static int neighbours_send(const opts *o, neighbour *ns, const char *pattern, int64_t t)
+{
+    int64_t period = o->interval_ms * 1000000LL;
+    for (long i = 0; i < o->neighbours; i++) {
+        neighbour *n = &ns[i];
+        if (n->sent_at || t < n->next_send)
+            continue;
+        while (n->next_send <= t)
+            n->next_send += period;
+        if (send(n->fd, pattern, (size_t)o->size, MSG_NOSIGNAL) != o->size)
+            return -1;
+        n->sent_at = now_ns();
+        n->sent_rt = realtime_ns();
+    }
+    return 0;
+}
+
+static int64_t next_event(const opts *o, const neighbour *ns, int64_t end)
+{
+    int64_t e = end;
+    for (long i = 0; i < o->neighbours; i++)
+        if (!ns[i].sent_at && ns[i].next_send < e)
+            e = ns[i].next_send;
+    return e;
+}
+
+static int run_neighbours(const opts *o, neighbour *ns, struct pollfd *pf, int64_t begin, int64_t end,
+                          sample *samples, long cap, long *nsamples)
+{
+    char *pattern = malloc((size_t)o->size);
+    for (long i = 0; i < o->size; i++)
+        pattern[i] = (char)('a' + i % 26);
+    int64_t period = o->interval_ms * 1000000LL;
+    int64_t t0 = now_ns();
+    for (long i = 0; i < o->neighbours; i++)
+        ns[i].next_send = t0 + period * i / o->neighbours;
+    int err = 0;
+    while (!err) {
+        int64_t t = now_ns();
+        if (t >= end)
+            break;
+        if (neighbours_send(o, ns, pattern, t) < 0) {
+            err = 1;
+            break;
+        }
+        int64_t wait = next_event(o, ns, end) - now_ns();
+        for (long i = 0; i < o->neighbours; i++)
+            pf[i] = (struct pollfd){.fd = ns[i].fd, .events = POLLIN};
+        int r = poll(pf, (nfds_t)o->neighbours, wait > 0 ? (int)((wait + 999999) / 1000000) : 0);
+        if (r < 0 && errno != EINTR)
+            err = 1;
+        for (long i = 0; r > 0 && i < o->neighbours; i++) {
+            if (!pf[i].revents)
+                continue;
+            int64_t sent = ns[i].sent_at;
+            sample smp;
+            int k = neighbour_read(o, &ns[i], pattern, &smp);
+            if (k < 0)
+                err = 1;
+            else if (k > 0 && sent >= begin && sent < end - MARGIN_NS && *nsamples < cap)
+                samples[(*nsamples)++] = smp;
+        }
+    }
+    free(pattern);
+    return err ? -1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+    opts o;
+    if (parse(argc, argv, &o) < 0) {
+        usage(stderr);
+        return 2;
+    }
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)o.port)};
+    if (inet_pton(AF_INET, o.host, &sa.sin_addr) != 1) {
+        usage(stderr);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    neighbour *ns = calloc((size_t)o.neighbours, sizeof *ns);
+    struct pollfd *pf = calloc((size_t)o.neighbours, sizeof *pf);
+    for (long i = 0; i < o.neighbours; i++) {
+        if ((ns[i].fd = connect_to(&o, &sa)) < 0) {
+            fprintf(stderr, "storm: neighbour %ld cannot connect: %s\n", i, strerror(errno));
+            return 1;
+        }
+        int one = 1;
+        setsockopt(ns[i].fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        setsockopt(ns[i].fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
+    }
+    storm_counts *counts = mmap(NULL, sizeof *counts, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (counts == MAP_FAILED)
+        return 1;
+    int64_t t0 = now_ns();
+    int64_t begin = t0 + MARGIN_NS, stop = t0 + o.duration * 1000000000LL + MARGIN_NS;
+    pid_t kids[MAX_PROCS];
+    for (long i = 0; i < o.procs; i++) {
+        if ((kids[i] = fork()) == 0) {
+            if (o.storm_nice && nice((int)o.storm_nice) < 0)
+                perror("storm: nice");
+            storm_proc(&o, &sa, begin, stop, counts);
+            _exit(0);
+        }
+    }
+    long cap = o.neighbours * (o.duration * 1000 / o.interval_ms + 1);
+    sample *samples = malloc(sizeof *samples * (size_t)cap);
+    long n = 0;
+    int r = run_neighbours(&o, ns, pf, begin, stop + MARGIN_NS, samples, cap, &n);
+    for (long i = 0; i < o.procs; i++)
+        waitpid(kids[i], NULL, 0);
+    int64_t *rtt = malloc(sizeof *rtt * (size_t)(n + 1)), *srv = malloc(sizeof *srv * (size_t)(n + 1)),
+            *wake = malloc(sizeof *wake * (size_t)(n + 1));
+    for (long i = 0; i < n; i++)
+        rtt[i] = samples[i].rtt, srv[i] = samples[i].srv, wake[i] = samples[i].wake;
+    qsort(rtt, (size_t)n, sizeof *rtt, cmp_i64);
+    qsort(srv, (size_t)n, sizeof *srv, cmp_i64);
+    qsort(wake, (size_t)n, sizeof *wake, cmp_i64);
+    long c = atomic_load(&counts->connects);
+    double secs = (double)(stop - begin) / 1e9;
+#define PCT(a, q) (n ? (long long)((a)[n * (q) / 100] / 1000) : 0LL)
+#define MAXV(a) (n ? (long long)((a)[n - 1] / 1000) : 0LL)
+    printf("storm %s: %ld connects in %.1f s (%.0f/s, %ld errors); neighbours %ld samples, "
+           "p50 %.2f ms p99 %.2f ms max %.2f ms (send-to-echo part p99 %.2f ms, wake part p99 %.2f ms)%s\n",
+           o.rst ? "rst" : "connect", c, secs, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50) / 1e3,
+           PCT(rtt, 99) / 1e3, MAXV(rtt) / 1e3, PCT(srv, 99) / 1e3, PCT(wake, 99) / 1e3,
+           r < 0 ? " NEIGHBOUR FAILED" : "");
+    printf("RESULT mode=%s procs=%ld connects=%ld connects_per_s=%.0f connect_errors=%ld samples=%ld "
+           "p50_us=%lld p99_us=%lld max_us=%lld srv_p99_us=%lld srv_max_us=%lld wake_p99_us=%lld "
+           "wake_max_us=%lld neighbour_errors=%d\n",
+           o.rst ? "rst" : "connect", o.procs, c, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50),
+           PCT(rtt, 99), MAXV(rtt), PCT(srv, 99), MAXV(srv), PCT(wake, 99), MAXV(wake), r < 0);
+    return r < 0 ? 1 : 0;
+}

@@ -232,6 +232,10 @@ struct cp_sendbuf {
     uint8_t data[];
 };
 
+/* Gives the pooled free chunks and large buffers back to malloc (a worker
+ * calls it when it goes quiet after load; the pools refill on demand). */
+void cp__sendbuf_trim(void);
+
 /* ------------------------------------------------------------------ sessions */
 
 enum cp_session_state {

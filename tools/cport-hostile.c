@@ -90,7 +90,7 @@ static struct options {
     .batch = 256,
     .rate = 10000,
     .send_queue_limit = 1L << 20,
-    .idle_ms = 1000,
+    .idle_ms = 3000,
     .max_p99_ms = -1,
     .max_cut = -1,
     .min_served = -1,
@@ -1002,7 +1002,7 @@ static void usage(FILE *out)
             "  --host H (127.0.0.1)  --port P  --duration SEC (10)  --server-pid PID (for RSS)\n"
             "  --neighbours N (20)  --probe-ms MS  --count N  --round N (50)  --burst BYTES (2097152)\n"
             "  --packet B (1024)  --packets N (250000)  --batch N (256)  --procs N (4)  --rate R (10000)\n"
-            "  --send-queue-limit BYTES (1048576, the server's, for tiny's report)  --idle-ms MS (1000)\n"
+            "  --send-queue-limit BYTES (1048576, the server's, for tiny's report)  --idle-ms MS (3000)\n"
             "thresholds (exit 1 when broken): --max-p99-ms MS  --max-cut N  --min-served N  --max-rss-mib M\n"
             "  (--max-rss-mib: pin/tiny: RSS growth; idle-after-burst: idle growth; churn: RSS after)\n",
             prog);

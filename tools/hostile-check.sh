@@ -22,7 +22,7 @@
 # backend in --backends and prints one line per run, then, for churn, the
 # io_uring/epoll ratio of RSS after the churn. About 4 minutes for both backends.
 set -uo pipefail
-BUILD=build BACKEND=epoll MODE= SERVER_FLAGS= ALL=0 BACKENDS="epoll uring"
+BUILD=build BACKEND=epoll MODE='' SERVER_FLAGS='' ALL=0 BACKENDS="epoll uring"
 while [ $# -gt 0 ]; do
   case "$1" in
   --build) BUILD=$2; shift 2 ;;
@@ -56,7 +56,9 @@ default_mode() {
 run_one() {
   local scenario=$1 backend=$2 mode=$3; shift 3
   local server=$BUILD/cport-server tool=$BUILD/cport-hostile
-  [ -x "$server" ] && [ -x "$tool" ] || { echo "hostile-check: build $server and $tool first (make build)"; return 2; }
+  if [ ! -x "$server" ] || [ ! -x "$tool" ]; then
+    echo "hostile-check: build $server and $tool first (make build)"; return 2
+  fi
   command -v taskset >/dev/null || { echo "hostile-check: needs taskset (util-linux)"; return 2; }
   local tmp; tmp=$(mktemp -d)
   # shellcheck disable=SC2086  # SERVER_FLAGS is a list of words

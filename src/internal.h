@@ -253,6 +253,9 @@ cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap);
 /* Bytes the free pools of chunks and big buffers hold (for tests). */
 size_t cp__sendbuf_pooled(void);
 static inline bool cp__sendbuf_is_block(const cp_sendbuf *b) { return b->big_class == CP_SENDBUF_BLOCK; }
+/* Gives the pooled free chunks and large buffers back to malloc (a worker
+ * calls it when it goes quiet after load; the pools refill on demand). */
+void cp__sendbuf_trim(void);
 
 /* ------------------------------------------------------------------ sessions */
 

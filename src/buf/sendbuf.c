@@ -153,6 +153,35 @@ static void big_put(cp_sendbuf *b)
     free(b);
 }
 
+void cp__sendbuf_trim(void)
+{
+    /* Unlinked under the lock, freed outside it. */
+    pthread_mutex_lock(&pool_lock);
+    cp_chunk *chunks = pool;
+    pool = NULL;
+    pool_n = 0;
+    cp_sendbuf *bigs[BIG_CLASSES];
+    for (uint32_t c = 0; c < BIG_CLASSES; c++) {
+        bigs[c] = big_pool[c].head;
+        big_pool[c].head = NULL;
+        big_pool[c].n = 0;
+    }
+    pthread_mutex_unlock(&pool_lock);
+    while (chunks) {
+        cp_chunk *next = chunks->next_free;
+        free(chunks);
+        chunks = next;
+    }
+    for (uint32_t c = 0; c < BIG_CLASSES; c++) {
+        while (bigs[c]) {
+            cp_sendbuf *next;
+            memcpy(&next, bigs[c]->data, sizeof next);
+            free(bigs[c]);
+            bigs[c] = next;
+        }
+    }
+}
+
 static size_t round_up(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
 
 /* What malloc really takes for n bytes, about: large blocks are mapped

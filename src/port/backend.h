@@ -104,6 +104,9 @@ typedef struct cp_backend_ops {
     /* Cancels every armed op (each completes with -ECANCELED, later, never
      * inside this call) and closes the descriptor. */
     void (*close)(cp_worker *w, cp_handle *h);
+    /* Optional: gives back memory the backend kept from a load that is over
+     * (the worker has gone quiet); called between rounds, never in poll(). */
+    void (*trim)(cp_worker *w);
 } cp_backend_ops;
 
 #ifdef _WIN32

@@ -17,6 +17,9 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h> /* malloc_trim */
+#endif
 
 _Thread_local cp_worker *cp__self;
 
@@ -458,6 +461,66 @@ static void round_finish(cp_worker *w)
     cp__rx_round_end(w);
 }
 
+/*
+ * Memory a load leaves behind is given back once the worker has gone quiet.
+ * After a burst the process keeps what it touched: freed send buffers sit in
+ * the sendbuf pools and in glibc's per-thread malloc arenas (which return
+ * memory only from the top of a heap), and the io_uring backend keeps its
+ * provided buffers' pages. After 12,000 connections of 2 MB bursts that was
+ * 5x the RSS of a fresh server on io_uring. Time is cut into windows of
+ * TRIM_WINDOW_NS; a window with at least TRIM_QUIET completions marks the
+ * worker loaded, and the first quiet window after that trims: the backend's
+ * own memory, the sendbuf pools, then malloc_trim (glibc). So a steady load
+ * never pays for it (one addition per round), and a worker that stays idle
+ * trims once, then sleeps as before.
+ */
+#define TRIM_WINDOW_NS (1000u * 1000000u)
+#define TRIM_QUIET 256
+
+typedef struct trim_state {
+    uint64_t window_end;
+    uint32_t completions; /* in the current window */
+    bool loaded;          /* a busy window since the last trim */
+} trim_state;
+
+static void worker_trim(cp_worker *w)
+{
+    if (w->port->be->trim)
+        w->port->be->trim(w);
+    cp__sendbuf_trim();
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+}
+
+/* A worker that may have to trim does not sleep past the window's end. */
+static int trim_timeout(const trim_state *t, int timeout, uint64_t now)
+{
+    if (timeout == 0 || (!t->loaded && t->completions < TRIM_QUIET))
+        return timeout;
+    uint64_t left = t->window_end > now ? t->window_end - now : 0;
+    int ms = (int)((left + 999999u) / 1000000u) + 1;
+    return timeout < 0 || timeout > ms ? ms : timeout;
+}
+
+/* Runs after each round: counts its completions, and trims at the end of
+ * the first quiet window after a loaded one. */
+static void trim_check(cp_worker *w, trim_state *t, int completions)
+{
+    if (completions > 0)
+        t->completions += (uint32_t)completions;
+    if (w->now_ns < t->window_end)
+        return;
+    if (t->completions >= TRIM_QUIET) {
+        t->loaded = true;
+    } else if (t->loaded && !has_work(w)) {
+        worker_trim(w);
+        t->loaded = false;
+    }
+    t->completions = 0;
+    t->window_end = w->now_ns + TRIM_WINDOW_NS;
+}
+
 static void *worker_main(void *arg)
 {
     cp_worker *w = arg;
@@ -474,14 +537,16 @@ static void *worker_main(void *arg)
         cp__self = NULL;
         return NULL;
     }
+    trim_state trim = {0};
     for (;;) {
         if (atomic_load(&w->port->exiting) && !has_work(w))
             break;
-        int timeout = has_work(w) ? 0 : timers_timeout_ms(w);
+        int timeout = has_work(w) ? 0 : trim_timeout(&trim, timers_timeout_ms(w), w->now_ns);
         int pr = w->port->be->poll(w, timeout); /* sets w->now_ns */
         if (pr < 0 && pr != -EINTR)
             cp__log(CP_LOG_ERROR, "worker %d: poll failed: %s", w->index, cp_strerror(pr));
         round_finish(w);
+        trim_check(w, &trim, pr);
     }
     if (w->port->be->thread_fini)
         w->port->be->thread_fini(w);

@@ -1034,6 +1034,30 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     return total;
 }
 
+/*
+ * After a load the worker keeps what it touched: every page of the provided
+ * buffers that a receive filled (16 MiB per worker after one burst, as the
+ * ring hands its buffers out in turn) and a send slot per send that was in
+ * flight at once. Called between rounds, when every buffer is back in the
+ * ring: the slots go back to malloc, and the buffers' pages are dropped
+ * (MADV_DONTNEED; the next receive into one faults in a zeroed page). That
+ * is safe only while the kernel cannot be writing into a buffer of the ring,
+ * which DEFER_TASKRUN guarantees: receives then run only inside this
+ * thread's own io_uring_enter calls. Without it they may run from task work
+ * at any kernel entry, so the pages stay.
+ */
+static void ur_trim(cp_worker *w)
+{
+    ur_state *st = w->be;
+    while (st->free_slots) {
+        ur_slot *n = st->free_slots->next;
+        free(st->free_slots);
+        st->free_slots = n;
+    }
+    if (st->bufs && (st->ring.flags & IORING_SETUP_DEFER_TASKRUN))
+        (void)madvise(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ, MADV_DONTNEED);
+}
+
 static int ur_busy(cp_worker *w)
 {
     ur_state *st = w->be;
@@ -1058,4 +1082,5 @@ const cp_backend_ops cp__uring_backend = {
     .recv_resume = ur_recv_resume,
     .send_holds_bufs = true,
     .close = ur_close,
+    .trim = ur_trim,
 };

@@ -1037,10 +1037,12 @@ static int ur_poll(cp_worker *w, int timeout_ms)
 /*
  * After a load the worker keeps what it touched: every page of the provided
  * buffers that a receive filled (16 MiB per worker after one burst, as the
- * ring hands its buffers out in turn) and a send slot per send that was in
- * flight at once. Called between rounds, when every buffer is back in the
- * ring: the slots go back to malloc, and the buffers' pages are dropped
- * (MADV_DONTNEED; the next receive into one faults in a zeroed page). That
+ * ring hands its buffers out in turn), a send slot per send that was in
+ * flight at once and a record per completion that was held at once. Called
+ * between rounds, when every buffer but the held ones is back in the ring:
+ * the slots and records go back to malloc, and, when nothing is held, the
+ * buffers' pages are dropped (MADV_DONTNEED; the next receive into one
+ * faults in a zeroed page; a held buffer still has its session's bytes). That
  * is safe only while the kernel cannot be writing into a buffer of the ring,
  * which DEFER_TASKRUN guarantees: receives then run only inside this
  * thread's own io_uring_enter calls. Without it they may run from task work
@@ -1054,7 +1056,12 @@ static void ur_trim(cp_worker *w)
         free(st->free_slots);
         st->free_slots = n;
     }
-    if (st->bufs && (st->ring.flags & IORING_SETUP_DEFER_TASKRUN))
+    while (st->free_held) {
+        ur_held *n = st->free_held->next;
+        free(st->free_held);
+        st->free_held = n;
+    }
+    if (st->bufs && !st->nheld && (st->ring.flags & IORING_SETUP_DEFER_TASKRUN))
         (void)madvise(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ, MADV_DONTNEED);
 }
 

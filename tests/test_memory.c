@@ -149,9 +149,12 @@ static void *held_writer_main(void *arg)
  * buffers. The worker then goes quiet and trims; the held bytes must survive
  * that. Then the clients read every byte back, in order. (A trim that
  * dropped the held buffers' pages made a session echo zeros.)
- * On io_uring this fails without any trim too, in about one run of four at
- * cf9ca02 and at 107a7d9 (before the trim): a byte of the echo differs, or a
- * session is cut (SEND_OVERFLOW, or EOF after 127,574 bytes). epoll passes. */
+ * It also caught two bugs of the holding itself (io_uring, about one run in
+ * four): completions that arrived between a handle's resume and its replay
+ * were queued behind the replayed ones and then put back in front of them
+ * when a delivery paused the handle again (a byte of the echo differed); and
+ * past the per-worker cap on held buffers, completions of a paused handle
+ * were delivered anyway, so its replies passed the limit (SEND_OVERFLOW). */
 Test(memory, a_trim_keeps_the_bytes_held_for_paused_sessions, .timeout = 90)
 {
 #ifdef _WIN32

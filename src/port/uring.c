@@ -73,6 +73,7 @@ typedef struct ur_held {
     cp_op *op;
     int res;
     unsigned flags;
+    uint8_t *copy; /* the bytes, when the ring's share for holding was used up */
 } ur_held;
 
 typedef struct ur_state {
@@ -86,7 +87,7 @@ typedef struct ur_state {
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
     cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
-    ur_held *replay, *replay_tail; /* held completions of resumed handles, in order */
+    cp_handle *replay;    /* resumed handles that still have completions held */
     ur_held *free_held;
     unsigned nheld;       /* completions held (each keeps a provided buffer) */
     unsigned nfiles;      /* size of the registered-file table; 0 = none */
@@ -756,57 +757,71 @@ static void recheck_recvs(ur_state *st)
  * handle, or for one that still has completions held, is held back with its
  * provided buffer, in order, and delivered when the handle is resumed (at the
  * start of the next poll). The socket is then marked hot and read one buffer
- * per submission, so the next pause finds at most one buffer in flight. Held
- * buffers are capped per worker (UR_HELD_MAX), since other sockets need the
- * ring too: past the cap completions are delivered anyway.
+ * per submission, so the next pause finds at most one buffer in flight. Other
+ * sockets need the ring too: past a quarter of it per worker (UR_HELD_MAX), a
+ * held completion keeps a copy of its bytes instead of its buffer. What is
+ * held is bounded by what the kernel had read ahead when the pause came,
+ * once per pause, since the socket is hot afterwards.
  */
-static bool handle_hold(ur_state *st, cp_handle *h, cp_op *op, int res, unsigned flags)
+static bool handle_hold(ur_state *st, cp_handle *h, cp_op *op, int res, unsigned flags, const uint8_t *data)
 {
+    uint8_t *copy = NULL;
+    if ((flags & IORING_CQE_F_BUFFER) && st->nheld >= UR_HELD_MAX) {
+        /* The ring's share is used: keep a copy, and the buffer goes back. */
+        if (res <= 0 || !(copy = malloc((size_t)res)))
+            return false; /* out of memory: delivered now, out of turn at worst */
+        memcpy(copy, data, (size_t)res);
+    }
     ur_held *e = st->free_held;
     if (e)
         st->free_held = e->next;
-    else if (!(e = malloc(sizeof *e)))
-        return false; /* out of memory: delivered now, out of turn at worst */
-    *e = (ur_held){.op = op, .res = res, .flags = flags};
+    else if (!(e = malloc(sizeof *e))) {
+        free(copy);
+        return false;
+    }
+    *e = (ur_held){.op = op, .res = res, .flags = flags, .copy = copy};
+    if (copy) {
+        recycle(st, flags >> IORING_CQE_BUFFER_SHIFT);
+        e->flags &= ~(unsigned)IORING_CQE_F_BUFFER;
+    } else if (flags & IORING_CQE_F_BUFFER) {
+        st->nheld++;
+    }
     ur_held **at = (ur_held **)&h->be;
     while (*at)
         at = &(*at)->next;
     *at = e;
     h->held++;
     h->hot = 1;
-    st->nheld++;
     return true;
 }
 
 static void held_free(ur_state *st, ur_held *e)
 {
-    if (e->flags & IORING_CQE_F_BUFFER)
+    if (e->flags & IORING_CQE_F_BUFFER) {
         recycle(st, e->flags >> IORING_CQE_BUFFER_SHIFT);
+        st->nheld--;
+    }
+    free(e->copy);
     e->next = st->free_held;
     st->free_held = e;
-    st->nheld--;
 }
 
-/* The handle's held completions go to the end of the worker's replay list. */
+/* A resumed handle's held completions are delivered at the start of the
+ * next poll. Each handle keeps its own completions in order (h->be); the
+ * worker only lists the handles. */
 static void replay_add(ur_state *st, cp_handle *h)
 {
-    ur_held *e = h->be;
-    h->be = NULL;
-    while (e) {
-        ur_held *next = e->next;
-        e->next = NULL;
-        if (st->replay_tail)
-            st->replay_tail->next = e;
-        else
-            st->replay = e;
-        st->replay_tail = e;
-        e = next;
-    }
+    if (h->on_replay)
+        return;
+    h->on_replay = 1;
+    h->replay_next = st->replay;
+    st->replay = h;
 }
 
 /* Closing: the handle's held completions are dropped (their buffers go back
- * to the ring), wherever they wait. Returns true if one of them was final
- * (the receive's last, without IORING_CQE_F_MORE). */
+ * to the ring) and it leaves the replay list, since its memory may go before
+ * the next poll. Returns true if one of them was final (the receive's last,
+ * without IORING_CQE_F_MORE). */
 static bool held_drop(ur_state *st, cp_handle *h)
 {
     bool final = false;
@@ -818,54 +833,44 @@ static bool held_drop(ur_state *st, cp_handle *h)
         held_free(st, e);
         e = next;
     }
-    ur_held **at = &st->replay;
-    st->replay_tail = NULL;
-    while (*at) {
-        if ((*at)->op->h == h) {
-            ur_held *gone = *at;
-            *at = gone->next;
-            final |= !(gone->flags & IORING_CQE_F_MORE);
-            held_free(st, gone);
-        } else {
-            st->replay_tail = *at;
-            at = &(*at)->next;
-        }
-    }
     h->held = 0;
+    if (h->on_replay) {
+        cp_handle **at = &st->replay;
+        while (*at && *at != h)
+            at = &(*at)->replay_next;
+        if (*at)
+            *at = h->replay_next;
+        h->on_replay = 0;
+    }
     return final;
 }
 
 static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned flags, const uint8_t *data);
 
-/* Start of a poll: deliver the completions held for handles resumed since,
- * in order; a handle paused again keeps the rest. */
+/* Start of a poll: each resumed handle gets its held completions, oldest
+ * first, until none is left or a delivery pauses it again (the rest stay, in
+ * order, for its next resume), or closes it (held_drop then drops the rest,
+ * ending the receive if its final completion was among them). Completions
+ * that arrive meanwhile queue behind them on the handle. */
 static void replay_held(cp_worker *w, ur_state *st)
 {
-    ur_held *e = st->replay;
-    st->replay = st->replay_tail = NULL;
+    cp_handle *h = st->replay;
+    st->replay = NULL;
     st->buf_returns = 0;
-    while (e) {
-        ur_held *next = e->next;
-        cp_handle *h = e->op->h;
-        e->next = NULL;
-        if (h->rd_paused && h->fd >= 0) {
-            ur_held **at = (ur_held **)&h->be;
-            while (*at)
-                at = &(*at)->next;
-            *at = e;
-        } else {
-            /* A handle closed by an earlier delivery of this replay still
-             * gets the rest of its completions here (the core drops the data
-             * and needs the final one), but it holds nothing any more. */
-            if (h->held)
-                h->held--;
-            const uint8_t *data = NULL;
+    while (h) {
+        cp_handle *next = h->replay_next;
+        h->on_replay = 0;
+        while (h->be && !h->rd_paused) {
+            ur_held *e = h->be;
+            h->be = e->next;
+            h->held--;
+            const uint8_t *data = e->copy;
             if (e->flags & IORING_CQE_F_BUFFER)
                 data = st->bufs + (size_t)(e->flags >> IORING_CQE_BUFFER_SHIFT) * UR_BUFSZ;
             deliver(w, st, e->op, e->res, e->flags, data);
             held_free(st, e);
         }
-        e = next;
+        h = next;
     }
     if (st->buf_returns)
         io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
@@ -934,11 +939,11 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
                 }
             }
             cp_handle *h = op->h;
-            /* Behind held completions, in turn, always; a paused handle
-             * starts holding only within the cap. */
-            if (op->kind == CP_OP_RECV && h->fd >= 0 &&
-                (h->held || (h->rd_paused && st->nheld < UR_HELD_MAX)) && handle_hold(st, h, op, res, flags))
-                return; /* the buffer stays with the held completion */
+            /* A paused handle's receive completions are held, and so are
+             * those behind completions it still holds, in turn. */
+            if (op->kind == CP_OP_RECV && h->fd >= 0 && (h->held || h->rd_paused) &&
+                handle_hold(st, h, op, res, flags, data))
+                return; /* the buffer (or a copy) stays with the held completion */
             deliver(w, st, op, res, flags, data);
         }
         /* else: a completion for an earlier submission of this op; drop it */

@@ -139,22 +139,27 @@ static void charge_drop(cp_sendq *q, uintptr_t v)
 
 /* ------------------------------------------------------------------ ring */
 
-static int ring_reserve(cp_sendq *q)
+/* Moves the entries to a ring of cap places (>= count). */
+static int ring_resize(cp_sendq *q, uint32_t cap)
 {
-    if (q->count < q->cap)
-        return 0;
-    uint32_t cap = q->cap ? q->cap * 2 : q->regrow ? q->regrow : SQ_CAP_MIN;
     uintptr_t *r = malloc(sizeof *r * cap);
     if (!r)
         return -ENOMEM;
     for (uint32_t i = 0; i < q->count; i++)
         r[i] = *slot(q, i);
     free(q->ring);
-    q->mem += sizeof *r * (cap - q->cap);
+    q->mem = q->mem - sizeof *r * q->cap + sizeof *r * cap;
     q->ring = r;
     q->head = 0;
     q->cap = cap;
     return 0;
+}
+
+static int ring_reserve(cp_sendq *q)
+{
+    if (q->count < q->cap)
+        return 0;
+    return ring_resize(q, q->cap ? q->cap * 2 : q->regrow ? q->regrow : SQ_CAP_MIN);
 }
 
 /* The queue is empty and its ring big: it goes, so that a burst's ring
@@ -295,6 +300,10 @@ static void compact(cp_sendq *q)
     if (q->tidy >= q->inflight)
         q->tidy = j;
     q->count = j;
+    /* The ring grew with the entries now coalesced, and counts against the
+     * limit: it shrinks to a quarter when it is less than an eighth full. */
+    if (q->cap > SQ_CAP_KEEP && q->count < q->cap / 8)
+        ring_resize(q, q->cap / 4); /* out of memory it simply stays */
 }
 
 /* ------------------------------------------------------------------ queue */

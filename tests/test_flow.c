@@ -327,8 +327,9 @@ static int amp_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t
     int rc = cp_session_send_copy(s, c->reply, REPLY);
     if (rc != 0 && rc != -ENOTCONN)
         atomic_fetch_add(&t->failures, 1);
-    /* Handlers run on the session's worker, the only writer of its queue. */
-    long long q = (long long)s->sq.bytes;
+    /* Handlers run on the session's worker, the only writer of its queue;
+     * what it pins is what the watermarks and the limit count. */
+    long long q = (long long)cp__sendq_mem(&s->sq);
     if (q > atomic_load(&c->max_queued))
         atomic_store(&c->max_queued, q);
     return 0;

@@ -50,6 +50,7 @@
 #define UR_RECHECK 64           /* receives rechecked per poll(2) call */
 #define UR_FILES 65536          /* registered-file table size at most (index = fd) */
 #define UR_HELD_MAX (UR_NBUFS / 4) /* provided buffers that held completions may keep */
+#define UR_COPY_MAX (64u << 20)    /* bytes held as copies past UR_HELD_MAX, per worker */
 
 #ifndef WAKE_MSG_RING_DEFAULT
 #define WAKE_MSG_RING_DEFAULT 1
@@ -90,6 +91,7 @@ typedef struct ur_state {
     cp_handle *replay;    /* resumed handles that still have completions held */
     ur_held *free_held;
     unsigned nheld;       /* completions held (each keeps a provided buffer) */
+    size_t copied;        /* bytes of held completions kept as copies */
     unsigned nfiles;      /* size of the registered-file table; 0 = none */
     unsigned clear_mark;  /* submission-queue tail after the last slot clear queued by ur_close */
     int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
@@ -767,10 +769,14 @@ static bool handle_hold(ur_state *st, cp_handle *h, cp_op *op, int res, unsigned
 {
     uint8_t *copy = NULL;
     if ((flags & IORING_CQE_F_BUFFER) && st->nheld >= UR_HELD_MAX) {
-        /* The ring's share is used: keep a copy, and the buffer goes back. */
-        if (res <= 0 || !(copy = malloc((size_t)res)))
-            return false; /* out of memory: delivered now, out of turn at worst */
+        /* The ring's share is used: keep a copy, and the buffer goes back.
+         * Copies have a cap of their own: past it (which a working pause
+         * never reaches) the completion is delivered, out of turn at worst,
+         * rather than memory growing without bound. */
+        if (res <= 0 || st->copied + (size_t)res > UR_COPY_MAX || !(copy = malloc((size_t)res)))
+            return false;
         memcpy(copy, data, (size_t)res);
+        st->copied += (size_t)res;
     }
     ur_held *e = st->free_held;
     if (e)
@@ -801,7 +807,10 @@ static void held_free(ur_state *st, ur_held *e)
         recycle(st, e->flags >> IORING_CQE_BUFFER_SHIFT);
         st->nheld--;
     }
-    free(e->copy);
+    if (e->copy) {
+        st->copied -= (size_t)e->res;
+        free(e->copy);
+    }
     e->next = st->free_held;
     st->free_held = e;
 }
@@ -883,6 +892,10 @@ static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned fla
     bool more = flags & IORING_CQE_F_MORE;
     if (!more) {
         cp_handle *h = op->h;
+        /* This submission is over: a cancellation sent for it (a pause's,
+         * after its final completion was held) found nothing, and must not
+         * make the next pause think one is still on its way. */
+        op->kicked = 0;
         if (h->rd == op) {
             h->rd = NULL;
             /* A single read that did not fill its buffer drained the socket. */

@@ -636,7 +636,6 @@ typedef struct cp_held {
     bool own;      /* the owner's own send: goes before the ticket numbered key */
 } cp_held;
 
-#define HELD_KEEP 8u /* an emptied held list keeps this many places at most */
 
 static void held_drop(cp_session *s)
 {
@@ -695,8 +694,10 @@ static void held_release(cp_session *s)
         return;
     memmove(s->held, s->held + n, sizeof *s->held * (s->nheld - n));
     s->nheld -= n;
-    if (s->nheld == 0 && s->capheld > HELD_KEEP) {
-        /* A burst's list would stay with an idle session for good. */
+    if (s->nheld == 0) {
+        /* Out-of-order arrivals come in episodes (a burst from several
+         * threads); between them the list would stay with an idle session,
+         * whose 1 KiB budget has no room for even 8 places (128 bytes). */
         free(s->held);
         s->held = NULL;
         s->capheld = 0;

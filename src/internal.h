@@ -368,6 +368,7 @@ struct cp_session {
      * rate limit's theoretical arrival times (GCRA) with the timer that
      * resumes a session the limit paused. */
     uint8_t rx_block;
+    bool rx_backlog;  /* carry holds the rest of a receive a pause stopped (packet.c) */
     uint32_t rx_round, rx_round_bytes;
     uint64_t rx_paused_ns;
     uint64_t tat_pkts, tat_bytes;
@@ -450,6 +451,12 @@ void cp__rx_round_end(cp_worker *w);
 void cp__rx_reset(cp_session *s, bool resume);
 /* At creation. */
 void cp__rx_init(cp_session *s);
+/* Packet framing, while a receive is handled: takes one packet from the rate
+ * limit; false (and the session paused) when it is over its rate. */
+bool cp__rx_rate_packet(cp_session *s);
+/* On the owner, in a clean context: handles the backlog a pause left in
+ * carry (packet.c), unless paused again. */
+void cp__session_backlog(cp_session *s);
 /* Any thread: unblock why on s, on its owner, by message (takes its own reference). */
 void cp__rx_unblock_later(cp_session *s, unsigned why);
 
@@ -490,6 +497,7 @@ struct cp_service {
     size_t sq_high, sq_low;          /* send-queue watermarks (receive paused between) */
     uint32_t rate_pkts, rate_bytes;  /* receive rate limit per second; 0 = none */
     uint64_t win_pkts_ns, win_bytes_ns; /* the bursts, as time at those rates */
+    uint64_t pkt_cost_ns;            /* one packet at rate_pkts */
     cp_packet_fn *routes; /* indexed by id, nroutes entries */
     uint32_t nroutes;
 

@@ -398,6 +398,94 @@ Test(flow, watermark_pauses_reading_not_cutting, .timeout = 60)
     free(c);
 }
 
+/* Replies 2048 times larger than the requests: 8 KiB for every empty 4-byte
+ * packet. One 64 KiB receive holds 16,384 such requests, 128 MiB of replies:
+ * handled whole, the first receive passed the 1 MiB limit at once and a
+ * client that reads every reply was cut. A pause decided inside a receive
+ * now stops it there (the rest waits in the backlog), so the queue stays
+ * within one reply of the high watermark. */
+enum { BIG_REPLY = 8192 };
+
+typedef struct big_ctx {
+    atomic_llong max_queued;
+    uint8_t reply[BIG_REPLY];
+} big_ctx;
+
+static big_ctx big;
+
+static int big_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    cpt_on_packet(s, id, body, len);
+    (void)cp_session_send_copy(s, big.reply, BIG_REPLY);
+    long long q = (long long)cp__sendq_mem(&s->sq);
+    if (q > atomic_load(&big.max_queued))
+        atomic_store(&big.max_queued, q);
+    return 0;
+}
+
+Test(flow, huge_amplification_reader_not_cut, .timeout = 60)
+{
+    enum { N = 4000 };
+    memset(&big, 0, sizeof big);
+    cpt_put_header(big.reply, BIG_REPLY, 2);
+    cp_handlers h = cpt_track_handlers();
+    h.on_packet = big_on_packet;
+    cpt_env e;
+    cpt_env_start(&e, 2, NULL, &h, 4, CPT_NO_ECHO);
+    uint8_t *reqs = calloc(N, 4);
+    cr_assert_not_null(reqs);
+    for (int i = 0; i < N; i++)
+        cpt_put_header(reqs + 4 * i, 4, 1);
+    int fd = cpt_xconnect(e.sport);
+    cpt_xsend(fd, reqs, 4 * N); /* all of it at once: 16 KB, a single receive */
+    uint8_t body[BIG_REPLY];
+    int got = 0, rc = 0;
+    for (; got < N; got++) {
+        uint16_t id;
+        size_t blen;
+        if ((rc = cpt_recv_packet(fd, &id, body, sizeof body, &blen)) != 0)
+            break;
+    }
+    cr_assert_eq(rc, 0, "reply %d of %d: %d (reason %d)", got, N, rc, atomic_load(&e.t->recs[0].reason));
+    cr_assert_eq(atomic_load(&e.t->disconnected), 0, "the reader was cut");
+    long long maxq = atomic_load(&big.max_queued);
+    cr_assert_leq(maxq, (long long)(512u << 10) + 2 * BIG_REPLY, "%lld bytes were queued", maxq);
+    cpt_close(fd);
+    free(reqs);
+    cpt_env_stop(&e);
+}
+
+/* A low packet rate against one receive full of tiny packets: 16,000 4-byte
+ * packets at once, at 10 a second with bursts of 20. Counted per receive,
+ * all of them ran at once and the session then owed 27 minutes of silence;
+ * now each packet is taken from the limit as it is handled, the rest wait,
+ * and the rate holds from the first receive. */
+Test(flow, rate_limit_holds_inside_one_receive, .timeout = 30)
+{
+    enum { R = 10, B = 20, N = 16000 };
+    cp_server_opts o = { .session.recv_rate_packets = R, .session.recv_burst_packets = B };
+    cpt_env e;
+    cpt_env_start(&e, 2, &o, NULL, 4, CPT_NO_ECHO);
+    uint8_t *reqs = calloc(N, 4);
+    cr_assert_not_null(reqs);
+    for (int i = 0; i < N; i++)
+        cpt_put_header(reqs + 4 * i, 4, 1);
+    int fd = cpt_xconnect(e.sport);
+    CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
+    uint64_t t0 = cpt_now_ns();
+    cpt_xsend(fd, reqs, 4 * N);
+    CPT_AWAIT(rec_packets(&e) >= B, 5000, "the burst was not handled: %lld", rec_packets(&e));
+    cpt_sleep_ms(1500);
+    long long n = rec_packets(&e);
+    double el = secs_since(t0);
+    cr_assert_leq(n, B + (long long)(R * el) + 2, "%lld packets handled in %.2f s at %d/s, burst %d", n, el, R, B);
+    cr_assert_geq(n, B + (long long)(R * (el - 1.0) / 2), "only %lld packets in %.2f s", n, el);
+    cr_assert_eq(atomic_load(&e.t->disconnected), 0);
+    cpt_close(fd);
+    free(reqs);
+    cpt_env_stop(&e);
+}
+
 /* A client that writes requests and never reads a reply: it is stalled, not
  * cut. Its session stops being read at the high watermark, its own sends
  * block, and the server's queue stays where it stopped. */

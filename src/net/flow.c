@@ -74,6 +74,13 @@ void cp__rx_block(cp_session *s, unsigned why)
     s->rx_block |= (uint8_t)why;
 }
 
+static void msg_backlog(cp_worker *w, void *sp, void *unused, uintptr_t c)
+{
+    CP_UNUSED(w), CP_UNUSED(unused), CP_UNUSED(c);
+    cp__session_backlog(sp);
+    cp__session_unref(sp);
+}
+
 void cp__rx_unblock(cp_session *s, unsigned why)
 {
     if (!(s->rx_block & why))
@@ -85,8 +92,15 @@ void cp__rx_unblock(cp_session *s, unsigned why)
     s->rx_block &= (uint8_t)~why;
     if (!reading(s))
         return;
-    if (!s->rx_block)
+    if (!s->rx_block) {
         rx_resume(s);
+        if (s->rx_backlog) {
+            /* Handled from a message: this may run inside a send's
+             * completion or a timer, where packets must not be dispatched. */
+            cp__session_ref(s);
+            cp__send_msg(s->owner, msg_backlog, s, NULL);
+        }
+    }
     /* The timeouts do not run while paused (session.c): their deadlines
      * are back, or the idle one is now that only the send queue holds. */
     cp__session_timeout_rearm(s);
@@ -126,23 +140,36 @@ static uint64_t gcra_take(uint64_t *tat, uint64_t now, uint64_t n, uint32_t rate
 /* When the session may read again: when half of the burst is back. */
 static uint64_t rested_at(uint64_t tat, uint64_t window) { return tat - window / 2; }
 
-static void rate_account(cp_session *s, size_t n, size_t packets)
+static void rate_rest_until(cp_session *s, uint64_t until)
 {
-    cp_service *svc = s->svc;
-    uint64_t now = s->owner->now_ns, until = 0;
-    if (svc->rate_pkts && packets &&
-        gcra_take(&s->tat_pkts, now, packets, svc->rate_pkts, svc->win_pkts_ns))
-        until = rested_at(s->tat_pkts, svc->win_pkts_ns);
-    if (svc->rate_bytes && gcra_take(&s->tat_bytes, now, n, svc->rate_bytes, svc->win_bytes_ns)) {
-        uint64_t t = rested_at(s->tat_bytes, svc->win_bytes_ns);
-        if (t > until)
-            until = t;
-    }
-    if (!until)
-        return;
     cp__rx_block(s, CP_RX_RATE);
     if (s->rx_block & CP_RX_RATE)
         cp__timer_arm_at(s->owner, &s->rx_tmo, until);
+}
+
+/* Packets are taken one at a time while the receive is handled (packet.c),
+ * so a packet over the rate waits in the backlog instead of running up a
+ * debt: a single 64 KiB receive of 4-byte packets would otherwise cost a
+ * session limited to 10 packets a second half an hour of silence. */
+bool cp__rx_rate_packet(cp_session *s)
+{
+    cp_service *svc = s->svc;
+    uint64_t now = s->owner->now_ns;
+    uint64_t t = s->tat_pkts > now ? s->tat_pkts : now;
+    if (t - now > svc->win_pkts_ns) {
+        rate_rest_until(s, rested_at(t, svc->win_pkts_ns));
+        return false;
+    }
+    s->tat_pkts = t + svc->pkt_cost_ns;
+    return true;
+}
+
+/* Bytes are counted per receive (a receive is read whole). */
+static void rate_account(cp_session *s, size_t n)
+{
+    cp_service *svc = s->svc;
+    if (svc->rate_bytes && gcra_take(&s->tat_bytes, s->owner->now_ns, n, svc->rate_bytes, svc->win_bytes_ns))
+        rate_rest_until(s, rested_at(s->tat_bytes, svc->win_bytes_ns));
 }
 
 /* ------------------------------------------------------------------ share */
@@ -183,8 +210,9 @@ void cp__rx_account(cp_session *s, size_t n, size_t packets)
 {
     if (!reading(s))
         return;
-    if (s->svc->rate_pkts | s->svc->rate_bytes)
-        rate_account(s, n, packets);
+    CP_UNUSED(packets); /* taken one at a time, cp__rx_rate_packet */
+    if (s->svc->rate_bytes)
+        rate_account(s, n);
     share_account(s, n);
 }
 

@@ -77,7 +77,24 @@ static bool dispatch(cp_session *s, const uint8_t *pkt, size_t size)
     return still_connected(s);
 }
 
-static size_t packet_input(cp_session *s, const uint8_t *p, size_t n)
+/* Pauses that a handler (or the packet rate limit) decides while a receive is
+ * being handled take effect at once: the rest of the receive waits. The
+ * fair share is counted per receive, so it never stops one halfway. */
+#define STOP_BITS (CP_RX_SENDQ | CP_RX_QUEUE | CP_RX_RATE)
+
+/* The receive's bytes from p on wait in carry (the backlog) until the session
+ * is read again. At most the rest of one receive. */
+static void backlog_keep(cp_session *s, const uint8_t *p, size_t n)
+{
+    if (!n || !carry_reserve(s, n))
+        return;
+    memcpy(s->carry, p, n);
+    s->carry_len = (uint32_t)n;
+    s->rx_backlog = true;
+    s->pkt_start_ns = s->owner->now_ns; /* waiting is not the peer's doing */
+}
+
+static size_t packet_parse(cp_session *s, const uint8_t *p, size_t n)
 {
     uint64_t packets = 0;
     bool had_partial = s->carry_len != 0;
@@ -113,6 +130,10 @@ static size_t packet_input(cp_session *s, const uint8_t *p, size_t n)
             carry_release(s);
         if (!ok)
             goto out;
+        if (s->rx_block & STOP_BITS) {
+            backlog_keep(s, p, n);
+            goto out;
+        }
     }
     while (n >= CP_PACKET_HEADER) {
         size_t size = header_size(s, p);
@@ -123,11 +144,19 @@ static size_t packet_input(cp_session *s, const uint8_t *p, size_t n)
                 goto out;
             break;
         }
+        if (s->svc->rate_pkts && !cp__rx_rate_packet(s)) {
+            backlog_keep(s, p, n); /* this packet is over the rate: it waits */
+            goto out;
+        }
         packets++;
         if (!dispatch(s, p, size))
             goto out;
         p += size;
         n -= size;
+        if (s->rx_block & STOP_BITS) {
+            backlog_keep(s, p, n);
+            goto out;
+        }
     }
     if (n) {
         if (!carry_reserve(s, n > CP_PACKET_HEADER ? n : CP_PACKET_HEADER))
@@ -187,6 +216,44 @@ static void raw_input(cp_session *s, const uint8_t *p, size_t n)
     memcpy(s->carry, p + used, n - used);
     s->carry_len = (uint32_t)(n - used);
     partial_started(s);
+}
+
+/* Handles the backlog (with any bytes that arrived behind it) unless the
+ * session is paused again; what is left stays in carry, in order. */
+static size_t backlog_run(cp_session *s)
+{
+    uint8_t *buf = s->carry;
+    size_t len = s->carry_len;
+    s->carry = NULL;
+    s->carry_len = s->carry_cap = 0;
+    s->rx_backlog = false;
+    size_t packets = packet_parse(s, buf, len);
+    free(buf);
+    return packets;
+}
+
+static size_t packet_input(cp_session *s, const uint8_t *p, size_t n)
+{
+    if (!s->rx_backlog)
+        return packet_parse(s, p, n);
+    /* Bytes behind a backlog (delivered after the pause was decided) queue
+     * behind it. */
+    if (!carry_reserve(s, (size_t)s->carry_len + n))
+        return 0;
+    memcpy(s->carry + s->carry_len, p, n);
+    s->carry_len += (uint32_t)n;
+    return s->rx_block & STOP_BITS ? 0 : backlog_run(s);
+}
+
+void cp__session_backlog(cp_session *s)
+{
+    if (!s->rx_backlog || s->rx_block || !still_connected(s))
+        return;
+    cp_worker *w = s->owner;
+    cp_session *outer = w->rx_session;
+    w->rx_session = s;
+    backlog_run(s);
+    w->rx_session = outer;
 }
 
 size_t cp__session_input(cp_session *s, const uint8_t *data, size_t n)

@@ -233,8 +233,10 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     svc->sq_low = o.send_queue_low;
     svc->rate_pkts = o.recv_rate_packets;
     svc->rate_bytes = o.recv_rate_bytes;
-    if (o.recv_rate_packets)
+    if (o.recv_rate_packets) {
         svc->win_pkts_ns = (uint64_t)o.recv_burst_packets * 1000000000u / o.recv_rate_packets;
+        svc->pkt_cost_ns = 1000000000u / o.recv_rate_packets;
+    }
     if (o.recv_rate_bytes)
         svc->win_bytes_ns = (uint64_t)o.recv_burst_bytes * 1000000000u / o.recv_rate_bytes;
 

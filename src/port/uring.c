@@ -306,6 +306,21 @@ fail:
     return r;
 }
 
+/* Gives the free send slots and held-completion records back to malloc. */
+static void free_spares(ur_state *st)
+{
+    while (st->free_slots) {
+        ur_slot *n = st->free_slots->next;
+        free(st->free_slots);
+        st->free_slots = n;
+    }
+    while (st->free_held) {
+        ur_held *n = st->free_held->next;
+        free(st->free_held);
+        st->free_held = n;
+    }
+}
+
 static void ur_thread_fini(cp_worker *w)
 {
     ur_state *st = w->be;
@@ -322,17 +337,8 @@ static void ur_thread_fini(cp_worker *w)
         munmap(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
     st->br = NULL;
     st->bufs = NULL;
-    while (st->free_slots) {
-        ur_slot *n = st->free_slots->next;
-        free(st->free_slots);
-        st->free_slots = n;
-    }
     /* Held-completion records: closing every handle gave them back. */
-    while (st->free_held) {
-        ur_held *n = st->free_held->next;
-        free(st->free_held);
-        st->free_held = n;
-    }
+    free_spares(st);
 }
 
 static void ur_fini(cp_worker *w)
@@ -1069,16 +1075,7 @@ static int ur_poll(cp_worker *w, int timeout_ms)
 static void ur_trim(cp_worker *w)
 {
     ur_state *st = w->be;
-    while (st->free_slots) {
-        ur_slot *n = st->free_slots->next;
-        free(st->free_slots);
-        st->free_slots = n;
-    }
-    while (st->free_held) {
-        ur_held *n = st->free_held->next;
-        free(st->free_held);
-        st->free_held = n;
-    }
+    free_spares(st);
     if (st->bufs && !st->nheld && (st->ring.flags & IORING_SETUP_DEFER_TASKRUN))
         (void)madvise(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ, MADV_DONTNEED);
 }

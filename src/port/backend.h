@@ -57,10 +57,9 @@ struct cp_handle {
     unsigned rd_paused : 1; /* recv_pause: no bytes are read until recv_resume */
     unsigned hot : 1;       /* io_uring: reads more than it is given; received one buffer at a time */
     unsigned on_replay : 1; /* io_uring: on the worker's list of handles with held completions to deliver */
-    uint16_t held;          /* io_uring: completions held back while paused (uring.c) */
     cp_handle *ready_next;
     cp_handle *replay_next; /* io_uring: on the replay list */
-    void *be;               /* IOCP: the backend's record of the socket */
+    void *be;               /* IOCP: the backend's record of the socket; io_uring: its held completions */
 };
 
 typedef struct cp_backend_ops {

@@ -77,6 +77,10 @@ typedef struct ur_held {
     uint8_t *copy; /* the bytes, when the ring's share for holding was used up */
 } ur_held;
 
+/* A handle's held completions, oldest first, are a list at h->be (which
+ * IOCP uses for its own record; io_uring has none). */
+static inline bool has_held(const cp_handle *h) { return h->be != NULL; }
+
 typedef struct ur_state {
     struct io_uring ring;
     int evfd;
@@ -566,7 +570,7 @@ static void ur_recv_resume(cp_worker *w, cp_handle *h)
 {
     ur_state *st = w->be;
     h->rd_paused = 0;
-    if (h->held)
+    if (has_held(h))
         replay_add(st, h); /* what was held back is delivered first, next poll */
     cp_op *op = h->rd;
     if (op && op->parked && h->fd >= 0) {
@@ -640,7 +644,7 @@ static void ur_close(cp_worker *w, cp_handle *h)
     /* A receive whose last completion was held (and is now dropped) is no
      * longer in the kernel: it ends as a parked one does, or the core would
      * wait for its final completion for ever. */
-    if (h->held && held_drop(st, h) && h->rd && h->rd->kind == CP_OP_RECV)
+    if (has_held(h) && held_drop(st, h) && h->rd && h->rd->kind == CP_OP_RECV)
         h->rd->parked = 1;
     if (h->on_ready)
         cp__hlist_unlink(&st->recheck, h);
@@ -802,7 +806,6 @@ static bool handle_hold(ur_state *st, cp_handle *h, cp_op *op, int res, unsigned
     while (*at)
         at = &(*at)->next;
     *at = e;
-    h->held++;
     h->hot = 1;
     return true;
 }
@@ -848,7 +851,6 @@ static bool held_drop(ur_state *st, cp_handle *h)
         held_free(st, e);
         e = next;
     }
-    h->held = 0;
     if (h->on_replay) {
         cp_handle **at = &st->replay;
         while (*at && *at != h)
@@ -878,7 +880,6 @@ static void replay_held(cp_worker *w, ur_state *st)
         while (h->be && !h->rd_paused) {
             ur_held *e = h->be;
             h->be = e->next;
-            h->held--;
             const uint8_t *data = e->copy;
             if (e->flags & IORING_CQE_F_BUFFER)
                 data = st->bufs + (size_t)(e->flags >> IORING_CQE_BUFFER_SHIFT) * UR_BUFSZ;
@@ -960,7 +961,7 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
             cp_handle *h = op->h;
             /* A paused handle's receive completions are held, and so are
              * those behind completions it still holds, in turn. */
-            if (op->kind == CP_OP_RECV && h->fd >= 0 && (h->held || h->rd_paused) &&
+            if (op->kind == CP_OP_RECV && h->fd >= 0 && (has_held(h) || h->rd_paused) &&
                 handle_hold(st, h, op, res, flags, data))
                 return; /* the buffer (or a copy) stays with the held completion */
             deliver(w, st, op, res, flags, data);

@@ -551,6 +551,29 @@ Test(flow, a_client_that_never_reads_is_still_cut_at_the_limit, .timeout = 30)
 
 /* ------------------------------------------------------------------ pauses and timeouts */
 
+/* One worker, one session flooding pkt-byte packets for 1.5 s under the
+ * options o (a rate limit that pauses it): what was cut and handled then.
+ * The flood is still running; the caller stops it and frees the chunk. */
+typedef struct paused_flood {
+    flood f;
+    int fd, cut;
+    long long handled;
+    uint8_t *chunk;
+} paused_flood;
+
+static void paused_flood_run(paused_flood *p, cpt_env *e, const cp_server_opts *o, uint16_t pkt)
+{
+    cpt_env_start(e, 1, o, NULL, 4, CPT_NO_ECHO);
+    size_t clen;
+    p->chunk = chunk_make(pkt, 16, &clen);
+    p->fd = cpt_xconnect(e->sport);
+    CPT_AWAIT(atomic_load(&e->t->connected) == 1, 5000, "not connected");
+    flood_start(&p->f, p->fd, p->chunk, clen);
+    cpt_sleep_ms(1500);
+    p->cut = atomic_load(&e->t->disconnected);
+    p->handled = rec_packets(e);
+}
+
 /* A flooder of whole packets on a session paused by its rate limit for much
  * longer than the packet timeout: most receives end inside a packet (1028
  * bytes do not divide a read), and that packet cannot be finished while the
@@ -561,17 +584,12 @@ Test(flow, pause_does_not_count_against_packet_timeout, .timeout = 30)
     cp_server_opts o = { .session.recv_rate_packets = R, .session.recv_burst_packets = B,
                          .session.packet_timeout_ms = 100 };
     cpt_env e;
-    cpt_env_start(&e, 1, &o, NULL, 4, CPT_NO_ECHO);
-    size_t clen;
-    uint8_t *chunk = chunk_make(PKT, 16, &clen);
-    int fd = cpt_xconnect(e.sport);
-    CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
-    flood f;
-    flood_start(&f, fd, chunk, clen);
-    cpt_sleep_ms(1500);
-    int cut = atomic_load(&e.t->disconnected);
-    long long handled = rec_packets(&e);
-    flood_stop(&f);
+    paused_flood p;
+    paused_flood_run(&p, &e, &o, PKT);
+    int fd = p.fd, cut = p.cut;
+    long long handled = p.handled;
+    uint8_t *chunk = p.chunk;
+    flood_stop(&p.f);
     cpt_close(fd);
     cr_assert_eq(cut, 0, "cut (reason %d) after %lld packets", atomic_load(&e.t->recs[0].reason), handled);
     /* The session was paused: one receive is far more than 1.5 s allows. */
@@ -597,16 +615,11 @@ Test(flow, idle_timeout_not_fired_by_rate_pause, .timeout = 30)
     cp_server_opts o = { .session.recv_rate_packets = R, .session.recv_burst_packets = B,
                          .session.idle_timeout_ms = 200 };
     cpt_env e;
-    cpt_env_start(&e, 1, &o, NULL, 4, CPT_NO_ECHO);
-    size_t clen;
-    uint8_t *chunk = chunk_make(PKT, 16, &clen);
-    int fd = cpt_xconnect(e.sport);
-    CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
-    flood f;
-    flood_start(&f, fd, chunk, clen);
-    cpt_sleep_ms(1500);
-    int cut = atomic_load(&e.t->disconnected);
-    long long handled = rec_packets(&e);
+    paused_flood p;
+    paused_flood_run(&p, &e, &o, PKT);
+    int fd = p.fd, cut = p.cut;
+    long long handled = p.handled;
+    uint8_t *chunk = p.chunk;
     /* The worker still serves others (it is not spinning on the timer). */
     int fd2 = cpt_xconnect(e.sport);
     cpt_set_rcvtimeo(fd2, 2000);
@@ -615,7 +628,7 @@ Test(flow, idle_timeout_not_fired_by_rate_pause, .timeout = 30)
     cpt_xsend(fd2, ping, sizeof ping);
     CPT_AWAIT(atomic_load(&e.t->packets) > handled, 2000, "the worker no longer serves a second session");
     cpt_close(fd2);
-    flood_stop(&f);
+    flood_stop(&p.f);
     cpt_close(fd);
     cr_assert_eq(cut, 0, "cut (reason %d) after %lld packets", atomic_load(&e.t->recs[0].reason), handled);
     cr_assert_leq(handled, B + R * 2 + ONE_RECEIVE / PKT, "the session was never paused");

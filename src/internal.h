@@ -257,6 +257,23 @@ static inline bool cp__sendbuf_is_block(const cp_sendbuf *b) { return b->big_cla
  * calls it when it goes quiet after load; the pools refill on demand). */
 void cp__sendbuf_trim(void);
 
+/* ------------------------------------------------------------------ slabs */
+
+/* Objects of one size in blocks of pages of their own (slab.c). Any thread. */
+typedef struct cp_slab {
+    pthread_mutex_t lock;
+    size_t size;                            /* of an object; a multiple of 16 */
+    struct slab_block *avail, *avail_tail; /* blocks with a free place, fullest first */
+    struct slab_block *spare;               /* an empty block, kept for the next object */
+    size_t blocks;                          /* mapped, the spare included */
+} cp_slab;
+#define CP_SLAB_INIT(obj_size) {PTHREAD_MUTEX_INITIALIZER, ((obj_size) + 15u) & ~(size_t)15u, NULL, NULL, NULL, 0}
+void *cp__slab_alloc(cp_slab *sl); /* zeroed, or NULL */
+void cp__slab_free(cp_slab *sl, void *obj);
+size_t cp__slab_blocks(cp_slab *sl);
+/* False in sanitizer builds: objects are calloc's then (slab.c says why). */
+extern const bool cp__slab_maps_pages;
+
 /* ------------------------------------------------------------------ sessions */
 
 enum cp_session_state {

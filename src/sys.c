@@ -115,6 +115,10 @@ int cp__ncpu(void)
 
 void cp__sleep_ms(unsigned ms) { Sleep(ms); }
 
+void *cp__pages_map(void) { return VirtualAlloc(NULL, CP_PAGES_SIZE, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE); }
+
+void cp__pages_unmap(void *p) { VirtualFree(p, 0, MEM_RELEASE); }
+
 static HANDLE stop_event;
 static volatile LONG stop_sig;
 
@@ -157,6 +161,7 @@ int cp_wait_stop_signal(void)
 #include <pthread.h>
 #include <semaphore.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <time.h>
 
 /* A handler that posts a semaphore is async-signal-safe and works whatever
@@ -249,6 +254,24 @@ int cp__ncpu(void)
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (int)n : 1;
 }
+
+void *cp__pages_map(void)
+{
+    /* mmap aligns to a page only: map twice the size and unmap what lies
+     * outside the aligned middle. */
+    size_t n = CP_PAGES_SIZE;
+    uint8_t *p = mmap(NULL, 2 * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    uint8_t *a = (uint8_t *)(((uintptr_t)p + n - 1) & ~(uintptr_t)(n - 1));
+    if (a > p)
+        munmap(p, (size_t)(a - p));
+    if (a + n < p + 2 * n)
+        munmap(a + n, (size_t)(p + 2 * n - (a + n)));
+    return a;
+}
+
+void cp__pages_unmap(void *p) { munmap(p, CP_PAGES_SIZE); }
 
 void cp__sleep_ms(unsigned ms)
 {

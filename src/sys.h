@@ -58,6 +58,13 @@ int cp__sock_setint(int fd, int level, int name, int value);
 int cp__ncpu(void);
 /* Sleeps the calling thread. */
 void cp__sleep_ms(unsigned ms);
+/* CP_PAGES_SIZE bytes of zeroed memory straight from the system, aligned to
+ * CP_PAGES_SIZE, or NULL; given back whole by cp__pages_unmap. Memory apart
+ * from malloc's heaps: see slab.c for why. 64 KiB is Windows' allocation
+ * granularity, so VirtualAlloc aligns it by itself. */
+#define CP_PAGES_SIZE (64u * 1024u)
+void *cp__pages_map(void);
+void cp__pages_unmap(void *p);
 
 #ifdef _WIN32
 /* Maps a Win32 or Winsock error code to a positive errno value. */

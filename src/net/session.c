@@ -114,9 +114,13 @@ void cp__session_timeout_rearm(cp_session *s)
         timeout_rearm(s->owner, s);
 }
 
+/* Sessions come from a slab of their own, so that idle ones stay packed
+ * together whatever bursts did to malloc's heaps (slab.c). */
+static cp_slab session_slab = CP_SLAB_INIT(sizeof(cp_session));
+
 cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
 {
-    cp_session *s = cp__xalloc(sizeof *s);
+    cp_session *s = cp__slab_alloc(&session_slab);
     if (!s)
         return NULL;
     atomic_init(&s->rc, 1); /* the service table's reference, no ticket yet */
@@ -149,7 +153,7 @@ static void session_free(cp_session *s)
     held_drop(s);
     free(s->groups);
     pthread_mutex_destroy(&s->glock);
-    free(s);
+    cp__slab_free(&session_slab, s);
 }
 
 #define RC_REFS UINT64_C(0xffffffff)

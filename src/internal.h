@@ -248,16 +248,40 @@ static inline size_t cp__sendbuf_charge(const cp_sendbuf *b)
 /* A send queue's private block of cap bytes (len 0, one reference), and the
  * same block grown to cap bytes (realloc: it may move; NULL leaves b as it
  * was). */
+/* A send queue's own blocks (sendq.c): whole pages, of at least cap bytes
+ * of data; growing one may move it. What a block of cap bytes is charged. */
 cp_sendbuf *cp__sendbuf_block_new(size_t cap);
 cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap);
-/* Bytes the free pools of chunks and big buffers hold (for tests). */
+size_t cp__sendbuf_block_charge(size_t cap);
+/* Bytes of free big buffers kept in the pools. */
 size_t cp__sendbuf_pooled(void);
+/* Bytes the free pools of chunks and big buffers hold (for tests). */
 static inline bool cp__sendbuf_is_block(const cp_sendbuf *b) { return b->big_class == CP_SENDBUF_BLOCK; }
 /* Gives the pooled free chunks and large buffers back to malloc (a worker
  * calls it when it goes quiet after load; the pools refill on demand). */
 void cp__sendbuf_trim(void);
 
-/* ------------------------------------------------------------------ slabs */
+/* ------------------------------------------------------------------ pages and slabs */
+
+/* AddressSanitizer builds: the slabs and the page cache hand out malloc's
+ * memory, so that ASan sees every use after free (slab.c, pages.c). */
+#if defined(__SANITIZE_ADDRESS__)
+#  define CP_ASAN 1
+#elif defined(__has_feature)
+#  if __has_feature(address_sanitizer)
+#    define CP_ASAN 1
+#  endif
+#endif
+
+/* Runs of whole pages for the send path's bulk memory, kept for reuse until
+ * a worker trims (pages.c). Any thread. Not zeroed. */
+void *cp__pages_get(size_t bytes); /* bytes: a multiple of CP_PAGE */
+void cp__pages_put(void *p, size_t bytes);
+void cp__pages_trim(void);
+size_t cp__pages_cached(void); /* bytes kept for reuse */
+size_t cp__pages_in_use(void); /* bytes handed out and not given back */
+static inline size_t cp__pages_round(size_t n) { return (n + CP_PAGE - 1) & ~(size_t)(CP_PAGE - 1); }
+
 
 /* Objects of one size in blocks of pages of their own (slab.c). Any thread. */
 typedef struct cp_slab {
@@ -471,6 +495,8 @@ void cp__rx_init(cp_session *s);
 /* Packet framing, while a receive is handled: takes one packet from the rate
  * limit; false (and the session paused) when it is over its rate. */
 bool cp__rx_rate_packet(cp_session *s);
+/* Frees a session's carry buffer of cap bytes (packet.c says where it is from). */
+void cp__carry_free(uint8_t *carry, size_t cap);
 /* On the owner, in a clean context: handles the backlog a pause left in
  * carry (packet.c), unless paused again. */
 void cp__session_backlog(cp_session *s);

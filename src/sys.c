@@ -115,9 +115,19 @@ int cp__ncpu(void)
 
 void cp__sleep_ms(unsigned ms) { Sleep(ms); }
 
-void *cp__pages_map(void) { return VirtualAlloc(NULL, CP_PAGES_SIZE, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE); }
+void *cp__pages_map(size_t bytes, size_t align)
+{
+    (void)align; /* VirtualAlloc aligns to 64 KiB */
+    return VirtualAlloc(NULL, bytes, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE);
+}
 
-void cp__pages_unmap(void *p) { VirtualFree(p, 0, MEM_RELEASE); }
+void cp__pages_unmap(void *p, size_t bytes)
+{
+    (void)bytes;
+    VirtualFree(p, 0, MEM_RELEASE);
+}
+
+void cp__pages_discard(void *p, size_t bytes) { VirtualAlloc(p, bytes, MEM_RESET, PAGE_READWRITE); }
 
 static HANDLE stop_event;
 static volatile LONG stop_sig;
@@ -255,23 +265,27 @@ int cp__ncpu(void)
     return n > 0 ? (int)n : 1;
 }
 
-void *cp__pages_map(void)
+void *cp__pages_map(size_t bytes, size_t align)
 {
-    /* mmap aligns to a page only: map twice the size and unmap what lies
-     * outside the aligned middle. */
-    size_t n = CP_PAGES_SIZE;
-    uint8_t *p = mmap(NULL, 2 * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    /* mmap aligns to a page only: for more, map align more and unmap what
+     * lies outside the aligned part. */
+    size_t extra = align > CP_PAGE ? align : 0;
+    uint8_t *p = mmap(NULL, bytes + extra, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
         return NULL;
-    uint8_t *a = (uint8_t *)(((uintptr_t)p + n - 1) & ~(uintptr_t)(n - 1));
+    if (!extra)
+        return p;
+    uint8_t *a = (uint8_t *)(((uintptr_t)p + align - 1) & ~(uintptr_t)(align - 1));
     if (a > p)
         munmap(p, (size_t)(a - p));
-    if (a + n < p + 2 * n)
-        munmap(a + n, (size_t)(p + 2 * n - (a + n)));
+    if (a + bytes < p + bytes + extra)
+        munmap(a + bytes, (size_t)(p + bytes + extra - (a + bytes)));
     return a;
 }
 
-void cp__pages_unmap(void *p) { munmap(p, CP_PAGES_SIZE); }
+void cp__pages_unmap(void *p, size_t bytes) { munmap(p, bytes); }
+
+void cp__pages_discard(void *p, size_t bytes) { madvise(p, bytes, MADV_DONTNEED); }
 
 void cp__sleep_ms(unsigned ms)
 {

@@ -58,13 +58,18 @@ int cp__sock_setint(int fd, int level, int name, int value);
 int cp__ncpu(void);
 /* Sleeps the calling thread. */
 void cp__sleep_ms(unsigned ms);
-/* CP_PAGES_SIZE bytes of zeroed memory straight from the system, aligned to
- * CP_PAGES_SIZE, or NULL; given back whole by cp__pages_unmap. Memory apart
- * from malloc's heaps: see slab.c for why. 64 KiB is Windows' allocation
- * granularity, so VirtualAlloc aligns it by itself. */
-#define CP_PAGES_SIZE (64u * 1024u)
-void *cp__pages_map(void);
-void cp__pages_unmap(void *p);
+/* bytes (a multiple of CP_PAGE) of zeroed memory straight from the system,
+ * aligned to align (a power of two; at most CP_PAGES_ALIGN_MAX, which is
+ * Windows' allocation granularity, so VirtualAlloc aligns by itself), or
+ * NULL; given back whole by cp__pages_unmap. Memory apart from malloc's
+ * heaps: pages.c and slab.c say why. */
+#define CP_PAGE 4096u
+#define CP_PAGES_ALIGN_MAX (64u * 1024u)
+void *cp__pages_map(size_t bytes, size_t align);
+void cp__pages_unmap(void *p, size_t bytes);
+/* The system may take the pages back; they stay mapped, their bytes are
+ * lost (zero or stale when touched again). For scratch memory. */
+void cp__pages_discard(void *p, size_t bytes);
 
 #ifdef _WIN32
 /* Maps a Win32 or Winsock error code to a positive errno value. */

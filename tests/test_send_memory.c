@@ -77,13 +77,15 @@ static probe xprobe(cp_session *s)
     return p;
 }
 
-/* Heap in use now, in bytes, but for the free buffers sendbuf.c keeps in
- * its pools; 0 where it is not measured. */
+/* Memory in use now, in bytes: malloc's heap but for the free buffers
+ * sendbuf.c keeps in its pools, plus the runs of pages the send path took
+ * from the page cache (chunks, queue blocks and big rings: pages.c) and has
+ * not given back; 0 where it is not measured. */
 static size_t heap_now(void)
 {
 #ifdef __linux__
     size_t h = cpt_heap_in_use();
-    return h ? h - cp__sendbuf_pooled() : 0;
+    return h ? h - cp__sendbuf_pooled() + cp__pages_in_use() : 0;
 #else
     return 0;
 #endif

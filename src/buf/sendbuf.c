@@ -7,22 +7,23 @@
  * buffers a chunk can hold at once, when the chunk becomes its own, and hands
  * one to each buffer it cuts (spare): cutting a buffer costs no atomic
  * operation. When the thread moves on to a fresh chunk it drops its own
- * reference and the spare ones; the chunk returns to a small global pool when
- * its last buffer is released (the pool keeps a bounded number, the rest go
- * back to malloc).
- * Buffers too large for a chunk are allocated on their own, in classes of
- * power-of-two capacity (16 KiB to 128 KiB of data, plus the header), and
- * kept in a bounded pool per class when
- * released: a 16 KiB echo allocates and frees one such buffer per message, and
- * handing it back to malloc each time made glibc trim and re-fault the
- * worker's heap on every message (one madvise per message, 2x the CPU of a raw
- * server at 200 connections). A class is a power of two of data, not of
- * allocation: a 16 KiB message then takes a 16 KiB class, not a 32 KiB one,
- * which matters now that a send queue is charged what its buffers pin.
+ * reference and the spare ones; the chunk goes back to the page cache
+ * (pages.c) when its last buffer is released.
+ * Buffers too large for a chunk are allocated on their own (malloc), in
+ * classes of power-of-two capacity (16 KiB to 128 KiB of data, plus the
+ * header), and kept in a bounded pool per class when released: a 16 KiB
+ * echo allocates and frees one such buffer per message, and handing it back
+ * to malloc each time made glibc trim and re-fault the worker's heap on every
+ * message (one madvise per message, 2x the CPU of a raw server at 200
+ * connections). A class is a power of two of data, not of allocation: a
+ * 16 KiB message then takes a 16 KiB class, not a 32 KiB one, which matters
+ * now that a send queue is charged what its buffers pin. (Whole pages would
+ * add a page to each: 64 KiB of data and the header are 17 pages.)
  *
  * Send queues charge every buffer what it may keep alive (cp__sendbuf_charge)
  * and, when they back up, copy small buffers into blocks of their own
- * (cp__sendbuf_block_new/grow): see sendq.c.
+ * (cp__sendbuf_block_new/grow): see sendq.c. Chunks and blocks are whole
+ * pages from the page cache, apart from malloc's heaps (pages.c says why).
  */
 #include "internal.h"
 
@@ -30,9 +31,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHUNK_SIZE (32u * 1024u)
-#define ALONE_THRESHOLD (CHUNK_SIZE / 4)
-#define POOL_MAX 256
+#define CHUNK_BYTES (32u * 1024u) /* a chunk, its header included */
+#define CHUNK_HEAD 16u
+#define CHUNK_DATA (CHUNK_BYTES - CHUNK_HEAD)
+#define ALONE_THRESHOLD (CHUNK_BYTES / 4)
 #define ALIGN 16u
 #define BIG_MIN_SHIFT 14u /* 16 KiB */
 #define BIG_CLASSES 4u    /* 16, 32, 64, 128 KiB */
@@ -42,24 +44,15 @@
 #define MALLOC_OVERHEAD 16u
 
 /* No buffer takes less than ALIGN bytes of a chunk. */
-#define CHUNK_MAX_BUFS (CHUNK_SIZE / ALIGN)
+#define CHUNK_MAX_BUFS (CHUNK_DATA / ALIGN)
 
 typedef struct cp_chunk {
     atomic_uint refs;
     uint32_t used;
     uint32_t spare; /* references held for buffers not cut yet (carving thread only) */
-    struct cp_chunk *next_free;
-    _Alignas(16) uint8_t mem[CHUNK_SIZE];
+    _Alignas(16) uint8_t mem[CHUNK_DATA];
 } cp_chunk;
-
-static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static cp_chunk *pool;
-static unsigned pool_n;
-
-static struct {
-    cp_sendbuf *head; /* linked through the first bytes of data */
-    unsigned n;
-} big_pool[BIG_CLASSES];
+_Static_assert(sizeof(cp_chunk) == CHUNK_BYTES, "a chunk is whole pages");
 
 static _Thread_local cp_chunk *tls_chunk;
 static _Thread_local cp_sendbuf *tls_open;
@@ -68,17 +61,8 @@ static pthread_once_t tls_once = PTHREAD_ONCE_INIT;
 
 static void chunk_unref(cp_chunk *c, unsigned n)
 {
-    if (atomic_fetch_sub_explicit(&c->refs, n, memory_order_acq_rel) != n)
-        return;
-    pthread_mutex_lock(&pool_lock);
-    if (pool_n < POOL_MAX) {
-        c->next_free = pool;
-        pool = c;
-        pool_n++;
-        c = NULL;
-    }
-    pthread_mutex_unlock(&pool_lock);
-    free(c);
+    if (atomic_fetch_sub_explicit(&c->refs, n, memory_order_acq_rel) == n)
+        cp__pages_put(c, sizeof *c);
 }
 
 /* Runs when a thread that carved buffers exits: drop its chunk reference. */
@@ -96,22 +80,22 @@ static void tls_key_make(void) { pthread_key_create(&tls_key, tls_release); }
 
 static cp_chunk *chunk_get(void)
 {
-    cp_chunk *c = NULL;
-    pthread_mutex_lock(&pool_lock);
-    if (pool) {
-        c = pool;
-        pool = c->next_free;
-        pool_n--;
-    }
-    pthread_mutex_unlock(&pool_lock);
-    if (!c && !(c = malloc(sizeof *c)))
+    cp_chunk *c = cp__pages_get(sizeof *c);
+    if (!c)
         return NULL;
     atomic_init(&c->refs, 1 + CHUNK_MAX_BUFS); /* the carving thread's, and its spare ones */
     c->spare = CHUNK_MAX_BUFS;
     c->used = 0;
-    c->next_free = NULL;
     return c;
 }
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    cp_sendbuf *head; /* linked through the first bytes of data */
+    unsigned n;
+} big_pool[BIG_CLASSES];
+
+static size_t big_bytes(uint32_t cls) { return sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + cls)); }
 
 static cp_sendbuf *big_get(size_t cap)
 {
@@ -131,16 +115,22 @@ static cp_sendbuf *big_get(size_t cap)
         big_pool[cls].n--;
     }
     pthread_mutex_unlock(&pool_lock);
-    if (!b && !(b = malloc(sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + cls)))))
+    if (!b && !(b = malloc(big_bytes(cls))))
         return NULL;
     b->big_class = cls;
     return b;
 }
 
-static void big_put(cp_sendbuf *b)
+/* A buffer allocated alone goes back: a block to the page cache, a big
+ * buffer of a class to its pool (while the pool has room). */
+static void alone_put(cp_sendbuf *b)
 {
     uint32_t cls = b->big_class;
-    if (cls < BIG_CLASSES) { /* not BIG_NONE, not a queue's block */
+    if (cls == CP_SENDBUF_BLOCK) {
+        cp__pages_put(b, cp__sendbuf_block_charge(b->cap));
+        return;
+    }
+    if (cls < BIG_CLASSES) {
         pthread_mutex_lock(&pool_lock);
         if (big_pool[cls].n < (BIG_POOL_BYTES >> (BIG_MIN_SHIFT + cls))) {
             memcpy(b->data, &big_pool[cls].head, sizeof b);
@@ -155,23 +145,23 @@ static void big_put(cp_sendbuf *b)
 
 void cp__sendbuf_trim(void)
 {
-    /* Unlinked under the lock, freed outside it. */
-    pthread_mutex_lock(&pool_lock);
-    cp_chunk *chunks = pool;
-    pool = NULL;
-    pool_n = 0;
+    /* This thread's chunk goes too, unless a buffer is open in it: it is
+     * given back when the buffers cut from it are. */
+    if (tls_chunk && !tls_open) {
+        cp_chunk *c = tls_chunk;
+        tls_chunk = NULL;
+        pthread_setspecific(tls_key, NULL);
+        chunk_unref(c, 1 + c->spare);
+    }
+    /* The big pools: unlinked under the lock, freed outside it. */
     cp_sendbuf *bigs[BIG_CLASSES];
+    pthread_mutex_lock(&pool_lock);
     for (uint32_t c = 0; c < BIG_CLASSES; c++) {
         bigs[c] = big_pool[c].head;
         big_pool[c].head = NULL;
         big_pool[c].n = 0;
     }
     pthread_mutex_unlock(&pool_lock);
-    while (chunks) {
-        cp_chunk *next = chunks->next_free;
-        free(chunks);
-        chunks = next;
-    }
     for (uint32_t c = 0; c < BIG_CLASSES; c++) {
         while (bigs[c]) {
             cp_sendbuf *next;
@@ -180,12 +170,13 @@ void cp__sendbuf_trim(void)
             bigs[c] = next;
         }
     }
+    cp__pages_trim();
 }
 
 static size_t round_up(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
 
-/* What malloc really takes for n bytes, about: large blocks are mapped
- * pages. */
+/* What malloc really takes for n bytes, about: an 8-byte header in 16-byte
+ * steps, and large blocks are mapped pages. */
 static size_t malloc_cost(size_t n)
 {
     if (n >= (128u << 10))
@@ -193,35 +184,40 @@ static size_t malloc_cost(size_t n)
     return round_up(n) + MALLOC_OVERHEAD;
 }
 
-const size_t cp__sendbuf_chunk_charge = sizeof(cp_chunk) + MALLOC_OVERHEAD;
+const size_t cp__sendbuf_chunk_charge = sizeof(cp_chunk);
 
 size_t cp__sendbuf_alone_charge(const cp_sendbuf *b)
 {
+    if (b->big_class == CP_SENDBUF_BLOCK)
+        return cp__sendbuf_block_charge(b->cap);
     if (b->big_class < BIG_CLASSES)
-        return malloc_cost(sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + b->big_class)));
+        return malloc_cost(big_bytes(b->big_class));
     return malloc_cost(sizeof(cp_sendbuf) + b->cap);
 }
 
 size_t cp__sendbuf_pooled(void)
 {
     pthread_mutex_lock(&pool_lock);
-    size_t n = pool_n * sizeof(cp_chunk);
+    size_t n = 0;
     for (uint32_t c = 0; c < BIG_CLASSES; c++)
-        n += big_pool[c].n * (sizeof(cp_sendbuf) + ((size_t)1 << (BIG_MIN_SHIFT + c)));
+        n += big_pool[c].n * big_bytes(c);
     pthread_mutex_unlock(&pool_lock);
     return n;
 }
 
+size_t cp__sendbuf_block_charge(size_t cap) { return cp__pages_round(sizeof(cp_sendbuf) + cap); }
+
 cp_sendbuf *cp__sendbuf_block_new(size_t cap)
 {
-    if (cap > UINT32_MAX - 64)
+    if (cap > UINT32_MAX - 2 * CP_PAGE)
         return NULL;
-    cp_sendbuf *b = malloc(sizeof *b + cap);
+    size_t run = cp__sendbuf_block_charge(cap);
+    cp_sendbuf *b = cp__pages_get(run);
     if (!b)
         return NULL;
     atomic_init(&b->refs, 1);
     b->len = 0;
-    b->cap = (uint32_t)cap;
+    b->cap = (uint32_t)(run - sizeof *b); /* the whole run */
     b->big_class = CP_SENDBUF_BLOCK;
     b->chunk = NULL;
     return b;
@@ -229,11 +225,14 @@ cp_sendbuf *cp__sendbuf_block_new(size_t cap)
 
 cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap)
 {
-    if (cap > UINT32_MAX - 64)
+    if (cap <= b->cap)
+        return b;
+    cp_sendbuf *n = cp__sendbuf_block_new(cap);
+    if (!n)
         return NULL;
-    cp_sendbuf *n = realloc(b, sizeof *b + cap);
-    if (n)
-        n->cap = (uint32_t)cap;
+    memcpy(n->data, b->data, b->len);
+    n->len = b->len;
+    alone_put(b);
     return n;
 }
 
@@ -269,7 +268,7 @@ static cp_sendbuf *sendbuf_open(size_t cap)
         b->chunk = NULL;
     } else {
         size_t need = round_up(sizeof *b + cap);
-        if (!tls_chunk || CHUNK_SIZE - tls_chunk->used < need) {
+        if (!tls_chunk || CHUNK_DATA - tls_chunk->used < need) {
             pthread_once(&tls_once, tls_key_make);
             cp_chunk *c = chunk_get();
             if (!c)
@@ -424,7 +423,7 @@ void cp_sendbuf_unref(cp_sendbuf *b)
     if (b->chunk)
         chunk_unref(b->chunk, 1);
     else
-        big_put(b);
+        alone_put(b);
 }
 
 cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len)

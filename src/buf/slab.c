@@ -22,12 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef CP_ASAN
 #  define SLAB_USES_MALLOC 1
-#elif defined(__has_feature)
-#  if __has_feature(address_sanitizer)
-#    define SLAB_USES_MALLOC 1
-#  endif
 #endif
 
 #ifdef SLAB_USES_MALLOC
@@ -35,6 +31,18 @@ const bool cp__slab_maps_pages = false;
 #else
 const bool cp__slab_maps_pages = true;
 #endif
+
+#ifdef SLAB_USES_MALLOC
+
+void *cp__slab_alloc(cp_slab *sl) { return calloc(1, sl->size); }
+
+void cp__slab_free(cp_slab *sl, void *obj)
+{
+    (void)sl;
+    free(obj);
+}
+
+#else
 
 /* The head of each block, at its start; objects follow it. */
 typedef struct slab_block {
@@ -44,11 +52,19 @@ typedef struct slab_block {
     uint32_t fresh;                 /* objects never handed out yet, at the end */
 } slab_block;
 
+#define BLOCK_SIZE CP_PAGES_ALIGN_MAX /* 64 KiB */
 #define FIRST_OFF ((sizeof(slab_block) + 63u) & ~(size_t)63u)
 
-static uint32_t per_block(const cp_slab *sl) { return (uint32_t)((CP_PAGES_SIZE - FIRST_OFF) / sl->size); }
+static uint32_t per_block(const cp_slab *sl) { return (uint32_t)((BLOCK_SIZE - FIRST_OFF) / sl->size); }
 
-static slab_block *block_of(void *obj) { return (slab_block *)((uintptr_t)obj & ~(uintptr_t)(CP_PAGES_SIZE - 1)); }
+static slab_block *block_of(void *obj) { return (slab_block *)((uintptr_t)obj & ~(uintptr_t)(BLOCK_SIZE - 1)); }
+
+static void block_init(const cp_slab *sl, slab_block *b)
+{
+    b->free = NULL;
+    b->used = 0;
+    b->fresh = per_block(sl);
+}
 
 static void list_push(cp_slab *sl, slab_block *b, bool at_tail)
 {
@@ -81,23 +97,19 @@ static void list_unlink(cp_slab *sl, slab_block *b)
 
 void *cp__slab_alloc(cp_slab *sl)
 {
-#ifdef SLAB_USES_MALLOC
-    return calloc(1, sl->size);
-#else
     pthread_mutex_lock(&sl->lock);
     slab_block *b = sl->avail;
     if (!b && (b = sl->spare) != NULL) {
         sl->spare = NULL;
+        block_init(sl, b);
         list_push(sl, b, false);
     }
     if (!b) {
         pthread_mutex_unlock(&sl->lock);
-        slab_block *nb = cp__pages_map();
+        slab_block *nb = cp__pages_map(BLOCK_SIZE, BLOCK_SIZE);
         if (!nb)
             return NULL;
-        nb->free = NULL;
-        nb->used = 0;
-        nb->fresh = per_block(sl);
+        block_init(sl, nb);
         pthread_mutex_lock(&sl->lock);
         sl->blocks++;
         list_push(sl, b = nb, false);
@@ -117,15 +129,10 @@ void *cp__slab_alloc(cp_slab *sl)
     pthread_mutex_unlock(&sl->lock);
     memset(obj, 0, sl->size);
     return obj;
-#endif
 }
 
 void cp__slab_free(cp_slab *sl, void *obj)
 {
-#ifdef SLAB_USES_MALLOC
-    (void)sl;
-    free(obj);
-#else
     if (!obj)
         return;
     slab_block *b = block_of(obj), *unmap = NULL;
@@ -146,13 +153,15 @@ void cp__slab_free(cp_slab *sl, void *obj)
             sl->blocks--;
         } else {
             sl->spare = b;
+            block_init(sl, b);
         }
     }
     pthread_mutex_unlock(&sl->lock);
     if (unmap)
-        cp__pages_unmap(unmap);
-#endif
+        cp__pages_unmap(unmap, BLOCK_SIZE);
 }
+
+#endif
 
 size_t cp__slab_blocks(cp_slab *sl)
 {

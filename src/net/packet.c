@@ -26,15 +26,36 @@ static void partial_started(cp_session *s)
     cp__session_packet_started(s);
 }
 
+/* A carry of a page or more is a run of pages (pages.c): under a burst
+ * every session's carry comes and goes with its partial packets, and in
+ * malloc's heap they were what still churned, keeping a worker's arena
+ * resident after the burst. A smaller one (a header, a small packet's
+ * start) is malloc's, so that thousands of sessions each waiting on a few
+ * bytes do not take a page each. */
+static uint8_t *carry_alloc(size_t cap) { return cap >= CP_PAGE ? cp__pages_get(cap) : malloc(cap); }
+
+void cp__carry_free(uint8_t *c, size_t cap)
+{
+    if (cap >= CP_PAGE)
+        cp__pages_put(c, cap);
+    else
+        free(c);
+}
+
 static bool carry_reserve(cp_session *s, size_t cap)
 {
     if (s->carry_cap >= cap)
         return true;
-    uint8_t *c = realloc(s->carry, cap);
+    if (cap >= CP_PAGE)
+        cap = cp__pages_round(cap);
+    uint8_t *c = carry_alloc(cap);
     if (!c) {
         cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
         return false;
     }
+    if (s->carry_len)
+        memcpy(c, s->carry, s->carry_len);
+    cp__carry_free(s->carry, s->carry_cap);
     s->carry = c;
     s->carry_cap = (uint32_t)cap;
     return true;
@@ -42,7 +63,7 @@ static bool carry_reserve(cp_session *s, size_t cap)
 
 static void carry_release(cp_session *s)
 {
-    free(s->carry);
+    cp__carry_free(s->carry, s->carry_cap);
     s->carry = NULL;
     s->carry_len = s->carry_cap = 0;
 }
@@ -223,12 +244,12 @@ static void raw_input(cp_session *s, const uint8_t *p, size_t n)
 static size_t backlog_run(cp_session *s)
 {
     uint8_t *buf = s->carry;
-    size_t len = s->carry_len;
+    size_t len = s->carry_len, cap = s->carry_cap;
     s->carry = NULL;
     s->carry_len = s->carry_cap = 0;
     s->rx_backlog = false;
     size_t packets = packet_parse(s, buf, len);
-    free(buf);
+    cp__carry_free(buf, cap);
     return packets;
 }
 

@@ -48,9 +48,9 @@
 #define ALONE_TAG ((uintptr_t)1)   /* charged its chunk itself (the chunk had no slot) */
 #define COVERED_TAG ((uintptr_t)2) /* its chunk is charged by a later entry (of its run) */
 #define TAGS (ALONE_TAG | COVERED_TAG)
-#define BLOCK_MIN 256u                   /* a new block's first capacity */
-#define BLOCK_MAX (16u * 1024u - 64u)    /* small buffers coalesce up to this */
-#define BLOCK_HEAD (sizeof(cp_sendbuf) + 16u) /* a block's header and malloc's, about */
+#define BLOCK_MIN 256u /* a new block's first capacity (a page's, in fact) */
+/* Small buffers coalesce up to this: a block of 16 KiB of pages. */
+#define BLOCK_MAX (16u * 1024u - sizeof(cp_sendbuf))
 
 static cp_sendbuf *buf_of(uintptr_t v) { return (cp_sendbuf *)(v & ~TAGS); }
 static uintptr_t *slot(const cp_sendq *q, uint32_t i) { return &q->ring[(q->head + i) & (q->cap - 1)]; }
@@ -139,15 +139,51 @@ static void charge_drop(cp_sendq *q, uintptr_t v)
 
 /* ------------------------------------------------------------------ ring */
 
+/* Rings are not malloc's: a burst resizes them all the time, and in
+ * malloc's heap a small ring kept by an idle session (SQ_CAP_KEEP) landed
+ * between the burst's freed chunks and kept a page of its own. Small rings
+ * come from slabs by size (8 to 256 places), packed together; a ring of a
+ * page or more is a run of pages (pages.c). */
+#define RING_SLABS 6u /* 8, 16, ..., 256 places */
+static cp_slab ring_slabs[RING_SLABS] = {
+    CP_SLAB_INIT(8 * 8), CP_SLAB_INIT(16 * 8), CP_SLAB_INIT(32 * 8),
+    CP_SLAB_INIT(64 * 8), CP_SLAB_INIT(128 * 8), CP_SLAB_INIT(256 * 8),
+};
+
+static cp_slab *ring_slab(uint32_t cap)
+{
+    uint32_t c = 0;
+    while (c < RING_SLABS && (SQ_CAP_MIN << c) < cap)
+        c++;
+    return c < RING_SLABS ? &ring_slabs[c] : NULL;
+}
+
+static uintptr_t *ring_alloc(uint32_t cap)
+{
+    cp_slab *sl = ring_slab(cap);
+    return sl ? cp__slab_alloc(sl) : cp__pages_get(sizeof(uintptr_t) * cap);
+}
+
+static void ring_release(uintptr_t *r, uint32_t cap)
+{
+    if (!r)
+        return;
+    cp_slab *sl = ring_slab(cap);
+    if (sl)
+        cp__slab_free(sl, r);
+    else
+        cp__pages_put(r, sizeof(uintptr_t) * cap);
+}
+
 /* Moves the entries to a ring of cap places (>= count). */
 static int ring_resize(cp_sendq *q, uint32_t cap)
 {
-    uintptr_t *r = malloc(sizeof *r * cap);
+    uintptr_t *r = ring_alloc(cap);
     if (!r)
         return -ENOMEM;
     for (uint32_t i = 0; i < q->count; i++)
         r[i] = *slot(q, i);
-    free(q->ring);
+    ring_release(q->ring, q->cap);
     q->mem = q->mem - sizeof *r * q->cap + sizeof *r * cap;
     q->ring = r;
     q->head = 0;
@@ -171,7 +207,7 @@ static void ring_free(cp_sendq *q)
     uint32_t back = q->cap == q->regrow ? q->cap / 2 : q->cap;
     q->regrow = back > SQ_REGROW_MAX ? SQ_REGROW_MAX : back > SQ_CAP_KEEP ? back : 0;
     q->mem -= sizeof *q->ring * q->cap;
-    free(q->ring);
+    ring_release(q->ring, q->cap);
     q->ring = NULL;
     q->head = q->cap = 0;
 }
@@ -223,10 +259,10 @@ static size_t copy_cost(const cp_sendq *q, uint32_t j, size_t n)
     if (blk) {
         size_t cap = grow_to(blk, n);
         size_t take = cap - blk->len < n ? cap - blk->len : n;
-        cost = cap - blk->cap;
+        cost = cp__sendbuf_block_charge(cap) - cp__sendbuf_charge(blk);
         n -= take;
     }
-    return n ? cost + BLOCK_HEAD + new_block_cap(n) : cost;
+    return n ? cost + cp__sendbuf_block_charge(new_block_cap(n)) : cost;
 }
 
 /* Copies n bytes to the end of the entries before *j: into the block there
@@ -410,6 +446,6 @@ void cp__sendq_clear(cp_sendq *q)
 {
     for (uint32_t i = 0; i < q->count; i++)
         cp_sendbuf_unref(at(q, i));
-    free(q->ring);
+    ring_release(q->ring, q->cap);
     *q = (cp_sendq){0};
 }

@@ -148,7 +148,7 @@ static int queue_owned(cp_session *s, cp_sendbuf *b);
 
 static void session_free(cp_session *s)
 {
-    free(s->carry);
+    cp__carry_free(s->carry, s->carry_cap);
     cp__sendq_clear(&s->sq);
     held_drop(s);
     free(s->groups);
@@ -238,7 +238,7 @@ static void drain_peer_eof(cp_session *s);
 static void session_finish(cp_session *s)
 {
     atomic_store(&s->state, CP_S_CLOSED);
-    free(s->carry);
+    cp__carry_free(s->carry, s->carry_cap);
     s->carry = NULL;
     s->carry_len = s->carry_cap = 0;
     cp__sendq_clear(&s->sq);

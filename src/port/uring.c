@@ -311,16 +311,22 @@ fail:
 }
 
 /* Gives the free send slots and held-completion records back to malloc. */
+/* Send slots and held-completion records come and go by the thousand in a
+ * burst; from slabs (slab.c) rather than malloc, they leave no resident heap
+ * behind once the trim has freed the spare ones. */
+static cp_slab slot_slab = CP_SLAB_INIT(sizeof(ur_slot));
+static cp_slab held_slab = CP_SLAB_INIT(sizeof(ur_held));
+
 static void free_spares(ur_state *st)
 {
     while (st->free_slots) {
         ur_slot *n = st->free_slots->next;
-        free(st->free_slots);
+        cp__slab_free(&slot_slab, st->free_slots);
         st->free_slots = n;
     }
     while (st->free_held) {
         ur_held *n = st->free_held->next;
-        free(st->free_held);
+        cp__slab_free(&held_slab, st->free_held);
         st->free_held = n;
     }
 }
@@ -598,7 +604,7 @@ static int ur_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *io
     ur_slot *slot = st->free_slots;
     if (slot) {
         st->free_slots = slot->next;
-    } else if (!(slot = malloc(sizeof *slot))) {
+    } else if (!(slot = cp__slab_alloc(&slot_slab))) {
         return -ENOMEM;
     }
     if (iovcnt > UR_IOV)
@@ -783,16 +789,22 @@ static bool handle_hold(ur_state *st, cp_handle *h, cp_op *op, int res, unsigned
          * Copies have a cap of their own: past it (which a working pause
          * never reaches) the completion is delivered, out of turn at worst,
          * rather than memory growing without bound. */
-        if (res <= 0 || st->copied + (size_t)res > UR_COPY_MAX || !(copy = malloc((size_t)res)))
+        /* In whole pages (pages.c): copies made and dropped in a burst left
+         * malloc's heap full of holes that kept their pages after it. */
+        size_t n = cp__pages_round((size_t)res);
+        if (res <= 0 || st->copied + n > UR_COPY_MAX || !(copy = cp__pages_get(n)))
             return false;
         memcpy(copy, data, (size_t)res);
-        st->copied += (size_t)res;
+        st->copied += n;
     }
     ur_held *e = st->free_held;
     if (e)
         st->free_held = e->next;
-    else if (!(e = malloc(sizeof *e))) {
-        free(copy);
+    else if (!(e = cp__slab_alloc(&held_slab))) {
+        if (copy) {
+            st->copied -= cp__pages_round((size_t)res);
+            cp__pages_put(copy, cp__pages_round((size_t)res));
+        }
         return false;
     }
     *e = (ur_held){.op = op, .res = res, .flags = flags, .copy = copy};
@@ -817,8 +829,8 @@ static void held_free(ur_state *st, ur_held *e)
         st->nheld--;
     }
     if (e->copy) {
-        st->copied -= (size_t)e->res;
-        free(e->copy);
+        st->copied -= cp__pages_round((size_t)e->res);
+        cp__pages_put(e->copy, cp__pages_round((size_t)e->res));
     }
     e->next = st->free_held;
     st->free_held = e;

@@ -135,3 +135,50 @@ Test(slab, threads_alloc_and_free_at_once)
     if (cp__slab_maps_pages)
         cr_assert_eq(cp__slab_blocks(&mt_slab), 1, "%zu blocks left after every object went", cp__slab_blocks(&mt_slab));
 }
+
+#ifdef __linux__
+#  include <sys/mman.h>
+#  include <unistd.h>
+
+/* Pages of [p, p + len) in memory now. */
+static size_t resident_pages(void *p, size_t len)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE), n = len / pg, in = 0;
+    unsigned char *v = calloc(n, 1);
+    cr_assert_eq(mincore(p, len, v), 0);
+    for (size_t i = 0; i < n; i++)
+        in += v[i] & 1;
+    free(v);
+    return in;
+}
+#endif
+
+/* The block kept when the last object of a slab goes gives its pages back:
+ * a slab that is empty now costs nothing, whatever it held before. */
+Test(slab, the_spare_block_holds_no_memory)
+{
+#ifdef __linux__
+    static cp_slab sl = CP_SLAB_INIT(sizeof(obj));
+    if (!cp__slab_maps_pages)
+        cr_skip_test("sanitizer build: objects come from calloc");
+    obj **o = calloc(PER_BLOCK, sizeof *o);
+    for (size_t i = 0; i < PER_BLOCK; i++)
+        fill(o[i] = cp__slab_alloc(&sl), i + 1);
+    void *block = (void *)((uintptr_t)o[0] & ~(uintptr_t)(64u * 1024u - 1));
+    cr_assert_geq(resident_pages(block, 64u * 1024u), 15, "a full block is in memory");
+    for (size_t i = 0; i < PER_BLOCK; i++)
+        cp__slab_free(&sl, o[i]);
+    cr_assert_eq(cp__slab_blocks(&sl), 1, "the block is kept as the spare");
+    cr_assert_eq(resident_pages(block, 64u * 1024u), 0, "the spare block still holds %zu pages",
+                 resident_pages(block, 64u * 1024u));
+    /* Taken again, it works as a fresh block. */
+    obj *a = cp__slab_alloc(&sl), *b = cp__slab_alloc(&sl);
+    cr_assert(holds(a, 0) && holds(b, 0) && a != b);
+    cr_assert_eq(cp__slab_blocks(&sl), 1);
+    cp__slab_free(&sl, a);
+    cp__slab_free(&sl, b);
+    free(o);
+#else
+    cr_skip_test("mincore is Linux's");
+#endif
+}

@@ -146,14 +146,18 @@ void cp__slab_free(cp_slab *sl, void *obj)
          * first, so that lightly used blocks can empty out. */
         list_push(sl, b, true);
     } else if (!b->used) {
-        /* Empty: one block is kept for the next object, the rest go back. */
+        /* Empty: one block is kept for the next object, the rest go back.
+         * The one kept gives its pages back (the system maps them again
+         * when they are touched), so a spare costs no memory; its head is
+         * written again when it is taken (block_init). Under the lock, as
+         * another thread may take the spare as soon as it is released. */
         list_unlink(sl, b);
         if (sl->spare) {
             unmap = b;
             sl->blocks--;
         } else {
             sl->spare = b;
-            block_init(sl, b);
+            cp__pages_discard(b, BLOCK_SIZE);
         }
     }
     pthread_mutex_unlock(&sl->lock);

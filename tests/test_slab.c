@@ -1,5 +1,5 @@
 /*
- * Slabs (src/buf/slab.c): objects of one size packed in blocks of pages of
+ * Slabs (src/mem/slab.c): objects of one size packed in blocks of pages of
  * their own. Sessions live there so that idle ones cost their size whatever
  * bursts left in malloc's heaps (cport issue 14). What must hold: objects
  * are distinct and zeroed, a freed place is used again before a new block is

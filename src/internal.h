@@ -89,6 +89,18 @@ void cp__timer_drop_public(cp_wtimer *t);
 
 typedef struct cp_session cp_session;
 
+/* Work a layer above the port posts to run later on a worker, without a
+ * lock (on the worker only). The port knows nothing of what is posted: a
+ * session with bytes to write, a session paused for the rest of a round.
+ * An item is on at most one list at a time; `next` is the port's. Items run
+ * in no particular order. The model is nginx's posted events. */
+typedef struct cp_posted cp_posted;
+typedef void (*cp_posted_fn)(cp_worker *w, cp_posted *p);
+struct cp_posted {
+    cp_posted *next;
+    cp_posted_fn fn;
+};
+
 struct cp_worker {
     cp_port *port;
     int index;
@@ -114,8 +126,9 @@ struct cp_worker {
      * (itself included); pushed once at the end of the round. */
     cp_msgblk **outbox;
 
-    /* Sessions with queued bytes to write at the end of the round. */
-    cp_session *dirty;
+    /* Posted to run within this round, before its outboxes are flushed (the
+     * round goes on until none is left: a posted item may post again). */
+    cp_posted *posted;
 
     /* Completions known before their operation could finish (cancellations). */
     struct cp_deferred {
@@ -137,10 +150,10 @@ struct cp_worker {
 
     /* Start of the current round, for cheap activity timestamps. */
     uint64_t now_ns;
-    /* Rounds so far, and the sessions whose receive is paused until the end
-     * of this one because they used their fair share of it (flow.c). */
+    /* Rounds so far, and what is posted to run once at the end of this one,
+     * after its outboxes are flushed and the count moved on. */
     uint32_t round;
-    cp_session *share_paused;
+    cp_posted *at_round_end;
     /* The session whose received bytes are being handled (its callbacks run
      * now), so that a job queue that is full can pause it (jobq.c). */
     cp_session *rx_session;
@@ -218,6 +231,18 @@ void cp__send_msg_urgent(cp_worker *dst, cp_msg_fn fn, void *a, void *b);
 void cp__batch_begin(cp_port *port);
 void cp__batch_end(cp_port *port);
 cp_worker *cp__pick_worker(cp_port *port);
+/* On w's own thread: p->fn runs later in this round (cp__post), or once at
+ * its end (cp__post_round_end). */
+static inline void cp__post(cp_worker *w, cp_posted *p)
+{
+    p->next = w->posted;
+    w->posted = p;
+}
+static inline void cp__post_round_end(cp_worker *w, cp_posted *p)
+{
+    p->next = w->at_round_end;
+    w->at_round_end = p;
+}
 /* True when called on a worker of this port. */
 static inline bool cp__on_worker(const cp_port *p) { return cp__self && cp__self->port == p; }
 
@@ -378,13 +403,13 @@ struct cp_session {
     int ops_pending;        /* armed ops; the session is released at 0 */
     uint32_t holds;         /* owner-side holders (armed ops, the dirty list): one reference for all */
     bool was_connected;     /* on_connected ran */
-    bool dirty;             /* on owner->dirty */
+    bool dirty;             /* posted to write its queue this round (flush) */
     bool is_client;
     bool drain_marked;      /* draining: the shutdown took its place in the order */
     bool wr_shut;           /* draining: everything written, FIN sent */
     bool peer_eof;          /* draining: the peer's FIN arrived */
     uint8_t drain_reason;   /* draining: the reason on_disconnected will get */
-    cp_session *dirty_next;
+    cp_posted flush;        /* writes the queue at the round's end (session.c) */
 
     /* Bytes of an incomplete packet (or unconsumed raw bytes). */
     uint8_t *carry;
@@ -413,7 +438,7 @@ struct cp_session {
     uint32_t rx_round, rx_round_bytes;
     uint64_t rx_paused_ns;
     uint64_t tat_pkts, tat_bytes;
-    cp_session *share_next;
+    cp_posted share_end;     /* resumes a session paused for its share, next round */
     cp_wtimer rx_tmo;
 
     cp_op cl;               /* the close pseudo-operation (deferred, never submitted) */
@@ -449,7 +474,6 @@ void cp__session_ref(cp_session *s);
 void cp__session_unref(cp_session *s);
 void cp__session_close(cp_session *s, cp_reason reason, int err);
 /* End of round: write every dirty session once. */
-void cp__session_flush_dirty(cp_worker *w);
 /* Any thread: refuse sends from now on and close on the owner soon (never
  * inside a callback in progress). -ENOTCONN if already disconnecting. */
 int cp__session_request_close(cp_session *s, cp_reason reason);
@@ -485,8 +509,6 @@ void cp__rx_unblock(cp_session *s, unsigned why);
 void cp__rx_account(cp_session *s, size_t n, size_t packets);
 /* The send queue changed: pause above the high watermark, resume below the low. */
 void cp__rx_sendq_check(cp_session *s);
-/* End of a round: the sessions paused for their share read again. */
-void cp__rx_round_end(cp_worker *w);
 /* The session is closing or draining: no reason holds any more; resume:
  * read again (draining reads and drops; a close cancels the receive anyway). */
 void cp__rx_reset(cp_session *s, bool resume);

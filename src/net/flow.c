@@ -187,23 +187,17 @@ static void share_account(cp_session *s, size_t n)
     cp__rx_block(s, CP_RX_SHARE);
     if (!(s->rx_block & CP_RX_SHARE))
         return;
-    cp__session_ref(s); /* the list's */
-    s->share_next = w->share_paused;
-    w->share_paused = s;
+    cp__session_ref(s); /* the posted item's */
+    cp__post_round_end(w, &s->share_end);
 }
 
-void cp__rx_round_end(cp_worker *w)
+/* Posted when a session used its share: the round is over, it reads again. */
+static void share_end_posted(cp_worker *w, cp_posted *p)
 {
-    cp_session *s = w->share_paused;
-    w->share_paused = NULL;
-    w->round++;
-    while (s) {
-        cp_session *next = s->share_next;
-        s->share_next = NULL;
-        cp__rx_unblock(s, CP_RX_SHARE);
-        cp__session_unref(s);
-        s = next;
-    }
+    CP_UNUSED(w);
+    cp_session *s = (cp_session *)((char *)p - offsetof(cp_session, share_end));
+    cp__rx_unblock(s, CP_RX_SHARE);
+    cp__session_unref(s);
 }
 
 void cp__rx_account(cp_session *s, size_t n, size_t packets)
@@ -245,4 +239,5 @@ void cp__rx_init(cp_session *s)
     s->rx_tmo.fn = on_rate_rested;
     s->rx_tmo.arg = s;
     s->rx_tmo.heap_index = UINT32_MAX;
+    s->share_end.fn = share_end_posted;
 }

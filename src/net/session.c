@@ -114,6 +114,8 @@ void cp__session_timeout_rearm(cp_session *s)
         timeout_rearm(s->owner, s);
 }
 
+static void flush_posted(cp_worker *w, cp_posted *p);
+
 /* Sessions come from a slab of their own, so that idle ones stay packed
  * together whatever bursts did to malloc's heaps (slab.c). */
 static cp_slab session_slab = CP_SLAB_INIT(sizeof(cp_session));
@@ -130,6 +132,7 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     s->owner = owner;
     s->is_client = is_client;
     s->h.fd = -1;
+    s->flush.fn = flush_posted;
     s->rd.cb = on_recv_cqe;
     s->rd.kind = CP_OP_RECV;
     s->wr.cb = on_send_cqe;
@@ -590,9 +593,8 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
             cp__rx_sendq_check(s);
         if (!s->dirty && !s->wr.armed) {
             s->dirty = true;
-            hold(s); /* the dirty list's */
-            s->dirty_next = s->owner->dirty;
-            s->owner->dirty = s;
+            hold(s); /* the posted item's */
+            cp__post(s->owner, &s->flush);
         }
         return 0;
     }
@@ -600,17 +602,15 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
     return r;
 }
 
-void cp__session_flush_dirty(cp_worker *w)
+/* Posted by a send that queued bytes: writes the queue, once per round
+ * however many sends there were. */
+static void flush_posted(cp_worker *w, cp_posted *p)
 {
-    cp_session *s = w->dirty;
-    w->dirty = NULL;
-    while (s) {
-        cp_session *next = s->dirty_next;
-        s->dirty = false;
-        send_start(s);
-        unhold(s);
-        s = next;
-    }
+    CP_UNUSED(w);
+    cp_session *s = (cp_session *)((char *)p - offsetof(cp_session, flush));
+    s->dirty = false;
+    send_start(s);
+    unhold(s);
 }
 
 /* ------------------------------------------------------------------ order */

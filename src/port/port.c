@@ -428,8 +428,21 @@ static int timers_timeout_ms(cp_worker *w)
 
 static bool has_work(cp_worker *w)
 {
-    return w->ndeferred || w->dirty || w->pending || atomic_load_explicit(&w->inbox, memory_order_relaxed) ||
+    return w->ndeferred || w->posted || w->pending || atomic_load_explicit(&w->inbox, memory_order_relaxed) ||
            atomic_load_explicit(&w->urgent, memory_order_relaxed) || w->port->be->busy(w);
+}
+
+/* Runs and empties a list of posted items (what an item posts meanwhile
+ * goes to the list afresh). */
+static void posted_run(cp_worker *w, cp_posted **list)
+{
+    cp_posted *p = *list;
+    *list = NULL;
+    while (p) {
+        cp_posted *next = p->next;
+        p->fn(w, p);
+        p = next;
+    }
 }
 
 static void round_finish(cp_worker *w)
@@ -444,8 +457,8 @@ static void round_finish(cp_worker *w)
         more |= ran > 0;
         more |= timers_run(w);
         more |= deferred_drain(w);
-        if (w->dirty) {
-            cp__session_flush_dirty(w);
+        if (w->posted) {
+            posted_run(w, &w->posted);
             more = true;
         }
         /* Messages to itself are replayed in this same round. */
@@ -456,9 +469,10 @@ static void round_finish(cp_worker *w)
             more = true;
         }
     } while (more && budget &&
-             (w->ndeferred || w->dirty || w->pending || atomic_load(&w->inbox) || atomic_load(&w->urgent)));
+             (w->ndeferred || w->posted || w->pending || atomic_load(&w->inbox) || atomic_load(&w->urgent)));
     outbox_flush(w);
-    cp__rx_round_end(w);
+    w->round++;
+    posted_run(w, &w->at_round_end);
 }
 
 /*

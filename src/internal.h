@@ -101,6 +101,20 @@ struct cp_posted {
     cp_posted_fn fn;
 };
 
+/* What a worker takes input from right now (a session whose received bytes
+ * it is handling): a bounded job queue pushed to past its bound pauses it
+ * (jobq.c). The port knows it only by these calls. */
+typedef struct cp_feeder cp_feeder;
+typedef struct cp_feeder_ops {
+    bool (*waiting)(cp_feeder *f); /* paused for a queue already (on its worker) */
+    void (*hold)(cp_feeder *f);    /* a reference for the queue's list (any thread) */
+    void (*pause)(cp_feeder *f);   /* stop taking input (on its worker) */
+    void (*resume)(cp_feeder *f);  /* take input again, later; drops the hold (any thread) */
+} cp_feeder_ops;
+struct cp_feeder {
+    const cp_feeder_ops *ops;
+};
+
 struct cp_worker {
     cp_port *port;
     int index;
@@ -154,9 +168,9 @@ struct cp_worker {
      * after its outboxes are flushed and the count moved on. */
     uint32_t round;
     cp_posted *at_round_end;
-    /* The session whose received bytes are being handled (its callbacks run
-     * now), so that a job queue that is full can pause it (jobq.c). */
-    cp_session *rx_session;
+    /* What the worker takes input from now (its callbacks run now), so that
+     * a job queue that is full can pause it (jobq.c); NULL otherwise. */
+    cp_feeder *feeder;
 };
 
 struct cp_port {
@@ -169,7 +183,7 @@ struct cp_port {
     atomic_bool exiting;   /* destroying, the queues drained: workers leave once idle */
     atomic_bool inboxes_closed; /* destroyed: nothing may be sent to a worker any more */
     atomic_uint rr;        /* round-robin cursor for posts and new sessions */
-    atomic_int services;   /* live services */
+    atomic_int users;      /* objects that must be stopped before the destroy (services) */
 
     /* Threads that are not workers of the port and are inside a call that
      * sends to a worker (cp__port_enter/hold): destroy waits for them. */
@@ -439,6 +453,7 @@ struct cp_session {
     uint64_t rx_paused_ns;
     uint64_t tat_pkts, tat_bytes;
     cp_posted share_end;     /* resumes a session paused for its share, next round */
+    cp_feeder feeder;        /* what a full job queue pauses (flow.c) */
     cp_wtimer rx_tmo;
 
     cp_op cl;               /* the close pseudo-operation (deferred, never submitted) */

@@ -234,8 +234,27 @@ void cp__rx_unblock_later(cp_session *s, unsigned why)
     cp__send_msg(s->owner, msg_unblock, s, (void *)(uintptr_t)why);
 }
 
+/* A session as a job queue's feeder (jobq.c, "Bounds"). */
+#define SESSION_OF_FEEDER(f) ((cp_session *)((char *)(f) - offsetof(cp_session, feeder)))
+
+static bool feeder_waiting(cp_feeder *f) { return (SESSION_OF_FEEDER(f)->rx_block & CP_RX_QUEUE) != 0; }
+
+static void feeder_hold(cp_feeder *f) { cp__session_ref(SESSION_OF_FEEDER(f)); }
+
+static void feeder_pause(cp_feeder *f) { cp__rx_block(SESSION_OF_FEEDER(f), CP_RX_QUEUE); }
+
+static void feeder_resume(cp_feeder *f)
+{
+    cp_session *s = SESSION_OF_FEEDER(f);
+    cp__rx_unblock_later(s, CP_RX_QUEUE);
+    cp__session_unref(s);
+}
+
+static const cp_feeder_ops session_feeder = {feeder_waiting, feeder_hold, feeder_pause, feeder_resume};
+
 void cp__rx_init(cp_session *s)
 {
+    s->feeder.ops = &session_feeder;
     s->rx_tmo.fn = on_rate_rested;
     s->rx_tmo.arg = s;
     s->rx_tmo.heap_index = UINT32_MAX;

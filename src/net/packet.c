@@ -271,10 +271,10 @@ void cp__session_backlog(cp_session *s)
     if (!s->rx_backlog || s->rx_block || !still_connected(s))
         return;
     cp_worker *w = s->owner;
-    cp_session *outer = w->rx_session;
-    w->rx_session = s;
+    cp_feeder *outer = w->feeder;
+    w->feeder = &s->feeder;
     backlog_run(s);
-    w->rx_session = outer;
+    w->feeder = outer;
 }
 
 size_t cp__session_input(cp_session *s, const uint8_t *data, size_t n)

@@ -261,7 +261,7 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     svc->free_head = 0;
     pthread_mutex_init(&svc->lock, NULL);
     pthread_cond_init(&svc->drained, NULL);
-    atomic_fetch_add(&port->services, 1);
+    atomic_fetch_add(&port->users, 1);
     cp__live_add(CP_LIVE_SERVICE, svc);
     *out = svc;
     return 0;
@@ -270,7 +270,7 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
 static void service_free(cp_service *svc)
 {
     cp__live_del(CP_LIVE_SERVICE, svc);
-    atomic_fetch_sub(&svc->port->services, 1);
+    atomic_fetch_sub(&svc->port->users, 1);
     pthread_mutex_destroy(&svc->lock);
     pthread_cond_destroy(&svc->drained);
     free(svc->traffic_mem);

@@ -332,9 +332,9 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         if (connected(s)) {
             s->last_rx_ns = w->now_ns;
             cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
-            w->rx_session = s;
+            w->feeder = &s->feeder;
             size_t packets = cp__session_input(s, data, (size_t)res);
-            w->rx_session = NULL;
+            w->feeder = NULL;
             cp__rx_account(s, (size_t)res, packets);
         }
         /* Draining: what the peer still sends is read and dropped, so that

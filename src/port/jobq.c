@@ -69,12 +69,12 @@ struct cp_jobq {
     cp_jobq *prev, *next;   /* on the port's list of queues; under port->qlock */
     bool listed;
 
-    /* Backpressure: sessions paused for pushing past high, resumed once the
+    /* Backpressure: feeders paused for pushing past high, resumed once the
      * queue is back under low (see "Bounds" below). */
     _Atomic uint32_t high, low;
     atomic_bool has_paused;
     pthread_mutex_t plock;
-    cp_session **paused;
+    cp_feeder **paused;
     uint32_t npaused, cappaused;
     cp_wtimer retry; /* a runner that held back for a deep inbox goes on here */
 };
@@ -191,23 +191,23 @@ static job *list_pop(cp_jobq *q)
 /*
  * Bounds. A queue fed by sessions' packets grows as fast as they send, and
  * its jobs (a room's broadcasts) may be slower: without a bound it takes all
- * memory. So a push that finds more than `high` jobs pending, made while a
- * session's received bytes are being handled (worker->rx_session), pauses
- * that session's receive (CP_RX_QUEUE) and lists it here; when the runner
- * brings the queue back under `low`, every listed session is read again. The
- * push itself always succeeds: what is pushed is never lost, and producers
- * that are not sessions (timers, user threads) are not stopped. Each paused
- * session can add at most the rest of one receive, so the queue stays
- * within high plus a receive per feeding session.
+ * memory. So a push that finds more than `high` jobs pending, made while
+ * the worker handles input from a feeder (worker->feeder: a session's
+ * received bytes), pauses that feeder and lists it here; when the runner
+ * brings the queue back under `low`, every listed feeder takes input again.
+ * The push itself always succeeds: what is pushed is never lost, and
+ * producers that are not feeders (timers, user threads) are not stopped.
+ * Each paused session can add at most the rest of one receive, so the queue
+ * stays within high plus a receive per feeding session.
  */
-static void pause_pusher(cp_jobq *q, cp_session *s)
+static void pause_pusher(cp_jobq *q, cp_feeder *f)
 {
-    if (s->rx_block & CP_RX_QUEUE)
+    if (f->ops->waiting(f))
         return; /* already waiting for a queue */
     pthread_mutex_lock(&q->plock);
     if (q->npaused == q->cappaused) {
         uint32_t cap = q->cappaused ? q->cappaused * 2 : 8;
-        cp_session **a = realloc(q->paused, sizeof *a * cap);
+        cp_feeder **a = realloc(q->paused, sizeof *a * cap);
         if (!a) {
             pthread_mutex_unlock(&q->plock);
             return; /* not paused: the queue grows instead */
@@ -215,29 +215,27 @@ static void pause_pusher(cp_jobq *q, cp_session *s)
         q->paused = a;
         q->cappaused = cap;
     }
-    cp__session_ref(s);
-    q->paused[q->npaused++] = s;
+    f->ops->hold(f);
+    q->paused[q->npaused++] = f;
     atomic_store_explicit(&q->has_paused, true, memory_order_release);
     pthread_mutex_unlock(&q->plock);
-    cp__rx_block(s, CP_RX_QUEUE);
+    f->ops->pause(f);
 }
 
-/* Resumes every session paused for this queue (any thread). */
+/* Resumes every feeder paused for this queue (any thread). */
 static void release_paused(cp_jobq *q)
 {
     if (!atomic_load_explicit(&q->has_paused, memory_order_acquire))
         return;
     pthread_mutex_lock(&q->plock);
-    cp_session **a = q->paused;
+    cp_feeder **a = q->paused;
     uint32_t n = q->npaused;
     q->paused = NULL;
     q->npaused = q->cappaused = 0;
     atomic_store_explicit(&q->has_paused, false, memory_order_relaxed);
     pthread_mutex_unlock(&q->plock);
-    for (uint32_t i = 0; i < n; i++) {
-        cp__rx_unblock_later(a[i], CP_RX_QUEUE);
-        cp__session_unref(a[i]);
-    }
+    for (uint32_t i = 0; i < n; i++)
+        a[i]->ops->resume(a[i]);
     free(a);
 }
 
@@ -384,8 +382,8 @@ static int enqueue(cp_jobq *q, job *j, bool closing)
     if (!first) {
         list_push(q, j);
         uint32_t high = atomic_load_explicit(&q->high, memory_order_relaxed);
-        if (high && before >= high && cp__self && cp__self->port == q->port && cp__self->rx_session)
-            pause_pusher(q, cp__self->rx_session);
+        if (high && before >= high && cp__self && cp__self->port == q->port && cp__self->feeder)
+            pause_pusher(q, cp__self->feeder);
         return 0;
     }
     cp_jobq_ref(q); /* held while scheduled; taken before the job is visible */

@@ -861,7 +861,7 @@ int cp_port_destroy(cp_port *p)
     CP_ASSERT(cp__live_has(CP_LIVE_PORT, p), "cp_port_destroy: not a live port (destroyed twice?)");
     if (cp__on_worker(p))
         return -EDEADLK;
-    if (atomic_load(&p->services) > 0)
+    if (atomic_load(&p->users) > 0)
         return -EBUSY;
     /* From here posts, timer starts and new queues are refused; the calls
      * already past that check finish their sends first. */

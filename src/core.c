@@ -1,5 +1,5 @@
 /* Errors, reasons, logging and clocks: the small things every layer uses. */
-#include "internal.h"
+#include "base.h"
 
 #include <errno.h>
 #include <stdarg.h>

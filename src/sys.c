@@ -1,5 +1,5 @@
 /* The operating-system seam (see sys.h). */
-#include "internal.h"
+#include "base.h"
 
 #include <string.h>
 

@@ -25,7 +25,7 @@
  * (cp__sendbuf_block_new/grow): see sendq.c. Chunks and blocks are whole
  * pages from the page cache, apart from malloc's heaps (pages.c says why).
  */
-#include "internal.h"
+#include "buf/sendbuf.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -170,7 +170,6 @@ void cp__sendbuf_trim(void)
             bigs[c] = next;
         }
     }
-    cp__pages_trim();
 }
 
 static size_t round_up(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }

@@ -17,7 +17,7 @@
  * goes quiet after load gives them all back (cp__pages_trim, from its trim).
  * Bigger runs are mapped and unmapped each time, as malloc would.
  */
-#include "internal.h"
+#include "mem/mem.h"
 
 #include <stdlib.h>
 

@@ -17,7 +17,7 @@
  * Sanitizer builds use calloc and free instead, so that AddressSanitizer
  * still sees every use after free of a session.
  */
-#include "internal.h"
+#include "mem/mem.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -32,7 +32,7 @@
  * session paused by its rate limit or share is not idle. A session paused by
  * its own send queue is: its peer is not reading.
  */
-#include "internal.h"
+#include "net/net.h"
 
 #include <stdlib.h>
 

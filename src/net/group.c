@@ -29,7 +29,7 @@
  * session copies its list of groups out under glock first and only then
  * takes each group's writer lock.
  */
-#include "internal.h"
+#include "net/net.h"
 
 #include <errno.h>
 #include <stdlib.h>

@@ -9,7 +9,7 @@
  * never spins while descriptors are exhausted, and never stops for good:
  * pending connections wait in the kernel's backlog until descriptors free up.
  */
-#include "internal.h"
+#include "net/net.h"
 
 #include <errno.h>
 #include <stdlib.h>

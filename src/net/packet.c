@@ -7,7 +7,7 @@
  * is sized to that one packet and released as soon as it has been handled: a
  * session between packets holds no receive memory at all.
  */
-#include "internal.h"
+#include "net/net.h"
 
 #include <errno.h>
 #include <stdlib.h>

@@ -36,7 +36,7 @@
  * ring_free for what it costs a session that fills a big ring every round);
  * blocks are freed as they are written.
  */
-#include "internal.h"
+#include "net/net.h"
 
 #include <errno.h>
 #include <stdlib.h>

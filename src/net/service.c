@@ -9,7 +9,7 @@
  * listener) has finished, i.e. every callback has run and every completion
  * has drained. Only then is the service freed.
  */
-#include "internal.h"
+#include "net/net.h"
 
 #include <errno.h>
 #include <time.h>
@@ -262,6 +262,7 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     pthread_mutex_init(&svc->lock, NULL);
     pthread_cond_init(&svc->drained, NULL);
     atomic_fetch_add(&port->users, 1);
+    cp__port_on_trim(port, cp__sendbuf_trim); /* the buffers its sessions send */
     cp__live_add(CP_LIVE_SERVICE, svc);
     *out = svc;
     return 0;

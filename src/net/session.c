@@ -18,7 +18,7 @@
  * last reference does, on whatever thread that is, and that path touches
  * nothing but the session itself.
  */
-#include "internal.h"
+#include "net/net.h"
 
 #include <errno.h>
 #include <stdlib.h>

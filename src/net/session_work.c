@@ -22,7 +22,7 @@
  * thread (see "Order" in session.c), but any send the post makes is written
  * after it.
  */
-#include "internal.h"
+#include "net/net.h"
 
 #include <errno.h>
 #include <stdlib.h>

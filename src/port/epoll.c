@@ -14,7 +14,7 @@
  * after its fair share of reads goes on the ready list too, so one busy socket
  * cannot starve the others.
  */
-#include "internal.h"
+#include "port/port.h"
 
 #include <errno.h>
 #include <stdlib.h>

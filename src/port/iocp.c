@@ -33,7 +33,7 @@
  * DisconnectEx with TF_REUSE_SOCKET is not used: closing and opening sockets
  * is the path that works on Windows and on Wine alike (docs/design.md).
  */
-#include "internal.h"
+#include "port/port.h"
 
 #include <mswsock.h>
 #include <stdlib.h>

@@ -25,7 +25,7 @@
  * reference to the port's memory, so it can be used (and refuses work) after
  * the destroy.
  */
-#include "internal.h"
+#include "port/port.h"
 
 #include <errno.h>
 #include <sched.h>

@@ -11,7 +11,7 @@
  * what keeps a broadcast to a thousand sessions at one write per recipient and
  * one wake-up per worker.
  */
-#include "internal.h"
+#include "port/port.h"
 
 #include <errno.h>
 #include <sched.h>
@@ -484,8 +484,9 @@ static void round_finish(cp_worker *w)
  * 5x the RSS of a fresh server on io_uring. Time is cut into windows of
  * TRIM_WINDOW_NS; a window with at least TRIM_LOADED completions marks the
  * worker loaded, and the first two quiet windows (fewer than TRIM_QUIET)
- * after that trim: the backend's own memory, the sendbuf pools and the page
- * cache (pages.c), the worker's receive buffer's pages, then malloc_trim
+ * after that trim: the backend's own memory, what the layers above keep
+ * (cp__port_on_trim: the sendbuf pools), the page cache (pages.c), the
+ * worker's receive buffer's pages, then malloc_trim
  * (glibc). The bulk of a burst (chunks, queue blocks and rings, carries,
  * held copies) is pages of its own and goes back whole; what stays in
  * malloc's arenas is small. The second trim takes what was freed just after the
@@ -515,12 +516,26 @@ static void worker_trim(cp_worker *w)
 {
     if (w->port->be->trim)
         w->port->be->trim(w);
-    cp__sendbuf_trim();
+    for (int i = 0; i < CP_TRIM_HOOKS; i++) {
+        cp_trim_fn fn = atomic_load_explicit(&w->port->trim_hooks[i], memory_order_acquire);
+        if (fn)
+            fn();
+    }
+    cp__pages_trim();
     if (w->rbuf)
         cp__pages_discard(w->rbuf, w->rbuf_size);
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif
+}
+
+void cp__port_on_trim(cp_port *p, cp_trim_fn fn)
+{
+    for (int i = 0; i < CP_TRIM_HOOKS; i++) {
+        cp_trim_fn cur = NULL;
+        if (atomic_compare_exchange_strong(&p->trim_hooks[i], &cur, fn) || cur == fn)
+            return;
+    }
 }
 
 /* A worker that may have to trim does not sleep past the window's end. */

@@ -30,7 +30,7 @@
  * ENDED instead of being armed again, and it never called fn since the
  * close; so cancel answers 0 (it will not fire), not -ENOENT (it fired).
  */
-#include "internal.h"
+#include "port/port.h"
 
 #include <errno.h>
 #include <stdlib.h>

@@ -26,7 +26,7 @@
  * another with an IORING_OP_MSG_RING on its own ring; any other thread writes
  * the worker's eventfd, which a read operation on the ring keeps watching.
  */
-#include "internal.h"
+#include "port/port.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -1,0 +1,51 @@
+/*
+ * The send buffer layer (sendbuf.c): reference-counted buffers carved from
+ * per-thread chunks. Nothing here is public.
+ */
+#ifndef CP_SENDBUF_H
+#define CP_SENDBUF_H
+
+#include "base.h"
+#include "mem/mem.h"
+
+/* ------------------------------------------------------------------ send buffers */
+
+struct cp_sendbuf {
+    atomic_uint refs;
+    uint32_t len;
+    uint32_t cap;
+    uint32_t big_class;     /* allocated alone: its size class, or BIG_NONE */
+    struct cp_chunk *chunk; /* NULL for buffers allocated alone */
+    uint8_t data[];
+};
+
+/* big_class of a block a send queue copied small buffers into (sendq.c):
+ * allocated alone, never shared, freed by the last unref. */
+#define CP_SENDBUF_BLOCK (UINT32_MAX - 1)
+
+/* The memory b may keep alive while it is referenced, about what malloc
+ * took for it: for a buffer carved from a chunk, the whole chunk (any one
+ * buffer can keep it); for one allocated alone, its allocation. */
+extern const size_t cp__sendbuf_chunk_charge;
+size_t cp__sendbuf_alone_charge(const cp_sendbuf *b);
+static inline size_t cp__sendbuf_charge(const cp_sendbuf *b)
+{
+    return b->chunk ? cp__sendbuf_chunk_charge : cp__sendbuf_alone_charge(b);
+}
+/* A send queue's private block of cap bytes (len 0, one reference), and the
+ * same block grown to cap bytes (realloc: it may move; NULL leaves b as it
+ * was). */
+/* A send queue's own blocks (sendq.c): whole pages, of at least cap bytes
+ * of data; growing one may move it. What a block of cap bytes is charged. */
+cp_sendbuf *cp__sendbuf_block_new(size_t cap);
+cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap);
+size_t cp__sendbuf_block_charge(size_t cap);
+/* Bytes of free big buffers kept in the pools. */
+size_t cp__sendbuf_pooled(void);
+/* Bytes the free pools of chunks and big buffers hold (for tests). */
+static inline bool cp__sendbuf_is_block(const cp_sendbuf *b) { return b->big_class == CP_SENDBUF_BLOCK; }
+/* Gives the pooled free chunks and large buffers back to malloc (a worker
+ * calls it when it goes quiet after load; the pools refill on demand). */
+void cp__sendbuf_trim(void);
+
+#endif

@@ -1,0 +1,302 @@
+/*
+ * The net layer: sessions, their send queues and flow control, services,
+ * listeners, framing and groups. Built on the port and send buffer layers.
+ * Nothing here is public.
+ */
+#ifndef CP_NET_H
+#define CP_NET_H
+
+#include "buf/sendbuf.h"
+#include "port/port.h"
+
+typedef struct cp_session cp_session;
+
+/* ------------------------------------------------------------------ sessions */
+
+enum cp_session_state {
+    CP_S_NEW = 0,     /* allocated, not yet on its worker */
+    CP_S_CONNECTING,  /* client: connect in flight */
+    CP_S_CONNECTED,
+    CP_S_DRAINING,    /* cp_session_shutdown: no new sends; queued ones go out, then FIN */
+    CP_S_DISCONNECTING, /* a close was requested; it runs on the owner soon */
+    CP_S_CLOSING,     /* disconnect started; waiting for completions */
+    CP_S_CLOSED       /* every completion arrived; left the service */
+};
+
+/* How many distinct chunks a send queue charges once each (sendq.c). */
+#define CP_SENDQ_CHUNKS 4
+
+typedef struct cp_sendq {
+    /* Entries: buffer pointers; two low bits say how a chunk-carved
+     * buffer whose chunk has no slot in chunks[] is charged (sendq.c). */
+    uintptr_t *ring; /* power-of-two capacity */
+    uint32_t head, count, cap;
+    uint32_t first_off; /* bytes of ring[head] already written */
+    size_t bytes;       /* unsent bytes in the queue */
+    size_t mem;         /* accounted memory: every entry's charge, and the ring */
+    size_t soft;        /* above this mem, small buffers are copied (set by push) */
+    uint32_t inflight;  /* entries from the head a pending send reads */
+    uint32_t tidy;      /* entries from the head compaction has been through */
+    uint32_t regrow;    /* capacity a freed ring comes back at (0: the least) */
+    struct {
+        struct cp_chunk *c;
+        uint32_t n; /* queued entries charged through this slot */
+    } chunks[CP_SENDQ_CHUNKS];
+} cp_sendq;
+
+/* The send queue (sendq.c), owner thread only. push takes over one
+ * reference to b unless it fails: -ENOBUFS when what the queue would account
+ * passes limit (an empty queue takes any b of at most limit bytes), -ENOMEM;
+ * the caller keeps b then. gather fills at most max_iov entries with the
+ * unsent bytes from the front, stopping once max_bytes are reached, and
+ * returns how many; pending says that a send which reads those n entries'
+ * memory is in flight, landed that it completed; consume drops the first n
+ * bytes (written); clear releases everything and the ring. */
+int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit);
+int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes);
+void cp__sendq_consume(cp_sendq *q, size_t n);
+void cp__sendq_clear(cp_sendq *q);
+static inline void cp__sendq_pending(cp_sendq *q, int n) { q->inflight = (uint32_t)n; }
+static inline void cp__sendq_landed(cp_sendq *q) { q->inflight = 0; }
+/* The memory the queue accounts (what send_queue_limit is compared with):
+ * each entry's charge plus the ring. Cheap: a field. */
+static inline size_t cp__sendq_mem(const cp_sendq *q) { return q->mem; }
+/* What pushing b would add to the queue's memory as things stand (before
+ * any copying the queue may decide on). */
+size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b);
+
+struct cp_session {
+    /* What a receive and a send touch comes first, so that a session costs a
+     * worker as few cache lines as possible per message; the cold tail
+     * (close op, groups, peer address) follows. */
+    /* Low 32 bits: references. High 32 bits: send tickets handed to threads
+     * other than the owner (see "Order" in session.c). One word, so that the
+     * reference a cross-thread send takes for its message also takes its
+     * ticket, in the same locked add. */
+    _Atomic uint64_t rc;
+    _Atomic int state;
+    /* Valid until the session finishes, which clears it (on the owner, with
+     * release order). Other threads read it through cp_session_service() on a
+     * kept session at any time, so it is atomic; the owner's own reads are
+     * the implicit loads of an atomic, plain loads on x86 and one
+     * load-acquire on ARM. */
+    _Atomic(cp_service *) svc;
+    void *ctx;        /* the service's ctx, kept for sessions held past that */
+    cp_worker *owner;
+    uint64_t id;
+    void *data;
+
+    cp_handle h;
+    cp_op rd, wr;
+    int ops_pending;        /* armed ops; the session is released at 0 */
+    uint32_t holds;         /* owner-side holders (armed ops, the dirty list): one reference for all */
+    bool was_connected;     /* on_connected ran */
+    bool dirty;             /* posted to write its queue this round (flush) */
+    bool is_client;
+    bool drain_marked;      /* draining: the shutdown took its place in the order */
+    bool wr_shut;           /* draining: everything written, FIN sent */
+    bool peer_eof;          /* draining: the peer's FIN arrived */
+    uint8_t drain_reason;   /* draining: the reason on_disconnected will get */
+    cp_posted flush;        /* writes the queue at the round's end (session.c) */
+
+    /* Bytes of an incomplete packet (or unconsumed raw bytes). */
+    uint8_t *carry;
+    uint32_t carry_len, carry_cap;
+
+    cp_sendq sq;
+
+    /* Sends that arrived before an earlier one (owner only): their buffers
+     * wait here, sorted, until the tickets before them have been applied. */
+    uint32_t tx_applied;    /* tickets applied so far */
+    uint64_t drain_deadline_ns; /* cp_session_shutdown: closed hard at this time */
+    uint32_t nheld, capheld;
+    struct cp_held *held;
+
+    /* Idle and partial-packet timeouts: one timer, armed for the nearer. */
+    uint64_t last_rx_ns;   /* last receive */
+    uint64_t pkt_start_ns; /* when the incomplete packet in carry began */
+    cp_wtimer tmo;
+
+    /* Receive flow control (flow.c, owner only): why the receive is paused
+     * (CP_RX_* bits; 0 = reading), since when, this round's share, and the
+     * rate limit's theoretical arrival times (GCRA) with the timer that
+     * resumes a session the limit paused. */
+    uint8_t rx_block;
+    bool rx_backlog;  /* carry holds the rest of a receive a pause stopped (packet.c) */
+    uint32_t rx_round, rx_round_bytes;
+    uint64_t rx_paused_ns;
+    uint64_t tat_pkts, tat_bytes;
+    cp_posted share_end;     /* resumes a session paused for its share, next round */
+    cp_feeder feeder;        /* what a full job queue pauses (flow.c) */
+    cp_wtimer rx_tmo;
+
+    cp_op cl;               /* the close pseudo-operation (deferred, never submitted) */
+
+    /* Groups this session is in; guarded by glock. */
+    pthread_mutex_t glock;
+    cp_group **groups;
+    uint32_t ngroups, capgroups;
+
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+
+    /* Work bound to the session (session_work.c): posts and timer starts on
+     * their way to the owner. Any thread pushes onto the stack; the owner
+     * moves them to its list; the close closes the stack. */
+    _Atomic(struct cp_swork *) work_stack;
+    struct cp_swork *work_head, *work_tail;
+    struct cp_session_timer *timers; /* armed session timers (owner only) */
+#ifdef CP_ASSERTS
+    atomic_int user_refs; /* cp_session_ref minus cp_session_unref, for the misuse check */
+#endif
+};
+
+cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client);
+/* On the owner: take over an accepted descriptor and start the session. */
+void cp__session_start_accepted(cp_worker *w, void *s, void *fd, uintptr_t c);
+/* On the owner: connect s with the socket fd (made by the caller). */
+void cp__session_start_connect(cp_worker *w, void *s, void *fd, uintptr_t c);
+/* Queue b on s (takes its own reference). Any thread. */
+int cp__session_send(cp_session *s, cp_sendbuf *b);
+/* The library's own references (cp_session_ref/unref are the user's). */
+void cp__session_ref(cp_session *s);
+void cp__session_unref(cp_session *s);
+void cp__session_close(cp_session *s, cp_reason reason, int err);
+/* End of round: write every dirty session once. */
+/* Any thread: refuse sends from now on and close on the owner soon (never
+ * inside a callback in progress). -ENOTCONN if already disconnecting. */
+int cp__session_request_close(cp_session *s, cp_reason reason);
+/* Any thread: the graceful close of cp_session_shutdown, ending with reason.
+ * -ENOTCONN unless connected. */
+int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason);
+
+/* Packet/raw parser: consume received bytes for s; returns the packets
+ * handed to handlers (raw framing: 0). */
+size_t cp__session_input(cp_session *s, const uint8_t *data, size_t n);
+/* The parser kept the start of an unfinished packet (raw: unconsumed bytes)
+ * and set pkt_start_ns: the timeout timer may have to fire sooner. */
+void cp__session_packet_started(cp_session *s);
+/* The receive was paused or resumed (flow.c): the timeouts' deadlines moved.
+ * Connected sessions only. */
+void cp__session_timeout_rearm(cp_session *s);
+
+/* On the owner, from the close, before on_disconnected: refuse further posts
+ * and timer starts, end the session's timers and run the posts still on
+ * their way (session_work.c). */
+void cp__session_work_close(cp_session *s);
+
+/* Receive flow control (flow.c). A session's receive is paused while any
+ * reason holds: its rate limit is spent (RATE), its send queue is above the
+ * high watermark (SENDQ), it used its fair share of the worker's round
+ * (SHARE), a job queue it fed is over its bound (QUEUE, jobq.c). While
+ * paused nothing more is read from its socket, so TCP pushes back on the
+ * peer. Owner only, except cp__rx_unblock_msg. */
+enum { CP_RX_RATE = 1, CP_RX_SENDQ = 2, CP_RX_SHARE = 4, CP_RX_QUEUE = 8 };
+void cp__rx_block(cp_session *s, unsigned why);
+void cp__rx_unblock(cp_session *s, unsigned why);
+/* A receive of n bytes holding packets packets was consumed. */
+void cp__rx_account(cp_session *s, size_t n, size_t packets);
+/* The send queue changed: pause above the high watermark, resume below the low. */
+void cp__rx_sendq_check(cp_session *s);
+/* The session is closing or draining: no reason holds any more; resume:
+ * read again (draining reads and drops; a close cancels the receive anyway). */
+void cp__rx_reset(cp_session *s, bool resume);
+/* At creation. */
+void cp__rx_init(cp_session *s);
+/* Packet framing, while a receive is handled: takes one packet from the rate
+ * limit; false (and the session paused) when it is over its rate. */
+bool cp__rx_rate_packet(cp_session *s);
+/* Frees a session's carry buffer of cap bytes (packet.c says where it is from). */
+void cp__carry_free(uint8_t *carry, size_t cap);
+/* On the owner, in a clean context: handles the backlog a pause left in
+ * carry (packet.c), unless paused again. */
+void cp__session_backlog(cp_session *s);
+/* Any thread: unblock why on s, on its owner, by message (takes its own reference). */
+void cp__rx_unblock_later(cp_session *s, unsigned why);
+
+/* Groups: remove s from every group (on close). */
+void cp__group_leave_all(cp_session *s);
+
+/* ------------------------------------------------------------------ services */
+
+typedef struct cp_slot {
+    cp_session *s;
+    uint32_t gen;
+    uint32_t next_free;
+} cp_slot;
+
+typedef struct cp_listener cp_listener;
+
+/* A service's traffic counters on one worker: written by that worker alone,
+ * so adding is a plain load and store (no locked instruction, and no cache
+ * line shared with other workers); readers sum the workers' blocks. */
+typedef struct cp_traffic {
+    atomic_uint_fast64_t bytes_in, bytes_out, packets_in;
+    char pad_[64 - 3 * sizeof(atomic_uint_fast64_t)];
+} cp_traffic;
+
+struct cp_service {
+    cp_port *port;
+    cp_handlers h;
+    void *ctx;
+    bool is_client;
+    atomic_bool stopping;
+
+    /* Session options, fixed at start. */
+    cp_framing framing;
+    uint32_t max_packet;
+    size_t send_queue_limit;
+    bool nodelay;
+    uint64_t idle_timeout_ns, packet_timeout_ns; /* 0 = off */
+    size_t sq_high, sq_low;          /* send-queue watermarks (receive paused between) */
+    uint32_t rate_pkts, rate_bytes;  /* receive rate limit per second; 0 = none */
+    uint64_t win_pkts_ns, win_bytes_ns; /* the bursts, as time at those rates */
+    uint64_t pkt_cost_ns;            /* one packet at rate_pkts */
+    cp_packet_fn *routes; /* indexed by id, nroutes entries */
+    uint32_t nroutes;
+
+    /* Live-session table: slot + generation make the session id. */
+    pthread_mutex_t lock;
+    pthread_cond_t drained;
+    cp_slot *slots;
+    uint32_t nslots, free_head, live; /* live = occupied slots */
+    int objects;                      /* live sessions + listener, for stop */
+
+    cp_listener *listener;
+    struct sockaddr_storage addr;     /* server: bound address; client: target */
+    socklen_t addr_len;
+
+    struct {
+        atomic_uint_fast64_t connected, disconnected, rejected, connect_failed, accept_errors;
+        atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
+    } st;
+    cp_traffic *traffic; /* one per worker of the port, 64-byte aligned */
+    void *traffic_mem;
+};
+
+/* Table slot management (service.c). */
+int cp__service_add_session(cp_service *svc, cp_session *s);
+void cp__service_session_done(cp_service *svc, cp_session *s);
+void cp__service_object_done(cp_service *svc);
+int cp__addr_str(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
+int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss,
+                socklen_t *len);
+
+/* Listener (listener.c). */
+int cp__listener_start(cp_service *svc, int backlog, int accepts);
+void cp__listener_stop(cp_service *svc);
+
+static inline void cp__stat_add(atomic_uint_fast64_t *c, uint64_t v)
+{
+    atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+/* On the owner worker w only: see cp_traffic. */
+static inline cp_traffic *cp__traffic(cp_service *svc, const cp_worker *w) { return &svc->traffic[w->index]; }
+
+static inline void cp__traffic_add(atomic_uint_fast64_t *c, uint64_t v)
+{
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v, memory_order_relaxed);
+}
+
+#endif

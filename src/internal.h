@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Internal declarations shared by the layers of cport. Nothing here is public.
  */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Regression tests for the 13 flaws of the reference C++ server core that
  * cport must not have (REFERENCE.md, "Flaws cport must not have"). One or more

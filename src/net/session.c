@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Sessions: the connect / receive / send / disconnect state machine.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Job queues: run one object's work one job at a time on whichever worker is
  * free (the JobQueue / DoAsync of the reference model).

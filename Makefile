@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Thin wrapper around CMake. On a fresh Debian 12 machine these two do it all:
 #   make run    the main job: a chat server and 500 dummy sessions for ~10 s
 #   make test   build and run the test suite

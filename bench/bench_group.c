@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * bench_group — group broadcast from user threads: what a call costs, and
  * what a flood of them does to the rest of the server.

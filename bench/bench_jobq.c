@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * bench_jobq — cost of cport's job queues and timers.
  *

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # cpu_compare.sh — server CPU time per message, contenders side by side.
 #
 #   bench/cpu_compare.sh [options] --load "LOADGEN ARGS" NAME=COMMAND [NAME=COMMAND ...]

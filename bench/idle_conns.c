@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * idle_conns — open N idle TCP connections to a server and hold them.
  *

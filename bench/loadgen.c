@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * loadgen — load generator for cport benchmarks, independent of cport.
  *

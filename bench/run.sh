@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # run.sh — cport against what users would pick instead (make bench / make bench-quick).
 #
 #   bench/run.sh BUILD full|quick     run the benchmarks with the programs in BUILD

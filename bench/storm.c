@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * storm — neighbours' echo latency while other clients churn connections.
  *

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Cross-compiling cport for 64-bit Windows with mingw-w64 (Debian:
 # gcc-mingw-w64-x86-64), running the programs and tests under Wine:
 #

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* A complete echo server: every byte a client sends comes straight back.
  * The same file builds on Linux (io_uring or epoll) and on Windows (IOCP). */
 #include <cport.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * cport — the completion-port network core for game servers.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* Errors, reasons, logging and clocks: the small things every layer uses. */
 #include "base.h"
 

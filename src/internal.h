@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Every internal layer at once, for the tests that look inside. The
  * library's own files include only their layer's header (base.h, mem/mem.h,

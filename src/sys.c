@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* The operating-system seam (see sys.h). */
 #include "base.h"
 

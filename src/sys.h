@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The operating-system seam: socket headers, the few socket calls the net
  * layer makes itself, and small system facts. Everything above this file is

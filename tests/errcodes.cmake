@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Lists every errno constant the library's sources can hand back, for
 # test_errors.c: cmake -DROOT=<source dir> -DOUT=<file> -P errcodes.cmake
 #

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* Shared test helpers; see helpers.h for the rules they follow. */
 #include "helpers.h"
 #include "sys.h" /* the library's own error mapping (Windows) */

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # cport-server's arguments, from outside: a bad one prints why and the usage
 # on stderr and exits 2; --help exits 0. Run by CTest as
 #   cmake -DEXE=<cport-server> -P server_usage.cmake

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Client services: connecting N sessions, more on demand from any thread,
  * packets both ways, failures, server-side close seen by the client.

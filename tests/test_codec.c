@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Packet bodies: the little-endian put/get helpers of cport.h (byte order,
  * unaligned addresses, signed and float values) and the bounded writer and

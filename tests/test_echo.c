@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Echo: byte-exact round trips in packet and raw framing, many connections
  * pipelining, large packets from several threads, peer names, counters.

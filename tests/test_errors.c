@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The error table: every errno constant the library's sources can return has
  * a name (cp_err_name) and a text (cp_strerror). The list of codes is not

@@ -1,7 +1,29 @@
+/* SPDX-License-Identifier: MIT */
 /*
- * Regression tests for the 13 flaws of the reference C++ server core that
- * cport must not have (REFERENCE.md, "Flaws cport must not have"). One or more
- * tests per flaw, named fNN_<what must hold>.
+ * Regression tests for the 13 flaws cport must not have: those of the widely
+ * copied C++ Windows IOCP server core (IocpCore, Service, Session,
+ * PacketSession, SendBuffer) whose model cport keeps. In that core:
+ *   1. a failed connect was treated as success (a "connected" zombie);
+ *   2. an I/O error other than a reset left the session half-alive, and a
+ *      failed disconnect call skipped OnDisconnected;
+ *   3. a completion's error code was lost, and a null event dequeued from a
+ *      closed port was dereferenced;
+ *   4. accept failures were retried recursively (stack overflow, a busy loop
+ *      on EMFILE);
+ *   5. a short send silently lost the rest of its bytes;
+ *   6. the send queue was unbounded: a slow client grew memory for ever;
+ *   7. headers were not checked: size < 4 looped for ever, ids indexed past
+ *      the handler table, any packet over 6000 bytes crashed;
+ *   8. every session held 640 KiB of receive buffer, idle or not;
+ *   9. broadcast held a lock across every recipient's send system call;
+ *  10. a service could not be stopped, drained and freed;
+ *  11. reference cycles (listener <-> service, player <-> session) leaked
+ *      whole sessions;
+ *  12. TCP_NODELAY was set at the wrong level (no effect), and only IPv4
+ *      worked;
+ *  13. one session's receive and send hooks could run at once on two threads.
+ * One or more tests per flaw, named fNN_<what must hold>; the comment above
+ * each says what cport must do instead.
  */
 #include "helpers.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Receive flow control (issue 14): a session is not read while its peer is
  * over the receive rate limit, while its own send queue is above the high

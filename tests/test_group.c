@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Groups (rooms): membership rules, leaving on disconnect, chat-style
  * broadcast with per-sender order, concurrent membership changes, service

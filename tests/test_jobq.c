@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* Job queues: order, exclusion, fairness, closing. */
 #include "helpers.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* Job-queue bounds: a queue fed by sessions' packets stays near its bound,
  * because the sessions that push past it are not read until it drains; the
  * pushes themselves always succeed and nothing is lost. */

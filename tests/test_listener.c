@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The listener: binding (port 0, in-use ports, any address, IPv6), keeping
  * accepts pending under bursts, max_sessions, restart on the same port, and

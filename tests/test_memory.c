@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Memory after load: a worker that goes quiet after a burst gives back what
  * the burst left it holding (provided receive buffers, pooled send buffers,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Misuse of the API caught by the library's own checks (CP_ASSERT, on in
  * Debug and sanitizer builds: make check). Each misuse runs in a forked

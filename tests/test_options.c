@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Service options that cannot work are refused at start with -EINVAL (and
  * leave nothing behind: the port can be destroyed right after); each refusal

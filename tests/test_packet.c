@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Packet framing {u16 size, u16 id} little-endian: packets split across any
  * number of reads, many packets in one read, size limits, routing by id,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The completion port: creation with each option, the backend choice, worker
  * counts, cp_port_post from many threads, destroy rules, logging, names.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* Regression tests, each named after the bug it pins down. */
 #include "helpers.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * What a session's send queue keeps in memory (cport issue 14): the limit
  * counts what queued buffers pin, not their bytes; a queue behind a client

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The send queue: order under concurrent senders, gather writes over many
  * small buffers, the byte limit, on_sent pacing, one buffer on many sessions.

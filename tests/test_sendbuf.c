@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Send buffers: open/close from the per-thread chunk, copies, packet buffers,
  * reference counting across threads, chunk recycling while buffers live.

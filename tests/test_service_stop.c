@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Stopping services: idle, with sessions, with busy and slow sessions, with
  * connects in flight, with callbacks running, with user threads still

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Session lifetime: exactly one on_disconnected under racing disconnects,
  * -ENOTCONN after disconnect, stale ids, disconnect from inside callbacks,

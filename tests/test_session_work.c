@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Work bound to a session: cp_session_post and session timers run on the
  * session's worker, never alongside one of its callbacks and never after its

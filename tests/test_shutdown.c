@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The graceful close (cp_session_shutdown) against the hard one
  * (cp_session_disconnect): what was sent before a shutdown reaches the peer,

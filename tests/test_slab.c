@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Slabs (src/mem/slab.c): objects of one size packed in blocks of pages of
  * their own. Sessions live there so that idle ones cost their size whatever

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * cp_wait_stop_signal: it returns the signal that asked the process to stop,
  * a stop request that comes while nobody waits is kept for the next wait, and

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* Session timeouts: idle and partial-packet, firing and not firing. */
 #include "helpers.h"
 

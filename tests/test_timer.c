@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* Timers: firing on time, cancellation, repeating, delivery to job queues. */
 #include "helpers.h"
 #include "internal.h"

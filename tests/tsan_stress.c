@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * tsan_stress — the multithreaded paths of cport, exercised at once, for
  * ThreadSanitizer (`make check-tsan`). Criterion cannot run under TSan (its

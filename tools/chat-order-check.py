@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """An independent chat client: checks a chat server's per-sender order without cport.
 
 Connects N clients to a server that broadcasts every {u16 size, u16 id} packet

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Sourced by the tools/*-check.sh scripts: one cport-server in the background,
 # its output in a temporary directory, killed on exit whatever happens.
 #

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Helpers shared by the cport command-line tools (cport-server, cport-dummy).
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * cport-dummy — the stress client: N sessions on one cport client service
  * that talk to a cport-server and check every byte that comes back.

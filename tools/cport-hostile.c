@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * cport-hostile — hostile traffic against a running cport-server, from outside.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * cport-server — a ready-to-run cport server for tests, demos and stress runs.
  *

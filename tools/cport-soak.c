@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * cport-soak: a chaos soak of a cport packet-echo server, in one process.
  *

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # Descriptor exhaustion, end to end, on a real cport-server process.
 #
 #   tools/emfile-check.sh [BACKEND] [SERVER]     (BACKEND epoll|uring, default epoll;

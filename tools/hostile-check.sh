@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # Hostile traffic against a real cport-server, measured from outside (issue 14).
 #
 #   tools/hostile-check.sh [--build DIR] [--backend B] [--mode M] [--server "FLAGS"]

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # The end-to-end run behind `make run`: a chat server and 500 chat clients.
 #
 #   tools/run-main.sh [BUILD_DIR]        (default: build)

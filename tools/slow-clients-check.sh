@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # Hostile slow clients against a real cport-server process: max_sessions,
 # drip-feeding (partial-packet timeout) and never-reading clients at once.
 #

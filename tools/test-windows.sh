@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # Builds cport and its test suite for 64-bit Windows with mingw-w64 and runs
 # the suite (every socket test on the IOCP backend) under Wine, headless:
 #

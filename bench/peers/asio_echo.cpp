@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // asio_echo — an echo server on standalone Asio, the way an Asio user writes one.
 //
 // One asio::io_context run by N threads (the usual "thread pool on one

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * raw_epoll_chat — the baseline cport's chat/broadcast server is measured against.
  *

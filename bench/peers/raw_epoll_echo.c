@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * raw_epoll_echo — the baseline cport's echo server is measured against.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * raw_uring_echo — a one-thread raw io_uring echo server, the io_uring peer.
  *

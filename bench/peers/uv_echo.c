@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * uv_echo — an echo server on libuv, the way a libuv user writes a fast one.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Send buffers: reference counted, immutable once closed, carved from a
  * per-thread chunk so that opening one takes no lock.

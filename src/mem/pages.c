@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Runs of whole pages for the send path's bulk memory: the chunks send
  * buffers are carved from, the blocks a backed-up send queue copies into,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Slabs: objects of one size packed into 64 KiB blocks of pages mapped for
  * them alone (cp__pages_map), not taken from malloc.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Groups (rooms): a set of sessions with broadcast.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The listener keeps accepts pending and hands each new connection to a
  * worker (round-robin), where its session lives from then on.

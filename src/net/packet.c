@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Framing: {u16 size, u16 id} little-endian, size counting the 4-byte header.
  *

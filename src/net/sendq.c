@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * A session's send queue: the buffers queued on it and not yet written, in
  * order, as a ring of references. Owner thread only; the session decides

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Services own sessions. A server service has a listener; a client service
  * connects sessions to one address. Both keep the live-session table: slot

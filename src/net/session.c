@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Sessions: the connect / receive / send / disconnect state machine.
  *
@@ -383,7 +384,9 @@ static void set_nodelay(cp_session *s)
 {
     if (!s->svc->nodelay)
         return;
-    /* TCP_NODELAY lives at IPPROTO_TCP, not SOL_SOCKET (REFERENCE flaw 12). */
+    /* TCP_NODELAY lives at IPPROTO_TCP. The C++ IOCP core cport replaces set it
+     * at SOL_SOCKET, where it has no effect, so its small writes waited for
+     * Nagle's algorithm (flaws::f12_tcp_nodelay_really_set checks this level). */
     cp__sock_setint(s->h.fd, IPPROTO_TCP, TCP_NODELAY, 1);
 }
 

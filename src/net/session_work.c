@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Work bound to a session: cp_session_post and session timers.
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The internal backend contract. A backend turns one platform's I/O facility
  * (epoll, io_uring, IOCP) into completions: the core submits an operation on a

@@ -1,13 +1,15 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Windows backend: I/O completion ports.
  *
  * One completion port is shared by every worker of a cp_port, as IOCP is meant
  * to be used: each worker waits in GetQueuedCompletionStatusEx for up to
  * IO_EVENTS completions at a time. A session still belongs to one worker for
- * life (DESIGN.md), so a completion that another worker dequeues is handed to
- * the owner through the owner's lock-free inbox, batched per round like any
- * other cross-worker message. That is the per-session serialization without a
- * lock on the hot path; with one worker every completion is local.
+ * life (docs/design.md, "Threads"), so a completion that another worker
+ * dequeues is handed to the owner through the owner's lock-free inbox, batched
+ * per round like any other cross-worker message. That is the per-session
+ * serialization without a lock on the hot path; with one worker every
+ * completion is local.
  *
  * Waking one particular worker cannot go through the shared port (any worker
  * may dequeue a posted packet), so wake() queues a no-op APC to the worker's

@@ -1,6 +1,8 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Job queues: run one object's work one job at a time on whichever worker is
- * free (the JobQueue / DoAsync of the reference model).
+ * free: what the C++ IOCP core cport replaces calls a JobQueue, to which a
+ * room's work is pushed with DoAsync.
  *
  * Jobs sit in an intrusive multi-producer single-consumer list (a push is one
  * atomic exchange). Scheduling is driven by one atomic word: the number of

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The completion port: a pool of workers, each running one backend instance,
  * and the plumbing that moves work between threads.

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: MIT
 # Builds the libFuzzer targets of tests/fuzz/ into OUTDIR (default build-fuzz):
 # the library sources are compiled into each fuzzer with the same flags
 # (clang, -fsanitize=fuzzer,address,undefined), both backends (epoll and

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /* Pieces both fuzz targets need; static inline so each target stays one file to build. */
 #ifndef CP_FUZZ_COMMON_H
 #define CP_FUZZ_COMMON_H

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * fuzz_framer: cport's real {u16 size, u16 id} framing (src/net/packet.c,
  * cp__session_input) under libFuzzer, through a real server on 127.0.0.1.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * fuzz_session: a real cport server session driven by arbitrary bytes and
  * arbitrary disconnects, under libFuzzer (+ ASan + UBSan).

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Self-test of the Criterion shim (tests/win/criterion): one test per kind of
  * outcome. Run by selftest.cmake, which checks the runner's verdict on each;

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # Checks the Criterion shim's runner (tests/win/criterion) on its self-test
 # program (tests/win/selftest.c), which has one test per kind of outcome:
 #   cmake -DEMULATOR=<wine64 or empty> -DEXE=<criterion_selftest.exe> -P selftest.cmake

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Repro (epoll backend): data and FIN that arrive together are read as data
  * only; the EOF is never seen, the session stays live forever.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The kernel side of docs/reliability.md finding 2, without cport: an
  * io_uring multishot receive whose poll is armed while bytes and the peer's

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * A small Criterion-compatible test runner, for the Windows (mingw-w64) build
  * of the test suite only.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The runner of the Criterion-compatible shim (see criterion.h for why it
  * exists and what it supports). Windows only.

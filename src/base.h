@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * What every layer of cport shares: the log, the clock, allocation, and the
  * misuse checks. Nothing here is public.

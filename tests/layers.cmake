@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: MIT
 # The layers' include rules (docs/design.md, "Layers"), checked over the
 # sources: each directory may include only the headers listed for it. With
 # the declarations split per layer, a file that cannot include a layer's

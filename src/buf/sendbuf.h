@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The send buffer layer (sendbuf.c): reference-counted buffers carved from
  * per-thread chunks. Nothing here is public.

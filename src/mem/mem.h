@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * Memory of cport's own, below every layer: the page cache (pages.c) and
  * slabs (slab.c). Nothing here is public.

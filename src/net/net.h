@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The net layer: sessions, their send queues and flow control, services,
  * listeners, framing and groups. Built on the port and send buffer layers.

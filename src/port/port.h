@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: MIT */
 /*
  * The port layer: workers, their rounds and messages, timers, job queues.
  * Built on the backend contract (backend.h); it knows nothing of sessions,

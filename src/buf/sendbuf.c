@@ -247,7 +247,7 @@ static void commit_open(uint32_t keep)
 
 /* The shortcuts (copy, packet) may run while the user has a buffer open:
  * they close theirs at once, and the open one is kept whole. */
-static cp_sendbuf *sendbuf_open(size_t cap)
+cp_sendbuf *cp__sendbuf_open(size_t cap)
 {
     if (cap > UINT32_MAX - 64)
         return NULL;
@@ -369,12 +369,12 @@ cp_sendbuf *cp_sendbuf_open(size_t cap)
 {
 #ifdef CP_ASSERTS
     CP_ASSERT(!user_open_still(), "cp_sendbuf_open: a send buffer is already open on this thread (close it first)");
-    cp_sendbuf *b = sendbuf_open(cap);
+    cp_sendbuf *b = cp__sendbuf_open(cap);
     if (b)
         user_open_add(b);
     return b;
 #else
-    return sendbuf_open(cap);
+    return cp__sendbuf_open(cap);
 #endif
 }
 
@@ -382,9 +382,9 @@ uint8_t *cp_sendbuf_data(cp_sendbuf *b) { return b->data; }
 
 /* Any thread: a buffer opened on one thread may be written and closed on
  * another. Only the thread that carved it moves its chunk on, and only when
- * it closes the buffer itself; otherwise sendbuf_open does, without touching
+ * it closes the buffer itself; otherwise cp__sendbuf_open does, without touching
  * the buffer's length (see there). */
-static void sendbuf_close(cp_sendbuf *b, size_t len)
+void cp__sendbuf_close(cp_sendbuf *b, size_t len)
 {
     b->len = (uint32_t)(len > b->cap ? b->cap : len);
     if (tls_open == b)
@@ -396,7 +396,7 @@ void cp_sendbuf_close(cp_sendbuf *b, size_t len)
 #ifdef CP_ASSERTS
     user_open_forget(b);
 #endif
-    sendbuf_close(b, len);
+    cp__sendbuf_close(b, len);
 }
 
 size_t cp_sendbuf_len(const cp_sendbuf *b) { return b->len; }
@@ -428,68 +428,12 @@ void cp_sendbuf_unref(cp_sendbuf *b)
 
 cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len)
 {
-    cp_sendbuf *b = sendbuf_open(len);
+    cp_sendbuf *b = cp__sendbuf_open(len);
     if (!b)
         return NULL;
     if (len)
         memcpy(b->data, data, len);
-    sendbuf_close(b, len);
+    cp__sendbuf_close(b, len);
     return b;
 }
 
-/* A packet buffer is a send buffer whose first CP_PACKET_HEADER bytes are the
- * header: the id is written at open, the size at close, when it is known.
- * cp_packet_make opens one as a shortcut (allowed while the user has a buffer
- * open), cp_packet_open as the user's one open buffer. */
-static cp_sendbuf *packet_open(uint16_t id, size_t body_cap, bool for_user)
-{
-    if (body_cap > CP_PACKET_MAX - CP_PACKET_HEADER)
-        return NULL;
-    size_t cap = CP_PACKET_HEADER + body_cap;
-    cp_sendbuf *b = for_user ? cp_sendbuf_open(cap) : sendbuf_open(cap);
-    if (!b)
-        return NULL;
-    cp_put_u16(b->data + 2, id);
-    return b;
-}
-
-cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap) { return packet_open(id, body_cap, true); }
-
-uint8_t *cp_packet_body(cp_sendbuf *b) { return b->data + CP_PACKET_HEADER; }
-
-static int packet_close(cp_sendbuf *b, size_t body_len)
-{
-    if (b->cap < CP_PACKET_HEADER || body_len > b->cap - CP_PACKET_HEADER) {
-        /* More than was reserved: the caller's length is wrong, or it wrote
-         * past the buffer. Neither a clipped body nor the bytes past the
-         * capacity may go out under a header that claims them, so the buffer
-         * closes empty (sending it sends nothing) and the caller hears why. */
-        sendbuf_close(b, 0);
-        return -EMSGSIZE;
-    }
-    size_t size = CP_PACKET_HEADER + body_len; /* <= CP_PACKET_MAX: cap was checked at open */
-    cp_put_u16(b->data, (uint16_t)size);
-    sendbuf_close(b, size);
-    return 0;
-}
-
-int cp_packet_close(cp_sendbuf *b, size_t body_len)
-{
-    if (!b)
-        return -EINVAL;
-#ifdef CP_ASSERTS
-    user_open_forget(b);
-#endif
-    return packet_close(b, body_len);
-}
-
-cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len)
-{
-    cp_sendbuf *b = packet_open(id, body_len, false);
-    if (!b)
-        return NULL;
-    if (body_len)
-        memcpy(cp_packet_body(b), body, body_len);
-    packet_close(b, body_len); /* cannot fail: body_len is the capacity */
-    return b;
-}

@@ -48,5 +48,10 @@ static inline bool cp__sendbuf_is_block(const cp_sendbuf *b) { return b->big_cla
 /* Gives the pooled free chunks and large buffers back to malloc (a worker
  * calls it when it goes quiet after load; the pools refill on demand). */
 void cp__sendbuf_trim(void);
+/* The library's own buffers (copies, packets): opened and closed at once,
+ * allowed while the user has a buffer open on the thread, and not seen by
+ * the misuse check of a second open buffer. */
+cp_sendbuf *cp__sendbuf_open(size_t cap);
+void cp__sendbuf_close(cp_sendbuf *b, size_t len);
 
 #endif

@@ -7,6 +7,9 @@
  * that is not complete yet are copied, into the session's carry buffer, which
  * is sized to that one packet and released as soon as it has been handled: a
  * session between packets holds no receive memory at all.
+ *
+ * The encoder is here too, beside the decoder (the end of the file): a
+ * packet is a send buffer with the header written in place.
  */
 #include "net/net.h"
 
@@ -285,4 +288,60 @@ size_t cp__session_input(cp_session *s, const uint8_t *data, size_t n)
         return 0;
     }
     return packet_input(s, data, n);
+}
+
+/* ------------------------------------------------------------------ encoder */
+
+/* A packet buffer is a send buffer whose first CP_PACKET_HEADER bytes are the
+ * header: the id is written at open, the size at close, when it is known.
+ * cp_packet_make opens one as a shortcut (allowed while the user has a buffer
+ * open), cp_packet_open as the user's one open buffer. */
+static cp_sendbuf *packet_open(uint16_t id, size_t body_cap, bool for_user)
+{
+    if (body_cap > CP_PACKET_MAX - CP_PACKET_HEADER)
+        return NULL;
+    size_t cap = CP_PACKET_HEADER + body_cap;
+    cp_sendbuf *b = for_user ? cp_sendbuf_open(cap) : cp__sendbuf_open(cap);
+    if (!b)
+        return NULL;
+    cp_put_u16(b->data + 2, id);
+    return b;
+}
+
+cp_sendbuf *cp_packet_open(uint16_t id, size_t body_cap) { return packet_open(id, body_cap, true); }
+
+uint8_t *cp_packet_body(cp_sendbuf *b) { return b->data + CP_PACKET_HEADER; }
+
+/* Writes the header's size for a body of body_len; the packet's length, or
+ * 0 when the body is more than was reserved: the caller's length is wrong,
+ * or it wrote past the buffer. Neither a clipped body nor the bytes past the
+ * capacity may go out under a header that claims them, so the buffer then
+ * closes empty (sending it sends nothing) and the caller hears why. */
+static size_t packet_seal(cp_sendbuf *b, size_t body_len)
+{
+    if (b->cap < CP_PACKET_HEADER || body_len > b->cap - CP_PACKET_HEADER)
+        return 0;
+    size_t size = CP_PACKET_HEADER + body_len; /* <= CP_PACKET_MAX: cap was checked at open */
+    cp_put_u16(b->data, (uint16_t)size);
+    return size;
+}
+
+int cp_packet_close(cp_sendbuf *b, size_t body_len)
+{
+    if (!b)
+        return -EINVAL;
+    size_t size = packet_seal(b, body_len);
+    cp_sendbuf_close(b, size);
+    return size ? 0 : -EMSGSIZE;
+}
+
+cp_sendbuf *cp_packet_make(uint16_t id, const void *body, size_t body_len)
+{
+    cp_sendbuf *b = packet_open(id, body_len, false);
+    if (!b)
+        return NULL;
+    if (body_len)
+        memcpy(cp_packet_body(b), body, body_len);
+    cp__sendbuf_close(b, packet_seal(b, body_len)); /* cannot fail: body_len is the capacity */
+    return b;
 }

@@ -103,6 +103,18 @@ typedef void (*cp_log_fn)(cp_log_level level, const char *msg, void *ud);
  * NULL removes it). Messages are rare: backend choice, accept backoff, etc. */
 CP_API void cp_set_log(cp_log_fn fn, void *ud);
 
+/* ------------------------------------------------------------------ allocation */
+
+/* Replaces the allocator cport uses for its own memory (as libuv's
+ * uv_replace_allocator): malloc, realloc, calloc and free as one set, e.g.
+ * to count what cport takes or to use jemalloc or mimalloc. Call it before
+ * any other cport call: once cport has allocated anything it returns -EBUSY
+ * (memory must go back to the allocator it came from). -EINVAL if any
+ * function is NULL. Traffic's bulk memory (send buffer chunks, queue blocks,
+ * sessions) is pages cport maps itself, not the allocator's. */
+CP_API int cp_set_allocator(void *(*malloc_fn)(size_t), void *(*realloc_fn)(void *, size_t),
+                            void *(*calloc_fn)(size_t, size_t), void (*free_fn)(void *));
+
 /* ------------------------------------------------------------------ port */
 
 typedef enum cp_backend {

@@ -19,7 +19,14 @@
 
 void cp__log(cp_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 uint64_t cp__now_ns(void);
-void *cp__xalloc(size_t n); /* malloc that returns NULL; zeroed */
+/* Every allocation of the library goes through these (cp_set_allocator):
+ * NULL when out of memory, as malloc's. cp__zalloc is zeroed (calloc(1, n)).
+ * The page cache and slabs map their own pages (mem/). */
+void *cp__malloc(size_t n);
+void *cp__calloc(size_t n, size_t size);
+void *cp__realloc(void *p, size_t n);
+void cp__free(void *p);
+static inline void *cp__zalloc(size_t n) { return cp__calloc(1, n); }
 
 /* ------------------------------------------------------------------ misuse checks */
 

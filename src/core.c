@@ -159,10 +159,61 @@ uint64_t cp__now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-void *cp__xalloc(size_t n)
+/* ------------------------------------------------------------------ allocation */
+
+/* The allocator, replaced at most once and before the first allocation:
+ * memory from one allocator must go back to the same one. Reads are plain:
+ * setting it happens before anything that could allocate, on the thread
+ * that then starts everything else. */
+static struct {
+    void *(*malloc_fn)(size_t);
+    void *(*realloc_fn)(void *, size_t);
+    void *(*calloc_fn)(size_t, size_t);
+    void (*free_fn)(void *);
+} alloc = {malloc, realloc, calloc, free};
+static atomic_bool allocated;
+
+int cp_set_allocator(void *(*malloc_fn)(size_t), void *(*realloc_fn)(void *, size_t),
+                     void *(*calloc_fn)(size_t, size_t), void (*free_fn)(void *))
 {
-    return calloc(1, n);
+    if (!malloc_fn || !realloc_fn || !calloc_fn || !free_fn)
+        return -EINVAL;
+    if (atomic_load(&allocated))
+        return -EBUSY;
+    alloc.malloc_fn = malloc_fn;
+    alloc.realloc_fn = realloc_fn;
+    alloc.calloc_fn = calloc_fn;
+    alloc.free_fn = free_fn;
+    return 0;
 }
+
+/* The first allocation closes cp_set_allocator; a relaxed load keeps the
+ * common case to one read of a line that stays cached. */
+static void mark_allocated(void)
+{
+    if (!atomic_load_explicit(&allocated, memory_order_relaxed))
+        atomic_store(&allocated, true);
+}
+
+void *cp__malloc(size_t n)
+{
+    mark_allocated();
+    return alloc.malloc_fn(n);
+}
+
+void *cp__calloc(size_t n, size_t size)
+{
+    mark_allocated();
+    return alloc.calloc_fn(n, size);
+}
+
+void *cp__realloc(void *p, size_t n)
+{
+    mark_allocated();
+    return alloc.realloc_fn(p, n);
+}
+
+void cp__free(void *p) { alloc.free_fn(p); }
 
 /* ------------------------------------------------------------------ misuse checks */
 
@@ -200,7 +251,7 @@ void cp__live_add(int kind, const void *p)
     pthread_mutex_lock(&live_lock);
     if (nlive == caplive) {
         size_t cap = caplive ? caplive * 2 : 16;
-        struct live *a = realloc(live, cap * sizeof *a);
+        struct live *a = cp__realloc(live, cap * sizeof *a);
         if (!a)
             live_broken = true;
         else
@@ -222,7 +273,7 @@ void cp__live_del(int kind, const void *p)
     }
     if (nlive == 0) {
         /* Nothing live: give the memory back, so leak checks see none. */
-        free(live);
+        cp__free(live);
         live = NULL;
         caplive = 0;
     }

@@ -104,7 +104,7 @@ static cp_sendbuf *big_get(size_t cap)
     while (cls < BIG_CLASSES && ((size_t)1 << (BIG_MIN_SHIFT + cls)) < cap)
         cls++;
     if (cls == BIG_CLASSES) {
-        cp_sendbuf *b = malloc(sizeof(cp_sendbuf) + cap);
+        cp_sendbuf *b = cp__malloc(sizeof(cp_sendbuf) + cap);
         if (b)
             b->big_class = BIG_NONE;
         return b;
@@ -116,7 +116,7 @@ static cp_sendbuf *big_get(size_t cap)
         big_pool[cls].n--;
     }
     pthread_mutex_unlock(&pool_lock);
-    if (!b && !(b = malloc(big_bytes(cls))))
+    if (!b && !(b = cp__malloc(big_bytes(cls))))
         return NULL;
     b->big_class = cls;
     return b;
@@ -141,7 +141,7 @@ static void alone_put(cp_sendbuf *b)
         }
         pthread_mutex_unlock(&pool_lock);
     }
-    free(b);
+    cp__free(b);
 }
 
 void cp__sendbuf_trim(void)
@@ -167,7 +167,7 @@ void cp__sendbuf_trim(void)
         while (bigs[c]) {
             cp_sendbuf *next;
             memcpy(&next, bigs[c]->data, sizeof next);
-            free(bigs[c]);
+            cp__free(bigs[c]);
             bigs[c] = next;
         }
     }
@@ -338,7 +338,7 @@ static void user_open_add(const cp_sendbuf *b)
     pthread_mutex_lock(&user_open_lock);
     if (user_open_n == user_open_cap) {
         size_t cap = user_open_cap ? user_open_cap * 2 : 16;
-        user_open_rec *r = realloc(user_open_set, sizeof *r * cap);
+        user_open_rec *r = cp__realloc(user_open_set, sizeof *r * cap);
         if (r) {
             user_open_set = r;
             user_open_cap = cap;

@@ -35,12 +35,12 @@ const bool cp__slab_maps_pages = true;
 
 #ifdef SLAB_USES_MALLOC
 
-void *cp__slab_alloc(cp_slab *sl) { return calloc(1, sl->size); }
+void *cp__slab_alloc(cp_slab *sl) { return cp__calloc(1, sl->size); }
 
 void cp__slab_free(cp_slab *sl, void *obj)
 {
     (void)sl;
-    free(obj);
+    cp__free(obj);
 }
 
 #else

@@ -56,7 +56,7 @@ struct cp_group {
 
 static members *members_new(uint32_t n, uint32_t ndrop)
 {
-    members *a = malloc(sizeof *a + sizeof(cp_session *) * ((size_t)n + ndrop));
+    members *a = cp__malloc(sizeof *a + sizeof(cp_session *) * ((size_t)n + ndrop));
     if (!a)
         return NULL;
     atomic_init(&a->refs, 1);
@@ -75,7 +75,7 @@ static void members_release(members *a)
         for (uint32_t i = a->own_all ? 0 : a->n; i < a->n + a->ndrop; i++)
             cp__session_unref(a->m[i]);
         members *next = a->next;
-        free(a);
+        cp__free(a);
         a = next;
     }
 }
@@ -119,18 +119,18 @@ static void group_unref(cp_group *g)
     pthread_mutex_destroy(&g->wlock);
     pthread_mutex_destroy(&g->swap_lock);
     members_release(g->cur); /* NULL: destroyed */
-    free(g);
+    cp__free(g);
 }
 
 int cp_group_create(cp_group **out)
 {
     if (!out)
         return -EINVAL;
-    cp_group *g = cp__xalloc(sizeof *g);
+    cp_group *g = cp__zalloc(sizeof *g);
     members *a = members_new(0, 0);
     if (!g || !a) {
-        free(g);
-        free(a);
+        cp__free(g);
+        cp__free(a);
         return -ENOMEM;
     }
     atomic_init(&g->refs, 1);
@@ -168,7 +168,7 @@ static int membership_add(cp_session *s, cp_group *g)
         r = -ENOTCONN;
     } else if (s->ngroups == s->capgroups) {
         uint32_t cap = s->capgroups ? s->capgroups * 2 : 2;
-        cp_group **gs = realloc(s->groups, sizeof *gs * cap);
+        cp_group **gs = cp__realloc(s->groups, sizeof *gs * cap);
         if (!gs) {
             r = -ENOMEM;
         } else {
@@ -244,7 +244,7 @@ int cp_group_add(cp_group *g, cp_session *s)
             a->m[a->n - 1] = s;
             old = members_swap(g, a);
         } else {
-            free(a);
+            cp__free(a);
         }
     }
     pthread_mutex_unlock(&g->wlock);
@@ -294,7 +294,7 @@ void cp__group_leave_all(cp_session *s)
         }
         group_unref(g);
     }
-    free(gs);
+    cp__free(gs);
 }
 
 size_t cp_group_size(cp_group *g)

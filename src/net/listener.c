@@ -41,7 +41,7 @@ static void on_accept_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, cons
 static void listener_done(cp_listener *l)
 {
     cp_service *svc = l->svc;
-    free(l);
+    cp__free(l);
     cp__service_object_done(svc);
 }
 
@@ -164,7 +164,7 @@ int cp__listener_start(cp_service *svc, int backlog, int accepts)
     getsockname(fd, (struct sockaddr *)&svc->addr, &len);
     svc->addr_len = len;
 
-    cp_listener *l = cp__xalloc(sizeof *l);
+    cp_listener *l = cp__zalloc(sizeof *l);
     if (!l) {
         cp__sock_close(fd);
         return -ENOMEM;

@@ -36,14 +36,14 @@ static void partial_started(cp_session *s)
  * resident after the burst. A smaller one (a header, a small packet's
  * start) is malloc's, so that thousands of sessions each waiting on a few
  * bytes do not take a page each. */
-static uint8_t *carry_alloc(size_t cap) { return cap >= CP_PAGE ? cp__pages_get(cap) : malloc(cap); }
+static uint8_t *carry_alloc(size_t cap) { return cap >= CP_PAGE ? cp__pages_get(cap) : cp__malloc(cap); }
 
 void cp__carry_free(uint8_t *c, size_t cap)
 {
     if (cap >= CP_PAGE)
         cp__pages_put(c, cap);
     else
-        free(c);
+        cp__free(c);
 }
 
 static bool carry_reserve(cp_session *s, size_t cap)

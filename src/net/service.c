@@ -126,7 +126,7 @@ static cp_session *lookup(cp_service *svc, uint64_t id)
 static cp_session **snapshot(cp_service *svc, size_t *n)
 {
     pthread_mutex_lock(&svc->lock);
-    cp_session **all = malloc(sizeof *all * (svc->live ? svc->live : 1));
+    cp_session **all = cp__malloc(sizeof *all * (svc->live ? svc->live : 1));
     size_t k = 0;
     if (all) {
         for (uint32_t i = 0; i < svc->nslots && k < svc->live; i++) {
@@ -179,12 +179,12 @@ static int routes_copy(cp_service *svc, const cp_session_opts *o)
     }
     if (!top)
         return 0;
-    cp_packet_fn *table = cp__xalloc(sizeof *table * top);
+    cp_packet_fn *table = cp__zalloc(sizeof *table * top);
     if (!table)
         return -ENOMEM;
     for (size_t i = 0; i < o->nroutes; i++) {
         if (table[o->routes[i].id]) {
-            free(table);
+            cp__free(table);
             return -EINVAL;
         }
         table[o->routes[i].id] = o->routes[i].fn;
@@ -217,7 +217,7 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     if (r < 0)
         return r;
 
-    cp_service *svc = cp__xalloc(sizeof *svc);
+    cp_service *svc = cp__zalloc(sizeof *svc);
     if (!svc)
         return -ENOMEM;
     svc->port = port;
@@ -242,18 +242,18 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
         svc->win_bytes_ns = (uint64_t)o.recv_burst_bytes * 1000000000u / o.recv_rate_bytes;
 
     if ((r = routes_copy(svc, &o)) < 0) {
-        free(svc);
+        cp__free(svc);
         return r;
     }
 
     svc->nslots = max_sessions;
-    svc->slots = malloc(sizeof *svc->slots * max_sessions);
-    svc->traffic_mem = cp__xalloc(sizeof(cp_traffic) * (size_t)port->nworkers + 63);
+    svc->slots = cp__malloc(sizeof *svc->slots * max_sessions);
+    svc->traffic_mem = cp__zalloc(sizeof(cp_traffic) * (size_t)port->nworkers + 63);
     if (!svc->slots || !svc->traffic_mem) {
-        free(svc->traffic_mem);
-        free(svc->slots);
-        free(svc->routes);
-        free(svc);
+        cp__free(svc->traffic_mem);
+        cp__free(svc->slots);
+        cp__free(svc->routes);
+        cp__free(svc);
         return -ENOMEM;
     }
     svc->traffic = (cp_traffic *)(((uintptr_t)svc->traffic_mem + 63) & ~(uintptr_t)63);
@@ -275,10 +275,10 @@ static void service_free(cp_service *svc)
     atomic_fetch_sub(&svc->port->users, 1);
     pthread_mutex_destroy(&svc->lock);
     pthread_cond_destroy(&svc->drained);
-    free(svc->traffic_mem);
-    free(svc->slots);
-    free(svc->routes);
-    free(svc);
+    cp__free(svc->traffic_mem);
+    cp__free(svc->slots);
+    cp__free(svc->routes);
+    cp__free(svc);
 }
 
 int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts, const cp_handlers *h,
@@ -363,8 +363,8 @@ static int client_first_connects(cp_service *svc, uint32_t n)
 {
     if (n == 0)
         return 0;
-    cp_session **s = malloc(sizeof *s * n);
-    int *fd = malloc(sizeof *fd * n);
+    cp_session **s = cp__malloc(sizeof *s * n);
+    int *fd = cp__malloc(sizeof *fd * n);
     int r = s && fd ? 0 : -ENOMEM;
     uint32_t ready = 0;
     while (r == 0 && ready < n && (r = connect_prepare(svc, NULL, &s[ready], &fd[ready])) == 0)
@@ -378,8 +378,8 @@ static int client_first_connects(cp_service *svc, uint32_t n)
             connect_launch(s[i], fd[i]);
         cp__batch_end(svc->port);
     }
-    free(s);
-    free(fd);
+    cp__free(s);
+    cp__free(fd);
     return r;
 }
 
@@ -422,7 +422,7 @@ static void close_all(cp_service *svc, uint32_t drain_ms)
         cp__session_unref(all[i]);
     }
     cp__batch_end(svc->port);
-    free(all);
+    cp__free(all);
 }
 
 /* Waits until every session and the listener have finished, or until the
@@ -523,7 +523,7 @@ int cp_service_broadcast(cp_service *svc, cp_sendbuf *b)
         cp__session_unref(all[i]);
     }
     cp__batch_end(svc->port);
-    free(all);
+    cp__free(all);
     return sent;
 }
 

@@ -155,7 +155,7 @@ static void session_free(cp_session *s)
     cp__carry_free(s->carry, s->carry_cap);
     cp__sendq_clear(&s->sq);
     held_drop(s);
-    free(s->groups);
+    cp__free(s->groups);
     pthread_mutex_destroy(&s->glock);
     cp__slab_free(&session_slab, s);
 }
@@ -648,7 +648,7 @@ static void held_drop(cp_session *s)
 {
     for (uint32_t i = 0; i < s->nheld; i++)
         cp_sendbuf_unref(s->held[i].b);
-    free(s->held);
+    cp__free(s->held);
     s->held = NULL;
     s->nheld = s->capheld = 0;
 }
@@ -665,7 +665,7 @@ static void held_insert(cp_session *s, cp_held e)
 {
     if (s->nheld == s->capheld) {
         uint32_t cap = s->capheld ? s->capheld * 2 : 8;
-        cp_held *h = realloc(s->held, sizeof *h * cap);
+        cp_held *h = cp__realloc(s->held, sizeof *h * cap);
         if (!h) {
             cp_sendbuf_unref(e.b);
             cp__session_request_close(s, CP_REASON_NO_MEMORY);
@@ -705,7 +705,7 @@ static void held_release(cp_session *s)
         /* Out-of-order arrivals come in episodes (a burst from several
          * threads); between them the list would stay with an idle session,
          * whose 1 KiB budget has no room for even 8 places (128 bytes). */
-        free(s->held);
+        cp__free(s->held);
         s->held = NULL;
         s->capheld = 0;
     }

@@ -155,13 +155,13 @@ static void post_settle(cp_session *s, cp_swork *n, bool closing)
     p->fn(s, p->arg);
 }
 
-static void post_release(cp_swork *n) { free(CONTAINER_OF(n, post, n)); }
+static void post_release(cp_swork *n) { cp__free(CONTAINER_OF(n, post, n)); }
 
 int cp_session_post(cp_session *s, void (*fn)(cp_session *s, void *arg), void *arg)
 {
     if (!s || !fn)
         return -EINVAL;
-    post *p = malloc(sizeof *p);
+    post *p = cp__malloc(sizeof *p);
     if (!p)
         return -ENOMEM;
     p->n.settle = post_settle;
@@ -170,7 +170,7 @@ int cp_session_post(cp_session *s, void (*fn)(cp_session *s, void *arg), void *a
     p->arg = arg;
     int r = work_push(s, &p->n);
     if (r < 0)
-        free(p);
+        cp__free(p);
     return r;
 }
 
@@ -201,7 +201,7 @@ struct cp_session_timer {
 static void timer_unref(cp_session_timer *t)
 {
     if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) == 1)
-        free(t);
+        cp__free(t);
 }
 
 static void timer_list(cp_session *s, cp_session_timer *t)
@@ -288,7 +288,7 @@ int cp_session_timer_start(cp_session_timer **out, cp_session *s, uint32_t delay
         *out = NULL;
     if (!s || !fn)
         return -EINVAL;
-    cp_session_timer *t = cp__xalloc(sizeof *t);
+    cp_session_timer *t = cp__zalloc(sizeof *t);
     if (!t)
         return -ENOMEM;
     t->start.settle = timer_settle;
@@ -311,7 +311,7 @@ int cp_session_timer_start(cp_session_timer **out, cp_session *s, uint32_t delay
     if (r < 0) {
         if (out)
             *out = NULL;
-        free(t);
+        cp__free(t);
     }
     return r;
 }

@@ -35,7 +35,7 @@ typedef struct ep_state {
 
 static int ep_init(cp_worker *w)
 {
-    ep_state *st = cp__xalloc(sizeof *st);
+    ep_state *st = cp__zalloc(sizeof *st);
     if (!st)
         return -ENOMEM;
     st->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -46,7 +46,7 @@ static int ep_init(cp_worker *w)
             close(st->epfd);
         if (st->evfd >= 0)
             close(st->evfd);
-        free(st);
+        cp__free(st);
         return err;
     }
     st->evh.fd = st->evfd;
@@ -55,7 +55,7 @@ static int ep_init(cp_worker *w)
         int err = -errno;
         close(st->epfd);
         close(st->evfd);
-        free(st);
+        cp__free(st);
         return err;
     }
     w->be = st;
@@ -69,7 +69,7 @@ static void ep_fini(cp_worker *w)
         return;
     close(st->epfd);
     close(st->evfd);
-    free(st);
+    cp__free(st);
     w->be = NULL;
 }
 

@@ -174,17 +174,17 @@ static bool running_on_wine(void)
 
 static int io_init(cp_worker *w)
 {
-    io_worker *iw = cp__xalloc(sizeof *iw);
+    io_worker *iw = cp__zalloc(sizeof *iw);
     if (!iw)
         return -ENOMEM;
     io_shared *sh = w->port->be_shared;
     if (!sh) {
         WSADATA wd;
         if (WSAStartup(MAKEWORD(2, 2), &wd) != 0) {
-            free(iw);
+            cp__free(iw);
             return -ENOTSUP;
         }
-        sh = cp__xalloc(sizeof *sh);
+        sh = cp__zalloc(sizeof *sh);
         int r = sh ? 0 : -ENOMEM;
         if (sh && !(sh->iocp = CreateIoCompletionPort(INVALID_HANDLE_VALUE, NULL, 0, 0)))
             r = -cp__win_errno(GetLastError());
@@ -193,8 +193,8 @@ static int io_init(cp_worker *w)
         if (r) {
             if (sh && sh->iocp)
                 CloseHandle(sh->iocp);
-            free(sh);
-            free(iw);
+            cp__free(sh);
+            cp__free(iw);
             WSACleanup();
             return r;
         }
@@ -238,7 +238,7 @@ static void io_fini(cp_worker *w)
         HANDLE t = atomic_load(&iw->thread);
         if (t)
             CloseHandle(t);
-        free(iw);
+        cp__free(iw);
         w->be = NULL;
     }
     if (sh && --sh->refs == 0) {
@@ -248,7 +248,7 @@ static void io_fini(cp_worker *w)
         cp__self = saved;
         pool_close_all(sh);
         CloseHandle(sh->iocp);
-        free(sh);
+        cp__free(sh);
         w->port->be_shared = NULL;
         WSACleanup();
     }
@@ -281,7 +281,7 @@ static void io_wake(cp_worker *w)
 
 static int io_attach(cp_worker *w, cp_handle *h)
 {
-    io_sock *is = cp__xalloc(sizeof *is);
+    io_sock *is = cp__zalloc(sizeof *is);
     if (!is)
         return -ENOMEM;
     is->h = h;
@@ -296,7 +296,7 @@ static int io_attach(cp_worker *w, cp_handle *h)
     if (!CreateIoCompletionPort((HANDLE)is->s, sh->iocp, 0, 0) &&
         !(sh->reuse && GetLastError() == ERROR_INVALID_PARAMETER)) {
         int r = -cp__win_errno(GetLastError());
-        free(is);
+        cp__free(is);
         return r;
     }
     if (sh->reuse) {
@@ -474,9 +474,9 @@ static void complete(cp_worker *w, io_ov *o)
             o->as = INVALID_SOCKET;
         }
         if (is->outstanding == 0) {
-            free(is->acc);
-            free(is->dc);
-            free(is);
+            cp__free(is->acc);
+            cp__free(is->dc);
+            cp__free(is);
             atomic_fetch_sub(&shared_of(w)->zombies, 1);
         }
         return;
@@ -558,7 +558,7 @@ static int io_accept(cp_worker *w, cp_handle *h, cp_op *op)
             return cp__sock_err();
         is->family = ss.ss_family;
         is->nacc = op->batch ? op->batch : 16;
-        is->acc = cp__xalloc(sizeof *is->acc * (size_t)is->nacc);
+        is->acc = cp__zalloc(sizeof *is->acc * (size_t)is->nacc);
         if (!is->acc)
             return -ENOMEM;
         for (int i = 0; i < is->nacc; i++) {
@@ -660,9 +660,9 @@ static void free_sock(cp_worker *w, void *isp, void *unused, uintptr_t c)
     CP_UNUSED(w);
     CP_UNUSED(unused);
     io_sock *is = isp;
-    free(is->acc);
-    free(is->dc);
-    free(is);
+    cp__free(is->acc);
+    cp__free(is->dc);
+    cp__free(is);
 }
 
 /* Socket reuse: cancel what is pending and disconnect; the socket goes to
@@ -670,7 +670,7 @@ static void free_sock(cp_worker *w, void *isp, void *unused, uintptr_t c)
  * (the caller closes the socket instead). */
 static bool disconnect_for_reuse(cp_worker *w, io_sock *is)
 {
-    if (!is->dc && !(is->dc = cp__xalloc(sizeof *is->dc)))
+    if (!is->dc && !(is->dc = cp__zalloc(sizeof *is->dc)))
         return false;
     is->dc->is = is;
     is->dc->what = IO_DISCONNECT;

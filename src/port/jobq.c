@@ -92,7 +92,7 @@ int cp_jobq_create(cp_jobq **out, cp_port *port)
 {
     if (!out || !port)
         return -EINVAL;
-    cp_jobq *q = cp__xalloc(sizeof *q);
+    cp_jobq *q = cp__zalloc(sizeof *q);
     if (!q)
         return -ENOMEM;
     q->port = port;
@@ -109,7 +109,7 @@ int cp_jobq_create(cp_jobq **out, cp_port *port)
     pthread_mutex_lock(&port->qlock);
     if (atomic_load(&port->stopping)) {
         pthread_mutex_unlock(&port->qlock);
-        free(q);
+        cp__free(q);
         return -ESHUTDOWN;
     }
     q->next = port->queues;
@@ -209,7 +209,7 @@ static void pause_pusher(cp_jobq *q, cp_feeder *f)
     pthread_mutex_lock(&q->plock);
     if (q->npaused == q->cappaused) {
         uint32_t cap = q->cappaused ? q->cappaused * 2 : 8;
-        cp_feeder **a = realloc(q->paused, sizeof *a * cap);
+        cp_feeder **a = cp__realloc(q->paused, sizeof *a * cap);
         if (!a) {
             pthread_mutex_unlock(&q->plock);
             return; /* not paused: the queue grows instead */
@@ -238,7 +238,7 @@ static void release_paused(cp_jobq *q)
     pthread_mutex_unlock(&q->plock);
     for (uint32_t i = 0; i < n; i++)
         a[i]->ops->resume(a[i]);
-    free(a);
+    cp__free(a);
 }
 
 int cp_jobq_set_bound(cp_jobq *q, uint32_t high, uint32_t low)
@@ -270,7 +270,7 @@ void cp_jobq_unref(cp_jobq *q)
     unlist(q); /* a queue that was never closed */
     release_paused(q);
     pthread_mutex_destroy(&q->plock);
-    free(q);
+    cp__free(q);
     cp__port_unref(port);
 }
 
@@ -322,7 +322,7 @@ static void run(cp_worker *w, void *qp, void *unused, uintptr_t c)
             on_closed = m->on_closed;
             closed_arg = m->arg;
         }
-        free(j);
+        cp__free(j);
         uint64_t left = atomic_fetch_sub_explicit(&q->state, 1, memory_order_acq_rel) - 1;
         if (atomic_load_explicit(&q->has_paused, memory_order_relaxed) &&
             (left & ~CLOSED_BIT) <= atomic_load_explicit(&q->low, memory_order_relaxed))
@@ -378,7 +378,7 @@ static int enqueue(cp_jobq *q, job *j, bool closing)
     uint64_t before;
     int first = count_up(q, closing, &before);
     if (first < 0) {
-        free(j);
+        cp__free(j);
         return first;
     }
     if (!first) {
@@ -402,7 +402,7 @@ static int enqueue(cp_jobq *q, job *j, bool closing)
  * keeps the count above zero until every job pushed before it has run. */
 static int close_with(cp_jobq *q, void (*on_closed)(void *arg), void *arg)
 {
-    close_job *c = malloc(sizeof *c);
+    close_job *c = cp__malloc(sizeof *c);
     if (!c)
         return -ENOMEM;
     c->j.fn = NULL;
@@ -416,7 +416,7 @@ int cp_jobq_push(cp_jobq *q, void (*fn)(void *arg), void *arg)
 {
     if (!q || !fn)
         return -EINVAL;
-    job *j = malloc(sizeof *j);
+    job *j = cp__malloc(sizeof *j);
     if (!j)
         return -ENOMEM;
     j->fn = fn;

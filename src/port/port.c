@@ -40,7 +40,7 @@ _Thread_local cp_worker *cp__self;
 
 static cp_msgblk *blk_new(uint32_t cap)
 {
-    cp_msgblk *b = malloc(sizeof *b + cap * sizeof(cp_msg));
+    cp_msgblk *b = cp__malloc(sizeof *b + cap * sizeof(cp_msg));
     if (!b)
         return NULL;
     b->next = NULL;
@@ -126,7 +126,7 @@ static uint32_t blk_replay(cp_worker *w, cp_msgblk *b)
     uint32_t n = b->n;
     for (uint32_t i = 0; i < n; i++)
         b->m[i].fn(w, b->m[i].a, b->m[i].b, b->m[i].c);
-    free(b);
+    cp__free(b);
     return n;
 }
 
@@ -177,7 +177,7 @@ void cp__batch_begin(cp_port *port)
     if (foreign.depth++ > 0)
         return;
     if (foreign.nchains < port->nworkers) {
-        cp_msgblk **c = realloc(foreign.chains, sizeof *c * (size_t)port->nworkers);
+        cp_msgblk **c = cp__realloc(foreign.chains, sizeof *c * (size_t)port->nworkers);
         if (!c) {
             foreign.depth--;
             return;
@@ -197,7 +197,7 @@ void cp__batch_end(cp_port *port)
         if (foreign.chains[i])
             inbox_push(&port->workers[i], foreign.chains[i]);
     foreign.port = NULL;
-    free(foreign.chains);
+    cp__free(foreign.chains);
     foreign.chains = NULL;
     foreign.nchains = 0;
 }
@@ -298,7 +298,7 @@ void cp__worker_defer(cp_worker *w, cp_op *op, int res)
 {
     if (w->ndeferred == w->capdeferred) {
         size_t cap = w->capdeferred ? w->capdeferred * 2 : 64;
-        struct cp_deferred *d = realloc(w->deferred, cap * sizeof *d);
+        struct cp_deferred *d = cp__realloc(w->deferred, cap * sizeof *d);
         if (!d) {
             /* Cannot record it: deliver now. Callers never hold state that
              * this would break; deferral only avoids deep recursion. */
@@ -388,7 +388,7 @@ void cp__timer_arm_at(cp_worker *w, cp_wtimer *t, uint64_t deadline_ns)
     cp__timer_cancel(w, t);
     if (w->ntimers == w->captimers) {
         uint32_t cap = w->captimers ? w->captimers * 2 : 16;
-        cp_wtimer **a = realloc(w->timers, cap * sizeof *a);
+        cp_wtimer **a = cp__realloc(w->timers, cap * sizeof *a);
         if (!a)
             abort(); /* a timer is a promise we cannot silently drop */
         w->timers = a;
@@ -729,11 +729,11 @@ static void workers_free(cp_port *p)
 {
     for (int i = 0; i < p->nworkers; i++) {
         cp_worker *w = &p->workers[i];
-        free(w->outbox);
-        free(w->deferred);
+        cp__free(w->outbox);
+        cp__free(w->deferred);
         if (w->rbuf)
             cp__pages_unmap(w->rbuf, w->rbuf_size);
-        free(w->timers);
+        cp__free(w->timers);
         w->outbox = NULL;
         w->deferred = NULL;
         w->rbuf = NULL;
@@ -748,8 +748,8 @@ static void port_free(cp_port *p)
     pthread_cond_destroy(&p->start_cond);
     pthread_mutex_destroy(&p->qlock);
     pthread_cond_destroy(&p->qcond);
-    free(p->workers);
-    free(p);
+    cp__free(p->workers);
+    cp__free(p);
 }
 
 void cp__port_ref(cp_port *p) { atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed); }
@@ -776,7 +776,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     if (!be)
         return err;
 
-    cp_port *p = cp__xalloc(sizeof *p);
+    cp_port *p = cp__zalloc(sizeof *p);
     if (!p)
         return -ENOMEM;
     p->be = be;
@@ -785,11 +785,11 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     pthread_cond_init(&p->qcond, NULL);
     p->nworkers = o.workers;
     p->reuse_sockets = o.iocp_reuse_sockets != 0;
-    p->workers = cp__xalloc(sizeof *p->workers * (size_t)o.workers);
+    p->workers = cp__zalloc(sizeof *p->workers * (size_t)o.workers);
     if (!p->workers) {
         pthread_mutex_destroy(&p->qlock);
         pthread_cond_destroy(&p->qcond);
-        free(p);
+        cp__free(p);
         return -ENOMEM;
     }
     int inited = 0;
@@ -797,7 +797,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
         cp_worker *w = &p->workers[inited];
         w->port = p;
         w->index = inited;
-        w->outbox = cp__xalloc(sizeof *w->outbox * (size_t)o.workers);
+        w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)o.workers);
         w->rbuf_size = RBUF_SIZE;
         /* Pages of its own: a trim gives them back (worker_trim). */
         w->rbuf = cp__pages_map(RBUF_SIZE, CP_PAGE);

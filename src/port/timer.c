@@ -74,7 +74,7 @@ static void timer_unref(cp_timer *t)
     cp_port *port = t->owner->port;
     if (t->q)
         cp_jobq_unref(t->q);
-    free(t);
+    cp__free(t);
     cp__port_unref(port);
 }
 
@@ -231,7 +231,7 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
     int r = cp__port_enter(port);
     if (r < 0)
         return r;
-    cp_timer *t = cp__xalloc(sizeof *t);
+    cp_timer *t = cp__zalloc(sizeof *t);
     if (!t) {
         cp__port_release(port);
         return -ENOMEM;

@@ -253,14 +253,14 @@ static void *probe_thread(void *unused)
  * not happen to the thread of a user who calls cp_port_create/destroy. */
 static int ur_init(cp_worker *w)
 {
-    ur_state *st = cp__xalloc(sizeof *st);
+    ur_state *st = cp__zalloc(sizeof *st);
     if (!st)
         return -ENOMEM;
     st->msg_fd = -1;
     st->evfd = eventfd(0, EFD_CLOEXEC);
     if (st->evfd < 0) {
         int err = -errno;
-        free(st);
+        cp__free(st);
         return err;
     }
     w->be = st;
@@ -360,7 +360,7 @@ static void ur_fini(cp_worker *w)
     close(st->evfd);
     if (st->msg_fd >= 0)
         close(st->msg_fd);
-    free(st);
+    cp__free(st);
     w->be = NULL;
 }
 

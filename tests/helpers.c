@@ -230,6 +230,21 @@ void cpt_xstop(cp_service *svc)
     cr_assert_eq(rc, 0, "cp_service_stop: %d (%s)", rc, cp_strerror(rc));
 }
 
+static void mark_ran(void *flag)
+{
+    atomic_store((atomic_int *)flag, 1);
+}
+
+void cpt_xjobq_drained(cp_jobq *q)
+{
+    /* On the heap: a test that fails here returns while the job may still run. */
+    atomic_int *ran = calloc(1, sizeof *ran);
+    cr_assert_not_null(ran);
+    cr_assert_eq(cp_jobq_push(q, mark_ran, ran), 0, "the marker job was refused");
+    CPT_AWAIT(atomic_load(ran), 5000, "the job queue did not reach the marker job");
+    free(ran);
+}
+
 cp_service_stats cpt_stats(const cp_service *svc)
 {
     cp_service_stats st;

@@ -106,6 +106,10 @@ cp_service *cpt_xserver(cp_port *port, const cp_server_opts *opts, const cp_hand
 cp_service *cpt_xclient(cp_port *port, const cp_client_opts *opts, const cp_handlers *h, void *ctx);
 /* cp_service_stop, asserting it returns 0. */
 void cpt_xstop(cp_service *svc);
+/* Pushes a marker job onto q and waits (up to 5 s) until it ran: a queue
+ * runs its jobs one at a time in push order, so every job pushed before the
+ * call has run by then. Asserts; test thread. */
+void cpt_xjobq_drained(cp_jobq *q);
 cp_service_stats cpt_stats(const cp_service *svc);
 
 /* ------------------------------------------------------------------ session tracking */

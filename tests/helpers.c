@@ -1014,6 +1014,18 @@ void cpt_xrecv_packet_eq(int fd, uint16_t id, const void *body, size_t len)
     cr_assert(same, "packet differs: id %u len %zu, expected id %u len %zu", got_id, got_len, id, len);
 }
 
+void cpt_xnext_packet_is(int fd, uint16_t id, const void *body, size_t len, const char *msg)
+{
+    uint8_t got[256];
+    uint16_t got_id = 0;
+    size_t got_len = 0;
+    cr_assert_leq(len, sizeof got);
+    int rc = cpt_recv_packet(fd, &got_id, got, sizeof got, &got_len);
+    cr_assert_eq(rc, 0, "%s (receiving the marker: %d)", msg, rc);
+    cr_assert(got_id == id && got_len == len && memcmp(got, body, len) == 0, "%s (packet %u of %zu bytes)", msg,
+              (unsigned)got_id, got_len);
+}
+
 void cpt_xclosed(int fd, unsigned timeout_ms)
 {
     int rc = cpt_wait_closed(fd, timeout_ms);

@@ -263,6 +263,11 @@ void cpt_xsend_packet(int fd, uint16_t id, const void *body, size_t len);
 /* Receives one packet and asserts its id and body. */
 void cpt_xrecv_packet_eq(int fd, uint16_t id, const void *body, size_t len);
 void cpt_xclosed(int fd, unsigned timeout_ms);
+/* Receives the next packet and asserts it is {id, body} (a marker), failing
+ * with msg if something else comes first. A session's packets arrive in the
+ * order they were sent, so a marker sent after the packets under test shows
+ * that nothing else was sent before it: no need to wait and see. */
+void cpt_xnext_packet_is(int fd, uint16_t id, const void *body, size_t len, const char *msg);
 
 /* The fd of this process whose socket is the other end of the loopback
  * connection fd (the library's accepted socket, for instance), or -1. */

@@ -231,6 +231,21 @@ void cpt_xstop(cp_service *svc)
     cr_assert_eq(rc, 0, "cp_service_stop: %d (%s)", rc, cp_strerror(rc));
 }
 
+static void mark_ran(void *flag)
+{
+    atomic_store((atomic_int *)flag, 1);
+}
+
+void cpt_xjobq_drained(cp_jobq *q)
+{
+    /* On the heap: a test that fails here returns while the job may still run. */
+    atomic_int *ran = calloc(1, sizeof *ran);
+    cr_assert_not_null(ran);
+    cr_assert_eq(cp_jobq_push(q, mark_ran, ran), 0, "the marker job was refused");
+    CPT_AWAIT(atomic_load(ran), 5000, "the job queue did not reach the marker job");
+    free(ran);
+}
+
 cp_service_stats cpt_stats(const cp_service *svc)
 {
     cp_service_stats st;
@@ -998,6 +1013,18 @@ void cpt_xrecv_packet_eq(int fd, uint16_t id, const void *body, size_t len)
     bool same = got_id == id && got_len == len && (len == 0 || memcmp(buf, body, len) == 0);
     free(buf);
     cr_assert(same, "packet differs: id %u len %zu, expected id %u len %zu", got_id, got_len, id, len);
+}
+
+void cpt_xnext_packet_is(int fd, uint16_t id, const void *body, size_t len, const char *msg)
+{
+    uint8_t got[256];
+    uint16_t got_id = 0;
+    size_t got_len = 0;
+    cr_assert_leq(len, sizeof got);
+    int rc = cpt_recv_packet(fd, &got_id, got, sizeof got, &got_len);
+    cr_assert_eq(rc, 0, "%s (receiving the marker: %d)", msg, rc);
+    cr_assert(got_id == id && got_len == len && memcmp(got, body, len) == 0, "%s (packet %u of %zu bytes)", msg,
+              (unsigned)got_id, got_len);
 }
 
 void cpt_xclosed(int fd, unsigned timeout_ms)

@@ -107,6 +107,10 @@ cp_service *cpt_xserver(cp_port *port, const cp_server_opts *opts, const cp_hand
 cp_service *cpt_xclient(cp_port *port, const cp_client_opts *opts, const cp_handlers *h, void *ctx);
 /* cp_service_stop, asserting it returns 0. */
 void cpt_xstop(cp_service *svc);
+/* Pushes a marker job onto q and waits (up to 5 s) until it ran: a queue
+ * runs its jobs one at a time in push order, so every job pushed before the
+ * call has run by then. Asserts; test thread. */
+void cpt_xjobq_drained(cp_jobq *q);
 cp_service_stats cpt_stats(const cp_service *svc);
 
 /* ------------------------------------------------------------------ session tracking */
@@ -260,6 +264,11 @@ void cpt_xsend_packet(int fd, uint16_t id, const void *body, size_t len);
 /* Receives one packet and asserts its id and body. */
 void cpt_xrecv_packet_eq(int fd, uint16_t id, const void *body, size_t len);
 void cpt_xclosed(int fd, unsigned timeout_ms);
+/* Receives the next packet and asserts it is {id, body} (a marker), failing
+ * with msg if something else comes first. A session's packets arrive in the
+ * order they were sent, so a marker sent after the packets under test shows
+ * that nothing else was sent before it: no need to wait and see. */
+void cpt_xnext_packet_is(int fd, uint16_t id, const void *body, size_t len, const char *msg);
 
 /* The fd of this process whose socket is the other end of the loopback
  * connection fd (the library's accepted socket, for instance), or -1. */

@@ -199,7 +199,7 @@ Test(flow, rate_limit_throttles_without_cutting, .timeout = 30)
     CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
     flood f;
     flood_start(&f, fd, chunk, clen);
-    cpt_sleep_ms(1500);
+    cpt_sleep_ms(1500); /* a sleep: the window over which the rate is measured */
     long long n = rec_packets(&e);
     double el = secs_since(t0);
     int cut = atomic_load(&e.t->disconnected);
@@ -237,7 +237,7 @@ Test(flow, rate_limit_leaves_a_client_under_it_alone, .timeout = 30)
     uint64_t t0 = cpt_now_ns();
     for (int i = 0; i < N; i++) {
         cpt_xsend(fd, pkt, len);
-        cpt_sleep_us(gap_us);
+        cpt_sleep_us(gap_us); /* a sleep: the client sends at a set pace */
     }
     double sending = secs_since(t0);
     uint64_t t1 = cpt_now_ns();
@@ -263,7 +263,7 @@ Test(flow, rate_limit_bytes, .timeout = 30)
     CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
     flood f;
     flood_start(&f, fd, chunk, clen);
-    cpt_sleep_ms(1500);
+    cpt_sleep_ms(1500); /* a sleep: the window over which the rate is measured */
     long long n = rec_packets(&e) * PKT; /* bytes of whole packets: at most what was read */
     double el = secs_since(t0);
     int cut = atomic_load(&e.t->disconnected);
@@ -382,7 +382,7 @@ Test(flow, watermark_pauses_reading_not_cutting, .timeout = 60)
             break;
         }
         if (got % 8 == 7)
-            cpt_sleep_ms(1); /* a slow reader: about 32 MB/s at most */
+            cpt_sleep_ms(1); /* a sleep: a slow reader, about 32 MB/s at most */
     }
     if (rc != 0)
         shutdown(fd, SHUT_RDWR); /* the writer may be blocked on a dead session */
@@ -476,7 +476,7 @@ Test(flow, rate_limit_holds_inside_one_receive, .timeout = 30)
     uint64_t t0 = cpt_now_ns();
     cpt_xsend(fd, reqs, 4 * N);
     CPT_AWAIT(rec_packets(&e) >= B, 5000, "the burst was not handled: %lld", rec_packets(&e));
-    cpt_sleep_ms(1500);
+    cpt_sleep_ms(1500); /* a sleep: the window over which the rate must hold */
     long long n = rec_packets(&e);
     double el = secs_since(t0);
     cr_assert_leq(n, B + (long long)(R * el) + 2, "%lld packets handled in %.2f s at %d/s, burst %d", n, el, R, B);
@@ -501,7 +501,7 @@ Test(flow, watermark_stalls_a_client_that_never_reads, .timeout = 30)
     CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
     flood f;
     flood_start(&f, fd, chunk, clen);
-    cpt_sleep_ms(1500);
+    cpt_sleep_ms(1500); /* a sleep: the flood runs long enough to reach the watermark and stay there */
     int cut = atomic_load(&e.t->disconnected);
     long long handled = rec_packets(&e), sent = atomic_load(&f.sent);
     long long maxq = atomic_load(&c->max_queued);
@@ -537,7 +537,7 @@ Test(flow, a_client_that_never_reads_is_still_cut_at_the_limit, .timeout = 30)
     while (atomic_load(&e.t->disconnected) == 0 && cpt_now_ms() < deadline) {
         if (cp_service_send_to(e.svc, id, b) != 0)
             break;
-        cpt_sleep_us(100);
+        cpt_sleep_us(100); /* a sleep: paces the server's sends */
     }
     cp_sendbuf_unref(b);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "the client that never reads was not cut");
@@ -570,7 +570,7 @@ static void paused_flood_run(paused_flood *p, cpt_env *e, const cp_server_opts *
     p->fd = cpt_xconnect(e->sport);
     CPT_AWAIT(atomic_load(&e->t->connected) == 1, 5000, "not connected");
     flood_start(&p->f, p->fd, p->chunk, clen);
-    cpt_sleep_ms(1500);
+    cpt_sleep_ms(1500); /* a sleep: the paused session is flooded for this window */
     p->cut = atomic_load(&e->t->disconnected);
     p->handled = rec_packets(e);
 }
@@ -659,7 +659,7 @@ Test(flow, stop_while_a_paused_session_holds_its_peers_close, .timeout = 30)
         shutdown(fd[i], SHUT_WR);
     }
     CPT_AWAIT(atomic_load(&e.t->packets) >= C, 5000, "not every session was read");
-    cpt_sleep_ms(200);
+    cpt_sleep_ms(200); /* a sleep: a close seen while paused would show in this window */
     cr_assert_eq(atomic_load(&e.t->disconnected), 0, "a close was seen: a session was not paused");
     uint64_t t0 = cpt_now_ms();
     cpt_xstop(e.svc);

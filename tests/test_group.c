@@ -8,8 +8,13 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The id of a marker packet sent after the packets under test (no test
+ * sends it otherwise). */
+#define MARK_ID 999
 
 typedef struct room_ctx {
     cpt_track t; /* first: the ctx is also a cpt_track */
@@ -192,9 +197,17 @@ static void run_chat_room(int n, int m, uint16_t id, cp_packet_fn route, bool ex
     free(next);
     CPT_AWAIT(atomic_load(&c->t.packets) == n * m, 5000, "%lld of %d messages handled",
               atomic_load(&c->t.packets), n * m);
-    cpt_sleep_ms(50);
-    for (int i = 0; i < n; i++)
+    /* Every broadcast was sent before its packet was counted: a marker sent
+     * now comes right after the last of them. */
+    cp_sendbuf *mark = cp_packet_make(MARK_ID, "end", 3);
+    cr_assert_eq(cp_group_broadcast(c->g, mark), n);
+    cp_sendbuf_unref(mark);
+    for (int i = 0; i < n; i++) {
+        char msg[64];
+        snprintf(msg, sizeof msg, "client %d got more than expected", i);
+        cpt_xnext_packet_is(fds[i], MARK_ID, "end", 3, msg);
         cr_assert_eq(cpt_peek_state(fds[i]), 0, "client %d got more than expected", i);
+    }
     cr_assert_eq(own, 0, "%d messages came back to their sender", own);
     cr_assert_eq(bad, 0, "%d messages damaged or out of per-sender order", bad);
     cr_assert_eq(atomic_load(&c->t.failures), 0, "a broadcast did not reach every member it should");
@@ -249,7 +262,7 @@ static void *broadcast_main(void *arg)
         if (n < 0 || n > ch->n)
             ch->bad++;
         ch->broadcasts++;
-        cpt_sleep_us(50);
+        cpt_sleep_us(50); /* a sleep: paces the broadcasts among the churn */
     }
     cp_sendbuf_unref(b);
     return NULL;
@@ -294,13 +307,13 @@ Test(group, concurrent_add_remove_broadcast_and_disconnect, .timeout = 60)
         ch[i] = (churn){ .c = c, .n = N, .stop = &stop };
         pthread_create(&th[i], NULL, i < 2 ? add_remove_main : broadcast_main, &ch[i]);
     }
-    cpt_sleep_ms(300);
+    cpt_sleep_ms(300); /* a sleep: the churn runs a while before the clients go */
     for (int i = 0; i < N; i++) {
         shutdown(fds[i], SHUT_RDWR);
-        cpt_sleep_ms(10);
+        cpt_sleep_ms(10); /* a sleep: the disconnects are spread over the churn */
     }
     CPT_AWAIT(atomic_load(&c->t.disconnected) == N, 5000, "not disconnected");
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: the churn goes on a while against gone sessions */
     atomic_store(&stop, 1);
     for (int i = 0; i < 4; i++) {
         pthread_join(th[i], NULL);
@@ -429,7 +442,12 @@ Test(group, broadcast_except_edge_cases, .timeout = 20)
     cr_assert_eq(cp_group_remove(c->g2, sa), 0);
     cr_assert_eq(cp_group_broadcast_except(c->g2, buf, sa), 1, "skip is not a member: everyone gets it");
     cpt_xrecv_packet_eq(b, 5, "e", 1);
-    cpt_sleep_ms(50);
+    /* A marker to both comes right after anything sent to them before. */
+    cp_sendbuf *mark = cp_packet_make(MARK_ID, "end", 3);
+    cr_assert_eq(cp_group_broadcast(c->g, mark), 2);
+    cp_sendbuf_unref(mark);
+    cpt_xnext_packet_is(a, MARK_ID, "end", 3, "the skipped member got a packet");
+    cpt_xnext_packet_is(b, MARK_ID, "end", 3, "a member got a packet twice");
     cr_assert_eq(cpt_peek_state(a), 0, "the skipped member got a packet");
     cr_assert_eq(cpt_peek_state(b), 0, "a member got a packet twice");
     cp_sendbuf_unref(buf);
@@ -523,7 +541,7 @@ Test(group, stop_while_user_threads_broadcast_to_200_members, .timeout = 120)
             f[i] = (room_flood){ .c = c, .stop = &stop };
             pthread_create(&th[i], NULL, room_flood_main, &f[i]);
         }
-        cpt_sleep_ms(FLOOD_MS);
+        cpt_sleep_ms(FLOOD_MS); /* a sleep: the flood builds its backlog before the stop */
         timed_stop ts = { .svc = svc, .rc = 1 };
         pthread_t st;
         pthread_create(&st, NULL, timed_stop_main, &ts);
@@ -599,12 +617,12 @@ Test(group, disconnect_while_user_threads_flood_the_room, .timeout = 120)
         f[i] = (room_flood){ .c = c, .stop = &stop };
         pthread_create(&th[i], NULL, room_flood_main, &f[i]);
     }
-    cpt_sleep_ms(100);
+    cpt_sleep_ms(100); /* a sleep: the flood builds its backlog before the first kick */
     uint64_t asked[KICKS];
     for (int i = 0; i < KICKS; i++) {
         asked[i] = cpt_now_ns();
         cr_assert_eq(cp_service_disconnect_id(svc, c->t.recs[i].id), 0);
-        cpt_sleep_ms(50);
+        cpt_sleep_ms(50); /* a sleep: the kicks are 50 ms apart, amid the flood */
     }
     bool all = false;
     CPT_WAIT(all, atomic_load(&c->t.disconnected) >= KICKS, 5000);

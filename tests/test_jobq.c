@@ -55,7 +55,7 @@ static void *push_thread(void *arg)
         order_job *j = malloc(sizeof *j);
         *j = (order_job){p->c, p->index, i};
         while (cp_jobq_push(p->c->q, order_run, j) == -ENOMEM)
-            cpt_sleep_ms(1);
+            cpt_sleep_ms(1); /* a retry's pause: memory comes back as jobs run */
     }
     return NULL;
 }
@@ -121,7 +121,7 @@ Test(jobq, a_busy_queue_does_not_starve_another, .timeout = 30)
     spin_ctx busy = {0};
     cr_assert_eq(cp_jobq_create(&busy.q, port), 0);
     cp_jobq_push(busy.q, spin_job, &busy);
-    cpt_sleep_ms(20);
+    CPT_AWAIT(atomic_load(&busy.spins) >= 20, 5000, "the busy queue did not start");
     cp_jobq *other;
     cr_assert_eq(cp_jobq_create(&other, port), 0);
     atomic_int ran = 0;
@@ -182,7 +182,8 @@ Test(jobq, closing_from_inside_a_job_runs_the_earlier_jobs_and_nothing_after, .t
         cr_assert_eq(cp_jobq_push(c.q, counted_job, &c), 0);
     atomic_store(&c.all_pushed, 1);
     CPT_AWAIT(atomic_load(&c.ran) == 1000, 10000, "ran %d of 1000", atomic_load(&c.ran));
-    cpt_sleep_ms(50);
+    /* Drained: nothing of the queue runs any more. */
+    cr_assert_eq(cp_jobq_close_wait(c.q), 0);
     cr_expect_eq(atomic_load(&c.ran), 1000);
     cr_expect_eq(atomic_load(&c.close_result), 1, "close inside a job failed or a later push was accepted");
     cr_expect_eq(atomic_load(&c.after_close), 0);
@@ -219,7 +220,7 @@ Test(jobq, closing_under_load_loses_no_accepted_job, .timeout = 30)
     pthread_t th[3];
     for (int i = 0; i < 3; i++)
         pthread_create(&th[i], NULL, close_pusher, &c);
-    cpt_sleep_ms(2);
+    cpt_sleep_ms(2); /* a sleep: the close lands amid the pushes */
     cr_assert_eq(cp_jobq_close(c.q, on_closed_under_load, &c), 0);
     for (int i = 0; i < 3; i++)
         pthread_join(th[i], NULL);
@@ -247,14 +248,14 @@ typedef struct drain_ctx {
 static void slow_counted(void *arg)
 {
     drain_ctx *c = arg;
-    cpt_sleep_us(300);
+    cpt_sleep_us(300); /* a sleep: a slow job, so the close waits for a queue */
     atomic_fetch_add(&c->ran, 1);
 }
 
 static void slow_on_closed(void *arg)
 {
     drain_ctx *c = arg;
-    cpt_sleep_ms(30);
+    cpt_sleep_ms(30); /* a sleep: a slow on_closed, which the waits must outlast */
     atomic_store(&c->on_closed_done, 1);
 }
 
@@ -500,7 +501,7 @@ Test(jobq, port_destroy_runs_every_queued_job, .timeout = 60)
             cr_assert_eq(cp_jobq_close_wait(c.q), 0);
             cp_jobq_unref(c.q);
         }
-        cpt_sleep_ms(2);
+        cpt_sleep_ms(2); /* a sleep: a job run after the destroy returned would show in this window */
         cr_assert_eq(atomic_load(&c.ran), 500, "round %d: a job ran after destroy returned", round);
         cr_assert_eq(atomic_load(&c.on_closed_calls), 0, "round %d: a refused close ran its on_closed", round);
     }
@@ -564,7 +565,7 @@ Test(jobq, port_destroy_loses_no_job_a_job_pushed, .timeout = 60)
         destroy_ctx c = {0};
         cr_assert_eq(cp_jobq_create(&c.q, port), 0);
         cr_assert_eq(cp_jobq_push(c.q, repush_job, &c), 0);
-        cpt_sleep_ms(5 + round % 4);
+        cpt_sleep_ms(5 + round % 4); /* a sleep: the destroy meets the re-pushes at varied moments */
         cp_jobq_unref(c.q);
         /* The stop flag bounds the test if the destroy never closes the queue. */
         cpt_xport_destroy(port);

@@ -195,7 +195,7 @@ static void *poster_main(void *arg)
         cp_session *s = atomic_load(&sessions[i % p->nsessions]);
         post_counted(s, p->id, i);
         if (i % 64 == 0)
-            cpt_sleep_us(100);
+            cpt_sleep_us(100); /* a sleep: paces the posts */
     }
     return NULL;
 }
@@ -327,7 +327,7 @@ Test(session_work, work_on_its_way_is_settled_before_on_disconnected, .timeout =
     CPT_AWAIT(atomic_load(&E.t->disconnected) == 1, 3000, "on_disconnected did not run");
     cr_expect_eq(atomic_load(&st->post_ran), 1, "the post ran %d times", atomic_load(&st->post_ran));
     cr_expect_eq(atomic_load(&st->post_saw_connected), 0, "the post ran before the disconnect began");
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a late firing would show in this window; the gone session takes no probe */
     cr_expect_eq(atomic_load(&st->fired), 0, "a timer started before the disconnect fired after it");
     /* After on_disconnected: refused, and nothing handed over. */
     cr_expect_eq(cp_session_post(s, refused_post, NULL), -ENOTCONN);
@@ -394,7 +394,7 @@ Test(session_work, a_10hz_session_timer_ticks_until_the_disconnect, .timeout = 3
     int fds[2];
     connect_clients(fds, 2);
     uint64_t t0 = cpt_now_ms();
-    cpt_sleep_ms(1000);
+    cpt_sleep_ms(1000); /* a sleep: the test counts the ticks of this window */
     uint64_t elapsed = cpt_now_ms() - t0;
     for (int i = 0; i < 2; i++) {
         int n = atomic_load(&states[i].ticks);
@@ -411,7 +411,7 @@ Test(session_work, a_10hz_session_timer_ticks_until_the_disconnect, .timeout = 3
     int other_before = atomic_load(&other->ticks);
     cpt_close(fds[0]);
     CPT_AWAIT(atomic_load(&E.t->disconnected) == 1, 3000, "on_disconnected did not run");
-    cpt_sleep_ms(300);
+    cpt_sleep_ms(300); /* a sleep: the window in which the gone timer must not tick and the other must */
     cr_expect_eq(atomic_load(&gone->ticks), atomic_load(&gone->ticks_at_disc),
                  "the timer ticked after on_disconnected");
     cr_expect_geq(atomic_load(&other->ticks), other_before + 2, "the other session's timer stopped too");
@@ -421,7 +421,7 @@ Test(session_work, a_10hz_session_timer_ticks_until_the_disconnect, .timeout = 3
     cr_assert_not_null(t);
     cr_expect_eq(cp_session_timer_cancel(t), 0);
     int at_cancel = atomic_load(&other->ticks);
-    cpt_sleep_ms(300);
+    cpt_sleep_ms(300); /* a sleep: a tick after the cancel would show in this window */
     cr_expect(atomic_load(&other->ticks) <= at_cancel + 1, "the timer ticked on after its cancel");
     cpt_close(fds[1]);
     cpt_env_stop(&E);
@@ -484,7 +484,7 @@ Test(session_work, cancels_on_the_worker_are_final, .timeout = 30)
     start_env(2, 0, NULL);
     int fd;
     connect_clients(&fd, 1);
-    cpt_sleep_ms(400);
+    cpt_sleep_ms(400); /* a sleep: past the cancelled one-shot's 200 ms deadline, which must pass unfired */
     cr_expect_eq(atomic_load(&states[0].fired), 0, "a one-shot cancelled on its worker fired");
     cr_expect_eq(atomic_load(&self_cancel_runs), 3, "a timer that cancelled itself on its third run ran %d times",
                  atomic_load(&self_cancel_runs));
@@ -637,7 +637,7 @@ static void hammer_once(hammer *h, cp_session *s, int seq)
         cp_session_timer *t = race_start_timer(s, (r >> 8) % 5, (r >> 12) % 2 ? 1 + (r >> 16) % 5 : 0, true);
         if (t) {
             if ((r >> 20) % 2)
-                cpt_sleep_us((r >> 21) % 2000);
+                cpt_sleep_us((r >> 21) % 2000); /* a sleep: the cancel comes at a random moment */
             int rc = cp_session_timer_cancel(t);
             if (rc != 0 && rc != -ENOENT)
                 atomic_fetch_add(&bad_rc, 1);
@@ -664,12 +664,12 @@ static void *hammer_main(void *arg)
             n = CAP;
         cp_session *s = n ? atomic_load(&sessions[next_rnd(&h->rnd) % (uint32_t)n]) : NULL;
         if (!s) {
-            cpt_sleep_us(200);
+            cpt_sleep_us(200); /* a poll: no session to hammer yet */
             continue;
         }
         hammer_once(h, s, ++seq);
         if (seq % 8 == 0)
-            cpt_sleep_us(50);
+            cpt_sleep_us(50); /* a sleep: paces the hammering */
     }
     return NULL;
 }
@@ -706,7 +706,7 @@ Test(session_work, posts_and_timer_starts_racing_disconnects_free_every_arg_once
                 cpt_close(fds[i]);
             fds[i] = fds[--open];
         }
-        cpt_sleep_ms(2 + next_rnd(&rnd) % 4);
+        cpt_sleep_ms(2 + next_rnd(&rnd) % 4); /* a sleep: the clients come and go at random moments */
     }
     atomic_store(&stop, 1);
     for (int i = 0; i < NHAMMER; i++)

@@ -9,6 +9,41 @@
 
 #define NTIMERS 10000
 
+/* The number of timers in the heaps of port's workers, read on each worker. */
+typedef struct heap_probe {
+    atomic_int total;
+    atomic_int answered;
+} heap_probe;
+
+static void probe_heap(cp_worker *w, void *pp, void *unused, uintptr_t c)
+{
+    (void)unused, (void)c;
+    heap_probe *p = pp;
+    atomic_fetch_add(&p->total, (int)w->ntimers);
+    atomic_fetch_add(&p->answered, 1);
+}
+
+static int armed_timers(cp_port *port)
+{
+    heap_probe p = {0};
+    for (int i = 0; i < port->nworkers; i++)
+        cp__send_msg(&port->workers[i], probe_heap, &p, NULL);
+    CPT_AWAIT(atomic_load(&p.answered) == port->nworkers, 5000, "a worker did not answer");
+    return atomic_load(&p.total);
+}
+
+/* Waits until no timer of port can call its function any more: every one
+ * has left its worker's heap (fired for the last time, or unarmed), as seen
+ * on the worker itself, so no firing is under way either; and with q, every
+ * job a firing pushed onto q has run. Stands for "long enough that a late
+ * call would have shown itself". */
+static void xtimers_quiet(cp_port *port, cp_jobq *q)
+{
+    CPT_AWAIT(armed_timers(port) == 0, 5000, "a timer is still in its worker's heap");
+    if (q)
+        cpt_xjobq_drained(q);
+}
+
 typedef struct tctx {
     uint64_t due_ns;        /* not before this */
     atomic_int fired;
@@ -49,7 +84,9 @@ static void run_half_cancelled(bool via_jobq)
     }
     cr_assert_lt(cpt_now_ns() - start, 250000000u, "arming and cancelling took too long to test");
     cr_assert_eq(refused, 0, "%d timers could not be cancelled (the first: %d)", refused, first_refused);
-    cpt_sleep_ms(800);
+    /* The last timer was due at 499 ms: once every heap is empty and the
+     * queue has run what they pushed, every call there will be has run. */
+    xtimers_quiet(port, q);
     int fired = 0, wrong = 0, early = 0;
     for (int i = 0; i < NTIMERS; i++) {
         int f = atomic_load(&c[i].fired);
@@ -64,10 +101,11 @@ static void run_half_cancelled(bool via_jobq)
     /* A one-shot that fired: cancel says so and releases the handle. */
     for (int i = 0; i < NTIMERS; i += 2)
         cr_expect_eq(cp_timer_cancel(t[i]), -ENOENT);
-    if (q)
+    if (q) {
         cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
+        cr_assert_eq(cp_jobq_close_wait(q), 0);
+    }
     cp_jobq_unref(q);
-    cpt_sleep_ms(20);
     cpt_xport_destroy(port);
     free(c);
     free(t);
@@ -106,15 +144,15 @@ Test(timer, repeating_timer_ticks_until_cancelled_then_never_again, .timeout = 3
     rep_ctx c = {0};
     cp_timer *t;
     cr_assert_eq(cp_timer_start(&t, port, 10, 10, on_tick, &c, NULL), 0);
-    cpt_sleep_ms(205);
+    cpt_sleep_ms(205); /* a sleep: the test counts the ticks of this window */
     int ticks = atomic_load(&c.ticks);
     cr_expect(ticks >= 15 && ticks <= 21, "%d ticks in 205 ms at 10 ms", ticks);
     cr_assert_eq(cp_timer_cancel(t), 0);
     atomic_store(&c.cancelled, 1);
-    /* A tick already running when cancel returned may finish; none after. */
-    cpt_sleep_ms(15);
+    /* Cancel returns after a tick in progress ended; none may start after.
+     * Once the timer has left its worker's heap, none can. */
     int settled = atomic_load(&c.ticks);
-    cpt_sleep_ms(100);
+    xtimers_quiet(port, NULL);
     cr_expect_eq(atomic_load(&c.ticks), settled, "the timer ticked after it was cancelled");
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
@@ -128,7 +166,7 @@ Test(timer, timers_left_armed_are_freed_with_the_port, .timeout = 30)
     tctx c = {0};
     for (int i = 0; i < 100; i++)
         cr_assert_eq(cp_timer_start(NULL, port, 60000, 0, on_fire, &c, NULL), 0);
-    cpt_sleep_ms(20);
+    CPT_AWAIT(armed_timers(port) == 100, 5000, "the timers did not reach their workers' heaps");
     cpt_xport_destroy(port);
     cr_expect_eq(atomic_load(&c.fired), 0);
     cpt_leak_end(&m);
@@ -157,7 +195,7 @@ static void slow_cb(void *arg)
     slow_ctx *c = arg;
     atomic_fetch_add(&c->inside, 1);
     atomic_fetch_add(&c->calls, 1);
-    cpt_sleep_ms(c->sleep_ms);
+    cpt_sleep_ms(c->sleep_ms); /* a sleep: the call must last for a cancel to meet it running */
     atomic_fetch_sub(&c->inside, 1);
 }
 
@@ -184,14 +222,14 @@ static void cancel_while_running(bool via_jobq, uint64_t repeat_ms)
         if (i % 2 == 0)
             CPT_AWAIT(atomic_load(&c->calls) > 0, 2000, "round %d: the timer never fired", i);
         else
-            cpt_sleep_us((unsigned)(i * 97 % 3000));
+            cpt_sleep_us((unsigned)(i * 97 % 3000)); /* a sleep: the moment of the cancel varies */
         if (atomic_load(&c->inside))
             caught_running++;
         int r = cp_timer_cancel(t);
         cr_assert(r == 0 || (r == -ENOENT && !repeat_ms), "round %d: cancel returned %d", i, r);
         cr_assert_eq(atomic_load(&c->inside), 0, "round %d: cancel returned while the callback ran", i);
         int calls = atomic_load(&c->calls);
-        cpt_sleep_ms(3);
+        xtimers_quiet(port, q);
         cr_assert_eq(atomic_load(&c->calls), calls, "round %d: a call started after cancel returned", i);
         free(c);
     }
@@ -199,9 +237,9 @@ static void cancel_while_running(bool via_jobq, uint64_t repeat_ms)
     cr_expect(caught_running > ROUNDS / 4, "only %d of %d cancels met a running call", caught_running, ROUNDS);
     if (q) {
         cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
+        cr_assert_eq(cp_jobq_close_wait(q), 0);
         cp_jobq_unref(q);
     }
-    cpt_sleep_ms(20);
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
 }
@@ -255,11 +293,13 @@ Test(timer, cancel_skips_a_one_shot_job_already_queued, .timeout = 30)
     slow_ctx c = {.sleep_ms = 0};
     cp_timer *t;
     cr_assert_eq(cp_timer_start(&t, port, 1, 0, slow_cb, &c, q), 0);
-    cpt_sleep_ms(50); /* fired long ago: its job waits behind the gate */
+    /* A sleep: the gate holds a worker, which answers no probe of its heap,
+     * and a queued job shows nowhere else; the timer fired long ago. */
+    cpt_sleep_ms(50);
     cr_assert_eq(cp_timer_cancel(t), 0, "a timer whose job had not started could not be cancelled");
     atomic_store(&g.open, 1);
     cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
-    cpt_sleep_ms(50);
+    cr_assert_eq(cp_jobq_close_wait(q), 0); /* the timer's job has had its turn */
     cr_assert_eq(atomic_load(&c.calls), 0, "the cancelled timer's queued job ran");
     cp_jobq_unref(q);
     cpt_xport_destroy(port);
@@ -300,13 +340,13 @@ static void cancel_from_own_callback(bool via_jobq)
     CPT_AWAIT(atomic_load(&c.cancelled), 5000, "the callback's own cancel never returned (%d ticks)",
               atomic_load(&c.ticks));
     cr_assert_eq(atomic_load(&c.cancel_rc), 0);
-    cpt_sleep_ms(30);
+    xtimers_quiet(port, q);
     cr_assert_eq(atomic_load(&c.ticks), 3, "%d calls; the timer went on after cancelling itself", atomic_load(&c.ticks));
     if (q) {
         cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
+        cr_assert_eq(cp_jobq_close_wait(q), 0);
         cp_jobq_unref(q);
     }
-    cpt_sleep_ms(20);
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
 }
@@ -344,12 +384,21 @@ static void give_back(outlive_ctx *c, int i)
         atomic_fetch_add(&c->fired_cancelled, 1);
 }
 
+/* Every timer due at once (a quarter, called on a worker) has fired. */
+static bool quarter_fired(outlive_ctx *c)
+{
+    for (int i = 0; i < c->n; i += 4)
+        if (!atomic_load(&c->fired[i]))
+            return false;
+    return true;
+}
+
 static void *outlive_canceller(void *arg)
 {
     outlive_ctx *c = arg;
     for (int i; (i = atomic_fetch_add(&c->next, 1)) < c->n;) {
         give_back(c, i);
-        cpt_sleep_us(20);
+        cpt_sleep_us(20); /* a sleep: the cancels are spread over the destroy */
     }
     return NULL;
 }
@@ -379,7 +428,7 @@ Test(timer, handles_given_back_after_port_destroy_are_safe_and_leak_nothing, .ti
                                         i % 2 ? q : NULL), 0);
         }
         cp_jobq_unref(q);
-        cpt_sleep_ms(10);
+        CPT_AWAIT(quarter_fired(&c), 5000, "round %d: the timers due at once did not fire", round);
         /* Odd rounds give the handles back while the destroy runs. */
         pthread_t th;
         if (round % 2)
@@ -404,29 +453,6 @@ Test(timer, handles_given_back_after_port_destroy_are_safe_and_leak_nothing, .ti
 
 /* ------------------------------------------------------------------ timers of a closed job queue */
 
-/* The number of timers in the heaps of port's workers, read on each worker. */
-typedef struct heap_probe {
-    atomic_int total;
-    atomic_int answered;
-} heap_probe;
-
-static void probe_heap(cp_worker *w, void *pp, void *unused, uintptr_t c)
-{
-    (void)unused, (void)c;
-    heap_probe *p = pp;
-    atomic_fetch_add(&p->total, (int)w->ntimers);
-    atomic_fetch_add(&p->answered, 1);
-}
-
-static int armed_timers(cp_port *port)
-{
-    heap_probe p = {0};
-    for (int i = 0; i < port->nworkers; i++)
-        cp__send_msg(&port->workers[i], probe_heap, &p, NULL);
-    CPT_AWAIT(atomic_load(&p.answered) == port->nworkers, 5000, "a worker did not answer");
-    return atomic_load(&p.total);
-}
-
 /* A job queue's close ends the timers delivered through it: a one-shot that
  * fires after the close never calls its function, and cancel says 0 (it
  * never fired), not -ENOENT; a repeating one stops (it leaves its worker's
@@ -446,10 +472,10 @@ Test(timer, a_closed_job_queue_ends_its_timers_and_cancel_tells_the_truth, .time
     CPT_AWAIT(atomic_load(&ticks) >= 3, 5000, "the repeating timer did not tick");
     cr_assert_eq(cp_jobq_close_wait(q), 0);
     int settled = atomic_load(&ticks);
-    cpt_sleep_ms(80);
+    /* Both fire into the closed queue (the one-shot at 40 ms) and end. */
+    CPT_AWAIT(armed_timers(port) == 0, 5000, "a timer of the closed queue is still armed");
     cr_assert_eq(atomic_load(&once), 0, "the one-shot ran after its queue closed");
     cr_assert_eq(atomic_load(&ticks), settled, "the repeating timer ran after its queue closed");
-    cr_assert_eq(armed_timers(port), 0, "a timer of the closed queue is still armed");
     cr_assert_eq(cp_timer_cancel(one), 0, "a one-shot that never fired answered that it had");
     cr_assert_eq(cp_timer_cancel(rep), 0);
     cp_timer *late_start = NULL;
@@ -478,9 +504,10 @@ Test(timer, one_shots_racing_their_queues_close_cancel_tells_the_truth, .timeout
         cp_timer **t = calloc(N, sizeof *t);
         for (int i = 0; i < N; i++)
             cr_assert_eq(cp_timer_start(&t[i], port, (uint64_t)(i % 20), 0, outlive_fire, &fired[i], q), 0);
-        cpt_sleep_ms(10);
+        cpt_sleep_ms(10); /* a sleep: the close lands amid the timers' deadlines */
         cr_assert_eq(cp_jobq_close_wait(q), 0);
-        cpt_sleep_ms(40); /* every timer is due by now */
+        /* Every timer has fired (its job ran, or the closed queue refused it). */
+        CPT_AWAIT(armed_timers(port) == 0, 5000, "round %d: a timer is still armed", round);
         for (int i = 0; i < N; i++) {
             int r = cp_timer_cancel(t[i]);
             int f = atomic_load(&fired[i]);

@@ -325,7 +325,7 @@ int main(int argc, char **argv)
     int ep = epoll_create1(0);
     int *fds = malloc(sizeof *fds * (size_t)members);
     for (int i = 0; i < members; i++) {
-        fds[i] = connect_to(cp_service_port(svc));
+        fds[i] = connect_to(cp_service_listen_port(svc));
         struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev);
     }

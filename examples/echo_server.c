@@ -25,7 +25,7 @@ int main(void)
         return 1;
     }
     fprintf(stderr, "echo server on port %u (%s), Ctrl-C stops it\n",
-            cp_service_port(svc), cp_port_backend_name(port));
+            cp_service_listen_port(svc), cp_port_backend_name(port));
 
     cp_wait_stop_signal();              /* SIGINT/SIGTERM, or Ctrl-C on Windows */
     cp_service_stop(svc);               /* disconnects everyone, drains, frees */

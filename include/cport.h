@@ -553,7 +553,7 @@ typedef struct cp_session_opts {
 
 typedef struct cp_server_opts {
     const char *host;          /* numeric IPv4/IPv6 or a name; NULL = "0.0.0.0" */
-    uint16_t port;             /* 0 picks a free port; see cp_service_port() */
+    uint16_t port;             /* 0 picks a free port; see cp_service_listen_port() */
     int backlog;               /* listen backlog; 0 = 1024; not negative */
     int accepts;               /* accepts kept pending (K); 0 = 64; at most 65535 */
     uint32_t max_sessions;     /* live sessions at most; 0 = 10000 */
@@ -606,9 +606,11 @@ CP_API int cp_client_connect_data(cp_service *svc, void *data);
 CP_API int cp_service_stop(cp_service *svc);
 
 CP_API void *cp_service_ctx(const cp_service *svc);
-CP_API cp_port *cp_service_port_of(const cp_service *svc);
-/* The local port a server listens on (useful with port 0). */
-CP_API uint16_t cp_service_port(const cp_service *svc);
+/* The cp_port the service runs on (formerly cp_service_port_of). */
+CP_API cp_port *cp_service_get_port(const cp_service *svc);
+/* The local TCP port a server listens on, useful with port 0 (formerly
+ * cp_service_port, a name too close to the cp_port above). */
+CP_API uint16_t cp_service_listen_port(const cp_service *svc);
 
 typedef struct cp_service_stats {
     uint64_t sessions;          /* live now */

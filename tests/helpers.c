@@ -210,9 +210,9 @@ cp_service *cpt_xserver(cp_port *port, const cp_server_opts *opts, const cp_hand
     int rc = cp_server_start(&svc, port, &o, h, ctx);
     cr_assert_eq(rc, 0, "cp_server_start(%s): %d (%s)", o.host, rc, cp_strerror(rc));
     cr_assert_not_null(svc);
-    cr_assert_neq(cp_service_port(svc), 0, "cp_service_port() is 0 after start");
+    cr_assert_neq(cp_service_listen_port(svc), 0, "cp_service_listen_port() is 0 after start");
     cr_assert_eq(cp_service_ctx(svc), ctx);
-    cr_assert_eq(cp_service_port_of(svc), port);
+    cr_assert_eq(cp_service_get_port(svc), port);
     return svc;
 }
 
@@ -1375,7 +1375,7 @@ static void warm_up(void)
     cp_handlers h = { .on_recv = warm_recv };
     cp_server_opts so = { .host = CPT_HOST4, .session.framing = CP_FRAMING_RAW };
     if (cp_server_start(&svc, port, &so, &h, NULL) == 0) {
-        int fd = cpt_connect(CPT_HOST4, cp_service_port(svc), 0);
+        int fd = cpt_connect(CPT_HOST4, cp_service_listen_port(svc), 0);
         if (fd >= 0) {
             char c = 'w';
             if (cpt_send_all(fd, &c, 1) == 0)
@@ -1434,7 +1434,7 @@ void cpt_env_start(cpt_env *e, int workers, const cp_server_opts *opts, const cp
         }
     }
     e->svc = cpt_xserver(e->port, opts, &e->h, e->t);
-    e->sport = cp_service_port(e->svc);
+    e->sport = cp_service_listen_port(e->svc);
 }
 
 void cpt_env_stop(cpt_env *e)

@@ -898,7 +898,7 @@ Test(flaws, f09_broadcast_never_blocks_on_slow_member, .timeout = 60)
     h.on_connected = join_group_connected;
     cp_server_opts o = { .session.send_queue_limit = 64u << 20, .session.max_packet = 65535 };
     cp_service *svc = cpt_xserver(port, &o, &h, gc);
-    uint16_t sport = cp_service_port(svc);
+    uint16_t sport = cp_service_listen_port(svc);
 
     int slow = cpt_connect(CPT_HOST4, sport, 4096);
     cr_assert_geq(slow, 0);
@@ -1105,7 +1105,7 @@ static void ref_cycle(cp_port *port)
     cp_service *svc = cpt_xserver(port, NULL, &h, cc);
     int fds[N];
     for (int i = 0; i < N; i++)
-        fds[i] = cpt_xconnect(cp_service_port(svc));
+        fds[i] = cpt_xconnect(cp_service_listen_port(svc));
     CPT_AWAIT(cp_group_size(cc->g) == N, 5000, "not all sessions joined the group");
     CPT_AWAIT(atomic_load(&cc->t.connected) == N, 5000, "not connected");
     cp_sendbuf *b = cp_packet_make(4, "hello", 5);
@@ -1179,7 +1179,7 @@ Test(flaws, f12_tcp_nodelay_really_set, .timeout = 30)
     cpt_track *t2 = cpt_track_new(4);
     cp_handlers h = cpt_track_handlers();
     cp_service *s2 = cpt_xserver(e.port, &o, &h, t2);
-    fd = cpt_xconnect(cp_service_port(s2));
+    fd = cpt_xconnect(cp_service_listen_port(s2));
     CPT_AWAIT(atomic_load(&t2->connected) == 1, 5000, "not connected");
     sfd = cpt_xfind_peer_fd(fd);
     cr_assert_eq(tcp_nodelay_of(sfd), 0, "no_nodelay = 1 but TCP_NODELAY is set");

@@ -93,8 +93,8 @@ Test(group, membership_rules, .timeout = 20)
     cpt_leak_begin(&leak);
     cp_port *port = cpt_xport(2);
     cp_service *svc = cpt_xserver(port, NULL, &h, c);
-    int a = cpt_xconnect(cp_service_port(svc));
-    int b = cpt_xconnect(cp_service_port(svc));
+    int a = cpt_xconnect(cp_service_listen_port(svc));
+    int b = cpt_xconnect(cp_service_listen_port(svc));
     CPT_AWAIT(atomic_load(&c->t.connected) == 2, 5000, "not connected");
     cr_assert_eq(cp_group_size(c->g), 2);
     cr_assert_eq(cp_group_size(c->g2), 2);
@@ -160,7 +160,7 @@ static void run_chat_room(int n, int m, uint16_t id, cp_packet_fn route, bool ex
     int *fds = calloc((size_t)n, sizeof *fds);
     cr_assert_not_null(fds);
     for (int i = 0; i < n; i++) {
-        fds[i] = cpt_xconnect(cp_service_port(svc));
+        fds[i] = cpt_xconnect(cp_service_listen_port(svc));
         cpt_set_rcvtimeo(fds[i], 15000);
     }
     CPT_AWAIT(cp_group_size(c->g) == (size_t)n, 5000, "%zu of %d joined", cp_group_size(c->g), n);
@@ -296,7 +296,7 @@ Test(group, concurrent_add_remove_broadcast_and_disconnect, .timeout = 60)
     int fds[N];
     pthread_t rd[N];
     for (int i = 0; i < N; i++) {
-        fds[i] = cpt_xconnect(cp_service_port(svc));
+        fds[i] = cpt_xconnect(cp_service_listen_port(svc));
         pthread_create(&rd[i], NULL, reader_drain_main, (void *)(intptr_t)fds[i]);
     }
     CPT_AWAIT(atomic_load(&c->t.connected) == N, 5000, "not connected");
@@ -348,7 +348,7 @@ Test(group, destroy_group_with_live_members, .timeout = 20)
     cp_service *svc = cpt_xserver(p, NULL, &h, c);
     int fds[N];
     for (int i = 0; i < N; i++)
-        fds[i] = cpt_xconnect(cp_service_port(svc));
+        fds[i] = cpt_xconnect(cp_service_listen_port(svc));
     CPT_AWAIT(cp_group_size(c->g) == N && cp_group_size(c->g2) == N, 5000, "not joined");
     cp_group_destroy(c->g2);
     c->g2 = NULL;
@@ -424,8 +424,8 @@ Test(group, broadcast_except_edge_cases, .timeout = 20)
     cpt_leak_begin(&leak);
     cp_port *port = cpt_xport(2);
     cp_service *svc = cpt_xserver(port, NULL, &h, c);
-    int a = cpt_xconnect(cp_service_port(svc));
-    int b = cpt_xconnect(cp_service_port(svc));
+    int a = cpt_xconnect(cp_service_listen_port(svc));
+    int b = cpt_xconnect(cp_service_listen_port(svc));
     CPT_AWAIT(cp_group_size(c->g) == 2, 5000, "not joined");
     /* The session joins before its tracking record learns the peer's port. */
     CPT_AWAIT(atomic_load(&c->t.connected) == 2 && cpt_track_by_peer(&c->t, cpt_local_port(a)), 5000,
@@ -532,7 +532,7 @@ Test(group, stop_while_user_threads_broadcast_to_200_members, .timeout = 120)
         cp_service *svc = cpt_xserver(p, &o, &h, c);
         int *fds = malloc(N * sizeof *fds);
         for (int i = 0; i < N; i++)
-            fds[i] = cpt_xconnect(cp_service_port(svc));
+            fds[i] = cpt_xconnect(cp_service_listen_port(svc));
         CPT_AWAIT(cp_group_size(c->g) == N, 10000, "run %d: %zu of %d joined", run, cp_group_size(c->g), N);
         atomic_int stop = 0;
         room_flood f[THREADS];
@@ -605,7 +605,7 @@ Test(group, disconnect_while_user_threads_flood_the_room, .timeout = 120)
     int *fds = malloc(N * sizeof *fds);
     pthread_t *rd = malloc(N * sizeof *rd);
     for (int i = 0; i < N; i++) {
-        fds[i] = cpt_xconnect(cp_service_port(svc));
+        fds[i] = cpt_xconnect(cp_service_listen_port(svc));
         pthread_create(&rd[i], NULL, reader_drain_main, (void *)(intptr_t)fds[i]);
     }
     CPT_AWAIT(cp_group_size(c->g) == N && atomic_load(&c->t.connected) == N, 10000, "%zu of %d joined",

@@ -149,8 +149,8 @@ Test(listener, stop_then_restart_on_same_port, .timeout = 30)
         cp_server_opts o = { .host = CPT_HOST4, .port = port };
         cp_service *svc = cpt_xserver(p, &o, &h, t);
         if (round == 0)
-            port = cp_service_port(svc);
-        cr_assert_eq(cp_service_port(svc), port);
+            port = cp_service_listen_port(svc);
+        cr_assert_eq(cp_service_listen_port(svc), port);
         int fds[8];
         for (int i = 0; i < 8; i++) {
             fds[i] = cpt_xconnect(port);
@@ -187,7 +187,7 @@ Test(listener, several_servers_on_one_port, .timeout = 20)
         s[i] = cpt_xserver(p, NULL, &h, t[i]);
     }
     for (int i = 0; i < 4; i++) {
-        int fd = cpt_xconnect(cp_service_port(s[i]));
+        int fd = cpt_xconnect(cp_service_listen_port(s[i]));
         cpt_xsend_packet(fd, (uint16_t)i, "s", 1);
         cpt_xrecv_packet_eq(fd, (uint16_t)i, "s", 1);
         cpt_close(fd);
@@ -254,7 +254,7 @@ Test(listener, stop_right_after_start_on_a_worker, .timeout = 60)
         cr_assert_eq(cp_port_post(p, start_server_job, &j), 0);
         CPT_AWAIT(atomic_load(&j.svc) || atomic_load(&j.rc) != 1, 5000, "round %d: the job never ran", round);
         cr_assert_eq(atomic_load(&j.rc), 0, "round %d: cp_server_start on a worker: %d", round, atomic_load(&j.rc));
-        uint16_t port = cp_service_port(atomic_load(&j.svc));
+        uint16_t port = cp_service_listen_port(atomic_load(&j.svc));
         cpt_xstop(atomic_load(&j.svc));
         CPT_AWAIT(atomic_load(&j.job_done), 5000, "round %d: the job never returned", round);
         int fd = cpt_connect(CPT_HOST4, port, 0);

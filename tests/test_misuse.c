@@ -165,7 +165,7 @@ static void unref_session_not_referenced(void)
     cp_service *svc;
     if (cp_server_start(&svc, port, &so, &h, NULL) != 0)
         _exit(4);
-    int fd = cpt_connect(CPT_HOST4, cp_service_port(svc), 0);
+    int fd = cpt_connect(CPT_HOST4, cp_service_listen_port(svc), 0);
     if (fd < 0)
         _exit(5);
     for (int i = 0; i < 5000 && !atomic_load(&connected_session); i++)

@@ -44,7 +44,7 @@ static void busy_scene_start(busy_scene *sc)
     sc->port = cpt_xport(1);
     cp_handlers h = {.on_connected = lost_eof_on_connected, .on_packet = lost_eof_on_packet};
     sc->svc = cpt_xserver(sc->port, NULL, &h, NULL);
-    uint16_t p = cp_service_port(sc->svc);
+    uint16_t p = cp_service_listen_port(sc->svc);
     sc->a = cpt_xconnect(p);
     sc->b = cpt_xconnect(p);
     CPT_AWAIT(atomic_load(&lost_eof_connected) == 2, 5000, "the two sessions did not connect");
@@ -173,7 +173,7 @@ Test(regressions, uring_mshot_lost_reset_session_ends_with_its_bytes, .timeout =
     cp_port *port = cpt_xport(1);
     cp_handlers h = {.on_connected = lost_reset_on_connected, .on_packet = lost_reset_on_packet};
     cp_service *svc = cpt_xserver(port, NULL, &h, NULL);
-    uint16_t p = cp_service_port(svc);
+    uint16_t p = cp_service_listen_port(svc);
     uint8_t body[720];
     memset(body, 0xb4, sizeof body);
     enum { N = 100 };

@@ -137,7 +137,7 @@ Test(service_stop, waits_for_running_callbacks, .timeout = 20)
     cp_handlers h = cpt_track_handlers();
     h.on_packet = slow_handler;
     cp_service *svc = cpt_xserver(p, NULL, &h, c);
-    int fd = cpt_xconnect(cp_service_port(svc));
+    int fd = cpt_xconnect(cp_service_listen_port(svc));
     cpt_xsend_packet(fd, 1, NULL, 0);
     CPT_AWAIT(atomic_load(&c->entered) == 1, 5000, "handler not entered");
     cpt_xstop(svc);
@@ -269,7 +269,7 @@ Test(service_stop, start_stop_cycles_leak_nothing, .timeout = 60)
         cp_service *svc = cpt_xserver(p, NULL, &h, t);
         int fds[10];
         for (int i = 0; i < 10; i++) {
-            fds[i] = cpt_xconnect(cp_service_port(svc));
+            fds[i] = cpt_xconnect(cp_service_listen_port(svc));
             cpt_xsend_packet(fds[i], 1, "c", 1);
         }
         for (int i = 0; i < 10; i++)
@@ -298,7 +298,7 @@ Test(service_stop, stopping_one_service_leaves_the_other, .timeout = 20)
     cp_handlers h = cpt_track_handlers();
     cp_service *s2 = cpt_xserver(e.port, NULL, &h, t2);
     int a = cpt_xconnect(e.sport);
-    int b = cpt_xconnect(cp_service_port(s2));
+    int b = cpt_xconnect(cp_service_listen_port(s2));
     cpt_xsend_packet(a, 1, "a", 1);
     cpt_xrecv_packet_eq(a, 1, "a", 1);
     cpt_xstop(s2);

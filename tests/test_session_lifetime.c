@@ -314,7 +314,7 @@ Test(session_lifetime, accessors, .timeout = 20)
     h.on_disconnected = acc_disconnected;
     cp_service *svc = cpt_xserver(p, NULL, &h, c);
     atomic_store(&c->svc, svc);
-    int fd = cpt_xconnect(cp_service_port(svc));
+    int fd = cpt_xconnect(cp_service_listen_port(svc));
     cpt_xsend_packet(fd, 1, "a", 1);
     cpt_xrecv_packet_eq(fd, 1, "a", 1);
     cpt_close(fd);

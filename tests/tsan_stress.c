@@ -671,7 +671,7 @@ int main(void)
         fprintf(stderr, "tsan_stress: cp_server_start: %s\n", cp_strerror(r));
         return 1;
     }
-    server_port = cp_service_port(svc);
+    server_port = cp_service_listen_port(svc);
     for (int i = 0; i < 4; i++)
         cp_jobq_create(&qs[i].q, port);
 

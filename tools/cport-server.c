@@ -414,7 +414,7 @@ int main(int argc, char **argv)
     /* Scripts wait for this exact line (and read the port from it with --port 0). */
     const char *fmt = strchr(cfg.host, ':') ? "%s listening on [%s]:%u mode=%s backend=%s workers=%d\n"
                                             : "%s listening on %s:%u mode=%s backend=%s workers=%d\n";
-    printf(fmt, prog, cfg.host, (unsigned)cp_service_port(svc), mode_names[cfg.mode],
+    printf(fmt, prog, cfg.host, (unsigned)cp_service_listen_port(svc), mode_names[cfg.mode],
            cp_port_backend_name(port), cp_port_workers(port));
     fflush(stdout);
     uint64_t started = tool_now_ns();

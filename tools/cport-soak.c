@@ -627,7 +627,7 @@ int main(int argc, char **argv)
         cp_port_destroy(port);
         return 1;
     }
-    g_port = cp_service_port(svc);
+    g_port = cp_service_listen_port(svc);
     printf("cport-soak: backend %s, %d workers, port %u, %u clients, %u s, seed %llu\n",
            cp_port_backend_name(port), cp_port_workers(port), g_port, nclients, duration,
            (unsigned long long)g_seed);

@@ -530,9 +530,9 @@ int cp_service_broadcast(cp_service *svc, cp_sendbuf *b)
 /* ------------------------------------------------------------------ accessors */
 
 void *cp_service_ctx(const cp_service *svc) { return svc->ctx; }
-cp_port *cp_service_port_of(const cp_service *svc) { return svc->port; }
+cp_port *cp_service_get_port(const cp_service *svc) { return svc->port; }
 
-uint16_t cp_service_port(const cp_service *svc)
+uint16_t cp_service_listen_port(const cp_service *svc)
 {
     const struct sockaddr *sa = (const struct sockaddr *)&svc->addr;
     if (sa->sa_family == AF_INET)

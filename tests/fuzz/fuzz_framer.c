@@ -149,7 +149,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         }
     }
     fprintf(stderr, "fuzz_framer: backend %s, servers on ports %u (max 1024) and %u (max 65535)\n",
-            cp_port_backend_name(g_port), cp_service_port(g_svc[0]), cp_service_port(g_svc[1]));
+            cp_port_backend_name(g_port), cp_service_listen_port(g_svc[0]), cp_service_listen_port(g_svc[1]));
     return 0;
 }
 
@@ -218,7 +218,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fail("socket", errno, 0);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(cp_service_port(svc)),
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(cp_service_listen_port(svc)),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     if (connect_retry(fd, (struct sockaddr *)&a, sizeof a) != 0)
         fail("connect", errno, 0);

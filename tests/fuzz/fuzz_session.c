@@ -247,7 +247,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     pthread_create(&t, NULL, chaos_main, NULL);
     pthread_detach(t);
     fprintf(stderr, "fuzz_session: backend %s, server on port %u\n", cp_port_backend_name(g_port),
-            cp_service_port(g_svc));
+            cp_service_listen_port(g_svc));
     return 0;
 }
 
@@ -275,7 +275,7 @@ static void conn_connect(conn *c, int small_rcvbuf)
         int sz = 4096;
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
     }
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(cp_service_port(g_svc)),
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(cp_service_listen_port(g_svc)),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     if (connect_retry(fd, (struct sockaddr *)&a, sizeof a) != 0) {
         close(fd);

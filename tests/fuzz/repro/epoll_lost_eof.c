@@ -62,7 +62,7 @@ int main(void)
     cp_service *svc;
     if (cp_server_start(&svc, port, &o, &h, NULL) != 0)
         return 2;
-    uint16_t p = cp_service_port(svc);
+    uint16_t p = cp_service_listen_port(svc);
     int a = dial(p), b = dial(p);
     while (atomic_load(&connected) < 2)
         usleep(1000);

@@ -336,7 +336,11 @@ static size_t make_packet(uint8_t *p, uint64_t *st, size_t max_body)
 static void echo_fail(const char *what, int rc)
 {
     atomic_fetch_add(&cl.echo_failures, 1);
-    fprintf(stderr, "cport-soak: ECHO FAILURE: %s (%d: %s)\n", what, rc, rc < 0 ? strerror(-rc) : "eof");
+    /* Client threads call this: strerror may share one buffer among threads,
+     * strerror_r (GNU's, under _GNU_SOURCE) does not. */
+    char buf[128];
+    fprintf(stderr, "cport-soak: ECHO FAILURE: %s (%d: %s)\n", what, rc,
+            rc < 0 ? strerror_r(-rc, buf, sizeof buf) : "eof");
 }
 
 static void run_echo(uint64_t *st, uint8_t *out, uint8_t *in)

@@ -579,7 +579,7 @@ int main(int argc, char **argv)
             workers = atoi(v);
         else if (!strcmp(a, "--only")) {
             int k = 0;
-            while (k < K_COUNT && strcmp(v, kind_name[k]))
+            while (k < K_COUNT && strcmp(v, kind_name[k]) != 0)
                 k++;
             if (k == K_COUNT)
                 usage();

@@ -662,7 +662,7 @@ static void env_read(void)
             env_backend = CP_BACKEND_URING;
         else if (!strcmp(env, "iocp"))
             env_backend = CP_BACKEND_IOCP;
-        else if (strcmp(env, "auto"))
+        else if (strcmp(env, "auto") != 0)
             snprintf(env_backend_bad, sizeof env_backend_bad, "%s", env);
     }
 #ifdef CP_HAVE_URING

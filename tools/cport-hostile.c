@@ -113,9 +113,12 @@ static void sleep_ns(uint64_t ns)
     }
 }
 
+/* The neighbour thread calls this too: strerror_r (GNU's, under _GNU_SOURCE),
+ * as strerror may share one buffer among threads. */
 static void die(const char *what)
 {
-    fprintf(stderr, "%s: %s: %s\n", prog, what, strerror(errno));
+    char buf[128];
+    fprintf(stderr, "%s: %s: %s\n", prog, what, strerror_r(errno, buf, sizeof buf));
     exit(1);
 }
 

@@ -177,6 +177,7 @@ void cp__batch_begin(cp_port *port)
     if (foreign.depth++ > 0)
         return;
     if (foreign.nchains < port->nworkers) {
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_msgblk **c = realloc(foreign.chains, sizeof *c * (size_t)port->nworkers);
         if (!c) {
             foreign.depth--;
@@ -185,6 +186,7 @@ void cp__batch_begin(cp_port *port)
         foreign.chains = c;
         foreign.nchains = port->nworkers;
     }
+    /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     memset(foreign.chains, 0, sizeof *foreign.chains * (size_t)port->nworkers);
     foreign.port = port;
 }
@@ -388,6 +390,7 @@ void cp__timer_arm_at(cp_worker *w, cp_wtimer *t, uint64_t deadline_ns)
     cp__timer_cancel(w, t);
     if (w->ntimers == w->captimers) {
         uint32_t cap = w->captimers ? w->captimers * 2 : 16;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_wtimer **a = realloc(w->timers, cap * sizeof *a);
         if (!a)
             abort(); /* a timer is a promise we cannot silently drop */
@@ -786,6 +789,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
         cp_worker *w = &p->workers[inited];
         w->port = p;
         w->index = inited;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         w->outbox = cp__xalloc(sizeof *w->outbox * (size_t)o.workers);
         w->rbuf_size = RBUF_SIZE;
         /* Pages of its own: a trim gives them back (worker_trim). */

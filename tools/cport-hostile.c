@@ -570,6 +570,7 @@ static const uint8_t *burst_bytes(void)
         fill_packets(buf, burst_period(), (unsigned)O.packet, DATA_ID);
         made_for = O.packet;
     }
+    /* cppcheck-suppress deallocret ; buf is malloc's new block: die() does not return */
     return buf;
 }
 

@@ -92,6 +92,7 @@ static void usage_error(const char *fmt, ...)
     va_list ap;
     va_start(ap, fmt);
     tool_usage_vexit(prog, usage, fmt, ap);
+    /* cppcheck-suppress va_end_missing ; tool_usage_vexit does not return (noreturn) */
 }
 
 static void parse_args(int argc, char **argv, server_config *cfg)

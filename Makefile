@@ -2,7 +2,8 @@
 #   make run    the main job: a chat server and 500 dummy sessions for ~10 s
 #   make test   build and run the test suite
 # Also: make check (tests under ASan+UBSan), make bench, make install,
-# make lint (clang-tidy and cppcheck).
+# make lint (clang-tidy and cppcheck), make format / make format-check
+# (clang-format).
 
 BUILD     ?= build
 PREFIX    ?=
@@ -13,7 +14,7 @@ CMAKE_FLAGS ?=
 DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
-.PHONY: all deps build test check check-tsan run bench bench-quick bench-deps install clean fuzz soak test-windows lint
+.PHONY: all deps build test check check-tsan run bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check
 
 # make fuzz: libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each, on a scratch
 # copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
@@ -159,3 +160,14 @@ soak: deps
 	    || fail="$$fail $$b"; \
 	done; \
 	if [ -n "$$fail" ]; then echo "soak FAILED on:$$fail"; exit 1; fi; echo "soak passed on: $(SOAK_BACKENDS)"
+
+# make format applies .clang-format to every C file; make format-check only
+# reports what it would change and fails if anything would.
+FORMAT_SRCS = $(shell find src include tests tools bench examples -name '*.[ch]' | sort)
+format:
+	@$(MAKE) --no-print-directory deps DEB_PKGS=clang-format
+	clang-format -i $(FORMAT_SRCS)
+
+format-check:
+	@$(MAKE) --no-print-directory deps DEB_PKGS=clang-format
+	clang-format --dry-run --Werror $(FORMAT_SRCS)

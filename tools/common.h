@@ -69,6 +69,7 @@ tool_usage_vexit(const char *prog, void (*usage)(FILE *), const char *fmt, va_li
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     usage(stderr);
+    /* NOLINTNEXTLINE(concurrency-mt-unsafe): usage errors are found before any other thread starts */
     exit(TOOL_EXIT_USAGE);
 }
 

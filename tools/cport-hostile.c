@@ -114,9 +114,13 @@ static void sleep_ns(uint64_t ns)
     }
 }
 
+/* The neighbour thread calls this too: strerror_r (GNU's, under _GNU_SOURCE),
+ * as strerror may share one buffer among threads. */
 static void die(const char *what)
 {
-    fprintf(stderr, "%s: %s: %s\n", prog, what, strerror(errno));
+    char buf[128];
+    fprintf(stderr, "%s: %s: %s\n", prog, what, strerror_r(errno, buf, sizeof buf));
+    /* NOLINTNEXTLINE(concurrency-mt-unsafe): fatal errors only; two threads failing at once is not guarded */
     exit(1);
 }
 
@@ -437,6 +441,7 @@ static int nb_start(int n, int interval_ms, double duration)
         neighbour *b = &NB.v[i];
         b->fd = dial(0, 0);
         if (b->fd < 0) {
+            /* NOLINTNEXTLINE(concurrency-mt-unsafe): the main thread, before the neighbour thread starts */
             fprintf(stderr, "%s: neighbour %d cannot connect: %s\n", prog, i, strerror(errno));
             return -1;
         }
@@ -566,6 +571,7 @@ static const uint8_t *burst_bytes(void)
         fill_packets(buf, burst_period(), (unsigned)O.packet, DATA_ID);
         made_for = O.packet;
     }
+    /* cppcheck-suppress deallocret ; buf is malloc's new block: die() does not return */
     return buf;
 }
 
@@ -1020,6 +1026,7 @@ static double num_arg(const char *opt, const char *val, double lo, double hi)
     if (errno || end == val || *end || v < lo || v > hi) {
         fprintf(stderr, "%s: bad %s '%s' (%g..%g)\n", prog, opt, val, lo, hi);
         usage(stderr);
+        /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
         exit(2);
     }
     return v;
@@ -1030,6 +1037,7 @@ static void parse_args(int argc, char **argv)
     if (argc < 2 || argv[1][0] == '-') {
         bool help = argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"));
         usage(help ? stdout : stderr);
+        /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
         exit(help ? 0 : 2);
     }
     O.scenario = argv[1];
@@ -1038,6 +1046,7 @@ static void parse_args(int argc, char **argv)
         if (i + 1 >= argc) {
             fprintf(stderr, "%s: option %s needs a value\n", prog, o);
             usage(stderr);
+            /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
             exit(2);
         }
         const char *v = argv[++i];
@@ -1064,16 +1073,19 @@ static void parse_args(int argc, char **argv)
         else {
             fprintf(stderr, "%s: unknown option '%s'\n", prog, o);
             usage(stderr);
+            /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
             exit(2);
         }
     }
     if (O.port < 0) {
         fprintf(stderr, "%s: --port is required\n", prog);
         usage(stderr);
+        /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
         exit(2);
     }
     if (O.max_rss_mib >= 0 && O.server_pid <= 0) {
         fprintf(stderr, "%s: --max-rss-mib needs --server-pid\n", prog);
+        /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
         exit(2);
     }
 }

@@ -93,6 +93,7 @@ static void usage_error(const char *fmt, ...)
     va_list ap;
     va_start(ap, fmt);
     tool_usage_vexit(prog, usage, fmt, ap);
+    /* cppcheck-suppress va_end_missing ; tool_usage_vexit does not return (noreturn) */
 }
 
 static void parse_args(int argc, char **argv, server_config *cfg)
@@ -113,6 +114,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
             usage(stdout);
+            /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
             exit(0);
         }
         if (!tool_is_option(opt, value_options))
@@ -186,6 +188,7 @@ static void room_join(void *arg)
     chat_room *room = ((server_state *)cp_session_ctx(s))->room;
     if (room->n == room->cap) {
         size_t cap = room->cap ? room->cap * 2 : 64;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_session **m = realloc(room->members, cap * sizeof *m);
         if (m == NULL) {
             tool_log_sink(CP_LOG_ERROR, "chat room: out of memory, refusing a member", (void *)prog);

@@ -112,6 +112,7 @@ static cp_sendbuf *big_get(size_t cap)
     cp_sendbuf *b = NULL;
     pthread_mutex_lock(&pool_lock);
     if ((b = big_pool[cls].head) != NULL) {
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): a pooled buffer's first bytes hold the next pointer */
         memcpy(&big_pool[cls].head, b->data, sizeof b);
         big_pool[cls].n--;
     }
@@ -134,6 +135,7 @@ static void alone_put(cp_sendbuf *b)
     if (cls < BIG_CLASSES) {
         pthread_mutex_lock(&pool_lock);
         if (big_pool[cls].n < (BIG_POOL_BYTES >> (BIG_MIN_SHIFT + cls))) {
+            /* NOLINTNEXTLINE(bugprone-sizeof-expression): a pooled buffer's first bytes hold the next pointer */
             memcpy(b->data, &big_pool[cls].head, sizeof b);
             big_pool[cls].head = b;
             big_pool[cls].n++;
@@ -166,6 +168,7 @@ void cp__sendbuf_trim(void)
     for (uint32_t c = 0; c < BIG_CLASSES; c++) {
         while (bigs[c]) {
             cp_sendbuf *next;
+            /* NOLINTNEXTLINE(bugprone-sizeof-expression): a pooled buffer's first bytes hold the next pointer */
             memcpy(&next, bigs[c]->data, sizeof next);
             cp__free(bigs[c]);
             bigs[c] = next;

@@ -168,6 +168,7 @@ static int membership_add(cp_session *s, cp_group *g)
         r = -ENOTCONN;
     } else if (s->ngroups == s->capgroups) {
         uint32_t cap = s->capgroups ? s->capgroups * 2 : 2;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_group **gs = cp__realloc(s->groups, sizeof *gs * cap);
         if (!gs) {
             r = -ENOMEM;
@@ -198,7 +199,9 @@ static int members_remove(cp_group *g, cp_session *s, members **old)
     members *a = members_new(cur->n - 1, 1);
     if (!a)
         return -ENOMEM;
+    /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     memcpy(a->m, cur->m, sizeof *a->m * (size_t)at);
+    /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     memcpy(a->m + at, cur->m + at + 1, sizeof *a->m * (cur->n - 1 - (uint32_t)at));
     a->m[a->n] = s;
     *old = members_swap(g, a);
@@ -219,9 +222,11 @@ void cp_group_destroy(cp_group *g)
     last->own_all = true;
     pthread_mutex_unlock(&g->wlock);
     for (uint32_t i = 0; i < last->n; i++)
+        /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): g holds the reference dropped after the loop */
         if (membership_drop(last->m[i], g))
             group_unref(g);
     members_release(last);
+    /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): the references dropped in the loop were the members', not this one */
     group_unref(g);
 }
 
@@ -240,6 +245,7 @@ int cp_group_add(cp_group *g, cp_session *s)
         members *a = members_new(g->cur->n + 1, 0);
         r = a ? membership_add(s, g) : -ENOMEM;
         if (r == 0) {
+            /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
             memcpy(a->m, g->cur->m, sizeof *a->m * g->cur->n);
             a->m[a->n - 1] = s;
             old = members_swap(g, a);

@@ -58,6 +58,7 @@ static bool carry_reserve(cp_session *s, size_t cap)
         return false;
     }
     if (s->carry_len)
+        /* NOLINTNEXTLINE(clang-analyzer-core.NonNullParamChecker): carry_len > 0 means carry is allocated */
         memcpy(c, s->carry, s->carry_len);
     cp__carry_free(s->carry, s->carry_cap);
     s->carry = c;
@@ -113,6 +114,7 @@ static void backlog_keep(cp_session *s, const uint8_t *p, size_t n)
 {
     if (!n || !carry_reserve(s, n))
         return;
+    /* NOLINTNEXTLINE(clang-analyzer-core.NonNullParamChecker): carry_reserve succeeded: carry is allocated */
     memcpy(s->carry, p, n);
     s->carry_len = (uint32_t)n;
     s->rx_backlog = true;
@@ -186,6 +188,7 @@ static size_t packet_parse(cp_session *s, const uint8_t *p, size_t n)
     if (n) {
         if (!carry_reserve(s, n > CP_PACKET_HEADER ? n : CP_PACKET_HEADER))
             goto out;
+        /* NOLINTNEXTLINE(clang-analyzer-core.NonNullParamChecker): carry_reserve succeeded: carry is allocated */
         memcpy(s->carry, p, n);
         s->carry_len = (uint32_t)n;
     }

@@ -126,6 +126,7 @@ static cp_session *lookup(cp_service *svc, uint64_t id)
 static cp_session **snapshot(cp_service *svc, size_t *n)
 {
     pthread_mutex_lock(&svc->lock);
+    /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     cp_session **all = cp__malloc(sizeof *all * (svc->live ? svc->live : 1));
     size_t k = 0;
     if (all) {
@@ -363,6 +364,7 @@ static int client_first_connects(cp_service *svc, uint32_t n)
 {
     if (n == 0)
         return 0;
+    /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     cp_session **s = cp__malloc(sizeof *s * n);
     int *fd = cp__malloc(sizeof *fd * n);
     int r = s && fd ? 0 : -ENOMEM;

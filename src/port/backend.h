@@ -120,6 +120,9 @@ extern const cp_backend_ops cp__epoll_backend;
 extern const cp_backend_ops cp__uring_backend;
 /* 0 if io_uring can be used here, else -errno with a reason for the log. */
 int cp__uring_probe(const char **why);
+/* Reads the backend's environment variables; port.c calls it once, with its
+ * own, before any thread of the library exists (getenv is not thread-safe). */
+void cp__uring_read_env(void);
 #endif
 
 /* Called by backends: deliver a completion after the current dispatch pass

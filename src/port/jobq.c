@@ -209,6 +209,7 @@ static void pause_pusher(cp_jobq *q, cp_feeder *f)
     pthread_mutex_lock(&q->plock);
     if (q->npaused == q->cappaused) {
         uint32_t cap = q->cappaused ? q->cappaused * 2 : 8;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_feeder **a = cp__realloc(q->paused, sizeof *a * cap);
         if (!a) {
             pthread_mutex_unlock(&q->plock);

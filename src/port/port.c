@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef __GLIBC__
@@ -177,6 +178,7 @@ void cp__batch_begin(cp_port *port)
     if (foreign.depth++ > 0)
         return;
     if (foreign.nchains < port->nworkers) {
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_msgblk **c = cp__realloc(foreign.chains, sizeof *c * (size_t)port->nworkers);
         if (!c) {
             foreign.depth--;
@@ -185,6 +187,7 @@ void cp__batch_begin(cp_port *port)
         foreign.chains = c;
         foreign.nchains = port->nworkers;
     }
+    /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     memset(foreign.chains, 0, sizeof *foreign.chains * (size_t)port->nworkers);
     foreign.port = port;
 }
@@ -388,6 +391,7 @@ void cp__timer_arm_at(cp_worker *w, cp_wtimer *t, uint64_t deadline_ns)
     cp__timer_cancel(w, t);
     if (w->ntimers == w->captimers) {
         uint32_t cap = w->captimers ? w->captimers * 2 : 16;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_wtimer **a = cp__realloc(w->timers, cap * sizeof *a);
         if (!a)
             abort(); /* a timer is a promise we cannot silently drop */
@@ -673,21 +677,39 @@ static void wait_callers(cp_port *p)
         sched_yield();
 }
 
+/* The environment is read once, by the process's first cp_port_create, before
+ * any thread of the library exists: getenv is not safe against a setenv on
+ * another thread, and later ports may be created on worker threads. */
+static pthread_once_t env_once = PTHREAD_ONCE_INIT;
+static cp_backend env_backend = CP_BACKEND_AUTO;
+static char env_backend_bad[64]; /* CP_BACKEND when it names no backend */
+
+static void env_read(void)
+{
+    /* NOLINTNEXTLINE(concurrency-mt-unsafe): the library's only read of CP_BACKEND, once (above) */
+    const char *env = getenv("CP_BACKEND");
+    if (env && *env) {
+        if (!strcmp(env, "epoll"))
+            env_backend = CP_BACKEND_EPOLL;
+        else if (!strcmp(env, "uring") || !strcmp(env, "io_uring"))
+            env_backend = CP_BACKEND_URING;
+        else if (!strcmp(env, "iocp"))
+            env_backend = CP_BACKEND_IOCP;
+        else if (strcmp(env, "auto") != 0)
+            snprintf(env_backend_bad, sizeof env_backend_bad, "%s", env);
+    }
+#ifdef CP_HAVE_URING
+    cp__uring_read_env();
+#endif
+}
+
 static const cp_backend_ops *choose_backend(cp_backend want, int *err)
 {
+    pthread_once(&env_once, env_read);
     if (want == CP_BACKEND_AUTO) {
-        const char *env = getenv("CP_BACKEND");
-        if (env && *env) {
-            if (!strcmp(env, "epoll"))
-                want = CP_BACKEND_EPOLL;
-            else if (!strcmp(env, "uring") || !strcmp(env, "io_uring"))
-                want = CP_BACKEND_URING;
-            else if (!strcmp(env, "iocp"))
-                want = CP_BACKEND_IOCP;
-            else if (strcmp(env, "auto")) {
-                cp__log(CP_LOG_WARN, "CP_BACKEND=%s is not a backend; choosing automatically", env);
-            }
-        }
+        want = env_backend;
+        if (env_backend_bad[0])
+            cp__log(CP_LOG_WARN, "CP_BACKEND=%s is not a backend; choosing automatically", env_backend_bad);
     }
 #ifdef CP_HAVE_URING
     const char *why = NULL;
@@ -797,6 +819,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
         cp_worker *w = &p->workers[inited];
         w->port = p;
         w->index = inited;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)o.workers);
         w->rbuf_size = RBUF_SIZE;
         /* Pages of its own: a trim gives them back (worker_trim). */

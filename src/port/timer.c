@@ -186,6 +186,7 @@ static void fire(cp_worker *w, void *tp)
     } else {
         call_fn(t);
     }
+    /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): the heap's reference is still held */
     if ((fire_end(t, how) & T_PHASE) == T_ARMED) {
         /* Keep the period; after a stall, the next tick is one period away.
          * A one-shot whose job found no memory tries again in 1 ms. */
@@ -216,6 +217,7 @@ static void unarm_msg(cp_worker *w, void *tp, void *unused, uintptr_t c)
         cp__timer_cancel(w, &t->wt);
         timer_unref(t); /* the heap's reference */
     }
+    /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): this message's reference is still held */
     timer_unref(t); /* this message's */
 }
 

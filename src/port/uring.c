@@ -108,6 +108,18 @@ typedef struct ur_state {
  * 0 = the eventfd. Chosen once by the probe; CP_URING_WAKE=eventfd|msgring
  * overrides it (for measurements). */
 static int wake_msg_ring;
+/* CP_URING_WAKE as read by cp__uring_read_env: -1 unset, else as above. */
+static int wake_env = -1;
+
+void cp__uring_read_env(void)
+{
+    /* NOLINTNEXTLINE(concurrency-mt-unsafe): called once, before any thread of the library exists */
+    const char *env = getenv("CP_URING_WAKE");
+    if (env && !strcmp(env, "eventfd"))
+        wake_env = 0;
+    else if (env && !strcmp(env, "msgring"))
+        wake_env = 1;
+}
 
 static uint64_t ud_of(cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
 
@@ -220,10 +232,9 @@ static void *probe_thread(void *unused)
         if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
             (ring.features & IORING_FEAT_CQE_SKIP))
             wake_msg_ring = WAKE_MSG_RING_DEFAULT;
-        const char *env = getenv("CP_URING_WAKE");
-        if (env && !strcmp(env, "eventfd"))
+        if (wake_env == 0)
             wake_msg_ring = 0;
-        else if (env && !strcmp(env, "msgring") && p && io_uring_opcode_supported(p, IORING_OP_MSG_RING))
+        else if (wake_env == 1 && p && io_uring_opcode_supported(p, IORING_OP_MSG_RING))
             wake_msg_ring = 1;
         if (p)
             io_uring_free_probe(p);

@@ -186,62 +186,106 @@ static void probe_once(void)
     pthread_join(t, NULL);
 }
 
-static void *probe_thread(void *unused)
+/* The kernel.io_uring_disabled sysctl at 2 forbids io_uring to everyone. */
+static int probe_sysctl(const char **why)
 {
-    CP_UNUSED(unused);
     int r = 0;
-    const char *reason = NULL;
     FILE *f = fopen("/proc/sys/kernel/io_uring_disabled", "r");
     if (f) {
         int v = 0;
         if (fscanf(f, "%d", &v) == 1 && v == 2) {
             r = -EPERM;
-            reason = "io_uring is disabled by the kernel.io_uring_disabled sysctl";
+            *why = "io_uring is disabled by the kernel.io_uring_disabled sysctl";
         }
         fclose(f);
     }
+    return r;
+}
+
+static const char *ring_init_failure(int r)
+{
+    return r == -ENOSYS   ? "the kernel has no io_uring (ENOSYS)"
+           : r == -EPERM  ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
+                          : "io_uring_setup failed";
+}
+
+static bool has_needed_ops(const struct io_uring_probe *p)
+{
+    return p && io_uring_opcode_supported(p, IORING_OP_SENDMSG) &&
+           io_uring_opcode_supported(p, IORING_OP_ACCEPT) &&
+           io_uring_opcode_supported(p, IORING_OP_RECV) &&
+           io_uring_opcode_supported(p, IORING_OP_ASYNC_CANCEL);
+}
+
+/* Sets wake_msg_ring: MSG_RING where the kernel has it (and CQE_SKIP), unless
+ * CP_URING_WAKE says otherwise. */
+static void choose_wake(const struct io_uring *ring, const struct io_uring_probe *p)
+{
+    if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
+        (ring->features & IORING_FEAT_CQE_SKIP))
+        wake_msg_ring = WAKE_MSG_RING_DEFAULT;
+    const char *env = getenv("CP_URING_WAKE");
+    if (env && !strcmp(env, "eventfd"))
+        wake_msg_ring = 0;
+    else if (env && !strcmp(env, "msgring") && p && io_uring_opcode_supported(p, IORING_OP_MSG_RING))
+        wake_msg_ring = 1;
+}
+
+/* Checks the operations cport needs and chooses the wake-up on the way. */
+static int probe_ops(struct io_uring *ring, const char **why)
+{
+    int r = 0;
+    struct io_uring_probe *p = io_uring_get_probe_ring(ring);
+    if (!has_needed_ops(p)) {
+        r = -ENOTSUP;
+        *why = "the kernel's io_uring lacks an operation cport needs";
+    }
+    choose_wake(ring, p);
+    if (p)
+        io_uring_free_probe(p);
+    return r;
+}
+
+/* Provided-buffer rings (5.19) and multishot receive (6.0) are the newest
+ * features used; registering a ring proves the former. */
+static int probe_buf_ring(struct io_uring *ring, const char **why)
+{
+    int r = 0;
+    struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                                        MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7};
+    if (br == MAP_FAILED || io_uring_register_buf_ring(ring, &reg, 0) < 0) {
+        r = -ENOTSUP;
+        *why = "the kernel's io_uring has no provided-buffer rings";
+    }
+    if (br != MAP_FAILED)
+        munmap(br, 4096);
+    return r;
+}
+
+/* Sets up a ring and checks, on it, what cport uses. */
+static int probe_ring(const char **why)
+{
     struct io_uring ring;
-    if (!r) {
-        r = ring_init(&ring, 0);
-        if (r < 0)
-            reason = r == -ENOSYS   ? "the kernel has no io_uring (ENOSYS)"
-                     : r == -EPERM  ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
-                                    : "io_uring_setup failed";
+    int r = ring_init(&ring, 0);
+    if (r < 0) {
+        *why = ring_init_failure(r);
+        return r;
     }
-    if (!r) {
-        struct io_uring_probe *p = io_uring_get_probe_ring(&ring);
-        if (!p || !io_uring_opcode_supported(p, IORING_OP_SENDMSG) ||
-            !io_uring_opcode_supported(p, IORING_OP_ACCEPT) ||
-            !io_uring_opcode_supported(p, IORING_OP_RECV) ||
-            !io_uring_opcode_supported(p, IORING_OP_ASYNC_CANCEL)) {
-            r = -ENOTSUP;
-            reason = "the kernel's io_uring lacks an operation cport needs";
-        }
-        if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
-            (ring.features & IORING_FEAT_CQE_SKIP))
-            wake_msg_ring = WAKE_MSG_RING_DEFAULT;
-        const char *env = getenv("CP_URING_WAKE");
-        if (env && !strcmp(env, "eventfd"))
-            wake_msg_ring = 0;
-        else if (env && !strcmp(env, "msgring") && p && io_uring_opcode_supported(p, IORING_OP_MSG_RING))
-            wake_msg_ring = 1;
-        if (p)
-            io_uring_free_probe(p);
-        if (!r) {
-            /* Provided-buffer rings (5.19) and multishot receive (6.0) are the
-             * newest features used; registering a ring proves the former. */
-            struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
-                                                MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
-            struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7};
-            if (br == MAP_FAILED || io_uring_register_buf_ring(&ring, &reg, 0) < 0) {
-                r = -ENOTSUP;
-                reason = "the kernel's io_uring has no provided-buffer rings";
-            }
-            if (br != MAP_FAILED)
-                munmap(br, 4096);
-        }
-        io_uring_queue_exit(&ring);
-    }
+    r = probe_ops(&ring, why);
+    if (!r)
+        r = probe_buf_ring(&ring, why);
+    io_uring_queue_exit(&ring);
+    return r;
+}
+
+static void *probe_thread(void *unused)
+{
+    CP_UNUSED(unused);
+    const char *reason = NULL;
+    int r = probe_sysctl(&reason);
+    if (!r)
+        r = probe_ring(&reason);
     probe_result = r;
     probe_why = reason;
     return NULL;

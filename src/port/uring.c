@@ -979,6 +979,57 @@ static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned fla
     op->cb(w, op, res, more ? CP_CQE_MORE : 0, data);
 }
 
+/* The op a completion names, or NULL if the completion is for an earlier
+ * submission of the op (its generation differs): such a one is dropped. */
+static cp_op *current_op(uint64_t ud)
+{
+    cp_op *op = (cp_op *)(uintptr_t)(ud & PTR_MASK);
+    return (uint16_t)(ud >> 48) == op->gen ? op : NULL;
+}
+
+/* The final completion of a receive this backend cancelled itself (op->kicked:
+ * 1 by recheck_recvs, 2 by a pause). True if it is swallowed. */
+static bool kick_swallowed(ur_state *st, cp_op *op, int res, unsigned flags)
+{
+    if ((flags & IORING_CQE_F_MORE) || !op->kicked)
+        return false;
+    int why = op->kicked;
+    op->kicked = 0;
+    if (res != -ECANCELED || op->h->fd < 0)
+        return false;
+    /* Cancelled by recheck_recvs or a pause, not by a close:
+     * the core sees no gap. Paused: park until the resume.
+     * Else receive on (after a recheck, with a single-shot
+     * receive: see recheck_recvs). */
+    if (op->h->rd_paused)
+        park(op->h, op);
+    else if (why == 1)
+        prep_recv(st, op->h, op, false);
+    else
+        arm_multishot(st, op->h, op);
+    return true;
+}
+
+/* A completion of op's current submission: accepts go on taking connections,
+ * a cancellation of our own is swallowed, a paused handle's receive is held,
+ * the rest is delivered. False if it was held (its buffer, or a copy, stays
+ * with it). */
+static bool complete_op(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned flags, const uint8_t *data)
+{
+    if (op->kind == CP_OP_ACCEPT && accept_more(w, st, op, res))
+        return true;
+    if (kick_swallowed(st, op, res, flags))
+        return true;
+    cp_handle *h = op->h;
+    /* A paused handle's receive completions are held, and so are
+     * those behind completions it still holds, in turn. */
+    if (op->kind == CP_OP_RECV && h->fd >= 0 && (has_held(h) || h->rd_paused) &&
+        handle_hold(st, h, op, res, flags, data))
+        return false;
+    deliver(w, st, op, res, flags, data);
+    return true;
+}
+
 static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned flags)
 {
     if (ud == TAG_WAKE) {
@@ -987,45 +1038,12 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
     }
     if (ud == TAG_MSG_WAKE)
         return;
-    const uint8_t *data = NULL;
     bool has_buf = flags & IORING_CQE_F_BUFFER;
     unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
-    if (has_buf)
-        data = st->bufs + (size_t)bid * UR_BUFSZ;
-    if (ud != TAG_IGNORE) {
-        cp_op *op = (cp_op *)(uintptr_t)(ud & PTR_MASK);
-        if ((uint16_t)(ud >> 48) == op->gen) {
-            bool more = flags & IORING_CQE_F_MORE;
-            if (op->kind == CP_OP_ACCEPT && accept_more(w, st, op, res))
-                goto out;
-            if (!more && op->kicked) {
-                int why = op->kicked;
-                op->kicked = 0;
-                if (res == -ECANCELED && op->h->fd >= 0) {
-                    /* Cancelled by recheck_recvs or a pause, not by a close:
-                     * the core sees no gap. Paused: park until the resume.
-                     * Else receive on (after a recheck, with a single-shot
-                     * receive: see recheck_recvs). */
-                    if (op->h->rd_paused)
-                        park(op->h, op);
-                    else if (why == 1)
-                        prep_recv(st, op->h, op, false);
-                    else
-                        arm_multishot(st, op->h, op);
-                    goto out;
-                }
-            }
-            cp_handle *h = op->h;
-            /* A paused handle's receive completions are held, and so are
-             * those behind completions it still holds, in turn. */
-            if (op->kind == CP_OP_RECV && h->fd >= 0 && (has_held(h) || h->rd_paused) &&
-                handle_hold(st, h, op, res, flags, data))
-                return; /* the buffer (or a copy) stays with the held completion */
-            deliver(w, st, op, res, flags, data);
-        }
-        /* else: a completion for an earlier submission of this op; drop it */
-    }
-out:
+    const uint8_t *data = has_buf ? st->bufs + (size_t)bid * UR_BUFSZ : NULL;
+    cp_op *op = ud == TAG_IGNORE ? NULL : current_op(ud);
+    if (op && !complete_op(w, st, op, res, flags, data))
+        return; /* the buffer (or a copy) stays with the held completion */
     if (has_buf)
         recycle(st, bid);
 }

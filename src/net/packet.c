@@ -121,84 +121,104 @@ static void backlog_keep(cp_session *s, const uint8_t *p, size_t n)
     s->pkt_start_ns = s->owner->now_ns; /* waiting is not the peer's doing */
 }
 
+/* Where parsing a receive has got to: the bytes not parsed yet, and how many
+ * packets were handed to handlers. */
+typedef struct rx_cursor {
+    const uint8_t *p;
+    size_t n;
+    uint64_t packets;
+} rx_cursor;
+
+/* Moves bytes from the front of the receive to the end of carry until carry
+ * holds `want` (or the receive runs out). True once carry holds `want`. */
+static bool carry_fill(cp_session *s, rx_cursor *c, size_t want)
+{
+    size_t take = want - s->carry_len;
+    if (take > c->n)
+        take = c->n;
+    memcpy(s->carry + s->carry_len, c->p, take);
+    s->carry_len += (uint32_t)take;
+    c->p += take;
+    c->n -= take;
+    return s->carry_len >= want;
+}
+
+/* A pause decided while this receive was being handled keeps the rest of it
+ * (the bytes at c) in the backlog. True if it did. */
+static bool pause_taken(cp_session *s, const rx_cursor *c)
+{
+    if (!(s->rx_block & STOP_BITS))
+        return false;
+    backlog_keep(s, c->p, c->n);
+    return true;
+}
+
+/* Finishes the packet started by an earlier receive, from the front of this
+ * one, and hands it to its handler. False if parsing stops here: the packet
+ * is still incomplete, or the session is closing or paused. */
+static bool carry_finish(cp_session *s, rx_cursor *c)
+{
+    if (s->carry_len < CP_PACKET_HEADER && !carry_fill(s, c, CP_PACKET_HEADER))
+        return false;
+    size_t size = header_size(s, s->carry);
+    if (!size || !carry_reserve(s, size) || !carry_fill(s, c, size))
+        return false;
+    c->packets++;
+    bool ok = dispatch(s, s->carry, size);
+    if (s->carry) /* the handler may have closed the session, which frees it */
+        carry_release(s);
+    return ok && !pause_taken(s, c);
+}
+
+/* Hands the whole packets at the front of the receive to their handlers,
+ * stopping at an incomplete one (for which carry is reserved). False if
+ * parsing stops here: the session is closing or paused. */
+static bool whole_packets(cp_session *s, rx_cursor *c)
+{
+    while (c->n >= CP_PACKET_HEADER) {
+        size_t size = header_size(s, c->p);
+        if (!size)
+            return false;
+        if (c->n < size)
+            return carry_reserve(s, size);
+        if (s->svc->rate_pkts && !cp__rx_rate_packet(s)) {
+            backlog_keep(s, c->p, c->n); /* this packet is over the rate: it waits */
+            return false;
+        }
+        c->packets++;
+        if (!dispatch(s, c->p, size))
+            return false;
+        c->p += size;
+        c->n -= size;
+        if (pause_taken(s, c))
+            return false;
+    }
+    return true;
+}
+
+/* The incomplete packet at the end of the receive waits in carry. */
+static void tail_keep(cp_session *s, const rx_cursor *c)
+{
+    if (c->n) {
+        if (!carry_reserve(s, c->n > CP_PACKET_HEADER ? c->n : CP_PACKET_HEADER))
+            return;
+        memcpy(s->carry, c->p, c->n);
+        s->carry_len = (uint32_t)c->n;
+    }
+    /* A packet that began in this receive starts the partial-packet clock
+     * (one that began earlier was finished first, or parsing stopped). */
+    if (s->carry_len)
+        partial_started(s);
+}
+
 static size_t packet_parse(cp_session *s, const uint8_t *p, size_t n)
 {
-    uint64_t packets = 0;
-    bool had_partial = s->carry_len != 0;
-    if (s->carry_len) {
-        /* Finish the packet started by an earlier receive. */
-        if (s->carry_len < CP_PACKET_HEADER) {
-            size_t take = CP_PACKET_HEADER - s->carry_len;
-            if (take > n)
-                take = n;
-            memcpy(s->carry + s->carry_len, p, take);
-            s->carry_len += (uint32_t)take;
-            p += take;
-            n -= take;
-            if (s->carry_len < CP_PACKET_HEADER)
-                return 0;
-        }
-        size_t size = header_size(s, s->carry);
-        if (!size || !carry_reserve(s, size))
-            return 0;
-        size_t take = size - s->carry_len;
-        if (take > n)
-            take = n;
-        memcpy(s->carry + s->carry_len, p, take);
-        s->carry_len += (uint32_t)take;
-        p += take;
-        n -= take;
-        if (s->carry_len < size)
-            return 0;
-        packets++;
-        had_partial = false;
-        bool ok = dispatch(s, s->carry, size);
-        if (s->carry) /* the handler may have closed the session, which frees it */
-            carry_release(s);
-        if (!ok)
-            goto out;
-        if (s->rx_block & STOP_BITS) {
-            backlog_keep(s, p, n);
-            goto out;
-        }
-    }
-    while (n >= CP_PACKET_HEADER) {
-        size_t size = header_size(s, p);
-        if (!size)
-            goto out;
-        if (n < size) {
-            if (!carry_reserve(s, size))
-                goto out;
-            break;
-        }
-        if (s->svc->rate_pkts && !cp__rx_rate_packet(s)) {
-            backlog_keep(s, p, n); /* this packet is over the rate: it waits */
-            goto out;
-        }
-        packets++;
-        if (!dispatch(s, p, size))
-            goto out;
-        p += size;
-        n -= size;
-        if (s->rx_block & STOP_BITS) {
-            backlog_keep(s, p, n);
-            goto out;
-        }
-    }
-    if (n) {
-        if (!carry_reserve(s, n > CP_PACKET_HEADER ? n : CP_PACKET_HEADER))
-            goto out;
-        /* NOLINTNEXTLINE(clang-analyzer-core.NonNullParamChecker): carry_reserve succeeded: carry is allocated */
-        memcpy(s->carry, p, n);
-        s->carry_len = (uint32_t)n;
-    }
-    /* A packet that began in this receive starts the partial-packet clock. */
-    if (s->carry_len && !had_partial)
-        partial_started(s);
-out:
-    if (packets)
-        cp__traffic_add(&cp__traffic(s->svc, s->owner)->packets_in, packets);
-    return packets;
+    rx_cursor c = {p, n, 0};
+    if ((!s->carry_len || carry_finish(s, &c)) && whole_packets(s, &c))
+        tail_keep(s, &c);
+    if (c.packets)
+        cp__traffic_add(&cp__traffic(s->svc, s->owner)->packets_in, c.packets);
+    return c.packets;
 }
 
 static size_t raw_deliver(cp_session *s, const uint8_t *p, size_t n)

@@ -195,6 +195,73 @@ static int routes_copy(cp_service *svc, const cp_session_opts *o)
     return 0;
 }
 
+/* The defaults of the options left at 0. */
+static void session_opts_default(cp_session_opts *o)
+{
+    if (o->max_packet == 0)
+        o->max_packet = 4096;
+    if (o->send_queue_limit == 0)
+        o->send_queue_limit = 1u << 20;
+    if (o->send_queue_high == 0)
+        o->send_queue_high = o->send_queue_limit / 2;
+    if (o->send_queue_low == 0 && o->send_queue_high <= o->send_queue_limit)
+        o->send_queue_low = o->send_queue_high / 2;
+    if (o->recv_rate_packets && !o->recv_burst_packets)
+        o->recv_burst_packets = o->recv_rate_packets > UINT32_MAX / 2 ? UINT32_MAX : o->recv_rate_packets * 2;
+    if (o->recv_rate_bytes && !o->recv_burst_bytes)
+        o->recv_burst_bytes = o->recv_rate_bytes > UINT32_MAX / 2 ? UINT32_MAX : o->recv_rate_bytes * 2;
+}
+
+/* The service's settings, from the checked options. */
+static void service_configure(cp_service *svc, const cp_session_opts *o)
+{
+    svc->framing = o->framing;
+    svc->max_packet = o->max_packet;
+    svc->send_queue_limit = o->send_queue_limit;
+    svc->nodelay = !o->no_nodelay;
+    svc->idle_timeout_ns = (uint64_t)o->idle_timeout_ms * 1000000u;
+    svc->packet_timeout_ns = (uint64_t)o->packet_timeout_ms * 1000000u;
+    svc->sq_high = o->send_queue_high;
+    svc->sq_low = o->send_queue_low;
+    svc->rate_pkts = o->recv_rate_packets;
+    svc->rate_bytes = o->recv_rate_bytes;
+    if (o->recv_rate_packets) {
+        svc->win_pkts_ns = (uint64_t)o->recv_burst_packets * 1000000000u / o->recv_rate_packets;
+        svc->pkt_cost_ns = 1000000000u / o->recv_rate_packets;
+    }
+    if (o->recv_rate_bytes)
+        svc->win_bytes_ns = (uint64_t)o->recv_burst_bytes * 1000000000u / o->recv_rate_bytes;
+}
+
+/* The session table (every slot free) and the per-worker traffic counters,
+ * each on its own cache lines. -ENOMEM with neither allocated. */
+static int tables_alloc(cp_service *svc, uint32_t max_sessions)
+{
+    svc->nslots = max_sessions;
+    svc->slots = cp__malloc(sizeof *svc->slots * max_sessions);
+    svc->traffic_mem = cp__zalloc(sizeof(cp_traffic) * (size_t)svc->port->nworkers + 63);
+    if (!svc->slots || !svc->traffic_mem) {
+        cp__free(svc->traffic_mem);
+        cp__free(svc->slots);
+        return -ENOMEM;
+    }
+    svc->traffic = (cp_traffic *)(((uintptr_t)svc->traffic_mem + 63) & ~(uintptr_t)63);
+    for (uint32_t i = 0; i < max_sessions; i++)
+        svc->slots[i] = (cp_slot){.s = NULL, .gen = 1, .next_free = i + 1 < max_sessions ? i + 1 : SLOT_NONE};
+    svc->free_head = 0;
+    return 0;
+}
+
+/* The service exists from here on: it holds its port, and is counted. */
+static void service_open(cp_service *svc)
+{
+    pthread_mutex_init(&svc->lock, NULL);
+    pthread_cond_init(&svc->drained, NULL);
+    atomic_fetch_add(&svc->port->users, 1);
+    cp__port_on_trim(svc->port, cp__sendbuf_trim); /* the buffers its sessions send */
+    cp__live_add(CP_LIVE_SERVICE, svc);
+}
+
 static int service_new(cp_service **out, cp_port *port, const cp_session_opts *so,
                        const cp_handlers *h, void *ctx, uint32_t max_sessions, bool is_client)
 {
@@ -202,18 +269,7 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     if (!port || !h || atomic_load(&port->stopping))
         return port && atomic_load(&port->stopping) ? -ESHUTDOWN : -EINVAL;
     cp_session_opts o = so ? *so : (cp_session_opts){0};
-    if (o.max_packet == 0)
-        o.max_packet = 4096;
-    if (o.send_queue_limit == 0)
-        o.send_queue_limit = 1u << 20;
-    if (o.send_queue_high == 0)
-        o.send_queue_high = o.send_queue_limit / 2;
-    if (o.send_queue_low == 0 && o.send_queue_high <= o.send_queue_limit)
-        o.send_queue_low = o.send_queue_high / 2;
-    if (o.recv_rate_packets && !o.recv_burst_packets)
-        o.recv_burst_packets = o.recv_rate_packets > UINT32_MAX / 2 ? UINT32_MAX : o.recv_rate_packets * 2;
-    if (o.recv_rate_bytes && !o.recv_burst_bytes)
-        o.recv_burst_bytes = o.recv_rate_bytes > UINT32_MAX / 2 ? UINT32_MAX : o.recv_rate_bytes * 2;
+    session_opts_default(&o);
     int r = check_session_opts(&o, h);
     if (r < 0)
         return r;
@@ -225,47 +281,17 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
     svc->h = *h;
     svc->ctx = ctx;
     svc->is_client = is_client;
-    svc->framing = o.framing;
-    svc->max_packet = o.max_packet;
-    svc->send_queue_limit = o.send_queue_limit;
-    svc->nodelay = !o.no_nodelay;
-    svc->idle_timeout_ns = (uint64_t)o.idle_timeout_ms * 1000000u;
-    svc->packet_timeout_ns = (uint64_t)o.packet_timeout_ms * 1000000u;
-    svc->sq_high = o.send_queue_high;
-    svc->sq_low = o.send_queue_low;
-    svc->rate_pkts = o.recv_rate_packets;
-    svc->rate_bytes = o.recv_rate_bytes;
-    if (o.recv_rate_packets) {
-        svc->win_pkts_ns = (uint64_t)o.recv_burst_packets * 1000000000u / o.recv_rate_packets;
-        svc->pkt_cost_ns = 1000000000u / o.recv_rate_packets;
-    }
-    if (o.recv_rate_bytes)
-        svc->win_bytes_ns = (uint64_t)o.recv_burst_bytes * 1000000000u / o.recv_rate_bytes;
-
+    service_configure(svc, &o);
     if ((r = routes_copy(svc, &o)) < 0) {
         cp__free(svc);
         return r;
     }
-
-    svc->nslots = max_sessions;
-    svc->slots = cp__malloc(sizeof *svc->slots * max_sessions);
-    svc->traffic_mem = cp__zalloc(sizeof(cp_traffic) * (size_t)port->nworkers + 63);
-    if (!svc->slots || !svc->traffic_mem) {
-        cp__free(svc->traffic_mem);
-        cp__free(svc->slots);
+    if ((r = tables_alloc(svc, max_sessions)) < 0) {
         cp__free(svc->routes);
         cp__free(svc);
-        return -ENOMEM;
+        return r;
     }
-    svc->traffic = (cp_traffic *)(((uintptr_t)svc->traffic_mem + 63) & ~(uintptr_t)63);
-    for (uint32_t i = 0; i < max_sessions; i++)
-        svc->slots[i] = (cp_slot){.s = NULL, .gen = 1, .next_free = i + 1 < max_sessions ? i + 1 : SLOT_NONE};
-    svc->free_head = 0;
-    pthread_mutex_init(&svc->lock, NULL);
-    pthread_cond_init(&svc->drained, NULL);
-    atomic_fetch_add(&port->users, 1);
-    cp__port_on_trim(port, cp__sendbuf_trim); /* the buffers its sessions send */
-    cp__live_add(CP_LIVE_SERVICE, svc);
+    service_open(svc);
     *out = svc;
     return 0;
 }

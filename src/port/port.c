@@ -782,6 +782,97 @@ void cp__port_unref(cp_port *p)
         port_free(p);
 }
 
+/* A port with its queue and its (zeroed) workers, or NULL. */
+static cp_port *port_alloc(const cp_backend_ops *be, const cp_port_opts *o)
+{
+    cp_port *p = cp__zalloc(sizeof *p);
+    if (!p)
+        return NULL;
+    p->be = be;
+    atomic_init(&p->refs, 1);
+    pthread_mutex_init(&p->qlock, NULL);
+    pthread_cond_init(&p->qcond, NULL);
+    p->nworkers = o->workers;
+    p->reuse_sockets = o->iocp_reuse_sockets != 0;
+    p->workers = cp__zalloc(sizeof *p->workers * (size_t)o->workers);
+    if (!p->workers) {
+        pthread_mutex_destroy(&p->qlock);
+        pthread_cond_destroy(&p->qcond);
+        cp__free(p);
+        return NULL;
+    }
+    return p;
+}
+
+/* Worker i's memory and backend state; what it got before a failure is
+ * freed with the port (workers_free). */
+static int worker_init(cp_port *p, int i)
+{
+    cp_worker *w = &p->workers[i];
+    w->port = p;
+    w->index = i;
+    /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
+    w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)p->nworkers);
+    w->rbuf_size = RBUF_SIZE;
+    /* Pages of its own: a trim gives them back (worker_trim). */
+    w->rbuf = cp__pages_map(RBUF_SIZE, CP_PAGE);
+    if (!w->outbox || !w->rbuf)
+        return -ENOMEM;
+    return p->be->init(w);
+}
+
+/* Sets the workers up in order until one fails; *inited counts those whose
+ * backend state was made (and must be torn down). */
+static int workers_init(cp_port *p, int *inited)
+{
+    int err = 0;
+    for (; *inited < p->nworkers; (*inited)++) {
+        if ((err = worker_init(p, *inited)) < 0)
+            break;
+    }
+    return err;
+}
+
+/* Starts the workers' threads until one cannot be; *started counts them. */
+static int threads_start(cp_port *p, int *started)
+{
+    for (; *started < p->nworkers; (*started)++) {
+        if (pthread_create(&p->workers[*started].thread, NULL, worker_main, &p->workers[*started]))
+            return -EAGAIN;
+    }
+    return 0;
+}
+
+/* Starts the workers and waits until each started one is up; the first
+ * failure, a thread's or a worker's own set-up. */
+static int workers_start(cp_port *p, int *started)
+{
+    int err = threads_start(p, started);
+    /* Each worker sets its backend up on its own thread; wait for all. */
+    pthread_mutex_lock(&p->start_lock);
+    while (p->nstarted < *started)
+        pthread_cond_wait(&p->start_cond, &p->start_lock);
+    if (!err)
+        err = p->start_err;
+    pthread_mutex_unlock(&p->start_lock);
+    return err;
+}
+
+/* Undoes a create that failed: the started workers exit and are joined,
+ * the set-up ones are torn down, the port is freed. */
+static void port_abort(cp_port *p, int started, int inited)
+{
+    atomic_store(&p->stopping, true);
+    atomic_store(&p->exiting, true);
+    for (int i = 0; i < started; i++) {
+        p->be->wake(&p->workers[i]);
+        pthread_join(p->workers[i].thread, NULL);
+    }
+    for (int i = 0; i < inited; i++)
+        p->be->fini(&p->workers[i]);
+    port_free(p);
+}
+
 int cp_port_create(cp_port **out, const cp_port_opts *opts)
 {
     if (!out)
@@ -798,67 +889,18 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     if (!be)
         return err;
 
-    cp_port *p = cp__zalloc(sizeof *p);
+    cp_port *p = port_alloc(be, &o);
     if (!p)
         return -ENOMEM;
-    p->be = be;
-    atomic_init(&p->refs, 1);
-    pthread_mutex_init(&p->qlock, NULL);
-    pthread_cond_init(&p->qcond, NULL);
-    p->nworkers = o.workers;
-    p->reuse_sockets = o.iocp_reuse_sockets != 0;
-    p->workers = cp__zalloc(sizeof *p->workers * (size_t)o.workers);
-    if (!p->workers) {
-        pthread_mutex_destroy(&p->qlock);
-        pthread_cond_destroy(&p->qcond);
-        cp__free(p);
-        return -ENOMEM;
-    }
-    int inited = 0;
-    for (; inited < o.workers; inited++) {
-        cp_worker *w = &p->workers[inited];
-        w->port = p;
-        w->index = inited;
-        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
-        w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)o.workers);
-        w->rbuf_size = RBUF_SIZE;
-        /* Pages of its own: a trim gives them back (worker_trim). */
-        w->rbuf = cp__pages_map(RBUF_SIZE, CP_PAGE);
-        if (!w->outbox || !w->rbuf) {
-            err = -ENOMEM;
-            break;
-        }
-        if ((err = be->init(w)) < 0)
-            break;
-    }
-    int started = 0;
+    int inited = 0, started = 0;
+    err = workers_init(p, &inited);
+    /* Made on every path: port_free destroys them. */
     pthread_mutex_init(&p->start_lock, NULL);
     pthread_cond_init(&p->start_cond, NULL);
-    if (!err) {
-        for (; started < o.workers; started++) {
-            if (pthread_create(&p->workers[started].thread, NULL, worker_main, &p->workers[started])) {
-                err = -EAGAIN;
-                break;
-            }
-        }
-        /* Each worker sets its backend up on its own thread; wait for all. */
-        pthread_mutex_lock(&p->start_lock);
-        while (p->nstarted < started)
-            pthread_cond_wait(&p->start_cond, &p->start_lock);
-        if (!err)
-            err = p->start_err;
-        pthread_mutex_unlock(&p->start_lock);
-    }
+    if (!err)
+        err = workers_start(p, &started);
     if (err) {
-        atomic_store(&p->stopping, true);
-        atomic_store(&p->exiting, true);
-        for (int i = 0; i < started; i++) {
-            be->wake(&p->workers[i]);
-            pthread_join(p->workers[i].thread, NULL);
-        }
-        for (int i = 0; i < inited; i++)
-            be->fini(&p->workers[i]);
-        port_free(p);
+        port_abort(p, started, inited);
         return err;
     }
     cp__live_add(CP_LIVE_PORT, p);

@@ -198,61 +198,105 @@ static void probe_once(void)
     pthread_join(t, NULL);
 }
 
-static void *probe_thread(void *unused)
+/* The kernel.io_uring_disabled sysctl at 2 forbids io_uring to everyone. */
+static int probe_sysctl(const char **why)
 {
-    CP_UNUSED(unused);
     int r = 0;
-    const char *reason = NULL;
     FILE *f = fopen("/proc/sys/kernel/io_uring_disabled", "r");
     if (f) {
         int v = 0;
         if (fscanf(f, "%d", &v) == 1 && v == 2) {
             r = -EPERM;
-            reason = "io_uring is disabled by the kernel.io_uring_disabled sysctl";
+            *why = "io_uring is disabled by the kernel.io_uring_disabled sysctl";
         }
         fclose(f);
     }
+    return r;
+}
+
+static const char *ring_init_failure(int r)
+{
+    return r == -ENOSYS   ? "the kernel has no io_uring (ENOSYS)"
+           : r == -EPERM  ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
+                          : "io_uring_setup failed";
+}
+
+static bool has_needed_ops(const struct io_uring_probe *p)
+{
+    return p && io_uring_opcode_supported(p, IORING_OP_SENDMSG) &&
+           io_uring_opcode_supported(p, IORING_OP_ACCEPT) &&
+           io_uring_opcode_supported(p, IORING_OP_RECV) &&
+           io_uring_opcode_supported(p, IORING_OP_ASYNC_CANCEL);
+}
+
+/* Sets wake_msg_ring: MSG_RING where the kernel has it (and CQE_SKIP), unless
+ * CP_URING_WAKE (read once, cp__uring_read_env) says otherwise. */
+static void choose_wake(const struct io_uring *ring, const struct io_uring_probe *p)
+{
+    if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
+        (ring->features & IORING_FEAT_CQE_SKIP))
+        wake_msg_ring = WAKE_MSG_RING_DEFAULT;
+    if (wake_env == 0)
+        wake_msg_ring = 0;
+    else if (wake_env == 1 && p && io_uring_opcode_supported(p, IORING_OP_MSG_RING))
+        wake_msg_ring = 1;
+}
+
+/* Checks the operations cport needs and chooses the wake-up on the way. */
+static int probe_ops(struct io_uring *ring, const char **why)
+{
+    int r = 0;
+    struct io_uring_probe *p = io_uring_get_probe_ring(ring);
+    if (!has_needed_ops(p)) {
+        r = -ENOTSUP;
+        *why = "the kernel's io_uring lacks an operation cport needs";
+    }
+    choose_wake(ring, p);
+    if (p)
+        io_uring_free_probe(p);
+    return r;
+}
+
+/* Provided-buffer rings (5.19) and multishot receive (6.0) are the newest
+ * features used; registering a ring proves the former. */
+static int probe_buf_ring(struct io_uring *ring, const char **why)
+{
+    int r = 0;
+    struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                                        MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7};
+    if (br == MAP_FAILED || io_uring_register_buf_ring(ring, &reg, 0) < 0) {
+        r = -ENOTSUP;
+        *why = "the kernel's io_uring has no provided-buffer rings";
+    }
+    if (br != MAP_FAILED)
+        munmap(br, 4096);
+    return r;
+}
+
+/* Sets up a ring and checks, on it, what cport uses. */
+static int probe_ring(const char **why)
+{
     struct io_uring ring;
-    if (!r) {
-        r = ring_init(&ring, 0);
-        if (r < 0)
-            reason = r == -ENOSYS   ? "the kernel has no io_uring (ENOSYS)"
-                     : r == -EPERM  ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
-                                    : "io_uring_setup failed";
+    int r = ring_init(&ring, 0);
+    if (r < 0) {
+        *why = ring_init_failure(r);
+        return r;
     }
-    if (!r) {
-        struct io_uring_probe *p = io_uring_get_probe_ring(&ring);
-        if (!p || !io_uring_opcode_supported(p, IORING_OP_SENDMSG) ||
-            !io_uring_opcode_supported(p, IORING_OP_ACCEPT) ||
-            !io_uring_opcode_supported(p, IORING_OP_RECV) ||
-            !io_uring_opcode_supported(p, IORING_OP_ASYNC_CANCEL)) {
-            r = -ENOTSUP;
-            reason = "the kernel's io_uring lacks an operation cport needs";
-        }
-        if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
-            (ring.features & IORING_FEAT_CQE_SKIP))
-            wake_msg_ring = WAKE_MSG_RING_DEFAULT;
-        if (wake_env == 0)
-            wake_msg_ring = 0;
-        else if (wake_env == 1 && p && io_uring_opcode_supported(p, IORING_OP_MSG_RING))
-            wake_msg_ring = 1;
-        if (p)
-            io_uring_free_probe(p);
-        if (!r) {
-            /* Provided-buffer rings (5.19) and multishot receive (6.0) are the
-             * newest features used; registering a ring proves the former. */
-            struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
-                                                MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
-            struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7};
-            if (br == MAP_FAILED || io_uring_register_buf_ring(&ring, &reg, 0) < 0) {
-                r = -ENOTSUP;
-                reason = "the kernel's io_uring has no provided-buffer rings";
-            }
-            if (br != MAP_FAILED)
-                munmap(br, 4096);
-        }
-        io_uring_queue_exit(&ring);
-    }
+    r = probe_ops(&ring, why);
+    if (!r)
+        r = probe_buf_ring(&ring, why);
+    io_uring_queue_exit(&ring);
+    return r;
+}
+
+static void *probe_thread(void *unused)
+{
+    CP_UNUSED(unused);
+    const char *reason = NULL;
+    int r = probe_sysctl(&reason);
+    if (!r)
+        r = probe_ring(&reason);
     probe_result = r;
     probe_why = reason;
     return NULL;
@@ -946,6 +990,57 @@ static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned fla
     op->cb(w, op, res, more ? CP_CQE_MORE : 0, data);
 }
 
+/* The op a completion names, or NULL if the completion is for an earlier
+ * submission of the op (its generation differs): such a one is dropped. */
+static cp_op *current_op(uint64_t ud)
+{
+    cp_op *op = (cp_op *)(uintptr_t)(ud & PTR_MASK);
+    return (uint16_t)(ud >> 48) == op->gen ? op : NULL;
+}
+
+/* The final completion of a receive this backend cancelled itself (op->kicked:
+ * 1 by recheck_recvs, 2 by a pause). True if it is swallowed. */
+static bool kick_swallowed(ur_state *st, cp_op *op, int res, unsigned flags)
+{
+    if ((flags & IORING_CQE_F_MORE) || !op->kicked)
+        return false;
+    int why = op->kicked;
+    op->kicked = 0;
+    if (res != -ECANCELED || op->h->fd < 0)
+        return false;
+    /* Cancelled by recheck_recvs or a pause, not by a close:
+     * the core sees no gap. Paused: park until the resume.
+     * Else receive on (after a recheck, with a single-shot
+     * receive: see recheck_recvs). */
+    if (op->h->rd_paused)
+        park(op->h, op);
+    else if (why == 1)
+        prep_recv(st, op->h, op, false);
+    else
+        arm_multishot(st, op->h, op);
+    return true;
+}
+
+/* A completion of op's current submission: accepts go on taking connections,
+ * a cancellation of our own is swallowed, a paused handle's receive is held,
+ * the rest is delivered. False if it was held (its buffer, or a copy, stays
+ * with it). */
+static bool complete_op(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned flags, const uint8_t *data)
+{
+    if (op->kind == CP_OP_ACCEPT && accept_more(w, st, op, res))
+        return true;
+    if (kick_swallowed(st, op, res, flags))
+        return true;
+    cp_handle *h = op->h;
+    /* A paused handle's receive completions are held, and so are
+     * those behind completions it still holds, in turn. */
+    if (op->kind == CP_OP_RECV && h->fd >= 0 && (has_held(h) || h->rd_paused) &&
+        handle_hold(st, h, op, res, flags, data))
+        return false;
+    deliver(w, st, op, res, flags, data);
+    return true;
+}
+
 static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned flags)
 {
     if (ud == TAG_WAKE) {
@@ -954,45 +1049,12 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
     }
     if (ud == TAG_MSG_WAKE)
         return;
-    const uint8_t *data = NULL;
     bool has_buf = flags & IORING_CQE_F_BUFFER;
     unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
-    if (has_buf)
-        data = st->bufs + (size_t)bid * UR_BUFSZ;
-    if (ud != TAG_IGNORE) {
-        cp_op *op = (cp_op *)(uintptr_t)(ud & PTR_MASK);
-        if ((uint16_t)(ud >> 48) == op->gen) {
-            bool more = flags & IORING_CQE_F_MORE;
-            if (op->kind == CP_OP_ACCEPT && accept_more(w, st, op, res))
-                goto out;
-            if (!more && op->kicked) {
-                int why = op->kicked;
-                op->kicked = 0;
-                if (res == -ECANCELED && op->h->fd >= 0) {
-                    /* Cancelled by recheck_recvs or a pause, not by a close:
-                     * the core sees no gap. Paused: park until the resume.
-                     * Else receive on (after a recheck, with a single-shot
-                     * receive: see recheck_recvs). */
-                    if (op->h->rd_paused)
-                        park(op->h, op);
-                    else if (why == 1)
-                        prep_recv(st, op->h, op, false);
-                    else
-                        arm_multishot(st, op->h, op);
-                    goto out;
-                }
-            }
-            cp_handle *h = op->h;
-            /* A paused handle's receive completions are held, and so are
-             * those behind completions it still holds, in turn. */
-            if (op->kind == CP_OP_RECV && h->fd >= 0 && (has_held(h) || h->rd_paused) &&
-                handle_hold(st, h, op, res, flags, data))
-                return; /* the buffer (or a copy) stays with the held completion */
-            deliver(w, st, op, res, flags, data);
-        }
-        /* else: a completion for an earlier submission of this op; drop it */
-    }
-out:
+    const uint8_t *data = has_buf ? st->bufs + (size_t)bid * UR_BUFSZ : NULL;
+    cp_op *op = ud == TAG_IGNORE ? NULL : current_op(ud);
+    if (op && !complete_op(w, st, op, res, flags, data))
+        return; /* the buffer (or a copy) stays with the held completion */
     if (has_buf)
         recycle(st, bid);
 }

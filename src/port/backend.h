@@ -128,6 +128,24 @@ void cp__uring_read_env(void);
 /* Called by backends: deliver a completion after the current dispatch pass
  * (used for cancellations and results known at submission time). */
 void cp__worker_defer(cp_worker *w, cp_op *op, int res);
+
+/* The end of op on h: it is off its handle and disarmed before its last
+ * callback runs, so that the callback may arm it again. Every backend ends
+ * an operation through these. */
+static inline void cp__op_detach(cp_handle *h, cp_op *op)
+{
+    if (h->rd == op)
+        h->rd = NULL;
+    if (h->wr == op)
+        h->wr = NULL;
+    op->armed = 0;
+}
+
+static inline void cp__op_finish(cp_worker *w, cp_handle *h, cp_op *op, int res, const uint8_t *data)
+{
+    cp__op_detach(h, op);
+    op->cb(w, op, res, 0, data);
+}
 /* Intrusive handle lists (the worker's ready list, io_uring's recheck list):
  * push h at most once; take it off again (on close). */
 void cp__hlist_push(cp_handle **list, cp_handle *h);

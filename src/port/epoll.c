@@ -92,17 +92,6 @@ static int ep_attach(cp_worker *w, cp_handle *h)
     return 0;
 }
 
-/* Final completion of an op: disarm first, so the callback may re-arm. */
-static void finish(cp_worker *w, cp_handle *h, cp_op *op, int res, const uint8_t *data)
-{
-    if (h->rd == op)
-        h->rd = NULL;
-    if (h->wr == op)
-        h->wr = NULL;
-    op->armed = 0;
-    op->cb(w, op, res, 0, data);
-}
-
 static bool accept_error_is_transient(int err)
 {
     /* The connection died in the backlog, or a signal interrupted: the
@@ -135,7 +124,7 @@ static void do_accept(cp_worker *w, cp_handle *h, cp_op *op)
         }
         /* EMFILE, ENFILE, ENOBUFS, ENOMEM and anything unknown: disarm and let
          * the owner decide when to try again. Never loop on it here. */
-        finish(w, h, op, -err, NULL);
+        cp__op_finish(w, h, op, -err, NULL);
         return;
     }
     cp__hlist_push(&w->ready, h); /* fair share used; more may be pending */
@@ -157,7 +146,7 @@ static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
             continue;
         }
         if (n == 0) {
-            finish(w, h, op, 0, NULL);
+            cp__op_finish(w, h, op, 0, NULL);
             return;
         }
         if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -166,7 +155,7 @@ static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
             i--;
             continue;
         }
-        finish(w, h, op, -errno, NULL);
+        cp__op_finish(w, h, op, -errno, NULL);
         return;
     }
     cp__hlist_push(&w->ready, h);
@@ -193,9 +182,9 @@ static void do_output(cp_worker *w, cp_handle *h)
         socklen_t len = sizeof err;
         if (getsockopt(h->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
             err = errno;
-        finish(w, h, op, -err, NULL);
+        cp__op_finish(w, h, op, -err, NULL);
     } else {
-        finish(w, h, op, -EAGAIN, NULL);
+        cp__op_finish(w, h, op, -EAGAIN, NULL);
     }
 }
 

@@ -309,17 +309,6 @@ static int io_attach(cp_worker *w, cp_handle *h)
 }
 
 
-/* Final completion of an op: disarm first, so the callback may re-arm. */
-static void finish(cp_worker *w, cp_handle *h, cp_op *op, int res)
-{
-    if (h->rd == op)
-        h->rd = NULL;
-    if (h->wr == op)
-        h->wr = NULL;
-    op->armed = 0;
-    op->cb(w, op, res, 0, NULL);
-}
-
 static void posted(io_ov *o)
 {
     o->pending = 1;
@@ -338,7 +327,7 @@ static void post_recv0(cp_worker *w, io_sock *is)
         posted(&is->rd);
         return;
     }
-    finish(w, h, h->rd, cp__sock_err());
+    cp__op_finish(w, h, h->rd, cp__sock_err(), NULL);
 }
 
 /* Reads inline until the socket is drained (then the next zero-byte receive
@@ -363,7 +352,7 @@ static void do_recv(cp_worker *w, io_sock *is)
             continue;
         }
         if (n == 0) {
-            finish(w, h, op, 0);
+            cp__op_finish(w, h, op, 0, NULL);
             return;
         }
         int err = cp__sock_err();
@@ -374,7 +363,7 @@ static void do_recv(cp_worker *w, io_sock *is)
         if (err == -EAGAIN)
             post_recv0(w, is);
         else
-            finish(w, h, op, err);
+            cp__op_finish(w, h, op, err, NULL);
         return;
     }
     cp__hlist_push(&w->ready, h);
@@ -445,7 +434,7 @@ static void on_accept_done(cp_worker *w, io_sock *is, io_ov *o, int err)
         return;
     int r = fill_accepts(w, is);
     if (r < 0)
-        finish(w, h, op, r); /* out of descriptors or memory: the listener backs off */
+        cp__op_finish(w, h, op, r, NULL); /* out of descriptors or memory: the listener backs off */
 }
 
 /* A completion, on the socket's owner. */
@@ -487,19 +476,19 @@ static void complete(cp_worker *w, io_ov *o)
         if (!h->rd)
             return;
         if (err)
-            finish(w, h, h->rd, -err);
+            cp__op_finish(w, h, h->rd, -err, NULL);
         else
             do_recv(w, is);
         return;
     case IO_SEND:
         if (h->wr)
-            finish(w, h, h->wr, err ? -err : (int)o->ov.InternalHigh);
+            cp__op_finish(w, h, h->wr, err ? -err : (int)o->ov.InternalHigh, NULL);
         return;
     case IO_CONNECT:
         if (!err && setsockopt(is->s, SOL_SOCKET, SO_UPDATE_CONNECT_CONTEXT, NULL, 0) != 0)
             err = -cp__sock_err();
         if (h->wr)
-            finish(w, h, h->wr, -err);
+            cp__op_finish(w, h, h->wr, -err, NULL);
         return;
     case IO_ACCEPT:
         on_accept_done(w, is, o, err ? -err : 0);

@@ -971,15 +971,10 @@ static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned fla
          * after its final completion was held) found nothing, and must not
          * make the next pause think one is still on its way. */
         op->kicked = 0;
-        if (h->rd == op) {
-            h->rd = NULL;
-            /* A single read that did not fill its buffer drained the socket. */
-            if (h->hot && res >= 0 && (unsigned)res < UR_BUFSZ)
-                h->hot = 0;
-        }
-        if (h->wr == op)
-            h->wr = NULL;
-        op->armed = 0;
+        /* A single read that did not fill its buffer drained the socket. */
+        if (h->rd == op && h->hot && res >= 0 && (unsigned)res < UR_BUFSZ)
+            h->hot = 0;
+        cp__op_detach(h, op);
         if (op->kind == CP_OP_SEND && op->be) {
             ur_slot *slot = op->be;
             op->be = NULL;

@@ -262,7 +262,7 @@ static void idle_burst(const int *fd, size_t *sent, size_t *got, const uint8_t *
 
 /* 400 sessions each echo 256 KiB of 4-byte packets at once, then stay
  * connected and idle: within a few seconds each costs the process at most
- * 1 KiB of RSS (its struct is 760 bytes), measured from before they
+ * 1 KiB of RSS (its struct is 680 bytes), measured from before they
  * connected. Before, the burst's send buffers, queue rings and blocks and
  * carries churned through malloc's per-thread arenas, and what glibc kept of
  * them (pages partly in use, free chunks' headers, the tops of the arenas)

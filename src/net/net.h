@@ -138,7 +138,13 @@ struct cp_session {
     cp_group **groups;
     uint32_t ngroups, capgroups;
 
-    struct sockaddr_storage peer;
+    /* The peer's address: TCP over IPv4 or IPv6, so 28 bytes, not a
+     * sockaddr_storage's 128 (every idle session carries it). */
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } peer;
     socklen_t peer_len;
 
     /* Work bound to the session (session_work.c): posts and timer starts on

@@ -25,7 +25,6 @@
 void *cp__pages_get(size_t bytes); /* bytes: a multiple of CP_PAGE */
 void cp__pages_put(void *p, size_t bytes);
 void cp__pages_trim(void);
-size_t cp__pages_cached(void); /* bytes kept for reuse */
 size_t cp__pages_in_use(void); /* bytes handed out and not given back */
 static inline size_t cp__pages_round(size_t n) { return (n + CP_PAGE - 1) & ~(size_t)(CP_PAGE - 1); }
 
@@ -37,10 +36,14 @@ typedef struct cp_slab {
     struct slab_block *avail, *avail_tail; /* blocks with a free place, fullest first */
     struct slab_block *spare;               /* an empty block, kept for the next object */
     size_t blocks;                          /* mapped, the spare included */
+    struct cp_slab *next_slab;              /* on the list cp__slab_trim walks, once it mapped a block */
+    bool listed;
 } cp_slab;
-#define CP_SLAB_INIT(obj_size) {PTHREAD_MUTEX_INITIALIZER, ((obj_size) + 15u) & ~(size_t)15u, NULL, NULL, NULL, 0}
+#define CP_SLAB_INIT(obj_size) {PTHREAD_MUTEX_INITIALIZER, ((obj_size) + 15u) & ~(size_t)15u, NULL, NULL, NULL, 0, NULL, false}
 void *cp__slab_alloc(cp_slab *sl); /* zeroed, or NULL */
 void cp__slab_free(cp_slab *sl, void *obj);
+/* Gives back the pages of every slab's spare block (a worker's trim). */
+void cp__slab_trim(void);
 size_t cp__slab_blocks(cp_slab *sl);
 /* False in sanitizer builds: objects are calloc's then (slab.c says why). */
 extern const bool cp__slab_maps_pages;

@@ -114,14 +114,6 @@ void cp__pages_trim(void)
     }
 }
 
-size_t cp__pages_cached(void)
-{
-    pthread_mutex_lock(&lock);
-    size_t n = cached;
-    pthread_mutex_unlock(&lock);
-    return n;
-}
-
 size_t cp__pages_in_use(void)
 {
     pthread_mutex_lock(&lock);

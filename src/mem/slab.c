@@ -43,6 +43,8 @@ void cp__slab_free(cp_slab *sl, void *obj)
     cp__free(obj);
 }
 
+void cp__slab_trim(void) {}
+
 #else
 
 /* The head of each block, at its start; objects follow it. */
@@ -59,6 +61,20 @@ typedef struct slab_block {
 static uint32_t per_block(const cp_slab *sl) { return (uint32_t)((BLOCK_SIZE - FIRST_OFF) / sl->size); }
 
 static slab_block *block_of(void *obj) { return (slab_block *)((uintptr_t)obj & ~(uintptr_t)(BLOCK_SIZE - 1)); }
+
+/* The slabs that have mapped a block, for cp__slab_trim. A slab is a
+ * static object that lives as long as the process, so it is never taken
+ * off. */
+static pthread_mutex_t slabs_lock = PTHREAD_MUTEX_INITIALIZER;
+static cp_slab *slabs;
+
+static void slab_list(cp_slab *sl)
+{
+    pthread_mutex_lock(&slabs_lock);
+    sl->next_slab = slabs;
+    slabs = sl;
+    pthread_mutex_unlock(&slabs_lock);
+}
 
 static void block_init(const cp_slab *sl, slab_block *b)
 {
@@ -112,6 +128,10 @@ void *cp__slab_alloc(cp_slab *sl)
             return NULL;
         block_init(sl, nb);
         pthread_mutex_lock(&sl->lock);
+        if (!sl->listed) {
+            sl->listed = true;
+            slab_list(sl);
+        }
         sl->blocks++;
         list_push(sl, b = nb, false);
     }
@@ -148,22 +168,37 @@ void cp__slab_free(cp_slab *sl, void *obj)
         list_push(sl, b, true);
     } else if (!b->used) {
         /* Empty: one block is kept for the next object, the rest go back.
-         * The one kept gives its pages back (the system maps them again
-         * when they are touched), so a spare costs no memory; its head is
-         * written again when it is taken (block_init). Under the lock, as
-         * another thread may take the spare as soon as it is released. */
+         * The spare keeps its pages until a worker trims (cp__slab_trim):
+         * a slab that goes from one object to none and back every round
+         * (a burst's ring) then costs no system call per round. */
         list_unlink(sl, b);
         if (sl->spare) {
             unmap = b;
             sl->blocks--;
         } else {
             sl->spare = b;
-            cp__pages_discard(b, BLOCK_SIZE);
         }
     }
     pthread_mutex_unlock(&sl->lock);
     if (unmap)
         cp__pages_unmap(unmap, BLOCK_SIZE);
+}
+
+/* The spare blocks give their pages back (the system maps them again when
+ * they are touched), so an empty slab costs no memory; a spare's head is
+ * written again when it is taken (block_init). Under the slab's lock, as
+ * another thread may take the spare as soon as it is released. */
+void cp__slab_trim(void)
+{
+    pthread_mutex_lock(&slabs_lock);
+    cp_slab *sl = slabs;
+    pthread_mutex_unlock(&slabs_lock);
+    for (; sl; sl = sl->next_slab) {
+        pthread_mutex_lock(&sl->lock);
+        if (sl->spare)
+            cp__pages_discard(sl->spare, BLOCK_SIZE);
+        pthread_mutex_unlock(&sl->lock);
+    }
 }
 
 #endif

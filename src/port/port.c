@@ -527,6 +527,7 @@ static void worker_trim(cp_worker *w)
             fn();
     }
     cp__pages_trim();
+    cp__slab_trim();
     if (w->rbuf)
         cp__pages_discard(w->rbuf, w->rbuf_size);
 #ifdef __GLIBC__

@@ -1,0 +1,468 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The bus over a real NATS server (Debian's nats-server, started by each test
+ * on a free loopback port and killed at its end): publish and subscribe
+ * byte-exact and in order, a room bridged across two servers, queue groups,
+ * unsubscribe, the broker killed and restarted, failover along the URL list,
+ * the pending-bytes bound, and bad arguments. Linux only (the broker is
+ * started with fork and exec).
+ */
+#include "helpers.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fcntl.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define NATS_BIN "/usr/sbin/nats-server"
+
+/* ------------------------------------------------------------------ brokers */
+
+typedef struct broker {
+    pid_t pid;
+    uint16_t port;
+} broker;
+
+static uint16_t free_port(void)
+{
+    int fd = cpt_xlisten(1);
+    uint16_t port = cpt_local_port(fd);
+    cpt_close(fd);
+    return port;
+}
+
+/* Starts nats-server on 127.0.0.1:port (0: a free one) and waits until it
+ * accepts connections. */
+static void nats_start(broker *b, uint16_t port)
+{
+    cr_assert(access(NATS_BIN, X_OK) == 0, "nats-server is not installed (apt-get install nats-server)");
+    b->port = port ? port : free_port();
+    char ports[16];
+    snprintf(ports, sizeof ports, "%u", b->port);
+    b->pid = fork();
+    cr_assert(b->pid >= 0);
+    if (b->pid == 0) {
+        /* The broker goes with the test process, also when an assertion
+         * ends it early. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        int null = open("/dev/null", O_WRONLY);
+        dup2(null, 1);
+        dup2(null, 2);
+        execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", ports, (char *)NULL);
+        _exit(127);
+    }
+    int fd = -1;
+    CPT_AWAIT((fd = cpt_connect(CPT_HOST4, b->port, 0)) >= 0, 5000, "nats-server does not listen on %u", b->port);
+    cpt_close(fd);
+}
+
+static void broker_kill(broker *b)
+{
+    if (b->pid <= 0)
+        return;
+    kill(b->pid, SIGKILL);
+    waitpid(b->pid, NULL, 0);
+    b->pid = 0;
+}
+
+static char *nats_url(const broker *b, char *buf, size_t n)
+{
+    snprintf(buf, n, "nats://127.0.0.1:%u", b->port);
+    return buf;
+}
+
+/* ------------------------------------------------------------------ a collecting subscriber */
+
+#define PROBE 0u           /* index of the probes that show a subscription is live */
+#define MARKER 0xFFFFFFFFu /* index of a test's end marker */
+
+typedef struct inbox {
+    pthread_mutex_t lock;
+    uint32_t probes, markers;
+    uint32_t n;         /* messages received, but probes and markers */
+    uint32_t out_of_order;
+    uint32_t corrupt;
+    int64_t last;       /* index of the last message, -1 before the first */
+    uint8_t seen[4096]; /* by index, for queue groups */
+} inbox;
+
+static void inbox_init(inbox *in)
+{
+    memset(in, 0, sizeof *in);
+    pthread_mutex_init(&in->lock, NULL);
+    in->last = -1;
+}
+
+static uint32_t inbox_count(inbox *in)
+{
+    pthread_mutex_lock(&in->lock);
+    uint32_t n = in->n;
+    pthread_mutex_unlock(&in->lock);
+    return n;
+}
+
+/* Message i: its index (u32) and then i % 61 * 1000 + 3 bytes of pattern i
+ * (PROBE and MARKER: 3 bytes). */
+static size_t msg_make(uint8_t *buf, uint32_t i)
+{
+    size_t len = 4 + (i == MARKER ? 0 : (size_t)(i % 61) * 1000) + 3;
+    cp_put_u32(buf, i);
+    cpt_fill(buf + 4, len - 4, 0, i);
+    return len;
+}
+
+static void on_msg(void *arg, const cp_bus_msg *m)
+{
+    inbox *in = arg;
+    pthread_mutex_lock(&in->lock);
+    uint32_t i = m->len >= 4 ? cp_get_u32(m->data) : PROBE;
+    size_t want = 4 + (i == MARKER ? 0 : (size_t)(i % 61) * 1000) + 3;
+    if (m->len != want || cpt_check_pattern(m->data + 4, m->len - 4, 0, i) >= 0)
+        in->corrupt++;
+    else if (i == PROBE)
+        in->probes++;
+    else if (i == MARKER)
+        in->markers++;
+    else {
+        if ((int64_t)i <= in->last)
+            in->out_of_order++;
+        in->last = i;
+        if (i < sizeof in->seen)
+            in->seen[i]++;
+        in->n++;
+    }
+    pthread_mutex_unlock(&in->lock);
+}
+
+static uint32_t inbox_probes(inbox *in)
+{
+    pthread_mutex_lock(&in->lock);
+    uint32_t n = in->probes;
+    pthread_mutex_unlock(&in->lock);
+    return n;
+}
+
+static uint32_t inbox_markers(inbox *in)
+{
+    pthread_mutex_lock(&in->lock);
+    uint32_t n = in->markers;
+    pthread_mutex_unlock(&in->lock);
+    return n;
+}
+
+static cp_bus *xbus(cp_port *port, const char *url)
+{
+    cp_bus *bus = NULL;
+    cp_bus_opts o = {.url = url, .name = "cport-test", .ping_interval_ms = 500};
+    cr_assert_eq(cp_bus_create(&bus, port, &o), 0);
+    return bus;
+}
+
+static int bus_up(cp_bus *bus)
+{
+    cp_bus_stats st;
+    cp_bus_stats_get(bus, &st);
+    return st.connected;
+}
+
+static cp_bus_stats bus_stats(cp_bus *bus)
+{
+    cp_bus_stats st;
+    cp_bus_stats_get(bus, &st);
+    return st;
+}
+
+/* A subscription is live at the broker once a message published after it
+ * arrives: publish probes until one does. Probes are not counted as
+ * messages, so those still on the way do not matter. */
+static void xsubscribed(cp_bus *pub, const char *subject, inbox *in)
+{
+    uint8_t probe[8];
+    size_t len = msg_make(probe, PROBE);
+    uint32_t before = inbox_probes(in);
+    CPT_AWAIT((cp_bus_publish(pub, subject, probe, len), cpt_sleep_ms(20), inbox_probes(in) > before), 5000,
+              "the subscription to %s never received", subject);
+}
+
+/* Publishes the end marker to subject. */
+static void xmarker(cp_bus *pub, const char *subject)
+{
+    uint8_t m[8];
+    cr_assert_eq(cp_bus_publish(pub, subject, m, msg_make(m, MARKER)), 0);
+}
+
+/* ------------------------------------------------------------------ tests */
+
+Test(bus, publish_and_subscribe_byte_exact_in_order, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker nb;
+    nats_start(&nb, 0);
+    char url[64];
+    cp_port *port = cpt_xport(2);
+    cp_bus *a = xbus(port, nats_url(&nb, url, sizeof url));
+    cp_bus *b = xbus(port, url);
+    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    inbox in;
+    inbox_init(&in);
+    cp_bus_sub *sub;
+    cr_assert_eq(cp_bus_subscribe(&sub, a, "t.data", NULL, on_msg, &in, NULL), 0);
+    xsubscribed(b, "t.data", &in);
+
+    static uint8_t buf[70000];
+    enum { N = 2000 };
+    for (uint32_t i = 1; i <= N; i++) {
+        size_t len = msg_make(buf, i);
+        int r;
+        /* -EAGAIN is the pending bound: wait for the broker to take some. */
+        while ((r = cp_bus_publish(b, "t.data", buf, len)) == -EAGAIN)
+            cpt_sleep_ms(1);
+        cr_assert_eq(r, 0, "publish %u: %s", i, cp_strerror(r));
+    }
+    CPT_AWAIT(inbox_count(&in) == N, 10000, "received %u of %d", inbox_count(&in), N);
+    cr_assert_eq(in.corrupt, 0, "corrupt payloads");
+    cr_assert_eq(in.out_of_order, 0, "out of order");
+    cp_bus_stats st = bus_stats(b);
+    cr_assert_geq(st.published, N);
+    cr_assert_eq(st.dropped, 0);
+    cr_assert_eq(bus_stats(a).delivered >= N, 1);
+
+    cr_assert_eq(cp_bus_unsubscribe(sub), 0);
+    cr_assert_eq(cp_bus_destroy(a), 0);
+    cr_assert_eq(cp_bus_destroy(b), 0);
+    cpt_xport_destroy(port);
+    broker_kill(&nb);
+    cpt_leak_end(&leak);
+}
+
+Test(bus, unsubscribe_stops_delivery, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker nb;
+    nats_start(&nb, 0);
+    char url[64];
+    cp_port *port = cpt_xport(2);
+    cp_bus *a = xbus(port, nats_url(&nb, url, sizeof url));
+    cp_bus *b = xbus(port, url);
+    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    inbox in, marker;
+    inbox_init(&in);
+    inbox_init(&marker);
+    cp_bus_sub *sub, *msub;
+    cr_assert_eq(cp_bus_subscribe(&sub, a, "t.gone", NULL, on_msg, &in, NULL), 0);
+    cr_assert_eq(cp_bus_subscribe(&msub, a, "t.marker", NULL, on_msg, &marker, NULL), 0);
+    xsubscribed(b, "t.gone", &in);
+    xsubscribed(b, "t.marker", &marker);
+    cr_assert_eq(cp_bus_unsubscribe(sub), 0);
+    uint32_t after = inbox_count(&in);
+    static uint8_t m[70000];
+    for (uint32_t i = 1; i <= 100; i++)
+        cr_assert_eq(cp_bus_publish(b, "t.gone", m, msg_make(m, i)), 0);
+    /* One connection's messages arrive in order: once the marker is here,
+     * whatever was published before it would have been too. */
+    xmarker(b, "t.marker");
+    CPT_AWAIT(inbox_markers(&marker) == 1, 5000, "the marker never came");
+    cr_assert_eq(inbox_count(&in), after, "a message was delivered after the unsubscribe");
+    cr_assert_eq(cp_bus_unsubscribe(msub), 0);
+    cr_assert_eq(cp_bus_destroy(a), 0);
+    cr_assert_eq(cp_bus_destroy(b), 0);
+    cpt_xport_destroy(port);
+    broker_kill(&nb);
+    cpt_leak_end(&leak);
+}
+
+Test(bus, a_queue_group_delivers_each_message_once, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker nb;
+    nats_start(&nb, 0);
+    char url[64];
+    cp_port *port = cpt_xport(2);
+    cp_bus *pub = xbus(port, nats_url(&nb, url, sizeof url));
+    cp_bus *w[3];
+    inbox in[3], done[3];
+    cp_bus_sub *sub[3], *dsub[3];
+    for (int i = 0; i < 3; i++) {
+        w[i] = xbus(port, url);
+        inbox_init(&in[i]);
+        inbox_init(&done[i]);
+    }
+    CPT_AWAIT(bus_up(pub) && bus_up(w[0]) && bus_up(w[1]) && bus_up(w[2]), 5000, "never connected");
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(cp_bus_subscribe(&sub[i], w[i], "mm.find", "matchers", on_msg, &in[i], NULL), 0);
+        cr_assert_eq(cp_bus_subscribe(&dsub[i], w[i], "mm.done", NULL, on_msg, &done[i], NULL), 0);
+        xsubscribed(pub, "mm.done", &done[i]);
+    }
+    /* The queue subscriptions were sent before the done ones: they are live. */
+    enum { N = 600 };
+    static uint8_t m[70000];
+    for (uint32_t i = 1; i <= N; i++) {
+        int r;
+        while ((r = cp_bus_publish(pub, "mm.find", m, msg_make(m, i))) == -EAGAIN)
+            cpt_sleep_ms(1);
+        cr_assert_eq(r, 0);
+    }
+    xmarker(pub, "mm.done");
+    CPT_AWAIT(inbox_markers(&done[0]) == 1 && inbox_markers(&done[1]) == 1 && inbox_markers(&done[2]) == 1, 5000,
+              "the end marker did not reach every worker");
+    /* Each worker's messages come in order before its marker. */
+    uint32_t total = 0;
+    for (int i = 0; i < 3; i++)
+        total += inbox_count(&in[i]);
+    cr_assert_eq(total, N, "%u deliveries for %d messages", total, N);
+    for (uint32_t k = 1; k <= N; k++) {
+        uint32_t got = 0;
+        for (int i = 0; i < 3; i++)
+            got += in[i].seen[k];
+        cr_assert_eq(got, 1, "message %u delivered %u times", k, got);
+    }
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(cp_bus_unsubscribe(sub[i]), 0);
+        cr_assert_eq(cp_bus_unsubscribe(dsub[i]), 0);
+        cr_assert_eq(cp_bus_destroy(w[i]), 0);
+    }
+    cr_assert_eq(cp_bus_destroy(pub), 0);
+    cpt_xport_destroy(port);
+    broker_kill(&nb);
+    cpt_leak_end(&leak);
+}
+
+Test(bus, the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker nb;
+    nats_start(&nb, 0);
+    char url[64];
+    cp_port *port = cpt_xport(2);
+    cp_bus *a = xbus(port, nats_url(&nb, url, sizeof url));
+    cp_bus *b = xbus(port, url);
+    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    inbox in;
+    inbox_init(&in);
+    cp_bus_sub *sub;
+    cr_assert_eq(cp_bus_subscribe(&sub, a, "t.restart", NULL, on_msg, &in, NULL), 0);
+    xsubscribed(b, "t.restart", &in);
+
+    broker_kill(&nb);
+    CPT_AWAIT(!bus_up(a) && !bus_up(b), 5000, "the buses did not see the broker go");
+    uint8_t m[8];
+    cr_assert_eq(cp_bus_publish(b, "t.restart", m, msg_make(m, PROBE)), -ENOTCONN);
+    cr_assert_geq(bus_stats(b).dropped, 1, "the lost publish is counted");
+
+    uint64_t t0 = cpt_now_ms();
+    nats_start(&nb, nb.port);
+    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never came back");
+    cr_assert_leq(cpt_now_ms() - t0, 3000 + 500, "reconnected after %llu ms", (unsigned long long)(cpt_now_ms() - t0));
+    cr_assert_geq(bus_stats(a).reconnects, 1);
+    /* Resubscribed: a publish reaches the subscription again. */
+    xsubscribed(b, "t.restart", &in);
+
+    cr_assert_eq(cp_bus_unsubscribe(sub), 0);
+    cr_assert_eq(cp_bus_destroy(a), 0);
+    cr_assert_eq(cp_bus_destroy(b), 0);
+    cpt_xport_destroy(port);
+    broker_kill(&nb);
+    cpt_leak_end(&leak);
+}
+
+Test(bus, a_dead_node_fails_over_to_the_next_url, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker n1, n2;
+    nats_start(&n1, 0);
+    nats_start(&n2, 0);
+    char url[128];
+    snprintf(url, sizeof url, "nats://127.0.0.1:%u,127.0.0.1:%u", n1.port, n2.port);
+    cp_port *port = cpt_xport(2);
+    cp_bus *a = xbus(port, url);
+    cp_bus *b = xbus(port, url);
+    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    broker_kill(&n1);
+    CPT_AWAIT(bus_stats(a).reconnects >= 1 && bus_stats(b).reconnects >= 1 && bus_up(a) && bus_up(b), 5000,
+              "the buses did not move to the second node");
+    inbox in;
+    inbox_init(&in);
+    cp_bus_sub *sub;
+    cr_assert_eq(cp_bus_subscribe(&sub, a, "t.failover", NULL, on_msg, &in, NULL), 0);
+    xsubscribed(b, "t.failover", &in);
+    cr_assert_eq(cp_bus_unsubscribe(sub), 0);
+    cr_assert_eq(cp_bus_destroy(a), 0);
+    cr_assert_eq(cp_bus_destroy(b), 0);
+    cpt_xport_destroy(port);
+    broker_kill(&n2);
+    cpt_leak_end(&leak);
+}
+
+Test(bus, a_publish_past_the_pending_bound_is_refused, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker nb;
+    nats_start(&nb, 0);
+    char url[64];
+    cp_port *port = cpt_xport(2);
+    cp_bus *bus = NULL;
+    cp_bus_opts o = {.url = nats_url(&nb, url, sizeof url), .pending_limit = 256 * 1024, .ping_interval_ms = 60000};
+    cr_assert_eq(cp_bus_create(&bus, port, &o), 0);
+    CPT_AWAIT(bus_up(bus), 5000, "never connected");
+    /* A stopped broker reads nothing: the socket buffers fill, then the bus's
+     * own queue up to its bound. */
+    kill(nb.pid, SIGSTOP);
+    static uint8_t big[60000];
+    int r = 0;
+    uint64_t deadline = cpt_now_ms() + 10000;
+    while ((r = cp_bus_publish(bus, "t.flood", big, sizeof big)) == 0 && cpt_now_ms() < deadline)
+        ;
+    cr_assert_eq(r, -EAGAIN, "publishing into a stopped broker ended with %d", r);
+    cp_bus_stats st = bus_stats(bus);
+    cr_assert_leq(st.pending_bytes, o.pending_limit, "%llu bytes pending", (unsigned long long)st.pending_bytes);
+    cr_assert_geq(st.pending_bytes, o.pending_limit - sizeof big - 64);
+    kill(nb.pid, SIGCONT);
+    CPT_AWAIT(bus_stats(bus).pending_bytes == 0, 5000, "the queue never drained");
+    cr_assert_eq(cp_bus_publish(bus, "t.flood", big, 100), 0);
+    cr_assert_eq(cp_bus_destroy(bus), 0);
+    cpt_xport_destroy(port);
+    broker_kill(&nb);
+    cpt_leak_end(&leak);
+}
+
+Test(bus, bad_arguments_are_refused, .timeout = 10)
+{
+    cp_port *port = cpt_xport(1);
+    cp_bus *bus = NULL;
+    const char *bad[] = {"", "nats://", "nats://127.0.0.1", "nats://127.0.0.1:0", "nats://127.0.0.1:65536",
+                         "nats://:4222", "tcp://127.0.0.1:4222", "nats://127.0.0.1:4222,", "127.0.0.1:4222"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        cp_bus_opts o = {.url = bad[i]};
+        cr_assert_eq(cp_bus_create(&bus, port, &o), -EINVAL, "%s", bad[i]);
+    }
+    cp_bus_opts o = {.url = "nats://127.0.0.1:4222", .name = "has space"};
+    cr_assert_eq(cp_bus_create(&bus, port, &o), -EINVAL);
+    cr_assert_eq(cp_bus_create(NULL, port, &o), -EINVAL);
+    /* A valid bus to a closed port: created, not connected; calls refused. */
+    char url[64];
+    snprintf(url, sizeof url, "nats://127.0.0.1:%u", free_port());
+    cp_bus_opts ok = {.url = url};
+    cr_assert_eq(cp_bus_create(&bus, port, &ok), 0);
+    cp_bus_sub *sub;
+    cr_assert_eq(cp_bus_subscribe(&sub, bus, "a..b", NULL, on_msg, NULL, NULL), -EINVAL);
+    cr_assert_eq(cp_bus_subscribe(&sub, bus, "a b", NULL, on_msg, NULL, NULL), -EINVAL);
+    cr_assert_eq(cp_bus_subscribe(&sub, bus, "a", "q q", on_msg, NULL, NULL), -EINVAL);
+    cr_assert_eq(cp_bus_subscribe(&sub, bus, "a", NULL, NULL, NULL, NULL), -EINVAL);
+    cr_assert_eq(cp_bus_publish(bus, "a.*", "x", 1), -EINVAL);
+    cr_assert_eq(cp_bus_publish(bus, "a\r\nPUB b 1", "x", 1), -EINVAL);
+    cr_assert_eq(cp_bus_publish(bus, "a", "x", 1), -ENOTCONN);
+    cr_assert_eq(cp_bus_destroy(bus), 0);
+    cpt_xport_destroy(port);
+}

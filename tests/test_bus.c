@@ -466,3 +466,120 @@ Test(bus, bad_arguments_are_refused, .timeout = 10)
     cr_assert_eq(cp_bus_destroy(bus), 0);
     cpt_xport_destroy(port);
 }
+
+/* ------------------------------------------------------------------ a room across two servers */
+
+typedef struct room_server {
+    cp_service *svc;
+    cp_group *g;
+    cp_bus *bus;
+} room_server;
+
+static void room_on_connected(cp_session *s)
+{
+    room_server *rs = cp_session_ctx(s);
+    cr_assert_eq(cp_group_add(rs->g, s), 0);
+}
+
+/* Every packet a player sends goes to the room (id kept). */
+static int room_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    room_server *rs = cp_session_ctx(s);
+    cp_sendbuf *b = cp_packet_make(id, body, len);
+    if (!b)
+        return -1;
+    cp_group_broadcast(rs->g, b);
+    cp_sendbuf_unref(b);
+    return 0;
+}
+
+static void room_start(room_server *rs, cp_port *port, const char *url)
+{
+    cr_assert_eq(cp_group_create(&rs->g), 0);
+    rs->bus = xbus(port, url);
+    cr_assert_eq(cp_group_bridge(rs->g, rs->bus, "room.t"), 0);
+    cr_assert_eq(cp_group_bridge(rs->g, rs->bus, "room.t"), -EBUSY);
+    cp_server_opts so = {.host = CPT_HOST4};
+    cp_handlers h = {.on_connected = room_on_connected, .on_packet = room_on_packet};
+    rs->svc = cpt_xserver(port, &so, &h, rs);
+}
+
+/* Reads packets until one with id 1 (probes have id 2); its u32 body. */
+static uint32_t next_room_packet(int fd)
+{
+    for (;;) {
+        uint16_t id;
+        uint8_t body[16];
+        size_t len;
+        cr_assert_eq(cpt_recv_packet(fd, &id, body, sizeof body, &len), 0, "no packet from the room");
+        if (id == 1) {
+            cr_assert_eq(len, 4);
+            return cp_get_u32(body);
+        }
+    }
+}
+
+Test(bus, a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker nb;
+    nats_start(&nb, 0);
+    char url[64];
+    nats_url(&nb, url, sizeof url);
+    cp_port *port = cpt_xport(2);
+    room_server a = {0}, b = {0};
+    room_start(&a, port, url);
+    room_start(&b, port, url);
+    CPT_AWAIT(bus_up(a.bus) && bus_up(b.bus), 5000, "the buses never connected");
+    int fa[2], fb[2];
+    for (int i = 0; i < 2; i++) {
+        fa[i] = cpt_xconnect(cp_service_listen_port(a.svc));
+        fb[i] = cpt_xconnect(cp_service_listen_port(b.svc));
+    }
+    CPT_AWAIT(cp_group_size(a.g) == 2 && cp_group_size(b.g) == 2, 5000, "the players never joined");
+    /* The bridges are live once a probe from a player on A reaches B. */
+    uint8_t probe[4] = {0};
+    CPT_AWAIT((cpt_xsend_packet(fa[0], 2, probe, 4), cpt_poll_in(fb[0], 20) > 0), 5000, "the bridge never carried");
+
+    enum { N = 300 };
+    for (uint32_t i = 1; i <= N; i++) {
+        uint8_t body[4];
+        cp_put_u32(body, i);
+        cpt_xsend_packet(fa[0], 1, body, 4);
+        cp_put_u32(body, 100000 + i);
+        cpt_xsend_packet(fb[1], 1, body, 4);
+    }
+    int all[4] = {fa[0], fa[1], fb[0], fb[1]};
+    for (int k = 0; k < 4; k++) {
+        uint32_t from_a = 0, from_b = 100000;
+        for (int n = 0; n < 2 * N; n++) {
+            uint32_t v = next_room_packet(all[k]);
+            if (v < 100000) {
+                cr_assert_eq(v, from_a + 1, "player %d: %u after %u from A", k, v, from_a);
+                from_a = v;
+            } else {
+                cr_assert_eq(v, from_b + 1, "player %d: %u after %u from B", k, v, from_b);
+                from_b = v;
+            }
+        }
+    }
+    cr_assert_eq(bus_stats(a.bus).gaps, 0);
+    cr_assert_eq(bus_stats(b.bus).gaps, 0);
+    cr_assert_eq(bus_stats(a.bus).dropped + bus_stats(b.bus).dropped, 0);
+
+    for (int i = 0; i < 2; i++) {
+        cpt_close(fa[i]);
+        cpt_close(fb[i]);
+    }
+    cpt_xstop(a.svc);
+    cpt_xstop(b.svc);
+    /* The group first, then the bus: the bridge ends with either. */
+    cp_group_destroy(a.g);
+    cr_assert_eq(cp_bus_destroy(a.bus), 0);
+    cr_assert_eq(cp_bus_destroy(b.bus), 0);
+    cp_group_destroy(b.g);
+    cpt_xport_destroy(port);
+    broker_kill(&nb);
+    cpt_leak_end(&leak);
+}

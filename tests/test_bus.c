@@ -21,10 +21,14 @@
 #include <unistd.h>
 
 #define NATS_BIN "/usr/sbin/nats-server"
+#define REDIS_BIN "/usr/bin/redis-server"
+
+enum { NATS, REDIS };
 
 /* ------------------------------------------------------------------ brokers */
 
 typedef struct broker {
+    int kind;
     pid_t pid;
     uint16_t port;
 } broker;
@@ -37,11 +41,22 @@ static uint16_t free_port(void)
     return port;
 }
 
-/* Starts nats-server on 127.0.0.1:port (0: a free one) and waits until it
- * accepts connections. */
-static void nats_start(broker *b, uint16_t port)
+static void broker_exec(int kind, const char *port)
 {
-    cr_assert(access(NATS_BIN, X_OK) == 0, "nats-server is not installed (apt-get install nats-server)");
+    if (kind == NATS)
+        execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", port, (char *)NULL);
+    else
+        execl(REDIS_BIN, "redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly", "no",
+              (char *)NULL);
+}
+
+/* Starts a broker of this kind on 127.0.0.1:port (0: a free one) and waits
+ * until it accepts connections. */
+static void broker_start(broker *b, int kind, uint16_t port)
+{
+    const char *bin = kind == NATS ? NATS_BIN : REDIS_BIN;
+    cr_assert(access(bin, X_OK) == 0, "%s is not installed (make deps installs it)", bin);
+    b->kind = kind;
     b->port = port ? port : free_port();
     char ports[16];
     snprintf(ports, sizeof ports, "%u", b->port);
@@ -54,11 +69,11 @@ static void nats_start(broker *b, uint16_t port)
         int null = open("/dev/null", O_WRONLY);
         dup2(null, 1);
         dup2(null, 2);
-        execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", ports, (char *)NULL);
+        broker_exec(kind, ports);
         _exit(127);
     }
     int fd = -1;
-    CPT_AWAIT((fd = cpt_connect(CPT_HOST4, b->port, 0)) >= 0, 5000, "nats-server does not listen on %u", b->port);
+    CPT_AWAIT((fd = cpt_connect(CPT_HOST4, b->port, 0)) >= 0, 5000, "%s does not listen on %u", bin, b->port);
     cpt_close(fd);
 }
 
@@ -71,9 +86,9 @@ static void broker_kill(broker *b)
     b->pid = 0;
 }
 
-static char *nats_url(const broker *b, char *buf, size_t n)
+static char *broker_url(const broker *b, char *buf, size_t n)
 {
-    snprintf(buf, n, "nats://127.0.0.1:%u", b->port);
+    snprintf(buf, n, "%s://127.0.0.1:%u", b->kind == NATS ? "nats" : "redis", b->port);
     return buf;
 }
 
@@ -199,15 +214,15 @@ static void xmarker(cp_bus *pub, const char *subject)
 
 /* ------------------------------------------------------------------ tests */
 
-Test(bus, publish_and_subscribe_byte_exact_in_order, .timeout = 60)
+static void publish_and_subscribe_byte_exact_in_order(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
     broker nb;
-    nats_start(&nb, 0);
+    broker_start(&nb, kind, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
-    cp_bus *a = xbus(port, nats_url(&nb, url, sizeof url));
+    cp_bus *a = xbus(port, broker_url(&nb, url, sizeof url));
     cp_bus *b = xbus(port, url);
     CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
     inbox in;
@@ -242,15 +257,18 @@ Test(bus, publish_and_subscribe_byte_exact_in_order, .timeout = 60)
     cpt_leak_end(&leak);
 }
 
-Test(bus, unsubscribe_stops_delivery, .timeout = 60)
+Test(bus, nats_publish_and_subscribe_byte_exact_in_order, .timeout = 60) { publish_and_subscribe_byte_exact_in_order(NATS); }
+Test(bus, redis_publish_and_subscribe_byte_exact_in_order, .timeout = 60) { publish_and_subscribe_byte_exact_in_order(REDIS); }
+
+static void unsubscribe_stops_delivery(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
     broker nb;
-    nats_start(&nb, 0);
+    broker_start(&nb, kind, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
-    cp_bus *a = xbus(port, nats_url(&nb, url, sizeof url));
+    cp_bus *a = xbus(port, broker_url(&nb, url, sizeof url));
     cp_bus *b = xbus(port, url);
     CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
     inbox in, marker;
@@ -279,15 +297,18 @@ Test(bus, unsubscribe_stops_delivery, .timeout = 60)
     cpt_leak_end(&leak);
 }
 
-Test(bus, a_queue_group_delivers_each_message_once, .timeout = 60)
+Test(bus, nats_unsubscribe_stops_delivery, .timeout = 60) { unsubscribe_stops_delivery(NATS); }
+Test(bus, redis_unsubscribe_stops_delivery, .timeout = 60) { unsubscribe_stops_delivery(REDIS); }
+
+Test(bus, nats_a_queue_group_delivers_each_message_once, .timeout = 60)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
     broker nb;
-    nats_start(&nb, 0);
+    broker_start(&nb, NATS, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
-    cp_bus *pub = xbus(port, nats_url(&nb, url, sizeof url));
+    cp_bus *pub = xbus(port, broker_url(&nb, url, sizeof url));
     cp_bus *w[3];
     inbox in[3], done[3];
     cp_bus_sub *sub[3], *dsub[3];
@@ -336,15 +357,15 @@ Test(bus, a_queue_group_delivers_each_message_once, .timeout = 60)
     cpt_leak_end(&leak);
 }
 
-Test(bus, the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60)
+static void the_broker_killed_and_restarted_is_reconnected_and_resubscribed(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
     broker nb;
-    nats_start(&nb, 0);
+    broker_start(&nb, kind, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
-    cp_bus *a = xbus(port, nats_url(&nb, url, sizeof url));
+    cp_bus *a = xbus(port, broker_url(&nb, url, sizeof url));
     cp_bus *b = xbus(port, url);
     CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
     inbox in;
@@ -360,7 +381,7 @@ Test(bus, the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .time
     cr_assert_geq(bus_stats(b).dropped, 1, "the lost publish is counted");
 
     uint64_t t0 = cpt_now_ms();
-    nats_start(&nb, nb.port);
+    broker_start(&nb, kind, nb.port);
     CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never came back");
     cr_assert_leq(cpt_now_ms() - t0, 3000 + 500, "reconnected after %llu ms", (unsigned long long)(cpt_now_ms() - t0));
     cr_assert_geq(bus_stats(a).reconnects, 1);
@@ -375,13 +396,16 @@ Test(bus, the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .time
     cpt_leak_end(&leak);
 }
 
-Test(bus, a_dead_node_fails_over_to_the_next_url, .timeout = 60)
+Test(bus, nats_the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60) { the_broker_killed_and_restarted_is_reconnected_and_resubscribed(NATS); }
+Test(bus, redis_the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60) { the_broker_killed_and_restarted_is_reconnected_and_resubscribed(REDIS); }
+
+Test(bus, nats_a_dead_node_fails_over_to_the_next_url, .timeout = 60)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
     broker n1, n2;
-    nats_start(&n1, 0);
-    nats_start(&n2, 0);
+    broker_start(&n1, NATS, 0);
+    broker_start(&n2, NATS, 0);
     char url[128];
     snprintf(url, sizeof url, "nats://127.0.0.1:%u,127.0.0.1:%u", n1.port, n2.port);
     cp_port *port = cpt_xport(2);
@@ -404,16 +428,16 @@ Test(bus, a_dead_node_fails_over_to_the_next_url, .timeout = 60)
     cpt_leak_end(&leak);
 }
 
-Test(bus, a_publish_past_the_pending_bound_is_refused, .timeout = 60)
+static void a_publish_past_the_pending_bound_is_refused(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
     broker nb;
-    nats_start(&nb, 0);
+    broker_start(&nb, kind, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
     cp_bus *bus = NULL;
-    cp_bus_opts o = {.url = nats_url(&nb, url, sizeof url), .pending_limit = 256 * 1024, .ping_interval_ms = 60000};
+    cp_bus_opts o = {.url = broker_url(&nb, url, sizeof url), .pending_limit = 256 * 1024, .ping_interval_ms = 60000};
     cr_assert_eq(cp_bus_create(&bus, port, &o), 0);
     CPT_AWAIT(bus_up(bus), 5000, "never connected");
     /* A stopped broker reads nothing: the socket buffers fill, then the bus's
@@ -436,6 +460,9 @@ Test(bus, a_publish_past_the_pending_bound_is_refused, .timeout = 60)
     broker_kill(&nb);
     cpt_leak_end(&leak);
 }
+
+Test(bus, nats_a_publish_past_the_pending_bound_is_refused, .timeout = 60) { a_publish_past_the_pending_bound_is_refused(NATS); }
+Test(bus, redis_a_publish_past_the_pending_bound_is_refused, .timeout = 60) { a_publish_past_the_pending_bound_is_refused(REDIS); }
 
 Test(bus, bad_arguments_are_refused, .timeout = 10)
 {
@@ -519,14 +546,14 @@ static uint32_t next_room_packet(int fd)
     }
 }
 
-Test(bus, a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order, .timeout = 60)
+static void a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
     broker nb;
-    nats_start(&nb, 0);
+    broker_start(&nb, kind, 0);
     char url[64];
-    nats_url(&nb, url, sizeof url);
+    broker_url(&nb, url, sizeof url);
     cp_port *port = cpt_xport(2);
     room_server a = {0}, b = {0};
     room_start(&a, port, url);
@@ -581,5 +608,55 @@ Test(bus, a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_or
     cp_group_destroy(b.g);
     cpt_xport_destroy(port);
     broker_kill(&nb);
+    cpt_leak_end(&leak);
+}
+
+Test(bus, nats_a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order, .timeout = 60) { a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order(NATS); }
+Test(bus, redis_a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order, .timeout = 60) { a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order(REDIS); }
+
+/* ------------------------------------------------------------------ Redis's own */
+
+Test(bus, redis_a_servers_own_publishes_do_not_come_back, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker rb;
+    broker_start(&rb, REDIS, 0);
+    char url[64];
+    cp_port *port = cpt_xport(2);
+    cp_bus *a = xbus(port, broker_url(&rb, url, sizeof url));
+    cp_bus *b = xbus(port, url);
+    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    inbox ina, inb;
+    inbox_init(&ina);
+    inbox_init(&inb);
+    cp_bus_sub *sa, *sb;
+    cr_assert_eq(cp_bus_subscribe(&sa, a, "t.own", NULL, on_msg, &ina, NULL), 0);
+    cr_assert_eq(cp_bus_subscribe(&sb, b, "t.own", NULL, on_msg, &inb, NULL), 0);
+    xsubscribed(b, "t.own", &ina);
+    xsubscribed(a, "t.own", &inb);
+    static uint8_t m[70000];
+    for (uint32_t i = 1; i <= 100; i++)
+        cr_assert_eq(cp_bus_publish(a, "t.own", m, msg_make(m, i)), 0);
+    xmarker(a, "t.own");
+    CPT_AWAIT(inbox_markers(&inb) == 1, 5000, "the marker never reached the other server");
+    cr_assert_eq(inbox_count(&inb), 100);
+    cr_assert_eq(inb.corrupt + inb.out_of_order, 0);
+    /* a's own marker would have come back by now, after its 100 messages. */
+    xmarker(b, "t.own");
+    CPT_AWAIT(inbox_markers(&ina) == 1, 5000, "b's marker never reached a");
+    cr_assert_eq(inbox_count(&ina), 0, "a got %u of its own messages back", inbox_count(&ina));
+
+    /* What Redis cannot do is refused, not emulated. */
+    cp_bus_sub *sq;
+    cr_assert_eq(cp_bus_subscribe(&sq, a, "t.q", "workers", on_msg, &ina, NULL), -ENOTSUP);
+    cr_assert_eq(cp_bus_subscribe(&sq, a, "t.*", NULL, on_msg, &ina, NULL), -ENOTSUP);
+
+    cr_assert_eq(cp_bus_unsubscribe(sa), 0);
+    cr_assert_eq(cp_bus_unsubscribe(sb), 0);
+    cr_assert_eq(cp_bus_destroy(a), 0);
+    cr_assert_eq(cp_bus_destroy(b), 0);
+    cpt_xport_destroy(port);
+    broker_kill(&rb);
     cpt_leak_end(&leak);
 }

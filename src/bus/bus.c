@@ -291,6 +291,8 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
     bus->conn[i] = NULL;
     conn_ended(bus);
     pthread_mutex_unlock(&bus->lock);
+    if (bus->drv->conn_closed)
+        bus->drv->conn_closed(bus, i);
     cp_session_unref(s);
 }
 

@@ -59,6 +59,8 @@ typedef struct cp_bus_driver {
     int (*ping)(cp_bus *bus);
     /* Whether this broker can do what sub asks (wildcards, queue groups). */
     int (*sub_ok)(const char *subject, const char *queue);
+    /* Connection i ended: its state goes (optional; on its worker). */
+    void (*conn_closed)(cp_bus *bus, int i);
 } cp_bus_driver;
 
 typedef struct cp_bus_bridge cp_bus_bridge;
@@ -79,6 +81,9 @@ struct cp_bus {
     bool destroying;
     int node;                          /* the node in use or being tried */
     cp_session *conn[CP_BUS_CONNS_MAX]; /* referenced while connected */
+    /* The driver's per-connection state (Redis: its reader), touched only by
+     * the connection's input and conn_closed, on its worker. */
+    void *drv_state[CP_BUS_CONNS_MAX];
     int attempts;                       /* connects under way */
     bool up, was_up, failed;
     uint32_t backoff_ms;

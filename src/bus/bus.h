@@ -148,6 +148,11 @@ void cp__bus_set_max_payload(cp_bus *bus, size_t n);
 extern const cp_bus_driver cp__bus_nats;
 #ifdef CP_HAVE_HIREDIS
 extern const cp_bus_driver cp__bus_redis;
+/* Bytes from Redis on connection i, read and handled (the fuzzer drives it
+ * without a socket): 0, or -EPROTO / -EMSGSIZE / -ENOMEM when the
+ * connection must go. */
+int cp__bus_redis_feed(cp_bus *bus, int i, const uint8_t *p, size_t n);
+void cp__bus_redis_conn_closed(cp_bus *bus, int i);
 #endif
 
 /* Bridges (bridge.c): called by cp_bus_destroy for each one it took off its

@@ -177,40 +177,42 @@ static void on_reply(cp_bus *bus, int i, const redisReply *r)
         cp__bus_pong(bus);
 }
 
-/* The reader of each connection lives in its session's slot of the driver
- * state, made on the first bytes and freed when the connection ends. */
-static size_t redis_input(cp_bus *bus, cp_session *s, int i, const uint8_t *p, size_t n)
+/* The reader of each connection lives in its slot of the driver state, made
+ * on the first bytes and freed when the connection ends. */
+int cp__bus_redis_feed(cp_bus *bus, int i, const uint8_t *p, size_t n)
 {
     redisReader *rd = bus->drv_state[i];
     if (!rd) {
         rd = redisReaderCreate();
-        if (!rd) {
-            cp_session_disconnect(s);
-            return n;
-        }
+        if (!rd)
+            return -ENOMEM;
         bus->drv_state[i] = rd;
     }
-    if (redisReaderFeed(rd, (const char *)p, n) != REDIS_OK || rd->len - rd->pos > READER_MAX) {
-        cp__log(CP_LOG_WARN, "bus: Redis sent more than a message's limit: reconnecting");
-        cp_session_disconnect(s);
-        return n;
-    }
-    void *reply;
-    while (cp_session_connected(s)) {
-        if (redisReaderGetReply(rd, &reply) != REDIS_OK) {
-            cp__log(CP_LOG_WARN, "bus: not RESP from Redis (%s): reconnecting", rd->errstr);
-            cp_session_disconnect(s);
-            break;
-        }
+    if (redisReaderFeed(rd, (const char *)p, n) != REDIS_OK || rd->len - rd->pos > READER_MAX)
+        return -EMSGSIZE;
+    for (;;) {
+        void *reply;
+        if (redisReaderGetReply(rd, &reply) != REDIS_OK)
+            return -EPROTO;
         if (!reply)
-            break;
+            return 0;
         on_reply(bus, i, reply);
         freeReplyObject(reply);
+    }
+}
+
+static size_t redis_input(cp_bus *bus, cp_session *s, int i, const uint8_t *p, size_t n)
+{
+    int r = cp__bus_redis_feed(bus, i, p, n);
+    if (r < 0) {
+        cp__log(CP_LOG_WARN, "bus: %s from Redis: reconnecting",
+                r == -EPROTO ? "not RESP" : r == -EMSGSIZE ? "more than a message's limit" : "out of memory");
+        cp_session_disconnect(s);
     }
     return n;
 }
 
-static void redis_conn_closed(cp_bus *bus, int i)
+void cp__bus_redis_conn_closed(cp_bus *bus, int i)
 {
     if (bus->drv_state[i])
         redisReaderFree(bus->drv_state[i]);
@@ -227,5 +229,5 @@ const cp_bus_driver cp__bus_redis = {
     .unsubscribe = redis_unsubscribe,
     .ping = redis_ping,
     .sub_ok = redis_sub_ok,
-    .conn_closed = redis_conn_closed,
+    .conn_closed = cp__bus_redis_conn_closed,
 };

@@ -660,3 +660,88 @@ Test(bus, redis_a_servers_own_publishes_do_not_come_back, .timeout = 60)
     broker_kill(&rb);
     cpt_leak_end(&leak);
 }
+
+/* ------------------------------------------------------------------ the broker gone under a room */
+
+static void send_room(int fd, uint32_t v)
+{
+    uint8_t body[4];
+    cp_put_u32(body, v);
+    cpt_xsend_packet(fd, 1, body, 4);
+}
+
+static void room_broker_outage(int kind)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    broker nb;
+    broker_start(&nb, kind, 0);
+    char url[64];
+    broker_url(&nb, url, sizeof url);
+    cp_port *port = cpt_xport(2);
+    room_server a = {0}, b = {0};
+    room_start(&a, port, url);
+    room_start(&b, port, url);
+    CPT_AWAIT(bus_up(a.bus) && bus_up(b.bus), 5000, "the buses never connected");
+    int fa = cpt_xconnect(cp_service_listen_port(a.svc));
+    int fb = cpt_xconnect(cp_service_listen_port(b.svc));
+    CPT_AWAIT(cp_group_size(a.g) == 1 && cp_group_size(b.g) == 1, 5000, "the players never joined");
+    uint8_t probe[4] = {0};
+    CPT_AWAIT((cpt_xsend_packet(fa, 2, probe, 4), cpt_poll_in(fb, 20) > 0), 5000, "the bridge never carried");
+
+    uint32_t v = 0;
+    for (int i = 0; i < 50; i++)
+        send_room(fa, ++v);
+    for (uint32_t i = 1; i <= 50; i++) {
+        cr_assert_eq(next_room_packet(fa), i);
+        cr_assert_eq(next_room_packet(fb), i);
+    }
+    broker_kill(&nb);
+    CPT_AWAIT(!bus_up(a.bus) && !bus_up(b.bus), 5000, "the buses did not see the broker go");
+    /* The server still serves its own players. */
+    for (int i = 0; i < 50; i++)
+        send_room(fa, ++v);
+    for (uint32_t i = 51; i <= 100; i++)
+        cr_assert_eq(next_room_packet(fa), i, "the local room stopped while the broker was gone");
+
+    uint64_t t0 = cpt_now_ms();
+    broker_start(&nb, kind, nb.port);
+    /* Sent every 20 ms until one crosses: the first that does shows the gap. */
+    uint32_t got = 0;
+    while (got == 0 && cpt_now_ms() - t0 < 5000) {
+        send_room(fa, ++v);
+        cr_assert_eq(next_room_packet(fa), v);
+        while (cpt_poll_in(fb, 20) > 0 && got == 0)
+            got = next_room_packet(fb);
+    }
+    uint64_t took = cpt_now_ms() - t0;
+    cr_assert(got > 100, "no room packet crossed after the broker came back (%llu ms)", (unsigned long long)took);
+    cr_assert_leq(took, 3000, "cross-server delivery resumed %llu ms after the broker", (unsigned long long)took);
+    CPT_AWAIT(bus_stats(b.bus).gaps >= got - 51, 2000, "the receiving server counted %llu lost of %u",
+              (unsigned long long)bus_stats(b.bus).gaps, got - 51);
+    cp_service_stats st;
+    cp_service_stats_get(a.svc, &st);
+    cr_assert_eq(st.disconnected, 0, "a player was disconnected during the outage");
+
+    cpt_close(fa);
+    cpt_close(fb);
+    cpt_xstop(a.svc);
+    cpt_xstop(b.svc);
+    cr_assert_eq(cp_bus_destroy(a.bus), 0);
+    cr_assert_eq(cp_bus_destroy(b.bus), 0);
+    cp_group_destroy(a.g);
+    cp_group_destroy(b.g);
+    cpt_xport_destroy(port);
+    broker_kill(&nb);
+    cpt_leak_end(&leak);
+}
+
+Test(bus, nats_the_broker_gone_under_a_room_loses_only_what_crossed_and_counts_it, .timeout = 60)
+{
+    room_broker_outage(NATS);
+}
+
+Test(bus, redis_the_broker_gone_under_a_room_loses_only_what_crossed_and_counts_it, .timeout = 60)
+{
+    room_broker_outage(REDIS);
+}

@@ -254,7 +254,7 @@ static void on_connected(cp_session *s)
         cp_session_disconnect(s);
     } else if (all) {
         bus->up = true;
-        bus->pings_out = 0;
+        atomic_store(&bus->pings_out, 0);
         bus->backoff_ms = BACKOFF_FIRST_MS;
         if (bus->was_up)
             cp__stat_add(&bus->st.reconnects, 1);
@@ -299,6 +299,7 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
 static size_t on_recv(cp_session *s, const uint8_t *data, size_t len)
 {
     cp_bus *bus = cp_service_ctx(cp_session_service(s));
+    atomic_store_explicit(&bus->pings_out, 0, memory_order_relaxed);
     return bus->drv->input(bus, s, conn_index(s), data, len);
 }
 
@@ -331,25 +332,20 @@ static void ping_fire(void *arg)
     cp_bus *bus = arg;
     pthread_mutex_lock(&bus->lock);
     if (bus->up) {
-        if (bus->pings_out >= 2) {
+        if (atomic_load(&bus->pings_out) >= 2) {
             cp__log(CP_LOG_WARN, "bus: %s:%u does not answer pings", bus->nodes[bus->node].host,
                     bus->nodes[bus->node].port);
             for (int i = 0; i < bus->drv->conns; i++)
                 if (bus->conn[i])
                     cp_session_disconnect(bus->conn[i]);
         } else if (bus->drv->ping(bus) == 0) {
-            bus->pings_out++;
+            atomic_fetch_add(&bus->pings_out, 1);
         }
     }
     pthread_mutex_unlock(&bus->lock);
 }
 
-void cp__bus_pong(cp_bus *bus)
-{
-    pthread_mutex_lock(&bus->lock);
-    bus->pings_out = 0;
-    pthread_mutex_unlock(&bus->lock);
-}
+void cp__bus_pong(cp_bus *bus) { atomic_store(&bus->pings_out, 0); }
 
 void cp__bus_slow_consumer(cp_bus *bus) { cp__stat_add(&bus->st.slow_consumer, 1); }
 

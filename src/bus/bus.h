@@ -89,7 +89,10 @@ struct cp_bus {
     uint32_t backoff_ms;
     cp_timer *retry;                    /* one-shot: the next connect */
     cp_timer *pinger;                   /* repeating */
-    uint32_t pings_out;                 /* unanswered */
+    /* Pings sent since the broker last sent anything. Any bytes prove it
+     * alive, not only a PONG: under a flood the answer waits behind
+     * megabytes of messages. Atomic: input clears it without the lock. */
+    atomic_uint pings_out;
     size_t max_payload;                 /* the broker's, when it said */
     /* Pending bytes: queued on the connection and not yet written. Each
      * message's end, in bytes queued since the connection came up, waits in

@@ -143,14 +143,57 @@ static void pending_lost(cp_bus *bus)
     bus->queued = bus->written = 0;
 }
 
+#define OUT_CAP (64u * 1024u)
+
+static int conn_index(cp_session *s) { return (int)(uintptr_t)cp_session_data(s) - 1; }
+
+/* Under the lock: connection i's open buffer goes to its session. */
+static int out_flush(cp_bus *bus, int i)
+{
+    cp_sendbuf *b = bus->out[i];
+    if (!b)
+        return 0;
+    bus->out[i] = NULL;
+    cp__sendbuf_close(b, bus->out_len[i]);
+    int r = cp_session_send(bus->conn[i], b);
+    cp_sendbuf_unref(b);
+    return r;
+}
+
+/* The connection broke: its open buffer is dropped. */
+static void out_drop(cp_bus *bus, int i)
+{
+    if (!bus->out[i])
+        return;
+    cp__sendbuf_close(bus->out[i], 0);
+    cp_sendbuf_unref(bus->out[i]);
+    bus->out[i] = NULL;
+}
+
+/* Posted to the connection's worker when its buffer opens: sends what the
+ * round (and other threads meanwhile) appended. */
+static void flush_post(cp_session *s, void *arg)
+{
+    cp_bus *bus = arg;
+    int i = conn_index(s);
+    pthread_mutex_lock(&bus->lock);
+    bus->flush_posted[i] = false;
+    if (bus->conn[i] == s)
+        out_flush(bus, i);
+    pthread_mutex_unlock(&bus->lock);
+}
+
 int cp__bus_send(cp_bus *bus, int i, cp_sendbuf *b, bool msg_end)
 {
     cp_session *s = bus->conn[i];
     if (!s)
         return -ENOTCONN;
+    int r = out_flush(bus, i); /* what was appended goes first */
+    if (r < 0)
+        return r;
     if (msg_end && ends_push(bus, bus->queued + b->len) < 0)
         return -ENOMEM;
-    int r = cp_session_send(s, b);
+    r = cp_session_send(s, b);
     if (r < 0) {
         if (msg_end)
             bus->ends_len--;
@@ -160,19 +203,55 @@ int cp__bus_send(cp_bus *bus, int i, cp_sendbuf *b, bool msg_end)
     return 0;
 }
 
-int cp__bus_send_copy(cp_bus *bus, int i, const void *data, size_t len)
+/* Under the lock: an open buffer for connection i, and its flush posted. */
+static int out_open(cp_bus *bus, int i)
 {
-    cp_sendbuf *b = cp_sendbuf_copy(data, len);
+    cp_sendbuf *b = cp__sendbuf_open(OUT_CAP);
     if (!b)
         return -ENOMEM;
-    int r = cp__bus_send(bus, i, b, false);
-    cp_sendbuf_unref(b);
-    return r;
+    bus->out[i] = b;
+    bus->out_len[i] = 0;
+    if (!bus->flush_posted[i]) {
+        int r = cp_session_post(bus->conn[i], flush_post, bus);
+        if (r < 0) {
+            out_drop(bus, i);
+            return r;
+        }
+        bus->flush_posted[i] = true;
+    }
+    return 0;
+}
+
+int cp__bus_append(cp_bus *bus, int i, const void *data, size_t len, bool msg_end)
+{
+    if (!bus->conn[i])
+        return -ENOTCONN;
+    if (msg_end && ends_push(bus, bus->queued + len) < 0)
+        return -ENOMEM;
+    const uint8_t *p = data;
+    size_t left = len;
+    while (left) {
+        int r = bus->out[i] ? 0 : out_open(bus, i);
+        if (r < 0) {
+            /* What part went in is written; the message is counted lost. */
+            bus->queued += len - left;
+            return r;
+        }
+        size_t take = OUT_CAP - bus->out_len[i] < left ? OUT_CAP - bus->out_len[i] : left;
+        memcpy(bus->out[i]->data + bus->out_len[i], p, take);
+        bus->out_len[i] += take;
+        p += take;
+        left -= take;
+        if (bus->out_len[i] == OUT_CAP && (r = out_flush(bus, i)) < 0) {
+            bus->queued += len - left;
+            return r;
+        }
+    }
+    bus->queued += len;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ connection */
-
-static int conn_index(cp_session *s) { return (int)(uintptr_t)cp_session_data(s) - 1; }
 
 static void connect_node(cp_bus *bus)
 {
@@ -247,6 +326,7 @@ static void on_connected(cp_session *s)
     pthread_mutex_lock(&bus->lock);
     cp_session_ref(s);
     bus->conn[i] = s;
+    bus->flush_posted[i] = false;
     bool all = true;
     for (int k = 0; k < bus->drv->conns; k++)
         all = all && bus->conn[k];
@@ -288,6 +368,7 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
     if (bus->up && !bus->destroying)
         cp__log(CP_LOG_WARN, "bus: lost %s:%u (%s%s%s)", bus->nodes[bus->node].host, bus->nodes[bus->node].port,
                 cp_reason_str(reason), err ? ": " : "", err ? cp_strerror(err) : "");
+    out_drop(bus, i);
     bus->conn[i] = NULL;
     conn_ended(bus);
     pthread_mutex_unlock(&bus->lock);
@@ -759,8 +840,6 @@ static int bus_opts_read(cp_bus *bus, const cp_bus_opts *o)
 
 static void bus_free(cp_bus *bus)
 {
-    if (bus->crlf)
-        cp_sendbuf_unref(bus->crlf);
     cp__free(bus->ends);
     cp__free(bus->subs);
     cp__free(bus->gens);
@@ -821,8 +900,7 @@ int cp_bus_create(cp_bus **out, cp_port *port, const cp_bus_opts *opts)
     bus->origin = make_origin();
     bus->max_payload = PAYLOAD_MAX;
     bus->backoff_ms = BACKOFF_FIRST_MS;
-    bus->crlf = cp_sendbuf_copy("\r\n", 2);
-    r = bus->crlf ? services_start(bus) : -ENOMEM;
+    r = services_start(bus);
     if (r == 0) {
         atomic_fetch_add(&bus->refs, 1); /* the pinger's */
         r = cp_timer_start(&bus->pinger, port, bus->ping_ms, bus->ping_ms, ping_fire, bus, NULL);

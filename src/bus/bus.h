@@ -84,6 +84,13 @@ struct cp_bus {
     /* The driver's per-connection state (Redis: its reader), touched only by
      * the connection's input and conn_closed, on its worker. */
     void *drv_state[CP_BUS_CONNS_MAX];
+    /* Small writes (lines, small messages) are appended to an open buffer
+     * per connection, sent when full or by a post to the connection's
+     * worker, which runs in its next round: a burst of publishes becomes
+     * a few large entries in the session's queue, not one each. */
+    cp_sendbuf *out[CP_BUS_CONNS_MAX];
+    size_t out_len[CP_BUS_CONNS_MAX];
+    bool flush_posted[CP_BUS_CONNS_MAX];
     int attempts;                       /* connects under way */
     bool up, was_up, failed;
     uint32_t backoff_ms;
@@ -108,7 +115,6 @@ struct cp_bus {
     uint32_t nsubs, capsubs, free_slot;
     cp_bus_bridge **bridges;
     uint32_t nbridges, capbridges;
-    cp_sendbuf *crlf; /* "\r\n", shared by every NATS publish */
 
     struct {
         atomic_uint_fast64_t published, delivered, dropped, gaps, reconnects, slow_consumer;
@@ -119,8 +125,12 @@ struct cp_bus {
 /* Queues b on connection i (under the lock); counts its bytes as pending. A
  * message's last part passes msg_end so that a break counts it lost. */
 int cp__bus_send(cp_bus *bus, int i, cp_sendbuf *b, bool msg_end);
-/* Queues a copy of data on connection i. */
-int cp__bus_send_copy(cp_bus *bus, int i, const void *data, size_t len);
+/* Appends a copy of data to connection i's open buffer (under the lock). */
+int cp__bus_append(cp_bus *bus, int i, const void *data, size_t len, bool msg_end);
+static inline int cp__bus_send_copy(cp_bus *bus, int i, const void *data, size_t len)
+{
+    return cp__bus_append(bus, i, data, len, false);
+}
 /* A message arrived for the subscription with this sid (NATS) or subject
  * (Redis); delivers it to its fn. On the connection's worker, no lock. */
 void cp__bus_deliver_sid(cp_bus *bus, uint64_t sid, const cp_bus_msg *m);

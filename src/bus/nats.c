@@ -50,22 +50,29 @@ static int nats_hello(cp_bus *bus)
 
 static int nats_ping(cp_bus *bus) { return cp__bus_send_copy(bus, 0, "PING\r\n", 6); }
 
-/* "PUB subject len\r\n" with head, then the payload and CRLF: the payload
- * buffer itself is queued, not copied. */
+/* A payload up to this size is copied behind its PUB line into the
+ * connection's open buffer; a larger one is queued itself, not copied. */
+#define PUB_COPY_MAX 2048u
+
+/* "PUB subject len\r\n" with head, then the payload and CRLF. */
 static int nats_publish(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len, cp_sendbuf *payload)
 {
-    char line[LINE_MAX_ + 64];
-    size_t n = cp__nats_pub_head(line, sizeof line - head_len, subject, head_len + payload->len);
+    char line[LINE_MAX_ + 64 + PUB_COPY_MAX + 2];
+    size_t n = cp__nats_pub_head(line, LINE_MAX_, subject, head_len + payload->len);
     if (!n || head_len > 64)
         return -EINVAL;
     if (head_len)
         memcpy(line + n, head, head_len);
-    int r = cp__bus_send_copy(bus, 0, line, n + head_len);
-    if (r == 0 && payload->len)
-        r = cp__bus_send(bus, 0, payload, false);
+    n += head_len;
+    if (payload->len <= PUB_COPY_MAX) {
+        memcpy(line + n, payload->data, payload->len);
+        memcpy(line + n + payload->len, "\r\n", 2);
+        return cp__bus_append(bus, 0, line, n + payload->len + 2, true);
+    }
+    int r = cp__bus_append(bus, 0, line, n, false);
     if (r == 0)
-        r = cp__bus_send(bus, 0, bus->crlf, true);
-    return r;
+        r = cp__bus_send(bus, 0, payload, false);
+    return r == 0 ? cp__bus_append(bus, 0, "\r\n", 2, true) : r;
 }
 
 static int nats_sub_ok(const char *subject, const char *queue)

@@ -165,26 +165,29 @@ int cp__nats_subject_ok(const char *s, int wildcards)
 {
     if (!s || !*s)
         return 0;
-    const char *tok = s;
+    /* One pass, token by token: n counts the token's bytes, wild says it
+     * held a wildcard character. */
+    size_t n = 0;
+    int wild = 0;
+    char first = 0;
     for (const char *p = s;; p++) {
-        if (*p != '.' && *p != '\0') {
-            if (!name_char_ok(*p))
+        char c = *p;
+        if (c != '.' && c != '\0') {
+            if (!name_char_ok(c))
                 return 0;
+            if (n++ == 0)
+                first = c;
+            wild |= c == '*' || c == '>';
             continue;
         }
-        size_t n = (size_t)(p - tok);
         if (n == 0)
             return 0; /* an empty token: a leading, trailing or double dot */
-        int wild = n == 1 && (*tok == '*' || *tok == '>');
-        if (memchr(tok, '*', n) || memchr(tok, '>', n)) {
-            if (!wildcards || !wild)
-                return 0;
-            if (*tok == '>' && *p != '\0')
-                return 0; /* '>' only as the last token */
-        }
-        if (*p == '\0')
+        if (wild && (!wildcards || n != 1 || (first == '>' && c != '\0')))
+            return 0; /* a wildcard is a whole token; '>' only the last */
+        if (c == '\0')
             return 1;
-        tok = p + 1;
+        n = 0;
+        wild = 0;
     }
 }
 
@@ -203,9 +206,36 @@ int cp__nats_queue_ok(const char *s)
 /* snprintf's result as a length: 0 when it did not fit. */
 static size_t fitted(int r, size_t cap) { return r > 0 && (size_t)r < cap ? (size_t)r : 0; }
 
+/* len in decimal at out; its length. */
+static size_t put_decimal(char *out, uint64_t v)
+{
+    char tmp[20];
+    size_t n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (size_t i = 0; i < n; i++)
+        out[i] = tmp[n - 1 - i];
+    return n;
+}
+
+/* Written by hand, not with snprintf: it runs once per publish, and
+ * snprintf was a tenth of a publish's cost. */
 size_t cp__nats_pub_head(char *out, size_t cap, const char *subject, size_t len)
 {
-    return fitted(snprintf(out, cap, "PUB %s %zu\r\n", subject, len), cap);
+    size_t sn = strlen(subject);
+    if (sn + 4 + 1 + 20 + 2 >= cap)
+        return 0;
+    memcpy(out, "PUB ", 4);
+    memcpy(out + 4, subject, sn);
+    size_t n = 4 + sn;
+    out[n++] = ' ';
+    n += put_decimal(out + n, len);
+    out[n++] = '\r';
+    out[n++] = '\n';
+    out[n] = '\0';
+    return n;
 }
 
 size_t cp__nats_sub(char *out, size_t cap, const char *subject, const char *queue, uint64_t sid)

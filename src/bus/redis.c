@@ -113,12 +113,8 @@ static int redis_publish(cp_bus *bus, const char *subject, const uint8_t *head, 
     cp__free(msg);
     if (n < 0)
         return -ENOMEM;
-    cp_sendbuf *b = cp_sendbuf_copy(cmd, (size_t)n);
+    int r = cp__bus_append(bus, 1, cmd, (size_t)n, true);
     redisFreeCommand(cmd);
-    if (!b)
-        return -ENOMEM;
-    int r = cp__bus_send(bus, 1, b, true);
-    cp_sendbuf_unref(b);
     return r;
 }
 

@@ -58,13 +58,20 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/cport-cluster.XXXXXX")
 broker_pid=""
 server_pids=()        # index k: server k, "" once it is waited for
 dummy_pids=()
-helper_pids=()        # the progress ticker and the stop watchdog
+helper_pids=()        # the progress ticker (a sleep): ended with SIGKILL
+main_shell=$BASHPID
 # On any exit: ask every child still running to stop, give them a moment,
-# then kill them, so that nothing outlives this script.
+# then kill them, so that nothing outlives this script. Only in this shell: a
+# child forked from it runs these traps too if a signal reaches it before it
+# has reset them, and must then just go.
 # shellcheck disable=SC2317  # (called through the EXIT trap)
 cleanup() {
+    [ "$BASHPID" = "$main_shell" ] || return 0
     local pid running=()
-    for pid in "${helper_pids[@]}" "${dummy_pids[@]}" "${server_pids[@]}" $broker_pid; do
+    for pid in "${helper_pids[@]}"; do
+        kill -KILL "$pid" 2>/dev/null
+    done
+    for pid in "${dummy_pids[@]}" "${server_pids[@]}" $broker_pid; do
         [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && running+=("$pid")
     done
     for _ in $(seq 40); do
@@ -81,8 +88,14 @@ cleanup() {
     done
     rm -rf "$tmp"
 }
+# shellcheck disable=SC2317  # (called through the INT and TERM traps)
+interrupted() {
+    [ "$BASHPID" = "$main_shell" ] || exit 1
+    echo "run-cluster: interrupted" >&2
+    exit 130
+}
 trap cleanup EXIT
-trap 'echo "run-cluster: interrupted" >&2; exit 130' INT TERM
+trap interrupted INT TERM
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
@@ -236,21 +249,36 @@ while [ "${#pending[@]}" -gt 0 ]; do
         fi
     done
 done
-[ -n "$ticker" ] && kill "$ticker" 2>/dev/null && wait "$ticker" 2>/dev/null
+[ -n "$ticker" ] && kill -KILL "$ticker" 2>/dev/null && wait "$ticker" 2>/dev/null
 helper_pids=()
 progress
 
 # --- 4. graceful stop --------------------------------------------------------
-# SIGINT to every server still running, then the broker once they are done
-# (so no server sees its broker vanish while it still serves). A watchdog
-# kills whatever has not exited after STOP_TIMEOUT.
+# SIGINT to every server still running, then SIGTERM to the broker once they
+# are done (so no server sees its broker vanish while it still serves).
+
+# Waits until the processes given (already signalled) have ended, for at
+# most STOP_TIMEOUT, then kills the rest. Their statuses are left to `wait`.
+await_exit() {
+    local deadline=$(( $(date +%s%3N) + STOP_TIMEOUT * 1000 )) pid alive
+    while :; do
+        alive=0
+        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" -eq 0 ] && return
+        [ "$(date +%s%3N)" -ge "$deadline" ] && break
+        sleep 0.02
+    done
+    for pid in "$@"; do
+        kill -KILL "$pid" 2>/dev/null &&
+            echo "run-cluster: pid $pid still running ${STOP_TIMEOUT}s after the signal: killed" >&2
+    done
+}
 stop_start=$(now)
 live=()
 for k in $(seq 0 $((SERVERS - 1))); do
     [ -n "${server_pids[k]}" ] && kill -INT "${server_pids[k]}" 2>/dev/null && live+=("${server_pids[k]}")
 done
-(sleep "$STOP_TIMEOUT"; kill -KILL "${live[@]}" 2>/dev/null) &
-helper_pids=($!)
+await_exit "${live[@]}"
 for k in $(seq 0 $((SERVERS - 1))); do
     [ -n "${server_pids[k]}" ] || continue
     wait "${server_pids[k]}"
@@ -258,18 +286,14 @@ for k in $(seq 0 $((SERVERS - 1))); do
     server_pids[k]=""
     [ "${server_rc[$k]}" -eq 0 ] || fails+=("server $k exited with status ${server_rc[$k]} after SIGINT")
 done
-kill "${helper_pids[0]}" 2>/dev/null
-wait "${helper_pids[0]}" 2>/dev/null
-helper_pids=()
 stop_time=$(elapsed "$stop_start" "$(now)")
+if [ ! -d "$tmp" ]; then
+    fails+=("this run's files in $tmp are gone (removed by someone else?)")
+fi
 kill -TERM "$broker_pid" 2>/dev/null
-(sleep "$STOP_TIMEOUT"; kill -KILL "$broker_pid" 2>/dev/null) &
-helper_pids=($!)
+await_exit "$broker_pid"
 wait "$broker_pid" 2>/dev/null
 broker_pid=""
-kill "${helper_pids[0]}" 2>/dev/null
-wait "${helper_pids[0]}" 2>/dev/null
-helper_pids=()
 
 # --- 5. summary --------------------------------------------------------------
 field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
@@ -278,7 +302,7 @@ echo "== run-cluster summary ($BUS_KIND, room '$ROOM') =="
 sent=0 received=0 expected=0 lost=0 p99=0
 for k in $(seq 0 $((SERVERS - 1))); do
     result=$(grep '^RESULT ' "$tmp/dummy$k.out" || true)
-    rc=${dummy_rc[$k]}
+    rc=${dummy_rc[$k]:-none}
     echo "dummy $k (server $k, senders $((k * SESSIONS))..$(((k + 1) * SESSIONS - 1))): exit $rc"
     echo "        ${result:-no RESULT line}"
     # Its own words (errors, the verdict), without the progress lines.
@@ -290,10 +314,12 @@ for k in $(seq 0 $((SERVERS - 1))); do
         lost=$((lost + $(field "$result" lost)))
         p99=$(awk -v a="$p99" -v b="$(field "$result" p99_ms)" 'BEGIN { print (b > a ? b : a) }')
     fi
-    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
         fails+=("dummy $k did not finish within ${DUMMY_TIMEOUT}s")
-    elif [ "$rc" -ne 0 ]; then
-        fails+=("dummy $k failed (exit $rc): ${result:+$(field "$result" errors) errors, lost=$(field "$result" lost)}")
+    elif [ "$rc" != 0 ]; then
+        fails+=("dummy $k failed (exit $rc)${result:+: $(field "$result" errors) errors, lost=$(field "$result" lost)}")
+    elif [ -z "$result" ]; then
+        fails+=("dummy $k printed no RESULT line")
     fi
 done
 gaps=0 reconnects=0 published=0 delivered=0
@@ -309,9 +335,18 @@ for k in $(seq 0 $((SERVERS - 1))); do
         reconnects=$((reconnects + $(field "$bus" reconnects)))
         published=$((published + $(field "$bus" published)))
         delivered=$((delivered + $(field "$bus" delivered)))
+    elif [ "${server_rc[$k]:-none}" = 0 ]; then
+        fails+=("server $k printed no bus stats line")
     fi
 done
 echo "servers stopped ${stop_time}s after SIGINT"
+# The dummies' own verdicts already say every session got what it was owed;
+# this also holds them to the plan: every sender sent RATE x DURATION packets,
+# and each went to every member of the room.
+planned=$((room * room * RATE * DURATION))
+if [ "$received" -ne "$planned" ] || [ "$expected" -ne "$planned" ]; then
+    fails+=("$received of $expected deliveries, where the plan is $room x $room x $RATE x $DURATION = $planned")
+fi
 [ "$gaps" -eq 0 ] || fails+=("the bus counted $gaps messages lost between servers (gaps)")
 [ "$reconnects" -eq 0 ] || fails+=("a server's bus link reconnected $reconnects times")
 

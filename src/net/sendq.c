@@ -304,6 +304,27 @@ static int copy_in(cp_sendq *q, uint32_t *j, const uint8_t *p, size_t n)
     return 0;
 }
 
+/* Copies entry i (v) into the queue's blocks at *j and releases its buffer,
+ * if it is worth copying; kept is the last entry staying before it. False if
+ * the entry stays as it is (not worth it, or out of memory). */
+static bool absorb(cp_sendq *q, uint32_t *j, uint32_t i, uintptr_t v, uintptr_t *kept)
+{
+    cp_sendbuf *b = buf_of(v);
+    if (!worth_copying(b))
+        return false;
+    uint32_t off = i == 0 ? q->first_off : 0;
+    if (copy_in(q, j, b->data + off, b->len - off) != 0)
+        return false;
+    if (i == 0)
+        q->first_off = 0; /* the new block holds only the unsent bytes */
+    if ((v & ALONE_TAG) && kept && (*kept & COVERED_TAG) && buf_of(*kept)->chunk == b->chunk)
+        *kept = (*kept & ~COVERED_TAG) | ALONE_TAG; /* the run's charge stays with what stays */
+    else
+        charge_drop(q, v);
+    cp_sendbuf_unref(b);
+    return true;
+}
+
 /* Copies the entries worth it that compaction has not seen and no pending
  * send reads into the queue's blocks, and releases their buffers. Runs of
  * them coalesce; the other entries keep their places in the order. Out of
@@ -315,20 +336,8 @@ static void compact(cp_sendq *q)
     uintptr_t *kept = lo ? slot(q, lo - 1) : NULL; /* the last entry staying before i */
     for (uint32_t i = lo; i < q->count; i++) {
         uintptr_t v = *slot(q, i);
-        cp_sendbuf *b = buf_of(v);
-        if (worth_copying(b)) {
-            uint32_t off = i == 0 ? q->first_off : 0;
-            if (copy_in(q, &j, b->data + off, b->len - off) == 0) {
-                if (i == 0)
-                    q->first_off = 0; /* the new block holds only the unsent bytes */
-                if ((v & ALONE_TAG) && kept && (*kept & COVERED_TAG) && buf_of(*kept)->chunk == b->chunk)
-                    *kept = (*kept & ~COVERED_TAG) | ALONE_TAG; /* the run's charge stays with what stays */
-                else
-                    charge_drop(q, v);
-                cp_sendbuf_unref(b);
-                continue;
-            }
-        }
+        if (absorb(q, &j, i, v, kept))
+            continue;
         kept = slot(q, j);
         *slot(q, j++) = v;
     }

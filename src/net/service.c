@@ -148,17 +148,23 @@ static cp_session **snapshot(cp_service *svc, size_t *n)
 /* Options that cannot work are refused at start rather than ignored
  * (include/cport.h lists them); o has its defaults filled in. Duplicate and
  * empty routes are found while copying them (routes_copy). */
+/* Limits in range and options that agree with each other. */
+static bool session_opts_consistent(const cp_session_opts *o)
+{
+    if (o->max_packet < CP_PACKET_HEADER || o->max_packet > CP_PACKET_MAX)
+        return false;
+    if (o->nroutes && !o->routes)
+        return false;
+    if (o->send_queue_high > o->send_queue_limit || o->send_queue_low >= o->send_queue_high)
+        return false;
+    return !(o->recv_burst_packets && !o->recv_rate_packets) && !(o->recv_burst_bytes && !o->recv_rate_bytes);
+}
+
 static int check_session_opts(const cp_session_opts *o, const cp_handlers *h)
 {
     if (o->framing != CP_FRAMING_PACKET && o->framing != CP_FRAMING_RAW)
         return -EINVAL;
-    if (o->max_packet < CP_PACKET_HEADER || o->max_packet > CP_PACKET_MAX)
-        return -EINVAL;
-    if (o->nroutes && !o->routes)
-        return -EINVAL;
-    if (o->send_queue_high > o->send_queue_limit || o->send_queue_low >= o->send_queue_high)
-        return -EINVAL;
-    if ((o->recv_burst_packets && !o->recv_rate_packets) || (o->recv_burst_bytes && !o->recv_rate_bytes))
+    if (!session_opts_consistent(o))
         return -EINVAL;
     if (o->framing == CP_FRAMING_RAW)
         return h->on_recv && !o->nroutes && !o->recv_rate_packets ? 0 : -EINVAL;

@@ -704,6 +704,43 @@ static void env_read(void)
 #endif
 }
 
+#ifdef CP_HAVE_URING
+/* io_uring when it works here; with AUTO, epoll when it does not. */
+static const cp_backend_ops *uring_or_epoll(cp_backend want, int *err)
+{
+    const char *why = NULL;
+    int r = cp__uring_probe(&why);
+    if (r == 0)
+        return &cp__uring_backend;
+    if (want == CP_BACKEND_URING) {
+        cp__log(CP_LOG_ERROR, "io_uring requested but unusable: %s", why ? why : cp_strerror(r));
+        *err = -ENOTSUP;
+        return NULL;
+    }
+    cp__log(CP_LOG_INFO, "io_uring unusable (%s): using epoll", why ? why : cp_strerror(r));
+    return &cp__epoll_backend;
+}
+#endif
+
+/* The backend this platform offers for want (never AUTO's environment
+ * lookup: choose_backend does that first). */
+static const cp_backend_ops *platform_backend(cp_backend want, int *err)
+{
+#ifdef CP_HAVE_URING
+    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_URING)
+        return uring_or_epoll(want, err);
+#endif
+#ifdef _WIN32
+    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_IOCP)
+        return &cp__iocp_backend;
+#else
+    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_EPOLL)
+        return &cp__epoll_backend;
+#endif
+    *err = -ENOTSUP;
+    return NULL;
+}
+
 static const cp_backend_ops *choose_backend(cp_backend want, int *err)
 {
     pthread_once(&env_once, env_read);
@@ -712,38 +749,7 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
         if (env_backend_bad[0])
             cp__log(CP_LOG_WARN, "CP_BACKEND=%s is not a backend; choosing automatically", env_backend_bad);
     }
-#ifdef CP_HAVE_URING
-    const char *why = NULL;
-    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_URING) {
-        int r = cp__uring_probe(&why);
-        if (r == 0)
-            return &cp__uring_backend;
-        if (want == CP_BACKEND_URING) {
-            cp__log(CP_LOG_ERROR, "io_uring requested but unusable: %s", why ? why : cp_strerror(r));
-            *err = -ENOTSUP;
-            return NULL;
-        }
-        cp__log(CP_LOG_INFO, "io_uring unusable (%s): using epoll", why ? why : cp_strerror(r));
-        return &cp__epoll_backend;
-    }
-#endif
-#ifdef _WIN32
-    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_IOCP)
-        return &cp__iocp_backend;
-    *err = -ENOTSUP;
-    return NULL;
-#else
-    switch (want) {
-    case CP_BACKEND_AUTO:
-    case CP_BACKEND_EPOLL:
-        return &cp__epoll_backend;
-    case CP_BACKEND_URING:
-    case CP_BACKEND_IOCP:
-    default:
-        *err = -ENOTSUP;
-        return NULL;
-    }
-#endif
+    return platform_backend(want, err);
 }
 
 /* What the workers used; the port and worker structures themselves stay

@@ -121,7 +121,7 @@ void cp__uring_read_env(void)
         wake_env = 1;
 }
 
-static uint64_t ud_of(cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
+static uint64_t ud_of(const cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
 
 static struct io_uring_sqe *get_sqe(ur_state *st)
 {
@@ -521,34 +521,45 @@ static bool accept_deliver(cp_worker *w, cp_op *op, int res)
     return h->rd == op && h->fd >= 0;
 }
 
+enum { ACCEPT_OPEN, ACCEPT_CLOSED, ACCEPT_FAILED };
+
+/* Takes up to batch-1 more pending connections after the one the completion
+ * brought. ACCEPT_OPEN: the listener is drained (or the batch is done) and
+ * still open; ACCEPT_CLOSED: a callback closed it; ACCEPT_FAILED: a hard
+ * error (EMFILE ...) disarmed it and its callback has run, as on epoll. */
+static int accept_pending(cp_worker *w, cp_handle *h, cp_op *op, unsigned batch)
+{
+    for (unsigned i = 1; i < batch; i++) {
+        int fd = accept4(h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int err = fd < 0 ? errno : 0;
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            return ACCEPT_OPEN;
+        if (err && !accept_error_is_transient(err)) {
+            h->rd = NULL;
+            op->armed = 0;
+            op->cb(w, op, -err, 0, NULL);
+            return ACCEPT_FAILED;
+        }
+        if (!accept_deliver(w, op, err ? -err : fd))
+            return ACCEPT_CLOSED;
+    }
+    return ACCEPT_OPEN;
+}
+
 /* The single-shot accept completed with a descriptor or a transient error:
  * deliver it, take up to K-1 more pending connections, and arm the accept
- * again. A hard error on the way (EMFILE ...) disarms it, as on epoll. Returns
- * false if the completion is a final one for dispatch to deliver (ECANCELED,
- * hard errors). */
+ * again. Returns false if the completion is a final one for dispatch to
+ * deliver (ECANCELED, hard errors). */
 static bool accept_more(cp_worker *w, ur_state *st, cp_op *op, int res)
 {
     if (res < 0 && !accept_error_is_transient(-res))
         return false;
     cp_handle *h = op->h;
     unsigned batch = op->batch ? op->batch : 64;
-    bool open = accept_deliver(w, op, res);
-    for (unsigned i = 1; open && i < batch; i++) {
-        int fd = accept4(h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        int err = fd < 0 ? errno : 0;
-        if (err == EAGAIN || err == EWOULDBLOCK)
-            break;
-        if (err && !accept_error_is_transient(err)) {
-            h->rd = NULL;
-            op->armed = 0;
-            op->cb(w, op, -err, 0, NULL);
-            return true;
-        }
-        open = accept_deliver(w, op, err ? -err : fd);
-    }
-    if (open) {
+    int state = accept_deliver(w, op, res) ? accept_pending(w, h, op, batch) : ACCEPT_CLOSED;
+    if (state == ACCEPT_OPEN) {
         prep_accept(st, h, op);
-    } else if (h->rd == op) {
+    } else if (state == ACCEPT_CLOSED && h->rd == op) {
         /* Closed from a callback: nothing is in the kernel to be cancelled,
          * so the final completion is delivered here, after this pass. */
         h->rd = NULL;
@@ -556,6 +567,15 @@ static bool accept_more(cp_worker *w, ur_state *st, cp_op *op, int res)
         cp__worker_defer(w, op, -ECANCELED);
     }
     return true;
+}
+
+/* Asks the kernel to cancel op. The cancellation's own completion is
+ * ignored; op ends with its -ECANCELED (or earlier) completion. */
+static void cancel_op(ur_state *st, const cp_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_cancel64(sqe, ud_of(op), 0);
+    io_uring_sqe_set_data64(sqe, TAG_IGNORE);
 }
 
 static void prep_recv(ur_state *st, cp_handle *h, cp_op *op, bool multishot)
@@ -623,9 +643,7 @@ static void ur_recv_pause(cp_worker *w, cp_handle *h)
     if (!op || op->kind != CP_OP_RECV || op->parked || op->kicked || h->fd < 0)
         return;
     op->kicked = 2;
-    struct io_uring_sqe *sqe = get_sqe(st);
-    io_uring_prep_cancel64(sqe, ud_of(op), 0);
-    io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    cancel_op(st, op);
 }
 
 static void ur_recv_resume(cp_worker *w, cp_handle *h)
@@ -722,9 +740,7 @@ static void ur_close(cp_worker *w, cp_handle *h)
             cp__worker_defer(w, ops[i], -ECANCELED);
             continue;
         }
-        struct io_uring_sqe *sqe = get_sqe(st);
-        io_uring_prep_cancel64(sqe, ud_of(ops[i]), 0);
-        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        cancel_op(st, ops[i]);
     }
     if (h->fixed) {
         /* The socket stays in the table until the clear runs, at this
@@ -789,6 +805,13 @@ static void recycle(ur_state *st, unsigned bid)
  * Steady traffic costs nothing: one poll(2) per round that armed receives,
  * after the io_uring_enter that submitted them (which then does not wait).
  */
+/* Whether h's receive is armed in the kernel and not being cancelled. */
+static bool recv_in_kernel(const cp_handle *h)
+{
+    const cp_op *op = h->rd;
+    return h->fd >= 0 && op && op->kind == CP_OP_RECV && op->armed && !op->kicked && !op->parked;
+}
+
 static void recheck_recvs(ur_state *st)
 {
     while (st->recheck) {
@@ -799,8 +822,7 @@ static void recheck_recvs(ur_state *st)
             cp_handle *h = st->recheck;
             st->recheck = h->ready_next;
             h->on_ready = 0;
-            if (h->fd < 0 || !h->rd || h->rd->kind != CP_OP_RECV || !h->rd->armed || h->rd->kicked ||
-                h->rd->parked)
+            if (!recv_in_kernel(h))
                 continue;
             pf[n] = (struct pollfd){.fd = h->fd, .events = POLLRDHUP};
             hs[n++] = h;
@@ -810,11 +832,8 @@ static void recheck_recvs(ur_state *st)
         for (nfds_t i = 0; i < n; i++) {
             if (!(pf[i].revents & (POLLHUP | POLLERR)))
                 continue;
-            cp_op *op = hs[i]->rd;
-            op->kicked = 1; /* 1: a recheck's; 2: a pause's (ur_recv_pause) */
-            struct io_uring_sqe *sqe = get_sqe(st);
-            io_uring_prep_cancel64(sqe, ud_of(op), 0);
-            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+            hs[i]->rd->kicked = 1; /* 1: a recheck's; 2: a pause's (ur_recv_pause) */
+            cancel_op(st, hs[i]->rd);
         }
     }
 }
@@ -1064,6 +1083,69 @@ static bool submit_only(ur_state *st)
     return io_uring_cq_ready(&st->ring) > 0;
 }
 
+/* Submits the round's work and, unless the round has enough to do already,
+ * asks the kernel for completions, waiting up to timeout_ms when nothing is
+ * ready. Returns io_uring_enter's result (0 when no call was needed). */
+static int ur_enter(ur_state *st, int timeout_ms, bool recheck)
+{
+    if (io_uring_cq_ready(&st->ring) >= UR_BATCH) {
+        /* This round's batch is already in the completion queue: submit, but
+         * do not ask for more. With DEFER_TASKRUN, asking would run every
+         * pending receive into a provided buffer, growing a backlog that this
+         * worker takes 64 at a time until the buffers run out (each receive
+         * then ends with ENOBUFS and is re-armed). Nothing to submit: no
+         * system call at all. */
+        return io_uring_sq_ready(&st->ring) ? io_uring_submit(&st->ring) : 0;
+    }
+    if (timeout_ms == 0 || recheck)
+        return io_uring_submit_and_get_events(&st->ring);
+    if (submit_only(st)) {
+        /* Some of what was just submitted finished inside that call (a send
+         * to a socket with room does): take those completions in this round
+         * and wait in the next. Waiting now would return at once on them
+         * anyway, and the worker would then sleep for every single receive:
+         * at 1000 echo connections that was one receive per io_uring_enter
+         * and 25k sleeps a second; this way, three and 3k. */
+        return 0;
+    }
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
+    return io_uring_submit_and_wait_timeout(&st->ring, &cqe, 1, timeout_ms > 0 ? &ts : NULL, NULL);
+}
+
+/* Takes one batch of completions (at most UR_BATCH) and delivers it. One
+ * batch per round: the round's sends and hand-offs then go out before more
+ * input is taken, which keeps queues short under floods. */
+static int take_batch(cp_worker *w, ur_state *st)
+{
+    struct io_uring_cqe *cqes[UR_BATCH];
+    unsigned n = io_uring_peek_batch_cqe(&st->ring, cqes, UR_BATCH);
+    if (!n)
+        return 0;
+    /* Copy out and release the slots first: callbacks submit more work. */
+    struct {
+        uint64_t ud;
+        int res;
+        unsigned flags;
+    } c[UR_BATCH];
+    for (unsigned i = 0; i < n; i++) {
+        c[i].ud = cqes[i]->user_data, c[i].res = cqes[i]->res, c[i].flags = cqes[i]->flags;
+        /* The op sits in its session, which the kernel's work since the
+         * last round has usually pushed out of the cache: start loading
+         * every one of the batch now, not one miss after another. */
+        if (c[i].ud > TAG_MSG_WAKE)
+            __builtin_prefetch((const void *)(uintptr_t)(c[i].ud & PTR_MASK));
+    }
+    io_uring_cq_advance(&st->ring, n);
+    st->buf_returns = 0;
+    for (unsigned i = 0; i < n; i++)
+        dispatch(w, st, c[i].ud, c[i].res, c[i].flags);
+    if (st->buf_returns)
+        io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
+    st->buf_returns = 0;
+    return (int)n;
+}
+
 static int ur_poll(cp_worker *w, int timeout_ms)
 {
     ur_state *st = w->be;
@@ -1074,30 +1156,7 @@ static int ur_poll(cp_worker *w, int timeout_ms)
      * a lost reset would make endless): a round that armed receives does not
      * wait, it only collects what is ready. */
     bool recheck = st->recheck != NULL;
-    int r = 0;
-    if (io_uring_cq_ready(&st->ring) >= UR_BATCH) {
-        /* This round's batch is already in the completion queue: submit, but
-         * do not ask for more. With DEFER_TASKRUN, asking would run every
-         * pending receive into a provided buffer, growing a backlog that this
-         * worker takes 64 at a time until the buffers run out (each receive
-         * then ends with ENOBUFS and is re-armed). Nothing to submit: no
-         * system call at all. */
-        if (io_uring_sq_ready(&st->ring))
-            r = io_uring_submit(&st->ring);
-    } else if (timeout_ms == 0 || recheck) {
-        r = io_uring_submit_and_get_events(&st->ring);
-    } else if (submit_only(st)) {
-        /* Some of what was just submitted finished inside that call (a send
-         * to a socket with room does): take those completions in this round
-         * and wait in the next. Waiting now would return at once on them
-         * anyway, and the worker would then sleep for every single receive:
-         * at 1000 echo connections that was one receive per io_uring_enter
-         * and 25k sleeps a second; this way, three and 3k. */
-    } else {
-        struct io_uring_cqe *cqe;
-        struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
-        r = io_uring_submit_and_wait_timeout(&st->ring, &cqe, 1, timeout_ms > 0 ? &ts : NULL, NULL);
-    }
+    int r = ur_enter(st, timeout_ms, recheck);
     if (recheck && !io_uring_sq_ready(&st->ring))
         recheck_recvs(st); /* its cancellations go out with the next submission */
     if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
@@ -1105,39 +1164,7 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     w->now_ns = cp__now_ns();
     if (st->replay)
         replay_held(w, st);
-    int total = 0;
-    for (;;) {
-        struct io_uring_cqe *cqes[UR_BATCH];
-        unsigned n = io_uring_peek_batch_cqe(&st->ring, cqes, UR_BATCH);
-        if (!n)
-            break;
-        /* Copy out and release the slots first: callbacks submit more work. */
-        struct {
-            uint64_t ud;
-            int res;
-            unsigned flags;
-        } c[UR_BATCH];
-        for (unsigned i = 0; i < n; i++) {
-            c[i].ud = cqes[i]->user_data, c[i].res = cqes[i]->res, c[i].flags = cqes[i]->flags;
-            /* The op sits in its session, which the kernel's work since the
-             * last round has usually pushed out of the cache: start loading
-             * every one of the batch now, not one miss after another. */
-            if (c[i].ud > TAG_MSG_WAKE)
-                __builtin_prefetch((const void *)(uintptr_t)(c[i].ud & PTR_MASK));
-        }
-        io_uring_cq_advance(&st->ring, n);
-        st->buf_returns = 0;
-        for (unsigned i = 0; i < n; i++)
-            dispatch(w, st, c[i].ud, c[i].res, c[i].flags);
-        if (st->buf_returns)
-            io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
-        st->buf_returns = 0;
-        total += (int)n;
-        /* One batch per round: the round's sends and hand-offs then go out
-         * before more input is taken, which keeps queues short under floods. */
-        break;
-    }
-    return total;
+    return take_batch(w, st);
 }
 
 /*

@@ -254,6 +254,34 @@ cp_service_stats cpt_stats(const cp_service *svc)
     return st;
 }
 
+void cpt_xbytes_in(const cp_service *svc, uint64_t n)
+{
+    uint64_t deadline = cpt_now_ms() + 5000;
+    uint64_t got;
+    while ((got = cpt_stats(svc).bytes_in) < n && cpt_now_ms() < deadline)
+        cpt_sleep_us(50);
+    cr_assert_geq(got, n, "the server read %llu of the %llu bytes sent to it", (unsigned long long)got,
+                  (unsigned long long)n);
+}
+
+void cpt_xwrites_stalled(const cp_service *svc)
+{
+    uint64_t deadline = cpt_now_ms() + 5000;
+    uint64_t last = 0, since = cpt_now_ms();
+    for (;;) {
+        uint64_t out = cpt_stats(svc).bytes_out, now = cpt_now_ms();
+        if (out != last) {
+            last = out;
+            since = now;
+        } else if (out > 0 && now - since >= 20) {
+            return;
+        }
+        cr_assert_lt(now, deadline, "the server's writes did not stall (%llu bytes written)",
+                     (unsigned long long)out);
+        cpt_sleep_ms(1);
+    }
+}
+
 /* ------------------------------------------------------------------ session tracking */
 
 cpt_track *cpt_track_new(int cap)
@@ -289,7 +317,7 @@ void cpt_track_stopped(cpt_track *t)
 
 void cpt_track_xcheck(cpt_track *t)
 {
-    cpt_sleep_ms(20); /* give a late callback the chance to show itself */
+    cpt_sleep_ms(20); /* a sleep: a late callback, which the checks below count, would show in this window */
     cr_expect_eq(atomic_load(&t->overlaps), 0, "callbacks of one session overlapped %d times",
                  atomic_load(&t->overlaps));
     cr_expect_eq(atomic_load(&t->nested), 0,

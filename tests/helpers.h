@@ -112,6 +112,14 @@ void cpt_xstop(cp_service *svc);
  * call has run by then. Asserts; test thread. */
 void cpt_xjobq_drained(cp_jobq *q);
 cp_service_stats cpt_stats(const cp_service *svc);
+/* Waits (up to 5 s, polling every 50 us) until the service has read at
+ * least n bytes: what is sent after the call comes in a read of its own.
+ * Asserts; test thread. */
+void cpt_xbytes_in(const cp_service *svc, uint64_t n);
+/* Waits (up to 5 s) until the service has written some bytes and then none
+ * for 20 ms: the sockets it writes to are full, their peers not reading.
+ * Asserts; test thread. */
+void cpt_xwrites_stalled(const cp_service *svc);
 
 /* ------------------------------------------------------------------ session tracking */
 

@@ -77,7 +77,7 @@ Test(client, connect_more_from_other_threads, .timeout = 30)
     cp_handlers h = cpt_track_handlers();
     cp_client_opts o = { .host = CPT_HOST4, .port = e.sport, .sessions = 0 };
     cp_service *cli = cpt_xclient(e.port, &o, &h, ct);
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a connect started by sessions = 0 would show in this window */
     cr_assert_eq(atomic_load(&ct->connected), 0);
     connector c[4];
     pthread_t th[4];
@@ -265,7 +265,7 @@ Test(client, start_reports_connects_that_cannot_start, .timeout = 20)
     cr_assert_eq(rc, -EMFILE, "cp_client_start returned %d (%s)", rc, cp_strerror(rc));
     cr_assert_null(cli);
     cr_assert_eq(cpt_count_fds(), fds_before, "the sockets of the refused start were left open");
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a failure reported late for the refused start would show in this window */
     cr_assert_eq(atomic_load(&ct->connect_failed), 0, "a refused start reported a failure later");
     cr_assert_eq(atomic_load(&ct->connected), 0);
     cr_assert_eq(cpt_poll_in(lfd, 50), 0, "a connect of the refused start reached the server");
@@ -312,7 +312,7 @@ Test(client, connect_reports_a_socket_it_cannot_make, .timeout = 20)
     int rc = cp_client_connect(cli);
     setrlimit(RLIMIT_NOFILE, &old);
     cr_assert_eq(rc, -EMFILE, "cp_client_connect returned %d (%s)", rc, cp_strerror(rc));
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a failure reported late for the refused connect would show in this window */
     cr_assert_eq(atomic_load(&ct->connect_failed), 0, "a refused connect reported a failure later");
     cr_assert_eq(cpt_stats(cli).sessions, 0);
     cpt_xstop(cli);

@@ -26,7 +26,7 @@ static bound_ctx ctx;
 static void slow_job(void *arg)
 {
     (void)arg;
-    cpt_sleep_us(50);
+    cpt_sleep_us(50); /* a sleep: the job is slow on purpose, so that the queue fills faster than it runs */
     atomic_fetch_sub(&ctx.pending, 1);
     atomic_fetch_add(&ctx.ran, 1);
 }

@@ -238,7 +238,7 @@ static void start_server_job(void *arg)
     cp_server_opts o = { .host = CPT_HOST4 };
     atomic_store(&j->rc, cp_server_start(&svc, j->port, &o, &j->h, NULL));
     atomic_store(&j->svc, svc);
-    cpt_sleep_ms(2); /* the round, and with it the outbox, stays open */
+    cpt_sleep_ms(2); /* a sleep: the round, and with it the outbox, stays open for the stop to land in */
     atomic_store(&j->job_done, true);
 }
 

@@ -296,7 +296,7 @@ Test(order, jobq_fed_by_a_user_thread_keeps_order, .timeout = 120)
     for (uint32_t i = 0; i < steps; i++) {
         cr_assert_eq(cp_jobq_push(c->q, feed_job, c), 0);
         if ((i & 63) == 0)
-            cpt_sleep_us(50); /* let the queue drain now and then */
+            cpt_sleep_us(50); /* a sleep: paces the pushes, so that the queue drains now and then */
     }
     atomic_store(&c->done, true);
     world_finish(&the_world, readers, "job queue fed by a user thread, 2 workers");

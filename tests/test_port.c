@@ -168,11 +168,10 @@ Test(port, post_from_many_threads_runs_each_once_on_workers, .timeout = 60)
     cr_assert_eq(atomic_load(&c->post_errors), 0);
     CPT_AWAIT(atomic_load(&c->ran) == POSTERS * PER_POSTER, 20000, "%d of %d posted functions ran",
               atomic_load(&c->ran), POSTERS * PER_POSTER);
-    cpt_sleep_ms(20);
+    cpt_xport_destroy(c->port); /* nothing runs after it: the counts below are final */
     cr_assert_eq(atomic_load(&c->ran), POSTERS * PER_POSTER, "a posted function ran more than once");
     cr_assert_eq(atomic_load(&c->twice), 0);
     cr_assert_eq(atomic_load(&c->on_main), 0, "a posted function ran on the posting thread");
-    cpt_xport_destroy(c->port);
     free(c->seen);
     free(g_items);
     free(c);
@@ -247,7 +246,7 @@ typedef struct late {
 static void late_fn(void *arg)
 {
     late *l = arg;
-    cpt_sleep_us(50);
+    cpt_sleep_us(50); /* a sleep: slow functions, so that the destroy finds posts still pending */
     atomic_fetch_add(&l->ran, 1);
 }
 
@@ -261,7 +260,7 @@ Test(port, destroy_with_pending_posts, .timeout = 30)
         cr_assert_eq(cp_port_post(p, late_fn, &l), 0);
     cpt_xport_destroy(p);
     int n = atomic_load(&l.ran);
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a function run after the destroy would show in this window */
     cr_assert_eq(atomic_load(&l.ran), n, "posted functions ran after cp_port_destroy returned");
     cpt_leak_end(&leak);
 }
@@ -439,6 +438,7 @@ Test(port, posts_racing_destroy_run_or_are_refused, .timeout = 120)
         pthread_t th[RACE_POSTERS];
         for (int i = 0; i < RACE_POSTERS; i++)
             cr_assert_eq(pthread_create(&th[i], NULL, race_poster, r), 0);
+        /* a sleep: the destroy comes at a varied moment of the posting */
         cpt_sleep_us((unsigned)(200 + rounds * 37 % 1500));
         cpt_xport_destroy(r->port);
         long ran = atomic_load(&r->ran);

@@ -118,7 +118,7 @@ static void fill_socket(cp_session *s)
         atomic_init(&done, 0);
         cr_assert_eq(cp_session_post(s, big_fn, &done), 0);
         CPT_AWAIT(atomic_load(&done), 5000, "the post did not run");
-        cpt_sleep_ms(5);
+        cpt_sleep_ms(5); /* a sleep: a socket with room would take the queued bytes in this window */
         full = xprobe(s).bytes ? full + 1 : 0;
     }
     cr_assert_eq(full, 3, "the socket never filled up");
@@ -159,7 +159,7 @@ static void run_batches(cp_session **s, int nsess, int posts, int packets, int c
         for (int i = 0; i < nsess; i++)
             cr_assert_eq(cp_session_post(s[i], batch_fn, &b), 0);
         if (k % 8 == 7)
-            cpt_sleep_ms(1);
+            cpt_sleep_ms(1); /* a sleep: paces the posts, one batch per round or so */
     }
     CPT_AWAIT(atomic_load(&left) == 0, 20000, "%d batches did not run", atomic_load(&left));
 }

@@ -294,13 +294,16 @@ Test(sendbuf, refs_from_many_threads, .timeout = 30)
  * until the last one. */
 typedef struct handoff {
     cp_sendbuf *b;
+    atomic_int *creator_dropped;
     int ok;
 } handoff;
 
 static void *drop_later_main(void *arg)
 {
     handoff *h = arg;
-    cpt_sleep_ms(20);
+    uint64_t deadline = cpt_now_ms() + 5000;
+    while (!atomic_load(h->creator_dropped) && cpt_now_ms() < deadline)
+        cpt_sleep_ms(1);
     h->ok = cp_sendbuf_len(h->b) == 10 && !memcmp(cp_sendbuf_data(h->b), "0123456789", 10);
     cp_sendbuf_unref(h->b);
     return NULL;
@@ -313,12 +316,14 @@ Test(sendbuf, last_unref_on_another_thread, .timeout = 10)
     cp_sendbuf *b = cp_sendbuf_copy("0123456789", 10);
     handoff h[4];
     pthread_t th[4];
+    atomic_int creator_dropped = 0;
     for (int i = 0; i < 4; i++) {
         cp_sendbuf_ref(b);
-        h[i] = (handoff){ .b = b };
+        h[i] = (handoff){ .b = b, .creator_dropped = &creator_dropped };
         pthread_create(&th[i], NULL, drop_later_main, &h[i]);
     }
     cp_sendbuf_unref(b); /* the creator lets go first */
+    atomic_store(&creator_dropped, 1);
     for (int i = 0; i < 4; i++) {
         pthread_join(th[i], NULL);
         cr_assert(h[i].ok, "thread %d saw a damaged buffer", i);

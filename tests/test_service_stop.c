@@ -66,7 +66,7 @@ Test(service_stop, unread_queued_data_does_not_delay_stop, .timeout = 30)
     free(big);
     cr_assert_eq(cp_session_send(e.t->recs[0].s, b), 0);
     cp_sendbuf_unref(b);
-    cpt_sleep_ms(100);
+    cpt_xwrites_stalled(e.svc); /* the client's socket is full; the rest stays queued */
     uint64_t t0 = cpt_now_ms();
     cpt_xstop(e.svc);
     uint64_t took = cpt_now_ms() - t0;
@@ -94,7 +94,7 @@ Test(service_stop, client_with_connects_in_flight, .timeout = 30)
         cp_handlers h = cpt_track_handlers();
         cp_client_opts o = { .host = CPT_HOST4, .port = e.sport, .sessions = N };
         cp_service *cli = cpt_xclient(e.port, &o, &h, ct);
-        cpt_sleep_us((unsigned)round * 2000);
+        cpt_sleep_us((unsigned)round * 2000); /* a sleep: each round stops later in the connects */
         cpt_xstop(cli);
         cpt_track_stopped(ct);
         cpt_track_xcheck(ct);
@@ -120,7 +120,7 @@ static int slow_handler(cp_session *s, uint16_t id, const uint8_t *body, size_t 
     slow_cb *c = cp_session_ctx(s);
     cpt_enter(s);
     atomic_fetch_add(&c->entered, 1);
-    cpt_sleep_ms(300);
+    cpt_sleep_ms(300); /* a sleep: the stop, called meanwhile, must wait this callback out */
     atomic_fetch_add(&c->finished, 1);
     cpt_leave(s);
     return 0;
@@ -190,6 +190,7 @@ Test(service_stop, stop_from_worker_is_refused, .timeout = 20)
 typedef struct sender {
     cp_session *s;
     atomic_int *stopped;
+    atomic_int sends;
     int after_stop_ok;
     int bad;
 } sender;
@@ -202,6 +203,7 @@ static void *keep_sending_main(void *arg)
     for (long i = 0; after < 2000; i++) {
         int was_stopped = atomic_load(sd->stopped);
         int rc = cp_session_send(sd->s, b);
+        atomic_fetch_add(&sd->sends, 1);
         if (rc != 0 && rc != -ENOTCONN)
             sd->bad++;
         if (was_stopped) {
@@ -210,7 +212,7 @@ static void *keep_sending_main(void *arg)
                 sd->after_stop_ok++;
         }
         if (i % 64 == 0)
-            cpt_sleep_us(20);
+            cpt_sleep_us(20); /* a sleep: paces the sends */
     }
     cp_sendbuf_unref(b);
     return NULL;
@@ -235,7 +237,9 @@ Test(service_stop, user_threads_sending_through_stop, .timeout = 30)
         sd[i] = (sender){ .s = e.t->recs[i].s, .stopped = &stopped };
         pthread_create(&th[i], NULL, keep_sending_main, &sd[i]);
     }
-    cpt_sleep_ms(100);
+    for (int i = 0; i < N; i++) /* every thread sends before the stop */
+        CPT_AWAIT(atomic_load(&sd[i].sends) >= 1000, 5000, "thread %d sent %d times", i,
+                  atomic_load(&sd[i].sends));
     cpt_xstop(e.svc);
     atomic_store(&stopped, 1);
     cpt_track_stopped(e.t);

@@ -332,7 +332,7 @@ Test(session_lifetime, accessors, .timeout = 20)
 typedef struct hammer {
     cp_session *s;
     atomic_int *stop;
-    long sent;
+    atomic_long sent;
     int bad;
 } hammer;
 
@@ -342,7 +342,7 @@ static void *hammer_main(void *arg)
     cp_sendbuf *b = cp_packet_make(2, "hammer", 6);
     while (!atomic_load(h->stop)) {
         if (h->sent % 64 == 63)
-            cpt_sleep_us(20);
+            cpt_sleep_us(20); /* a sleep: paces the sends */
         int rc = cp_session_send(h->s, b);
         if (rc == 0)
             h->sent++;
@@ -379,7 +379,9 @@ Test(session_lifetime, sends_from_user_threads_during_disconnect, .timeout = 30)
         hs[i] = (hammer){ .s = e.t->recs[i].s, .stop = &stop };
         pthread_create(&th[i], NULL, hammer_main, &hs[i]);
     }
-    cpt_sleep_ms(50);
+    for (int i = 0; i < N; i++) /* every thread sends before the peers go */
+        CPT_AWAIT(atomic_load(&hs[i].sent) >= 500, 5000, "thread %d sent %ld times", i,
+                  atomic_load(&hs[i].sent));
     for (int i = 0; i < N; i++) {
         if (i % 2)
             cpt_close_reset(fds[i]);
@@ -406,7 +408,7 @@ typedef struct svc_watch {
     cpt_env *e;
     int n;
     atomic_int *stop;
-    long calls;
+    atomic_long calls;
     int bad;
 } svc_watch;
 
@@ -444,10 +446,17 @@ Test(session_lifetime, kept_session_service_read_while_its_service_stops, .timeo
             ws[i] = (svc_watch){ .e = &e, .n = N, .stop = &stop };
             pthread_create(&th[i], NULL, svc_watch_main, &ws[i]);
         }
-        cpt_sleep_ms(5);
+        for (int i = 0; i < THREADS; i++) /* they read before the stop, */
+            CPT_AWAIT(atomic_load(&ws[i].calls) >= 4 * N, 5000, "round %d: thread %d is not reading", round,
+                      i);
         cp_service *svc = e.svc;
         cpt_xstop(svc);
-        cpt_sleep_ms(5);
+        long at_stop[THREADS];
+        for (int i = 0; i < THREADS; i++)
+            at_stop[i] = atomic_load(&ws[i].calls);
+        for (int i = 0; i < THREADS; i++) /* and every session again after it */
+            CPT_AWAIT(atomic_load(&ws[i].calls) >= at_stop[i] + 2 * N, 5000,
+                      "round %d: thread %d stopped reading", round, i);
         atomic_store(&stop, 1);
         for (int i = 0; i < THREADS; i++) {
             pthread_join(th[i], NULL);

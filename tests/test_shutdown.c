@@ -105,7 +105,7 @@ Test(shutdown, large_queue_from_another_thread_is_written_before_the_fin, .timeo
     cr_assert_eq(cp_session_shutdown(s, 30000), 0);
     cr_assert_eq(cp_session_send_copy(s, "x", 1), -ENOTCONN, "no send after the shutdown");
     cr_assert_eq(cp_session_shutdown(s, 10000), -ENOTCONN);
-    cpt_sleep_ms(200); /* the server meets a full socket buffer */
+    cpt_xwrites_stalled(e.svc); /* the server meets a full socket buffer */
     for (uint32_t i = 0; i < N; i++) {
         uint16_t id;
         size_t len;
@@ -178,7 +178,7 @@ Test(shutdown, peer_that_keeps_sending_is_drained_then_closed_by_its_fin, .timeo
     cr_assert_eq(cpt_recv_once(fd, tail, sizeof tail), 0, "the end of stream follows the packet");
     long long packets = atomic_load(&e.t->packets);
     cr_assert_eq(packets, 0, "nothing the peer sent while draining reached a handler");
-    cpt_sleep_ms(100);
+    cpt_sleep_ms(100); /* a sleep: a close before the FIN or the 3 s deadline would show in this window */
     cr_assert_eq(atomic_load(&e.t->disconnected), 0, "open until the peer closes or the deadline");
     cpt_close(fd);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "the peer's FIN ended the session");
@@ -206,7 +206,7 @@ Test(shutdown, bad_arguments_and_hard_close_while_draining, .timeout = 30)
         cr_assert_eq(cp_session_send(s, b), 0);
     cp_sendbuf_unref(b);
     cr_assert_eq(cp_session_shutdown(s, 60000), 0);
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: an early end of the drain would show in this window */
     cr_assert_eq(atomic_load(&e.t->disconnected), 0, "the peer reads nothing: still draining");
     cr_assert_eq(cp_session_disconnect(s), 0, "the hard close ends a graceful one");
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "closed at once");

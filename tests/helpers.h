@@ -153,9 +153,14 @@ typedef struct cpt_track {
     int cap;
     bool keep_refs;           /* cp_session_ref every session in on_connected */
     bool echo;                /* the tracking packet/raw handlers echo what they get */
-    unsigned hold_us;         /* each tracked callback sleeps this long inside */
+    /* hold_us and user may be set after the service started: atomic, so a
+     * worker's callback that reads them is ordered after the test's store
+     * by the store itself, not by the socket traffic in between (which
+     * orders nothing in C11 and which ThreadSanitizer cannot see on
+     * io_uring). */
+    atomic_uint hold_us;      /* each tracked callback sleeps this long inside */
     cpt_srec *recs;
-    void *user;               /* free for the test */
+    _Atomic(void *) user;     /* free for the test */
 } cpt_track;
 
 cpt_track *cpt_track_new(int cap);

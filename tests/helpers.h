@@ -305,6 +305,18 @@ size_t cpt_heap_in_use(void);
 unsigned long long cpt_raise_nofile(unsigned long long want);
 /* 1 when built with AddressSanitizer (LeakSanitizer available). */
 int cpt_sanitized(void);
+/* CPT_TSAN: 1 when built with ThreadSanitizer (make check-tsan), else 0; a
+ * constant, for the few tests whose measure means nothing under TSan. */
+#if defined(__SANITIZE_THREAD__)
+#  define CPT_TSAN 1
+#elif defined(__has_feature)
+#  if __has_feature(thread_sanitizer)
+#    define CPT_TSAN 1
+#  endif
+#endif
+#ifndef CPT_TSAN
+#  define CPT_TSAN 0
+#endif
 
 typedef struct cpt_leak_mark {
     int fds;

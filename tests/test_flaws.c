@@ -782,18 +782,7 @@ Test(flaws, f07_packets_up_to_65535_bytes, .timeout = 30)
 /* ThreadSanitizer maps shadow memory for every address the program touches,
  * so under it, as under AddressSanitizer (cpt_sanitized), RSS says nothing
  * about the library. */
-#if defined(__SANITIZE_THREAD__)
-#  define FLAWS_TSAN 1
-#elif defined(__has_feature)
-#  if __has_feature(thread_sanitizer)
-#    define FLAWS_TSAN 1
-#  endif
-#endif
-#ifdef FLAWS_TSAN
-static const bool rss_under_tsan = true;
-#else
-static const bool rss_under_tsan = false;
-#endif
+static const bool rss_under_tsan = CPT_TSAN;
 
 /* Flaw 8: 640 KiB of receive buffer per session. 2000 sessions that each
  * received a whole packet and went idle must cost less than 2 KiB of RSS each

@@ -91,7 +91,8 @@ static void run_half_cancelled(bool via_jobq)
         if (cp_timer_cancel(t[i]) != 0 && refused++ == 0)
             first_refused = i;
     }
-    cr_assert_lt(cpt_now_ns() - start, CANCEL_BY_MS * 1000000ull, "arming and cancelling took too long to test");
+    cr_assert_lt(cpt_now_ns() - start, CANCEL_BY_MS * 1000000ull,
+                 "arming and cancelling took too long to test");
     cr_assert_eq(refused, 0, "%d timers could not be cancelled (the first: %d)", refused, first_refused);
     /* The last timer was due at 499 ms: once every heap is empty and the
      * queue has run what they pushed, every call there will be has run. */

@@ -63,10 +63,8 @@ typedef void (*cr_test_fn_)(void);
 
 void cr_register_test_(const char *suite, const char *name, cr_test_fn_ fn,
                        const struct criterion_test_extra_data *extra);
-void cr_fail_(int fatal, const char *file, int line, const char *expr, const char *fmt, ...)
-    CR_PRINTF_(5, 6);
-void cr_skip_(const char *file, int line, const char *fmt, ...)
-    CR_PRINTF_(3, 4) __attribute__((noreturn));
+void cr_fail_(int fatal, const char *file, int line, const char *expr, const char *fmt, ...) CR_PRINTF_(5, 6);
+void cr_skip_(const char *file, int line, const char *fmt, ...) CR_PRINTF_(3, 4) __attribute__((noreturn));
 void cr_log_(const char *fmt, ...) CR_PRINTF_(1, 2);
 
 #define Test(suite, name, ...)                                                          \

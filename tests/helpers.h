@@ -161,9 +161,14 @@ typedef struct cpt_track {
     int cap;
     bool keep_refs;           /* cp_session_ref every session in on_connected */
     bool echo;                /* the tracking packet/raw handlers echo what they get */
-    unsigned hold_us;         /* each tracked callback sleeps this long inside */
+    /* hold_us and user may be set after the service started: atomic, so a
+     * worker's callback that reads them is ordered after the test's store
+     * by the store itself, not by the socket traffic in between (which
+     * orders nothing in C11 and which ThreadSanitizer cannot see on
+     * io_uring). */
+    atomic_uint hold_us;      /* each tracked callback sleeps this long inside */
     cpt_srec *recs;
-    void *user;               /* free for the test */
+    _Atomic(void *) user;     /* free for the test */
 } cpt_track;
 
 cpt_track *cpt_track_new(int cap);
@@ -308,6 +313,18 @@ size_t cpt_heap_in_use(void);
 unsigned long long cpt_raise_nofile(unsigned long long want);
 /* 1 when built with AddressSanitizer (LeakSanitizer available). */
 int cpt_sanitized(void);
+/* CPT_TSAN: 1 when built with ThreadSanitizer (make check-tsan), else 0; a
+ * constant, for the few tests whose measure means nothing under TSan. */
+#if defined(__SANITIZE_THREAD__)
+#  define CPT_TSAN 1
+#elif defined(__has_feature)
+#  if __has_feature(thread_sanitizer)
+#    define CPT_TSAN 1
+#  endif
+#endif
+#ifndef CPT_TSAN
+#  define CPT_TSAN 0
+#endif
 
 typedef struct cpt_leak_mark {
     int fds;

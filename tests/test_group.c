@@ -477,7 +477,7 @@ Test(group, broadcast_except_edge_cases, .timeout = 20)
 typedef struct room_flood {
     room_ctx *c;
     atomic_int *stop;
-    long broadcasts;
+    atomic_long broadcasts; /* read by the test while the thread runs */
 } room_flood;
 
 static void *room_flood_main(void *arg)
@@ -486,7 +486,7 @@ static void *room_flood_main(void *arg)
     cp_sendbuf *b = cp_packet_make(9, "flood", 5);
     while (!atomic_load(f->stop)) {
         cp_group_broadcast(f->c->g, b);
-        f->broadcasts++;
+        atomic_fetch_add_explicit(&f->broadcasts, 1, memory_order_relaxed);
     }
     cp_sendbuf_unref(b);
     return NULL;
@@ -549,7 +549,7 @@ Test(group, stop_while_user_threads_broadcast_to_200_members, .timeout = 120)
         CPT_WAIT(returned, atomic_load(&ts.done), 5000);
         long total = 0;
         for (int i = 0; i < THREADS; i++)
-            total += f[i].broadcasts;
+            total += atomic_load(&f[i].broadcasts);
         cr_assert(returned, "run %d: cp_service_stop hung (no return in 5 s) while %d threads broadcast to %d "
                   "members (%ld broadcasts so far)", run, THREADS, N, total);
         pthread_join(st, NULL);

@@ -13,7 +13,7 @@
 #define BODY 1020 /* 1 KiB packets: one receive holds at most 64 of them */
 
 typedef struct bound_ctx {
-    cp_jobq *q;
+    _Atomic(cp_jobq *) q;   /* set after the service started: atomic */
     atomic_int pending;     /* pushed and not yet run */
     atomic_int max_pending; /* the most seen right after a push */
     atomic_int ran;
@@ -56,8 +56,10 @@ static void start(cpt_env *e, uint32_t high, uint32_t low)
     cp_handlers h = cpt_track_handlers();
     h.on_packet = push_on_packet;
     cpt_env_start(e, 2, NULL, &h, 8, CPT_NO_ECHO);
-    cr_assert_eq(cp_jobq_create(&ctx.q, e->port), 0);
-    cr_assert_eq(cp_jobq_set_bound(ctx.q, high, low), 0);
+    cp_jobq *q;
+    cr_assert_eq(cp_jobq_create(&q, e->port), 0);
+    cr_assert_eq(cp_jobq_set_bound(q, high, low), 0);
+    atomic_store(&ctx.q, q);
 }
 
 static void stop(cpt_env *e)

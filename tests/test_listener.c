@@ -304,7 +304,7 @@ static int bytes_waiting(int fd)
 }
 
 static atomic_int storm_connected_before; /* sessions connected when the packet arrived; -1 before */
-static cpt_track *storm_track;
+static _Atomic(cpt_track *) storm_track; /* set after the service started: atomic */
 
 static int note_and_echo(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
 {

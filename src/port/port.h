@@ -119,8 +119,8 @@ struct cp_worker {
     cp_wtimer **timers;
     uint32_t ntimers, captimers;
 
-    /* Handles that still had input after their fair share (epoll). */
-    cp_handle *ready;
+    /* Handles that still had input after their fair share (epoll, IOCP). */
+    cp_queue ready;
 
     /* Start of the current round, for cheap activity timestamps. */
     uint64_t now_ns;

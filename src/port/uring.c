@@ -92,7 +92,7 @@ typedef struct ur_state {
     uint8_t *bufs;
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
-    cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
+    cp_queue recheck;     /* handles whose multishot receive was armed since the last poll */
     cp_handle *replay;    /* resumed handles that still have completions held */
     ur_held *free_held;
     unsigned nheld;       /* completions held (each keeps a provided buffer) */
@@ -312,6 +312,7 @@ static int ur_init(cp_worker *w)
     if (!st)
         return -ENOMEM;
     st->msg_fd = -1;
+    cp__queue_init(&st->recheck);
     st->evfd = eventfd(0, EFD_CLOEXEC);
     if (st->evfd < 0) {
         int err = -errno;
@@ -726,8 +727,7 @@ static void ur_close(cp_worker *w, cp_handle *h)
      * wait for its final completion for ever. */
     if (has_held(h) && held_drop(st, h) && h->rd && h->rd->kind == CP_OP_RECV)
         h->rd->parked = 1;
-    if (h->on_ready)
-        cp__hlist_unlink(&st->recheck, h);
+    cp__hlist_remove(h);
     cp_op *ops[2] = {h->rd, h->wr};
     for (int i = 0; i < 2; i++) {
         if (!ops[i])
@@ -814,14 +814,12 @@ static bool recv_in_kernel(const cp_handle *h)
 
 static void recheck_recvs(ur_state *st)
 {
-    while (st->recheck) {
+    while (!cp__queue_empty(&st->recheck)) {
         struct pollfd pf[UR_RECHECK];
         cp_handle *hs[UR_RECHECK];
         nfds_t n = 0;
-        while (st->recheck && n < UR_RECHECK) {
-            cp_handle *h = st->recheck;
-            st->recheck = h->ready_next;
-            h->on_ready = 0;
+        cp_handle *h;
+        while (n < UR_RECHECK && (h = cp__hlist_pop(&st->recheck)) != NULL) {
             if (!recv_in_kernel(h))
                 continue;
             pf[n] = (struct pollfd){.fd = h->fd, .events = POLLRDHUP};
@@ -1155,7 +1153,7 @@ static int ur_poll(cp_worker *w, int timeout_ms)
      * io_uring_enter below has armed them, and before any blocking wait (which
      * a lost reset would make endless): a round that armed receives does not
      * wait, it only collects what is ready. */
-    bool recheck = st->recheck != NULL;
+    bool recheck = !cp__queue_empty(&st->recheck);
     int r = ur_enter(st, timeout_ms, recheck);
     if (recheck && !io_uring_sq_ready(&st->ring))
         recheck_recvs(st); /* its cancellations go out with the next submission */

@@ -60,7 +60,7 @@ struct cp_handle {
     cp_op *rd;              /* armed accept or receive (multishot) */
     cp_op *wr;              /* armed connect or send */
     cp_queue ready;         /* while on_ready: the list it is on */
-    cp_handle *replay_next; /* io_uring: on the replay list */
+    cp_queue replay;        /* io_uring: while on_replay, on the worker's replay list */
     void *be;               /* IOCP: the backend's record of the socket; io_uring: its held completions */
 };
 

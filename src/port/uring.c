@@ -92,8 +92,8 @@ typedef struct ur_state {
     uint8_t *bufs;
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
-    cp_queue recheck;     /* handles whose multishot receive was armed since the last poll */
-    cp_handle *replay;    /* resumed handles that still have completions held */
+    cp_queue recheck; /* handles whose multishot receive was armed since the last poll */
+    cp_queue replay;  /* resumed handles that still have completions held */
     ur_held *free_held;
     unsigned nheld;       /* completions held (each keeps a provided buffer) */
     size_t copied;        /* bytes of held completions kept as copies */
@@ -313,6 +313,7 @@ static int ur_init(cp_worker *w)
         return -ENOMEM;
     st->msg_fd = -1;
     cp__queue_init(&st->recheck);
+    cp__queue_init(&st->replay);
     st->evfd = eventfd(0, EFD_CLOEXEC);
     if (st->evfd < 0) {
         int err = -errno;
@@ -917,8 +918,7 @@ static void replay_add(ur_state *st, cp_handle *h)
     if (h->on_replay)
         return;
     h->on_replay = 1;
-    h->replay_next = st->replay;
-    st->replay = h;
+    cp__queue_insert_head(&st->replay, &h->replay);
 }
 
 /* Closing: the handle's held completions are dropped (their buffers go back
@@ -937,11 +937,7 @@ static bool held_drop(ur_state *st, cp_handle *h)
         e = next;
     }
     if (h->on_replay) {
-        cp_handle **at = &st->replay;
-        while (*at && *at != h)
-            at = &(*at)->replay_next;
-        if (*at)
-            *at = h->replay_next;
+        cp__queue_remove(&h->replay); /* from st->replay, or from replay_held's walk */
         h->on_replay = 0;
     }
     return final;
@@ -956,11 +952,15 @@ static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned fla
  * that arrive meanwhile queue behind them on the handle. */
 static void replay_held(cp_worker *w, ur_state *st)
 {
-    cp_handle *h = st->replay;
-    st->replay = NULL;
+    /* A handle resumed during the walk goes on st->replay afresh, for the
+     * next poll (unless the walk has yet to reach it); one closed during it
+     * leaves the walk (held_drop). */
+    cp_queue walk;
+    cp__queue_move(&st->replay, &walk);
     st->buf_returns = 0;
-    while (h) {
-        cp_handle *next = h->replay_next;
+    cp_queue *n;
+    while ((n = cp__queue_pop_head(&walk)) != NULL) {
+        cp_handle *h = CP_QUEUE_DATA(n, cp_handle, replay);
         h->on_replay = 0;
         while (h->be && !h->rd_paused) {
             ur_held *e = h->be;
@@ -971,7 +971,6 @@ static void replay_held(cp_worker *w, ur_state *st)
             deliver(w, st, e->op, e->res, e->flags, data);
             held_free(st, e);
         }
-        h = next;
     }
     if (st->buf_returns)
         io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
@@ -1160,7 +1159,7 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
         return r;
     w->now_ns = cp__now_ns();
-    if (st->replay)
+    if (!cp__queue_empty(&st->replay))
         replay_held(w, st);
     return take_batch(w, st);
 }
@@ -1190,7 +1189,7 @@ static void ur_trim(cp_worker *w)
 static int ur_busy(cp_worker *w)
 {
     ur_state *st = w->be;
-    return st->replay || io_uring_cq_ready(&st->ring) > 0;
+    return !cp__queue_empty(&st->replay) || io_uring_cq_ready(&st->ring) > 0;
 }
 
 const cp_backend_ops cp__uring_backend = {

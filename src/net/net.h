@@ -151,8 +151,8 @@ struct cp_session {
      * their way to the owner. Any thread pushes onto the stack; the owner
      * moves them to its list; the close closes the stack. */
     _Atomic(struct cp_swork *) work_stack;
-    cp_queue work; /* the owner's list, oldest first */
-    struct cp_session_timer *timers; /* armed session timers (owner only) */
+    cp_queue work;   /* the owner's list, oldest first */
+    cp_queue timers; /* armed session timers (owner only) */
 #ifdef CP_ASSERTS
     atomic_int user_refs; /* cp_session_ref minus cp_session_unref, for the misuse check */
 #endif

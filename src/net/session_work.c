@@ -60,6 +60,7 @@ static bool connected(const cp_session *s)
 void cp__session_work_init(cp_session *s)
 {
     cp__queue_init(&s->work);
+    cp__queue_init(&s->timers);
 }
 
 /* Owner: moves the stack's records to the list, oldest first; closing leaves
@@ -177,7 +178,7 @@ struct cp_session_timer {
     uint64_t repeat_ns;
     _Atomic int state;
     atomic_uint refs;
-    cp_session_timer *next, *prev; /* the session's armed timers */
+    cp_queue node; /* on the session's armed timers, while listed */
     bool listed;
 };
 
@@ -189,11 +190,7 @@ static void timer_unref(cp_session_timer *t)
 
 static void timer_list(cp_session *s, cp_session_timer *t)
 {
-    t->prev = NULL;
-    t->next = s->timers;
-    if (s->timers)
-        s->timers->prev = t;
-    s->timers = t;
+    cp__queue_insert_head(&s->timers, &t->node);
     t->listed = true;
 }
 
@@ -205,12 +202,7 @@ static void timer_end(cp_session_timer *t)
     if (!t->listed)
         return;
     cp__timer_cancel(t->owner, &t->wt);
-    if (t->prev)
-        t->prev->next = t->next;
-    else
-        t->s->timers = t->next;
-    if (t->next)
-        t->next->prev = t->prev;
+    cp__queue_remove(&t->node);
     t->listed = false;
     timer_unref(t);
 }
@@ -331,8 +323,8 @@ int cp_session_timer_cancel(cp_session_timer *t)
 
 void cp__session_work_close(cp_session *s)
 {
-    while (s->timers) {
-        cp_session_timer *t = s->timers;
+    while (!cp__queue_empty(&s->timers)) {
+        cp_session_timer *t = CP_QUEUE_DATA(cp__queue_head(&s->timers), cp_session_timer, node);
         int expect = T_ARMED; /* a timer cancelled meanwhile stays cancelled */
         atomic_compare_exchange_strong(&t->state, &expect, T_DONE);
         /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): timer_end unlists t (the list head), so the loop moves on */

@@ -773,6 +773,7 @@ static cp_port *port_alloc(const cp_backend_ops *be, const cp_port_opts *o)
     atomic_init(&p->refs, 1);
     pthread_mutex_init(&p->qlock, NULL);
     pthread_cond_init(&p->qcond, NULL);
+    cp__queue_init(&p->queues);
     p->nworkers = o->workers;
     p->reuse_sockets = o->iocp_reuse_sockets != 0;
     p->workers = cp__zalloc(sizeof *p->workers * (size_t)o->workers);

@@ -163,7 +163,7 @@ struct cp_port {
      * and wait for. */
     pthread_mutex_t qlock;
     pthread_cond_t qcond;
-    cp_jobq *queues;
+    cp_queue queues;
 
     /* Start-up handshake: each worker reports its backend set-up. */
     pthread_mutex_t start_lock;

@@ -37,7 +37,7 @@ static int values(cp_queue *q, int *out, int max)
 
 #define ASSERT_VALUES(q, ...)                                                                 \
     do {                                                                                      \
-        const int want_[] = {__VA_ARGS__};                                                    \
+        const int want_[] = { __VA_ARGS__ };                                                  \
         int got_[16];                                                                         \
         int n_ = values((q), got_, 16);                                                       \
         cr_assert_eq(n_, (int)(sizeof want_ / sizeof want_[0]), "length %d", n_);             \
@@ -60,7 +60,7 @@ Test(queue, starts_empty)
 Test(queue, inserts_keep_their_order_at_either_end)
 {
     cp_queue q;
-    item it[4] = {{.value = 0}, {.value = 1}, {.value = 2}, {.value = 3}};
+    item it[4] = { { .value = 0 }, { .value = 1 }, { .value = 2 }, { .value = 3 } };
     cp__queue_init(&q);
     cp__queue_insert_tail(&q, &it[1].node);
     cp__queue_insert_tail(&q, &it[2].node);

@@ -151,8 +151,8 @@ struct cp_session {
      * their way to the owner. Any thread pushes onto the stack; the owner
      * moves them to its list; the close closes the stack. */
     _Atomic(struct cp_swork *) work_stack;
-    struct cp_swork *work_head, *work_tail;
-    struct cp_session_timer *timers; /* armed session timers (owner only) */
+    cp_queue work;   /* the owner's list, oldest first */
+    cp_queue timers; /* armed session timers (owner only) */
 #ifdef CP_ASSERTS
     atomic_int user_refs; /* cp_session_ref minus cp_session_unref, for the misuse check */
 #endif
@@ -191,6 +191,8 @@ void cp__session_timeout_rearm(cp_session *s);
  * and timer starts, end the session's timers and run the posts still on
  * their way (session_work.c). */
 void cp__session_work_close(cp_session *s);
+/* A new session's lists of work (session_work.c). */
+void cp__session_work_init(cp_session *s);
 
 /* Receive flow control (flow.c). A session's receive is paused while any
  * reason holds: its rate limit is spent (RATE), its send queue is above the

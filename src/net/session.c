@@ -143,6 +143,7 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     s->tmo.arg = s;
     s->tmo.heap_index = UINT32_MAX;
     cp__rx_init(s);
+    cp__session_work_init(s);
     pthread_mutex_init(&s->glock, NULL);
     return s;
 }

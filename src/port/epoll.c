@@ -195,9 +195,10 @@ static int ep_poll(cp_worker *w, int timeout_ms)
     if (n < 0)
         return -errno;
     w->now_ns = cp__now_ns();
-    /* Handles queued before this pass get their turn after the new events. */
-    cp_handle *ready = w->ready;
-    w->ready = NULL;
+    /* Handles queued before this pass get their turn after the new events;
+     * those queued during it wait for the next pass. */
+    cp_queue ready;
+    cp__queue_move(&w->ready, &ready);
     for (int i = 0; i < n; i++) {
         cp_handle *h = st->ev[i].data.ptr;
         uint32_t e = st->ev[i].events;
@@ -218,17 +219,16 @@ static int ep_poll(cp_worker *w, int timeout_ms)
         if (h->fd >= 0 && (e & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)))
             do_input(w, h);
     }
-    while (ready) {
-        cp_handle *h = ready;
-        ready = h->ready_next;
-        h->on_ready = 0;
+    /* A handle closed meanwhile has left the list (ep_close). */
+    cp_handle *h;
+    while ((h = cp__hlist_pop(&ready)) != NULL) {
         if (h->fd >= 0)
             do_input(w, h);
     }
     return n;
 }
 
-static int ep_busy(cp_worker *w) { return w->ready != NULL; }
+static int ep_busy(cp_worker *w) { return !cp__queue_empty(&w->ready); }
 
 static int ep_accept(cp_worker *w, cp_handle *h, cp_op *op)
 {
@@ -300,8 +300,7 @@ static void ep_recv_resume(cp_worker *w, cp_handle *h)
 
 static void ep_close(cp_worker *w, cp_handle *h)
 {
-    if (h->on_ready)
-        cp__hlist_unlink(&w->ready, h);
+    cp__hlist_remove(h);
     cp_op *ops[2] = {h->rd, h->wr};
     h->rd = h->wr = NULL;
     for (int i = 0; i < 2; i++) {

@@ -512,9 +512,10 @@ static int io_poll(cp_worker *w, int timeout_ms)
     w->now_ns = cp__now_ns();
     if (!ok)
         n = 0; /* timed out, or an APC (a wake-up) ended the wait */
-    /* Handles queued before this pass get their turn after the new events. */
-    cp_handle *ready = w->ready;
-    w->ready = NULL;
+    /* Handles queued before this pass get their turn after the new events;
+     * those queued during it wait for the next pass. */
+    cp_queue ready;
+    cp__queue_move(&w->ready, &ready);
     for (ULONG i = 0; i < n; i++) {
         io_ov *o = (io_ov *)iw->ev[i].lpOverlapped;
         if (!o)
@@ -524,10 +525,9 @@ static int io_poll(cp_worker *w, int timeout_ms)
         else
             cp__send_msg(o->is->owner, forwarded, o, NULL);
     }
-    while (ready) {
-        cp_handle *h = ready;
-        ready = h->ready_next;
-        h->on_ready = 0;
+    /* A handle closed meanwhile has left the list (io_close). */
+    cp_handle *h;
+    while ((h = cp__hlist_pop(&ready)) != NULL) {
         io_sock *is = h->be;
         if (h->fd >= 0 && is && h->rd && h->rd->kind == CP_OP_RECV && !is->rd.pending)
             do_recv(w, is);
@@ -535,7 +535,7 @@ static int io_poll(cp_worker *w, int timeout_ms)
     return (int)n;
 }
 
-static int io_busy(cp_worker *w) { return w->ready != NULL; }
+static int io_busy(cp_worker *w) { return !cp__queue_empty(&w->ready); }
 
 static int io_accept(cp_worker *w, cp_handle *h, cp_op *op)
 {
@@ -674,8 +674,7 @@ static bool disconnect_for_reuse(cp_worker *w, io_sock *is)
 
 static void io_close(cp_worker *w, cp_handle *h)
 {
-    if (h->on_ready)
-        cp__hlist_unlink(&w->ready, h);
+    cp__hlist_remove(h);
     io_sock *is = h->be;
     if (is && h->wr && is->wr.pending && is->wr.what == IO_SEND) {
         /* The kernel may read the buffers of an overlapped send until its

@@ -269,32 +269,6 @@ cp_worker *cp__pick_worker(cp_port *port)
     return &port->workers[i % (unsigned)port->nworkers];
 }
 
-/* ------------------------------------------------------------------ handle lists */
-
-/* A handle is on at most one such list at a time (on_ready): the ready list of
- * the inline-reading backends (epoll, IOCP: handles that still had input after
- * their fair share of reads, read again next round) or the io_uring recheck
- * list. */
-void cp__hlist_push(cp_handle **list, cp_handle *h)
-{
-    if (h->on_ready)
-        return;
-    h->on_ready = 1;
-    h->ready_next = *list;
-    *list = h;
-}
-
-void cp__hlist_unlink(cp_handle **list, cp_handle *h)
-{
-    for (cp_handle **p = list; *p; p = &(*p)->ready_next) {
-        if (*p == h) {
-            *p = h->ready_next;
-            break;
-        }
-    }
-    h->on_ready = 0;
-}
-
 /* ------------------------------------------------------------------ deferred completions */
 
 void cp__worker_defer(cp_worker *w, cp_op *op, int res)
@@ -799,6 +773,7 @@ static cp_port *port_alloc(const cp_backend_ops *be, const cp_port_opts *o)
     atomic_init(&p->refs, 1);
     pthread_mutex_init(&p->qlock, NULL);
     pthread_cond_init(&p->qcond, NULL);
+    cp__queue_init(&p->queues);
     p->nworkers = o->workers;
     p->reuse_sockets = o->iocp_reuse_sockets != 0;
     p->workers = cp__zalloc(sizeof *p->workers * (size_t)o->workers);
@@ -818,6 +793,7 @@ static int worker_init(cp_port *p, int i)
     cp_worker *w = &p->workers[i];
     w->port = p;
     w->index = i;
+    cp__queue_init(&w->ready);
     /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)p->nworkers);
     w->rbuf_size = RBUF_SIZE;

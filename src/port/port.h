@@ -119,8 +119,8 @@ struct cp_worker {
     cp_wtimer **timers;
     uint32_t ntimers, captimers;
 
-    /* Handles that still had input after their fair share (epoll). */
-    cp_handle *ready;
+    /* Handles that still had input after their fair share (epoll, IOCP). */
+    cp_queue ready;
 
     /* Start of the current round, for cheap activity timestamps. */
     uint64_t now_ns;
@@ -163,7 +163,7 @@ struct cp_port {
      * and wait for. */
     pthread_mutex_t qlock;
     pthread_cond_t qcond;
-    cp_jobq *queues;
+    cp_queue queues;
 
     /* Start-up handshake: each worker reports its backend set-up. */
     pthread_mutex_t start_lock;

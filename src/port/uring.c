@@ -92,8 +92,8 @@ typedef struct ur_state {
     uint8_t *bufs;
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
-    cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
-    cp_handle *replay;    /* resumed handles that still have completions held */
+    cp_queue recheck; /* handles whose multishot receive was armed since the last poll */
+    cp_queue replay;  /* resumed handles that still have completions held */
     ur_held *free_held;
     unsigned nheld;       /* completions held (each keeps a provided buffer) */
     size_t copied;        /* bytes of held completions kept as copies */
@@ -312,6 +312,8 @@ static int ur_init(cp_worker *w)
     if (!st)
         return -ENOMEM;
     st->msg_fd = -1;
+    cp__queue_init(&st->recheck);
+    cp__queue_init(&st->replay);
     st->evfd = eventfd(0, EFD_CLOEXEC);
     if (st->evfd < 0) {
         int err = -errno;
@@ -726,8 +728,7 @@ static void ur_close(cp_worker *w, cp_handle *h)
      * wait for its final completion for ever. */
     if (has_held(h) && held_drop(st, h) && h->rd && h->rd->kind == CP_OP_RECV)
         h->rd->parked = 1;
-    if (h->on_ready)
-        cp__hlist_unlink(&st->recheck, h);
+    cp__hlist_remove(h);
     cp_op *ops[2] = {h->rd, h->wr};
     for (int i = 0; i < 2; i++) {
         if (!ops[i])
@@ -814,14 +815,12 @@ static bool recv_in_kernel(const cp_handle *h)
 
 static void recheck_recvs(ur_state *st)
 {
-    while (st->recheck) {
+    while (!cp__queue_empty(&st->recheck)) {
         struct pollfd pf[UR_RECHECK];
         cp_handle *hs[UR_RECHECK];
         nfds_t n = 0;
-        while (st->recheck && n < UR_RECHECK) {
-            cp_handle *h = st->recheck;
-            st->recheck = h->ready_next;
-            h->on_ready = 0;
+        cp_handle *h;
+        while (n < UR_RECHECK && (h = cp__hlist_pop(&st->recheck)) != NULL) {
             if (!recv_in_kernel(h))
                 continue;
             pf[n] = (struct pollfd){.fd = h->fd, .events = POLLRDHUP};
@@ -919,8 +918,7 @@ static void replay_add(ur_state *st, cp_handle *h)
     if (h->on_replay)
         return;
     h->on_replay = 1;
-    h->replay_next = st->replay;
-    st->replay = h;
+    cp__queue_insert_head(&st->replay, &h->replay);
 }
 
 /* Closing: the handle's held completions are dropped (their buffers go back
@@ -939,11 +937,7 @@ static bool held_drop(ur_state *st, cp_handle *h)
         e = next;
     }
     if (h->on_replay) {
-        cp_handle **at = &st->replay;
-        while (*at && *at != h)
-            at = &(*at)->replay_next;
-        if (*at)
-            *at = h->replay_next;
+        cp__queue_remove(&h->replay); /* from st->replay, or from replay_held's walk */
         h->on_replay = 0;
     }
     return final;
@@ -958,11 +952,15 @@ static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned fla
  * that arrive meanwhile queue behind them on the handle. */
 static void replay_held(cp_worker *w, ur_state *st)
 {
-    cp_handle *h = st->replay;
-    st->replay = NULL;
+    /* A handle resumed during the walk goes on st->replay afresh, for the
+     * next poll (unless the walk has yet to reach it); one closed during it
+     * leaves the walk (held_drop). */
+    cp_queue walk;
+    cp__queue_move(&st->replay, &walk);
     st->buf_returns = 0;
-    while (h) {
-        cp_handle *next = h->replay_next;
+    cp_queue *n;
+    while ((n = cp__queue_pop_head(&walk)) != NULL) {
+        cp_handle *h = CP_QUEUE_DATA(n, cp_handle, replay);
         h->on_replay = 0;
         while (h->be && !h->rd_paused) {
             ur_held *e = h->be;
@@ -973,7 +971,6 @@ static void replay_held(cp_worker *w, ur_state *st)
             deliver(w, st, e->op, e->res, e->flags, data);
             held_free(st, e);
         }
-        h = next;
     }
     if (st->buf_returns)
         io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
@@ -1155,14 +1152,14 @@ static int ur_poll(cp_worker *w, int timeout_ms)
      * io_uring_enter below has armed them, and before any blocking wait (which
      * a lost reset would make endless): a round that armed receives does not
      * wait, it only collects what is ready. */
-    bool recheck = st->recheck != NULL;
+    bool recheck = !cp__queue_empty(&st->recheck);
     int r = ur_enter(st, timeout_ms, recheck);
     if (recheck && !io_uring_sq_ready(&st->ring))
         recheck_recvs(st); /* its cancellations go out with the next submission */
     if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
         return r;
     w->now_ns = cp__now_ns();
-    if (st->replay)
+    if (!cp__queue_empty(&st->replay))
         replay_held(w, st);
     return take_batch(w, st);
 }
@@ -1192,7 +1189,7 @@ static void ur_trim(cp_worker *w)
 static int ur_busy(cp_worker *w)
 {
     ur_state *st = w->be;
-    return st->replay || io_uring_cq_ready(&st->ring) > 0;
+    return !cp__queue_empty(&st->replay) || io_uring_cq_ready(&st->ring) > 0;
 }
 
 const cp_backend_ops cp__uring_backend = {

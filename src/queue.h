@@ -33,15 +33,15 @@ struct cp_queue {
 };
 
 /* The object that holds node ptr in its member field. */
-#define CP_QUEUE_DATA(ptr, type, field) ((type *)(void *)((char *)(ptr) - offsetof(type, field)))
+#define CP_QUEUE_DATA(ptr, type, field) ((type *)(void *)((char *)(ptr)-offsetof(type, field)))
 
 /* Every node of q from head to tail; the body must not remove n. */
 #define CP_QUEUE_FOREACH(n, q) for ((n) = (q)->next; (n) != (q); (n) = (n)->next)
 
 /* The same, reading the next node before the body runs, so that the body may
  * remove n (but no other node of q). */
-#define CP_QUEUE_FOREACH_SAFE(n, tmp, q) \
-    for ((n) = (q)->next, (tmp) = (n)->next; (n) != (q); (n) = (tmp), (tmp) = (n)->next)
+#define CP_QUEUE_FOREACH_SAFE(n, tmp, q)                                                                     \
+  for ((n) = (q)->next, (tmp) = (n)->next; (n) != (q); (n) = (tmp), (tmp) = (n)->next)
 
 static inline void cp__queue_init(cp_queue *q) { q->next = q->prev = q; }
 

@@ -106,7 +106,8 @@ Test(jobq_bound, every_paused_feeder_resumes)
     int a = cpt_xconnect(e.sport), b = cpt_xconnect(e.sport);
     flood(a);
     flood(b);
-    CPT_AWAIT(atomic_load(&ctx.ran) == 2 * PACKETS, 30000, "ran %d of %d", atomic_load(&ctx.ran), 2 * PACKETS);
+    CPT_AWAIT(atomic_load(&ctx.ran) == 2 * PACKETS, 30000, "ran %d of %d", atomic_load(&ctx.ran),
+              2 * PACKETS);
     cr_expect_leq(atomic_load(&ctx.max_pending), (int)(HIGH + 6 * 64));
     cpt_close(a);
     cpt_close(b);

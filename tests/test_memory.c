@@ -146,10 +146,7 @@ static void *held_writer_main(void *arg)
 
 static atomic_int trims;
 
-static void count_trim(void)
-{
-    atomic_fetch_add(&trims, 1);
-}
+static void count_trim(void) { atomic_fetch_add(&trims, 1); }
 #endif
 
 /* Three clients write 12 MiB each without reading: the server's echo queues
@@ -207,7 +204,8 @@ Test(memory, a_trim_keeps_the_bytes_held_for_paused_sessions, .timeout = 90)
         long long bad = -1;
         while (got < HELD_TOTAL && bad < 0) {
             ssize_t n = cpt_recv_some(wr[i].fd, buf, HELD_PIECE);
-            cr_assert_gt(n, 0, "client %d, after %llu bytes: %zd (disconnected %d, reason of the first %d: %s)", i,
+            cr_assert_gt(n, 0,
+                         "client %d, after %llu bytes: %zd (disconnected %d, reason of the first %d: %s)", i,
                          (unsigned long long)got, n, atomic_load(&e.t->disconnected),
                          atomic_load(&e.t->recs[0].disconnected),
                          cp_reason_str((cp_reason)atomic_load(&e.t->recs[0].reason)));
@@ -236,8 +234,8 @@ Test(memory, a_trim_keeps_the_bytes_held_for_paused_sessions, .timeout = 90)
 
 enum {
     IDLE_SESSIONS = 400,
-    IDLE_BYTES = 256u << 10,   /* 4-byte packets each session sends, and reads back */
-    IDLE_CHUNK = 16u << 10,    /* written at a time */
+    IDLE_BYTES = 256u << 10, /* 4-byte packets each session sends, and reads back */
+    IDLE_CHUNK = 16u << 10,  /* written at a time */
 };
 
 /* Every session writes and reads at once, as fast as the server echoes, so
@@ -315,7 +313,8 @@ Test(memory, idle_sessions_after_a_burst_cost_a_kib_each, .timeout = 90)
     long busy = cpt_rss_kib();
     /* The workers trim after two quiet windows of a second. */
     CPT_AWAIT((double)(cpt_rss_kib() - before) / IDLE_SESSIONS <= 1.0, 8000,
-              "%d idle sessions take %.2f KiB of RSS each (%ld KiB before they came, %ld after the burst, %ld now)",
+              "%d idle sessions take %.2f KiB of RSS each (%ld KiB before they came, %ld after the burst, "
+              "%ld now)",
               IDLE_SESSIONS, (double)(cpt_rss_kib() - before) / IDLE_SESSIONS, before, busy, cpt_rss_kib());
     for (int i = 0; i < IDLE_SESSIONS; i++)
         cpt_close(fd[i]);

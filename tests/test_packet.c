@@ -48,7 +48,9 @@ static const cp_route g_seq_routes[] = { { 10, seq_route } };
 
 static void seq_env(cpt_env *e, uint32_t max_packet)
 {
-    cp_server_opts o = { .session.max_packet = max_packet, .session.routes = g_seq_routes, .session.nroutes = 1 };
+    cp_server_opts o = { .session.max_packet = max_packet,
+                         .session.routes = g_seq_routes,
+                         .session.nroutes = 1 };
     cpt_env_start(e, 2, &o, NULL, 8, 0);
 }
 
@@ -65,7 +67,8 @@ Test(packet, split_byte_by_byte, .timeout = 20)
         cpt_xsend(fd, buf + i, 1);
         cpt_xbytes_in(e.svc, i + 1);
     }
-    CPT_AWAIT(atomic_load(&e.t->packets) == 2, 5000, "%lld of 2 packets dispatched", atomic_load(&e.t->packets));
+    CPT_AWAIT(atomic_load(&e.t->packets) == 2, 5000, "%lld of 2 packets dispatched",
+              atomic_load(&e.t->packets));
     /* A marker: had the bytes above made a third packet, it would come before this one. */
     size_t marker = put_seq_packet(buf, 2, 8);
     cpt_xsend(fd, buf, marker);

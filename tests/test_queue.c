@@ -35,15 +35,15 @@ static int values(cp_queue *q, int *out, int max)
     return n;
 }
 
-#define ASSERT_VALUES(q, ...)                                                                 \
-    do {                                                                                      \
-        const int want_[] = { __VA_ARGS__ };                                                  \
-        int got_[16];                                                                         \
-        int n_ = values((q), got_, 16);                                                       \
-        cr_assert_eq(n_, (int)(sizeof want_ / sizeof want_[0]), "length %d", n_);             \
-        for (int i_ = 0; i_ < n_; i_++)                                                       \
-            cr_assert_eq(got_[i_], want_[i_], "at %d: %d, expected %d", i_, got_[i_], want_[i_]); \
-    } while (0)
+#define ASSERT_VALUES(q, ...)                                                                                \
+  do {                                                                                                       \
+    const int want_[] = { __VA_ARGS__ };                                                                     \
+    int got_[16];                                                                                            \
+    int n_ = values((q), got_, 16);                                                                          \
+    cr_assert_eq(n_, (int)(sizeof want_ / sizeof want_[0]), "length %d", n_);                                \
+    for (int i_ = 0; i_ < n_; i_++)                                                                          \
+      cr_assert_eq(got_[i_], want_[i_], "at %d: %d, expected %d", i_, got_[i_], want_[i_]);                  \
+  } while (0)
 
 Test(queue, starts_empty)
 {

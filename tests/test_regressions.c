@@ -29,10 +29,7 @@ static int lost_eof_on_packet(cp_session *s, uint16_t id, const uint8_t *body, s
     return 0;
 }
 
-static void mark_ran(void *arg)
-{
-    atomic_store((atomic_int *)arg, 1);
-}
+static void mark_ran(void *arg) { atomic_store((atomic_int *)arg, 1); }
 
 /* The scene both tests below share: one worker, two sessions; A's packet
  * keeps the worker busy in its handler while B's packet (and then whatever
@@ -50,7 +47,7 @@ static void busy_scene_start(busy_scene *sc)
     atomic_store(&lost_eof_connected, 0);
     atomic_store(&lost_eof_held, 0);
     sc->port = cpt_xport(1);
-    cp_handlers h = {.on_connected = lost_eof_on_connected, .on_packet = lost_eof_on_packet};
+    cp_handlers h = { .on_connected = lost_eof_on_connected, .on_packet = lost_eof_on_packet };
     sc->svc = cpt_xserver(sc->port, NULL, &h, NULL);
     uint16_t p = cp_service_listen_port(sc->svc);
     sc->a = cpt_xconnect(p);
@@ -186,7 +183,7 @@ Test(regressions, uring_mshot_lost_reset_session_ends_with_its_bytes, .timeout =
     atomic_store(&lost_reset_packets, 0);
     atomic_store(&lost_reset_sent, 0);
     cp_port *port = cpt_xport(1);
-    cp_handlers h = {.on_connected = lost_reset_on_connected, .on_packet = lost_reset_on_packet};
+    cp_handlers h = { .on_connected = lost_reset_on_connected, .on_packet = lost_reset_on_packet };
     cp_service *svc = cpt_xserver(port, NULL, &h, NULL);
     uint16_t p = cp_service_listen_port(svc);
     uint8_t body[720];

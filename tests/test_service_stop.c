@@ -288,7 +288,8 @@ Test(service_stop, start_stop_cycles_leak_nothing, .timeout = 60)
     size_t heap1 = cpt_heap_in_use();
     cpt_xport_destroy(p);
     if (heap0 && heap1 > heap0)
-        cr_assert_lt(heap1 - heap0, 256u << 10, "heap grew %zu bytes over 20 start/stop cycles", heap1 - heap0);
+        cr_assert_lt(heap1 - heap0, 256u << 10, "heap grew %zu bytes over 20 start/stop cycles",
+                     heap1 - heap0);
     cpt_leak_end(&leak);
 }
 
@@ -344,9 +345,10 @@ Test(service_stop, stop_ex_reports_final_stats_with_the_stops_own_disconnects, .
     cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_STOPPING]), N - 1);
     cr_assert_eq(final.sessions, 0);
     cr_assert_eq(final.connected, (uint64_t)N + 1);
-    cr_assert_eq(final.disconnected, (uint64_t)N + 1, "final.disconnected %llu", (unsigned long long)final.disconnected);
+    cr_assert_eq(final.disconnected, (uint64_t)N + 1, "final.disconnected %llu",
+                 (unsigned long long) final.disconnected);
     cr_assert_eq(final.by_reason[CP_REASON_STOPPING], (uint64_t)N - 1, "final.by_reason[STOPPING] %llu",
-                 (unsigned long long)final.by_reason[CP_REASON_STOPPING]);
+                 (unsigned long long) final.by_reason[CP_REASON_STOPPING]);
     cr_assert_eq(final.by_reason[CP_REASON_PEER_CLOSED] + final.by_reason[CP_REASON_RESET], 2);
     cr_assert_eq(final.packets_in, 2);
     cr_assert_eq(final.bytes_in, 4 + 4 + 4 + sizeof "neighbour");
@@ -382,7 +384,7 @@ Test(service_stop, stop_ex_without_stats, .timeout = 10)
  * meanwhile. */
 typedef struct drain_client {
     int fd;
-    int got;      /* 1: the packet, then EOF */
+    int got; /* 1: the packet, then EOF */
     pthread_t th;
 } drain_client;
 
@@ -403,12 +405,12 @@ Test(service_stop, graceful_stop_writes_what_was_queued_then_closes, .timeout = 
 {
     enum { N = 16 };
     cpt_env e;
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     o.session.send_queue_limit = 16u << 20;
     cpt_env_start(&e, 2, &o, NULL, N + 4, CPT_KEEP_REFS | CPT_NO_ECHO);
     drain_client c[N];
     for (int i = 0; i < N; i++)
-        c[i] = (drain_client){.fd = cpt_xconnect(e.sport)};
+        c[i] = (drain_client){ .fd = cpt_xconnect(e.sport) };
     int mute = cpt_connect(CPT_HOST4, e.sport, 4096); /* reads nothing */
     cr_assert_geq(mute, 0);
     CPT_AWAIT(atomic_load(&e.t->connected) == N + 1, 5000, "not connected");
@@ -437,7 +439,8 @@ Test(service_stop, graceful_stop_writes_what_was_queued_then_closes, .timeout = 
         pthread_join(c[i].th, NULL);
         cr_expect_eq(c[i].got, 1, "client %d: the queued packet, then EOF", i);
     }
-    cr_assert(took >= 900 && took < 3000, "the stop took %llu ms with a 1000 ms drain", (unsigned long long)took);
+    cr_assert(took >= 900 && took < 3000, "the stop took %llu ms with a 1000 ms drain",
+              (unsigned long long)took);
     cr_assert_eq(final.by_reason[CP_REASON_STOPPING], (uint64_t)N + 1);
     int timed_out = 0, clean = 0;
     for (int i = 0; i < N + 1; i++) {

@@ -48,7 +48,8 @@ Test(session_lifetime, racing_disconnects_exactly_once, .timeout = 60)
         int fds[N];
         for (int i = 0; i < N; i++)
             fds[i] = cpt_xconnect(e.sport);
-        CPT_AWAIT(atomic_load(&e.t->connected) == N, 10000, "%d of %d connected", atomic_load(&e.t->connected), N);
+        CPT_AWAIT(atomic_load(&e.t->connected) == N, 10000, "%d of %d connected",
+                  atomic_load(&e.t->connected), N);
         atomic_int go = 0;
         racer r[2] = { { .t = e.t, .svc = e.svc, .n = N, .by_id = 0, .go = &go },
                        { .t = e.t, .svc = e.svc, .n = N, .by_id = 1, .go = &go } };
@@ -143,7 +144,8 @@ Test(session_lifetime, stale_ids_are_refused, .timeout = 30)
     for (int i = 0; i < N; i++) {
         old[i] = e.t->recs[i].id;
         for (int j = 0; j < i; j++)
-            cr_assert_neq(old[i], old[j], "sessions %d and %d share id %llu", i, j, (unsigned long long)old[i]);
+            cr_assert_neq(old[i], old[j], "sessions %d and %d share id %llu", i, j,
+                          (unsigned long long)old[i]);
     }
     for (int i = 0; i < N; i++)
         cpt_close(fds[i]);
@@ -215,7 +217,8 @@ Test(session_lifetime, disconnect_inside_on_connected, .timeout = 20)
     cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_LOCAL]), 10);
     cr_assert_eq(atomic_load(&g_disc_inside), 0,
                  "%d times on_disconnected ran inside on_connected (from cp_session_disconnect), before "
-                 "on_connected returned", atomic_load(&g_disc_inside));
+                 "on_connected returned",
+                 atomic_load(&g_disc_inside));
     cpt_env_stop(&e);
 }
 
@@ -460,12 +463,16 @@ Test(session_lifetime, kept_session_service_read_while_its_service_stops, .timeo
         atomic_store(&stop, 1);
         for (int i = 0; i < THREADS; i++) {
             pthread_join(th[i], NULL);
-            cr_assert_eq(ws[i].bad, 0, "round %d, thread %d: %d answers of %ld were neither the service nor NULL, "
-                         "or the service again after NULL", round, i, ws[i].bad, ws[i].calls);
+            cr_assert_eq(ws[i].bad, 0,
+                         "round %d, thread %d: %d answers of %ld were neither the service nor NULL, "
+                         "or the service again after NULL",
+                         round, i, ws[i].bad, ws[i].calls);
         }
         for (int i = 0; i < N; i++)
-            cr_assert_null(cp_session_service(e.t->recs[i].s), "round %d: session %d still names its stopped "
-                           "service", round, i);
+            cr_assert_null(cp_session_service(e.t->recs[i].s),
+                           "round %d: session %d still names its stopped "
+                           "service",
+                           round, i);
         for (int i = 0; i < N; i++)
             cpt_close(fds[i]);
         /* cpt_env_stop without the stop, which was the test's */

@@ -86,7 +86,7 @@ Test(shutdown, packet_sent_before_shutdown_arrives_before_the_close, .timeout = 
 Test(shutdown, large_queue_from_another_thread_is_written_before_the_fin, .timeout = 60)
 {
     cpt_env e;
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     o.session.send_queue_limit = 16u << 20;
     cpt_env_start(&e, 2, &o, NULL, 8, CPT_KEEP_REFS | CPT_NO_ECHO);
     int fd = cpt_xconnect(e.sport);
@@ -121,7 +121,8 @@ Test(shutdown, large_queue_from_another_thread_is_written_before_the_fin, .timeo
     cpt_close(fd);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "the peer's FIN ended the session");
     cr_assert_eq(atomic_load(&e.t->recs[0].reason), CP_REASON_LOCAL);
-    cr_assert_eq(atomic_load(&e.t->recs[0].err), 0, "closed by the peer's FIN, not with %d (EOF seen %llu ms after the shutdown)",
+    cr_assert_eq(atomic_load(&e.t->recs[0].err), 0,
+                 "closed by the peer's FIN, not with %d (EOF seen %llu ms after the shutdown)",
                  atomic_load(&e.t->recs[0].err), (unsigned long long)t_eof);
     cpt_env_stop(&e);
 }
@@ -131,7 +132,7 @@ Test(shutdown, large_queue_from_another_thread_is_written_before_the_fin, .timeo
 Test(shutdown, deadline_closes_a_peer_that_does_not_read, .timeout = 30)
 {
     cpt_env e;
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     o.session.send_queue_limit = 16u << 20;
     cpt_env_start(&e, 2, &o, NULL, 8, CPT_KEEP_REFS | CPT_NO_ECHO);
     int fd = cpt_connect(CPT_HOST4, e.sport, 4096);
@@ -192,7 +193,7 @@ Test(shutdown, bad_arguments_and_hard_close_while_draining, .timeout = 30)
 {
     cr_assert_eq(cp_session_shutdown(NULL, 1000), -EINVAL);
     cpt_env e;
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     o.session.send_queue_limit = 16u << 20;
     cpt_env_start(&e, 1, &o, NULL, 8, CPT_KEEP_REFS | CPT_NO_ECHO);
     int fd = cpt_connect(CPT_HOST4, e.sport, 4096);

@@ -6,7 +6,7 @@
 
 static void start_env(cpt_env *e, uint32_t idle_ms, uint32_t packet_ms)
 {
-    cp_server_opts o = {.host = CPT_HOST4};
+    cp_server_opts o = { .host = CPT_HOST4 };
     o.session.idle_timeout_ms = idle_ms;
     o.session.packet_timeout_ms = packet_ms;
     cpt_env_start(e, 0, &o, NULL, 64, 0);
@@ -244,7 +244,7 @@ static size_t lines_on_recv(cp_session *s, const uint8_t *data, size_t len)
 Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
 {
     cpt_env e;
-    cp_server_opts o = {.host = CPT_HOST4};
+    cp_server_opts o = { .host = CPT_HOST4 };
     o.session.framing = CP_FRAMING_RAW;
     o.session.packet_timeout_ms = 300;
     cp_handlers h = cpt_track_handlers();
@@ -262,7 +262,8 @@ Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
     uint64_t took = xcut_after(fd, t1, 4000);
     cr_expect_geq(took, 280, "cut %llu ms after the line, before the 300 ms packet timeout",
                   (unsigned long long)took);
-    cr_expect_lt(took, 1000, "cut %llu ms after the line: the packet timeout is 300 ms", (unsigned long long)took);
+    cr_expect_lt(took, 1000, "cut %llu ms after the line: the packet timeout is 300 ms",
+                 (unsigned long long)took);
     cpt_close(fd);
     expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
     cpt_env_stop(&e);

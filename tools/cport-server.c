@@ -109,7 +109,11 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .send_queue_limit = 1u << 20,
         .rate_limit = -1,
     };
-    static const char *const value_options[] = { "--host", "--port", "--mode", "--backend", "--workers", "--max-sessions", "--max-packet", "--send-queue-limit", "--idle-timeout", "--packet-timeout", "--rate-limit", NULL };
+    static const char *const value_options[] = {
+        "--host",         "--port",           "--mode",       "--backend",
+        "--workers",      "--max-sessions",   "--max-packet", "--send-queue-limit",
+        "--idle-timeout", "--packet-timeout", "--rate-limit", NULL
+    };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -118,8 +122,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             exit(0);
         }
         if (!tool_is_option(opt, value_options))
-            usage_error(strncmp(opt, "-", 1) == 0 ? "unknown option '%s'" : "unexpected argument '%s'",
-                        opt);
+            usage_error(strncmp(opt, "-", 1) == 0 ? "unknown option '%s'" : "unexpected argument '%s'", opt);
         if (i + 1 >= argc)
             usage_error("option %s needs a value", opt);
         const char *val = argv[++i];
@@ -327,12 +330,10 @@ static void print_final_stats(const server_state *st, const cp_service_stats *li
     }
     printf("cport-server stopped after %.1fs: connected=%llu disconnected=%llu rejected=%llu "
            "accept_errors=%llu bytes_in=%llu bytes_out=%llu packets_in=%llu reasons={%s}\n",
-           uptime_s,
-           (unsigned long long)atomic_load(&st->connected),
-           (unsigned long long)atomic_load(&st->disconnected),
-           (unsigned long long)lib->rejected, (unsigned long long)lib->accept_errors,
-           (unsigned long long)lib->bytes_in, (unsigned long long)lib->bytes_out,
-           (unsigned long long)lib->packets_in, reasons);
+           uptime_s, (unsigned long long)atomic_load(&st->connected),
+           (unsigned long long)atomic_load(&st->disconnected), (unsigned long long)lib->rejected,
+           (unsigned long long)lib->accept_errors, (unsigned long long)lib->bytes_in,
+           (unsigned long long)lib->bytes_out, (unsigned long long)lib->packets_in, reasons);
     fflush(stdout);
 }
 
@@ -361,7 +362,8 @@ int main(int argc, char **argv)
     uint64_t want = (uint64_t)cfg.max_sessions + 1024;
     uint64_t have = tool_raise_nofile(want);
     if (have < want)
-        fprintf(stderr, "%s: open-file limit is %llu, below the %llu that --max-sessions %u needs; "
+        fprintf(stderr,
+                "%s: open-file limit is %llu, below the %llu that --max-sessions %u needs; "
                 "accepts will back off when it is reached\n",
                 prog, (unsigned long long)have, (unsigned long long)want, cfg.max_sessions);
 

@@ -49,18 +49,21 @@ void cp__slab_trim(void) {}
 
 /* The head of each block, at its start; objects follow it. */
 typedef struct slab_block {
-    cp_queue link;                  /* in the slab's list of blocks with a free place (avail) */
-    void *free;                     /* objects given back, linked through their first bytes */
-    uint32_t used;                  /* objects handed out and not given back */
-    uint32_t fresh;                 /* objects never handed out yet, at the end */
+    cp_queue link;  /* in the slab's list of blocks with a free place (avail) */
+    void *free;     /* objects given back, linked through their first bytes */
+    uint32_t used;  /* objects handed out and not given back */
+    uint32_t fresh; /* objects never handed out yet, at the end */
 } slab_block;
 
-#define BLOCK_SIZE CP_PAGES_ALIGN_MAX /* 64 KiB */
-#define FIRST_OFF ((sizeof(slab_block) + 63u) & ~(size_t)63u)
+#  define BLOCK_SIZE CP_PAGES_ALIGN_MAX /* 64 KiB */
+#  define FIRST_OFF ((sizeof(slab_block) + 63u) & ~(size_t)63u)
 
 static uint32_t per_block(const cp_slab *sl) { return (uint32_t)((BLOCK_SIZE - FIRST_OFF) / sl->size); }
 
-static slab_block *block_of(void *obj) { return (slab_block *)((uintptr_t)obj & ~(uintptr_t)(BLOCK_SIZE - 1)); }
+static slab_block *block_of(void *obj)
+{
+    return (slab_block *)((uintptr_t)obj & ~(uintptr_t)(BLOCK_SIZE - 1));
+}
 
 /* The slabs that have mapped a block, for cp__slab_trim. A slab is a
  * static object that lives as long as the process, so it is never taken

@@ -48,7 +48,7 @@ typedef struct cp_swork cp_swork;
 static cp_swork stack_closed_mark;
 #define STACK_CLOSED (&stack_closed_mark)
 
-#define CONTAINER_OF(p, type, field) ((type *)((char *)(p) - offsetof(type, field)))
+#define CONTAINER_OF(p, type, field) ((type *)((char *)(p)-offsetof(type, field)))
 
 static bool connected(const cp_session *s)
 {

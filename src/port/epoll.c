@@ -50,7 +50,7 @@ static int ep_init(cp_worker *w)
         return err;
     }
     st->evh.fd = st->evfd;
-    struct epoll_event e = {.events = EPOLLIN, .data.ptr = &st->evh};
+    struct epoll_event e = { .events = EPOLLIN, .data.ptr = &st->evh };
     if (epoll_ctl(st->epfd, EPOLL_CTL_ADD, st->evfd, &e) < 0) {
         int err = -errno;
         close(st->epfd);
@@ -86,7 +86,7 @@ static void ep_wake(cp_worker *w)
 static int ep_attach(cp_worker *w, cp_handle *h)
 {
     ep_state *st = w->be;
-    struct epoll_event e = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h};
+    struct epoll_event e = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h };
     if (epoll_ctl(st->epfd, EPOLL_CTL_ADD, h->fd, &e) < 0)
         return -errno;
     return 0;
@@ -96,9 +96,9 @@ static bool accept_error_is_transient(int err)
 {
     /* The connection died in the backlog, or a signal interrupted: the
      * listener itself is fine and the next pending connection may be taken. */
-    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM ||
-           err == ENETDOWN || err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET ||
-           err == EHOSTUNREACH || err == EOPNOTSUPP || err == ENETUNREACH;
+    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM || err == ENETDOWN ||
+           err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET || err == EHOSTUNREACH ||
+           err == EOPNOTSUPP || err == ENETUNREACH;
 }
 
 static void do_accept(cp_worker *w, cp_handle *h, cp_op *op)
@@ -267,7 +267,7 @@ static int ep_connect(cp_worker *w, cp_handle *h, cp_op *op, const struct sockad
 
 static int ep_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *iov, int iovcnt)
 {
-    struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt};
+    struct msghdr mh = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt };
     for (;;) {
         ssize_t r = sendmsg(h->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (r >= 0)
@@ -301,7 +301,7 @@ static void ep_recv_resume(cp_worker *w, cp_handle *h)
 static void ep_close(cp_worker *w, cp_handle *h)
 {
     cp__hlist_remove(h);
-    cp_op *ops[2] = {h->rd, h->wr};
+    cp_op *ops[2] = { h->rd, h->wr };
     h->rd = h->wr = NULL;
     for (int i = 0; i < 2; i++) {
         if (ops[i]) {

@@ -69,15 +69,15 @@ typedef struct io_acc {
 
 /* The backend's record of one socket (cp_handle.be). */
 struct io_sock {
-    cp_handle *h;      /* NULL once closed: completions are then only reaped */
+    cp_handle *h; /* NULL once closed: completions are then only reaped */
     cp_worker *owner;
     SOCKET s;
-    int outstanding;   /* posted operations whose completion has not arrived */
+    int outstanding; /* posted operations whose completion has not arrived */
     int family;
     io_ov rd, wr;
-    io_ov *dc;         /* DisconnectEx in flight (socket reuse only) */
-    cp_op *late_wr;    /* closed with a send in flight: its -ECANCELED waits for it */
-    io_acc *acc;       /* listener: K accept slots */
+    io_ov *dc;      /* DisconnectEx in flight (socket reuse only) */
+    cp_op *late_wr; /* closed with a send in flight: its -ECANCELED waits for it */
+    io_acc *acc;    /* listener: K accept slots */
     int nacc;
 };
 
@@ -155,10 +155,10 @@ static int load_extensions(io_shared *sh)
     GUID ga = WSAID_ACCEPTEX, gc = WSAID_CONNECTEX, gd = WSAID_DISCONNECTEX;
     DWORD n = 0;
     int r = 0;
-    if (WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &ga, sizeof ga, &sh->acceptex,
-                 sizeof sh->acceptex, &n, NULL, NULL) != 0 ||
-        WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &gc, sizeof gc, &sh->connectex,
-                 sizeof sh->connectex, &n, NULL, NULL) != 0 ||
+    if (WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &ga, sizeof ga, &sh->acceptex, sizeof sh->acceptex,
+                 &n, NULL, NULL) != 0 ||
+        WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &gc, sizeof gc, &sh->connectex, sizeof sh->connectex,
+                 &n, NULL, NULL) != 0 ||
         WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &gd, sizeof gd, &sh->disconnectex,
                  sizeof sh->disconnectex, &n, NULL, NULL) != 0)
         r = cp__sock_err();
@@ -319,11 +319,10 @@ static void posted(io_ov *o)
 static void post_recv0(cp_worker *w, io_sock *is)
 {
     cp_handle *h = is->h;
-    WSABUF b = {0, NULL};
+    WSABUF b = { 0, NULL };
     DWORD flags = 0;
     memset(&is->rd.ov, 0, sizeof is->rd.ov);
-    if (WSARecv(is->s, &b, 1, NULL, &flags, &is->rd.ov, NULL) == 0 ||
-        WSAGetLastError() == WSA_IO_PENDING) {
+    if (WSARecv(is->s, &b, 1, NULL, &flags, &is->rd.ov, NULL) == 0 || WSAGetLastError() == WSA_IO_PENDING) {
         posted(&is->rd);
         return;
     }
@@ -490,9 +489,7 @@ static void complete(cp_worker *w, io_ov *o)
         if (h->wr)
             cp__op_finish(w, h, h->wr, -err, NULL);
         return;
-    case IO_ACCEPT:
-        on_accept_done(w, is, o, err ? -err : 0);
-        return;
+    case IO_ACCEPT: on_accept_done(w, is, o, err ? -err : 0); return;
     }
 }
 
@@ -684,7 +681,7 @@ static void io_close(cp_worker *w, cp_handle *h)
         is->late_wr = h->wr;
         h->wr = NULL;
     }
-    cp_op *ops[2] = {h->rd, h->wr};
+    cp_op *ops[2] = { h->rd, h->wr };
     h->rd = h->wr = NULL;
     for (int i = 0; i < 2; i++) {
         if (ops[i]) {

@@ -66,9 +66,9 @@ struct cp_jobq {
     _Atomic(job *) tail;    /* producers exchange here */
     job *head;              /* consumer side; starts at the stub */
     job stub;
-    atomic_bool drained;    /* closed, every job run, on_closed returned */
-    atomic_int waiters;     /* threads in cp_jobq_close_wait */
-    cp_queue node;          /* on the port's list of queues; under port->qlock */
+    atomic_bool drained; /* closed, every job run, on_closed returned */
+    atomic_int waiters;  /* threads in cp_jobq_close_wait */
+    cp_queue node;       /* on the port's list of queues; under port->qlock */
     bool listed;
 
     /* Backpressure: feeders paused for pushing past high, resumed once the

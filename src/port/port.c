@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #ifdef __GLIBC__
-#include <malloc.h> /* malloc_trim */
+#  include <malloc.h> /* malloc_trim */
 #endif
 
 _Thread_local cp_worker *cp__self;
@@ -208,7 +208,7 @@ void cp__batch_end(cp_port *port)
 void cp__send_msg_c(cp_worker *dst, cp_msg_fn fn, void *a, void *b, uintptr_t c)
 {
     cp_port *port = dst->port;
-    cp_msg m = {fn, a, b, c};
+    cp_msg m = { fn, a, b, c };
     cp_msgblk **chain = NULL;
     if (cp__on_worker(port))
         chain = &cp__self->outbox[dst->index];
@@ -246,7 +246,7 @@ void cp__send_msg_urgent(cp_worker *dst, cp_msg_fn fn, void *a, void *b)
     cp_msgblk *one;
     while (!(one = blk_new(1))) /* as cp__send_msg_c: dropping it would leak or hang */
         cp__sleep_ms(1);
-    one->m[one->n++] = (cp_msg){fn, a, b, 0};
+    one->m[one->n++] = (cp_msg){ fn, a, b, 0 };
     uint32_t n;
     if (stack_put(&dst->urgent, one, &n) && dst != cp__self)
         dst->port->be->wake(dst);
@@ -285,7 +285,7 @@ void cp__worker_defer(cp_worker *w, cp_op *op, int res)
         w->deferred = d;
         w->capdeferred = cap;
     }
-    w->deferred[w->ndeferred++] = (struct cp_deferred){op, res};
+    w->deferred[w->ndeferred++] = (struct cp_deferred){ op, res };
 }
 
 static bool deferred_drain(cp_worker *w)
@@ -562,7 +562,7 @@ static void *worker_main(void *arg)
         cp__self = NULL;
         return NULL;
     }
-    trim_state trim = {0};
+    trim_state trim = { 0 };
     for (;;) {
         if (atomic_load(&w->port->exiting) && !has_work(w))
             break;
@@ -861,7 +861,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     if (!out)
         return -EINVAL;
     *out = NULL;
-    cp_port_opts o = opts ? *opts : (cp_port_opts){0};
+    cp_port_opts o = opts ? *opts : (cp_port_opts){ 0 };
     if (o.workers < 0 || o.workers > 1024)
         return -EINVAL;
     if (o.workers == 0) {

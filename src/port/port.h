@@ -108,7 +108,7 @@ struct cp_worker {
     struct cp_deferred {
         cp_op *op;
         int res;
-    } *deferred;
+    } * deferred;
     size_t ndeferred, capdeferred;
 
     /* Receive buffer shared by every session of this worker. */
@@ -140,15 +140,15 @@ typedef void (*cp_trim_fn)(void);
 
 struct cp_port {
     const cp_backend_ops *be;
-    void *be_shared; /* backend state shared by the workers (IOCP's one port) */
+    void *be_shared;    /* backend state shared by the workers (IOCP's one port) */
     bool reuse_sockets; /* cp_port_opts.iocp_reuse_sockets */
     int nworkers;
     cp_worker *workers;
-    atomic_bool stopping;  /* destroying: posts, timer starts and new queues are refused */
-    atomic_bool exiting;   /* destroying, the queues drained: workers leave once idle */
+    atomic_bool stopping;       /* destroying: posts, timer starts and new queues are refused */
+    atomic_bool exiting;        /* destroying, the queues drained: workers leave once idle */
     atomic_bool inboxes_closed; /* destroyed: nothing may be sent to a worker any more */
-    atomic_uint rr;        /* round-robin cursor for posts and new sessions */
-    atomic_int users;      /* objects that must be stopped before the destroy (services) */
+    atomic_uint rr;             /* round-robin cursor for posts and new sessions */
+    atomic_int users;           /* objects that must be stopped before the destroy (services) */
     _Atomic(cp_trim_fn) trim_hooks[CP_TRIM_HOOKS]; /* cp__port_on_trim */
 
     /* Threads that are not workers of the port and are inside a call that

@@ -38,12 +38,12 @@
 
 /* Phases, in the low bits of the state word. */
 enum {
-    T_ARMED,     /* in its owner's heap, or on the way there */
-    T_FIRING,    /* the owner is firing it */
-    T_PENDING,   /* a one-shot fired into its job queue; the job has not started */
+    T_ARMED,   /* in its owner's heap, or on the way there */
+    T_FIRING,  /* the owner is firing it */
+    T_PENDING, /* a one-shot fired into its job queue; the job has not started */
     T_CANCELLED,
-    T_DONE,      /* a one-shot whose call started */
-    T_ENDED      /* ended without a call: its job queue had closed */
+    T_DONE, /* a one-shot whose call started */
+    T_ENDED /* ended without a call: its job queue had closed */
 };
 #define T_PHASE 7u
 #define T_RUN 8u   /* a call of fn is in progress */
@@ -304,7 +304,4 @@ int cp_timer_cancel(cp_timer *t)
 }
 
 /* Port teardown: a public timer still in a heap gives up the heap's reference. */
-void cp__timer_drop_public(cp_wtimer *wt)
-{
-    timer_unref(wt->arg);
-}
+void cp__timer_drop_public(cp_wtimer *wt) { timer_unref(wt->arg); }

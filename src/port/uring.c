@@ -44,17 +44,17 @@
 #define UR_ENTRIES 1024
 #define UR_CQ_ENTRIES 8192
 #define UR_BGID 1
-#define UR_NBUFS 512            /* power of two */
+#define UR_NBUFS 512           /* power of two */
 #define UR_BUFSZ (32u * 1024u) /* large enough for 16 KiB messages in one piece */
 #define UR_IOV 64
 #define UR_BATCH 64
-#define UR_RECHECK 64           /* receives rechecked per poll(2) call */
-#define UR_FILES 65536          /* registered-file table size at most (index = fd) */
+#define UR_RECHECK 64              /* receives rechecked per poll(2) call */
+#define UR_FILES 65536             /* registered-file table size at most (index = fd) */
 #define UR_HELD_MAX (UR_NBUFS / 4) /* provided buffers that held completions may keep */
 #define UR_COPY_MAX (64u << 20)    /* bytes held as copies past UR_HELD_MAX, per worker */
 
 #ifndef WAKE_MSG_RING_DEFAULT
-#define WAKE_MSG_RING_DEFAULT 1
+#  define WAKE_MSG_RING_DEFAULT 1
 #endif
 
 #define TAG_WAKE 1u
@@ -95,11 +95,11 @@ typedef struct ur_state {
     cp_queue recheck; /* handles whose multishot receive was armed since the last poll */
     cp_queue replay;  /* resumed handles that still have completions held */
     ur_held *free_held;
-    unsigned nheld;       /* completions held (each keeps a provided buffer) */
-    size_t copied;        /* bytes of held completions kept as copies */
-    unsigned nfiles;      /* size of the registered-file table; 0 = none */
-    unsigned clear_mark;  /* submission-queue tail after the last slot clear queued by ur_close */
-    int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
+    unsigned nheld;      /* completions held (each keeps a provided buffer) */
+    size_t copied;       /* bytes of held completions kept as copies */
+    unsigned nfiles;     /* size of the registered-file table; 0 = none */
+    unsigned clear_mark; /* submission-queue tail after the last slot clear queued by ur_close */
+    int msg_fd;          /* a duplicate of the ring's descriptor for other workers' MSG_RING
                            * wake-ups, open until ur_fini (after every worker has stopped) */
 } ur_state;
 
@@ -161,9 +161,9 @@ static int ring_init(struct io_uring *ring, unsigned extra)
     };
     int r = -EINVAL;
     for (size_t i = 0; i < sizeof tries / sizeof tries[0]; i++) {
-        struct io_uring_params p = {.flags = tries[i] | extra | IORING_SETUP_CQSIZE |
-                                             IORING_SETUP_SUBMIT_ALL,
-                                    .cq_entries = UR_CQ_ENTRIES};
+        struct io_uring_params p = { .flags = tries[i] | extra | IORING_SETUP_CQSIZE |
+                                              IORING_SETUP_SUBMIT_ALL,
+                                     .cq_entries = UR_CQ_ENTRIES };
         r = io_uring_queue_init_params(UR_ENTRIES, ring, &p);
         if (r != -EINVAL)
             return r;
@@ -216,16 +216,15 @@ static int probe_sysctl(const char **why)
 
 static const char *ring_init_failure(int r)
 {
-    return r == -ENOSYS   ? "the kernel has no io_uring (ENOSYS)"
-           : r == -EPERM  ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
-                          : "io_uring_setup failed";
+    return r == -ENOSYS  ? "the kernel has no io_uring (ENOSYS)"
+           : r == -EPERM ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
+                         : "io_uring_setup failed";
 }
 
 static bool has_needed_ops(const struct io_uring_probe *p)
 {
     return p && io_uring_opcode_supported(p, IORING_OP_SENDMSG) &&
-           io_uring_opcode_supported(p, IORING_OP_ACCEPT) &&
-           io_uring_opcode_supported(p, IORING_OP_RECV) &&
+           io_uring_opcode_supported(p, IORING_OP_ACCEPT) && io_uring_opcode_supported(p, IORING_OP_RECV) &&
            io_uring_opcode_supported(p, IORING_OP_ASYNC_CANCEL);
 }
 
@@ -233,8 +232,7 @@ static bool has_needed_ops(const struct io_uring_probe *p)
  * CP_URING_WAKE (read once, cp__uring_read_env) says otherwise. */
 static void choose_wake(const struct io_uring *ring, const struct io_uring_probe *p)
 {
-    if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
-        (ring->features & IORING_FEAT_CQE_SKIP))
+    if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) && (ring->features & IORING_FEAT_CQE_SKIP))
         wake_msg_ring = WAKE_MSG_RING_DEFAULT;
     if (wake_env == 0)
         wake_msg_ring = 0;
@@ -262,9 +260,9 @@ static int probe_ops(struct io_uring *ring, const char **why)
 static int probe_buf_ring(struct io_uring *ring, const char **why)
 {
     int r = 0;
-    struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
-                                        MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
-    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7};
+    struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1,
+                                        0);
+    struct io_uring_buf_reg reg = { .ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7 };
     if (br == MAP_FAILED || io_uring_register_buf_ring(ring, &reg, 0) < 0) {
         r = -ENOTSUP;
         *why = "the kernel's io_uring has no provided-buffer rings";
@@ -354,13 +352,16 @@ static int ur_thread_init(cp_worker *w)
         r = -ENOMEM;
         goto fail;
     }
-    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)st->br, .ring_entries = UR_NBUFS, .bgid = UR_BGID};
+    struct io_uring_buf_reg reg = { .ring_addr = (uintptr_t)st->br,
+                                    .ring_entries = UR_NBUFS,
+                                    .bgid = UR_BGID };
     if ((r = io_uring_register_buf_ring(&st->ring, &reg, 0)) < 0)
         goto fail;
     io_uring_buf_ring_init(st->br);
     int mask = io_uring_buf_ring_mask(UR_NBUFS);
     for (unsigned i = 0; i < UR_NBUFS; i++)
-        io_uring_buf_ring_add(st->br, st->bufs + (size_t)i * UR_BUFSZ, UR_BUFSZ, (unsigned short)i, mask, (int)i);
+        io_uring_buf_ring_add(st->br, st->bufs + (size_t)i * UR_BUFSZ, UR_BUFSZ, (unsigned short)i, mask,
+                              (int)i);
     io_uring_buf_ring_advance(st->br, UR_NBUFS);
     return 0;
 fail:
@@ -508,9 +509,9 @@ static bool accept_error_is_transient(int err)
     /* The connection died in the backlog, or a signal interrupted: the
      * listener itself is fine and the next pending connection may be taken
      * (the same list as epoll.c's). */
-    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM ||
-           err == ENETDOWN || err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET ||
-           err == EHOSTUNREACH || err == EOPNOTSUPP || err == ENETUNREACH;
+    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM || err == ENETDOWN ||
+           err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET || err == EHOSTUNREACH ||
+           err == EOPNOTSUPP || err == ENETUNREACH;
 }
 
 /* Hands one accept result to the owner while the accept stays armed; false
@@ -729,7 +730,7 @@ static void ur_close(cp_worker *w, cp_handle *h)
     if (has_held(h) && held_drop(st, h) && h->rd && h->rd->kind == CP_OP_RECV)
         h->rd->parked = 1;
     cp__hlist_remove(h);
-    cp_op *ops[2] = {h->rd, h->wr};
+    cp_op *ops[2] = { h->rd, h->wr };
     for (int i = 0; i < 2; i++) {
         if (!ops[i])
             continue;
@@ -823,7 +824,7 @@ static void recheck_recvs(ur_state *st)
         while (n < UR_RECHECK && (h = cp__hlist_pop(&st->recheck)) != NULL) {
             if (!recv_in_kernel(h))
                 continue;
-            pf[n] = (struct pollfd){.fd = h->fd, .events = POLLRDHUP};
+            pf[n] = (struct pollfd){ .fd = h->fd, .events = POLLRDHUP };
             hs[n++] = h;
         }
         if (!n || poll(pf, n, 0) <= 0)
@@ -881,7 +882,7 @@ static bool handle_hold(ur_state *st, cp_handle *h, cp_op *op, int res, unsigned
         }
         return false;
     }
-    *e = (ur_held){.op = op, .res = res, .flags = flags, .copy = copy};
+    *e = (ur_held){ .op = op, .res = res, .flags = flags, .copy = copy };
     if (copy) {
         recycle(st, flags >> IORING_CQE_BUFFER_SHIFT);
         e->flags &= ~(unsigned)IORING_CQE_F_BUFFER;
@@ -1106,7 +1107,7 @@ static int ur_enter(ur_state *st, int timeout_ms, bool recheck)
         return 0;
     }
     struct io_uring_cqe *cqe;
-    struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
+    struct __kernel_timespec ts = { .tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L };
     return io_uring_submit_and_wait_timeout(&st->ring, &cqe, 1, timeout_ms > 0 ? &ts : NULL, NULL);
 }
 

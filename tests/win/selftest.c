@@ -51,9 +51,7 @@ Test(shim, pass_every_macro, .timeout = 10)
     cr_log_info("log line %d", 42);
 }
 
-Test(shim, pass_without_options)
-{
-}
+Test(shim, pass_without_options) {}
 
 Test(shim, fail_assert_stops_the_test, .timeout = 10)
 {
@@ -68,10 +66,7 @@ Test(shim, fail_expect_goes_on, .timeout = 10)
     cr_log_info("reached after a failed cr_expect");
 }
 
-Test(shim, fail_str_eq, .timeout = 10)
-{
-    cr_assert_str_eq("a", "b");
-}
+Test(shim, fail_str_eq, .timeout = 10) { cr_assert_str_eq("a", "b"); }
 
 Test(shim, fail_timeout, .timeout = 1)
 {
@@ -97,10 +92,7 @@ Test(shim, crash_null_write, .timeout = 10)
     *(volatile int *)addr = 1;
 }
 
-static void fail_on_this_thread(void)
-{
-    cr_assert(0, "failed on another thread");
-}
+static void fail_on_this_thread(void) { cr_assert(0, "failed on another thread"); }
 
 #ifdef _WIN32
 static DWORD WINAPI failing_thread(void *arg)

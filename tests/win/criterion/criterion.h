@@ -67,24 +67,21 @@ void cr_fail_(int fatal, const char *file, int line, const char *expr, const cha
 void cr_skip_(const char *file, int line, const char *fmt, ...) CR_PRINTF_(3, 4) __attribute__((noreturn));
 void cr_log_(const char *fmt, ...) CR_PRINTF_(1, 2);
 
-#define Test(suite, name, ...)                                                          \
-    static void cr_test_##suite##_##name(void);                                         \
-    static const struct criterion_test_extra_data cr_extra_##suite##_##name = {         \
-        0, __VA_ARGS__                                                                  \
-    };                                                                                  \
-    __attribute__((constructor)) static void cr_register_##suite##_##name(void)         \
-    {                                                                                   \
-        cr_register_test_(#suite, #name, cr_test_##suite##_##name,                      \
-                          &cr_extra_##suite##_##name);                                  \
-    }                                                                                   \
-    static void cr_test_##suite##_##name(void)
+#define Test(suite, name, ...)                                                                               \
+  static void cr_test_##suite##_##name(void);                                                                \
+  static const struct criterion_test_extra_data cr_extra_##suite##_##name = { 0, __VA_ARGS__ };              \
+  __attribute__((constructor)) static void cr_register_##suite##_##name(void)                                \
+  {                                                                                                          \
+    cr_register_test_(#suite, #name, cr_test_##suite##_##name, &cr_extra_##suite##_##name);                  \
+  }                                                                                                          \
+  static void cr_test_##suite##_##name(void)
 
 /* fatal = 1 stops the test (cr_assert), 0 records the failure (cr_expect). */
-#define cr_check_(fatal, cond, expr, ...)                                                \
-    do {                                                                                \
-        if (!(cond))                                                                    \
-            cr_fail_((fatal), __FILE__, __LINE__, (expr), " " __VA_ARGS__);             \
-    } while (0)
+#define cr_check_(fatal, cond, expr, ...)                                                                    \
+  do {                                                                                                       \
+    if (!(cond))                                                                                             \
+      cr_fail_((fatal), __FILE__, __LINE__, (expr), " " __VA_ARGS__);                                        \
+  } while (0)
 
 #define cr_assert(cond, ...) cr_check_(1, cond, #cond, __VA_ARGS__)
 #define cr_assert_eq(a, b, ...) cr_check_(1, (a) == (b), #a " == " #b, __VA_ARGS__)

@@ -92,7 +92,8 @@ static void vreport(const char *prefix, const char *fmt, va_list ap)
 
 void cr_fail_(int fatal, const char *file, int line, const char *expr, const char *fmt, ...)
 {
-    fprintf(stderr, "[----] %s:%d: %s: %s\n", file, line, fatal ? "Assertion Failed" : "Expectation Failed", expr);
+    fprintf(stderr, "[----] %s:%d: %s: %s\n", file, line, fatal ? "Assertion Failed" : "Expectation Failed",
+            expr);
     va_list ap;
     va_start(ap, fmt);
     vreport("[----]   ", fmt, ap);
@@ -124,22 +125,17 @@ void cr_log_(const char *fmt, ...)
 #ifdef _WIN32
 static LONG WINAPI on_crash(EXCEPTION_POINTERS *ep)
 {
-    fprintf(stderr, "[----] CRASH: exception 0x%08lx at %p\n", (unsigned long)ep->ExceptionRecord->ExceptionCode,
-            ep->ExceptionRecord->ExceptionAddress);
+    fprintf(stderr, "[----] CRASH: exception 0x%08lx at %p\n",
+            (unsigned long)ep->ExceptionRecord->ExceptionCode, ep->ExceptionRecord->ExceptionAddress);
     finish((unsigned)ep->ExceptionRecord->ExceptionCode);
 }
 
 /* A crashing test names its exception itself (on_crash). */
-static void catch_crashes(void)
-{
-    SetUnhandledExceptionFilter(on_crash);
-}
+static void catch_crashes(void) { SetUnhandledExceptionFilter(on_crash); }
 #else
 /* On POSIX a crash is a signal, which the parent names (verdict below); a
  * sanitizer prints its own report first. */
-static void catch_crashes(void)
-{
-}
+static void catch_crashes(void) {}
 #endif
 
 static int by_name(const void *a, const void *b)
@@ -315,7 +311,8 @@ int main(int argc, char **argv)
         const char *a = argv[i];
         if (!strcmp(a, "--list") || !strcmp(a, "-l"))
             list = true;
-        else if ((!strcmp(a, "--filter") || !strcmp(a, "--run") || !strcmp(a, "--jobs") || !strcmp(a, "-j")) &&
+        else if ((!strcmp(a, "--filter") || !strcmp(a, "--run") || !strcmp(a, "--jobs") ||
+                  !strcmp(a, "-j")) &&
                  i + 1 < argc) {
             if (!strcmp(a, "--filter"))
                 filter = argv[i + 1];
@@ -383,7 +380,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "[FAIL] %s::%s: Timed out. (%.2fs)\n", t->suite, t->name, took);
         } else {
             crashing++;
-            fprintf(stderr, "[----] %s::%s: CRASH! (exit code 0x%llx)\n", t->suite, t->name, (unsigned long long)rc);
+            fprintf(stderr, "[----] %s::%s: CRASH! (exit code 0x%llx)\n", t->suite, t->name,
+                    (unsigned long long)rc);
             fprintf(stderr, "[FAIL] %s::%s: (%.2fs)\n", t->suite, t->name, took);
         }
     }

@@ -114,7 +114,8 @@ install: deps $(BUILD)/CMakeCache.txt
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(LINT_BUILD)
 
-# make lint: clang-tidy (.clang-tidy) and cppcheck over src/ tools/ examples/;
+# make lint: clang-tidy (.clang-tidy) and cppcheck over src/ tools/ examples/,
+# and clang-format --dry-run over every C source (make format-check);
 # any finding fails. A false positive is suppressed at its line, with the
 # reason (NOLINT / cppcheck-suppress). clang-tidy reads the compile commands
 # of a configure-only Linux build in LINT_BUILD, so it sees the Linux code
@@ -129,7 +130,7 @@ CPPCHECK_WIN = --platform=win64 -D_WIN32 -D_WIN64 -D_WIN32_WINNT=0x0A00 -DWIN32_
 lint: SHELL := /bin/bash
 lint: .SHELLFLAGS := -o pipefail -c
 lint:
-	@$(MAKE) --no-print-directory deps DEB_PKGS="cmake gcc make pkg-config liburing-dev clang-tidy cppcheck"
+	@$(MAKE) --no-print-directory deps DEB_PKGS="cmake gcc make pkg-config liburing-dev clang-tidy cppcheck clang-format"
 	cmake -S . -B $(LINT_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \
 	  -DCP_TESTS=OFF -DCP_BENCH=OFF $(CMAKE_FLAGS) >/dev/null
 	@echo "clang-tidy: $(words $(LINT_SRCS)) files"
@@ -137,6 +138,7 @@ lint:
 	  | sed '/ warnings\{0,1\} generated\.$$/d'
 	$(CPPCHECK) --project=$(LINT_BUILD)/compile_commands.json --platform=unix64
 	$(CPPCHECK) $(CPPCHECK_WIN) src tools/cport-dummy.c tools/cport-server.c examples
+	@$(MAKE) --no-print-directory format-check
 	@echo "lint: clean"
 
 fuzz:

@@ -49,7 +49,7 @@ static uint64_t now_ns(void)
 
 static void sleep_ms(unsigned ms)
 {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
     nanosleep(&ts, NULL);
 }
 
@@ -105,7 +105,7 @@ static void *reader_main(void *arg)
 static int connect_to(uint16_t port)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
         perror("bench_group: connect");
@@ -117,10 +117,10 @@ static int connect_to(uint16_t port)
 /* ------------------------------------------------------------------ flood */
 
 typedef struct flooder {
-    long k;             /* broadcasts to make; 0: until stop_flood or until_ns */
+    long k; /* broadcasts to make; 0: until stop_flood or until_ns */
     uint64_t until_ns;
     long made;
-    uint64_t ns;        /* time spent in the calls */
+    uint64_t ns; /* time spent in the calls */
 } flooder;
 
 static atomic_int stop_flood;
@@ -152,7 +152,7 @@ static void run_calls(int threads, long k, int members)
     pthread_t th[8];
     uint64_t t0 = now_ns();
     for (int i = 0; i < threads; i++) {
-        f[i] = (flooder){.k = k};
+        f[i] = (flooder){ .k = k };
         pthread_create(&th[i], NULL, flood_main, &f[i]);
     }
     uint64_t call_ns = 0;
@@ -177,7 +177,7 @@ static void start_flood(int threads, flooder *f, pthread_t *th, unsigned ms)
 {
     atomic_store(&stop_flood, 0);
     for (int i = 0; i < threads; i++) {
-        f[i] = (flooder){.until_ns = now_ns() + (uint64_t)ms * 1000000u};
+        f[i] = (flooder){ .until_ns = now_ns() + (uint64_t)ms * 1000000u };
         pthread_create(&th[i], NULL, flood_main, &f[i]);
     }
 }
@@ -214,8 +214,8 @@ static void run_changes(int members, unsigned flood_ms)
     qsort(t_pair, (size_t)done, sizeof *t_pair, cmp_u64);
     printf("RESULT bench=changes flood_threads=4 members=%d pairs=%d median_us=%.1f p99_us=%.1f max_us=%.1f "
            "broadcasts=%ld\n",
-           members, done, done ? (double)t_pair[done / 2] / 1e3 : 0, done ? (double)t_pair[done * 99 / 100] / 1e3 : 0,
-           done ? (double)t_pair[done - 1] / 1e3 : 0, made);
+           members, done, done ? (double)t_pair[done / 2] / 1e3 : 0,
+           done ? (double)t_pair[done * 99 / 100] / 1e3 : 0, done ? (double)t_pair[done - 1] / 1e3 : 0, made);
 }
 
 static void run_disconnects(cp_service *svc, int threads, int first, unsigned flood_ms)
@@ -242,7 +242,8 @@ static void run_disconnects(cp_service *svc, int threads, int first, unsigned fl
         late += atomic_load(&disc_at[first + i]) > flood_end;
     }
     qsort(lat, D, sizeof *lat, cmp_u64);
-    printf("RESULT bench=disconnect flood_threads=%d median_ms=%.2f max_ms=%.2f after_flood_ended=%d broadcasts=%ld\n",
+    printf("RESULT bench=disconnect flood_threads=%d median_ms=%.2f max_ms=%.2f after_flood_ended=%d "
+           "broadcasts=%ld\n",
            threads, (double)lat[D / 2] / 1e6, (double)lat[D - 1] / 1e6, late, made);
 }
 
@@ -307,7 +308,7 @@ int main(int argc, char **argv)
             goto usage;
     }
     cp_port *port;
-    int r = cp_port_create(&port, &(cp_port_opts){.workers = workers});
+    int r = cp_port_create(&port, &(cp_port_opts){ .workers = workers });
     if (r < 0) {
         fprintf(stderr, "bench_group: %s\n", cp_strerror(r));
         return 1;
@@ -315,8 +316,8 @@ int main(int argc, char **argv)
     cp_group_create(&room);
     for (int i = 0; i < MAXM; i++)
         atomic_store(&disc_at[i], 0);
-    cp_handlers h = {.on_connected = keep_on_connected, .on_disconnected = on_disconnected};
-    cp_server_opts so = {.host = "127.0.0.1", .max_sessions = MAXM, .session.send_queue_limit = 256u << 20};
+    cp_handlers h = { .on_connected = keep_on_connected, .on_disconnected = on_disconnected };
+    cp_server_opts so = { .host = "127.0.0.1", .max_sessions = MAXM, .session.send_queue_limit = 256u << 20 };
     cp_service *svc;
     if ((r = cp_server_start(&svc, port, &so, &h, NULL)) < 0) {
         fprintf(stderr, "bench_group: cp_server_start: %s\n", cp_strerror(r));
@@ -326,7 +327,7 @@ int main(int argc, char **argv)
     int *fds = malloc(sizeof *fds * (size_t)members);
     for (int i = 0; i < members; i++) {
         fds[i] = connect_to(cp_service_listen_port(svc));
-        struct epoll_event ev = {.events = EPOLLIN, .data.fd = fds[i]};
+        struct epoll_event ev = { .events = EPOLLIN, .data.fd = fds[i] };
         epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev);
     }
     while (atomic_load(&nconnected) < members || cp_group_size(room) < (size_t)members)
@@ -352,7 +353,7 @@ int main(int argc, char **argv)
     start_flood(4, f, th, 600000);
     sleep_ms(flood_ms);
     cp_session_unref(kept_member);
-    stop_arg sa = {.svc = svc};
+    stop_arg sa = { .svc = svc };
     pthread_t st;
     pthread_create(&st, NULL, stop_main, &sa);
     uint64_t t0 = now_ns();
@@ -377,6 +378,7 @@ int main(int argc, char **argv)
     cp_port_destroy(port);
     return 0;
 usage:
-    fprintf(stderr, "usage: bench_group [--members M] [--broadcasts K] [--flood-ms D] [--workers W] [--calls-only 1]\n");
+    fprintf(stderr, "usage: bench_group [--members M] [--broadcasts K] [--flood-ms D] [--workers W] "
+                    "[--calls-only 1]\n");
     return 2;
 }

@@ -63,7 +63,7 @@ static void run_jobs(cp_port *port, long n, int threads, int nq)
     pusher p[64];
     uint64_t t0 = now_ns();
     for (int i = 0; i < threads; i++) {
-        p[i] = (pusher){qs, nq, n / threads};
+        p[i] = (pusher){ qs, nq, n / threads };
         pthread_create(&th[i], NULL, push_thread, &p[i]);
     }
     for (int i = 0; i < threads; i++)
@@ -72,8 +72,8 @@ static void run_jobs(cp_port *port, long n, int threads, int nq)
     while (atomic_load(&ran) < want)
         ;
     uint64_t t = now_ns() - t0;
-    printf("RESULT bench=jobs jobs=%ld threads=%d queues=%d secs=%.3f jobs_per_s=%.0f ns_per_job=%.1f\n", want,
-           threads, nq, (double)t / 1e9, (double)want * 1e9 / (double)t, (double)t / (double)want);
+    printf("RESULT bench=jobs jobs=%ld threads=%d queues=%d secs=%.3f jobs_per_s=%.0f ns_per_job=%.1f\n",
+           want, threads, nq, (double)t / 1e9, (double)want * 1e9 / (double)t, (double)t / (double)want);
     for (int i = 0; i < nq; i++) {
         cp_jobq_close(qs[i], NULL, NULL);
         cp_jobq_unref(qs[i]);
@@ -137,7 +137,8 @@ int main(int argc, char **argv)
     int threads = 4, queues = 64, workers = 0;
     for (int i = 1; i < argc; i++) {
         if (i + 1 >= argc) {
-            fprintf(stderr, "usage: bench_jobq [--jobs N] [--threads P] [--queues Q] [--timers N] [--workers W]\n");
+            fprintf(stderr,
+                    "usage: bench_jobq [--jobs N] [--threads P] [--queues Q] [--timers N] [--workers W]\n");
             return 2;
         }
         if (!strcmp(argv[i], "--jobs"))
@@ -151,12 +152,13 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--workers"))
             workers = (int)arg_long(argv[++i], 0, 1024);
         else {
-            fprintf(stderr, "usage: bench_jobq [--jobs N] [--threads P] [--queues Q] [--timers N] [--workers W]\n");
+            fprintf(stderr,
+                    "usage: bench_jobq [--jobs N] [--threads P] [--queues Q] [--timers N] [--workers W]\n");
             return 2;
         }
     }
     cp_port *port;
-    int r = cp_port_create(&port, &(cp_port_opts){.workers = workers});
+    int r = cp_port_create(&port, &(cp_port_opts){ .workers = workers });
     if (r < 0) {
         fprintf(stderr, "bench_jobq: %s\n", cp_strerror(r));
         return 1;

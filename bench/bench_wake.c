@@ -75,7 +75,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: bench_wake [--hops N] [--chains C] [--workers W]\n");
         return 2;
     }
-    cp_port_opts po = {.workers = workers};
+    cp_port_opts po = { .workers = workers };
     int rc = cp_port_create(&port, &po);
     if (rc) {
         fprintf(stderr, "bench_wake: %s\n", cp_strerror(rc));

@@ -13,7 +13,7 @@
  * process keeps below 20,000 descriptors, so 10,000 connections take one or two.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 #include <arpa/inet.h>
 #include <errno.h>
@@ -30,7 +30,11 @@
 #include <unistd.h>
 
 static volatile sig_atomic_t stop;
-static void on_sig(int s) { (void)s; stop = 1; }
+static void on_sig(int s)
+{
+    (void)s;
+    stop = 1;
+}
 
 static void usage(FILE *f)
 {
@@ -59,19 +63,42 @@ int main(int argc, char **argv)
     const char *host = "127.0.0.1";
     long port = -1, conns = -1, hold = 60, wave = 256;
     static const struct option lo[] = {
-        { "port", required_argument, NULL, 'p' }, { "host", required_argument, NULL, 'H' },
-        { "conns", required_argument, NULL, 'n' }, { "hold", required_argument, NULL, 't' },
-        { "wave", required_argument, NULL, 'w' }, { "help", no_argument, NULL, 'h' },
+        { "port", required_argument, NULL, 'p' },
+        { "host", required_argument, NULL, 'H' },
+        { "conns", required_argument, NULL, 'n' },
+        { "hold", required_argument, NULL, 't' },
+        { "wave", required_argument, NULL, 'w' },
+        { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     int o;
     while ((o = getopt_long(argc, argv, "p:H:n:t:w:h", lo, NULL)) != -1) {
         switch (o) {
-        case 'p': if (num(optarg, 1, 65535, &port)) { usage(stderr); return 2; } break;
+        case 'p':
+            if (num(optarg, 1, 65535, &port)) {
+                usage(stderr);
+                return 2;
+            }
+            break;
         case 'H': host = optarg; break;
-        case 'n': if (num(optarg, 1, 19000, &conns)) { usage(stderr); return 2; } break;
-        case 't': if (num(optarg, 0, 86400, &hold)) { usage(stderr); return 2; } break;
-        case 'w': if (num(optarg, 1, 4096, &wave)) { usage(stderr); return 2; } break;
+        case 'n':
+            if (num(optarg, 1, 19000, &conns)) {
+                usage(stderr);
+                return 2;
+            }
+            break;
+        case 't':
+            if (num(optarg, 0, 86400, &hold)) {
+                usage(stderr);
+                return 2;
+            }
+            break;
+        case 'w':
+            if (num(optarg, 1, 4096, &wave)) {
+                usage(stderr);
+                return 2;
+            }
+            break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -94,7 +121,8 @@ int main(int argc, char **argv)
         setrlimit(RLIMIT_NOFILE, &rl);
         getrlimit(RLIMIT_NOFILE, &rl);
         if (rl.rlim_cur != RLIM_INFINITY && (long)rl.rlim_cur < conns + 16) {
-            fprintf(stderr, "idle_conns: file limit %ld too small for %ld connections\n", (long)rl.rlim_cur, conns);
+            fprintf(stderr, "idle_conns: file limit %ld too small for %ld connections\n", (long)rl.rlim_cur,
+                    conns);
             return 2;
         }
     }

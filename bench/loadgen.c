@@ -24,7 +24,7 @@
  * arguments.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <getopt.h>
@@ -58,11 +58,20 @@ static struct {
     int conns, size, depth, threads;
     double duration, rate, drain, settle, connect_timeout;
     uint64_t seed;
-    int64_t poll_ns;               /* 0: wait in epoll; else sleep, then poll without waiting */
+    int64_t poll_ns; /* 0: wait in epoll; else sleep, then poll without waiting */
 } O = {
-    .mode = M_ECHO, .host = "127.0.0.1", .port = NULL,
-    .conns = 100, .size = 64, .depth = 1, .threads = 1,
-    .duration = 5, .rate = 1, .drain = 2, .settle = 0.1, .connect_timeout = 10,
+    .mode = M_ECHO,
+    .host = "127.0.0.1",
+    .port = NULL,
+    .conns = 100,
+    .size = 64,
+    .depth = 1,
+    .threads = 1,
+    .duration = 5,
+    .rate = 1,
+    .drain = 2,
+    .settle = 0.1,
+    .connect_timeout = 10,
     .seed = 0x5eed,
 };
 
@@ -70,7 +79,7 @@ static struct sockaddr_storage srv_addr;
 static socklen_t srv_addrlen;
 
 #define CHAT_ID 1
-#define CHAT_HDR 20              /* size,id,sender,seq,ts */
+#define CHAT_HDR 20 /* size,id,sender,seq,ts */
 #define SYNC_SEQ 0xFFFFFFFFu
 #define RBUF_SIZE (256 * 1024)
 #define MAX_CHAT_CONNS 4096
@@ -86,8 +95,8 @@ static struct {
     _Atomic int synced;
     _Atomic int sync_req;
     _Atomic int failed;
-    _Atomic int stopped;          /* threads done sending (chat) */
-    _Atomic uint64_t total_sent;  /* chat: packets sent by all clients */
+    _Atomic int stopped;         /* threads done sending (chat) */
+    _Atomic uint64_t total_sent; /* chat: packets sent by all clients */
     _Atomic int err_prints;
     _Atomic int64_t t0, t_end, t_deadline;
 } G;
@@ -208,12 +217,27 @@ static void gen_stream(uint64_t seed, uint64_t off, unsigned char *dst, size_t l
     }
 }
 
-static inline void put16(unsigned char *p, uint32_t v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
-static inline void put32(unsigned char *p, uint32_t v) { put16(p, v & 0xffff); put16(p + 2, v >> 16); }
-static inline void put64(unsigned char *p, uint64_t v) { put32(p, (uint32_t)v); put32(p + 4, (uint32_t)(v >> 32)); }
+static inline void put16(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+}
+static inline void put32(unsigned char *p, uint32_t v)
+{
+    put16(p, v & 0xffff);
+    put16(p + 2, v >> 16);
+}
+static inline void put64(unsigned char *p, uint64_t v)
+{
+    put32(p, (uint32_t)v);
+    put32(p + 4, (uint32_t)(v >> 32));
+}
 static inline uint32_t get16(const unsigned char *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8; }
 static inline uint32_t get32(const unsigned char *p) { return get16(p) | get16(p + 2) << 16; }
-static inline uint64_t get64(const unsigned char *p) { return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32; }
+static inline uint64_t get64(const unsigned char *p)
+{
+    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
 
 /* Packet stream: packet k = {size S, id (k ^ seed) & 0xffff} + body; the bodies,
  * back to back, are gen_stream(seed). */
@@ -246,7 +270,10 @@ static void gen_packets(uint64_t seed, uint64_t off, unsigned char *dst, size_t 
 static inline uint64_t conn_seed(int idx) { return mix64(O.seed ^ ((uint64_t)idx << 20) ^ 0xc0ffee); }
 
 /* Chat filler: 8-byte words h + j*K (little-endian), h from sender and seq. */
-static inline uint64_t filler_word0(uint32_t sender, uint32_t seq) { return mix64(O.seed + ((uint64_t)sender << 32 | seq)); }
+static inline uint64_t filler_word0(uint32_t sender, uint32_t seq)
+{
+    return mix64(O.seed + ((uint64_t)sender << 32 | seq));
+}
 #define FILLER_K 0x9e3779b97f4a7c15ull
 
 static void filler_fill(uint32_t sender, uint32_t seq, unsigned char *dst, size_t len)
@@ -276,24 +303,24 @@ static bool filler_ok(uint32_t sender, uint32_t seq, const unsigned char *src, s
 
 struct lconn {
     int fd;
-    int wfd;                       /* chat: the sender thread's copy; closed only at exit */
-    int idx;                       /* global client index */
+    int wfd; /* chat: the sender thread's copy; closed only at exit */
+    int idx; /* global client index */
     bool connected, out_armed, dead, synced, busy;
     uint64_t seed;
     /* echo / packet / churn */
-    uint64_t sent, target, recvd;  /* stream positions */
-    uint64_t started, done;        /* messages */
-    int64_t *ts;                   /* send time of in-flight messages, ring of depth */
-    int64_t cstart;                /* churn: connect start */
+    uint64_t sent, target, recvd; /* stream positions */
+    uint64_t started, done;       /* messages */
+    int64_t *ts;                  /* send time of in-flight messages, ring of depth */
+    int64_t cstart;               /* churn: connect start */
     uint64_t cycle;
     /* chat */
     unsigned char *carry;
     size_t carry_len;
-    uint32_t *next;                /* next expected sequence from each sender */
+    uint32_t *next; /* next expected sequence from each sender */
     /* chat, owned by the sender thread */
-    unsigned char *out;            /* unsent bytes after a short write */
+    unsigned char *out; /* unsent bytes after a short write */
     size_t out_off, out_len, out_cap;
-    uint32_t seq;                  /* packets this client has sent */
+    uint32_t seq; /* packets this client has sent */
     bool send_failed;
 };
 
@@ -317,7 +344,7 @@ static struct {
     pthread_t th;
     uint64_t sent, errors;
     unsigned char buf[65536];
-    int *pend;                     /* clients with unsent bytes */
+    int *pend; /* clients with unsent bytes */
     int npend;
 } SND;
 
@@ -938,25 +965,24 @@ static void *worker_main(void *arg)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-        "usage: loadgen --port P [--host H] [--mode echo|packet|chat|churn] [options]\n"
-        "  --conns N          connections / chat clients / churn slots (default 100)\n"
-        "  --size S           message bytes; packet/chat: whole packet incl. 4-byte header\n"
-        "                     (packet 5..65535, chat 20..65535; default 64)\n"
-        "  --depth D          echo/packet: messages in flight per connection (default 1)\n"
-        "  --rate R           chat: packets per second per client (default 1)\n"
-        "  --duration SEC     length of the load window (default 5)\n"
-        "  --threads T        event-loop threads, connections split between them (default 1);\n"
-        "                     chat mode always adds one thread that does all the sending\n"
-        "  --drain SEC        wait at most this long after the window for in-flight data (default 2)\n"
-        "  --settle SEC       pause between 'all connected' and the start (default 0.1)\n"
-        "  --connect-timeout SEC  (default 10)\n"
-        "  --seed N           content seed (default 0x5eed)\n"
-        "  --poll-interval US receive side: instead of sleeping in epoll_wait, sleep US\n"
-        "                     microseconds and poll (0 = off, default); the server's writes\n"
-        "                     then never have to wake the loadgen, which also reads bigger\n"
-        "                     batches; adds up to US to the measured latency\n"
-        "Prints a summary and a final 'RESULT key=value...' line. Exit 0 iff errors=0.\n");
+    fprintf(f, "usage: loadgen --port P [--host H] [--mode echo|packet|chat|churn] [options]\n"
+               "  --conns N          connections / chat clients / churn slots (default 100)\n"
+               "  --size S           message bytes; packet/chat: whole packet incl. 4-byte header\n"
+               "                     (packet 5..65535, chat 20..65535; default 64)\n"
+               "  --depth D          echo/packet: messages in flight per connection (default 1)\n"
+               "  --rate R           chat: packets per second per client (default 1)\n"
+               "  --duration SEC     length of the load window (default 5)\n"
+               "  --threads T        event-loop threads, connections split between them (default 1);\n"
+               "                     chat mode always adds one thread that does all the sending\n"
+               "  --drain SEC        wait at most this long after the window for in-flight data (default 2)\n"
+               "  --settle SEC       pause between 'all connected' and the start (default 0.1)\n"
+               "  --connect-timeout SEC  (default 10)\n"
+               "  --seed N           content seed (default 0x5eed)\n"
+               "  --poll-interval US receive side: instead of sleeping in epoll_wait, sleep US\n"
+               "                     microseconds and poll (0 = off, default); the server's writes\n"
+               "                     then never have to wake the loadgen, which also reads bigger\n"
+               "                     batches; adds up to US to the measured latency\n"
+               "Prints a summary and a final 'RESULT key=value...' line. Exit 0 iff errors=0.\n");
 }
 
 static bool parse_num(const char *s, double lo, double hi, double *out)
@@ -973,22 +999,14 @@ static bool parse_num(const char *s, double lo, double hi, double *out)
 static int parse_args(int argc, char **argv)
 {
     static const struct option lo[] = {
-        { "mode", required_argument, NULL, 'm' },
-        { "host", required_argument, NULL, 'H' },
-        { "port", required_argument, NULL, 'p' },
-        { "conns", required_argument, NULL, 'c' },
-        { "size", required_argument, NULL, 's' },
-        { "depth", required_argument, NULL, 'd' },
-        { "duration", required_argument, NULL, 't' },
-        { "rate", required_argument, NULL, 'r' },
-        { "threads", required_argument, NULL, 'T' },
-        { "drain", required_argument, NULL, 'D' },
-        { "settle", required_argument, NULL, 'S' },
-        { "connect-timeout", required_argument, NULL, 'C' },
-        { "seed", required_argument, NULL, 'x' },
-        { "poll-interval", required_argument, NULL, 'P' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
+        { "mode", required_argument, NULL, 'm' },     { "host", required_argument, NULL, 'H' },
+        { "port", required_argument, NULL, 'p' },     { "conns", required_argument, NULL, 'c' },
+        { "size", required_argument, NULL, 's' },     { "depth", required_argument, NULL, 'd' },
+        { "duration", required_argument, NULL, 't' }, { "rate", required_argument, NULL, 'r' },
+        { "threads", required_argument, NULL, 'T' },  { "drain", required_argument, NULL, 'D' },
+        { "settle", required_argument, NULL, 'S' },   { "connect-timeout", required_argument, NULL, 'C' },
+        { "seed", required_argument, NULL, 'x' },     { "poll-interval", required_argument, NULL, 'P' },
+        { "help", no_argument, NULL, 'h' },           { NULL, 0, NULL, 0 },
     };
     int o;
     double v;
@@ -1006,26 +1024,68 @@ static int parse_args(int argc, char **argv)
         }
         case 'H': O.host = optarg; break;
         case 'p':
-            if (!parse_num(optarg, 1, 65535, &v) || v != floor(v)) return -1;
+            if (!parse_num(optarg, 1, 65535, &v) || v != floor(v))
+                return -1;
             O.port = optarg;
             break;
-        case 'c': if (!parse_num(optarg, 1, 1e6, &v)) return -1; O.conns = (int)v; break;
-        case 's': if (!parse_num(optarg, 1, 1 << 24, &v)) return -1; O.size = (int)v; break;
-        case 'd': if (!parse_num(optarg, 1, 1 << 16, &v)) return -1; O.depth = (int)v; break;
-        case 't': if (!parse_num(optarg, 0.01, 86400, &v)) return -1; O.duration = v; break;
-        case 'r': if (!parse_num(optarg, 0.001, 1e6, &v)) return -1; O.rate = v; break;
-        case 'T': if (!parse_num(optarg, 1, 64, &v)) return -1; O.threads = (int)v; break;
-        case 'D': if (!parse_num(optarg, 0, 600, &v)) return -1; O.drain = v; break;
-        case 'S': if (!parse_num(optarg, 0, 600, &v)) return -1; O.settle = v; break;
-        case 'C': if (!parse_num(optarg, 0.1, 600, &v)) return -1; O.connect_timeout = v; break;
+        case 'c':
+            if (!parse_num(optarg, 1, 1e6, &v))
+                return -1;
+            O.conns = (int)v;
+            break;
+        case 's':
+            if (!parse_num(optarg, 1, 1 << 24, &v))
+                return -1;
+            O.size = (int)v;
+            break;
+        case 'd':
+            if (!parse_num(optarg, 1, 1 << 16, &v))
+                return -1;
+            O.depth = (int)v;
+            break;
+        case 't':
+            if (!parse_num(optarg, 0.01, 86400, &v))
+                return -1;
+            O.duration = v;
+            break;
+        case 'r':
+            if (!parse_num(optarg, 0.001, 1e6, &v))
+                return -1;
+            O.rate = v;
+            break;
+        case 'T':
+            if (!parse_num(optarg, 1, 64, &v))
+                return -1;
+            O.threads = (int)v;
+            break;
+        case 'D':
+            if (!parse_num(optarg, 0, 600, &v))
+                return -1;
+            O.drain = v;
+            break;
+        case 'S':
+            if (!parse_num(optarg, 0, 600, &v))
+                return -1;
+            O.settle = v;
+            break;
+        case 'C':
+            if (!parse_num(optarg, 0.1, 600, &v))
+                return -1;
+            O.connect_timeout = v;
+            break;
         case 'x': {
             char *end;
             errno = 0;
             O.seed = strtoull(optarg, &end, 0);
-            if (errno || *end || end == optarg) return -1;
+            if (errno || *end || end == optarg)
+                return -1;
             break;
         }
-        case 'P': if (!parse_num(optarg, 0, 1e6, &v)) return -1; O.poll_ns = (int64_t)(v * 1000); break;
+        case 'P':
+            if (!parse_num(optarg, 0, 1e6, &v))
+                return -1;
+            O.poll_ns = (int64_t)(v * 1000);
+            break;
         case 'h': usage(stdout); exit(0);
         default: return -1;
         }
@@ -1113,8 +1173,8 @@ int main(int argc, char **argv)
     }
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
         (rlim_t)O.conns + 32 + (rlim_t)O.threads > rl.rlim_cur) {
-        fprintf(stderr, "loadgen: %d connections need more than the %llu open files allowed\n",
-                O.conns, (unsigned long long)rl.rlim_cur);
+        fprintf(stderr, "loadgen: %d connections need more than the %llu open files allowed\n", O.conns,
+                (unsigned long long)rl.rlim_cur);
         return 2;
     }
 
@@ -1252,8 +1312,8 @@ int main(int argc, char **argv)
         printf("%s: %d conns x %d B, depth %d, %d thread(s): %llu msgs in %.3f s = %.0f msgs/s "
                "(%.1f MB/s each way); rtt p50 %.1f us, p99 %.1f us, max %.1f us; lost %llu, errors %llu\n",
                mn, O.conns, O.size, O.depth, O.threads, (unsigned long long)msgs, secs, rate,
-               secs > 0 ? (double)bytes_in / secs / 1e6 : 0, p50, p99, mx,
-               (unsigned long long)lost, (unsigned long long)errors);
+               secs > 0 ? (double)bytes_in / secs / 1e6 : 0, p50, p99, mx, (unsigned long long)lost,
+               (unsigned long long)errors);
         printf("RESULT mode=%s conns=%d size=%d depth=%d threads=%d msgs=%llu secs=%.3f msgs_per_s=%.0f "
                "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f errors=%llu\n",
                mn, O.conns, O.size, O.depth, O.threads, (unsigned long long)msgs, secs, rate, p50, p99, mx,
@@ -1261,7 +1321,8 @@ int main(int argc, char **argv)
         break;
     case M_CHAT:
         printf("chat: %d clients x %g pkt/s x %d B, %d thread(s): sent %llu, %llu deliveries in %.3f s = "
-               "%.0f deliveries/s; latency p50 %.1f us, p99 %.1f us, max %.1f us; lost %llu, out-of-order %llu, "
+               "%.0f deliveries/s; latency p50 %.1f us, p99 %.1f us, max %.1f us; lost %llu, out-of-order "
+               "%llu, "
                "errors %llu\n",
                O.conns, O.rate, O.size, O.threads, (unsigned long long)sent_total, (unsigned long long)msgs,
                secs, rate, p50, p99, mx, (unsigned long long)lost, (unsigned long long)ooo,

@@ -34,7 +34,7 @@
  * (a full accept backlog refuses connections; that is part of the picture).
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 #include <arpa/inet.h>
 #include <errno.h>
@@ -71,9 +71,9 @@ typedef struct {
 
 typedef struct {
     int fd;
-    int64_t sent_at;   /* 0 = nothing in flight */
-    int64_t sent_rt;   /* the same in CLOCK_REALTIME, the clock of receive timestamps */
-    int64_t rx_rt;     /* the kernel's receive timestamp of the echo's last bytes */
+    int64_t sent_at; /* 0 = nothing in flight */
+    int64_t sent_rt; /* the same in CLOCK_REALTIME, the clock of receive timestamps */
+    int64_t rx_rt;   /* the kernel's receive timestamp of the echo's last bytes */
     int64_t next_send;
     long got;
 } neighbour;
@@ -104,16 +104,21 @@ static int num(const char *s, long lo, long hi, long *out)
 
 static int parse(int argc, char **argv, opts *o)
 {
-    *o = (opts){.host = "127.0.0.1", .port = -1, .procs = 2, .neighbours = 20,
-                .interval_ms = 10, .size = 64, .duration = 5, .rst = 1};
+    *o = (opts){ .host = "127.0.0.1",
+                 .port = -1,
+                 .procs = 2,
+                 .neighbours = 20,
+                 .interval_ms = 10,
+                 .size = 64,
+                 .duration = 5,
+                 .rst = 1 };
     static const struct option lo[] = {
-        {"port", required_argument, NULL, 'p'},       {"host", required_argument, NULL, 'H'},
-        {"mode", required_argument, NULL, 'm'},       {"procs", required_argument, NULL, 'n'},
-        {"rate", required_argument, NULL, 'r'},       {"neighbours", required_argument, NULL, 'k'},
-        {"interval", required_argument, NULL, 'i'},   {"size", required_argument, NULL, 's'},
-        {"duration", required_argument, NULL, 'd'},   {"storm-nice", required_argument, NULL, 'N'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        { "port", required_argument, NULL, 'p' },     { "host", required_argument, NULL, 'H' },
+        { "mode", required_argument, NULL, 'm' },     { "procs", required_argument, NULL, 'n' },
+        { "rate", required_argument, NULL, 'r' },     { "neighbours", required_argument, NULL, 'k' },
+        { "interval", required_argument, NULL, 'i' }, { "size", required_argument, NULL, 's' },
+        { "duration", required_argument, NULL, 'd' }, { "storm-nice", required_argument, NULL, 'N' },
+        { "help", no_argument, NULL, 'h' },           { NULL, 0, NULL, 0 },
     };
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -122,9 +127,12 @@ static int parse(int argc, char **argv, opts *o)
         case 'p': bad = num(optarg, 1, 65535, &o->port); break;
         case 'H': o->host = optarg; break;
         case 'm':
-            if (!strcmp(optarg, "rst")) o->rst = 1;
-            else if (!strcmp(optarg, "connect")) o->rst = 0;
-            else bad = 1;
+            if (!strcmp(optarg, "rst"))
+                o->rst = 1;
+            else if (!strcmp(optarg, "connect"))
+                o->rst = 0;
+            else
+                bad = 1;
             break;
         case 'n': bad = num(optarg, 0, MAX_PROCS, &o->procs); break;
         case 'r': bad = num(optarg, 0, 10000000, &o->rate); break;
@@ -168,7 +176,8 @@ static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int
         if (gap) {
             int64_t t = now_ns();
             if (t < next) {
-                struct timespec ts = {.tv_sec = (next - t) / 1000000000LL, .tv_nsec = (next - t) % 1000000000LL};
+                struct timespec ts = { .tv_sec = (next - t) / 1000000000LL,
+                                       .tv_nsec = (next - t) % 1000000000LL };
                 nanosleep(&ts, NULL);
             }
             next += gap;
@@ -179,7 +188,7 @@ static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int
             continue;
         }
         if (o->rst) {
-            struct linger lg = {.l_onoff = 1, .l_linger = 0};
+            struct linger lg = { .l_onoff = 1, .l_linger = 0 };
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
         } else if (send(fd, msg, (size_t)o->size, MSG_NOSIGNAL) < 0) {
             atomic_fetch_add(&counts->errors, 1);
@@ -232,8 +241,11 @@ static int neighbour_read(const opts *o, neighbour *n, const char *pattern, samp
         char b[CMSG_SPACE(sizeof(struct timespec)) * 2];
         struct cmsghdr align;
     } ctl;
-    struct iovec iov = {.iov_base = buf, .iov_len = sizeof buf};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+    struct iovec iov = { .iov_base = buf, .iov_len = sizeof buf };
+    struct msghdr mh = { .msg_iov = &iov,
+                         .msg_iovlen = 1,
+                         .msg_control = ctl.b,
+                         .msg_controllen = sizeof ctl.b };
     ssize_t r = recvmsg(n->fd, &mh, MSG_DONTWAIT);
     if (r < 0)
         return errno == EAGAIN || errno == EINTR ? 0 : -1;
@@ -301,7 +313,7 @@ static int run_neighbours(const opts *o, neighbour *ns, struct pollfd *pf, int64
         }
         int64_t wait = next_event(o, ns, end) - now_ns();
         for (long i = 0; i < o->neighbours; i++)
-            pf[i] = (struct pollfd){.fd = ns[i].fd, .events = POLLIN};
+            pf[i] = (struct pollfd){ .fd = ns[i].fd, .events = POLLIN };
         int r = poll(pf, (nfds_t)o->neighbours, wait > 0 ? (int)((wait + 999999) / 1000000) : 0);
         if (r < 0 && errno != EINTR)
             err = 1;
@@ -328,7 +340,7 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)o.port)};
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)o.port) };
     if (inet_pton(AF_INET, o.host, &sa.sin_addr) != 1) {
         usage(stderr);
         return 2;
@@ -345,7 +357,8 @@ int main(int argc, char **argv)
         setsockopt(ns[i].fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         setsockopt(ns[i].fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
     }
-    storm_counts *counts = mmap(NULL, sizeof *counts, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    storm_counts *counts = mmap(NULL, sizeof *counts, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
+                                0);
     if (counts == MAP_FAILED)
         return 1;
     int64_t t0 = now_ns();

@@ -13,7 +13,7 @@ static size_t on_recv(cp_session *s, const uint8_t *data, size_t len)
 
 int main(void)
 {
-    cp_port *port;                      /* worker threads, one per CPU */
+    cp_port *port; /* worker threads, one per CPU */
     cp_service *svc;
     cp_handlers h = { .on_recv = on_recv };
     cp_server_opts opts = { .port = 7777, .session.framing = CP_FRAMING_RAW };
@@ -24,11 +24,11 @@ int main(void)
         fprintf(stderr, "echo_server: %s\n", cp_strerror(rc));
         return 1;
     }
-    fprintf(stderr, "echo server on port %u (%s), Ctrl-C stops it\n",
-            cp_service_listen_port(svc), cp_port_backend_name(port));
+    fprintf(stderr, "echo server on port %u (%s), Ctrl-C stops it\n", cp_service_listen_port(svc),
+            cp_port_backend_name(port));
 
-    cp_wait_stop_signal();              /* SIGINT/SIGTERM, or Ctrl-C on Windows */
-    cp_service_stop(svc);               /* disconnects everyone, drains, frees */
+    cp_wait_stop_signal(); /* SIGINT/SIGTERM, or Ctrl-C on Windows */
+    cp_service_stop(svc);  /* disconnects everyone, drains, frees */
     cp_port_destroy(port);
     return 0;
 }

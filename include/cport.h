@@ -414,13 +414,13 @@ static inline void cp_write_bytes(cp_writer *w, const void *data, size_t n)
         memcpy(at, data, n);
 }
 /* cp_write_u8, _u16, _u32, _u64, _i32, _f32: one field at the cursor. */
-#define CP_WRITE_(T, name, n)                                                    \
-    static inline void cp_write_##name(cp_writer *w, T v)                        \
-    {                                                                            \
-        uint8_t *at = cp_writer_take(w, n);                                      \
-        if (at)                                                                  \
-            cp_put_##name(at, v);                                                \
-    }
+#define CP_WRITE_(T, name, n)                                                                                \
+  static inline void cp_write_##name(cp_writer *w, T v)                                                      \
+  {                                                                                                          \
+    uint8_t *at = cp_writer_take(w, n);                                                                      \
+    if (at)                                                                                                  \
+      cp_put_##name(at, v);                                                                                  \
+  }
 CP_WRITE_(uint8_t, u8, 1)
 CP_WRITE_(uint16_t, u16, 2)
 CP_WRITE_(uint32_t, u32, 4)
@@ -456,12 +456,12 @@ static inline void cp_read_bytes(cp_reader *r, void *out, size_t n)
         memcpy(out, at, n);
 }
 /* cp_read_u8, _u16, _u32, _u64, _i32, _f32: the field at the cursor, or 0. */
-#define CP_READ_(T, name, n)                                                     \
-    static inline T cp_read_##name(cp_reader *r)                                 \
-    {                                                                            \
-        const uint8_t *at = cp_reader_take(r, n);                                \
-        return at ? cp_get_##name(at) : (T)0;                                    \
-    }
+#define CP_READ_(T, name, n)                                                                                 \
+  static inline T cp_read_##name(cp_reader *r)                                                               \
+  {                                                                                                          \
+    const uint8_t *at = cp_reader_take(r, n);                                                                \
+    return at ? cp_get_##name(at) : (T)0;                                                                    \
+  }
 CP_READ_(uint8_t, u8, 1)
 CP_READ_(uint16_t, u16, 2)
 CP_READ_(uint32_t, u32, 4)
@@ -517,10 +517,10 @@ typedef struct cp_handlers {
  * ignored; each such case is named below. Handlers that do not apply (on_recv
  * with packet framing, on_connect_failed on a server) are simply not called. */
 typedef struct cp_session_opts {
-    cp_framing framing;        /* CP_FRAMING_PACKET; CP_FRAMING_RAW needs on_recv
+    cp_framing framing;         /* CP_FRAMING_PACKET; CP_FRAMING_RAW needs on_recv
                                   and takes no routes */
-    uint32_t max_packet;       /* 4096; 4 to 65535 */
-    size_t send_queue_limit;   /* 1 MiB of memory per session's send queue: what
+    uint32_t max_packet;        /* 4096; 4 to 65535 */
+    size_t send_queue_limit;    /* 1 MiB of memory per session's send queue: what
                                   its unsent buffers keep alive (a small buffer
                                   may pin a 32 KiB chunk until the queue backs
                                   up and copies it out), not only their bytes;
@@ -528,10 +528,10 @@ typedef struct cp_session_opts {
                                   this many bytes. With packet framing at least
                                   max_packet, so that a packet the service
                                   accepts can be echoed */
-    const cp_route *routes;    /* packet handlers by id, copied at start: each
+    const cp_route *routes;     /* packet handlers by id, copied at start: each
                                   with a handler, no id twice */
-    size_t nroutes;            /* routes may be NULL only when this is 0 */
-    int no_nodelay;            /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
+    size_t nroutes;             /* routes may be NULL only when this is 0 */
+    int no_nodelay;             /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
     uint32_t idle_timeout_ms;   /* nothing received for this long: disconnect (0 = off) */
     uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect
                                    (raw framing: bytes on_recv left unconsumed this long,
@@ -552,19 +552,19 @@ typedef struct cp_session_opts {
 } cp_session_opts;
 
 typedef struct cp_server_opts {
-    const char *host;          /* numeric IPv4/IPv6 or a name; NULL = "0.0.0.0" */
-    uint16_t port;             /* 0 picks a free port; see cp_service_listen_port() */
-    int backlog;               /* listen backlog; 0 = 1024; not negative */
-    int accepts;               /* accepts kept pending (K); 0 = 64; at most 65535 */
-    uint32_t max_sessions;     /* live sessions at most; 0 = 10000 */
+    const char *host;      /* numeric IPv4/IPv6 or a name; NULL = "0.0.0.0" */
+    uint16_t port;         /* 0 picks a free port; see cp_service_listen_port() */
+    int backlog;           /* listen backlog; 0 = 1024; not negative */
+    int accepts;           /* accepts kept pending (K); 0 = 64; at most 65535 */
+    uint32_t max_sessions; /* live sessions at most; 0 = 10000 */
     cp_session_opts session;
 } cp_server_opts;
 
 typedef struct cp_client_opts {
-    const char *host;          /* where to connect; not NULL or empty */
-    uint16_t port;             /* not 0 */
-    uint32_t sessions;         /* connect this many at start (may be 0) */
-    uint32_t max_sessions;     /* 0 = max(sessions, 10000); not below sessions */
+    const char *host;      /* where to connect; not NULL or empty */
+    uint16_t port;         /* not 0 */
+    uint32_t sessions;     /* connect this many at start (may be 0) */
+    uint32_t max_sessions; /* 0 = max(sessions, 10000); not below sessions */
     cp_session_opts session;
 } cp_client_opts;
 
@@ -573,8 +573,8 @@ typedef struct cp_client_opts {
  * for options that cannot work (see the option structs). Any thread,
  * workers included; the service may be stopped from any other thread as soon
  * as this returns, even before it has begun accepting. */
-CP_API int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
-                           const cp_handlers *h, void *ctx);
+CP_API int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts, const cp_handlers *h,
+                           void *ctx);
 
 /* Starts a client service and begins opts->sessions connects. -EINVAL for
  * options that cannot work (see the option structs). If those
@@ -582,8 +582,8 @@ CP_API int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts
  * cannot be made: -EMFILE, -EAFNOSUPPORT, ...) it returns that error and
  * starts nothing: no service, no callback. A connect that fails later (refused,
  * unreachable, ...) is reported to on_connect_failed. */
-CP_API int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
-                           const cp_handlers *h, void *ctx);
+CP_API int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts, const cp_handlers *h,
+                           void *ctx);
 
 /* Client services: start one more connect. Any thread. Its socket is made
  * here: if that fails the error is returned (and no callback follows);
@@ -613,12 +613,12 @@ CP_API cp_port *cp_service_get_port(const cp_service *svc);
 CP_API uint16_t cp_service_listen_port(const cp_service *svc);
 
 typedef struct cp_service_stats {
-    uint64_t sessions;          /* live now */
-    uint64_t connected;         /* on_connected calls so far */
-    uint64_t disconnected;      /* on_disconnected calls so far */
-    uint64_t rejected;          /* accepted beyond max_sessions and closed at once */
+    uint64_t sessions;     /* live now */
+    uint64_t connected;    /* on_connected calls so far */
+    uint64_t disconnected; /* on_disconnected calls so far */
+    uint64_t rejected;     /* accepted beyond max_sessions and closed at once */
     uint64_t connect_failed;
-    uint64_t accept_errors;     /* EMFILE, ENFILE, ENOBUFS... (each backoff counts once) */
+    uint64_t accept_errors; /* EMFILE, ENFILE, ENOBUFS... (each backoff counts once) */
     uint64_t bytes_in, bytes_out;
     uint64_t packets_in;
     uint64_t by_reason[CP_REASON_COUNT_];

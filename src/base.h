@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * What every layer of cport shares: the log, the clock, allocation, and the
- * misuse checks. Nothing here is public.
+ * What every layer of cport shares: the log, the clock, allocation, the
+ * misuse checks, and the intrusive list (queue.h). Nothing here is public.
  */
 #ifndef CP_BASE_H
 #define CP_BASE_H
 
 #include "cport.h"
+#include "queue.h"
 #include "sys.h"
 
 #include <pthread.h>

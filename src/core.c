@@ -23,53 +23,53 @@
  * first and the lookup is a search, not a switch (which would reject the
  * duplicate on Linux).
  */
-#define CP_ERRNO_MAP(X)                                                          \
-    X(EINVAL, "invalid argument")                                                \
-    X(ENOMEM, "out of memory")                                                   \
-    X(ENOTCONN, "session is not connected")                                      \
-    X(ENOTSUP, "not supported on this system or build")                          \
-    X(EBUSY, "still in use")                                                     \
-    X(EDEADLK, "would deadlock: called from a worker thread")                    \
-    X(ESHUTDOWN, "port or service is shutting down")                             \
-    X(EALREADY, "already in progress or done")                                   \
-    X(EEXIST, "already exists")                                                  \
-    X(ENOENT, "not found")                                                       \
-    X(EMSGSIZE, "message too long")                                              \
-    X(EPROTO, "protocol error: malformed packet header")                         \
-    X(ECANCELED, "operation canceled")                                           \
-    X(EAGAIN, "resource temporarily unavailable, try again")                     \
-    X(EINTR, "interrupted by a signal")                                          \
-    X(ETIME, "timer expired")                                                    \
-    X(ETIMEDOUT, "timed out")                                                    \
-    X(EPERM, "operation not permitted")                                          \
-    X(EACCES, "permission denied")                                               \
-    X(ENOSYS, "function not implemented by the kernel")                          \
-    X(EMFILE, "too many open files in this process")                             \
-    X(ENFILE, "too many open files in the system")                               \
-    X(ENOBUFS, "no buffer space")                                                \
-    X(EADDRINUSE, "address already in use")                                      \
-    X(EADDRNOTAVAIL, "address not available")                                    \
-    X(EAFNOSUPPORT, "address family not supported")                              \
-    X(ECONNREFUSED, "connection refused")                                        \
-    X(ECONNRESET, "connection reset by peer")                                    \
-    X(ECONNABORTED, "connection aborted")                                        \
-    X(EPIPE, "broken pipe")                                                      \
-    X(ENETDOWN, "network is down")                                               \
-    X(ENETUNREACH, "network unreachable")                                        \
-    X(ENETRESET, "connection reset by the network")                              \
-    X(EHOSTDOWN, "host is down")                                                 \
-    X(EHOSTUNREACH, "host unreachable")                                          \
-    X(EISCONN, "socket is already connected")                                    \
-    X(EINPROGRESS, "operation in progress")                                      \
-    X(EDESTADDRREQ, "destination address required")                              \
-    X(EPROTOTYPE, "wrong protocol type for socket")                              \
-    X(ENOPROTOOPT, "protocol option not available")                              \
-    X(EPROTONOSUPPORT, "protocol not supported")                                 \
-    X(EOPNOTSUPP, "operation not supported on socket")                           \
-    X(ENOTSOCK, "not a socket")                                                  \
-    X(EBADF, "bad file descriptor")                                              \
-    X(EFAULT, "bad address")                                                     \
-    X(EIO, "input/output error")
+#define CP_ERRNO_MAP(X)                                                                                      \
+  X(EINVAL, "invalid argument")                                                                              \
+  X(ENOMEM, "out of memory")                                                                                 \
+  X(ENOTCONN, "session is not connected")                                                                    \
+  X(ENOTSUP, "not supported on this system or build")                                                        \
+  X(EBUSY, "still in use")                                                                                   \
+  X(EDEADLK, "would deadlock: called from a worker thread")                                                  \
+  X(ESHUTDOWN, "port or service is shutting down")                                                           \
+  X(EALREADY, "already in progress or done")                                                                 \
+  X(EEXIST, "already exists")                                                                                \
+  X(ENOENT, "not found")                                                                                     \
+  X(EMSGSIZE, "message too long")                                                                            \
+  X(EPROTO, "protocol error: malformed packet header")                                                       \
+  X(ECANCELED, "operation canceled")                                                                         \
+  X(EAGAIN, "resource temporarily unavailable, try again")                                                   \
+  X(EINTR, "interrupted by a signal")                                                                        \
+  X(ETIME, "timer expired")                                                                                  \
+  X(ETIMEDOUT, "timed out")                                                                                  \
+  X(EPERM, "operation not permitted")                                                                        \
+  X(EACCES, "permission denied")                                                                             \
+  X(ENOSYS, "function not implemented by the kernel")                                                        \
+  X(EMFILE, "too many open files in this process")                                                           \
+  X(ENFILE, "too many open files in the system")                                                             \
+  X(ENOBUFS, "no buffer space")                                                                              \
+  X(EADDRINUSE, "address already in use")                                                                    \
+  X(EADDRNOTAVAIL, "address not available")                                                                  \
+  X(EAFNOSUPPORT, "address family not supported")                                                            \
+  X(ECONNREFUSED, "connection refused")                                                                      \
+  X(ECONNRESET, "connection reset by peer")                                                                  \
+  X(ECONNABORTED, "connection aborted")                                                                      \
+  X(EPIPE, "broken pipe")                                                                                    \
+  X(ENETDOWN, "network is down")                                                                             \
+  X(ENETUNREACH, "network unreachable")                                                                      \
+  X(ENETRESET, "connection reset by the network")                                                            \
+  X(EHOSTDOWN, "host is down")                                                                               \
+  X(EHOSTUNREACH, "host unreachable")                                                                        \
+  X(EISCONN, "socket is already connected")                                                                  \
+  X(EINPROGRESS, "operation in progress")                                                                    \
+  X(EDESTADDRREQ, "destination address required")                                                            \
+  X(EPROTOTYPE, "wrong protocol type for socket")                                                            \
+  X(ENOPROTOOPT, "protocol option not available")                                                            \
+  X(EPROTONOSUPPORT, "protocol not supported")                                                               \
+  X(EOPNOTSUPP, "operation not supported on socket")                                                         \
+  X(ENOTSOCK, "not a socket")                                                                                \
+  X(EBADF, "bad file descriptor")                                                                            \
+  X(EFAULT, "bad address")                                                                                   \
+  X(EIO, "input/output error")
 
 typedef struct cp_errdesc {
     int code; /* positive errno value */
@@ -170,7 +170,7 @@ static struct {
     void *(*realloc_fn)(void *, size_t);
     void *(*calloc_fn)(size_t, size_t);
     void (*free_fn)(void *);
-} alloc = {malloc, realloc, calloc, free};
+} alloc = { malloc, realloc, calloc, free };
 static atomic_bool allocated;
 
 int cp_set_allocator(void *(*malloc_fn)(size_t), void *(*realloc_fn)(void *, size_t),
@@ -242,7 +242,10 @@ void cp__misuse(const char *msg, const char *file, int line)
  * grow, the registry is abandoned (checks pass) rather than raise false
  * alarms about objects it missed. */
 static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct live { const void *p; int kind; } *live;
+static struct live {
+    const void *p;
+    int kind;
+} * live;
 static size_t nlive, caplive;
 static bool live_broken;
 
@@ -258,7 +261,7 @@ void cp__live_add(int kind, const void *p)
             live = a, caplive = cap;
     }
     if (nlive < caplive)
-        live[nlive++] = (struct live){p, kind};
+        live[nlive++] = (struct live){ p, kind };
     pthread_mutex_unlock(&live_lock);
 }
 

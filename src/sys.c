@@ -6,7 +6,7 @@
 
 #ifdef _WIN32
 
-#include <mswsock.h>
+#  include <mswsock.h>
 
 int cp__win_errno(unsigned long code)
 {
@@ -136,7 +136,7 @@ static volatile LONG stop_sig;
 static BOOL WINAPI on_console_event(DWORD type)
 {
     InterlockedExchange(&stop_sig, type == CTRL_C_EVENT || type == CTRL_BREAK_EVENT ? 2 /* SIGINT */
-                                                                               : 15 /* SIGTERM */);
+                                                                                    : 15 /* SIGTERM */);
     SetEvent(stop_event);
     /* Returning TRUE for a console close would be ignored after a few seconds
      * anyway; the main thread has that long to stop the server. */
@@ -169,11 +169,11 @@ int cp_wait_stop_signal(void)
 
 #else /* POSIX */
 
-#include <pthread.h>
-#include <semaphore.h>
-#include <signal.h>
-#include <sys/mman.h>
-#include <time.h>
+#  include <pthread.h>
+#  include <semaphore.h>
+#  include <signal.h>
+#  include <sys/mman.h>
+#  include <time.h>
 
 /* A handler that posts a semaphore is async-signal-safe and works whatever
  * the signal masks of the other threads are, so the caller need not block
@@ -290,7 +290,7 @@ void cp__pages_discard(void *p, size_t bytes) { madvise(p, bytes, MADV_DONTNEED)
 
 void cp__sleep_ms(unsigned ms)
 {
-    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L };
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
         ;
 }

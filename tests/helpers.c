@@ -40,15 +40,9 @@
  * check at exit is off because a test that failed an assertion skipped its
  * clean-up, and reporting that as a leak would only be noise. */
 const char *__asan_default_options(void);
-const char *__asan_default_options(void)
-{
-    return "leak_check_at_exit=0";
-}
+const char *__asan_default_options(void) { return "leak_check_at_exit=0"; }
 const char *__lsan_default_options(void);
-const char *__lsan_default_options(void)
-{
-    return "print_suppressions=0";
-}
+const char *__lsan_default_options(void) { return "print_suppressions=0"; }
 #endif
 
 /* ------------------------------------------------------------------ time */
@@ -79,10 +73,7 @@ uint64_t cpt_now_ns(void)
     return t / f * 1000000000u + t % f * 1000000000u / f;
 }
 
-uint64_t cpt_now_ms(void)
-{
-    return cpt_now_ns() / 1000000u;
-}
+uint64_t cpt_now_ms(void) { return cpt_now_ns() / 1000000u; }
 
 /* Sleep() counts whole milliseconds; shorter waits yield in a loop. */
 void cpt_sleep_us(unsigned us)
@@ -96,10 +87,7 @@ void cpt_sleep_us(unsigned us)
         SwitchToThread();
 }
 
-void cpt_sleep_ms(unsigned ms)
-{
-    Sleep(ms);
-}
+void cpt_sleep_ms(unsigned ms) { Sleep(ms); }
 
 uint64_t cpt_process_cpu_ns(void)
 {
@@ -111,10 +99,7 @@ uint64_t cpt_process_cpu_ns(void)
     return (kt + ut) * 100u; /* 100 ns units */
 }
 
-static int cpt_thread_id(void)
-{
-    return (int)GetCurrentThreadId();
-}
+static int cpt_thread_id(void) { return (int)GetCurrentThreadId(); }
 
 #else
 
@@ -125,10 +110,7 @@ uint64_t cpt_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-uint64_t cpt_now_ms(void)
-{
-    return cpt_now_ns() / 1000000u;
-}
+uint64_t cpt_now_ms(void) { return cpt_now_ns() / 1000000u; }
 
 void cpt_sleep_us(unsigned us)
 {
@@ -137,10 +119,7 @@ void cpt_sleep_us(unsigned us)
     }
 }
 
-void cpt_sleep_ms(unsigned ms)
-{
-    cpt_sleep_us(ms * 1000u);
-}
+void cpt_sleep_ms(unsigned ms) { cpt_sleep_us(ms * 1000u); }
 
 uint64_t cpt_process_cpu_ns(void)
 {
@@ -149,10 +128,7 @@ uint64_t cpt_process_cpu_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static int cpt_thread_id(void)
-{
-    return (int)gettid();
-}
+static int cpt_thread_id(void) { return (int)gettid(); }
 
 #endif
 
@@ -231,10 +207,7 @@ void cpt_xstop(cp_service *svc)
     cr_assert_eq(rc, 0, "cp_service_stop: %d (%s)", rc, cp_strerror(rc));
 }
 
-static void mark_ran(void *flag)
-{
-    atomic_store((atomic_int *)flag, 1);
-}
+static void mark_ran(void *flag) { atomic_store((atomic_int *)flag, 1); }
 
 void cpt_xjobq_drained(cp_jobq *q)
 {
@@ -252,6 +225,34 @@ cp_service_stats cpt_stats(const cp_service *svc)
     memset(&st, 0, sizeof st);
     cp_service_stats_get(svc, &st);
     return st;
+}
+
+void cpt_xbytes_in(const cp_service *svc, uint64_t n)
+{
+    uint64_t deadline = cpt_now_ms() + 5000;
+    uint64_t got;
+    while ((got = cpt_stats(svc).bytes_in) < n && cpt_now_ms() < deadline)
+        cpt_sleep_us(50);
+    cr_assert_geq(got, n, "the server read %llu of the %llu bytes sent to it", (unsigned long long)got,
+                  (unsigned long long)n);
+}
+
+void cpt_xwrites_stalled(const cp_service *svc)
+{
+    uint64_t deadline = cpt_now_ms() + 5000;
+    uint64_t last = 0, since = cpt_now_ms();
+    for (;;) {
+        uint64_t out = cpt_stats(svc).bytes_out, now = cpt_now_ms();
+        if (out != last) {
+            last = out;
+            since = now;
+        } else if (out > 0 && now - since >= 20) {
+            return;
+        }
+        cr_assert_lt(now, deadline, "the server's writes did not stall (%llu bytes written)",
+                     (unsigned long long)out);
+        cpt_sleep_ms(1);
+    }
 }
 
 /* ------------------------------------------------------------------ session tracking */
@@ -282,14 +283,11 @@ void cpt_track_free(cpt_track *t)
     free(t);
 }
 
-void cpt_track_stopped(cpt_track *t)
-{
-    atomic_store(&t->stopped, true);
-}
+void cpt_track_stopped(cpt_track *t) { atomic_store(&t->stopped, true); }
 
 void cpt_track_xcheck(cpt_track *t)
 {
-    cpt_sleep_ms(20); /* give a late callback the chance to show itself */
+    cpt_sleep_ms(20); /* a sleep: a late callback, which the checks below count, would show in this window */
     cr_expect_eq(atomic_load(&t->overlaps), 0, "callbacks of one session overlapped %d times",
                  atomic_load(&t->overlaps));
     cr_expect_eq(atomic_load(&t->nested), 0,
@@ -312,18 +310,15 @@ void cpt_track_xcheck(cpt_track *t)
             bad++;
         }
     }
-    cr_assert_eq(bad, 0, "%d of %d sessions not connected once + disconnected once (first: #%d: %d/%d)",
-                 bad, n, first, first >= 0 ? atomic_load(&t->recs[first].connected) : 0,
+    cr_assert_eq(bad, 0, "%d of %d sessions not connected once + disconnected once (first: #%d: %d/%d)", bad,
+                 n, first, first >= 0 ? atomic_load(&t->recs[first].connected) : 0,
                  first >= 0 ? atomic_load(&t->recs[first].disconnected) : 0);
     cr_assert_eq(atomic_load(&t->connected), atomic_load(&t->disconnected),
                  "on_connected %d times but on_disconnected %d times", atomic_load(&t->connected),
                  atomic_load(&t->disconnected));
 }
 
-cpt_srec *cpt_rec(cp_session *s)
-{
-    return (cpt_srec *)cp_session_data(s);
-}
+cpt_srec *cpt_rec(cp_session *s) { return (cpt_srec *)cp_session_data(s); }
 
 static bool settled(const cp_service *svc, cpt_track *t)
 {
@@ -537,10 +532,7 @@ cp_handlers cpt_track_handlers(void)
 /* Test sockets report errors as the library does: its own mapping. */
 static int map_wsa(int code) { return cp__win_errno((unsigned long)code); }
 
-int cpt_sock_errno(void)
-{
-    return map_wsa(WSAGetLastError());
-}
+int cpt_sock_errno(void) { return map_wsa(WSAGetLastError()); }
 
 /* The error of a receive: a receive timeout (WSAETIMEDOUT on Windows) is
  * -EAGAIN, as SO_RCVTIMEO's EAGAIN on POSIX. */
@@ -557,10 +549,7 @@ int cpt_socket(int family)
     return s == INVALID_SOCKET ? -cpt_sock_errno() : (int)s;
 }
 
-void cpt_close(int fd)
-{
-    closesocket((SOCKET)fd);
-}
+void cpt_close(int fd) { closesocket((SOCKET)fd); }
 
 int cpt_setsockopt_int(int fd, int level, int name, int value)
 {
@@ -637,15 +626,9 @@ int cpt_under_wine(void)
 
 #else /* POSIX */
 
-int cpt_sock_errno(void)
-{
-    return errno;
-}
+int cpt_sock_errno(void) { return errno; }
 
-static int recv_err(void)
-{
-    return errno == EWOULDBLOCK ? -EAGAIN : -errno;
-}
+static int recv_err(void) { return errno == EWOULDBLOCK ? -EAGAIN : -errno; }
 
 int cpt_socket(int family)
 {
@@ -653,10 +636,7 @@ int cpt_socket(int family)
     return fd < 0 ? -errno : fd;
 }
 
-void cpt_close(int fd)
-{
-    close(fd);
-}
+void cpt_close(int fd) { close(fd); }
 
 int cpt_setsockopt_int(int fd, int level, int name, int value)
 {
@@ -704,15 +684,9 @@ int cpt_accept(int lfd)
     return fd;
 }
 
-int cpt_ncpu(void)
-{
-    return (int)sysconf(_SC_NPROCESSORS_ONLN);
-}
+int cpt_ncpu(void) { return (int)sysconf(_SC_NPROCESSORS_ONLN); }
 
-int cpt_under_wine(void)
-{
-    return 0;
-}
+int cpt_under_wine(void) { return 0; }
 
 #endif
 
@@ -775,10 +749,7 @@ static int make_addr(const char *host, uint16_t port, struct sockaddr_storage *s
     return -EINVAL;
 }
 
-int cpt_set_rcvtimeo(int fd, unsigned ms)
-{
-    return set_timeo(fd, SO_RCVTIMEO, ms);
-}
+int cpt_set_rcvtimeo(int fd, unsigned ms) { return set_timeo(fd, SO_RCVTIMEO, ms); }
 
 int cpt_connect(const char *host, uint16_t port, int rcvbuf)
 {
@@ -841,10 +812,7 @@ int cpt_send_all(int fd, const void *p, size_t n)
     return 0;
 }
 
-ssize_t cpt_recv_once(int fd, void *p, size_t n)
-{
-    return sock_recv(fd, p, n, 0);
-}
+ssize_t cpt_recv_once(int fd, void *p, size_t n) { return sock_recv(fd, p, n, 0); }
 
 ssize_t cpt_recv_some(int fd, void *p, size_t n)
 {
@@ -1023,8 +991,8 @@ void cpt_xnext_packet_is(int fd, uint16_t id, const void *body, size_t len, cons
     cr_assert_leq(len, sizeof got);
     int rc = cpt_recv_packet(fd, &got_id, got, sizeof got, &got_len);
     cr_assert_eq(rc, 0, "%s (receiving the marker: %d)", msg, rc);
-    cr_assert(got_id == id && got_len == len && memcmp(got, body, len) == 0, "%s (packet %u of %zu bytes)", msg,
-              (unsigned)got_id, got_len);
+    cr_assert(got_id == id && got_len == len && memcmp(got, body, len) == 0, "%s (packet %u of %zu bytes)",
+              msg, (unsigned)got_id, got_len);
 }
 
 void cpt_xclosed(int fd, unsigned timeout_ms)
@@ -1083,7 +1051,8 @@ static int own_handles(uintptr_t **vals, bool (*keep)(uintptr_t h))
     typedef LONG(NTAPI * qsi_fn)(ULONG, PVOID, ULONG, PULONG);
     static qsi_fn qsi;
     if (!qsi)
-        qsi = (qsi_fn)(void (*)(void))GetProcAddress(GetModuleHandleA("ntdll.dll"), "NtQuerySystemInformation");
+        qsi = (qsi_fn)(void (*)(void))GetProcAddress(GetModuleHandleA("ntdll.dll"),
+                                                     "NtQuerySystemInformation");
     if (!qsi)
         return -1;
     ULONG size = 1u << 16, got = 0;
@@ -1250,10 +1219,7 @@ long long cpt_check_pattern(const uint8_t *p, size_t n, uint64_t offset, uint32_
 
 #ifdef _WIN32
 
-int cpt_count_fds(void)
-{
-    return own_handles(NULL, not_sync);
-}
+int cpt_count_fds(void) { return own_handles(NULL, not_sync); }
 
 long cpt_rss_kib(void)
 {
@@ -1280,10 +1246,7 @@ size_t cpt_heap_in_use(void)
     return sum;
 }
 
-unsigned long long cpt_raise_nofile(unsigned long long want)
-{
-    return want;
-}
+unsigned long long cpt_raise_nofile(unsigned long long want) { return want; }
 
 #else
 
@@ -1315,12 +1278,12 @@ long cpt_rss_kib(void)
 
 size_t cpt_heap_in_use(void)
 {
-#ifdef CPT_ASAN
+#  ifdef CPT_ASAN
     return 0;
-#else
+#  else
     struct mallinfo2 mi = mallinfo2();
     return mi.uordblks + mi.hblkhd;
-#endif
+#  endif
 }
 
 unsigned long long cpt_raise_nofile(unsigned long long want)

@@ -72,24 +72,30 @@ uint64_t cpt_process_cpu_ns(void);
 
 /* Evaluates expr every millisecond until it is true or timeout_ms passed;
  * sets ok (a bool lvalue) to the final value of expr. */
-#define CPT_WAIT(ok, expr, timeout_ms)                                   \
-    do {                                                                 \
-        uint64_t cpt_deadline_ = cpt_now_ms() + (uint64_t)(timeout_ms);  \
-        for (;;) {                                                       \
-            if (expr) { (ok) = true; break; }                            \
-            if (cpt_now_ms() >= cpt_deadline_) { (ok) = (expr) ? true : false; break; } \
-            cpt_sleep_ms(1);                                             \
-        }                                                                \
-    } while (0)
+#define CPT_WAIT(ok, expr, timeout_ms)                                                                       \
+  do {                                                                                                       \
+    uint64_t cpt_deadline_ = cpt_now_ms() + (uint64_t)(timeout_ms);                                          \
+    for (;;) {                                                                                               \
+      if (expr) {                                                                                            \
+        (ok) = true;                                                                                         \
+        break;                                                                                               \
+      }                                                                                                      \
+      if (cpt_now_ms() >= cpt_deadline_) {                                                                   \
+        (ok) = (expr) ? true : false;                                                                        \
+        break;                                                                                               \
+      }                                                                                                      \
+      cpt_sleep_ms(1);                                                                                       \
+    }                                                                                                        \
+  } while (0)
 
 /* Waits for expr (as CPT_WAIT) and fails the test with the message if it never
  * became true. Test thread only. The message is mandatory. */
-#define CPT_AWAIT(expr, timeout_ms, ...)                                 \
-    do {                                                                 \
-        bool cpt_ok_ = false;                                            \
-        CPT_WAIT(cpt_ok_, expr, timeout_ms);                             \
-        cr_assert(cpt_ok_, __VA_ARGS__);                                 \
-    } while (0)
+#define CPT_AWAIT(expr, timeout_ms, ...)                                                                     \
+  do {                                                                                                       \
+    bool cpt_ok_ = false;                                                                                    \
+    CPT_WAIT(cpt_ok_, expr, timeout_ms);                                                                     \
+    cr_assert(cpt_ok_, __VA_ARGS__);                                                                         \
+  } while (0)
 
 /* ------------------------------------------------------------------ port and services */
 
@@ -112,24 +118,32 @@ void cpt_xstop(cp_service *svc);
  * call has run by then. Asserts; test thread. */
 void cpt_xjobq_drained(cp_jobq *q);
 cp_service_stats cpt_stats(const cp_service *svc);
+/* Waits (up to 5 s, polling every 50 us) until the service has read at
+ * least n bytes: what is sent after the call comes in a read of its own.
+ * Asserts; test thread. */
+void cpt_xbytes_in(const cp_service *svc, uint64_t n);
+/* Waits (up to 5 s) until the service has written some bytes and then none
+ * for 20 ms: the sockets it writes to are full, their peers not reading.
+ * Asserts; test thread. */
+void cpt_xwrites_stalled(const cp_service *svc);
 
 /* ------------------------------------------------------------------ session tracking */
 
 /* One record per session seen by a tracking service (see cpt_track). */
 typedef struct cpt_srec {
-    cp_session *s;            /* valid while kept (track->keep_refs) or connected */
+    cp_session *s; /* valid while kept (track->keep_refs) or connected */
     uint64_t id;
-    atomic_int peer_port;     /* the remote port, from cp_session_peer(); set last */
-    atomic_int connected;     /* on_connected calls */
-    atomic_int disconnected;  /* on_disconnected calls */
-    atomic_int inside;        /* thread id of the callback of this session now running, or 0 */
-    atomic_int reason;        /* reason of on_disconnected */
-    atomic_int err;           /* err of on_disconnected */
-    atomic_int packets;       /* packets seen by the tracking handlers */
-    atomic_llong bytes;       /* bytes seen by the tracking handlers */
-    atomic_llong sent;        /* bytes reported by on_sent */
-    atomic_llong expect_seq;  /* free for the test: per-session sequence checks */
-    void *user;               /* free for the test */
+    atomic_int peer_port;    /* the remote port, from cp_session_peer(); set last */
+    atomic_int connected;    /* on_connected calls */
+    atomic_int disconnected; /* on_disconnected calls */
+    atomic_int inside;       /* thread id of the callback of this session now running, or 0 */
+    atomic_int reason;       /* reason of on_disconnected */
+    atomic_int err;          /* err of on_disconnected */
+    atomic_int packets;      /* packets seen by the tracking handlers */
+    atomic_llong bytes;      /* bytes seen by the tracking handlers */
+    atomic_llong sent;       /* bytes reported by on_sent */
+    atomic_llong expect_seq; /* free for the test: per-session sequence checks */
+    void *user;              /* free for the test */
 } cpt_srec;
 
 /* A tracking context: pass it as the service ctx (or a struct that has it as
@@ -141,21 +155,26 @@ typedef struct cpt_srec {
 typedef struct cpt_track {
     atomic_int connected, disconnected, connect_failed;
     atomic_int last_connect_err;
-    atomic_int failures;      /* contract violations seen inside callbacks */
-    atomic_int overlaps;      /* callbacks of one session running at once on two threads */
-    atomic_int nested;        /* a callback of a session run inside another of it (re-entrant) */
-    atomic_int after_stop;    /* callbacks after cpt_track_stopped() */
-    atomic_int after_disc;    /* callbacks of a session after its on_disconnected */
+    atomic_int failures;   /* contract violations seen inside callbacks */
+    atomic_int overlaps;   /* callbacks of one session running at once on two threads */
+    atomic_int nested;     /* a callback of a session run inside another of it (re-entrant) */
+    atomic_int after_stop; /* callbacks after cpt_track_stopped() */
+    atomic_int after_disc; /* callbacks of a session after its on_disconnected */
     atomic_int reasons[CP_REASON_COUNT_];
     atomic_bool stopped;
     atomic_llong packets, bytes_in, bytes_sent;
     atomic_int nrec;
     int cap;
-    bool keep_refs;           /* cp_session_ref every session in on_connected */
-    bool echo;                /* the tracking packet/raw handlers echo what they get */
-    unsigned hold_us;         /* each tracked callback sleeps this long inside */
+    bool keep_refs; /* cp_session_ref every session in on_connected */
+    bool echo;      /* the tracking packet/raw handlers echo what they get */
+    /* hold_us and user may be set after the service started: atomic, so a
+     * worker's callback that reads them is ordered after the test's store
+     * by the store itself, not by the socket traffic in between (which
+     * orders nothing in C11 and which ThreadSanitizer cannot see on
+     * io_uring). */
+    atomic_uint hold_us; /* each tracked callback sleeps this long inside */
     cpt_srec *recs;
-    void *user;               /* free for the test */
+    _Atomic(void *) user; /* free for the test */
 } cpt_track;
 
 cpt_track *cpt_track_new(int cap);
@@ -300,6 +319,18 @@ size_t cpt_heap_in_use(void);
 unsigned long long cpt_raise_nofile(unsigned long long want);
 /* 1 when built with AddressSanitizer (LeakSanitizer available). */
 int cpt_sanitized(void);
+/* CPT_TSAN: 1 when built with ThreadSanitizer (make check-tsan), else 0; a
+ * constant, for the few tests whose measure means nothing under TSan. */
+#if defined(__SANITIZE_THREAD__)
+#  define CPT_TSAN 1
+#elif defined(__has_feature)
+#  if __has_feature(thread_sanitizer)
+#    define CPT_TSAN 1
+#  endif
+#endif
+#ifndef CPT_TSAN
+#  define CPT_TSAN 0
+#endif
 
 typedef struct cpt_leak_mark {
     int fds;

@@ -30,8 +30,8 @@ Test(client, connects_n_sessions, .timeout = 30)
     cp_sendbuf *b = cp_packet_make(5, "to-server", 9);
     cr_assert_eq(cp_service_broadcast(cli, b), N);
     cp_sendbuf_unref(b);
-    CPT_AWAIT(atomic_load(&ct->packets) == N, 5000, "%lld of %d echoes reached the client", atomic_load(&ct->packets),
-              N);
+    CPT_AWAIT(atomic_load(&ct->packets) == N, 5000, "%lld of %d echoes reached the client",
+              atomic_load(&ct->packets), N);
     for (int i = 0; i < N; i++)
         cr_assert_eq(atomic_load(&ct->recs[i].packets), 1, "client session %d got %d echoes", i,
                      atomic_load(&ct->recs[i].packets));
@@ -49,7 +49,9 @@ Test(client, connects_n_sessions, .timeout = 30)
     cr_assert_eq(atomic_load(&ct->reasons[CP_REASON_STOPPING]), N);
     cpt_track_free(ct);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == N, 5000, "server sessions not closed after client stop");
-    cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_PEER_CLOSED]) + atomic_load(&e.t->reasons[CP_REASON_RESET]), N);
+    cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_PEER_CLOSED]) +
+                     atomic_load(&e.t->reasons[CP_REASON_RESET]),
+                 N);
     cpt_env_stop(&e);
 }
 
@@ -77,7 +79,7 @@ Test(client, connect_more_from_other_threads, .timeout = 30)
     cp_handlers h = cpt_track_handlers();
     cp_client_opts o = { .host = CPT_HOST4, .port = e.sport, .sessions = 0 };
     cp_service *cli = cpt_xclient(e.port, &o, &h, ct);
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a connect started by sessions = 0 would show in this window */
     cr_assert_eq(atomic_load(&ct->connected), 0);
     connector c[4];
     pthread_t th[4];
@@ -137,8 +139,11 @@ Test(client, talks_to_a_raw_server, .timeout = 20)
     cp_route routes[] = { { 1001, reply_route } };
     cp_handlers h = cpt_track_handlers();
     h.on_connected = hello_on_connected;
-    cp_client_opts o = { .host = CPT_HOST4, .port = cpt_local_port(lfd), .sessions = 1,
-                         .session.routes = routes, .session.nroutes = 1 };
+    cp_client_opts o = { .host = CPT_HOST4,
+                         .port = cpt_local_port(lfd),
+                         .sessions = 1,
+                         .session.routes = routes,
+                         .session.nroutes = 1 };
     cp_service *cli = cpt_xclient(p, &o, &h, c);
     int afd = cpt_accept(lfd);
     cr_assert_geq(afd, 0);
@@ -180,7 +185,8 @@ Test(client, failed_connects_then_success, .timeout = 30)
     cp_handlers h = cpt_track_handlers();
     cp_client_opts o = { .host = CPT_HOST4, .port = port, .sessions = 3 };
     cp_service *cli = cpt_xclient(p, &o, &h, ct);
-    CPT_AWAIT(atomic_load(&ct->connect_failed) == 3, 5000, "%d of 3 failures", atomic_load(&ct->connect_failed));
+    CPT_AWAIT(atomic_load(&ct->connect_failed) == 3, 5000, "%d of 3 failures",
+              atomic_load(&ct->connect_failed));
     cr_assert_eq(atomic_load(&ct->last_connect_err), -ECONNREFUSED);
     cpt_xsettle(cli, ct);
 
@@ -231,7 +237,7 @@ Test(client, server_side_disconnect_seen_by_clients, .timeout = 30)
 }
 
 #ifndef _WIN32
-#include <sys/resource.h>
+#  include <sys/resource.h>
 #endif
 
 /* cp_client_start whose first connects cannot even be started (no socket
@@ -265,7 +271,7 @@ Test(client, start_reports_connects_that_cannot_start, .timeout = 20)
     cr_assert_eq(rc, -EMFILE, "cp_client_start returned %d (%s)", rc, cp_strerror(rc));
     cr_assert_null(cli);
     cr_assert_eq(cpt_count_fds(), fds_before, "the sockets of the refused start were left open");
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a failure reported late for the refused start would show in this window */
     cr_assert_eq(atomic_load(&ct->connect_failed), 0, "a refused start reported a failure later");
     cr_assert_eq(atomic_load(&ct->connected), 0);
     cr_assert_eq(cpt_poll_in(lfd, 50), 0, "a connect of the refused start reached the server");
@@ -312,7 +318,7 @@ Test(client, connect_reports_a_socket_it_cannot_make, .timeout = 20)
     int rc = cp_client_connect(cli);
     setrlimit(RLIMIT_NOFILE, &old);
     cr_assert_eq(rc, -EMFILE, "cp_client_connect returned %d (%s)", rc, cp_strerror(rc));
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a failure reported late for the refused connect would show in this window */
     cr_assert_eq(atomic_load(&ct->connect_failed), 0, "a refused connect reported a failure later");
     cr_assert_eq(cpt_stats(cli).sessions, 0);
     cpt_xstop(cli);
@@ -328,11 +334,11 @@ Test(client, connect_reports_a_socket_it_cannot_make, .timeout = 20)
 /* ------------------------------------------------------------------ per-connect data */
 
 typedef struct tagged_ctx {
-    cpt_track t;              /* first: the tracking handlers use it */
-    atomic_int seen[16];      /* on_connected / on_connect_error per tag */
-    atomic_int untagged;      /* on_connected whose data was no tag */
-    atomic_int errors;        /* on_connect_error calls */
-    atomic_int failed_calls;  /* on_connect_failed calls (must stay 0) */
+    cpt_track t;             /* first: the tracking handlers use it */
+    atomic_int seen[16];     /* on_connected / on_connect_error per tag */
+    atomic_int untagged;     /* on_connected whose data was no tag */
+    atomic_int errors;       /* on_connect_error calls */
+    atomic_int failed_calls; /* on_connect_failed calls (must stay 0) */
     atomic_int last_err;
     int tags[16];
 } tagged_ctx;
@@ -402,9 +408,11 @@ Test(client, connect_data_reaches_on_connected, .timeout = 20)
     for (int i = 0; i < N; i++)
         cr_assert_eq(cp_client_connect_data(cli, &c->tags[i]), 0);
     cr_assert_eq(cp_client_connect(cli), 0);
-    CPT_AWAIT(atomic_load(&c->t.connected) == N + 1, 5000, "%d of %d connected", atomic_load(&c->t.connected), N + 1);
+    CPT_AWAIT(atomic_load(&c->t.connected) == N + 1, 5000, "%d of %d connected", atomic_load(&c->t.connected),
+              N + 1);
     for (int i = 0; i < N; i++)
-        cr_assert_eq(atomic_load(&c->seen[i]), 1, "connect %d was answered %d times", i, atomic_load(&c->seen[i]));
+        cr_assert_eq(atomic_load(&c->seen[i]), 1, "connect %d was answered %d times", i,
+                     atomic_load(&c->seen[i]));
     cr_assert_eq(atomic_load(&c->untagged), 1);
     cr_assert_eq(cp_client_connect_data(e.svc, &c->tags[0]), -EINVAL, "a server took a client connect");
     cr_assert_eq(cp_client_connect_data(NULL, NULL), -EINVAL);
@@ -434,9 +442,11 @@ Test(client, failed_connect_reports_its_data, .timeout = 20)
     cp_service *cli = cpt_xclient(p, &o, &h, c);
     for (int i = 0; i < N; i++)
         cr_assert_eq(cp_client_connect_data(cli, &c->tags[i]), 0);
-    CPT_AWAIT(atomic_load(&c->errors) == N + 1, 5000, "%d of %d failures reported", atomic_load(&c->errors), N + 1);
+    CPT_AWAIT(atomic_load(&c->errors) == N + 1, 5000, "%d of %d failures reported", atomic_load(&c->errors),
+              N + 1);
     for (int i = 0; i < N; i++)
-        cr_assert_eq(atomic_load(&c->seen[i]), 1, "failed connect %d was reported %d times", i, atomic_load(&c->seen[i]));
+        cr_assert_eq(atomic_load(&c->seen[i]), 1, "failed connect %d was reported %d times", i,
+                     atomic_load(&c->seen[i]));
     cr_assert_eq(atomic_load(&c->last_err), -ECONNREFUSED);
     cr_assert_eq(atomic_load(&c->failed_calls), 0, "on_connect_failed ran next to on_connect_error");
     cr_assert_eq(cpt_stats(cli).connect_failed, (uint64_t)N + 1);

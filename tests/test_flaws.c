@@ -326,8 +326,10 @@ Test(flaws, f03_calls_on_gone_objects_fail_cleanly, .timeout = 30)
     worker_call w = { .port = e.port, .svc = e.svc };
     cr_assert_eq(cp_port_post(e.port, call_from_worker, &w), 0);
     CPT_AWAIT(atomic_load(&w.done), 5000, "posted function did not run");
-    cr_assert_eq(atomic_load(&w.port_rc), -EDEADLK, "cp_port_destroy from a worker: %d", atomic_load(&w.port_rc));
-    cr_assert_eq(atomic_load(&w.svc_rc), -EDEADLK, "cp_service_stop from a worker: %d", atomic_load(&w.svc_rc));
+    cr_assert_eq(atomic_load(&w.port_rc), -EDEADLK, "cp_port_destroy from a worker: %d",
+                 atomic_load(&w.port_rc));
+    cr_assert_eq(atomic_load(&w.svc_rc), -EDEADLK, "cp_service_stop from a worker: %d",
+                 atomic_load(&w.svc_rc));
     /* Still fully working. */
     cpt_xsend_packet(fd, 5, "ok", 2);
     cpt_xrecv_packet_eq(fd, 5, "ok", 2);
@@ -408,7 +410,8 @@ Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
     for (int i = 0; i < SPARE && ndummy > 0; i++)
         cpt_close(dummy[--ndummy]);
 
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(e.sport),
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_port = htons(e.sport),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     int connect_fail = 0;
     for (int i = 0; i < M; i++)
@@ -417,7 +420,8 @@ Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
 
     bool errors_seen = false;
     CPT_WAIT(errors_seen, cpt_stats(e.svc).accept_errors >= 1, 3000);
-    cpt_sleep_ms(300); /* a sleep: the first reaction to EMFILE passes; the window measures the steady state */
+    cpt_sleep_ms(
+        300); /* a sleep: the first reaction to EMFILE passes; the window measures the steady state */
     uint64_t cpu0 = cpt_process_cpu_ns();
     uint64_t t0 = cpt_now_ns();
     cpt_sleep_ms(1000); /* a sleep: the window whose CPU time is measured */
@@ -429,8 +433,10 @@ Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
         cpt_close(dummy[i]);
 
     cr_assert_eq(connect_fail, 0, "%d raw connects failed", connect_fail);
-    cr_assert(errors_seen, "no accept error counted although the process is out of descriptors "
-                           "(connected %llu)", (unsigned long long)st.connected);
+    cr_assert(errors_seen,
+              "no accept error counted although the process is out of descriptors "
+              "(connected %llu)",
+              (unsigned long long)st.connected);
     cr_assert_lt(st.connected, (uint64_t)M, "all connections accepted: the limit was not reached");
     cr_log_info("exhausted: %llu ms CPU over %llu ms wall, %llu accept errors", (unsigned long long)cpu_ms,
                 (unsigned long long)wall_ms, (unsigned long long)st.accept_errors);
@@ -453,7 +459,8 @@ Test(flaws, f04_emfile_no_spin_and_recovers, .timeout = 60)
             size_t len;
             cpt_set_rcvtimeo(fds[i], 10000);
             rc = cpt_recv_packet(fds[i], &id, body, sizeof body, &len);
-            cr_assert(rc == 0 || rc == 1 || rc == -ECONNRESET, "client %d neither served nor closed: %d", i, rc);
+            cr_assert(rc == 0 || rc == 1 || rc == -ECONNRESET, "client %d neither served nor closed: %d", i,
+                      rc);
             if (rc == 0)
                 cr_assert(id == 2 && len == 3 && !memcmp(body, "old", 3));
         }
@@ -745,16 +752,10 @@ static void unrouted_case(bool with_default)
 
 /* Flaw 7: ids indexed past the end of the handler table. Ids without a route
  * (up to 65535) go to on_packet, with their id intact. */
-Test(flaws, f07_unrouted_ids_go_to_on_packet, .timeout = 20)
-{
-    unrouted_case(true);
-}
+Test(flaws, f07_unrouted_ids_go_to_on_packet, .timeout = 20) { unrouted_case(true); }
 
 /* ... and are dropped when on_packet is NULL; the session goes on. */
-Test(flaws, f07_unrouted_ids_dropped_without_on_packet, .timeout = 20)
-{
-    unrouted_case(false);
-}
+Test(flaws, f07_unrouted_ids_dropped_without_on_packet, .timeout = 20) { unrouted_case(false); }
 
 /* Flaw 7: any packet over 6000 bytes crashed the original. With max_packet
  * 65535, packets of every large size up to 65535 bytes are echoed intact. */
@@ -778,6 +779,11 @@ Test(flaws, f07_packets_up_to_65535_bytes, .timeout = 30)
 }
 
 /* ------------------------------------------------------------------ 8 */
+
+/* ThreadSanitizer maps shadow memory for every address the program touches,
+ * so under it, as under AddressSanitizer (cpt_sanitized), RSS says nothing
+ * about the library. */
+static const bool rss_under_tsan = CPT_TSAN;
 
 /* Flaw 8: 640 KiB of receive buffer per session. 2000 sessions that each
  * received a whole packet and went idle must cost less than 2 KiB of RSS each
@@ -823,9 +829,9 @@ Test(flaws, f08_idle_sessions_hold_no_receive_buffer, .timeout = 90)
     cpt_sleep_ms(200); /* a sleep: the workers go idle and trim before the RSS is read */
     long growth = cpt_rss_kib() - rss0;
     cr_log_info("RSS growth for %d idle sessions: %ld KiB (%.2f KiB each)", N, growth, (double)growth / N);
-    if (!cpt_sanitized())
-        cr_assert_lt(growth, (long)N * 2, "%d idle sessions cost %ld KiB of RSS (%.2f KiB each, limit 2)", N, growth,
-                     (double)growth / N);
+    if (!cpt_sanitized() && !rss_under_tsan)
+        cr_assert_lt(growth, (long)N * 2, "%d idle sessions cost %ld KiB of RSS (%.2f KiB each, limit 2)", N,
+                     growth, (double)growth / N);
     for (int i = 0; i < N; i++)
         cpt_close(fds[i]);
     free(fds);
@@ -931,7 +937,8 @@ Test(flaws, f09_broadcast_never_blocks_on_slow_member, .timeout = 60)
     for (int i = 0; i < FAST; i++)
         pthread_join(th[i], NULL);
     for (int i = 0; i < FAST; i++) {
-        cr_assert_eq(rd[i].got, PKTS, "fast member %d got %d of %d packets (rc %d)", i, rd[i].got, PKTS, rd[i].rc);
+        cr_assert_eq(rd[i].got, PKTS, "fast member %d got %d of %d packets (rc %d)", i, rd[i].got, PKTS,
+                     rd[i].rc);
         cr_assert_eq(rd[i].order_errors, 0);
         cr_assert_lt(rd[i].done_ms - t0, 10000, "fast member %d took %llu ms", i,
                      (unsigned long long)(rd[i].done_ms - t0));
@@ -961,7 +968,7 @@ typedef struct busy_client {
     uint16_t port;
     int nconn;
     atomic_int *go;
-    long long roundtrips;
+    atomic_llong roundtrips; /* read by the test while the thread runs */
     int bad;
 } busy_client;
 
@@ -995,7 +1002,7 @@ static void *busy_client_main(void *arg)
                     bc->bad++;
             }
             if (rc == 0) {
-                bc->roundtrips++;
+                atomic_fetch_add_explicit(&bc->roundtrips, 1, memory_order_relaxed);
                 continue;
             }
             if (rc == -EAGAIN)
@@ -1035,7 +1042,7 @@ Test(flaws, f10_graceful_stop_with_busy_sessions, .timeout = 60)
     CPT_AWAIT(every_session_echoed(e.t, 8), 5000, "not every session exchanged traffic");
     long long before = 0;
     for (int i = 0; i < THREADS; i++)
-        before += bc[i].roundtrips; /* racy read, only a sanity hint */
+        before += atomic_load(&bc[i].roundtrips); /* a hint: the threads go on counting */
     uint64_t t0 = cpt_now_ms();
     cpt_xstop(e.svc);
     uint64_t took = cpt_now_ms() - t0;
@@ -1046,13 +1053,15 @@ Test(flaws, f10_graceful_stop_with_busy_sessions, .timeout = 60)
     long long total = 0;
     int bad = 0;
     for (int i = 0; i < THREADS; i++) {
-        total += bc[i].roundtrips;
+        total += atomic_load(&bc[i].roundtrips);
         bad += bc[i].bad;
     }
-    cr_log_info("%lld round trips (%lld before stop), stop took %llu ms", total, before, (unsigned long long)took);
+    cr_log_info("%lld round trips (%lld before stop), stop took %llu ms", total, before,
+                (unsigned long long)took);
     cr_assert_gt(total, 0, "no traffic happened");
     cr_assert_eq(bad, 0, "%d bad echoes or hanging connections", bad);
-    cr_assert_gt(atomic_load(&e.t->reasons[CP_REASON_STOPPING]), 0, "no session ended with CP_REASON_STOPPING");
+    cr_assert_gt(atomic_load(&e.t->reasons[CP_REASON_STOPPING]), 0,
+                 "no session ended with CP_REASON_STOPPING");
     cpt_track_xcheck(e.t);
     cpt_track_free(e.t);
     cpt_xport_destroy(e.port);
@@ -1267,7 +1276,8 @@ Test(flaws, f12_small_writes_not_delayed, .timeout = 60)
 {
     uint64_t ms = pingpong_ms(0, 100);
     cr_log_info("100 split ping-pongs with TCP_NODELAY: %llu ms", (unsigned long long)ms);
-    cr_assert_lt(ms, 1000, "100 ping-pongs took %llu ms: small writes are delayed (Nagle)", (unsigned long long)ms);
+    cr_assert_lt(ms, 1000, "100 ping-pongs took %llu ms: small writes are delayed (Nagle)",
+                 (unsigned long long)ms);
 }
 
 /* Control for the test above: with no_nodelay = 1 the same exchange is slow,
@@ -1309,8 +1319,9 @@ Test(flaws, f12_ipv6_server_and_client, .timeout = 30)
     cp_handlers h = cpt_track_handlers();
     cp_client_opts co = { .host = CPT_HOST6, .port = e.sport, .sessions = 3 };
     cp_service *cli = cpt_xclient(e.port, &co, &h, ct);
-    CPT_AWAIT(atomic_load(&ct->connected) == 3, 5000, "IPv6 client sessions not connected (%d failed, err %d)",
-              atomic_load(&ct->connect_failed), atomic_load(&ct->last_connect_err));
+    CPT_AWAIT(atomic_load(&ct->connected) == 3, 5000,
+              "IPv6 client sessions not connected (%d failed, err %d)", atomic_load(&ct->connect_failed),
+              atomic_load(&ct->last_connect_err));
     cp_sendbuf *b = cp_packet_make(8, "v6", 2);
     cr_assert_eq(cp_service_broadcast(cli, b), 3);
     cp_sendbuf_unref(b);
@@ -1390,7 +1401,10 @@ Test(flaws, f13_callbacks_of_one_session_never_overlap, .timeout = 60)
     pthread_t w[C], rd[C];
     for (int i = 0; i < C; i++) {
         atomic_init(&pushed[i], 0);
-        f[i] = (flood){ .fd = cpt_xconnect(e.sport), .npkts = PKTS, .pushed = &pushed[i], .push_done = &push_done };
+        f[i] = (flood){ .fd = cpt_xconnect(e.sport),
+                        .npkts = PKTS,
+                        .pushed = &pushed[i],
+                        .push_done = &push_done };
         cpt_set_rcvtimeo(f[i].fd, 20000);
     }
     CPT_AWAIT(atomic_load(&e.t->connected) == C, 5000, "not connected");

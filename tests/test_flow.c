@@ -134,8 +134,8 @@ static void burst_round(cpt_env *e, const uint8_t *burst, size_t len, int round)
     int rc = cpt_recv_exact(fd, back, len);
     int wrc = writer_join(&wr);
     cp_service_stats st = cpt_stats(e->svc);
-    cr_assert_eq(rc, 0, "burst %d: the replies stopped short (%d); sessions cut for overflow so far: %llu", round,
-                 rc, (unsigned long long)st.by_reason[CP_REASON_SEND_OVERFLOW]);
+    cr_assert_eq(rc, 0, "burst %d: the replies stopped short (%d); sessions cut for overflow so far: %llu",
+                 round, rc, (unsigned long long)st.by_reason[CP_REASON_SEND_OVERFLOW]);
     cr_assert_eq(wrc, 0, "burst %d: writing failed (%d)", round, wrc);
     cr_assert(memcmp(back, burst, len) == 0, "burst %d: the replies differ from the requests", round);
     free(back);
@@ -208,7 +208,8 @@ Test(flow, rate_limit_throttles_without_cutting, .timeout = 30)
     cpt_close(fd);
     long long most = B + (long long)(R * el) + ONE_RECEIVE / PKT;
     cr_assert_eq(cut, 0, "the flooder was cut (reason %d)", atomic_load(&e.t->recs[0].reason));
-    cr_assert_leq(n, most, "%lld packets handled in %.2f s; the limit allows %lld (%lld sent)", n, el, most, sent);
+    cr_assert_leq(n, most, "%lld packets handled in %.2f s; the limit allows %lld (%lld sent)", n, el, most,
+                  sent);
     cr_assert_geq(n, (long long)(R * el / 2), "only %lld packets handled in %.2f s at %d/s", n, el, R);
     free(chunk);
     cpt_env_stop(&e);
@@ -226,7 +227,8 @@ Test(flow, rate_limit_leaves_a_client_under_it_alone, .timeout = 30)
 {
     enum { R = 1000, B = 10, N = 400, PKT = 16384 };
     const unsigned gap_us = 4 * 1000000u / R;
-    cp_server_opts o = { .session.recv_rate_packets = R, .session.recv_burst_packets = B,
+    cp_server_opts o = { .session.recv_rate_packets = R,
+                         .session.recv_burst_packets = B,
                          .session.max_packet = PKT };
     cpt_env e;
     cpt_env_start(&e, 2, &o, NULL, 4, CPT_NO_ECHO);
@@ -241,7 +243,8 @@ Test(flow, rate_limit_leaves_a_client_under_it_alone, .timeout = 30)
     }
     double sending = secs_since(t0);
     uint64_t t1 = cpt_now_ns();
-    CPT_AWAIT(rec_packets(&e) == N, 1500, "%lld of %d packets handled %.2f s after the last was sent (%.2f s of sending)",
+    CPT_AWAIT(rec_packets(&e) == N, 1500,
+              "%lld of %d packets handled %.2f s after the last was sent (%.2f s of sending)",
               rec_packets(&e), N, secs_since(t1), sending);
     cr_assert_eq(atomic_load(&e.t->disconnected), 0);
     free(pkt);
@@ -263,7 +266,7 @@ Test(flow, rate_limit_bytes, .timeout = 30)
     CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
     flood f;
     flood_start(&f, fd, chunk, clen);
-    cpt_sleep_ms(1500); /* a sleep: the window over which the rate is measured */
+    cpt_sleep_ms(1500);                  /* a sleep: the window over which the rate is measured */
     long long n = rec_packets(&e) * PKT; /* bytes of whole packets: at most what was read */
     double el = secs_since(t0);
     int cut = atomic_load(&e.t->disconnected);
@@ -283,7 +286,8 @@ Test(flow, rate_limit_bytes, .timeout = 30)
 Test(flow, raw_echo_under_byte_rate, .timeout = 30)
 {
     enum { R = 512 * 1024, B = 128 * 1024, LEN = 768 * 1024 };
-    cp_server_opts o = { .session.framing = CP_FRAMING_RAW, .session.recv_rate_bytes = R,
+    cp_server_opts o = { .session.framing = CP_FRAMING_RAW,
+                         .session.recv_rate_bytes = R,
                          .session.recv_burst_bytes = B };
     cpt_env e;
     cpt_env_start(&e, 2, &o, NULL, 4, CPT_RAW);
@@ -300,7 +304,8 @@ Test(flow, raw_echo_under_byte_rate, .timeout = 30)
     cr_assert_eq(rc, 0, "the echo stopped short: %d", rc);
     cr_assert_eq(wrc, 0);
     cr_assert_eq(cpt_check_pattern(back, LEN, 0, 9), -1, "the echo differs");
-    cr_assert_geq(el, least * 0.8, "%d bytes echoed in %.2f s: the limit allows no less than %.2f s", LEN, el, least);
+    cr_assert_geq(el, least * 0.8, "%d bytes echoed in %.2f s: the limit allows no less than %.2f s", LEN, el,
+                  least);
     cr_assert_eq(atomic_load(&e.t->disconnected), 0);
     free(out);
     free(back);
@@ -479,7 +484,8 @@ Test(flow, rate_limit_holds_inside_one_receive, .timeout = 30)
     cpt_sleep_ms(1500); /* a sleep: the window over which the rate must hold */
     long long n = rec_packets(&e);
     double el = secs_since(t0);
-    cr_assert_leq(n, B + (long long)(R * el) + 2, "%lld packets handled in %.2f s at %d/s, burst %d", n, el, R, B);
+    cr_assert_leq(n, B + (long long)(R * el) + 2, "%lld packets handled in %.2f s at %d/s, burst %d", n, el,
+                  R, B);
     cr_assert_geq(n, B + (long long)(R * (el - 1.0) / 2), "only %lld packets in %.2f s", n, el);
     cr_assert_eq(atomic_load(&e.t->disconnected), 0);
     cpt_close(fd);
@@ -507,8 +513,8 @@ Test(flow, watermark_stalls_a_client_that_never_reads, .timeout = 30)
     long long maxq = atomic_load(&c->max_queued);
     flood_stop(&f);
     cpt_close(fd);
-    cr_assert_eq(cut, 0, "the client was cut (reason %d) after %lld requests", atomic_load(&e.t->recs[0].reason),
-                 handled);
+    cr_assert_eq(cut, 0, "the client was cut (reason %d) after %lld requests",
+                 atomic_load(&e.t->recs[0].reason), handled);
     cr_assert_leq(maxq, (long long)AMP_QUEUE_BOUND, "%lld bytes were queued", maxq);
     cr_assert_gt(handled, 0);
     cr_assert_lt(sent, 64ll << 20, "the client wrote %lld bytes without being pushed back", sent);
@@ -582,7 +588,8 @@ static void paused_flood_run(paused_flood *p, cpt_env *e, const cp_server_opts *
 Test(flow, pause_does_not_count_against_packet_timeout, .timeout = 30)
 {
     enum { R = 100, B = 20, PKT = 1028 };
-    cp_server_opts o = { .session.recv_rate_packets = R, .session.recv_burst_packets = B,
+    cp_server_opts o = { .session.recv_rate_packets = R,
+                         .session.recv_burst_packets = B,
                          .session.packet_timeout_ms = 100 };
     cpt_env e;
     paused_flood p;
@@ -613,7 +620,8 @@ Test(flow, pause_does_not_count_against_packet_timeout, .timeout = 30)
 Test(flow, idle_timeout_not_fired_by_rate_pause, .timeout = 30)
 {
     enum { R = 50, B = 10, PKT = 1028 };
-    cp_server_opts o = { .session.recv_rate_packets = R, .session.recv_burst_packets = B,
+    cp_server_opts o = { .session.recv_rate_packets = R,
+                         .session.recv_burst_packets = B,
                          .session.idle_timeout_ms = 200 };
     cpt_env e;
     paused_flood p;

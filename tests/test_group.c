@@ -223,10 +223,7 @@ static void run_chat_room(int n, int m, uint16_t id, cp_packet_fn route, bool ex
     cpt_leak_end(&leak);
 }
 
-Test(group, chat_100_clients_20_messages, .timeout = 60)
-{
-    run_chat_room(100, 20, 1004, chat_route, false);
-}
+Test(group, chat_100_clients_20_messages, .timeout = 60) { run_chat_room(100, 20, 1004, chat_route, false); }
 
 typedef struct churn {
     room_ctx *c;
@@ -477,7 +474,7 @@ Test(group, broadcast_except_edge_cases, .timeout = 20)
 typedef struct room_flood {
     room_ctx *c;
     atomic_int *stop;
-    long broadcasts;
+    atomic_long broadcasts; /* read by the test while the thread runs */
 } room_flood;
 
 static void *room_flood_main(void *arg)
@@ -486,7 +483,7 @@ static void *room_flood_main(void *arg)
     cp_sendbuf *b = cp_packet_make(9, "flood", 5);
     while (!atomic_load(f->stop)) {
         cp_group_broadcast(f->c->g, b);
-        f->broadcasts++;
+        atomic_fetch_add_explicit(&f->broadcasts, 1, memory_order_relaxed);
     }
     cp_sendbuf_unref(b);
     return NULL;
@@ -549,13 +546,16 @@ Test(group, stop_while_user_threads_broadcast_to_200_members, .timeout = 120)
         CPT_WAIT(returned, atomic_load(&ts.done), 5000);
         long total = 0;
         for (int i = 0; i < THREADS; i++)
-            total += f[i].broadcasts;
-        cr_assert(returned, "run %d: cp_service_stop hung (no return in 5 s) while %d threads broadcast to %d "
-                  "members (%ld broadcasts so far)", run, THREADS, N, total);
+            total += atomic_load(&f[i].broadcasts);
+        cr_assert(returned,
+                  "run %d: cp_service_stop hung (no return in 5 s) while %d threads broadcast to %d "
+                  "members (%ld broadcasts so far)",
+                  run, THREADS, N, total);
         pthread_join(st, NULL);
         cr_assert_eq(atomic_load(&ts.rc), 0, "run %d: cp_service_stop: %d", run, atomic_load(&ts.rc));
-        cr_assert_lt(ts.ms, 1000, "run %d: cp_service_stop took %llu ms while %d threads broadcast to %d members",
-                     run, (unsigned long long)ts.ms, THREADS, N);
+        cr_assert_lt(ts.ms, 1000,
+                     "run %d: cp_service_stop took %llu ms while %d threads broadcast to %d members", run,
+                     (unsigned long long)ts.ms, THREADS, N);
         cpt_track_stopped(&c->t);
         atomic_store(&stop, 1);
         for (int i = 0; i < THREADS; i++)
@@ -635,8 +635,10 @@ Test(group, disconnect_while_user_threads_flood_the_room, .timeout = 120)
     cr_assert(all, "%d of %d disconnects done 5 s after the call", atomic_load(&c->t.disconnected), KICKS);
     for (int i = 0; i < KICKS; i++) {
         uint64_t ms = ((uint64_t)atomic_load(&c->t.recs[i].expect_seq) - asked[i]) / 1000000u;
-        cr_assert_lt(ms, LIMIT_MS, "disconnect %d took %llu ms while %d threads broadcast to the room (%ld "
-                     "broadcasts)", i, (unsigned long long)ms, THREADS, total);
+        cr_assert_lt(ms, LIMIT_MS,
+                     "disconnect %d took %llu ms while %d threads broadcast to the room (%ld "
+                     "broadcasts)",
+                     i, (unsigned long long)ms, THREADS, total);
     }
     cpt_xstop(svc); /* the readers see the end of their streams */
     cpt_track_stopped(&c->t);

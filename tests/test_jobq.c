@@ -11,10 +11,10 @@
 #define PER_PUSHER 25000
 
 typedef struct order_ctx {
-    atomic_int running;      /* jobs of the queue running right now */
+    atomic_int running; /* jobs of the queue running right now */
     atomic_int overlaps;
     atomic_long ran;
-    long last[PUSHERS];      /* written only by jobs, which never overlap */
+    long last[PUSHERS]; /* written only by jobs, which never overlap */
     atomic_int out_of_order;
     cp_jobq *q;
 } order_ctx;
@@ -53,7 +53,7 @@ static void *push_thread(void *arg)
     pusher *p = arg;
     for (long i = 1; i <= PER_PUSHER; i++) {
         order_job *j = malloc(sizeof *j);
-        *j = (order_job){p->c, p->index, i};
+        *j = (order_job){ p->c, p->index, i };
         while (cp_jobq_push(p->c->q, order_run, j) == -ENOMEM)
             cpt_sleep_ms(1); /* a retry's pause: memory comes back as jobs run */
     }
@@ -65,20 +65,20 @@ Test(jobq, pushes_from_four_threads_run_once_in_order_never_two_at_a_time, .time
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(0);
-    order_ctx c = {0};
+    order_ctx c = { 0 };
     for (int i = 0; i < PUSHERS; i++)
         c.last[i] = 0;
     cr_assert_eq(cp_jobq_create(&c.q, port), 0);
     pthread_t th[PUSHERS];
     pusher p[PUSHERS];
     for (int i = 0; i < PUSHERS; i++) {
-        p[i] = (pusher){&c, i};
+        p[i] = (pusher){ &c, i };
         pthread_create(&th[i], NULL, push_thread, &p[i]);
     }
     for (int i = 0; i < PUSHERS; i++)
         pthread_join(th[i], NULL);
-    CPT_AWAIT(atomic_load(&c.ran) == PUSHERS * PER_PUSHER, 30000, "ran %ld of %d jobs",
-              atomic_load(&c.ran), PUSHERS * PER_PUSHER);
+    CPT_AWAIT(atomic_load(&c.ran) == PUSHERS * PER_PUSHER, 30000, "ran %ld of %d jobs", atomic_load(&c.ran),
+              PUSHERS * PER_PUSHER);
     cr_expect_eq(atomic_load(&c.overlaps), 0, "jobs of one queue ran concurrently");
     cr_expect_eq(atomic_load(&c.out_of_order), 0, "a thread's jobs ran out of push order");
     for (int i = 0; i < PUSHERS; i++)
@@ -118,7 +118,7 @@ Test(jobq, a_busy_queue_does_not_starve_another, .timeout = 30)
     /* One worker: fairness must come from the time slice, not from a second
      * thread picking up the other queue. */
     cp_port *port = cpt_xport(1);
-    spin_ctx busy = {0};
+    spin_ctx busy = { 0 };
     cr_assert_eq(cp_jobq_create(&busy.q, port), 0);
     cp_jobq_push(busy.q, spin_job, &busy);
     CPT_AWAIT(atomic_load(&busy.spins) >= 20, 5000, "the busy queue did not start");
@@ -128,7 +128,8 @@ Test(jobq, a_busy_queue_does_not_starve_another, .timeout = 30)
     uint64_t t0 = cpt_now_ms();
     cp_jobq_push(other, count_up, &ran);
     CPT_AWAIT(atomic_load(&ran) == 1, 2000, "a second queue never ran while the first stayed busy");
-    cr_expect_lt(cpt_now_ms() - t0, 500, "the second queue waited %llu ms", (unsigned long long)(cpt_now_ms() - t0));
+    cr_expect_lt(cpt_now_ms() - t0, 500, "the second queue waited %llu ms",
+                 (unsigned long long)(cpt_now_ms() - t0));
     atomic_store(&busy.stop, 1);
     atomic_int closed = 0;
     cp_jobq_close(busy.q, count_up, &closed);
@@ -147,8 +148,8 @@ typedef struct close_ctx {
     atomic_int ran, after_close, closed;
     atomic_int close_seen;
     atomic_int accepted;
-    atomic_int all_pushed;     /* the test thread finished pushing */
-    atomic_int close_result;   /* what the in-job close and push returned */
+    atomic_int all_pushed;   /* the test thread finished pushing */
+    atomic_int close_result; /* what the in-job close and push returned */
     int close_at;
 } close_ctx;
 
@@ -175,7 +176,7 @@ Test(jobq, closing_from_inside_a_job_runs_the_earlier_jobs_and_nothing_after, .t
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(0);
-    close_ctx c = {.close_at = 500};
+    close_ctx c = { .close_at = 500 };
     cr_assert_eq(cp_jobq_create(&c.q, port), 0);
     /* Pushed before the close: all 1000 run (the close marker queues behind them). */
     for (int i = 0; i < 1000; i++)
@@ -215,7 +216,7 @@ Test(jobq, closing_under_load_loses_no_accepted_job, .timeout = 30)
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(0);
-    close_ctx c = {.close_at = -1, .all_pushed = 1};
+    close_ctx c = { .close_at = -1, .all_pushed = 1 };
     cr_assert_eq(cp_jobq_create(&c.q, port), 0);
     pthread_t th[3];
     for (int i = 0; i < 3; i++)
@@ -226,8 +227,8 @@ Test(jobq, closing_under_load_loses_no_accepted_job, .timeout = 30)
         pthread_join(th[i], NULL);
     CPT_AWAIT(atomic_load(&c.closed) == 1, 10000, "on_closed never ran");
     /* Every push that returned 0 ran before on_closed; nothing ran after. */
-    cr_expect_eq(atomic_load(&c.ran), atomic_load(&c.accepted), "ran %d, accepted %d",
-                 atomic_load(&c.ran), atomic_load(&c.accepted));
+    cr_expect_eq(atomic_load(&c.ran), atomic_load(&c.accepted), "ran %d, accepted %d", atomic_load(&c.ran),
+                 atomic_load(&c.accepted));
     cr_expect_eq(atomic_load(&c.close_seen), 3, "%d of 3 pushers saw the close", atomic_load(&c.close_seen));
     cr_expect_eq(atomic_load(&c.after_close), 0);
     cp_jobq_unref(c.q);
@@ -241,7 +242,7 @@ typedef struct drain_ctx {
     cp_jobq *q;
     atomic_int ran;
     atomic_int on_closed_done;
-    atomic_int wait_rc;       /* what cp_jobq_close_wait returned inside a job / post */
+    atomic_int wait_rc; /* what cp_jobq_close_wait returned inside a job / post */
     atomic_int wait_done;
 } drain_ctx;
 
@@ -265,13 +266,15 @@ Test(jobq, close_wait_returns_after_every_pushed_job_ran, .timeout = 30)
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(2);
-    drain_ctx c = {0};
+    drain_ctx c = { 0 };
     cr_assert_eq(cp_jobq_create(&c.q, port), 0);
     for (int i = 0; i < 200; i++)
         cr_assert_eq(cp_jobq_push(c.q, slow_counted, &c), 0);
     cr_assert_eq(cp_jobq_close_wait(c.q), 0);
-    cr_assert_eq(atomic_load(&c.ran), 200, "close_wait returned with %d of 200 jobs run", atomic_load(&c.ran));
-    cr_assert_eq(cp_jobq_push(c.q, slow_counted, &c), -ESHUTDOWN, "the queue accepted a push after close_wait");
+    cr_assert_eq(atomic_load(&c.ran), 200, "close_wait returned with %d of 200 jobs run",
+                 atomic_load(&c.ran));
+    cr_assert_eq(cp_jobq_push(c.q, slow_counted, &c), -ESHUTDOWN,
+                 "the queue accepted a push after close_wait");
     /* Drained already: returns at once. */
     uint64_t t0 = cpt_now_ms();
     cr_assert_eq(cp_jobq_close_wait(c.q), 0);
@@ -288,7 +291,7 @@ Test(jobq, close_wait_after_close_waits_for_on_closed, .timeout = 30)
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(2);
-    drain_ctx c = {0};
+    drain_ctx c = { 0 };
     cr_assert_eq(cp_jobq_create(&c.q, port), 0);
     for (int i = 0; i < 50; i++)
         cr_assert_eq(cp_jobq_push(c.q, slow_counted, &c), 0);
@@ -315,7 +318,7 @@ Test(jobq, close_wait_refuses_to_wait_for_itself, .timeout = 30)
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(2);
-    drain_ctx c = {.wait_rc = 1};
+    drain_ctx c = { .wait_rc = 1 };
     cr_assert_eq(cp_jobq_create(&c.q, port), 0);
     cr_assert_eq(cp_jobq_push(c.q, wait_from_job, &c), 0);
     CPT_AWAIT(atomic_load(&c.wait_done), 5000, "close_wait inside a job of the queue did not return");
@@ -344,11 +347,11 @@ Test(jobq, close_wait_refuses_to_wait_for_itself, .timeout = 30)
  * closes, so the loser's could overwrite the winner's. */
 typedef struct close_race {
     _Atomic(cp_jobq *) q;
-    atomic_int round;       /* the round the closers are released into */
-    atomic_int done;        /* closes finished in all rounds */
+    atomic_int round; /* the round the closers are released into */
+    atomic_int done;  /* closes finished in all rounds */
     atomic_int quit;
-    int rc[2];              /* this round's results; read after done says so */
-    atomic_int fired[2];    /* this round's on_closed calls, per closer */
+    int rc[2];           /* this round's results; read after done says so */
+    atomic_int fired[2]; /* this round's on_closed calls, per closer */
 } close_race;
 
 typedef struct closer {
@@ -398,8 +401,8 @@ Test(jobq, concurrent_closes_run_only_the_winners_on_closed, .timeout = 60)
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(2);
-    close_race r = {0};
-    closer cl[2] = {{&r, 0}, {&r, 1}};
+    close_race r = { 0 };
+    closer cl[2] = { { &r, 0 }, { &r, 1 } };
     pthread_t th[2];
     for (int i = 0; i < 2; i++)
         cr_assert_eq(pthread_create(&th[i], NULL, race_closer, &cl[i]), 0);
@@ -408,7 +411,7 @@ Test(jobq, concurrent_closes_run_only_the_winners_on_closed, .timeout = 60)
     for (; rounds < ROUNDS && cpt_now_ms() - t0 < BUDGET_MS; rounds++) {
         cp_jobq *q;
         cr_assert_eq(cp_jobq_create(&q, port), 0);
-        race_gate g = {&r, 2 * (rounds + 1)};
+        race_gate g = { &r, 2 * (rounds + 1) };
         cr_assert_eq(cp_jobq_push(q, race_hold, &g), 0);
         atomic_store(&r.q, q);
         atomic_store(&r.fired[0], 0);
@@ -451,9 +454,9 @@ typedef struct destroy_ctx {
     atomic_int ran;
     atomic_int ran_at_on_closed; /* ran when on_closed started; -1 before */
     atomic_int on_closed_calls;
-    atomic_int accepted;         /* re-pushes that returned 0 */
-    atomic_int refused;          /* re-pushes that returned -ESHUTDOWN */
-    atomic_int other;            /* anything else a re-push returned */
+    atomic_int accepted; /* re-pushes that returned 0 */
+    atomic_int refused;  /* re-pushes that returned -ESHUTDOWN */
+    atomic_int other;    /* anything else a re-push returned */
     atomic_int stop;
 } destroy_ctx;
 
@@ -484,7 +487,7 @@ Test(jobq, port_destroy_runs_every_queued_job, .timeout = 60)
     cpt_leak_begin(&m);
     for (int round = 0; round < 12; round++) {
         cp_port *port = cpt_xport(2 + round % 3);
-        destroy_ctx c = {0};
+        destroy_ctx c = { 0 };
         cr_assert_eq(cp_jobq_create(&c.q, port), 0);
         for (int i = 0; i < 500; i++)
             cr_assert_eq(cp_jobq_push(c.q, spin_20us, &c), 0);
@@ -492,8 +495,9 @@ Test(jobq, port_destroy_runs_every_queued_job, .timeout = 60)
         if (!keep)
             cp_jobq_unref(c.q);
         cpt_xport_destroy(port);
-        cr_assert_eq(atomic_load(&c.ran), 500, "round %d: %d of 500 accepted jobs ran before destroy returned",
-                     round, atomic_load(&c.ran));
+        cr_assert_eq(atomic_load(&c.ran), 500,
+                     "round %d: %d of 500 accepted jobs ran before destroy returned", round,
+                     atomic_load(&c.ran));
         if (keep) {
             /* The destroy closed the queue: it refuses work, and is drained. */
             cr_assert_eq(cp_jobq_push(c.q, spin_20us, &c), -ESHUTDOWN);
@@ -503,7 +507,8 @@ Test(jobq, port_destroy_runs_every_queued_job, .timeout = 60)
         }
         cpt_sleep_ms(2); /* a sleep: a job run after the destroy returned would show in this window */
         cr_assert_eq(atomic_load(&c.ran), 500, "round %d: a job ran after destroy returned", round);
-        cr_assert_eq(atomic_load(&c.on_closed_calls), 0, "round %d: a refused close ran its on_closed", round);
+        cr_assert_eq(atomic_load(&c.on_closed_calls), 0, "round %d: a refused close ran its on_closed",
+                     round);
     }
     cpt_leak_end(&m);
 }
@@ -517,7 +522,7 @@ Test(jobq, port_destroy_after_close_runs_every_job_then_on_closed, .timeout = 60
     cpt_leak_begin(&m);
     for (int round = 0; round < 12; round++) {
         cp_port *port = cpt_xport(2 + round % 3);
-        destroy_ctx c = {.ran_at_on_closed = -1};
+        destroy_ctx c = { .ran_at_on_closed = -1 };
         cr_assert_eq(cp_jobq_create(&c.q, port), 0);
         for (int i = 0; i < 500; i++)
             cr_assert_eq(cp_jobq_push(c.q, spin_20us, &c), 0);
@@ -525,10 +530,11 @@ Test(jobq, port_destroy_after_close_runs_every_job_then_on_closed, .timeout = 60
         cp_jobq_unref(c.q);
         cpt_xport_destroy(port);
         cr_assert_eq(atomic_load(&c.ran), 500, "round %d: %d of 500 jobs ran", round, atomic_load(&c.ran));
-        cr_assert_eq(atomic_load(&c.on_closed_calls), 1, "round %d: on_closed ran %d times before destroy returned",
-                     round, atomic_load(&c.on_closed_calls));
-        cr_assert_eq(atomic_load(&c.ran_at_on_closed), 500, "round %d: on_closed ran after %d of 500 jobs", round,
-                     atomic_load(&c.ran_at_on_closed));
+        cr_assert_eq(atomic_load(&c.on_closed_calls), 1,
+                     "round %d: on_closed ran %d times before destroy returned", round,
+                     atomic_load(&c.on_closed_calls));
+        cr_assert_eq(atomic_load(&c.ran_at_on_closed), 500, "round %d: on_closed ran after %d of 500 jobs",
+                     round, atomic_load(&c.ran_at_on_closed));
     }
     cpt_leak_end(&m);
 }
@@ -562,7 +568,7 @@ Test(jobq, port_destroy_loses_no_job_a_job_pushed, .timeout = 60)
     cpt_leak_begin(&m);
     for (int round = 0; round < 12; round++) {
         cp_port *port = cpt_xport(2 + round % 3);
-        destroy_ctx c = {0};
+        destroy_ctx c = { 0 };
         cr_assert_eq(cp_jobq_create(&c.q, port), 0);
         cr_assert_eq(cp_jobq_push(c.q, repush_job, &c), 0);
         cpt_sleep_ms(5 + round % 4); /* a sleep: the destroy meets the re-pushes at varied moments */

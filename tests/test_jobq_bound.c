@@ -13,7 +13,7 @@
 #define BODY 1020 /* 1 KiB packets: one receive holds at most 64 of them */
 
 typedef struct bound_ctx {
-    cp_jobq *q;
+    _Atomic(cp_jobq *) q;   /* set after the service started: atomic */
     atomic_int pending;     /* pushed and not yet run */
     atomic_int max_pending; /* the most seen right after a push */
     atomic_int ran;
@@ -26,7 +26,7 @@ static bound_ctx ctx;
 static void slow_job(void *arg)
 {
     (void)arg;
-    cpt_sleep_us(50);
+    cpt_sleep_us(50); /* a sleep: the job is slow on purpose, so that the queue fills faster than it runs */
     atomic_fetch_sub(&ctx.pending, 1);
     atomic_fetch_add(&ctx.ran, 1);
 }
@@ -56,8 +56,10 @@ static void start(cpt_env *e, uint32_t high, uint32_t low)
     cp_handlers h = cpt_track_handlers();
     h.on_packet = push_on_packet;
     cpt_env_start(e, 2, NULL, &h, 8, CPT_NO_ECHO);
-    cr_assert_eq(cp_jobq_create(&ctx.q, e->port), 0);
-    cr_assert_eq(cp_jobq_set_bound(ctx.q, high, low), 0);
+    cp_jobq *q;
+    cr_assert_eq(cp_jobq_create(&q, e->port), 0);
+    cr_assert_eq(cp_jobq_set_bound(q, high, low), 0);
+    atomic_store(&ctx.q, q);
 }
 
 static void stop(cpt_env *e)
@@ -104,7 +106,8 @@ Test(jobq_bound, every_paused_feeder_resumes)
     int a = cpt_xconnect(e.sport), b = cpt_xconnect(e.sport);
     flood(a);
     flood(b);
-    CPT_AWAIT(atomic_load(&ctx.ran) == 2 * PACKETS, 30000, "ran %d of %d", atomic_load(&ctx.ran), 2 * PACKETS);
+    CPT_AWAIT(atomic_load(&ctx.ran) == 2 * PACKETS, 30000, "ran %d of %d", atomic_load(&ctx.ran),
+              2 * PACKETS);
     cr_expect_leq(atomic_load(&ctx.max_pending), (int)(HIGH + 6 * 64));
     cpt_close(a);
     cpt_close(b);

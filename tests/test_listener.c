@@ -238,7 +238,7 @@ static void start_server_job(void *arg)
     cp_server_opts o = { .host = CPT_HOST4 };
     atomic_store(&j->rc, cp_server_start(&svc, j->port, &o, &j->h, NULL));
     atomic_store(&j->svc, svc);
-    cpt_sleep_ms(2); /* the round, and with it the outbox, stays open */
+    cpt_sleep_ms(2); /* a sleep: the round, and with it the outbox, stays open for the stop to land in */
     atomic_store(&j->job_done, true);
 }
 
@@ -253,7 +253,8 @@ Test(listener, stop_right_after_start_on_a_worker, .timeout = 60)
         start_on_worker j = { .port = p, .h = cpt_track_handlers(), .rc = 1 };
         cr_assert_eq(cp_port_post(p, start_server_job, &j), 0);
         CPT_AWAIT(atomic_load(&j.svc) || atomic_load(&j.rc) != 1, 5000, "round %d: the job never ran", round);
-        cr_assert_eq(atomic_load(&j.rc), 0, "round %d: cp_server_start on a worker: %d", round, atomic_load(&j.rc));
+        cr_assert_eq(atomic_load(&j.rc), 0, "round %d: cp_server_start on a worker: %d", round,
+                     atomic_load(&j.rc));
         uint16_t port = cp_service_listen_port(atomic_load(&j.svc));
         cpt_xstop(atomic_load(&j.svc));
         CPT_AWAIT(atomic_load(&j.job_done), 5000, "round %d: the job never returned", round);
@@ -304,7 +305,7 @@ static int bytes_waiting(int fd)
 }
 
 static atomic_int storm_connected_before; /* sessions connected when the packet arrived; -1 before */
-static cpt_track *storm_track;
+static _Atomic(cpt_track *) storm_track;  /* set after the service started: atomic */
 
 static int note_and_echo(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
 {
@@ -362,8 +363,10 @@ Test(listener, backlog_of_connects_does_not_hold_back_a_session, .timeout = 60)
         atomic_store(&gate, 2);
         cpt_xrecv_packet_eq(nb, 2, &r, sizeof r);
         int taken = atomic_load(&storm_connected_before) - before;
-        cr_assert_leq(taken, 4 * K, "round %d: %d connections were taken before the session's packet "
-                      "(accepts = %d)", r, taken, K);
+        cr_assert_leq(taken, 4 * K,
+                      "round %d: %d connections were taken before the session's packet "
+                      "(accepts = %d)",
+                      r, taken, K);
         CPT_AWAIT(atomic_load(&e.t->connected) == before + N, 10000, "round %d: not all accepted", r);
         for (int i = 0; i < N; i++)
             cpt_close(fds[i]);

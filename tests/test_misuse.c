@@ -58,18 +58,19 @@ static void expect_misuse(misuse_fn fn, const char *const *words, size_t nwords)
         ;
     cr_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT,
               "the misuse was not caught (child %s %d); its stderr:\n%s",
-              WIFSIGNALED(status) ? "killed by signal" : "exited with", WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status), out);
+              WIFSIGNALED(status) ? "killed by signal" : "exited with",
+              WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status), out);
     cr_assert(strstr(out, "cport: misuse: "), "no misuse message; stderr:\n%s", out);
     for (size_t i = 0; i < nwords; i++)
         cr_assert(strstr(out, words[i]), "the message does not name the misuse (\"%s\"):\n%s", words[i], out);
 }
 #endif
 
-#define EXPECT_MISUSE(fn, ...)                                                         \
-    do {                                                                               \
-        static const char *const words_[] = {__VA_ARGS__};                             \
-        run_misuse(fn, words_, sizeof words_ / sizeof words_[0]);                      \
-    } while (0)
+#define EXPECT_MISUSE(fn, ...)                                                                               \
+  do {                                                                                                       \
+    static const char *const words_[] = { __VA_ARGS__ };                                                     \
+    run_misuse(fn, words_, sizeof words_ / sizeof words_[0]);                                                \
+  } while (0)
 
 static void run_misuse(misuse_fn fn, const char *const *words, size_t nwords)
 {
@@ -102,7 +103,7 @@ static void stop_service_twice(void)
     cp_port_opts o = { .workers = 1, .backend = cpt_env_backend() };
     if (cp_port_create(&port, &o) != 0)
         _exit(3);
-    cp_handlers h = {0};
+    cp_handlers h = { 0 };
     cp_server_opts so = { .host = CPT_HOST4 };
     cp_service *svc;
     if (cp_server_start(&svc, port, &so, &h, NULL) != 0)
@@ -242,7 +243,7 @@ Test(misuse, correct_use_is_not_flagged, .timeout = 20)
     cp_sendbuf_unref(p);
     /* Stop and destroy once each, and a refused destroy keeps the port live. */
     cp_port *port = cpt_xport(1);
-    cp_handlers h = {0};
+    cp_handlers h = { 0 };
     cp_server_opts so = { .host = CPT_HOST4 };
     cp_service *svc;
     cr_assert_eq(cp_server_start(&svc, port, &so, &h, NULL), 0);

@@ -108,7 +108,7 @@ Test(options, max_packet_between_4_and_65535, .timeout = 20)
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(1);
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     uint32_t bad[] = { 1, 3, 65536, 70000, UINT32_MAX };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         o.session.max_packet = bad[i];
@@ -216,11 +216,13 @@ Test(options, flow_control_settings_must_make_sense, .timeout = 20)
     /* The low watermark must be below the high one, given or by default. */
     o.session.send_queue_high = 4096;
     o.session.send_queue_low = 4096;
-    cr_expect_eq(try_server(port, o, packet_h), -EINVAL, "a low watermark equal to the high one was accepted");
+    cr_expect_eq(try_server(port, o, packet_h), -EINVAL,
+                 "a low watermark equal to the high one was accepted");
     o.session.send_queue_low = 4095;
     cr_expect_eq(try_server(port, o, packet_h), 0);
     o = (cp_server_opts){ .session.send_queue_low = 512u << 10 };
-    cr_expect_eq(try_server(port, o, packet_h), -EINVAL, "a low watermark at the default high one was accepted");
+    cr_expect_eq(try_server(port, o, packet_h), -EINVAL,
+                 "a low watermark at the default high one was accepted");
     o.session.send_queue_low = (512u << 10) - 1;
     cr_expect_eq(try_server(port, o, packet_h), 0);
     /* A burst without its rate. */
@@ -240,7 +242,8 @@ Test(options, flow_control_settings_must_make_sense, .timeout = 20)
     cr_expect_eq(try_server(port, o, raw_h), 0);
     /* The same checks hold for clients. */
     cp_client_opts c = { .host = CPT_HOST4, .port = 9, .session.recv_burst_packets = 10 };
-    cr_expect_eq(try_client(port, c, packet_h), -EINVAL, "a client's packet burst without a rate was accepted");
+    cr_expect_eq(try_client(port, c, packet_h), -EINVAL,
+                 "a client's packet burst without a rate was accepted");
     cpt_xport_destroy(port);
     cpt_leak_end(&m);
 }

@@ -37,7 +37,7 @@ typedef struct chain {
     enum hop hop;
     cp_jobq *q;
     uint32_t steps;
-    atomic_uint next;      /* the step the chain runs next */
+    atomic_uint next; /* the step the chain runs next */
     atomic_bool done;
 } chain;
 
@@ -48,7 +48,7 @@ struct world {
     uint64_t ids[NSESS];
     int nchains;
     chain c[NCHAINS];
-    atomic_int failures;   /* a hand-off or send the library refused */
+    atomic_int failures; /* a hand-off or send the library refused */
 };
 
 /* One step: the numbered packet to all NSESS sessions, through one of the
@@ -56,7 +56,7 @@ struct world {
 static void send_step(chain *ch, uint32_t n)
 {
     world *c = ch->w;
-    uint8_t body[5] = {(uint8_t)n, (uint8_t)(n >> 8), (uint8_t)(n >> 16), (uint8_t)(n >> 24), ch->index};
+    uint8_t body[5] = { (uint8_t)n, (uint8_t)(n >> 8), (uint8_t)(n >> 16), (uint8_t)(n >> 24), ch->index };
     cp_sendbuf *b = cp_packet_make(PKT_ID, body, sizeof body);
     if (!b) {
         atomic_fetch_add(&c->failures, 1);
@@ -64,9 +64,7 @@ static void send_step(chain *ch, uint32_t n)
     }
     int sent = 0;
     switch (n % 4) {
-    case 0:
-        sent = cp_group_broadcast(c->g, b);
-        break;
+    case 0: sent = cp_group_broadcast(c->g, b); break;
     case 1:
         for (int i = 0; i < NSESS; i++)
             sent += cp_session_send(c->s[i], b) == 0;
@@ -75,9 +73,7 @@ static void send_step(chain *ch, uint32_t n)
         for (int i = 0; i < NSESS; i++)
             sent += cp_service_send_to(c->env.svc, c->ids[i], b) == 0;
         break;
-    default:
-        sent = cp_service_broadcast(c->env.svc, b);
-        break;
+    default: sent = cp_service_broadcast(c->env.svc, b); break;
     }
     cp_sendbuf_unref(b);
     if (sent != NSESS)
@@ -105,15 +101,9 @@ static void hand_off(chain *c, uint32_t n)
     enum hop how = c->hop == HOP_MIXED ? (enum hop)(n % 3) : c->hop;
     int r;
     switch (how) {
-    case HOP_JOBQ:
-        r = cp_port_post(c->w->env.port, push_step, c);
-        break;
-    case HOP_POST:
-        r = cp_port_post(c->w->env.port, step, c);
-        break;
-    default:
-        r = cp_timer_start(NULL, c->w->env.port, 0, 0, step, c, NULL);
-        break;
+    case HOP_JOBQ: r = cp_port_post(c->w->env.port, push_step, c); break;
+    case HOP_POST: r = cp_port_post(c->w->env.port, step, c); break;
+    default: r = cp_timer_start(NULL, c->w->env.port, 0, 0, step, c, NULL); break;
     }
     if (r != 0)
         atomic_fetch_add(&c->w->failures, 1);
@@ -134,10 +124,10 @@ static void step(void *arg)
 
 typedef struct reader {
     int fd;
-    uint32_t total;    /* packets to read: every step of every chain */
+    uint32_t total; /* packets to read: every step of every chain */
     uint32_t received;
-    uint32_t late;     /* arrived after a higher number of the same chain */
-    uint32_t missing;  /* numbers skipped over */
+    uint32_t late;    /* arrived after a higher number of the same chain */
+    uint32_t missing; /* numbers skipped over */
     int err;
     pthread_t th;
 } reader;
@@ -145,7 +135,7 @@ typedef struct reader {
 static void *read_all(void *arg)
 {
     reader *r = arg;
-    uint32_t expect[NCHAINS] = {0};
+    uint32_t expect[NCHAINS] = { 0 };
     while (r->received < r->total) {
         uint8_t body[16];
         uint16_t id;
@@ -175,7 +165,7 @@ static void world_start(world *c, int workers, int nchains, enum hop hop, uint32
 {
     memset(c, 0, sizeof *c);
     c->nchains = nchains;
-    cp_server_opts o = {.max_sessions = NSESS + 8};
+    cp_server_opts o = { .max_sessions = NSESS + 8 };
     /* Room for every step at once: the clients read as fast as they can, but
      * a slow reader must show up as lateness, not as an overflow. */
     o.session.send_queue_limit = (size_t)steps * (size_t)nchains * 12 + 4096;
@@ -189,7 +179,7 @@ static void world_start(world *c, int workers, int nchains, enum hop hop, uint32
         cr_assert_eq(cp_jobq_create(&c->c[k].q, c->env.port), 0);
     }
     for (int i = 0; i < NSESS; i++) {
-        rd[i] = (reader){.fd = cpt_xconnect(c->env.sport), .total = steps * (uint32_t)nchains};
+        rd[i] = (reader){ .fd = cpt_xconnect(c->env.sport), .total = steps * (uint32_t)nchains };
         cpt_set_rcvtimeo(rd[i].fd, 10000);
     }
     CPT_AWAIT(atomic_load(&c->env.t->connected) == NSESS, 5000, "every client connected");
@@ -296,7 +286,7 @@ Test(order, jobq_fed_by_a_user_thread_keeps_order, .timeout = 120)
     for (uint32_t i = 0; i < steps; i++) {
         cr_assert_eq(cp_jobq_push(c->q, feed_job, c), 0);
         if ((i & 63) == 0)
-            cpt_sleep_us(50); /* let the queue drain now and then */
+            cpt_sleep_us(50); /* a sleep: paces the pushes, so that the queue drains now and then */
     }
     atomic_store(&c->done, true);
     world_finish(&the_world, readers, "job queue fed by a user thread, 2 workers");

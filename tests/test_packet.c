@@ -48,7 +48,9 @@ static const cp_route g_seq_routes[] = { { 10, seq_route } };
 
 static void seq_env(cpt_env *e, uint32_t max_packet)
 {
-    cp_server_opts o = { .session.max_packet = max_packet, .session.routes = g_seq_routes, .session.nroutes = 1 };
+    cp_server_opts o = { .session.max_packet = max_packet,
+                         .session.routes = g_seq_routes,
+                         .session.nroutes = 1 };
     cpt_env_start(e, 2, &o, NULL, 8, 0);
 }
 
@@ -63,11 +65,17 @@ Test(packet, split_byte_by_byte, .timeout = 20)
     n += put_seq_packet(buf + n, 1, 60);
     for (size_t i = 0; i < n; i++) {
         cpt_xsend(fd, buf + i, 1);
-        cpt_sleep_us(300);
+        cpt_xbytes_in(e.svc, i + 1);
     }
-    CPT_AWAIT(atomic_load(&e.t->packets) == 2, 5000, "%lld of 2 packets dispatched", atomic_load(&e.t->packets));
-    cpt_sleep_ms(20);
-    cr_assert_eq(atomic_load(&e.t->packets), 2);
+    CPT_AWAIT(atomic_load(&e.t->packets) == 2, 5000, "%lld of 2 packets dispatched",
+              atomic_load(&e.t->packets));
+    /* A marker: had the bytes above made a third packet, it would come before this one. */
+    size_t marker = put_seq_packet(buf, 2, 8);
+    cpt_xsend(fd, buf, marker);
+    cpt_srec *r = &e.t->recs[0];
+    CPT_AWAIT(atomic_load(&r->expect_seq) == 3 && atomic_load(&r->inside) == 0, 5000,
+              "the marker packet was not dispatched");
+    cr_assert_eq(atomic_load(&e.t->packets), 3);
     cr_assert_eq(atomic_load(&e.t->failures), 0, "a packet reached the handler damaged or out of order");
     cr_assert_eq(cpt_peek_state(fd), 0, "the session was closed");
     cpt_close(fd);
@@ -81,15 +89,17 @@ Test(packet, header_split_at_every_point, .timeout = 20)
     seq_env(&e, 0);
     int fd = cpt_xconnect(e.sport);
     uint8_t buf[64];
+    uint64_t sent = 0;
     for (uint32_t k = 1; k <= 3; k++) {
         size_t n = put_seq_packet(buf, k - 1, 20);
         cpt_xsend(fd, buf, k);
-        cpt_sleep_ms(5);
+        cpt_xbytes_in(e.svc, sent += k);
         cpt_xsend(fd, buf + k, 4 - k);
-        cpt_sleep_ms(5);
+        cpt_xbytes_in(e.svc, sent += 4 - k);
         cpt_xsend(fd, buf + 4, 7);
-        cpt_sleep_ms(5);
+        cpt_xbytes_in(e.svc, sent += 7);
         cpt_xsend(fd, buf + 11, n - 11);
+        sent += n - 11;
     }
     CPT_AWAIT(atomic_load(&e.t->packets) == 3, 5000, "%lld of 3 packets", atomic_load(&e.t->packets));
     cr_assert_eq(atomic_load(&e.t->failures), 0);
@@ -308,7 +318,7 @@ Test(packet, partial_packet_does_not_leak_into_next_session, .timeout = 20)
         hdr[4] = 'p';
         hdr[5] = 'q';
         cpt_xsend(fd, hdr, sizeof hdr);
-        cpt_sleep_ms(2);
+        cpt_xbytes_in(e.svc, sizeof hdr * (uint64_t)(i + 1)); /* the session holds the partial packet */
         cpt_close(fd);
     }
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 20, 5000, "not disconnected");

@@ -42,11 +42,11 @@ Test(port, explicit_worker_count_and_backend, .timeout = 10)
 
 /* The system's own backend, asked for by name, is the one created. */
 #ifdef _WIN32
-#define NATIVE_BACKEND CP_BACKEND_IOCP
-#define NATIVE_NAME "iocp"
+#  define NATIVE_BACKEND CP_BACKEND_IOCP
+#  define NATIVE_NAME "iocp"
 #else
-#define NATIVE_BACKEND CP_BACKEND_EPOLL
-#define NATIVE_NAME "epoll"
+#  define NATIVE_BACKEND CP_BACKEND_EPOLL
+#  define NATIVE_NAME "epoll"
 #endif
 
 Test(port, native_backend_on_request, .timeout = 10)
@@ -168,11 +168,10 @@ Test(port, post_from_many_threads_runs_each_once_on_workers, .timeout = 60)
     cr_assert_eq(atomic_load(&c->post_errors), 0);
     CPT_AWAIT(atomic_load(&c->ran) == POSTERS * PER_POSTER, 20000, "%d of %d posted functions ran",
               atomic_load(&c->ran), POSTERS * PER_POSTER);
-    cpt_sleep_ms(20);
+    cpt_xport_destroy(c->port); /* nothing runs after it: the counts below are final */
     cr_assert_eq(atomic_load(&c->ran), POSTERS * PER_POSTER, "a posted function ran more than once");
     cr_assert_eq(atomic_load(&c->twice), 0);
     cr_assert_eq(atomic_load(&c->on_main), 0, "a posted function ran on the posting thread");
-    cpt_xport_destroy(c->port);
     free(c->seen);
     free(g_items);
     free(c);
@@ -200,7 +199,8 @@ Test(port, post_from_a_worker, .timeout = 30)
     chain ch = { .port = cpt_xport(2) };
     atomic_store(&ch.left, 10000);
     cr_assert_eq(cp_port_post(ch.port, chain_fn, &ch), 0);
-    CPT_AWAIT(atomic_load(&ch.left) == 0, 10000, "the chain stopped with %d links left", atomic_load(&ch.left));
+    CPT_AWAIT(atomic_load(&ch.left) == 0, 10000, "the chain stopped with %d links left",
+              atomic_load(&ch.left));
     cr_assert_eq(atomic_load(&ch.errors), 0);
     cpt_xport_destroy(ch.port);
     cpt_leak_end(&leak);
@@ -247,7 +247,7 @@ typedef struct late {
 static void late_fn(void *arg)
 {
     late *l = arg;
-    cpt_sleep_us(50);
+    cpt_sleep_us(50); /* a sleep: slow functions, so that the destroy finds posts still pending */
     atomic_fetch_add(&l->ran, 1);
 }
 
@@ -261,7 +261,7 @@ Test(port, destroy_with_pending_posts, .timeout = 30)
         cr_assert_eq(cp_port_post(p, late_fn, &l), 0);
     cpt_xport_destroy(p);
     int n = atomic_load(&l.ran);
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: a function run after the destroy would show in this window */
     cr_assert_eq(atomic_load(&l.ran), n, "posted functions ran after cp_port_destroy returned");
     cpt_leak_end(&leak);
 }
@@ -335,8 +335,8 @@ Test(port, log_sink_install_and_remove, .timeout = 20)
 
 Test(port, strerror_and_reason_names, .timeout = 10)
 {
-    int codes[] = { 0, -ENOTCONN, -EBUSY, -EDEADLK, -ESHUTDOWN, -ENOTSUP, -EADDRINUSE, -ENOMEM, -EINVAL, -EEXIST,
-                    -ENOENT, -12345 };
+    int codes[] = { 0,           -ENOTCONN, -EBUSY,  -EDEADLK, -ESHUTDOWN, -ENOTSUP,
+                    -EADDRINUSE, -ENOMEM,   -EINVAL, -EEXIST,  -ENOENT,    -12345 };
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         const char *s = cp_strerror(codes[i]);
         cr_assert(s && *s, "cp_strerror(%d)", codes[i]);
@@ -376,8 +376,10 @@ Test(port, create_and_destroy_do_not_interrupt_the_caller, .timeout = 20)
     int after_create = timed_recv_errno();
     cpt_xport_destroy(p);
     int after_destroy = timed_recv_errno();
-    cr_assert_eq(after_create, EAGAIN, "blocking recv after cp_port_create failed with %s", strerror(after_create));
-    cr_assert_eq(after_destroy, EAGAIN, "blocking recv after cp_port_destroy failed with %s", strerror(after_destroy));
+    cr_assert_eq(after_create, EAGAIN, "blocking recv after cp_port_create failed with %s",
+                 strerror(after_create));
+    cr_assert_eq(after_destroy, EAGAIN, "blocking recv after cp_port_destroy failed with %s",
+                 strerror(after_destroy));
     cpt_leak_end(&leak);
 }
 
@@ -387,9 +389,9 @@ Test(port, create_and_destroy_do_not_interrupt_the_caller, .timeout = 20)
 
 typedef struct post_race {
     cp_port *port;
-    atomic_long accepted;  /* posts that returned 0 */
-    atomic_long other;     /* anything but 0 and -ESHUTDOWN */
-    atomic_long ran;       /* posted functions that ran */
+    atomic_long accepted; /* posts that returned 0 */
+    atomic_long other;    /* anything but 0 and -ESHUTDOWN */
+    atomic_long ran;      /* posted functions that ran */
 } post_race;
 
 static void race_count(void *arg) { atomic_fetch_add(&((post_race *)arg)->ran, 1); }
@@ -439,6 +441,7 @@ Test(port, posts_racing_destroy_run_or_are_refused, .timeout = 120)
         pthread_t th[RACE_POSTERS];
         for (int i = 0; i < RACE_POSTERS; i++)
             cr_assert_eq(pthread_create(&th[i], NULL, race_poster, r), 0);
+        /* a sleep: the destroy comes at a varied moment of the posting */
         cpt_sleep_us((unsigned)(200 + rounds * 37 % 1500));
         cpt_xport_destroy(r->port);
         long ran = atomic_load(&r->ran);
@@ -451,8 +454,8 @@ Test(port, posts_racing_destroy_run_or_are_refused, .timeout = 120)
         accepted += atomic_load(&r->accepted);
         free(r);
     }
-    cr_assert_eq(lost, 0, "%ld of %ld accepted posts had not run when destroy returned (%d rounds)", lost, accepted,
-                 rounds);
+    cr_assert_eq(lost, 0, "%ld of %ld accepted posts had not run when destroy returned (%d rounds)", lost,
+                 accepted, rounds);
     cr_assert_eq(ran_late, 0, "%ld posts ran after destroy returned", ran_late);
     cpt_leak_end(&leak);
 }

@@ -11,7 +11,7 @@
  * was taken to mean "drained, the next bytes bring an edge", but no edge
  * follows a FIN, so the session never saw the EOF and never ended. */
 
-static atomic_int lost_eof_connected;
+static atomic_int lost_eof_connected, lost_eof_held;
 
 static void lost_eof_on_connected(cp_session *s)
 {
@@ -22,10 +22,14 @@ static void lost_eof_on_connected(cp_session *s)
 static int lost_eof_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
 {
     (void)s, (void)body, (void)len;
-    if (id == 1)
+    if (id == 1) {
+        atomic_store(&lost_eof_held, 1);
         cpt_sleep_ms(100); /* keeps the only worker busy while B's bytes and FIN queue up */
+    }
     return 0;
 }
+
+static void mark_ran(void *arg) { atomic_store((atomic_int *)arg, 1); }
 
 /* The scene both tests below share: one worker, two sessions; A's packet
  * keeps the worker busy in its handler while B's packet (and then whatever
@@ -41,20 +45,24 @@ static void busy_scene_start(busy_scene *sc)
 {
     cpt_leak_begin(&sc->m);
     atomic_store(&lost_eof_connected, 0);
+    atomic_store(&lost_eof_held, 0);
     sc->port = cpt_xport(1);
-    cp_handlers h = {.on_connected = lost_eof_on_connected, .on_packet = lost_eof_on_packet};
+    cp_handlers h = { .on_connected = lost_eof_on_connected, .on_packet = lost_eof_on_packet };
     sc->svc = cpt_xserver(sc->port, NULL, &h, NULL);
     uint16_t p = cp_service_listen_port(sc->svc);
     sc->a = cpt_xconnect(p);
     sc->b = cpt_xconnect(p);
     CPT_AWAIT(atomic_load(&lost_eof_connected) == 2, 5000, "the two sessions did not connect");
-    cpt_sleep_ms(10);
+    /* A function posted now runs after the round that connected them: their receives are armed. */
+    atomic_int past_connects = 0;
+    cr_assert_eq(cp_port_post(sc->port, mark_ran, &past_connects), 0);
+    CPT_AWAIT(atomic_load(&past_connects), 5000, "the worker did not run a posted function");
     uint8_t slow[4], pkt[8];
     cpt_put_header(slow, 4, 1);
     cpt_put_header(pkt, 8, 2);
     memcpy(pkt + 4, "data", 4);
     cpt_xsend(sc->a, slow, sizeof slow);
-    cpt_sleep_ms(20);
+    CPT_AWAIT(atomic_load(&lost_eof_held), 5000, "A's packet did not reach its handler");
     cpt_xsend(sc->b, pkt, sizeof pkt);
 }
 
@@ -147,13 +155,16 @@ Test(regressions, session_ends_after_data_and_reset_arrive_together, .timeout = 
  * CP_REASON_RESET. Under Wine a client cannot reset (its closesocket() sends
  * a FIN first): there the test checks all but the reason, then says skipped. */
 
-static atomic_int lost_reset_connected, lost_reset_packets;
+static atomic_int lost_reset_connected, lost_reset_packets, lost_reset_sent;
 
+/* Holds the worker until the client has sent its bytes and reset (2 s at most). */
 static void lost_reset_on_connected(cp_session *s)
 {
     (void)s;
-    atomic_fetch_add(&lost_reset_connected, 1);
-    cpt_sleep_ms(2); /* the client's bytes and reset arrive meanwhile */
+    int n = atomic_fetch_add(&lost_reset_connected, 1) + 1;
+    uint64_t deadline = cpt_now_ms() + 2000;
+    while (atomic_load(&lost_reset_sent) < n && cpt_now_ms() < deadline)
+        cpt_sleep_us(20);
 }
 
 static int lost_reset_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
@@ -170,8 +181,9 @@ Test(regressions, uring_mshot_lost_reset_session_ends_with_its_bytes, .timeout =
     cpt_leak_begin(&m);
     atomic_store(&lost_reset_connected, 0);
     atomic_store(&lost_reset_packets, 0);
+    atomic_store(&lost_reset_sent, 0);
     cp_port *port = cpt_xport(1);
-    cp_handlers h = {.on_connected = lost_reset_on_connected, .on_packet = lost_reset_on_packet};
+    cp_handlers h = { .on_connected = lost_reset_on_connected, .on_packet = lost_reset_on_packet };
     cp_service *svc = cpt_xserver(port, NULL, &h, NULL);
     uint16_t p = cp_service_listen_port(svc);
     uint8_t body[720];
@@ -182,6 +194,7 @@ Test(regressions, uring_mshot_lost_reset_session_ends_with_its_bytes, .timeout =
         CPT_AWAIT(atomic_load(&lost_reset_connected) > i, 5000, "session %d did not connect", i);
         cpt_xsend_packet(fd, 7, body, sizeof body);
         cpt_close_reset(fd);
+        atomic_store(&lost_reset_sent, i + 1);
     }
     CPT_AWAIT(cpt_stats(svc).sessions == 0 && cpt_stats(svc).disconnected == N, 5000,
               "sessions still live after their clients sent and reset: %llu of %d",

@@ -62,8 +62,8 @@ static void probe_fn(cp_session *s, void *arg)
     p->count = s->sq.count;
     p->cap = s->sq.cap;
     /* The held list's entries are a pointer and two words (16 bytes). */
-    p->idle = sizeof *s + s->sq.cap * sizeof *s->sq.ring + s->capheld * 16u + s->capgroups * sizeof *s->groups +
-              s->carry_cap;
+    p->idle = sizeof *s + s->sq.cap * sizeof *s->sq.ring + s->capheld * 16u +
+              s->capgroups * sizeof *s->groups + s->carry_cap;
     atomic_store(&p->done, 1);
 }
 
@@ -118,7 +118,7 @@ static void fill_socket(cp_session *s)
         atomic_init(&done, 0);
         cr_assert_eq(cp_session_post(s, big_fn, &done), 0);
         CPT_AWAIT(atomic_load(&done), 5000, "the post did not run");
-        cpt_sleep_ms(5);
+        cpt_sleep_ms(5); /* a sleep: a socket with room would take the queued bytes in this window */
         full = xprobe(s).bytes ? full + 1 : 0;
     }
     cr_assert_eq(full, 3, "the socket never filled up");
@@ -126,8 +126,8 @@ static void fill_socket(cp_session *s)
 
 /* A batch of sends run on the session's worker. */
 typedef struct batch {
-    int packets;     /* 4-byte packets to send */
-    int churn;       /* after each, this many 4000-byte buffers are made and dropped */
+    int packets;      /* 4-byte packets to send */
+    int churn;        /* after each, this many 4000-byte buffers are made and dropped */
     atomic_int *left; /* batches still to run */
     atomic_int *refused;
 } batch;
@@ -159,7 +159,7 @@ static void run_batches(cp_session **s, int nsess, int posts, int packets, int c
         for (int i = 0; i < nsess; i++)
             cr_assert_eq(cp_session_post(s[i], batch_fn, &b), 0);
         if (k % 8 == 7)
-            cpt_sleep_ms(1);
+            cpt_sleep_ms(1); /* a sleep: paces the posts, one batch per round or so */
     }
     CPT_AWAIT(atomic_load(&left) == 0, 20000, "%d batches did not run", atomic_load(&left));
 }
@@ -190,7 +190,8 @@ Test(send_memory, queued_tiny_packets_pin_no_chunks, .timeout = 60)
     atomic_int refused;
     atomic_init(&refused, 0);
     run_batches(s, NS, POSTS, PER, CHURN, &refused);
-    cr_assert_eq(atomic_load(&refused), 0, "%d tiny packets refused: the queues were cut", atomic_load(&refused));
+    cr_assert_eq(atomic_load(&refused), 0, "%d tiny packets refused: the queues were cut",
+                 atomic_load(&refused));
     for (int i = 0; i < NS; i++) {
         probe p = xprobe(s[i]);
         cr_assert(p.connected, "session %d was cut holding %zu bytes", i, p.bytes);
@@ -201,8 +202,9 @@ Test(send_memory, queued_tiny_packets_pin_no_chunks, .timeout = 60)
     if (heap0 && heap1) {
         /* What the queues may hold (2 x the limit), the pool's churn, slack. */
         size_t grew = heap1 > heap0 ? heap1 - heap0 : 0;
-        cr_assert_lt(grew, NS * 2 * limit + (4u << 20), "the heap grew by %zu KiB while %d sessions held %d tiny packets",
-                     grew >> 10, NS, POSTS * PER);
+        cr_assert_lt(grew, NS * 2 * limit + (4u << 20),
+                     "the heap grew by %zu KiB while %d sessions held %d tiny packets", grew >> 10, NS,
+                     POSTS * PER);
     }
     for (int i = 0; i < NS; i++)
         cpt_close(fd[i]);
@@ -254,8 +256,8 @@ Test(send_memory, tiny_packets_cost_about_their_size, .timeout = 60)
     size_t heap1 = heap_now();
     if (heap0 && heap1) {
         size_t grew = heap1 > heap0 ? heap1 - heap0 : 0;
-        cr_assert_lt(grew, NS * 2 * limit, "the heap grew by %zu KiB for %zu KiB of tiny packets queued", grew >> 10,
-                     queued >> 10);
+        cr_assert_lt(grew, NS * 2 * limit, "the heap grew by %zu KiB for %zu KiB of tiny packets queued",
+                     grew >> 10, queued >> 10);
     }
     for (int i = 0; i < NS; i++)
         cpt_close(fd[i]);
@@ -356,7 +358,8 @@ Test(send_memory, drained_burst_leaves_an_idle_session_small, .timeout = 60)
     cr_assert_eq(p.count, 0);
     cr_assert_leq(p.cap, 32, "the emptied queue kept a ring of %u places", p.cap);
     cr_assert_eq(p.mem, p.cap * sizeof(uintptr_t), "the emptied queue accounts %zu bytes", p.mem);
-    cr_assert_leq(p.idle, 1024, "an idle session takes %zu bytes (its struct: %zu)", p.idle, sizeof(cp_session));
+    cr_assert_leq(p.idle, 1024, "an idle session takes %zu bytes (its struct: %zu)", p.idle,
+                  sizeof(cp_session));
     cpt_close(fd);
     cpt_env_stop(&e);
 }
@@ -412,7 +415,8 @@ Test(send_memory, sessions_are_idle_size_after_a_burst_from_threads, .timeout = 
         while (p.count && cpt_now_ms() < until);
         cr_assert(p.connected, "session %d was cut", i);
         cr_assert_eq(p.count, 0);
-        cr_assert_leq(p.idle, 1024, "session %d takes %zu bytes idle (its struct: %zu)", i, p.idle, sizeof(cp_session));
+        cr_assert_leq(p.idle, 1024, "session %d takes %zu bytes idle (its struct: %zu)", i, p.idle,
+                      sizeof(cp_session));
     }
     for (int i = 0; i < NS; i++)
         cpt_close(fd[i]);
@@ -468,12 +472,14 @@ Test(send_memory, reader_that_keeps_up_is_never_cut, .timeout = 60)
         cr_assert_eq(cpt_send_packet(fd, (uint16_t)(i & 0x7fff), body, sizeof body), 0, "send %d failed", i);
     }
     pthread_join(th, NULL);
-    cr_assert_eq(atomic_load(&r.got), r.want, "%zu of %zu echoed bytes arrived (receive: %zd; server: %s)", atomic_load(&r.got), r.want, r.rc,
+    cr_assert_eq(atomic_load(&r.got), r.want, "%zu of %zu echoed bytes arrived (receive: %zd; server: %s)",
+                 atomic_load(&r.got), r.want, r.rc,
                  atomic_load(&e.t->disconnected) ? cp_reason_str((cp_reason)atomic_load(&e.t->recs[0].reason))
                                                  : "connected");
     for (int i = 0; i < N; i++) {
         const uint8_t *p = r.buf + (size_t)i * SIZE;
-        cr_assert(p[0] == (SIZE & 0xff) && p[1] == (SIZE >> 8) && p[2] == (i & 0xff) && p[3] == ((i >> 8) & 0x7f),
+        cr_assert(p[0] == (SIZE & 0xff) && p[1] == (SIZE >> 8) && p[2] == (i & 0xff) &&
+                      p[3] == ((i >> 8) & 0x7f),
                   "echo %d: bad header", i);
         cr_assert_eq(cpt_check_pattern(p + 4, BODY, (uint64_t)i * BODY, 3), -1, "echo %d: bad body", i);
     }

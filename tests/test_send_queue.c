@@ -196,9 +196,11 @@ Test(send_queue, on_sent_pacing_never_overflows, .timeout = 60)
         size_t want = PACE_TOTAL - got < (1u << 20) ? PACE_TOTAL - got : (1u << 20);
         ssize_t n = cpt_recv_some(fd, buf, want);
         if (n <= 0) {
-            CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "stream ended after %zu bytes (%s), no on_disconnected",
-                      got, n == 0 ? "EOF" : strerror((int)-n));
-            cr_assert_gt(n, 0, "stream ended after %zu bytes (%s): session ended with %s, err %d; %d sends failed",
+            CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000,
+                      "stream ended after %zu bytes (%s), no on_disconnected", got,
+                      n == 0 ? "EOF" : strerror((int)-n));
+            cr_assert_gt(n, 0,
+                         "stream ended after %zu bytes (%s): session ended with %s, err %d; %d sends failed",
                          got, n == 0 ? "EOF" : strerror((int)-n),
                          cp_reason_str((cp_reason)atomic_load(&e.t->recs[0].reason)),
                          atomic_load(&e.t->recs[0].err), atomic_load(&e.t->failures));

@@ -118,8 +118,8 @@ Test(sendbuf, packet_make_writes_little_endian_header, .timeout = 10)
     cr_assert_not_null(b);
     cr_assert_eq(cp_sendbuf_len(b), 7);
     const uint8_t *d = cp_sendbuf_data(b);
-    cr_assert(d[0] == 7 && d[1] == 0 && d[2] == 0x34 && d[3] == 0x12, "header %02x %02x %02x %02x", d[0], d[1],
-              d[2], d[3]);
+    cr_assert(d[0] == 7 && d[1] == 0 && d[2] == 0x34 && d[3] == 0x12, "header %02x %02x %02x %02x", d[0],
+              d[1], d[2], d[3]);
     cr_assert_eq(memcmp(d + 4, "abc", 3), 0);
     cp_sendbuf_unref(b);
 
@@ -169,8 +169,8 @@ Test(sendbuf, packet_open_writes_in_place_and_close_fills_the_header, .timeout =
     cp_sendbuf *m = cp_packet_make(0x1234, "hello", 5);
     cr_assert_eq(memcmp(cp_sendbuf_data(b), cp_sendbuf_data(m), 9), 0, "differs from cp_packet_make");
     const uint8_t *d = cp_sendbuf_data(b);
-    cr_assert(d[0] == 9 && d[1] == 0 && d[2] == 0x34 && d[3] == 0x12, "header %02x %02x %02x %02x", d[0], d[1],
-              d[2], d[3]);
+    cr_assert(d[0] == 9 && d[1] == 0 && d[2] == 0x34 && d[3] == 0x12, "header %02x %02x %02x %02x", d[0],
+              d[1], d[2], d[3]);
     cp_sendbuf_unref(m);
     cp_sendbuf_unref(b);
 
@@ -203,7 +203,8 @@ Test(sendbuf, packet_closed_short_then_next_buffers_do_not_overlap, .timeout = 1
         const uint8_t *d = cp_sendbuf_data(bs[i]);
         cr_assert_eq(cp_sendbuf_len(bs[i]), 14 + (size_t)i);
         cr_assert(d[0] == 14 + i && d[1] == 0 && d[2] == i && d[3] == 0, "packet %d header", i);
-        cr_assert_eq(cpt_check_pattern(d + 4, 10 + (size_t)i, 0, (uint32_t)i), -1, "packet %d overwritten", i);
+        cr_assert_eq(cpt_check_pattern(d + 4, 10 + (size_t)i, 0, (uint32_t)i), -1, "packet %d overwritten",
+                     i);
         cp_sendbuf_unref(bs[i]);
     }
     cpt_leak_end(&leak);
@@ -213,7 +214,8 @@ Test(sendbuf, packet_open_size_limit, .timeout = 10)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    cr_assert_null(cp_packet_open(1, CP_PACKET_MAX - CP_PACKET_HEADER + 1), "size 65536 does not fit the header");
+    cr_assert_null(cp_packet_open(1, CP_PACKET_MAX - CP_PACKET_HEADER + 1),
+                   "size 65536 does not fit the header");
     cr_assert_null(cp_packet_open(1, SIZE_MAX));
     cp_sendbuf *b = cp_packet_open(1, CP_PACKET_MAX - CP_PACKET_HEADER);
     cr_assert_not_null(b, "a 65535-byte packet must be possible");
@@ -294,13 +296,16 @@ Test(sendbuf, refs_from_many_threads, .timeout = 30)
  * until the last one. */
 typedef struct handoff {
     cp_sendbuf *b;
+    atomic_int *creator_dropped;
     int ok;
 } handoff;
 
 static void *drop_later_main(void *arg)
 {
     handoff *h = arg;
-    cpt_sleep_ms(20);
+    uint64_t deadline = cpt_now_ms() + 5000;
+    while (!atomic_load(h->creator_dropped) && cpt_now_ms() < deadline)
+        cpt_sleep_ms(1);
     h->ok = cp_sendbuf_len(h->b) == 10 && !memcmp(cp_sendbuf_data(h->b), "0123456789", 10);
     cp_sendbuf_unref(h->b);
     return NULL;
@@ -313,12 +318,14 @@ Test(sendbuf, last_unref_on_another_thread, .timeout = 10)
     cp_sendbuf *b = cp_sendbuf_copy("0123456789", 10);
     handoff h[4];
     pthread_t th[4];
+    atomic_int creator_dropped = 0;
     for (int i = 0; i < 4; i++) {
         cp_sendbuf_ref(b);
-        h[i] = (handoff){ .b = b };
+        h[i] = (handoff){ .b = b, .creator_dropped = &creator_dropped };
         pthread_create(&th[i], NULL, drop_later_main, &h[i]);
     }
     cp_sendbuf_unref(b); /* the creator lets go first */
+    atomic_store(&creator_dropped, 1);
     for (int i = 0; i < 4; i++) {
         pthread_join(th[i], NULL);
         cr_assert(h[i].ok, "thread %d saw a damaged buffer", i);
@@ -525,12 +532,8 @@ static cp_sendbuf *open_next(int kind, size_t cap)
         memset(cp_packet_body(b), 0xEE, cap);
         cp_packet_close(b, cap);
         break;
-    case NEXT_COPY:
-        b = cp_sendbuf_copy(junk, cap);
-        break;
-    case NEXT_PACKET_MAKE:
-        b = cp_packet_make(7, junk, cap);
-        break;
+    case NEXT_COPY: b = cp_sendbuf_copy(junk, cap); break;
+    case NEXT_PACKET_MAKE: b = cp_packet_make(7, junk, cap); break;
     }
     return b;
 }
@@ -554,9 +557,10 @@ Test(sendbuf, closed_on_another_thread_keeps_its_length, .timeout = 30)
         pthread_join(th, NULL);
         cp_sendbuf *next = open_next(kind, CAP - CP_PACKET_HEADER);
         cr_assert_not_null(next);
-        cr_assert_eq(cp_sendbuf_len(f.b), LEN, "round %d (next: kind %d, packet %d, cap %zu): length %zu after "
-                     "the opener's next buffer, closed at %d on another thread", round, kind, packet, cap,
-                     cp_sendbuf_len(f.b), LEN);
+        cr_assert_eq(cp_sendbuf_len(f.b), LEN,
+                     "round %d (next: kind %d, packet %d, cap %zu): length %zu after "
+                     "the opener's next buffer, closed at %d on another thread",
+                     round, kind, packet, cap, cp_sendbuf_len(f.b), LEN);
         cr_assert_eq(cpt_check_pattern(d + CP_PACKET_HEADER, LEN - CP_PACKET_HEADER, 0, (uint32_t)round), -1,
                      "round %d: the next buffer overwrote the closed one", round);
         cp_sendbuf_unref(next);

@@ -66,7 +66,7 @@ Test(service_stop, unread_queued_data_does_not_delay_stop, .timeout = 30)
     free(big);
     cr_assert_eq(cp_session_send(e.t->recs[0].s, b), 0);
     cp_sendbuf_unref(b);
-    cpt_sleep_ms(100);
+    cpt_xwrites_stalled(e.svc); /* the client's socket is full; the rest stays queued */
     uint64_t t0 = cpt_now_ms();
     cpt_xstop(e.svc);
     uint64_t took = cpt_now_ms() - t0;
@@ -94,7 +94,7 @@ Test(service_stop, client_with_connects_in_flight, .timeout = 30)
         cp_handlers h = cpt_track_handlers();
         cp_client_opts o = { .host = CPT_HOST4, .port = e.sport, .sessions = N };
         cp_service *cli = cpt_xclient(e.port, &o, &h, ct);
-        cpt_sleep_us((unsigned)round * 2000);
+        cpt_sleep_us((unsigned)round * 2000); /* a sleep: each round stops later in the connects */
         cpt_xstop(cli);
         cpt_track_stopped(ct);
         cpt_track_xcheck(ct);
@@ -120,7 +120,7 @@ static int slow_handler(cp_session *s, uint16_t id, const uint8_t *body, size_t 
     slow_cb *c = cp_session_ctx(s);
     cpt_enter(s);
     atomic_fetch_add(&c->entered, 1);
-    cpt_sleep_ms(300);
+    cpt_sleep_ms(300); /* a sleep: the stop, called meanwhile, must wait this callback out */
     atomic_fetch_add(&c->finished, 1);
     cpt_leave(s);
     return 0;
@@ -190,6 +190,7 @@ Test(service_stop, stop_from_worker_is_refused, .timeout = 20)
 typedef struct sender {
     cp_session *s;
     atomic_int *stopped;
+    atomic_int sends;
     int after_stop_ok;
     int bad;
 } sender;
@@ -202,6 +203,7 @@ static void *keep_sending_main(void *arg)
     for (long i = 0; after < 2000; i++) {
         int was_stopped = atomic_load(sd->stopped);
         int rc = cp_session_send(sd->s, b);
+        atomic_fetch_add(&sd->sends, 1);
         if (rc != 0 && rc != -ENOTCONN)
             sd->bad++;
         if (was_stopped) {
@@ -210,7 +212,7 @@ static void *keep_sending_main(void *arg)
                 sd->after_stop_ok++;
         }
         if (i % 64 == 0)
-            cpt_sleep_us(20);
+            cpt_sleep_us(20); /* a sleep: paces the sends */
     }
     cp_sendbuf_unref(b);
     return NULL;
@@ -235,7 +237,9 @@ Test(service_stop, user_threads_sending_through_stop, .timeout = 30)
         sd[i] = (sender){ .s = e.t->recs[i].s, .stopped = &stopped };
         pthread_create(&th[i], NULL, keep_sending_main, &sd[i]);
     }
-    cpt_sleep_ms(100);
+    for (int i = 0; i < N; i++) /* every thread sends before the stop */
+        CPT_AWAIT(atomic_load(&sd[i].sends) >= 1000, 5000, "thread %d sent %d times", i,
+                  atomic_load(&sd[i].sends));
     cpt_xstop(e.svc);
     atomic_store(&stopped, 1);
     cpt_track_stopped(e.t);
@@ -284,7 +288,8 @@ Test(service_stop, start_stop_cycles_leak_nothing, .timeout = 60)
     size_t heap1 = cpt_heap_in_use();
     cpt_xport_destroy(p);
     if (heap0 && heap1 > heap0)
-        cr_assert_lt(heap1 - heap0, 256u << 10, "heap grew %zu bytes over 20 start/stop cycles", heap1 - heap0);
+        cr_assert_lt(heap1 - heap0, 256u << 10, "heap grew %zu bytes over 20 start/stop cycles",
+                     heap1 - heap0);
     cpt_leak_end(&leak);
 }
 
@@ -340,9 +345,10 @@ Test(service_stop, stop_ex_reports_final_stats_with_the_stops_own_disconnects, .
     cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_STOPPING]), N - 1);
     cr_assert_eq(final.sessions, 0);
     cr_assert_eq(final.connected, (uint64_t)N + 1);
-    cr_assert_eq(final.disconnected, (uint64_t)N + 1, "final.disconnected %llu", (unsigned long long)final.disconnected);
+    cr_assert_eq(final.disconnected, (uint64_t)N + 1, "final.disconnected %llu",
+                 (unsigned long long) final.disconnected);
     cr_assert_eq(final.by_reason[CP_REASON_STOPPING], (uint64_t)N - 1, "final.by_reason[STOPPING] %llu",
-                 (unsigned long long)final.by_reason[CP_REASON_STOPPING]);
+                 (unsigned long long) final.by_reason[CP_REASON_STOPPING]);
     cr_assert_eq(final.by_reason[CP_REASON_PEER_CLOSED] + final.by_reason[CP_REASON_RESET], 2);
     cr_assert_eq(final.packets_in, 2);
     cr_assert_eq(final.bytes_in, 4 + 4 + 4 + sizeof "neighbour");
@@ -378,7 +384,7 @@ Test(service_stop, stop_ex_without_stats, .timeout = 10)
  * meanwhile. */
 typedef struct drain_client {
     int fd;
-    int got;      /* 1: the packet, then EOF */
+    int got; /* 1: the packet, then EOF */
     pthread_t th;
 } drain_client;
 
@@ -399,12 +405,12 @@ Test(service_stop, graceful_stop_writes_what_was_queued_then_closes, .timeout = 
 {
     enum { N = 16 };
     cpt_env e;
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     o.session.send_queue_limit = 16u << 20;
     cpt_env_start(&e, 2, &o, NULL, N + 4, CPT_KEEP_REFS | CPT_NO_ECHO);
     drain_client c[N];
     for (int i = 0; i < N; i++)
-        c[i] = (drain_client){.fd = cpt_xconnect(e.sport)};
+        c[i] = (drain_client){ .fd = cpt_xconnect(e.sport) };
     int mute = cpt_connect(CPT_HOST4, e.sport, 4096); /* reads nothing */
     cr_assert_geq(mute, 0);
     CPT_AWAIT(atomic_load(&e.t->connected) == N + 1, 5000, "not connected");
@@ -433,7 +439,8 @@ Test(service_stop, graceful_stop_writes_what_was_queued_then_closes, .timeout = 
         pthread_join(c[i].th, NULL);
         cr_expect_eq(c[i].got, 1, "client %d: the queued packet, then EOF", i);
     }
-    cr_assert(took >= 900 && took < 3000, "the stop took %llu ms with a 1000 ms drain", (unsigned long long)took);
+    cr_assert(took >= 900 && took < 3000, "the stop took %llu ms with a 1000 ms drain",
+              (unsigned long long)took);
     cr_assert_eq(final.by_reason[CP_REASON_STOPPING], (uint64_t)N + 1);
     int timed_out = 0, clean = 0;
     for (int i = 0; i < N + 1; i++) {

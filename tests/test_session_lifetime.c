@@ -48,7 +48,8 @@ Test(session_lifetime, racing_disconnects_exactly_once, .timeout = 60)
         int fds[N];
         for (int i = 0; i < N; i++)
             fds[i] = cpt_xconnect(e.sport);
-        CPT_AWAIT(atomic_load(&e.t->connected) == N, 10000, "%d of %d connected", atomic_load(&e.t->connected), N);
+        CPT_AWAIT(atomic_load(&e.t->connected) == N, 10000, "%d of %d connected",
+                  atomic_load(&e.t->connected), N);
         atomic_int go = 0;
         racer r[2] = { { .t = e.t, .svc = e.svc, .n = N, .by_id = 0, .go = &go },
                        { .t = e.t, .svc = e.svc, .n = N, .by_id = 1, .go = &go } };
@@ -143,7 +144,8 @@ Test(session_lifetime, stale_ids_are_refused, .timeout = 30)
     for (int i = 0; i < N; i++) {
         old[i] = e.t->recs[i].id;
         for (int j = 0; j < i; j++)
-            cr_assert_neq(old[i], old[j], "sessions %d and %d share id %llu", i, j, (unsigned long long)old[i]);
+            cr_assert_neq(old[i], old[j], "sessions %d and %d share id %llu", i, j,
+                          (unsigned long long)old[i]);
     }
     for (int i = 0; i < N; i++)
         cpt_close(fds[i]);
@@ -215,7 +217,8 @@ Test(session_lifetime, disconnect_inside_on_connected, .timeout = 20)
     cr_assert_eq(atomic_load(&e.t->reasons[CP_REASON_LOCAL]), 10);
     cr_assert_eq(atomic_load(&g_disc_inside), 0,
                  "%d times on_disconnected ran inside on_connected (from cp_session_disconnect), before "
-                 "on_connected returned", atomic_load(&g_disc_inside));
+                 "on_connected returned",
+                 atomic_load(&g_disc_inside));
     cpt_env_stop(&e);
 }
 
@@ -332,7 +335,7 @@ Test(session_lifetime, accessors, .timeout = 20)
 typedef struct hammer {
     cp_session *s;
     atomic_int *stop;
-    long sent;
+    atomic_long sent;
     int bad;
 } hammer;
 
@@ -342,7 +345,7 @@ static void *hammer_main(void *arg)
     cp_sendbuf *b = cp_packet_make(2, "hammer", 6);
     while (!atomic_load(h->stop)) {
         if (h->sent % 64 == 63)
-            cpt_sleep_us(20);
+            cpt_sleep_us(20); /* a sleep: paces the sends */
         int rc = cp_session_send(h->s, b);
         if (rc == 0)
             h->sent++;
@@ -379,7 +382,9 @@ Test(session_lifetime, sends_from_user_threads_during_disconnect, .timeout = 30)
         hs[i] = (hammer){ .s = e.t->recs[i].s, .stop = &stop };
         pthread_create(&th[i], NULL, hammer_main, &hs[i]);
     }
-    cpt_sleep_ms(50);
+    for (int i = 0; i < N; i++) /* every thread sends before the peers go */
+        CPT_AWAIT(atomic_load(&hs[i].sent) >= 500, 5000, "thread %d sent %ld times", i,
+                  atomic_load(&hs[i].sent));
     for (int i = 0; i < N; i++) {
         if (i % 2)
             cpt_close_reset(fds[i]);
@@ -406,7 +411,7 @@ typedef struct svc_watch {
     cpt_env *e;
     int n;
     atomic_int *stop;
-    long calls;
+    atomic_long calls;
     int bad;
 } svc_watch;
 
@@ -444,19 +449,30 @@ Test(session_lifetime, kept_session_service_read_while_its_service_stops, .timeo
             ws[i] = (svc_watch){ .e = &e, .n = N, .stop = &stop };
             pthread_create(&th[i], NULL, svc_watch_main, &ws[i]);
         }
-        cpt_sleep_ms(5);
+        for (int i = 0; i < THREADS; i++) /* they read before the stop, */
+            CPT_AWAIT(atomic_load(&ws[i].calls) >= 4 * N, 5000, "round %d: thread %d is not reading", round,
+                      i);
         cp_service *svc = e.svc;
         cpt_xstop(svc);
-        cpt_sleep_ms(5);
+        long at_stop[THREADS];
+        for (int i = 0; i < THREADS; i++)
+            at_stop[i] = atomic_load(&ws[i].calls);
+        for (int i = 0; i < THREADS; i++) /* and every session again after it */
+            CPT_AWAIT(atomic_load(&ws[i].calls) >= at_stop[i] + 2 * N, 5000,
+                      "round %d: thread %d stopped reading", round, i);
         atomic_store(&stop, 1);
         for (int i = 0; i < THREADS; i++) {
             pthread_join(th[i], NULL);
-            cr_assert_eq(ws[i].bad, 0, "round %d, thread %d: %d answers of %ld were neither the service nor NULL, "
-                         "or the service again after NULL", round, i, ws[i].bad, ws[i].calls);
+            cr_assert_eq(ws[i].bad, 0,
+                         "round %d, thread %d: %d answers of %ld were neither the service nor NULL, "
+                         "or the service again after NULL",
+                         round, i, ws[i].bad, ws[i].calls);
         }
         for (int i = 0; i < N; i++)
-            cr_assert_null(cp_session_service(e.t->recs[i].s), "round %d: session %d still names its stopped "
-                           "service", round, i);
+            cr_assert_null(cp_session_service(e.t->recs[i].s),
+                           "round %d: session %d still names its stopped "
+                           "service",
+                           round, i);
         for (int i = 0; i < N; i++)
             cpt_close(fds[i]);
         /* cpt_env_stop without the stop, which was the test's */

@@ -28,11 +28,11 @@ typedef struct targ targ;
 /* Indexed like the tracking records (cpt_srec); static, so it outlives the
  * sessions that threads still hold. */
 typedef struct sstate {
-    pthread_t owner;        /* the thread on_connected ran on */
-    pthread_mutex_t lock;   /* guards args and closed */
-    targ *args;             /* timer args this session still owns */
-    bool closed;            /* on_disconnected ran and freed them */
-    int last_seq[NHAMMER];  /* per poster thread; touched on the owner only */
+    pthread_t owner;       /* the thread on_connected ran on */
+    pthread_mutex_t lock;  /* guards args and closed */
+    targ *args;            /* timer args this session still owns */
+    bool closed;           /* on_disconnected ran and freed them */
+    int last_seq[NHAMMER]; /* per poster thread; touched on the owner only */
     atomic_int ticks;
     atomic_int ticks_at_disc;
     atomic_int post_ran;
@@ -210,7 +210,7 @@ Test(session_work, posts_from_other_threads_run_on_the_owner_between_callbacks, 
     connect_clients(fds, N);
     poster p[NHAMMER];
     for (int i = 0; i < NHAMMER; i++) {
-        p[i] = (poster){.id = i, .nsessions = N, .posts = POSTS};
+        p[i] = (poster){ .id = i, .nsessions = N, .posts = POSTS };
         pthread_create(&p[i].th, NULL, poster_main, &p[i]);
     }
     uint8_t body[16];
@@ -486,9 +486,11 @@ Test(session_work, cancels_on_the_worker_are_final, .timeout = 30)
     connect_clients(&fd, 1);
     cpt_sleep_ms(400); /* a sleep: past the cancelled one-shot's 200 ms deadline, which must pass unfired */
     cr_expect_eq(atomic_load(&states[0].fired), 0, "a one-shot cancelled on its worker fired");
-    cr_expect_eq(atomic_load(&self_cancel_runs), 3, "a timer that cancelled itself on its third run ran %d times",
+    cr_expect_eq(atomic_load(&self_cancel_runs), 3,
+                 "a timer that cancelled itself on its third run ran %d times",
                  atomic_load(&self_cancel_runs));
-    cr_expect_eq(atomic_load(&states[0].ticks), 1, "a one-shot fired %d times", atomic_load(&states[0].ticks));
+    cr_expect_eq(atomic_load(&states[0].ticks), 1, "a one-shot fired %d times",
+                 atomic_load(&states[0].ticks));
     cr_expect_eq(cp_session_timer_cancel(atomic_exchange(&fired_handle, NULL)), -ENOENT,
                  "cancelling a one-shot that fired");
     cpt_close(fd);
@@ -624,16 +626,21 @@ static void hammer_once(hammer *h, cp_session *s, int seq)
 {
     uint32_t r = next_rnd(&h->rnd);
     switch (r % 16) {
-    case 0: case 1: case 2: case 3: case 4: case 5: case 6: case 7:
-        post_counted(s, h->id, seq);
-        break;
-    case 8: case 9: case 10:
-        race_start_timer(s, (r >> 8) % 20, 0, false);
-        break;
-    case 11: case 12:
-        race_start_timer(s, (r >> 8) % 10, 1 + (r >> 16) % 10, false);
-        break;
-    case 13: case 14: {
+    case 0:
+    case 1:
+    case 2:
+    case 3:
+    case 4:
+    case 5:
+    case 6:
+    case 7: post_counted(s, h->id, seq); break;
+    case 8:
+    case 9:
+    case 10: race_start_timer(s, (r >> 8) % 20, 0, false); break;
+    case 11:
+    case 12: race_start_timer(s, (r >> 8) % 10, 1 + (r >> 16) % 10, false); break;
+    case 13:
+    case 14: {
         cp_session_timer *t = race_start_timer(s, (r >> 8) % 5, (r >> 12) % 2 ? 1 + (r >> 16) % 5 : 0, true);
         if (t) {
             if ((r >> 20) % 2)
@@ -685,7 +692,7 @@ Test(session_work, posts_and_timer_starts_racing_disconnects_free_every_arg_once
     atomic_int stop = 0;
     hammer h[NHAMMER];
     for (int i = 0; i < NHAMMER; i++) {
-        h[i] = (hammer){.id = i, .rnd = 0x9e3779b9u * (uint32_t)(i + 1), .stop = &stop};
+        h[i] = (hammer){ .id = i, .rnd = 0x9e3779b9u * (uint32_t)(i + 1), .stop = &stop };
         pthread_create(&h[i].th, NULL, hammer_main, &h[i]);
     }
     int fds[LIVE];

@@ -86,7 +86,7 @@ Test(shutdown, packet_sent_before_shutdown_arrives_before_the_close, .timeout = 
 Test(shutdown, large_queue_from_another_thread_is_written_before_the_fin, .timeout = 60)
 {
     cpt_env e;
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     o.session.send_queue_limit = 16u << 20;
     cpt_env_start(&e, 2, &o, NULL, 8, CPT_KEEP_REFS | CPT_NO_ECHO);
     int fd = cpt_xconnect(e.sport);
@@ -105,7 +105,7 @@ Test(shutdown, large_queue_from_another_thread_is_written_before_the_fin, .timeo
     cr_assert_eq(cp_session_shutdown(s, 30000), 0);
     cr_assert_eq(cp_session_send_copy(s, "x", 1), -ENOTCONN, "no send after the shutdown");
     cr_assert_eq(cp_session_shutdown(s, 10000), -ENOTCONN);
-    cpt_sleep_ms(200); /* the server meets a full socket buffer */
+    cpt_xwrites_stalled(e.svc); /* the server meets a full socket buffer */
     for (uint32_t i = 0; i < N; i++) {
         uint16_t id;
         size_t len;
@@ -121,7 +121,8 @@ Test(shutdown, large_queue_from_another_thread_is_written_before_the_fin, .timeo
     cpt_close(fd);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "the peer's FIN ended the session");
     cr_assert_eq(atomic_load(&e.t->recs[0].reason), CP_REASON_LOCAL);
-    cr_assert_eq(atomic_load(&e.t->recs[0].err), 0, "closed by the peer's FIN, not with %d (EOF seen %llu ms after the shutdown)",
+    cr_assert_eq(atomic_load(&e.t->recs[0].err), 0,
+                 "closed by the peer's FIN, not with %d (EOF seen %llu ms after the shutdown)",
                  atomic_load(&e.t->recs[0].err), (unsigned long long)t_eof);
     cpt_env_stop(&e);
 }
@@ -131,7 +132,7 @@ Test(shutdown, large_queue_from_another_thread_is_written_before_the_fin, .timeo
 Test(shutdown, deadline_closes_a_peer_that_does_not_read, .timeout = 30)
 {
     cpt_env e;
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     o.session.send_queue_limit = 16u << 20;
     cpt_env_start(&e, 2, &o, NULL, 8, CPT_KEEP_REFS | CPT_NO_ECHO);
     int fd = cpt_connect(CPT_HOST4, e.sport, 4096);
@@ -178,7 +179,7 @@ Test(shutdown, peer_that_keeps_sending_is_drained_then_closed_by_its_fin, .timeo
     cr_assert_eq(cpt_recv_once(fd, tail, sizeof tail), 0, "the end of stream follows the packet");
     long long packets = atomic_load(&e.t->packets);
     cr_assert_eq(packets, 0, "nothing the peer sent while draining reached a handler");
-    cpt_sleep_ms(100);
+    cpt_sleep_ms(100); /* a sleep: a close before the FIN or the 3 s deadline would show in this window */
     cr_assert_eq(atomic_load(&e.t->disconnected), 0, "open until the peer closes or the deadline");
     cpt_close(fd);
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "the peer's FIN ended the session");
@@ -192,7 +193,7 @@ Test(shutdown, bad_arguments_and_hard_close_while_draining, .timeout = 30)
 {
     cr_assert_eq(cp_session_shutdown(NULL, 1000), -EINVAL);
     cpt_env e;
-    cp_server_opts o = {0};
+    cp_server_opts o = { 0 };
     o.session.send_queue_limit = 16u << 20;
     cpt_env_start(&e, 1, &o, NULL, 8, CPT_KEEP_REFS | CPT_NO_ECHO);
     int fd = cpt_connect(CPT_HOST4, e.sport, 4096);
@@ -206,7 +207,7 @@ Test(shutdown, bad_arguments_and_hard_close_while_draining, .timeout = 30)
         cr_assert_eq(cp_session_send(s, b), 0);
     cp_sendbuf_unref(b);
     cr_assert_eq(cp_session_shutdown(s, 60000), 0);
-    cpt_sleep_ms(50);
+    cpt_sleep_ms(50); /* a sleep: an early end of the drain would show in this window */
     cr_assert_eq(atomic_load(&e.t->disconnected), 0, "the peer reads nothing: still draining");
     cr_assert_eq(cp_session_disconnect(s), 0, "the hard close ends a graceful one");
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "closed at once");

@@ -96,8 +96,8 @@ static void *churn(void *arg)
 {
     uint64_t tag = (uint64_t)(uintptr_t)arg << 32;
     enum { LIVE = 300, ROUNDS = 20000 };
-    obj *live[LIVE] = {0};
-    uint64_t val[LIVE] = {0};
+    obj *live[LIVE] = { 0 };
+    uint64_t val[LIVE] = { 0 };
     uint32_t seed = (uint32_t)(uintptr_t)arg * 2654435761u + 1;
     for (uint64_t r = 1; r <= ROUNDS; r++) {
         seed = seed * 1103515245u + 12345u;
@@ -131,10 +131,12 @@ Test(slab, threads_alloc_and_free_at_once)
     for (int i = 0; i < T; i++) {
         void *r;
         pthread_join(th[i], &r);
-        cr_assert_null(r, "thread %d: %s", i, r == (void *)1 ? "an object changed under its owner" : "a bad object");
+        cr_assert_null(r, "thread %d: %s", i,
+                       r == (void *)1 ? "an object changed under its owner" : "a bad object");
     }
     if (cp__slab_maps_pages)
-        cr_assert_eq(cp__slab_blocks(&mt_slab), 1, "%zu blocks left after every object went", cp__slab_blocks(&mt_slab));
+        cr_assert_eq(cp__slab_blocks(&mt_slab), 1, "%zu blocks left after every object went",
+                     cp__slab_blocks(&mt_slab));
 }
 
 #ifdef __linux__

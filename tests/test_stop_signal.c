@@ -19,12 +19,12 @@ Test(stop_signal, console_events, .timeout = 10)
 
 #else
 
-#include <pthread.h>
-#include <signal.h>
-#include <string.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
+#  include <pthread.h>
+#  include <signal.h>
+#  include <string.h>
+#  include <sys/wait.h>
+#  include <time.h>
+#  include <unistd.h>
 
 static void *waiter_main(void *arg)
 {
@@ -63,10 +63,11 @@ static int in_child(int (*fn)(int), int arg)
     for (int i = 0; i < 500; i++) {
         pid_t r = waitpid(pid, &status, WNOHANG);
         if (r == pid) {
-            cr_assert(WIFEXITED(status), "child ended by signal %d", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+            cr_assert(WIFEXITED(status), "child ended by signal %d",
+                      WIFSIGNALED(status) ? WTERMSIG(status) : 0);
             return WEXITSTATUS(status);
         }
-        struct timespec ts = {0, 10000000};
+        struct timespec ts = { 0, 10000000 };
         nanosleep(&ts, NULL);
     }
     kill(pid, SIGKILL);

@@ -6,7 +6,7 @@
 
 static void start_env(cpt_env *e, uint32_t idle_ms, uint32_t packet_ms)
 {
-    cp_server_opts o = {.host = CPT_HOST4};
+    cp_server_opts o = { .host = CPT_HOST4 };
     o.session.idle_timeout_ms = idle_ms;
     o.session.packet_timeout_ms = packet_ms;
     cpt_env_start(e, 0, &o, NULL, 64, 0);
@@ -78,10 +78,10 @@ Test(timeouts, an_active_client_is_never_cut, .timeout = 30)
         cpt_put_header(pkt, sizeof pkt, 1);
         memcpy(pkt + 4, body, sizeof body);
         cpt_xsend(fd, pkt, 10);
-        cpt_sleep_ms(20);
+        cpt_sleep_ms(20); /* a sleep: the client sends at a set pace (see above) */
         cpt_xsend(fd, pkt + 10, sizeof pkt - 10);
         cpt_xrecv_packet_eq(fd, 1, body, sizeof body);
-        cpt_sleep_ms(30);
+        cpt_sleep_ms(30); /* a sleep: likewise */
     }
     cr_expect_eq(cpt_peek_state(fd), 0, "the active client was disconnected");
     cpt_close(fd);
@@ -96,7 +96,7 @@ Test(timeouts, timeouts_off_keep_an_idle_client, .timeout = 30)
     cpt_env e;
     start_env(&e, 0, 0);
     int fd = cpt_xconnect(e.sport);
-    cpt_sleep_ms(400);
+    cpt_sleep_ms(400); /* a sleep: a cut of the idle client would show in this window */
     cr_expect_eq(cpt_peek_state(fd), 0);
     cpt_close(fd);
     cpt_env_stop(&e);
@@ -157,7 +157,7 @@ Test(timeouts, a_drip_fed_packet_is_cut_by_the_packet_timeout, .timeout = 30)
     for (size_t i = 0; i < sizeof pkt - 1; i++) {
         if (cpt_peek_state(fd) == 1 || cpt_send_all(fd, pkt + i, 1) < 0)
             break;
-        cpt_sleep_ms(50);
+        cpt_sleep_ms(50); /* a sleep: the client drips at a set pace */
     }
     uint64_t took = xcut_after(fd, t0, 4000);
     cr_expect_geq(took, 580, "cut after %llu ms, before the 600 ms packet timeout", (unsigned long long)took);
@@ -188,7 +188,7 @@ Test(timeouts, an_idle_deadline_before_the_packet_deadline_cuts_first, .timeout 
     cpt_env e;
     start_env(&e, 300, 1500);
     int fd = connect_tracked(&e);
-    cpt_sleep_ms(100);
+    cpt_sleep_ms(100); /* a sleep: idle time, so that the idle deadline comes before the packet's */
     uint64_t t0 = send_half_packet(fd);
     uint64_t took = xcut_after(fd, t0, 4000);
     cr_expect_geq(took, 280, "cut after %llu ms, before the 300 ms idle timeout", (unsigned long long)took);
@@ -209,7 +209,7 @@ Test(timeouts, a_packet_finished_in_time_leaves_the_idle_deadline, .timeout = 30
     cpt_put_header(pkt, sizeof pkt, 3);
     memcpy(pkt + 4, "finished", 8);
     cpt_xsend(fd, pkt, 6);
-    cpt_sleep_ms(100);
+    cpt_sleep_ms(100); /* a sleep: the packet takes a while, though less than its 300 ms */
     uint64_t t0 = cpt_now_ms();
     cpt_xsend(fd, pkt + 6, sizeof pkt - 6);
     cpt_xrecv_packet_eq(fd, 3, "finished", 8);
@@ -244,7 +244,7 @@ static size_t lines_on_recv(cp_session *s, const uint8_t *data, size_t len)
 Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
 {
     cpt_env e;
-    cp_server_opts o = {.host = CPT_HOST4};
+    cp_server_opts o = { .host = CPT_HOST4 };
     o.session.framing = CP_FRAMING_RAW;
     o.session.packet_timeout_ms = 300;
     cp_handlers h = cpt_track_handlers();
@@ -254,7 +254,7 @@ Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
     int fd = connect_tracked(&e);
     uint64_t t0 = cpt_now_ms();
     cpt_xsend(fd, "ab", 2);
-    cpt_sleep_ms(200);
+    cpt_sleep_ms(200); /* a sleep: a cut before the 300 ms packet timeout would show in this window */
     cr_expect_eq(cpt_peek_state(fd), 0, "cut %llu ms after 2 unconsumed bytes; the packet timeout is 300 ms",
                  (unsigned long long)(cpt_now_ms() - t0));
     uint64_t t1 = cpt_now_ms();
@@ -262,7 +262,8 @@ Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
     uint64_t took = xcut_after(fd, t1, 4000);
     cr_expect_geq(took, 280, "cut %llu ms after the line, before the 300 ms packet timeout",
                   (unsigned long long)took);
-    cr_expect_lt(took, 1000, "cut %llu ms after the line: the packet timeout is 300 ms", (unsigned long long)took);
+    cr_expect_lt(took, 1000, "cut %llu ms after the line: the packet timeout is 300 ms",
+                 (unsigned long long)took);
     cpt_close(fd);
     expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
     cpt_env_stop(&e);

@@ -8,6 +8,15 @@
 #include <stdlib.h>
 
 #define NTIMERS 10000
+/* run_half_cancelled's timeline: the timers are due from DUE_MS on, and the
+ * test arms all and cancels half within CANCEL_BY_MS, before any is due.
+ * Under ThreadSanitizer arming and cancelling 15,000 timers takes several
+ * times longer (each call is instrumented), often past 250 ms on a loaded
+ * machine, so the whole timeline is ten times longer there: the same
+ * sequence, the same checks, on a longer clock. */
+#define TIME_SCALE (CPT_TSAN ? 10 : 1)
+#define DUE_MS (300 * TIME_SCALE)
+#define CANCEL_BY_MS (250 * TIME_SCALE)
 
 /* The number of timers in the heaps of port's workers, read on each worker. */
 typedef struct heap_probe {
@@ -25,7 +34,7 @@ static void probe_heap(cp_worker *w, void *pp, void *unused, uintptr_t c)
 
 static int armed_timers(cp_port *port)
 {
-    heap_probe p = {0};
+    heap_probe p = { 0 };
     for (int i = 0; i < port->nworkers; i++)
         cp__send_msg(&port->workers[i], probe_heap, &p, NULL);
     CPT_AWAIT(atomic_load(&p.answered) == port->nworkers, 5000, "a worker did not answer");
@@ -45,7 +54,7 @@ static void xtimers_quiet(cp_port *port, cp_jobq *q)
 }
 
 typedef struct tctx {
-    uint64_t due_ns;        /* not before this */
+    uint64_t due_ns; /* not before this */
     atomic_int fired;
     atomic_int early;
 } tctx;
@@ -70,7 +79,7 @@ static void run_half_cancelled(bool via_jobq)
     cp_timer **t = calloc(NTIMERS, sizeof *t);
     uint64_t start = cpt_now_ns();
     for (int i = 0; i < NTIMERS; i++) {
-        uint64_t delay = 300 + (uint64_t)(i % 200); /* 300..499 ms */
+        uint64_t delay = DUE_MS + (uint64_t)(i % 200); /* 300..499 ms (unscaled) */
         c[i].due_ns = start + delay * 1000000u;
         cr_assert_eq(cp_timer_start(&t[i], port, delay, 0, on_fire, &c[i], q), 0);
     }
@@ -82,7 +91,8 @@ static void run_half_cancelled(bool via_jobq)
         if (cp_timer_cancel(t[i]) != 0 && refused++ == 0)
             first_refused = i;
     }
-    cr_assert_lt(cpt_now_ns() - start, 250000000u, "arming and cancelling took too long to test");
+    cr_assert_lt(cpt_now_ns() - start, CANCEL_BY_MS * 1000000ull,
+                 "arming and cancelling took too long to test");
     cr_assert_eq(refused, 0, "%d timers could not be cancelled (the first: %d)", refused, first_refused);
     /* The last timer was due at 499 ms: once every heap is empty and the
      * queue has run what they pushed, every call there will be has run. */
@@ -141,7 +151,7 @@ Test(timer, repeating_timer_ticks_until_cancelled_then_never_again, .timeout = 3
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(0);
-    rep_ctx c = {0};
+    rep_ctx c = { 0 };
     cp_timer *t;
     cr_assert_eq(cp_timer_start(&t, port, 10, 10, on_tick, &c, NULL), 0);
     cpt_sleep_ms(205); /* a sleep: the test counts the ticks of this window */
@@ -163,7 +173,7 @@ Test(timer, timers_left_armed_are_freed_with_the_port, .timeout = 30)
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     cp_port *port = cpt_xport(0);
-    tctx c = {0};
+    tctx c = { 0 };
     for (int i = 0; i < 100; i++)
         cr_assert_eq(cp_timer_start(NULL, port, 60000, 0, on_fire, &c, NULL), 0);
     CPT_AWAIT(armed_timers(port) == 100, 5000, "the timers did not reach their workers' heaps");
@@ -185,8 +195,8 @@ Test(timer, bad_arguments_are_refused, .timeout = 10)
 /* ------------------------------------------------------------------ cancel waits for a running call */
 
 typedef struct slow_ctx {
-    atomic_int inside;   /* calls in progress */
-    atomic_int calls;    /* calls started */
+    atomic_int inside; /* calls in progress */
+    atomic_int calls;  /* calls started */
     unsigned sleep_ms;
 } slow_ctx;
 
@@ -234,7 +244,8 @@ static void cancel_while_running(bool via_jobq, uint64_t repeat_ms)
         free(c);
     }
     /* The test means something only if cancels met running calls. */
-    cr_expect(caught_running > ROUNDS / 4, "only %d of %d cancels met a running call", caught_running, ROUNDS);
+    cr_expect(caught_running > ROUNDS / 4, "only %d of %d cancels met a running call", caught_running,
+              ROUNDS);
     if (q) {
         cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
         cr_assert_eq(cp_jobq_close_wait(q), 0);
@@ -287,10 +298,10 @@ Test(timer, cancel_skips_a_one_shot_job_already_queued, .timeout = 30)
     cp_port *port = cpt_xport(2);
     cp_jobq *q;
     cr_assert_eq(cp_jobq_create(&q, port), 0);
-    gate g = {0};
+    gate g = { 0 };
     cr_assert_eq(cp_jobq_push(q, gate_job, &g), 0);
     CPT_AWAIT(atomic_load(&g.entered), 2000, "the gate job did not start");
-    slow_ctx c = {.sleep_ms = 0};
+    slow_ctx c = { .sleep_ms = 0 };
     cp_timer *t;
     cr_assert_eq(cp_timer_start(&t, port, 1, 0, slow_cb, &c, q), 0);
     /* A sleep: the gate holds a worker, which answers no probe of its heap,
@@ -333,7 +344,7 @@ static void cancel_from_own_callback(bool via_jobq)
     cp_jobq *q = NULL;
     if (via_jobq)
         cr_assert_eq(cp_jobq_create(&q, port), 0);
-    self_ctx c = {.cancel_rc = 1};
+    self_ctx c = { .cancel_rc = 1 };
     cp_timer *t;
     cr_assert_eq(cp_timer_start(&t, port, 20, 5, self_cancel_cb, &c, q), 0);
     atomic_store(&c.t, t);
@@ -341,7 +352,8 @@ static void cancel_from_own_callback(bool via_jobq)
               atomic_load(&c.ticks));
     cr_assert_eq(atomic_load(&c.cancel_rc), 0);
     xtimers_quiet(port, q);
-    cr_assert_eq(atomic_load(&c.ticks), 3, "%d calls; the timer went on after cancelling itself", atomic_load(&c.ticks));
+    cr_assert_eq(atomic_load(&c.ticks), 3, "%d calls; the timer went on after cancelling itself",
+                 atomic_load(&c.ticks));
     if (q) {
         cr_assert_eq(cp_jobq_close(q, NULL, NULL), 0);
         cr_assert_eq(cp_jobq_close_wait(q), 0);
@@ -367,10 +379,10 @@ typedef struct outlive_ctx {
     cp_port *port;
     cp_timer **t;
     int n;
-    atomic_int next;      /* the canceller's cursor */
-    atomic_int bad;       /* cancels that answered neither 0 nor -ENOENT */
+    atomic_int next;            /* the canceller's cursor */
+    atomic_int bad;             /* cancels that answered neither 0 nor -ENOENT */
     atomic_int fired_cancelled; /* -ENOENT for a timer that never fired */
-    atomic_int *fired;    /* per timer */
+    atomic_int *fired;          /* per timer */
 } outlive_ctx;
 
 static void outlive_fire(void *arg) { atomic_fetch_add((atomic_int *)arg, 1); }
@@ -415,7 +427,7 @@ Test(timer, handles_given_back_after_port_destroy_are_safe_and_leak_nothing, .ti
     cpt_leak_mark m;
     cpt_leak_begin(&m);
     for (int round = 0; round < 20; round++) {
-        outlive_ctx c = {.n = N};
+        outlive_ctx c = { .n = N };
         c.port = cpt_xport(2 + round % 3);
         c.t = calloc(N, sizeof *c.t);
         c.fired = calloc(N, sizeof *c.fired);
@@ -425,7 +437,8 @@ Test(timer, handles_given_back_after_port_destroy_are_safe_and_leak_nothing, .ti
             /* A quarter fire at once, the rest are still armed at the destroy. */
             uint64_t delay = i % 4 == 0 ? 0 : 60000, repeat = i % 3 == 1 ? 60000 : 0;
             cr_assert_eq(cp_timer_start(&c.t[i], c.port, delay, repeat, outlive_fire, &c.fired[i],
-                                        i % 2 ? q : NULL), 0);
+                                        i % 2 ? q : NULL),
+                         0);
         }
         cp_jobq_unref(q);
         CPT_AWAIT(quarter_fired(&c), 5000, "round %d: the timers due at once did not fire", round);

@@ -61,7 +61,7 @@ typedef int sock_t;
 static void sleep_us(unsigned us) { usleep(us); }
 static void set_rcvtimeo_ms(sock_t fd, unsigned ms)
 {
-    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+    struct timeval tv = { .tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000 };
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 }
 #endif
@@ -85,14 +85,14 @@ static pthread_mutex_t ids_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint64_t ids[MAX_IDS];
 static int nids;
 
-#define CHECK(cond, ...)                                                 \
-    do {                                                                 \
-        if (!(cond)) {                                                   \
-            fprintf(stderr, "tsan_stress: " __VA_ARGS__);                \
-            fputc('\n', stderr);                                         \
-            atomic_fetch_add(&failures, 1);                              \
-        }                                                                \
-    } while (0)
+#define CHECK(cond, ...)                                                                                     \
+  do {                                                                                                       \
+    if (!(cond)) {                                                                                           \
+      fprintf(stderr, "tsan_stress: " __VA_ARGS__);                                                          \
+      fputc('\n', stderr);                                                                                   \
+      atomic_fetch_add(&failures, 1);                                                                        \
+    }                                                                                                        \
+  } while (0)
 
 /* ------------------------------------------------------------------ server side */
 
@@ -212,7 +212,7 @@ static void *client_thread(void *arg)
     (void)arg;
     while (!atomic_load(&stop_clients)) {
         sock_t fd = socket(AF_INET, SOCK_STREAM, 0);
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(server_port)};
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(server_port) };
         inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
         set_rcvtimeo_ms(fd, 200);
         if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
@@ -221,7 +221,7 @@ static void *client_thread(void *arg)
             continue;
         }
         for (int i = 0; i < 50 && !atomic_load(&stop_clients); i++) {
-            uint8_t pkt[36] = {36, 0, 7, 0};
+            uint8_t pkt[36] = { 36, 0, 7, 0 };
             memset(pkt + 4, i, 32);
             if (send(fd, (const void *)pkt, sizeof pkt, SEND_FLAGS) != (int)sizeof pkt)
                 break;
@@ -290,7 +290,8 @@ static void *session_poster_thread(void *arg)
         }
         post_job(s);
         cp_session_timer *t;
-        if (cp_session_timer_start(&t, s, next_rand(&seed) % 3, next_rand(&seed) % 2, session_tick, NULL) == 0) {
+        if (cp_session_timer_start(&t, s, next_rand(&seed) % 3, next_rand(&seed) % 2, session_tick, NULL) ==
+            0) {
             int r = cp_session_timer_cancel(t);
             CHECK(r == 0 || r == -ENOENT, "cp_session_timer_cancel returned %d", r);
         }
@@ -383,7 +384,8 @@ static void sendbuf_closed_elsewhere(void)
         cp_sendbuf *c = cp_sendbuf_copy("copy", 4);
         while (!atomic_load(&far_closed))
             sleep_us(0);
-        CHECK(cp_sendbuf_len(b) == 10, "a buffer closed at 10 on another thread has length %zu", cp_sendbuf_len(b));
+        CHECK(cp_sendbuf_len(b) == 10, "a buffer closed at 10 on another thread has length %zu",
+              cp_sendbuf_len(b));
         cp_sendbuf_unref(c);
         cp_sendbuf_unref(b);
     }
@@ -483,8 +485,8 @@ static void *lt_closer_main(void *arg)
 
 static void lt_close_race(cp_port *p)
 {
-    lt_close c = {0};
-    lt_closer cl[2] = {{&c, 0}, {&c, 1}};
+    lt_close c = { 0 };
+    lt_closer cl[2] = { { &c, 0 }, { &c, 1 } };
     pthread_t th[2];
     for (int i = 0; i < 2; i++)
         pthread_create(&th[i], NULL, lt_closer_main, &cl[i]);
@@ -536,8 +538,8 @@ static void lt_posts_vs_destroy(void)
 {
     long lost = 0;
     for (int round = 0; round < 12; round++) {
-        lt_posts lp = {0};
-        if (cp_port_create(&lp.port, &(cp_port_opts){.workers = 2 + round % 2}) < 0) {
+        lt_posts lp = { 0 };
+        if (cp_port_create(&lp.port, &(cp_port_opts){ .workers = 2 + round % 2 }) < 0) {
             CHECK(0, "posts vs destroy: cp_port_create failed");
             return;
         }
@@ -597,7 +599,7 @@ static void lt_destroy_with_work(void)
 {
     for (int round = 0; round < 6; round++) {
         cp_port *p;
-        if (cp_port_create(&p, &(cp_port_opts){.workers = 2 + round % 2}) < 0) {
+        if (cp_port_create(&p, &(cp_port_opts){ .workers = 2 + round % 2 }) < 0) {
             CHECK(0, "destroy with work: cp_port_create failed");
             return;
         }
@@ -659,14 +661,16 @@ int main(void)
         return 1;
     }
 #endif
-    int r = cp_port_create(&port, &(cp_port_opts){.workers = 2});
+    int r = cp_port_create(&port, &(cp_port_opts){ .workers = 2 });
     if (r < 0) {
         fprintf(stderr, "tsan_stress: cp_port_create: %s\n", cp_strerror(r));
         return 1;
     }
     cp_group_create(&room);
-    cp_handlers h = {.on_connected = on_connected, .on_packet = on_packet, .on_disconnected = on_disconnected};
-    cp_server_opts o = {.host = "127.0.0.1", .port = 0};
+    cp_handlers h = { .on_connected = on_connected,
+                      .on_packet = on_packet,
+                      .on_disconnected = on_disconnected };
+    cp_server_opts o = { .host = "127.0.0.1", .port = 0 };
     if ((r = cp_server_start(&svc, port, &o, &h, NULL)) < 0) {
         fprintf(stderr, "tsan_stress: cp_server_start: %s\n", cp_strerror(r));
         return 1;
@@ -740,7 +744,7 @@ int main(void)
 
     /* Lifetimes at close and destroy, on ports of their own. */
     cp_port *lp;
-    if ((r = cp_port_create(&lp, &(cp_port_opts){.workers = 2})) == 0) {
+    if ((r = cp_port_create(&lp, &(cp_port_opts){ .workers = 2 })) == 0) {
         lt_close_race(lp);
         lt_timers_vs_close(lp);
         CHECK(cp_port_destroy(lp) == 0, "lifetimes: cp_port_destroy failed");
@@ -750,7 +754,8 @@ int main(void)
     lt_posts_vs_destroy();
     lt_destroy_with_work();
 
-    printf("tsan_stress: %d sessions, %ld jobs, %d timers fired of 4000 cancelled-at-once, %ld session posts: %s\n",
+    printf("tsan_stress: %d sessions, %ld jobs, %d timers fired of 4000 cancelled-at-once, %ld session "
+           "posts: %s\n",
            atomic_load(&connected), ran, atomic_load(&fired), atomic_load(&posts_ran),
            atomic_load(&failures) ? "FAILED" : "ok");
     return atomic_load(&failures) ? 1 : 0;

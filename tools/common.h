@@ -10,7 +10,7 @@
 #define CPORT_TOOLS_COMMON_H
 
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 
 #include <errno.h>
@@ -114,9 +114,12 @@ static inline int tool_parse_u64(const char *text, uint64_t min, uint64_t max, i
     if (allow_suffix && *end != '\0' && end[1] == '\0') {
         unsigned shift = 0;
         switch (*end) {
-        case 'k': case 'K': shift = 10; break;
-        case 'm': case 'M': shift = 20; break;
-        case 'g': case 'G': shift = 30; break;
+        case 'k':
+        case 'K': shift = 10; break;
+        case 'm':
+        case 'M': shift = 20; break;
+        case 'g':
+        case 'G': shift = 30; break;
         default: return -1;
         }
         if (v > (UINT64_MAX >> shift))
@@ -185,8 +188,8 @@ static inline int tool_create_port(const char *prog, cp_port **port, int workers
     if (rc == 0)
         return 0;
     if (rc == -ENOTSUP && backend != CP_BACKEND_AUTO) {
-        fprintf(stderr, "%s: %s backend not available in this build or on this kernel (%s)\n",
-                prog, backend == CP_BACKEND_URING ? "io_uring" : "requested", cp_strerror(rc));
+        fprintf(stderr, "%s: %s backend not available in this build or on this kernel (%s)\n", prog,
+                backend == CP_BACKEND_URING ? "io_uring" : "requested", cp_strerror(rc));
         return TOOL_EXIT_USAGE;
     }
     fprintf(stderr, "%s: cannot create the completion port: %s\n", prog, cp_strerror(rc));
@@ -295,10 +298,7 @@ static inline int tool_stop_wait(void)
 
 /* 0 while no stop was requested, then SIGINT or SIGTERM (or a negative errno
  * if waiting failed). Any thread, never blocks. */
-static inline int tool_stop_requested(void)
-{
-    return atomic_load(tool_stop_state());
-}
+static inline int tool_stop_requested(void) { return atomic_load(tool_stop_state()); }
 
 /* Resident memory (Windows: working set) of process pid in KiB, or -1 if it
  * cannot be read or the process is gone. */
@@ -311,8 +311,7 @@ static inline long tool_process_rss_kib(long pid)
     long kib = -1;
     DWORD code = 0;
     PROCESS_MEMORY_COUNTERS pmc;
-    if (GetExitCodeProcess(h, &code) && code == STILL_ACTIVE &&
-        GetProcessMemoryInfo(h, &pmc, sizeof pmc))
+    if (GetExitCodeProcess(h, &code) && code == STILL_ACTIVE && GetProcessMemoryInfo(h, &pmc, sizeof pmc))
         kib = (long)(pmc.WorkingSetSize / 1024u);
     CloseHandle(h);
     return kib;

@@ -64,7 +64,7 @@ enum { PKT_ECHO = 1, PKT_HELLO = 1000, PKT_CHAT = 1004 };
 #define CONNECT_TIMEOUT_NS (10ull * 1000000000ull)
 /* After the last send, how long owed packets may take to arrive. */
 #define DRAIN_TIMEOUT_NS (2ull * 1000000000ull)
-#define TICK_NS 1000000ull     /* scheduler tick: 1 ms */
+#define TICK_NS 1000000ull      /* scheduler tick: 1 ms */
 #define REPORT_NS 1000000000ull /* progress line period */
 /* How often a session repeats its hello while a room of several dummies
  * assembles: every server must hear it once its bus link is up. */
@@ -88,15 +88,15 @@ typedef struct dummy_config {
     uint16_t port;
     uint32_t sessions;
     dummy_mode mode;
-    uint32_t size;     /* echo: message bytes; packet/chat: body bytes */
-    double rate;       /* messages per second per session; 0 = ping-pong */
-    double duration;   /* seconds of sending */
+    uint32_t size;   /* echo: message bytes; packet/chat: body bytes */
+    double rate;     /* messages per second per session; 0 = ping-pong */
+    double duration; /* seconds of sending */
     cp_backend backend;
     int workers;
-    long server_pid;   /* 0 = none */
+    long server_pid; /* 0 = none */
     bool quiet;
     /* chat: the room's senders are 0..room_size-1, ours first_index.. on. */
-    uint32_t room_size;   /* = sessions unless --room-size */
+    uint32_t room_size; /* = sessions unless --room-size */
     uint32_t first_index;
     bool room_given;      /* --room-size: report how much of the room we heard */
     uint64_t start_at_ms; /* wall clock (Unix ms) to start sending at; 0 = when ready */
@@ -123,8 +123,7 @@ static unsigned hist_index(uint64_t v)
     if (v < HIST_SUB)
         return (unsigned)v;
     unsigned msb = 63u - (unsigned)__builtin_clzll(v);
-    return (msb - HIST_SUB_BITS + 1u) * HIST_SUB +
-           (unsigned)((v >> (msb - HIST_SUB_BITS)) & (HIST_SUB - 1u));
+    return (msb - HIST_SUB_BITS + 1u) * HIST_SUB + (unsigned)((v >> (msb - HIST_SUB_BITS)) & (HIST_SUB - 1u));
 }
 
 /* The middle of a bucket's value range: what a percentile reports. */
@@ -174,48 +173,48 @@ static uint64_t hist_max(const uint64_t *buckets)
 typedef struct session_slot {
     alignas(64) _Atomic(cp_session *) session; /* reference kept for the sender */
     uint32_t index;
-    atomic_bool alive;     /* on_connected ran, on_disconnected not yet */
-    atomic_bool ready;     /* may be sent to (chat: own hello came back) */
+    atomic_bool alive; /* on_connected ran, on_disconnected not yet */
+    atomic_bool ready; /* may be sent to (chat: own hello came back) */
     /* Messages handed to cp_session_send. echo/packet count before sending
      * (and take it back if the send fails), so an echo can never outrun the
      * count; chat, sent by the main thread only, counts after success. */
     atomic_uint_fast32_t sent;
     atomic_uint_fast64_t received; /* verified echoes / chat deliveries */
-    uint32_t echo_seq;     /* (cb) echo/packet: next message expected back */
-    uint32_t echo_off;     /* (cb) echo: bytes of it verified so far */
-    uint32_t *next_seq;    /* (cb) chat: next sequence expected from each room sender */
+    uint32_t echo_seq;             /* (cb) echo/packet: next message expected back */
+    uint32_t echo_off;             /* (cb) echo: bytes of it verified so far */
+    uint32_t *next_seq;            /* (cb) chat: next sequence expected from each room sender */
     atomic_uint_fast64_t *send_ns; /* echo/packet: ECHO_WINDOW send times */
-    bool survived;         /* (main) ready and still connected when we began to stop */
+    bool survived;                 /* (main) ready and still connected when we began to stop */
 } session_slot;
 
 typedef struct dummy_state {
     dummy_config cfg;
     session_slot *slots;
-    uint32_t *chat_matrix;          /* backing store of every slot's next_seq */
+    uint32_t *chat_matrix;           /* backing store of every slot's next_seq */
     atomic_uint_fast64_t *send_ring; /* backing store of every slot's send_ns */
 
-    atomic_uint next_index;         /* slot handed to the next on_connected */
-    atomic_uint ready;              /* slots marked ready */
-    atomic_bool *heard;             /* chat: a hello came from this room sender */
-    atomic_uint heard_count;        /* chat: room senders heard from */
-    uint64_t room_sends;            /* chat: sends the whole room's schedule holds */
-    uint64_t others_sends;          /* chat: of those, the other dummies' senders' */
-    atomic_bool sending;            /* ping-pong may send its next message */
-    atomic_bool stopping;           /* we are stopping: disconnects are expected */
+    atomic_uint next_index;  /* slot handed to the next on_connected */
+    atomic_uint ready;       /* slots marked ready */
+    atomic_bool *heard;      /* chat: a hello came from this room sender */
+    atomic_uint heard_count; /* chat: room senders heard from */
+    uint64_t room_sends;     /* chat: sends the whole room's schedule holds */
+    uint64_t others_sends;   /* chat: of those, the other dummies' senders' */
+    atomic_bool sending;     /* ping-pong may send its next message */
+    atomic_bool stopping;    /* we are stopping: disconnects are expected */
 
     /* Errors. Rare by definition, so shared counters are fine. */
     atomic_uint_fast64_t connect_failed;
     atomic_int last_connect_error;
-    atomic_uint_fast64_t disconnects;          /* before we began to stop */
+    atomic_uint_fast64_t disconnects; /* before we began to stop */
     atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
     atomic_uint_fast64_t corrupt;
-    atomic_uint_fast64_t out_of_order;         /* duplicates and gaps */
-    atomic_uint_fast64_t gap_lost;             /* packets skipped over by a gap */
+    atomic_uint_fast64_t out_of_order; /* duplicates and gaps */
+    atomic_uint_fast64_t gap_lost;     /* packets skipped over by a gap */
     atomic_uint_fast64_t send_errors;
-    atomic_uint_fast64_t window_full;          /* sends skipped: ECHO_WINDOW in flight */
+    atomic_uint_fast64_t window_full; /* sends skipped: ECHO_WINDOW in flight */
     atomic_int error_logs;
 
-    latency_hist *hists;                       /* HIST_THREADS of them */
+    latency_hist *hists; /* HIST_THREADS of them */
     atomic_uint nhists;
 } dummy_state;
 
@@ -242,15 +241,9 @@ static void hist_snapshot(dummy_state *st, uint64_t *out)
             out[i] += atomic_load_explicit(&st->hists[t].bucket[i], memory_order_relaxed);
 }
 
-static void count(atomic_uint_fast64_t *c)
-{
-    atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
-}
+static void count(atomic_uint_fast64_t *c) { atomic_fetch_add_explicit(c, 1, memory_order_relaxed); }
 
-static uint64_t get(atomic_uint_fast64_t *c)
-{
-    return atomic_load_explicit(c, memory_order_relaxed);
-}
+static uint64_t get(atomic_uint_fast64_t *c) { return atomic_load_explicit(c, memory_order_relaxed); }
 
 /* Logs one error line, but only the first MAX_ERROR_LOGS of them: with
  * thousands of sessions one failure tends to come in thousands. */
@@ -492,8 +485,7 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
     if ((unsigned)reason < CP_REASON_COUNT_)
         count(&st->by_reason[reason]);
     char what[96];
-    snprintf(what, sizeof what, "%s%s%s", cp_reason_str(reason),
-             reason == CP_REASON_IO_ERROR ? ": " : "",
+    snprintf(what, sizeof what, "%s%s%s", cp_reason_str(reason), reason == CP_REASON_IO_ERROR ? ": " : "",
              reason == CP_REASON_IO_ERROR ? cp_strerror(err) : "");
     log_error(st, "session %u disconnected unexpectedly: %s", slot ? slot->index : 0u, what);
 }
@@ -605,8 +597,8 @@ static int chat_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_
     }
     uint32_t seq = get_u32le(body + 4);
     uint64_t sent_at = get_u64le(body + 8);
-    if (pattern_check(message_seed(sender, seq), CHAT_FIXED, body + CHAT_FIXED,
-                      len - CHAT_FIXED) != len - CHAT_FIXED) {
+    if (pattern_check(message_seed(sender, seq), CHAT_FIXED, body + CHAT_FIXED, len - CHAT_FIXED) !=
+        len - CHAT_FIXED) {
         count(&st->corrupt);
         log_error(st, "session %u: corrupt chat packet from %u, seq %u", slot->index, sender, seq);
         return 0;
@@ -614,8 +606,7 @@ static int chat_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_
     uint32_t *expect = &slot->next_seq[sender];
     if (seq != *expect) {
         count(&st->out_of_order);
-        log_error(st, "session %u: from %u got seq %u, expected %u", slot->index, sender, seq,
-                  *expect);
+        log_error(st, "session %u: from %u got seq %u, expected %u", slot->index, sender, seq, *expect);
         if (seq > *expect) { /* a gap: the skipped packets will never come */
             atomic_fetch_add_explicit(&st->gap_lost, seq - *expect, memory_order_relaxed);
             *expect = seq + 1;
@@ -694,19 +685,19 @@ static void check_room_args(dummy_config *cfg)
         cfg->room_size = cfg->sessions;
     if ((uint64_t)cfg->first_index + cfg->sessions > cfg->room_size)
         usage_error("senders %u..%llu are outside the room of %u (--first-index, --sessions, "
-                    "--room-size)", cfg->first_index,
-                    (unsigned long long)cfg->first_index + cfg->sessions - 1, cfg->room_size);
+                    "--room-size)",
+                    cfg->first_index, (unsigned long long)cfg->first_index + cfg->sessions - 1,
+                    cfg->room_size);
     if (cfg->room_size > cfg->sessions && cfg->start_at_ms == 0)
         usage_error("--room-size above --sessions needs --start-at: every dummy of the room "
                     "must start at the same moment");
     if (cfg->start_at_ms != 0) {
         uint64_t now = wall_now_ms();
         if (cfg->start_at_ms <= now)
-            usage_error("--start-at %llu is in the past (now is %llu)",
-                        (unsigned long long)cfg->start_at_ms, (unsigned long long)now);
+            usage_error("--start-at %llu is in the past (now is %llu)", (unsigned long long)cfg->start_at_ms,
+                        (unsigned long long)now);
         if (cfg->start_at_ms - now > START_AT_MAX_AHEAD_MS)
-            usage_error("--start-at %llu is more than an hour ahead",
-                        (unsigned long long)cfg->start_at_ms);
+            usage_error("--start-at %llu is more than an hour ahead", (unsigned long long)cfg->start_at_ms);
     }
 }
 
@@ -722,7 +713,10 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
         .duration = 10,
         .backend = CP_BACKEND_AUTO,
     };
-    static const char *const value_options[] = { "--host", "--port", "--sessions", "--mode", "--size", "--rate", "--duration", "--backend", "--workers", "--server-pid", "--room-size", "--first-index", "--start-at", NULL };
+    static const char *const value_options[] = {
+        "--host",    "--port",    "--sessions",   "--mode",      "--size",        "--rate",     "--duration",
+        "--backend", "--workers", "--server-pid", "--room-size", "--first-index", "--start-at", NULL
+    };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -735,8 +729,7 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
             continue;
         }
         if (!tool_is_option(opt, value_options))
-            usage_error(strncmp(opt, "-", 1) == 0 ? "unknown option '%s'" : "unexpected argument '%s'",
-                        opt);
+            usage_error(strncmp(opt, "-", 1) == 0 ? "unknown option '%s'" : "unexpected argument '%s'", opt);
         if (i + 1 >= argc)
             usage_error("option %s needs a value", opt);
         const char *val = argv[++i];
@@ -752,7 +745,8 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
         } else if (strcmp(opt, "--sessions") == 0) {
             if (tool_parse_u64(val, 1, MAX_SESSIONS, 0, &n) != 0)
                 usage_error("bad --sessions '%s' (1..19000: one process stays below 20000 "
-                            "open files)", val);
+                            "open files)",
+                            val);
             cfg->sessions = (uint32_t)n;
         } else if (strcmp(opt, "--mode") == 0) {
             if (strcmp(val, "echo") == 0)
@@ -843,8 +837,8 @@ static uint32_t count_alive(dummy_state *st)
 
 static uint64_t error_count(dummy_state *st)
 {
-    return get(&st->connect_failed) + get(&st->disconnects) + get(&st->corrupt) +
-           get(&st->out_of_order) + get(&st->gap_lost) + get(&st->send_errors);
+    return get(&st->connect_failed) + get(&st->disconnects) + get(&st->corrupt) + get(&st->out_of_order) +
+           get(&st->gap_lost) + get(&st->send_errors);
 }
 
 /* What the progress line compares against: the previous line's totals. */
@@ -883,8 +877,8 @@ static void print_progress(dummy_state *st, progress *p, uint64_t now, const cha
         fprintf(stderr, "[%6.1fs] %-7s sessions=%u/%u out/s=%.0f in/s=%.0f p99=%.2fms errors=%llu%s%s\n",
                 (double)(now - p->started_ns) / 1e9, phase, count_alive(st), st->cfg.sessions,
                 (double)(sent - p->sent) / dt, (double)(received - p->received) / dt,
-                (double)hist_percentile(p->hist_delta, 0.99) / 1e6,
-                (unsigned long long)error_count(st), rss, heard);
+                (double)hist_percentile(p->hist_delta, 0.99) / 1e6, (unsigned long long)error_count(st), rss,
+                heard);
     }
     p->sent = sent;
     p->received = received;
@@ -930,12 +924,13 @@ static bool wait_ready(dummy_state *st, progress *p)
             return false;
     }
     int err = atomic_load(&st->last_connect_error);
-    fprintf(stderr, "%s: only %u of %u sessions %s (limit %.0f s; %llu connects failed%s%s, "
-            "%llu disconnected)\n", prog, atomic_load(&st->ready), st->cfg.sessions,
+    fprintf(stderr,
+            "%s: only %u of %u sessions %s (limit %.0f s; %llu connects failed%s%s, "
+            "%llu disconnected)\n",
+            prog, atomic_load(&st->ready), st->cfg.sessions,
             st->cfg.mode == MODE_CHAT ? "connected and joined the room" : "connected",
             (double)CONNECT_TIMEOUT_NS / 1e9, (unsigned long long)get(&st->connect_failed),
-            err ? ", last: " : "", err ? cp_strerror(err) : "",
-            (unsigned long long)get(&st->disconnects));
+            err ? ", last: " : "", err ? cp_strerror(err) : "", (unsigned long long)get(&st->disconnects));
     return false;
 }
 
@@ -967,7 +962,8 @@ static bool wait_room(dummy_state *st, progress *p, uint64_t *start)
     if (cfg->start_at_ms != 0) {
         uint64_t at_ns = cfg->start_at_ms * 1000000u, wall = wall_now_ns();
         if (at_ns <= wall) {
-            fprintf(stderr, "%s: the start time (--start-at) passed before our sessions joined the room\n", prog);
+            fprintf(stderr, "%s: the start time (--start-at) passed before our sessions joined the room\n",
+                    prog);
             return false;
         }
         *start = deadline = now + (at_ns - wall);
@@ -1197,8 +1193,8 @@ static void print_reasons(dummy_state *st)
     for (int r = 0; r < CP_REASON_COUNT_; r++) {
         uint64_t n = get(&st->by_reason[r]);
         if (n != 0)
-            fprintf(stderr, "%s:   disconnects by reason: %s=%llu\n", prog,
-                    cp_reason_str((cp_reason)r), (unsigned long long)n);
+            fprintf(stderr, "%s:   disconnects by reason: %s=%llu\n", prog, cp_reason_str((cp_reason)r),
+                    (unsigned long long)n);
     }
 }
 
@@ -1242,15 +1238,15 @@ static int report(dummy_state *st, int shutdown_errors, double secs, bool comple
     uint64_t not_ready = st->cfg.sessions - ready;
     uint64_t connect_errors = not_ready > get(&st->connect_failed) ? not_ready : get(&st->connect_failed);
     uint64_t errors = v.lost + get(&st->out_of_order) + get(&st->corrupt) + connect_errors +
-                      get(&st->disconnects) +
-                      get(&st->send_errors) + (uint64_t)shutdown_errors;
+                      get(&st->disconnects) + get(&st->send_errors) + (uint64_t)shutdown_errors;
 
-    fprintf(stderr, "%s: %s %s: %u/%u sessions, %.1fs of sending, sent=%llu received=%llu "
+    fprintf(stderr,
+            "%s: %s %s: %u/%u sessions, %.1fs of sending, sent=%llu received=%llu "
             "expected=%llu (%.0f/s in), latency p50=%.3fms p99=%.3fms max=%.3fms, errors=%llu%s\n",
-            prog, mode_names[st->cfg.mode], errors == 0 ? "PASSED" : "FAILED", ready, st->cfg.sessions,
-            secs, (unsigned long long)v.sent, (unsigned long long)v.received,
-            (unsigned long long)v.expected, secs > 0 ? (double)v.received / secs : 0.0, p50, p99,
-            pmax, (unsigned long long)errors, completed ? "" : " (run cut short)");
+            prog, mode_names[st->cfg.mode], errors == 0 ? "PASSED" : "FAILED", ready, st->cfg.sessions, secs,
+            (unsigned long long)v.sent, (unsigned long long)v.received, (unsigned long long)v.expected,
+            secs > 0 ? (double)v.received / secs : 0.0, p50, p99, pmax, (unsigned long long)errors,
+            completed ? "" : " (run cut short)");
     if (get(&st->disconnects) != 0)
         print_reasons(st);
     if (get(&st->window_full) != 0)
@@ -1260,9 +1256,8 @@ static int report(dummy_state *st, int shutdown_errors, double secs, bool comple
            "lost=%llu out_of_order=%llu corrupt=%llu p50_ms=%.3f p99_ms=%.3f max_ms=%.3f "
            "connect_failed=%llu disconnects=%llu send_errors=%llu errors=%llu status=%s\n",
            mode_names[st->cfg.mode], st->cfg.sessions, ready, (unsigned long long)v.sent,
-           (unsigned long long)v.received, (unsigned long long)v.expected,
-           (unsigned long long)v.lost, (unsigned long long)get(&st->out_of_order),
-           (unsigned long long)get(&st->corrupt), p50, p99, pmax,
+           (unsigned long long)v.received, (unsigned long long)v.expected, (unsigned long long)v.lost,
+           (unsigned long long)get(&st->out_of_order), (unsigned long long)get(&st->corrupt), p50, p99, pmax,
            (unsigned long long)get(&st->connect_failed), (unsigned long long)get(&st->disconnects),
            (unsigned long long)get(&st->send_errors), (unsigned long long)errors,
            errors == 0 ? "ok" : "fail");
@@ -1288,8 +1283,8 @@ int main(int argc, char **argv)
 
     uint64_t want = (uint64_t)cfg->sessions + 256;
     if (tool_raise_nofile(want) < want) {
-        fprintf(stderr, "%s: the open-file limit is below %llu, needed for %u sessions (ulimit -n)\n",
-                prog, (unsigned long long)want, cfg->sessions);
+        fprintf(stderr, "%s: the open-file limit is below %llu, needed for %u sessions (ulimit -n)\n", prog,
+                (unsigned long long)want, cfg->sessions);
         return 1;
     }
     if (setup_state(st) != 0) {
@@ -1319,20 +1314,24 @@ int main(int argc, char **argv)
 
     uint64_t hist_bufs[3][HIST_BUCKETS];
     progress prog_state = { .started_ns = tool_now_ns(),
-                            .hist_prev = hist_bufs[0], .hist_now = hist_bufs[1],
+                            .hist_prev = hist_bufs[0],
+                            .hist_now = hist_bufs[1],
                             .hist_delta = hist_bufs[2] };
     memset(hist_bufs, 0, sizeof hist_bufs);
     prog_state.last_ns = prog_state.started_ns;
 
     if (!cfg->quiet)
-        fprintf(stderr, "%s: %s mode, %u sessions to %s:%u, size=%u rate=%g/s duration=%gs "
-                "backend=%s workers=%d\n", prog, mode_names[cfg->mode], cfg->sessions, cfg->host,
-                cfg->port, cfg->size, cfg->rate, cfg->duration, cp_port_backend_name(port),
-                cp_port_workers(port));
+        fprintf(stderr,
+                "%s: %s mode, %u sessions to %s:%u, size=%u rate=%g/s duration=%gs "
+                "backend=%s workers=%d\n",
+                prog, mode_names[cfg->mode], cfg->sessions, cfg->host, cfg->port, cfg->size, cfg->rate,
+                cfg->duration, cp_port_backend_name(port), cp_port_workers(port));
     if (!cfg->quiet && cfg->room_given)
-        fprintf(stderr, "%s: one room of %u senders, ours %u..%u, sending from Unix ms %llu "
-                "(0: once the room is heard)\n", prog, cfg->room_size, cfg->first_index,
-                cfg->first_index + cfg->sessions - 1, (unsigned long long)cfg->start_at_ms);
+        fprintf(stderr,
+                "%s: one room of %u senders, ours %u..%u, sending from Unix ms %llu "
+                "(0: once the room is heard)\n",
+                prog, cfg->room_size, cfg->first_index, cfg->first_index + cfg->sessions - 1,
+                (unsigned long long)cfg->start_at_ms);
 
     cp_service *svc = NULL;
     rc = cp_client_start(&svc, port, &opts, &handlers, st);

@@ -22,7 +22,7 @@
  * at once.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 
 #include <arpa/inet.h>
@@ -58,19 +58,19 @@ static struct options {
     const char *scenario;
     const char *host;
     int port;
-    double duration;      /* seconds */
-    int neighbours;       /* probing neighbours */
-    int probe_ms;         /* probe interval (0 = scenario default) */
-    int count;            /* burst: repeats; tiny / idle-after-burst: sessions; churn: connections */
-    int round;            /* churn: connections per round */
-    long burst;           /* bytes per burst */
-    int packet;           /* packet size of bursts, header included */
-    long packets;         /* idle-after-burst: packets per session */
-    int procs;            /* storm processes */
-    int batch;            /* tiny: 4-byte packets per send() */
-    double rate;          /* connect-storm: connects per second in all */
+    double duration;       /* seconds */
+    int neighbours;        /* probing neighbours */
+    int probe_ms;          /* probe interval (0 = scenario default) */
+    int count;             /* burst: repeats; tiny / idle-after-burst: sessions; churn: connections */
+    int round;             /* churn: connections per round */
+    long burst;            /* bytes per burst */
+    int packet;            /* packet size of bursts, header included */
+    long packets;          /* idle-after-burst: packets per session */
+    int procs;             /* storm processes */
+    int batch;             /* tiny: 4-byte packets per send() */
+    double rate;           /* connect-storm: connects per second in all */
     long send_queue_limit; /* tiny: the server's limit, for the report */
-    int idle_ms;          /* idle-after-burst / churn: wait before the RSS sample */
+    int idle_ms;           /* idle-after-burst / churn: wait before the RSS sample */
     pid_t server_pid;
     /* thresholds, < 0 = not checked */
     double max_p99_ms;
@@ -124,8 +124,16 @@ static void die(const char *what)
     exit(1);
 }
 
-static void put16(uint8_t *p, unsigned v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static void put32(uint8_t *p, uint32_t v) { put16(p, v & 0xffff); put16(p + 2, v >> 16); }
+static void put16(uint8_t *p, unsigned v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+static void put32(uint8_t *p, uint32_t v)
+{
+    put16(p, v & 0xffff);
+    put16(p + 2, v >> 16);
+}
 static unsigned get16(const uint8_t *p) { return p[0] | (unsigned)p[1] << 8; }
 static uint32_t get32(const uint8_t *p) { return get16(p) | (uint32_t)get16(p + 2) << 16; }
 
@@ -266,12 +274,12 @@ static void check_min(const char *what, double v, double min)
 typedef struct neighbour {
     int fd;
     bool cut;
-    uint32_t seq;            /* probes sent */
-    uint64_t *sent_at;       /* by sequence; 0 once answered */
+    uint32_t seq;      /* probes sent */
+    uint64_t *sent_at; /* by sequence; 0 once answered */
     size_t cap;
-    uint8_t *in;             /* unparsed received bytes */
+    uint8_t *in; /* unparsed received bytes */
     size_t in_len, in_cap;
-    uint8_t out[4096];       /* probes not yet written */
+    uint8_t out[4096]; /* probes not yet written */
     size_t out_len;
 } neighbour;
 
@@ -281,7 +289,7 @@ static struct neighbours {
     uint64_t interval_ns;
     atomic_bool stop;
     pthread_t thread;
-    uint64_t *rtt;           /* answered probes' round trips */
+    uint64_t *rtt; /* answered probes' round trips */
     size_t rtt_n, rtt_cap;
     uint64_t sent, got, cut;
 } NB;
@@ -539,7 +547,8 @@ static int run_chat_flood(void)
     if (now < end) /* a cut flooder does not end the neighbours' watch */
         sleep_ns(end - now);
     nb_report r = nb_finish();
-    printf("RESULT scenario=chat-flood duration_s=%.1f flood_packets_sent=%llu flood_bytes_back=%llu flooder_cut=%d",
+    printf("RESULT scenario=chat-flood duration_s=%.1f flood_packets_sent=%llu flood_bytes_back=%llu "
+           "flooder_cut=%d",
            O.duration, (unsigned long long)(sent / 64), (unsigned long long)echoed, eof ? 1 : 0);
     print_nb(&r);
     printf("\n");
@@ -700,7 +709,8 @@ static int run_pin(void)
     fill_packets(big, sizeof big, psize, DATA_ID);
     const double rate = 20e6; /* bytes/s per reader: ~40 MB/s in all */
     long rss0 = rss_kib(), rss_max = rss0;
-    uint64_t t0 = now_ns(), end = t0 + (uint64_t)(O.duration * 1e9), next_tick = t0, next_rss = t0 + 1000000000u;
+    uint64_t t0 = now_ns(), end = t0 + (uint64_t)(O.duration * 1e9), next_tick = t0,
+             next_rss = t0 + 1000000000u;
     int readers_cut = 0;
     printf("pin: t=0s rss_kib=%ld\n", rss0);
     while (now_ns() < end) {
@@ -841,7 +851,8 @@ static int run_idle_after_burst(void)
     usleep((useconds_t)O.idle_ms * 1000u);
     long rss_idle = rss_kib();
     printf("RESULT scenario=idle-after-burst sessions=%d packets_each=%ld served_full=%d cut=%d burst_s=%.2f "
-           "rss_before_kib=%ld rss_after_burst_kib=%ld rss_idle_kib=%ld idle_growth_kib=%ld per_session_kib=%.1f\n",
+           "rss_before_kib=%ld rss_after_burst_kib=%ld rss_idle_kib=%ld idle_growth_kib=%ld "
+           "per_session_kib=%.1f\n",
            n, O.packets, full, cut, burst_s, rss0, rss_busy, rss_idle, rss_idle - rss0,
            (double)(rss_idle - rss0) / n);
     for (int i = 0; i < n; i++)
@@ -1050,26 +1061,46 @@ static void parse_args(int argc, char **argv)
             exit(2);
         }
         const char *v = argv[++i];
-        if (!strcmp(o, "--host")) O.host = v;
-        else if (!strcmp(o, "--port")) O.port = (int)num_arg(o, v, 1, 65535);
-        else if (!strcmp(o, "--duration")) O.duration = num_arg(o, v, 0.1, 3600);
-        else if (!strcmp(o, "--server-pid")) O.server_pid = (pid_t)num_arg(o, v, 1, 1e9);
-        else if (!strcmp(o, "--neighbours")) O.neighbours = (int)num_arg(o, v, 1, 1000);
-        else if (!strcmp(o, "--probe-ms")) O.probe_ms = (int)num_arg(o, v, 1, 10000);
-        else if (!strcmp(o, "--count")) O.count = (int)num_arg(o, v, 1, 1e7);
-        else if (!strcmp(o, "--round")) O.round = (int)num_arg(o, v, 1, 5000);
-        else if (!strcmp(o, "--burst")) O.burst = (long)num_arg(o, v, 4, 1e10);
-        else if (!strcmp(o, "--packet")) O.packet = (int)num_arg(o, v, 4, 65535);
-        else if (!strcmp(o, "--packets")) O.packets = (long)num_arg(o, v, 1, 1e9);
-        else if (!strcmp(o, "--batch")) O.batch = (int)num_arg(o, v, 1, 1024);
-        else if (!strcmp(o, "--procs")) O.procs = (int)num_arg(o, v, 1, 64);
-        else if (!strcmp(o, "--rate")) O.rate = num_arg(o, v, 1, 1e6);
-        else if (!strcmp(o, "--send-queue-limit")) O.send_queue_limit = (long)num_arg(o, v, 1, 1e12);
-        else if (!strcmp(o, "--idle-ms")) O.idle_ms = (int)num_arg(o, v, 0, 600000);
-        else if (!strcmp(o, "--max-p99-ms")) O.max_p99_ms = num_arg(o, v, 0, 1e9);
-        else if (!strcmp(o, "--max-cut")) O.max_cut = (long)num_arg(o, v, 0, 1e9);
-        else if (!strcmp(o, "--min-served")) O.min_served = (long)num_arg(o, v, 0, 1e9);
-        else if (!strcmp(o, "--max-rss-mib")) O.max_rss_mib = num_arg(o, v, 0, 1e9);
+        if (!strcmp(o, "--host"))
+            O.host = v;
+        else if (!strcmp(o, "--port"))
+            O.port = (int)num_arg(o, v, 1, 65535);
+        else if (!strcmp(o, "--duration"))
+            O.duration = num_arg(o, v, 0.1, 3600);
+        else if (!strcmp(o, "--server-pid"))
+            O.server_pid = (pid_t)num_arg(o, v, 1, 1e9);
+        else if (!strcmp(o, "--neighbours"))
+            O.neighbours = (int)num_arg(o, v, 1, 1000);
+        else if (!strcmp(o, "--probe-ms"))
+            O.probe_ms = (int)num_arg(o, v, 1, 10000);
+        else if (!strcmp(o, "--count"))
+            O.count = (int)num_arg(o, v, 1, 1e7);
+        else if (!strcmp(o, "--round"))
+            O.round = (int)num_arg(o, v, 1, 5000);
+        else if (!strcmp(o, "--burst"))
+            O.burst = (long)num_arg(o, v, 4, 1e10);
+        else if (!strcmp(o, "--packet"))
+            O.packet = (int)num_arg(o, v, 4, 65535);
+        else if (!strcmp(o, "--packets"))
+            O.packets = (long)num_arg(o, v, 1, 1e9);
+        else if (!strcmp(o, "--batch"))
+            O.batch = (int)num_arg(o, v, 1, 1024);
+        else if (!strcmp(o, "--procs"))
+            O.procs = (int)num_arg(o, v, 1, 64);
+        else if (!strcmp(o, "--rate"))
+            O.rate = num_arg(o, v, 1, 1e6);
+        else if (!strcmp(o, "--send-queue-limit"))
+            O.send_queue_limit = (long)num_arg(o, v, 1, 1e12);
+        else if (!strcmp(o, "--idle-ms"))
+            O.idle_ms = (int)num_arg(o, v, 0, 600000);
+        else if (!strcmp(o, "--max-p99-ms"))
+            O.max_p99_ms = num_arg(o, v, 0, 1e9);
+        else if (!strcmp(o, "--max-cut"))
+            O.max_cut = (long)num_arg(o, v, 0, 1e9);
+        else if (!strcmp(o, "--min-served"))
+            O.min_served = (long)num_arg(o, v, 0, 1e9);
+        else if (!strcmp(o, "--max-rss-mib"))
+            O.max_rss_mib = num_arg(o, v, 0, 1e9);
         else {
             fprintf(stderr, "%s: unknown option '%s'\n", prog, o);
             usage(stderr);
@@ -1102,14 +1133,22 @@ int main(int argc, char **argv)
     setvbuf(stdout, NULL, _IOLBF, 0);
     int rc;
     const char *s = O.scenario;
-    if (!strcmp(s, "chat-flood")) rc = run_chat_flood();
-    else if (!strcmp(s, "burst")) rc = run_burst();
-    else if (!strcmp(s, "pin")) rc = run_pin();
-    else if (!strcmp(s, "tiny")) rc = run_tiny();
-    else if (!strcmp(s, "idle-after-burst")) rc = run_idle_after_burst();
-    else if (!strcmp(s, "churn")) rc = run_churn();
-    else if (!strcmp(s, "rst-storm")) rc = run_storm(true);
-    else if (!strcmp(s, "connect-storm")) rc = run_storm(false);
+    if (!strcmp(s, "chat-flood"))
+        rc = run_chat_flood();
+    else if (!strcmp(s, "burst"))
+        rc = run_burst();
+    else if (!strcmp(s, "pin"))
+        rc = run_pin();
+    else if (!strcmp(s, "tiny"))
+        rc = run_tiny();
+    else if (!strcmp(s, "idle-after-burst"))
+        rc = run_idle_after_burst();
+    else if (!strcmp(s, "churn"))
+        rc = run_churn();
+    else if (!strcmp(s, "rst-storm"))
+        rc = run_storm(true);
+    else if (!strcmp(s, "connect-storm"))
+        rc = run_storm(false);
     else {
         fprintf(stderr, "%s: unknown scenario '%s'\n", prog, s);
         usage(stderr);

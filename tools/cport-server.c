@@ -39,7 +39,7 @@ typedef struct server_config {
     size_t send_queue_limit;
     uint32_t idle_timeout_ms;
     uint32_t packet_timeout_ms;
-    int64_t rate_limit; /* packets/s per session; -1 = the mode's default */
+    int64_t rate_limit;  /* packets/s per session; -1 = the mode's default */
     const char *bus_url; /* chat across servers: nats://... or redis://...; NULL = off */
     const char *room;    /* the room's name on the bus */
 } server_config;
@@ -133,7 +133,13 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .rate_limit = -1,
         .room = "lobby",
     };
-    static const char *const value_options[] = { "--host", "--port", "--mode", "--backend", "--workers", "--max-sessions", "--max-packet", "--send-queue-limit", "--idle-timeout", "--packet-timeout", "--rate-limit", "--bus", "--room", NULL };
+    static const char *const value_options[] = { "--host",         "--port",
+                                                 "--mode",         "--backend",
+                                                 "--workers",      "--max-sessions",
+                                                 "--max-packet",   "--send-queue-limit",
+                                                 "--idle-timeout", "--packet-timeout",
+                                                 "--rate-limit",   "--bus",
+                                                 "--room",         NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -142,8 +148,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             exit(0);
         }
         if (!tool_is_option(opt, value_options))
-            usage_error(strncmp(opt, "-", 1) == 0 ? "unknown option '%s'" : "unexpected argument '%s'",
-                        opt);
+            usage_error(strncmp(opt, "-", 1) == 0 ? "unknown option '%s'" : "unexpected argument '%s'", opt);
         if (i + 1 >= argc)
             usage_error("option %s needs a value", opt);
         const char *val = argv[++i];
@@ -364,7 +369,7 @@ static int bus_room_start(const server_config *cfg, cp_port *port, server_state 
 {
     char subject[80];
     snprintf(subject, sizeof subject, "room.%s", cfg->room);
-    cp_bus_opts bo = {.url = cfg->bus_url, .name = prog};
+    cp_bus_opts bo = { .url = cfg->bus_url, .name = prog };
     int rc = cp_bus_create(bus, port, &bo);
     if (rc != 0) {
         fprintf(stderr, "%s: --bus %s: %s\n", prog, cfg->bus_url, cp_strerror(rc));
@@ -387,7 +392,8 @@ static void print_bus_stats(cp_bus *bus)
     printf("cport-server bus: published=%llu delivered=%llu dropped=%llu gaps=%llu reconnects=%llu "
            "slow_consumer=%llu\n",
            (unsigned long long)bs.published, (unsigned long long)bs.delivered, (unsigned long long)bs.dropped,
-           (unsigned long long)bs.gaps, (unsigned long long)bs.reconnects, (unsigned long long)bs.slow_consumer);
+           (unsigned long long)bs.gaps, (unsigned long long)bs.reconnects,
+           (unsigned long long)bs.slow_consumer);
 }
 
 /* ------------------------------------------------------------------ main */
@@ -408,12 +414,10 @@ static void print_final_stats(const server_state *st, const cp_service_stats *li
     }
     printf("cport-server stopped after %.1fs: connected=%llu disconnected=%llu rejected=%llu "
            "accept_errors=%llu bytes_in=%llu bytes_out=%llu packets_in=%llu reasons={%s}\n",
-           uptime_s,
-           (unsigned long long)atomic_load(&st->connected),
-           (unsigned long long)atomic_load(&st->disconnected),
-           (unsigned long long)lib->rejected, (unsigned long long)lib->accept_errors,
-           (unsigned long long)lib->bytes_in, (unsigned long long)lib->bytes_out,
-           (unsigned long long)lib->packets_in, reasons);
+           uptime_s, (unsigned long long)atomic_load(&st->connected),
+           (unsigned long long)atomic_load(&st->disconnected), (unsigned long long)lib->rejected,
+           (unsigned long long)lib->accept_errors, (unsigned long long)lib->bytes_in,
+           (unsigned long long)lib->bytes_out, (unsigned long long)lib->packets_in, reasons);
     fflush(stdout);
 }
 
@@ -444,7 +448,8 @@ int main(int argc, char **argv)
     uint64_t want = (uint64_t)cfg.max_sessions + 1024;
     uint64_t have = tool_raise_nofile(want);
     if (have < want)
-        fprintf(stderr, "%s: open-file limit is %llu, below the %llu that --max-sessions %u needs; "
+        fprintf(stderr,
+                "%s: open-file limit is %llu, below the %llu that --max-sessions %u needs; "
                 "accepts will back off when it is reached\n",
                 prog, (unsigned long long)have, (unsigned long long)want, cfg.max_sessions);
 

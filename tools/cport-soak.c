@@ -57,8 +57,8 @@
 #define IO_TIMEOUT_MS 5000
 
 enum { K_ECHO, K_PARTIAL, K_GARBAGE, K_HALFCLOSE, K_RESET, K_NOREAD, K_CHURN, K_COUNT };
-static const char *const kind_name[K_COUNT] = { "echo", "partial", "garbage", "halfclose", "reset", "noread",
-                                                 "churn" };
+static const char *const kind_name[K_COUNT] = { "echo",  "partial", "garbage", "halfclose",
+                                                "reset", "noread",  "churn" };
 /* Out of 100 (--only KIND puts all the weight on one). */
 static int kind_weight[K_COUNT] = { 45, 10, 10, 10, 10, 8, 7 };
 
@@ -183,8 +183,8 @@ static _Thread_local int cur_kind;
 static struct {
     atomic_llong connects, connect_errors;
     atomic_llong kinds[K_COUNT];
-    atomic_llong bytes_sent, bytes_echoed;  /* all clients */
-    atomic_llong echo_owed, echo_got;       /* well-behaved clients */
+    atomic_llong bytes_sent, bytes_echoed; /* all clients */
+    atomic_llong echo_owed, echo_got;      /* well-behaved clients */
     atomic_llong echo_failures;
     atomic_llong partial_cut_by_timeout, garbage_closed_by_server, noread_cut_off;
     atomic_llong halfclose_prefix_ok, halfclose_eof;
@@ -226,7 +226,8 @@ static int connect_server(int rcvbuf)
     if (rcvbuf > 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     set_timeouts(fd, IO_TIMEOUT_MS);
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(g_port),
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_port = htons(g_port),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
         int e = errno;
@@ -411,12 +412,8 @@ static void run_partial(uint64_t *st, uint8_t *out)
         close(fd);
         break;
     }
-    case 1:
-        close(fd);
-        break;
-    default:
-        close_reset(fd);
-        break;
+    case 1: close(fd); break;
+    default: close_reset(fd); break;
     }
 }
 
@@ -619,7 +616,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "cport-soak: cp_port_create: %s\n", cp_strerror(rc));
         return 1;
     }
-    cp_handlers h = { .on_connected = s_connected, .on_packet = s_packet, .on_sent = s_sent,
+    cp_handlers h = { .on_connected = s_connected,
+                      .on_packet = s_packet,
+                      .on_sent = s_sent,
                       .on_disconnected = s_disconnected };
     cp_server_opts so = { .host = "127.0.0.1", .port = 0, .max_sessions = 2 * nclients + 100 };
     so.session.framing = CP_FRAMING_PACKET;
@@ -702,7 +701,9 @@ int main(int argc, char **argv)
 
     long long con = atomic_load(&srv.connected), dis = atomic_load(&srv.disconnected);
     printf("cport-soak: %.1f s of chaos, backend %s\n", (double)(t1 - t0) / 1000.0,
-           backend == CP_BACKEND_EPOLL ? "epoll" : backend == CP_BACKEND_URING ? "uring" : "auto");
+           backend == CP_BACKEND_EPOLL   ? "epoll"
+           : backend == CP_BACKEND_URING ? "uring"
+                                         : "auto");
     printf("  clients: %lld connects (%lld connect errors), %lld bytes sent, %lld bytes received\n",
            (long long)cl.connects, (long long)cl.connect_errors, (long long)cl.bytes_sent,
            (long long)cl.bytes_echoed);
@@ -730,13 +731,13 @@ int main(int argc, char **argv)
     printf("\n");
 
     bool ok = true;
-#define CHECK(cond, msg)                                             \
-    do {                                                             \
-        if (!(cond)) {                                               \
-            printf("  FAILED: %s\n", msg);                           \
-            ok = false;                                              \
-        }                                                            \
-    } while (0)
+#define CHECK(cond, msg)                                                                                     \
+  do {                                                                                                       \
+    if (!(cond)) {                                                                                           \
+      printf("  FAILED: %s\n", msg);                                                                         \
+      ok = false;                                                                                            \
+    }                                                                                                        \
+  } while (0)
     CHECK(rc == 0, "cp_service_stop did not return 0");
     CHECK(prc == 0, "cp_port_destroy did not return 0");
     CHECK(con == dis, "on_connected != on_disconnected");

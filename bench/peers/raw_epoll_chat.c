@@ -19,7 +19,7 @@
  * Prints "listening on H:P" once ready; exits 0 on SIGINT/SIGTERM.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <fcntl.h>
@@ -39,20 +39,20 @@
 #include <unistd.h>
 
 #define MAX_EVENTS 1024
-#define READ_CHUNK (64 * 1024)       /* bytes per read() */
-#define ROUND_SOFT_CAP (4u << 20)    /* stop reading more clients this round past this */
+#define READ_CHUNK (64 * 1024)    /* bytes per read() */
+#define ROUND_SOFT_CAP (4u << 20) /* stop reading more clients this round past this */
 
 struct client {
-    int live_idx;                    /* index in live[], -1 when free */
-    unsigned char *carry;            /* partial packet carried to the next read */
+    int live_idx;         /* index in live[], -1 when free */
+    unsigned char *carry; /* partial packet carried to the next read */
     size_t carry_len, carry_cap;
-    unsigned char *back;             /* unsent broadcast bytes (only after a short write) */
+    unsigned char *back; /* unsent broadcast bytes (only after a short write) */
     size_t back_off, back_len, back_cap;
 };
 
-static struct client *tab;           /* indexed by fd */
+static struct client *tab; /* indexed by fd */
 static int max_fds;
-static int *live;                    /* fds of connected clients, dense */
+static int *live; /* fds of connected clients, dense */
 static int nlive;
 static int ep;
 static int reserve_fd = -1;

@@ -12,7 +12,7 @@
  * Prints "listening on H:P" once ready; exits 0 on SIGINT/SIGTERM.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <fcntl.h>
@@ -33,7 +33,7 @@
 #define MAX_EVENTS 512
 
 struct conn {
-    char *pend;          /* unwritten rest of the last echo, NULL when none */
+    char *pend; /* unwritten rest of the last echo, NULL when none */
     size_t plen, poff;
 };
 

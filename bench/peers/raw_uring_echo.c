@@ -25,7 +25,7 @@
  * exit 2 on bad arguments.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <fcntl.h>
@@ -54,18 +54,18 @@ enum { OP_ACCEPT = 1, OP_RECV = 2, OP_SEND = 3, OP_SIGNAL = 4 };
 static inline uint64_t ud(unsigned op, int fd) { return ((uint64_t)op << 32) | (uint32_t)fd; }
 
 struct conn {
-    uint16_t head, tail;     /* queue of received buffers still to send (NO_BUF = empty) */
-    uint8_t open;            /* fd is ours */
-    uint8_t recv_armed;      /* a multishot recv is pending */
-    uint8_t sending;         /* a send is in flight (for the head buffer) */
-    uint8_t dead;            /* closing: an error, EOF or a failed send */
-    uint8_t want_rearm;      /* recv ended with ENOBUFS; re-arm when buffers return */
-    int next_wait;           /* link in the list of connections waiting for buffers */
+    uint16_t head, tail; /* queue of received buffers still to send (NO_BUF = empty) */
+    uint8_t open;        /* fd is ours */
+    uint8_t recv_armed;  /* a multishot recv is pending */
+    uint8_t sending;     /* a send is in flight (for the head buffer) */
+    uint8_t dead;        /* closing: an error, EOF or a failed send */
+    uint8_t want_rearm;  /* recv ended with ENOBUFS; re-arm when buffers return */
+    int next_wait;       /* link in the list of connections waiting for buffers */
 };
 
 struct bufinfo {
-    uint32_t len, off;       /* bytes held, bytes already sent */
-    uint16_t next;           /* next buffer in the connection's queue */
+    uint32_t len, off; /* bytes held, bytes already sent */
+    uint16_t next;     /* next buffer in the connection's queue */
 };
 
 static struct io_uring ring;
@@ -379,12 +379,9 @@ int main(int argc, char **argv)
     const char *host = "0.0.0.0";
     const char *port = NULL;
     static const struct option lo[] = {
-        { "port", required_argument, NULL, 'p' },
-        { "host", required_argument, NULL, 'H' },
-        { "buf", required_argument, NULL, 'b' },
-        { "bufs", required_argument, NULL, 'n' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
+        { "port", required_argument, NULL, 'p' }, { "host", required_argument, NULL, 'H' },
+        { "buf", required_argument, NULL, 'b' },  { "bufs", required_argument, NULL, 'n' },
+        { "help", no_argument, NULL, 'h' },       { NULL, 0, NULL, 0 },
     };
     int o;
     long v;
@@ -455,7 +452,8 @@ int main(int argc, char **argv)
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
         int stop = 0;
-        io_uring_for_each_cqe(&ring, head, cqe) {
+        io_uring_for_each_cqe(&ring, head, cqe)
+        {
             seen++;
             uint64_t u = io_uring_cqe_get_data64(cqe);
             int fd = (int)(uint32_t)u;

@@ -15,7 +15,7 @@
  * usage and exit 2 on bad arguments.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <getopt.h>

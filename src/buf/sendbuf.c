@@ -284,7 +284,7 @@ cp_sendbuf *cp__sendbuf_open(size_t cap)
         b = (cp_sendbuf *)(tls_chunk->mem + tls_chunk->used);
         b->chunk = tls_chunk;
         b->big_class = BIG_NONE; /* read by cp__sendbuf_is_block */
-        tls_chunk->spare--; /* the buffer's reference to its chunk */
+        tls_chunk->spare--;      /* the buffer's reference to its chunk */
         tls_open = b;
     }
     atomic_init(&b->refs, 1);
@@ -348,7 +348,7 @@ static void user_open_add(const cp_sendbuf *b)
         }
     }
     if (user_open_n < user_open_cap) /* else this buffer goes unchecked */
-        user_open_set[user_open_n++] = (user_open_rec){b, my_serial()};
+        user_open_set[user_open_n++] = (user_open_rec){ b, my_serial() };
     pthread_mutex_unlock(&user_open_lock);
 }
 
@@ -371,7 +371,8 @@ static void user_open_forget(const cp_sendbuf *b)
 cp_sendbuf *cp_sendbuf_open(size_t cap)
 {
 #ifdef CP_ASSERTS
-    CP_ASSERT(!user_open_still(), "cp_sendbuf_open: a send buffer is already open on this thread (close it first)");
+    CP_ASSERT(!user_open_still(),
+              "cp_sendbuf_open: a send buffer is already open on this thread (close it first)");
     cp_sendbuf *b = cp__sendbuf_open(cap);
     if (b)
         user_open_add(b);
@@ -439,4 +440,3 @@ cp_sendbuf *cp_sendbuf_copy(const void *data, size_t len)
     cp__sendbuf_close(b, len);
     return b;
 }
-

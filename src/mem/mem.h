@@ -32,14 +32,17 @@ static inline size_t cp__pages_round(size_t n) { return (n + CP_PAGE - 1) & ~(si
 /* Objects of one size in blocks of pages of their own (slab.c). Any thread. */
 typedef struct cp_slab {
     pthread_mutex_t lock;
-    size_t size;                            /* of an object; a multiple of 16 */
-    struct slab_block *avail, *avail_tail; /* blocks with a free place, fullest first */
-    struct slab_block *spare;               /* an empty block, kept for the next object */
-    size_t blocks;                          /* mapped, the spare included */
-    struct cp_slab *next_slab;              /* on the list cp__slab_trim walks, once it mapped a block */
+    size_t size;               /* of an object; a multiple of 16 */
+    cp_queue avail;            /* blocks with a free place, fullest first (slab.c) */
+    struct slab_block *spare;  /* an empty block, kept for the next object */
+    size_t blocks;             /* mapped, the spare included */
+    struct cp_slab *next_slab; /* on the list cp__slab_trim walks, once it mapped a block */
     bool listed;
 } cp_slab;
-#define CP_SLAB_INIT(obj_size) {PTHREAD_MUTEX_INITIALIZER, ((obj_size) + 15u) & ~(size_t)15u, NULL, NULL, NULL, 0, NULL, false}
+#define CP_SLAB_INIT(obj_size)                                                                               \
+  {                                                                                                          \
+    PTHREAD_MUTEX_INITIALIZER, ((obj_size) + 15u) & ~(size_t)15u, { NULL, NULL }, NULL, 0, NULL, false       \
+  }
 void *cp__slab_alloc(cp_slab *sl); /* zeroed, or NULL */
 void cp__slab_free(cp_slab *sl, void *obj);
 /* Gives back the pages of every slab's spare block (a worker's trim). */

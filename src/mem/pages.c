@@ -22,7 +22,7 @@
 
 #include <stdlib.h>
 
-#define CACHED_PAGES 64u               /* runs up to 256 KiB are kept for reuse */
+#define CACHED_PAGES 64u                /* runs up to 256 KiB are kept for reuse */
 #define CACHE_MAX (16u * 1024u * 1024u) /* bytes kept in all */
 
 typedef struct run {
@@ -31,7 +31,7 @@ typedef struct run {
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static run *cache[CACHED_PAGES + 1]; /* by size in pages */
-static size_t cached, in_use;         /* bytes (under lock) */
+static size_t cached, in_use;        /* bytes (under lock) */
 
 #ifdef CP_ASAN
 /* ASan sees uses after free only in malloc's memory: no reuse, no mapping. */

@@ -49,18 +49,21 @@ void cp__slab_trim(void) {}
 
 /* The head of each block, at its start; objects follow it. */
 typedef struct slab_block {
-    struct slab_block *prev, *next; /* in the slab's list of blocks with a free place */
-    void *free;                     /* objects given back, linked through their first bytes */
-    uint32_t used;                  /* objects handed out and not given back */
-    uint32_t fresh;                 /* objects never handed out yet, at the end */
+    cp_queue link;  /* in the slab's list of blocks with a free place (avail) */
+    void *free;     /* objects given back, linked through their first bytes */
+    uint32_t used;  /* objects handed out and not given back */
+    uint32_t fresh; /* objects never handed out yet, at the end */
 } slab_block;
 
-#define BLOCK_SIZE CP_PAGES_ALIGN_MAX /* 64 KiB */
-#define FIRST_OFF ((sizeof(slab_block) + 63u) & ~(size_t)63u)
+#  define BLOCK_SIZE CP_PAGES_ALIGN_MAX /* 64 KiB */
+#  define FIRST_OFF ((sizeof(slab_block) + 63u) & ~(size_t)63u)
 
 static uint32_t per_block(const cp_slab *sl) { return (uint32_t)((BLOCK_SIZE - FIRST_OFF) / sl->size); }
 
-static slab_block *block_of(void *obj) { return (slab_block *)((uintptr_t)obj & ~(uintptr_t)(BLOCK_SIZE - 1)); }
+static slab_block *block_of(void *obj)
+{
+    return (slab_block *)((uintptr_t)obj & ~(uintptr_t)(BLOCK_SIZE - 1));
+}
 
 /* The slabs that have mapped a block, for cp__slab_trim. A slab is a
  * static object that lives as long as the process, so it is never taken
@@ -83,43 +86,27 @@ static void block_init(const cp_slab *sl, slab_block *b)
     b->fresh = per_block(sl);
 }
 
-static void list_push(cp_slab *sl, slab_block *b, bool at_tail)
+/* The first block with a free place, or NULL. CP_SLAB_INIT cannot point the
+ * list's head at itself (it is not told the slab's name), so the head starts
+ * all NULL and the first allocation sets it up; a free always comes after an
+ * allocation. */
+static slab_block *first_avail(cp_slab *sl)
 {
-    b->prev = b->next = NULL;
-    if (!sl->avail) {
-        sl->avail = sl->avail_tail = b;
-    } else if (at_tail) {
-        b->prev = sl->avail_tail;
-        sl->avail_tail->next = b;
-        sl->avail_tail = b;
-    } else {
-        b->next = sl->avail;
-        sl->avail->prev = b;
-        sl->avail = b;
-    }
-}
-
-static void list_unlink(cp_slab *sl, slab_block *b)
-{
-    if (b->prev)
-        b->prev->next = b->next;
-    else
-        sl->avail = b->next;
-    if (b->next)
-        b->next->prev = b->prev;
-    else
-        sl->avail_tail = b->prev;
-    b->prev = b->next = NULL;
+    if (!sl->avail.next)
+        cp__queue_init(&sl->avail);
+    if (cp__queue_empty(&sl->avail))
+        return NULL;
+    return CP_QUEUE_DATA(cp__queue_head(&sl->avail), slab_block, link);
 }
 
 void *cp__slab_alloc(cp_slab *sl)
 {
     pthread_mutex_lock(&sl->lock);
-    slab_block *b = sl->avail;
+    slab_block *b = first_avail(sl);
     if (!b && (b = sl->spare) != NULL) {
         sl->spare = NULL;
         block_init(sl, b);
-        list_push(sl, b, false);
+        cp__queue_insert_head(&sl->avail, &b->link);
     }
     if (!b) {
         pthread_mutex_unlock(&sl->lock);
@@ -133,7 +120,7 @@ void *cp__slab_alloc(cp_slab *sl)
             slab_list(sl);
         }
         sl->blocks++;
-        list_push(sl, b = nb, false);
+        cp__queue_insert_head(&sl->avail, &(b = nb)->link);
     }
     void *obj;
     if (b->free) {
@@ -146,7 +133,7 @@ void *cp__slab_alloc(cp_slab *sl)
     }
     b->used++;
     if (!b->free && !b->fresh)
-        list_unlink(sl, b); /* full */
+        cp__queue_remove(&b->link); /* full */
     pthread_mutex_unlock(&sl->lock);
     memset(obj, 0, sl->size);
     return obj;
@@ -165,13 +152,13 @@ void cp__slab_free(cp_slab *sl, void *obj)
     if (was_full) {
         /* At the tail: new objects go to the fuller blocks at the front
          * first, so that lightly used blocks can empty out. */
-        list_push(sl, b, true);
+        cp__queue_insert_tail(&sl->avail, &b->link);
     } else if (!b->used) {
         /* Empty: one block is kept for the next object, the rest go back.
          * The spare keeps its pages until a worker trims (cp__slab_trim):
          * a slab that goes from one object to none and back every round
          * (a burst's ring) then costs no system call per round. */
-        list_unlink(sl, b);
+        cp__queue_remove(&b->link);
         if (sl->spare) {
             unmap = b;
             sl->blocks--;

@@ -236,7 +236,7 @@ void cp__rx_unblock_later(cp_session *s, unsigned why)
 }
 
 /* A session as a job queue's feeder (jobq.c, "Bounds"). */
-#define SESSION_OF_FEEDER(f) ((cp_session *)((char *)(f) - offsetof(cp_session, feeder)))
+#define SESSION_OF_FEEDER(f) ((cp_session *)((char *)(f)-offsetof(cp_session, feeder)))
 
 static bool feeder_waiting(cp_feeder *f) { return (SESSION_OF_FEEDER(f)->rx_block & CP_RX_QUEUE) != 0; }
 
@@ -251,7 +251,7 @@ static void feeder_resume(cp_feeder *f)
     cp__session_unref(s);
 }
 
-static const cp_feeder_ops session_feeder = {feeder_waiting, feeder_hold, feeder_pause, feeder_resume};
+static const cp_feeder_ops session_feeder = { feeder_waiting, feeder_hold, feeder_pause, feeder_resume };
 
 void cp__rx_init(cp_session *s)
 {

@@ -15,13 +15,13 @@ typedef struct cp_session cp_session;
 /* ------------------------------------------------------------------ sessions */
 
 enum cp_session_state {
-    CP_S_NEW = 0,     /* allocated, not yet on its worker */
-    CP_S_CONNECTING,  /* client: connect in flight */
+    CP_S_NEW = 0,    /* allocated, not yet on its worker */
+    CP_S_CONNECTING, /* client: connect in flight */
     CP_S_CONNECTED,
-    CP_S_DRAINING,    /* cp_session_shutdown: no new sends; queued ones go out, then FIN */
+    CP_S_DRAINING,      /* cp_session_shutdown: no new sends; queued ones go out, then FIN */
     CP_S_DISCONNECTING, /* a close was requested; it runs on the owner soon */
-    CP_S_CLOSING,     /* disconnect started; waiting for completions */
-    CP_S_CLOSED       /* every completion arrived; left the service */
+    CP_S_CLOSING,       /* disconnect started; waiting for completions */
+    CP_S_CLOSED         /* every completion arrived; left the service */
 };
 
 /* How many distinct chunks a send queue charges once each (sendq.c). */
@@ -82,23 +82,23 @@ struct cp_session {
      * the implicit loads of an atomic, plain loads on x86 and one
      * load-acquire on ARM. */
     _Atomic(cp_service *) svc;
-    void *ctx;        /* the service's ctx, kept for sessions held past that */
+    void *ctx; /* the service's ctx, kept for sessions held past that */
     cp_worker *owner;
     uint64_t id;
     void *data;
 
     cp_handle h;
     cp_op rd, wr;
-    int ops_pending;        /* armed ops; the session is released at 0 */
-    uint32_t holds;         /* owner-side holders (armed ops, the dirty list): one reference for all */
-    bool was_connected;     /* on_connected ran */
-    bool dirty;             /* posted to write its queue this round (flush) */
+    int ops_pending;    /* armed ops; the session is released at 0 */
+    uint32_t holds;     /* owner-side holders (armed ops, the dirty list): one reference for all */
+    bool was_connected; /* on_connected ran */
+    bool dirty;         /* posted to write its queue this round (flush) */
     bool is_client;
-    bool drain_marked;      /* draining: the shutdown took its place in the order */
-    bool wr_shut;           /* draining: everything written, FIN sent */
-    bool peer_eof;          /* draining: the peer's FIN arrived */
-    uint8_t drain_reason;   /* draining: the reason on_disconnected will get */
-    cp_posted flush;        /* writes the queue at the round's end (session.c) */
+    bool drain_marked;    /* draining: the shutdown took its place in the order */
+    bool wr_shut;         /* draining: everything written, FIN sent */
+    bool peer_eof;        /* draining: the peer's FIN arrived */
+    uint8_t drain_reason; /* draining: the reason on_disconnected will get */
+    cp_posted flush;      /* writes the queue at the round's end (session.c) */
 
     /* Bytes of an incomplete packet (or unconsumed raw bytes). */
     uint8_t *carry;
@@ -108,7 +108,7 @@ struct cp_session {
 
     /* Sends that arrived before an earlier one (owner only): their buffers
      * wait here, sorted, until the tickets before them have been applied. */
-    uint32_t tx_applied;    /* tickets applied so far */
+    uint32_t tx_applied;        /* tickets applied so far */
     uint64_t drain_deadline_ns; /* cp_session_shutdown: closed hard at this time */
     uint32_t nheld, capheld;
     struct cp_held *held;
@@ -123,15 +123,15 @@ struct cp_session {
      * rate limit's theoretical arrival times (GCRA) with the timer that
      * resumes a session the limit paused. */
     uint8_t rx_block;
-    bool rx_backlog;  /* carry holds the rest of a receive a pause stopped (packet.c) */
+    bool rx_backlog; /* carry holds the rest of a receive a pause stopped (packet.c) */
     uint32_t rx_round, rx_round_bytes;
     uint64_t rx_paused_ns;
     uint64_t tat_pkts, tat_bytes;
-    cp_posted share_end;     /* resumes a session paused for its share, next round */
-    cp_feeder feeder;        /* what a full job queue pauses (flow.c) */
+    cp_posted share_end; /* resumes a session paused for its share, next round */
+    cp_feeder feeder;    /* what a full job queue pauses (flow.c) */
     cp_wtimer rx_tmo;
 
-    cp_op cl;               /* the close pseudo-operation (deferred, never submitted) */
+    cp_op cl; /* the close pseudo-operation (deferred, never submitted) */
 
     /* Groups this session is in; guarded by glock. */
     pthread_mutex_t glock;
@@ -151,8 +151,8 @@ struct cp_session {
      * their way to the owner. Any thread pushes onto the stack; the owner
      * moves them to its list; the close closes the stack. */
     _Atomic(struct cp_swork *) work_stack;
-    struct cp_swork *work_head, *work_tail;
-    struct cp_session_timer *timers; /* armed session timers (owner only) */
+    cp_queue work;   /* the owner's list, oldest first */
+    cp_queue timers; /* armed session timers (owner only) */
 #ifdef CP_ASSERTS
     atomic_int user_refs; /* cp_session_ref minus cp_session_unref, for the misuse check */
 #endif
@@ -191,6 +191,8 @@ void cp__session_timeout_rearm(cp_session *s);
  * and timer starts, end the session's timers and run the posts still on
  * their way (session_work.c). */
 void cp__session_work_close(cp_session *s);
+/* A new session's lists of work (session_work.c). */
+void cp__session_work_init(cp_session *s);
 
 /* Receive flow control (flow.c). A session's receive is paused while any
  * reason holds: its rate limit is spent (RATE), its send queue is above the
@@ -279,11 +281,11 @@ struct cp_service {
     size_t send_queue_limit;
     bool nodelay;
     uint64_t idle_timeout_ns, packet_timeout_ns; /* 0 = off */
-    size_t sq_high, sq_low;          /* send-queue watermarks (receive paused between) */
-    uint32_t rate_pkts, rate_bytes;  /* receive rate limit per second; 0 = none */
-    uint64_t win_pkts_ns, win_bytes_ns; /* the bursts, as time at those rates */
-    uint64_t pkt_cost_ns;            /* one packet at rate_pkts */
-    cp_packet_fn *routes; /* indexed by id, nroutes entries */
+    size_t sq_high, sq_low;                      /* send-queue watermarks (receive paused between) */
+    uint32_t rate_pkts, rate_bytes;              /* receive rate limit per second; 0 = none */
+    uint64_t win_pkts_ns, win_bytes_ns;          /* the bursts, as time at those rates */
+    uint64_t pkt_cost_ns;                        /* one packet at rate_pkts */
+    cp_packet_fn *routes;                        /* indexed by id, nroutes entries */
     uint32_t nroutes;
 
     /* Live-session table: slot + generation make the session id. */
@@ -294,7 +296,7 @@ struct cp_service {
     int objects;                      /* live sessions + listener, for stop */
 
     cp_listener *listener;
-    struct sockaddr_storage addr;     /* server: bound address; client: target */
+    struct sockaddr_storage addr; /* server: bound address; client: target */
     socklen_t addr_len;
 
     struct {
@@ -310,8 +312,7 @@ int cp__service_add_session(cp_service *svc, cp_session *s);
 void cp__service_session_done(cp_service *svc, cp_session *s);
 void cp__service_object_done(cp_service *svc);
 int cp__addr_str(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
-int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss,
-                socklen_t *len);
+int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss, socklen_t *len);
 
 /* Raw framing: the most bytes on_recv may leave unconsumed (a layer above
  * whose messages are larger than a packet); before the first session. */

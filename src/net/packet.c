@@ -213,7 +213,7 @@ static void tail_keep(cp_session *s, const rx_cursor *c)
 
 static size_t packet_parse(cp_session *s, const uint8_t *p, size_t n)
 {
-    rx_cursor c = {p, n, 0};
+    rx_cursor c = { p, n, 0 };
     if ((!s->carry_len || carry_finish(s, &c)) && whole_packets(s, &c))
         tail_keep(s, &c);
     if (c.packets)

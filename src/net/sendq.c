@@ -44,8 +44,8 @@
 #include <string.h>
 
 #define SQ_CAP_MIN 8u
-#define SQ_CAP_KEEP 32u    /* an emptied queue keeps a ring this big at most */
-#define SQ_REGROW_MAX 256u /* a freed ring comes back at most this big at once */
+#define SQ_CAP_KEEP 32u            /* an emptied queue keeps a ring this big at most */
+#define SQ_REGROW_MAX 256u         /* a freed ring comes back at most this big at once */
 #define ALONE_TAG ((uintptr_t)1)   /* charged its chunk itself (the chunk had no slot) */
 #define COVERED_TAG ((uintptr_t)2) /* its chunk is charged by a later entry (of its run) */
 #define TAGS (ALONE_TAG | COVERED_TAG)
@@ -89,17 +89,17 @@ typedef struct plan {
 static plan plan_for(const cp_sendq *q, const cp_sendbuf *b)
 {
     if (!b->chunk)
-        return (plan){HOW_OWN, cp__sendbuf_charge(b)};
+        return (plan){ HOW_OWN, cp__sendbuf_charge(b) };
     int free_slot = -1;
     for (int i = 0; i < CP_SENDQ_CHUNKS; i++) {
         if (q->chunks[i].c == b->chunk)
-            return (plan){i, 0};
+            return (plan){ i, 0 };
         if (!q->chunks[i].c && free_slot < 0)
             free_slot = i;
     }
     if (tail_carries(q, b))
-        return (plan){HOW_CARRY, 0};
-    return (plan){free_slot >= 0 ? free_slot : HOW_ALONE, cp__sendbuf_charge(b)};
+        return (plan){ HOW_CARRY, 0 };
+    return (plan){ free_slot >= 0 ? free_slot : HOW_ALONE, cp__sendbuf_charge(b) };
 }
 
 size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b) { return plan_for(q, b).charge; }
@@ -147,7 +147,7 @@ static void charge_drop(cp_sendq *q, uintptr_t v)
  * page or more is a run of pages (pages.c). */
 #define RING_SLABS 6u /* 8, 16, ..., 256 places */
 static cp_slab ring_slabs[RING_SLABS] = {
-    CP_SLAB_INIT(8 * 8), CP_SLAB_INIT(16 * 8), CP_SLAB_INIT(32 * 8),
+    CP_SLAB_INIT(8 * 8),  CP_SLAB_INIT(16 * 8),  CP_SLAB_INIT(32 * 8),
     CP_SLAB_INIT(64 * 8), CP_SLAB_INIT(128 * 8), CP_SLAB_INIT(256 * 8),
 };
 
@@ -304,6 +304,27 @@ static int copy_in(cp_sendq *q, uint32_t *j, const uint8_t *p, size_t n)
     return 0;
 }
 
+/* Copies entry i (v) into the queue's blocks at *j and releases its buffer,
+ * if it is worth copying; kept is the last entry staying before it. False if
+ * the entry stays as it is (not worth it, or out of memory). */
+static bool absorb(cp_sendq *q, uint32_t *j, uint32_t i, uintptr_t v, uintptr_t *kept)
+{
+    cp_sendbuf *b = buf_of(v);
+    if (!worth_copying(b))
+        return false;
+    uint32_t off = i == 0 ? q->first_off : 0;
+    if (copy_in(q, j, b->data + off, b->len - off) != 0)
+        return false;
+    if (i == 0)
+        q->first_off = 0; /* the new block holds only the unsent bytes */
+    if ((v & ALONE_TAG) && kept && (*kept & COVERED_TAG) && buf_of(*kept)->chunk == b->chunk)
+        *kept = (*kept & ~COVERED_TAG) | ALONE_TAG; /* the run's charge stays with what stays */
+    else
+        charge_drop(q, v);
+    cp_sendbuf_unref(b);
+    return true;
+}
+
 /* Copies the entries worth it that compaction has not seen and no pending
  * send reads into the queue's blocks, and releases their buffers. Runs of
  * them coalesce; the other entries keep their places in the order. Out of
@@ -315,20 +336,8 @@ static void compact(cp_sendq *q)
     uintptr_t *kept = lo ? slot(q, lo - 1) : NULL; /* the last entry staying before i */
     for (uint32_t i = lo; i < q->count; i++) {
         uintptr_t v = *slot(q, i);
-        cp_sendbuf *b = buf_of(v);
-        if (worth_copying(b)) {
-            uint32_t off = i == 0 ? q->first_off : 0;
-            if (copy_in(q, &j, b->data + off, b->len - off) == 0) {
-                if (i == 0)
-                    q->first_off = 0; /* the new block holds only the unsent bytes */
-                if ((v & ALONE_TAG) && kept && (*kept & COVERED_TAG) && buf_of(*kept)->chunk == b->chunk)
-                    *kept = (*kept & ~COVERED_TAG) | ALONE_TAG; /* the run's charge stays with what stays */
-                else
-                    charge_drop(q, v);
-                cp_sendbuf_unref(b);
-                continue;
-            }
-        }
+        if (absorb(q, &j, i, v, kept))
+            continue;
         kept = slot(q, j);
         *slot(q, j++) = v;
     }
@@ -448,5 +457,5 @@ void cp__sendq_clear(cp_sendq *q)
     for (uint32_t i = 0; i < q->count; i++)
         cp_sendbuf_unref(at(q, i));
     ring_release(q->ring, q->cap);
-    *q = (cp_sendq){0};
+    *q = (cp_sendq){ 0 };
 }

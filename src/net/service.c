@@ -38,11 +38,11 @@ int cp__addr_str(const struct sockaddr *sa, socklen_t len, char *buf, size_t siz
     return n < 0 || (size_t)n >= size ? -ENOBUFS : n;
 }
 
-int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss,
-                socklen_t *len)
+int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss, socklen_t *len)
 {
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0)};
+    struct addrinfo hints = { .ai_family = AF_UNSPEC,
+                              .ai_socktype = SOCK_STREAM,
+                              .ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0) };
     char serv[8];
     snprintf(serv, sizeof serv, "%u", port);
     if (passive && (!host || !*host))
@@ -148,17 +148,23 @@ static cp_session **snapshot(cp_service *svc, size_t *n)
 /* Options that cannot work are refused at start rather than ignored
  * (include/cport.h lists them); o has its defaults filled in. Duplicate and
  * empty routes are found while copying them (routes_copy). */
+/* Limits in range and options that agree with each other. */
+static bool session_opts_consistent(const cp_session_opts *o)
+{
+    if (o->max_packet < CP_PACKET_HEADER || o->max_packet > CP_PACKET_MAX)
+        return false;
+    if (o->nroutes && !o->routes)
+        return false;
+    if (o->send_queue_high > o->send_queue_limit || o->send_queue_low >= o->send_queue_high)
+        return false;
+    return !(o->recv_burst_packets && !o->recv_rate_packets) && !(o->recv_burst_bytes && !o->recv_rate_bytes);
+}
+
 static int check_session_opts(const cp_session_opts *o, const cp_handlers *h)
 {
     if (o->framing != CP_FRAMING_PACKET && o->framing != CP_FRAMING_RAW)
         return -EINVAL;
-    if (o->max_packet < CP_PACKET_HEADER || o->max_packet > CP_PACKET_MAX)
-        return -EINVAL;
-    if (o->nroutes && !o->routes)
-        return -EINVAL;
-    if (o->send_queue_high > o->send_queue_limit || o->send_queue_low >= o->send_queue_high)
-        return -EINVAL;
-    if ((o->recv_burst_packets && !o->recv_rate_packets) || (o->recv_burst_bytes && !o->recv_rate_bytes))
+    if (!session_opts_consistent(o))
         return -EINVAL;
     if (o->framing == CP_FRAMING_RAW)
         return h->on_recv && !o->nroutes && !o->recv_rate_packets ? 0 : -EINVAL;
@@ -247,7 +253,9 @@ static int tables_alloc(cp_service *svc, uint32_t max_sessions)
     }
     svc->traffic = (cp_traffic *)(((uintptr_t)svc->traffic_mem + 63) & ~(uintptr_t)63);
     for (uint32_t i = 0; i < max_sessions; i++)
-        svc->slots[i] = (cp_slot){.s = NULL, .gen = 1, .next_free = i + 1 < max_sessions ? i + 1 : SLOT_NONE};
+        svc->slots[i] = (cp_slot){ .s = NULL,
+                                   .gen = 1,
+                                   .next_free = i + 1 < max_sessions ? i + 1 : SLOT_NONE };
     svc->free_head = 0;
     return 0;
 }
@@ -262,13 +270,13 @@ static void service_open(cp_service *svc)
     cp__live_add(CP_LIVE_SERVICE, svc);
 }
 
-static int service_new(cp_service **out, cp_port *port, const cp_session_opts *so,
-                       const cp_handlers *h, void *ctx, uint32_t max_sessions, bool is_client)
+static int service_new(cp_service **out, cp_port *port, const cp_session_opts *so, const cp_handlers *h,
+                       void *ctx, uint32_t max_sessions, bool is_client)
 {
     *out = NULL;
     if (!port || !h || atomic_load(&port->stopping))
         return port && atomic_load(&port->stopping) ? -ESHUTDOWN : -EINVAL;
-    cp_session_opts o = so ? *so : (cp_session_opts){0};
+    cp_session_opts o = so ? *so : (cp_session_opts){ 0 };
     session_opts_default(&o);
     int r = check_session_opts(&o, h);
     if (r < 0)
@@ -317,14 +325,13 @@ int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
     if (opts->backlog < 0 || opts->accepts < 0 || opts->accepts > 65535)
         return -EINVAL;
     cp_service *svc;
-    int r = service_new(&svc, port, &opts->session, h, ctx,
-                        opts->max_sessions ? opts->max_sessions : 10000, false);
+    int r = service_new(&svc, port, &opts->session, h, ctx, opts->max_sessions ? opts->max_sessions : 10000,
+                        false);
     if (r < 0)
         return r;
     r = cp__resolve(opts->host, opts->port, true, &svc->addr, &svc->addr_len);
     if (r == 0)
-        r = cp__listener_start(svc, opts->backlog ? opts->backlog : 1024,
-                               opts->accepts ? opts->accepts : 64);
+        r = cp__listener_start(svc, opts->backlog ? opts->backlog : 1024, opts->accepts ? opts->accepts : 64);
     if (r < 0) {
         service_free(svc);
         return r;
@@ -417,7 +424,8 @@ int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
     if (!out || !opts)
         return -EINVAL;
     *out = NULL;
-    uint32_t max = opts->max_sessions ? opts->max_sessions : (opts->sessions > 10000 ? opts->sessions : 10000);
+    uint32_t max = opts->max_sessions ? opts->max_sessions
+                                      : (opts->sessions > 10000 ? opts->sessions : 10000);
     if (opts->sessions > max || opts->port == 0)
         return -EINVAL;
     cp_service *svc;

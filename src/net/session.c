@@ -36,7 +36,7 @@ static void session_connect(cp_worker *w, cp_session *s, int fd);
 static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 static void on_timeout(cp_worker *w, void *sp);
 
-#define SESSION_OF(op, field) ((cp_session *)((char *)(op) - offsetof(cp_session, field)))
+#define SESSION_OF(op, field) ((cp_session *)((char *)(op)-offsetof(cp_session, field)))
 
 /* ------------------------------------------------------------------ timeouts */
 
@@ -143,6 +143,7 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
     s->tmo.arg = s;
     s->tmo.heap_index = UINT32_MAX;
     cp__rx_init(s);
+    cp__session_work_init(s);
     pthread_mutex_init(&s->glock, NULL);
     return s;
 }
@@ -213,10 +214,8 @@ static cp_reason reason_of_errno(int err)
     switch (-err) {
     case ECONNRESET:
     case ECONNABORTED:
-    case EPIPE:
-        return CP_REASON_RESET;
-    default:
-        return CP_REASON_IO_ERROR;
+    case EPIPE: return CP_REASON_RESET;
+    default: return CP_REASON_IO_ERROR;
     }
 }
 
@@ -639,8 +638,8 @@ static void flush_posted(cp_worker *w, cp_posted *p)
 
 typedef struct cp_held {
     cp_sendbuf *b;
-    uint32_t key;  /* a ticket; or, for the owner's own send, the tickets handed out before it */
-    bool own;      /* the owner's own send: goes before the ticket numbered key */
+    uint32_t key; /* a ticket; or, for the owner's own send, the tickets handed out before it */
+    bool own;     /* the owner's own send: goes before the ticket numbered key */
 } cp_held;
 
 
@@ -718,7 +717,7 @@ static int send_own(cp_session *s, cp_sendbuf *b)
     uint32_t issued = (uint32_t)(atomic_load_explicit(&s->rc, memory_order_relaxed) >> 32);
     if (issued == s->tx_applied)
         return queue_owned(s, b);
-    held_insert(s, (cp_held){.b = b, .key = issued, .own = true});
+    held_insert(s, (cp_held){ .b = b, .key = issued, .own = true });
     return 0;
 }
 
@@ -732,7 +731,7 @@ static void msg_send(cp_worker *w, void *sp, void *bp, uintptr_t ticket)
         s->tx_applied++;
         queue_owned(s, bp); /* the message's reference */
     } else {
-        held_insert(s, (cp_held){.b = bp, .key = (uint32_t)ticket, .own = false});
+        held_insert(s, (cp_held){ .b = bp, .key = (uint32_t)ticket, .own = false });
         held_release(s);
     }
     cp__session_unref(s);

@@ -29,7 +29,12 @@
 #include <stdlib.h>
 
 struct cp_swork {
-    struct cp_swork *next, *prev; /* the stack (next only), then the owner's list */
+    /* A record is on the stack first, then on the owner's list, never on
+     * both: the two links share their memory. */
+    union {
+        struct cp_swork *next; /* the stack */
+        cp_queue node;         /* the owner's list */
+    };
     /* Runs once, on the owner: from the record's message, or from the close
      * (closing set) if that came first. */
     void (*settle)(cp_session *s, struct cp_swork *n, bool closing);
@@ -43,7 +48,7 @@ typedef struct cp_swork cp_swork;
 static cp_swork stack_closed_mark;
 #define STACK_CLOSED (&stack_closed_mark)
 
-#define CONTAINER_OF(p, type, field) ((type *)((char *)(p) - offsetof(type, field)))
+#define CONTAINER_OF(p, type, field) ((type *)((char *)(p)-offsetof(type, field)))
 
 static bool connected(const cp_session *s)
 {
@@ -52,54 +57,34 @@ static bool connected(const cp_session *s)
 
 /* ------------------------------------------------------------------ records */
 
-static void list_append(cp_session *s, cp_swork *n)
+void cp__session_work_init(cp_session *s)
 {
-    n->next = NULL;
-    n->prev = s->work_tail;
-    if (s->work_tail)
-        s->work_tail->next = n;
-    else
-        s->work_head = n;
-    s->work_tail = n;
-}
-
-static void list_unlink(cp_session *s, cp_swork *n)
-{
-    if (n->prev)
-        n->prev->next = n->next;
-    else
-        s->work_head = n->next;
-    if (n->next)
-        n->next->prev = n->prev;
-    else
-        s->work_tail = n->prev;
+    cp__queue_init(&s->work);
+    cp__queue_init(&s->timers);
 }
 
 /* Owner: moves the stack's records to the list, oldest first; closing leaves
- * the stack closed. */
+ * the stack closed. The stack is newest first: each record goes to the head
+ * of a list of its own, which then follows the owner's list. */
 static void take_stack(cp_session *s, bool closing)
 {
     if (atomic_load_explicit(&s->work_stack, memory_order_relaxed) == STACK_CLOSED)
         return;
     cp_swork *top = atomic_exchange_explicit(&s->work_stack, closing ? STACK_CLOSED : NULL,
                                              memory_order_acquire);
-    cp_swork *oldest = NULL;
+    cp_queue taken;
+    cp__queue_init(&taken);
     while (top) {
-        cp_swork *next = top->next;
-        top->next = oldest;
-        oldest = top;
+        cp_swork *next = top->next; /* read before the node overwrites it */
+        cp__queue_insert_head(&taken, &top->node);
         top = next;
     }
-    while (oldest) {
-        cp_swork *next = oldest->next;
-        list_append(s, oldest);
-        oldest = next;
-    }
+    cp__queue_append(&s->work, &taken);
 }
 
 static void settle(cp_session *s, cp_swork *n, bool closing)
 {
-    list_unlink(s, n);
+    cp__queue_remove(&n->node);
     n->done = true;
     n->settle(s, n, closing);
 }
@@ -124,7 +109,6 @@ static int work_push(cp_session *s, cp_swork *n)
 {
     if (!connected(s))
         return -ENOTCONN;
-    n->prev = NULL;
     n->done = false;
     cp_swork *top = atomic_load_explicit(&s->work_stack, memory_order_relaxed);
     do {
@@ -194,7 +178,7 @@ struct cp_session_timer {
     uint64_t repeat_ns;
     _Atomic int state;
     atomic_uint refs;
-    cp_session_timer *next, *prev; /* the session's armed timers */
+    cp_queue node; /* on the session's armed timers, while listed */
     bool listed;
 };
 
@@ -206,11 +190,7 @@ static void timer_unref(cp_session_timer *t)
 
 static void timer_list(cp_session *s, cp_session_timer *t)
 {
-    t->prev = NULL;
-    t->next = s->timers;
-    if (s->timers)
-        s->timers->prev = t;
-    s->timers = t;
+    cp__queue_insert_head(&s->timers, &t->node);
     t->listed = true;
 }
 
@@ -222,12 +202,7 @@ static void timer_end(cp_session_timer *t)
     if (!t->listed)
         return;
     cp__timer_cancel(t->owner, &t->wt);
-    if (t->prev)
-        t->prev->next = t->next;
-    else
-        t->s->timers = t->next;
-    if (t->next)
-        t->next->prev = t->prev;
+    cp__queue_remove(&t->node);
     t->listed = false;
     timer_unref(t);
 }
@@ -348,14 +323,14 @@ int cp_session_timer_cancel(cp_session_timer *t)
 
 void cp__session_work_close(cp_session *s)
 {
-    while (s->timers) {
-        cp_session_timer *t = s->timers;
+    while (!cp__queue_empty(&s->timers)) {
+        cp_session_timer *t = CP_QUEUE_DATA(cp__queue_head(&s->timers), cp_session_timer, node);
         int expect = T_ARMED; /* a timer cancelled meanwhile stays cancelled */
         atomic_compare_exchange_strong(&t->state, &expect, T_DONE);
         /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): timer_end unlists t (the list head), so the loop moves on */
         timer_end(t);
     }
     take_stack(s, true);
-    while (s->work_head)
-        settle(s, s->work_head, true);
+    while (!cp__queue_empty(&s->work))
+        settle(s, CP_QUEUE_DATA(cp__queue_head(&s->work), cp_swork, node), true);
 }

@@ -50,16 +50,17 @@ struct cp_op {
  * session or a listener), which keeps it alive while any op on it is armed. */
 struct cp_handle {
     int fd;
-    cp_op *rd;              /* armed accept or receive (multishot) */
-    cp_op *wr;              /* armed connect or send */
-    unsigned on_ready : 1;  /* epoll: on the worker's ready list; io_uring: on the recheck list */
+    /* Beside fd, so that the two fill one word. */
+    unsigned on_ready : 1;  /* epoll, IOCP: on the worker's ready list; io_uring: on the recheck list */
     unsigned hup : 1;       /* epoll: the peer closed or the socket failed */
     unsigned fixed : 1;     /* io_uring: in the ring's file table, at index fd */
     unsigned rd_paused : 1; /* recv_pause: no bytes are read until recv_resume */
     unsigned hot : 1;       /* io_uring: reads more than it is given; received one buffer at a time */
     unsigned on_replay : 1; /* io_uring: on the worker's list of handles with held completions to deliver */
-    cp_handle *ready_next;
-    cp_handle *replay_next; /* io_uring: on the replay list */
+    cp_op *rd;              /* armed accept or receive (multishot) */
+    cp_op *wr;              /* armed connect or send */
+    cp_queue ready;         /* while on_ready: the list it is on */
+    cp_queue replay;        /* io_uring: while on_replay, on the worker's replay list */
     void *be;               /* IOCP: the backend's record of the socket; io_uring: its held completions */
 };
 
@@ -146,9 +147,39 @@ static inline void cp__op_finish(cp_worker *w, cp_handle *h, cp_op *op, int res,
     cp__op_detach(h, op);
     op->cb(w, op, res, 0, data);
 }
-/* Intrusive handle lists (the worker's ready list, io_uring's recheck list):
- * push h at most once; take it off again (on close). */
-void cp__hlist_push(cp_handle **list, cp_handle *h);
-void cp__hlist_unlink(cp_handle **list, cp_handle *h);
+
+/* A handle is on at most one such list at a time (on_ready): the ready list of
+ * the inline-reading backends (epoll, IOCP: handles that still had input after
+ * their fair share of reads, read again next round) or the io_uring recheck
+ * list. A push puts h at the head, once; lists are taken from the head, so the
+ * handle pushed last is served first, as ever. */
+static inline void cp__hlist_push(cp_queue *list, cp_handle *h)
+{
+    if (h->on_ready)
+        return;
+    h->on_ready = 1;
+    cp__queue_insert_head(list, &h->ready);
+}
+
+/* Takes h off whichever list it is on (on close), in O(1): also off a list a
+ * backend took aside to walk (cp__queue_move), which then never meets it. */
+static inline void cp__hlist_remove(cp_handle *h)
+{
+    if (!h->on_ready)
+        return;
+    cp__queue_remove(&h->ready);
+    h->on_ready = 0;
+}
+
+/* The list's first handle, taken off it; NULL when the list is empty. */
+static inline cp_handle *cp__hlist_pop(cp_queue *list)
+{
+    cp_queue *n = cp__queue_pop_head(list);
+    if (!n)
+        return NULL;
+    cp_handle *h = CP_QUEUE_DATA(n, cp_handle, ready);
+    h->on_ready = 0;
+    return h;
+}
 
 #endif

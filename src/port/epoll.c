@@ -50,7 +50,7 @@ static int ep_init(cp_worker *w)
         return err;
     }
     st->evh.fd = st->evfd;
-    struct epoll_event e = {.events = EPOLLIN, .data.ptr = &st->evh};
+    struct epoll_event e = { .events = EPOLLIN, .data.ptr = &st->evh };
     if (epoll_ctl(st->epfd, EPOLL_CTL_ADD, st->evfd, &e) < 0) {
         int err = -errno;
         close(st->epfd);
@@ -86,7 +86,7 @@ static void ep_wake(cp_worker *w)
 static int ep_attach(cp_worker *w, cp_handle *h)
 {
     ep_state *st = w->be;
-    struct epoll_event e = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h};
+    struct epoll_event e = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h };
     if (epoll_ctl(st->epfd, EPOLL_CTL_ADD, h->fd, &e) < 0)
         return -errno;
     return 0;
@@ -96,9 +96,9 @@ static bool accept_error_is_transient(int err)
 {
     /* The connection died in the backlog, or a signal interrupted: the
      * listener itself is fine and the next pending connection may be taken. */
-    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM ||
-           err == ENETDOWN || err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET ||
-           err == EHOSTUNREACH || err == EOPNOTSUPP || err == ENETUNREACH;
+    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM || err == ENETDOWN ||
+           err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET || err == EHOSTUNREACH ||
+           err == EOPNOTSUPP || err == ENETUNREACH;
 }
 
 static void do_accept(cp_worker *w, cp_handle *h, cp_op *op)
@@ -195,9 +195,10 @@ static int ep_poll(cp_worker *w, int timeout_ms)
     if (n < 0)
         return -errno;
     w->now_ns = cp__now_ns();
-    /* Handles queued before this pass get their turn after the new events. */
-    cp_handle *ready = w->ready;
-    w->ready = NULL;
+    /* Handles queued before this pass get their turn after the new events;
+     * those queued during it wait for the next pass. */
+    cp_queue ready;
+    cp__queue_move(&w->ready, &ready);
     for (int i = 0; i < n; i++) {
         cp_handle *h = st->ev[i].data.ptr;
         uint32_t e = st->ev[i].events;
@@ -218,17 +219,16 @@ static int ep_poll(cp_worker *w, int timeout_ms)
         if (h->fd >= 0 && (e & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP)))
             do_input(w, h);
     }
-    while (ready) {
-        cp_handle *h = ready;
-        ready = h->ready_next;
-        h->on_ready = 0;
+    /* A handle closed meanwhile has left the list (ep_close). */
+    cp_handle *h;
+    while ((h = cp__hlist_pop(&ready)) != NULL) {
         if (h->fd >= 0)
             do_input(w, h);
     }
     return n;
 }
 
-static int ep_busy(cp_worker *w) { return w->ready != NULL; }
+static int ep_busy(cp_worker *w) { return !cp__queue_empty(&w->ready); }
 
 static int ep_accept(cp_worker *w, cp_handle *h, cp_op *op)
 {
@@ -267,7 +267,7 @@ static int ep_connect(cp_worker *w, cp_handle *h, cp_op *op, const struct sockad
 
 static int ep_send(cp_worker *w, cp_handle *h, cp_op *op, const struct iovec *iov, int iovcnt)
 {
-    struct msghdr mh = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt};
+    struct msghdr mh = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt };
     for (;;) {
         ssize_t r = sendmsg(h->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (r >= 0)
@@ -300,9 +300,8 @@ static void ep_recv_resume(cp_worker *w, cp_handle *h)
 
 static void ep_close(cp_worker *w, cp_handle *h)
 {
-    if (h->on_ready)
-        cp__hlist_unlink(&w->ready, h);
-    cp_op *ops[2] = {h->rd, h->wr};
+    cp__hlist_remove(h);
+    cp_op *ops[2] = { h->rd, h->wr };
     h->rd = h->wr = NULL;
     for (int i = 0; i < 2; i++) {
         if (ops[i]) {

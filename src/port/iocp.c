@@ -69,15 +69,15 @@ typedef struct io_acc {
 
 /* The backend's record of one socket (cp_handle.be). */
 struct io_sock {
-    cp_handle *h;      /* NULL once closed: completions are then only reaped */
+    cp_handle *h; /* NULL once closed: completions are then only reaped */
     cp_worker *owner;
     SOCKET s;
-    int outstanding;   /* posted operations whose completion has not arrived */
+    int outstanding; /* posted operations whose completion has not arrived */
     int family;
     io_ov rd, wr;
-    io_ov *dc;         /* DisconnectEx in flight (socket reuse only) */
-    cp_op *late_wr;    /* closed with a send in flight: its -ECANCELED waits for it */
-    io_acc *acc;       /* listener: K accept slots */
+    io_ov *dc;      /* DisconnectEx in flight (socket reuse only) */
+    cp_op *late_wr; /* closed with a send in flight: its -ECANCELED waits for it */
+    io_acc *acc;    /* listener: K accept slots */
     int nacc;
 };
 
@@ -155,10 +155,10 @@ static int load_extensions(io_shared *sh)
     GUID ga = WSAID_ACCEPTEX, gc = WSAID_CONNECTEX, gd = WSAID_DISCONNECTEX;
     DWORD n = 0;
     int r = 0;
-    if (WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &ga, sizeof ga, &sh->acceptex,
-                 sizeof sh->acceptex, &n, NULL, NULL) != 0 ||
-        WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &gc, sizeof gc, &sh->connectex,
-                 sizeof sh->connectex, &n, NULL, NULL) != 0 ||
+    if (WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &ga, sizeof ga, &sh->acceptex, sizeof sh->acceptex,
+                 &n, NULL, NULL) != 0 ||
+        WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &gc, sizeof gc, &sh->connectex, sizeof sh->connectex,
+                 &n, NULL, NULL) != 0 ||
         WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &gd, sizeof gd, &sh->disconnectex,
                  sizeof sh->disconnectex, &n, NULL, NULL) != 0)
         r = cp__sock_err();
@@ -319,11 +319,10 @@ static void posted(io_ov *o)
 static void post_recv0(cp_worker *w, io_sock *is)
 {
     cp_handle *h = is->h;
-    WSABUF b = {0, NULL};
+    WSABUF b = { 0, NULL };
     DWORD flags = 0;
     memset(&is->rd.ov, 0, sizeof is->rd.ov);
-    if (WSARecv(is->s, &b, 1, NULL, &flags, &is->rd.ov, NULL) == 0 ||
-        WSAGetLastError() == WSA_IO_PENDING) {
+    if (WSARecv(is->s, &b, 1, NULL, &flags, &is->rd.ov, NULL) == 0 || WSAGetLastError() == WSA_IO_PENDING) {
         posted(&is->rd);
         return;
     }
@@ -490,9 +489,7 @@ static void complete(cp_worker *w, io_ov *o)
         if (h->wr)
             cp__op_finish(w, h, h->wr, -err, NULL);
         return;
-    case IO_ACCEPT:
-        on_accept_done(w, is, o, err ? -err : 0);
-        return;
+    case IO_ACCEPT: on_accept_done(w, is, o, err ? -err : 0); return;
     }
 }
 
@@ -512,9 +509,10 @@ static int io_poll(cp_worker *w, int timeout_ms)
     w->now_ns = cp__now_ns();
     if (!ok)
         n = 0; /* timed out, or an APC (a wake-up) ended the wait */
-    /* Handles queued before this pass get their turn after the new events. */
-    cp_handle *ready = w->ready;
-    w->ready = NULL;
+    /* Handles queued before this pass get their turn after the new events;
+     * those queued during it wait for the next pass. */
+    cp_queue ready;
+    cp__queue_move(&w->ready, &ready);
     for (ULONG i = 0; i < n; i++) {
         io_ov *o = (io_ov *)iw->ev[i].lpOverlapped;
         if (!o)
@@ -524,10 +522,9 @@ static int io_poll(cp_worker *w, int timeout_ms)
         else
             cp__send_msg(o->is->owner, forwarded, o, NULL);
     }
-    while (ready) {
-        cp_handle *h = ready;
-        ready = h->ready_next;
-        h->on_ready = 0;
+    /* A handle closed meanwhile has left the list (io_close). */
+    cp_handle *h;
+    while ((h = cp__hlist_pop(&ready)) != NULL) {
         io_sock *is = h->be;
         if (h->fd >= 0 && is && h->rd && h->rd->kind == CP_OP_RECV && !is->rd.pending)
             do_recv(w, is);
@@ -535,7 +532,7 @@ static int io_poll(cp_worker *w, int timeout_ms)
     return (int)n;
 }
 
-static int io_busy(cp_worker *w) { return w->ready != NULL; }
+static int io_busy(cp_worker *w) { return !cp__queue_empty(&w->ready); }
 
 static int io_accept(cp_worker *w, cp_handle *h, cp_op *op)
 {
@@ -674,8 +671,7 @@ static bool disconnect_for_reuse(cp_worker *w, io_sock *is)
 
 static void io_close(cp_worker *w, cp_handle *h)
 {
-    if (h->on_ready)
-        cp__hlist_unlink(&w->ready, h);
+    cp__hlist_remove(h);
     io_sock *is = h->be;
     if (is && h->wr && is->wr.pending && is->wr.what == IO_SEND) {
         /* The kernel may read the buffers of an overlapped send until its
@@ -685,7 +681,7 @@ static void io_close(cp_worker *w, cp_handle *h)
         is->late_wr = h->wr;
         h->wr = NULL;
     }
-    cp_op *ops[2] = {h->rd, h->wr};
+    cp_op *ops[2] = { h->rd, h->wr };
     h->rd = h->wr = NULL;
     for (int i = 0; i < 2; i++) {
         if (ops[i]) {

@@ -66,9 +66,9 @@ struct cp_jobq {
     _Atomic(job *) tail;    /* producers exchange here */
     job *head;              /* consumer side; starts at the stub */
     job stub;
-    atomic_bool drained;    /* closed, every job run, on_closed returned */
-    atomic_int waiters;     /* threads in cp_jobq_close_wait */
-    cp_jobq *prev, *next;   /* on the port's list of queues; under port->qlock */
+    atomic_bool drained; /* closed, every job run, on_closed returned */
+    atomic_int waiters;  /* threads in cp_jobq_close_wait */
+    cp_queue node;       /* on the port's list of queues; under port->qlock */
     bool listed;
 
     /* Backpressure: feeders paused for pushing past high, resumed once the
@@ -112,10 +112,7 @@ int cp_jobq_create(cp_jobq **out, cp_port *port)
         cp__free(q);
         return -ESHUTDOWN;
     }
-    q->next = port->queues;
-    if (q->next)
-        q->next->prev = q;
-    port->queues = q;
+    cp__queue_insert_head(&port->queues, &q->node);
     q->listed = true;
     cp__port_ref(port);
     pthread_mutex_unlock(&port->qlock);
@@ -129,15 +126,9 @@ static void unlist_locked(cp_jobq *q)
     cp_port *port = q->port;
     if (!q->listed)
         return;
-    if (q->prev)
-        q->prev->next = q->next;
-    else
-        port->queues = q->next;
-    if (q->next)
-        q->next->prev = q->prev;
-    q->prev = q->next = NULL;
+    cp__queue_remove(&q->node);
     q->listed = false;
-    if (!port->queues)
+    if (cp__queue_empty(&port->queues))
         pthread_cond_broadcast(&port->qcond);
 }
 
@@ -478,10 +469,10 @@ void cp__jobq_close_all(cp_port *p)
 {
     bool woke = false;
     pthread_mutex_lock(&p->qlock);
-    for (cp_jobq *q = p->queues, *next; q; q = next) {
-        next = q->next;
-        woke |= close_quietly_locked(q);
-    }
+    cp_queue *n, *next;
+    /* Safe: a queue that has drained unlists itself, and no other. */
+    CP_QUEUE_FOREACH_SAFE(n, next, &p->queues)
+        woke |= close_quietly_locked(CP_QUEUE_DATA(n, cp_jobq, node));
     pthread_mutex_unlock(&p->qlock);
     if (woke)
         wake_waiters();
@@ -490,7 +481,7 @@ void cp__jobq_close_all(cp_port *p)
 void cp__jobq_wait_drained(cp_port *p)
 {
     pthread_mutex_lock(&p->qlock);
-    while (p->queues)
+    while (!cp__queue_empty(&p->queues))
         pthread_cond_wait(&p->qcond, &p->qlock);
     pthread_mutex_unlock(&p->qlock);
 }

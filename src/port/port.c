@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #ifdef __GLIBC__
-#include <malloc.h> /* malloc_trim */
+#  include <malloc.h> /* malloc_trim */
 #endif
 
 _Thread_local cp_worker *cp__self;
@@ -208,7 +208,7 @@ void cp__batch_end(cp_port *port)
 void cp__send_msg_c(cp_worker *dst, cp_msg_fn fn, void *a, void *b, uintptr_t c)
 {
     cp_port *port = dst->port;
-    cp_msg m = {fn, a, b, c};
+    cp_msg m = { fn, a, b, c };
     cp_msgblk **chain = NULL;
     if (cp__on_worker(port))
         chain = &cp__self->outbox[dst->index];
@@ -246,7 +246,7 @@ void cp__send_msg_urgent(cp_worker *dst, cp_msg_fn fn, void *a, void *b)
     cp_msgblk *one;
     while (!(one = blk_new(1))) /* as cp__send_msg_c: dropping it would leak or hang */
         cp__sleep_ms(1);
-    one->m[one->n++] = (cp_msg){fn, a, b, 0};
+    one->m[one->n++] = (cp_msg){ fn, a, b, 0 };
     uint32_t n;
     if (stack_put(&dst->urgent, one, &n) && dst != cp__self)
         dst->port->be->wake(dst);
@@ -269,32 +269,6 @@ cp_worker *cp__pick_worker(cp_port *port)
     return &port->workers[i % (unsigned)port->nworkers];
 }
 
-/* ------------------------------------------------------------------ handle lists */
-
-/* A handle is on at most one such list at a time (on_ready): the ready list of
- * the inline-reading backends (epoll, IOCP: handles that still had input after
- * their fair share of reads, read again next round) or the io_uring recheck
- * list. */
-void cp__hlist_push(cp_handle **list, cp_handle *h)
-{
-    if (h->on_ready)
-        return;
-    h->on_ready = 1;
-    h->ready_next = *list;
-    *list = h;
-}
-
-void cp__hlist_unlink(cp_handle **list, cp_handle *h)
-{
-    for (cp_handle **p = list; *p; p = &(*p)->ready_next) {
-        if (*p == h) {
-            *p = h->ready_next;
-            break;
-        }
-    }
-    h->on_ready = 0;
-}
-
 /* ------------------------------------------------------------------ deferred completions */
 
 void cp__worker_defer(cp_worker *w, cp_op *op, int res)
@@ -311,7 +285,7 @@ void cp__worker_defer(cp_worker *w, cp_op *op, int res)
         w->deferred = d;
         w->capdeferred = cap;
     }
-    w->deferred[w->ndeferred++] = (struct cp_deferred){op, res};
+    w->deferred[w->ndeferred++] = (struct cp_deferred){ op, res };
 }
 
 static bool deferred_drain(cp_worker *w)
@@ -588,7 +562,7 @@ static void *worker_main(void *arg)
         cp__self = NULL;
         return NULL;
     }
-    trim_state trim = {0};
+    trim_state trim = { 0 };
     for (;;) {
         if (atomic_load(&w->port->exiting) && !has_work(w))
             break;
@@ -704,6 +678,43 @@ static void env_read(void)
 #endif
 }
 
+#ifdef CP_HAVE_URING
+/* io_uring when it works here; with AUTO, epoll when it does not. */
+static const cp_backend_ops *uring_or_epoll(cp_backend want, int *err)
+{
+    const char *why = NULL;
+    int r = cp__uring_probe(&why);
+    if (r == 0)
+        return &cp__uring_backend;
+    if (want == CP_BACKEND_URING) {
+        cp__log(CP_LOG_ERROR, "io_uring requested but unusable: %s", why ? why : cp_strerror(r));
+        *err = -ENOTSUP;
+        return NULL;
+    }
+    cp__log(CP_LOG_INFO, "io_uring unusable (%s): using epoll", why ? why : cp_strerror(r));
+    return &cp__epoll_backend;
+}
+#endif
+
+/* The backend this platform offers for want (never AUTO's environment
+ * lookup: choose_backend does that first). */
+static const cp_backend_ops *platform_backend(cp_backend want, int *err)
+{
+#ifdef CP_HAVE_URING
+    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_URING)
+        return uring_or_epoll(want, err);
+#endif
+#ifdef _WIN32
+    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_IOCP)
+        return &cp__iocp_backend;
+#else
+    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_EPOLL)
+        return &cp__epoll_backend;
+#endif
+    *err = -ENOTSUP;
+    return NULL;
+}
+
 static const cp_backend_ops *choose_backend(cp_backend want, int *err)
 {
     pthread_once(&env_once, env_read);
@@ -712,38 +723,7 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
         if (env_backend_bad[0])
             cp__log(CP_LOG_WARN, "CP_BACKEND=%s is not a backend; choosing automatically", env_backend_bad);
     }
-#ifdef CP_HAVE_URING
-    const char *why = NULL;
-    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_URING) {
-        int r = cp__uring_probe(&why);
-        if (r == 0)
-            return &cp__uring_backend;
-        if (want == CP_BACKEND_URING) {
-            cp__log(CP_LOG_ERROR, "io_uring requested but unusable: %s", why ? why : cp_strerror(r));
-            *err = -ENOTSUP;
-            return NULL;
-        }
-        cp__log(CP_LOG_INFO, "io_uring unusable (%s): using epoll", why ? why : cp_strerror(r));
-        return &cp__epoll_backend;
-    }
-#endif
-#ifdef _WIN32
-    if (want == CP_BACKEND_AUTO || want == CP_BACKEND_IOCP)
-        return &cp__iocp_backend;
-    *err = -ENOTSUP;
-    return NULL;
-#else
-    switch (want) {
-    case CP_BACKEND_AUTO:
-    case CP_BACKEND_EPOLL:
-        return &cp__epoll_backend;
-    case CP_BACKEND_URING:
-    case CP_BACKEND_IOCP:
-    default:
-        *err = -ENOTSUP;
-        return NULL;
-    }
-#endif
+    return platform_backend(want, err);
 }
 
 /* What the workers used; the port and worker structures themselves stay
@@ -793,6 +773,7 @@ static cp_port *port_alloc(const cp_backend_ops *be, const cp_port_opts *o)
     atomic_init(&p->refs, 1);
     pthread_mutex_init(&p->qlock, NULL);
     pthread_cond_init(&p->qcond, NULL);
+    cp__queue_init(&p->queues);
     p->nworkers = o->workers;
     p->reuse_sockets = o->iocp_reuse_sockets != 0;
     p->workers = cp__zalloc(sizeof *p->workers * (size_t)o->workers);
@@ -812,6 +793,7 @@ static int worker_init(cp_port *p, int i)
     cp_worker *w = &p->workers[i];
     w->port = p;
     w->index = i;
+    cp__queue_init(&w->ready);
     /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)p->nworkers);
     w->rbuf_size = RBUF_SIZE;
@@ -879,7 +861,7 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     if (!out)
         return -EINVAL;
     *out = NULL;
-    cp_port_opts o = opts ? *opts : (cp_port_opts){0};
+    cp_port_opts o = opts ? *opts : (cp_port_opts){ 0 };
     if (o.workers < 0 || o.workers > 1024)
         return -EINVAL;
     if (o.workers == 0) {

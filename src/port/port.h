@@ -108,7 +108,7 @@ struct cp_worker {
     struct cp_deferred {
         cp_op *op;
         int res;
-    } *deferred;
+    } * deferred;
     size_t ndeferred, capdeferred;
 
     /* Receive buffer shared by every session of this worker. */
@@ -119,8 +119,8 @@ struct cp_worker {
     cp_wtimer **timers;
     uint32_t ntimers, captimers;
 
-    /* Handles that still had input after their fair share (epoll). */
-    cp_handle *ready;
+    /* Handles that still had input after their fair share (epoll, IOCP). */
+    cp_queue ready;
 
     /* Start of the current round, for cheap activity timestamps. */
     uint64_t now_ns;
@@ -140,15 +140,15 @@ typedef void (*cp_trim_fn)(void);
 
 struct cp_port {
     const cp_backend_ops *be;
-    void *be_shared; /* backend state shared by the workers (IOCP's one port) */
+    void *be_shared;    /* backend state shared by the workers (IOCP's one port) */
     bool reuse_sockets; /* cp_port_opts.iocp_reuse_sockets */
     int nworkers;
     cp_worker *workers;
-    atomic_bool stopping;  /* destroying: posts, timer starts and new queues are refused */
-    atomic_bool exiting;   /* destroying, the queues drained: workers leave once idle */
+    atomic_bool stopping;       /* destroying: posts, timer starts and new queues are refused */
+    atomic_bool exiting;        /* destroying, the queues drained: workers leave once idle */
     atomic_bool inboxes_closed; /* destroyed: nothing may be sent to a worker any more */
-    atomic_uint rr;        /* round-robin cursor for posts and new sessions */
-    atomic_int users;      /* objects that must be stopped before the destroy (services) */
+    atomic_uint rr;             /* round-robin cursor for posts and new sessions */
+    atomic_int users;           /* objects that must be stopped before the destroy (services) */
     _Atomic(cp_trim_fn) trim_hooks[CP_TRIM_HOOKS]; /* cp__port_on_trim */
 
     /* Threads that are not workers of the port and are inside a call that
@@ -163,7 +163,7 @@ struct cp_port {
      * and wait for. */
     pthread_mutex_t qlock;
     pthread_cond_t qcond;
-    cp_jobq *queues;
+    cp_queue queues;
 
     /* Start-up handshake: each worker reports its backend set-up. */
     pthread_mutex_t start_lock;

@@ -38,12 +38,12 @@
 
 /* Phases, in the low bits of the state word. */
 enum {
-    T_ARMED,     /* in its owner's heap, or on the way there */
-    T_FIRING,    /* the owner is firing it */
-    T_PENDING,   /* a one-shot fired into its job queue; the job has not started */
+    T_ARMED,   /* in its owner's heap, or on the way there */
+    T_FIRING,  /* the owner is firing it */
+    T_PENDING, /* a one-shot fired into its job queue; the job has not started */
     T_CANCELLED,
-    T_DONE,      /* a one-shot whose call started */
-    T_ENDED      /* ended without a call: its job queue had closed */
+    T_DONE, /* a one-shot whose call started */
+    T_ENDED /* ended without a call: its job queue had closed */
 };
 #define T_PHASE 7u
 #define T_RUN 8u   /* a call of fn is in progress */
@@ -260,15 +260,11 @@ int cp_timer_start(cp_timer **out, cp_port *port, uint64_t delay_ms, uint64_t re
     return 0;
 }
 
-int cp_timer_cancel(cp_timer *t)
+/* Moves a live timer to CANCELLED (and asks to be told when a call running
+ * on another thread ends). *before and *after are the states around the
+ * change. 0, or -ENOENT if the timer had already fired or been cancelled. */
+static int mark_cancelled(cp_timer *t, bool own, unsigned *before, unsigned *after)
 {
-    if (!t)
-        return -EINVAL;
-    bool own = running_here == t;
-    /* After the port's destroy (or late in it) the heaps are gone: an armed
-     * timer is then just cancelled, and nothing is sent. */
-    cp_port *port = t->owner->port;
-    bool can_send = cp__port_hold_msgs(port);
     int r;
     unsigned s = atomic_load(&t->state), ns;
     do {
@@ -279,6 +275,22 @@ int cp_timer_cancel(cp_timer *t)
         if ((s & T_RUN) && !own)
             ns |= T_WAIT;
     } while (ns != s && !atomic_compare_exchange_weak(&t->state, &s, ns));
+    *before = s;
+    *after = ns;
+    return r;
+}
+
+int cp_timer_cancel(cp_timer *t)
+{
+    if (!t)
+        return -EINVAL;
+    bool own = running_here == t;
+    /* After the port's destroy (or late in it) the heaps are gone: an armed
+     * timer is then just cancelled, and nothing is sent. */
+    cp_port *port = t->owner->port;
+    bool can_send = cp__port_hold_msgs(port);
+    unsigned s, ns;
+    int r = mark_cancelled(t, own, &s, &ns);
     if (r == 0 && (s & T_PHASE) == T_ARMED && can_send) {
         atomic_fetch_add(&t->refs, 1);
         cp__send_msg(t->owner, unarm_msg, t, NULL);
@@ -292,7 +304,4 @@ int cp_timer_cancel(cp_timer *t)
 }
 
 /* Port teardown: a public timer still in a heap gives up the heap's reference. */
-void cp__timer_drop_public(cp_wtimer *wt)
-{
-    timer_unref(wt->arg);
-}
+void cp__timer_drop_public(cp_wtimer *wt) { timer_unref(wt->arg); }

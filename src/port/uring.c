@@ -44,17 +44,17 @@
 #define UR_ENTRIES 1024
 #define UR_CQ_ENTRIES 8192
 #define UR_BGID 1
-#define UR_NBUFS 512            /* power of two */
+#define UR_NBUFS 512           /* power of two */
 #define UR_BUFSZ (32u * 1024u) /* large enough for 16 KiB messages in one piece */
 #define UR_IOV 64
 #define UR_BATCH 64
-#define UR_RECHECK 64           /* receives rechecked per poll(2) call */
-#define UR_FILES 65536          /* registered-file table size at most (index = fd) */
+#define UR_RECHECK 64              /* receives rechecked per poll(2) call */
+#define UR_FILES 65536             /* registered-file table size at most (index = fd) */
 #define UR_HELD_MAX (UR_NBUFS / 4) /* provided buffers that held completions may keep */
 #define UR_COPY_MAX (64u << 20)    /* bytes held as copies past UR_HELD_MAX, per worker */
 
 #ifndef WAKE_MSG_RING_DEFAULT
-#define WAKE_MSG_RING_DEFAULT 1
+#  define WAKE_MSG_RING_DEFAULT 1
 #endif
 
 #define TAG_WAKE 1u
@@ -92,14 +92,14 @@ typedef struct ur_state {
     uint8_t *bufs;
     unsigned buf_returns; /* buffers handed back in this batch, not yet published */
     ur_slot *free_slots;
-    cp_handle *recheck;   /* handles whose multishot receive was armed since the last poll */
-    cp_handle *replay;    /* resumed handles that still have completions held */
+    cp_queue recheck; /* handles whose multishot receive was armed since the last poll */
+    cp_queue replay;  /* resumed handles that still have completions held */
     ur_held *free_held;
-    unsigned nheld;       /* completions held (each keeps a provided buffer) */
-    size_t copied;        /* bytes of held completions kept as copies */
-    unsigned nfiles;      /* size of the registered-file table; 0 = none */
-    unsigned clear_mark;  /* submission-queue tail after the last slot clear queued by ur_close */
-    int msg_fd;           /* a duplicate of the ring's descriptor for other workers' MSG_RING
+    unsigned nheld;      /* completions held (each keeps a provided buffer) */
+    size_t copied;       /* bytes of held completions kept as copies */
+    unsigned nfiles;     /* size of the registered-file table; 0 = none */
+    unsigned clear_mark; /* submission-queue tail after the last slot clear queued by ur_close */
+    int msg_fd;          /* a duplicate of the ring's descriptor for other workers' MSG_RING
                            * wake-ups, open until ur_fini (after every worker has stopped) */
 } ur_state;
 
@@ -121,7 +121,7 @@ void cp__uring_read_env(void)
         wake_env = 1;
 }
 
-static uint64_t ud_of(cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
+static uint64_t ud_of(const cp_op *op) { return (uint64_t)(uintptr_t)op | ((uint64_t)op->gen << 48); }
 
 static struct io_uring_sqe *get_sqe(ur_state *st)
 {
@@ -161,9 +161,9 @@ static int ring_init(struct io_uring *ring, unsigned extra)
     };
     int r = -EINVAL;
     for (size_t i = 0; i < sizeof tries / sizeof tries[0]; i++) {
-        struct io_uring_params p = {.flags = tries[i] | extra | IORING_SETUP_CQSIZE |
-                                             IORING_SETUP_SUBMIT_ALL,
-                                    .cq_entries = UR_CQ_ENTRIES};
+        struct io_uring_params p = { .flags = tries[i] | extra | IORING_SETUP_CQSIZE |
+                                              IORING_SETUP_SUBMIT_ALL,
+                                     .cq_entries = UR_CQ_ENTRIES };
         r = io_uring_queue_init_params(UR_ENTRIES, ring, &p);
         if (r != -EINVAL)
             return r;
@@ -216,16 +216,15 @@ static int probe_sysctl(const char **why)
 
 static const char *ring_init_failure(int r)
 {
-    return r == -ENOSYS   ? "the kernel has no io_uring (ENOSYS)"
-           : r == -EPERM  ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
-                          : "io_uring_setup failed";
+    return r == -ENOSYS  ? "the kernel has no io_uring (ENOSYS)"
+           : r == -EPERM ? "io_uring is not permitted here (EPERM: seccomp, container or sysctl)"
+                         : "io_uring_setup failed";
 }
 
 static bool has_needed_ops(const struct io_uring_probe *p)
 {
     return p && io_uring_opcode_supported(p, IORING_OP_SENDMSG) &&
-           io_uring_opcode_supported(p, IORING_OP_ACCEPT) &&
-           io_uring_opcode_supported(p, IORING_OP_RECV) &&
+           io_uring_opcode_supported(p, IORING_OP_ACCEPT) && io_uring_opcode_supported(p, IORING_OP_RECV) &&
            io_uring_opcode_supported(p, IORING_OP_ASYNC_CANCEL);
 }
 
@@ -233,8 +232,7 @@ static bool has_needed_ops(const struct io_uring_probe *p)
  * CP_URING_WAKE (read once, cp__uring_read_env) says otherwise. */
 static void choose_wake(const struct io_uring *ring, const struct io_uring_probe *p)
 {
-    if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) &&
-        (ring->features & IORING_FEAT_CQE_SKIP))
+    if (p && io_uring_opcode_supported(p, IORING_OP_MSG_RING) && (ring->features & IORING_FEAT_CQE_SKIP))
         wake_msg_ring = WAKE_MSG_RING_DEFAULT;
     if (wake_env == 0)
         wake_msg_ring = 0;
@@ -262,9 +260,9 @@ static int probe_ops(struct io_uring *ring, const char **why)
 static int probe_buf_ring(struct io_uring *ring, const char **why)
 {
     int r = 0;
-    struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
-                                        MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
-    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7};
+    struct io_uring_buf_ring *br = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1,
+                                        0);
+    struct io_uring_buf_reg reg = { .ring_addr = (uintptr_t)br, .ring_entries = 8, .bgid = 7 };
     if (br == MAP_FAILED || io_uring_register_buf_ring(ring, &reg, 0) < 0) {
         r = -ENOTSUP;
         *why = "the kernel's io_uring has no provided-buffer rings";
@@ -312,6 +310,8 @@ static int ur_init(cp_worker *w)
     if (!st)
         return -ENOMEM;
     st->msg_fd = -1;
+    cp__queue_init(&st->recheck);
+    cp__queue_init(&st->replay);
     st->evfd = eventfd(0, EFD_CLOEXEC);
     if (st->evfd < 0) {
         int err = -errno;
@@ -352,13 +352,16 @@ static int ur_thread_init(cp_worker *w)
         r = -ENOMEM;
         goto fail;
     }
-    struct io_uring_buf_reg reg = {.ring_addr = (uintptr_t)st->br, .ring_entries = UR_NBUFS, .bgid = UR_BGID};
+    struct io_uring_buf_reg reg = { .ring_addr = (uintptr_t)st->br,
+                                    .ring_entries = UR_NBUFS,
+                                    .bgid = UR_BGID };
     if ((r = io_uring_register_buf_ring(&st->ring, &reg, 0)) < 0)
         goto fail;
     io_uring_buf_ring_init(st->br);
     int mask = io_uring_buf_ring_mask(UR_NBUFS);
     for (unsigned i = 0; i < UR_NBUFS; i++)
-        io_uring_buf_ring_add(st->br, st->bufs + (size_t)i * UR_BUFSZ, UR_BUFSZ, (unsigned short)i, mask, (int)i);
+        io_uring_buf_ring_add(st->br, st->bufs + (size_t)i * UR_BUFSZ, UR_BUFSZ, (unsigned short)i, mask,
+                              (int)i);
     io_uring_buf_ring_advance(st->br, UR_NBUFS);
     return 0;
 fail:
@@ -506,9 +509,9 @@ static bool accept_error_is_transient(int err)
     /* The connection died in the backlog, or a signal interrupted: the
      * listener itself is fine and the next pending connection may be taken
      * (the same list as epoll.c's). */
-    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM ||
-           err == ENETDOWN || err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET ||
-           err == EHOSTUNREACH || err == EOPNOTSUPP || err == ENETUNREACH;
+    return err == ECONNABORTED || err == EINTR || err == EPROTO || err == EPERM || err == ENETDOWN ||
+           err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET || err == EHOSTUNREACH ||
+           err == EOPNOTSUPP || err == ENETUNREACH;
 }
 
 /* Hands one accept result to the owner while the accept stays armed; false
@@ -521,34 +524,45 @@ static bool accept_deliver(cp_worker *w, cp_op *op, int res)
     return h->rd == op && h->fd >= 0;
 }
 
+enum { ACCEPT_OPEN, ACCEPT_CLOSED, ACCEPT_FAILED };
+
+/* Takes up to batch-1 more pending connections after the one the completion
+ * brought. ACCEPT_OPEN: the listener is drained (or the batch is done) and
+ * still open; ACCEPT_CLOSED: a callback closed it; ACCEPT_FAILED: a hard
+ * error (EMFILE ...) disarmed it and its callback has run, as on epoll. */
+static int accept_pending(cp_worker *w, cp_handle *h, cp_op *op, unsigned batch)
+{
+    for (unsigned i = 1; i < batch; i++) {
+        int fd = accept4(h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int err = fd < 0 ? errno : 0;
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            return ACCEPT_OPEN;
+        if (err && !accept_error_is_transient(err)) {
+            h->rd = NULL;
+            op->armed = 0;
+            op->cb(w, op, -err, 0, NULL);
+            return ACCEPT_FAILED;
+        }
+        if (!accept_deliver(w, op, err ? -err : fd))
+            return ACCEPT_CLOSED;
+    }
+    return ACCEPT_OPEN;
+}
+
 /* The single-shot accept completed with a descriptor or a transient error:
  * deliver it, take up to K-1 more pending connections, and arm the accept
- * again. A hard error on the way (EMFILE ...) disarms it, as on epoll. Returns
- * false if the completion is a final one for dispatch to deliver (ECANCELED,
- * hard errors). */
+ * again. Returns false if the completion is a final one for dispatch to
+ * deliver (ECANCELED, hard errors). */
 static bool accept_more(cp_worker *w, ur_state *st, cp_op *op, int res)
 {
     if (res < 0 && !accept_error_is_transient(-res))
         return false;
     cp_handle *h = op->h;
     unsigned batch = op->batch ? op->batch : 64;
-    bool open = accept_deliver(w, op, res);
-    for (unsigned i = 1; open && i < batch; i++) {
-        int fd = accept4(h->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        int err = fd < 0 ? errno : 0;
-        if (err == EAGAIN || err == EWOULDBLOCK)
-            break;
-        if (err && !accept_error_is_transient(err)) {
-            h->rd = NULL;
-            op->armed = 0;
-            op->cb(w, op, -err, 0, NULL);
-            return true;
-        }
-        open = accept_deliver(w, op, err ? -err : fd);
-    }
-    if (open) {
+    int state = accept_deliver(w, op, res) ? accept_pending(w, h, op, batch) : ACCEPT_CLOSED;
+    if (state == ACCEPT_OPEN) {
         prep_accept(st, h, op);
-    } else if (h->rd == op) {
+    } else if (state == ACCEPT_CLOSED && h->rd == op) {
         /* Closed from a callback: nothing is in the kernel to be cancelled,
          * so the final completion is delivered here, after this pass. */
         h->rd = NULL;
@@ -556,6 +570,15 @@ static bool accept_more(cp_worker *w, ur_state *st, cp_op *op, int res)
         cp__worker_defer(w, op, -ECANCELED);
     }
     return true;
+}
+
+/* Asks the kernel to cancel op. The cancellation's own completion is
+ * ignored; op ends with its -ECANCELED (or earlier) completion. */
+static void cancel_op(ur_state *st, const cp_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(st);
+    io_uring_prep_cancel64(sqe, ud_of(op), 0);
+    io_uring_sqe_set_data64(sqe, TAG_IGNORE);
 }
 
 static void prep_recv(ur_state *st, cp_handle *h, cp_op *op, bool multishot)
@@ -623,9 +646,7 @@ static void ur_recv_pause(cp_worker *w, cp_handle *h)
     if (!op || op->kind != CP_OP_RECV || op->parked || op->kicked || h->fd < 0)
         return;
     op->kicked = 2;
-    struct io_uring_sqe *sqe = get_sqe(st);
-    io_uring_prep_cancel64(sqe, ud_of(op), 0);
-    io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    cancel_op(st, op);
 }
 
 static void ur_recv_resume(cp_worker *w, cp_handle *h)
@@ -708,9 +729,8 @@ static void ur_close(cp_worker *w, cp_handle *h)
      * wait for its final completion for ever. */
     if (has_held(h) && held_drop(st, h) && h->rd && h->rd->kind == CP_OP_RECV)
         h->rd->parked = 1;
-    if (h->on_ready)
-        cp__hlist_unlink(&st->recheck, h);
-    cp_op *ops[2] = {h->rd, h->wr};
+    cp__hlist_remove(h);
+    cp_op *ops[2] = { h->rd, h->wr };
     for (int i = 0; i < 2; i++) {
         if (!ops[i])
             continue;
@@ -722,9 +742,7 @@ static void ur_close(cp_worker *w, cp_handle *h)
             cp__worker_defer(w, ops[i], -ECANCELED);
             continue;
         }
-        struct io_uring_sqe *sqe = get_sqe(st);
-        io_uring_prep_cancel64(sqe, ud_of(ops[i]), 0);
-        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        cancel_op(st, ops[i]);
     }
     if (h->fixed) {
         /* The socket stays in the table until the clear runs, at this
@@ -789,20 +807,24 @@ static void recycle(ur_state *st, unsigned bid)
  * Steady traffic costs nothing: one poll(2) per round that armed receives,
  * after the io_uring_enter that submitted them (which then does not wait).
  */
+/* Whether h's receive is armed in the kernel and not being cancelled. */
+static bool recv_in_kernel(const cp_handle *h)
+{
+    const cp_op *op = h->rd;
+    return h->fd >= 0 && op && op->kind == CP_OP_RECV && op->armed && !op->kicked && !op->parked;
+}
+
 static void recheck_recvs(ur_state *st)
 {
-    while (st->recheck) {
+    while (!cp__queue_empty(&st->recheck)) {
         struct pollfd pf[UR_RECHECK];
         cp_handle *hs[UR_RECHECK];
         nfds_t n = 0;
-        while (st->recheck && n < UR_RECHECK) {
-            cp_handle *h = st->recheck;
-            st->recheck = h->ready_next;
-            h->on_ready = 0;
-            if (h->fd < 0 || !h->rd || h->rd->kind != CP_OP_RECV || !h->rd->armed || h->rd->kicked ||
-                h->rd->parked)
+        cp_handle *h;
+        while (n < UR_RECHECK && (h = cp__hlist_pop(&st->recheck)) != NULL) {
+            if (!recv_in_kernel(h))
                 continue;
-            pf[n] = (struct pollfd){.fd = h->fd, .events = POLLRDHUP};
+            pf[n] = (struct pollfd){ .fd = h->fd, .events = POLLRDHUP };
             hs[n++] = h;
         }
         if (!n || poll(pf, n, 0) <= 0)
@@ -810,11 +832,8 @@ static void recheck_recvs(ur_state *st)
         for (nfds_t i = 0; i < n; i++) {
             if (!(pf[i].revents & (POLLHUP | POLLERR)))
                 continue;
-            cp_op *op = hs[i]->rd;
-            op->kicked = 1; /* 1: a recheck's; 2: a pause's (ur_recv_pause) */
-            struct io_uring_sqe *sqe = get_sqe(st);
-            io_uring_prep_cancel64(sqe, ud_of(op), 0);
-            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+            hs[i]->rd->kicked = 1; /* 1: a recheck's; 2: a pause's (ur_recv_pause) */
+            cancel_op(st, hs[i]->rd);
         }
     }
 }
@@ -863,7 +882,7 @@ static bool handle_hold(ur_state *st, cp_handle *h, cp_op *op, int res, unsigned
         }
         return false;
     }
-    *e = (ur_held){.op = op, .res = res, .flags = flags, .copy = copy};
+    *e = (ur_held){ .op = op, .res = res, .flags = flags, .copy = copy };
     if (copy) {
         recycle(st, flags >> IORING_CQE_BUFFER_SHIFT);
         e->flags &= ~(unsigned)IORING_CQE_F_BUFFER;
@@ -900,8 +919,7 @@ static void replay_add(ur_state *st, cp_handle *h)
     if (h->on_replay)
         return;
     h->on_replay = 1;
-    h->replay_next = st->replay;
-    st->replay = h;
+    cp__queue_insert_head(&st->replay, &h->replay);
 }
 
 /* Closing: the handle's held completions are dropped (their buffers go back
@@ -920,11 +938,7 @@ static bool held_drop(ur_state *st, cp_handle *h)
         e = next;
     }
     if (h->on_replay) {
-        cp_handle **at = &st->replay;
-        while (*at && *at != h)
-            at = &(*at)->replay_next;
-        if (*at)
-            *at = h->replay_next;
+        cp__queue_remove(&h->replay); /* from st->replay, or from replay_held's walk */
         h->on_replay = 0;
     }
     return final;
@@ -939,11 +953,15 @@ static void deliver(cp_worker *w, ur_state *st, cp_op *op, int res, unsigned fla
  * that arrive meanwhile queue behind them on the handle. */
 static void replay_held(cp_worker *w, ur_state *st)
 {
-    cp_handle *h = st->replay;
-    st->replay = NULL;
+    /* A handle resumed during the walk goes on st->replay afresh, for the
+     * next poll (unless the walk has yet to reach it); one closed during it
+     * leaves the walk (held_drop). */
+    cp_queue walk;
+    cp__queue_move(&st->replay, &walk);
     st->buf_returns = 0;
-    while (h) {
-        cp_handle *next = h->replay_next;
+    cp_queue *n;
+    while ((n = cp__queue_pop_head(&walk)) != NULL) {
+        cp_handle *h = CP_QUEUE_DATA(n, cp_handle, replay);
         h->on_replay = 0;
         while (h->be && !h->rd_paused) {
             ur_held *e = h->be;
@@ -954,7 +972,6 @@ static void replay_held(cp_worker *w, ur_state *st)
             deliver(w, st, e->op, e->res, e->flags, data);
             held_free(st, e);
         }
-        h = next;
     }
     if (st->buf_returns)
         io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
@@ -1064,6 +1081,69 @@ static bool submit_only(ur_state *st)
     return io_uring_cq_ready(&st->ring) > 0;
 }
 
+/* Submits the round's work and, unless the round has enough to do already,
+ * asks the kernel for completions, waiting up to timeout_ms when nothing is
+ * ready. Returns io_uring_enter's result (0 when no call was needed). */
+static int ur_enter(ur_state *st, int timeout_ms, bool recheck)
+{
+    if (io_uring_cq_ready(&st->ring) >= UR_BATCH) {
+        /* This round's batch is already in the completion queue: submit, but
+         * do not ask for more. With DEFER_TASKRUN, asking would run every
+         * pending receive into a provided buffer, growing a backlog that this
+         * worker takes 64 at a time until the buffers run out (each receive
+         * then ends with ENOBUFS and is re-armed). Nothing to submit: no
+         * system call at all. */
+        return io_uring_sq_ready(&st->ring) ? io_uring_submit(&st->ring) : 0;
+    }
+    if (timeout_ms == 0 || recheck)
+        return io_uring_submit_and_get_events(&st->ring);
+    if (submit_only(st)) {
+        /* Some of what was just submitted finished inside that call (a send
+         * to a socket with room does): take those completions in this round
+         * and wait in the next. Waiting now would return at once on them
+         * anyway, and the worker would then sleep for every single receive:
+         * at 1000 echo connections that was one receive per io_uring_enter
+         * and 25k sleeps a second; this way, three and 3k. */
+        return 0;
+    }
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts = { .tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L };
+    return io_uring_submit_and_wait_timeout(&st->ring, &cqe, 1, timeout_ms > 0 ? &ts : NULL, NULL);
+}
+
+/* Takes one batch of completions (at most UR_BATCH) and delivers it. One
+ * batch per round: the round's sends and hand-offs then go out before more
+ * input is taken, which keeps queues short under floods. */
+static int take_batch(cp_worker *w, ur_state *st)
+{
+    struct io_uring_cqe *cqes[UR_BATCH];
+    unsigned n = io_uring_peek_batch_cqe(&st->ring, cqes, UR_BATCH);
+    if (!n)
+        return 0;
+    /* Copy out and release the slots first: callbacks submit more work. */
+    struct {
+        uint64_t ud;
+        int res;
+        unsigned flags;
+    } c[UR_BATCH];
+    for (unsigned i = 0; i < n; i++) {
+        c[i].ud = cqes[i]->user_data, c[i].res = cqes[i]->res, c[i].flags = cqes[i]->flags;
+        /* The op sits in its session, which the kernel's work since the
+         * last round has usually pushed out of the cache: start loading
+         * every one of the batch now, not one miss after another. */
+        if (c[i].ud > TAG_MSG_WAKE)
+            __builtin_prefetch((const void *)(uintptr_t)(c[i].ud & PTR_MASK));
+    }
+    io_uring_cq_advance(&st->ring, n);
+    st->buf_returns = 0;
+    for (unsigned i = 0; i < n; i++)
+        dispatch(w, st, c[i].ud, c[i].res, c[i].flags);
+    if (st->buf_returns)
+        io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
+    st->buf_returns = 0;
+    return (int)n;
+}
+
 static int ur_poll(cp_worker *w, int timeout_ms)
 {
     ur_state *st = w->be;
@@ -1073,71 +1153,16 @@ static int ur_poll(cp_worker *w, int timeout_ms)
      * io_uring_enter below has armed them, and before any blocking wait (which
      * a lost reset would make endless): a round that armed receives does not
      * wait, it only collects what is ready. */
-    bool recheck = st->recheck != NULL;
-    int r = 0;
-    if (io_uring_cq_ready(&st->ring) >= UR_BATCH) {
-        /* This round's batch is already in the completion queue: submit, but
-         * do not ask for more. With DEFER_TASKRUN, asking would run every
-         * pending receive into a provided buffer, growing a backlog that this
-         * worker takes 64 at a time until the buffers run out (each receive
-         * then ends with ENOBUFS and is re-armed). Nothing to submit: no
-         * system call at all. */
-        if (io_uring_sq_ready(&st->ring))
-            r = io_uring_submit(&st->ring);
-    } else if (timeout_ms == 0 || recheck) {
-        r = io_uring_submit_and_get_events(&st->ring);
-    } else if (submit_only(st)) {
-        /* Some of what was just submitted finished inside that call (a send
-         * to a socket with room does): take those completions in this round
-         * and wait in the next. Waiting now would return at once on them
-         * anyway, and the worker would then sleep for every single receive:
-         * at 1000 echo connections that was one receive per io_uring_enter
-         * and 25k sleeps a second; this way, three and 3k. */
-    } else {
-        struct io_uring_cqe *cqe;
-        struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000, .tv_nsec = (timeout_ms % 1000) * 1000000L};
-        r = io_uring_submit_and_wait_timeout(&st->ring, &cqe, 1, timeout_ms > 0 ? &ts : NULL, NULL);
-    }
+    bool recheck = !cp__queue_empty(&st->recheck);
+    int r = ur_enter(st, timeout_ms, recheck);
     if (recheck && !io_uring_sq_ready(&st->ring))
         recheck_recvs(st); /* its cancellations go out with the next submission */
     if (r < 0 && r != -ETIME && r != -EINTR && r != -EBUSY)
         return r;
     w->now_ns = cp__now_ns();
-    if (st->replay)
+    if (!cp__queue_empty(&st->replay))
         replay_held(w, st);
-    int total = 0;
-    for (;;) {
-        struct io_uring_cqe *cqes[UR_BATCH];
-        unsigned n = io_uring_peek_batch_cqe(&st->ring, cqes, UR_BATCH);
-        if (!n)
-            break;
-        /* Copy out and release the slots first: callbacks submit more work. */
-        struct {
-            uint64_t ud;
-            int res;
-            unsigned flags;
-        } c[UR_BATCH];
-        for (unsigned i = 0; i < n; i++) {
-            c[i].ud = cqes[i]->user_data, c[i].res = cqes[i]->res, c[i].flags = cqes[i]->flags;
-            /* The op sits in its session, which the kernel's work since the
-             * last round has usually pushed out of the cache: start loading
-             * every one of the batch now, not one miss after another. */
-            if (c[i].ud > TAG_MSG_WAKE)
-                __builtin_prefetch((const void *)(uintptr_t)(c[i].ud & PTR_MASK));
-        }
-        io_uring_cq_advance(&st->ring, n);
-        st->buf_returns = 0;
-        for (unsigned i = 0; i < n; i++)
-            dispatch(w, st, c[i].ud, c[i].res, c[i].flags);
-        if (st->buf_returns)
-            io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
-        st->buf_returns = 0;
-        total += (int)n;
-        /* One batch per round: the round's sends and hand-offs then go out
-         * before more input is taken, which keeps queues short under floods. */
-        break;
-    }
-    return total;
+    return take_batch(w, st);
 }
 
 /*
@@ -1165,7 +1190,7 @@ static void ur_trim(cp_worker *w)
 static int ur_busy(cp_worker *w)
 {
     ur_state *st = w->be;
-    return st->replay || io_uring_cq_ready(&st->ring) > 0;
+    return !cp__queue_empty(&st->replay) || io_uring_cq_ready(&st->ring) > 0;
 }
 
 const cp_backend_ops cp__uring_backend = {

@@ -65,7 +65,7 @@ static struct {
     size_t npkts;
     cp_reason reason;
     _Atomic(cp_session *) s;
-    atomic_size_t got;      /* packets handed out */
+    atomic_size_t got; /* packets handed out */
     atomic_int connected, disconnected;
     atomic_int got_reason;
     sem_t done;
@@ -137,7 +137,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         fprintf(stderr, "fuzz_framer: cp_port_create: %s\n", cp_strerror(rc));
         exit(1);
     }
-    cp_handlers h = { .on_connected = on_connected, .on_packet = on_packet, .on_disconnected = on_disconnected };
+    cp_handlers h = { .on_connected = on_connected,
+                      .on_packet = on_packet,
+                      .on_disconnected = on_disconnected };
     for (int i = 0; i < 2; i++) {
         cp_server_opts o = { .host = "127.0.0.1", .port = 0 };
         o.session.framing = CP_FRAMING_PACKET;
@@ -218,7 +220,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fail("socket", errno, 0);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(cp_service_listen_port(svc)),
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_port = htons(cp_service_listen_port(svc)),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     if (connect_retry(fd, (struct sockaddr *)&a, sizeof a) != 0)
         fail("connect", errno, 0);
@@ -248,7 +251,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         uint64_t deadline = now_ms() + 10000;
         while (bytes_in(svc) - base < sent && !atomic_load(&cur.disconnected)) {
             if (now_ms() > deadline)
-                fail("server did not read the bytes sent within 10 s", (long)(bytes_in(svc) - base), (long)sent);
+                fail("server did not read the bytes sent within 10 s", (long)(bytes_in(svc) - base),
+                     (long)sent);
             sched_yield();
         }
     }

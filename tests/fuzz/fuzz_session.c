@@ -53,11 +53,11 @@
 #define MAX_RECS 512
 
 typedef struct rec {
-    cp_session *s;          /* referenced in on_connected, unref'd after the input */
+    cp_session *s; /* referenced in on_connected, unref'd after the input */
     uint64_t id;
-    atomic_int state;       /* 0 connected, 1 disconnected */
-    atomic_int inside;      /* a callback of this session is running */
-    atomic_int pending;     /* chaos commands still queued for it */
+    atomic_int state;   /* 0 connected, 1 disconnected */
+    atomic_int inside;  /* a callback of this session is running */
+    atomic_int pending; /* chaos commands still queued for it */
 } rec;
 
 static cp_port *g_port;
@@ -231,7 +231,9 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         fprintf(stderr, "fuzz_session: cp_port_create: %s\n", cp_strerror(rc));
         exit(1);
     }
-    cp_handlers h = { .on_connected = on_connected, .on_packet = on_packet, .on_sent = on_sent,
+    cp_handlers h = { .on_connected = on_connected,
+                      .on_packet = on_packet,
+                      .on_sent = on_sent,
                       .on_disconnected = on_disconnected };
     cp_server_opts o = { .host = "127.0.0.1", .port = 0 };
     o.session.framing = CP_FRAMING_PACKET;
@@ -275,7 +277,8 @@ static void conn_connect(conn *c, int small_rcvbuf)
         int sz = 4096;
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
     }
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(cp_service_listen_port(g_svc)),
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_port = htons(cp_service_listen_port(g_svc)),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     if (connect_retry(fd, (struct sockaddr *)&a, sizeof a) != 0) {
         close(fd);
@@ -374,12 +377,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (c->fd >= 0)
                 shutdown(c->fd, SHUT_WR);
             break;
-        case 4:
-            conn_close(c, 1);
-            break;
-        case 5:
-            conn_close(c, 0);
-            break;
+        case 4: conn_close(c, 1); break;
+        case 5: conn_close(c, 0); break;
         case 6:
             if (c->fd >= 0) {
                 uint8_t buf[65536];
@@ -435,17 +434,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             st.disconnected == (uint64_t)dis && atomic_load(&g_inflight) == 0)
             break;
         if (now_us() > deadline) {
-            fprintf(stderr, "fuzz_session: on_connected %ld on_disconnected %ld, stats: sessions %llu "
-                    "connected %llu disconnected %llu, chaos in flight %d\n", con, dis,
-                    (unsigned long long)st.sessions, (unsigned long long)st.connected,
+            fprintf(stderr,
+                    "fuzz_session: on_connected %ld on_disconnected %ld, stats: sessions %llu "
+                    "connected %llu disconnected %llu, chaos in flight %d\n",
+                    con, dis, (unsigned long long)st.sessions, (unsigned long long)st.connected,
                     (unsigned long long)st.disconnected, atomic_load(&g_inflight));
             int nr = atomic_load(&g_nrecs);
             for (int i = 0; i < nr; i++)
                 for (int j = 0; j < nused; j++)
                     if (g_recs[i] && atomic_load(&g_recs[i]->state) == 0 &&
                         atomic_load(&g_by_port[used_ports[j]]) == g_recs[i])
-                        fprintf(stderr, "fuzz_session: still live: the session of connect #%d of this input "
-                                "(client port %u)\n", j, used_ports[j]);
+                        fprintf(stderr,
+                                "fuzz_session: still live: the session of connect #%d of this input "
+                                "(client port %u)\n",
+                                j, used_ports[j]);
             fail("sessions did not all end within 10 s of the clients closing", con, dis);
         }
         sched_yield();

@@ -8,8 +8,24 @@
 
 #include <stdint.h>
 #include <stdio.h>
-#define WIN32_LEAN_AND_MEAN
-#include <windows.h>
+#ifdef _WIN32
+#  define WIN32_LEAN_AND_MEAN
+#  include <windows.h>
+#else
+#  include <pthread.h>
+#  include <time.h>
+#endif
+
+static void sleep_ms(unsigned ms)
+{
+#ifdef _WIN32
+    Sleep(ms);
+#else
+    struct timespec ts = { (time_t)(ms / 1000), (long)(ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+#endif
+}
 
 Test(shim, pass_every_macro, .timeout = 10)
 {
@@ -35,9 +51,7 @@ Test(shim, pass_every_macro, .timeout = 10)
     cr_log_info("log line %d", 42);
 }
 
-Test(shim, pass_without_options)
-{
-}
+Test(shim, pass_without_options) {}
 
 Test(shim, fail_assert_stops_the_test, .timeout = 10)
 {
@@ -52,14 +66,11 @@ Test(shim, fail_expect_goes_on, .timeout = 10)
     cr_log_info("reached after a failed cr_expect");
 }
 
-Test(shim, fail_str_eq, .timeout = 10)
-{
-    cr_assert_str_eq("a", "b");
-}
+Test(shim, fail_str_eq, .timeout = 10) { cr_assert_str_eq("a", "b"); }
 
 Test(shim, fail_timeout, .timeout = 1)
 {
-    Sleep(30000);
+    sleep_ms(30000);
     cr_log_info("NOT REACHED after the timeout");
 }
 
@@ -81,18 +92,35 @@ Test(shim, crash_null_write, .timeout = 10)
     *(volatile int *)addr = 1;
 }
 
+static void fail_on_this_thread(void) { cr_assert(0, "failed on another thread"); }
+
+#ifdef _WIN32
 static DWORD WINAPI failing_thread(void *arg)
 {
     (void)arg;
-    cr_assert(0, "failed on another thread");
+    fail_on_this_thread();
     return 0;
 }
+#else
+static void *failing_thread(void *arg)
+{
+    (void)arg;
+    fail_on_this_thread();
+    return NULL;
+}
+#endif
 
 /* cr_assert on a thread other than the test's ends the test too. */
 Test(shim, fail_assert_on_another_thread, .timeout = 10)
 {
+#ifdef _WIN32
     HANDLE h = CreateThread(NULL, 0, failing_thread, NULL, 0, NULL);
     WaitForSingleObject(h, INFINITE);
-    Sleep(2000);
+#else
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, failing_thread, NULL), 0);
+    pthread_join(th, NULL);
+#endif
+    sleep_ms(2000);
     cr_log_info("NOT REACHED after a failed cr_assert on another thread");
 }

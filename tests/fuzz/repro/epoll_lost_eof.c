@@ -46,7 +46,8 @@ static int dial(uint16_t port)
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port),
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_port = htons(port),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     connect(fd, (struct sockaddr *)&a, sizeof a);
     return fd;
@@ -68,9 +69,9 @@ int main(void)
         usleep(1000);
     usleep(10000);
     uint8_t slow[4] = { 4, 0, 1, 0 }, pkt[8] = { 8, 0, 2, 0, 'd', 'a', 't', 'a' };
-    send(a, slow, sizeof slow, 0);  /* the worker sleeps 100 ms in A's handler */
+    send(a, slow, sizeof slow, 0); /* the worker sleeps 100 ms in A's handler */
     usleep(20000);
-    send(b, pkt, sizeof pkt, 0);    /* data and FIN both queued meanwhile */
+    send(b, pkt, sizeof pkt, 0); /* data and FIN both queued meanwhile */
     shutdown(b, SHUT_WR);
     struct pollfd pf = { .fd = b, .events = POLLIN };
     char c;

@@ -40,7 +40,7 @@ int main(int argc, char **argv)
     int single = argc > 1 && !strcmp(argv[1], "single");
     int fin = argc > 1 && !strcmp(argv[1], "fin");
     struct io_uring ring;
-    struct io_uring_params p = {.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN};
+    struct io_uring_params p = { .flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN };
     if (io_uring_queue_init_params(16, &ring, &p) < 0) {
         p.flags = 0;
         if (io_uring_queue_init_params(16, &ring, &p) < 0)
@@ -49,7 +49,7 @@ int main(int argc, char **argv)
     struct io_uring_buf_ring *br = mmap(NULL, sizeof(struct io_uring_buf) * NB, PROT_READ | PROT_WRITE,
                                         MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
     static char bufs[NB][BS];
-    struct io_uring_buf_reg reg = {.ring_addr = (unsigned long)br, .ring_entries = NB, .bgid = 1};
+    struct io_uring_buf_reg reg = { .ring_addr = (unsigned long)br, .ring_entries = NB, .bgid = 1 };
     if (io_uring_register_buf_ring(&ring, &reg, 0) < 0)
         return fprintf(stderr, "no provided-buffer rings\n"), 2;
     io_uring_buf_ring_init(br);
@@ -58,9 +58,10 @@ int main(int argc, char **argv)
     io_uring_buf_ring_advance(br, NB);
 
     int ls = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     socklen_t al = sizeof a;
-    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 8) || getsockname(ls, (struct sockaddr *)&a, &al))
+    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 8) ||
+        getsockname(ls, (struct sockaddr *)&a, &al))
         return perror("listen"), 2;
     int stuck = 0, rounds = 20;
     for (int it = 0; it < rounds; it++) {
@@ -73,7 +74,7 @@ int main(int argc, char **argv)
         if (write(c, msg, sizeof msg) != (ssize_t)sizeof msg)
             return perror("write"), 2;
         if (!fin) {
-            struct linger lg = {1, 0};
+            struct linger lg = { 1, 0 };
             setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
         }
         close(c);
@@ -89,13 +90,13 @@ int main(int argc, char **argv)
         sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
         sqe->user_data = 1;
         io_uring_submit(&ring);
-        struct pollfd pf = {.fd = s, .events = POLLRDHUP};
+        struct pollfd pf = { .fd = s, .events = POLLRDHUP };
         poll(&pf, 1, 0);
 
         int bytes = 0, cqes = 0, last = 1, done = 0;
         while (!done) {
             struct io_uring_cqe *cqe;
-            struct __kernel_timespec ts = {.tv_sec = 0, .tv_nsec = 200 * 1000 * 1000};
+            struct __kernel_timespec ts = { .tv_sec = 0, .tv_nsec = 200 * 1000 * 1000 };
             if (io_uring_wait_cqe_timeout(&ring, &cqe, &ts) < 0)
                 break; /* 200 ms without a completion */
             int res = cqe->res;
@@ -143,7 +144,7 @@ int main(int argc, char **argv)
                    done ? "the final completion" : "nothing for 200 ms: STUCK", done ? last : 0);
         close(s);
     }
-    printf("%s receive, %s: stuck %d of %d\n", single ? "single-shot" : "multishot", fin ? "FIN" : "reset", stuck,
-           rounds);
+    printf("%s receive, %s: stuck %d of %d\n", single ? "single-shot" : "multishot", fin ? "FIN" : "reset",
+           stuck, rounds);
     return stuck ? 1 : 0;
 }

@@ -1,12 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * A small Criterion-compatible test runner, for the Windows (mingw-w64) build
- * of the test suite only.
+ * of the test suite and the ThreadSanitizer build on Linux (make check-tsan).
  *
  * Why it exists: Criterion has no mingw-w64 package in Debian, and cross-
  * building it means cross-building boxfort, nanomsg, nanopb and libffi too.
- * The suite uses a small part of Criterion, so this header and runner.c
- * provide exactly that part, with the same semantics, and nothing more:
+ * Under ThreadSanitizer, Criterion's own runner cannot start (its inheritable
+ * arena collides with TSan's memory layout). The suite uses a small part of
+ * Criterion, so this header and runner.c provide exactly that part, with the
+ * same semantics, and nothing more:
  *
  *   Test(suite, name, .timeout = N) { ... }    registration (a constructor)
  *   cr_assert(cond, [fmt, args...])            false: the test fails and stops
@@ -16,6 +18,7 @@
  *   cr_expect(cond, ...), cr_expect_eq/geq/lt(a, b, ...)
  *                                              false: the test fails, goes on
  *   cr_log_info(fmt, args...)                  a line in the test's output
+ *   cr_assert_fail([fmt, args...])             the test fails and stops
  *   cr_skip_test([fmt, args...])               the test stops, counted skipped
  *                                              (failed, if a cr_expect failed)
  *
@@ -50,32 +53,35 @@ struct criterion_test_extra_data {
 
 typedef void (*cr_test_fn_)(void);
 
+/* mingw's printf checks name the C runtime's dialect; gnu_printf is the one
+ * its stdio (__USE_MINGW_ANSI_STDIO) implements, and plain printf elsewhere. */
+#ifdef _WIN32
+#  define CR_PRINTF_(f, a) __attribute__((format(gnu_printf, f, a)))
+#else
+#  define CR_PRINTF_(f, a) __attribute__((format(printf, f, a)))
+#endif
+
 void cr_register_test_(const char *suite, const char *name, cr_test_fn_ fn,
                        const struct criterion_test_extra_data *extra);
-void cr_fail_(int fatal, const char *file, int line, const char *expr, const char *fmt, ...)
-    __attribute__((format(gnu_printf, 5, 6)));
-void cr_skip_(const char *file, int line, const char *fmt, ...)
-    __attribute__((format(gnu_printf, 3, 4), noreturn));
-void cr_log_(const char *fmt, ...) __attribute__((format(gnu_printf, 1, 2)));
+void cr_fail_(int fatal, const char *file, int line, const char *expr, const char *fmt, ...) CR_PRINTF_(5, 6);
+void cr_skip_(const char *file, int line, const char *fmt, ...) CR_PRINTF_(3, 4) __attribute__((noreturn));
+void cr_log_(const char *fmt, ...) CR_PRINTF_(1, 2);
 
-#define Test(suite, name, ...)                                                          \
-    static void cr_test_##suite##_##name(void);                                         \
-    static const struct criterion_test_extra_data cr_extra_##suite##_##name = {         \
-        0, __VA_ARGS__                                                                  \
-    };                                                                                  \
-    __attribute__((constructor)) static void cr_register_##suite##_##name(void)         \
-    {                                                                                   \
-        cr_register_test_(#suite, #name, cr_test_##suite##_##name,                      \
-                          &cr_extra_##suite##_##name);                                  \
-    }                                                                                   \
-    static void cr_test_##suite##_##name(void)
+#define Test(suite, name, ...)                                                                               \
+  static void cr_test_##suite##_##name(void);                                                                \
+  static const struct criterion_test_extra_data cr_extra_##suite##_##name = { 0, __VA_ARGS__ };              \
+  __attribute__((constructor)) static void cr_register_##suite##_##name(void)                                \
+  {                                                                                                          \
+    cr_register_test_(#suite, #name, cr_test_##suite##_##name, &cr_extra_##suite##_##name);                  \
+  }                                                                                                          \
+  static void cr_test_##suite##_##name(void)
 
 /* fatal = 1 stops the test (cr_assert), 0 records the failure (cr_expect). */
-#define cr_check_(fatal, cond, expr, ...)                                                \
-    do {                                                                                \
-        if (!(cond))                                                                    \
-            cr_fail_((fatal), __FILE__, __LINE__, (expr), " " __VA_ARGS__);             \
-    } while (0)
+#define cr_check_(fatal, cond, expr, ...)                                                                    \
+  do {                                                                                                       \
+    if (!(cond))                                                                                             \
+      cr_fail_((fatal), __FILE__, __LINE__, (expr), " " __VA_ARGS__);                                        \
+  } while (0)
 
 #define cr_assert(cond, ...) cr_check_(1, cond, #cond, __VA_ARGS__)
 #define cr_assert_eq(a, b, ...) cr_check_(1, (a) == (b), #a " == " #b, __VA_ARGS__)
@@ -88,6 +94,7 @@ void cr_log_(const char *fmt, ...) __attribute__((format(gnu_printf, 1, 2)));
 #define cr_assert_not_null(p, ...) cr_check_(1, (p) != NULL, #p " != NULL", __VA_ARGS__)
 #define cr_assert_str_eq(a, b, ...) cr_check_(1, strcmp((a), (b)) == 0, #a " equals " #b, __VA_ARGS__)
 #define cr_assert_str_neq(a, b, ...) cr_check_(1, strcmp((a), (b)) != 0, #a " differs from " #b, __VA_ARGS__)
+#define cr_assert_fail(...) cr_fail_(1, __FILE__, __LINE__, "cr_assert_fail()", " " __VA_ARGS__)
 
 #define cr_expect(cond, ...) cr_check_(0, cond, #cond, __VA_ARGS__)
 #define cr_expect_eq(a, b, ...) cr_check_(0, (a) == (b), #a " == " #b, __VA_ARGS__)

@@ -1,29 +1,48 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The runner of the Criterion-compatible shim (see criterion.h for why it
- * exists and what it supports). Windows only.
+ * exists and what it supports): the Windows build, and the ThreadSanitizer
+ * build on Linux.
  *
  * Without --run, every selected test runs in a child process: this program
  * started again as `prog --run suite::name`, with the same standard handles
  * and environment. The child's exit code is the verdict (PASS, FAIL, SKIP
- * below); any other code, or an unhandled exception, is a crash. A child that
- * outlives its test's .timeout is terminated and the test fails.
+ * below); any other code, an unhandled exception or a signal is a crash. A
+ * child that outlives its test's .timeout is terminated and the test fails.
+ * On Linux the child is a fork that execs the program again, never a bare
+ * fork: a fresh process is what ThreadSanitizer can follow, and it is the
+ * same isolation as on Windows.
  */
 #include "criterion.h"
 
-#define WIN32_LEAN_AND_MEAN
-#include <windows.h>
+#ifdef _WIN32
+#  define WIN32_LEAN_AND_MEAN
+#  include <windows.h>
+#  include <wchar.h>
+#else
+#  include <signal.h>
+#  include <sys/wait.h>
+#  include <time.h>
+#  include <unistd.h>
+#endif
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <wchar.h>
 
+/* The verdicts a child exits with. POSIX keeps only 8 bits of an exit code;
+ * the values stay clear of ThreadSanitizer's report exit code (66). */
 enum {
     CR_EXIT_PASS = 0,
+#ifdef _WIN32
     CR_EXIT_FAIL = 0x4346, /* "CF" */
     CR_EXIT_SKIP = 0x4353, /* "CS" */
+#else
+    CR_EXIT_FAIL = 0x46, /* "F" */
+    CR_EXIT_SKIP = 0x53, /* "S" */
+#endif
     CR_MAX_TESTS = 1024,
 };
 
@@ -48,12 +67,17 @@ void cr_register_test_(const char *suite, const char *name, cr_test_fn_ fn,
 }
 
 /* Ends this (child) process at once with the verdict. Worker threads may
- * still be running after a failed assertion, so no exit handlers run. */
+ * still be running after a failed assertion, so no exit handlers run (a
+ * sanitizer's own end-of-process check still does: it intercepts _exit). */
 static __attribute__((noreturn)) void finish(unsigned code)
 {
     fflush(NULL);
+#ifdef _WIN32
     TerminateProcess(GetCurrentProcess(), code);
     ExitProcess(code); /* not reached */
+#else
+    _exit((int)code);
+#endif
 }
 
 static void vreport(const char *prefix, const char *fmt, va_list ap)
@@ -68,7 +92,8 @@ static void vreport(const char *prefix, const char *fmt, va_list ap)
 
 void cr_fail_(int fatal, const char *file, int line, const char *expr, const char *fmt, ...)
 {
-    fprintf(stderr, "[----] %s:%d: %s: %s\n", file, line, fatal ? "Assertion Failed" : "Expectation Failed", expr);
+    fprintf(stderr, "[----] %s:%d: %s: %s\n", file, line, fatal ? "Assertion Failed" : "Expectation Failed",
+            expr);
     va_list ap;
     va_start(ap, fmt);
     vreport("[----]   ", fmt, ap);
@@ -97,12 +122,21 @@ void cr_log_(const char *fmt, ...)
     va_end(ap);
 }
 
+#ifdef _WIN32
 static LONG WINAPI on_crash(EXCEPTION_POINTERS *ep)
 {
-    fprintf(stderr, "[----] CRASH: exception 0x%08lx at %p\n", (unsigned long)ep->ExceptionRecord->ExceptionCode,
-            ep->ExceptionRecord->ExceptionAddress);
+    fprintf(stderr, "[----] CRASH: exception 0x%08lx at %p\n",
+            (unsigned long)ep->ExceptionRecord->ExceptionCode, ep->ExceptionRecord->ExceptionAddress);
     finish((unsigned)ep->ExceptionRecord->ExceptionCode);
 }
+
+/* A crashing test names its exception itself (on_crash). */
+static void catch_crashes(void) { SetUnhandledExceptionFilter(on_crash); }
+#else
+/* On POSIX a crash is a signal, which the parent names (verdict below); a
+ * sanitizer prints its own report first. */
+static void catch_crashes(void) {}
+#endif
 
 static int by_name(const void *a, const void *b)
 {
@@ -129,6 +163,8 @@ static bool selected(const cr_test *t, const char *filter)
     snprintf(full, sizeof full, "%s/%s", t->suite, t->name);
     return glob(filter, full);
 }
+
+#ifdef _WIN32
 
 static double now_s(void)
 {
@@ -189,6 +225,72 @@ static long long run_child(const cr_test *t)
     return rc;
 }
 
+#else
+
+static const char *g_argv0;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The child's verdict from its wait status: its exit code, or the signal that
+ * ended it as 0x100 + signal (not a code _exit can give). */
+static long long verdict(int status)
+{
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) {
+        fprintf(stderr, "[----] CRASH: signal %d (%s)\n", WTERMSIG(status), strsignal(WTERMSIG(status)));
+        return 0x100 + WTERMSIG(status);
+    }
+    return 1;
+}
+
+/* Runs t in a child process; returns its exit code (see verdict), or -1 if it
+ * timed out, -2 if it could not be started. The wait polls every 5 ms: the
+ * parent has nothing else to do, and no SIGCHLD handler is needed. */
+static long long run_child(const cr_test *t)
+{
+    char run[600];
+    snprintf(run, sizeof run, "%s::%s", t->suite, t->name);
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        fprintf(stderr, "[----] fork failed: %s\n", strerror(errno));
+        return -2;
+    }
+    if (pid == 0) {
+        char *args[] = { (char *)g_argv0, (char *)"--run", run, NULL };
+        execv("/proc/self/exe", args);
+        execv(g_argv0, args);
+        fprintf(stderr, "[----] exec %s failed: %s\n", g_argv0, strerror(errno));
+        _exit(127);
+    }
+    double limit = t->extra->timeout, t0 = now_s();
+    int status = 0;
+    for (;;) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid)
+            return verdict(status);
+        if (r < 0 && errno != EINTR) {
+            fprintf(stderr, "[----] waitpid failed: %s\n", strerror(errno));
+            return -2;
+        }
+        if (limit > 0 && now_s() - t0 > limit) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            return -1;
+        }
+        struct timespec ts = { 0, 5000000 };
+        nanosleep(&ts, NULL);
+    }
+}
+
+#endif
+
 static int usage(const char *prog)
 {
     fprintf(stderr,
@@ -209,7 +311,8 @@ int main(int argc, char **argv)
         const char *a = argv[i];
         if (!strcmp(a, "--list") || !strcmp(a, "-l"))
             list = true;
-        else if ((!strcmp(a, "--filter") || !strcmp(a, "--run") || !strcmp(a, "--jobs") || !strcmp(a, "-j")) &&
+        else if ((!strcmp(a, "--filter") || !strcmp(a, "--run") || !strcmp(a, "--jobs") ||
+                  !strcmp(a, "-j")) &&
                  i + 1 < argc) {
             if (!strcmp(a, "--filter"))
                 filter = argv[i + 1];
@@ -238,7 +341,7 @@ int main(int argc, char **argv)
             snprintf(full, sizeof full, "%s::%s", g_tests[i].suite, g_tests[i].name);
             if (strcmp(full, run) != 0)
                 continue;
-            SetUnhandledExceptionFilter(on_crash);
+            catch_crashes();
             g_tests[i].fn();
             finish(atomic_load(&g_expect_failures) ? CR_EXIT_FAIL : CR_EXIT_PASS);
         }
@@ -246,9 +349,13 @@ int main(int argc, char **argv)
         return 2;
     }
 
+#ifdef _WIN32
     /* No crash dialog (or debugger under Wine) for a crashing child: the
      * error mode is inherited. */
     SetErrorMode(SEM_FAILCRITICALERRORS | SEM_NOGPFAULTERRORBOX | SEM_NOOPENFILEERRORBOX);
+#else
+    g_argv0 = argv[0];
+#endif
     setvbuf(stderr, NULL, _IONBF, 0);
     int tested = 0, passing = 0, failing = 0, crashing = 0, skipped = 0;
     for (int i = 0; i < g_ntests; i++) {
@@ -273,7 +380,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "[FAIL] %s::%s: Timed out. (%.2fs)\n", t->suite, t->name, took);
         } else {
             crashing++;
-            fprintf(stderr, "[----] %s::%s: CRASH! (exit code 0x%llx)\n", t->suite, t->name, (unsigned long long)rc);
+            fprintf(stderr, "[----] %s::%s: CRASH! (exit code 0x%llx)\n", t->suite, t->name,
+                    (unsigned long long)rc);
             fprintf(stderr, "[FAIL] %s::%s: (%.2fs)\n", t->suite, t->name, took);
         }
     }

@@ -51,15 +51,12 @@ typedef struct run {
     cp_bus *bus;
     long count, sent;
     cp_sendbuf *payload;
-    atomic_bool done;   /* the marker came back */
+    atomic_bool done; /* the marker came back */
     atomic_bool failed;
-    sem_t end;          /* posted when done or failed: main blocks, it does not poll */
+    sem_t end; /* posted when done or failed: main blocks, it does not poll */
 } run;
 
-static int publish_one(run *r)
-{
-    return cp_bus_publish_buf(r->bus, "bench.pub", r->payload);
-}
+static int publish_one(run *r) { return cp_bus_publish_buf(r->bus, "bench.pub", r->payload); }
 
 static void publish_slice(void *arg)
 {
@@ -101,7 +98,8 @@ static int bus_up(cp_bus *bus)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: bench_bus --port P [--count N] [--size S] [--from worker|thread] [--backend B]\n");
+    fprintf(stderr,
+            "usage: bench_bus --port P [--count N] [--size S] [--from worker|thread] [--backend B]\n");
     exit(2);
 }
 
@@ -136,23 +134,23 @@ int main(int argc, char **argv)
     snprintf(url, sizeof url, "nats://127.0.0.1:%d", port_no);
     static run r;
     sem_init(&r.end, 0, 0);
-    cp_port_opts po = {.workers = 1, .backend = backend};
+    cp_port_opts po = { .workers = 1, .backend = backend };
     cp_bus *watch = NULL;
     cp_bus_sub *sub = NULL;
-    cp_bus_opts bo = {.url = url, .name = "bench"};
+    cp_bus_opts bo = { .url = url, .name = "bench" };
     if (cp_port_create(&r.port, &po) != 0 || cp_bus_create(&r.bus, r.port, &bo) != 0 ||
         cp_bus_create(&watch, r.port, &bo) != 0) {
         fprintf(stderr, "bench_bus: cannot start\n");
         return 1;
     }
     for (int i = 0; i < 5000 && !(bus_up(r.bus) && bus_up(watch)); i++)
-        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        nanosleep(&(struct timespec){ 0, 1000000 }, NULL);
     if (!bus_up(r.bus) || !bus_up(watch) ||
         cp_bus_subscribe(&sub, watch, "bench.done", NULL, on_done, &r, NULL) != 0) {
         fprintf(stderr, "bench_bus: no NATS server at %s\n", url);
         return 1;
     }
-    nanosleep(&(struct timespec){0, 100000000}, NULL); /* the SUB reaches the server */
+    nanosleep(&(struct timespec){ 0, 100000000 }, NULL); /* the SUB reaches the server */
     char *payload = calloc(1, (size_t)size + 1);
     memset(payload, 'x', (size_t)size);
     r.payload = cp_sendbuf_copy(payload, (size_t)size);

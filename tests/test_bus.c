@@ -46,8 +46,8 @@ static void broker_exec(int kind, const char *port)
     if (kind == NATS)
         execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", port, (char *)NULL);
     else
-        execl(REDIS_BIN, "redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly", "no",
-              (char *)NULL);
+        execl(REDIS_BIN, "redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly",
+              "no", (char *)NULL);
 }
 
 /* Starts a broker of this kind on 127.0.0.1:port (0: a free one) and waits
@@ -100,7 +100,7 @@ static char *broker_url(const broker *b, char *buf, size_t n)
 typedef struct inbox {
     pthread_mutex_t lock;
     uint32_t probes, markers;
-    uint32_t n;         /* messages received, but probes and markers */
+    uint32_t n; /* messages received, but probes and markers */
     uint32_t out_of_order;
     uint32_t corrupt;
     int64_t last;       /* index of the last message, -1 before the first */
@@ -186,7 +186,7 @@ static cp_bus *xbus(cp_port *port, const char *url)
 {
     cp_set_log(log_sink, NULL);
     cp_bus *bus = NULL;
-    cp_bus_opts o = {.url = url, .name = "cport-test", .ping_interval_ms = 500};
+    cp_bus_opts o = { .url = url, .name = "cport-test", .ping_interval_ms = 500 };
     cr_assert_eq(cp_bus_create(&bus, port, &o), 0);
     return bus;
 }
@@ -269,8 +269,14 @@ static void publish_and_subscribe_byte_exact_in_order(int kind)
     cpt_leak_end(&leak);
 }
 
-Test(bus, nats_publish_and_subscribe_byte_exact_in_order, .timeout = 60) { publish_and_subscribe_byte_exact_in_order(NATS); }
-Test(bus, redis_publish_and_subscribe_byte_exact_in_order, .timeout = 60) { publish_and_subscribe_byte_exact_in_order(REDIS); }
+Test(bus, nats_publish_and_subscribe_byte_exact_in_order, .timeout = 60)
+{
+    publish_and_subscribe_byte_exact_in_order(NATS);
+}
+Test(bus, redis_publish_and_subscribe_byte_exact_in_order, .timeout = 60)
+{
+    publish_and_subscribe_byte_exact_in_order(REDIS);
+}
 
 static void unsubscribe_stops_delivery(int kind)
 {
@@ -345,8 +351,8 @@ Test(bus, nats_a_queue_group_delivers_each_message_once, .timeout = 60)
         cr_assert_eq(r, 0);
     }
     xmarker(pub, "mm.done");
-    CPT_AWAIT(inbox_markers(&done[0]) == 1 && inbox_markers(&done[1]) == 1 && inbox_markers(&done[2]) == 1, 5000,
-              "the end marker did not reach every worker");
+    CPT_AWAIT(inbox_markers(&done[0]) == 1 && inbox_markers(&done[1]) == 1 && inbox_markers(&done[2]) == 1,
+              5000, "the end marker did not reach every worker");
     /* Each worker's messages come in order before its marker. */
     uint32_t total = 0;
     for (int i = 0; i < 3; i++)
@@ -395,7 +401,8 @@ static void the_broker_killed_and_restarted_is_reconnected_and_resubscribed(int 
     uint64_t t0 = cpt_now_ms();
     broker_start(&nb, kind, nb.port);
     CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never came back");
-    cr_assert_leq(cpt_now_ms() - t0, 3000 + 500, "reconnected after %llu ms", (unsigned long long)(cpt_now_ms() - t0));
+    cr_assert_leq(cpt_now_ms() - t0, 3000 + 500, "reconnected after %llu ms",
+                  (unsigned long long)(cpt_now_ms() - t0));
     cr_assert_geq(bus_stats(a).reconnects, 1);
     /* Resubscribed: a publish reaches the subscription again. */
     xsubscribed(b, "t.restart", &in);
@@ -408,8 +415,14 @@ static void the_broker_killed_and_restarted_is_reconnected_and_resubscribed(int 
     cpt_leak_end(&leak);
 }
 
-Test(bus, nats_the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60) { the_broker_killed_and_restarted_is_reconnected_and_resubscribed(NATS); }
-Test(bus, redis_the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60) { the_broker_killed_and_restarted_is_reconnected_and_resubscribed(REDIS); }
+Test(bus, nats_the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60)
+{
+    the_broker_killed_and_restarted_is_reconnected_and_resubscribed(NATS);
+}
+Test(bus, redis_the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60)
+{
+    the_broker_killed_and_restarted_is_reconnected_and_resubscribed(REDIS);
+}
 
 Test(bus, nats_a_dead_node_fails_over_to_the_next_url, .timeout = 60)
 {
@@ -449,7 +462,9 @@ static void a_publish_past_the_pending_bound_is_refused(int kind)
     char url[64];
     cp_port *port = cpt_xport(2);
     cp_bus *bus = NULL;
-    cp_bus_opts o = {.url = broker_url(&nb, url, sizeof url), .pending_limit = 256 * 1024, .ping_interval_ms = 60000};
+    cp_bus_opts o = { .url = broker_url(&nb, url, sizeof url),
+                      .pending_limit = 256 * 1024,
+                      .ping_interval_ms = 60000 };
     cr_assert_eq(cp_bus_create(&bus, port, &o), 0);
     CPT_AWAIT(bus_up(bus), 5000, "never connected");
     /* A stopped broker reads nothing: the socket buffers fill, then the bus's
@@ -462,7 +477,8 @@ static void a_publish_past_the_pending_bound_is_refused(int kind)
         ;
     cr_assert_eq(r, -EAGAIN, "publishing into a stopped broker ended with %d", r);
     cp_bus_stats st = bus_stats(bus);
-    cr_assert_leq(st.pending_bytes, o.pending_limit, "%llu bytes pending", (unsigned long long)st.pending_bytes);
+    cr_assert_leq(st.pending_bytes, o.pending_limit, "%llu bytes pending",
+                  (unsigned long long)st.pending_bytes);
     cr_assert_geq(st.pending_bytes, o.pending_limit - sizeof big - 64);
     kill(nb.pid, SIGCONT);
     CPT_AWAIT(bus_stats(bus).pending_bytes == 0, 5000, "the queue never drained");
@@ -473,26 +489,39 @@ static void a_publish_past_the_pending_bound_is_refused(int kind)
     cpt_leak_end(&leak);
 }
 
-Test(bus, nats_a_publish_past_the_pending_bound_is_refused, .timeout = 60) { a_publish_past_the_pending_bound_is_refused(NATS); }
-Test(bus, redis_a_publish_past_the_pending_bound_is_refused, .timeout = 60) { a_publish_past_the_pending_bound_is_refused(REDIS); }
+Test(bus, nats_a_publish_past_the_pending_bound_is_refused, .timeout = 60)
+{
+    a_publish_past_the_pending_bound_is_refused(NATS);
+}
+Test(bus, redis_a_publish_past_the_pending_bound_is_refused, .timeout = 60)
+{
+    a_publish_past_the_pending_bound_is_refused(REDIS);
+}
 
 Test(bus, bad_arguments_are_refused, .timeout = 10)
 {
     cp_port *port = cpt_xport(1);
     cp_bus *bus = NULL;
-    const char *bad[] = {"", "nats://", "nats://127.0.0.1", "nats://127.0.0.1:0", "nats://127.0.0.1:65536",
-                         "nats://:4222", "tcp://127.0.0.1:4222", "nats://127.0.0.1:4222,", "127.0.0.1:4222"};
+    const char *bad[] = { "",
+                          "nats://",
+                          "nats://127.0.0.1",
+                          "nats://127.0.0.1:0",
+                          "nats://127.0.0.1:65536",
+                          "nats://:4222",
+                          "tcp://127.0.0.1:4222",
+                          "nats://127.0.0.1:4222,",
+                          "127.0.0.1:4222" };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        cp_bus_opts o = {.url = bad[i]};
+        cp_bus_opts o = { .url = bad[i] };
         cr_assert_eq(cp_bus_create(&bus, port, &o), -EINVAL, "%s", bad[i]);
     }
-    cp_bus_opts o = {.url = "nats://127.0.0.1:4222", .name = "has space"};
+    cp_bus_opts o = { .url = "nats://127.0.0.1:4222", .name = "has space" };
     cr_assert_eq(cp_bus_create(&bus, port, &o), -EINVAL);
     cr_assert_eq(cp_bus_create(NULL, port, &o), -EINVAL);
     /* A valid bus to a closed port: created, not connected; calls refused. */
     char url[64];
     snprintf(url, sizeof url, "nats://127.0.0.1:%u", free_port());
-    cp_bus_opts ok = {.url = url};
+    cp_bus_opts ok = { .url = url };
     cr_assert_eq(cp_bus_create(&bus, port, &ok), 0);
     cp_bus_sub *sub;
     cr_assert_eq(cp_bus_subscribe(&sub, bus, "a..b", NULL, on_msg, NULL, NULL), -EINVAL);
@@ -538,8 +567,8 @@ static void room_start(room_server *rs, cp_port *port, const char *url)
     rs->bus = xbus(port, url);
     cr_assert_eq(cp_group_bridge(rs->g, rs->bus, "room.t"), 0);
     cr_assert_eq(cp_group_bridge(rs->g, rs->bus, "room.t"), -EBUSY);
-    cp_server_opts so = {.host = CPT_HOST4};
-    cp_handlers h = {.on_connected = room_on_connected, .on_packet = room_on_packet};
+    cp_server_opts so = { .host = CPT_HOST4 };
+    cp_handlers h = { .on_connected = room_on_connected, .on_packet = room_on_packet };
     rs->svc = cpt_xserver(port, &so, &h, rs);
 }
 
@@ -567,7 +596,7 @@ static void a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_
     char url[64];
     broker_url(&nb, url, sizeof url);
     cp_port *port = cpt_xport(2);
-    room_server a = {0}, b = {0};
+    room_server a = { 0 }, b = { 0 };
     room_start(&a, port, url);
     room_start(&b, port, url);
     CPT_AWAIT(bus_up(a.bus) && bus_up(b.bus), 5000, "the buses never connected");
@@ -578,8 +607,9 @@ static void a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_
     }
     CPT_AWAIT(cp_group_size(a.g) == 2 && cp_group_size(b.g) == 2, 5000, "the players never joined");
     /* The bridges are live once a probe from a player on A reaches B. */
-    uint8_t probe[4] = {0};
-    CPT_AWAIT((cpt_xsend_packet(fa[0], 2, probe, 4), cpt_poll_in(fb[0], 20) > 0), 5000, "the bridge never carried");
+    uint8_t probe[4] = { 0 };
+    CPT_AWAIT((cpt_xsend_packet(fa[0], 2, probe, 4), cpt_poll_in(fb[0], 20) > 0), 5000,
+              "the bridge never carried");
 
     enum { N = 300 };
     for (uint32_t i = 1; i <= N; i++) {
@@ -589,7 +619,7 @@ static void a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_
         cp_put_u32(body, 100000 + i);
         cpt_xsend_packet(fb[1], 1, body, 4);
     }
-    int all[4] = {fa[0], fa[1], fb[0], fb[1]};
+    int all[4] = { fa[0], fa[1], fb[0], fb[1] };
     for (int k = 0; k < 4; k++) {
         uint32_t from_a = 0, from_b = 100000;
         for (int n = 0; n < 2 * N; n++) {
@@ -623,8 +653,14 @@ static void a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_
     cpt_leak_end(&leak);
 }
 
-Test(bus, nats_a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order, .timeout = 60) { a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order(NATS); }
-Test(bus, redis_a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order, .timeout = 60) { a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order(REDIS); }
+Test(bus, nats_a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order, .timeout = 60)
+{
+    a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order(NATS);
+}
+Test(bus, redis_a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order, .timeout = 60)
+{
+    a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_order(REDIS);
+}
 
 /* ------------------------------------------------------------------ Redis's own */
 
@@ -691,14 +727,14 @@ static void room_broker_outage(int kind)
     char url[64];
     broker_url(&nb, url, sizeof url);
     cp_port *port = cpt_xport(2);
-    room_server a = {0}, b = {0};
+    room_server a = { 0 }, b = { 0 };
     room_start(&a, port, url);
     room_start(&b, port, url);
     CPT_AWAIT(bus_up(a.bus) && bus_up(b.bus), 5000, "the buses never connected");
     int fa = cpt_xconnect(cp_service_listen_port(a.svc));
     int fb = cpt_xconnect(cp_service_listen_port(b.svc));
     CPT_AWAIT(cp_group_size(a.g) == 1 && cp_group_size(b.g) == 1, 5000, "the players never joined");
-    uint8_t probe[4] = {0};
+    uint8_t probe[4] = { 0 };
     CPT_AWAIT((cpt_xsend_packet(fa, 2, probe, 4), cpt_poll_in(fb, 20) > 0), 5000, "the bridge never carried");
 
     uint32_t v = 0;
@@ -727,8 +763,10 @@ static void room_broker_outage(int kind)
             got = next_room_packet(fb);
     }
     uint64_t took = cpt_now_ms() - t0;
-    cr_assert(got > 100, "no room packet crossed after the broker came back (%llu ms)", (unsigned long long)took);
-    cr_assert_leq(took, 3000, "cross-server delivery resumed %llu ms after the broker", (unsigned long long)took);
+    cr_assert(got > 100, "no room packet crossed after the broker came back (%llu ms)",
+              (unsigned long long)took);
+    cr_assert_leq(took, 3000, "cross-server delivery resumed %llu ms after the broker",
+                  (unsigned long long)took);
     CPT_AWAIT(bus_stats(b.bus).gaps >= got - 51, 2000, "the receiving server counted %llu lost of %u",
               (unsigned long long)bus_stats(b.bus).gaps, got - 51);
     cp_service_stats st;

@@ -78,15 +78,15 @@ Test(nats_wire, malformed_input_is_refused, .timeout = 10)
 {
     cp_nats_op op;
     const char *bad[] = {
-        "HELLO\r\n",               /* unknown operation */
-        "HMSG s 1 2 4\r\nab\r\n",  /* headers were never asked for */
-        "PING\n",                  /* LF without CR */
-        "\r\n",                    /* empty line */
-        "MSG s 1\r\n",             /* no size */
-        "MSG s x 1\r\na\r\n",      /* sid not a number */
-        "MSG s 1 -1\r\n",          /* negative size */
-        "MSG s 1 a b 1\r\n",       /* too many arguments */
-        "MSG s 1 3\r\nabcd\r\n",   /* payload longer than its size */
+        "HELLO\r\n",                        /* unknown operation */
+        "HMSG s 1 2 4\r\nab\r\n",           /* headers were never asked for */
+        "PING\n",                           /* LF without CR */
+        "\r\n",                             /* empty line */
+        "MSG s 1\r\n",                      /* no size */
+        "MSG s x 1\r\na\r\n",               /* sid not a number */
+        "MSG s 1 -1\r\n",                   /* negative size */
+        "MSG s 1 a b 1\r\n",                /* too many arguments */
+        "MSG s 1 3\r\nabcd\r\n",            /* payload longer than its size */
         "MSG s 1 99999999999999999999\r\n", /* size overflows */
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)

@@ -13,7 +13,7 @@
  * Prints "RESULT msgs=N size=S seconds=T msgs_per_s=R cpu_ns_per_msg=C".
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE
+#  define _GNU_SOURCE
 #endif
 #include <arpa/inet.h>
 #include <errno.h>
@@ -106,7 +106,7 @@ int main(int argc, char **argv)
         return 2;
     }
     int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
     inet_pton(AF_INET, host, &sa.sin_addr);
     if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
         perror("nats_pub: connect");

@@ -35,10 +35,10 @@ struct cp_bus_bridge {
     cp__group_tap tap; /* first: the tap's callbacks get the bridge */
     atomic_uint refs;  /* the bus list's, the group's tap, each tap call */
     atomic_bool ended;
-    cp_bus *bus;       /* referenced */
-    cp_group *g;       /* referenced */
+    cp_bus *bus; /* referenced */
+    cp_group *g; /* referenced */
     cp_bus_sub *sub;
-    uint64_t seq;      /* under the bus's lock */
+    uint64_t seq; /* under the bus's lock */
     char *subject;
     /* On the broker connection's worker only (one at a time). */
     peer_seq *peers;
@@ -111,7 +111,7 @@ static peer_seq *peer_find(cp_bus_bridge *br, uint64_t origin, uint64_t seq)
                 slot = &br->peers[i];
     }
     if (slot)
-        *slot = (peer_seq){origin, seq, br->tick};
+        *slot = (peer_seq){ origin, seq, br->tick };
     return NULL;
 }
 
@@ -182,7 +182,7 @@ int cp_group_bridge(cp_group *g, cp_bus *bus, const char *subject)
         return -ENOMEM;
     }
     memcpy(copy, subject, sn);
-    br->tap = (cp__group_tap){bridge_tap, bridge_closed, bridge_ref, bridge_unref};
+    br->tap = (cp__group_tap){ bridge_tap, bridge_closed, bridge_ref, bridge_unref };
     atomic_init(&br->refs, 1);
     br->subject = copy;
     br->bus = bus;

@@ -20,7 +20,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#define BACKOFF_FIRST_MS 20u     /* the first retry after a loss: well within 100 ms */
+#define BACKOFF_FIRST_MS 20u /* the first retry after a loss: well within 100 ms */
 #define PENDING_DEFAULT (8u << 20)
 #define PING_DEFAULT_MS 5000u
 #define BACKOFF_MAX_DEFAULT_MS 2000u
@@ -353,8 +353,8 @@ static void on_connect_error(cp_service *svc, void *data, int err)
     cp_bus *bus = cp_service_ctx(svc);
     (void)data;
     pthread_mutex_lock(&bus->lock);
-    cp__log(CP_LOG_INFO, "bus: cannot reach %s:%u: %s", bus->nodes[bus->node].host, bus->nodes[bus->node].port,
-            cp_strerror(err));
+    cp__log(CP_LOG_INFO, "bus: cannot reach %s:%u: %s", bus->nodes[bus->node].host,
+            bus->nodes[bus->node].port, cp_strerror(err));
     bus->failed = true;
     conn_ended(bus);
     pthread_mutex_unlock(&bus->lock);
@@ -366,8 +366,9 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
     int i = conn_index(s);
     pthread_mutex_lock(&bus->lock);
     if (bus->up && !bus->destroying)
-        cp__log(CP_LOG_WARN, "bus: lost %s:%u (%s%s%s)", bus->nodes[bus->node].host, bus->nodes[bus->node].port,
-                cp_reason_str(reason), err ? ": " : "", err ? cp_strerror(err) : "");
+        cp__log(CP_LOG_WARN, "bus: lost %s:%u (%s%s%s)", bus->nodes[bus->node].host,
+                bus->nodes[bus->node].port, cp_reason_str(reason), err ? ": " : "",
+                err ? cp_strerror(err) : "");
     out_drop(bus, i);
     bus->conn[i] = NULL;
     conn_ended(bus);
@@ -497,7 +498,7 @@ static int deliver_job(cp_bus_sub *sub, const cp_bus_msg *m)
     if (m->len)
         memcpy(data, m->data, m->len);
     j->sub = sub;
-    j->m = (cp_bus_msg){.subject = subject, .data = data, .len = m->len, .reply = reply};
+    j->m = (cp_bus_msg){ .subject = subject, .data = data, .len = m->len, .reply = reply };
     atomic_fetch_add(&sub->refs, 1);
     int r = cp_jobq_push(sub->q, job_run, j);
     if (r < 0) {
@@ -603,7 +604,8 @@ static int slot_take(cp_bus *bus, uint32_t *slot)
     return 0;
 }
 
-static cp_bus_sub *sub_new(cp_bus *bus, const char *subject, const char *queue, cp_bus_fn fn, void *arg, cp_jobq *q)
+static cp_bus_sub *sub_new(cp_bus *bus, const char *subject, const char *queue, cp_bus_fn fn, void *arg,
+                           cp_jobq *q)
 {
     cp_bus_sub *sub = cp__zalloc(sizeof *sub);
     if (!sub)
@@ -861,11 +863,11 @@ static int services_start(cp_bus *bus)
             .host = bus->nodes[i].host,
             .port = bus->nodes[i].port,
             .max_sessions = CP_BUS_CONNS_MAX,
-            .session = {.framing = CP_FRAMING_RAW,
-                        /* The pending bound comes first; the queue's own limit
+            .session = { .framing = CP_FRAMING_RAW,
+                         /* The pending bound comes first; the queue's own limit
                          * only stops a runaway (a small buffer may pin a chunk). */
-                        .send_queue_limit = bus->pending_limit * 4 + (4u << 20),
-                        .send_queue_high = bus->pending_limit * 4 + (4u << 20)},
+                         .send_queue_limit = bus->pending_limit * 4 + (4u << 20),
+                         .send_queue_high = bus->pending_limit * 4 + (4u << 20) },
         };
         int r = cp_client_start(&bus->svc[i], bus->port, &co, &bus_handlers, bus);
         if (r < 0)
@@ -931,7 +933,7 @@ int cp_bus_destroy(cp_bus *bus)
     bus->retry = NULL;
     pthread_mutex_unlock(&bus->lock);
     if (retry && cp_timer_cancel(retry) == 0)
-        bus_unref(bus); /* it will not fire: its reference is ours to drop */
+        bus_unref(bus);           /* it will not fire: its reference is ours to drop */
     cp_timer_cancel(bus->pinger); /* repeating: no call runs after it */
     bus_unref(bus);
     /* The bridges first: their taps publish through the connection. */

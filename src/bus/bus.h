@@ -32,11 +32,11 @@ struct cp_bus_sub {
     /* The handle's, the table's while subscribed, one per queued job, and
      * one per delivery under way. */
     atomic_uint refs;
-    atomic_uint calls;  /* deliveries running fn now */
-    atomic_bool dead;   /* unsubscribed: nothing more is delivered */
-    uint64_t sid;       /* NATS subscription id (slot and generation) */
+    atomic_uint calls; /* deliveries running fn now */
+    atomic_bool dead;  /* unsubscribed: nothing more is delivered */
+    uint64_t sid;      /* NATS subscription id (slot and generation) */
     char *subject;
-    char *queue;        /* NULL: not in a queue group */
+    char *queue; /* NULL: not in a queue group */
     cp_bus_fn fn;
     void *arg;
     cp_jobq *q;
@@ -53,7 +53,8 @@ typedef struct cp_bus_driver {
     /* Bytes the broker sent on connection i; returns what it consumed. */
     size_t (*input)(cp_bus *bus, cp_session *s, int i, const uint8_t *p, size_t n);
     /* Queues a publish of head (may be NULL) followed by payload's bytes. */
-    int (*publish)(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len, cp_sendbuf *payload);
+    int (*publish)(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len,
+                   cp_sendbuf *payload);
     int (*subscribe)(cp_bus *bus, cp_bus_sub *sub);
     int (*unsubscribe)(cp_bus *bus, cp_bus_sub *sub);
     int (*ping)(cp_bus *bus);
@@ -79,7 +80,7 @@ struct cp_bus {
 
     pthread_mutex_t lock;
     bool destroying;
-    int node;                          /* the node in use or being tried */
+    int node;                           /* the node in use or being tried */
     cp_session *conn[CP_BUS_CONNS_MAX]; /* referenced while connected */
     /* The driver's per-connection state (Redis: its reader), touched only by
      * the connection's input and conn_closed, on its worker. */
@@ -91,16 +92,16 @@ struct cp_bus {
     cp_sendbuf *out[CP_BUS_CONNS_MAX];
     size_t out_len[CP_BUS_CONNS_MAX];
     bool flush_posted[CP_BUS_CONNS_MAX];
-    int attempts;                       /* connects under way */
+    int attempts; /* connects under way */
     bool up, was_up, failed;
     uint32_t backoff_ms;
-    cp_timer *retry;                    /* one-shot: the next connect */
-    cp_timer *pinger;                   /* repeating */
+    cp_timer *retry;  /* one-shot: the next connect */
+    cp_timer *pinger; /* repeating */
     /* Pings sent since the broker last sent anything. Any bytes prove it
      * alive, not only a PONG: under a flood the answer waits behind
      * megabytes of messages. Atomic: input clears it without the lock. */
     atomic_uint pings_out;
-    size_t max_payload;                 /* the broker's, when it said */
+    size_t max_payload; /* the broker's, when it said */
     /* Pending bytes: queued on the connection and not yet written. Each
      * message's end, in bytes queued since the connection came up, waits in
      * ends[] until on_sent passes it, so the messages a break loses can be

@@ -55,7 +55,8 @@ static int nats_ping(cp_bus *bus) { return cp__bus_send_copy(bus, 0, "PING\r\n",
 #define PUB_COPY_MAX 2048u
 
 /* "PUB subject len\r\n" with head, then the payload and CRLF. */
-static int nats_publish(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len, cp_sendbuf *payload)
+static int nats_publish(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len,
+                        cp_sendbuf *payload)
 {
     char line[LINE_MAX_ + 64 + PUB_COPY_MAX + 2];
     size_t n = cp__nats_pub_head(line, LINE_MAX_, subject, head_len + payload->len);
@@ -113,7 +114,7 @@ static void on_msg(cp_bus *bus, const cp_nats_op *op)
     subject[op->subject_len] = '\0';
     memcpy(reply, op->reply, op->reply_len);
     reply[op->reply_len] = '\0';
-    cp_bus_msg m = {.subject = subject, .data = op->data, .len = op->len, .reply = reply};
+    cp_bus_msg m = { .subject = subject, .data = op->data, .len = op->len, .reply = reply };
     cp__bus_deliver_sid(bus, op->sid, &m);
 }
 
@@ -137,31 +138,23 @@ static size_t nats_input(cp_bus *bus, cp_session *s, int i, const uint8_t *p, si
         if (r == 0)
             break;
         if (r < 0) {
-            cp__log(CP_LOG_WARN, "bus: not the NATS protocol from the server (%s): reconnecting", cp_strerror((int)r));
+            cp__log(CP_LOG_WARN, "bus: not the NATS protocol from the server (%s): reconnecting",
+                    cp_strerror((int)r));
             cp_session_disconnect(s);
             return n;
         }
         used += (size_t)r;
         switch (op.kind) {
-        case CP_NATS_MSG:
-            on_msg(bus, &op);
-            break;
+        case CP_NATS_MSG: on_msg(bus, &op); break;
         case CP_NATS_PING:
             pthread_mutex_lock(&bus->lock);
             cp__bus_send_copy(bus, 0, "PONG\r\n", 6);
             pthread_mutex_unlock(&bus->lock);
             break;
-        case CP_NATS_PONG:
-            cp__bus_pong(bus);
-            break;
-        case CP_NATS_INFO:
-            info_read(bus, op.data, op.len);
-            break;
-        case CP_NATS_ERR:
-            on_err(bus, s, &op);
-            break;
-        case CP_NATS_OK:
-            break;
+        case CP_NATS_PONG: cp__bus_pong(bus); break;
+        case CP_NATS_INFO: info_read(bus, op.data, op.len); break;
+        case CP_NATS_ERR: on_err(bus, s, &op); break;
+        case CP_NATS_OK: break;
         }
     }
     return used;

@@ -31,7 +31,7 @@ static int split_args(const char *line, size_t n, span *args, int max)
         size_t start = i;
         while (i < n && !is_blank(line[i]))
             i++;
-        args[k++] = (span){line + start, i - start};
+        args[k++] = (span){ line + start, i - start };
     }
 }
 

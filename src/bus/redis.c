@@ -41,8 +41,8 @@ static int send_command(cp_bus *bus, int i, int argc, const char **argv, const s
 
 static int command1(cp_bus *bus, int i, const char *verb, const char *arg)
 {
-    const char *argv[2] = {verb, arg};
-    size_t lens[2] = {strlen(verb), arg ? strlen(arg) : 0};
+    const char *argv[2] = { verb, arg };
+    size_t lens[2] = { strlen(verb), arg ? strlen(arg) : 0 };
     return send_command(bus, i, arg ? 2 : 1, argv, lens);
 }
 
@@ -81,8 +81,8 @@ static int resubscribe(cp_bus *bus, cp_bus_sub *sub)
 
 static int redis_hello(cp_bus *bus)
 {
-    const char *argv[3] = {"CLIENT", "SETNAME", bus->name};
-    size_t lens[3] = {6, 7, strlen(bus->name)};
+    const char *argv[3] = { "CLIENT", "SETNAME", bus->name };
+    size_t lens[3] = { 6, 7, strlen(bus->name) };
     int r = send_command(bus, 0, 3, argv, lens);
     if (r == 0)
         r = send_command(bus, 1, 3, argv, lens);
@@ -91,7 +91,8 @@ static int redis_hello(cp_bus *bus)
 
 static int redis_ping(cp_bus *bus) { return command1(bus, 0, "PING", NULL); }
 
-static int redis_publish(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len, cp_sendbuf *payload)
+static int redis_publish(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len,
+                         cp_sendbuf *payload)
 {
     uint8_t tag[TAG_LEN];
     if (!head_len) {
@@ -106,8 +107,8 @@ static int redis_publish(cp_bus *bus, const char *subject, const uint8_t *head, 
         return -ENOMEM;
     memcpy(msg, head, head_len);
     memcpy(msg + head_len, payload->data, payload->len);
-    const char *argv[3] = {"PUBLISH", subject, (const char *)msg};
-    size_t lens[3] = {7, strlen(subject), len};
+    const char *argv[3] = { "PUBLISH", subject, (const char *)msg };
+    size_t lens[3] = { 7, strlen(subject), len };
     char *cmd = NULL;
     int n = redisFormatCommandArgv(&cmd, 3, argv, lens);
     cp__free(msg);
@@ -145,7 +146,8 @@ static void on_message(cp_bus *bus, const redisReply *channel, const redisReply 
             return;
         data += TAG_LEN;
         len -= TAG_LEN;
-    } else if (len >= CP_BUS_ENVELOPE && !memcmp(data, CP_BUS_MAGIC, 4) && cp_get_u64(data + 4) == bus->origin) {
+    } else if (len >= CP_BUS_ENVELOPE && !memcmp(data, CP_BUS_MAGIC, 4) &&
+               cp_get_u64(data + 4) == bus->origin) {
         return;
     }
     if (channel->len > CP_NATS_CONTROL_MAX)
@@ -153,7 +155,7 @@ static void on_message(cp_bus *bus, const redisReply *channel, const redisReply 
     char subject[CP_NATS_CONTROL_MAX + 1];
     memcpy(subject, channel->str, channel->len);
     subject[channel->len] = '\0';
-    cp_bus_msg m = {.subject = subject, .data = data, .len = len, .reply = ""};
+    cp_bus_msg m = { .subject = subject, .data = data, .len = len, .reply = "" };
     cp__bus_deliver_subject(bus, &m);
 }
 
@@ -202,7 +204,9 @@ static size_t redis_input(cp_bus *bus, cp_session *s, int i, const uint8_t *p, s
     int r = cp__bus_redis_feed(bus, i, p, n);
     if (r < 0) {
         cp__log(CP_LOG_WARN, "bus: %s from Redis: reconnecting",
-                r == -EPROTO ? "not RESP" : r == -EMSGSIZE ? "more than a message's limit" : "out of memory");
+                r == -EPROTO     ? "not RESP"
+                : r == -EMSGSIZE ? "more than a message's limit"
+                                 : "out of memory");
         cp_session_disconnect(s);
     }
     return n;

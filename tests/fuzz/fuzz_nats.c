@@ -57,10 +57,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         check_op(data + used, r, &op);
         /* Cut short: only ever "not yet". */
-        size_t cuts[3] = {(size_t)r - 1, (size_t)r / 2, 1};
+        size_t cuts[3] = { (size_t)r - 1, (size_t)r / 2, 1 };
         for (int i = 0; i < 3; i++) {
             cp_nats_op part;
-            if (cuts[i] && cuts[i] < (size_t)r && cp__nats_parse(data + used, cuts[i], MAX_PAYLOAD, &part) != 0)
+            if (cuts[i] && cuts[i] < (size_t)r &&
+                cp__nats_parse(data + used, cuts[i], MAX_PAYLOAD, &part) != 0)
                 abort();
         }
         used += (size_t)r;

@@ -23,7 +23,7 @@
 
 static cp_port *g_port;
 static cp_bus *g_bus;
-static const char *const g_subjects[2] = {"a", "room.b"};
+static const char *const g_subjects[2] = { "a", "room.b" };
 static cp_bus_sub *g_subs[2];
 
 static void on_msg(void *arg, const cp_bus_msg *m)
@@ -38,12 +38,13 @@ static void on_msg(void *arg, const cp_bus_msg *m)
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
-    cp_port_opts po = {.workers = 1, .backend = CP_BACKEND_EPOLL};
-    cp_bus_opts bo = {.url = "redis://127.0.0.1:1", .reconnect_max_ms = 2000};
+    cp_port_opts po = { .workers = 1, .backend = CP_BACKEND_EPOLL };
+    cp_bus_opts bo = { .url = "redis://127.0.0.1:1", .reconnect_max_ms = 2000 };
     if (cp_port_create(&g_port, &po) != 0 || cp_bus_create(&g_bus, g_port, &bo) != 0)
         abort();
     for (int i = 0; i < 2; i++)
-        if (cp_bus_subscribe(&g_subs[i], g_bus, g_subjects[i], NULL, on_msg, (void *)g_subjects[i], NULL) != 0)
+        if (cp_bus_subscribe(&g_subs[i], g_bus, g_subjects[i], NULL, on_msg, (void *)g_subjects[i], NULL) !=
+            0)
             abort();
     return 0;
 }

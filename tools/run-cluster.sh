@@ -27,13 +27,13 @@ BUS_KIND=${2:-${BUS:-nats}}
 SERVER=$BUILD/cport-server
 DUMMY=$BUILD/cport-dummy
 SERVERS=3
-SESSIONS=50           # per dummy, one dummy per server
-RATE=2                # packets per second per session
-DURATION=5            # seconds of sending
+SESSIONS=${SESSIONS:-50}  # per dummy, one dummy per server
+RATE=${RATE:-2}           # packets per second per session
+DURATION=${DURATION:-5}   # seconds of sending
 ROOM=cluster
 START_LEAD_MS=3000    # the common start, this far after the dummies are launched
 STARTUP_TIMEOUT=5     # seconds for the broker and for each server to be ready
-DUMMY_TIMEOUT=25      # start lead (3) + send (5) + drain (<= 2), with margin
+DUMMY_TIMEOUT=$((DURATION + 20)) # start lead (3) + send + drain (<= 2), with margin
 STOP_TIMEOUT=5        # seconds the servers and the broker may take to exit
 
 case $BUS_KIND in
@@ -273,6 +273,14 @@ await_exit() {
             echo "run-cluster: pid $pid still running ${STOP_TIMEOUT}s after the signal: killed" >&2
     done
 }
+# The servers' CPU time (user + system, in clock ticks), read before the
+# stop: with the deliveries, the CPU a delivery cost the cluster's servers.
+server_ticks=0
+for k in $(seq 0 $((SERVERS - 1))); do
+    if [ -n "${server_pids[k]}" ] && [ -r "/proc/${server_pids[k]}/stat" ]; then
+        server_ticks=$((server_ticks + $(awk '{ print $14 + $15 }' "/proc/${server_pids[k]}/stat")))
+    fi
+done
 stop_start=$(now)
 live=()
 for k in $(seq 0 $((SERVERS - 1))); do
@@ -352,7 +360,10 @@ fi
 
 total=$(elapsed "$t0" "$(now)")
 numbers="$SERVERS servers, $room clients, sent=$sent delivered=$received/$expected lost=$lost p99=${p99}ms,"
-numbers+=" bus published=$published delivered=$delivered gaps=$gaps reconnects=$reconnects, ${total}s"
+numbers+=" bus published=$published delivered=$delivered gaps=$gaps reconnects=$reconnects,"
+cpu_us=$(awk -v t="$server_ticks" -v hz="$(getconf CLK_TCK)" -v n="$received" \
+    'BEGIN { if (n > 0) printf "%.3f", t / hz * 1e6 / n; else print "n/a" }')
+numbers+=" server_cpu_us_per_delivery=$cpu_us, ${total}s"
 if [ "${#fails[@]}" -eq 0 ]; then
     echo "run-cluster: PASS $BUS_KIND: $numbers"
     exit 0

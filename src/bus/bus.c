@@ -545,9 +545,11 @@ void cp__bus_deliver_subject(cp_bus *bus, const cp_bus_msg *m)
         if (!sub || strcmp(sub->subject, m->subject) != 0)
             continue;
         if (n == cap) {
+            /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
             cp_bus_sub **more = cp__malloc(sizeof *more * cap * 2);
             if (!more)
                 break;
+            /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
             memcpy(more, hit, sizeof *more * n);
             if (hit != some)
                 cp__free(hit);
@@ -583,6 +585,7 @@ static int slot_take(cp_bus *bus, uint32_t *slot)
 {
     if (bus->nsubs == bus->capsubs) {
         uint32_t cap = bus->capsubs ? bus->capsubs * 2 : 16;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_bus_sub **subs = cp__realloc(bus->subs, sizeof *subs * cap);
         if (!subs)
             return -ENOMEM;
@@ -727,6 +730,7 @@ int cp__bus_publish_room(cp_bus *bus, const char *subject, uint64_t *seq, cp_sen
 {
     uint8_t env[CP_BUS_ENVELOPE];
     pthread_mutex_lock(&bus->lock);
+    /* NOLINTNEXTLINE(bugprone-not-null-terminated-result): bytes on the wire, not a C string */
     memcpy(env, CP_BUS_MAGIC, 4);
     cp_put_u64(env + 4, bus->origin);
     cp_put_u64(env + 12, ++*seq);
@@ -749,6 +753,7 @@ int cp__bus_bridge_add(cp_bus *bus, cp_bus_bridge *br)
         r = -ESHUTDOWN;
     } else if (bus->nbridges == bus->capbridges) {
         uint32_t cap = bus->capbridges ? bus->capbridges * 2 : 8;
+        /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
         cp_bus_bridge **a = cp__realloc(bus->bridges, sizeof *a * cap);
         if (a) {
             bus->bridges = a;

@@ -96,6 +96,7 @@ static int redis_publish(cp_bus *bus, const char *subject, const uint8_t *head, 
 {
     uint8_t tag[TAG_LEN];
     if (!head_len) {
+        /* NOLINTNEXTLINE(bugprone-not-null-terminated-result): bytes on the wire, not a C string */
         memcpy(tag, TAG_MAGIC, 4);
         cp_put_u64(tag + 4, bus->origin);
         head = tag;

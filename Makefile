@@ -2,7 +2,8 @@
 # Thin wrapper around CMake. On a fresh Debian 12 machine these two do it all:
 #   make run    the main job: a chat server and 500 dummy sessions for ~10 s
 #   make test   build and run the test suite
-# Also: make check (tests under ASan+UBSan), make bench, make install,
+# Also: make run-cluster [BUS=redis] (one chat room over 3 servers and a
+# broker), make check (tests under ASan+UBSan), make bench, make install,
 # make lint (clang-tidy and cppcheck), make format / make format-check
 # (clang-format).
 
@@ -12,16 +13,16 @@ ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?=
-DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev
+DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev libhiredis-dev nats-server redis-server
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
-.PHONY: all deps build test check check-tsan run bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check
+.PHONY: all deps build test check check-tsan run run-cluster bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check
 
 # make fuzz: libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each, on a scratch
 # copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
 FUZZ_BUILD   ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= fuzz_framer fuzz_session
+FUZZ_TARGETS ?= fuzz_framer fuzz_session fuzz_nats fuzz_redis
 FUZZ_BACKEND ?=
 # make soak: tools/cport-soak under ASan+UBSan+LSan, SOAK_SECONDS per backend.
 SOAK_SECONDS ?= 60
@@ -74,14 +75,27 @@ check-tsan: deps
 # without this make's MAKELEVEL/MAKEFLAGS: as a sub-make the generated
 # Makefiles would print "make[1]: Entering directory" at every level.
 RUN_LOG = $(BUILD)/make-run.log
+# $(call build_run_programs,NAME): that build, as the first step of target NAME.
+define build_run_programs
+@echo "$(1): building cport-server and cport-dummy in $(BUILD)/"
+@mkdir -p $(BUILD); \
+{ [ -f $(BUILD)/CMakeCache.txt ] || $(CONFIGURE); } >$(RUN_LOG) 2>&1 && \
+env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS \
+  cmake --build $(BUILD) -j$(JOBS) --target cport-server cport-dummy >>$(RUN_LOG) 2>&1 || \
+  { tail -n 40 $(RUN_LOG); echo "$(1): the build failed; the whole log is $(RUN_LOG)"; exit 1; }
+endef
 run: deps
-	@echo "run: building cport-server and cport-dummy in $(BUILD)/"
-	@mkdir -p $(BUILD); \
-	{ [ -f $(BUILD)/CMakeCache.txt ] || $(CONFIGURE); } >$(RUN_LOG) 2>&1 && \
-	env -u MAKELEVEL -u MAKEFLAGS -u MFLAGS \
-	  cmake --build $(BUILD) -j$(JOBS) --target cport-server cport-dummy >>$(RUN_LOG) 2>&1 || \
-	  { tail -n 40 $(RUN_LOG); echo "run: the build failed; the whole log is $(RUN_LOG)"; exit 1; }
+	$(call build_run_programs,run)
 	@tools/run-main.sh $(BUILD)
+
+# make run-cluster [BUS=redis]: one chat room over 3 cport-server processes
+# joined by a local broker (nats-server, or redis-server with BUS=redis; make
+# deps installs both), 150 dummy sessions spread over them; see
+# tools/run-cluster.sh. About 15 s; loopback only.
+BUS ?= nats
+run-cluster: deps
+	$(call build_run_programs,run-cluster)
+	@tools/run-cluster.sh $(BUILD) $(BUS)
 
 # The IOCP backend: cross-build with mingw-w64 (cmake/mingw-w64-x86_64.cmake)
 # and run the suite under Wine, headless. Installs mingw-w64 and Wine as root.
@@ -130,7 +144,7 @@ CPPCHECK_WIN = --platform=win64 -D_WIN32 -D_WIN64 -D_WIN32_WINNT=0x0A00 -DWIN32_
 lint: SHELL := /bin/bash
 lint: .SHELLFLAGS := -o pipefail -c
 lint:
-	@$(MAKE) --no-print-directory deps DEB_PKGS="cmake gcc make pkg-config liburing-dev clang-tidy cppcheck clang-format"
+	@$(MAKE) --no-print-directory deps DEB_PKGS="cmake gcc make pkg-config liburing-dev libhiredis-dev clang-tidy cppcheck clang-format"
 	cmake -S . -B $(LINT_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \
 	  -DCP_TESTS=OFF -DCP_BENCH=OFF $(CMAKE_FLAGS) >/dev/null
 	@echo "clang-tidy: $(words $(LINT_SRCS)) files"
@@ -142,7 +156,7 @@ lint:
 	@echo "lint: clean"
 
 fuzz:
-	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev liburing-dev"
+	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev liburing-dev libhiredis-dev"
 	tests/fuzz/build.sh $(FUZZ_BUILD)
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  rm -rf $(FUZZ_BUILD)/corpus-$$t; mkdir -p $(FUZZ_BUILD)/corpus-$$t $(FUZZ_BUILD)/artifacts-$$t; \

@@ -775,6 +775,94 @@ CP_API int cp_group_broadcast(cp_group *g, cp_sendbuf *b);
  * or a session that is not a member: then every member gets it. */
 CP_API int cp_group_broadcast_except(cp_group *g, cp_sendbuf *b, const cp_session *skip);
 
+/* ------------------------------------------------------------------ bus */
+
+/* Rooms across servers: a message bus over an existing broker, NATS
+ * (recommended) or Redis pub/sub. The bus speaks to the broker over this
+ * port's own client sessions: no thread or event loop of its own. Delivery
+ * is at most once, as the brokers promise: a message published while the
+ * connection is down, or still queued when it breaks, is lost (and counted).
+ * The broker going away never stops the port from serving its own clients;
+ * the bus reconnects with backoff (first try within 100 ms, then doubling up
+ * to reconnect_max_ms), along the URL list, and subscribes again. */
+typedef struct cp_bus cp_bus;
+typedef struct cp_bus_sub cp_bus_sub;
+
+typedef struct cp_bus_opts {
+    const char *url;           /* "nats://host:port[,host:port...]" or "redis://host:port" */
+    const char *name;          /* this server's name to the broker: letters, digits and
+                                  "-_.:", at most 64; NULL = "cport" */
+    size_t pending_limit;      /* bytes queued towards the broker at most: a publish
+                                  past it returns -EAGAIN; 0 = 8 MiB */
+    uint32_t ping_interval_ms; /* a ping this often; two unanswered mean the broker
+                                  is gone (reconnect); 0 = 5000 */
+    uint32_t reconnect_max_ms; /* backoff cap; 0 = 2000 */
+} cp_bus_opts;
+
+/* A message as a subscription receives it. subject is NUL-terminated (the
+ * subject it was published to, which a wildcard subscription needs); data
+ * is the payload; reply is the NATS reply subject ("" if none). All valid
+ * during the call only. */
+typedef struct cp_bus_msg {
+    const char *subject;
+    const uint8_t *data;
+    size_t len;
+    const char *reply;
+} cp_bus_msg;
+typedef void (*cp_bus_fn)(void *arg, const cp_bus_msg *m);
+
+typedef struct cp_bus_stats {
+    uint64_t published;     /* messages handed to the broker connection */
+    uint64_t delivered;     /* messages received for subscriptions and bridges */
+    uint64_t dropped;       /* messages lost: published while the connection was
+                               down, still queued when it broke, bridged room
+                               messages that could not be published, and
+                               received room messages that were malformed */
+    uint64_t gaps;          /* bridged room messages other servers sent that never
+                               arrived (counted by their sequence numbers) */
+    uint64_t reconnects;    /* connections made again after a loss */
+    uint64_t slow_consumer; /* times the broker cut the bus as a slow consumer */
+    uint64_t pending_bytes; /* queued towards the broker now */
+    int connected;          /* 1 while the broker connection is up */
+} cp_bus_stats;
+
+/* Creates a bus on port and starts connecting; returns at once (the
+ * connection comes up in the background). -EINVAL for a bad URL or option,
+ * -ENOTSUP for a scheme this build does not have (redis:// without hiredis). */
+CP_API int cp_bus_create(cp_bus **out, cp_port *port, const cp_bus_opts *opts);
+/* Subscribes fn(arg, msg) to subject (NATS wildcards "*" and ">" allowed).
+ * With a queue group name (NATS only; NULL for none), each message goes to
+ * one subscriber of the group across all servers. fn runs on a worker, or as
+ * a job of q when q is not NULL. Messages of one subscription are delivered
+ * in the order the broker sent them. Any thread. -EINVAL for a bad subject or
+ * queue name, -ENOTSUP for a queue group on Redis. */
+CP_API int cp_bus_subscribe(cp_bus_sub **out, cp_bus *bus, const char *subject, const char *queue,
+                            cp_bus_fn fn, void *arg, cp_jobq *q);
+/* Ends a subscription and releases the handle. When it returns, fn is not
+ * running and will not run again (a job already queued for it is skipped),
+ * unless it is called from fn itself. Any thread. */
+CP_API int cp_bus_unsubscribe(cp_bus_sub *sub);
+/* Publishes len bytes to subject (no wildcards). Any thread. 0 when queued
+ * towards the broker; -ENOTCONN while the connection is down (the message is
+ * lost and counted); -EAGAIN past pending_limit; -EMSGSIZE above the
+ * broker's limit. Publishes from one thread go out in the order made. */
+CP_API int cp_bus_publish(cp_bus *bus, const char *subject, const void *data, size_t len);
+/* The same with a send buffer: no copy of the payload (the bus takes its own
+ * reference; the caller keeps its own). */
+CP_API int cp_bus_publish_buf(cp_bus *bus, const char *subject, cp_sendbuf *b);
+CP_API void cp_bus_stats_get(cp_bus *bus, cp_bus_stats *out);
+/* Closes the broker connection, ends every subscription (their handles must
+ * still be given back) and bridge, and frees the bus. Not from a worker of
+ * its port (-EDEADLK). */
+CP_API int cp_bus_destroy(cp_bus *bus);
+
+/* Bridges group g over the bus: every buffer g broadcasts (a packet) is also
+ * published to subject, and what other servers bridged to the same subject
+ * is broadcast to g's members here, as one shared buffer. Each sender's
+ * order is kept. A server's own messages are not delivered back to it. Ends
+ * with cp_group_destroy or cp_bus_destroy. -EBUSY if g is bridged already. */
+CP_API int cp_group_bridge(cp_group *g, cp_bus *bus, const char *subject);
+
 #ifdef __cplusplus
 }
 #endif

@@ -19,6 +19,9 @@ file(GLOB_RECURSE files RELATIVE ${ROOT} ${ROOT}/src/*.c ${ROOT}/src/*.h)
 list(APPEND files include/cport.h)
 list(SORT files)
 
+# Words that look like negated codes but are not: NATS's "-ERR" protocol
+# line (src/bus).
+set(not_codes ERR)
 set(names)
 set(body)
 foreach(f ${files})
@@ -33,7 +36,8 @@ foreach(f ${files})
     # lower case, and the character before "-E" is not a name character).
     string(REGEX MATCH "E[A-Z][A-Z0-9]*" name "${m}")
     list(FIND names "${name}" at)
-    if(name AND at EQUAL -1)
+    list(FIND not_codes "${name}" skip)
+    if(name AND at EQUAL -1 AND skip EQUAL -1)
       list(APPEND names ${name})
       string(APPEND body "CPT_ERRCODE(${name}, \"${f}\")\n")
     endif()

@@ -11,7 +11,10 @@ set(bad
   "--port,70000|bad --port"
   "--mode,nope|bad --mode"
   "--bogus|unknown option"
-  "--port|needs a value")
+  "--port|needs a value"
+  "--mode,chat,--bus,tcp://x:1|bad --bus"
+  "--mode,echo,--bus,nats://127.0.0.1:4222|only with --mode chat"
+  "--mode,chat,--bus,nats://127.0.0.1:4222,--room,a.b|bad --room")
 foreach(case ${bad})
   string(FIND "${case}" "|" bar)
   string(SUBSTRING "${case}" 0 ${bar} argstr)

@@ -26,6 +26,18 @@
  * room". Each session therefore sends one hello packet (id 1000) on connect;
  * the server broadcasts it like any packet, and a session counts as ready when
  * its own hello comes back. Chat packets (id 1004) start once all are ready.
+ *
+ * One room over several dummies (chat, --room-size T). When servers share a
+ * room through a message bus, each dummy drives only some of its members:
+ * this one's sessions are the room's senders F..F+N-1 (--first-index F) of T.
+ * Every session still verifies every packet of all T senders. A hello that
+ * comes back only proves membership of our own server, and a server's bus
+ * link comes up on its own time, so until the start every session repeats
+ * its hello twice a second; the room is complete for this dummy once it has
+ * heard every one of the T senders (then every server's packets reach ours).
+ * All dummies start sending at the same wall-clock instant (--start-at), on
+ * one schedule over the whole room, so each knows how many packets every
+ * other dummy's senders send without being told.
  */
 #include "common.h"
 
@@ -39,7 +51,9 @@ static const char *const prog = "cport-dummy";
 /* Packet ids (chosen after the reference game's LOGIN and CHAT ids). */
 enum { PKT_ECHO = 1, PKT_HELLO = 1000, PKT_CHAT = 1004 };
 
-/* Chat body layout: u32 sender index, u32 sequence, u64 send time (ns), filler. */
+/* Chat body layout: u32 sender index, u32 sequence, u64 send time (ns), filler.
+ * The send time is CLOCK_MONOTONIC, which is one clock for every process of a
+ * host: latency across dummies is measured right only when they share one. */
 #define CHAT_FIXED 16u
 
 /* Echo/packet modes keep at most this many messages in flight per session;
@@ -52,10 +66,16 @@ enum { PKT_ECHO = 1, PKT_HELLO = 1000, PKT_CHAT = 1004 };
 #define DRAIN_TIMEOUT_NS (2ull * 1000000000ull)
 #define TICK_NS 1000000ull      /* scheduler tick: 1 ms */
 #define REPORT_NS 1000000000ull /* progress line period */
+/* How often a session repeats its hello while a room of several dummies
+ * assembles: every server must hear it once its bus link is up. */
+#define HELLO_REPEAT_NS (500ull * 1000000ull)
+/* --start-at is at most this far ahead (a value in seconds, not milliseconds,
+ * is in the past and refused too). */
+#define START_AT_MAX_AHEAD_MS (3600ull * 1000ull)
 
 /* One process stays below 20,000 open files: sessions plus the port's own. */
 #define MAX_SESSIONS 19000u
-/* chat keeps one u32 per (receiver, sender) pair: N² × 4 bytes. */
+/* chat keeps one u32 per (receiver, sender) pair: N × room × 4 bytes. */
 #define MAX_CHAT_SESSIONS 10000u
 /* Log at most this many individual disconnects / corruptions. */
 #define MAX_ERROR_LOGS 10
@@ -75,6 +95,11 @@ typedef struct dummy_config {
     int workers;
     long server_pid; /* 0 = none */
     bool quiet;
+    /* chat: the room's senders are 0..room_size-1, ours first_index.. on. */
+    uint32_t room_size; /* = sessions unless --room-size */
+    uint32_t first_index;
+    bool room_given;      /* --room-size: report how much of the room we heard */
+    uint64_t start_at_ms; /* wall clock (Unix ms) to start sending at; 0 = when ready */
 } dummy_config;
 
 /* ------------------------------------------------------------------ latency histogram */
@@ -157,7 +182,7 @@ typedef struct session_slot {
     atomic_uint_fast64_t received; /* verified echoes / chat deliveries */
     uint32_t echo_seq;             /* (cb) echo/packet: next message expected back */
     uint32_t echo_off;             /* (cb) echo: bytes of it verified so far */
-    uint32_t *next_seq;            /* (cb) chat: next sequence expected from each sender */
+    uint32_t *next_seq;            /* (cb) chat: next sequence expected from each room sender */
     atomic_uint_fast64_t *send_ns; /* echo/packet: ECHO_WINDOW send times */
     bool survived;                 /* (main) ready and still connected when we began to stop */
 } session_slot;
@@ -168,10 +193,14 @@ typedef struct dummy_state {
     uint32_t *chat_matrix;           /* backing store of every slot's next_seq */
     atomic_uint_fast64_t *send_ring; /* backing store of every slot's send_ns */
 
-    atomic_uint next_index; /* slot handed to the next on_connected */
-    atomic_uint ready;      /* slots marked ready */
-    atomic_bool sending;    /* ping-pong may send its next message */
-    atomic_bool stopping;   /* we are stopping: disconnects are expected */
+    atomic_uint next_index;  /* slot handed to the next on_connected */
+    atomic_uint ready;       /* slots marked ready */
+    atomic_bool *heard;      /* chat: a hello came from this room sender */
+    atomic_uint heard_count; /* chat: room senders heard from */
+    uint64_t room_sends;     /* chat: sends the whole room's schedule holds */
+    uint64_t others_sends;   /* chat: of those, the other dummies' senders' */
+    atomic_bool sending;     /* ping-pong may send its next message */
+    atomic_bool stopping;    /* we are stopping: disconnects are expected */
 
     /* Errors. Rare by definition, so shared counters are fine. */
     atomic_uint_fast64_t connect_failed;
@@ -379,6 +408,20 @@ static int send_chat(dummy_state *st, session_slot *slot, cp_session *s)
     return rc;
 }
 
+/* Sends a slot's hello (its room sender index). Any thread. */
+static int send_hello(session_slot *slot, cp_session *s)
+{
+    uint8_t *body;
+    cp_sendbuf *b = packet_open(PKT_HELLO, 4, &body);
+    if (b == NULL)
+        return -ENOMEM;
+    put_u32le(body, slot->index);
+    cp_sendbuf_close(b, CP_PACKET_HEADER + 4);
+    int rc = cp_session_send(s, b);
+    cp_sendbuf_unref(b);
+    return rc;
+}
+
 /* One scheduled send from the main thread; failures are counted. */
 static void send_scheduled(dummy_state *st, session_slot *slot)
 {
@@ -416,18 +459,10 @@ static void on_connected(cp_session *s)
     /* chat: the server adds a session to the room in its on_connected, before
      * it can handle any packet of that session. So once our hello comes back
      * through the room we know we are a member and will miss nothing. */
-    uint8_t *body;
-    cp_sendbuf *b = packet_open(PKT_HELLO, 4, &body);
-    int rc = -ENOMEM;
-    if (b != NULL) {
-        put_u32le(body, idx);
-        cp_sendbuf_close(b, CP_PACKET_HEADER + 4);
-        rc = cp_session_send(s, b);
-        cp_sendbuf_unref(b);
-    }
+    int rc = send_hello(slot, s);
     if (rc != 0) {
         count(&st->send_errors);
-        log_error(st, "session %u: hello failed: %s", idx, cp_strerror(rc));
+        log_error(st, "session %u: hello failed: %s", slot->index, cp_strerror(rc));
     }
 }
 
@@ -537,21 +572,25 @@ static int chat_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_
     session_slot *slot = cp_session_data(s);
     if (slot == NULL)
         return 0;
-    uint32_t nsessions = st->cfg.sessions;
+    uint32_t room = st->cfg.room_size;
 
     if (id == PKT_HELLO) {
         uint32_t who = len == 4 ? get_u32le(body) : UINT32_MAX;
-        if (who >= nsessions) {
+        if (who >= room) {
             count(&st->corrupt);
             log_error(st, "session %u: bad hello from %u", slot->index, who);
-        } else if (who == slot->index && !atomic_load(&slot->ready)) {
+            return 0;
+        }
+        if (!atomic_exchange(&st->heard[who], true))
+            atomic_fetch_add(&st->heard_count, 1);
+        if (who == slot->index && !atomic_load(&slot->ready)) {
             atomic_store(&slot->ready, true);
             atomic_fetch_add(&st->ready, 1);
         }
         return 0;
     }
     uint32_t sender = len >= CHAT_FIXED ? get_u32le(body) : UINT32_MAX;
-    if (id != PKT_CHAT || len != st->cfg.size || sender >= nsessions) {
+    if (id != PKT_CHAT || len != st->cfg.size || sender >= room) {
         count(&st->corrupt);
         log_error(st, "session %u: malformed chat packet (id %u, %zu bytes)", slot->index, id, len);
         return 0;
@@ -602,9 +641,16 @@ static void usage(FILE *out)
             "  --server-pid PID  report that process's resident memory each second\n"
             "  --quiet           no progress lines, only the summary\n"
             "  --help            show this text\n"
+            "One chat room over several dummies (each to its own server of one bus room):\n"
+            "  --room-size T     the room's senders over every dummy, N..%u (default N);\n"
+            "                    every session verifies every packet of all T\n"
+            "  --first-index F   this dummy's sessions are senders F..F+N-1 (default 0)\n"
+            "  --start-at MS     start sending at this Unix time in milliseconds (wall\n"
+            "                    clock), once the whole room is heard; give every dummy\n"
+            "                    the same; needed when T > N\n"
             "Prints a progress line each second on stderr and a final RESULT line on\n"
             "stdout. Exit status: 0 no errors, 1 errors, 2 bad arguments.\n",
-            prog, MAX_SESSIONS, MAX_CHAT_SESSIONS);
+            prog, MAX_SESSIONS, MAX_CHAT_SESSIONS, MAX_CHAT_SESSIONS);
 }
 
 /* Prints what was wrong, then the usage, and exits with status 2. */
@@ -615,6 +661,44 @@ static void usage_error(const char *fmt, ...)
     va_start(ap, fmt);
     tool_usage_vexit(prog, usage, fmt, ap);
     /* cppcheck-suppress va_end_missing ; tool_usage_vexit does not return (noreturn) */
+}
+
+/* The wall clock (CLOCK_REALTIME), which --start-at is given in: the one
+ * clock that dummies on different hosts roughly share. */
+static uint64_t wall_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t wall_now_ms(void) { return wall_now_ns() / 1000000u; }
+
+/* The room options, once every option is read: they only make sense in chat
+ * mode, and this dummy's senders must lie inside the room. */
+static void check_room_args(dummy_config *cfg)
+{
+    bool any = cfg->room_given || cfg->first_index != 0 || cfg->start_at_ms != 0;
+    if (any && cfg->mode != MODE_CHAT)
+        usage_error("--room-size, --first-index and --start-at are for --mode chat");
+    if (!cfg->room_given)
+        cfg->room_size = cfg->sessions;
+    if ((uint64_t)cfg->first_index + cfg->sessions > cfg->room_size)
+        usage_error("senders %u..%llu are outside the room of %u (--first-index, --sessions, "
+                    "--room-size)",
+                    cfg->first_index, (unsigned long long)cfg->first_index + cfg->sessions - 1,
+                    cfg->room_size);
+    if (cfg->room_size > cfg->sessions && cfg->start_at_ms == 0)
+        usage_error("--room-size above --sessions needs --start-at: every dummy of the room "
+                    "must start at the same moment");
+    if (cfg->start_at_ms != 0) {
+        uint64_t now = wall_now_ms();
+        if (cfg->start_at_ms <= now)
+            usage_error("--start-at %llu is in the past (now is %llu)", (unsigned long long)cfg->start_at_ms,
+                        (unsigned long long)now);
+        if (cfg->start_at_ms - now > START_AT_MAX_AHEAD_MS)
+            usage_error("--start-at %llu is more than an hour ahead", (unsigned long long)cfg->start_at_ms);
+    }
 }
 
 static void parse_args(int argc, char **argv, dummy_config *cfg)
@@ -629,9 +713,10 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
         .duration = 10,
         .backend = CP_BACKEND_AUTO,
     };
-    static const char *const value_options[] = { "--host",    "--port",       "--sessions", "--mode",
-                                                 "--size",    "--rate",       "--duration", "--backend",
-                                                 "--workers", "--server-pid", NULL };
+    static const char *const value_options[] = {
+        "--host",    "--port",    "--sessions",   "--mode",      "--size",        "--rate",     "--duration",
+        "--backend", "--workers", "--server-pid", "--room-size", "--first-index", "--start-at", NULL
+    };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -693,6 +778,19 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
             if (tool_parse_u64(val, 1, 0x7fffffff, 0, &n) != 0)
                 usage_error("bad --server-pid '%s'", val);
             cfg->server_pid = (long)n;
+        } else if (strcmp(opt, "--room-size") == 0) {
+            if (tool_parse_u64(val, 1, MAX_CHAT_SESSIONS, 0, &n) != 0)
+                usage_error("bad --room-size '%s' (1..%u)", val, MAX_CHAT_SESSIONS);
+            cfg->room_size = (uint32_t)n;
+            cfg->room_given = true;
+        } else if (strcmp(opt, "--first-index") == 0) {
+            if (tool_parse_u64(val, 0, MAX_CHAT_SESSIONS - 1, 0, &n) != 0)
+                usage_error("bad --first-index '%s' (0..%u)", val, MAX_CHAT_SESSIONS - 1);
+            cfg->first_index = (uint32_t)n;
+        } else if (strcmp(opt, "--start-at") == 0) {
+            if (tool_parse_u64(val, 1, UINT64_MAX / 1000000u, 0, &n) != 0)
+                usage_error("bad --start-at '%s' (Unix time in milliseconds)", val);
+            cfg->start_at_ms = n;
         } else {
             usage_error("unknown option '%s'", opt);
         }
@@ -708,6 +806,7 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
         if (cfg->sessions > MAX_CHAT_SESSIONS)
             usage_error("chat mode supports at most %u sessions", MAX_CHAT_SESSIONS);
     }
+    check_room_args(cfg);
 }
 
 /* ------------------------------------------------------------------ progress */
@@ -772,10 +871,14 @@ static void print_progress(dummy_state *st, progress *p, uint64_t now, const cha
             else
                 snprintf(rss, sizeof rss, " server_rss=gone");
         }
-        fprintf(stderr, "[%6.1fs] %-7s sessions=%u/%u out/s=%.0f in/s=%.0f p99=%.2fms errors=%llu%s\n",
+        char heard[48] = "";
+        if (st->cfg.room_given)
+            snprintf(heard, sizeof heard, " heard=%u/%u", atomic_load(&st->heard_count), st->cfg.room_size);
+        fprintf(stderr, "[%6.1fs] %-7s sessions=%u/%u out/s=%.0f in/s=%.0f p99=%.2fms errors=%llu%s%s\n",
                 (double)(now - p->started_ns) / 1e9, phase, count_alive(st), st->cfg.sessions,
                 (double)(sent - p->sent) / dt, (double)(received - p->received) / dt,
-                (double)hist_percentile(p->hist_delta, 0.99) / 1e6, (unsigned long long)error_count(st), rss);
+                (double)hist_percentile(p->hist_delta, 0.99) / 1e6, (unsigned long long)error_count(st), rss,
+                heard);
     }
     p->sent = sent;
     p->received = received;
@@ -831,13 +934,73 @@ static bool wait_ready(dummy_state *st, progress *p)
     return false;
 }
 
-/* The send phase. Send number j overall (counting over all sessions) is due
- * at start + j / (rate × sessions) and belongs to session j mod sessions: each
- * session sends at its rate, and the sessions' sends are spread evenly over
- * every second instead of all firing on the same tick. */
-static bool run_sending(dummy_state *st, progress *p)
+/* Sends every live session's hello again (main thread, before the start). A
+ * failed send means the session is going away: its disconnect is the error. */
+static void repeat_hellos(dummy_state *st)
 {
-    uint64_t start = tool_now_ns();
+    for (uint32_t i = 0; i < st->cfg.sessions; i++) {
+        session_slot *slot = &st->slots[i];
+        cp_session *s = atomic_load_explicit(&slot->session, memory_order_acquire);
+        if (s != NULL && atomic_load(&slot->alive))
+            (void)send_hello(slot, s);
+    }
+}
+
+/* chat, once our sessions are ready: waits until this dummy has heard every
+ * sender of the room and, with --start-at, for that moment, repeating the
+ * hellos meanwhile. Sets *start (CLOCK_MONOTONIC ns) to when sending begins.
+ * With one dummy and no --start-at that is at once. Returns false on a
+ * timeout, a start time that passed, a disconnect or a signal. */
+static bool wait_room(dummy_state *st, progress *p, uint64_t *start)
+{
+    const dummy_config *cfg = &st->cfg;
+    uint64_t now = tool_now_ns();
+    uint64_t deadline = p->started_ns + CONNECT_TIMEOUT_NS;
+    *start = now;
+    if (cfg->mode != MODE_CHAT)
+        return true;
+    if (cfg->start_at_ms != 0) {
+        uint64_t at_ns = cfg->start_at_ms * 1000000u, wall = wall_now_ns();
+        if (at_ns <= wall) {
+            fprintf(stderr, "%s: the start time (--start-at) passed before our sessions joined the room\n",
+                    prog);
+            return false;
+        }
+        *start = deadline = now + (at_ns - wall);
+    }
+    uint64_t next_hello = now + HELLO_REPEAT_NS;
+    for (;;) {
+        now = tool_now_ns();
+        bool heard_all = atomic_load(&st->heard_count) >= cfg->room_size;
+        if (heard_all && now >= *start)
+            return true;
+        if (now >= deadline || get(&st->disconnects) != 0)
+            break;
+        if (now >= next_hello) {
+            repeat_hellos(st);
+            next_hello = now + HELLO_REPEAT_NS;
+        }
+        if (now - p->last_ns >= REPORT_NS)
+            print_progress(st, p, now, "room");
+        uint64_t left = deadline - now;
+        if (wait_for_signal(left < TICK_NS ? left : TICK_NS))
+            return false;
+    }
+    fprintf(stderr, "%s: heard from %u of the room's %u senders by %s (%llu disconnected)\n", prog,
+            atomic_load(&st->heard_count), cfg->room_size,
+            cfg->start_at_ms != 0 ? "the start time (--start-at)" : "the connect limit",
+            (unsigned long long)get(&st->disconnects));
+    return false;
+}
+
+/* The send phase, from start (CLOCK_MONOTONIC ns). Send number j overall
+ * (counting over all senders of the room) is due at start + j / (rate × room)
+ * and belongs to sender j mod room, which is ours if it is one of our
+ * sessions: each sender sends at its rate, and the sends are spread evenly
+ * over every second instead of all firing on the same tick. Every dummy of a
+ * room runs this same schedule from the same instant. */
+static bool run_sending(dummy_state *st, progress *p, uint64_t start)
+{
     uint64_t end = start + (uint64_t)(st->cfg.duration * 1e9);
     atomic_store(&st->sending, true);
 
@@ -845,7 +1008,7 @@ static bool run_sending(dummy_state *st, progress *p)
         for (uint32_t i = 0; i < st->cfg.sessions; i++)
             send_scheduled(st, &st->slots[i]);
     }
-    double gap_ns = st->cfg.rate > 0 ? 1e9 / (st->cfg.rate * st->cfg.sessions) : 0;
+    double gap_ns = st->cfg.rate > 0 ? 1e9 / (st->cfg.rate * st->cfg.room_size) : 0;
     uint64_t j = 0;
     for (;;) {
         uint64_t now = tool_now_ns();
@@ -854,8 +1017,10 @@ static bool run_sending(dummy_state *st, progress *p)
              * a whole run sends exactly rate × sessions × duration. */
             uint64_t until = now < end ? now : end - 1;
             while (start + (uint64_t)((double)j * gap_ns) <= until) {
-                /* NOLINTNEXTLINE(clang-analyzer-core.DivideZero): gap_ns > 0 needs rate > 0; sessions >= 1 */
-                send_scheduled(st, &st->slots[j % st->cfg.sessions]);
+                /* NOLINTNEXTLINE(clang-analyzer-core.DivideZero): gap_ns > 0 needs rate > 0; room >= 1 */
+                uint32_t ours = (uint32_t)(j % st->cfg.room_size) - st->cfg.first_index;
+                if (ours < st->cfg.sessions)
+                    send_scheduled(st, &st->slots[ours]);
                 j++;
             }
         }
@@ -887,7 +1052,7 @@ static bool drained(dummy_state *st)
     if (get(&st->disconnects) != 0)
         return false;
     if (st->cfg.mode == MODE_CHAT)
-        return total_received(st) >= total_sent(st) * st->cfg.sessions;
+        return total_received(st) >= (total_sent(st) + st->others_sends) * st->cfg.sessions;
     return total_received(st) >= total_sent(st);
 }
 
@@ -906,13 +1071,36 @@ static void wait_drained(dummy_state *st, progress *p)
 
 /* ------------------------------------------------------------------ verdict */
 
+/* How many sends the room's schedule holds (run_sending's loop): every j
+ * with start + (j × gap) ≤ end - 1, in the same arithmetic. */
+static uint64_t schedule_total(const dummy_config *cfg)
+{
+    uint64_t dur = (uint64_t)(cfg->duration * 1e9);
+    double gap_ns = 1e9 / (cfg->rate * cfg->room_size);
+    uint64_t j = (uint64_t)((double)(dur - 1) / gap_ns);
+    while (j > 0 && (uint64_t)((double)j * gap_ns) > dur - 1)
+        j--;
+    while ((uint64_t)((double)(j + 1) * gap_ns) <= dur - 1)
+        j++;
+    return j + 1; /* j = 0 is due at the start itself */
+}
+
+/* Sends the schedule gives room sender s: one in every room_size. */
+static uint64_t scheduled_sends(const dummy_state *st, uint32_t s)
+{
+    uint64_t room = st->cfg.room_size;
+    return st->room_sends / room + (s < st->room_sends % room);
+}
+
 typedef struct verdict {
     uint64_t sent, received, expected, lost;
 } verdict;
 
 /* Called after cp_service_stop: no callback runs any more, so the per-slot
  * receive state can be read without synchronization. Pairs that involve a
- * session that disconnected are left out: that disconnect is the error. */
+ * session of ours that disconnected are left out: that disconnect is the
+ * error. Another dummy's sender owes what the schedule gave it: if it sent
+ * less, that dummy fails, and so do its receivers here. */
 static verdict judge(dummy_state *st)
 {
     verdict v = { 0 };
@@ -938,11 +1126,16 @@ static verdict judge(dummy_state *st)
         const session_slot *rx = &st->slots[r];
         if (!rx->survived)
             continue;
-        for (uint32_t s = 0; s < n; s++) {
-            session_slot *tx = &st->slots[s];
-            if (!tx->survived)
-                continue;
-            uint32_t sent = (uint32_t)atomic_load(&tx->sent);
+        for (uint32_t s = 0; s < st->cfg.room_size; s++) {
+            uint32_t ours = s - st->cfg.first_index, sent;
+            if (ours < n) {
+                session_slot *tx = &st->slots[ours];
+                if (!tx->survived)
+                    continue;
+                sent = (uint32_t)atomic_load(&tx->sent);
+            } else {
+                sent = (uint32_t)scheduled_sends(st, s);
+            }
             uint32_t got = rx->next_seq[s];
             v.expected += sent;
             v.lost += got < sent ? sent - got : 0;
@@ -955,16 +1148,21 @@ static verdict judge(dummy_state *st)
 
 static int setup_state(dummy_state *st)
 {
-    uint32_t n = st->cfg.sessions;
+    uint32_t n = st->cfg.sessions, room = st->cfg.room_size;
     st->slots = tool_aligned_alloc(64, sizeof *st->slots * n);
     st->hists = calloc(HIST_THREADS, sizeof *st->hists);
     if (st->slots == NULL || st->hists == NULL)
         return -ENOMEM;
     memset(st->slots, 0, sizeof *st->slots * n);
     if (st->cfg.mode == MODE_CHAT) {
-        st->chat_matrix = calloc((size_t)n * n, sizeof *st->chat_matrix);
-        if (st->chat_matrix == NULL)
+        st->chat_matrix = calloc((size_t)n * room, sizeof *st->chat_matrix);
+        st->heard = calloc(room, sizeof *st->heard);
+        if (st->chat_matrix == NULL || st->heard == NULL)
             return -ENOMEM;
+        st->room_sends = schedule_total(&st->cfg);
+        for (uint32_t s = 0; s < room; s++)
+            if (s - st->cfg.first_index >= n)
+                st->others_sends += scheduled_sends(st, s);
     } else {
         st->send_ring = calloc((size_t)n * ECHO_WINDOW, sizeof *st->send_ring);
         if (st->send_ring == NULL)
@@ -972,9 +1170,9 @@ static int setup_state(dummy_state *st)
     }
     for (uint32_t i = 0; i < n; i++) {
         session_slot *slot = &st->slots[i];
-        slot->index = i;
+        slot->index = st->cfg.first_index + i;
         if (st->chat_matrix != NULL)
-            slot->next_seq = st->chat_matrix + (size_t)i * n;
+            slot->next_seq = st->chat_matrix + (size_t)i * room;
         if (st->send_ring != NULL)
             slot->send_ns = st->send_ring + (size_t)i * ECHO_WINDOW;
     }
@@ -986,6 +1184,7 @@ static void free_state(dummy_state *st)
     tool_aligned_free(st->slots);
     free(st->hists);
     free(st->chat_matrix);
+    free(st->heard);
     free(st->send_ring);
 }
 
@@ -1127,6 +1326,12 @@ int main(int argc, char **argv)
                 "backend=%s workers=%d\n",
                 prog, mode_names[cfg->mode], cfg->sessions, cfg->host, cfg->port, cfg->size, cfg->rate,
                 cfg->duration, cp_port_backend_name(port), cp_port_workers(port));
+    if (!cfg->quiet && cfg->room_given)
+        fprintf(stderr,
+                "%s: one room of %u senders, ours %u..%u, sending from Unix ms %llu "
+                "(0: once the room is heard)\n",
+                prog, cfg->room_size, cfg->first_index, cfg->first_index + cfg->sessions - 1,
+                (unsigned long long)cfg->start_at_ms);
 
     cp_service *svc = NULL;
     rc = cp_client_start(&svc, port, &opts, &handlers, st);
@@ -1139,9 +1344,8 @@ int main(int argc, char **argv)
 
     bool completed = false;
     uint64_t send_started = 0, send_ended = 0;
-    if (wait_ready(st, &prog_state)) {
-        send_started = tool_now_ns();
-        completed = run_sending(st, &prog_state);
+    if (wait_ready(st, &prog_state) && wait_room(st, &prog_state, &send_started)) {
+        completed = run_sending(st, &prog_state, send_started);
         send_ended = tool_now_ns();
         wait_drained(st, &prog_state);
         print_progress(st, &prog_state, tool_now_ns(), "end");

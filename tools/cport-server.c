@@ -7,7 +7,11 @@
  *   chat    packets: every session joins one room; every packet is broadcast,
  *           unchanged, to every session in the room, the sender included. The
  *           room is a job queue: join, leave and broadcast are its jobs, run
- *           one at a time, so no lock guards its member list.
+ *           one at a time, so no lock guards its member list. With --bus,
+ *           the room spans every server on the same bus with the same
+ *           --room: it is then a cp_group bridged to the subject
+ *           "room.NAME" (cp_group_bridge), and each sender's order is kept
+ *           across servers too.
  *
  * It prints one line when it listens and one stats line when SIGINT/SIGTERM
  * (Windows: Ctrl-C, Ctrl-Break, closing the console) stops it. Exit status: 0
@@ -35,7 +39,9 @@ typedef struct server_config {
     size_t send_queue_limit;
     uint32_t idle_timeout_ms;
     uint32_t packet_timeout_ms;
-    int64_t rate_limit; /* packets/s per session; -1 = the mode's default */
+    int64_t rate_limit;  /* packets/s per session; -1 = the mode's default */
+    const char *bus_url; /* chat across servers: nats://... or redis://...; NULL = off */
+    const char *room;    /* the room's name on the bus */
 } server_config;
 
 /* The chat room. Only its own jobs touch members, and they never run two at a
@@ -53,6 +59,7 @@ static chat_room the_room;
 /* Everything the callbacks share: handed to cp_server_start as the service ctx. */
 typedef struct server_state {
     chat_room *room; /* chat mode only: &the_room */
+    cp_group *group; /* chat mode with --bus: the room, bridged */
     /* Counted here rather than read from cp_service_stats because the final
      * line is printed after cp_service_stop has freed the service, and it must
      * include the sessions that the stop itself disconnected. */
@@ -82,6 +89,10 @@ static void usage(FILE *out)
             "                        with bursts of 2N; more are not read until it is\n"
             "                        back under (TCP pushes back on it); 0 = off\n"
             "                        (default 1000 in chat mode, else 0; not in echo mode)\n"
+            "  --bus URL             chat mode: one room across every server on this bus,\n"
+            "                        nats://host:port[,host:port...] or redis://host:port\n"
+            "  --room NAME           the room's name on the bus: letters, digits, '-', '_'\n"
+            "                        (default lobby)\n"
             "  --help                show this text\n",
             prog);
 }
@@ -96,6 +107,18 @@ static void usage_error(const char *fmt, ...)
     /* cppcheck-suppress va_end_missing ; tool_usage_vexit does not return (noreturn) */
 }
 
+static int room_name_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 64)
+        return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') || *s == '-' ||
+              *s == '_'))
+            return 0;
+    return 1;
+}
+
 static void parse_args(int argc, char **argv, server_config *cfg)
 {
     *cfg = (server_config){
@@ -108,12 +131,15 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .max_packet = 4096,
         .send_queue_limit = 1u << 20,
         .rate_limit = -1,
+        .room = "lobby",
     };
-    static const char *const value_options[] = {
-        "--host",         "--port",           "--mode",       "--backend",
-        "--workers",      "--max-sessions",   "--max-packet", "--send-queue-limit",
-        "--idle-timeout", "--packet-timeout", "--rate-limit", NULL
-    };
+    static const char *const value_options[] = { "--host",         "--port",
+                                                 "--mode",         "--backend",
+                                                 "--workers",      "--max-sessions",
+                                                 "--max-packet",   "--send-queue-limit",
+                                                 "--idle-timeout", "--packet-timeout",
+                                                 "--rate-limit",   "--bus",
+                                                 "--room",         NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -168,6 +194,14 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (tool_parse_u64(val, 0, 100000000, 0, &n) != 0)
                 usage_error("bad --rate-limit '%s' (packets a second per session, 0 = off)", val);
             cfg->rate_limit = (int64_t)n;
+        } else if (strcmp(opt, "--bus") == 0) {
+            if (strncmp(val, "nats://", 7) != 0 && strncmp(val, "redis://", 8) != 0)
+                usage_error("bad --bus '%s' (nats://host:port[,host:port...] or redis://host:port)", val);
+            cfg->bus_url = val;
+        } else if (strcmp(opt, "--room") == 0) {
+            if (!room_name_ok(val))
+                usage_error("bad --room '%s' (1 to 64 letters, digits, '-' or '_')", val);
+            cfg->room = val;
         } else if (strcmp(opt, "--idle-timeout") == 0 || strcmp(opt, "--packet-timeout") == 0) {
             if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
                 usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
@@ -246,7 +280,11 @@ static void on_connected(cp_session *s)
 {
     server_state *st = cp_session_ctx(s);
     atomic_fetch_add_explicit(&st->connected, 1, memory_order_relaxed);
-    if (st->room != NULL) {
+    if (st->group != NULL) {
+        /* A member leaves every group by itself when it disconnects. */
+        if (cp_group_add(st->group, s) != 0)
+            cp_session_disconnect(s);
+    } else if (st->room != NULL) {
         /* Pushed before any packet job of this session can be (its callbacks
          * are serialized), so its own packets reach it too. */
         cp_session_ref(s);
@@ -312,6 +350,52 @@ static int chat_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_
     return 0;
 }
 
+/* chat across servers: the group's broadcast reaches the local members and,
+ * through the bridge, every other server's. A sender's packets leave in
+ * order: this session's callbacks are serialized. */
+static int bus_chat_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    server_state *st = cp_session_ctx(s);
+    cp_sendbuf *b = cp_packet_make(id, body, len);
+    if (b == NULL)
+        return -1;
+    cp_group_broadcast(st->group, b);
+    cp_sendbuf_unref(b);
+    return 0;
+}
+
+/* The bus and the bridged room; 0, or 1 after saying what failed. */
+static int bus_room_start(const server_config *cfg, cp_port *port, server_state *st, cp_bus **bus)
+{
+    char subject[80];
+    snprintf(subject, sizeof subject, "room.%s", cfg->room);
+    cp_bus_opts bo = { .url = cfg->bus_url, .name = prog };
+    int rc = cp_bus_create(bus, port, &bo);
+    if (rc != 0) {
+        fprintf(stderr, "%s: --bus %s: %s\n", prog, cfg->bus_url, cp_strerror(rc));
+        return 1;
+    }
+    rc = cp_group_create(&st->group);
+    if (rc == 0)
+        rc = cp_group_bridge(st->group, *bus, subject);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot bridge the room: %s\n", prog, cp_strerror(rc));
+        return 1;
+    }
+    return 0;
+}
+
+static void print_bus_stats(cp_bus *bus)
+{
+    cp_bus_stats bs;
+    cp_bus_stats_get(bus, &bs);
+    printf("cport-server bus: published=%llu delivered=%llu dropped=%llu gaps=%llu reconnects=%llu "
+           "slow_consumer=%llu\n",
+           (unsigned long long)bs.published, (unsigned long long)bs.delivered, (unsigned long long)bs.dropped,
+           (unsigned long long)bs.gaps, (unsigned long long)bs.reconnects,
+           (unsigned long long)bs.slow_consumer);
+}
+
 /* ------------------------------------------------------------------ main */
 
 static void print_final_stats(const server_state *st, const cp_service_stats *lib, double uptime_s)
@@ -347,6 +431,8 @@ int main(int argc, char **argv)
         cfg.rate_limit = cfg.mode == MODE_CHAT ? 1000 : 0;
     if (cfg.rate_limit > 0 && cfg.mode == MODE_ECHO)
         usage_error("--rate-limit counts packets: not in echo mode");
+    if (cfg.bus_url != NULL && cfg.mode != MODE_CHAT)
+        usage_error("--bus joins chat rooms: only with --mode chat");
 
     /* Before any other thread exists: from here on SIGINT/SIGTERM (Windows:
      * Ctrl-C, console close) are caught, and only by the watcher thread. */
@@ -372,7 +458,17 @@ int main(int argc, char **argv)
     int status = tool_create_port(prog, &port, cfg.workers, cfg.backend);
     if (status != 0)
         return status;
-    if (cfg.mode == MODE_CHAT) {
+    cp_bus *bus = NULL;
+    if (cfg.bus_url != NULL) {
+        if (bus_room_start(&cfg, port, &state, &bus) != 0) {
+            if (bus != NULL)
+                cp_bus_destroy(bus);
+            if (state.group != NULL)
+                cp_group_destroy(state.group);
+            cp_port_destroy(port);
+            return 1;
+        }
+    } else if (cfg.mode == MODE_CHAT) {
         rc = cp_jobq_create(&the_room.q, port);
         if (rc != 0) {
             fprintf(stderr, "%s: cannot create the chat room: %s\n", prog, cp_strerror(rc));
@@ -389,7 +485,7 @@ int main(int argc, char **argv)
     switch (cfg.mode) {
     case MODE_ECHO: handlers.on_recv = echo_on_recv; break;
     case MODE_PACKET: handlers.on_packet = packet_on_packet; break;
-    case MODE_CHAT: handlers.on_packet = chat_on_packet; break;
+    case MODE_CHAT: handlers.on_packet = bus != NULL ? bus_chat_on_packet : chat_on_packet; break;
     }
     cp_server_opts opts = {
         .host = cfg.host,
@@ -410,6 +506,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s: cannot listen on %s:%u: %s\n", prog, cfg.host, cfg.port, cp_strerror(rc));
         if (state.room != NULL)
             room_close(state.room);
+        if (bus != NULL) {
+            cp_bus_destroy(bus);
+            cp_group_destroy(state.group);
+        }
         cp_port_destroy(port);
         if (state.room != NULL)
             cp_jobq_unref(state.room->q);
@@ -447,6 +547,11 @@ int main(int argc, char **argv)
      * drains them, then frees its list. Destroying the port runs what is left. */
     if (state.room != NULL)
         room_close(state.room);
+    if (bus != NULL) {
+        print_bus_stats(bus);
+        cp_bus_destroy(bus);
+        cp_group_destroy(state.group);
+    }
     rc = cp_port_destroy(port);
     if (rc != 0) {
         fprintf(stderr, "%s: cp_port_destroy: %s\n", prog, cp_strerror(rc));

@@ -52,6 +52,7 @@ struct cp_group {
     pthread_mutex_t swap_lock; /* cur's swap against a broadcast taking it */
     bool dead;                 /* under wlock */
     members *cur;              /* written under both locks; NULL once destroyed */
+    cp__group_tap *tap;        /* written under both locks, like cur */
 };
 
 static members *members_new(uint32_t n, uint32_t ndrop)
@@ -80,15 +81,32 @@ static void members_release(members *a)
     }
 }
 
-/* The current array, referenced, or NULL once destroyed. Any thread. */
-static members *members_get(cp_group *g)
+/* The current array, referenced, or NULL once destroyed; and, when tap is
+ * not NULL, the tap (referenced) or NULL. Any thread. */
+static members *members_get(cp_group *g, cp__group_tap **tap)
 {
     pthread_mutex_lock(&g->swap_lock);
     members *a = g->cur;
     if (a)
         atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
+    if (tap) {
+        *tap = g->tap;
+        if (*tap)
+            (*tap)->ref(*tap);
+    }
     pthread_mutex_unlock(&g->swap_lock);
     return a;
+}
+
+/* Under wlock: makes t the tap; returns the one it replaced (its reference
+ * the caller drops with no lock held). */
+static cp__group_tap *tap_swap(cp_group *g, cp__group_tap *t)
+{
+    pthread_mutex_lock(&g->swap_lock);
+    cp__group_tap *old = g->tap;
+    g->tap = t;
+    pthread_mutex_unlock(&g->swap_lock);
+    return old;
 }
 
 /* Under wlock: makes a the current array. Returns the one it replaced, whose
@@ -121,6 +139,10 @@ static void group_unref(cp_group *g)
     members_release(g->cur); /* NULL: destroyed */
     cp__free(g);
 }
+
+void cp__group_ref(cp_group *g) { atomic_fetch_add_explicit(&g->refs, 1, memory_order_relaxed); }
+
+void cp__group_unref(cp_group *g) { group_unref(g); }
 
 int cp_group_create(cp_group **out)
 {
@@ -217,10 +239,16 @@ void cp_group_destroy(cp_group *g)
     members *last = g->cur;
     pthread_mutex_lock(&g->swap_lock);
     g->cur = NULL;
+    cp__group_tap *tap = g->tap;
+    g->tap = NULL;
     pthread_mutex_unlock(&g->swap_lock);
     /* Broadcasts may still hold it: the members' references go with it. */
     last->own_all = true;
     pthread_mutex_unlock(&g->wlock);
+    if (tap) {
+        tap->closed(tap);
+        tap->unref(tap);
+    }
     for (uint32_t i = 0; i < last->n; i++)
         /* NOLINTNEXTLINE(clang-analyzer-unix.Malloc): g holds the reference dropped after the loop */
         if (membership_drop(last->m[i], g))
@@ -313,11 +341,12 @@ size_t cp_group_size(cp_group *g)
 
 /* Queues b on every member of the current array but skip (NULL skips none),
  * holding a reference to the array and no lock. */
-static int broadcast(cp_group *g, cp_sendbuf *b, const cp_session *skip)
+static int broadcast(cp_group *g, cp_sendbuf *b, const cp_session *skip, bool tapped)
 {
     if (!g || !b)
         return -EINVAL;
-    members *a = members_get(g);
+    cp__group_tap *tap = NULL;
+    members *a = members_get(g, tapped ? &tap : NULL);
     if (!a)
         return 0;
     int sent = 0;
@@ -330,12 +359,45 @@ static int broadcast(cp_group *g, cp_sendbuf *b, const cp_session *skip)
     if (port)
         cp__batch_end(port);
     members_release(a);
+    if (tap) {
+        tap->fn(tap, b, skip);
+        tap->unref(tap);
+    }
     return sent;
 }
 
-int cp_group_broadcast(cp_group *g, cp_sendbuf *b) { return broadcast(g, b, NULL); }
+int cp_group_broadcast(cp_group *g, cp_sendbuf *b) { return broadcast(g, b, NULL, true); }
 
 int cp_group_broadcast_except(cp_group *g, cp_sendbuf *b, const cp_session *skip)
 {
-    return broadcast(g, b, skip);
+    return broadcast(g, b, skip, true);
+}
+
+int cp__group_broadcast_local(cp_group *g, cp_sendbuf *b) { return broadcast(g, b, NULL, false); }
+
+int cp__group_set_tap(cp_group *g, cp__group_tap *t)
+{
+    int r = 0;
+    pthread_mutex_lock(&g->wlock);
+    if (g->dead) {
+        r = -ESHUTDOWN;
+    } else if (g->tap) {
+        r = -EBUSY;
+    } else {
+        t->ref(t);
+        tap_swap(g, t);
+    }
+    pthread_mutex_unlock(&g->wlock);
+    return r;
+}
+
+void cp__group_clear_tap(cp_group *g, cp__group_tap *t)
+{
+    cp__group_tap *old = NULL;
+    pthread_mutex_lock(&g->wlock);
+    if (g->tap == t)
+        old = tap_swap(g, NULL);
+    pthread_mutex_unlock(&g->wlock);
+    if (old)
+        old->unref(old);
 }

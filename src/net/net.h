@@ -226,6 +226,29 @@ void cp__rx_unblock_later(cp_session *s, unsigned why);
 /* Groups: remove s from every group (on close). */
 void cp__group_leave_all(cp_session *s);
 
+/* A group's tap: a layer above (the bus) sees every buffer the group's
+ * broadcasts queue, after the members got it, on the broadcasting thread.
+ * The group holds a reference on the tap while it is set, and each
+ * broadcast one while it calls it, so the tap outlives every call that can
+ * reach it; unref drops one. skip is the session the broadcast left out.
+ * closed runs (with no lock held) when cp_group_destroy clears the tap. */
+typedef struct cp__group_tap cp__group_tap;
+struct cp__group_tap {
+    void (*fn)(cp__group_tap *t, cp_sendbuf *b, const cp_session *skip);
+    void (*closed)(cp__group_tap *t);
+    void (*ref)(cp__group_tap *t);
+    void (*unref)(cp__group_tap *t);
+};
+/* Sets g's tap. -EBUSY if one is set, -ESHUTDOWN once g is destroyed. */
+int cp__group_set_tap(cp_group *g, cp__group_tap *t);
+/* Clears g's tap if it is t (closed does not run). */
+void cp__group_clear_tap(cp_group *g, cp__group_tap *t);
+/* Broadcast without the tap: for what the tap's owner received from elsewhere. */
+int cp__group_broadcast_local(cp_group *g, cp_sendbuf *b);
+/* The group's memory, for a tap that names it after cp_group_destroy. */
+void cp__group_ref(cp_group *g);
+void cp__group_unref(cp_group *g);
+
 /* ------------------------------------------------------------------ services */
 
 typedef struct cp_slot {
@@ -254,6 +277,7 @@ struct cp_service {
     /* Session options, fixed at start. */
     cp_framing framing;
     uint32_t max_packet;
+    size_t raw_limit; /* raw framing: unconsumed bytes at most (0: see packet.c) */
     size_t send_queue_limit;
     bool nodelay;
     uint64_t idle_timeout_ns, packet_timeout_ns; /* 0 = off */
@@ -289,6 +313,10 @@ void cp__service_session_done(cp_service *svc, cp_session *s);
 void cp__service_object_done(cp_service *svc);
 int cp__addr_str(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
 int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss, socklen_t *len);
+
+/* Raw framing: the most bytes on_recv may leave unconsumed (a layer above
+ * whose messages are larger than a packet); before the first session. */
+void cp__service_set_raw_limit(cp_service *svc, size_t bytes);
 
 /* Listener (listener.c). */
 int cp__listener_start(cp_service *svc, int backlog, int accepts);

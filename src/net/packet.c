@@ -230,7 +230,9 @@ static size_t raw_deliver(cp_session *s, const uint8_t *p, size_t n)
 
 static void raw_input(cp_session *s, const uint8_t *p, size_t n)
 {
-    size_t limit = s->svc->max_packet > RAW_CARRY_MIN ? s->svc->max_packet : RAW_CARRY_MIN;
+    size_t limit = s->svc->raw_limit                    ? s->svc->raw_limit
+                   : s->svc->max_packet > RAW_CARRY_MIN ? s->svc->max_packet
+                                                        : RAW_CARRY_MIN;
     if (s->carry_len) {
         if (s->carry_len + n > limit) {
             cp__session_close(s, CP_REASON_TOO_BIG, -EMSGSIZE);

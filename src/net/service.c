@@ -599,3 +599,5 @@ void cp_service_stats_get(const cp_service *svc, cp_service_stats *out)
     for (int i = 0; i < CP_REASON_COUNT_; i++)
         out->by_reason[i] = atomic_load(&svc->st.by_reason[i]);
 }
+
+void cp__service_set_raw_limit(cp_service *svc, size_t bytes) { svc->raw_limit = bytes; }

@@ -23,7 +23,17 @@ if pkg-config --exists liburing 2>/dev/null || [ -f /usr/include/liburing.h ]; t
   defs="$defs -DCP_HAVE_URING"
   libs="-luring $libs"
 fi
-for t in fuzz_framer fuzz_session; do
+# The bus's Redis driver needs hiredis; without it, that driver and its
+# fuzzer are left out, as in the library's build.
+if pkg-config --exists hiredis 2>/dev/null; then
+  defs="$defs -DCP_HAVE_HIREDIS"
+  libs="-lhiredis $libs"
+  targets="fuzz_framer fuzz_session fuzz_nats fuzz_redis"
+else
+  srcs=$(printf '%s\n' $srcs | grep -v '/redis\.c$' | tr '\n' ' ')
+  targets="fuzz_framer fuzz_session fuzz_nats"
+fi
+for t in $targets; do
   echo "building $out/$t"
   # shellcheck disable=SC2086
   $CC -std=c11 -g -O1 -fno-omit-frame-pointer $SAN $defs -I"$root/include" -I"$root/src" \

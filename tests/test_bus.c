@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,7 @@ typedef struct broker {
     uint16_t port;
     /* NATS clusters: this node's route port and its peer's (0: alone). */
     uint16_t cluster, route;
+    const char *config; /* NATS: a configuration file (NULL: none) */
 } broker;
 
 static uint16_t free_port(void)
@@ -51,6 +53,8 @@ static void broker_exec(const broker *b, const char *port)
     if (b->kind == NATS && b->cluster)
         execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", port, "--cluster_name", "cport", "--cluster",
               cluster, "--routes", route, (char *)NULL);
+    else if (b->kind == NATS && b->config)
+        execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", port, "-c", b->config, (char *)NULL);
     else if (b->kind == NATS)
         execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", port, (char *)NULL);
     else
@@ -884,5 +888,64 @@ Test(bus, nats_a_room_survives_losing_a_node_of_a_two_node_cluster, .timeout = 6
     cp_group_destroy(b.g);
     cpt_xport_destroy(port);
     broker_kill(&n2);
+    cpt_leak_end(&leak);
+}
+
+/* ------------------------------------------------------------------ a slow consumer */
+
+static atomic_int stall_ms;
+
+/* Holds the subscriber's worker once, as a game's slow handler would. */
+static void on_msg_stall(void *arg, const cp_bus_msg *m)
+{
+    int ms = atomic_exchange(&stall_ms, 0);
+    if (ms)
+        cpt_sleep_ms((unsigned)ms);
+    on_msg(arg, m);
+}
+
+Test(bus, nats_a_subscriber_the_broker_cuts_as_slow_reconnects_and_counts_it, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    /* A server that lets a client fall behind by 256 KB only. */
+    char conf[] = "/tmp/cport-nats-XXXXXX";
+    int cfd = mkstemp(conf);
+    cr_assert(cfd >= 0);
+    static const char text[] = "max_pending: 262144\nmax_payload: 131072\nwrite_deadline: \"500ms\"\n";
+    cr_assert_eq(write(cfd, text, sizeof text - 1), (ssize_t)(sizeof text - 1));
+    close(cfd);
+    broker nb = { .config = conf };
+    broker_start(&nb, NATS, 0);
+    char url[64];
+    broker_url(&nb, url, sizeof url);
+    /* Each bus on a port of its own: the stalled worker is the subscriber's
+     * alone. */
+    cp_port *ps = cpt_xport(1), *pp = cpt_xport(1);
+    cp_bus *sub_bus = xbus(ps, url), *pub_bus = xbus(pp, url);
+    CPT_AWAIT(bus_up(sub_bus) && bus_up(pub_bus), 5000, "the buses never connected");
+    inbox in;
+    inbox_init(&in);
+    cp_bus_sub *sub;
+    cr_assert_eq(cp_bus_subscribe(&sub, sub_bus, "t.slow", NULL, on_msg_stall, &in, NULL), 0);
+    xsubscribed(pub_bus, "t.slow", &in);
+    atomic_store(&stall_ms, 3000);
+    static uint8_t m[70000];
+    uint64_t t0 = cpt_now_ms();
+    for (uint32_t i = 1; bus_stats(sub_bus).reconnects == 0 && cpt_now_ms() - t0 < 20000; i++) {
+        int r = cp_bus_publish(pub_bus, "t.slow", m, msg_make(m, 60));
+        if (r == -EAGAIN)
+            cpt_sleep_ms(1);
+    }
+    cr_assert_geq(bus_stats(sub_bus).reconnects, 1, "the broker never cut the stalled subscriber");
+    /* Back and subscribed again: new messages arrive. */
+    xsubscribed(pub_bus, "t.slow", &in);
+    cr_assert_eq(cp_bus_unsubscribe(sub), 0);
+    cr_assert_eq(cp_bus_destroy(sub_bus), 0);
+    cr_assert_eq(cp_bus_destroy(pub_bus), 0);
+    cpt_xport_destroy(ps);
+    cpt_xport_destroy(pp);
+    broker_kill(&nb);
+    unlink(conf);
     cpt_leak_end(&leak);
 }

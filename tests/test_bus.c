@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,9 @@ typedef struct broker {
     int kind;
     pid_t pid;
     uint16_t port;
+    /* NATS clusters: this node's route port and its peer's (0: alone). */
+    uint16_t cluster, route;
+    const char *config; /* NATS: a configuration file (NULL: none) */
 } broker;
 
 static uint16_t free_port(void)
@@ -41,9 +45,17 @@ static uint16_t free_port(void)
     return port;
 }
 
-static void broker_exec(int kind, const char *port)
+static void broker_exec(const broker *b, const char *port)
 {
-    if (kind == NATS)
+    char cluster[64], route[64];
+    snprintf(cluster, sizeof cluster, "nats://127.0.0.1:%u", b->cluster);
+    snprintf(route, sizeof route, "nats://127.0.0.1:%u", b->route);
+    if (b->kind == NATS && b->cluster)
+        execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", port, "--cluster_name", "cport", "--cluster",
+              cluster, "--routes", route, (char *)NULL);
+    else if (b->kind == NATS && b->config)
+        execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", port, "-c", b->config, (char *)NULL);
+    else if (b->kind == NATS)
         execl(NATS_BIN, "nats-server", "-a", "127.0.0.1", "-p", port, (char *)NULL);
     else
         execl(REDIS_BIN, "redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly",
@@ -69,7 +81,7 @@ static void broker_start(broker *b, int kind, uint16_t port)
         int null = open("/dev/null", O_WRONLY);
         dup2(null, 1);
         dup2(null, 2);
-        broker_exec(kind, ports);
+        broker_exec(b, ports);
         _exit(127);
     }
     int fd = -1;
@@ -794,4 +806,146 @@ Test(bus, nats_the_broker_gone_under_a_room_loses_only_what_crossed_and_counts_i
 Test(bus, redis_the_broker_gone_under_a_room_loses_only_what_crossed_and_counts_it, .timeout = 60)
 {
     room_broker_outage(REDIS);
+}
+
+/* ------------------------------------------------------------------ a NATS cluster */
+
+Test(bus, nats_a_room_survives_losing_a_node_of_a_two_node_cluster, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    /* Two nodes routed to each other: what is published on one reaches
+     * subscribers on the other. */
+    broker n1 = { .cluster = free_port() }, n2 = { .cluster = free_port() };
+    n1.route = n2.cluster;
+    n2.route = n1.cluster;
+    broker_start(&n1, NATS, 0);
+    broker_start(&n2, NATS, 0);
+    char url_a[128], url_b[128];
+    snprintf(url_a, sizeof url_a, "nats://127.0.0.1:%u,127.0.0.1:%u", n1.port, n2.port);
+    snprintf(url_b, sizeof url_b, "nats://127.0.0.1:%u,127.0.0.1:%u", n2.port, n1.port);
+    cp_port *port = cpt_xport(2);
+    room_server a = { 0 }, b = { 0 };
+    room_start(&a, port, url_a); /* on node 1 */
+    room_start(&b, port, url_b); /* on node 2 */
+    CPT_AWAIT(bus_up(a.bus) && bus_up(b.bus), 5000, "the buses never connected");
+    int fa = cpt_xconnect(cp_service_listen_port(a.svc));
+    int fb = cpt_xconnect(cp_service_listen_port(b.svc));
+    CPT_AWAIT(cp_group_size(a.g) == 1 && cp_group_size(b.g) == 1, 5000, "the players never joined");
+    /* Across the route, both ways, once the nodes have met and shared the
+     * subscriptions. */
+    uint8_t probe[4] = { 0 };
+    CPT_AWAIT((cpt_xsend_packet(fa, 2, probe, 4), cpt_poll_in(fb, 20) > 0), 10000,
+              "node 1 never reached node 2");
+    CPT_AWAIT((cpt_xsend_packet(fb, 2, probe, 4), cpt_poll_in(fa, 20) > 0), 10000,
+              "node 2 never reached node 1");
+
+    broker_kill(&n1);
+    CPT_AWAIT(bus_stats(a.bus).reconnects >= 1 && bus_up(a.bus), 5000,
+              "server A did not fail over to node 2");
+    /* The room carries again, both ways, each sender's packets in order. */
+    uint32_t v = 1000;
+    uint32_t got = 0;
+    uint64_t t0 = cpt_now_ms();
+    while (got == 0 && cpt_now_ms() - t0 < 5000) {
+        send_room(fa, ++v);
+        cr_assert_eq(next_room_packet(fa), v);
+        while (cpt_poll_in(fb, 20) > 0 && got == 0)
+            got = next_room_packet(fb);
+    }
+    cr_assert(got > 1000, "nothing crossed from A after the failover");
+    for (uint32_t i = 1; i <= 50; i++) {
+        send_room(fb, 5000 + i);
+        send_room(fa, ++v);
+    }
+    /* At B's player: A's packets after the first that crossed, strictly
+     * increasing up to the last sent, and B's own 5001..5050 in order (a
+     * missing packet makes next_room_packet time out and fail). */
+    uint32_t last_a = got, last_b = 5000;
+    while (last_a != v || last_b != 5050) {
+        uint32_t x = next_room_packet(fb);
+        if (x > 5000) {
+            cr_assert_eq(x, last_b + 1, "B's own packets out of order");
+            last_b = x;
+        } else {
+            cr_assert_gt(x, last_a, "A's packets out of order at B");
+            last_a = x;
+        }
+    }
+    cr_assert_eq(last_a, v, "A's packets stopped at %u of %u", last_a, v);
+    cr_assert_eq(last_b, 5050);
+    cp_service_stats st;
+    cp_service_stats_get(a.svc, &st);
+    cr_assert_eq(st.disconnected, 0, "a player was disconnected by the failover");
+
+    cpt_close(fa);
+    cpt_close(fb);
+    cpt_xstop(a.svc);
+    cpt_xstop(b.svc);
+    cr_assert_eq(cp_bus_destroy(a.bus), 0);
+    cr_assert_eq(cp_bus_destroy(b.bus), 0);
+    cp_group_destroy(a.g);
+    cp_group_destroy(b.g);
+    cpt_xport_destroy(port);
+    broker_kill(&n2);
+    cpt_leak_end(&leak);
+}
+
+/* ------------------------------------------------------------------ a slow consumer */
+
+static atomic_int stall_ms;
+
+/* Holds the subscriber's worker once, as a game's slow handler would. */
+static void on_msg_stall(void *arg, const cp_bus_msg *m)
+{
+    int ms = atomic_exchange(&stall_ms, 0);
+    if (ms)
+        cpt_sleep_ms((unsigned)ms);
+    on_msg(arg, m);
+}
+
+Test(bus, nats_a_subscriber_the_broker_cuts_as_slow_reconnects_and_counts_it, .timeout = 60)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    /* A server that lets a client fall behind by 256 KB only. */
+    char conf[] = "/tmp/cport-nats-XXXXXX";
+    int cfd = mkstemp(conf);
+    cr_assert(cfd >= 0);
+    static const char text[] = "max_pending: 262144\nmax_payload: 131072\nwrite_deadline: \"500ms\"\n";
+    cr_assert_eq(write(cfd, text, sizeof text - 1), (ssize_t)(sizeof text - 1));
+    close(cfd);
+    broker nb = { .config = conf };
+    broker_start(&nb, NATS, 0);
+    char url[64];
+    broker_url(&nb, url, sizeof url);
+    /* Each bus on a port of its own: the stalled worker is the subscriber's
+     * alone. */
+    cp_port *ps = cpt_xport(1), *pp = cpt_xport(1);
+    cp_bus *sub_bus = xbus(ps, url), *pub_bus = xbus(pp, url);
+    CPT_AWAIT(bus_up(sub_bus) && bus_up(pub_bus), 5000, "the buses never connected");
+    inbox in;
+    inbox_init(&in);
+    cp_bus_sub *sub;
+    cr_assert_eq(cp_bus_subscribe(&sub, sub_bus, "t.slow", NULL, on_msg_stall, &in, NULL), 0);
+    xsubscribed(pub_bus, "t.slow", &in);
+    atomic_store(&stall_ms, 3000);
+    static uint8_t m[70000];
+    uint64_t t0 = cpt_now_ms();
+    for (uint32_t i = 1; bus_stats(sub_bus).reconnects == 0 && cpt_now_ms() - t0 < 20000; i++) {
+        int r = cp_bus_publish(pub_bus, "t.slow", m, msg_make(m, 60));
+        if (r == -EAGAIN)
+            cpt_sleep_ms(1);
+    }
+    cr_assert_geq(bus_stats(sub_bus).reconnects, 1, "the broker never cut the stalled subscriber");
+    /* Back and subscribed again: new messages arrive. */
+    xsubscribed(pub_bus, "t.slow", &in);
+    cr_assert_eq(cp_bus_unsubscribe(sub), 0);
+    cr_assert_eq(cp_bus_destroy(sub_bus), 0);
+    cr_assert_eq(cp_bus_destroy(pub_bus), 0);
+    cpt_xport_destroy(ps);
+    cpt_xport_destroy(pp);
+    broker_kill(&nb);
+    unlink(conf);
+    cpt_leak_end(&leak);
 }

@@ -243,7 +243,7 @@ static void publish_and_subscribe_byte_exact_in_order(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker nb = {0};
+    broker nb = { 0 };
     broker_start(&nb, kind, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
@@ -295,7 +295,7 @@ static void unsubscribe_stops_delivery(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker nb = {0};
+    broker nb = { 0 };
     broker_start(&nb, kind, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
@@ -335,7 +335,7 @@ Test(bus, nats_a_queue_group_delivers_each_message_once, .timeout = 60)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker nb = {0};
+    broker nb = { 0 };
     broker_start(&nb, NATS, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
@@ -392,7 +392,7 @@ static void the_broker_killed_and_restarted_is_reconnected_and_resubscribed(int 
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker nb = {0};
+    broker nb = { 0 };
     broker_start(&nb, kind, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
@@ -441,7 +441,7 @@ Test(bus, nats_a_dead_node_fails_over_to_the_next_url, .timeout = 60)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker n1 = {0}, n2 = {0};
+    broker n1 = { 0 }, n2 = { 0 };
     broker_start(&n1, NATS, 0);
     broker_start(&n2, NATS, 0);
     char url[128];
@@ -470,7 +470,7 @@ static void a_publish_past_the_pending_bound_is_refused(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker nb = {0};
+    broker nb = { 0 };
     broker_start(&nb, kind, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
@@ -604,7 +604,7 @@ static void a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker nb = {0};
+    broker nb = { 0 };
     broker_start(&nb, kind, 0);
     char url[64];
     broker_url(&nb, url, sizeof url);
@@ -681,7 +681,7 @@ Test(bus, redis_a_servers_own_publishes_do_not_come_back, .timeout = 60)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker rb = {0};
+    broker rb = { 0 };
     broker_start(&rb, REDIS, 0);
     char url[64];
     cp_port *port = cpt_xport(2);
@@ -735,7 +735,7 @@ static void room_broker_outage(int kind)
 {
     cpt_leak_mark leak;
     cpt_leak_begin(&leak);
-    broker nb = {0};
+    broker nb = { 0 };
     broker_start(&nb, kind, 0);
     char url[64];
     broker_url(&nb, url, sizeof url);

@@ -697,12 +697,12 @@ int cp_bus_unsubscribe(cp_bus_sub *sub)
 
 /* ------------------------------------------------------------------ publish */
 
-/* Under the lock: head (may be empty) and payload's bytes as one message to
+/* Under the lock: head (may be empty) and the payload as one message to
  * subject. */
 static int publish_locked(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len,
-                          cp_sendbuf *payload)
+                          const cp_bus_payload *p)
 {
-    size_t len = head_len + payload->len;
+    size_t len = head_len + p->len;
     if (bus->destroying)
         return -ESHUTDOWN;
     if (!bus->up)
@@ -711,33 +711,46 @@ static int publish_locked(cp_bus *bus, const char *subject, const uint8_t *head,
         return -EMSGSIZE;
     if (pending(bus) + len > bus->pending_limit)
         return -EAGAIN;
-    return bus->drv->publish(bus, subject, head, head_len, payload);
+    int r = bus->drv->publish(bus, subject, head, head_len, p);
+    if (r == -ENOMEM) {
+        /* Part of the message may be queued already: the stream can only
+         * start again on a new connection. */
+        for (int i = 0; i < bus->drv->conns; i++)
+            if (bus->conn[i])
+                cp_session_disconnect(bus->conn[i]);
+    }
+    return r;
 }
 
-static int publish(cp_bus *bus, const char *subject, cp_sendbuf *payload)
+/* One message to subject; with seq, a bridged room message: behind the
+ * envelope (magic, this bus's origin, ++*seq), its number taken under the
+ * lock so that numbers leave in order. */
+static int publish(cp_bus *bus, const char *subject, uint64_t *seq, const cp_bus_payload *p)
 {
+    uint8_t env[CP_BUS_ENVELOPE];
     pthread_mutex_lock(&bus->lock);
-    int r = publish_locked(bus, subject, NULL, 0, payload);
+    if (seq) {
+        /* NOLINTNEXTLINE(bugprone-not-null-terminated-result): bytes on the wire, not a C string */
+        memcpy(env, CP_BUS_MAGIC, 4);
+        cp_put_u64(env + 4, bus->origin);
+        cp_put_u64(env + 12, ++*seq);
+    }
+    int r = publish_locked(bus, subject, env, seq ? sizeof env : 0, p);
     pthread_mutex_unlock(&bus->lock);
-    /* Lost: only what the broker connection was down for. The other errors
-     * are the caller's to act on (-EAGAIN: wait and retry). */
-    if (r == 0 || r == -ENOTCONN)
-        cp__stat_add(r == 0 ? &bus->st.published : &bus->st.dropped, 1);
+    /* Lost: a room message that did not go (nobody can retry it), or any
+     * message while the connection was down. The other errors of a plain
+     * publish are the caller's to act on (-EAGAIN: wait and retry). */
+    if (r == 0)
+        cp__stat_add(&bus->st.published, 1);
+    else if (seq || r == -ENOTCONN)
+        cp__stat_add(&bus->st.dropped, 1);
     return r;
 }
 
 int cp__bus_publish_room(cp_bus *bus, const char *subject, uint64_t *seq, cp_sendbuf *b)
 {
-    uint8_t env[CP_BUS_ENVELOPE];
-    pthread_mutex_lock(&bus->lock);
-    /* NOLINTNEXTLINE(bugprone-not-null-terminated-result): bytes on the wire, not a C string */
-    memcpy(env, CP_BUS_MAGIC, 4);
-    cp_put_u64(env + 4, bus->origin);
-    cp_put_u64(env + 12, ++*seq);
-    int r = publish_locked(bus, subject, env, sizeof env, b);
-    pthread_mutex_unlock(&bus->lock);
-    cp__stat_add(r == 0 ? &bus->st.published : &bus->st.dropped, 1);
-    return r;
+    cp_bus_payload p = { b->data, b->len, b };
+    return publish(bus, subject, seq, &p);
 }
 
 void cp__bus_ref(cp_bus *bus) { atomic_fetch_add(&bus->refs, 1); }
@@ -785,19 +798,18 @@ int cp_bus_publish_buf(cp_bus *bus, const char *subject, cp_sendbuf *b)
 {
     if (!bus || !subject || !b || !cp__nats_subject_ok(subject, 0))
         return -EINVAL;
-    return publish(bus, subject, b);
+    cp_bus_payload p = { b->data, b->len, b };
+    return publish(bus, subject, NULL, &p);
 }
 
+/* The bytes go straight into the connection's buffer: no send buffer of
+ * their own. */
 int cp_bus_publish(cp_bus *bus, const char *subject, const void *data, size_t len)
 {
     if (!bus || !subject || (!data && len) || !cp__nats_subject_ok(subject, 0))
         return -EINVAL;
-    cp_sendbuf *b = cp_sendbuf_copy(data, len);
-    if (!b)
-        return -ENOMEM;
-    int r = publish(bus, subject, b);
-    cp_sendbuf_unref(b);
-    return r;
+    cp_bus_payload p = { data, len, NULL };
+    return publish(bus, subject, NULL, &p);
 }
 
 void cp_bus_stats_get(cp_bus *bus, cp_bus_stats *out)

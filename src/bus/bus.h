@@ -42,19 +42,27 @@ struct cp_bus_sub {
     cp_jobq *q;
 };
 
+/* A message's payload: its bytes, and the send buffer that holds them when
+ * the caller has one (a driver may then queue the buffer itself instead of
+ * copying the bytes; buf is NULL for cp_bus_publish's plain bytes). */
+typedef struct cp_bus_payload {
+    const uint8_t *data;
+    size_t len;
+    cp_sendbuf *buf;
+} cp_bus_payload;
+
 /* What a broker driver does for the core. Called with the bus's lock held,
  * except input (on the connection's worker, no lock). */
 typedef struct cp_bus_driver {
-    const char *scheme;
     int conns; /* connections per broker node */
     /* After every connection is up: the handshake and a subscribe for each
      * live subscription. */
     int (*hello)(cp_bus *bus);
     /* Bytes the broker sent on connection i; returns what it consumed. */
     size_t (*input)(cp_bus *bus, cp_session *s, int i, const uint8_t *p, size_t n);
-    /* Queues a publish of head (may be NULL) followed by payload's bytes. */
+    /* Queues a publish of head (may be NULL) followed by the payload. */
     int (*publish)(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len,
-                   cp_sendbuf *payload);
+                   const cp_bus_payload *p);
     int (*subscribe)(cp_bus *bus, cp_bus_sub *sub);
     int (*unsubscribe)(cp_bus *bus, cp_bus_sub *sub);
     int (*ping)(cp_bus *bus);
@@ -69,8 +77,13 @@ typedef struct cp_bus_bridge cp_bus_bridge;
 struct cp_bus {
     cp_port *port;
     const cp_bus_driver *drv;
-    atomic_uint refs; /* the creator's, each bridge's, each delivery's */
-    uint64_t origin;  /* this bus's id in bridged messages */
+    /* Who keeps the memory: the creator (dropped by cp_bus_destroy), the
+     * ping timer and a retry timer not yet fired (dropped by the destroy's
+     * cancel, or by the retry's own call), each subscription (dropped when
+     * its last reference goes: a handle may outlive the destroy), and each
+     * bridge (dropped when the bridge is freed). */
+    atomic_uint refs;
+    uint64_t origin; /* this bus's id in bridged messages */
     char name[CP_BUS_NAME_MAX + 1];
     size_t pending_limit;
     uint32_t ping_ms, backoff_max_ms;

@@ -50,30 +50,25 @@ static int nats_hello(cp_bus *bus)
 
 static int nats_ping(cp_bus *bus) { return cp__bus_send_copy(bus, 0, "PING\r\n", 6); }
 
-/* A payload up to this size is copied behind its PUB line into the
- * connection's open buffer; a larger one is queued itself, not copied. */
+/* A payload up to this size, or one without a send buffer, is copied into
+ * the connection's open buffer behind its PUB line; a larger send buffer is
+ * queued itself. */
 #define PUB_COPY_MAX 2048u
 
-/* "PUB subject len\r\n" with head, then the payload and CRLF. */
+/* "PUB subject len\r\n", head, the payload, CRLF. */
 static int nats_publish(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len,
-                        cp_sendbuf *payload)
+                        const cp_bus_payload *p)
 {
-    char line[LINE_MAX_ + 64 + PUB_COPY_MAX + 2];
-    size_t n = cp__nats_pub_head(line, LINE_MAX_, subject, head_len + payload->len);
+    char line[LINE_MAX_ + 64];
+    size_t n = cp__nats_pub_head(line, LINE_MAX_, subject, head_len + p->len);
     if (!n || head_len > 64)
         return -EINVAL;
     if (head_len)
         memcpy(line + n, head, head_len);
-    n += head_len;
-    if (payload->len <= PUB_COPY_MAX) {
-        memcpy(line + n, payload->data, payload->len);
-        /* NOLINTNEXTLINE(bugprone-not-null-terminated-result): bytes on the wire, not a C string */
-        memcpy(line + n + payload->len, "\r\n", 2);
-        return cp__bus_append(bus, 0, line, n + payload->len + 2, true);
-    }
-    int r = cp__bus_append(bus, 0, line, n, false);
+    int r = cp__bus_append(bus, 0, line, n + head_len, false);
     if (r == 0)
-        r = cp__bus_send(bus, 0, payload, false);
+        r = p->buf && p->len > PUB_COPY_MAX ? cp__bus_send(bus, 0, p->buf, false)
+                                            : cp__bus_append(bus, 0, p->data, p->len, false);
     return r == 0 ? cp__bus_append(bus, 0, "\r\n", 2, true) : r;
 }
 
@@ -162,7 +157,6 @@ static size_t nats_input(cp_bus *bus, cp_session *s, int i, const uint8_t *p, si
 }
 
 const cp_bus_driver cp__bus_nats = {
-    .scheme = "nats",
     .conns = 1,
     .hello = nats_hello,
     .input = nats_input,

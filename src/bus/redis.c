@@ -92,7 +92,7 @@ static int redis_hello(cp_bus *bus)
 static int redis_ping(cp_bus *bus) { return command1(bus, 0, "PING", NULL); }
 
 static int redis_publish(cp_bus *bus, const char *subject, const uint8_t *head, size_t head_len,
-                         cp_sendbuf *payload)
+                         const cp_bus_payload *p)
 {
     uint8_t tag[TAG_LEN];
     if (!head_len) {
@@ -102,12 +102,13 @@ static int redis_publish(cp_bus *bus, const char *subject, const uint8_t *head, 
         head = tag;
         head_len = sizeof tag;
     }
-    size_t len = head_len + payload->len;
+    size_t len = head_len + p->len;
     uint8_t *msg = cp__malloc(len);
     if (!msg)
         return -ENOMEM;
     memcpy(msg, head, head_len);
-    memcpy(msg + head_len, payload->data, payload->len);
+    if (p->len) /* data may be NULL then */
+        memcpy(msg + head_len, p->data, p->len);
     const char *argv[3] = { "PUBLISH", subject, (const char *)msg };
     size_t lens[3] = { 7, strlen(subject), len };
     char *cmd = NULL;
@@ -221,7 +222,6 @@ void cp__bus_redis_conn_closed(cp_bus *bus, int i)
 }
 
 const cp_bus_driver cp__bus_redis = {
-    .scheme = "redis",
     .conns = 2,
     .hello = redis_hello,
     .input = redis_input,

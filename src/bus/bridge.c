@@ -33,7 +33,12 @@ typedef struct peer_seq {
 
 struct cp_bus_bridge {
     cp__group_tap tap; /* first: the tap's callbacks get the bridge */
-    atomic_uint refs;  /* the bus list's, the group's tap, each tap call */
+    /* The bus list's (dropped by whoever takes the bridge off the list and
+     * ends it), the group's while the tap is set, each tap call's. The
+     * subscription names it as its arg without one: cp__bus_bridge_end
+     * unsubscribes, which waits out a delivery under way, before it drops
+     * the list's. */
+    atomic_uint refs;
     atomic_bool ended;
     cp_bus *bus; /* referenced */
     cp_group *g; /* referenced */

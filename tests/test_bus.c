@@ -237,19 +237,45 @@ static void xmarker(cp_bus *pub, const char *subject)
     cr_assert_eq(cp_bus_publish(pub, subject, m, msg_make(m, MARKER)), 0);
 }
 
+/* Two buses on one port and one broker of this kind: most tests subscribe
+ * on one and publish on the other (NATS does not echo a connection's own
+ * publishes). pair_stop destroys both and runs the leak check. */
+typedef struct bus_pair {
+    cpt_leak_mark leak;
+    broker nb;
+    char url[64];
+    cp_port *port;
+    cp_bus *a, *b;
+} bus_pair;
+
+static void pair_start(bus_pair *pr, int kind)
+{
+    memset(pr, 0, sizeof *pr);
+    cpt_leak_begin(&pr->leak);
+    broker_start(&pr->nb, kind, 0);
+    broker_url(&pr->nb, pr->url, sizeof pr->url);
+    pr->port = cpt_xport(2);
+    pr->a = xbus(pr->port, pr->url);
+    pr->b = xbus(pr->port, pr->url);
+    CPT_AWAIT(bus_up(pr->a) && bus_up(pr->b), 5000, "the buses never connected");
+}
+
+static void pair_stop(bus_pair *pr)
+{
+    cr_assert_eq(cp_bus_destroy(pr->a), 0);
+    cr_assert_eq(cp_bus_destroy(pr->b), 0);
+    cpt_xport_destroy(pr->port);
+    broker_kill(&pr->nb);
+    cpt_leak_end(&pr->leak);
+}
+
 /* ------------------------------------------------------------------ tests */
 
 static void publish_and_subscribe_byte_exact_in_order(int kind)
 {
-    cpt_leak_mark leak;
-    cpt_leak_begin(&leak);
-    broker nb = { 0 };
-    broker_start(&nb, kind, 0);
-    char url[64];
-    cp_port *port = cpt_xport(2);
-    cp_bus *a = xbus(port, broker_url(&nb, url, sizeof url));
-    cp_bus *b = xbus(port, url);
-    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    bus_pair pr;
+    pair_start(&pr, kind);
+    cp_bus *a = pr.a, *b = pr.b;
     inbox in;
     inbox_init(&in);
     cp_bus_sub *sub;
@@ -275,11 +301,7 @@ static void publish_and_subscribe_byte_exact_in_order(int kind)
     cr_assert_eq(bus_stats(a).delivered >= N, 1);
 
     cr_assert_eq(cp_bus_unsubscribe(sub), 0);
-    cr_assert_eq(cp_bus_destroy(a), 0);
-    cr_assert_eq(cp_bus_destroy(b), 0);
-    cpt_xport_destroy(port);
-    broker_kill(&nb);
-    cpt_leak_end(&leak);
+    pair_stop(&pr);
 }
 
 Test(bus, nats_publish_and_subscribe_byte_exact_in_order, .timeout = 60)
@@ -293,15 +315,9 @@ Test(bus, redis_publish_and_subscribe_byte_exact_in_order, .timeout = 60)
 
 static void unsubscribe_stops_delivery(int kind)
 {
-    cpt_leak_mark leak;
-    cpt_leak_begin(&leak);
-    broker nb = { 0 };
-    broker_start(&nb, kind, 0);
-    char url[64];
-    cp_port *port = cpt_xport(2);
-    cp_bus *a = xbus(port, broker_url(&nb, url, sizeof url));
-    cp_bus *b = xbus(port, url);
-    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    bus_pair pr;
+    pair_start(&pr, kind);
+    cp_bus *a = pr.a, *b = pr.b;
     inbox in, marker;
     inbox_init(&in);
     inbox_init(&marker);
@@ -321,11 +337,7 @@ static void unsubscribe_stops_delivery(int kind)
     CPT_AWAIT(inbox_markers(&marker) == 1, 5000, "the marker never came");
     cr_assert_eq(inbox_count(&in), after, "a message was delivered after the unsubscribe");
     cr_assert_eq(cp_bus_unsubscribe(msub), 0);
-    cr_assert_eq(cp_bus_destroy(a), 0);
-    cr_assert_eq(cp_bus_destroy(b), 0);
-    cpt_xport_destroy(port);
-    broker_kill(&nb);
-    cpt_leak_end(&leak);
+    pair_stop(&pr);
 }
 
 Test(bus, nats_unsubscribe_stops_delivery, .timeout = 60) { unsubscribe_stops_delivery(NATS); }
@@ -390,29 +402,23 @@ Test(bus, nats_a_queue_group_delivers_each_message_once, .timeout = 60)
 
 static void the_broker_killed_and_restarted_is_reconnected_and_resubscribed(int kind)
 {
-    cpt_leak_mark leak;
-    cpt_leak_begin(&leak);
-    broker nb = { 0 };
-    broker_start(&nb, kind, 0);
-    char url[64];
-    cp_port *port = cpt_xport(2);
-    cp_bus *a = xbus(port, broker_url(&nb, url, sizeof url));
-    cp_bus *b = xbus(port, url);
-    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    bus_pair pr;
+    pair_start(&pr, kind);
+    cp_bus *a = pr.a, *b = pr.b;
     inbox in;
     inbox_init(&in);
     cp_bus_sub *sub;
     cr_assert_eq(cp_bus_subscribe(&sub, a, "t.restart", NULL, on_msg, &in, NULL), 0);
     xsubscribed(b, "t.restart", &in);
 
-    broker_kill(&nb);
+    broker_kill(&pr.nb);
     CPT_AWAIT(!bus_up(a) && !bus_up(b), 5000, "the buses did not see the broker go");
     uint8_t m[8];
     cr_assert_eq(cp_bus_publish(b, "t.restart", m, msg_make(m, PROBE)), -ENOTCONN);
     cr_assert_geq(bus_stats(b).dropped, 1, "the lost publish is counted");
 
     uint64_t t0 = cpt_now_ms();
-    broker_start(&nb, kind, nb.port);
+    broker_start(&pr.nb, kind, pr.nb.port);
     CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never came back");
     cr_assert_leq(cpt_now_ms() - t0, 3000 + 500, "reconnected after %llu ms",
                   (unsigned long long)(cpt_now_ms() - t0));
@@ -421,11 +427,7 @@ static void the_broker_killed_and_restarted_is_reconnected_and_resubscribed(int 
     xsubscribed(b, "t.restart", &in);
 
     cr_assert_eq(cp_bus_unsubscribe(sub), 0);
-    cr_assert_eq(cp_bus_destroy(a), 0);
-    cr_assert_eq(cp_bus_destroy(b), 0);
-    cpt_xport_destroy(port);
-    broker_kill(&nb);
-    cpt_leak_end(&leak);
+    pair_stop(&pr);
 }
 
 Test(bus, nats_the_broker_killed_and_restarted_is_reconnected_and_resubscribed, .timeout = 60)
@@ -585,6 +587,32 @@ static void room_start(room_server *rs, cp_port *port, const char *url)
     rs->svc = cpt_xserver(port, &so, &h, rs);
 }
 
+/* Two room servers on one port, A's bus on url_a and B's on url_b (one
+ * broker's URL twice, or a cluster's nodes), both bridged to room.t. */
+static cp_port *rooms_start(room_server *a, room_server *b, const char *url_a, const char *url_b)
+{
+    cp_port *port = cpt_xport(2);
+    *a = (room_server){ 0 };
+    *b = (room_server){ 0 };
+    room_start(a, port, url_a);
+    room_start(b, port, url_b);
+    CPT_AWAIT(bus_up(a->bus) && bus_up(b->bus), 5000, "the buses never connected");
+    return port;
+}
+
+/* Stops both; A's group goes before its bus and B's after: the bridge ends
+ * with either. */
+static void rooms_stop(cp_port *port, room_server *a, room_server *b)
+{
+    cpt_xstop(a->svc);
+    cpt_xstop(b->svc);
+    cp_group_destroy(a->g);
+    cr_assert_eq(cp_bus_destroy(a->bus), 0);
+    cr_assert_eq(cp_bus_destroy(b->bus), 0);
+    cp_group_destroy(b->g);
+    cpt_xport_destroy(port);
+}
+
 /* Reads packets until one with id 1 (probes have id 2); its u32 body. */
 static uint32_t next_room_packet(int fd)
 {
@@ -608,11 +636,8 @@ static void a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_
     broker_start(&nb, kind, 0);
     char url[64];
     broker_url(&nb, url, sizeof url);
-    cp_port *port = cpt_xport(2);
-    room_server a = { 0 }, b = { 0 };
-    room_start(&a, port, url);
-    room_start(&b, port, url);
-    CPT_AWAIT(bus_up(a.bus) && bus_up(b.bus), 5000, "the buses never connected");
+    room_server a, b;
+    cp_port *port = rooms_start(&a, &b, url, url);
     int fa[2], fb[2];
     for (int i = 0; i < 2; i++) {
         fa[i] = cpt_xconnect(cp_service_listen_port(a.svc));
@@ -654,14 +679,7 @@ static void a_room_bridged_across_two_servers_gets_every_packet_in_each_senders_
         cpt_close(fa[i]);
         cpt_close(fb[i]);
     }
-    cpt_xstop(a.svc);
-    cpt_xstop(b.svc);
-    /* The group first, then the bus: the bridge ends with either. */
-    cp_group_destroy(a.g);
-    cr_assert_eq(cp_bus_destroy(a.bus), 0);
-    cr_assert_eq(cp_bus_destroy(b.bus), 0);
-    cp_group_destroy(b.g);
-    cpt_xport_destroy(port);
+    rooms_stop(port, &a, &b);
     broker_kill(&nb);
     cpt_leak_end(&leak);
 }
@@ -679,15 +697,9 @@ Test(bus, redis_a_room_bridged_across_two_servers_gets_every_packet_in_each_send
 
 Test(bus, redis_a_servers_own_publishes_do_not_come_back, .timeout = 60)
 {
-    cpt_leak_mark leak;
-    cpt_leak_begin(&leak);
-    broker rb = { 0 };
-    broker_start(&rb, REDIS, 0);
-    char url[64];
-    cp_port *port = cpt_xport(2);
-    cp_bus *a = xbus(port, broker_url(&rb, url, sizeof url));
-    cp_bus *b = xbus(port, url);
-    CPT_AWAIT(bus_up(a) && bus_up(b), 5000, "the buses never connected");
+    bus_pair pr;
+    pair_start(&pr, REDIS);
+    cp_bus *a = pr.a, *b = pr.b;
     inbox ina, inb;
     inbox_init(&ina);
     inbox_init(&inb);
@@ -715,11 +727,7 @@ Test(bus, redis_a_servers_own_publishes_do_not_come_back, .timeout = 60)
 
     cr_assert_eq(cp_bus_unsubscribe(sa), 0);
     cr_assert_eq(cp_bus_unsubscribe(sb), 0);
-    cr_assert_eq(cp_bus_destroy(a), 0);
-    cr_assert_eq(cp_bus_destroy(b), 0);
-    cpt_xport_destroy(port);
-    broker_kill(&rb);
-    cpt_leak_end(&leak);
+    pair_stop(&pr);
 }
 
 /* ------------------------------------------------------------------ the broker gone under a room */
@@ -739,11 +747,8 @@ static void room_broker_outage(int kind)
     broker_start(&nb, kind, 0);
     char url[64];
     broker_url(&nb, url, sizeof url);
-    cp_port *port = cpt_xport(2);
-    room_server a = { 0 }, b = { 0 };
-    room_start(&a, port, url);
-    room_start(&b, port, url);
-    CPT_AWAIT(bus_up(a.bus) && bus_up(b.bus), 5000, "the buses never connected");
+    room_server a, b;
+    cp_port *port = rooms_start(&a, &b, url, url);
     int fa = cpt_xconnect(cp_service_listen_port(a.svc));
     int fb = cpt_xconnect(cp_service_listen_port(b.svc));
     CPT_AWAIT(cp_group_size(a.g) == 1 && cp_group_size(b.g) == 1, 5000, "the players never joined");
@@ -788,13 +793,7 @@ static void room_broker_outage(int kind)
 
     cpt_close(fa);
     cpt_close(fb);
-    cpt_xstop(a.svc);
-    cpt_xstop(b.svc);
-    cr_assert_eq(cp_bus_destroy(a.bus), 0);
-    cr_assert_eq(cp_bus_destroy(b.bus), 0);
-    cp_group_destroy(a.g);
-    cp_group_destroy(b.g);
-    cpt_xport_destroy(port);
+    rooms_stop(port, &a, &b);
     broker_kill(&nb);
     cpt_leak_end(&leak);
 }
@@ -825,11 +824,8 @@ Test(bus, nats_a_room_survives_losing_a_node_of_a_two_node_cluster, .timeout = 6
     char url_a[128], url_b[128];
     snprintf(url_a, sizeof url_a, "nats://127.0.0.1:%u,127.0.0.1:%u", n1.port, n2.port);
     snprintf(url_b, sizeof url_b, "nats://127.0.0.1:%u,127.0.0.1:%u", n2.port, n1.port);
-    cp_port *port = cpt_xport(2);
-    room_server a = { 0 }, b = { 0 };
-    room_start(&a, port, url_a); /* on node 1 */
-    room_start(&b, port, url_b); /* on node 2 */
-    CPT_AWAIT(bus_up(a.bus) && bus_up(b.bus), 5000, "the buses never connected");
+    room_server a, b;
+    cp_port *port = rooms_start(&a, &b, url_a, url_b); /* A on node 1, B on node 2 */
     int fa = cpt_xconnect(cp_service_listen_port(a.svc));
     int fb = cpt_xconnect(cp_service_listen_port(b.svc));
     CPT_AWAIT(cp_group_size(a.g) == 1 && cp_group_size(b.g) == 1, 5000, "the players never joined");
@@ -881,13 +877,7 @@ Test(bus, nats_a_room_survives_losing_a_node_of_a_two_node_cluster, .timeout = 6
 
     cpt_close(fa);
     cpt_close(fb);
-    cpt_xstop(a.svc);
-    cpt_xstop(b.svc);
-    cr_assert_eq(cp_bus_destroy(a.bus), 0);
-    cr_assert_eq(cp_bus_destroy(b.bus), 0);
-    cp_group_destroy(a.g);
-    cp_group_destroy(b.g);
-    cpt_xport_destroy(port);
+    rooms_stop(port, &a, &b);
     broker_kill(&n2);
     cpt_leak_end(&leak);
 }

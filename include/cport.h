@@ -160,7 +160,10 @@ CP_API int cp_port_destroy(cp_port *port);
 
 /* Runs fn(arg) on some worker, soon. Any thread. -ESHUTDOWN once
  * cp_port_destroy has begun; a post that returned 0 runs exactly once, before
- * cp_port_destroy returns, also one that raced it. */
+ * cp_port_destroy returns, also one that raced it. A post that lands on the
+ * worker making it runs after that worker has polled its sockets again, so a
+ * function that posts itself (work done in slices, a retry after -EAGAIN)
+ * yields to I/O each time. */
 CP_API int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg);
 
 CP_API const char *cp_port_backend_name(const cp_port *port); /* "epoll", ... */

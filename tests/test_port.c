@@ -206,6 +206,62 @@ Test(port, post_from_a_worker, .timeout = 30)
     cpt_leak_end(&leak);
 }
 
+/* Regression, bench_bus from its worker at half speed on io_uring: a
+ * function a worker posted to itself ran again within the same round, so one
+ * that kept posting itself (a task done in slices, a publisher retrying after
+ * -EAGAIN) ran 8192 times before the worker looked at its sockets again. Each
+ * of its runs now comes after a poll: a packet written to the worker's socket
+ * during one run is read a run or two later. */
+typedef struct yielder {
+    cp_port *port;
+    int fd;             /* the test's connection to the server */
+    int runs;           /* on the one worker only, as is runs_at_packet */
+    int runs_at_packet; /* runs when the packet came in; -1 before */
+    atomic_bool done;
+} yielder;
+
+static yielder g_yield;
+
+static int yield_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    (void)s, (void)id, (void)body, (void)len;
+    if (g_yield.runs_at_packet < 0)
+        g_yield.runs_at_packet = g_yield.runs;
+    return 0;
+}
+
+static void yield_fn(void *arg)
+{
+    yielder *y = arg;
+    if (++y->runs == 1 && cpt_send_packet(y->fd, 1, "x", 1) != 0)
+        y->runs = 1 << 30; /* the send failed: stop, and fail below */
+    if (y->runs_at_packet >= 0 || y->runs >= 100000 || cp_port_post(y->port, yield_fn, y) != 0)
+        atomic_store(&y->done, true);
+}
+
+Test(port, a_post_to_itself_yields_to_io, .timeout = 30)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    yielder *y = &g_yield;
+    *y = (yielder){ .port = cpt_xport(1), .runs_at_packet = -1 };
+    cp_handlers h = { .on_packet = yield_on_packet };
+    cp_service *svc = cpt_xserver(y->port, NULL, &h, NULL);
+    y->fd = cpt_xconnect(cp_service_listen_port(svc));
+    CPT_AWAIT(cpt_stats(svc).connected == 1, 5000, "the connection was never accepted");
+    cr_assert_eq(cp_port_post(y->port, yield_fn, y), 0);
+    CPT_AWAIT(atomic_load(&y->done), 20000, "the function never stopped posting itself");
+    cr_assert_lt(y->runs, 1 << 30, "the packet could not be sent");
+    cr_assert_geq(y->runs_at_packet, 1, "the packet never came in (%d runs)", y->runs);
+    /* One run sent it; the next poll reads it. Wine's IOCP may take a few more. */
+    cr_assert_leq(y->runs_at_packet, 1000, "the packet waited %d runs of a function that yields",
+                  y->runs_at_packet);
+    cpt_close(y->fd);
+    cpt_xstop(svc);
+    cpt_xport_destroy(y->port);
+    cpt_leak_end(&leak);
+}
+
 typedef struct blocker {
     atomic_int started, release, done;
 } blocker;

@@ -100,6 +100,11 @@ struct cp_worker {
      * (itself included); pushed once at the end of the round. */
     cp_msgblk **outbox;
 
+    /* cp_port_post calls this worker made to itself during the round: pushed
+     * to its own inbox once the round is over, so they run after the next
+     * poll (port.c, cp_port_post). */
+    cp_msgblk *next_round;
+
     /* Posted to run within this round, before its outboxes are flushed (the
      * round goes on until none is left: a posted item may post again). */
     cp_posted *posted;

@@ -57,6 +57,7 @@ typedef struct cp_service cp_service;
 typedef struct cp_session cp_session;
 typedef struct cp_sendbuf cp_sendbuf;
 typedef struct cp_group cp_group;
+typedef struct cp_tls cp_tls;
 
 /* ------------------------------------------------------------------ errors */
 
@@ -75,18 +76,22 @@ CP_API const char *cp_err_name(int err);
 /* Why a session ended; passed to on_disconnected. */
 typedef enum cp_reason {
     CP_REASON_NONE = 0,
-    CP_REASON_PEER_CLOSED,    /* the peer closed its side (read returned 0) */
-    CP_REASON_RESET,          /* connection reset or aborted by the peer */
-    CP_REASON_LOCAL,          /* cp_session_disconnect() */
-    CP_REASON_IO_ERROR,       /* another socket error; see the err argument */
-    CP_REASON_BAD_HEADER,     /* packet header size < 4 */
-    CP_REASON_TOO_BIG,        /* packet header size > max_packet */
-    CP_REASON_HANDLER,        /* a packet handler returned a negative value */
-    CP_REASON_SEND_OVERFLOW,  /* the send queue's memory would exceed send_queue_limit */
-    CP_REASON_IDLE_TIMEOUT,   /* nothing received for idle_timeout_ms */
-    CP_REASON_PACKET_TIMEOUT, /* a packet was started but not finished in time */
-    CP_REASON_STOPPING,       /* the service is stopping */
-    CP_REASON_NO_MEMORY,      /* the session could not get memory it needed */
+    CP_REASON_PEER_CLOSED,       /* the peer closed its side (read returned 0) */
+    CP_REASON_RESET,             /* connection reset or aborted by the peer */
+    CP_REASON_LOCAL,             /* cp_session_disconnect() */
+    CP_REASON_IO_ERROR,          /* another socket error; see the err argument */
+    CP_REASON_BAD_HEADER,        /* packet header size < 4 */
+    CP_REASON_TOO_BIG,           /* packet header size > max_packet */
+    CP_REASON_HANDLER,           /* a packet handler returned a negative value */
+    CP_REASON_SEND_OVERFLOW,     /* the send queue's memory would exceed send_queue_limit */
+    CP_REASON_IDLE_TIMEOUT,      /* nothing received for idle_timeout_ms */
+    CP_REASON_PACKET_TIMEOUT,    /* a packet was started but not finished in time */
+    CP_REASON_STOPPING,          /* the service is stopping */
+    CP_REASON_NO_MEMORY,         /* the session could not get memory it needed */
+    CP_REASON_TLS,               /* TLS failed: a handshake the peer or we refused, a bad
+                                 record, a renegotiation attempt (err: -EPROTO, or
+                                 -ECONNABORTED for an end of stream without close_notify) */
+    CP_REASON_HANDSHAKE_TIMEOUT, /* the TLS handshake did not finish in time */
     CP_REASON_COUNT_
 } cp_reason;
 
@@ -552,7 +557,62 @@ typedef struct cp_session_opts {
                                     needs the rate */
     uint32_t recv_rate_bytes;    /* bytes a second per session; 0 = no limit */
     uint32_t recv_burst_bytes;   /* 0 = twice the rate; needs the rate */
+    cp_tls *tls;                 /* TLS (cp_tls_create): a server's sessions accept TLS,
+                                    a client's connects speak it; the service keeps its
+                                    own reference. NULL = plain TCP. -ENOTSUP on Windows */
 } cp_session_opts;
+
+/* ------------------------------------------------------------------ TLS */
+
+/*
+ * A TLS context (OpenSSL 3; Linux only for now: on Windows every TLS call
+ * returns -ENOTSUP). Shared by any number of services, which each keep a
+ * reference; reference-counted, any thread. Records are built in user space
+ * between the session and the framer, so packets, groups, job queues and
+ * timeouts work unchanged over TLS. on_connected runs after the handshake;
+ * a handshake that fails ends the session with CP_REASON_TLS or
+ * CP_REASON_HANDSHAKE_TIMEOUT and never reports it connected.
+ */
+enum { CP_TLS_1_2 = 0x0303, CP_TLS_1_3 = 0x0304 };
+#define CP_TLS_TICKET_KEY_LEN 80 /* 16 bytes of name, 32 of HMAC key, 32 of AES key */
+
+typedef struct cp_tls_opts {
+    const char *cert_file;         /* PEM certificate chain: servers (required), clients (optional) */
+    const char *key_file;          /* PEM private key of cert_file */
+    const char *ca_file;           /* PEM CA certificates that verify the peer; NULL = the
+                              system's default store */
+    int verify;                    /* 1: a client checks the server's certificate (and sni's
+                              name); a server requires and checks a client certificate */
+    const char *sni;               /* clients: the server name sent (and verified with verify) */
+    int min_version;               /* CP_TLS_1_2 (0 = it) or CP_TLS_1_3 */
+    uint32_t handshake_timeout_ms; /* 0 = 10000 */
+    int no_tickets;                /* 1: servers issue no session tickets (no resumption) */
+    const uint8_t *ticket_key;     /* CP_TLS_TICKET_KEY_LEN bytes, NULL = a random key of this
+                                  context: servers given the same key resume each other's
+                                  sessions */
+    uint32_t handshakes_per_round; /* new handshakes a worker starts per round at most
+                                      (the rest wait, in order); 0 = 8 */
+} cp_tls_opts;
+
+/* -EINVAL for missing or contradictory options, -EIO with a log line for a
+ * file OpenSSL cannot load or a key that does not match its certificate. */
+CP_API int cp_tls_create(cp_tls **out, const cp_tls_opts *opts);
+/* Certificate rotation without a restart, any thread: handshakes that start
+ * after it returns use the new certificate and key; established sessions
+ * keep theirs. On failure (-EIO) the old ones stay. */
+CP_API int cp_tls_reload(cp_tls *tls, const char *cert_file, const char *key_file);
+CP_API void cp_tls_ref(cp_tls *tls);
+CP_API void cp_tls_unref(cp_tls *tls);
+
+typedef struct cp_tls_info {
+    char version[16]; /* "TLSv1.3", "TLSv1.2" */
+    char cipher[64];  /* OpenSSL's name: "TLS_AES_128_GCM_SHA256" */
+    int resumed;      /* 1: the handshake resumed an earlier session */
+} cp_tls_info;
+
+/* A connected TLS session's protocol; -ENOTCONN before the handshake has
+ * finished, -EINVAL for a plain session. Its owner worker (its callbacks). */
+CP_API int cp_session_tls_info(const cp_session *s, cp_tls_info *out);
 
 typedef struct cp_server_opts {
     const char *host;      /* numeric IPv4/IPv6 or a name; NULL = "0.0.0.0" */

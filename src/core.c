@@ -121,6 +121,8 @@ static const char *const reason_names[CP_REASON_COUNT_] = {
     [CP_REASON_PACKET_TIMEOUT] = "partial packet timeout",
     [CP_REASON_STOPPING] = "service stopping",
     [CP_REASON_NO_MEMORY] = "out of memory",
+    [CP_REASON_TLS] = "TLS failure",
+    [CP_REASON_HANDSHAKE_TIMEOUT] = "TLS handshake timeout",
 };
 
 const char *cp_reason_str(cp_reason reason)

@@ -39,9 +39,10 @@ typedef struct server_config {
     size_t send_queue_limit;
     uint32_t idle_timeout_ms;
     uint32_t packet_timeout_ms;
-    int64_t rate_limit;  /* packets/s per session; -1 = the mode's default */
-    const char *bus_url; /* chat across servers: nats://... or redis://...; NULL = off */
-    const char *room;    /* the room's name on the bus */
+    int64_t rate_limit;             /* packets/s per session; -1 = the mode's default */
+    const char *bus_url;            /* chat across servers: nats://... or redis://...; NULL = off */
+    const char *room;               /* the room's name on the bus */
+    const char *tls_cert, *tls_key; /* both: the listener speaks TLS */
 } server_config;
 
 /* The chat room. Only its own jobs touch members, and they never run two at a
@@ -93,6 +94,8 @@ static void usage(FILE *out)
             "                        nats://host:port[,host:port...] or redis://host:port\n"
             "  --room NAME           the room's name on the bus: letters, digits, '-', '_'\n"
             "                        (default lobby)\n"
+            "  --tls-cert FILE       PEM certificate chain: the listener speaks TLS\n"
+            "  --tls-key FILE        PEM private key of --tls-cert (both or neither)\n"
             "  --help                show this text\n",
             prog);
 }
@@ -133,13 +136,12 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .rate_limit = -1,
         .room = "lobby",
     };
-    static const char *const value_options[] = { "--host",         "--port",
-                                                 "--mode",         "--backend",
-                                                 "--workers",      "--max-sessions",
-                                                 "--max-packet",   "--send-queue-limit",
-                                                 "--idle-timeout", "--packet-timeout",
-                                                 "--rate-limit",   "--bus",
-                                                 "--room",         NULL };
+    static const char *const value_options[] = {
+        "--host",         "--port",           "--mode",       "--backend",
+        "--workers",      "--max-sessions",   "--max-packet", "--send-queue-limit",
+        "--idle-timeout", "--packet-timeout", "--rate-limit", "--bus",
+        "--room",         "--tls-cert",       "--tls-key",    NULL
+    };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -202,6 +204,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (!room_name_ok(val))
                 usage_error("bad --room '%s' (1 to 64 letters, digits, '-' or '_')", val);
             cfg->room = val;
+        } else if (strcmp(opt, "--tls-cert") == 0 || strcmp(opt, "--tls-key") == 0) {
+            if (*val == '\0')
+                usage_error("empty %s", opt);
+            *(opt[6] == 'c' ? &cfg->tls_cert : &cfg->tls_key) = val;
         } else if (strcmp(opt, "--idle-timeout") == 0 || strcmp(opt, "--packet-timeout") == 0) {
             if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
                 usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
@@ -433,6 +439,8 @@ int main(int argc, char **argv)
         usage_error("--rate-limit counts packets: not in echo mode");
     if (cfg.bus_url != NULL && cfg.mode != MODE_CHAT)
         usage_error("--bus joins chat rooms: only with --mode chat");
+    if ((cfg.tls_cert == NULL) != (cfg.tls_key == NULL))
+        usage_error("--tls-cert and --tls-key go together");
 
     /* Before any other thread exists: from here on SIGINT/SIGTERM (Windows:
      * Ctrl-C, console close) are caught, and only by the watcher thread. */
@@ -454,6 +462,16 @@ int main(int argc, char **argv)
                 prog, (unsigned long long)have, (unsigned long long)want, cfg.max_sessions);
 
     static server_state state; /* static: zero-initialised atomics, lives past main's frame */
+    cp_tls *tls = NULL;
+    if (cfg.tls_cert != NULL) {
+        cp_tls_opts to = { .cert_file = cfg.tls_cert, .key_file = cfg.tls_key };
+        rc = cp_tls_create(&tls, &to);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot set up TLS with %s and %s: %s\n", prog, cfg.tls_cert, cfg.tls_key,
+                    cp_strerror(rc));
+            return 1;
+        }
+    }
     cp_port *port = NULL;
     int status = tool_create_port(prog, &port, cfg.workers, cfg.backend);
     if (status != 0)
@@ -498,10 +516,12 @@ int main(int argc, char **argv)
             .idle_timeout_ms = cfg.idle_timeout_ms,
             .packet_timeout_ms = cfg.packet_timeout_ms,
             .recv_rate_packets = (uint32_t)cfg.rate_limit,
+            .tls = tls,
         },
     };
     cp_service *svc = NULL;
     rc = cp_server_start(&svc, port, &opts, &handlers, &state);
+    cp_tls_unref(tls); /* the service keeps its own */
     if (rc != 0) {
         fprintf(stderr, "%s: cannot listen on %s:%u: %s\n", prog, cfg.host, cfg.port, cp_strerror(rc));
         if (state.room != NULL)
@@ -521,6 +541,8 @@ int main(int argc, char **argv)
                                             : "%s listening on %s:%u mode=%s backend=%s workers=%d\n";
     printf(fmt, prog, cfg.host, (unsigned)cp_service_listen_port(svc), mode_names[cfg.mode],
            cp_port_backend_name(port), cp_port_workers(port));
+    if (tls != NULL)
+        printf("%s: TLS with %s\n", prog, cfg.tls_cert);
     fflush(stdout);
     uint64_t started = tool_now_ns();
 

@@ -61,9 +61,11 @@ static void rx_resume(cp_session *s)
     w->port->be->recv_resume(w, &s->h);
 }
 
+/* Connected, or in a filter's handshake (which reads too). */
 static bool reading(const cp_session *s)
 {
-    return atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_CONNECTED && s->h.fd >= 0;
+    int st = atomic_load_explicit(&s->state, memory_order_relaxed);
+    return (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING) && s->h.fd >= 0;
 }
 
 void cp__rx_block(cp_session *s, unsigned why)
@@ -215,7 +217,8 @@ void cp__rx_account(cp_session *s, size_t n, size_t packets)
 
 void cp__rx_sendq_check(cp_session *s)
 {
-    size_t q = cp__sendq_mem(&s->sq); /* what the limit counts too */
+    /* What the limit counts too: the user's queue and what a filter made of it. */
+    size_t q = cp__sendq_mem(&s->sq) + (s->flt ? cp__sendq_mem(&s->flt->wire) : 0);
     if (q > s->svc->sq_high)
         cp__rx_block(s, CP_RX_SENDQ);
     else if (q < s->svc->sq_low)

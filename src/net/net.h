@@ -15,8 +15,9 @@ typedef struct cp_session cp_session;
 /* ------------------------------------------------------------------ sessions */
 
 enum cp_session_state {
-    CP_S_NEW = 0,    /* allocated, not yet on its worker */
-    CP_S_CONNECTING, /* client: connect in flight */
+    CP_S_NEW = 0,     /* allocated, not yet on its worker */
+    CP_S_CONNECTING,  /* client: connect in flight */
+    CP_S_HANDSHAKING, /* TCP is up, a filter's handshake (TLS) is not done yet */
     CP_S_CONNECTED,
     CP_S_DRAINING,      /* cp_session_shutdown: no new sends; queued ones go out, then FIN */
     CP_S_DISCONNECTING, /* a close was requested; it runs on the owner soon */
@@ -66,6 +67,64 @@ static inline size_t cp__sendq_mem(const cp_sendq *q) { return q->mem; }
  * any copying the queue may decide on). */
 size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b);
 
+/* ------------------------------------------------------------------ filters */
+
+/*
+ * A byte-stream filter between the socket and the framer (TLS; WebSocket
+ * next): docs/design.md, "The seam for byte-stream filters". A layer above
+ * net implements the operations; net calls them on the session's owner and
+ * knows nothing else of the filter. The kind is what a service holds (the
+ * public cp_tls begins with one); each session of the service gets its own
+ * filter, which begins with a cp_filter.
+ */
+typedef struct cp_filter cp_filter;
+typedef struct cp_filter_kind cp_filter_kind;
+
+typedef struct cp_filter_ops {
+    /* A new session's filter; NULL when out of memory. */
+    cp_filter *(*attach)(cp_filter_kind *k, cp_session *s);
+    /* The TCP connection is up: begin the handshake (a client appends its
+     * hello to the wire queue). 0, or -errno to close the session. */
+    int (*start)(cp_session *s);
+    /* Bytes from the socket. Passes what it decodes to cp__session_input
+     * (after cp__session_filter_up, once its handshake is done) and returns
+     * the packets that made; closes the session itself on a bad stream. */
+    size_t (*input)(cp_session *s, const uint8_t *data, size_t n);
+    /* Turns what the plain queue holds into wire bytes. */
+    void (*encode)(cp_session *s);
+    /* A draining session has written everything: append the end of the
+     * stream (TLS close_notify); true if anything was appended. */
+    bool (*finish)(cp_session *s);
+    /* n bytes of the wire queue were written: how many of the user's bytes
+     * that completes (on_sent). */
+    size_t (*written)(cp_session *s, size_t n);
+    /* The session has finished (its wire queue is cleared): free the filter. */
+    void (*detach)(cp_session *s);
+    void (*kind_ref)(cp_filter_kind *k);
+    void (*kind_unref)(cp_filter_kind *k);
+} cp_filter_ops;
+
+struct cp_filter_kind {
+    const cp_filter_ops *ops;
+    uint32_t handshake_ms; /* the handshake's deadline (CP_REASON_HANDSHAKE_TIMEOUT) */
+};
+
+struct cp_filter {
+    const cp_filter_ops *ops;
+    cp_sendq wire; /* what the filter made, in order; the session writes this queue */
+    bool finished; /* finish ran */
+};
+
+/* On the owner, from a filter's input: its handshake is done, so the
+ * session is connected now (on_connected runs). */
+void cp__session_filter_up(cp_session *s);
+/* On the owner: the filter appended to the wire queue by itself (a
+ * handshake flight, a TLS KeyUpdate): write it this round. */
+void cp__session_wire_ready(cp_session *s);
+/* On the owner: the user's limit on what the session may queue, less what
+ * the filter's wire queue already holds. */
+size_t cp__session_queue_room(const cp_session *s);
+
 struct cp_session {
     /* What a receive and a send touch comes first, so that a session costs a
      * worker as few cache lines as possible per message; the cold tail
@@ -105,6 +164,7 @@ struct cp_session {
     uint32_t carry_len, carry_cap;
 
     cp_sendq sq;
+    cp_filter *flt; /* NULL: plain TCP */
 
     /* Sends that arrived before an earlier one (owner only): their buffers
      * wait here, sorted, until the tickets before them have been applied. */
@@ -197,10 +257,11 @@ void cp__session_work_init(cp_session *s);
 /* Receive flow control (flow.c). A session's receive is paused while any
  * reason holds: its rate limit is spent (RATE), its send queue is above the
  * high watermark (SENDQ), it used its fair share of the worker's round
- * (SHARE), a job queue it fed is over its bound (QUEUE, jobq.c). While
+ * (SHARE), a job queue it fed is over its bound (QUEUE, jobq.c), its
+ * filter holds input back (FILTER: a TLS handshake waiting its turn). While
  * paused nothing more is read from its socket, so TCP pushes back on the
  * peer. Owner only, except cp__rx_unblock_msg. */
-enum { CP_RX_RATE = 1, CP_RX_SENDQ = 2, CP_RX_SHARE = 4, CP_RX_QUEUE = 8 };
+enum { CP_RX_RATE = 1, CP_RX_SENDQ = 2, CP_RX_SHARE = 4, CP_RX_QUEUE = 8, CP_RX_FILTER = 16 };
 void cp__rx_block(cp_session *s, unsigned why);
 void cp__rx_unblock(cp_session *s, unsigned why);
 /* A receive of n bytes holding packets packets was consumed. */
@@ -285,6 +346,7 @@ struct cp_service {
     uint32_t rate_pkts, rate_bytes;              /* receive rate limit per second; 0 = none */
     uint64_t win_pkts_ns, win_bytes_ns;          /* the bursts, as time at those rates */
     uint64_t pkt_cost_ns;                        /* one packet at rate_pkts */
+    cp_filter_kind *filter;                      /* TLS: a reference; NULL = plain */
     cp_packet_fn *routes;                        /* indexed by id, nroutes entries */
     uint32_t nroutes;
 

@@ -35,6 +35,7 @@ static void session_accept(cp_worker *w, cp_session *s, int fd);
 static void session_connect(cp_worker *w, cp_session *s, int fd);
 static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 static void on_timeout(cp_worker *w, void *sp);
+static void send_start(cp_session *s);
 
 #define SESSION_OF(op, field) ((cp_session *)((char *)(op)-offsetof(cp_session, field)))
 
@@ -151,10 +152,21 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
 static void held_drop(cp_session *s);
 static int queue_owned(cp_session *s, cp_sendbuf *b);
 
+/* The filter's wire queue and the filter itself. */
+static void filter_drop(cp_session *s)
+{
+    if (!s->flt)
+        return;
+    cp__sendq_clear(&s->flt->wire);
+    s->flt->ops->detach(s);
+    s->flt = NULL;
+}
+
 static void session_free(cp_session *s)
 {
     cp__carry_free(s->carry, s->carry_cap);
     cp__sendq_clear(&s->sq);
+    filter_drop(s);
     held_drop(s);
     cp__free(s->groups);
     pthread_mutex_destroy(&s->glock);
@@ -231,6 +243,21 @@ static bool writing(const cp_session *s)
     return st == CP_S_CONNECTED || st == CP_S_DRAINING;
 }
 
+/* Bytes may go out: a filter's handshake writes before the session is
+ * connected. */
+static bool wire_open(const cp_session *s)
+{
+    int st = atomic_load_explicit(&s->state, memory_order_relaxed);
+    return st == CP_S_HANDSHAKING || st == CP_S_CONNECTED || st == CP_S_DRAINING;
+}
+
+/* The queue the socket is written from: the filter's wire queue, or the
+ * user's own. */
+static cp_sendq *wire_queue(cp_session *s) { return s->flt ? &s->flt->wire : &s->sq; }
+
+/* Nothing queued and nothing in flight. */
+static bool all_written(cp_session *s) { return !s->sq.count && !wire_queue(s)->count && !s->wr.armed; }
+
 static void drain_begin(cp_session *s);
 static void drain_step(cp_session *s);
 static void drain_peer_eof(cp_session *s);
@@ -245,6 +272,7 @@ static void session_finish(cp_session *s)
     s->carry = NULL;
     s->carry_len = s->carry_cap = 0;
     cp__sendq_clear(&s->sq);
+    filter_drop(s);
     held_drop(s);
     cp_service *svc = s->svc;
     /* Release: a thread that reads NULL through cp_session_service sees
@@ -293,7 +321,12 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
         cp__stat_add(&svc->st.by_reason[reason], 1);
         if (svc->h.on_disconnected)
             svc->h.on_disconnected(s, reason, err);
-    } else if (s->is_client) {
+    } else if (reason == CP_REASON_TLS || reason == CP_REASON_HANDSHAKE_TIMEOUT) {
+        /* A handshake that failed: the session was never connected, but the
+         * operator wants to see it. */
+        cp__stat_add(&svc->st.by_reason[reason], 1);
+    }
+    if (!s->was_connected && s->is_client) {
         cp__stat_add(&svc->st.connect_failed, 1);
         if (!err)
             err = -ECANCELED;
@@ -329,11 +362,13 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
 {
     cp_session *s = SESSION_OF(op, rd);
     if (res > 0) {
-        if (connected(s)) {
+        int st = atomic_load_explicit(&s->state, memory_order_relaxed);
+        if (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING) {
             s->last_rx_ns = w->now_ns;
             cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
             w->feeder = &s->feeder;
-            size_t packets = cp__session_input(s, data, (size_t)res);
+            size_t packets = s->flt ? s->flt->ops->input(s, data, (size_t)res)
+                                    : cp__session_input(s, data, (size_t)res);
             w->feeder = NULL;
             cp__rx_account(s, (size_t)res, packets);
         }
@@ -342,8 +377,8 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     } else if (res == 0) {
         if (atomic_load(&s->state) == CP_S_DRAINING)
             drain_peer_eof(s);
-        else
-            cp__session_close(s, CP_REASON_PEER_CLOSED, 0);
+        else /* a filter's stream ended without its own end (TLS close_notify): truncated */
+            cp__session_close(s, CP_REASON_PEER_CLOSED, s->flt ? -ECONNABORTED : 0);
     } else if (res != -ECANCELED && res != -ENOBUFS) {
         cp__session_close(s, reason_of_errno(res), res);
     }
@@ -351,7 +386,7 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         return;
     /* A multishot receive that ended without an error (or ran out of provided
      * buffers) is simply armed again. */
-    bool rearm = writing(s) && !s->peer_eof && (res > 0 || res == -ENOBUFS);
+    bool rearm = wire_open(s) && !s->peer_eof && (res > 0 || res == -ENOBUFS);
     op_done(s);
     if (rearm)
         arm_recv(s);
@@ -360,11 +395,47 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
 
 /* ------------------------------------------------------------------ start */
 
-/* from is CP_S_NEW (accepted) or CP_S_CONNECTING (client). A close requested
- * meanwhile wins: its message finishes the session, never reported connected. */
+static void on_handshake_timeout(cp_worker *w, void *sp)
+{
+    CP_UNUSED(w);
+    cp__session_close(sp, CP_REASON_HANDSHAKE_TIMEOUT, -ETIMEDOUT);
+}
+
+/* TCP is up on a service with a filter: the filter's handshake comes first,
+ * under its deadline, with the receive armed for it; the filter calls
+ * cp__session_filter_up when it is done. */
+static void filter_begin(cp_session *s, int from)
+{
+    cp_filter_kind *k = s->svc->filter;
+    if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_HANDSHAKING))
+        return;
+    s->flt = k->ops->attach(k, s);
+    if (!s->flt) {
+        cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
+        return;
+    }
+    s->tmo.fn = on_handshake_timeout;
+    cp__timer_arm(s->owner, &s->tmo, k->handshake_ms);
+    arm_recv(s);
+    if (atomic_load(&s->state) != CP_S_HANDSHAKING)
+        return;
+    int r = s->flt->ops->start(s);
+    if (r < 0)
+        cp__session_close(s, CP_REASON_TLS, r);
+    else
+        send_start(s);
+}
+
+/* from is CP_S_NEW (accepted), CP_S_CONNECTING (client) or, with a filter,
+ * CP_S_HANDSHAKING. A close requested meanwhile wins: its message finishes
+ * the session, never reported connected. */
 static void session_connected(cp_session *s, int from)
 {
     cp_service *svc = s->svc;
+    if (svc->filter && !s->flt) {
+        filter_begin(s, from);
+        return;
+    }
     if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_CONNECTED))
         return;
     s->was_connected = true;
@@ -375,8 +446,30 @@ static void session_connected(cp_session *s, int from)
     }
     if (svc->h.on_connected)
         svc->h.on_connected(s);
-    if (writing(s)) /* on_connected may have started a graceful close */
-        arm_recv(s);
+    if (writing(s) && !s->flt) /* on_connected may have started a graceful close */
+        arm_recv(s);           /* (a filter's handshake armed it already) */
+}
+
+void cp__session_filter_up(cp_session *s)
+{
+    cp__timer_cancel(s->owner, &s->tmo);
+    s->tmo.fn = on_timeout;
+    session_connected(s, CP_S_HANDSHAKING);
+}
+
+void cp__session_wire_ready(cp_session *s)
+{
+    if (!s->dirty && !s->wr.armed && wire_open(s)) {
+        s->dirty = true;
+        hold(s); /* the posted item's */
+        cp__post(s->owner, &s->flush);
+    }
+}
+
+size_t cp__session_queue_room(const cp_session *s)
+{
+    size_t used = s->flt ? cp__sendq_mem(&s->flt->wire) : 0;
+    return used < s->svc->send_queue_limit ? s->svc->send_queue_limit - used : 0;
 }
 
 static void set_nodelay(cp_session *s)
@@ -484,16 +577,16 @@ static void session_connect(cp_worker *w, cp_session *s, int fd)
 
 /* ------------------------------------------------------------------ send */
 
-static void send_start(cp_session *s);
-
-/* n bytes of the queue were written. */
+/* n bytes of the wire queue were written. */
 static void sent(cp_session *s, size_t n)
 {
     cp__traffic_add(&cp__traffic(s->svc, s->owner)->bytes_out, n);
-    cp__sendq_consume(&s->sq, n);
+    cp__sendq_consume(wire_queue(s), n);
+    if (s->flt)
+        n = s->flt->ops->written(s, n); /* the user's bytes that completes */
     if (s->rx_block & CP_RX_SENDQ)
         cp__rx_sendq_check(s);
-    if (s->svc->h.on_sent)
+    if (s->svc->h.on_sent && n)
         s->svc->h.on_sent(s, n);
 }
 
@@ -501,12 +594,18 @@ static void send_start(cp_session *s)
 {
     cp_worker *w = s->owner;
     struct iovec iov[IOV_CAP];
-    while (writing(s) && s->sq.count && !s->wr.armed) {
-        int n = cp__sendq_gather(&s->sq, iov, IOV_CAP, SEND_BYTES_CAP);
+    /* A filter turns the round's whole queue into wire bytes at once (TLS:
+     * as few records as it can), while no write is in flight: what comes
+     * meanwhile waits and joins the next batch. */
+    if (s->flt && s->sq.count && !s->wr.armed && writing(s))
+        s->flt->ops->encode(s);
+    cp_sendq *q = wire_queue(s);
+    while (wire_open(s) && q->count && !s->wr.armed) {
+        int n = cp__sendq_gather(q, iov, IOV_CAP, SEND_BYTES_CAP);
         int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
         if (r == CP_PENDING) {
             if (w->port->be->send_holds_bufs)
-                cp__sendq_pending(&s->sq, n); /* the queue must not move those entries */
+                cp__sendq_pending(q, n); /* the queue must not move those entries */
             s->ops_pending++;
             hold(s);
             return;
@@ -516,8 +615,10 @@ static void send_start(cp_session *s)
             return;
         }
         sent(s, (size_t)r);
+        if (s->flt && s->sq.count && !s->wr.armed && writing(s))
+            s->flt->ops->encode(s);
     }
-    if (s->drain_marked && !s->sq.count && !s->wr.armed)
+    if (s->drain_marked && all_written(s))
         drain_step(s);
 }
 
@@ -525,15 +626,15 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
 {
     CP_UNUSED(w), CP_UNUSED(flags), CP_UNUSED(data);
     cp_session *s = SESSION_OF(op, wr);
-    cp__sendq_landed(&s->sq);
-    if (writing(s)) {
+    cp__sendq_landed(wire_queue(s));
+    if (wire_open(s)) {
         if (res >= 0)
             sent(s, (size_t)res);
         else if (res != -EAGAIN)
             cp__session_close(s, reason_of_errno(res), res);
     }
     op_done(s);
-    if (writing(s))
+    if (wire_open(s))
         send_start(s);
     unhold(s);
 }
@@ -587,11 +688,12 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         r = -ENOTCONN;
     } else if (b->len == 0) {
         r = 0; /* nothing to queue */
-    } else if ((r = cp__sendq_push(&s->sq, b, s->svc->send_queue_limit)) < 0) {
+    } else if ((r = cp__sendq_push(&s->sq, b,
+                                   s->flt ? cp__session_queue_room(s) : s->svc->send_queue_limit)) < 0) {
         /* -ENOBUFS: what the queue would pin passes the limit (sendq.c). */
         cp__session_request_close(s, r == -ENOBUFS ? CP_REASON_SEND_OVERFLOW : CP_REASON_NO_MEMORY);
     } else {
-        if (cp__sendq_mem(&s->sq) > s->svc->sq_high)
+        if (cp__sendq_mem(&s->sq) + (s->flt ? cp__sendq_mem(&s->flt->wire) : 0) > s->svc->sq_high)
             cp__rx_sendq_check(s);
         if (!s->dirty && !s->wr.armed) {
             s->dirty = true;
@@ -816,15 +918,23 @@ static void drain_begin(cp_session *s)
      * now watches the deadline. */
     s->tmo.fn = on_drain_deadline;
     cp__timer_arm_at(s->owner, &s->tmo, s->drain_deadline_ns);
-    if (!s->sq.count && !s->wr.armed)
+    if (all_written(s))
         drain_step(s);
 }
 
-/* Everything queued has been written: FIN, then wait for the peer's. */
+/* Everything queued has been written: the filter's end of stream (TLS
+ * close_notify), written too, then FIN, then wait for the peer's. */
 static void drain_step(cp_session *s)
 {
     if (s->wr_shut || atomic_load(&s->state) != CP_S_DRAINING)
         return;
+    if (s->flt && !s->flt->finished) {
+        s->flt->finished = true;
+        if (s->flt->ops->finish(s)) {
+            send_start(s); /* comes back here once it is written */
+            return;
+        }
+    }
     s->wr_shut = true;
     int r = cp__sock_shutdown_wr(s->h.fd);
     if (r < 0)

@@ -13,7 +13,7 @@ ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?=
-DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev libhiredis-dev nats-server redis-server
+DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev libhiredis-dev libssl-dev openssl nodejs nats-server redis-server
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
 .PHONY: all deps build test check check-tsan run run-cluster bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check

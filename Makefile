@@ -144,7 +144,7 @@ CPPCHECK_WIN = --platform=win64 -D_WIN32 -D_WIN64 -D_WIN32_WINNT=0x0A00 -DWIN32_
 lint: SHELL := /bin/bash
 lint: .SHELLFLAGS := -o pipefail -c
 lint:
-	@$(MAKE) --no-print-directory deps DEB_PKGS="cmake gcc make pkg-config liburing-dev libhiredis-dev clang-tidy cppcheck clang-format"
+	@$(MAKE) --no-print-directory deps DEB_PKGS="cmake gcc make pkg-config liburing-dev libhiredis-dev libssl-dev clang-tidy cppcheck clang-format"
 	cmake -S . -B $(LINT_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \
 	  -DCP_TESTS=OFF -DCP_BENCH=OFF $(CMAKE_FLAGS) >/dev/null
 	@echo "clang-tidy: $(words $(LINT_SRCS)) files"
@@ -156,7 +156,7 @@ lint:
 	@echo "lint: clean"
 
 fuzz:
-	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev liburing-dev libhiredis-dev"
+	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev liburing-dev libhiredis-dev libssl-dev"
 	tests/fuzz/build.sh $(FUZZ_BUILD)
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  rm -rf $(FUZZ_BUILD)/corpus-$$t; mkdir -p $(FUZZ_BUILD)/corpus-$$t $(FUZZ_BUILD)/artifacts-$$t; \

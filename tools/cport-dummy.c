@@ -100,6 +100,8 @@ typedef struct dummy_config {
     uint32_t first_index;
     bool room_given;      /* --room-size: report how much of the room we heard */
     uint64_t start_at_ms; /* wall clock (Unix ms) to start sending at; 0 = when ready */
+    bool tls;             /* --tls: every session speaks TLS */
+    const char *tls_ca;   /* --tls-ca: verify the server against these CAs */
 } dummy_config;
 
 /* ------------------------------------------------------------------ latency histogram */
@@ -639,6 +641,8 @@ static void usage(FILE *out)
             "  --backend B       " TOOL_BACKEND_CHOICES " (default auto)\n"
             "  --workers N       worker threads, 0 = one per CPU (default 0)\n"
             "  --server-pid PID  report that process's resident memory each second\n"
+            "  --tls             speak TLS (the server's certificate is not checked...)\n"
+            "  --tls-ca FILE     ...unless given the CAs to check it with (PEM)\n"
             "  --quiet           no progress lines, only the summary\n"
             "  --help            show this text\n"
             "One chat room over several dummies (each to its own server of one bus room):\n"
@@ -715,7 +719,7 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
     };
     static const char *const value_options[] = {
         "--host",    "--port",    "--sessions",   "--mode",      "--size",        "--rate",     "--duration",
-        "--backend", "--workers", "--server-pid", "--room-size", "--first-index", "--start-at", NULL
+        "--backend", "--workers", "--server-pid", "--room-size", "--first-index", "--start-at", "--tls-ca", NULL
     };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
@@ -724,8 +728,8 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
             /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
             exit(0);
         }
-        if (strcmp(opt, "--quiet") == 0) {
-            cfg->quiet = true;
+        if (strcmp(opt, "--quiet") == 0 || strcmp(opt, "--tls") == 0) {
+            *(opt[2] == 'q' ? &cfg->quiet : &cfg->tls) = true;
             continue;
         }
         if (!tool_is_option(opt, value_options))
@@ -787,6 +791,11 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
             if (tool_parse_u64(val, 0, MAX_CHAT_SESSIONS - 1, 0, &n) != 0)
                 usage_error("bad --first-index '%s' (0..%u)", val, MAX_CHAT_SESSIONS - 1);
             cfg->first_index = (uint32_t)n;
+        } else if (strcmp(opt, "--tls-ca") == 0) {
+            if (*val == '\0')
+                usage_error("empty --tls-ca");
+            cfg->tls_ca = val;
+            cfg->tls = true;
         } else if (strcmp(opt, "--start-at") == 0) {
             if (tool_parse_u64(val, 1, UINT64_MAX / 1000000u, 0, &n) != 0)
                 usage_error("bad --start-at '%s' (Unix time in milliseconds)", val);
@@ -1311,6 +1320,17 @@ int main(int argc, char **argv)
     case MODE_CHAT: handlers.on_packet = chat_on_packet; break;
     }
     cp_client_opts opts = client_options(cfg);
+    if (cfg->tls) {
+        /* With --tls-ca the server must prove it is the host we were given. */
+        cp_tls_opts to = { .ca_file = cfg->tls_ca, .verify = cfg->tls_ca != NULL, .sni = cfg->host };
+        rc = cp_tls_create(&opts.session.tls, &to);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot set up TLS: %s\n", prog, cp_strerror(rc));
+            cp_port_destroy(port);
+            free_state(st);
+            return 1;
+        }
+    }
 
     uint64_t hist_bufs[3][HIST_BUCKETS];
     progress prog_state = { .started_ns = tool_now_ns(),
@@ -1335,6 +1355,7 @@ int main(int argc, char **argv)
 
     cp_service *svc = NULL;
     rc = cp_client_start(&svc, port, &opts, &handlers, st);
+    cp_tls_unref(opts.session.tls); /* the service keeps its own */
     if (rc != 0) {
         fprintf(stderr, "%s: cannot start the client service: %s\n", prog, cp_strerror(rc));
         cp_port_destroy(port);

@@ -19,6 +19,11 @@
  *   --mode churn   N slots; each slot connects, sends one S-byte message, checks
  *                  the echo, closes, repeats. Connections per second.
  *
+ * --tls: every connection speaks TLS (OpenSSL, non-blocking, in the same epoll
+ * loop). A connection counts as connected once its handshake is done, so the
+ * timed phase starts after every handshake (churn: each connection's handshake
+ * is part of its connect+echo time). Nothing is verified unless --tls-ca.
+ *
  * Last stdout line: RESULT key=value ... (msgs= is the unit of work: messages,
  * deliveries or connections). Exit 0 only if errors=0; 1 on errors; 2 on bad
  * arguments.
@@ -47,6 +52,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef LOADGEN_TLS
+#  include <arpa/inet.h>
+#  include <limits.h>
+#  include <openssl/err.h>
+#  include <openssl/ssl.h>
+#  include <openssl/x509v3.h>
+#else
+typedef struct ssl_st SSL; /* never created without OpenSSL */
+#endif
+
 /* ------------------------------------------------------------------ options */
 
 enum mode { M_ECHO, M_PACKET, M_CHAT, M_CHURN };
@@ -59,6 +74,8 @@ static struct {
     double duration, rate, drain, settle, connect_timeout;
     uint64_t seed;
     int64_t poll_ns; /* 0: wait in epoll; else sleep, then poll without waiting */
+    bool tls;
+    const char *tls_ca; /* verify the server against this CA file; NULL: no verification */
 } O = {
     .mode = M_ECHO,
     .host = "127.0.0.1",
@@ -306,6 +323,11 @@ struct lconn {
     int wfd; /* chat: the sender thread's copy; closed only at exit */
     int idx; /* global client index */
     bool connected, out_armed, dead, synced, busy;
+    /* --tls: connected means the handshake is done; tcp_up that the TCP
+     * connect is. tls_more: the last read stopped with plaintext still inside
+     * OpenSSL, which epoll cannot see, so the caller reads again. */
+    bool tcp_up, tls_more;
+    SSL *ssl;
     uint64_t seed;
     /* echo / packet / churn */
     uint64_t sent, target, recvd; /* stream positions */
@@ -322,6 +344,9 @@ struct lconn {
     size_t out_off, out_len, out_cap;
     uint32_t seq; /* packets this client has sent */
     bool send_failed;
+    /* chat over TLS: the sender thread and the receiving worker use the one
+     * SSL, which OpenSSL does not allow at the same time */
+    pthread_mutex_t mu;
 };
 
 struct worker {
@@ -362,19 +387,24 @@ static void report(const char *fmt, ...)
     fprintf(stderr, "loadgen: %s\n", line);
 }
 
+static void tls_free(struct lconn *c);
+
 static void conn_close(struct worker *w, struct lconn *c)
 {
     if (c->fd >= 0) {
         if (O.mode == M_CHAT) {
-            /* the sender thread may still write to it: keep the number, stop the socket */
+            /* the sender thread may still write to it: keep the number (and
+             * the SSL), stop the socket */
             epoll_ctl(w->ep, EPOLL_CTL_DEL, c->fd, NULL);
             shutdown(c->fd, SHUT_RDWR);
         } else {
+            tls_free(c);
             close(c->fd);
         }
     }
     c->fd = -1;
     c->out_armed = false;
+    c->tls_more = false;
 }
 
 static void conn_fail(struct worker *w, struct lconn *c, const char *what, int err)
@@ -407,6 +437,241 @@ static void set_interest(struct worker *w, struct lconn *c, bool out)
     c->out_armed = out;
 }
 
+/* ----- transport: the socket itself, or TLS over it (--tls)
+ *
+ * conn_read and conn_write behave like read and write (EAGAIN when OpenSSL
+ * waits for the socket, 0 from a read at the end), so every mode runs the same
+ * code over both; plain connections pay one predictable branch per call. */
+
+#ifdef LOADGEN_TLS
+static SSL_CTX *tls_ctx;
+static _Atomic int tls_shown;
+
+static int tls_init(void)
+{
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx)
+        return -1;
+    SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION);
+    /* A short write keeps the rest for the caller; a retry may come from another
+     * buffer (chat's backlog) with the same bytes. */
+    SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    /* Read what the socket has in one read instead of a record header and a
+     * body, so the loadgen's own cost per message stays low. */
+    SSL_CTX_set_read_ahead(tls_ctx, 1);
+    /* A server that closes without close_notify ends the stream like a plain
+     * one does (read returns 0). */
+    SSL_CTX_set_options(tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+    if (O.tls_ca) {
+        if (access(O.tls_ca, R_OK) < 0) {
+            fprintf(stderr, "loadgen: CA file %s: %s\n", O.tls_ca, strerror(errno));
+            return -1;
+        }
+        if (SSL_CTX_load_verify_locations(tls_ctx, O.tls_ca, NULL) != 1) {
+            fprintf(stderr, "loadgen: CA file %s: %s\n", O.tls_ca,
+                    ERR_reason_error_string(ERR_peek_last_error()));
+            return -1;
+        }
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_PEER, NULL);
+    }
+    return 0;
+}
+
+static void tls_lock(struct lconn *c)
+{
+    if (O.mode == M_CHAT)
+        pthread_mutex_lock(&c->mu);
+}
+
+static void tls_unlock(struct lconn *c)
+{
+    if (O.mode == M_CHAT)
+        pthread_mutex_unlock(&c->mu);
+}
+
+/* OpenSSL's reason for the last failure, and its queue emptied so that it
+ * never shows up in the next call's SSL_get_error. */
+static const char *tls_reason(const struct lconn *c)
+{
+    unsigned long e = ERR_peek_last_error();
+    const char *r = e ? ERR_reason_error_string(e) : NULL;
+    long v = c->ssl ? SSL_get_verify_result(c->ssl) : X509_V_OK;
+    ERR_clear_error();
+    if (v != X509_V_OK)
+        return X509_verify_cert_error_string(v);
+    return r ? r : "unknown error";
+}
+
+/* rc <= 0 from SSL_read/SSL_write -> read()/write() conventions. A WANT_WRITE
+ * from a read (a KeyUpdate to answer while the socket is full) is taken as
+ * EAGAIN: the answer goes out with the next write or read. */
+static ssize_t tls_error(struct lconn *c, int rc, bool writing)
+{
+    int e = SSL_get_error(c->ssl, rc);
+    switch (e) {
+    case SSL_ERROR_WANT_READ:
+    case SSL_ERROR_WANT_WRITE: errno = EAGAIN; return -1;
+    case SSL_ERROR_ZERO_RETURN:
+        if (!writing)
+            return 0;
+        errno = EPIPE;
+        return -1;
+    case SSL_ERROR_SYSCALL:
+        ERR_clear_error();
+        if (!errno)
+            errno = writing ? EPIPE : EIO;
+        return -1;
+    default:
+        report("conn %d: TLS %s: %s", c->idx, writing ? "write" : "read", tls_reason(c));
+        errno = EPROTO;
+        return -1;
+    }
+}
+
+/* Reads until the socket has nothing more (or buf is full): with read-ahead,
+ * OpenSSL may hold whole records that epoll no longer reports. */
+static ssize_t tls_read(struct lconn *c, unsigned char *buf, size_t len)
+{
+    size_t got = 0;
+    ssize_t rc = 0;
+    tls_lock(c);
+    c->tls_more = false;
+    for (;;) {
+        int n = SSL_read(c->ssl, buf + got, len - got > INT_MAX ? INT_MAX : (int)(len - got));
+        if (n > 0) {
+            got += (size_t)n;
+            if (!SSL_has_pending(c->ssl))
+                break;
+            if (got == len) {
+                c->tls_more = true;
+                break;
+            }
+            continue;
+        }
+        if (got) {
+            /* hand over what came first; a failure shows again in the next read */
+            ERR_clear_error();
+            break;
+        }
+        rc = tls_error(c, n, false);
+        break;
+    }
+    tls_unlock(c);
+    return got ? (ssize_t)got : rc;
+}
+
+/* Writes all of p or until the socket is full; what it returns was sent (a
+ * record cut short stays in OpenSSL and is not counted: the retry starts with
+ * those bytes again, which every caller does). */
+static ssize_t tls_write(struct lconn *c, const unsigned char *p, size_t len)
+{
+    size_t done = 0;
+    ssize_t rc = 0;
+    tls_lock(c);
+    while (done < len) {
+        int n = SSL_write(c->ssl, p + done, len - done > INT_MAX ? INT_MAX : (int)(len - done));
+        if (n > 0) {
+            done += (size_t)n;
+            continue;
+        }
+        if (done)
+            ERR_clear_error();
+        else
+            rc = tls_error(c, n, true);
+        break;
+    }
+    tls_unlock(c);
+    return done ? (ssize_t)done : rc;
+}
+
+static int tls_start(struct lconn *c)
+{
+    c->ssl = SSL_new(tls_ctx);
+    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1)
+        return -1;
+    SSL_set_connect_state(c->ssl);
+    unsigned char ip[16];
+    bool literal = inet_pton(AF_INET, O.host, ip) == 1 || inet_pton(AF_INET6, O.host, ip) == 1;
+    /* SNI carries names only; verification checks the name or the address */
+    if (!literal && SSL_set_tlsext_host_name(c->ssl, O.host) != 1)
+        return -1;
+    if (O.tls_ca) {
+        X509_VERIFY_PARAM *vp = SSL_get0_param(c->ssl);
+        if ((literal ? X509_VERIFY_PARAM_set1_ip_asc(vp, O.host) : SSL_set1_host(c->ssl, O.host)) != 1)
+            return -1;
+    }
+    return 0;
+}
+
+/* 1 done, 0 waiting for the socket, -1 failed (the reason in what) */
+static int tls_handshake(struct lconn *c, bool *want_out, char *what, size_t whatlen)
+{
+    int n = SSL_do_handshake(c->ssl);
+    if (n == 1)
+        return 1;
+    int e = SSL_get_error(c->ssl, n);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        *want_out = e == SSL_ERROR_WANT_WRITE;
+        return 0;
+    }
+    if (e == SSL_ERROR_SYSCALL && ERR_peek_last_error() == 0)
+        snprintf(what, whatlen, "TLS handshake: %s", errno ? strerror(errno) : "closed by the server");
+    else
+        snprintf(what, whatlen, "TLS handshake: %s", tls_reason(c));
+    ERR_clear_error();
+    return -1;
+}
+
+/* The first connection's protocol, once, so a run's log says what it measured. */
+static void tls_show(const struct lconn *c)
+{
+    if (atomic_exchange(&tls_shown, 1))
+        return;
+    int nid = SSL_get_negotiated_group(c->ssl);
+    const char *group = nid > 0 ? OBJ_nid2sn(nid) : NULL;
+    fprintf(stderr, "loadgen: TLS %s, cipher %s, group %s%s\n", SSL_get_version(c->ssl),
+            SSL_get_cipher_name(c->ssl), group ? group : "-",
+            O.tls_ca ? ", server verified" : ", server not verified");
+}
+
+/* close_notify before a clean close, as a well-behaved client sends it */
+static void tls_bye(struct lconn *c)
+{
+    if (c->ssl && SSL_shutdown(c->ssl) < 0)
+        ERR_clear_error();
+}
+
+static void tls_free(struct lconn *c)
+{
+    SSL_free(c->ssl);
+    c->ssl = NULL;
+}
+#else
+static int tls_init(void) { return -1; }
+static ssize_t tls_read(struct lconn *c, unsigned char *buf, size_t len) { return -1; }
+static ssize_t tls_write(struct lconn *c, const unsigned char *p, size_t len) { return -1; }
+static int tls_start(struct lconn *c) { return -1; }
+static int tls_handshake(struct lconn *c, bool *want_out, char *what, size_t whatlen) { return -1; }
+static void tls_show(const struct lconn *c) {}
+static void tls_bye(struct lconn *c) {}
+static void tls_free(struct lconn *c) {}
+#endif
+
+static inline ssize_t conn_read(struct lconn *c, unsigned char *buf, size_t len)
+{
+    if (c->ssl)
+        return tls_read(c, buf, len);
+    return read(c->fd, buf, len);
+}
+
+/* fd: chat's sender writes to its own copy of the descriptor (wfd) */
+static inline ssize_t conn_write(struct lconn *c, int fd, const unsigned char *p, size_t len)
+{
+    if (c->ssl)
+        return tls_write(c, p, len);
+    return write(fd, p, len);
+}
+
 static int start_connect(struct worker *w, struct lconn *c)
 {
     int fd = socket(srv_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -419,7 +684,7 @@ static int start_connect(struct worker *w, struct lconn *c)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->fd = fd;
     c->wfd = fd;
-    c->connected = false;
+    c->connected = c->tcp_up = false;
     c->out_armed = true;
     if (connect(fd, (struct sockaddr *)&srv_addr, srv_addrlen) < 0 && errno != EINPROGRESS) {
         conn_fail(w, c, "connect", errno);
@@ -450,7 +715,7 @@ static void echo_flush(struct worker *w, struct lconn *c)
         if (chunk > RBUF_SIZE)
             chunk = RBUF_SIZE;
         stream_bytes(c, c->sent, w->sbuf, chunk);
-        ssize_t n = write(c->fd, w->sbuf, chunk);
+        ssize_t n = conn_write(c, c->fd, w->sbuf, chunk);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -493,7 +758,7 @@ static bool verify(struct worker *w, struct lconn *c, uint64_t off, const unsign
 
 static void echo_readable(struct worker *w, struct lconn *c)
 {
-    ssize_t n = read(c->fd, w->rbuf, RBUF_SIZE);
+    ssize_t n = conn_read(c, w->rbuf, RBUF_SIZE);
     if (n <= 0) {
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             return;
@@ -546,7 +811,7 @@ static void churn_start(struct worker *w, struct lconn *c, int64_t now)
 
 static void churn_readable(struct worker *w, struct lconn *c, int64_t *now)
 {
-    ssize_t n = read(c->fd, w->rbuf, RBUF_SIZE);
+    ssize_t n = conn_read(c, w->rbuf, RBUF_SIZE);
     if (n <= 0) {
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             return;
@@ -572,6 +837,7 @@ static void churn_readable(struct worker *w, struct lconn *c, int64_t *now)
     w->last_ns = *now;
     w->outstanding--;
     c->busy = false;
+    tls_bye(c);
     conn_close(w, c);
     if (w->running)
         churn_start(w, c, *now);
@@ -596,7 +862,7 @@ static void chat_write(struct lconn *c, const unsigned char *p, size_t len)
     if (c->out_len == c->out_off) {
         c->out_off = c->out_len = 0;
         for (;;) {
-            ssize_t n = write(c->wfd, p, len);
+            ssize_t n = conn_write(c, c->wfd, p, len);
             if (n == (ssize_t)len)
                 return;
             if (n < 0) {
@@ -641,7 +907,7 @@ static void chat_flush_pending(struct lconn *all)
     for (int i = 0; i < SND.npend;) {
         struct lconn *c = &all[SND.pend[i]];
         while (!c->send_failed && c->out_off < c->out_len) {
-            ssize_t n = write(c->wfd, c->out + c->out_off, c->out_len - c->out_off);
+            ssize_t n = conn_write(c, c->wfd, c->out + c->out_off, c->out_len - c->out_off);
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
@@ -714,7 +980,7 @@ static void chat_readable(struct worker *w, struct lconn *c)
     unsigned char *b = w->rbuf;
     if (c->carry_len)
         memcpy(b, c->carry, c->carry_len);
-    ssize_t n = read(c->fd, b + c->carry_len, RBUF_SIZE);
+    ssize_t n = conn_read(c, b + c->carry_len, RBUF_SIZE);
     if (n <= 0) {
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             return;
@@ -806,11 +1072,19 @@ static void *sender_main(void *arg)
 
 /* ----- event loop */
 
-static void on_event(struct worker *w, struct lconn *c, unsigned ev)
+static void setup_fail(struct worker *w, struct lconn *c, const char *what, int err)
 {
-    if (c->fd < 0)
-        return;
-    if (!c->connected) {
+    if (O.mode == M_CHURN) {
+        c->busy = false;
+        w->outstanding--;
+    }
+    conn_fail(w, c, what, err);
+}
+
+/* Until the TCP connect (and with --tls the handshake) is done. */
+static void conn_setup(struct worker *w, struct lconn *c, unsigned ev)
+{
+    if (!c->tcp_up) {
         if (!(ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
             return;
         int err = 0;
@@ -818,40 +1092,69 @@ static void on_event(struct worker *w, struct lconn *c, unsigned ev)
         if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0)
             err = errno;
         if (err) {
-            if (O.mode == M_CHURN) {
-                c->busy = false;
-                w->outstanding--;
-            }
-            conn_fail(w, c, "connect", err);
+            setup_fail(w, c, "connect", err);
             return;
         }
-        c->connected = true;
-        if (O.mode == M_CHURN) {
-            echo_flush(w, c);
+        c->tcp_up = true;
+        if (O.tls && tls_start(c) < 0) {
+            setup_fail(w, c, "TLS setup", ENOMEM);
             return;
         }
-        atomic_fetch_add(&G.connected, 1);
-        set_interest(w, c, false);
+    }
+    if (c->ssl) {
+        char what[200];
+        bool out = false;
+        int rc = tls_handshake(c, &out, what, sizeof what);
+        if (rc < 0)
+            setup_fail(w, c, what, 0);
+        else if (rc == 0)
+            set_interest(w, c, out);
+        if (rc <= 0)
+            return;
+        tls_show(c);
+    }
+    c->connected = true;
+    if (O.mode == M_CHURN) {
+        echo_flush(w, c);
+        return;
+    }
+    atomic_fetch_add(&G.connected, 1);
+    set_interest(w, c, false);
+}
+
+static void on_event(struct worker *w, struct lconn *c, unsigned ev)
+{
+    if (c->fd < 0)
+        return;
+    if (!c->connected) {
+        conn_setup(w, c, ev);
         return;
     }
     int64_t now = 0;
+    /* the do-while loops again only when TLS left plaintext behind (tls_more) */
     switch (O.mode) {
     case M_ECHO:
     case M_PACKET:
         if (ev & EPOLLOUT)
             echo_flush(w, c);
         if (c->fd >= 0 && (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)))
-            echo_readable(w, c);
+            do
+                echo_readable(w, c);
+            while (c->tls_more && c->fd >= 0);
         break;
     case M_CHURN:
         if (ev & EPOLLOUT)
             echo_flush(w, c);
         if (c->fd >= 0 && (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)))
-            churn_readable(w, c, &now);
+            do
+                churn_readable(w, c, &now);
+            while (c->tls_more && c->fd >= 0);
         break;
     case M_CHAT:
         if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP))
-            chat_readable(w, c);
+            do
+                chat_readable(w, c);
+            while (c->tls_more && c->fd >= 0);
         break;
     }
 }
@@ -982,6 +1285,11 @@ static void usage(FILE *f)
                "                     microseconds and poll (0 = off, default); the server's writes\n"
                "                     then never have to wake the loadgen, which also reads bigger\n"
                "                     batches; adds up to US to the measured latency\n"
+               "  --tls              speak TLS on every connection (OpenSSL); the load starts once\n"
+               "                     every handshake is done (churn: each connection's handshake is\n"
+               "                     part of its time); prints the TLS version and cipher on stderr\n"
+               "  --tls-ca FILE      verify the server's certificate against FILE and its name\n"
+               "                     against --host (implies --tls; default: no verification)\n"
                "Prints a summary and a final 'RESULT key=value...' line. Exit 0 iff errors=0.\n");
 }
 
@@ -999,14 +1307,24 @@ static bool parse_num(const char *s, double lo, double hi, double *out)
 static int parse_args(int argc, char **argv)
 {
     static const struct option lo[] = {
-        { "mode", required_argument, NULL, 'm' },     { "host", required_argument, NULL, 'H' },
-        { "port", required_argument, NULL, 'p' },     { "conns", required_argument, NULL, 'c' },
-        { "size", required_argument, NULL, 's' },     { "depth", required_argument, NULL, 'd' },
-        { "duration", required_argument, NULL, 't' }, { "rate", required_argument, NULL, 'r' },
-        { "threads", required_argument, NULL, 'T' },  { "drain", required_argument, NULL, 'D' },
-        { "settle", required_argument, NULL, 'S' },   { "connect-timeout", required_argument, NULL, 'C' },
-        { "seed", required_argument, NULL, 'x' },     { "poll-interval", required_argument, NULL, 'P' },
-        { "help", no_argument, NULL, 'h' },           { NULL, 0, NULL, 0 },
+        { "mode", required_argument, NULL, 'm' },
+        { "host", required_argument, NULL, 'H' },
+        { "port", required_argument, NULL, 'p' },
+        { "conns", required_argument, NULL, 'c' },
+        { "size", required_argument, NULL, 's' },
+        { "depth", required_argument, NULL, 'd' },
+        { "duration", required_argument, NULL, 't' },
+        { "rate", required_argument, NULL, 'r' },
+        { "threads", required_argument, NULL, 'T' },
+        { "drain", required_argument, NULL, 'D' },
+        { "settle", required_argument, NULL, 'S' },
+        { "connect-timeout", required_argument, NULL, 'C' },
+        { "seed", required_argument, NULL, 'x' },
+        { "poll-interval", required_argument, NULL, 'P' },
+        { "tls", no_argument, NULL, 'L' },
+        { "tls-ca", required_argument, NULL, 'A' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
     };
     int o;
     double v;
@@ -1086,6 +1404,11 @@ static int parse_args(int argc, char **argv)
                 return -1;
             O.poll_ns = (int64_t)(v * 1000);
             break;
+        case 'L': O.tls = true; break;
+        case 'A':
+            O.tls = true;
+            O.tls_ca = optarg;
+            break;
         case 'h': usage(stdout); exit(0);
         default: return -1;
         }
@@ -1160,6 +1483,14 @@ int main(int argc, char **argv)
     }
     if (resolve() < 0)
         return 2;
+#ifndef LOADGEN_TLS
+    if (O.tls) {
+        fprintf(stderr, "loadgen: built without OpenSSL, so --tls is not available\n");
+        return 2;
+    }
+#endif
+    if (O.tls && tls_init() < 0)
+        return 2;
     if (pattern_init() < 0) {
         perror("loadgen");
         return 1;
@@ -1194,6 +1525,8 @@ int main(int argc, char **argv)
         if (O.mode == M_CHAT) {
             c->next = calloc((size_t)O.conns, sizeof *c->next);
             c->carry = malloc((size_t)O.size);
+            if (O.tls)
+                pthread_mutex_init(&c->mu, NULL);
         }
         if (((O.mode == M_ECHO || O.mode == M_PACKET) && !c->ts) ||
             (O.mode == M_CHAT && (!c->next || !c->carry))) {
@@ -1315,9 +1648,9 @@ int main(int argc, char **argv)
                secs > 0 ? (double)bytes_in / secs / 1e6 : 0, p50, p99, mx, (unsigned long long)lost,
                (unsigned long long)errors);
         printf("RESULT mode=%s conns=%d size=%d depth=%d threads=%d msgs=%llu secs=%.3f msgs_per_s=%.0f "
-               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f errors=%llu\n",
+               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d errors=%llu\n",
                mn, O.conns, O.size, O.depth, O.threads, (unsigned long long)msgs, secs, rate, p50, p99, mx,
-               (unsigned long long)lost, lg_cpu, (unsigned long long)errors);
+               (unsigned long long)lost, lg_cpu, (int)O.tls, (unsigned long long)errors);
         break;
     case M_CHAT:
         printf("chat: %d clients x %g pkt/s x %d B, %d thread(s): sent %llu, %llu deliveries in %.3f s = "
@@ -1329,10 +1662,10 @@ int main(int argc, char **argv)
                (unsigned long long)errors);
         printf("RESULT mode=chat conns=%d size=%d rate=%g threads=%d sent=%llu msgs=%llu deliveries=%llu "
                "secs=%.3f msgs_per_s=%.0f deliveries_per_s=%.0f p50_us=%.1f p99_us=%.1f max_us=%.1f "
-               "lost=%llu out_of_order=%llu lg_cpu_s=%.2f errors=%llu\n",
+               "lost=%llu out_of_order=%llu lg_cpu_s=%.2f tls=%d errors=%llu\n",
                O.conns, O.size, O.rate, O.threads, (unsigned long long)sent_total, (unsigned long long)msgs,
                (unsigned long long)msgs, secs, rate, rate, p50, p99, mx, (unsigned long long)lost,
-               (unsigned long long)ooo, lg_cpu, (unsigned long long)errors);
+               (unsigned long long)ooo, lg_cpu, (int)O.tls, (unsigned long long)errors);
         break;
     case M_CHURN:
         printf("churn: %d slots x %d B: %llu connections in %.3f s = %.0f conns/s; "
@@ -1340,9 +1673,9 @@ int main(int argc, char **argv)
                O.conns, O.size, (unsigned long long)msgs, secs, rate, p50, p99, mx,
                (unsigned long long)errors);
         printf("RESULT mode=churn conns=%d size=%d threads=%d msgs=%llu secs=%.3f msgs_per_s=%.0f "
-               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f errors=%llu\n",
+               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d errors=%llu\n",
                O.conns, O.size, O.threads, (unsigned long long)msgs, secs, rate, p50, p99, mx,
-               (unsigned long long)lost, lg_cpu, (unsigned long long)errors);
+               (unsigned long long)lost, lg_cpu, (int)O.tls, (unsigned long long)errors);
         break;
     }
     fflush(stdout);

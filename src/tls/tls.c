@@ -43,6 +43,11 @@
 
 #define PLAIN_BLOCK (16u * 1024u)     /* one TLS record's worth of plaintext */
 #define OUT_CAP (PLAIN_BLOCK + 1024u) /* a record and its overhead */
+/* A ciphertext buffer is opened for what the write in hand needs, at least
+ * this much: small records are carved from the thread's chunk, whose unused
+ * rest is given back at close, instead of each pinning a whole record's
+ * worth while it waits to be written. */
+#define OUT_MIN 2048u
 #define HS_PER_ROUND_DEFAULT 8u
 #define HANDSHAKE_MS_DEFAULT 10000u
 #define STASH_MAX (16u * 1024u) /* a waiting handshake's input at most */
@@ -130,18 +135,22 @@ static int bio_write(BIO *bio, const char *data, size_t len, size_t *written)
     tls_filter *f = BIO_get_data(bio);
     size_t left = len;
     while (left) {
+        if (f->out && f->out->cap - f->out_len < left && f->out_len)
+            out_flush(f); /* a record is not split over two buffers */
         if (!f->out) {
-            f->out = cp__sendbuf_open(OUT_CAP);
+            size_t cap = left < OUT_MIN ? OUT_MIN : left < OUT_CAP ? left : OUT_CAP;
+            f->out = cp__sendbuf_open(cap);
             if (!f->out)
                 return 0;
             f->out_len = 0;
         }
-        size_t take = OUT_CAP - f->out_len < left ? OUT_CAP - f->out_len : left;
+        size_t room = f->out->cap - f->out_len;
+        size_t take = room < left ? room : left;
         memcpy(f->out->data + f->out_len, data, take);
         f->out_len += take;
         data += take;
         left -= take;
-        if (f->out_len == OUT_CAP)
+        if (f->out_len == f->out->cap)
             out_flush(f);
     }
     *written = len;

@@ -717,10 +717,10 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
         .duration = 10,
         .backend = CP_BACKEND_AUTO,
     };
-    static const char *const value_options[] = {
-        "--host",    "--port",    "--sessions",   "--mode",      "--size",        "--rate",     "--duration",
-        "--backend", "--workers", "--server-pid", "--room-size", "--first-index", "--start-at", "--tls-ca", NULL
-    };
+    static const char *const value_options[] = { "--host",     "--port",       "--sessions",  "--mode",
+                                                 "--size",     "--rate",       "--duration",  "--backend",
+                                                 "--workers",  "--server-pid", "--room-size", "--first-index",
+                                                 "--start-at", "--tls-ca",     NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {

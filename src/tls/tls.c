@@ -83,6 +83,7 @@ typedef struct tls_filter {
     uint64_t wire_made, wire_done; /* ciphertext bytes queued and written so far */
     tls_mark *marks;               /* ring: user bytes finished at each wire end */
     uint32_t mhead, mlen, mcap;
+    tls_mark marks_in[2]; /* the ring while it is this small: most of the time */
     /* A hello that waits for its turn (the handshake budget). */
     uint8_t *stash;
     uint32_t stash_len;
@@ -208,13 +209,14 @@ static int mark_push(tls_filter *f, uint64_t plain)
         return 0;
     }
     if (f->mlen == f->mcap) {
-        uint32_t cap = f->mcap ? f->mcap * 2 : 4;
+        uint32_t cap = f->mcap * 2;
         tls_mark *m = cp__malloc(sizeof *m * cap);
         if (!m)
             return -ENOMEM;
         for (uint32_t i = 0; i < f->mlen; i++)
             m[i] = f->marks[(f->mhead + i) % f->mcap];
-        cp__free(f->marks);
+        if (f->marks != f->marks_in)
+            cp__free(f->marks);
         f->marks = m;
         f->mcap = cap;
         f->mhead = 0;
@@ -233,10 +235,11 @@ static size_t tls_written(cp_session *s, size_t n)
         f->mhead = (f->mhead + 1) % f->mcap;
         f->mlen--;
     }
-    if (!f->mlen && f->marks) {
-        cp__free(f->marks); /* an idle session keeps none */
-        f->marks = NULL;
-        f->mcap = f->mhead = 0;
+    if (!f->mlen && f->marks != f->marks_in) {
+        cp__free(f->marks); /* back to the small ring: an idle session keeps no more */
+        f->marks = f->marks_in;
+        f->mcap = 2;
+        f->mhead = 0;
     }
     return plain;
 }
@@ -451,7 +454,10 @@ static size_t read_records(tls_filter *f)
         ERR_clear_error();
         if (SSL_read_ex(f->ssl, buf, sizeof buf, &got)) {
             packets += cp__session_input(s, buf, got);
-            if (atomic_load(&s->state) != CP_S_CONNECTED)
+            /* Without read-ahead OpenSSL holds no whole record beyond the
+             * one it returned (and buf takes a whole record): with the input
+             * used up, another call would only say WANT_READ. */
+            if (atomic_load(&s->state) != CP_S_CONNECTED || !f->in_len)
                 break;
             continue;
         }
@@ -538,6 +544,8 @@ static cp_filter *tls_attach(cp_filter_kind *k, cp_session *s)
     SSL_set_bio(f->ssl, bio, bio); /* one reference, for both directions */
     f->s = s;
     f->tls = t;
+    f->marks = f->marks_in;
+    f->mcap = 2;
     cp__queue_init(&f->wait_link);
     if (s->is_client) {
         SSL_set_connect_state(f->ssl);
@@ -575,7 +583,8 @@ static void tls_detach(cp_session *s)
     if (f->out)
         cp_sendbuf_unref(f->out);
     SSL_free(f->ssl);
-    cp__free(f->marks);
+    if (f->marks != f->marks_in)
+        cp__free(f->marks);
     cp__free(f->stash);
     cp__free(f);
 }

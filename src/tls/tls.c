@@ -83,7 +83,7 @@ typedef struct tls_filter {
     uint64_t wire_made, wire_done; /* ciphertext bytes queued and written so far */
     tls_mark *marks;               /* ring: user bytes finished at each wire end */
     uint32_t mhead, mlen, mcap;
-    tls_mark marks_in[2]; /* the ring while it is this small: most of the time */
+    tls_mark marks_in[2]; /* the ring while it is this small (most of the time); a power of two */
     /* A hello that waits for its turn (the handshake budget). */
     uint8_t *stash;
     uint32_t stash_len;
@@ -204,8 +204,8 @@ static int mark_push(tls_filter *f, uint64_t plain)
 {
     if (!plain)
         return 0;
-    if (f->mlen && f->marks[(f->mhead + f->mlen - 1) % f->mcap].wire_end == f->wire_made) {
-        f->marks[(f->mhead + f->mlen - 1) % f->mcap].plain += plain;
+    if (f->mlen && f->marks[(f->mhead + f->mlen - 1) & (f->mcap - 1)].wire_end == f->wire_made) {
+        f->marks[(f->mhead + f->mlen - 1) & (f->mcap - 1)].plain += plain;
         return 0;
     }
     if (f->mlen == f->mcap) {
@@ -214,14 +214,14 @@ static int mark_push(tls_filter *f, uint64_t plain)
         if (!m)
             return -ENOMEM;
         for (uint32_t i = 0; i < f->mlen; i++)
-            m[i] = f->marks[(f->mhead + i) % f->mcap];
+            m[i] = f->marks[(f->mhead + i) & (f->mcap - 1)];
         if (f->marks != f->marks_in)
             cp__free(f->marks);
         f->marks = m;
         f->mcap = cap;
         f->mhead = 0;
     }
-    f->marks[(f->mhead + f->mlen++) % f->mcap] = (tls_mark){ f->wire_made, plain };
+    f->marks[(f->mhead + f->mlen++) & (f->mcap - 1)] = (tls_mark){ f->wire_made, plain };
     return 0;
 }
 
@@ -232,7 +232,7 @@ static size_t tls_written(cp_session *s, size_t n)
     size_t plain = 0;
     while (f->mlen && f->marks[f->mhead].wire_end <= f->wire_done) {
         plain += (size_t)f->marks[f->mhead].plain;
-        f->mhead = (f->mhead + 1) % f->mcap;
+        f->mhead = (f->mhead + 1) & (f->mcap - 1);
         f->mlen--;
     }
     if (!f->mlen && f->marks != f->marks_in) {

@@ -112,6 +112,10 @@ static void on_timeout(cp_worker *w, void *sp)
 
 void cp__session_timeout_rearm(cp_session *s)
 {
+    /* In a filter's handshake the timer is the handshake's deadline, which
+     * the idle clock must not move (session_connected arms it after). */
+    if (atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_HANDSHAKING)
+        return;
     if (s->svc->idle_timeout_ns || s->svc->packet_timeout_ns)
         timeout_rearm(s->owner, s);
 }

@@ -121,6 +121,10 @@ void cp__session_filter_up(cp_session *s);
 /* On the owner: the filter appended to the wire queue by itself (a
  * handshake flight, a TLS KeyUpdate): write it this round. */
 void cp__session_wire_ready(cp_session *s);
+/* On the owner: write the wire queue now rather than at the end of the
+ * round, for a fatal alert that must leave before the close that follows
+ * (a close drops what is still queued). */
+void cp__session_wire_flush(cp_session *s);
 /* On the owner: the user's limit on what the session may queue, less what
  * the filter's wire queue already holds. */
 size_t cp__session_queue_room(const cp_session *s);

@@ -112,6 +112,10 @@ static void on_timeout(cp_worker *w, void *sp)
 
 void cp__session_timeout_rearm(cp_session *s)
 {
+    /* In a filter's handshake the timer is the handshake's deadline, which
+     * the idle clock must not move (session_connected arms it after). */
+    if (atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_HANDSHAKING)
+        return;
     if (s->svc->idle_timeout_ns || s->svc->packet_timeout_ns)
         timeout_rearm(s->owner, s);
 }
@@ -637,6 +641,28 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     if (wire_open(s))
         send_start(s);
     unhold(s);
+}
+
+/* One write, best effort, and never a close of its own: the caller closes
+ * right after, with the reason that matters (a failed write only loses the
+ * alert). */
+void cp__session_wire_flush(cp_session *s)
+{
+    cp_worker *w = s->owner;
+    cp_sendq *q = wire_queue(s);
+    if (!q->count || s->wr.armed || !wire_open(s))
+        return;
+    struct iovec iov[IOV_CAP];
+    int n = cp__sendq_gather(q, iov, IOV_CAP, SEND_BYTES_CAP);
+    int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
+    if (r == CP_PENDING) {
+        if (w->port->be->send_holds_bufs)
+            cp__sendq_pending(q, n);
+        s->ops_pending++;
+        hold(s);
+    } else if (r > 0) {
+        sent(s, (size_t)r);
+    }
 }
 
 static int err_of_reason(cp_reason reason)

@@ -438,7 +438,7 @@ static bool handshake_step(tls_filter *f)
         return true;
     }
     errors_drain(f->s, "handshake");
-    cp__session_wire_ready(f->s); /* an alert may be on its way */
+    cp__session_wire_flush(f->s); /* the alert, before the close drops it */
     cp__session_close(f->s, CP_REASON_TLS, -EPROTO);
     return false;
 }

@@ -472,6 +472,8 @@ static size_t read_records(tls_filter *f)
             break;
         }
         errors_drain(s, "read");
+        out_flush(f);
+        cp__session_wire_flush(s); /* the alert (a bad record's), before the close drops it */
         cp__session_close(s, CP_REASON_TLS, -EPROTO);
         break;
     }

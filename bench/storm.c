@@ -4,7 +4,7 @@
  *
  *   storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]
  *         [--neighbours K] [--interval MS] [--size S] [--duration SEC]
- *         [--storm-nice N]
+ *         [--storm-nice N] [--tls]
  *
  * K neighbour connections (default 20) each send S bytes (default 64) every
  * MS milliseconds (default 10; their sends are spread over the period) and
@@ -25,6 +25,14 @@
  *
  * Each round trip is also split at the kernel's receive timestamp of the echo
  * (see sample): srv_* is the send-to-echo part, wake_* the rest.
+ *
+ * --tls (connect mode only): everything speaks TLS (OpenSSL, TLS 1.2 or later,
+ * no certificate check). The neighbours complete their handshakes before the
+ * storm; they run OpenSSL over memory BIOs and move the ciphertext themselves,
+ * so the receive timestamps still split their round trips. Each storm
+ * connection is a new full handshake: connect, handshake, send S bytes, read
+ * the echo back (so it counts only once the server has served it), send
+ * close_notify, close. connects then counts completed handshakes.
  *
  * Last line: RESULT mode=... procs=N connects=C connects_per_s=X connect_errors=E
  *            samples=K p50_us=... p99_us=... max_us=... srv_p99_us=... srv_max_us=...
@@ -54,6 +62,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef STORM_TLS
+#  include <openssl/err.h>
+#  include <openssl/ssl.h>
+#else
+typedef struct ssl_st SSL; /* never created without OpenSSL */
+typedef struct bio_st BIO;
+#endif
+
 #define MAX_NEIGHBOURS 1000
 #define MAX_PROCS 64
 #define MARGIN_NS 500000000LL
@@ -61,7 +77,7 @@
 typedef struct {
     const char *host;
     long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice;
-    int rst;
+    int rst, tls;
 } opts;
 
 typedef struct {
@@ -76,6 +92,8 @@ typedef struct {
     int64_t rx_rt;   /* the kernel's receive timestamp of the echo's last bytes */
     int64_t next_send;
     long got;
+    SSL *ssl;     /* --tls: over the memory BIOs below, never the socket */
+    BIO *rb, *wb; /* ciphertext in (from the socket) and out (to it) */
 } neighbour;
 
 static int64_t now_ns(void)
@@ -89,7 +107,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]\n"
                "             [--neighbours K] [--interval MS] [--size S] [--duration SEC]\n"
-               "             [--storm-nice N]\n");
+               "             [--storm-nice N] [--tls]\n");
 }
 
 static int num(const char *s, long lo, long hi, long *out)
@@ -113,12 +131,19 @@ static int parse(int argc, char **argv, opts *o)
                  .duration = 5,
                  .rst = 1 };
     static const struct option lo[] = {
-        { "port", required_argument, NULL, 'p' },     { "host", required_argument, NULL, 'H' },
-        { "mode", required_argument, NULL, 'm' },     { "procs", required_argument, NULL, 'n' },
-        { "rate", required_argument, NULL, 'r' },     { "neighbours", required_argument, NULL, 'k' },
-        { "interval", required_argument, NULL, 'i' }, { "size", required_argument, NULL, 's' },
-        { "duration", required_argument, NULL, 'd' }, { "storm-nice", required_argument, NULL, 'N' },
-        { "help", no_argument, NULL, 'h' },           { NULL, 0, NULL, 0 },
+        { "port", required_argument, NULL, 'p' },
+        { "host", required_argument, NULL, 'H' },
+        { "mode", required_argument, NULL, 'm' },
+        { "procs", required_argument, NULL, 'n' },
+        { "rate", required_argument, NULL, 'r' },
+        { "neighbours", required_argument, NULL, 'k' },
+        { "interval", required_argument, NULL, 'i' },
+        { "size", required_argument, NULL, 's' },
+        { "duration", required_argument, NULL, 'd' },
+        { "storm-nice", required_argument, NULL, 'N' },
+        { "tls", no_argument, NULL, 'L' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
     };
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -141,11 +166,16 @@ static int parse(int argc, char **argv, opts *o)
         case 's': bad = num(optarg, 1, 65536, &o->size); break;
         case 'd': bad = num(optarg, 2, 3600, &o->duration); break;
         case 'N': bad = num(optarg, 0, 19, &o->storm_nice); break;
+        case 'L': o->tls = 1; break;
         case 'h': usage(stdout); exit(0);
         default: bad = 1;
         }
         if (bad)
             return -1;
+    }
+    if (o->tls && o->rst) {
+        fprintf(stderr, "storm: --tls storms are connect storms (--mode connect)\n");
+        return -1;
     }
     return o->port < 0 || optind != argc ? -1 : 0;
 }
@@ -162,12 +192,150 @@ static int connect_to(const opts *o, struct sockaddr_in *sa)
     return fd;
 }
 
+/* ------------------------------------------------------------------ TLS */
+
+#ifdef STORM_TLS
+static SSL_CTX *tls_ctx;
+
+static int tls_init(void)
+{
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx)
+        return -1;
+    SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION);
+    /* the storm's connections read what the socket has in one read */
+    SSL_CTX_set_read_ahead(tls_ctx, 1);
+    SSL_CTX_set_options(tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+    return 0;
+}
+
+/* Sends all the ciphertext the neighbour's SSL has written (the socket blocks). */
+static int tls_flush(neighbour *n)
+{
+    char buf[16384];
+    int k;
+    while ((k = BIO_read(n->wb, buf, (int)sizeof buf)) > 0) {
+        for (int off = 0; off < k;) {
+            ssize_t w = send(n->fd, buf + off, (size_t)(k - off), MSG_NOSIGNAL);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                return -1;
+            off += (int)w;
+        }
+    }
+    return 0;
+}
+
+/* A neighbour's handshake, before the storm, over its blocking socket. */
+static int tls_neighbour_start(neighbour *n)
+{
+    n->ssl = SSL_new(tls_ctx);
+    n->rb = BIO_new(BIO_s_mem());
+    n->wb = BIO_new(BIO_s_mem());
+    if (!n->ssl || !n->rb || !n->wb)
+        return -1;
+    BIO_set_mem_eof_return(n->rb, -1); /* drained means "more to come", not the end */
+    SSL_set_bio(n->ssl, n->rb, n->wb);
+    SSL_set_connect_state(n->ssl);
+    for (;;) {
+        int rc = SSL_do_handshake(n->ssl);
+        if (tls_flush(n) < 0)
+            return -1;
+        if (rc == 1)
+            return 0;
+        if (SSL_get_error(n->ssl, rc) != SSL_ERROR_WANT_READ)
+            return -1;
+        char buf[16384];
+        ssize_t r = recv(n->fd, buf, sizeof buf, 0);
+        if (r <= 0 || BIO_write(n->rb, buf, (int)r) != (int)r)
+            return -1;
+    }
+}
+
+/* The plaintext in ciphertext just received (it may be none: a session
+ * ticket); its length, or -1 on failure. */
+static long tls_take(neighbour *n, const char *in, ssize_t len, char *out, long cap)
+{
+    if (BIO_write(n->rb, in, (int)len) != (int)len)
+        return -1;
+    long got = 0;
+    while (got < cap) {
+        int k = SSL_read(n->ssl, out + got, (int)(cap - got));
+        if (k > 0) {
+            got += k;
+            continue;
+        }
+        if (SSL_get_error(n->ssl, k) != SSL_ERROR_WANT_READ)
+            return -1;
+        break;
+    }
+    return tls_flush(n) < 0 ? -1 : got; /* e.g. the answer to a KeyUpdate */
+}
+
+static int tls_send(neighbour *n, const char *p, long len)
+{
+    if (SSL_write(n->ssl, p, (int)len) != (int)len) /* into memory: all or nothing */
+        return -1;
+    return tls_flush(n);
+}
+
+/* One storm connection over TLS: a full handshake, S bytes and their echo,
+ * close_notify. The socket blocks, for 2 s at most per call. */
+static int tls_storm_one(const opts *o, int fd, const char *msg, char *buf)
+{
+    struct timeval tv = { .tv_sec = 2 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    SSL *ssl = SSL_new(tls_ctx);
+    int ok = ssl && SSL_set_fd(ssl, fd) == 1 && SSL_connect(ssl) == 1 &&
+             SSL_write(ssl, msg, (int)o->size) == o->size;
+    for (long got = 0; ok && got < o->size;) {
+        int k = SSL_read(ssl, buf + got, (int)(o->size - got));
+        ok = k > 0;
+        got += ok ? k : 0;
+    }
+    ok = ok && memcmp(buf, msg, (size_t)o->size) == 0;
+    if (ok)
+        SSL_shutdown(ssl);
+    SSL_free(ssl);
+    ERR_clear_error();
+    return ok ? 0 : -1;
+}
+#else
+static int tls_init(void)
+{
+    fprintf(stderr, "storm: built without OpenSSL, so --tls is not available\n");
+    return -1;
+}
+static int tls_neighbour_start(neighbour *n)
+{
+    (void)n;
+    return -1;
+}
+static long tls_take(neighbour *n, const char *in, ssize_t len, char *out, long cap)
+{
+    (void)n, (void)in, (void)len, (void)out, (void)cap;
+    return -1;
+}
+static int tls_send(neighbour *n, const char *p, long len)
+{
+    (void)n, (void)p, (void)len;
+    return -1;
+}
+static int tls_storm_one(const opts *o, int fd, const char *msg, char *buf)
+{
+    (void)o, (void)fd, (void)msg, (void)buf;
+    return -1;
+}
+#endif
+
 /* One storm process: churns connections until the deadline, at its share of
  * the rate (0 = unpaced). */
 static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int64_t end,
                        storm_counts *counts)
 {
-    char *msg = calloc(1, (size_t)o->size);
+    char *msg = calloc(1, (size_t)o->size), *buf = malloc((size_t)o->size);
     int64_t gap = o->rate ? 1000000000LL * o->procs / o->rate : 0;
     int64_t next = start;
     while (now_ns() < start)
@@ -187,6 +355,11 @@ static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int
             atomic_fetch_add(&counts->errors, 1);
             continue;
         }
+        if (o->tls) {
+            atomic_fetch_add(tls_storm_one(o, fd, msg, buf) < 0 ? &counts->errors : &counts->connects, 1);
+            close(fd);
+            continue;
+        }
         if (o->rst) {
             struct linger lg = { .l_onoff = 1, .l_linger = 0 };
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
@@ -197,6 +370,7 @@ static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int
         atomic_fetch_add(&counts->connects, 1);
     }
     free(msg);
+    free(buf);
 }
 
 static int cmp_i64(const void *a, const void *b)
@@ -236,7 +410,7 @@ static void take_timestamp(neighbour *n, struct msghdr *mh)
  * message is back (and stores its round trip), 0 if not yet, -1 on failure. */
 static int neighbour_read(const opts *o, neighbour *n, const char *pattern, sample *out)
 {
-    char buf[65536];
+    char buf[65536], plain[65536];
     union {
         char b[CMSG_SPACE(sizeof(struct timespec)) * 2];
         struct cmsghdr align;
@@ -249,9 +423,18 @@ static int neighbour_read(const opts *o, neighbour *n, const char *pattern, samp
     ssize_t r = recvmsg(n->fd, &mh, MSG_DONTWAIT);
     if (r < 0)
         return errno == EAGAIN || errno == EINTR ? 0 : -1;
-    if (r == 0 || n->got + r > o->size || memcmp(buf, pattern + n->got, (size_t)r))
+    if (r == 0)
         return -1;
     take_timestamp(n, &mh);
+    const char *data = buf;
+    if (n->ssl) {
+        r = tls_take(n, buf, r, plain, (long)sizeof plain);
+        if (r <= 0)
+            return (int)r; /* -1 failed; 0 nothing for us yet */
+        data = plain;
+    }
+    if (n->got + r > o->size || memcmp(data, pattern + n->got, (size_t)r))
+        return -1;
     n->got += r;
     if (n->got < o->size)
         return 0;
@@ -275,7 +458,8 @@ static int neighbours_send(const opts *o, neighbour *ns, const char *pattern, in
             continue;
         while (n->next_send <= t)
             n->next_send += period;
-        if (send(n->fd, pattern, (size_t)o->size, MSG_NOSIGNAL) != o->size)
+        if (n->ssl ? tls_send(n, pattern, o->size) < 0
+                   : send(n->fd, pattern, (size_t)o->size, MSG_NOSIGNAL) != o->size)
             return -1;
         n->sent_at = now_ns();
         n->sent_rt = realtime_ns();
@@ -346,6 +530,8 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
+    if (o.tls && tls_init() < 0)
+        return 2;
     neighbour *ns = calloc((size_t)o.neighbours, sizeof *ns);
     struct pollfd *pf = calloc((size_t)o.neighbours, sizeof *pf);
     for (long i = 0; i < o.neighbours; i++) {
@@ -356,6 +542,10 @@ int main(int argc, char **argv)
         int one = 1;
         setsockopt(ns[i].fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         setsockopt(ns[i].fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
+        if (o.tls && tls_neighbour_start(&ns[i]) < 0) {
+            fprintf(stderr, "storm: neighbour %ld: TLS handshake failed\n", i);
+            return 1;
+        }
     }
     storm_counts *counts = mmap(NULL, sizeof *counts, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
                                 0);
@@ -389,15 +579,15 @@ int main(int argc, char **argv)
     double secs = (double)(stop - begin) / 1e9;
 #define PCT(a, q) (n ? (long long)((a)[n * (q) / 100] / 1000) : 0LL)
 #define MAXV(a) (n ? (long long)((a)[n - 1] / 1000) : 0LL)
-    printf("storm %s: %ld connects in %.1f s (%.0f/s, %ld errors); neighbours %ld samples, "
+    printf("storm %s%s: %ld connects in %.1f s (%.0f/s, %ld errors); neighbours %ld samples, "
            "p50 %.2f ms p99 %.2f ms max %.2f ms (send-to-echo part p99 %.2f ms, wake part p99 %.2f ms)%s\n",
-           o.rst ? "rst" : "connect", c, secs, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50) / 1e3,
-           PCT(rtt, 99) / 1e3, MAXV(rtt) / 1e3, PCT(srv, 99) / 1e3, PCT(wake, 99) / 1e3,
-           r < 0 ? " NEIGHBOUR FAILED" : "");
+           o.rst ? "rst" : "connect", o.tls ? " (TLS)" : "", c, secs, c / secs, atomic_load(&counts->errors),
+           n, PCT(rtt, 50) / 1e3, PCT(rtt, 99) / 1e3, MAXV(rtt) / 1e3, PCT(srv, 99) / 1e3,
+           PCT(wake, 99) / 1e3, r < 0 ? " NEIGHBOUR FAILED" : "");
     printf("RESULT mode=%s procs=%ld connects=%ld connects_per_s=%.0f connect_errors=%ld samples=%ld "
            "p50_us=%lld p99_us=%lld max_us=%lld srv_p99_us=%lld srv_max_us=%lld wake_p99_us=%lld "
-           "wake_max_us=%lld neighbour_errors=%d\n",
+           "wake_max_us=%lld neighbour_errors=%d tls=%d\n",
            o.rst ? "rst" : "connect", o.procs, c, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50),
-           PCT(rtt, 99), MAXV(rtt), PCT(srv, 99), MAXV(srv), PCT(wake, 99), MAXV(wake), r < 0);
+           PCT(rtt, 99), MAXV(rtt), PCT(srv, 99), MAXV(srv), PCT(wake, 99), MAXV(wake), r < 0, o.tls);
     return r < 0 ? 1 : 0;
 }

@@ -4,7 +4,7 @@
  *
  *   storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]
  *         [--neighbours K] [--interval MS] [--size S] [--duration SEC]
- *         [--storm-nice N] [--tls]
+ *         [--storm-nice N] [--tls [--slots K]]
  *
  * K neighbour connections (default 20) each send S bytes (default 64) every
  * MS milliseconds (default 10; their sends are spread over the period) and
@@ -32,7 +32,11 @@
  * so the receive timestamps still split their round trips. Each storm
  * connection is a new full handshake: connect, handshake, send S bytes, read
  * the echo back (so it counts only once the server has served it), send
- * close_notify, close. connects then counts completed handshakes.
+ * close_notify, close. connects then counts completed handshakes. Each storm
+ * process keeps K of them going at once (--slots, default 1), non-blocking,
+ * so --procs 2 --slots 500 puts 1000 handshakes on the server at the start:
+ * a reconnect storm, which a server that ran every pending handshake in one
+ * go would answer with a long stall. No --rate with --tls.
  *
  * Last line: RESULT mode=... procs=N connects=C connects_per_s=X connect_errors=E
  *            samples=K p50_us=... p99_us=... max_us=... srv_p99_us=... srv_max_us=...
@@ -76,7 +80,7 @@ typedef struct bio_st BIO;
 
 typedef struct {
     const char *host;
-    long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice;
+    long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice, slots;
     int rst, tls;
 } opts;
 
@@ -107,7 +111,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]\n"
                "             [--neighbours K] [--interval MS] [--size S] [--duration SEC]\n"
-               "             [--storm-nice N] [--tls]\n");
+               "             [--storm-nice N] [--tls [--slots K]]\n");
 }
 
 static int num(const char *s, long lo, long hi, long *out)
@@ -129,6 +133,7 @@ static int parse(int argc, char **argv, opts *o)
                  .interval_ms = 10,
                  .size = 64,
                  .duration = 5,
+                 .slots = 1,
                  .rst = 1 };
     static const struct option lo[] = {
         { "port", required_argument, NULL, 'p' },
@@ -142,6 +147,7 @@ static int parse(int argc, char **argv, opts *o)
         { "duration", required_argument, NULL, 'd' },
         { "storm-nice", required_argument, NULL, 'N' },
         { "tls", no_argument, NULL, 'L' },
+        { "slots", required_argument, NULL, 'K' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -167,14 +173,19 @@ static int parse(int argc, char **argv, opts *o)
         case 'd': bad = num(optarg, 2, 3600, &o->duration); break;
         case 'N': bad = num(optarg, 0, 19, &o->storm_nice); break;
         case 'L': o->tls = 1; break;
+        case 'K': bad = num(optarg, 1, 10000, &o->slots); break;
         case 'h': usage(stdout); exit(0);
         default: bad = 1;
         }
         if (bad)
             return -1;
     }
-    if (o->tls && o->rst) {
-        fprintf(stderr, "storm: --tls storms are connect storms (--mode connect)\n");
+    if (o->tls && (o->rst || o->rate)) {
+        fprintf(stderr, "storm: --tls storms are unpaced connect storms (--mode connect, no --rate)\n");
+        return -1;
+    }
+    if (!o->tls && o->slots != 1) {
+        fprintf(stderr, "storm: --slots is for --tls storms\n");
         return -1;
     }
     return o->port < 0 || optind != argc ? -1 : 0;
@@ -280,27 +291,130 @@ static int tls_send(neighbour *n, const char *p, long len)
     return tls_flush(n);
 }
 
-/* One storm connection over TLS: a full handshake, S bytes and their echo,
- * close_notify. The socket blocks, for 2 s at most per call. */
-static int tls_storm_one(const opts *o, int fd, const char *msg, char *buf)
+/* One storm connection of a TLS storm process, non-blocking. */
+typedef struct storm_slot {
+    int fd;
+    SSL *ssl;
+    enum { SL_CONNECT, SL_HANDSHAKE, SL_WRITE, SL_READ } state;
+    long got; /* echo bytes back so far */
+} storm_slot;
+
+static void slot_close(storm_slot *sl)
 {
-    struct timeval tv = { .tv_sec = 2 };
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    SSL *ssl = SSL_new(tls_ctx);
-    int ok = ssl && SSL_set_fd(ssl, fd) == 1 && SSL_connect(ssl) == 1 &&
-             SSL_write(ssl, msg, (int)o->size) == o->size;
-    for (long got = 0; ok && got < o->size;) {
-        int k = SSL_read(ssl, buf + got, (int)(o->size - got));
-        ok = k > 0;
-        got += ok ? k : 0;
-    }
-    ok = ok && memcmp(buf, msg, (size_t)o->size) == 0;
-    if (ok)
-        SSL_shutdown(ssl);
-    SSL_free(ssl);
+    SSL_free(sl->ssl);
+    sl->ssl = NULL;
+    if (sl->fd >= 0)
+        close(sl->fd);
+    sl->fd = -1;
     ERR_clear_error();
-    return ok ? 0 : -1;
+}
+
+/* Starts the slot's next connection; the events to wait for in *ev. */
+static int slot_open(storm_slot *sl, const struct sockaddr_in *sa, short *ev)
+{
+    sl->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (sl->fd < 0 ||
+        (connect(sl->fd, (const struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS)) {
+        slot_close(sl);
+        return -1;
+    }
+    sl->state = SL_CONNECT;
+    sl->got = 0;
+    *ev = POLLOUT;
+    return 0;
+}
+
+/* An OpenSSL call that did not finish: wait (0) or fail (-1). */
+static int slot_wait(storm_slot *sl, int rc, short *ev)
+{
+    int e = SSL_get_error(sl->ssl, rc);
+    if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+        return -1;
+    *ev = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+    return 0;
+}
+
+/* Moves the slot on as far as it goes: 1 its connection is done (echo back,
+ * close_notify sent), 0 waiting (*ev), -1 failed. */
+static int slot_step(const opts *o, storm_slot *sl, const char *msg, char *buf, short *ev)
+{
+    int rc;
+    switch (sl->state) {
+    case SL_CONNECT: {
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (getsockopt(sl->fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err)
+            return -1;
+        sl->ssl = SSL_new(tls_ctx);
+        if (!sl->ssl || SSL_set_fd(sl->ssl, sl->fd) != 1)
+            return -1;
+        SSL_set_connect_state(sl->ssl);
+        sl->state = SL_HANDSHAKE;
+    } /* fall through */
+    case SL_HANDSHAKE:
+        if ((rc = SSL_do_handshake(sl->ssl)) != 1)
+            return slot_wait(sl, rc, ev);
+        sl->state = SL_WRITE;
+        /* fall through */
+    case SL_WRITE:
+        if ((rc = SSL_write(sl->ssl, msg, (int)o->size)) <= 0)
+            return slot_wait(sl, rc, ev);
+        sl->state = SL_READ;
+        /* fall through */
+    case SL_READ:
+        while (sl->got < o->size) {
+            if ((rc = SSL_read(sl->ssl, buf + sl->got, (int)(o->size - sl->got))) <= 0)
+                return slot_wait(sl, rc, ev);
+            sl->got += rc;
+        }
+        if (memcmp(buf, msg, (size_t)o->size) != 0)
+            return -1;
+        SSL_shutdown(sl->ssl);
+        return 1;
+    }
+    return -1;
+}
+
+/* One TLS storm process: --slots connections at a time until the end. */
+static void tls_storm_proc(const opts *o, const struct sockaddr_in *sa, int64_t start, int64_t end,
+                           storm_counts *counts)
+{
+    long k = o->slots;
+    storm_slot *sl = calloc((size_t)k, sizeof *sl);
+    struct pollfd *pf = calloc((size_t)k, sizeof *pf);
+    char *msg = calloc(1, (size_t)o->size), *buf = malloc((size_t)o->size);
+    if (!sl || !pf || !msg || !buf)
+        _exit(1);
+    while (now_ns() < start)
+        usleep(1000);
+    for (long i = 0; i < k; i++) {
+        sl[i].fd = -1;
+        if (slot_open(&sl[i], sa, &pf[i].events) < 0)
+            atomic_fetch_add(&counts->errors, 1);
+        pf[i].fd = sl[i].fd;
+    }
+    while (now_ns() < end) {
+        if (poll(pf, (nfds_t)k, 10) < 0 && errno != EINTR)
+            break;
+        for (long i = 0; i < k; i++) {
+            if (sl[i].fd >= 0 && !pf[i].revents)
+                continue;
+            int r = sl[i].fd >= 0 ? slot_step(o, &sl[i], msg, buf, &pf[i].events) : -1;
+            if (r == 0)
+                continue;
+            atomic_fetch_add(r > 0 ? &counts->connects : &counts->errors, 1);
+            slot_close(&sl[i]);
+            if (slot_open(&sl[i], sa, &pf[i].events) < 0)
+                atomic_fetch_add(&counts->errors, 1);
+            pf[i].fd = sl[i].fd; /* -1 (ignored by poll) until the next round retries */
+        }
+    }
+    for (long i = 0; i < k; i++)
+        slot_close(&sl[i]);
+    free(sl);
+    free(pf);
+    free(msg);
+    free(buf);
 }
 #else
 static int tls_init(void)
@@ -323,10 +437,10 @@ static int tls_send(neighbour *n, const char *p, long len)
     (void)n, (void)p, (void)len;
     return -1;
 }
-static int tls_storm_one(const opts *o, int fd, const char *msg, char *buf)
+static void tls_storm_proc(const opts *o, const struct sockaddr_in *sa, int64_t start, int64_t end,
+                           storm_counts *counts)
 {
-    (void)o, (void)fd, (void)msg, (void)buf;
-    return -1;
+    (void)o, (void)sa, (void)start, (void)end, (void)counts;
 }
 #endif
 
@@ -335,7 +449,11 @@ static int tls_storm_one(const opts *o, int fd, const char *msg, char *buf)
 static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int64_t end,
                        storm_counts *counts)
 {
-    char *msg = calloc(1, (size_t)o->size), *buf = malloc((size_t)o->size);
+    if (o->tls) {
+        tls_storm_proc(o, sa, start, end, counts);
+        return;
+    }
+    char *msg = calloc(1, (size_t)o->size);
     int64_t gap = o->rate ? 1000000000LL * o->procs / o->rate : 0;
     int64_t next = start;
     while (now_ns() < start)
@@ -355,11 +473,6 @@ static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int
             atomic_fetch_add(&counts->errors, 1);
             continue;
         }
-        if (o->tls) {
-            atomic_fetch_add(tls_storm_one(o, fd, msg, buf) < 0 ? &counts->errors : &counts->connects, 1);
-            close(fd);
-            continue;
-        }
         if (o->rst) {
             struct linger lg = { .l_onoff = 1, .l_linger = 0 };
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
@@ -370,7 +483,6 @@ static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int
         atomic_fetch_add(&counts->connects, 1);
     }
     free(msg);
-    free(buf);
 }
 
 static int cmp_i64(const void *a, const void *b)

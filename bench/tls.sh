@@ -342,20 +342,22 @@ echo
 echo "== [$(elapsed) s] 3. 100 TLS sessions echo 64 B every 10 ms during a handshake storm, ${STORM_S} s"
 echo "   (2 processes at nice 10 keep 500 handshakes each going: 1000 at once at the start, then each slot's next)"
 # "quiet" is the same without the storm (--procs 0): the floor this machine allows just now
-echo "   (quiet_epoll: the same 100 sessions on cport epoll without a storm, for the machine's own noise)"
-ST_NAMES=(quiet_epoll cport_epoll cport_uring)
+echo "   (quiet_epoll: the same 100 sessions on cport epoll without a storm, for the machine's own noise;"
+echo "   tls_epoll: the minimal OpenSSL server under the same storm, for reference)"
+ST_NAMES=(quiet_epoll cport_epoll cport_uring tls_epoll)
 declare -A ST
 printf '   %-5s %-12s %11s %8s %9s %9s %9s %9s %s\n' round server handshakes hs/s p99_us max_us srv_p99 wake_p99 status
 for ((r = 1; r <= ROUNDS; r++)); do
     for i in $(order "$r" ${#ST_NAMES[@]}); do
         n=${ST_NAMES[$i]}
-        b=${n#*_}
         procs=2
         [ "$n" = quiet_epoll ] && procs=0
+        cmd="$SRV --backend ${n#*_} --mode echo"
+        [ "$n" = tls_epoll ] && cmd="$B/tls_epoll_echo --cert $CERT --key $KEY"
         name=storm.$n.r$r
         st=FAILED
         line=""
-        if start_server "$name" "$SRV --backend $b --mode echo"; then
+        if start_server "$name" "$cmd"; then
             timeout -k 5 60 taskset -c "$LCPU" "$B/storm" --port "$P" --mode connect --tls --procs $procs --slots 500 \
                 --storm-nice 10 --neighbours 100 --interval 10 --size 64 --duration "$STORM_S" \
                 >"$LOG/$name.log" 2>&1 </dev/null
@@ -383,6 +385,8 @@ done
 col() { for ((r = 1; r <= ROUNDS; r++)); do echo "${ST[$n,$1,$r]}"; done; }
 n=quiet_epoll
 row "storm: reference, no storm (cport_epoll), p99" "$(col p99_us | median %.0f) us  (worst round $(col p99_us | maxof) us, max $(col max_us | maxof) us)" "-" "-"
+n=tls_epoll
+row "storm: reference, tls_epoll_echo, p99" "$(col p99_us | median %.0f) us  (worst round $(col p99_us | maxof) us, max $(col max_us | maxof) us; $(col connects_per_s | median %.0f) handshakes/s)" "-" "-"
 for b in epoll uring; do
     n=cport_$b
     p99=$(col p99_us | median %.0f)

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * idle_conns — open N idle TCP connections to a server and hold them.
+ * idle_conns — open N idle TCP (or TLS) connections to a server and hold them.
  *
- *   idle_conns --port P [--host H] --conns N [--hold SEC] [--wave W]
+ *   idle_conns --port P [--host H] --conns N [--hold SEC] [--wave W] [--tls]
  *
  * Connects in waves of W (default 256) non-blocking connects, waiting for each
  * wave to finish, so the server's accept backlog never overflows. Prints
@@ -11,6 +11,15 @@
  * connection fails (or the server closes one while held), 2 on bad arguments.
  * Used by bench/run.sh to measure a server's memory per idle connection; one
  * process keeps below 20,000 descriptors, so 10,000 connections take one or two.
+ *
+ * --tls: each wave also completes its TLS handshakes (OpenSSL, no certificate
+ * check) before the next wave starts, and a TLS 1.3 connection counts as up
+ * only once the server's first session ticket has arrived: the server sends it
+ * after it has processed the client's Finished, so "connected N" means every
+ * handshake is done on the server's side too (a TLS 1.3 server with tickets
+ * off would never get there). Held connections then read whatever the server
+ * sends without a byte of data (more tickets, a KeyUpdate); data, an alert or
+ * a close fails the run. Held connections are dropped without close_notify.
  */
 #ifndef _GNU_SOURCE
 #  define _GNU_SOURCE
@@ -21,6 +30,8 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +39,11 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifdef IDLE_TLS
+#  include <openssl/err.h>
+#  include <openssl/ssl.h>
+#endif
 
 static volatile sig_atomic_t stop;
 static void on_sig(int s)
@@ -38,7 +54,7 @@ static void on_sig(int s)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: idle_conns --port P [--host H] --conns N [--hold SEC] [--wave W]\n");
+    fprintf(f, "usage: idle_conns --port P [--host H] --conns N [--hold SEC] [--wave W] [--tls]\n");
 }
 
 static double now(void)
@@ -58,49 +74,247 @@ static int num(const char *s, long lo, long hi, long *out)
     return 0;
 }
 
+/* ------------------------------------------------------------------ TLS */
+
+#ifdef IDLE_TLS
+enum { HS, WAIT_TICKET, UP };
+
+static SSL_CTX *tls_ctx;
+static SSL **tls_ssl;
+static uint8_t *tls_state;
+
+/* A session ticket arrived: the server has finished its handshake. Nothing
+ * is kept (returning 0 lets OpenSSL free the session). */
+static int on_ticket(SSL *ssl, SSL_SESSION *sess)
+{
+    (void)sess;
+    uint8_t *st = SSL_get_app_data(ssl);
+    if (*st == WAIT_TICKET)
+        *st = UP;
+    return 0;
+}
+
+static int tls_init(long conns)
+{
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    tls_ssl = calloc((size_t)conns, sizeof *tls_ssl);
+    tls_state = calloc((size_t)conns, 1);
+    if (!tls_ctx || !tls_ssl || !tls_state)
+        return -1;
+    SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION);
+    /* the new-session callback runs only with client caching on */
+    SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(tls_ctx, on_ticket);
+    return 0;
+}
+
+static const char *tls_reason(void)
+{
+    unsigned long e = ERR_peek_last_error();
+    const char *r = e ? ERR_reason_error_string(e) : NULL;
+    ERR_clear_error();
+    return r ? r : "closed by the server";
+}
+
+/* One step of connection i: sets the poll events it waits for; 1 up, 0 not
+ * yet, -1 failed. */
+static int tls_step(long i, struct pollfd *p)
+{
+    SSL *ssl = tls_ssl[i];
+    int rc = 0;
+    if (tls_state[i] == HS) {
+        rc = SSL_do_handshake(ssl);
+        if (rc == 1) {
+            tls_state[i] = SSL_version(ssl) >= TLS1_3_VERSION ? WAIT_TICKET : UP;
+            if (tls_state[i] == UP)
+                return 1;
+        }
+    }
+    if (tls_state[i] == WAIT_TICKET) {
+        unsigned char b[256];
+        rc = SSL_read(ssl, b, sizeof b);
+        if (rc > 0) {
+            fprintf(stderr, "idle_conns: #%ld: the server sent data\n", i);
+            return -1;
+        }
+        if (tls_state[i] == UP) {
+            ERR_clear_error();
+            return 1;
+        }
+    }
+    int e = SSL_get_error(ssl, rc);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        p->events = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+        return 0;
+    }
+    fprintf(stderr, "idle_conns: #%ld: TLS handshake: %s\n", i, tls_reason());
+    return -1;
+}
+
+/* Handshakes of connections base..base+n-1 (already TCP-connected). */
+static int tls_wave(struct pollfd *pf, long base, long n, double deadline)
+{
+    long left = n;
+    for (long i = base; i < base + n; i++) {
+        SSL *ssl = SSL_new(tls_ctx);
+        if (!ssl || SSL_set_fd(ssl, pf[i].fd) != 1)
+            return -1;
+        SSL_set_connect_state(ssl);
+        SSL_set_app_data(ssl, &tls_state[i]);
+        tls_ssl[i] = ssl;
+        int r = tls_step(i, &pf[i]);
+        if (r < 0)
+            return -1;
+        if (r > 0) {
+            pf[i].events = 0;
+            left--;
+        }
+    }
+    while (left > 0 && !stop) {
+        if (now() > deadline) {
+            fprintf(stderr, "idle_conns: %ld TLS handshakes (or their session tickets) still pending\n",
+                    left);
+            return -1;
+        }
+        int r = poll(pf + base, (nfds_t)n, 100);
+        if (r < 0 && errno != EINTR)
+            return -1;
+        for (long i = base; r > 0 && i < base + n; i++) {
+            if (!pf[i].revents || pf[i].events == 0)
+                continue;
+            int k = tls_step(i, &pf[i]);
+            if (k < 0)
+                return -1;
+            if (k > 0) {
+                pf[i].events = 0;
+                left--;
+            }
+        }
+    }
+    return 0;
+}
+
+/* A held connection became readable: 0 if it was only TLS housekeeping. */
+static int tls_held_read(long i)
+{
+    unsigned char b[256];
+    int rc = SSL_read(tls_ssl[i], b, sizeof b);
+    if (rc <= 0 && SSL_get_error(tls_ssl[i], rc) == SSL_ERROR_WANT_READ)
+        return 0;
+    fprintf(stderr, "idle_conns: #%ld: the server %s a held connection\n", i,
+            rc > 0 ? "wrote data to" : "closed");
+    ERR_clear_error();
+    return -1;
+}
+#else
+static int tls_init(long conns)
+{
+    (void)conns;
+    fprintf(stderr, "idle_conns: built without OpenSSL, so --tls is not available\n");
+    return -1;
+}
+static int tls_wave(struct pollfd *pf, long base, long n, double deadline)
+{
+    (void)pf, (void)base, (void)n, (void)deadline;
+    return -1;
+}
+static int tls_held_read(long i)
+{
+    (void)i;
+    return -1;
+}
+#endif
+
+/* ---------------------------------------------------------------- plain */
+
+/* Non-blocking connects of base..base+n-1, waited for. */
+static int connect_wave(const struct sockaddr_in *sa, struct pollfd *pf, long base, long n, double deadline)
+{
+    for (long i = base; i < base + n; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            perror("idle_conns: socket");
+            return -1;
+        }
+        if (connect(fd, (const struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS) {
+            fprintf(stderr, "idle_conns: connect #%ld: %s\n", i, strerror(errno));
+            return -1;
+        }
+        pf[i].fd = fd;
+        pf[i].events = POLLOUT;
+    }
+    long left = n;
+    while (left > 0 && !stop) {
+        if (now() > deadline) {
+            fprintf(stderr, "idle_conns: %ld connects still pending after 10 s\n", left);
+            return -1;
+        }
+        int r = poll(pf + base, (nfds_t)n, 100);
+        if (r < 0 && errno != EINTR)
+            return -1;
+        for (long i = base; r > 0 && i < base + n; i++) {
+            if (!pf[i].revents || pf[i].events == 0)
+                continue;
+            int err = 0;
+            socklen_t el = sizeof err;
+            getsockopt(pf[i].fd, SOL_SOCKET, SO_ERROR, &err, &el);
+            if (err) {
+                fprintf(stderr, "idle_conns: connect #%ld: %s\n", i, strerror(err));
+                return -1;
+            }
+            pf[i].events = 0;
+            left--;
+        }
+    }
+    return 0;
+}
+
+/* Holds every connection until stopped or the end; -1 if the server closed
+ * one or sent it data. */
+static int hold_all(struct pollfd *pf, long conns, bool tls, double end)
+{
+    for (long i = 0; i < conns; i++)
+        pf[i].events = POLLIN; /* an idle server sends nothing: POLLIN means it closed us */
+    while (!stop && now() < end) {
+        int r = poll(pf, (nfds_t)conns, 200);
+        if (r > 0 && !tls) {
+            fprintf(stderr, "idle_conns: the server closed or wrote to a held connection\n");
+            return -1;
+        }
+        for (long i = 0; r > 0 && i < conns; i++)
+            if (pf[i].revents && tls_held_read(i) < 0)
+                return -1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *host = "127.0.0.1";
     long port = -1, conns = -1, hold = 60, wave = 256;
+    bool tls = false;
     static const struct option lo[] = {
-        { "port", required_argument, NULL, 'p' },
-        { "host", required_argument, NULL, 'H' },
-        { "conns", required_argument, NULL, 'n' },
-        { "hold", required_argument, NULL, 't' },
-        { "wave", required_argument, NULL, 'w' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
+        { "port", required_argument, NULL, 'p' },  { "host", required_argument, NULL, 'H' },
+        { "conns", required_argument, NULL, 'n' }, { "hold", required_argument, NULL, 't' },
+        { "wave", required_argument, NULL, 'w' },  { "tls", no_argument, NULL, 'L' },
+        { "help", no_argument, NULL, 'h' },        { NULL, 0, NULL, 0 },
     };
     int o;
     while ((o = getopt_long(argc, argv, "p:H:n:t:w:h", lo, NULL)) != -1) {
+        int bad = 0;
         switch (o) {
-        case 'p':
-            if (num(optarg, 1, 65535, &port)) {
-                usage(stderr);
-                return 2;
-            }
-            break;
+        case 'p': bad = num(optarg, 1, 65535, &port); break;
         case 'H': host = optarg; break;
-        case 'n':
-            if (num(optarg, 1, 19000, &conns)) {
-                usage(stderr);
-                return 2;
-            }
-            break;
-        case 't':
-            if (num(optarg, 0, 86400, &hold)) {
-                usage(stderr);
-                return 2;
-            }
-            break;
-        case 'w':
-            if (num(optarg, 1, 4096, &wave)) {
-                usage(stderr);
-                return 2;
-            }
-            break;
+        case 'n': bad = num(optarg, 1, 19000, &conns); break;
+        case 't': bad = num(optarg, 0, 86400, &hold); break;
+        case 'w': bad = num(optarg, 1, 4096, &wave); break;
+        case 'L': tls = true; break;
         case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        default: bad = 1;
+        }
+        if (bad) {
+            usage(stderr);
+            return 2;
         }
     }
     if (port < 0 || conns < 0 || optind != argc) {
@@ -115,6 +329,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "idle_conns: --host must be an IPv4 address\n");
         return 2;
     }
+    if (tls && tls_init(conns) < 0)
+        return 2;
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
         rl.rlim_cur = rl.rlim_max;
@@ -139,58 +355,14 @@ int main(int argc, char **argv)
     double t0 = now();
     for (long base = 0; base < conns && !stop; base += wave) {
         long n = conns - base < wave ? conns - base : wave;
-        for (long i = base; i < base + n; i++) {
-            int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-            if (fd < 0) {
-                perror("idle_conns: socket");
-                return 1;
-            }
-            if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) {
-                fprintf(stderr, "idle_conns: connect #%ld: %s\n", i, strerror(errno));
-                return 1;
-            }
-            pf[i].fd = fd;
-            pf[i].events = POLLOUT;
-        }
-        /* wait for this wave to be connected */
-        long left = n;
-        double deadline = now() + 10;
-        while (left > 0 && !stop) {
-            if (now() > deadline) {
-                fprintf(stderr, "idle_conns: %ld connects still pending after 10 s\n", left);
-                return 1;
-            }
-            int r = poll(pf + base, (nfds_t)n, 100);
-            if (r < 0 && errno != EINTR)
-                return 1;
-            for (long i = base; r > 0 && i < base + n; i++) {
-                if (!pf[i].revents || pf[i].events == 0)
-                    continue;
-                int err = 0;
-                socklen_t el = sizeof err;
-                getsockopt(pf[i].fd, SOL_SOCKET, SO_ERROR, &err, &el);
-                if (err) {
-                    fprintf(stderr, "idle_conns: connect #%ld: %s\n", i, strerror(err));
-                    return 1;
-                }
-                pf[i].events = 0;
-                left--;
-            }
-        }
+        if (connect_wave(&sa, pf, base, n, now() + 10) < 0)
+            return 1;
+        if (tls && !stop && tls_wave(pf, base, n, now() + 10) < 0)
+            return 1;
     }
     if (stop)
         return 0;
-    for (long i = 0; i < conns; i++)
-        pf[i].events = POLLIN; /* an idle server sends nothing: POLLIN means it closed us */
-    printf("connected %ld in %.2f s\n", conns, now() - t0);
+    printf("connected %ld%s in %.2f s\n", conns, tls ? " (TLS)" : "", now() - t0);
     fflush(stdout);
-    double end = now() + (double)hold;
-    while (!stop && now() < end) {
-        int r = poll(pf, (nfds_t)conns, 200);
-        if (r > 0) {
-            fprintf(stderr, "idle_conns: the server closed or wrote to a held connection\n");
-            return 1;
-        }
-    }
-    return 0;
+    return hold_all(pf, conns, tls, now() + (double)hold) < 0 ? 1 : 0;
 }

@@ -76,6 +76,7 @@ static struct {
     int64_t poll_ns; /* 0: wait in epoll; else sleep, then poll without waiting */
     bool tls;
     const char *tls_ca; /* verify the server against this CA file; NULL: no verification */
+    long server_pid;    /* --server-pid: report its CPU over the load window; 0 = off */
 } O = {
     .mode = M_ECHO,
     .host = "127.0.0.1",
@@ -1290,6 +1291,8 @@ static void usage(FILE *f)
                "                     part of its time); prints the TLS version and cipher on stderr\n"
                "  --tls-ca FILE      verify the server's certificate against FILE and its name\n"
                "                     against --host (implies --tls; default: no verification)\n"
+               "  --server-pid PID   read that process's CPU time (/proc/PID/stat) when the load\n"
+               "                     starts and after it; RESULT gains srv_cpu_s and srv_us_per_msg\n"
                "Prints a summary and a final 'RESULT key=value...' line. Exit 0 iff errors=0.\n");
 }
 
@@ -1323,6 +1326,7 @@ static int parse_args(int argc, char **argv)
         { "poll-interval", required_argument, NULL, 'P' },
         { "tls", no_argument, NULL, 'L' },
         { "tls-ca", required_argument, NULL, 'A' },
+        { "server-pid", required_argument, NULL, 'Q' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -1409,6 +1413,11 @@ static int parse_args(int argc, char **argv)
             O.tls = true;
             O.tls_ca = optarg;
             break;
+        case 'Q':
+            if (!parse_num(optarg, 1, 1e9, &v) || v != floor(v))
+                return -1;
+            O.server_pid = (long)v;
+            break;
         case 'h': usage(stdout); exit(0);
         default: return -1;
         }
@@ -1448,6 +1457,27 @@ static double cpu_self_s(void)
     getrusage(RUSAGE_SELF, &ru);
     return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
            (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+/* --server-pid: that process's utime+stime (all its threads) in seconds, or
+ * -1 if it cannot be read (gone). Read when the load starts and after it, so
+ * the connect phase (with --tls, every handshake) is left out. */
+static double cpu_server_s(void)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%ld/stat", O.server_pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    /* the fields after "pid (comm) " start at field 3; comm may hold spaces */
+    const char *p = strrchr(buf, ')');
+    unsigned long long ut, st;
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
 static void sleep_until(int64_t t)
@@ -1583,10 +1613,12 @@ int main(int argc, char **argv)
     }
     uint64_t sent_total = 0;
     int64_t t0 = 0, t_end = 0;
-    double cpu0 = 0;
+    double cpu0 = 0, srv0 = -1;
     if (ok) {
         sleep_until(now_ns() + (int64_t)(O.settle * 1e9));
         cpu0 = cpu_self_s();
+        if (O.server_pid)
+            srv0 = cpu_server_s();
         t0 = now_ns();
         t_end = t0 + (int64_t)(O.duration * 1e9);
         atomic_store(&G.t0, t0);
@@ -1613,6 +1645,7 @@ int main(int argc, char **argv)
     }
 
     double lg_cpu = ok ? cpu_self_s() - cpu0 : 0;
+    double srv1 = O.server_pid && srv0 >= 0 ? cpu_server_s() : -1;
     struct hist h;
     memset(&h, 0, sizeof h);
     uint64_t msgs = 0, errors = ok ? 0 : 1, lost = 0, ooo = 0, bytes_in = 0;
@@ -1636,6 +1669,10 @@ int main(int argc, char **argv)
     errors += lost + ooo;
     double secs = ok ? (double)(last - t0) / 1e9 : 0;
     double rate = secs > 0 ? (double)msgs / secs : 0;
+    if (O.server_pid && ok && srv1 < 0) {
+        report("cannot read the CPU time of --server-pid %ld (/proc/%ld/stat)", O.server_pid, O.server_pid);
+        errors++;
+    }
     double p50 = hist_pct_us(&h, 0.50), p99 = hist_pct_us(&h, 0.99), mx = (double)h.max / 1000.0;
     const char *mn = mode_names[O.mode];
 
@@ -1648,7 +1685,7 @@ int main(int argc, char **argv)
                secs > 0 ? (double)bytes_in / secs / 1e6 : 0, p50, p99, mx, (unsigned long long)lost,
                (unsigned long long)errors);
         printf("RESULT mode=%s conns=%d size=%d depth=%d threads=%d msgs=%llu secs=%.3f msgs_per_s=%.0f "
-               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d errors=%llu\n",
+               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d errors=%llu",
                mn, O.conns, O.size, O.depth, O.threads, (unsigned long long)msgs, secs, rate, p50, p99, mx,
                (unsigned long long)lost, lg_cpu, (int)O.tls, (unsigned long long)errors);
         break;
@@ -1662,7 +1699,7 @@ int main(int argc, char **argv)
                (unsigned long long)errors);
         printf("RESULT mode=chat conns=%d size=%d rate=%g threads=%d sent=%llu msgs=%llu deliveries=%llu "
                "secs=%.3f msgs_per_s=%.0f deliveries_per_s=%.0f p50_us=%.1f p99_us=%.1f max_us=%.1f "
-               "lost=%llu out_of_order=%llu lg_cpu_s=%.2f tls=%d errors=%llu\n",
+               "lost=%llu out_of_order=%llu lg_cpu_s=%.2f tls=%d errors=%llu",
                O.conns, O.size, O.rate, O.threads, (unsigned long long)sent_total, (unsigned long long)msgs,
                (unsigned long long)msgs, secs, rate, rate, p50, p99, mx, (unsigned long long)lost,
                (unsigned long long)ooo, lg_cpu, (int)O.tls, (unsigned long long)errors);
@@ -1673,11 +1710,15 @@ int main(int argc, char **argv)
                O.conns, O.size, (unsigned long long)msgs, secs, rate, p50, p99, mx,
                (unsigned long long)errors);
         printf("RESULT mode=churn conns=%d size=%d threads=%d msgs=%llu secs=%.3f msgs_per_s=%.0f "
-               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d errors=%llu\n",
+               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d errors=%llu",
                O.conns, O.size, O.threads, (unsigned long long)msgs, secs, rate, p50, p99, mx,
                (unsigned long long)lost, lg_cpu, (int)O.tls, (unsigned long long)errors);
         break;
     }
+    if (O.server_pid && srv1 >= 0)
+        printf(" srv_cpu_s=%.3f srv_us_per_msg=%.4f", srv1 - srv0,
+               msgs ? (srv1 - srv0) * 1e6 / (double)msgs : 0.0);
+    printf("\n");
     fflush(stdout);
     return errors ? 1 : 0;
 }

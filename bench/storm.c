@@ -4,7 +4,7 @@
  *
  *   storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]
  *         [--neighbours K] [--interval MS] [--size S] [--duration SEC]
- *         [--storm-nice N]
+ *         [--storm-nice N] [--tls [--slots K]]
  *
  * K neighbour connections (default 20) each send S bytes (default 64) every
  * MS milliseconds (default 10; their sends are spread over the period) and
@@ -25,6 +25,18 @@
  *
  * Each round trip is also split at the kernel's receive timestamp of the echo
  * (see sample): srv_* is the send-to-echo part, wake_* the rest.
+ *
+ * --tls (connect mode only): everything speaks TLS (OpenSSL, TLS 1.2 or later,
+ * no certificate check). The neighbours complete their handshakes before the
+ * storm; they run OpenSSL over memory BIOs and move the ciphertext themselves,
+ * so the receive timestamps still split their round trips. Each storm
+ * connection is a new full handshake: connect, handshake, send S bytes, read
+ * the echo back (so it counts only once the server has served it), send
+ * close_notify, close. connects then counts completed handshakes. Each storm
+ * process keeps K of them going at once (--slots, default 1), non-blocking,
+ * so --procs 2 --slots 500 puts 1000 handshakes on the server at the start:
+ * a reconnect storm, which a server that ran every pending handshake in one
+ * go would answer with a long stall. No --rate with --tls.
  *
  * Last line: RESULT mode=... procs=N connects=C connects_per_s=X connect_errors=E
  *            samples=K p50_us=... p99_us=... max_us=... srv_p99_us=... srv_max_us=...
@@ -54,14 +66,22 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifdef STORM_TLS
+#  include <openssl/err.h>
+#  include <openssl/ssl.h>
+#else
+typedef struct ssl_st SSL; /* never created without OpenSSL */
+typedef struct bio_st BIO;
+#endif
+
 #define MAX_NEIGHBOURS 1000
 #define MAX_PROCS 64
 #define MARGIN_NS 500000000LL
 
 typedef struct {
     const char *host;
-    long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice;
-    int rst;
+    long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice, slots;
+    int rst, tls;
 } opts;
 
 typedef struct {
@@ -76,6 +96,8 @@ typedef struct {
     int64_t rx_rt;   /* the kernel's receive timestamp of the echo's last bytes */
     int64_t next_send;
     long got;
+    SSL *ssl;     /* --tls: over the memory BIOs below, never the socket */
+    BIO *rb, *wb; /* ciphertext in (from the socket) and out (to it) */
 } neighbour;
 
 static int64_t now_ns(void)
@@ -89,7 +111,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]\n"
                "             [--neighbours K] [--interval MS] [--size S] [--duration SEC]\n"
-               "             [--storm-nice N]\n");
+               "             [--storm-nice N] [--tls [--slots K]]\n");
 }
 
 static int num(const char *s, long lo, long hi, long *out)
@@ -111,14 +133,23 @@ static int parse(int argc, char **argv, opts *o)
                  .interval_ms = 10,
                  .size = 64,
                  .duration = 5,
+                 .slots = 1,
                  .rst = 1 };
     static const struct option lo[] = {
-        { "port", required_argument, NULL, 'p' },     { "host", required_argument, NULL, 'H' },
-        { "mode", required_argument, NULL, 'm' },     { "procs", required_argument, NULL, 'n' },
-        { "rate", required_argument, NULL, 'r' },     { "neighbours", required_argument, NULL, 'k' },
-        { "interval", required_argument, NULL, 'i' }, { "size", required_argument, NULL, 's' },
-        { "duration", required_argument, NULL, 'd' }, { "storm-nice", required_argument, NULL, 'N' },
-        { "help", no_argument, NULL, 'h' },           { NULL, 0, NULL, 0 },
+        { "port", required_argument, NULL, 'p' },
+        { "host", required_argument, NULL, 'H' },
+        { "mode", required_argument, NULL, 'm' },
+        { "procs", required_argument, NULL, 'n' },
+        { "rate", required_argument, NULL, 'r' },
+        { "neighbours", required_argument, NULL, 'k' },
+        { "interval", required_argument, NULL, 'i' },
+        { "size", required_argument, NULL, 's' },
+        { "duration", required_argument, NULL, 'd' },
+        { "storm-nice", required_argument, NULL, 'N' },
+        { "tls", no_argument, NULL, 'L' },
+        { "slots", required_argument, NULL, 'K' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
     };
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -141,11 +172,21 @@ static int parse(int argc, char **argv, opts *o)
         case 's': bad = num(optarg, 1, 65536, &o->size); break;
         case 'd': bad = num(optarg, 2, 3600, &o->duration); break;
         case 'N': bad = num(optarg, 0, 19, &o->storm_nice); break;
+        case 'L': o->tls = 1; break;
+        case 'K': bad = num(optarg, 1, 10000, &o->slots); break;
         case 'h': usage(stdout); exit(0);
         default: bad = 1;
         }
         if (bad)
             return -1;
+    }
+    if (o->tls && (o->rst || o->rate)) {
+        fprintf(stderr, "storm: --tls storms are unpaced connect storms (--mode connect, no --rate)\n");
+        return -1;
+    }
+    if (!o->tls && o->slots != 1) {
+        fprintf(stderr, "storm: --slots is for --tls storms\n");
+        return -1;
     }
     return o->port < 0 || optind != argc ? -1 : 0;
 }
@@ -162,11 +203,256 @@ static int connect_to(const opts *o, struct sockaddr_in *sa)
     return fd;
 }
 
+/* ------------------------------------------------------------------ TLS */
+
+#ifdef STORM_TLS
+static SSL_CTX *tls_ctx;
+
+static int tls_init(void)
+{
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx)
+        return -1;
+    SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION);
+    /* the storm's connections read what the socket has in one read */
+    SSL_CTX_set_read_ahead(tls_ctx, 1);
+    SSL_CTX_set_options(tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+    return 0;
+}
+
+/* Sends all the ciphertext the neighbour's SSL has written (the socket blocks). */
+static int tls_flush(neighbour *n)
+{
+    char buf[16384];
+    int k;
+    while ((k = BIO_read(n->wb, buf, (int)sizeof buf)) > 0) {
+        for (int off = 0; off < k;) {
+            ssize_t w = send(n->fd, buf + off, (size_t)(k - off), MSG_NOSIGNAL);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                return -1;
+            off += (int)w;
+        }
+    }
+    return 0;
+}
+
+/* A neighbour's handshake, before the storm, over its blocking socket. */
+static int tls_neighbour_start(neighbour *n)
+{
+    n->ssl = SSL_new(tls_ctx);
+    n->rb = BIO_new(BIO_s_mem());
+    n->wb = BIO_new(BIO_s_mem());
+    if (!n->ssl || !n->rb || !n->wb)
+        return -1;
+    BIO_set_mem_eof_return(n->rb, -1); /* drained means "more to come", not the end */
+    SSL_set_bio(n->ssl, n->rb, n->wb);
+    SSL_set_connect_state(n->ssl);
+    for (;;) {
+        int rc = SSL_do_handshake(n->ssl);
+        if (tls_flush(n) < 0)
+            return -1;
+        if (rc == 1)
+            return 0;
+        if (SSL_get_error(n->ssl, rc) != SSL_ERROR_WANT_READ)
+            return -1;
+        char buf[16384];
+        ssize_t r = recv(n->fd, buf, sizeof buf, 0);
+        if (r <= 0 || BIO_write(n->rb, buf, (int)r) != (int)r)
+            return -1;
+    }
+}
+
+/* The plaintext in ciphertext just received (it may be none: a session
+ * ticket); its length, or -1 on failure. */
+static long tls_take(neighbour *n, const char *in, ssize_t len, char *out, long cap)
+{
+    if (BIO_write(n->rb, in, (int)len) != (int)len)
+        return -1;
+    long got = 0;
+    while (got < cap) {
+        int k = SSL_read(n->ssl, out + got, (int)(cap - got));
+        if (k > 0) {
+            got += k;
+            continue;
+        }
+        if (SSL_get_error(n->ssl, k) != SSL_ERROR_WANT_READ)
+            return -1;
+        break;
+    }
+    return tls_flush(n) < 0 ? -1 : got; /* e.g. the answer to a KeyUpdate */
+}
+
+static int tls_send(neighbour *n, const char *p, long len)
+{
+    if (SSL_write(n->ssl, p, (int)len) != (int)len) /* into memory: all or nothing */
+        return -1;
+    return tls_flush(n);
+}
+
+/* One storm connection of a TLS storm process, non-blocking. */
+typedef struct storm_slot {
+    int fd;
+    SSL *ssl;
+    enum { SL_CONNECT, SL_HANDSHAKE, SL_WRITE, SL_READ } state;
+    long got; /* echo bytes back so far */
+} storm_slot;
+
+static void slot_close(storm_slot *sl)
+{
+    SSL_free(sl->ssl);
+    sl->ssl = NULL;
+    if (sl->fd >= 0)
+        close(sl->fd);
+    sl->fd = -1;
+    ERR_clear_error();
+}
+
+/* Starts the slot's next connection; the events to wait for in *ev. */
+static int slot_open(storm_slot *sl, const struct sockaddr_in *sa, short *ev)
+{
+    sl->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (sl->fd < 0 ||
+        (connect(sl->fd, (const struct sockaddr *)sa, sizeof *sa) < 0 && errno != EINPROGRESS)) {
+        slot_close(sl);
+        return -1;
+    }
+    sl->state = SL_CONNECT;
+    sl->got = 0;
+    *ev = POLLOUT;
+    return 0;
+}
+
+/* An OpenSSL call that did not finish: wait (0) or fail (-1). */
+static int slot_wait(storm_slot *sl, int rc, short *ev)
+{
+    int e = SSL_get_error(sl->ssl, rc);
+    if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE)
+        return -1;
+    *ev = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+    return 0;
+}
+
+/* Moves the slot on as far as it goes: 1 its connection is done (echo back,
+ * close_notify sent), 0 waiting (*ev), -1 failed. */
+static int slot_step(const opts *o, storm_slot *sl, const char *msg, char *buf, short *ev)
+{
+    int rc;
+    switch (sl->state) {
+    case SL_CONNECT: {
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (getsockopt(sl->fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err)
+            return -1;
+        sl->ssl = SSL_new(tls_ctx);
+        if (!sl->ssl || SSL_set_fd(sl->ssl, sl->fd) != 1)
+            return -1;
+        SSL_set_connect_state(sl->ssl);
+        sl->state = SL_HANDSHAKE;
+    } /* fall through */
+    case SL_HANDSHAKE:
+        if ((rc = SSL_do_handshake(sl->ssl)) != 1)
+            return slot_wait(sl, rc, ev);
+        sl->state = SL_WRITE;
+        /* fall through */
+    case SL_WRITE:
+        if ((rc = SSL_write(sl->ssl, msg, (int)o->size)) <= 0)
+            return slot_wait(sl, rc, ev);
+        sl->state = SL_READ;
+        /* fall through */
+    case SL_READ:
+        while (sl->got < o->size) {
+            if ((rc = SSL_read(sl->ssl, buf + sl->got, (int)(o->size - sl->got))) <= 0)
+                return slot_wait(sl, rc, ev);
+            sl->got += rc;
+        }
+        if (memcmp(buf, msg, (size_t)o->size) != 0)
+            return -1;
+        SSL_shutdown(sl->ssl);
+        return 1;
+    }
+    return -1;
+}
+
+/* One TLS storm process: --slots connections at a time until the end. */
+static void tls_storm_proc(const opts *o, const struct sockaddr_in *sa, int64_t start, int64_t end,
+                           storm_counts *counts)
+{
+    long k = o->slots;
+    storm_slot *sl = calloc((size_t)k, sizeof *sl);
+    struct pollfd *pf = calloc((size_t)k, sizeof *pf);
+    char *msg = calloc(1, (size_t)o->size), *buf = malloc((size_t)o->size);
+    if (!sl || !pf || !msg || !buf)
+        _exit(1);
+    while (now_ns() < start)
+        usleep(1000);
+    for (long i = 0; i < k; i++) {
+        sl[i].fd = -1;
+        if (slot_open(&sl[i], sa, &pf[i].events) < 0)
+            atomic_fetch_add(&counts->errors, 1);
+        pf[i].fd = sl[i].fd;
+    }
+    while (now_ns() < end) {
+        if (poll(pf, (nfds_t)k, 10) < 0 && errno != EINTR)
+            break;
+        for (long i = 0; i < k; i++) {
+            if (sl[i].fd >= 0 && !pf[i].revents)
+                continue;
+            int r = sl[i].fd >= 0 ? slot_step(o, &sl[i], msg, buf, &pf[i].events) : -1;
+            if (r == 0)
+                continue;
+            atomic_fetch_add(r > 0 ? &counts->connects : &counts->errors, 1);
+            slot_close(&sl[i]);
+            if (slot_open(&sl[i], sa, &pf[i].events) < 0)
+                atomic_fetch_add(&counts->errors, 1);
+            pf[i].fd = sl[i].fd; /* -1 (ignored by poll) until the next round retries */
+        }
+    }
+    for (long i = 0; i < k; i++)
+        slot_close(&sl[i]);
+    free(sl);
+    free(pf);
+    free(msg);
+    free(buf);
+}
+#else
+static int tls_init(void)
+{
+    fprintf(stderr, "storm: built without OpenSSL, so --tls is not available\n");
+    return -1;
+}
+static int tls_neighbour_start(neighbour *n)
+{
+    (void)n;
+    return -1;
+}
+static long tls_take(neighbour *n, const char *in, ssize_t len, char *out, long cap)
+{
+    (void)n, (void)in, (void)len, (void)out, (void)cap;
+    return -1;
+}
+static int tls_send(neighbour *n, const char *p, long len)
+{
+    (void)n, (void)p, (void)len;
+    return -1;
+}
+static void tls_storm_proc(const opts *o, const struct sockaddr_in *sa, int64_t start, int64_t end,
+                           storm_counts *counts)
+{
+    (void)o, (void)sa, (void)start, (void)end, (void)counts;
+}
+#endif
+
 /* One storm process: churns connections until the deadline, at its share of
  * the rate (0 = unpaced). */
 static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int64_t end,
                        storm_counts *counts)
 {
+    if (o->tls) {
+        tls_storm_proc(o, sa, start, end, counts);
+        return;
+    }
     char *msg = calloc(1, (size_t)o->size);
     int64_t gap = o->rate ? 1000000000LL * o->procs / o->rate : 0;
     int64_t next = start;
@@ -236,7 +522,7 @@ static void take_timestamp(neighbour *n, struct msghdr *mh)
  * message is back (and stores its round trip), 0 if not yet, -1 on failure. */
 static int neighbour_read(const opts *o, neighbour *n, const char *pattern, sample *out)
 {
-    char buf[65536];
+    char buf[65536], plain[65536];
     union {
         char b[CMSG_SPACE(sizeof(struct timespec)) * 2];
         struct cmsghdr align;
@@ -249,9 +535,18 @@ static int neighbour_read(const opts *o, neighbour *n, const char *pattern, samp
     ssize_t r = recvmsg(n->fd, &mh, MSG_DONTWAIT);
     if (r < 0)
         return errno == EAGAIN || errno == EINTR ? 0 : -1;
-    if (r == 0 || n->got + r > o->size || memcmp(buf, pattern + n->got, (size_t)r))
+    if (r == 0)
         return -1;
     take_timestamp(n, &mh);
+    const char *data = buf;
+    if (n->ssl) {
+        r = tls_take(n, buf, r, plain, (long)sizeof plain);
+        if (r <= 0)
+            return (int)r; /* -1 failed; 0 nothing for us yet */
+        data = plain;
+    }
+    if (n->got + r > o->size || memcmp(data, pattern + n->got, (size_t)r))
+        return -1;
     n->got += r;
     if (n->got < o->size)
         return 0;
@@ -275,7 +570,8 @@ static int neighbours_send(const opts *o, neighbour *ns, const char *pattern, in
             continue;
         while (n->next_send <= t)
             n->next_send += period;
-        if (send(n->fd, pattern, (size_t)o->size, MSG_NOSIGNAL) != o->size)
+        if (n->ssl ? tls_send(n, pattern, o->size) < 0
+                   : send(n->fd, pattern, (size_t)o->size, MSG_NOSIGNAL) != o->size)
             return -1;
         n->sent_at = now_ns();
         n->sent_rt = realtime_ns();
@@ -346,6 +642,8 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
+    if (o.tls && tls_init() < 0)
+        return 2;
     neighbour *ns = calloc((size_t)o.neighbours, sizeof *ns);
     struct pollfd *pf = calloc((size_t)o.neighbours, sizeof *pf);
     for (long i = 0; i < o.neighbours; i++) {
@@ -356,6 +654,10 @@ int main(int argc, char **argv)
         int one = 1;
         setsockopt(ns[i].fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         setsockopt(ns[i].fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
+        if (o.tls && tls_neighbour_start(&ns[i]) < 0) {
+            fprintf(stderr, "storm: neighbour %ld: TLS handshake failed\n", i);
+            return 1;
+        }
     }
     storm_counts *counts = mmap(NULL, sizeof *counts, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
                                 0);
@@ -389,15 +691,15 @@ int main(int argc, char **argv)
     double secs = (double)(stop - begin) / 1e9;
 #define PCT(a, q) (n ? (long long)((a)[n * (q) / 100] / 1000) : 0LL)
 #define MAXV(a) (n ? (long long)((a)[n - 1] / 1000) : 0LL)
-    printf("storm %s: %ld connects in %.1f s (%.0f/s, %ld errors); neighbours %ld samples, "
+    printf("storm %s%s: %ld connects in %.1f s (%.0f/s, %ld errors); neighbours %ld samples, "
            "p50 %.2f ms p99 %.2f ms max %.2f ms (send-to-echo part p99 %.2f ms, wake part p99 %.2f ms)%s\n",
-           o.rst ? "rst" : "connect", c, secs, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50) / 1e3,
-           PCT(rtt, 99) / 1e3, MAXV(rtt) / 1e3, PCT(srv, 99) / 1e3, PCT(wake, 99) / 1e3,
-           r < 0 ? " NEIGHBOUR FAILED" : "");
+           o.rst ? "rst" : "connect", o.tls ? " (TLS)" : "", c, secs, c / secs, atomic_load(&counts->errors),
+           n, PCT(rtt, 50) / 1e3, PCT(rtt, 99) / 1e3, MAXV(rtt) / 1e3, PCT(srv, 99) / 1e3,
+           PCT(wake, 99) / 1e3, r < 0 ? " NEIGHBOUR FAILED" : "");
     printf("RESULT mode=%s procs=%ld connects=%ld connects_per_s=%.0f connect_errors=%ld samples=%ld "
            "p50_us=%lld p99_us=%lld max_us=%lld srv_p99_us=%lld srv_max_us=%lld wake_p99_us=%lld "
-           "wake_max_us=%lld neighbour_errors=%d\n",
+           "wake_max_us=%lld neighbour_errors=%d tls=%d\n",
            o.rst ? "rst" : "connect", o.procs, c, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50),
-           PCT(rtt, 99), MAXV(rtt), PCT(srv, 99), MAXV(srv), PCT(wake, 99), MAXV(wake), r < 0);
+           PCT(rtt, 99), MAXV(rtt), PCT(srv, 99), MAXV(srv), PCT(wake, 99), MAXV(wake), r < 0, o.tls);
     return r < 0 ? 1 : 0;
 }

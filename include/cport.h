@@ -590,8 +590,9 @@ typedef struct cp_tls_opts {
     const uint8_t *ticket_key;     /* CP_TLS_TICKET_KEY_LEN bytes, NULL = a random key of this
                                   context: servers given the same key resume each other's
                                   sessions */
-    uint32_t handshakes_per_round; /* new handshakes a worker starts per round at most
-                                      (the rest wait, in order); 0 = 8 */
+    uint32_t handshakes_per_round; /* new handshakes a worker starts per round at most,
+                                      and no more handshake work than about 0.25 ms
+                                      once one step ran (the rest wait, in order); 0 = 8 */
 } cp_tls_opts;
 
 /* -EINVAL for missing or contradictory options, -EIO with a log line for a

@@ -49,6 +49,12 @@
  * worth while it waits to be written. */
 #define OUT_MIN 2048u
 #define HS_PER_ROUND_DEFAULT 8u
+/* Handshake work a worker does per round once one step has run: a full
+ * handshake's first step costs about 0.3 ms here, so this makes it one such
+ * step a round, and a few of the cheap second steps (the client's Finished,
+ * the ticket). Established sessions then wait at most about this much a
+ * round for the handshakes of a reconnect storm. */
+#define HS_ROUND_NS 250000u
 #define HANDSHAKE_MS_DEFAULT 10000u
 #define STASH_MAX (16u * 1024u) /* a waiting handshake's input at most */
 
@@ -320,7 +326,9 @@ static bool tls_finish(cp_session *s)
 /* Per worker thread: handshakes started this round, and the sessions whose
  * hello waits, oldest first. */
 static _Thread_local struct {
-    uint32_t round, used;
+    uint32_t round;
+    uint32_t steps, firsts; /* handshake steps run this round, and how many began one */
+    uint64_t spent_ns;      /* the time they took */
     cp_queue waiting;
     bool init, posted;
     cp_posted at_end;
@@ -339,8 +347,7 @@ static void hs_post(cp_worker *w)
     cp__post_round_end(w, &hs.at_end);
 }
 
-/* A new handshake may start in this round. */
-static bool hs_take(cp_worker *w, uint32_t limit)
+static void hs_round(const cp_worker *w)
 {
     if (!hs.init) {
         cp__queue_init(&hs.waiting);
@@ -348,29 +355,47 @@ static bool hs_take(cp_worker *w, uint32_t limit)
     }
     if (hs.round != w->round) {
         hs.round = w->round;
-        hs.used = 0;
+        hs.steps = hs.firsts = 0;
+        hs.spent_ns = 0;
     }
-    if (hs.used >= limit || !cp__queue_empty(&hs.waiting))
-        return false;
-    hs.used++;
-    return true;
 }
 
-/* At the end of a round: the waiting hellos, in order, while the next
- * round's budget lasts (the count moved on with the round). */
+/* f's next handshake step fits in this round's budget: the first step of a
+ * round always does; after it, while the round's handshake time lasts, and
+ * new handshakes only up to the context's count. */
+static bool hs_room(const tls_filter *f)
+{
+    if (!hs.steps)
+        return true;
+    if (hs.spent_ns >= HS_ROUND_NS)
+        return false;
+    return f->started || hs.firsts < f->tls->hs_per_round;
+}
+
+/* One server handshake step, counted and timed. */
+static size_t hs_step(tls_filter *f, const uint8_t *data, size_t n)
+{
+    hs.steps++;
+    if (!f->started)
+        hs.firsts++;
+    f->started = true;
+    uint64_t t0 = cp__now_ns();
+    size_t packets = feed(f, data, n);
+    hs.spent_ns += cp__now_ns() - t0;
+    return packets;
+}
+
+/* At the end of a round: the waiting steps, in order, while the next
+ * round's budget lasts (the round moved on before this runs). */
 static void hs_run_waiting(cp_worker *w, cp_posted *p)
 {
     CP_UNUSED(p);
     hs.posted = false;
-    if (hs.round != w->round) {
-        hs.round = w->round;
-        hs.used = 0;
-    }
+    hs_round(w);
     while (!cp__queue_empty(&hs.waiting)) {
         tls_filter *f = CP_QUEUE_DATA(cp__queue_head(&hs.waiting), tls_filter, wait_link);
-        if (hs.used >= f->tls->hs_per_round)
+        if (!hs_room(f))
             break;
-        hs.used++;
         cp__queue_remove(&f->wait_link);
         f->waiting = false;
         cp_session *s = f->s;
@@ -380,8 +405,7 @@ static void hs_run_waiting(cp_worker *w, cp_posted *p)
         f->stash_len = 0;
         if (atomic_load(&s->state) == CP_S_HANDSHAKING) {
             cp__rx_unblock(s, CP_RX_FILTER);
-            f->started = true;
-            feed(f, stash, len);
+            hs_step(f, stash, len);
         }
         cp__free(stash);
         cp__session_unref(s);
@@ -500,15 +524,16 @@ static size_t feed(tls_filter *f, const uint8_t *data, size_t n)
 static size_t tls_input(cp_session *s, const uint8_t *data, size_t n)
 {
     tls_filter *f = filter_of(s);
-    if (!f->started && !s->is_client) {
-        /* A server's first step of a new handshake: within the budget. */
-        if (f->waiting || !hs_take(s->owner, f->tls->hs_per_round)) {
-            hs_wait(f, data, n);
-            return 0;
-        }
-        f->started = true;
+    if (f->up || s->is_client)
+        return feed(f, data, n);
+    /* A server's handshake step: within the worker's budget, behind the
+     * steps already waiting for it. */
+    hs_round(s->owner);
+    if (f->waiting || !cp__queue_empty(&hs.waiting) || !hs_room(f)) {
+        hs_wait(f, data, n);
+        return 0;
     }
-    return feed(f, data, n);
+    return hs_step(f, data, n);
 }
 
 /* ------------------------------------------------------------------ session filter */

@@ -156,7 +156,7 @@ lint:
 	@echo "lint: clean"
 
 fuzz:
-	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev liburing-dev libhiredis-dev libssl-dev"
+	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev pkg-config liburing-dev libhiredis-dev libssl-dev"
 	tests/fuzz/build.sh $(FUZZ_BUILD)
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  rm -rf $(FUZZ_BUILD)/corpus-$$t; mkdir -p $(FUZZ_BUILD)/corpus-$$t $(FUZZ_BUILD)/artifacts-$$t; \

@@ -23,6 +23,16 @@ if pkg-config --exists liburing 2>/dev/null || [ -f /usr/include/liburing.h ]; t
   defs="$defs -DCP_HAVE_URING"
   libs="-luring $libs"
 fi
+# TLS needs OpenSSL 3 (as in the library's build): with it, src/tls/tls.c;
+# without it, the -ENOTSUP stand-in (tls_none.c). Exactly one of the two is
+# compiled: both define the cp_tls_* calls.
+if pkg-config --atleast-version=3.0 openssl 2>/dev/null; then
+  srcs=$(printf '%s\n' $srcs | grep -v '/tls_none\.c$' | tr '\n' ' ')
+  defs="$defs -DCP_HAVE_OPENSSL"
+  libs="-lssl -lcrypto $libs"
+else
+  srcs=$(printf '%s\n' $srcs | grep -v '/tls/tls\.c$' | tr '\n' ' ')
+fi
 # The bus's Redis driver needs hiredis; without it, that driver and its
 # fuzzer are left out, as in the library's build.
 if pkg-config --exists hiredis 2>/dev/null; then

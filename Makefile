@@ -22,7 +22,7 @@ MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$
 # copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
 FUZZ_BUILD   ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= fuzz_framer fuzz_session fuzz_nats fuzz_redis
+FUZZ_TARGETS ?= fuzz_framer fuzz_session fuzz_nats fuzz_redis fuzz_tls
 FUZZ_BACKEND ?=
 # make soak: tools/cport-soak under ASan+UBSan+LSan, SOAK_SECONDS per backend.
 SOAK_SECONDS ?= 60

@@ -5,7 +5,7 @@
  * (+ ASan + UBSan).
  *
  * The process runs one cport TLS server on 127.0.0.1 (CP_FRAMING_PACKET,
- * max_packet 1024, send queue limit 32 KiB so overflows happen, a 30 ms
+ * max_packet 1024, send queue limit 64 KiB so overflows happen, a 30 ms
  * partial-packet timeout, a 200 ms handshake timeout, one new handshake per
  * worker per round so hellos wait their turn), created once in
  * LLVMFuzzerInitialize with a self-signed P-256 certificate made there (and
@@ -31,10 +31,20 @@
  *                                                   past the handshake timeout)
  *   15 cp_session_disconnect (arg bit 0: cp_service_disconnect_id)
  *   16 cp_session_shutdown (graceful: close_notify after the queue), 100 ms
- *   17 cp_session_send_copy of 8 KiB (arg bit 0: 20 KiB, one buffer larger than a record)
- *      of packet-shaped junk; arg bit 1: cp_service_send_to of a small packet instead
+ *   17 server sends, (arg bits 2-3) + 1 of them back to back; arg bits 0-1 what:
+ *      packet-shaped junk of 8 KiB, of 20 KiB (one buffer larger than a record),
+ *      of (arg >> 4) + 1 KiB (cp_session_send_copy), or cp_service_send_to of a
+ *      small packet
  *   18 cp_service_broadcast of a small packet (TLS members encrypt it each)
  *   19 cp_tls_reload with the other certificate
+ *   20 part of a packet through TLS (its header and half its body, arg as in 5):
+ *      the server's framer waits, then the packet timeout ends the session
+ *   21 a ClientHello on every connection that has none, all made first and then
+ *      written back to back, so that hellos meet the handshake budget (arg: flags;
+ *      bit 7: then reset the last of them at once)
+ *   22 sync: read until every echo owed has come; while the client's stream is
+ *      whole and its server session connected (not shut down or disconnected by
+ *      an operation), they must come within 2 s
  *
  *   handshake flags: bit 0 TLS 1.2 (else 1.3), bits 1-2 the cipher suite, bit 3 resume
  *   the session the server's ticket gave in this input, bit 4 512-byte records, bit 5
@@ -118,6 +128,9 @@ enum {
     OP_SRV_SEND,
     OP_BROADCAST,
     OP_RELOAD,
+    OP_PARTIAL,
+    OP_HELLO_ALL,
+    OP_SYNC,
     OP_COUNT
 };
 
@@ -125,7 +138,8 @@ static const char *const op_names[OP_COUNT] = { "connect",      "raw",        "r
                                                 "handshake",    "packet",     "burst",       "read",
                                                 "close-notify", "key-update", "renegotiate", "shut-wr",
                                                 "reset",        "close",      "sleep",       "srv-disconnect",
-                                                "srv-shutdown", "srv-send",   "broadcast",   "reload" };
+                                                "srv-shutdown", "srv-send",   "broadcast",   "reload",
+                                                "partial",      "hello-all",  "sync" };
 
 /* FUZZ_TLS_TRACE=1: each operation and its client's state, and how the
  * input's sessions ended, on stderr (to see what a seed or a finding does). */
@@ -373,6 +387,7 @@ typedef struct conn {
     bool up;         /* the client's handshake finished */
     bool dead;       /* the TLS stream is broken or closed for the client: no more SSL calls */
     bool hello_only; /* op 3 sent the ClientHello; the client does not read yet */
+    bool srv_closed; /* an operation disconnected or shut down its server session */
     bool verify;     /* what this client wrote went out whole: its echoes must come back */
     uint32_t seq;
     /* Echoes owed: id, body length, the body's seed. */
@@ -555,6 +570,12 @@ static void client_input(conn *c, const uint8_t *p, size_t n)
 
 /* ------------------------------------------------------------------ operations */
 
+static void raw_send(conn *c, const uint8_t *p, size_t n)
+{
+    if (c->fd >= 0 && n)
+        send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
 /* A new client SSL on the connection, set up by the handshake flags. */
 static bool ssl_make(conn *c, uint8_t flags)
 {
@@ -587,26 +608,67 @@ static bool ssl_make(conn *c, uint8_t flags)
     return true;
 }
 
-/* The ClientHello alone: the client reads from an empty memory BIO for
- * now, so its first step writes the hello and stops there, however fast
- * the server answers; op 4 gives it the socket to read and goes on. */
-static void op_hello(conn *c, uint8_t flags)
+/* The ClientHello alone, made into hello (at most cap bytes): the client
+ * reads from an empty memory BIO for now and writes into another, so its
+ * first step makes the hello and stops there, however fast the server
+ * answers; the caller sends it. Later writes go to the socket, and op 4
+ * gives the client the socket to read and goes on. Returns the hello's
+ * length, 0 if none was made. */
+static size_t hello_make(conn *c, uint8_t flags, uint8_t *hello, size_t cap)
 {
     if (c->fd < 0 || c->ssl || c->dead || !ssl_make(c, flags))
-        return;
+        return 0;
     BIO *empty = BIO_new(BIO_s_mem());
-    if (!empty) {
+    BIO *made = BIO_new(BIO_s_mem());
+    if (!empty || !made) {
+        BIO_free(empty);
+        BIO_free(made);
         conn_broken(c);
-        return;
+        return 0;
     }
     BIO_set_mem_eof_return(empty, -1); /* empty means "wait", not the end */
     SSL_set0_rbio(c->ssl, empty);
+    SSL_set0_wbio(c->ssl, made);
     c->hello_only = true;
     ERR_clear_error();
     int r = SSL_do_handshake(c->ssl);
-    if (SSL_get_error(c->ssl, r) != SSL_ERROR_WANT_READ)
+    size_t n = 0;
+    if (SSL_get_error(c->ssl, r) == SSL_ERROR_WANT_READ) {
+        int got = BIO_read(made, hello, (int)cap);
+        n = got > 0 ? (size_t)got : 0;
+    }
+    BIO *sock = BIO_new_socket(c->fd, BIO_NOCLOSE);
+    if (n == 0 || !sock) {
+        BIO_free(sock);
         conn_broken(c);
+        return 0;
+    }
+    SSL_set0_wbio(c->ssl, sock);
     ERR_clear_error();
+    return n;
+}
+
+static void op_hello(conn *c, uint8_t flags)
+{
+    uint8_t hello[4096];
+    raw_send(c, hello, hello_make(c, flags, hello, sizeof hello));
+}
+
+/* Hellos on every connection that has none, sent back to back. */
+static void op_hello_all(uint8_t arg)
+{
+    static uint8_t hello[NCONN][4096];
+    size_t len[NCONN];
+    int last = -1;
+    for (int i = 0; i < NCONN; i++) {
+        len[i] = hello_make(&g_cs[i], arg & 127, hello[i], sizeof hello[i]);
+        if (len[i])
+            last = i;
+    }
+    for (int i = 0; i < NCONN; i++)
+        raw_send(&g_cs[i], hello[i], len[i]);
+    if ((arg & 128) && last >= 0)
+        conn_close(&g_cs[last], 1);
 }
 
 static void op_handshake(conn *c, uint8_t flags)
@@ -656,6 +718,18 @@ static void op_packet(conn *c, uint8_t arg)
         expect_push(c, id, body, seed);
 }
 
+/* The server's framer now holds part of a packet: what this client sends
+ * next completes it with other bytes, so its echoes are no longer checked. */
+static void op_partial(conn *c, uint8_t arg)
+{
+    if (!usable(c))
+        return;
+    uint8_t buf[4 + MAX_PACKET];
+    size_t n = packet_fill(buf, arg, (size_t)arg * 4, (uint8_t)c->seq++);
+    c->verify = false;
+    tls_write(c, buf, 4 + (n - 4) / 2);
+}
+
 static void op_burst(conn *c, uint8_t arg)
 {
     if (!usable(c))
@@ -681,11 +755,10 @@ static void op_burst(conn *c, uint8_t arg)
             expect_push(c, sent[k].id, sent[k].len, sent[k].seed);
 }
 
-static void op_read(conn *c, uint8_t arg)
+/* Reads what comes until the deadline; false when the stream ended for the
+ * client (the server's close_notify, an alert, the end of the stream). */
+static bool read_until(conn *c, uint64_t deadline)
 {
-    if (!usable(c))
-        return;
-    uint64_t deadline = now_us() + (uint64_t)(arg % 8) * 1000;
     uint8_t buf[16384];
     for (;;) {
         ERR_clear_error();
@@ -697,14 +770,36 @@ static void op_read(conn *c, uint8_t arg)
         }
         int e = SSL_get_error(c->ssl, r);
         if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
-            conn_broken(c); /* the server's close_notify, an alert or the end of the stream */
-            return;
+            conn_broken(c);
+            return false;
         }
         if (!io_wait(c, r, deadline)) {
             ERR_clear_error();
-            return;
+            return true;
         }
     }
+}
+
+static void op_read(conn *c, uint8_t arg)
+{
+    if (usable(c))
+        read_until(c, now_us() + (uint64_t)(arg % 8) * 1000);
+}
+
+/* The echoes owed must come while nothing excuses them: a server session
+ * that stays connected and was not told to stop, a client whose writes all
+ * went out whole and whose stream is still open. */
+static void op_sync(conn *c)
+{
+    if (!usable(c) || !c->verify)
+        return;
+    uint64_t deadline = now_us() + 2000000;
+    while (c->elen && now_us() < deadline)
+        if (!read_until(c, now_us() + 10000))
+            return; /* the server ended the stream: what it still owed is excused */
+    rec *r = rec_of(c);
+    if (c->elen && c->verify && !c->srv_closed && r && atomic_load(&r->state) == 0)
+        fail("echoes owed to a connected session did not come within 2 s", (long)c->elen, 0);
 }
 
 static void op_close_notify(conn *c)
@@ -767,11 +862,6 @@ static void op_renegotiate(conn *c)
     ERR_clear_error();
 }
 
-static void raw_send(conn *c, const uint8_t *p, size_t n)
-{
-    if (c->fd >= 0 && n)
-        send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-}
 
 /* A record header of the input's choosing, then its body from the input,
  * padded with zeros to the length the header gives. Returns the input
@@ -801,19 +891,27 @@ static void server_op(conn *c, int kind, uint8_t arg)
         return;
     switch (kind) {
     case OP_SRV_DISCONNECT:
+        c->srv_closed = true;
         if (arg & 1)
             cp_service_disconnect_id(g_svc, r->id);
         else
             cp_session_disconnect(r->s);
         break;
-    case OP_SRV_SHUTDOWN: cp_session_shutdown(r->s, 100); break;
+    case OP_SRV_SHUTDOWN:
+        c->srv_closed = true;
+        cp_session_shutdown(r->s, 100);
+        break;
     case OP_SRV_SEND:
-        if (arg & 2) {
-            cp_sendbuf *pb = cp_packet_make(ID_SENDTO, "to", 2);
-            cp_service_send_to(g_svc, r->id, pb);
-            cp_sendbuf_unref(pb);
-        } else {
-            cp_session_send_copy(r->s, g_junk, (arg & 1) ? sizeof g_junk : 8192);
+        for (int k = 0; k <= ((arg >> 2) & 3); k++) {
+            if ((arg & 3) == 2) {
+                cp_sendbuf *pb = cp_packet_make(ID_SENDTO, "to", 2);
+                cp_service_send_to(g_svc, r->id, pb);
+                cp_sendbuf_unref(pb);
+            } else {
+                static const size_t sizes[4] = { 8192, sizeof g_junk, 0, 0 };
+                size_t n = (arg & 3) == 3 ? (size_t)((arg >> 4) + 1) * 1024 : sizes[arg & 3];
+                cp_session_send_copy(r->s, g_junk, n);
+            }
         }
         break;
     }
@@ -865,6 +963,9 @@ static void do_op(int kind, conn *c, const uint8_t *data, size_t size, size_t *p
         cp_sendbuf_unref(pb);
         break;
     }
+    case OP_PARTIAL: (*pos)++, op_partial(c, arg); break;
+    case OP_HELLO_ALL: (*pos)++, op_hello_all(arg); break;
+    case OP_SYNC: op_sync(c); break;
     case OP_RELOAD: {
         static int which;
         which ^= 1;
@@ -920,7 +1021,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     cp_server_opts o = { .host = "127.0.0.1", .port = 0 };
     o.session.framing = CP_FRAMING_PACKET;
     o.session.max_packet = MAX_PACKET;
-    o.session.send_queue_limit = 32 * 1024;
+    o.session.send_queue_limit = 64 * 1024;
     o.session.packet_timeout_ms = 30;
     o.session.tls = g_tls;
     rc = cp_server_start(&g_svc, g_port, &o, &h, NULL);

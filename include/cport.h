@@ -706,10 +706,10 @@ CP_API void cp_service_stats_get(const cp_service *svc, cp_service_stats *out);
 CP_API int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *final);
 
 /* By session id, any thread: queue buf / disconnect. -ENOTCONN if that session
- * is gone or its slot was reused. */
+ * is gone or its slot was reused (cp_service_send_to: or is not connected yet). */
 CP_API int cp_service_send_to(cp_service *svc, uint64_t id, cp_sendbuf *b);
 CP_API int cp_service_disconnect_id(cp_service *svc, uint64_t id);
-/* Queue buf on every live session of the service; returns how many. */
+/* Queue buf on every connected session of the service; returns how many. */
 CP_API int cp_service_broadcast(cp_service *svc, cp_sendbuf *b);
 
 /* ------------------------------------------------------------------ sessions */

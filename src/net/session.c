@@ -882,7 +882,13 @@ static int send_ordered(cp_session *s, cp_sendbuf *b)
  * s refuses the buffer). */
 static int session_send_owned(cp_session *s, cp_sendbuf *b)
 {
-    if (atomic_load_explicit(&s->state, memory_order_acquire) >= CP_S_DRAINING) {
+    /* A session not connected yet (accepted but not started, connecting, in
+     * its TLS handshake; a broadcast or a send by id can find one) is refused
+     * like a closed one, and takes no ticket: the owner drops a message that
+     * finds its session not writing, so that ticket would never be applied
+     * and every later send would wait behind it for good. */
+    int st = atomic_load_explicit(&s->state, memory_order_acquire);
+    if (st < CP_S_CONNECTED || st >= CP_S_DRAINING) {
         cp_sendbuf_unref(b);
         return -ENOTCONN;
     }

@@ -23,6 +23,19 @@ if pkg-config --exists liburing 2>/dev/null || [ -f /usr/include/liburing.h ]; t
   defs="$defs -DCP_HAVE_URING"
   libs="-luring $libs"
 fi
+# TLS needs OpenSSL 3 (as in the library's build): with it, src/tls/tls.c
+# and the TLS fuzzer; without it, the -ENOTSUP stand-in (tls_none.c) and no
+# TLS fuzzer. Exactly one of the two is compiled: both define the cp_tls_*
+# calls.
+tls_target=
+if pkg-config --atleast-version=3.0 openssl 2>/dev/null; then
+  srcs=$(printf '%s\n' $srcs | grep -v '/tls_none\.c$' | tr '\n' ' ')
+  defs="$defs -DCP_HAVE_OPENSSL"
+  libs="-lssl -lcrypto $libs"
+  tls_target=fuzz_tls
+else
+  srcs=$(printf '%s\n' $srcs | grep -v '/tls/tls\.c$' | tr '\n' ' ')
+fi
 # The bus's Redis driver needs hiredis; without it, that driver and its
 # fuzzer are left out, as in the library's build.
 if pkg-config --exists hiredis 2>/dev/null; then
@@ -33,6 +46,7 @@ else
   srcs=$(printf '%s\n' $srcs | grep -v '/redis\.c$' | tr '\n' ' ')
   targets="fuzz_framer fuzz_session fuzz_nats"
 fi
+targets="$targets $tls_target"
 for t in $targets; do
   echo "building $out/$t"
   # shellcheck disable=SC2086

@@ -218,7 +218,7 @@ void cp__rx_account(cp_session *s, size_t n, size_t packets)
 void cp__rx_sendq_check(cp_session *s)
 {
     /* What the limit counts too: the user's queue and what a filter made of it. */
-    size_t q = cp__sendq_mem(&s->sq) + (s->flt ? cp__sendq_mem(&s->flt->wire) : 0);
+    size_t q = cp__session_queued_mem(s);
     if (q > s->svc->sq_high)
         cp__rx_block(s, CP_RX_SENDQ);
     else if (q < s->svc->sq_low)

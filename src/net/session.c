@@ -461,13 +461,26 @@ void cp__session_filter_up(cp_session *s)
     session_connected(s, CP_S_HANDSHAKING);
 }
 
-void cp__session_wire_ready(cp_session *s)
+/* The queue is written at the end of the round, once however many sends
+ * came; none is posted while a write is in flight (its completion goes on). */
+static void flush_later(cp_session *s)
 {
-    if (!s->dirty && !s->wr.armed && wire_open(s)) {
+    if (!s->dirty && !s->wr.armed) {
         s->dirty = true;
         hold(s); /* the posted item's */
         cp__post(s->owner, &s->flush);
     }
+}
+
+void cp__session_wire_ready(cp_session *s)
+{
+    if (wire_open(s))
+        flush_later(s);
+}
+
+size_t cp__session_queued_mem(const cp_session *s)
+{
+    return cp__sendq_mem(&s->sq) + (s->flt ? cp__sendq_mem(&s->flt->wire) : 0);
 }
 
 size_t cp__session_queue_room(const cp_session *s)
@@ -594,15 +607,20 @@ static void sent(cp_session *s, size_t n)
         s->svc->h.on_sent(s, n);
 }
 
+/* A filter turns the round's whole queue into wire bytes at once (TLS: as
+ * few records as it can), while no write is in flight: what comes meanwhile
+ * waits and joins the next batch. */
+static void encode_due(cp_session *s)
+{
+    if (s->flt && s->sq.count && !s->wr.armed && writing(s))
+        s->flt->ops->encode(s);
+}
+
 static void send_start(cp_session *s)
 {
     cp_worker *w = s->owner;
     struct iovec iov[IOV_CAP];
-    /* A filter turns the round's whole queue into wire bytes at once (TLS:
-     * as few records as it can), while no write is in flight: what comes
-     * meanwhile waits and joins the next batch. */
-    if (s->flt && s->sq.count && !s->wr.armed && writing(s))
-        s->flt->ops->encode(s);
+    encode_due(s);
     cp_sendq *q = wire_queue(s);
     while (wire_open(s) && q->count && !s->wr.armed) {
         int n = cp__sendq_gather(q, iov, IOV_CAP, SEND_BYTES_CAP);
@@ -619,8 +637,7 @@ static void send_start(cp_session *s)
             return;
         }
         sent(s, (size_t)r);
-        if (s->flt && s->sq.count && !s->wr.armed && writing(s))
-            s->flt->ops->encode(s);
+        encode_due(s);
     }
     if (s->drain_marked && all_written(s))
         drain_step(s);
@@ -719,13 +736,9 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         /* -ENOBUFS: what the queue would pin passes the limit (sendq.c). */
         cp__session_request_close(s, r == -ENOBUFS ? CP_REASON_SEND_OVERFLOW : CP_REASON_NO_MEMORY);
     } else {
-        if (cp__sendq_mem(&s->sq) + (s->flt ? cp__sendq_mem(&s->flt->wire) : 0) > s->svc->sq_high)
+        if (cp__session_queued_mem(s) > s->svc->sq_high)
             cp__rx_sendq_check(s);
-        if (!s->dirty && !s->wr.armed) {
-            s->dirty = true;
-            hold(s); /* the posted item's */
-            cp__post(s->owner, &s->flush);
-        }
+        flush_later(s);
         return 0;
     }
     cp_sendbuf_unref(b);

@@ -173,6 +173,31 @@ static void sleep_us(uint64_t us)
         sched_yield();
 }
 
+/* A deadline for the server that does not count time this thread was not
+ * running (a stall of the machine or of its VM: on 2 shared cores a wait
+ * of 1 ms once came back seconds later). */
+typedef struct patience {
+    uint64_t deadline, last, stalled;
+} patience;
+
+static patience patience_start(uint64_t us)
+{
+    uint64_t now = now_us();
+    return (patience){ .deadline = now + us, .last = now };
+}
+
+/* Called on each turn of a wait loop; true once the time is up. */
+static bool patience_out(patience *p)
+{
+    uint64_t now = now_us();
+    if (now - p->last > 100000) {
+        p->deadline += now - p->last;
+        p->stalled += now - p->last;
+    }
+    p->last = now;
+    return now > p->deadline;
+}
+
 /* ------------------------------------------------------------------ the server */
 
 typedef struct rec {
@@ -796,8 +821,8 @@ static void op_sync(conn *c)
 {
     if (!usable(c) || !c->verify)
         return;
-    uint64_t deadline = now_us() + 2000000;
-    while (c->elen && now_us() < deadline)
+    patience p = patience_start(2000000);
+    while (c->elen && !patience_out(&p))
         if (!read_until(c, now_us() + 10000))
             return; /* the server ended the stream: what it still owed is excused */
     rec *r = rec_of(c);
@@ -1079,7 +1104,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
  * nothing left to accept. */
 static void wait_all_ended(const uint16_t *used_ports, int nused)
 {
-    uint64_t deadline = now_us() + END_WAIT_US;
+    patience p = patience_start(END_WAIT_US);
     cp_service_stats st;
     for (;;) {
         cp_service_stats_get(g_svc, &st);
@@ -1094,12 +1119,14 @@ static void wait_all_ended(const uint16_t *used_ports, int nused)
                 return;
             continue;
         }
-        if (now_us() > deadline) {
+        if (patience_out(&p)) {
             fprintf(stderr,
                     "fuzz_tls: on_connected %ld on_disconnected %ld, stats: sessions %llu "
-                    "connected %llu disconnected %llu, to accept %u\n",
+                    "connected %llu disconnected %llu, to accept %u (this thread stalled %llu ms "
+                    "meanwhile, not counted)\n",
                     con, dis, (unsigned long long)st.sessions, (unsigned long long)st.connected,
-                    (unsigned long long)st.disconnected, accept_backlog());
+                    (unsigned long long)st.disconnected, accept_backlog(),
+                    (unsigned long long)(p.stalled / 1000));
             int nr = atomic_load(&g_nrecs);
             for (int i = 0; i < nr; i++)
                 for (int j = 0; j < nused; j++)

@@ -4,7 +4,7 @@
  *
  *   storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]
  *         [--neighbours K] [--interval MS] [--size S] [--duration SEC]
- *         [--storm-nice N] [--tls [--slots K]]
+ *         [--storm-nice N] [--tls [--slots K]] [--samples FILE]
  *
  * K neighbour connections (default 20) each send S bytes (default 64) every
  * MS milliseconds (default 10; their sends are spread over the period) and
@@ -37,6 +37,10 @@
  * so --procs 2 --slots 500 puts 1000 handshakes on the server at the start:
  * a reconnect storm, which a server that ran every pending handshake in one
  * go would answer with a long stall. No --rate with --tls.
+ *
+ * --samples FILE writes every round trip the figures count, one per line:
+ * "<send time, us after the storm began> <round trip us> <send-to-echo us>",
+ * to see when in the storm the slow ones came.
  *
  * Last line: RESULT mode=... procs=N connects=C connects_per_s=X connect_errors=E
  *            samples=K p50_us=... p99_us=... max_us=... srv_p99_us=... srv_max_us=...
@@ -79,7 +83,7 @@ typedef struct bio_st BIO;
 #define MARGIN_NS 500000000LL
 
 typedef struct {
-    const char *host;
+    const char *host, *samples;
     long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice, slots;
     int rst, tls;
 } opts;
@@ -111,7 +115,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]\n"
                "             [--neighbours K] [--interval MS] [--size S] [--duration SEC]\n"
-               "             [--storm-nice N] [--tls [--slots K]]\n");
+               "             [--storm-nice N] [--tls [--slots K]] [--samples FILE]\n");
 }
 
 static int num(const char *s, long lo, long hi, long *out)
@@ -148,6 +152,7 @@ static int parse(int argc, char **argv, opts *o)
         { "storm-nice", required_argument, NULL, 'N' },
         { "tls", no_argument, NULL, 'L' },
         { "slots", required_argument, NULL, 'K' },
+        { "samples", required_argument, NULL, 'S' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -174,6 +179,7 @@ static int parse(int argc, char **argv, opts *o)
         case 'N': bad = num(optarg, 0, 19, &o->storm_nice); break;
         case 'L': o->tls = 1; break;
         case 'K': bad = num(optarg, 1, 10000, &o->slots); break;
+        case 'S': o->samples = optarg; break;
         case 'h': usage(stdout); exit(0);
         default: bad = 1;
         }
@@ -504,7 +510,7 @@ static int64_t realtime_ns(void)
  * delivery, the server, the echo's send), wake the rest (the echo's delivery
  * to this socket and this process getting its CPU back). */
 typedef struct {
-    int64_t rtt, srv, wake;
+    int64_t sent, rtt, srv, wake;
 } sample;
 
 static void take_timestamp(neighbour *n, struct msghdr *mh)
@@ -550,6 +556,7 @@ static int neighbour_read(const opts *o, neighbour *n, const char *pattern, samp
     n->got += r;
     if (n->got < o->size)
         return 0;
+    out->sent = n->sent_at;
     out->rtt = now_ns() - n->sent_at;
     out->srv = n->rx_rt ? n->rx_rt - n->sent_rt : out->rtt;
     out->wake = out->rtt - out->srv;
@@ -629,6 +636,17 @@ static int run_neighbours(const opts *o, neighbour *ns, struct pollfd *pf, int64
     return err ? -1 : 0;
 }
 
+static int write_samples(const char *path, const sample *s, long n, int64_t begin)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -1;
+    for (long i = 0; i < n; i++)
+        fprintf(f, "%lld %lld %lld\n", (long long)((s[i].sent - begin) / 1000), (long long)(s[i].rtt / 1000),
+                (long long)(s[i].srv / 1000));
+    return fclose(f);
+}
+
 int main(int argc, char **argv)
 {
     opts o;
@@ -680,6 +698,8 @@ int main(int argc, char **argv)
     int r = run_neighbours(&o, ns, pf, begin, stop + MARGIN_NS, samples, cap, &n);
     for (long i = 0; i < o.procs; i++)
         waitpid(kids[i], NULL, 0);
+    if (o.samples && write_samples(o.samples, samples, n, begin) < 0)
+        fprintf(stderr, "storm: cannot write %s: %s\n", o.samples, strerror(errno));
     int64_t *rtt = malloc(sizeof *rtt * (size_t)(n + 1)), *srv = malloc(sizeof *srv * (size_t)(n + 1)),
             *wake = malloc(sizeof *wake * (size_t)(n + 1));
     for (long i = 0; i < n; i++)

@@ -34,6 +34,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #define OPENSSL_BIN "/usr/bin/openssl"
 #define NODE_BIN "/usr/bin/node"
 #ifndef CPT_TLS_PEER_JS
@@ -1023,6 +1026,60 @@ Test(tls, silent_clients_closed_at_the_handshake_timeout, .timeout = 30)
     peer_close_in(&nb);
     cr_assert_eq(peer_xexit(&nb, 5000), 0);
     peer_stop(&nb);
+    env_stop(&te);
+}
+
+/* Regression (found by fuzz_tls, fixed in bc38d83): a broadcast that found
+ * a session in its handshake took a send ticket that the session's owner
+ * never applied, so every later send to it waited for good: the session
+ * completed its handshake and then never answered. The client here is the
+ * test's own OpenSSL over a blocking socket, so it can stay silent while the
+ * broadcasts go out and then shake hands. */
+Test(tls, a_broadcast_during_the_handshake_does_not_mute_the_session, .timeout = 30)
+{
+    certs();
+    tls_env te;
+    env_start(&te, NULL, NULL, 8);
+    int fd = cpt_xconnect(te.e.sport);
+    CPT_AWAIT(cpt_stats(te.e.svc).sessions == 1, 5000, "the server did not take the connection");
+    static const char news[] = "to everyone connected";
+    for (int i = 0; i < 3; i++) {
+        cp_sendbuf *b = cp_packet_make(9, news, sizeof news);
+        cr_assert_not_null(b);
+        cr_assert_eq(cp_service_broadcast(te.e.svc, b), 0, "a session in its handshake is not connected");
+        cp_sendbuf_unref(b);
+    }
+
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    cr_assert_not_null(ctx);
+    SSL *ssl = SSL_new(ctx);
+    cr_assert_not_null(ssl);
+    SSL_set_fd(ssl, fd); /* blocking, with cpt_connect's receive timeout */
+    cr_assert_eq(SSL_connect(ssl), 1, "the handshake failed");
+    CPT_AWAIT(atomic_load(&te.e.t->connected) == 1, 5000, "on_connected did not run");
+    static const char body[] = "still heard";
+    cp_sendbuf *p = cp_packet_make(4, body, sizeof body);
+    cr_assert_not_null(p);
+    size_t plen = cp_sendbuf_len(p);
+    cr_assert_eq(SSL_write(ssl, cp_sendbuf_data(p), (int)plen), (int)plen);
+    /* The echo, and nothing of the broadcasts before it. */
+    uint8_t got[64];
+    size_t have = 0;
+    while (have < plen) {
+        int r = SSL_read(ssl, got + have, (int)(sizeof got - have));
+        cr_assert_gt(r, 0, "no echo: the session was muted (SSL error %d)", SSL_get_error(ssl, r));
+        have += (size_t)r;
+    }
+    cr_assert_eq(have, plen);
+    cr_assert_arr_eq(got, cp_sendbuf_data(p), plen);
+    cp_sendbuf_unref(p);
+    SSL_shutdown(ssl); /* close_notify: the session ends as the peer's close */
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+    cpt_close(fd);
+    CPT_AWAIT(atomic_load(&te.e.t->disconnected) == 1, 5000, "the session did not end");
+    cr_assert_eq(atomic_load(&te.e.t->recs[0].reason), CP_REASON_PEER_CLOSED);
     env_stop(&te);
 }
 

@@ -53,7 +53,9 @@
 # printed is the summary table. Exit 0 if every run worked (whatever the
 # verdicts), 1 if a run failed, 2 on bad usage or missing programs.
 # Environment: TLS_ECHO_SECONDS (4), TLS_CHURN_SECONDS (3), TLS_CHAT_SECONDS
-# (5), STORM_SECONDS (5), TLS_HS_COUNT (2000), TLS_IDLE (2000).
+# (5), STORM_SECONDS (5), TLS_HS_COUNT (2000), TLS_IDLE (2000), TLS_PARTS
+# (which of the parts above run, default "1 2 3 4 5"; e.g. TLS_PARTS=2 with
+# more rounds to look at the handshake figure alone).
 # shellcheck disable=SC2317,SC2059  # cleanup runs from a trap; printf formats are ours
 set -u
 
@@ -222,6 +224,8 @@ order() { # order ROUND N -> indexes
 
 declare -a SUM
 row() { SUM+=("$1|$2|$3|$4"); } # row WHAT VALUE GOAL VERDICT
+PARTS=${TLS_PARTS:-1 2 3 4 5}
+want() { [[ " $PARTS " == *" $1 "* ]]; } # want N: part N is to run
 
 echo "tls.sh: build $B, $ROUNDS round(s); servers on CPU $SCPU (one worker), clients on CPU $LCPU"
 echo "tls.sh: logs and certificate in $LOG"
@@ -253,6 +257,7 @@ E_CE="cport_epoll=$SRV --backend epoll --port {PORT}"
 E_CU="cport_uring=$SRV --backend uring --port {PORT}"
 E_ASIO="asio=$B/asio_tls_echo --threads 1 --port {PORT} --cert $CERT --key $KEY"
 
+if want 1; then
 echo
 echo "== [$(elapsed) s] 1a. echo over TLS, 200 conns x 64 B, 4 in flight, ${ECHO_S} s per run"
 f4=$LOG/echo-depth4.txt
@@ -280,7 +285,10 @@ for b in epoll uring; do
     row "echo d1: cport_$b / tls_epoll (paired)" "$r  ($(median_us "$f1" "cport_$b") / $(median_us "$f1" tls_epoll) us/msg)" "<= 1.10" "$(verdict "$r" '<=' 1.10)"
 done
 
+fi
+
 # ------------------------------------------------------------ 2. handshakes
+if want 2; then
 echo
 echo "== [$(elapsed) s] 2. handshakes: OpenSSL's own (tls_hs_cost, $HS_COUNT, on CPU $SCPU) and churn"
 echo "   (connect, full handshake, 64 B echo, close_notify, close; 32 slots, ${CHURN_S} s per run), alternating"
@@ -334,10 +342,14 @@ for b in epoll uring; do
             'BEGIN { if (t == "nan" || p == "nan" || o == "nan" || o == 0) print "nan"; else printf "%.4f\n", (t - p) / o }'
     done | median %.2f)
     row "handshake: cport_$b TLS churn / OpenSSL (paired)" "$r  ($t us/conn; plain churn $p; (TLS-plain)/OpenSSL $share)" "<= 1.10" "$(verdict "$r" '<=' 1.10)"
+    row "handshake: cport_$b / tls_epoll TLS churn (paired)" "$(ch_paired "cport_${b}_tls" tls_epoll_tls)" "-" "-"
 done
 row "handshake: tls_epoll TLS churn / OpenSSL (paired)" "$(ch_paired tls_epoll_tls openssl)  (${CHM[tls_epoll_tls]} us/conn)" "-" "-"
 
+fi
+
 # ------------------------------------------------------------ 3. storm
+if want 3; then
 echo
 echo "== [$(elapsed) s] 3. 100 TLS sessions echo 64 B every 10 ms during a handshake storm, ${STORM_S} s"
 echo "   (2 processes at nice 10 keep 500 handshakes each going: 1000 at once at the start, then each slot's next)"
@@ -398,7 +410,10 @@ for b in epoll uring; do
     row "storm: cport_$b sessions' p99 (median of rounds)" "$ms ms  (worst round p99 ${p99w:-nan} us, max ${mx:-nan} us; $hs handshakes/s, >= ${hsmin:-nan} per round)" "< 5 ms" "$(verdict "$ms" '<' 5)"
 done
 
+fi
+
 # ------------------------------------------------------------ 4. idle memory
+if want 4; then
 echo
 echo "== [$(elapsed) s] 4. idle memory: $IDLE_N sessions after their handshake (idle_conns), server VmRSS"
 printf '   %-18s %10s %12s %12s %12s %s\n' server fresh_KiB warm_KiB held_KiB per_session status
@@ -444,7 +459,10 @@ for b in epoll uring; do
     row "idle: cport_$b KiB per TLS session" "${MEM[$b,tls]} KiB  (plain ${MEM[$b,plain]} KiB)" "<= 16" "$(verdict "${MEM[$b,tls]}" '<=' 16)"
 done
 
+fi
+
 # ------------------------------------------------------------ 5. chat
+if want 5; then
 echo
 echo "== [$(elapsed) s] 5. chat, 1000 clients x 1 packet/s x 64 B, ${CHAT_S} s per run, TLS and plain"
 CT_NAMES=(cport_epoll_plain cport_epoll_tls cport_uring_plain cport_uring_tls)
@@ -475,6 +493,8 @@ for b in epoll uring; do
     row "chat: cport_$b us per delivery, TLS / plain" "$t / $p  (paired TLS/plain $pr)" "-" "-"
 done
 row "chat: every delivery, in order, all runs" "$([ $bad_chat = 0 ] && echo "yes" || echo "NO (see the table above)")" "nothing lost" "$([ $bad_chat = 0 ] && echo ok || echo MISSED)"
+
+fi
 
 # ------------------------------------------------------------ summary
 echo

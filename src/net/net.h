@@ -70,12 +70,16 @@ size_t cp__sendq_charge(const cp_sendq *q, const cp_sendbuf *b);
 /* ------------------------------------------------------------------ filters */
 
 /*
- * A byte-stream filter between the socket and the framer (TLS; WebSocket
- * next): docs/design.md, "The seam for byte-stream filters". A layer above
- * net implements the operations; net calls them on the session's owner and
+ * A byte-stream filter between the socket and the framer (TLS, WebSocket):
+ * docs/design.md, "The seam for byte-stream filters". A layer above net
+ * implements the operations; net calls them on the session's owner and
  * knows nothing else of the filter. The kind is what a service holds (the
  * public cp_tls begins with one); each session of the service gets its own
- * filter, which begins with a cp_filter.
+ * filter, which begins with a cp_filter. A session may have a chain of them
+ * (TLS outside, WebSocket inside): the outermost meets the socket, the
+ * innermost the framer; each one's input goes on to the one inside it
+ * (cp__filter_pass), and each one encodes what the one inside it made
+ * (cp__filter_source).
  */
 typedef struct cp_filter cp_filter;
 typedef struct cp_filter_kind cp_filter_kind;
@@ -83,23 +87,24 @@ typedef struct cp_filter_kind cp_filter_kind;
 typedef struct cp_filter_ops {
     /* A new session's filter; NULL when out of memory. */
     cp_filter *(*attach)(cp_filter_kind *k, cp_session *s);
-    /* The TCP connection is up: begin the handshake (a client appends its
+    /* The stream under the filter is up (TCP, or the filter outside it is
+     * done with its handshake): begin the handshake (a client appends its
      * hello to the wire queue). 0, or -errno to close the session. */
-    int (*start)(cp_session *s);
-    /* Bytes from the socket. Passes what it decodes to cp__session_input
-     * (after cp__session_filter_up, once its handshake is done) and returns
-     * the packets that made; closes the session itself on a bad stream. */
-    size_t (*input)(cp_session *s, const uint8_t *data, size_t n);
-    /* Turns what the plain queue holds into wire bytes. */
-    void (*encode)(cp_session *s);
+    int (*start)(cp_filter *f);
+    /* Bytes from below. Passes what it decodes on with cp__filter_pass
+     * (after cp__filter_up, once its handshake is done) and returns the
+     * packets that made; closes the session itself on a bad stream. */
+    size_t (*input)(cp_filter *f, const uint8_t *data, size_t n);
+    /* Turns what its source queue (cp__filter_source) holds into wire bytes. */
+    void (*encode)(cp_filter *f);
     /* A draining session has written everything: append the end of the
      * stream (TLS close_notify); true if anything was appended. */
-    bool (*finish)(cp_session *s);
-    /* n bytes of the wire queue were written: how many of the user's bytes
-     * that completes (on_sent). */
-    size_t (*written)(cp_session *s, size_t n);
+    bool (*finish)(cp_filter *f);
+    /* n bytes of the wire queue were written: how many bytes of its source
+     * that completes (for the innermost, the user's: on_sent). */
+    size_t (*written)(cp_filter *f, size_t n);
     /* The session has finished (its wire queue is cleared): free the filter. */
-    void (*detach)(cp_session *s);
+    void (*detach)(cp_filter *f);
     void (*kind_ref)(cp_filter_kind *k);
     void (*kind_unref)(cp_filter_kind *k);
 } cp_filter_ops;
@@ -107,24 +112,41 @@ typedef struct cp_filter_ops {
 struct cp_filter_kind {
     const cp_filter_ops *ops;
     uint32_t handshake_ms; /* the handshake's deadline (CP_REASON_HANDSHAKE_TIMEOUT) */
+    uint8_t fail_reason;   /* a cp_reason: what a failed start closes with */
 };
 
 struct cp_filter {
     const cp_filter_ops *ops;
-    cp_sendq wire; /* what the filter made, in order; the session writes this queue */
-    bool finished; /* finish ran */
+    cp_filter_kind *kind;
+    cp_session *s;
+    cp_filter *inner; /* toward the framer; NULL: the framer itself */
+    cp_filter *outer; /* toward the socket; NULL: the socket itself */
+    cp_sendq wire;    /* what the filter made, in order: the next filter out encodes it,
+                         or (the outermost's) the session writes it */
+    bool finished;    /* finish ran */
 };
 
-/* On the owner, from a filter's input: its handshake is done, so the
- * session is connected now (on_connected runs). */
-void cp__session_filter_up(cp_session *s);
+/* At most this many filters on one session (TLS, then WebSocket). */
+#define CP_FILTERS_MAX 2
+
+/* On the owner, from a filter's input: its handshake is done. The filter
+ * inside it starts now; after the innermost, the session is connected (on_connected runs). */
+void cp__filter_up(cp_filter *f);
+/* On the owner: bytes f decoded go on to the filter inside it, or to the
+ * framer; returns the packets that made. */
+size_t cp__filter_pass(cp_filter *f, const uint8_t *data, size_t n);
+/* The queue f encodes from: what the filter inside it made, or the
+ * session's own send queue. */
+cp_sendq *cp__filter_source(cp_filter *f);
+/* The filter of the given operations on s (the chain's), or NULL. */
+cp_filter *cp__session_filter(const cp_session *s, const cp_filter_ops *ops);
 /* On the owner: the filter appended to the wire queue by itself (a
  * handshake flight, a TLS KeyUpdate): write it this round. */
 void cp__session_wire_ready(cp_session *s);
-/* On the owner: write the wire queue now rather than at the end of the
- * round, for a fatal alert that must leave before the close that follows
- * (a close drops what is still queued). */
-void cp__session_wire_flush(cp_session *s);
+/* On the owner: write what filter f made now rather than at the end of
+ * the round, for a fatal alert or a Close that must leave before the close
+ * that follows (a close drops what is still queued). */
+void cp__session_wire_flush(cp_filter *f);
 /* On the owner: the user's limit on what the session may queue, less what
  * the filter's wire queue already holds. */
 size_t cp__session_queue_room(const cp_session *s);
@@ -171,7 +193,7 @@ struct cp_session {
     uint32_t carry_len, carry_cap;
 
     cp_sendq sq;
-    cp_filter *flt; /* NULL: plain TCP */
+    cp_filter *flt; /* the outermost filter (the socket's side); NULL: plain TCP */
 
     /* Sends that arrived before an earlier one (owner only): their buffers
      * wait here, sorted, until the tickets before them have been applied. */
@@ -353,7 +375,8 @@ struct cp_service {
     uint32_t rate_pkts, rate_bytes;              /* receive rate limit per second; 0 = none */
     uint64_t win_pkts_ns, win_bytes_ns;          /* the bursts, as time at those rates */
     uint64_t pkt_cost_ns;                        /* one packet at rate_pkts */
-    cp_filter_kind *filter;                      /* TLS: a reference; NULL = plain */
+    cp_filter_kind *filters[CP_FILTERS_MAX];     /* outermost first, each a reference */
+    uint8_t nfilters;                            /* 0 = plain TCP */
     cp_packet_fn *routes;                        /* indexed by id, nroutes entries */
     uint32_t nroutes;
 

@@ -238,8 +238,10 @@ static void service_configure(cp_service *svc, const cp_session_opts *o)
     if (o->recv_rate_bytes)
         svc->win_bytes_ns = (uint64_t)o->recv_burst_bytes * 1000000000u / o->recv_rate_bytes;
     /* A cp_tls begins with its filter kind (the TLS layer, above this one,
-     * promises it), so net can hold one without knowing TLS. */
-    svc->filter = (cp_filter_kind *)(void *)o->tls; /* its reference: service_open */
+     * promises it), so net can hold one without knowing TLS. TLS is the
+     * outermost filter. The references: service_open. */
+    if (o->tls)
+        svc->filters[svc->nfilters++] = (cp_filter_kind *)(void *)o->tls;
 }
 
 /* The session table (every slot free) and the per-worker traffic counters,
@@ -269,8 +271,8 @@ static void service_open(cp_service *svc)
     pthread_mutex_init(&svc->lock, NULL);
     pthread_cond_init(&svc->drained, NULL);
     atomic_fetch_add(&svc->port->users, 1);
-    if (svc->filter)
-        svc->filter->ops->kind_ref(svc->filter);
+    for (int i = 0; i < svc->nfilters; i++)
+        svc->filters[i]->ops->kind_ref(svc->filters[i]);
     cp__port_on_trim(svc->port, cp__sendbuf_trim); /* the buffers its sessions send */
     cp__live_add(CP_LIVE_SERVICE, svc);
 }
@@ -318,8 +320,8 @@ static void service_free(cp_service *svc)
     cp__free(svc->traffic_mem);
     cp__free(svc->slots);
     cp__free(svc->routes);
-    if (svc->filter)
-        svc->filter->ops->kind_unref(svc->filter);
+    for (int i = 0; i < svc->nfilters; i++)
+        svc->filters[i]->ops->kind_unref(svc->filters[i]);
     cp__free(svc);
 }
 

@@ -156,14 +156,50 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
 static void held_drop(cp_session *s);
 static int queue_owned(cp_session *s, cp_sendbuf *b);
 
-/* The filter's wire queue and the filter itself. */
+/* The filters' wire queues and the filters themselves. */
 static void filter_drop(cp_session *s)
 {
-    if (!s->flt)
-        return;
-    cp__sendq_clear(&s->flt->wire);
-    s->flt->ops->detach(s);
+    cp_filter *f = s->flt;
     s->flt = NULL;
+    while (f) {
+        cp_filter *inner = f->inner;
+        cp__sendq_clear(&f->wire);
+        f->ops->detach(f);
+        f = inner;
+    }
+}
+
+/* The filter on the framer's side of the chain. */
+static cp_filter *innermost(const cp_session *s)
+{
+    cp_filter *f = s->flt;
+    while (f && f->inner)
+        f = f->inner;
+    return f;
+}
+
+cp_filter *cp__session_filter(const cp_session *s, const cp_filter_ops *ops)
+{
+    for (cp_filter *f = s->flt; f; f = f->inner)
+        if (f->ops == ops)
+            return f;
+    return NULL;
+}
+
+size_t cp__filter_pass(cp_filter *f, const uint8_t *data, size_t n)
+{
+    return f->inner ? f->inner->ops->input(f->inner, data, n) : cp__session_input(f->s, data, n);
+}
+
+cp_sendq *cp__filter_source(cp_filter *f) { return f->inner ? &f->inner->wire : &f->s->sq; }
+
+/* What the filters' wire queues hold. */
+static size_t filters_mem(const cp_session *s)
+{
+    size_t m = 0;
+    for (const cp_filter *f = s->flt; f; f = f->inner)
+        m += cp__sendq_mem(&f->wire);
+    return m;
 }
 
 static void session_free(cp_session *s)
@@ -260,7 +296,15 @@ static bool wire_open(const cp_session *s)
 static cp_sendq *wire_queue(cp_session *s) { return s->flt ? &s->flt->wire : &s->sq; }
 
 /* Nothing queued and nothing in flight. */
-static bool all_written(cp_session *s) { return !s->sq.count && !wire_queue(s)->count && !s->wr.armed; }
+static bool all_written(cp_session *s)
+{
+    if (s->sq.count || s->wr.armed)
+        return false;
+    for (const cp_filter *f = s->flt; f; f = f->inner)
+        if (f->wire.count)
+            return false;
+    return true;
+}
 
 static void drain_begin(cp_session *s);
 static void drain_step(cp_session *s);
@@ -371,7 +415,7 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
             s->last_rx_ns = w->now_ns;
             cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
             w->feeder = &s->feeder;
-            size_t packets = s->flt ? s->flt->ops->input(s, data, (size_t)res)
+            size_t packets = s->flt ? s->flt->ops->input(s->flt, data, (size_t)res)
                                     : cp__session_input(s, data, (size_t)res);
             w->feeder = NULL;
             cp__rx_account(s, (size_t)res, packets);
@@ -405,28 +449,45 @@ static void on_handshake_timeout(cp_worker *w, void *sp)
     cp__session_close(sp, CP_REASON_HANDSHAKE_TIMEOUT, -ETIMEDOUT);
 }
 
-/* TCP is up on a service with a filter: the filter's handshake comes first,
- * under its deadline, with the receive armed for it; the filter calls
- * cp__session_filter_up when it is done. */
+/* f's handshake begins, under its own deadline (the session's timer);
+ * false if it failed (the session is closed). */
+static bool filter_start(cp_filter *f)
+{
+    cp_session *s = f->s;
+    s->tmo.fn = on_handshake_timeout;
+    cp__timer_arm(s->owner, &s->tmo, f->kind->handshake_ms);
+    int r = f->ops->start(f);
+    if (r < 0)
+        cp__session_close(s, r == -ENOMEM ? CP_REASON_NO_MEMORY : (cp_reason)f->kind->fail_reason, r);
+    return r >= 0;
+}
+
+/* TCP is up on a service with filters: their handshakes come first, the
+ * outermost's first, with the receive armed for them; each filter calls
+ * cp__filter_up when it is done, which starts the next one in. */
 static void filter_begin(cp_session *s, int from)
 {
-    cp_filter_kind *k = s->svc->filter;
+    cp_service *svc = s->svc;
     if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_HANDSHAKING))
         return;
-    s->flt = k->ops->attach(k, s);
-    if (!s->flt) {
-        cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
-        return;
+    cp_filter *outer = NULL;
+    for (int i = 0; i < svc->nfilters; i++) {
+        cp_filter_kind *k = svc->filters[i];
+        cp_filter *f = k->ops->attach(k, s);
+        if (!f) { /* what was attached goes with the session */
+            cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
+            return;
+        }
+        f->kind = k;
+        f->outer = outer;
+        if (outer)
+            outer->inner = f;
+        else
+            s->flt = f;
+        outer = f;
     }
-    s->tmo.fn = on_handshake_timeout;
-    cp__timer_arm(s->owner, &s->tmo, k->handshake_ms);
     arm_recv(s);
-    if (atomic_load(&s->state) != CP_S_HANDSHAKING)
-        return;
-    int r = s->flt->ops->start(s);
-    if (r < 0)
-        cp__session_close(s, CP_REASON_TLS, r);
-    else
+    if (atomic_load(&s->state) == CP_S_HANDSHAKING && filter_start(s->flt))
         send_start(s);
 }
 
@@ -436,7 +497,7 @@ static void filter_begin(cp_session *s, int from)
 static void session_connected(cp_session *s, int from)
 {
     cp_service *svc = s->svc;
-    if (svc->filter && !s->flt) {
+    if (svc->nfilters && !s->flt) {
         filter_begin(s, from);
         return;
     }
@@ -454,8 +515,16 @@ static void session_connected(cp_session *s, int from)
         arm_recv(s);           /* (a filter's handshake armed it already) */
 }
 
-void cp__session_filter_up(cp_session *s)
+void cp__filter_up(cp_filter *f)
 {
+    cp_session *s = f->s;
+    if (f->inner) {
+        /* What the next one writes leaves at the round's end: f may be in
+         * the middle of its own input still. */
+        if (filter_start(f->inner))
+            cp__session_wire_ready(s);
+        return;
+    }
     cp__timer_cancel(s->owner, &s->tmo);
     s->tmo.fn = on_timeout;
     session_connected(s, CP_S_HANDSHAKING);
@@ -478,14 +547,11 @@ void cp__session_wire_ready(cp_session *s)
         flush_later(s);
 }
 
-size_t cp__session_queued_mem(const cp_session *s)
-{
-    return cp__sendq_mem(&s->sq) + (s->flt ? cp__sendq_mem(&s->flt->wire) : 0);
-}
+size_t cp__session_queued_mem(const cp_session *s) { return cp__sendq_mem(&s->sq) + filters_mem(s); }
 
 size_t cp__session_queue_room(const cp_session *s)
 {
-    size_t used = s->flt ? cp__sendq_mem(&s->flt->wire) : 0;
+    size_t used = filters_mem(s);
     return used < s->svc->send_queue_limit ? s->svc->send_queue_limit - used : 0;
 }
 
@@ -599,21 +665,33 @@ static void sent(cp_session *s, size_t n)
 {
     cp__traffic_add(&cp__traffic(s->svc, s->owner)->bytes_out, n);
     cp__sendq_consume(wire_queue(s), n);
-    if (s->flt)
-        n = s->flt->ops->written(s, n); /* the user's bytes that completes */
+    /* Each filter says what its wire bytes complete of the queue inside it;
+     * the innermost's answer is the user's bytes. */
+    for (cp_filter *f = s->flt; f; f = f->inner)
+        n = f->ops->written(f, n);
     if (s->rx_block & CP_RX_SENDQ)
         cp__rx_sendq_check(s);
     if (s->svc->h.on_sent && n)
         s->svc->h.on_sent(s, n);
 }
 
+/* Inner filters first, so that what one makes is in the next one's source. */
+static void filter_encode(cp_filter *f)
+{
+    if (f->inner)
+        filter_encode(f->inner);
+    if (cp__filter_source(f)->count)
+        f->ops->encode(f);
+}
+
 /* A filter turns the round's whole queue into wire bytes at once (TLS: as
  * few records as it can), while no write is in flight: what comes meanwhile
- * waits and joins the next batch. */
+ * waits and joins the next batch. In a handshake only what an inner
+ * filter made is there (a WebSocket upgrade inside TLS). */
 static void encode_due(cp_session *s)
 {
-    if (s->flt && s->sq.count && !s->wr.armed && writing(s))
-        s->flt->ops->encode(s);
+    if (s->flt && !s->wr.armed && wire_open(s))
+        filter_encode(s->flt);
 }
 
 static void send_start(cp_session *s)
@@ -663,9 +741,17 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
 /* One write, best effort, and never a close of its own: the caller closes
  * right after, with the reason that matters (a failed write only loses the
  * alert). */
-void cp__session_wire_flush(cp_session *s)
+void cp__session_wire_flush(cp_filter *from)
 {
+    cp_session *s = from->s;
     cp_worker *w = s->owner;
+    if (s->wr.armed || !wire_open(s))
+        return;
+    /* What the filter made goes through the filters outside it (a
+     * WebSocket Close inside TLS), never through itself again. */
+    for (cp_filter *f = from->outer; f; f = f->outer)
+        if (cp__filter_source(f)->count)
+            f->ops->encode(f);
     cp_sendq *q = wire_queue(s);
     if (!q->count || s->wr.armed || !wire_open(s))
         return;
@@ -973,9 +1059,13 @@ static void drain_step(cp_session *s)
 {
     if (s->wr_shut || atomic_load(&s->state) != CP_S_DRAINING)
         return;
-    if (s->flt && !s->flt->finished) {
-        s->flt->finished = true;
-        if (s->flt->ops->finish(s)) {
+    /* Inner filters first: a WebSocket Close goes inside TLS, before its
+     * close_notify. */
+    for (cp_filter *f = innermost(s); f; f = f->outer) {
+        if (f->finished)
+            continue;
+        f->finished = true;
+        if (f->ops->finish(f)) {
             send_start(s); /* comes back here once it is written */
             return;
         }

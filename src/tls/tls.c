@@ -76,8 +76,7 @@ typedef struct tls_mark {
 } tls_mark;
 
 typedef struct tls_filter {
-    cp_filter base; /* first (net.h) */
-    cp_session *s;
+    cp_filter base; /* first (net.h); base.s is the session */
     cp_tls *tls;
     SSL *ssl; /* on a server, NULL until the first handshake step (tls_attach) */
     /* What the BIO reads now: the receive being handled, or the stash. */
@@ -101,7 +100,15 @@ typedef struct tls_filter {
 
 static const cp_filter_ops tls_ops;
 
-static tls_filter *filter_of(cp_session *s) { return (tls_filter *)(void *)s->flt; }
+static tls_filter *tls_of(cp_filter *f) { return (tls_filter *)(void *)f; }
+
+/* The session takes bytes: in a handshake (this filter's, or one inside
+ * it), or connected. */
+static bool reading(const cp_session *s)
+{
+    int st = atomic_load(&s->state);
+    return st == CP_S_HANDSHAKING || st == CP_S_CONNECTED;
+}
 
 /* ------------------------------------------------------------------ errors */
 
@@ -133,7 +140,7 @@ static void out_flush(tls_filter *f)
      * user's queue it was made from (send_queue_limit counts both). */
     if (cp__sendq_push(&f->base.wire, b, SIZE_MAX) < 0) {
         cp_sendbuf_unref(b);
-        cp__session_request_close(f->s, CP_REASON_NO_MEMORY);
+        cp__session_request_close(f->base.s, CP_REASON_NO_MEMORY);
     }
 }
 
@@ -231,9 +238,9 @@ static int mark_push(tls_filter *f, uint64_t plain)
     return 0;
 }
 
-static size_t tls_written(cp_session *s, size_t n)
+static size_t tls_written(cp_filter *bf, size_t n)
 {
-    tls_filter *f = filter_of(s);
+    tls_filter *f = tls_of(bf);
     f->wire_done += n;
     size_t plain = 0;
     while (f->mlen && f->marks[f->mhead].wire_end <= f->wire_done) {
@@ -261,8 +268,8 @@ static bool write_all(tls_filter *f, const uint8_t *p, size_t len)
     ERR_clear_error();
     size_t done = 0;
     if (!SSL_write_ex(f->ssl, p, len, &done) || done != len) {
-        errors_drain(f->s, "write");
-        cp__session_close(f->s, CP_REASON_TLS, -EPROTO);
+        errors_drain(f->base.s, "write");
+        cp__session_close(f->base.s, CP_REASON_TLS, -EPROTO);
         return false;
     }
     return true;
@@ -270,13 +277,14 @@ static bool write_all(tls_filter *f, const uint8_t *p, size_t len)
 
 /* Encrypts the session's whole plain queue: runs of small buffers through
  * the block, each large one from where it is. */
-static void tls_encode(cp_session *s)
+static void tls_encode(cp_filter *bf)
 {
-    tls_filter *f = filter_of(s);
+    tls_filter *f = tls_of(bf);
+    cp_session *s = bf->s;
     if (!f->up)
         return;
     size_t fill = 0, total = 0;
-    cp_sendq *q = &s->sq;
+    cp_sendq *q = cp__filter_source(bf);
     struct iovec iov[64];
     while (q->count) {
         int n = cp__sendq_gather(q, iov, 64, SIZE_MAX);
@@ -309,9 +317,9 @@ static void tls_encode(cp_session *s)
         cp__session_request_close(s, CP_REASON_NO_MEMORY);
 }
 
-static bool tls_finish(cp_session *s)
+static bool tls_finish(cp_filter *bf)
 {
-    tls_filter *f = filter_of(s);
+    tls_filter *f = tls_of(bf);
     if (!f->up)
         return false;
     ERR_clear_error();
@@ -385,7 +393,7 @@ static size_t hs_step(tls_filter *f, const uint8_t *data, size_t n)
     if (f->ssl || ssl_make(f))
         packets = feed(f, data, n);
     else
-        cp__session_close(f->s, CP_REASON_NO_MEMORY, -ENOMEM);
+        cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
     hs.spent_ns += cp__now_ns() - t0;
     return packets;
 }
@@ -403,7 +411,7 @@ static void hs_run_waiting(cp_worker *w, cp_posted *p)
             break;
         cp__queue_remove(&f->wait_link);
         f->waiting = false;
-        cp_session *s = f->s;
+        cp_session *s = f->base.s;
         uint8_t *stash = f->stash;
         uint32_t len = f->stash_len;
         f->stash = NULL;
@@ -422,7 +430,7 @@ static void hs_run_waiting(cp_worker *w, cp_posted *p)
 /* The hello must wait: keep its bytes, pause the receive, queue. */
 static void hs_wait(tls_filter *f, const uint8_t *data, size_t n)
 {
-    cp_session *s = f->s;
+    cp_session *s = f->base.s;
     if ((size_t)f->stash_len + n > STASH_MAX) {
         cp__session_close(s, CP_REASON_TLS, -EPROTO);
         return;
@@ -455,38 +463,38 @@ static bool handshake_step(tls_filter *f)
         ERR_clear_error();
         f->up = true;
         out_flush(f); /* the last flight (and TLS 1.3 tickets) go out */
-        cp__session_wire_ready(f->s);
-        cp__session_filter_up(f->s);
-        return atomic_load(&f->s->state) == CP_S_CONNECTED;
+        cp__session_wire_ready(f->base.s);
+        cp__filter_up(&f->base);
+        return reading(f->base.s);
     }
     int e = SSL_get_error(f->ssl, r);
     out_flush(f);
     if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
         ERR_clear_error();
-        cp__session_wire_ready(f->s);
+        cp__session_wire_ready(f->base.s);
         return true;
     }
-    errors_drain(f->s, "handshake");
-    cp__session_wire_flush(f->s); /* the alert, before the close drops it */
-    cp__session_close(f->s, CP_REASON_TLS, -EPROTO);
+    errors_drain(f->base.s, "handshake");
+    cp__session_wire_flush(&f->base); /* the alert, before the close drops it */
+    cp__session_close(f->base.s, CP_REASON_TLS, -EPROTO);
     return false;
 }
 
 /* Decrypts what the BIO holds into the framer, record by record. */
 static size_t read_records(tls_filter *f)
 {
-    cp_session *s = f->s;
+    cp_session *s = f->base.s;
     size_t packets = 0;
     uint8_t buf[PLAIN_BLOCK];
     for (;;) {
         size_t got = 0;
         ERR_clear_error();
         if (SSL_read_ex(f->ssl, buf, sizeof buf, &got)) {
-            packets += cp__session_input(s, buf, got);
+            packets += cp__filter_pass(&f->base, buf, got);
             /* Without read-ahead OpenSSL holds no whole record beyond the
              * one it returned (and buf takes a whole record): with the input
              * used up, another call would only say WANT_READ. */
-            if (atomic_load(&s->state) != CP_S_CONNECTED || !f->in_len)
+            if (!reading(s) || !f->in_len)
                 break;
             continue;
         }
@@ -502,7 +510,7 @@ static size_t read_records(tls_filter *f)
         }
         errors_drain(s, "read");
         out_flush(f);
-        cp__session_wire_flush(s); /* the alert (a bad record's), before the close drops it */
+        cp__session_wire_flush(&f->base); /* the alert (a bad record's), before the close drops it */
         cp__session_close(s, CP_REASON_TLS, -EPROTO);
         break;
     }
@@ -519,16 +527,17 @@ static size_t feed(tls_filter *f, const uint8_t *data, size_t n)
     f->in_len = n;
     size_t packets = 0;
     if (f->up || handshake_step(f))
-        if (f->up && atomic_load(&f->s->state) == CP_S_CONNECTED)
+        if (f->up && reading(f->base.s))
             packets = read_records(f);
     f->in = NULL;
     f->in_len = 0;
     return packets;
 }
 
-static size_t tls_input(cp_session *s, const uint8_t *data, size_t n)
+static size_t tls_input(cp_filter *bf, const uint8_t *data, size_t n)
 {
-    tls_filter *f = filter_of(s);
+    tls_filter *f = tls_of(bf);
+    cp_session *s = bf->s;
     if (f->up || s->is_client)
         return feed(f, data, n);
     /* A server's handshake step: within the worker's budget, behind the
@@ -566,7 +575,7 @@ static bool ssl_make(tls_filter *f)
     if (ok) {
         BIO_set_data(bio, f);
         SSL_set_bio(ssl, bio, bio); /* one reference, for both directions */
-        if (f->s->is_client) {
+        if (f->base.s->is_client) {
             SSL_set_connect_state(ssl);
             ok = !t->sni ||
                  (SSL_set_tlsext_host_name(ssl, t->sni) && (!t->verify || SSL_set1_host(ssl, t->sni)));
@@ -597,7 +606,7 @@ static cp_filter *tls_attach(cp_filter_kind *k, cp_session *s)
     tls_filter *f = cp__zalloc(sizeof *f);
     if (!f)
         return NULL;
-    f->s = s;
+    f->base.s = s;
     f->tls = (cp_tls *)(void *)k;
     f->marks = f->marks_in;
     f->mcap = 2;
@@ -610,19 +619,20 @@ static cp_filter *tls_attach(cp_filter_kind *k, cp_session *s)
     return &f->base;
 }
 
-static int tls_start(cp_session *s)
+static int tls_start(cp_filter *bf)
 {
-    tls_filter *f = filter_of(s);
-    if (!s->is_client)
+    tls_filter *f = tls_of(bf);
+    if (!bf->s->is_client)
         return 0; /* the client speaks first */
     f->started = true;
     handshake_step(f); /* a failure closes the session itself */
     return 0;
 }
 
-static void tls_detach(cp_session *s)
+static void tls_detach(cp_filter *bf)
 {
-    tls_filter *f = filter_of(s);
+    tls_filter *f = tls_of(bf);
+    cp_session *s = bf->s;
     if (f->waiting) { /* closed while its hello waited */
         cp__queue_remove(&f->wait_link);
         cp__session_unref(s); /* not the last: the service table still holds one */
@@ -768,6 +778,7 @@ int cp_tls_create(cp_tls **out, const cp_tls_opts *o)
         return -ENOMEM;
     t->kind.ops = &tls_ops;
     t->kind.handshake_ms = o->handshake_timeout_ms ? o->handshake_timeout_ms : HANDSHAKE_MS_DEFAULT;
+    t->kind.fail_reason = CP_REASON_TLS;
     atomic_init(&t->refs, 1);
     pthread_mutex_init(&t->lock, NULL);
     t->verify = o->verify;
@@ -819,9 +830,9 @@ int cp_session_tls_info(const cp_session *s, cp_tls_info *out)
 {
     if (!s || !out)
         return -EINVAL;
-    if (!s->flt || s->flt->ops != &tls_ops)
+    const tls_filter *f = (const tls_filter *)(const void *)cp__session_filter(s, &tls_ops);
+    if (!f)
         return -EINVAL;
-    const tls_filter *f = (const tls_filter *)(const void *)s->flt;
     if (!f->up)
         return -ENOTCONN;
     memset(out, 0, sizeof *out);

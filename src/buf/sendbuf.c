@@ -30,6 +30,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <stddef.h>
 #include <string.h>
 
 #define CHUNK_BYTES (32u * 1024u) /* a chunk, its header included */
@@ -54,6 +55,7 @@ typedef struct cp_chunk {
     _Alignas(16) uint8_t mem[CHUNK_DATA];
 } cp_chunk;
 _Static_assert(sizeof(cp_chunk) == CHUNK_BYTES, "a chunk is whole pages");
+_Static_assert(offsetof(cp_sendbuf, data) % 8 == 0, "a buffer's bytes are 8-byte aligned");
 
 static _Thread_local cp_chunk *tls_chunk;
 static _Thread_local cp_sendbuf *tls_open;
@@ -388,9 +390,28 @@ uint8_t *cp_sendbuf_data(cp_sendbuf *b) { return b->data; }
  * another. Only the thread that carved it moves its chunk on, and only when
  * it closes the buffer itself; otherwise cp__sendbuf_open does, without touching
  * the buffer's length (see there). */
+void cp__sendbuf_frame(cp_sendbuf *b)
+{
+    size_t len = b->len, hl = cp__sendbuf_head_len(len);
+    uint8_t *h = b->data - hl;
+    h[0] = 0x82; /* FIN, binary */
+    if (hl == 2) {
+        h[1] = (uint8_t)len;
+    } else if (hl == 4) {
+        h[1] = 126;
+        h[2] = (uint8_t)(len >> 8);
+        h[3] = (uint8_t)len;
+    } else {
+        h[1] = 127;
+        for (int i = 0; i < 8; i++)
+            h[2 + i] = (uint8_t)((uint64_t)len >> (56 - 8 * i));
+    }
+}
+
 void cp__sendbuf_close(cp_sendbuf *b, size_t len)
 {
     b->len = (uint32_t)(len > b->cap ? b->cap : len);
+    cp__sendbuf_frame(b);
     if (tls_open == b)
         commit_open(b->len); /* closed on the thread that carved it: the rest is free again */
 }

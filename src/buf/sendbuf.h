@@ -11,14 +11,30 @@
 
 /* ------------------------------------------------------------------ send buffers */
 
+/* Room before a buffer's bytes for the one frame header that is the same
+ * for every recipient: the buffer sent as one WebSocket binary message (RFC
+ * 6455; a server's frames are unmasked, so nothing in the header depends on
+ * the session). It is written when the buffer is closed, before anyone else
+ * can see it, so WebSocket sessions send a shared buffer with its header in
+ * one piece and without a copy (the WebSocket layer; sendq.c's framed
+ * entries). 16, not 10, keeps data 8-byte aligned. */
+#define CP_SENDBUF_HEADROOM 16
+
 struct cp_sendbuf {
     atomic_uint refs;
     uint32_t len;
     uint32_t cap;
     uint32_t big_class;     /* allocated alone: its size class, or BIG_NONE */
     struct cp_chunk *chunk; /* NULL for buffers allocated alone */
+    uint8_t head[CP_SENDBUF_HEADROOM];
     uint8_t data[];
 };
+
+/* The length of the frame header of a len-byte message: 2, 4 or 10. */
+static inline size_t cp__sendbuf_head_len(size_t len) { return len < 126 ? 2 : len <= 0xffff ? 4 : 10; }
+/* Writes the frame header for b's current length just before b->data. On
+ * the thread that closes b, or on a queue's own block (never shared). */
+void cp__sendbuf_frame(cp_sendbuf *b);
 
 /* big_class of a block a send queue copied small buffers into (sendq.c):
  * allocated alone, never shared, freed by the last unref. */

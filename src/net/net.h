@@ -55,6 +55,13 @@ typedef struct cp_sendq {
  * memory is in flight, landed that it completed; consume drops the first n
  * bytes (written); clear releases everything and the ring. */
 int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit);
+/* The same, for b sent with the frame header in its headroom in front
+ * (sendbuf.h: a WebSocket binary message; a queue's own block must have
+ * had cp__sendbuf_frame). */
+int cp__sendq_push_framed(cp_sendq *q, cp_sendbuf *b, size_t limit);
+/* Takes the first entry out whole, with the queue's reference to it; NULL
+ * if there is none, or it is partly written or read by a pending send. */
+cp_sendbuf *cp__sendq_pop(cp_sendq *q);
 int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes);
 void cp__sendq_consume(cp_sendq *q, size_t n);
 void cp__sendq_clear(cp_sendq *q);

@@ -48,7 +48,8 @@
 #define SQ_REGROW_MAX 256u         /* a freed ring comes back at most this big at once */
 #define ALONE_TAG ((uintptr_t)1)   /* charged its chunk itself (the chunk had no slot) */
 #define COVERED_TAG ((uintptr_t)2) /* its chunk is charged by a later entry (of its run) */
-#define TAGS (ALONE_TAG | COVERED_TAG)
+#define FRAMED_TAG ((uintptr_t)4)  /* sent with the frame header in its headroom (sendbuf.h) */
+#define TAGS (ALONE_TAG | COVERED_TAG | FRAMED_TAG)
 #define BLOCK_MIN 256u /* a new block's first capacity (a page's, in fact) */
 /* Small buffers coalesce up to this: a block of 16 KiB of pages. */
 #define BLOCK_MAX (16u * 1024u - sizeof(cp_sendbuf))
@@ -56,6 +57,11 @@
 static cp_sendbuf *buf_of(uintptr_t v) { return (cp_sendbuf *)(v & ~TAGS); }
 static uintptr_t *slot(const cp_sendq *q, uint32_t i) { return &q->ring[(q->head + i) & (q->cap - 1)]; }
 static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return buf_of(*slot(q, i)); }
+
+/* An entry's bytes: a framed one's begin with its frame header. */
+static size_t head_of(uintptr_t v) { return (v & FRAMED_TAG) ? cp__sendbuf_head_len(buf_of(v)->len) : 0; }
+static const uint8_t *ent_bytes(uintptr_t v) { return buf_of(v)->data - head_of(v); }
+static size_t ent_len(uintptr_t v) { return buf_of(v)->len + head_of(v); }
 
 /* ------------------------------------------------------------------ charges */
 
@@ -313,7 +319,7 @@ static bool absorb(cp_sendq *q, uint32_t *j, uint32_t i, uintptr_t v, uintptr_t 
     if (!worth_copying(b))
         return false;
     uint32_t off = i == 0 ? q->first_off : 0;
-    if (copy_in(q, j, b->data + off, b->len - off) != 0)
+    if (copy_in(q, j, ent_bytes(v) + off, ent_len(v) - off) != 0)
         return false;
     if (i == 0)
         q->first_off = 0; /* the new block holds only the unsent bytes */
@@ -354,16 +360,17 @@ static void compact(cp_sendq *q)
 
 /* ------------------------------------------------------------------ queue */
 
-/* The queue is backed up: b's bytes go to the tail block. */
-static int push_copy(cp_sendq *q, cp_sendbuf *b, size_t limit)
+/* The queue is backed up: the entry v's bytes go to the tail block. */
+static int push_copy(cp_sendq *q, uintptr_t v, size_t limit)
 {
-    size_t n = b->len;
+    cp_sendbuf *b = buf_of(v);
+    size_t n = ent_len(v);
     if (q->mem + copy_cost(q, q->count, n) > limit)
         return -ENOBUFS;
     if (ring_reserve(q) < 0)
         return -ENOMEM;
     uint32_t j = q->count;
-    if (copy_in(q, &j, b->data, n) < 0)
+    if (copy_in(q, &j, ent_bytes(v), n) < 0)
         return -ENOMEM;
     if (q->tidy == q->count)
         q->tidy = j;
@@ -374,37 +381,56 @@ static int push_copy(cp_sendq *q, cp_sendbuf *b, size_t limit)
 }
 
 /* Appends b as an entry, charged as planned. */
-static int append(cp_sendq *q, cp_sendbuf *b, plan p)
+static int append(cp_sendq *q, cp_sendbuf *b, plan p, uintptr_t framed)
 {
     if (ring_reserve(q) < 0)
         return -ENOMEM;
-    *slot(q, q->count) = charge_take(q, b, p);
+    uintptr_t v = charge_take(q, b, p) | framed;
+    *slot(q, q->count) = v;
     q->count++;
-    q->bytes += b->len;
+    q->bytes += ent_len(v);
     return 0;
 }
 
-int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit)
+static int push(cp_sendq *q, cp_sendbuf *b, size_t limit, uintptr_t framed)
 {
     q->soft = limit / 4;
     plan p = plan_for(q, b);
     /* The fast path: the queue is not backed up (a reader that keeps up, a
      * broadcast's shared buffer, an echo's reply from its chunk). */
     if (q->mem + p.charge <= q->soft && q->count)
-        return append(q, b, p);
+        return append(q, b, p, framed);
     if (q->count && q->mem + p.charge > q->soft) {
         if (q->tidy < q->count) {
             compact(q);
             p = plan_for(q, b); /* compaction may have freed its chunk's slot */
         }
         if (worth_copying(b))
-            return push_copy(q, b, limit);
+            return push_copy(q, (uintptr_t)b | framed, limit);
     }
     /* An empty queue takes any buffer the limit's bytes allow, whatever it
      * pins: a packet as big as the limit must always be sendable. */
     if (q->count ? q->mem + p.charge > limit : b->len > limit)
         return -ENOBUFS;
-    return append(q, b, p);
+    return append(q, b, p, framed);
+}
+
+int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit) { return push(q, b, limit, 0); }
+
+int cp__sendq_push_framed(cp_sendq *q, cp_sendbuf *b, size_t limit) { return push(q, b, limit, FRAMED_TAG); }
+
+cp_sendbuf *cp__sendq_pop(cp_sendq *q)
+{
+    if (!q->count || q->first_off || q->inflight)
+        return NULL;
+    uintptr_t v = q->ring[q->head];
+    q->head = (q->head + 1) & (q->cap - 1);
+    q->count--;
+    q->bytes -= ent_len(v);
+    if (q->tidy)
+        q->tidy--;
+    charge_drop(q, v);
+    return buf_of(v);
 }
 
 int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes)
@@ -416,10 +442,10 @@ int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_byt
     int n = 0;
     size_t bytes = 0;
     for (uint32_t i = 0; i < q->count && n < max_iov && bytes < max_bytes; i++) {
-        cp_sendbuf *b = at(q, i);
+        uintptr_t v = *slot(q, i);
         size_t off = i == 0 ? q->first_off : 0;
-        iov[n].iov_base = b->data + off;
-        iov[n].iov_len = b->len - off;
+        iov[n].iov_base = (void *)(ent_bytes(v) + off);
+        iov[n].iov_len = ent_len(v) - off;
         bytes += iov[n].iov_len;
         n++;
     }
@@ -432,7 +458,7 @@ void cp__sendq_consume(cp_sendq *q, size_t n)
     while (n > 0) {
         uintptr_t v = q->ring[q->head];
         cp_sendbuf *b = buf_of(v);
-        size_t rem = b->len - q->first_off;
+        size_t rem = ent_len(v) - q->first_off;
         if (n < rem) {
             q->first_off += (uint32_t)n;
             break;

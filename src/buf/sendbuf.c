@@ -56,6 +56,8 @@ typedef struct cp_chunk {
 } cp_chunk;
 _Static_assert(sizeof(cp_chunk) == CHUNK_BYTES, "a chunk is whole pages");
 _Static_assert(offsetof(cp_sendbuf, data) % 8 == 0, "a buffer's bytes are 8-byte aligned");
+_Static_assert(offsetof(cp_sendbuf, data) == offsetof(cp_sendbuf, head) + CP_SENDBUF_HEADROOM,
+               "the headroom ends where the bytes begin");
 
 static _Thread_local cp_chunk *tls_chunk;
 static _Thread_local cp_sendbuf *tls_open;
@@ -393,8 +395,8 @@ uint8_t *cp_sendbuf_data(cp_sendbuf *b) { return b->data; }
 void cp__sendbuf_frame(cp_sendbuf *b)
 {
     size_t len = b->len, hl = cp__sendbuf_head_len(len);
-    uint8_t *h = b->data - hl;
-    h[0] = 0x82; /* FIN, binary */
+    uint8_t *h = b->head + CP_SENDBUF_HEADROOM - hl; /* ends where data begins */
+    h[0] = 0x82;                                     /* FIN, binary */
     if (hl == 2) {
         h[1] = (uint8_t)len;
     } else if (hl == 4) {

@@ -60,7 +60,11 @@ static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return buf_of(*slot(q, i)
 
 /* An entry's bytes: a framed one's begin with its frame header. */
 static size_t head_of(uintptr_t v) { return (v & FRAMED_TAG) ? cp__sendbuf_head_len(buf_of(v)->len) : 0; }
-static const uint8_t *ent_bytes(uintptr_t v) { return buf_of(v)->data - head_of(v); }
+static const uint8_t *ent_bytes(uintptr_t v)
+{
+    size_t hl = head_of(v);
+    return hl ? buf_of(v)->head + CP_SENDBUF_HEADROOM - hl : buf_of(v)->data;
+}
 static size_t ent_len(uintptr_t v) { return buf_of(v)->len + head_of(v); }
 
 /* ------------------------------------------------------------------ charges */

@@ -58,6 +58,7 @@ typedef struct cp_session cp_session;
 typedef struct cp_sendbuf cp_sendbuf;
 typedef struct cp_group cp_group;
 typedef struct cp_tls cp_tls;
+typedef struct cp_ws cp_ws;
 
 /* ------------------------------------------------------------------ errors */
 
@@ -91,7 +92,12 @@ typedef enum cp_reason {
     CP_REASON_TLS,               /* TLS failed: a handshake the peer or we refused, a bad
                                  record, a renegotiation attempt (err: -EPROTO, or
                                  -ECONNABORTED for an end of stream without close_notify) */
-    CP_REASON_HANDSHAKE_TIMEOUT, /* the TLS handshake did not finish in time */
+    CP_REASON_HANDSHAKE_TIMEOUT, /* the TLS handshake or the WebSocket upgrade did not
+                                 finish in time */
+    CP_REASON_WEBSOCKET,         /* WebSocket: a refused or malformed upgrade, a frame
+                                 RFC 6455 forbids, a text message not allowed, a message
+                                 over the limit, a missing pong (err -EPROTO, -EMSGSIZE,
+                                 -ETIMEDOUT); the peer got the matching Close code */
     CP_REASON_COUNT_
 } cp_reason;
 
@@ -560,6 +566,9 @@ typedef struct cp_session_opts {
     cp_tls *tls;                 /* TLS (cp_tls_create): a server's sessions accept TLS,
                                     a client's connects speak it; the service keeps its
                                     own reference. NULL = plain TCP. -ENOTSUP on Windows */
+    cp_ws *ws;                   /* WebSocket (cp_ws_create): a server's sessions are
+                                    WebSocket sessions (over TLS too, with tls); the
+                                    service keeps its own reference. NULL = none */
 } cp_session_opts;
 
 /* ------------------------------------------------------------------ TLS */
@@ -614,6 +623,58 @@ typedef struct cp_tls_info {
 /* A connected TLS session's protocol; -ENOTCONN before the handshake has
  * finished, -EINVAL for a plain session. Its owner worker (its callbacks). */
 CP_API int cp_session_tls_info(const cp_session *s, cp_tls_info *out);
+
+/* ------------------------------------------------------------------ WebSocket */
+
+/*
+ * WebSocket (RFC 6455) for browser and WebGL clients, on the same packets,
+ * groups and handlers as TCP: the payloads of the binary messages a client
+ * sends form the session's byte stream (a message may hold several packets
+ * or part of one), and each buffer the server sends goes out as one binary
+ * message. The upgrade request is parsed by llhttp. permessage-deflate is
+ * declined. Close codes the server sends: 1000 cp_session_shutdown and
+ * cp_session_disconnect, 1001 a stopping service, 1002 a frame RFC 6455
+ * forbids, 1003 a text message not allowed, 1007 invalid UTF-8 in an allowed
+ * text message, 1008 a missing pong, 1009 a message over the limit or a
+ * packet over max_packet, 1011 any other reason (docs/design.md,
+ * "WebSocket").
+ */
+
+/* What the upgrade callback sees; the strings are valid during the call. */
+typedef struct cp_ws_request {
+    const char *path;      /* the request target as sent ("/play?room=7") */
+    const char *host;      /* Host, or "" */
+    const char *origin;    /* Origin, or "" (browsers always send it) */
+    const char *protocols; /* Sec-WebSocket-Protocol as sent, or "" */
+} cp_ws_request;
+
+typedef struct cp_ws_opts {
+    const char *path;            /* only this path (before any '?') upgrades; NULL = any */
+    const char *const *origins;  /* NULL-terminated list of allowed Origin values; NULL =
+                                    any. Others get 403 */
+    const char *subprotocol;     /* if set, answered when the client offers it (others
+                                    are refused with 400); NULL = none */
+    const char *page;            /* a GET of the path that is no upgrade gets this page
+                                    (text/html); NULL = 426 Upgrade Required */
+    /* Called on the session's worker for a valid upgrade request: return 0 to
+       accept, or an HTTP status (400-599) to refuse with. NULL = accept */
+    int (*on_upgrade)(const cp_ws_request *req, void *arg);
+    void *upgrade_arg;
+    uint32_t max_request;        /* bytes of the upgrade request; 0 = 8192 (431 past it) */
+    uint32_t upgrade_timeout_ms; /* 0 = 10000 (CP_REASON_HANDSHAKE_TIMEOUT) */
+    uint32_t max_message;        /* bytes of one message; 0 = the service's max_packet
+                                    (1009 past it) */
+    uint32_t ping_interval_ms;   /* a ping this often; no pong by the next one closes with
+                                    1008; 0 = no pings */
+    int allow_text;              /* 1: text messages join the stream too (valid UTF-8,
+                                    else 1007); 0: they close with 1003 */
+} cp_ws_opts;
+
+/* -EINVAL for bad options, -ENOMEM, -ENOTSUP where the build has no SHA-1
+ * (no OpenSSL on this platform). */
+CP_API int cp_ws_create(cp_ws **out, const cp_ws_opts *opts);
+CP_API void cp_ws_ref(cp_ws *ws);
+CP_API void cp_ws_unref(cp_ws *ws);
 
 typedef struct cp_server_opts {
     const char *host;      /* numeric IPv4/IPv6 or a name; NULL = "0.0.0.0" */

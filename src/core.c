@@ -122,7 +122,8 @@ static const char *const reason_names[CP_REASON_COUNT_] = {
     [CP_REASON_STOPPING] = "service stopping",
     [CP_REASON_NO_MEMORY] = "out of memory",
     [CP_REASON_TLS] = "TLS failure",
-    [CP_REASON_HANDSHAKE_TIMEOUT] = "TLS handshake timeout",
+    [CP_REASON_HANDSHAKE_TIMEOUT] = "handshake timeout",
+    [CP_REASON_WEBSOCKET] = "WebSocket protocol",
 };
 
 const char *cp_reason_str(cp_reason reason)

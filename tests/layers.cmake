@@ -13,10 +13,11 @@ set(allowed_buf "${allowed_mem};buf/sendbuf.h")
 set(allowed_net "${allowed_port};buf/sendbuf.h;net/net.h")
 set(allowed_bus "${allowed_net};bus/bus.h;bus/nats_wire.h")
 set(allowed_tls "${allowed_net}")
+set(allowed_ws "${allowed_net}")
 
 set(rules
   "src/core.c=base" "src/sys.c=base" "src/sys.h=base" "src/queue.h=base" "src/base.h=base"
-  "src/mem=mem" "src/port=port" "src/buf=buf" "src/net=net" "src/bus=bus" "src/tls=tls")
+  "src/mem=mem" "src/port=port" "src/buf=buf" "src/net=net" "src/bus=bus" "src/tls=tls" "src/ws=ws")
 
 set(bad 0)
 foreach(rule ${rules})

@@ -43,6 +43,7 @@ typedef struct server_config {
     const char *bus_url;            /* chat across servers: nats://... or redis://...; NULL = off */
     const char *room;               /* the room's name on the bus */
     const char *tls_cert, *tls_key; /* both: the listener speaks TLS */
+    int ws_port;                    /* a WebSocket listener on this port too; -1 = none */
 } server_config;
 
 /* The chat room. Only its own jobs touch members, and they never run two at a
@@ -68,6 +69,29 @@ typedef struct server_state {
     atomic_uint_fast64_t disconnected;
     atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
 } server_state;
+
+/* The WebSocket listener: the same handlers, room and options as the main
+ * port (so over TLS too when it is), on cfg->ws_port. */
+static int ws_listen(const server_config *cfg, cp_port *port, const cp_server_opts *main_opts, const cp_handlers *h,
+                     server_state *state, cp_service **out)
+{
+    cp_ws *ws = NULL;
+    cp_ws_opts wo = { 0 };
+    int rc = cp_ws_create(&ws, &wo);
+    if (rc != 0) {
+        fprintf(stderr, "%s: cannot set up WebSocket: %s\n", prog, cp_strerror(rc));
+        return rc;
+    }
+    cp_server_opts o = *main_opts;
+    o.port = (uint16_t)cfg->ws_port;
+    o.session.ws = ws;
+    rc = cp_server_start(out, port, &o, h, state);
+    cp_ws_unref(ws); /* the service keeps its own */
+    if (rc != 0)
+        fprintf(stderr, "%s: cannot listen for WebSocket on %s:%d: %s\n", prog, cfg->host, cfg->ws_port,
+                cp_strerror(rc));
+    return rc;
+}
 
 static void usage(FILE *out)
 {
@@ -96,6 +120,8 @@ static void usage(FILE *out)
             "                        (default lobby)\n"
             "  --tls-cert FILE       PEM certificate chain: the listener speaks TLS\n"
             "  --tls-key FILE        PEM private key of --tls-cert (both or neither)\n"
+            "  --ws-port P           also listen for WebSocket clients on port P (0 picks a\n"
+            "                        free one), same mode and room; wss with --tls-cert\n"
             "  --help                show this text\n",
             prog);
 }
@@ -135,12 +161,14 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .send_queue_limit = 1u << 20,
         .rate_limit = -1,
         .room = "lobby",
+        .ws_port = -1,
     };
     static const char *const value_options[] = {
         "--host",         "--port",           "--mode",       "--backend",
         "--workers",      "--max-sessions",   "--max-packet", "--send-queue-limit",
         "--idle-timeout", "--packet-timeout", "--rate-limit", "--bus",
-        "--room",         "--tls-cert",       "--tls-key",    NULL
+        "--room",         "--tls-cert",       "--tls-key",    "--ws-port",
+        NULL
     };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
@@ -204,6 +232,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (!room_name_ok(val))
                 usage_error("bad --room '%s' (1 to 64 letters, digits, '-' or '_')", val);
             cfg->room = val;
+        } else if (strcmp(opt, "--ws-port") == 0) {
+            if (tool_parse_u64(val, 0, 65535, 0, &n) != 0)
+                usage_error("bad --ws-port '%s' (0..65535)", val);
+            cfg->ws_port = (int)n;
         } else if (strcmp(opt, "--tls-cert") == 0 || strcmp(opt, "--tls-key") == 0) {
             if (*val == '\0')
                 usage_error("empty %s", opt);
@@ -519,11 +551,16 @@ int main(int argc, char **argv)
             .tls = tls,
         },
     };
-    cp_service *svc = NULL;
+    cp_service *svc = NULL, *ws_svc = NULL;
     rc = cp_server_start(&svc, port, &opts, &handlers, &state);
-    cp_tls_unref(tls); /* the service keeps its own */
+    if (rc == 0 && cfg.ws_port >= 0)
+        rc = ws_listen(&cfg, port, &opts, &handlers, &state, &ws_svc);
+    cp_tls_unref(tls); /* the services keep their own */
     if (rc != 0) {
-        fprintf(stderr, "%s: cannot listen on %s:%u: %s\n", prog, cfg.host, cfg.port, cp_strerror(rc));
+        if (svc != NULL)
+            cp_service_stop(svc);
+        else
+            fprintf(stderr, "%s: cannot listen on %s:%u: %s\n", prog, cfg.host, cfg.port, cp_strerror(rc));
         if (state.room != NULL)
             room_close(state.room);
         if (bus != NULL) {
@@ -541,6 +578,9 @@ int main(int argc, char **argv)
                                             : "%s listening on %s:%u mode=%s backend=%s workers=%d\n";
     printf(fmt, prog, cfg.host, (unsigned)cp_service_listen_port(svc), mode_names[cfg.mode],
            cp_port_backend_name(port), cp_port_workers(port));
+    if (ws_svc != NULL)
+        printf("%s: WebSocket (%s) on port %u\n", prog, tls != NULL ? "wss" : "ws",
+               (unsigned)cp_service_listen_port(ws_svc));
     if (tls != NULL)
         printf("%s: TLS with %s\n", prog, cfg.tls_cert);
     fflush(stdout);
@@ -560,6 +600,20 @@ int main(int argc, char **argv)
      * worth a different design. */
     cp_service_stats lib;
     cp_service_stats_get(svc, &lib);
+    if (ws_svc != NULL) {
+        cp_service_stats w;
+        cp_service_stats_get(ws_svc, &w);
+        lib.rejected += w.rejected;
+        lib.accept_errors += w.accept_errors;
+        lib.bytes_in += w.bytes_in;
+        lib.bytes_out += w.bytes_out;
+        lib.packets_in += w.packets_in;
+        rc = cp_service_stop(ws_svc);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cp_service_stop (WebSocket): %s\n", prog, cp_strerror(rc));
+            status = 1;
+        }
+    }
     rc = cp_service_stop(svc);
     if (rc != 0) {
         fprintf(stderr, "%s: cp_service_stop: %s\n", prog, cp_strerror(rc));

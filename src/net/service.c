@@ -242,6 +242,8 @@ static void service_configure(cp_service *svc, const cp_session_opts *o)
      * outermost filter. The references: service_open. */
     if (o->tls)
         svc->filters[svc->nfilters++] = (cp_filter_kind *)(void *)o->tls;
+    if (o->ws) /* the same promise from the WebSocket layer; inside TLS */
+        svc->filters[svc->nfilters++] = (cp_filter_kind *)(void *)o->ws;
 }
 
 /* The session table (every slot free) and the per-worker traffic counters,

@@ -1,0 +1,1032 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * WebSocket (RFC 6455) as a byte-stream filter: docs/design.md, "WebSocket".
+ *
+ * A server session first reads an HTTP upgrade request (llhttp parses it;
+ * the request is kept in a small state freed once the session is upgraded),
+ * answers 101 or an HTTP error, then reads frames: the payloads of binary
+ * messages go to the framer as the session's byte stream, unmasked in place
+ * in the buffer the backend lent for the call; control frames are answered
+ * (pong, the close handshake); anything RFC 6455 forbids ends the session
+ * with the matching Close code. What the session sends needs no copy: each
+ * buffer's frame header sits in its headroom (sendbuf.h), so the filter only
+ * moves the user's buffers to its wire queue as framed entries.
+ */
+#include "net/net.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <llhttp.h>
+
+#ifdef CP_HAVE_OPENSSL
+#  include <openssl/evp.h>
+#  include <openssl/sha.h>
+#endif
+
+#define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#define MAX_REQUEST_DEFAULT 8192u
+#define UPGRADE_MS_DEFAULT 10000u
+#define CLOSE_DRAIN_MS 1000u /* after our Close: the peer's answer and FIN, at most this long */
+#define CTL_MAX 125u         /* a control frame's payload */
+
+enum { OP_CONT = 0, OP_TEXT = 1, OP_BINARY = 2, OP_CLOSE = 8, OP_PING = 9, OP_PONG = 10 };
+
+enum {
+    WS_NORMAL = 1000,
+    WS_GOING_AWAY = 1001,
+    WS_PROTOCOL = 1002,
+    WS_UNSUPPORTED = 1003,
+    WS_BAD_DATA = 1007,
+    WS_POLICY = 1008,
+    WS_TOO_BIG = 1009
+};
+
+struct cp_ws {
+    cp_filter_kind kind; /* first: net holds the kind (net.h) */
+    _Atomic uint32_t refs;
+    cp_ws_opts o; /* its strings are the copies below */
+    char *path, *subprotocol, *page;
+    char **origins;
+};
+
+/* ------------------------------------------------------------------ per session */
+
+enum { H_HOST, H_ORIGIN, H_UPGRADE, H_KEY, H_VERSION, H_PROTOCOL, H_N };
+static const char *const header_names[H_N] = { "host",
+                                               "origin",
+                                               "upgrade",
+                                               "sec-websocket-key",
+                                               "sec-websocket-version",
+                                               "sec-websocket-protocol" };
+
+typedef struct span {
+    uint32_t off, len;
+    bool set;
+} span;
+
+/* The upgrade request while it is read; freed once it is answered. */
+typedef struct upgrade {
+    llhttp_t p;
+    uint32_t seen;   /* request bytes fed so far */
+    char field[24];  /* the header name being read (longer names matter to no one) */
+    uint8_t flen;    /* its length; past the field's size: a name we ignore */
+    int cur;         /* the header whose value is being read, or H_N */
+    bool done;       /* the request is complete */
+    span url, h[H_N];
+    char *arena; /* the values, one after the other */
+    uint32_t alen, acap;
+} upgrade;
+
+/* Wire bytes that precede user bytes (a frame header; a whole control frame
+ * with body 0) and the user bytes after them: how written wire bytes map
+ * back to what the user sent (on_sent). */
+typedef struct ws_mark {
+    uint32_t head, body;
+} ws_mark;
+
+typedef struct ws_filter {
+    cp_filter base; /* first (net.h) */
+    cp_ws *ws;
+    upgrade *up; /* the request, until it is answered */
+    bool open;   /* upgraded: frames from here on */
+    bool failed; /* our Close for an error is out: the rest is dropped */
+    bool close_sent, close_rcvd;
+    bool pong_seen;
+    /* The frame being read. */
+    uint8_t hdr[14];
+    uint8_t hlen;     /* header bytes kept so far */
+    bool in_payload;  /* the header is done, payload bytes follow */
+    uint8_t op, fin;  /* of this frame */
+    uint8_t mask[4];
+    uint8_t mpos;     /* the mask's phase */
+    uint64_t left;    /* payload bytes still to come */
+    uint32_t max_msg; /* the options' max_message, or the service's max_packet */
+    uint8_t msg_op;   /* OP_TEXT or OP_BINARY while a message is unfinished, else 0 */
+    uint64_t msg_len; /* its bytes so far */
+    uint32_t utf8;    /* text: the validator's state */
+    uint8_t *ctl;     /* a control frame's payload while it arrives */
+    uint8_t ctl_len;
+    ws_mark *marks; /* ring */
+    uint32_t mhead, mlen, mcap;
+    ws_mark marks_in[2];
+    cp_wtimer ping;
+} ws_filter;
+
+static const cp_filter_ops ws_ops;
+
+static ws_filter *ws_of(cp_filter *f) { return (ws_filter *)(void *)f; }
+
+static bool connected(const cp_session *s) { return atomic_load(&s->state) == CP_S_CONNECTED; }
+
+/* ------------------------------------------------------------------ UTF-8 */
+
+/* Björn Höhrmann's DFA would be a table; this is the same check by ranges
+ * (RFC 3629): state is how many continuation bytes are still due, with the
+ * allowed range of the next one in its high bits. */
+enum { UTF8_OK = 0, UTF8_BAD = 0xff };
+
+static uint32_t utf8_step(uint32_t st, uint8_t c)
+{
+    uint32_t need = st & 0xff;
+    if (need) {
+        uint8_t lo = (uint8_t)(st >> 8), hi = (uint8_t)(st >> 16);
+        if (c < lo || c > hi)
+            return UTF8_BAD;
+        return need - 1 ? (need - 1) | (0x80u << 8) | (0xbfu << 16) : UTF8_OK;
+    }
+    if (c < 0x80)
+        return UTF8_OK;
+    if (c < 0xc2 || c > 0xf4)
+        return UTF8_BAD;
+    if (c < 0xe0)
+        return 1 | (0x80u << 8) | (0xbfu << 16);
+    if (c == 0xe0)
+        return 2 | (0xa0u << 8) | (0xbfu << 16);
+    if (c == 0xed)
+        return 2 | (0x80u << 8) | (0x9fu << 16); /* no surrogates */
+    if (c < 0xf0)
+        return 2 | (0x80u << 8) | (0xbfu << 16);
+    if (c == 0xf0)
+        return 3 | (0x90u << 8) | (0xbfu << 16);
+    if (c == 0xf4)
+        return 3 | (0x80u << 8) | (0x8fu << 16); /* not past U+10FFFF */
+    return 3 | (0x80u << 8) | (0xbfu << 16);
+}
+
+static uint32_t utf8_run(uint32_t st, const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n && st != UTF8_BAD; i++)
+        st = utf8_step(st, p[i]);
+    return st;
+}
+
+/* ------------------------------------------------------------------ sending */
+
+static bool mark_push(ws_filter *f, uint32_t head, uint32_t body)
+{
+    if (f->mlen == f->mcap) {
+        uint32_t cap = f->mcap * 2;
+        ws_mark *m = cp__malloc(sizeof *m * cap);
+        if (!m)
+            return false;
+        for (uint32_t i = 0; i < f->mlen; i++)
+            m[i] = f->marks[(f->mhead + i) & (f->mcap - 1)];
+        if (f->marks != f->marks_in)
+            cp__free(f->marks);
+        f->marks = m;
+        f->mcap = cap;
+        f->mhead = 0;
+    }
+    f->marks[(f->mhead + f->mlen++) & (f->mcap - 1)] = (ws_mark){ head, body };
+    return true;
+}
+
+/* Bytes of the filter's own (an HTTP answer, a control frame) at the end
+ * of the wire queue, written at the round's end; false when out of memory
+ * (the session is closed). */
+static void ws_encode(cp_filter *bf);
+
+static bool own_bytes(ws_filter *f, const void *p, size_t n)
+{
+    /* After what the user queued before it: an echo the peer asked for
+     * before its bad frame goes out before our Close. */
+    ws_encode(&f->base);
+    cp_sendbuf *b = cp_sendbuf_copy(p, n);
+    if (!b || cp__sendq_push(&f->base.wire, b, SIZE_MAX) < 0) {
+        if (b)
+            cp_sendbuf_unref(b);
+        cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
+        return false;
+    }
+    if (!mark_push(f, (uint32_t)n, 0)) {
+        cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
+        return false;
+    }
+    cp__session_wire_ready(f->base.s);
+    return true;
+}
+
+static bool control(ws_filter *f, uint8_t op, const uint8_t *p, size_t n)
+{
+    uint8_t frame[2 + CTL_MAX];
+    frame[0] = (uint8_t)(0x80 | op);
+    frame[1] = (uint8_t)n;
+    if (n)
+        memcpy(frame + 2, p, n);
+    return own_bytes(f, frame, 2 + n);
+}
+
+static bool send_close(ws_filter *f, uint16_t code)
+{
+    f->close_sent = true;
+    uint8_t c[2] = { (uint8_t)(code >> 8), (uint8_t)code };
+    return control(f, OP_CLOSE, c, code ? 2 : 0);
+}
+
+/* An error of the peer's: our Close with code, then the graceful close
+ * (the peer reads the Close, answers, closes). */
+static void ws_fail(ws_filter *f, uint16_t code)
+{
+    cp_session *s = f->base.s;
+    f->failed = true;
+    if (!f->close_sent && !send_close(f, code))
+        return;
+    if (cp__session_shutdown(s, CLOSE_DRAIN_MS, CP_REASON_WEBSOCKET) < 0) {
+        cp__session_wire_flush(&f->base);
+        cp__session_close(s, CP_REASON_WEBSOCKET, -EPROTO);
+    }
+}
+
+/* The user's buffers move to the wire queue as they are: each one's frame
+ * header is in its headroom. */
+static void ws_encode(cp_filter *bf)
+{
+    ws_filter *f = ws_of(bf);
+    cp_sendq *src = cp__filter_source(bf);
+    cp_sendbuf *b;
+    while ((b = cp__sendq_pop(src)) != NULL) {
+        if (cp__sendbuf_is_block(b)) /* the queue's own copy, never shared */
+            cp__sendbuf_frame(b);
+        uint32_t hl = (uint32_t)cp__sendbuf_head_len(cp_sendbuf_len(b));
+        if (cp__sendq_push_framed(&f->base.wire, b, SIZE_MAX) < 0) {
+            cp_sendbuf_unref(b);
+            cp__session_request_close(bf->s, CP_REASON_NO_MEMORY);
+            return;
+        }
+        if (!mark_push(f, hl, (uint32_t)cp_sendbuf_len(b))) {
+            cp__session_request_close(bf->s, CP_REASON_NO_MEMORY);
+            return;
+        }
+    }
+}
+
+static size_t ws_written(cp_filter *bf, size_t n)
+{
+    ws_filter *f = ws_of(bf);
+    size_t user = 0;
+    while (n && f->mlen) {
+        ws_mark *k = &f->marks[f->mhead];
+        size_t t = n < k->head ? n : k->head;
+        k->head -= (uint32_t)t;
+        n -= t;
+        if (!k->head) {
+            t = n < k->body ? n : k->body;
+            k->body -= (uint32_t)t;
+            n -= t;
+            user += t;
+        }
+        if (!k->head && !k->body) {
+            f->mhead = (f->mhead + 1) & (f->mcap - 1);
+            f->mlen--;
+        }
+    }
+    return user;
+}
+
+/* A draining session has written everything: our Close, with the code of
+ * why it drains, unless one went out already. */
+static bool ws_finish(cp_filter *bf)
+{
+    ws_filter *f = ws_of(bf);
+    if (!f->open || f->close_sent)
+        return false;
+    cp_session *s = bf->s;
+    uint16_t code = s->drain_reason == CP_REASON_STOPPING ? WS_GOING_AWAY : WS_NORMAL;
+    return send_close(f, code);
+}
+
+/* ------------------------------------------------------------------ the upgrade */
+
+static bool arena_room(upgrade *u, size_t n)
+{
+    if (u->alen + n <= u->acap)
+        return true;
+    uint32_t cap = u->acap ? u->acap * 2 : 256;
+    while (cap < u->alen + n)
+        cap *= 2;
+    char *a = cp__realloc(u->arena, cap);
+    if (!a)
+        return false;
+    u->arena = a;
+    u->acap = cap;
+    return true;
+}
+
+/* Appends to sp, which must be the last span in the arena (pieces of one
+ * value come in a row; a header sent again was moved to the end first). */
+static bool arena_add(upgrade *u, span *sp, const char *at, size_t n)
+{
+    if (!arena_room(u, n + 1))
+        return false;
+    if (!sp->set) {
+        sp->set = true;
+        sp->off = u->alen;
+        sp->len = 0;
+    } else if (sp->off + sp->len != u->alen) {
+        return false; /* pieces of one value always come in a row */
+    }
+    memcpy(u->arena + u->alen, at, n);
+    u->alen += (uint32_t)n;
+    sp->len += (uint32_t)n;
+    return true;
+}
+
+static upgrade *up_of(llhttp_t *p) { return (upgrade *)(void *)p; }
+
+static int on_url(llhttp_t *p, const char *at, size_t n)
+{
+    return arena_add(up_of(p), &up_of(p)->url, at, n) ? 0 : -1;
+}
+
+static int on_field(llhttp_t *p, const char *at, size_t n)
+{
+    upgrade *u = up_of(p);
+    for (size_t i = 0; i < n; i++) {
+        if (u->flen < sizeof u->field)
+            u->field[u->flen] = (char)(at[i] >= 'A' && at[i] <= 'Z' ? at[i] + 32 : at[i]);
+        if (u->flen < UINT8_MAX)
+            u->flen++;
+    }
+    return 0;
+}
+
+static int on_field_done(llhttp_t *p)
+{
+    upgrade *u = up_of(p);
+    u->cur = H_N;
+    for (int i = 0; i < H_N; i++)
+        if (u->flen == strlen(header_names[i]) && !memcmp(u->field, header_names[i], u->flen))
+            u->cur = i;
+    u->flen = 0;
+    /* A header sent twice: its values are joined as one list (RFC 9110),
+     * the first one moved to the end of the arena so the list is one span. */
+    if (u->cur < H_N && u->h[u->cur].set) {
+        span *sp = &u->h[u->cur];
+        if (!arena_room(u, (size_t)sp->len + 3))
+            return -1;
+        memcpy(u->arena + u->alen, u->arena + sp->off, sp->len);
+        sp->off = u->alen;
+        u->alen += sp->len;
+        if (!arena_add(u, sp, ", ", 2))
+            return -1;
+    }
+    return 0;
+}
+
+static int on_value(llhttp_t *p, const char *at, size_t n)
+{
+    upgrade *u = up_of(p);
+    if (u->cur == H_N)
+        return 0;
+    /* The span must stay one run: a value that resumes after another was
+     * added is joined by moving it (never happens with one header at a time). */
+    return arena_add(u, &u->h[u->cur], at, n) ? 0 : -1;
+}
+
+static int on_value_done(llhttp_t *p)
+{
+    upgrade *u = up_of(p);
+    if (u->cur < H_N) {
+        if (!u->h[u->cur].set) /* an empty value */
+            u->h[u->cur] = (span){ u->alen, 0, true };
+        /* A byte after the value, for value()'s terminating NUL. */
+        if (!arena_room(u, 1))
+            return -1;
+        u->arena[u->alen++] = '\0';
+    }
+    u->cur = H_N;
+    return 0;
+}
+
+static int on_complete(llhttp_t *p)
+{
+    up_of(p)->done = true;
+    /* A request that is no upgrade stops here (its answer closes the
+     * session); an upgrade's stop is llhttp's own HPE_PAUSED_UPGRADE. */
+    return llhttp_get_upgrade(p) ? 0 : HPE_PAUSED;
+}
+
+static llhttp_settings_t http_settings;
+static pthread_once_t http_once = PTHREAD_ONCE_INIT;
+
+static void http_settings_make(void)
+{
+    llhttp_settings_init(&http_settings);
+    http_settings.on_url = on_url;
+    http_settings.on_header_field = on_field;
+    http_settings.on_header_field_complete = on_field_done;
+    http_settings.on_header_value = on_value;
+    http_settings.on_header_value_complete = on_value_done;
+    http_settings.on_message_complete = on_complete;
+}
+
+/* A header's value as a string in the arena (each value is followed by a
+ * spare byte, on_value_done), spaces trimmed; "" if absent. */
+static const char *value(upgrade *u, int h)
+{
+    span *sp = &u->h[h];
+    if (!sp->set)
+        return "";
+    char *v = u->arena + sp->off;
+    size_t n = sp->len;
+    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    while (n && (*v == ' ' || *v == '\t')) {
+        v++;
+        n--;
+    }
+    v[n] = '\0';
+    return v;
+}
+
+/* True if the comma-separated list has token (case-insensitive). */
+static bool has_token(const char *list, const char *token)
+{
+    size_t tl = strlen(token);
+    const char *p = list;
+    while (*p) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        const char *e = p;
+        while (*e && *e != ',')
+            e++;
+        const char *t = e;
+        while (t > p && (t[-1] == ' ' || t[-1] == '\t'))
+            t--;
+        if ((size_t)(t - p) == tl && !strncasecmp(p, token, tl))
+            return true;
+        p = e;
+    }
+    return false;
+}
+
+static const char *status_text(int code)
+{
+    switch (code) {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 426: return "Upgrade Required";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 503: return "Service Unavailable";
+    default: return code < 500 ? "Refused" : "Error";
+    }
+}
+
+/* An HTTP answer that ends the session: written at once, then the close. */
+static void http_refuse(ws_filter *f, int code, const char *extra, const char *body)
+{
+    char head[512];
+    size_t blen = body ? strlen(body) : 0;
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Length: %zu\r\n%s%s\r\n", code,
+                     status_text(code), blen, body ? "Content-Type: text/html; charset=utf-8\r\n" : "",
+                     extra ? extra : "");
+    cp__free(f->up->arena);
+    cp__free(f->up);
+    f->up = NULL;
+    f->failed = true;
+    if (!own_bytes(f, head, (size_t)n) || (blen && !own_bytes(f, body, blen)))
+        return;
+    cp__session_wire_flush(&f->base);
+    cp__session_close(f->base.s, code == 200 ? CP_REASON_LOCAL : CP_REASON_WEBSOCKET, code == 200 ? 0 : -EPROTO);
+}
+
+static int sha1_b64(const char *key, char out[29])
+{
+#ifdef CP_HAVE_OPENSSL
+    char in[64 + sizeof WS_GUID];
+    size_t kl = strlen(key);
+    memcpy(in, key, kl);
+    memcpy(in + kl, WS_GUID, sizeof WS_GUID - 1);
+    unsigned char md[SHA_DIGEST_LENGTH];
+    unsigned int mdlen = 0;
+    if (!EVP_Digest(in, kl + sizeof WS_GUID - 1, md, &mdlen, EVP_sha1(), NULL))
+        return -EIO;
+    EVP_EncodeBlock((unsigned char *)out, md, (int)mdlen);
+    return 0;
+#else
+    CP_UNUSED(key), CP_UNUSED(out);
+    return -ENOTSUP;
+#endif
+}
+
+/* A Sec-WebSocket-Key: the base64 of 16 bytes, so 24 characters ending "==". */
+static bool key_valid(const char *k)
+{
+    if (strlen(k) != 24 || k[22] != '=' || k[23] != '=')
+        return false;
+    for (int i = 0; i < 22; i++) {
+        char c = k[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' || c == '/'))
+            return false;
+    }
+    return true;
+}
+
+static bool path_matches(const char *want, const char *url)
+{
+    if (!want)
+        return true;
+    size_t n = strcspn(url, "?");
+    return strlen(want) == n && !memcmp(want, url, n);
+}
+
+static bool origin_allowed(const cp_ws *ws, const char *origin)
+{
+    if (!ws->origins)
+        return true;
+    for (char **o = ws->origins; *o; o++)
+        if (!strcasecmp(*o, origin))
+            return true;
+    return false;
+}
+
+/* The request is complete: answer it. True if the session is upgraded. */
+static bool upgrade_answer(ws_filter *f)
+{
+    upgrade *u = f->up;
+    const cp_ws *ws = f->ws;
+    if (!u->url.set && !arena_add(u, &u->url, "/", 1)) {
+        http_refuse(f, 500, NULL, NULL);
+        return false;
+    }
+    /* The URL first: value() writes a NUL after each span it reads. */
+    char *url = u->arena + u->url.off;
+    char urlbuf[256];
+    size_t ul = u->url.len < sizeof urlbuf - 1 ? u->url.len : sizeof urlbuf - 1;
+    memcpy(urlbuf, url, ul);
+    urlbuf[ul] = '\0';
+    const char *host = value(u, H_HOST), *origin = value(u, H_ORIGIN);
+    const char *up = value(u, H_UPGRADE), *key = value(u, H_KEY), *ver = value(u, H_VERSION);
+    const char *protos = value(u, H_PROTOCOL);
+    bool is_upgrade = llhttp_get_upgrade(&u->p) && has_token(up, "websocket");
+    if (!path_matches(ws->path, urlbuf)) {
+        http_refuse(f, 404, NULL, NULL);
+        return false;
+    }
+    if (u->p.method != HTTP_GET) {
+        http_refuse(f, 405, "Allow: GET\r\n", NULL);
+        return false;
+    }
+    if (!is_upgrade) {
+        if (ws->page)
+            http_refuse(f, 200, NULL, ws->page);
+        else
+            http_refuse(f, 426, "Upgrade: websocket\r\n", NULL);
+        return false;
+    }
+    if (u->p.http_major != 1 || u->p.http_minor < 1 || !key_valid(key)) {
+        http_refuse(f, 400, NULL, NULL);
+        return false;
+    }
+    if (strcmp(ver, "13") != 0) {
+        http_refuse(f, 426, "Sec-WebSocket-Version: 13\r\n", NULL);
+        return false;
+    }
+    if (!origin_allowed(ws, origin)) {
+        http_refuse(f, 403, NULL, NULL);
+        return false;
+    }
+    if (ws->subprotocol && !has_token(protos, ws->subprotocol)) {
+        http_refuse(f, 400, NULL, NULL);
+        return false;
+    }
+    if (ws->o.on_upgrade) {
+        cp_ws_request rq = { urlbuf, host, origin, protos };
+        int st = ws->o.on_upgrade(&rq, ws->o.upgrade_arg);
+        if (st) {
+            http_refuse(f, st >= 400 && st <= 599 ? st : 403, NULL, NULL);
+            return false;
+        }
+    }
+    char accept[29];
+    if (sha1_b64(key, accept) < 0) {
+        http_refuse(f, 500, NULL, NULL);
+        return false;
+    }
+    char head[384];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Accept: %s\r\n%s%s%s\r\n",
+                     accept, ws->subprotocol ? "Sec-WebSocket-Protocol: " : "",
+                     ws->subprotocol ? ws->subprotocol : "", ws->subprotocol ? "\r\n" : "");
+    cp__free(u->arena);
+    cp__free(u);
+    f->up = NULL;
+    if (!own_bytes(f, head, (size_t)n))
+        return false;
+    f->open = true;
+    cp__filter_up(&f->base); /* on_connected */
+    return connected(f->base.s);
+}
+
+static size_t frames_input(ws_filter *f, uint8_t *p, size_t n);
+
+static size_t upgrade_input(ws_filter *f, uint8_t *p, size_t n)
+{
+    upgrade *u = f->up;
+    uint32_t cap = f->ws->o.max_request;
+    size_t room = cap - u->seen;
+    size_t take = n < room ? n : room;
+    llhttp_errno_t e = take ? llhttp_execute(&u->p, (const char *)p, take) : HPE_OK;
+    if (e == HPE_PAUSED_UPGRADE) {
+        size_t used = (size_t)((const uint8_t *)llhttp_get_error_pos(&u->p) - p);
+        if (!upgrade_answer(f))
+            return 0;
+        return frames_input(f, p + used, n - used);
+    }
+    if (e == HPE_PAUSED) { /* a whole request that is no upgrade */
+        upgrade_answer(f);
+        return 0;
+    }
+    if (e != HPE_OK) {
+        http_refuse(f, 400, NULL, NULL);
+        return 0;
+    }
+    u->seen += (uint32_t)take;
+    if (take < n || u->seen >= cap)
+        http_refuse(f, 431, NULL, NULL);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ frames */
+
+static void unmask(ws_filter *f, uint8_t *p, size_t n)
+{
+    uint8_t k = f->mpos;
+    for (size_t i = 0; i < n; i++)
+        p[i] ^= f->mask[k++ & 3];
+    f->mpos = k & 3;
+}
+
+static bool close_code_valid(uint16_t c)
+{
+    return (c >= 1000 && c <= 1003) || (c >= 1007 && c <= 1014) || (c >= 3000 && c <= 4999);
+}
+
+/* The peer's Close: answered with its code, then the graceful close. */
+static void on_close_frame(ws_filter *f)
+{
+    f->close_rcvd = true;
+    if (f->ctl_len == 1) {
+        ws_fail(f, WS_PROTOCOL);
+        return;
+    }
+    uint16_t code = 0;
+    if (f->ctl_len >= 2) {
+        code = (uint16_t)(f->ctl[0] << 8 | f->ctl[1]);
+        if (!close_code_valid(code)) {
+            ws_fail(f, WS_PROTOCOL);
+            return;
+        }
+        if (utf8_run(UTF8_OK, f->ctl + 2, f->ctl_len - 2u) != UTF8_OK) {
+            ws_fail(f, WS_BAD_DATA);
+            return;
+        }
+    }
+    cp_session *s = f->base.s;
+    if (!f->close_sent && !send_close(f, code))
+        return;
+    f->failed = true; /* nothing after a Close counts */
+    (void)cp__session_shutdown(s, CLOSE_DRAIN_MS, CP_REASON_PEER_CLOSED); /* or draining already */
+}
+
+static void frame_end(ws_filter *f)
+{
+    f->in_payload = false;
+    f->hlen = 0;
+    if (f->op >= OP_CLOSE) {
+        if (f->op == OP_PING) {
+            if (!f->close_sent)
+                control(f, OP_PONG, f->ctl, f->ctl_len);
+        } else if (f->op == OP_PONG) {
+            f->pong_seen = true;
+        } else {
+            on_close_frame(f);
+        }
+        f->ctl_len = 0;
+        return;
+    }
+    if (!f->fin)
+        return;
+    if (f->msg_op == OP_TEXT && f->utf8 != UTF8_OK) {
+        ws_fail(f, WS_BAD_DATA);
+        return;
+    }
+    f->msg_op = 0;
+    f->msg_len = 0;
+}
+
+/* The frame header in f->hdr is whole: check it. False if the session ends. */
+static bool frame_begin(ws_filter *f, uint64_t len)
+{
+    uint8_t b0 = f->hdr[0];
+    f->fin = b0 >> 7;
+    f->op = b0 & 0x0f;
+    if (b0 & 0x70) { /* reserved bits, and no extension to give them a meaning */
+        ws_fail(f, WS_PROTOCOL);
+        return false;
+    }
+    if (f->op >= OP_CLOSE) {
+        if (f->op > OP_PONG || !f->fin || len > CTL_MAX) {
+            ws_fail(f, WS_PROTOCOL);
+            return false;
+        }
+        if (!f->ctl && !(f->ctl = cp__malloc(CTL_MAX))) {
+            cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
+            return false;
+        }
+    } else if (f->op > OP_BINARY || (f->op == OP_CONT) != (f->msg_op != 0)) {
+        /* a reserved opcode, a continuation of nothing, a new message inside
+         * an unfinished one */
+        ws_fail(f, WS_PROTOCOL);
+        return false;
+    } else {
+        if (f->op != OP_CONT) {
+            if (f->op == OP_TEXT && !f->ws->o.allow_text) {
+                ws_fail(f, WS_UNSUPPORTED);
+                return false;
+            }
+            f->msg_op = f->op;
+            f->utf8 = UTF8_OK;
+        }
+        f->msg_len += len;
+        if (f->msg_len > f->max_msg) {
+            ws_fail(f, WS_TOO_BIG);
+            return false;
+        }
+    }
+    memcpy(f->mask, f->hdr + (f->hlen - 4), 4);
+    f->mpos = 0;
+    f->left = len;
+    f->in_payload = true;
+    return true;
+}
+
+/* Header bytes from p into f->hdr; returns how many it took, and sets *ok
+ * when the header is whole and checked. */
+static size_t header_take(ws_filter *f, const uint8_t *p, size_t n, bool *ok)
+{
+    size_t used = 0;
+    *ok = false;
+    for (;;) {
+        size_t need = 2;
+        if (f->hlen >= 2) {
+            if (!(f->hdr[1] & 0x80)) { /* an unmasked client frame: no key will follow */
+                ws_fail(f, WS_PROTOCOL);
+                return used;
+            }
+            uint8_t l7 = f->hdr[1] & 0x7f;
+            need = 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + 4;
+        }
+        if (f->hlen == need && need > 2)
+            break;
+        size_t t = need - f->hlen;
+        if (t > n - used)
+            t = n - used;
+        memcpy(f->hdr + f->hlen, p + used, t);
+        f->hlen = (uint8_t)(f->hlen + t);
+        used += t;
+        if (f->hlen < need)
+            return used;
+    }
+    uint8_t l7 = f->hdr[1] & 0x7f;
+    uint64_t len = l7;
+    if (l7 == 126) {
+        len = (uint64_t)f->hdr[2] << 8 | f->hdr[3];
+    } else if (l7 == 127) {
+        len = 0;
+        for (int i = 0; i < 8; i++)
+            len = len << 8 | f->hdr[2 + i];
+        if (len >> 63) {
+            ws_fail(f, WS_PROTOCOL);
+            return used;
+        }
+    }
+    *ok = frame_begin(f, len);
+    return used;
+}
+
+static size_t frames_input(ws_filter *f, uint8_t *p, size_t n)
+{
+    size_t packets = 0;
+    cp_session *s = f->base.s;
+    while (n && !f->failed && connected(s)) {
+        if (!f->in_payload) {
+            bool ok;
+            size_t used = header_take(f, p, n, &ok);
+            p += used;
+            n -= used;
+            if (!ok)
+                continue; /* more header to come, or the session ends */
+            if (!f->left)
+                frame_end(f);
+            continue;
+        }
+        size_t take = f->left < n ? (size_t)f->left : n;
+        unmask(f, p, take); /* in place: the backend lends its buffer to the call */
+        if (f->op >= OP_CLOSE) {
+            memcpy(f->ctl + f->ctl_len, p, take);
+            f->ctl_len = (uint8_t)(f->ctl_len + take);
+        } else {
+            if (f->msg_op == OP_TEXT && (f->utf8 = utf8_run(f->utf8, p, take)) == UTF8_BAD) {
+                ws_fail(f, WS_BAD_DATA);
+                break;
+            }
+            packets += cp__filter_pass(&f->base, p, take);
+        }
+        p += take;
+        n -= take;
+        f->left -= take;
+        if (!f->left)
+            frame_end(f);
+    }
+    if (f->ctl && !f->ctl_len && !f->in_payload) { /* kept only while a control frame arrives */
+        cp__free(f->ctl);
+        f->ctl = NULL;
+    }
+    return packets;
+}
+
+static size_t ws_input(cp_filter *bf, const uint8_t *data, size_t n)
+{
+    ws_filter *f = ws_of(bf);
+    /* The bytes are the backend's receive buffer (or TLS's plaintext),
+     * lent to this call and written by no one else: unmasking in place is
+     * what the backend contract allows (port/backend.h). */
+    uint8_t *p = (uint8_t *)(uintptr_t)data;
+    if (f->failed)
+        return 0;
+    if (f->up)
+        return upgrade_input(f, p, n);
+    return frames_input(f, p, n);
+}
+
+/* ------------------------------------------------------------------ pings */
+
+static void on_ping_timer(cp_worker *w, void *arg)
+{
+    ws_filter *f = arg;
+    if (!connected(f->base.s) || f->failed)
+        return;
+    if (!f->pong_seen) {
+        ws_fail(f, WS_POLICY);
+        return;
+    }
+    f->pong_seen = false;
+    if (control(f, OP_PING, NULL, 0))
+        cp__timer_arm(w, &f->ping, f->ws->o.ping_interval_ms);
+}
+
+/* ------------------------------------------------------------------ the filter */
+
+static cp_filter *ws_attach(cp_filter_kind *k, cp_session *s)
+{
+    ws_filter *f = cp__zalloc(sizeof *f);
+    if (!f)
+        return NULL;
+    f->base.ops = &ws_ops;
+    f->base.s = s;
+    f->ws = (cp_ws *)(void *)k;
+    f->max_msg = f->ws->o.max_message ? f->ws->o.max_message : atomic_load(&s->svc)->max_packet;
+    f->marks = f->marks_in;
+    f->mcap = 2;
+    f->ping.fn = on_ping_timer;
+    f->ping.arg = f;
+    f->ping.heap_index = UINT32_MAX;
+    return &f->base;
+}
+
+static int ws_start(cp_filter *bf)
+{
+    ws_filter *f = ws_of(bf);
+    if (bf->s->is_client)
+        return -ENOTSUP; /* client sessions: not yet */
+    pthread_once(&http_once, http_settings_make);
+    upgrade *u = cp__zalloc(sizeof *u);
+    if (!u)
+        return -ENOMEM;
+    llhttp_init(&u->p, HTTP_REQUEST, &http_settings);
+    u->cur = H_N;
+    f->up = u;
+    if (f->ws->o.ping_interval_ms) {
+        f->pong_seen = true;
+        cp__timer_arm(bf->s->owner, &f->ping, f->ws->o.ping_interval_ms);
+    }
+    return 0;
+}
+
+static void ws_detach(cp_filter *bf)
+{
+    ws_filter *f = ws_of(bf);
+    cp__timer_cancel(bf->s->owner, &f->ping);
+    if (f->up) {
+        cp__free(f->up->arena);
+        cp__free(f->up);
+    }
+    cp__free(f->ctl);
+    if (f->marks != f->marks_in)
+        cp__free(f->marks);
+    cp__free(f);
+}
+
+static void kind_ref(cp_filter_kind *k) { cp_ws_ref((cp_ws *)(void *)k); }
+static void kind_unref(cp_filter_kind *k) { cp_ws_unref((cp_ws *)(void *)k); }
+
+static const cp_filter_ops ws_ops = {
+    .attach = ws_attach,
+    .start = ws_start,
+    .input = ws_input,
+    .encode = ws_encode,
+    .finish = ws_finish,
+    .written = ws_written,
+    .detach = ws_detach,
+    .kind_ref = kind_ref,
+    .kind_unref = kind_unref,
+};
+
+/* ------------------------------------------------------------------ public */
+
+static char *dup_or_null(const char *s, bool *bad)
+{
+    if (!s)
+        return NULL;
+    char *d = cp__malloc(strlen(s) + 1);
+    if (!d)
+        *bad = true;
+    else
+        strcpy(d, s);
+    return d;
+}
+
+static void ws_free(cp_ws *ws)
+{
+    cp__free(ws->path);
+    cp__free(ws->subprotocol);
+    cp__free(ws->page);
+    if (ws->origins)
+        for (char **o = ws->origins; *o; o++)
+            cp__free(*o);
+    cp__free(ws->origins);
+    cp__free(ws);
+}
+
+int cp_ws_create(cp_ws **out, const cp_ws_opts *o)
+{
+    if (!out || !o)
+        return -EINVAL;
+    *out = NULL;
+    if ((o->max_request && o->max_request < 64) || (o->path && o->path[0] != '/') ||
+        (o->subprotocol && !o->subprotocol[0]))
+        return -EINVAL;
+#ifndef CP_HAVE_OPENSSL
+    return -ENOTSUP;
+#endif
+    cp_ws *ws = cp__zalloc(sizeof *ws);
+    if (!ws)
+        return -ENOMEM;
+    atomic_init(&ws->refs, 1);
+    ws->kind.ops = &ws_ops;
+    ws->kind.handshake_ms = o->upgrade_timeout_ms ? o->upgrade_timeout_ms : UPGRADE_MS_DEFAULT;
+    ws->kind.fail_reason = CP_REASON_WEBSOCKET;
+    ws->o = *o;
+    if (!ws->o.max_request)
+        ws->o.max_request = MAX_REQUEST_DEFAULT;
+    bool bad = false;
+    ws->path = dup_or_null(o->path, &bad);
+    ws->subprotocol = dup_or_null(o->subprotocol, &bad);
+    ws->page = dup_or_null(o->page, &bad);
+    if (o->origins) {
+        size_t n = 0;
+        while (o->origins[n])
+            n++;
+        ws->origins = cp__calloc(n + 1, sizeof *ws->origins);
+        bad |= !ws->origins;
+        for (size_t i = 0; ws->origins && i < n; i++)
+            ws->origins[i] = dup_or_null(o->origins[i], &bad);
+    }
+    if (bad) {
+        ws_free(ws);
+        return -ENOMEM;
+    }
+    ws->o.path = ws->path;
+    ws->o.subprotocol = ws->subprotocol;
+    ws->o.page = ws->page;
+    ws->o.origins = (const char *const *)ws->origins;
+    *out = ws;
+    return 0;
+}
+
+void cp_ws_ref(cp_ws *ws) { atomic_fetch_add_explicit(&ws->refs, 1, memory_order_relaxed); }
+
+void cp_ws_unref(cp_ws *ws)
+{
+    if (ws && atomic_fetch_sub_explicit(&ws->refs, 1, memory_order_acq_rel) == 1)
+        ws_free(ws);
+}

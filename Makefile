@@ -16,7 +16,7 @@ CMAKE_FLAGS ?=
 DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev libhiredis-dev libssl-dev openssl nodejs nats-server redis-server
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
-.PHONY: all deps build test check check-tsan run run-cluster bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check
+.PHONY: all deps node-deps build test check check-tsan run run-cluster bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check
 
 # make fuzz: libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each, on a scratch
 # copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
@@ -42,6 +42,19 @@ deps:
 	    echo "  sudo apt-get install -y --no-install-recommends $$missing"; exit 1; \
 	  fi; \
 	fi
+	$(if $(filter nodejs,$(DEB_PKGS)),@$(MAKE) --no-print-directory -s node-deps)
+
+# The tests' Node.js peers (tests/ws_peer.js, tests/ws_probe.js) use the npm
+# package ws, pinned in tests/node/package-lock.json and installed there by
+# npm ci; again only when the lock changes. Debian's nodejs has no npm: its
+# own package brings it. A nodejs that bundles npm (NodeSource's) provides and
+# conflicts with that package, so it is asked for only when npm is missing.
+NODE_MODULES = tests/node/node_modules/.package-lock.json
+node-deps: $(NODE_MODULES)
+$(NODE_MODULES): tests/node/package.json tests/node/package-lock.json
+	@command -v npm >/dev/null || $(MAKE) --no-print-directory deps DEB_PKGS=npm
+	@echo "npm ci --prefix tests/node"
+	@npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 
 CONFIGURE = cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
 

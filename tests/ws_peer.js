@@ -475,7 +475,7 @@ function server() {
   const https = require('https');
   const page = opt.page ? fs.readFileSync(opt.page) : null;
   const onRequest = (req, res) => {
-    if (req.method === 'GET' && req.url === '/' && page && !req.headers.upgrade) {
+    if (req.method === 'GET' && req.url.split('?')[0] === '/' && page && !req.headers.upgrade) {
       res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Cache-Control': 'no-store' });
       res.end(page);
       return;

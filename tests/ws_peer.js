@@ -235,12 +235,17 @@ function ping() {
   ws.on('close', (code) => fail(`closed by the server with ${code}`));
 }
 
-// One message the server must refuse: the close code is the result.
+// One message the server must refuse: the close code is the result. A
+// socket error (a reset while the message was still going out) is reported
+// but not the end: the code tells whether the close frame arrived first
+// (1006: it did not).
 function refused(send, want) {
   const ws = open(() => {
     printUp(ws);
     send(ws);
   });
+  ws.removeAllListeners('error');
+  ws.on('error', (e) => console.log(`ERROR ${e.message}`));
   ws.on('message', (d) => fail(`the server answered with a message of ${d.length} bytes`));
   ws.on('close', (code, reason) => {
     console.log(`CLOSED ${code} ${reason.toString() || '-'}`);

@@ -42,25 +42,26 @@ deps:
 	    echo "  sudo apt-get install -y --no-install-recommends $$missing"; exit 1; \
 	  fi; \
 	fi
-	$(if $(filter nodejs,$(DEB_PKGS)),@$(MAKE) --no-print-directory -s node-deps)
 
-# The tests' Node.js peers (tests/ws_peer.js, tests/ws_probe.js) use the npm
-# package ws, pinned in tests/node/package-lock.json and installed there by
-# npm ci; again only when the lock changes. Debian's nodejs has no npm: its
-# own package brings it. A nodejs that bundles npm (NodeSource's) provides and
-# conflicts with that package, so it is asked for only when npm is missing.
+# What only the tests use, so that make run and make install do without it:
+# Debian's chromium, the headless browser of the WebSocket tests
+# (tests/ws_browser.js), and the npm package ws of their Node.js peers
+# (tests/ws_peer.js, tests/ws_probe.js), pinned in tests/node/package-lock.json
+# and installed there by npm ci, again only when the lock changes.
+TEST_PKGS := chromium
+test-deps: deps
+	@$(MAKE) --no-print-directory deps DEB_PKGS="$(TEST_PKGS)"
+	@$(MAKE) --no-print-directory -s node-deps
+
+# Debian's nodejs has no npm: its own package brings it. A nodejs that bundles
+# npm (NodeSource's) provides and conflicts with that package, so it is asked
+# for only when npm is missing.
 NODE_MODULES = tests/node/node_modules/.package-lock.json
 node-deps: $(NODE_MODULES)
 $(NODE_MODULES): tests/node/package.json tests/node/package-lock.json
 	@command -v npm >/dev/null || $(MAKE) --no-print-directory deps DEB_PKGS=npm
 	@echo "npm ci --prefix tests/node"
 	@npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
-
-# Packages only the tests use: Debian's chromium, the headless browser of the
-# WebSocket tests (tests/ws_browser.js); make run and make install do without.
-TEST_PKGS := chromium
-test-deps: deps
-	@$(MAKE) --no-print-directory deps DEB_PKGS="$(TEST_PKGS)"
 
 CONFIGURE = cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
 

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: MIT
 //
 // WebSocket peers for cport's WebSocket tests: the npm package ws (a strict,
-// independent implementation of RFC 6455, pinned in tests/node; make deps
+// independent implementation of RFC 6455, pinned in tests/node; make test-deps
 // installs it) as the client of a cport server, or as the reference server
-// that tests/ws_probe.js and tests/ws_browser.sh are checked against.
+// that tests/ws_probe.js and tests/ws_browser.js are checked against.
 // Packets are cport's: {u16 size, u16 id} little-endian, size counting the
 // 4-byte header. Started as
 //
@@ -77,7 +77,7 @@ function loadWs() {
   try {
     return createRequire(path.join(__dirname, 'node', 'package.json'))('ws');
   } catch (e) {
-    console.log(`ERROR the npm package ws is not installed in tests/node (make deps runs npm ci there): ${e.message}`);
+    console.log(`ERROR the npm package ws is not installed in tests/node (make test-deps runs npm ci there): ${e.message}`);
     process.exit(2);
   }
 }

@@ -8,8 +8,8 @@
 #
 #   tests/ws_reference_check.sh [--no-browser]
 #
-# Needs node with tests/node installed (make deps), openssl, and chromium
-# (make test-deps) unless --no-browser. Loopback only; about 30 s. Prints one
+# Needs node with tests/node installed and chromium (make test-deps), and
+# openssl; --no-browser leaves chromium out. Loopback only; about 20 s. Prints one
 # line per check and "N passed, M failed"; exit 0 only if all passed.
 set -u
 cd "$(dirname "$0")/.." || exit 1

@@ -16,7 +16,7 @@ CMAKE_FLAGS ?=
 DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev libhiredis-dev libssl-dev openssl nodejs nats-server redis-server
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
-.PHONY: all deps build test check check-tsan run run-cluster bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check
+.PHONY: all deps node-deps test-deps build test check check-tsan run run-cluster bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check
 
 # make fuzz: libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each, on a scratch
 # copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
@@ -43,6 +43,26 @@ deps:
 	  fi; \
 	fi
 
+# What only the tests use, so that make run and make install do without it:
+# Debian's chromium, the headless browser of the WebSocket tests
+# (tests/ws_browser.js), and the npm package ws of their Node.js peers
+# (tests/ws_peer.js, tests/ws_probe.js), pinned in tests/node/package-lock.json
+# and installed there by npm ci, again only when the lock changes.
+TEST_PKGS := chromium
+test-deps: deps
+	@$(MAKE) --no-print-directory deps DEB_PKGS="$(TEST_PKGS)"
+	@$(MAKE) --no-print-directory -s node-deps
+
+# Debian's nodejs has no npm: its own package brings it. A nodejs that bundles
+# npm (NodeSource's) provides and conflicts with that package, so it is asked
+# for only when npm is missing.
+NODE_MODULES = tests/node/node_modules/.package-lock.json
+node-deps: $(NODE_MODULES)
+$(NODE_MODULES): tests/node/package.json tests/node/package-lock.json
+	@command -v npm >/dev/null || $(MAKE) --no-print-directory deps DEB_PKGS=npm
+	@echo "npm ci --prefix tests/node"
+	@npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+
 CONFIGURE = cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
 
 $(BUILD)/CMakeCache.txt: | deps
@@ -51,10 +71,10 @@ $(BUILD)/CMakeCache.txt: | deps
 build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j$(JOBS)
 
-test: build
+test: build test-deps
 	cd $(BUILD) && ctest --output-on-failure -j$(JOBS)
 
-check: deps
+check: deps test-deps
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCP_SANITIZE=ON -DCP_BENCH=OFF $(CMAKE_FLAGS)
 	cmake --build $(ASAN_BUILD) -j$(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
@@ -64,7 +84,7 @@ check: deps
 # backend. The test programs use the Criterion shim (tests/win/criterion);
 # tests/CMakeLists.txt gives every test TSAN_OPTIONS=halt_on_error=1, so any
 # report fails its test.
-check-tsan: deps
+check-tsan: deps test-deps
 	cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCP_TSAN=ON -DCP_BENCH=OFF $(CMAKE_FLAGS)
 	cmake --build $(TSAN_BUILD) -j$(JOBS)
 	cd $(TSAN_BUILD) && ctest --output-on-failure -j$(JOBS)

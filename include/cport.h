@@ -649,12 +649,12 @@ typedef struct cp_ws_request {
 } cp_ws_request;
 
 typedef struct cp_ws_opts {
-    const char *path;            /* only this path (before any '?') upgrades; NULL = any */
-    const char *const *origins;  /* NULL-terminated list of allowed Origin values; NULL =
+    const char *path;           /* only this path (before any '?') upgrades; NULL = any */
+    const char *const *origins; /* NULL-terminated list of allowed Origin values; NULL =
                                     any. Others get 403 */
-    const char *subprotocol;     /* if set, answered when the client offers it (others
+    const char *subprotocol;    /* if set, answered when the client offers it (others
                                     are refused with 400); NULL = none */
-    const char *page;            /* a GET of the path that is no upgrade gets this page
+    const char *page;           /* a GET of the path that is no upgrade gets this page
                                     (text/html); NULL = 426 Upgrade Required */
     /* Called on the session's worker for a valid upgrade request: return 0 to
        accept, or an HTTP status (400-599) to refuse with. NULL = accept */

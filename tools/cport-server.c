@@ -72,8 +72,8 @@ typedef struct server_state {
 
 /* The WebSocket listener: the same handlers, room and options as the main
  * port (so over TLS too when it is), on cfg->ws_port. */
-static int ws_listen(const server_config *cfg, cp_port *port, const cp_server_opts *main_opts, const cp_handlers *h,
-                     server_state *state, cp_service **out)
+static int ws_listen(const server_config *cfg, cp_port *port, const cp_server_opts *main_opts,
+                     const cp_handlers *h, server_state *state, cp_service **out)
 {
     cp_ws *ws = NULL;
     cp_ws_opts wo = { 0 };
@@ -163,13 +163,23 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .room = "lobby",
         .ws_port = -1,
     };
-    static const char *const value_options[] = {
-        "--host",         "--port",           "--mode",       "--backend",
-        "--workers",      "--max-sessions",   "--max-packet", "--send-queue-limit",
-        "--idle-timeout", "--packet-timeout", "--rate-limit", "--bus",
-        "--room",         "--tls-cert",       "--tls-key",    "--ws-port",
-        NULL
-    };
+    static const char *const value_options[] = { "--host",
+                                                 "--port",
+                                                 "--mode",
+                                                 "--backend",
+                                                 "--workers",
+                                                 "--max-sessions",
+                                                 "--max-packet",
+                                                 "--send-queue-limit",
+                                                 "--idle-timeout",
+                                                 "--packet-timeout",
+                                                 "--rate-limit",
+                                                 "--bus",
+                                                 "--room",
+                                                 "--tls-cert",
+                                                 "--tls-key",
+                                                 "--ws-port",
+                                                 NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {

@@ -15,8 +15,12 @@
 #include "net/net.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <llhttp.h>
 
@@ -54,12 +58,9 @@ struct cp_ws {
 /* ------------------------------------------------------------------ per session */
 
 enum { H_HOST, H_ORIGIN, H_UPGRADE, H_KEY, H_VERSION, H_PROTOCOL, H_N };
-static const char *const header_names[H_N] = { "host",
-                                               "origin",
-                                               "upgrade",
-                                               "sec-websocket-key",
-                                               "sec-websocket-version",
-                                               "sec-websocket-protocol" };
+static const char *const header_names[H_N] = {
+    "host", "origin", "upgrade", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol"
+};
 
 typedef struct span {
     uint32_t off, len;
@@ -69,11 +70,11 @@ typedef struct span {
 /* The upgrade request while it is read; freed once it is answered. */
 typedef struct upgrade {
     llhttp_t p;
-    uint32_t seen;   /* request bytes fed so far */
-    char field[24];  /* the header name being read (longer names matter to no one) */
-    uint8_t flen;    /* its length; past the field's size: a name we ignore */
-    int cur;         /* the header whose value is being read, or H_N */
-    bool done;       /* the request is complete */
+    uint32_t seen;  /* request bytes fed so far */
+    char field[24]; /* the header name being read (longer names matter to no one) */
+    uint8_t flen;   /* its length; past the field's size: a name we ignore */
+    int cur;        /* the header whose value is being read, or H_N */
+    bool done;      /* the request is complete */
     span url, h[H_N];
     char *arena; /* the values, one after the other */
     uint32_t alen, acap;
@@ -96,9 +97,9 @@ typedef struct ws_filter {
     bool pong_seen;
     /* The frame being read. */
     uint8_t hdr[14];
-    uint8_t hlen;     /* header bytes kept so far */
-    bool in_payload;  /* the header is done, payload bytes follow */
-    uint8_t op, fin;  /* of this frame */
+    uint8_t hlen;    /* header bytes kept so far */
+    bool in_payload; /* the header is done, payload bytes follow */
+    uint8_t op, fin; /* of this frame */
     uint8_t mask[4];
     uint8_t mpos;     /* the mask's phase */
     uint64_t left;    /* payload bytes still to come */
@@ -494,19 +495,20 @@ static void http_refuse(ws_filter *f, int code, const char *extra, const char *b
     if (!own_bytes(f, head, (size_t)n) || (blen && !own_bytes(f, body, blen)))
         return;
     cp__session_wire_flush(&f->base);
-    cp__session_close(f->base.s, code == 200 ? CP_REASON_LOCAL : CP_REASON_WEBSOCKET, code == 200 ? 0 : -EPROTO);
+    cp__session_close(f->base.s, code == 200 ? CP_REASON_LOCAL : CP_REASON_WEBSOCKET,
+                      code == 200 ? 0 : -EPROTO);
 }
 
 static int sha1_b64(const char *key, char out[29])
 {
 #ifdef CP_HAVE_OPENSSL
-    char in[64 + sizeof WS_GUID];
-    size_t kl = strlen(key);
-    memcpy(in, key, kl);
-    memcpy(in + kl, WS_GUID, sizeof WS_GUID - 1);
     unsigned char md[SHA_DIGEST_LENGTH];
     unsigned int mdlen = 0;
-    if (!EVP_Digest(in, kl + sizeof WS_GUID - 1, md, &mdlen, EVP_sha1(), NULL))
+    EVP_MD_CTX *c = EVP_MD_CTX_new();
+    bool ok = c && EVP_DigestInit_ex(c, EVP_sha1(), NULL) && EVP_DigestUpdate(c, key, strlen(key)) &&
+              EVP_DigestUpdate(c, WS_GUID, sizeof WS_GUID - 1) && EVP_DigestFinal_ex(c, md, &mdlen);
+    EVP_MD_CTX_free(c);
+    if (!ok)
         return -EIO;
     EVP_EncodeBlock((unsigned char *)out, md, (int)mdlen);
     return 0;
@@ -523,7 +525,8 @@ static bool key_valid(const char *k)
         return false;
     for (int i = 0; i < 22; i++) {
         char c = k[i];
-        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' || c == '/'))
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' ||
+              c == '/'))
             return false;
     }
     return true;
@@ -693,7 +696,7 @@ static void on_close_frame(ws_filter *f)
     cp_session *s = f->base.s;
     if (!f->close_sent && !send_close(f, code))
         return;
-    f->failed = true; /* nothing after a Close counts */
+    f->failed = true;                                                     /* nothing after a Close counts */
     (void)cp__session_shutdown(s, CLOSE_DRAIN_MS, CP_REASON_PEER_CLOSED); /* or draining already */
 }
 
@@ -957,11 +960,12 @@ static char *dup_or_null(const char *s, bool *bad)
 {
     if (!s)
         return NULL;
-    char *d = cp__malloc(strlen(s) + 1);
+    size_t n = strlen(s) + 1;
+    char *d = cp__malloc(n);
     if (!d)
         *bad = true;
     else
-        strcpy(d, s);
+        memcpy(d, s, n);
     return d;
 }
 

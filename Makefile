@@ -13,7 +13,7 @@ ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?=
-DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev libhiredis-dev libssl-dev openssl nodejs nats-server redis-server
+DEB_PKGS  := cmake gcc make pkg-config libcriterion-dev liburing-dev libhiredis-dev libssl-dev node-llhttp openssl nodejs nats-server redis-server
 MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done)
 
 .PHONY: all deps node-deps test-deps build test check check-tsan run run-cluster bench bench-quick bench-deps install clean fuzz soak test-windows lint format format-check
@@ -164,7 +164,7 @@ CPPCHECK_WIN = --platform=win64 -D_WIN32 -D_WIN64 -D_WIN32_WINNT=0x0A00 -DWIN32_
 lint: SHELL := /bin/bash
 lint: .SHELLFLAGS := -o pipefail -c
 lint:
-	@$(MAKE) --no-print-directory deps DEB_PKGS="cmake gcc make pkg-config liburing-dev libhiredis-dev libssl-dev clang-tidy cppcheck clang-format"
+	@$(MAKE) --no-print-directory deps DEB_PKGS="cmake gcc make pkg-config liburing-dev libhiredis-dev libssl-dev node-llhttp clang-tidy cppcheck clang-format"
 	cmake -S . -B $(LINT_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCMAKE_EXPORT_COMPILE_COMMANDS=ON \
 	  -DCP_TESTS=OFF -DCP_BENCH=OFF $(CMAKE_FLAGS) >/dev/null
 	@echo "clang-tidy: $(words $(LINT_SRCS)) files"
@@ -176,7 +176,7 @@ lint:
 	@echo "lint: clean"
 
 fuzz:
-	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev pkg-config liburing-dev libhiredis-dev libssl-dev"
+	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev pkg-config liburing-dev libhiredis-dev libssl-dev node-llhttp"
 	tests/fuzz/build.sh $(FUZZ_BUILD)
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  rm -rf $(FUZZ_BUILD)/corpus-$$t; mkdir -p $(FUZZ_BUILD)/corpus-$$t $(FUZZ_BUILD)/artifacts-$$t; \

@@ -1,0 +1,171 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * WebSocket (RFC 6455) sessions, from outside, against real clients: the npm
+ * ws package (tests/ws_peer.js: a strict, independent client) and a probe of
+ * RFC 6455's edge cases over raw TCP (tests/ws_probe.js), whose outcomes
+ * must be those of the reference ws server (tests/ws_probe.expected) except
+ * where cport differs by design (the lines marked CPORT there). The server
+ * is the tracking packet-echo service of helpers.h with WebSocket on, over
+ * TLS too. Run once per backend.
+ */
+#include "helpers.h"
+#include "peers.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#ifndef CPT_WS_DIR
+#  error "CPT_WS_DIR: the directory of ws_peer.js and ws_probe.js (tests/CMakeLists.txt)"
+#endif
+
+static pem g_cert;
+
+typedef struct ws_env {
+    cpt_env e;
+    cp_ws *ws;
+    cp_tls *tls; /* NULL: ws:// */
+} ws_env;
+
+static void env_start(ws_env *we, const cp_ws_opts *wo, bool tls)
+{
+    cp_ws_opts def = { 0 };
+    cr_assert_eq(cp_ws_create(&we->ws, wo ? wo : &def), 0);
+    we->tls = NULL;
+    if (tls) {
+        pem_make(&g_cert, "ws", "localhost");
+        cp_tls_opts to = { .cert_file = g_cert.cert, .key_file = g_cert.key };
+        cr_assert_eq(cp_tls_create(&we->tls, &to), 0);
+    }
+    cp_server_opts o = { .host = CPT_HOST4 };
+    o.session.ws = we->ws;
+    o.session.tls = we->tls;
+    cpt_env_start(&we->e, 2, &o, NULL, 128, 0); /* the probe opens 87 sessions */
+}
+
+static void env_stop(ws_env *we)
+{
+    cpt_env_stop(&we->e);
+    cp_ws_unref(we->ws);
+    cp_tls_unref(we->tls);
+}
+
+static void url_of(const ws_env *we, char *url, size_t n)
+{
+    snprintf(url, n, "%s://127.0.0.1:%u/", we->tls ? "wss" : "ws", we->e.sport);
+}
+
+/* Runs node with script and its arguments (NULL-terminated) to its end:
+ * its exit code; its output is in p. */
+static int node_run(peer *p, const char *script, ...)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", CPT_WS_DIR, script);
+    char *argv[16] = { NODE_BIN, path };
+    int n = 2;
+    va_list ap;
+    va_start(ap, script);
+    for (char *a; (a = va_arg(ap, char *)) != NULL && n < 15;)
+        argv[n++] = a;
+    va_end(ap);
+    argv[n] = NULL;
+    peer_start(p, argv);
+    peer_close_in(p);
+    return peer_xexit(p, 60000);
+}
+
+/* ws_peer.js in mode against we: it must succeed and print want. */
+static void ws_peer_xrun(ws_env *we, const char *mode, const char *want)
+{
+    char url[64], ca[160];
+    url_of(we, url, sizeof url);
+    snprintf(ca, sizeof ca, "ca=%s", g_cert.cert);
+    peer p;
+    int rc = node_run(&p, "ws_peer.js", (char *)mode, url, we->tls ? ca : NULL, NULL);
+    if (rc != 0 || !peer_has(&p, OUT, want))
+        peer_dump(&p, mode);
+    cr_assert_eq(rc, 0, "ws_peer.js %s failed", mode);
+    cr_assert(peer_has(&p, OUT, want), "ws_peer.js %s did not print \"%s\"", mode, want);
+    peer_stop(&p);
+}
+
+static void peer_modes(bool tls)
+{
+    ws_env we;
+    env_start(&we, NULL, tls);
+    ws_peer_xrun(&we, "burst", "OK 602122 408");
+    ws_peer_xrun(&we, "ping", "OK");
+    ws_peer_xrun(&we, "text", "CLOSED 1003");
+    ws_peer_xrun(&we, "big", "CLOSED 1009");
+    ws_peer_xrun(&we, "close", "CLOSED 1000");
+    cr_assert_geq(cpt_stats(we.e.svc).by_reason[CP_REASON_WEBSOCKET], 2,
+                  "text and big end as WebSocket errors");
+    env_stop(&we);
+}
+
+/* 300 packets of 0-4000 bytes cut into messages at odd points come back
+ * byte-identical; ping gets pong; text closes with 1003, 65 KB with 1009;
+ * the close handshake echoes 1000. */
+Test(ws, npm_ws_client_echo_ping_text_big_close, .timeout = 120) { peer_modes(false); }
+
+Test(ws, npm_ws_client_over_tls, .timeout = 120) { peer_modes(true); }
+
+/* Every case of the probe as the reference server answers it, or as
+ * ws_probe.expected says cport answers by design. */
+Test(ws, rfc6455_probe_matches_the_reference, .timeout = 300)
+{
+    ws_env we;
+    env_start(&we, NULL, false);
+    char port[16], expect[512];
+    snprintf(port, sizeof port, "%u", we.e.sport);
+    snprintf(expect, sizeof expect, "expect=%s/ws_probe.expected", CPT_WS_DIR);
+    peer p;
+    int rc = node_run(&p, "ws_probe.js", port, expect, "target=cport", NULL);
+    if (rc != 0)
+        peer_dump(&p, "ws_probe");
+    cr_assert_eq(rc, 0, "the probe found differences (DIFF lines above)");
+    cr_assert(peer_has(&p, OUT, ", 0 differ"));
+    peer_stop(&p);
+    env_stop(&we);
+}
+
+/* A plain GET of the path gets 426 without a page, the page with one; a
+ * path the options do not serve gets 404; an Origin outside the list 403. */
+Test(ws, http_answers_page_path_origin, .timeout = 60)
+{
+    static const char *const origins[] = { "https://game.example", NULL };
+    cp_ws_opts wo = { .path = "/play", .origins = origins, .page = "<!doctype html><p>hello</p>" };
+    ws_env we;
+    env_start(&we, &wo, false);
+    static const struct {
+        const char *req, *want;
+    } cases[] = {
+        { "GET /play HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 200 OK" },
+        { "GET /other HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 404" },
+        { "GET /play?room=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
+          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+          "Origin: https://evil.example\r\n\r\n",
+          "HTTP/1.1 403" },
+        { "GET /play?room=1 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n"
+          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+          "Origin: https://game.example\r\n\r\n",
+          "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        int fd = cpt_xconnect(we.e.sport);
+        cpt_xsend(fd, cases[i].req, strlen(cases[i].req));
+        char buf[1024] = "";
+        size_t got = 0;
+        while (got < sizeof buf - 1 && !strstr(buf, "\r\n\r\n")) {
+            ssize_t r = cpt_recv_some(fd, buf + got, sizeof buf - 1 - got);
+            if (r <= 0)
+                break;
+            got += (size_t)r;
+            buf[got] = '\0';
+        }
+        buf[got] = '\0';
+        cr_assert(strstr(buf, cases[i].want), "case %zu: wanted \"%s\", got \"%s\"", i, cases[i].want, buf);
+        cpt_close(fd);
+    }
+    env_stop(&we);
+}

@@ -41,7 +41,7 @@ enum { WSC_CONT = 0, WSC_TEXT = 1, WSC_BINARY = 2, WSC_CLOSE = 8, WSC_PING = 9, 
 #ifdef WSC_OPENSSL
 /* Sec-WebSocket-Key: 16 random bytes in base64 (24 characters). 0, or -1 if
  * OpenSSL has no randomness to give. */
-static int wsc_key(char out[25])
+static inline int wsc_key(char out[25])
 {
     unsigned char r[16];
     if (RAND_bytes(r, sizeof r) != 1)
@@ -52,7 +52,7 @@ static int wsc_key(char out[25])
 
 /* The Sec-WebSocket-Accept a server must answer key with: base64 of the
  * SHA-1 of the key and RFC 6455's GUID (28 characters). */
-static int wsc_accept_for(const char *key, char out[29])
+static inline int wsc_accept_for(const char *key, char out[29])
 {
     char in[128];
     unsigned char md[EVP_MAX_MD_SIZE];
@@ -68,8 +68,8 @@ static int wsc_accept_for(const char *key, char out[29])
 
 /* The upgrade request for path on host:port (an IPv6 address in brackets in
  * Host). Its length, or -1 if it does not fit in cap. */
-static int wsc_request(char *buf, size_t cap, const char *host, const char *port, const char *path,
-                       const char *key)
+static inline int wsc_request(char *buf, size_t cap, const char *host, const char *port, const char *path,
+                              const char *key)
 {
     bool v6 = strchr(host, ':') != NULL;
     int n = snprintf(buf, cap,
@@ -85,7 +85,7 @@ static int wsc_request(char *buf, size_t cap, const char *host, const char *port
 }
 
 /* Does the comma-separated list v[0..n) hold token tok (case-insensitive)? */
-static bool wsc_has_token(const char *v, size_t n, const char *tok)
+static inline bool wsc_has_token(const char *v, size_t n, const char *tok)
 {
     size_t tl = strlen(tok), i = 0;
     while (i < n) {
@@ -106,7 +106,8 @@ static bool wsc_has_token(const char *v, size_t n, const char *tok)
 /* The server's answer in buf[0..n): 1 when it is a complete, valid 101 (its
  * head is *head bytes long; what follows are frames), 0 while it is not
  * complete, -1 if it is a refusal or wrong (the reason in why). */
-static int wsc_answer(const char *buf, size_t n, const char *accept, size_t *head, char *why, size_t whylen)
+static inline int wsc_answer(const char *buf, size_t n, const char *accept, size_t *head, char *why,
+                             size_t whylen)
 {
     const char *end = memmem(buf, n, "\r\n\r\n", 4);
     if (!end)
@@ -245,7 +246,7 @@ struct wsc_rx {
 /* A server frame's header at p (avail bytes): its length (2, 4 or 10), 0 if
  * more bytes are needed, -1 if it breaks RFC 6455 or is not what a binary
  * stream may hold (why). */
-static int wsc_header(struct wsc_rx *rx, const unsigned char *p, size_t avail, const char **why)
+static inline int wsc_header(struct wsc_rx *rx, const unsigned char *p, size_t avail, const char **why)
 {
     if (avail < 2)
         return 0;
@@ -289,7 +290,7 @@ static int wsc_header(struct wsc_rx *rx, const unsigned char *p, size_t avail, c
     return need;
 }
 
-static void wsc_control_done(struct wsc_rx *rx)
+static inline void wsc_control_done(struct wsc_rx *rx)
 {
     if (rx->op == WSC_PING) {
         memcpy(rx->ping_data, rx->ctl, rx->ctl_len);
@@ -305,7 +306,7 @@ static void wsc_control_done(struct wsc_rx *rx)
  * front, in order: their length, or -1 on a protocol error (why). A ping sets
  * rx->ping; a close sets rx->closed and ends the parse (what follows it is
  * dropped). A frame cut by the end of buf continues with the next call. */
-static long wsc_rx_feed(struct wsc_rx *rx, unsigned char *buf, size_t n, const char **why)
+static inline long wsc_rx_feed(struct wsc_rx *rx, unsigned char *buf, size_t n, const char **why)
 {
     size_t pos = 0, out = 0;
     while (pos < n && !rx->closed) {

@@ -123,7 +123,7 @@ WIN_BUILD ?= build-win
 test-windows:
 	BUILD_WIN=$(WIN_BUILD) tools/test-windows.sh
 
-# The peers (libuv, Asio) and the chart need more Debian packages: bench/run.sh --deps
+# The peers (libuv, Asio, libwebsockets) and the chart need more Debian packages: bench/run.sh --deps
 # installs them (as root) or prints the command; CMake then re-runs to find them.
 bench-deps: deps
 	@bench/run.sh --deps

@@ -20,6 +20,12 @@
  * off would never get there). Held connections then read whatever the server
  * sends without a byte of data (more tickets, a KeyUpdate); data, an alert or
  * a close fails the run. Held connections are dropped without close_notify.
+ *
+ * --ws (with or without --tls): each wave then also makes its WebSocket
+ * upgrades (GET /, bench/ws_client.h), and a connection counts as up once the
+ * server's 101 has arrived and checked out. Held sessions answer pings with
+ * pongs; data, a close or a protocol error fails the run. Needs OpenSSL at
+ * build time (SHA-1 for the handshake).
  */
 #ifndef _GNU_SOURCE
 #  define _GNU_SOURCE
@@ -43,7 +49,9 @@
 #ifdef IDLE_TLS
 #  include <openssl/err.h>
 #  include <openssl/ssl.h>
+#  define WSC_OPENSSL
 #endif
+#include "ws_client.h"
 
 static volatile sig_atomic_t stop;
 static void on_sig(int s)
@@ -54,7 +62,7 @@ static void on_sig(int s)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: idle_conns --port P [--host H] --conns N [--hold SEC] [--wave W] [--tls]\n");
+    fprintf(f, "usage: idle_conns --port P [--host H] --conns N [--hold SEC] [--wave W] [--tls] [--ws]\n");
 }
 
 static double now(void)
@@ -225,6 +233,166 @@ static int tls_held_read(long i)
 }
 #endif
 
+/* ------------------------------------------------------------ WebSocket */
+
+#ifdef IDLE_TLS
+#  define WS_ANSWER_CAP 1024
+
+static struct wsc_rx *ws_rx; /* --ws: each session's parser of the server's frames */
+static bool use_tls;
+
+/* connection i's bytes, through its SSL with --tls; -1 with EAGAIN when
+ * there is nothing (OpenSSL's housekeeping included) */
+static ssize_t io_read(long i, int fd, void *b, size_t n)
+{
+    if (!use_tls)
+        return read(fd, b, n);
+    int rc = SSL_read(tls_ssl[i], b, (int)n);
+    if (rc > 0)
+        return rc;
+    int e = SSL_get_error(tls_ssl[i], rc);
+    ERR_clear_error();
+    errno = e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE ? EAGAIN
+            : e == SSL_ERROR_ZERO_RETURN                          ? 0
+                                                                  : EIO;
+    return errno ? -1 : 0;
+}
+
+/* all of p, or -1: a few hundred bytes always fit in a socket's buffer */
+static int io_write_all(long i, int fd, const void *p, size_t n)
+{
+    ssize_t w = use_tls ? SSL_write(tls_ssl[i], p, (int)n) : write(fd, p, n);
+    if (w == (ssize_t)n)
+        return 0;
+    ERR_clear_error();
+    return -1;
+}
+
+/* After frames from the server: a ping is answered; 0, or -1 if the
+ * frames held data, a close or a protocol error (said). */
+static int ws_frames(long i, int fd, unsigned char *b, size_t n)
+{
+    const char *why = NULL;
+    long got = wsc_rx_feed(&ws_rx[i], b, n, &why);
+    if (got < 0 || got > 0 || ws_rx[i].closed) {
+        fprintf(stderr, "idle_conns: #%ld: %s\n", i,
+                got < 0   ? why
+                : got > 0 ? "the server sent data on an idle WebSocket session"
+                          : "the server closed the WebSocket session");
+        return -1;
+    }
+    if (ws_rx[i].ping) {
+        static uint64_t rng = 0x1d1e;
+        unsigned char f[6 + 125];
+        ws_rx[i].ping = false;
+        size_t len = wsc_control(f, WSC_PONG, ws_rx[i].ping_data, ws_rx[i].ping_len, wsc_rand(&rng));
+        if (io_write_all(i, fd, f, len) < 0) {
+            fprintf(stderr, "idle_conns: #%ld: cannot send a pong\n", i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The upgrades of connections base..base+n-1 (their transport is up). */
+static int ws_wave(struct pollfd *pf, long base, long n, const char *host, long port, double deadline)
+{
+    static char *ans;
+    static size_t *ans_len;
+    static char(*accept)[29];
+    static long cap;
+    if (cap < n) {
+        free(ans), free(ans_len), free(accept);
+        ans = malloc((size_t)n * WS_ANSWER_CAP);
+        ans_len = malloc((size_t)n * sizeof *ans_len);
+        accept = malloc((size_t)n * sizeof *accept);
+        if (!ans || !ans_len || !accept)
+            return -1;
+        cap = n;
+    }
+    char portstr[24];
+    snprintf(portstr, sizeof portstr, "%ld", port);
+    for (long k = 0; k < n; k++) {
+        char key[25], req[512];
+        int len = -1;
+        if (wsc_key(key) == 0 && wsc_accept_for(key, accept[k]) == 0)
+            len = wsc_request(req, sizeof req, host, portstr, "/", key);
+        if (len < 0 || io_write_all(base + k, pf[base + k].fd, req, (size_t)len) < 0) {
+            fprintf(stderr, "idle_conns: #%ld: cannot send the WebSocket upgrade\n", base + k);
+            return -1;
+        }
+        ans_len[k] = 0;
+        pf[base + k].events = POLLIN;
+    }
+    long left = n;
+    while (left > 0 && !stop) {
+        if (now() > deadline) {
+            fprintf(stderr, "idle_conns: %ld WebSocket upgrades still unanswered\n", left);
+            return -1;
+        }
+        int r = poll(pf + base, (nfds_t)n, 100);
+        if (r < 0 && errno != EINTR)
+            return -1;
+        for (long k = 0; r > 0 && k < n; k++) {
+            long i = base + k;
+            if (!pf[i].revents || pf[i].events == 0)
+                continue;
+            char *a = ans + k * WS_ANSWER_CAP;
+            ssize_t got = io_read(i, pf[i].fd, a + ans_len[k], WS_ANSWER_CAP - ans_len[k]);
+            if (got < 0 && errno == EAGAIN)
+                continue;
+            if (got <= 0) {
+                fprintf(stderr, "idle_conns: #%ld: the server closed before its 101\n", i);
+                return -1;
+            }
+            ans_len[k] += (size_t)got;
+            size_t head = 0;
+            char why[200];
+            int rc = wsc_answer(a, ans_len[k], accept[k], &head, why, sizeof why);
+            if (rc == 0 && ans_len[k] == WS_ANSWER_CAP)
+                snprintf(why, sizeof why, "the 101 answer is longer than %d bytes", WS_ANSWER_CAP);
+            if (rc < 0 || (rc == 0 && ans_len[k] == WS_ANSWER_CAP)) {
+                fprintf(stderr, "idle_conns: #%ld: %s\n", i, why);
+                return -1;
+            }
+            if (rc == 0)
+                continue;
+            if (ws_frames(i, pf[i].fd, (unsigned char *)a + head, ans_len[k] - head) < 0)
+                return -1;
+            pf[i].events = 0;
+            left--;
+        }
+    }
+    return 0;
+}
+
+/* A held session became readable: 0 if it was only a ping (or TLS's
+ * housekeeping). */
+static int ws_held_read(long i, int fd)
+{
+    unsigned char b[256];
+    ssize_t n = io_read(i, fd, b, sizeof b);
+    if (n < 0 && errno == EAGAIN)
+        return 0;
+    if (n <= 0) {
+        fprintf(stderr, "idle_conns: #%ld: the server closed a held session\n", i);
+        return -1;
+    }
+    return ws_frames(i, fd, b, (size_t)n);
+}
+#else
+static int ws_wave(struct pollfd *pf, long base, long n, const char *host, long port, double deadline)
+{
+    (void)pf, (void)base, (void)n, (void)host, (void)port, (void)deadline;
+    return -1;
+}
+static int ws_held_read(long i, int fd)
+{
+    (void)i, (void)fd;
+    return -1;
+}
+#endif
+
 /* ---------------------------------------------------------------- plain */
 
 /* Non-blocking connects of base..base+n-1, waited for. */
@@ -271,18 +439,18 @@ static int connect_wave(const struct sockaddr_in *sa, struct pollfd *pf, long ba
 
 /* Holds every connection until stopped or the end; -1 if the server closed
  * one or sent it data. */
-static int hold_all(struct pollfd *pf, long conns, bool tls, double end)
+static int hold_all(struct pollfd *pf, long conns, bool tls, bool ws, double end)
 {
     for (long i = 0; i < conns; i++)
         pf[i].events = POLLIN; /* an idle server sends nothing: POLLIN means it closed us */
     while (!stop && now() < end) {
         int r = poll(pf, (nfds_t)conns, 200);
-        if (r > 0 && !tls) {
+        if (r > 0 && !tls && !ws) {
             fprintf(stderr, "idle_conns: the server closed or wrote to a held connection\n");
             return -1;
         }
         for (long i = 0; r > 0 && i < conns; i++)
-            if (pf[i].revents && tls_held_read(i) < 0)
+            if (pf[i].revents && (ws ? ws_held_read(i, pf[i].fd) : tls_held_read(i)) < 0)
                 return -1;
     }
     return 0;
@@ -292,12 +460,17 @@ int main(int argc, char **argv)
 {
     const char *host = "127.0.0.1";
     long port = -1, conns = -1, hold = 60, wave = 256;
-    bool tls = false;
+    bool tls = false, ws = false;
     static const struct option lo[] = {
-        { "port", required_argument, NULL, 'p' },  { "host", required_argument, NULL, 'H' },
-        { "conns", required_argument, NULL, 'n' }, { "hold", required_argument, NULL, 't' },
-        { "wave", required_argument, NULL, 'w' },  { "tls", no_argument, NULL, 'L' },
-        { "help", no_argument, NULL, 'h' },        { NULL, 0, NULL, 0 },
+        { "port", required_argument, NULL, 'p' },
+        { "host", required_argument, NULL, 'H' },
+        { "conns", required_argument, NULL, 'n' },
+        { "hold", required_argument, NULL, 't' },
+        { "wave", required_argument, NULL, 'w' },
+        { "tls", no_argument, NULL, 'L' },
+        { "ws", no_argument, NULL, 'W' },
+        { "help", no_argument, NULL, 'h' },
+        { NULL, 0, NULL, 0 },
     };
     int o;
     while ((o = getopt_long(argc, argv, "p:H:n:t:w:h", lo, NULL)) != -1) {
@@ -309,6 +482,7 @@ int main(int argc, char **argv)
         case 't': bad = num(optarg, 0, 86400, &hold); break;
         case 'w': bad = num(optarg, 1, 4096, &wave); break;
         case 'L': tls = true; break;
+        case 'W': ws = true; break;
         case 'h': usage(stdout); return 0;
         default: bad = 1;
         }
@@ -331,6 +505,18 @@ int main(int argc, char **argv)
     }
     if (tls && tls_init(conns) < 0)
         return 2;
+#ifdef IDLE_TLS
+    use_tls = tls;
+    if (ws && !(ws_rx = calloc((size_t)conns, sizeof *ws_rx))) {
+        perror("idle_conns");
+        return 1;
+    }
+#else
+    if (ws) {
+        fprintf(stderr, "idle_conns: built without OpenSSL, so --ws is not available\n");
+        return 2;
+    }
+#endif
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
         rl.rlim_cur = rl.rlim_max;
@@ -359,10 +545,17 @@ int main(int argc, char **argv)
             return 1;
         if (tls && !stop && tls_wave(pf, base, n, now() + 10) < 0)
             return 1;
+        if (ws && !stop && ws_wave(pf, base, n, host, port, now() + 10) < 0)
+            return 1;
     }
     if (stop)
         return 0;
-    printf("connected %ld%s in %.2f s\n", conns, tls ? " (TLS)" : "", now() - t0);
+    printf("connected %ld%s in %.2f s\n", conns,
+           tls && ws ? " (TLS, WebSocket)"
+           : tls     ? " (TLS)"
+           : ws      ? " (WebSocket)"
+                     : "",
+           now() - t0);
     fflush(stdout);
-    return hold_all(pf, conns, tls, now() + (double)hold) < 0 ? 1 : 0;
+    return hold_all(pf, conns, tls, ws, now() + (double)hold) < 0 ? 1 : 0;
 }

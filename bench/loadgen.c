@@ -24,6 +24,12 @@
  * timed phase starts after every handshake (churn: each connection's handshake
  * is part of its connect+echo time). Nothing is verified unless --tls-ca.
  *
+ * --ws: every connection is a WebSocket (RFC 6455) session, over TLS too with
+ * --tls: the upgrade is part of connecting; each message (chat: each packet)
+ * goes as one masked binary frame; the payloads of the server's binary
+ * messages form the stream that the mode checks, whatever their boundaries.
+ * Needs OpenSSL at build time (SHA-1 for the handshake).
+ *
  * Last stdout line: RESULT key=value ... (msgs= is the unit of work: messages,
  * deliveries or connections). Exit 0 only if errors=0; 1 on errors; 2 on bad
  * arguments.
@@ -58,9 +64,12 @@
 #  include <openssl/err.h>
 #  include <openssl/ssl.h>
 #  include <openssl/x509v3.h>
+#  define WSC_OPENSSL
+#  include <openssl/rand.h>
 #else
 typedef struct ssl_st SSL; /* never created without OpenSSL */
 #endif
+#include "ws_client.h"
 
 /* ------------------------------------------------------------------ options */
 
@@ -77,6 +86,8 @@ static struct {
     bool tls;
     const char *tls_ca; /* verify the server against this CA file; NULL: no verification */
     long server_pid;    /* --server-pid: report its CPU over the load window; 0 = off */
+    bool ws;            /* --ws: WebSocket sessions */
+    const char *ws_path;
 } O = {
     .mode = M_ECHO,
     .host = "127.0.0.1",
@@ -91,6 +102,7 @@ static struct {
     .settle = 0.1,
     .connect_timeout = 10,
     .seed = 0x5eed,
+    .ws_path = "/",
 };
 
 static struct sockaddr_storage srv_addr;
@@ -116,6 +128,7 @@ static struct {
     _Atomic int stopped;         /* threads done sending (chat) */
     _Atomic uint64_t total_sent; /* chat: packets sent by all clients */
     _Atomic int err_prints;
+    _Atomic int pongs; /* chat --ws: a receiver left a pong for the sender thread */
     _Atomic int64_t t0, t_end, t_deadline;
 } G;
 
@@ -319,6 +332,24 @@ static bool filler_ok(uint32_t sender, uint32_t seq, const unsigned char *src, s
 
 /* ---------------------------------------------------------------- workers */
 
+#define WS_HS_CAP 2048
+
+/* --ws: a connection's WebSocket state, allocated only with --ws */
+struct wsconn {
+    bool up;  /* the 101 arrived: connected */
+    char *hs; /* the upgrade: the request, then the answer as it arrives */
+    size_t hs_len, hs_sent, req_len;
+    char accept[29];     /* the Sec-WebSocket-Accept to expect */
+    struct wsc_rx rx;    /* the server's frames */
+    unsigned char *wout; /* echo, churn: wire bytes a short write left */
+    size_t wout_off, wout_len, wout_cap;
+    uint64_t tx_left; /* echo, churn: payload bytes of the frame being made */
+    uint32_t tx_mask;
+    bool pong_due; /* a pong waits for a frame boundary (chat: under mu) */
+    unsigned char pong_len;
+    unsigned char pong[125];
+};
+
 struct lconn {
     int fd;
     int wfd; /* chat: the sender thread's copy; closed only at exit */
@@ -329,6 +360,7 @@ struct lconn {
      * OpenSSL, which epoll cannot see, so the caller reads again. */
     bool tcp_up, tls_more;
     SSL *ssl;
+    struct wsconn *ws; /* --ws */
     uint64_t seed;
     /* echo / packet / churn */
     uint64_t sent, target, recvd; /* stream positions */
@@ -346,7 +378,8 @@ struct lconn {
     uint32_t seq; /* packets this client has sent */
     bool send_failed;
     /* chat over TLS: the sender thread and the receiving worker use the one
-     * SSL, which OpenSSL does not allow at the same time */
+     * SSL, which OpenSSL does not allow at the same time; with --ws it also
+     * guards the pong left for the sender */
     pthread_mutex_t mu;
 };
 
@@ -362,6 +395,7 @@ struct worker {
     int64_t last_ns;
     bool started, running;
     int64_t last_poll;
+    uint64_t rng; /* --ws: frame masks */
 };
 
 /* chat: one thread sends for every client, on schedule, so that a busy
@@ -369,9 +403,10 @@ struct worker {
 static struct {
     pthread_t th;
     uint64_t sent, errors;
-    unsigned char buf[65536];
+    unsigned char buf[WSC_HDR_MAX + 65536];
     int *pend; /* clients with unsent bytes */
     int npend;
+    uint64_t rng; /* --ws: frame masks */
 } SND;
 
 static struct worker *W;
@@ -673,6 +708,252 @@ static inline ssize_t conn_write(struct lconn *c, int fd, const unsigned char *p
     return write(fd, p, len);
 }
 
+/* ----- WebSocket (--ws), above the transport
+ *
+ * The upgrade runs once the transport is up (with --tls, after the
+ * handshake). The server's frames are parsed in the buffer they were read
+ * into, their payloads moved to its front, so the modes' stream code runs
+ * unchanged on them. Echo and churn make one frame per message as the stream
+ * advances (a short write keeps the rest in wout); chat frames each packet in
+ * the sender thread, whose own queue keeps what a short write left. A pong
+ * goes out between two whole frames; in chat the sender thread sends it. */
+
+static void stream_bytes(const struct lconn *c, uint64_t off, unsigned char *dst, size_t len);
+
+static void ws_reset(struct wsconn *ws)
+{
+    ws->up = false;
+    ws->hs_len = ws->hs_sent = ws->req_len = 0;
+    memset(&ws->rx, 0, sizeof ws->rx);
+    ws->wout_off = ws->wout_len = 0;
+    ws->tx_left = 0;
+    ws->pong_due = false;
+}
+
+static uint64_t ws_seed(void)
+{
+    uint64_t s = mix64((uint64_t)now_ns());
+#ifdef LOADGEN_TLS
+    if (RAND_bytes((unsigned char *)&s, sizeof s) != 1)
+        ERR_clear_error();
+#endif
+    return s;
+}
+
+/* A ping was parsed: its pong is due (only the latest ping needs one). In
+ * chat the sender thread sends it, so it is left under the lock. */
+static void ws_take_ping(struct lconn *c)
+{
+    struct wsconn *ws = c->ws;
+    ws->rx.ping = false;
+    if (O.mode == M_CHAT)
+        pthread_mutex_lock(&c->mu);
+    memcpy(ws->pong, ws->rx.ping_data, ws->rx.ping_len);
+    ws->pong_len = ws->rx.ping_len;
+    ws->pong_due = true;
+    if (O.mode == M_CHAT) {
+        pthread_mutex_unlock(&c->mu);
+        atomic_store(&G.pongs, 1);
+    }
+}
+
+/* The frames just read into buf[0..n): the length of their payloads, now at
+ * the front of buf, or -1 (the reason in what) on a protocol error or a
+ * close, which ends the connection. */
+static ssize_t ws_payload(struct lconn *c, unsigned char *buf, size_t n, char *what, size_t whatlen)
+{
+    const char *why;
+    long got = wsc_rx_feed(&c->ws->rx, buf, n, &why);
+    if (got < 0) {
+        snprintf(what, whatlen, "WebSocket: %s", why);
+        return -1;
+    }
+    if (c->ws->rx.closed) {
+        snprintf(what, whatlen, "closed by the server (WebSocket close, code %u)", c->ws->rx.close_code);
+        return -1;
+    }
+    if (c->ws->rx.ping)
+        ws_take_ping(c);
+    return got;
+}
+
+/* The upgrade, a step per event: 1 done, 0 waiting for the socket, -1 failed
+ * (the reason in what). */
+static int ws_upgrade(struct worker *w, struct lconn *c, char *what, size_t whatlen)
+{
+#ifdef LOADGEN_TLS
+    struct wsconn *ws = c->ws;
+    if (!ws->req_len) {
+        char key[25];
+        int n = -1;
+        if (wsc_key(key) == 0 && wsc_accept_for(key, ws->accept) == 0)
+            n = wsc_request(ws->hs, WS_HS_CAP, O.host, O.port, O.ws_path, key);
+        if (n < 0) {
+            snprintf(what, whatlen, "WebSocket: cannot make the upgrade request");
+            return -1;
+        }
+        ws->req_len = (size_t)n;
+    }
+    while (ws->hs_sent < ws->req_len) {
+        ssize_t n = conn_write(c, c->fd, (unsigned char *)ws->hs + ws->hs_sent, ws->req_len - ws->hs_sent);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN) {
+                set_interest(w, c, true);
+                return 0;
+            }
+            snprintf(what, whatlen, "WebSocket upgrade: write: %s", strerror(errno));
+            return -1;
+        }
+        ws->hs_sent += (size_t)n; /* once all is sent, hs collects the answer */
+    }
+    set_interest(w, c, false);
+    for (;;) {
+        if (ws->hs_len == WS_HS_CAP) {
+            snprintf(what, whatlen, "WebSocket: the upgrade's answer is longer than %d bytes", WS_HS_CAP);
+            return -1;
+        }
+        ssize_t n = conn_read(c, (unsigned char *)ws->hs + ws->hs_len, WS_HS_CAP - ws->hs_len);
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && errno == EAGAIN)
+                return 0;
+            snprintf(what, whatlen, "WebSocket upgrade: %s",
+                     n == 0 ? "closed by the server" : strerror(errno));
+            return -1;
+        }
+        ws->hs_len += (size_t)n;
+        size_t head = 0;
+        char why[160];
+        int rc = wsc_answer(ws->hs, ws->hs_len, ws->accept, &head, why, sizeof why);
+        if (rc < 0)
+            snprintf(what, whatlen, "WebSocket: %s", why);
+        if (rc <= 0) {
+            if (rc < 0)
+                return -1;
+            continue;
+        }
+        /* frames right behind the 101 (a ping); data cannot come before any was sent */
+        ssize_t got = ws_payload(c, (unsigned char *)ws->hs + head, ws->hs_len - head, what, whatlen);
+        if (got < 0)
+            return -1;
+        if (got > 0) {
+            snprintf(what, whatlen, "WebSocket: data before any was sent");
+            return -1;
+        }
+        ws->up = true;
+        return 1;
+    }
+#else
+    (void)w, (void)c;
+    snprintf(what, whatlen, "WebSocket: built without OpenSSL");
+    return -1;
+#endif
+}
+
+/* Echo, churn: frames of the stream's next messages into dst (a due pong
+ * first, at a frame boundary); the wire bytes made. Each message of S bytes
+ * is one frame; a frame longer than cap is made over several calls. */
+static size_t ws_make(struct worker *w, struct lconn *c, unsigned char *dst, size_t cap)
+{
+    struct wsconn *ws = c->ws;
+    uint64_t S = (uint64_t)O.size;
+    size_t n = 0;
+    if (ws->pong_due && ws->tx_left == 0) {
+        n = wsc_control(dst, WSC_PONG, ws->pong, ws->pong_len, wsc_rand(&w->rng));
+        ws->pong_due = false;
+    }
+    while (c->sent < c->target) {
+        if (ws->tx_left == 0) {
+            if (cap - n < WSC_HDR_MAX)
+                break;
+            ws->tx_mask = wsc_rand(&w->rng);
+            n += wsc_frame_header(dst + n, WSC_BINARY, S, ws->tx_mask);
+            ws->tx_left = S;
+        }
+        size_t take = ws->tx_left < cap - n ? (size_t)ws->tx_left : cap - n;
+        if (!take)
+            break;
+        stream_bytes(c, c->sent, dst + n, take);
+        wsc_mask(dst + n, take, ws->tx_mask, (size_t)((S - ws->tx_left) & 3));
+        n += take;
+        c->sent += take;
+        ws->tx_left -= take;
+    }
+    return n;
+}
+
+/* Keeps what a short write left (wout is empty whenever frames are made). */
+static bool ws_keep(struct wsconn *ws, const unsigned char *p, size_t len)
+{
+    if (len > ws->wout_cap) {
+        size_t cap = ws->wout_cap ? ws->wout_cap : 4096;
+        while (cap < len)
+            cap *= 2;
+        unsigned char *q = realloc(ws->wout, cap);
+        if (!q)
+            return false;
+        ws->wout = q;
+        ws->wout_cap = cap;
+    }
+    memcpy(ws->wout, p, len);
+    ws->wout_off = 0;
+    ws->wout_len = len;
+    return true;
+}
+
+static void ws_flush(struct worker *w, struct lconn *c)
+{
+    struct wsconn *ws = c->ws;
+    while (c->fd >= 0) {
+        if (ws->wout_off < ws->wout_len) {
+            ssize_t n = conn_write(c, c->fd, ws->wout + ws->wout_off, ws->wout_len - ws->wout_off);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN)
+                    break;
+                conn_fail(w, c, "write", errno);
+                return;
+            }
+            ws->wout_off += (size_t)n;
+            if (ws->wout_off < ws->wout_len)
+                break;
+            ws->wout_off = ws->wout_len = 0;
+        }
+        size_t len = ws_make(w, c, w->sbuf, RBUF_SIZE);
+        if (!len)
+            break;
+        ssize_t n = conn_write(c, c->fd, w->sbuf, len);
+        if (n < 0 && errno != EINTR && errno != EAGAIN) {
+            conn_fail(w, c, "write", errno);
+            return;
+        }
+        size_t done = n > 0 ? (size_t)n : 0;
+        if (done < len && !ws_keep(ws, w->sbuf + done, len - done)) {
+            conn_fail(w, c, "write", ENOMEM);
+            return;
+        }
+        if (n < 0 && errno == EAGAIN)
+            break;
+    }
+    if (c->fd >= 0)
+        set_interest(w, c, ws->wout_off < ws->wout_len || c->sent < c->target || ws->pong_due);
+}
+
+/* Churn: a close frame (1000) before a clean close, as a well-behaved client
+ * sends it; the server's answer is not waited for. */
+static void ws_bye(struct worker *w, struct lconn *c)
+{
+    static const unsigned char normal[2] = { 1000 >> 8, 1000 & 255 };
+    unsigned char f[8];
+    size_t n = wsc_control(f, WSC_CLOSE, normal, 2, wsc_rand(&w->rng));
+    if (conn_write(c, c->fd, f, n) < 0)
+        errno = 0; /* closing anyway */
+}
+
 static int start_connect(struct worker *w, struct lconn *c)
 {
     int fd = socket(srv_addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -687,6 +968,8 @@ static int start_connect(struct worker *w, struct lconn *c)
     c->wfd = fd;
     c->connected = c->tcp_up = false;
     c->out_armed = true;
+    if (c->ws)
+        ws_reset(c->ws);
     if (connect(fd, (struct sockaddr *)&srv_addr, srv_addrlen) < 0 && errno != EINPROGRESS) {
         conn_fail(w, c, "connect", errno);
         return -1;
@@ -711,6 +994,10 @@ static void stream_bytes(const struct lconn *c, uint64_t off, unsigned char *dst
 
 static void echo_flush(struct worker *w, struct lconn *c)
 {
+    if (c->ws) {
+        ws_flush(w, c);
+        return;
+    }
     while (c->fd >= 0 && c->sent < c->target) {
         size_t chunk = (size_t)(c->target - c->sent);
         if (chunk > RBUF_SIZE)
@@ -766,6 +1053,19 @@ static void echo_readable(struct worker *w, struct lconn *c)
         conn_fail(w, c, n == 0 ? "closed by the server" : "read", n == 0 ? 0 : errno);
         return;
     }
+    if (c->ws) {
+        char what[160];
+        n = ws_payload(c, w->rbuf, (size_t)n, what, sizeof what);
+        if (n < 0) {
+            conn_fail(w, c, what, 0);
+            return;
+        }
+        if (n == 0) {
+            if (c->ws->pong_due)
+                echo_flush(w, c);
+            return;
+        }
+    }
     int64_t now = now_ns();
     if (c->recvd + (uint64_t)n > c->sent) {
         conn_fail(w, c, "received more bytes than were sent", 0);
@@ -788,7 +1088,7 @@ static void echo_readable(struct worker *w, struct lconn *c)
             more = true;
         }
     }
-    if (more)
+    if (more || (c->ws && c->ws->pong_due))
         echo_flush(w, c);
 }
 
@@ -821,6 +1121,25 @@ static void churn_readable(struct worker *w, struct lconn *c, int64_t *now)
         conn_fail(w, c, n == 0 ? "closed by the server" : "read", n == 0 ? 0 : errno);
         return;
     }
+    if (c->ws) {
+        char what[160];
+        n = ws_payload(c, w->rbuf, (size_t)n, what, sizeof what);
+        if (n < 0) {
+            c->busy = false;
+            w->outstanding--;
+            conn_fail(w, c, what, 0);
+            return;
+        }
+        if (c->ws->pong_due)
+            echo_flush(w, c);
+        if (c->fd < 0) {
+            c->busy = false;
+            w->outstanding--;
+            return;
+        }
+        if (n == 0)
+            return;
+    }
     if (c->recvd + (uint64_t)n > c->sent || !verify(w, c, c->recvd, w->rbuf, (size_t)n)) {
         if (c->fd >= 0)
             conn_fail(w, c, "received more bytes than were sent", 0);
@@ -838,6 +1157,8 @@ static void churn_readable(struct worker *w, struct lconn *c, int64_t *now)
     w->last_ns = *now;
     w->outstanding--;
     c->busy = false;
+    if (c->ws)
+        ws_bye(w, c);
     tls_bye(c);
     conn_close(w, c);
     if (w->running)
@@ -929,14 +1250,45 @@ static void chat_flush_pending(struct lconn *all)
 
 static void chat_send(struct lconn *c, uint32_t seq)
 {
-    unsigned char *p = SND.buf;
+    unsigned char *p = SND.buf + WSC_HDR_MAX; /* room for a frame header in front */
     put16(p, (uint32_t)O.size);
     put16(p + 2, CHAT_ID);
     put32(p + 4, (uint32_t)c->idx);
     put32(p + 8, seq);
     filler_fill((uint32_t)c->idx, seq, p + CHAT_HDR, (size_t)O.size - CHAT_HDR);
     put64(p + 12, (uint64_t)now_ns());
+    if (c->ws) {
+        size_t h = wsc_hdr_len((uint64_t)O.size);
+        uint32_t mask = wsc_rand(&SND.rng);
+        wsc_frame_header(p - h, WSC_BINARY, (uint64_t)O.size, mask);
+        wsc_mask(p, (size_t)O.size, mask, 0);
+        chat_write(c, p - h, h + (size_t)O.size);
+        return;
+    }
     chat_write(c, p, (size_t)O.size);
+}
+
+/* Sender thread, chat --ws: the pongs the receivers left, each between two
+ * whole frames of its client's stream. */
+static void chat_send_pongs(struct lconn *all)
+{
+    if (!atomic_exchange(&G.pongs, 0))
+        return;
+    for (int i = 0; i < O.conns; i++) {
+        struct lconn *c = &all[i];
+        unsigned char f[6 + 125], data[125];
+        size_t len = 0;
+        pthread_mutex_lock(&c->mu);
+        bool due = c->ws->pong_due;
+        if (due) {
+            len = c->ws->pong_len;
+            memcpy(data, c->ws->pong, len);
+            c->ws->pong_due = false;
+        }
+        pthread_mutex_unlock(&c->mu);
+        if (due)
+            chat_write(c, f, wsc_control(f, WSC_PONG, data, len, wsc_rand(&SND.rng)));
+    }
 }
 
 static void chat_packet(struct worker *w, struct lconn *c, const unsigned char *p, int64_t now)
@@ -988,6 +1340,14 @@ static void chat_readable(struct worker *w, struct lconn *c)
         conn_fail(w, c, n == 0 ? "closed by the server" : "read", n == 0 ? 0 : errno);
         return;
     }
+    if (c->ws) {
+        char what[160];
+        n = ws_payload(c, b + c->carry_len, (size_t)n, what, sizeof what);
+        if (n < 0) {
+            conn_fail(w, c, what, 0);
+            return;
+        }
+    }
     int64_t now = now_ns();
     w->bytes_in += (uint64_t)n;
     size_t total = c->carry_len + (size_t)n, p = 0;
@@ -1035,6 +1395,8 @@ static void *sender_main(void *arg)
         int64_t now = now_ns();
         if (SND.npend)
             chat_flush_pending(all);
+        if (O.ws)
+            chat_send_pongs(all);
         int64_t wake = now + 1000000;
         if (ph == PH_SYNC) {
             int req = atomic_load(&G.sync_req);
@@ -1082,7 +1444,7 @@ static void setup_fail(struct worker *w, struct lconn *c, const char *what, int 
     conn_fail(w, c, what, err);
 }
 
-/* Until the TCP connect (and with --tls the handshake) is done. */
+/* Until the TCP connect (with --tls the handshake, with --ws the upgrade) is done. */
 static void conn_setup(struct worker *w, struct lconn *c, unsigned ev)
 {
     if (!c->tcp_up) {
@@ -1114,6 +1476,14 @@ static void conn_setup(struct worker *w, struct lconn *c, unsigned ev)
             return;
         tls_show(c);
     }
+    if (c->ws && !c->ws->up) {
+        char what[200];
+        int rc = ws_upgrade(w, c, what, sizeof what);
+        if (rc < 0)
+            setup_fail(w, c, what, 0);
+        if (rc <= 0)
+            return;
+    }
     c->connected = true;
     if (O.mode == M_CHURN) {
         echo_flush(w, c);
@@ -1121,6 +1491,8 @@ static void conn_setup(struct worker *w, struct lconn *c, unsigned ev)
     }
     atomic_fetch_add(&G.connected, 1);
     set_interest(w, c, false);
+    if (c->ws && c->ws->pong_due && O.mode != M_CHAT)
+        echo_flush(w, c); /* a ping came with the 101 */
 }
 
 static void on_event(struct worker *w, struct lconn *c, unsigned ev)
@@ -1293,6 +1665,11 @@ static void usage(FILE *f)
                "                     against --host (implies --tls; default: no verification)\n"
                "  --server-pid PID   read that process's CPU time (/proc/PID/stat) when the load\n"
                "                     starts and after it; RESULT gains srv_cpu_s and srv_us_per_msg\n"
+               "  --ws               WebSocket sessions (RFC 6455; wss with --tls): the upgrade is part\n"
+               "                     of connecting; each message (chat: each packet) goes as one masked\n"
+               "                     binary frame; the server's binary messages' payloads are the\n"
+               "                     stream, whatever their boundaries (needs OpenSSL at build time)\n"
+               "  --ws-path PATH     the upgrade request's path (implies --ws; default /)\n"
                "Prints a summary and a final 'RESULT key=value...' line. Exit 0 iff errors=0.\n");
 }
 
@@ -1327,6 +1704,8 @@ static int parse_args(int argc, char **argv)
         { "tls", no_argument, NULL, 'L' },
         { "tls-ca", required_argument, NULL, 'A' },
         { "server-pid", required_argument, NULL, 'Q' },
+        { "ws", no_argument, NULL, 'W' },
+        { "ws-path", required_argument, NULL, 'w' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -1417,6 +1796,14 @@ static int parse_args(int argc, char **argv)
             if (!parse_num(optarg, 1, 1e9, &v) || v != floor(v))
                 return -1;
             O.server_pid = (long)v;
+            break;
+        case 'W': O.ws = true; break;
+        case 'w':
+            /* one token of a request line: no spaces or control characters */
+            if (optarg[0] != '/' || strlen(optarg) > 1024 || strpbrk(optarg, " \t\r\n"))
+                return -1;
+            O.ws = true;
+            O.ws_path = optarg;
             break;
         case 'h': usage(stdout); exit(0);
         default: return -1;
@@ -1518,6 +1905,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "loadgen: built without OpenSSL, so --tls is not available\n");
         return 2;
     }
+    if (O.ws) {
+        fprintf(stderr,
+                "loadgen: built without OpenSSL, so --ws is not available (its handshake needs SHA-1)\n");
+        return 2;
+    }
 #endif
     if (O.tls && tls_init() < 0)
         return 2;
@@ -1555,8 +1947,15 @@ int main(int argc, char **argv)
         if (O.mode == M_CHAT) {
             c->next = calloc((size_t)O.conns, sizeof *c->next);
             c->carry = malloc((size_t)O.size);
-            if (O.tls)
+            if (O.tls || O.ws)
                 pthread_mutex_init(&c->mu, NULL);
+        }
+        if (O.ws) {
+            c->ws = calloc(1, sizeof *c->ws);
+            if (!c->ws || !(c->ws->hs = malloc(WS_HS_CAP))) {
+                perror("loadgen");
+                return 1;
+            }
         }
         if (((O.mode == M_ECHO || O.mode == M_PACKET) && !c->ts) ||
             (O.mode == M_CHAT && (!c->next || !c->carry))) {
@@ -1575,6 +1974,7 @@ int main(int argc, char **argv)
         w->rbuf = malloc(RBUF_SIZE + 65536);
         w->sbuf = malloc(RBUF_SIZE + 65536);
         w->xbuf = malloc(RBUF_SIZE + 65536);
+        w->rng = ws_seed();
         if (w->ep < 0 || !w->rbuf || !w->sbuf || !w->xbuf) {
             perror("loadgen");
             return 1;
@@ -1589,6 +1989,7 @@ int main(int argc, char **argv)
             return 1;
         }
     if (O.mode == M_CHAT) {
+        SND.rng = ws_seed();
         SND.pend = calloc((size_t)O.conns, sizeof *SND.pend);
         if (!SND.pend || pthread_create(&SND.th, NULL, sender_main, all) != 0) {
             perror("loadgen: sender thread");
@@ -1685,9 +2086,9 @@ int main(int argc, char **argv)
                secs > 0 ? (double)bytes_in / secs / 1e6 : 0, p50, p99, mx, (unsigned long long)lost,
                (unsigned long long)errors);
         printf("RESULT mode=%s conns=%d size=%d depth=%d threads=%d msgs=%llu secs=%.3f msgs_per_s=%.0f "
-               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d errors=%llu",
+               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d ws=%d errors=%llu",
                mn, O.conns, O.size, O.depth, O.threads, (unsigned long long)msgs, secs, rate, p50, p99, mx,
-               (unsigned long long)lost, lg_cpu, (int)O.tls, (unsigned long long)errors);
+               (unsigned long long)lost, lg_cpu, (int)O.tls, (int)O.ws, (unsigned long long)errors);
         break;
     case M_CHAT:
         printf("chat: %d clients x %g pkt/s x %d B, %d thread(s): sent %llu, %llu deliveries in %.3f s = "
@@ -1699,10 +2100,10 @@ int main(int argc, char **argv)
                (unsigned long long)errors);
         printf("RESULT mode=chat conns=%d size=%d rate=%g threads=%d sent=%llu msgs=%llu deliveries=%llu "
                "secs=%.3f msgs_per_s=%.0f deliveries_per_s=%.0f p50_us=%.1f p99_us=%.1f max_us=%.1f "
-               "lost=%llu out_of_order=%llu lg_cpu_s=%.2f tls=%d errors=%llu",
+               "lost=%llu out_of_order=%llu lg_cpu_s=%.2f tls=%d ws=%d errors=%llu",
                O.conns, O.size, O.rate, O.threads, (unsigned long long)sent_total, (unsigned long long)msgs,
                (unsigned long long)msgs, secs, rate, rate, p50, p99, mx, (unsigned long long)lost,
-               (unsigned long long)ooo, lg_cpu, (int)O.tls, (unsigned long long)errors);
+               (unsigned long long)ooo, lg_cpu, (int)O.tls, (int)O.ws, (unsigned long long)errors);
         break;
     case M_CHURN:
         printf("churn: %d slots x %d B: %llu connections in %.3f s = %.0f conns/s; "
@@ -1710,9 +2111,9 @@ int main(int argc, char **argv)
                O.conns, O.size, (unsigned long long)msgs, secs, rate, p50, p99, mx,
                (unsigned long long)errors);
         printf("RESULT mode=churn conns=%d size=%d threads=%d msgs=%llu secs=%.3f msgs_per_s=%.0f "
-               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d errors=%llu",
+               "p50_us=%.1f p99_us=%.1f max_us=%.1f lost=%llu lg_cpu_s=%.2f tls=%d ws=%d errors=%llu",
                O.conns, O.size, O.threads, (unsigned long long)msgs, secs, rate, p50, p99, mx,
-               (unsigned long long)lost, lg_cpu, (int)O.tls, (unsigned long long)errors);
+               (unsigned long long)lost, lg_cpu, (int)O.tls, (int)O.ws, (unsigned long long)errors);
         break;
     }
     if (O.server_pid && srv1 >= 0)

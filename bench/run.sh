@@ -19,7 +19,7 @@
 # shellcheck disable=SC2317  # cleanup runs from a trap
 set -u
 
-BENCH_PKGS="libuv1-dev libasio-dev libssl-dev openssl g++ gnuplot-nox"
+BENCH_PKGS="libuv1-dev libasio-dev libssl-dev openssl g++ gnuplot-nox libwebsockets-dev"
 
 deps() {
     local missing="" p
@@ -32,7 +32,7 @@ deps() {
         # shellcheck disable=SC2086
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
     else
-        echo "bench: the peers (libuv, Asio, OpenSSL) and the chart need Debian packages; run:"
+        echo "bench: the peers (libuv, Asio, OpenSSL, libwebsockets) and the chart need Debian packages; run:"
         echo "  sudo apt-get install -y --no-install-recommends$missing"
         echo "bench: continuing; contenders that were not built are skipped"
     fi

@@ -29,7 +29,10 @@ typedef struct cp_handle cp_handle;
 #define CP_PENDING (-1000000)
 
 /* data is the received bytes for receive completions (lent to the callback
- * only for the duration of the call); NULL otherwise. */
+ * only for the duration of the call); NULL otherwise. The memory is the
+ * worker's own (epoll's receive buffer, an io_uring provided buffer, IOCP's
+ * read buffer) and no one else reads it during the call, so the layers
+ * above may change the bytes in place (WebSocket unmasks there). */
 typedef void (*cp_op_cb)(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data);
 
 enum cp_op_kind { CP_OP_ACCEPT = 1, CP_OP_CONNECT, CP_OP_RECV, CP_OP_SEND };

@@ -566,9 +566,10 @@ typedef struct cp_session_opts {
     cp_tls *tls;                 /* TLS (cp_tls_create): a server's sessions accept TLS,
                                     a client's connects speak it; the service keeps its
                                     own reference. NULL = plain TCP. -ENOTSUP on Windows */
-    cp_ws *ws;                   /* WebSocket (cp_ws_create): a server's sessions are
-                                    WebSocket sessions (over TLS too, with tls); the
-                                    service keeps its own reference. NULL = none */
+    cp_ws *ws;                   /* WebSocket (cp_ws_create): a server's sessions accept
+                                    the upgrade, a client's connects ask for it (over TLS
+                                    too, with tls); the service keeps its own reference.
+                                    NULL = none */
 } cp_session_opts;
 
 /* ------------------------------------------------------------------ TLS */
@@ -649,7 +650,9 @@ typedef struct cp_ws_request {
 } cp_ws_request;
 
 typedef struct cp_ws_opts {
-    const char *path;           /* only this path (before any '?') upgrades; NULL = any */
+    const char *path;           /* servers: only this path (before any '?') upgrades;
+                                   NULL = any. Clients: the path asked for; NULL = "/" */
+    const char *host;           /* clients: the Host sent; NULL = the address connected to */
     const char *const *origins; /* NULL-terminated list of allowed Origin values; NULL =
                                     any. Others get 403 */
     const char *subprotocol;    /* if set, answered when the client offers it (others

@@ -169,3 +169,81 @@ Test(ws, http_answers_page_path_origin, .timeout = 60)
     }
     env_stop(&we);
 }
+
+/* A cport client service speaking WebSocket (and wss): connected only after
+ * the 101, its packets masked, the server's echo read back; a server that
+ * does not upgrade is a connect failure, never a connected session. */
+static void client_echo(bool tls)
+{
+    ws_env we;
+    env_start(&we, NULL, tls);
+    cp_ws *cws;
+    cp_ws_opts cwo = { .path = "/play" };
+    cr_assert_eq(cp_ws_create(&cws, &cwo), 0);
+    cp_tls *ctls = NULL;
+    if (tls) {
+        cp_tls_opts to = { .ca_file = g_cert.cert, .verify = 1, .sni = "localhost" };
+        cr_assert_eq(cp_tls_create(&ctls, &to), 0);
+    }
+    cpt_track *t = cpt_track_new(4);
+    t->echo = false;
+    t->keep_refs = true;
+    cp_client_opts co = { .host = CPT_HOST4, .port = we.e.sport, .sessions = 1 };
+    co.session.ws = cws;
+    co.session.tls = ctls;
+    cp_handlers h = cpt_track_handlers();
+    cp_service *svc = cpt_xclient(we.e.port, &co, &h, t);
+    CPT_AWAIT(atomic_load(&t->connected) == 1, 5000, "the WebSocket client did not connect");
+    static const char body[] = "masked on the way in, framed on the way out";
+    for (int i = 0; i < 3; i++) {
+        cp_sendbuf *b = cp_packet_make((uint16_t)(7 + i), body, sizeof body);
+        cr_assert_eq(cp_session_send(t->recs[0].s, b), 0);
+        cp_sendbuf_unref(b);
+    }
+    CPT_AWAIT(atomic_load(&t->packets) == 3, 5000, "the echoes did not come back (%lld)",
+              (long long)atomic_load(&t->packets));
+    cr_assert_eq(atomic_load(&t->recs[0].bytes), (long long)(3 * sizeof body));
+    cr_assert_eq(atomic_load(&we.e.t->packets), 3, "the server read the client's masked packets");
+    cpt_xstop(svc);
+    cpt_track_stopped(t);
+    cpt_track_xcheck(t);
+    cpt_track_free(t);
+    cp_ws_unref(cws);
+    cp_tls_unref(ctls);
+    env_stop(&we);
+}
+
+Test(ws, cport_client_against_a_cport_server, .timeout = 60) { client_echo(false); }
+
+Test(ws, cport_client_over_tls, .timeout = 60) { client_echo(true); }
+
+/* A plain TCP echo server answers the upgrade with garbage: the client's
+ * session never connects, and on_connect_failed hears it. */
+Test(ws, cport_client_refused_is_a_connect_failure, .timeout = 60)
+{
+    cpt_env e;
+    cp_server_opts o = { .host = CPT_HOST4 };
+    o.session.framing = CP_FRAMING_RAW;
+    cp_handlers sh = cpt_track_handlers();
+    sh.on_packet = NULL;
+    sh.on_recv = cpt_on_recv; /* echoes the request back: no 101 */
+    cpt_env_start(&e, 1, &o, &sh, 8, 0);
+    cp_ws *cws;
+    cp_ws_opts cwo = { 0 };
+    cr_assert_eq(cp_ws_create(&cws, &cwo), 0);
+    cpt_track *t = cpt_track_new(4);
+    t->echo = false;
+    cp_client_opts co = { .host = CPT_HOST4, .port = e.sport, .sessions = 1 };
+    co.session.ws = cws;
+    cp_handlers h = cpt_track_handlers();
+    cp_service *svc = cpt_xclient(e.port, &co, &h, t);
+    CPT_AWAIT(atomic_load(&t->connect_failed) == 1, 5000, "the refused upgrade was not a connect failure");
+    cr_assert_eq(atomic_load(&t->connected), 0);
+    cr_assert_eq(cpt_stats(svc).by_reason[CP_REASON_WEBSOCKET], 1);
+    cpt_xstop(svc);
+    cpt_track_stopped(t);
+    cpt_track_xcheck(t);
+    cpt_track_free(t);
+    cp_ws_unref(cws);
+    cpt_env_stop(&e);
+}

@@ -102,6 +102,8 @@ typedef struct dummy_config {
     uint64_t start_at_ms; /* wall clock (Unix ms) to start sending at; 0 = when ready */
     bool tls;             /* --tls: every session speaks TLS */
     const char *tls_ca;   /* --tls-ca: verify the server against these CAs */
+    bool ws;              /* --ws: every session is a WebSocket client */
+    const char *ws_path;  /* --ws-path: the path asked for (default /) */
 } dummy_config;
 
 /* ------------------------------------------------------------------ latency histogram */
@@ -643,6 +645,8 @@ static void usage(FILE *out)
             "  --server-pid PID  report that process's resident memory each second\n"
             "  --tls             speak TLS (the server's certificate is not checked...)\n"
             "  --tls-ca FILE     ...unless given the CAs to check it with (PEM)\n"
+            "  --ws              speak WebSocket (over TLS with --tls: wss)\n"
+            "  --ws-path PATH    the path the upgrade asks for (default /)\n"
             "  --quiet           no progress lines, only the summary\n"
             "  --help            show this text\n"
             "One chat room over several dummies (each to its own server of one bus room):\n"
@@ -720,7 +724,7 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
     static const char *const value_options[] = { "--host",     "--port",       "--sessions",  "--mode",
                                                  "--size",     "--rate",       "--duration",  "--backend",
                                                  "--workers",  "--server-pid", "--room-size", "--first-index",
-                                                 "--start-at", "--tls-ca",     NULL };
+                                                 "--start-at", "--tls-ca",     "--ws-path",   NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
         if (strcmp(opt, "--help") == 0 || strcmp(opt, "-h") == 0) {
@@ -728,8 +732,8 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
             /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
             exit(0);
         }
-        if (strcmp(opt, "--quiet") == 0 || strcmp(opt, "--tls") == 0) {
-            *(opt[2] == 'q' ? &cfg->quiet : &cfg->tls) = true;
+        if (strcmp(opt, "--quiet") == 0 || strcmp(opt, "--tls") == 0 || strcmp(opt, "--ws") == 0) {
+            *(opt[2] == 'q' ? &cfg->quiet : opt[2] == 't' ? &cfg->tls : &cfg->ws) = true;
             continue;
         }
         if (!tool_is_option(opt, value_options))
@@ -791,6 +795,11 @@ static void parse_args(int argc, char **argv, dummy_config *cfg)
             if (tool_parse_u64(val, 0, MAX_CHAT_SESSIONS - 1, 0, &n) != 0)
                 usage_error("bad --first-index '%s' (0..%u)", val, MAX_CHAT_SESSIONS - 1);
             cfg->first_index = (uint32_t)n;
+        } else if (strcmp(opt, "--ws-path") == 0) {
+            if (val[0] != '/')
+                usage_error("bad --ws-path '%s' (a path, from /)", val);
+            cfg->ws_path = val;
+            cfg->ws = true;
         } else if (strcmp(opt, "--tls-ca") == 0) {
             if (*val == '\0')
                 usage_error("empty --tls-ca");
@@ -1331,6 +1340,17 @@ int main(int argc, char **argv)
             return 1;
         }
     }
+    if (cfg->ws) {
+        cp_ws_opts wo = { .path = cfg->ws_path };
+        rc = cp_ws_create(&opts.session.ws, &wo);
+        if (rc != 0) {
+            fprintf(stderr, "%s: cannot set up WebSocket: %s\n", prog, cp_strerror(rc));
+            cp_tls_unref(opts.session.tls);
+            cp_port_destroy(port);
+            free_state(st);
+            return 1;
+        }
+    }
 
     uint64_t hist_bufs[3][HIST_BUCKETS];
     progress prog_state = { .started_ns = tool_now_ns(),
@@ -1356,6 +1376,7 @@ int main(int argc, char **argv)
     cp_service *svc = NULL;
     rc = cp_client_start(&svc, port, &opts, &handlers, st);
     cp_tls_unref(opts.session.tls); /* the service keeps its own */
+    cp_ws_unref(opts.session.ws);
     if (rc != 0) {
         fprintf(stderr, "%s: cannot start the client service: %s\n", prog, cp_strerror(rc));
         cp_port_destroy(port);

@@ -369,9 +369,10 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
         cp__stat_add(&svc->st.by_reason[reason], 1);
         if (svc->h.on_disconnected)
             svc->h.on_disconnected(s, reason, err);
-    } else if (reason == CP_REASON_TLS || reason == CP_REASON_HANDSHAKE_TIMEOUT) {
-        /* A handshake that failed: the session was never connected, but the
-         * operator wants to see it. */
+    } else if (reason == CP_REASON_TLS || reason == CP_REASON_HANDSHAKE_TIMEOUT ||
+               reason == CP_REASON_WEBSOCKET) {
+        /* A handshake (or upgrade) that failed: the session was never
+         * connected, but the operator wants to see it. */
         cp__stat_add(&svc->st.by_reason[reason], 1);
     }
     if (!s->was_connected && s->is_client) {

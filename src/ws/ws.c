@@ -27,7 +27,11 @@
 
 #ifdef CP_HAVE_OPENSSL
 #  include <openssl/evp.h>
+#  include <openssl/rand.h>
 #  include <openssl/sha.h>
+#endif
+#ifndef _WIN32
+#  include <arpa/inet.h>
 #endif
 
 #define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -52,16 +56,21 @@ struct cp_ws {
     cp_filter_kind kind; /* first: net holds the kind (net.h) */
     _Atomic uint32_t refs;
     cp_ws_opts o; /* its strings are the copies below */
-    char *path, *subprotocol, *page;
+    char *path, *subprotocol, *page, *host;
     char **origins;
 };
 
 /* ------------------------------------------------------------------ per session */
 
-enum { H_HOST, H_ORIGIN, H_UPGRADE, H_KEY, H_VERSION, H_PROTOCOL, H_N };
-static const char *const header_names[H_N] = {
-    "host", "origin", "upgrade", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol"
-};
+enum { H_HOST, H_ORIGIN, H_UPGRADE, H_KEY, H_VERSION, H_PROTOCOL, H_ACCEPT, H_EXTENSIONS, H_N };
+static const char *const header_names[H_N] = { "host",
+                                               "origin",
+                                               "upgrade",
+                                               "sec-websocket-key",
+                                               "sec-websocket-version",
+                                               "sec-websocket-protocol",
+                                               "sec-websocket-accept",
+                                               "sec-websocket-extensions" };
 
 typedef struct span {
     uint32_t off, len;
@@ -79,6 +88,7 @@ typedef struct upgrade {
     span url, h[H_N];
     char *arena; /* the values, one after the other */
     uint32_t alen, acap;
+    char accept[29]; /* a client's: the Sec-WebSocket-Accept the server must answer */
 } upgrade;
 
 /* Wire bytes that precede user bytes (a frame header; a whole control frame
@@ -91,9 +101,11 @@ typedef struct ws_mark {
 typedef struct ws_filter {
     cp_filter base; /* first (net.h) */
     cp_ws *ws;
-    upgrade *up; /* the request, until it is answered */
-    bool open;   /* upgraded: frames from here on */
-    bool failed; /* our Close for an error is out: the rest is dropped */
+    bool client;  /* frames we send are masked, those we read are not */
+    uint32_t rnd; /* a client's masks (xorshift, seeded from OpenSSL's RAND_bytes) */
+    upgrade *up;  /* the request (a client's: the answer), until it is handled */
+    bool open;    /* upgraded: frames from here on */
+    bool failed;  /* our Close for an error is out: the rest is dropped */
     bool close_sent, close_rcvd;
     bool pong_seen;
     /* The frame being read. */
@@ -210,14 +222,61 @@ static bool own_bytes(ws_filter *f, const void *p, size_t n)
     return true;
 }
 
+/* A client's next mask: RFC 6455 wants one per frame, unpredictable to a
+ * page's script (which a native client has not); xorshift32 over a random
+ * seed keeps it cheap. */
+static uint32_t next_mask(ws_filter *f)
+{
+    uint32_t x = f->rnd;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return f->rnd = x;
+}
+
+/* Writes the header of a len-byte frame of op at h (masked for a client,
+ * with the mask in mask); returns its length. */
+static size_t frame_head(ws_filter *f, uint8_t *h, uint8_t op, size_t len, uint8_t mask[4])
+{
+    size_t hl = 2;
+    h[0] = (uint8_t)(0x80 | op);
+    if (len < 126) {
+        h[1] = (uint8_t)len;
+    } else if (len <= 0xffff) {
+        h[1] = 126;
+        h[2] = (uint8_t)(len >> 8);
+        h[3] = (uint8_t)len;
+        hl = 4;
+    } else {
+        h[1] = 127;
+        for (int i = 0; i < 8; i++)
+            h[2 + i] = (uint8_t)((uint64_t)len >> (56 - 8 * i));
+        hl = 10;
+    }
+    if (!f->client)
+        return hl;
+    uint32_t m = next_mask(f);
+    memcpy(mask, &m, 4);
+    h[1] |= 0x80;
+    memcpy(h + hl, mask, 4);
+    return hl + 4;
+}
+
+static void mask_copy(uint8_t *dst, const uint8_t *src, size_t n, const uint8_t mask[4])
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] = src[i] ^ mask[i & 3];
+}
+
 static bool control(ws_filter *f, uint8_t op, const uint8_t *p, size_t n)
 {
-    uint8_t frame[2 + CTL_MAX];
-    frame[0] = (uint8_t)(0x80 | op);
-    frame[1] = (uint8_t)n;
-    if (n)
-        memcpy(frame + 2, p, n);
-    return own_bytes(f, frame, 2 + n);
+    uint8_t frame[14 + CTL_MAX], mask[4];
+    size_t hl = frame_head(f, frame, op, n, mask);
+    if (n && f->client)
+        mask_copy(frame + hl, p, n, mask);
+    else if (n)
+        memcpy(frame + hl, p, n);
+    return own_bytes(f, frame, hl + n);
 }
 
 static bool send_close(ws_filter *f, uint16_t code)
@@ -241,12 +300,52 @@ static void ws_fail(ws_filter *f, uint16_t code)
     }
 }
 
+/* A client's message: its own masked copy (each frame has a mask of its
+ * own, so nothing can be shared). NULL when out of memory. */
+static cp_sendbuf *masked_copy(ws_filter *f, cp_sendbuf *b, uint32_t *hl)
+{
+    size_t len = cp_sendbuf_len(b);
+    uint8_t h[14], mask[4];
+    *hl = (uint32_t)frame_head(f, h, OP_BINARY, len, mask);
+    cp_sendbuf *m = cp_sendbuf_open(*hl + len);
+    if (!m)
+        return NULL;
+    memcpy(cp_sendbuf_data(m), h, *hl);
+    mask_copy(cp_sendbuf_data(m) + *hl, cp_sendbuf_data(b), len, mask);
+    cp_sendbuf_close(m, *hl + len);
+    return m;
+}
+
+static void client_encode(ws_filter *f, cp_sendq *src)
+{
+    cp_sendbuf *b;
+    while ((b = cp__sendq_pop(src)) != NULL) {
+        uint32_t hl = 0, len = (uint32_t)cp_sendbuf_len(b);
+        cp_sendbuf *m = masked_copy(f, b, &hl);
+        cp_sendbuf_unref(b);
+        if (!m || cp__sendq_push(&f->base.wire, m, SIZE_MAX) < 0) {
+            if (m)
+                cp_sendbuf_unref(m);
+            cp__session_request_close(f->base.s, CP_REASON_NO_MEMORY);
+            return;
+        }
+        if (!mark_push(f, hl, len)) {
+            cp__session_request_close(f->base.s, CP_REASON_NO_MEMORY);
+            return;
+        }
+    }
+}
+
 /* The user's buffers move to the wire queue as they are: each one's frame
- * header is in its headroom. */
+ * header is in its headroom. A client's are copied, masked. */
 static void ws_encode(cp_filter *bf)
 {
     ws_filter *f = ws_of(bf);
     cp_sendq *src = cp__filter_source(bf);
+    if (f->client) {
+        client_encode(f, src);
+        return;
+    }
     cp_sendbuf *b;
     while ((b = cp__sendq_pop(src)) != NULL) {
         if (cp__sendbuf_is_block(b)) /* the queue's own copy, never shared */
@@ -630,7 +729,96 @@ static bool upgrade_answer(ws_filter *f)
     return connected(f->base.s);
 }
 
+/* ------------------------------------------------------------------ a client's upgrade */
+
+/* The Host a client sends: the option, or the address it connects to. */
+static void host_of(const ws_filter *f, char *out, size_t n)
+{
+    if (f->ws->host) {
+        snprintf(out, n, "%s", f->ws->host);
+        return;
+    }
+    const cp_service *svc = atomic_load(&f->base.s->svc);
+    char a[64] = "localhost";
+    if (svc->addr.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)(const void *)&svc->addr;
+        inet_ntop(AF_INET6, &v6->sin6_addr, a, sizeof a);
+        snprintf(out, n, "[%s]:%u", a, (unsigned)ntohs(v6->sin6_port));
+    } else {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)(const void *)&svc->addr;
+        inet_ntop(AF_INET, &v4->sin_addr, a, sizeof a);
+        snprintf(out, n, "%s:%u", a, (unsigned)ntohs(v4->sin_port));
+    }
+}
+
+/* A client's upgrade request, with a fresh key whose answer it keeps. */
+static int client_request(ws_filter *f)
+{
+#ifdef CP_HAVE_OPENSSL
+    unsigned char nonce[16];
+    if (RAND_bytes(nonce, sizeof nonce) != 1 || RAND_bytes((unsigned char *)&f->rnd, sizeof f->rnd) != 1)
+        return -EIO;
+    if (!f->rnd)
+        f->rnd = 0x9e3779b9u; /* xorshift must not start at 0 */
+    char key[25];
+    EVP_EncodeBlock((unsigned char *)key, nonce, (int)sizeof nonce);
+    if (sha1_b64(key, f->up->accept) < 0)
+        return -EIO;
+    char host[96], req[640];
+    host_of(f, host, sizeof host);
+    const char *proto = f->ws->subprotocol;
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s%s\r\n",
+                     f->ws->path ? f->ws->path : "/", host, key, proto ? "Sec-WebSocket-Protocol: " : "",
+                     proto ? proto : "", proto ? "\r\n" : "");
+    if (n < 0 || (size_t)n >= sizeof req)
+        return -EINVAL;
+    return own_bytes(f, req, (size_t)n) ? 0 : -ENOMEM;
+#else
+    CP_UNUSED(f);
+    return -ENOTSUP;
+#endif
+}
+
+/* The server did not upgrade: the connect failed (on_connect_failed). */
+static void client_fail(ws_filter *f, int err)
+{
+    cp__free(f->up->arena);
+    cp__free(f->up);
+    f->up = NULL;
+    f->failed = true;
+    cp__session_close(f->base.s, CP_REASON_WEBSOCKET, err);
+}
+
+/* The server's 101: checked as RFC 6455 asks. True if the session is up. */
+static bool client_answer(ws_filter *f)
+{
+    upgrade *u = f->up;
+    const char *up = value(u, H_UPGRADE), *acc = value(u, H_ACCEPT), *ext = value(u, H_EXTENSIONS);
+    const char *proto = value(u, H_PROTOCOL), *want = f->ws->subprotocol;
+    if (u->p.status_code != 101) {
+        client_fail(f, -ECONNREFUSED);
+        return false;
+    }
+    /* An extension or subprotocol we did not ask for is a failure too. */
+    if (!has_token(up, "websocket") || strcmp(acc, u->accept) != 0 || *ext ||
+        strcmp(proto, want ? want : "")) {
+        client_fail(f, -EPROTO);
+        return false;
+    }
+    cp__free(u->arena);
+    cp__free(u);
+    f->up = NULL;
+    f->open = true;
+    cp__filter_up(&f->base); /* on_connected */
+    return connected(f->base.s);
+}
+
 static size_t frames_input(ws_filter *f, uint8_t *p, size_t n);
+
+/* The request (or a client's answer) is read: true if it upgraded. */
+static bool upgrade_done(ws_filter *f) { return f->client ? client_answer(f) : upgrade_answer(f); }
 
 static size_t upgrade_input(ws_filter *f, uint8_t *p, size_t n)
 {
@@ -641,21 +829,21 @@ static size_t upgrade_input(ws_filter *f, uint8_t *p, size_t n)
     llhttp_errno_t e = take ? llhttp_execute(&u->p, (const char *)p, take) : HPE_OK;
     if (e == HPE_PAUSED_UPGRADE) {
         size_t used = (size_t)((const uint8_t *)llhttp_get_error_pos(&u->p) - p);
-        if (!upgrade_answer(f))
+        if (!upgrade_done(f))
             return 0;
         return frames_input(f, p + used, n - used);
     }
-    if (e == HPE_PAUSED) { /* a whole request that is no upgrade */
-        upgrade_answer(f);
-        return 0;
-    }
-    if (e != HPE_OK) {
-        http_refuse(f, 400, NULL, NULL);
+    if (e == HPE_PAUSED) { /* a whole request (or answer) that is no upgrade */
+        upgrade_done(f);
         return 0;
     }
     u->seen += (uint32_t)take;
-    if (take < n || u->seen >= cap)
-        http_refuse(f, 431, NULL, NULL);
+    if (e == HPE_OK && take == n && u->seen < cap)
+        return 0; /* more to come */
+    if (f->client)
+        client_fail(f, -EPROTO);
+    else
+        http_refuse(f, e == HPE_OK ? 431 : 400, NULL, NULL);
     return 0;
 }
 
@@ -766,7 +954,8 @@ static bool frame_begin(ws_filter *f, uint64_t len)
             return false;
         }
     }
-    memcpy(f->mask, f->hdr + (f->hlen - 4), 4);
+    if (!f->client)
+        memcpy(f->mask, f->hdr + (f->hlen - 4), 4);
     f->mpos = 0;
     f->left = len;
     f->in_payload = true;
@@ -782,15 +971,16 @@ static size_t header_take(ws_filter *f, const uint8_t *p, size_t n, bool *ok)
     for (;;) {
         size_t need = 2;
         if (f->hlen >= 2) {
-            if (!(f->hdr[1] & 0x80)) { /* an unmasked client frame: no key will follow */
+            /* A client's frames are masked, a server's are not. */
+            if (!(f->hdr[1] & 0x80) != f->client) {
                 ws_fail(f, WS_PROTOCOL);
                 return used;
             }
             uint8_t l7 = f->hdr[1] & 0x7f;
-            need = 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + 4;
+            need = 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + (f->client ? 0 : 4);
+            if (f->hlen == need)
+                break;
         }
-        if (f->hlen == need && need > 2)
-            break;
         size_t t = need - f->hlen;
         if (t > n - used)
             t = n - used;
@@ -834,7 +1024,8 @@ static size_t frames_input(ws_filter *f, uint8_t *p, size_t n)
             continue;
         }
         size_t take = f->left < n ? (size_t)f->left : n;
-        unmask(f, p, take); /* in place: the backend lends its buffer to the call */
+        if (!f->client)
+            unmask(f, p, take); /* in place: the backend lends its buffer to the call */
         if (f->op >= OP_CLOSE) {
             memcpy(f->ctl + f->ctl_len, p, take);
             f->ctl_len = (uint8_t)(f->ctl_len + take);
@@ -897,6 +1088,7 @@ static cp_filter *ws_attach(cp_filter_kind *k, cp_session *s)
         return NULL;
     f->base.ops = &ws_ops;
     f->base.s = s;
+    f->client = s->is_client;
     f->ws = (cp_ws *)(void *)k;
     f->max_msg = f->ws->o.max_message ? f->ws->o.max_message : atomic_load(&s->svc)->max_packet;
     f->marks = f->marks_in;
@@ -910,15 +1102,18 @@ static cp_filter *ws_attach(cp_filter_kind *k, cp_session *s)
 static int ws_start(cp_filter *bf)
 {
     ws_filter *f = ws_of(bf);
-    if (bf->s->is_client)
-        return -ENOTSUP; /* client sessions: not yet */
     pthread_once(&http_once, http_settings_make);
     upgrade *u = cp__zalloc(sizeof *u);
     if (!u)
         return -ENOMEM;
-    llhttp_init(&u->p, HTTP_REQUEST, &http_settings);
+    llhttp_init(&u->p, f->client ? HTTP_RESPONSE : HTTP_REQUEST, &http_settings);
     u->cur = H_N;
     f->up = u;
+    if (f->client) {
+        int r = client_request(f);
+        if (r < 0)
+            return r;
+    }
     if (f->ws->o.ping_interval_ms) {
         f->pong_seen = true;
         cp__timer_arm(bf->s->owner, &f->ping, f->ws->o.ping_interval_ms);
@@ -975,6 +1170,7 @@ static void ws_free(cp_ws *ws)
     cp__free(ws->path);
     cp__free(ws->subprotocol);
     cp__free(ws->page);
+    cp__free(ws->host);
     if (ws->origins)
         for (char **o = ws->origins; *o; o++)
             cp__free(*o);
@@ -1007,6 +1203,7 @@ int cp_ws_create(cp_ws **out, const cp_ws_opts *o)
     ws->path = dup_or_null(o->path, &bad);
     ws->subprotocol = dup_or_null(o->subprotocol, &bad);
     ws->page = dup_or_null(o->page, &bad);
+    ws->host = dup_or_null(o->host, &bad);
     if (o->origins) {
         size_t n = 0;
         while (o->origins[n])

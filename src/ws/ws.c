@@ -803,7 +803,7 @@ static bool client_answer(ws_filter *f)
     }
     /* An extension or subprotocol we did not ask for is a failure too. */
     if (!has_token(up, "websocket") || strcmp(acc, u->accept) != 0 || *ext ||
-        strcmp(proto, want ? want : "")) {
+        strcmp(proto, want ? want : "") != 0) {
         client_fail(f, -EPROTO);
         return false;
     }

@@ -19,6 +19,7 @@
  * backend that is not available.
  */
 #include "common.h"
+#include "ws_chat_page.h" /* generated from tools/ws_chat.html (CMakeLists.txt) */
 
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -76,7 +77,7 @@ static int ws_listen(const server_config *cfg, cp_port *port, const cp_server_op
                      const cp_handlers *h, server_state *state, cp_service **out)
 {
     cp_ws *ws = NULL;
-    cp_ws_opts wo = { 0 };
+    cp_ws_opts wo = { .page = ws_chat_page }; /* GET / without an upgrade: the room in a browser */
     int rc = cp_ws_create(&ws, &wo);
     if (rc != 0) {
         fprintf(stderr, "%s: cannot set up WebSocket: %s\n", prog, cp_strerror(rc));

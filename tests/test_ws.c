@@ -247,3 +247,104 @@ Test(ws, cport_client_refused_is_a_connect_failure, .timeout = 60)
     cp_ws_unref(cws);
     cpt_env_stop(&e);
 }
+
+/* ------------------------------------------------------------------ hard closes */
+
+/* A WebSocket client of our own over a blocking socket, for what the npm
+ * client cannot show: the exact bytes the server sends. Returns the socket
+ * after the 101. */
+static int raw_upgrade(uint16_t port)
+{
+    int fd = cpt_xconnect(port);
+    static const char req[] =
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    cpt_xsend(fd, req, sizeof req - 1);
+    char buf[512] = "";
+    size_t got = 0;
+    while (!strstr(buf, "\r\n\r\n")) { /* the 101 is all the server sends before our frames */
+        ssize_t r = cpt_recv_once(fd, buf + got, 1);
+        cr_assert_gt(r, 0, "no 101");
+        got += (size_t)r;
+        cr_assert_lt(got, sizeof buf - 1);
+    }
+    cr_assert(strstr(buf, "HTTP/1.1 101"), "%s", buf);
+    return fd;
+}
+
+/* One masked binary frame with a packet of id and size (the header says
+ * size; the body sent is what fits in body_len). */
+static void raw_send_packet(int fd, uint16_t id, uint16_t size, size_t body_len)
+{
+    uint8_t f[6 + 4 + 64] = { 0x82, (uint8_t)(0x80 | (4 + body_len)), 1, 2, 3, 4 };
+    uint8_t *p = f + 6;
+    p[0] = (uint8_t)size;
+    p[1] = (uint8_t)(size >> 8);
+    p[2] = (uint8_t)id;
+    p[3] = (uint8_t)(id >> 8);
+    for (size_t i = 0; i < body_len; i++)
+        p[4 + i] = (uint8_t)i;
+    for (size_t i = 0; i < 4 + body_len; i++)
+        p[i] ^= f[2 + (i & 3)];
+    cpt_xsend(fd, f, 6 + 4 + body_len);
+}
+
+/* Reads frames until a Close; returns its code (0 without one). */
+static int raw_close_code(int fd)
+{
+    for (;;) {
+        uint8_t h[2];
+        if (cpt_recv_exact(fd, h, 2) != 0)
+            return 0;
+        uint8_t body[125];
+        size_t n = h[1] & 0x7f;
+        cr_assert_leq(n, 125, "only short frames are expected here");
+        if (n && cpt_recv_exact(fd, body, n) != 0)
+            return 0;
+        if ((h[0] & 0x0f) == 8)
+            return n >= 2 ? body[0] << 8 | body[1] : 0;
+    }
+}
+
+static int refuse_13(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    int r = cpt_on_packet(s, id, body, len);
+    return id == 13 ? -1 : r;
+}
+
+/* The hard closes send the Close code of their reason: a handler's
+ * refusal 1011, a packet over max_packet 1009, cp_session_disconnect 1000. */
+Test(ws, hard_closes_send_their_close_code, .timeout = 60)
+{
+    cp_ws_opts wo = { .max_message = 65535 }; /* the packet, not the message, is too big */
+    cp_server_opts o = { .host = CPT_HOST4 };
+    cr_assert_eq(cp_ws_create(&o.session.ws, &wo), 0);
+    cp_handlers h = cpt_track_handlers();
+    h.on_packet = refuse_13;
+    cpt_env e;
+    cpt_env_start(&e, 2, &o, &h, 8, 0);
+
+    int fd = raw_upgrade(e.sport);
+    raw_send_packet(fd, 13, 8, 4);
+    cr_assert_eq(raw_close_code(fd), 1011, "a handler's refusal");
+    cpt_close(fd);
+
+    fd = raw_upgrade(e.sport);
+    raw_send_packet(fd, 5, 5000, 4); /* max_packet is 4096 */
+    cr_assert_eq(raw_close_code(fd), 1009, "a packet over max_packet");
+    cpt_close(fd);
+
+    fd = raw_upgrade(e.sport);
+    raw_send_packet(fd, 5, 8, 4); /* echoed: the session is up */
+    /* Packets handled: the refused one, and this one (the oversized one
+     * never reached a handler). */
+    CPT_AWAIT(atomic_load(&e.t->packets) == 2, 5000, "the third session's packet");
+    cpt_srec *r = &e.t->recs[2];
+    cr_assert_eq(cp_service_disconnect_id(e.svc, r->id), 0);
+    cr_assert_eq(raw_close_code(fd), 1000, "cp_session_disconnect");
+    cpt_close(fd);
+
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 3, 5000, "the sessions did not end");
+    cpt_env_stop(&e);
+    cp_ws_unref(o.session.ws);
+}

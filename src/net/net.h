@@ -110,6 +110,10 @@ typedef struct cp_filter_ops {
     /* n bytes of the wire queue were written: how many bytes of its source
      * that completes (for the innermost, the user's: on_sent). */
     size_t (*written)(cp_filter *f, size_t n);
+    /* The session is about to close hard with reason (its socket still
+     * open, its state not yet changed): last words, written at once, best
+     * effort (a WebSocket Close with the reason's code). May be NULL. */
+    void (*closing)(cp_filter *f, int reason);
     /* The session has finished (its wire queue is cleared): free the filter. */
     void (*detach)(cp_filter *f);
     void (*kind_ref)(cp_filter_kind *k);

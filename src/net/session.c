@@ -347,11 +347,21 @@ static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const
 
 /* ------------------------------------------------------------------ close */
 
+/* The filters' last words before a hard close, innermost first. */
+static void filters_closing(cp_session *s, cp_reason reason)
+{
+    for (cp_filter *f = innermost(s); f; f = f->outer)
+        if (f->ops->closing)
+            f->ops->closing(f, (int)reason);
+}
+
 void cp__session_close(cp_session *s, cp_reason reason, int err)
 {
     int st = atomic_load(&s->state);
     if (st >= CP_S_CLOSING)
         return;
+    if (s->flt && st >= CP_S_HANDSHAKING)
+        filters_closing(s, reason);
     atomic_store(&s->state, CP_S_CLOSING);
     cp_worker *w = s->owner;
     cp_service *svc = s->svc;
@@ -746,7 +756,10 @@ void cp__session_wire_flush(cp_filter *from)
 {
     cp_session *s = from->s;
     cp_worker *w = s->owner;
-    if (s->wr.armed || !wire_open(s))
+    /* A close requested a moment ago (DISCONNECTING) still has its socket:
+     * the last words of its filters go out too. */
+    int st = atomic_load_explicit(&s->state, memory_order_relaxed);
+    if (s->wr.armed || s->h.fd < 0 || (!wire_open(s) && st != CP_S_DISCONNECTING))
         return;
     /* What the filter made goes through the filters outside it (a
      * WebSocket Close inside TLS), never through itself again. */
@@ -754,7 +767,7 @@ void cp__session_wire_flush(cp_filter *from)
         if (cp__filter_source(f)->count)
             f->ops->encode(f);
     cp_sendq *q = wire_queue(s);
-    if (!q->count || s->wr.armed || !wire_open(s))
+    if (!q->count)
         return;
     struct iovec iov[IOV_CAP];
     int n = cp__sendq_gather(q, iov, IOV_CAP, SEND_BYTES_CAP);

@@ -49,7 +49,8 @@ enum {
     WS_UNSUPPORTED = 1003,
     WS_BAD_DATA = 1007,
     WS_POLICY = 1008,
-    WS_TOO_BIG = 1009
+    WS_TOO_BIG = 1009,
+    WS_INTERNAL = 1011
 };
 
 struct cp_ws {
@@ -201,12 +202,18 @@ static bool mark_push(ws_filter *f, uint32_t head, uint32_t body)
  * of the wire queue, written at the round's end; false when out of memory
  * (the session is closed). */
 static void ws_encode(cp_filter *bf);
+static bool push_own(ws_filter *f, const void *p, size_t n);
 
 static bool own_bytes(ws_filter *f, const void *p, size_t n)
 {
     /* After what the user queued before it: an echo the peer asked for
      * before its bad frame goes out before our Close. */
     ws_encode(&f->base);
+    return push_own(f, p, n);
+}
+
+static bool push_own(ws_filter *f, const void *p, size_t n)
+{
     cp_sendbuf *b = cp_sendbuf_copy(p, n);
     if (!b || cp__sendq_push(&f->base.wire, b, SIZE_MAX) < 0) {
         if (b)
@@ -284,6 +291,51 @@ static bool send_close(ws_filter *f, uint16_t code)
     f->close_sent = true;
     uint8_t c[2] = { (uint8_t)(code >> 8), (uint8_t)code };
     return control(f, OP_CLOSE, c, code ? 2 : 0);
+}
+
+/* The Close code a hard close sends for reason; 0: none (the stream is
+ * gone, or a Close went out already). */
+static uint16_t close_code_of(int reason)
+{
+    switch (reason) {
+    case CP_REASON_LOCAL: return WS_NORMAL;
+    case CP_REASON_STOPPING: return WS_GOING_AWAY;
+    case CP_REASON_TOO_BIG: return WS_TOO_BIG;
+    case CP_REASON_PEER_CLOSED:
+    case CP_REASON_RESET:
+    case CP_REASON_IO_ERROR:
+    case CP_REASON_TLS:
+    case CP_REASON_HANDSHAKE_TIMEOUT:
+    case CP_REASON_WEBSOCKET: return 0;
+    default: return WS_INTERNAL;
+    }
+}
+
+/* A hard close: our Close with the reason's code, written at once and best
+ * effort (nothing here may close the session again), after what the
+ * session had queued. */
+static void ws_closing(cp_filter *bf, int reason)
+{
+    ws_filter *f = ws_of(bf);
+    uint16_t code = close_code_of(reason);
+    if (!f->open || f->close_sent || !code)
+        return;
+    f->close_sent = true;
+    uint8_t frame[16], mask[4], c[2] = { (uint8_t)(code >> 8), (uint8_t)code };
+    size_t hl = frame_head(f, frame, OP_CLOSE, 2, mask);
+    if (f->client)
+        mask_copy(frame + hl, c, 2, mask);
+    else
+        memcpy(frame + hl, c, 2);
+    cp_sendbuf *b = cp_sendbuf_copy(frame, hl + 2);
+    if (!b)
+        return;
+    if (cp__sendq_push(&f->base.wire, b, SIZE_MAX) < 0) {
+        cp_sendbuf_unref(b);
+        return;
+    }
+    (void)mark_push(f, (uint32_t)(hl + 2), 0); /* only on_sent's count, which ends here */
+    cp__session_wire_flush(&f->base);
 }
 
 /* An error of the peer's: our Close with code, then the graceful close
@@ -1145,6 +1197,7 @@ static const cp_filter_ops ws_ops = {
     .encode = ws_encode,
     .finish = ws_finish,
     .written = ws_written,
+    .closing = ws_closing,
     .detach = ws_detach,
     .kind_ref = kind_ref,
     .kind_unref = kind_unref,

@@ -62,7 +62,7 @@ static void rx_resume(cp_session *s)
 }
 
 /* Connected, or in a filter's handshake (which reads too). */
-static bool reading(const cp_session *s)
+bool cp__session_reading(const cp_session *s)
 {
     int st = atomic_load_explicit(&s->state, memory_order_relaxed);
     return (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING) && s->h.fd >= 0;
@@ -70,7 +70,7 @@ static bool reading(const cp_session *s)
 
 void cp__rx_block(cp_session *s, unsigned why)
 {
-    if (!reading(s) || (s->rx_block & why))
+    if (!cp__session_reading(s) || (s->rx_block & why))
         return;
     if (!s->rx_block)
         rx_pause(s);
@@ -93,7 +93,7 @@ void cp__rx_unblock(cp_session *s, unsigned why)
     if (s->rx_block & why & (CP_RX_RATE | CP_RX_SHARE) && s->last_rx_ns < s->owner->now_ns)
         s->last_rx_ns = s->owner->now_ns;
     s->rx_block &= (uint8_t)~why;
-    if (!reading(s))
+    if (!cp__session_reading(s))
         return;
     if (!s->rx_block) {
         rx_resume(s);
@@ -205,7 +205,7 @@ static void share_end_posted(cp_worker *w, cp_posted *p)
 
 void cp__rx_account(cp_session *s, size_t n, size_t packets)
 {
-    if (!reading(s))
+    if (!cp__session_reading(s))
         return;
     CP_UNUSED(packets); /* taken one at a time, cp__rx_rate_packet */
     if (s->svc->rate_bytes)

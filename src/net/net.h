@@ -161,6 +161,9 @@ void cp__session_wire_flush(cp_filter *f);
 /* On the owner: the user's limit on what the session may queue, less what
  * the filter's wire queue already holds. */
 size_t cp__session_queue_room(const cp_session *s);
+/* The session takes bytes: connected, or in a filter's handshake (which
+ * reads too), its socket still open. Defined in flow.c. */
+bool cp__session_reading(const cp_session *s);
 /* On the owner: the memory both send queues hold (what send_queue_limit and
  * the watermarks count). Defined in session.c. */
 size_t cp__session_queued_mem(const cp_session *s);

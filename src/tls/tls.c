@@ -102,14 +102,6 @@ static const cp_filter_ops tls_ops;
 
 static tls_filter *tls_of(cp_filter *f) { return (tls_filter *)(void *)f; }
 
-/* The session takes bytes: in a handshake (this filter's, or one inside
- * it), or connected. */
-static bool reading(const cp_session *s)
-{
-    int st = atomic_load(&s->state);
-    return st == CP_S_HANDSHAKING || st == CP_S_CONNECTED;
-}
-
 /* ------------------------------------------------------------------ errors */
 
 /* Empties this thread's error queue, logging its first entry at debug
@@ -465,7 +457,7 @@ static bool handshake_step(tls_filter *f)
         out_flush(f); /* the last flight (and TLS 1.3 tickets) go out */
         cp__session_wire_ready(f->base.s);
         cp__filter_up(&f->base);
-        return reading(f->base.s);
+        return cp__session_reading(f->base.s);
     }
     int e = SSL_get_error(f->ssl, r);
     out_flush(f);
@@ -494,7 +486,7 @@ static size_t read_records(tls_filter *f)
             /* Without read-ahead OpenSSL holds no whole record beyond the
              * one it returned (and buf takes a whole record): with the input
              * used up, another call would only say WANT_READ. */
-            if (!reading(s) || !f->in_len)
+            if (!cp__session_reading(s) || !f->in_len)
                 break;
             continue;
         }
@@ -527,7 +519,7 @@ static size_t feed(tls_filter *f, const uint8_t *data, size_t n)
     f->in_len = n;
     size_t packets = 0;
     if (f->up || handshake_step(f))
-        if (f->up && reading(f->base.s))
+        if (f->up && cp__session_reading(f->base.s))
             packets = read_records(f);
     f->in = NULL;
     f->in_len = 0;

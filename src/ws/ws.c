@@ -488,6 +488,16 @@ static bool arena_add(upgrade *u, span *sp, const char *at, size_t n)
 
 static upgrade *up_of(llhttp_t *p) { return (upgrade *)(void *)p; }
 
+/* The request (or answer) is handled, or the session ends: its state goes. */
+static void upgrade_drop(ws_filter *f)
+{
+    if (!f->up)
+        return;
+    cp__free(f->up->arena);
+    cp__free(f->up);
+    f->up = NULL;
+}
+
 static int on_url(llhttp_t *p, const char *at, size_t n)
 {
     return arena_add(up_of(p), &up_of(p)->url, at, n) ? 0 : -1;
@@ -640,9 +650,7 @@ static void http_refuse(ws_filter *f, int code, const char *extra, const char *b
                      "HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Length: %zu\r\n%s%s\r\n", code,
                      status_text(code), blen, body ? "Content-Type: text/html; charset=utf-8\r\n" : "",
                      extra ? extra : "");
-    cp__free(f->up->arena);
-    cp__free(f->up);
-    f->up = NULL;
+    upgrade_drop(f);
     f->failed = true;
     if (!own_bytes(f, head, (size_t)n) || (blen && !own_bytes(f, body, blen)))
         return;
@@ -771,9 +779,7 @@ static bool upgrade_answer(ws_filter *f)
                      "Sec-WebSocket-Accept: %s\r\n%s%s%s\r\n",
                      accept, ws->subprotocol ? "Sec-WebSocket-Protocol: " : "",
                      ws->subprotocol ? ws->subprotocol : "", ws->subprotocol ? "\r\n" : "");
-    cp__free(u->arena);
-    cp__free(u);
-    f->up = NULL;
+    upgrade_drop(f);
     if (!own_bytes(f, head, (size_t)n))
         return false;
     f->open = true;
@@ -836,9 +842,7 @@ static int client_request(ws_filter *f)
 /* The server did not upgrade: the connect failed (on_connect_failed). */
 static void client_fail(ws_filter *f, int err)
 {
-    cp__free(f->up->arena);
-    cp__free(f->up);
-    f->up = NULL;
+    upgrade_drop(f);
     f->failed = true;
     cp__session_close(f->base.s, CP_REASON_WEBSOCKET, err);
 }
@@ -859,9 +863,7 @@ static bool client_answer(ws_filter *f)
         client_fail(f, -EPROTO);
         return false;
     }
-    cp__free(u->arena);
-    cp__free(u);
-    f->up = NULL;
+    upgrade_drop(f);
     f->open = true;
     cp__filter_up(&f->base); /* on_connected */
     return connected(f->base.s);
@@ -1177,10 +1179,7 @@ static void ws_detach(cp_filter *bf)
 {
     ws_filter *f = ws_of(bf);
     cp__timer_cancel(bf->s->owner, &f->ping);
-    if (f->up) {
-        cp__free(f->up->arena);
-        cp__free(f->up);
-    }
+    upgrade_drop(f);
     cp__free(f->ctl);
     if (f->marks != f->marks_in)
         cp__free(f->marks);

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 //
 // Headless Chromium (Debian's chromium package) loads a page and reports the
-// result the page writes into its title: tests/ws_page.html's "PASS ..." or
+// result the page writes into its title: tools/ws_chat.html's ?check= mode, "PASS ..." or
 // "FAIL ...". Node built-ins only: the browser is driven over the DevTools
 // protocol on a pipe (--remote-debugging-pipe: JSON messages ending in NUL
 // on its file descriptors 3 and 4), so nothing listens on a port and no

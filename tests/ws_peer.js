@@ -62,7 +62,7 @@
 //          above). echo sends each message back as it came (text as text:
 //          ws accepts text, cport refuses it by default); chat sends each
 //          message to every client. GET / without an upgrade answers with
-//          FILE (tests/ws_page.html), other plain requests with 404 (426
+//          FILE (tools/ws_chat.html), other plain requests with 404 (426
 //          when they asked to upgrade to something). With cert and key it
 //          speaks TLS (wss). PORT 0 takes a free port. Prints
 //          "LISTENING <port>", and runs until killed (with stdin=1, until its

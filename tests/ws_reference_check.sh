@@ -4,7 +4,7 @@
 # server (npm ws, as tests/ws_peer.js server runs it), to check the peers
 # themselves: the client modes of tests/ws_peer.js, tests/ws_probe.js against
 # tests/ws_probe.expected, and headless Chromium (tests/ws_browser.js) on
-# tests/ws_page.html, each over ws:// and wss://.
+# tools/ws_chat.html (?check=100), each over ws:// and wss://.
 #
 #   tests/ws_reference_check.sh [--no-browser]
 #
@@ -62,9 +62,9 @@ check() {
     fi
 }
 
-server ws max=4096 page=tests/ws_page.html
+server ws max=4096 page=tools/ws_chat.html
 ws=$port
-server wss max=4096 page=tests/ws_page.html cert="$ca" key="$tmp/cert/key.pem"
+server wss max=4096 page=tools/ws_chat.html cert="$ca" key="$tmp/cert/key.pem"
 wss=$port
 server chat mode=chat
 chat=$port
@@ -82,8 +82,8 @@ done
 check "ws chat 50x20" node tests/ws_peer.js chat "ws://127.0.0.1:$chat/" clients=50 packets=20
 
 if [ $browser = 1 ]; then
-    check "chromium ws://" node tests/ws_browser.js "http://127.0.0.1:$ws/"
-    check "chromium wss://" node tests/ws_browser.js "https://127.0.0.1:$wss/" ca="$ca"
+    check "chromium ws://" node tests/ws_browser.js "http://127.0.0.1:$ws/?check=100"
+    check "chromium wss://" node tests/ws_browser.js "https://127.0.0.1:$wss/?check=100" ca="$ca"
 fi
 
 echo "$passed passed, $failed failed"

@@ -58,6 +58,7 @@ _Static_assert(sizeof(cp_chunk) == CHUNK_BYTES, "a chunk is whole pages");
 _Static_assert(offsetof(cp_sendbuf, data) % 8 == 0, "a buffer's bytes are 8-byte aligned");
 _Static_assert(offsetof(cp_sendbuf, data) == offsetof(cp_sendbuf, head) + CP_SENDBUF_HEADROOM,
                "the headroom ends where the bytes begin");
+_Static_assert(CP_SENDBUF_HEADROOM >= 10, "the headroom takes the longest frame header");
 
 static _Thread_local cp_chunk *tls_chunk;
 static _Thread_local cp_sendbuf *tls_open;
@@ -224,6 +225,7 @@ cp_sendbuf *cp__sendbuf_block_new(size_t cap)
         return NULL;
     atomic_init(&b->refs, 1);
     b->len = 0;
+    b->framing = 0;
     b->cap = (uint32_t)(run - sizeof *b); /* the whole run */
     b->big_class = CP_SENDBUF_BLOCK;
     b->chunk = NULL;
@@ -239,6 +241,7 @@ cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap)
         return NULL;
     memcpy(n->data, b->data, b->len);
     n->len = b->len;
+    n->framing = b->framing;
     alone_put(b);
     return n;
 }
@@ -293,6 +296,7 @@ cp_sendbuf *cp__sendbuf_open(size_t cap)
     }
     atomic_init(&b->refs, 1);
     b->len = 0;
+    b->framing = 0;
     b->cap = (uint32_t)cap;
     return b;
 }

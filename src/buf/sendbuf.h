@@ -14,11 +14,12 @@
 /* Room before a buffer's bytes for the one frame header that is the same
  * for every recipient: the buffer sent as one WebSocket binary message (RFC
  * 6455; a server's frames are unmasked, so nothing in the header depends on
- * the session). It is written when the buffer is closed, before anyone else
- * can see it, so WebSocket sessions send a shared buffer with its header in
- * one piece and without a copy (the WebSocket layer; sendq.c's framed
- * entries). 16, not 10, keeps data 8-byte aligned. */
-#define CP_SENDBUF_HEADROOM 16
+ * the session, and it is at most 10 bytes). It is written when the buffer is
+ * closed, before anyone else can see it, so WebSocket sessions send a shared
+ * buffer with its header in one piece and without a copy (the WebSocket
+ * layer; sendq.c's framed entries). 12, after the 4-byte framing count,
+ * keeps data 8-byte aligned. */
+#define CP_SENDBUF_HEADROOM 12
 
 struct cp_sendbuf {
     atomic_uint refs;
@@ -26,6 +27,11 @@ struct cp_sendbuf {
     uint32_t cap;
     uint32_t big_class;     /* allocated alone: its size class, or BIG_NONE */
     struct cp_chunk *chunk; /* NULL for buffers allocated alone */
+    /* Bytes of data that are not the user's, which on_sent does not count:
+     * all of a filter's own buffer (an HTTP answer, a WebSocket control
+     * frame), or the frame headers and control frames a send queue's block
+     * copied in. 0 for the user's buffers. */
+    uint32_t framing;
     uint8_t head[CP_SENDBUF_HEADROOM];
     uint8_t data[];
 };

@@ -40,6 +40,7 @@ typedef struct cp_sendq {
     uint32_t inflight;  /* entries from the head a pending send reads */
     uint32_t tidy;      /* entries from the head compaction has been through */
     uint32_t regrow;    /* capacity a freed ring comes back at (0: the least) */
+    bool framed;        /* every buffer pushed is sent framed (a WebSocket server's queue) */
     struct {
         struct cp_chunk *c;
         uint32_t n; /* queued entries charged through this slot */
@@ -49,21 +50,24 @@ typedef struct cp_sendq {
 /* The send queue (sendq.c), owner thread only. push takes over one
  * reference to b unless it fails: -ENOBUFS when what the queue would account
  * passes limit (an empty queue takes any b of at most limit bytes), -ENOMEM;
- * the caller keeps b then. gather fills at most max_iov entries with the
+ * the caller keeps b then. In a framed queue, b is sent with the frame
+ * header its close wrote into its headroom in front (sendbuf.h: one
+ * WebSocket binary message). gather fills at most max_iov entries with the
  * unsent bytes from the front, stopping once max_bytes are reached, and
  * returns how many; pending says that a send which reads those n entries'
  * memory is in flight, landed that it completed; consume drops the first n
- * bytes (written); clear releases everything and the ring. */
+ * bytes (written) and returns how many of them were the user's (not frame
+ * headers, not a filter's own buffers: what on_sent counts; a block the
+ * queue copied frames into counts its user bytes when its last byte goes);
+ * clear releases everything and the ring. */
 int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit);
-/* The same, for b sent with the frame header in its headroom in front
- * (sendbuf.h: a WebSocket binary message; a queue's own block must have
- * had cp__sendbuf_frame). */
+/* The same, for b sent framed in any queue. */
 int cp__sendq_push_framed(cp_sendq *q, cp_sendbuf *b, size_t limit);
 /* Takes the first entry out whole, with the queue's reference to it; NULL
  * if there is none, or it is partly written or read by a pending send. */
 cp_sendbuf *cp__sendq_pop(cp_sendq *q);
 int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_bytes);
-void cp__sendq_consume(cp_sendq *q, size_t n);
+size_t cp__sendq_consume(cp_sendq *q, size_t n);
 void cp__sendq_clear(cp_sendq *q);
 static inline void cp__sendq_pending(cp_sendq *q, int n) { q->inflight = (uint32_t)n; }
 static inline void cp__sendq_landed(cp_sendq *q) { q->inflight = 0; }

@@ -48,7 +48,7 @@
 #define SQ_REGROW_MAX 256u         /* a freed ring comes back at most this big at once */
 #define ALONE_TAG ((uintptr_t)1)   /* charged its chunk itself (the chunk had no slot) */
 #define COVERED_TAG ((uintptr_t)2) /* its chunk is charged by a later entry (of its run) */
-#define FRAMED_TAG ((uintptr_t)4)  /* sent with the frame header in its headroom (sendbuf.h) */
+#define FRAMED_TAG ((uintptr_t)4)  /* sent with the frame header in its headroom (a framed queue's) */
 #define TAGS (ALONE_TAG | COVERED_TAG | FRAMED_TAG)
 #define BLOCK_MIN 256u /* a new block's first capacity (a page's, in fact) */
 /* Small buffers coalesce up to this: a block of 16 KiB of pages. */
@@ -66,6 +66,29 @@ static const uint8_t *ent_bytes(uintptr_t v)
     return hl ? buf_of(v)->head + CP_SENDBUF_HEADROOM - hl : buf_of(v)->data;
 }
 static size_t ent_len(uintptr_t v) { return buf_of(v)->len + head_of(v); }
+
+/* How many of entry v's bytes from off on are not the user's: a filter's
+ * own buffer is all framing, a framed user buffer only its header (a
+ * block, which never moves, does not ask). */
+static size_t framing_from(uintptr_t v, size_t off)
+{
+    if (buf_of(v)->framing)
+        return ent_len(v) - off;
+    size_t hl = head_of(v);
+    return hl > off ? hl - off : 0;
+}
+
+/* The user's bytes among t bytes of entry v written from off on (done: its
+ * last byte is among them). A user buffer's count is exact; one holding
+ * framing (a block) counts when it is done, as a whole. */
+static size_t user_bytes(uintptr_t v, size_t off, size_t t, bool done)
+{
+    cp_sendbuf *b = buf_of(v);
+    if (b->framing)
+        return done ? b->len - b->framing : 0;
+    size_t hl = head_of(v), lo = off > hl ? off : hl, hi = off + t;
+    return hi > lo ? hi - lo : 0;
+}
 
 /* ------------------------------------------------------------------ charges */
 
@@ -278,8 +301,9 @@ static size_t copy_cost(const cp_sendq *q, uint32_t j, size_t n)
 
 /* Copies n bytes to the end of the entries before *j: into the block there
  * as far as it may grow, the rest into a new block at *j (the ring has that
- * slot). Out of memory, nothing is copied. */
-static int copy_in(cp_sendq *q, uint32_t *j, const uint8_t *p, size_t n)
+ * slot). The first fr of them are not the user's (frame headers, a filter's
+ * own bytes): the blocks count them. Out of memory, nothing is copied. */
+static int copy_in(cp_sendq *q, uint32_t *j, const uint8_t *p, size_t n, size_t fr)
 {
     cp_sendbuf *blk = block_before(q, *j);
     size_t take = 0;
@@ -303,13 +327,16 @@ static int copy_in(cp_sendq *q, uint32_t *j, const uint8_t *p, size_t n)
         q->mem += cp__sendbuf_charge(nb);
         *slot(q, (*j)++) = (uintptr_t)nb;
     }
+    size_t fr_blk = fr < take ? fr : take;
     if (take) {
         memcpy(blk->data + blk->len, p, take);
         blk->len += (uint32_t)take;
+        blk->framing += (uint32_t)fr_blk;
     }
     if (nb) {
         memcpy(nb->data, p + take, n - take);
         nb->len = (uint32_t)(n - take);
+        nb->framing = (uint32_t)(fr - fr_blk);
     }
     return 0;
 }
@@ -323,7 +350,7 @@ static bool absorb(cp_sendq *q, uint32_t *j, uint32_t i, uintptr_t v, uintptr_t 
     if (!worth_copying(b))
         return false;
     uint32_t off = i == 0 ? q->first_off : 0;
-    if (copy_in(q, j, ent_bytes(v) + off, ent_len(v) - off) != 0)
+    if (copy_in(q, j, ent_bytes(v) + off, ent_len(v) - off, framing_from(v, off)) != 0)
         return false;
     if (i == 0)
         q->first_off = 0; /* the new block holds only the unsent bytes */
@@ -374,7 +401,7 @@ static int push_copy(cp_sendq *q, uintptr_t v, size_t limit)
     if (ring_reserve(q) < 0)
         return -ENOMEM;
     uint32_t j = q->count;
-    if (copy_in(q, &j, ent_bytes(v), n) < 0)
+    if (copy_in(q, &j, ent_bytes(v), n, framing_from(v, 0)) < 0)
         return -ENOMEM;
     if (q->tidy == q->count)
         q->tidy = j;
@@ -419,7 +446,10 @@ static int push(cp_sendq *q, cp_sendbuf *b, size_t limit, uintptr_t framed)
     return append(q, b, p, framed);
 }
 
-int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit) { return push(q, b, limit, 0); }
+int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit)
+{
+    return push(q, b, limit, q->framed ? FRAMED_TAG : 0);
+}
 
 int cp__sendq_push_framed(cp_sendq *q, cp_sendbuf *b, size_t limit) { return push(q, b, limit, FRAMED_TAG); }
 
@@ -456,17 +486,20 @@ int cp__sendq_gather(cp_sendq *q, struct iovec *iov, int max_iov, size_t max_byt
     return n;
 }
 
-void cp__sendq_consume(cp_sendq *q, size_t n)
+size_t cp__sendq_consume(cp_sendq *q, size_t n)
 {
+    size_t user = 0;
     q->bytes -= n;
     while (n > 0) {
         uintptr_t v = q->ring[q->head];
         cp_sendbuf *b = buf_of(v);
         size_t rem = ent_len(v) - q->first_off;
         if (n < rem) {
+            user += user_bytes(v, q->first_off, n, false);
             q->first_off += (uint32_t)n;
             break;
         }
+        user += user_bytes(v, q->first_off, rem, true);
         n -= rem;
         q->first_off = 0;
         q->head = (q->head + 1) & (q->cap - 1);
@@ -480,6 +513,7 @@ void cp__sendq_consume(cp_sendq *q, size_t n)
     }
     if (!q->count && q->cap > SQ_CAP_KEEP)
         ring_free(q);
+    return user;
 }
 
 void cp__sendq_clear(cp_sendq *q)
@@ -487,5 +521,5 @@ void cp__sendq_clear(cp_sendq *q)
     for (uint32_t i = 0; i < q->count; i++)
         cp_sendbuf_unref(at(q, i));
     ring_release(q->ring, q->cap);
-    *q = (cp_sendq){ 0 };
+    *q = (cp_sendq){ .framed = q->framed };
 }

@@ -106,6 +106,11 @@ typedef struct cp_filter_ops {
      * (after cp__filter_up, once its handshake is done) and returns the
      * packets that made; closes the session itself on a bad stream. */
     size_t (*input)(cp_filter *f, const uint8_t *data, size_t n);
+    /* The queue of what the filter made, which the filter outside it
+     * encodes, or the session writes; NULL: the filter frames its source in
+     * place, so that queue is its output too (a WebSocket server's frames
+     * are the user's own buffers, each header in its headroom). */
+    cp_sendq *(*wire)(cp_filter *f);
     /* Turns what its source queue (cp__filter_source) holds into wire bytes. */
     void (*encode)(cp_filter *f);
     /* A draining session has written everything: append the end of the
@@ -130,15 +135,11 @@ struct cp_filter_kind {
     uint8_t fail_reason;   /* a cp_reason: what a failed start closes with */
 };
 
+/* Small, as it is with every session of a service with filters; where a
+ * filter sits in the chain is the session's (cp_session.flt). */
 struct cp_filter {
-    const cp_filter_ops *ops;
-    cp_filter_kind *kind;
+    cp_filter_kind *kind; /* set by net after attach; its operations are kind->ops */
     cp_session *s;
-    cp_filter *inner; /* toward the framer; NULL: the framer itself */
-    cp_filter *outer; /* toward the socket; NULL: the socket itself */
-    cp_sendq wire;    /* what the filter made, in order: the next filter out encodes it,
-                         or (the outermost's) the session writes it */
-    bool finished;    /* finish ran */
 };
 
 /* At most this many filters on one session (TLS, then WebSocket). */
@@ -182,6 +183,7 @@ struct cp_session {
      * ticket, in the same locked add. */
     _Atomic uint64_t rc;
     _Atomic int state;
+    uint32_t tx_applied; /* tickets applied so far (owner only; see the held sends below) */
     /* Valid until the session finishes, which clears it (on the owner, with
      * release order). Other threads read it through cp_session_service() on a
      * kept session at any time, so it is atomic; the owner's own reads are
@@ -204,6 +206,7 @@ struct cp_session {
     bool wr_shut;         /* draining: everything written, FIN sent */
     bool peer_eof;        /* draining: the peer's FIN arrived */
     uint8_t drain_reason; /* draining: the reason on_disconnected will get */
+    uint8_t flt_finished; /* draining: bit i set once flt[i]'s finish ran */
     cp_posted flush;      /* writes the queue at the round's end (session.c) */
 
     /* Bytes of an incomplete packet (or unconsumed raw bytes). */
@@ -211,12 +214,14 @@ struct cp_session {
     uint32_t carry_len, carry_cap;
 
     cp_sendq sq;
-    cp_filter *flt; /* the outermost filter (the socket's side); NULL: plain TCP */
+    /* The filters, outermost (the socket's side) first; flt[0] NULL: plain
+     * TCP. Bit i of flt_finished: flt[i]'s finish ran. */
+    cp_filter *flt[CP_FILTERS_MAX];
 
-    /* Sends that arrived before an earlier one (owner only): their buffers
-     * wait here, sorted, until the tickets before them have been applied. */
-    uint32_t tx_applied;        /* tickets applied so far */
     uint64_t drain_deadline_ns; /* cp_session_shutdown: closed hard at this time */
+    /* Sends that arrived before an earlier one (owner only): their buffers
+     * wait here, sorted, until the tickets before them (tx_applied) have
+     * been applied. */
     uint32_t nheld, capheld;
     struct cp_held *held;
 

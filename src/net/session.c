@@ -156,49 +156,87 @@ cp_session *cp__session_new(cp_service *svc, cp_worker *owner, bool is_client)
 static void held_drop(cp_session *s);
 static int queue_owned(cp_session *s, cp_sendbuf *b);
 
-/* The filters' wire queues and the filters themselves. */
-static void filter_drop(cp_session *s)
+static const cp_filter_ops *ops_of(const cp_filter *f) { return f->kind->ops; }
+
+/* How many filters the session has (they are attached all at once). */
+static int filters_n(const cp_session *s)
 {
-    cp_filter *f = s->flt;
-    s->flt = NULL;
-    while (f) {
-        cp_filter *inner = f->inner;
-        cp__sendq_clear(&f->wire);
-        f->ops->detach(f);
-        f = inner;
-    }
+    int n = 0;
+    while (n < CP_FILTERS_MAX && s->flt[n])
+        n++;
+    return n;
 }
 
-/* The filter on the framer's side of the chain. */
-static cp_filter *innermost(const cp_session *s)
+/* f's place in the chain, 0 the outermost. */
+static int filter_at(const cp_filter *f)
 {
-    cp_filter *f = s->flt;
-    while (f && f->inner)
-        f = f->inner;
-    return f;
+    int i = 0;
+    while (f->s->flt[i] != f)
+        i++;
+    return i;
+}
+
+/* The filter toward the framer, or NULL: the framer itself. */
+static cp_filter *filter_inner(const cp_filter *f)
+{
+    int i = filter_at(f) + 1;
+    return i < CP_FILTERS_MAX ? f->s->flt[i] : NULL;
+}
+
+/* The filter's own wire queue, or NULL when it frames its source in place. */
+static cp_sendq *filter_own_wire(cp_filter *f) { return ops_of(f)->wire(f); }
+
+/* The queue of what f made (its own, or its source framed in place). */
+static cp_sendq *filter_wire(cp_filter *f)
+{
+    cp_sendq *q = filter_own_wire(f);
+    return q ? q : cp__filter_source(f);
+}
+
+/* The filters' wire queues and the filters themselves, outermost first. */
+static void filter_drop(cp_session *s)
+{
+    for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++) {
+        cp_sendq *q = filter_own_wire(s->flt[i]);
+        if (q)
+            cp__sendq_clear(q);
+    }
+    for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++) {
+        cp_filter *f = s->flt[i];
+        s->flt[i] = NULL;
+        ops_of(f)->detach(f);
+    }
 }
 
 cp_filter *cp__session_filter(const cp_session *s, const cp_filter_ops *ops)
 {
-    for (cp_filter *f = s->flt; f; f = f->inner)
-        if (f->ops == ops)
-            return f;
+    for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++)
+        if (ops_of(s->flt[i]) == ops)
+            return s->flt[i];
     return NULL;
 }
 
 size_t cp__filter_pass(cp_filter *f, const uint8_t *data, size_t n)
 {
-    return f->inner ? f->inner->ops->input(f->inner, data, n) : cp__session_input(f->s, data, n);
+    cp_filter *in = filter_inner(f);
+    return in ? ops_of(in)->input(in, data, n) : cp__session_input(f->s, data, n);
 }
 
-cp_sendq *cp__filter_source(cp_filter *f) { return f->inner ? &f->inner->wire : &f->s->sq; }
+cp_sendq *cp__filter_source(cp_filter *f)
+{
+    cp_filter *in = filter_inner(f);
+    return in ? filter_wire(in) : &f->s->sq;
+}
 
-/* What the filters' wire queues hold. */
+/* What the filters' own wire queues hold. */
 static size_t filters_mem(const cp_session *s)
 {
     size_t m = 0;
-    for (const cp_filter *f = s->flt; f; f = f->inner)
-        m += cp__sendq_mem(&f->wire);
+    for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++) {
+        cp_sendq *q = filter_own_wire(s->flt[i]);
+        if (q)
+            m += cp__sendq_mem(q);
+    }
     return m;
 }
 
@@ -293,16 +331,18 @@ static bool wire_open(const cp_session *s)
 
 /* The queue the socket is written from: the filter's wire queue, or the
  * user's own. */
-static cp_sendq *wire_queue(cp_session *s) { return s->flt ? &s->flt->wire : &s->sq; }
+static cp_sendq *wire_queue(cp_session *s) { return s->flt[0] ? filter_wire(s->flt[0]) : &s->sq; }
 
 /* Nothing queued and nothing in flight. */
 static bool all_written(cp_session *s)
 {
     if (s->sq.count || s->wr.armed)
         return false;
-    for (const cp_filter *f = s->flt; f; f = f->inner)
-        if (f->wire.count)
+    for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++) {
+        cp_sendq *q = filter_own_wire(s->flt[i]);
+        if (q && q->count)
             return false;
+    }
     return true;
 }
 
@@ -350,9 +390,9 @@ static void on_close_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const
 /* The filters' last words before a hard close, innermost first. */
 static void filters_closing(cp_session *s, cp_reason reason)
 {
-    for (cp_filter *f = innermost(s); f; f = f->outer)
-        if (f->ops->closing)
-            f->ops->closing(f, (int)reason);
+    for (int i = filters_n(s) - 1; i >= 0; i--)
+        if (ops_of(s->flt[i])->closing)
+            ops_of(s->flt[i])->closing(s->flt[i], (int)reason);
 }
 
 void cp__session_close(cp_session *s, cp_reason reason, int err)
@@ -360,7 +400,7 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
     int st = atomic_load(&s->state);
     if (st >= CP_S_CLOSING)
         return;
-    if (s->flt && st >= CP_S_HANDSHAKING)
+    if (s->flt[0] && st >= CP_S_HANDSHAKING)
         filters_closing(s, reason);
     atomic_store(&s->state, CP_S_CLOSING);
     cp_worker *w = s->owner;
@@ -426,8 +466,8 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
             s->last_rx_ns = w->now_ns;
             cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
             w->feeder = &s->feeder;
-            size_t packets = s->flt ? s->flt->ops->input(s->flt, data, (size_t)res)
-                                    : cp__session_input(s, data, (size_t)res);
+            size_t packets = s->flt[0] ? ops_of(s->flt[0])->input(s->flt[0], data, (size_t)res)
+                                       : cp__session_input(s, data, (size_t)res);
             w->feeder = NULL;
             cp__rx_account(s, (size_t)res, packets);
         }
@@ -437,7 +477,7 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         if (atomic_load(&s->state) == CP_S_DRAINING)
             drain_peer_eof(s);
         else /* a filter's stream ended without its own end (TLS close_notify): truncated */
-            cp__session_close(s, CP_REASON_PEER_CLOSED, s->flt ? -ECONNABORTED : 0);
+            cp__session_close(s, CP_REASON_PEER_CLOSED, s->flt[0] ? -ECONNABORTED : 0);
     } else if (res != -ECANCELED && res != -ENOBUFS) {
         cp__session_close(s, reason_of_errno(res), res);
     }
@@ -467,7 +507,7 @@ static bool filter_start(cp_filter *f)
     cp_session *s = f->s;
     s->tmo.fn = on_handshake_timeout;
     cp__timer_arm(s->owner, &s->tmo, f->kind->handshake_ms);
-    int r = f->ops->start(f);
+    int r = ops_of(f)->start(f);
     if (r < 0)
         cp__session_close(s, r == -ENOMEM ? CP_REASON_NO_MEMORY : (cp_reason)f->kind->fail_reason, r);
     return r >= 0;
@@ -481,7 +521,6 @@ static void filter_begin(cp_session *s, int from)
     cp_service *svc = s->svc;
     if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_HANDSHAKING))
         return;
-    cp_filter *outer = NULL;
     for (int i = 0; i < svc->nfilters; i++) {
         cp_filter_kind *k = svc->filters[i];
         cp_filter *f = k->ops->attach(k, s);
@@ -490,15 +529,10 @@ static void filter_begin(cp_session *s, int from)
             return;
         }
         f->kind = k;
-        f->outer = outer;
-        if (outer)
-            outer->inner = f;
-        else
-            s->flt = f;
-        outer = f;
+        s->flt[i] = f;
     }
     arm_recv(s);
-    if (atomic_load(&s->state) == CP_S_HANDSHAKING && filter_start(s->flt))
+    if (atomic_load(&s->state) == CP_S_HANDSHAKING && filter_start(s->flt[0]))
         send_start(s);
 }
 
@@ -508,7 +542,7 @@ static void filter_begin(cp_session *s, int from)
 static void session_connected(cp_session *s, int from)
 {
     cp_service *svc = s->svc;
-    if (svc->nfilters && !s->flt) {
+    if (svc->nfilters && !s->flt[0]) {
         filter_begin(s, from);
         return;
     }
@@ -522,17 +556,18 @@ static void session_connected(cp_session *s, int from)
     }
     if (svc->h.on_connected)
         svc->h.on_connected(s);
-    if (writing(s) && !s->flt) /* on_connected may have started a graceful close */
-        arm_recv(s);           /* (a filter's handshake armed it already) */
+    if (writing(s) && !s->flt[0]) /* on_connected may have started a graceful close */
+        arm_recv(s);              /* (a filter's handshake armed it already) */
 }
 
 void cp__filter_up(cp_filter *f)
 {
     cp_session *s = f->s;
-    if (f->inner) {
+    cp_filter *in = filter_inner(f);
+    if (in) {
         /* What the next one writes leaves at the round's end: f may be in
          * the middle of its own input still. */
-        if (filter_start(f->inner))
+        if (filter_start(in))
             cp__session_wire_ready(s);
         return;
     }
@@ -678,8 +713,8 @@ static void sent(cp_session *s, size_t n)
     cp__sendq_consume(wire_queue(s), n);
     /* Each filter says what its wire bytes complete of the queue inside it;
      * the innermost's answer is the user's bytes. */
-    for (cp_filter *f = s->flt; f; f = f->inner)
-        n = f->ops->written(f, n);
+    for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++)
+        n = ops_of(s->flt[i])->written(s->flt[i], n);
     if (s->rx_block & CP_RX_SENDQ)
         cp__rx_sendq_check(s);
     if (s->svc->h.on_sent && n)
@@ -687,12 +722,11 @@ static void sent(cp_session *s, size_t n)
 }
 
 /* Inner filters first, so that what one makes is in the next one's source. */
-static void filter_encode(cp_filter *f)
+static void filters_encode(cp_session *s)
 {
-    if (f->inner)
-        filter_encode(f->inner);
-    if (cp__filter_source(f)->count)
-        f->ops->encode(f);
+    for (int i = filters_n(s) - 1; i >= 0; i--)
+        if (cp__filter_source(s->flt[i])->count)
+            ops_of(s->flt[i])->encode(s->flt[i]);
 }
 
 /* A filter turns the round's whole queue into wire bytes at once (TLS: as
@@ -701,8 +735,8 @@ static void filter_encode(cp_filter *f)
  * filter made is there (a WebSocket upgrade inside TLS). */
 static void encode_due(cp_session *s)
 {
-    if (s->flt && !s->wr.armed && wire_open(s))
-        filter_encode(s->flt);
+    if (s->flt[0] && !s->wr.armed && wire_open(s))
+        filters_encode(s);
 }
 
 static void send_start(cp_session *s)
@@ -763,9 +797,9 @@ void cp__session_wire_flush(cp_filter *from)
         return;
     /* What the filter made goes through the filters outside it (a
      * WebSocket Close inside TLS), never through itself again. */
-    for (cp_filter *f = from->outer; f; f = f->outer)
-        if (cp__filter_source(f)->count)
-            f->ops->encode(f);
+    for (int i = filter_at(from) - 1; i >= 0; i--)
+        if (cp__filter_source(s->flt[i])->count)
+            ops_of(s->flt[i])->encode(s->flt[i]);
     cp_sendq *q = wire_queue(s);
     if (!q->count)
         return;
@@ -832,7 +866,7 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
     } else if (b->len == 0) {
         r = 0; /* nothing to queue */
     } else if ((r = cp__sendq_push(&s->sq, b,
-                                   s->flt ? cp__session_queue_room(s) : s->svc->send_queue_limit)) < 0) {
+                                   s->flt[0] ? cp__session_queue_room(s) : s->svc->send_queue_limit)) < 0) {
         /* -ENOBUFS: what the queue would pin passes the limit (sendq.c). */
         cp__session_request_close(s, r == -ENOBUFS ? CP_REASON_SEND_OVERFLOW : CP_REASON_NO_MEMORY);
     } else {
@@ -1075,11 +1109,12 @@ static void drain_step(cp_session *s)
         return;
     /* Inner filters first: a WebSocket Close goes inside TLS, before its
      * close_notify. */
-    for (cp_filter *f = innermost(s); f; f = f->outer) {
-        if (f->finished)
+    for (int i = filters_n(s) - 1; i >= 0; i--) {
+        if (s->flt_finished & (1u << i))
             continue;
-        f->finished = true;
-        if (f->ops->finish(f)) {
+        s->flt_finished |= (uint8_t)(1u << i);
+        cp_filter *f = s->flt[i];
+        if (ops_of(f)->finish(f)) {
             send_start(s); /* comes back here once it is written */
             return;
         }

@@ -78,7 +78,8 @@ typedef struct tls_mark {
 typedef struct tls_filter {
     cp_filter base; /* first (net.h); base.s is the session */
     cp_tls *tls;
-    SSL *ssl; /* on a server, NULL until the first handshake step (tls_attach) */
+    cp_sendq wire; /* the records made, in order, which the session writes */
+    SSL *ssl;      /* on a server, NULL until the first handshake step (tls_attach) */
     /* What the BIO reads now: the receive being handled, or the stash. */
     const uint8_t *in;
     size_t in_len;
@@ -130,7 +131,7 @@ static void out_flush(tls_filter *f)
     f->wire_made += f->out_len;
     /* The wire queue takes any buffer: what it holds is bounded by the
      * user's queue it was made from (send_queue_limit counts both). */
-    if (cp__sendq_push(&f->base.wire, b, SIZE_MAX) < 0) {
+    if (cp__sendq_push(&f->wire, b, SIZE_MAX) < 0) {
         cp_sendbuf_unref(b);
         cp__session_request_close(f->base.s, CP_REASON_NO_MEMORY);
     }
@@ -318,7 +319,7 @@ static bool tls_finish(cp_filter *bf)
     (void)SSL_shutdown(f->ssl); /* queues close_notify; the peer's answer is not awaited */
     ERR_clear_error();
     out_flush(f);
-    return f->base.wire.count > 0;
+    return f->wire.count > 0;
 }
 
 /* ------------------------------------------------------------------ handshake budget */
@@ -508,7 +509,7 @@ static size_t read_records(tls_filter *f)
     }
     /* A KeyUpdate or a ticket made output of its own. */
     out_flush(f);
-    if (f->base.wire.count)
+    if (f->wire.count)
         cp__session_wire_ready(s);
     return packets;
 }
@@ -607,7 +608,6 @@ static cp_filter *tls_attach(cp_filter_kind *k, cp_session *s)
         cp__free(f);
         return NULL;
     }
-    f->base.ops = &tls_ops;
     return &f->base;
 }
 
@@ -641,8 +641,11 @@ static void tls_detach(cp_filter *bf)
 static void kind_ref(cp_filter_kind *k) { cp_tls_ref((cp_tls *)(void *)k); }
 static void kind_unref(cp_filter_kind *k) { cp_tls_unref((cp_tls *)(void *)k); }
 
+static cp_sendq *tls_wire(cp_filter *bf) { return &tls_of(bf)->wire; }
+
 static const cp_filter_ops tls_ops = {
     .attach = tls_attach,
+    .wire = tls_wire,
     .start = tls_start,
     .input = tls_input,
     .encode = tls_encode,

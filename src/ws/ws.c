@@ -102,11 +102,12 @@ typedef struct ws_mark {
 typedef struct ws_filter {
     cp_filter base; /* first (net.h) */
     cp_ws *ws;
-    bool client;  /* frames we send are masked, those we read are not */
-    uint32_t rnd; /* a client's masks (xorshift, seeded from OpenSSL's RAND_bytes) */
-    upgrade *up;  /* the request (a client's: the answer), until it is handled */
-    bool open;    /* upgraded: frames from here on */
-    bool failed;  /* our Close for an error is out: the rest is dropped */
+    cp_sendq wire; /* the frames made, in order */
+    bool client;   /* frames we send are masked, those we read are not */
+    uint32_t rnd;  /* a client's masks (xorshift, seeded from OpenSSL's RAND_bytes) */
+    upgrade *up;   /* the request (a client's: the answer), until it is handled */
+    bool open;     /* upgraded: frames from here on */
+    bool failed;   /* our Close for an error is out: the rest is dropped */
     bool close_sent, close_rcvd;
     bool pong_seen;
     /* The frame being read. */
@@ -215,7 +216,7 @@ static bool own_bytes(ws_filter *f, const void *p, size_t n)
 static bool push_own(ws_filter *f, const void *p, size_t n)
 {
     cp_sendbuf *b = cp_sendbuf_copy(p, n);
-    if (!b || cp__sendq_push(&f->base.wire, b, SIZE_MAX) < 0) {
+    if (!b || cp__sendq_push(&f->wire, b, SIZE_MAX) < 0) {
         if (b)
             cp_sendbuf_unref(b);
         cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
@@ -330,7 +331,7 @@ static void ws_closing(cp_filter *bf, int reason)
     cp_sendbuf *b = cp_sendbuf_copy(frame, hl + 2);
     if (!b)
         return;
-    if (cp__sendq_push(&f->base.wire, b, SIZE_MAX) < 0) {
+    if (cp__sendq_push(&f->wire, b, SIZE_MAX) < 0) {
         cp_sendbuf_unref(b);
         return;
     }
@@ -375,7 +376,7 @@ static void client_encode(ws_filter *f, cp_sendq *src)
         uint32_t hl = 0, len = (uint32_t)cp_sendbuf_len(b);
         cp_sendbuf *m = masked_copy(f, b, &hl);
         cp_sendbuf_unref(b);
-        if (!m || cp__sendq_push(&f->base.wire, m, SIZE_MAX) < 0) {
+        if (!m || cp__sendq_push(&f->wire, m, SIZE_MAX) < 0) {
             if (m)
                 cp_sendbuf_unref(m);
             cp__session_request_close(f->base.s, CP_REASON_NO_MEMORY);
@@ -403,7 +404,7 @@ static void ws_encode(cp_filter *bf)
         if (cp__sendbuf_is_block(b)) /* the queue's own copy, never shared */
             cp__sendbuf_frame(b);
         uint32_t hl = (uint32_t)cp__sendbuf_head_len(cp_sendbuf_len(b));
-        if (cp__sendq_push_framed(&f->base.wire, b, SIZE_MAX) < 0) {
+        if (cp__sendq_push_framed(&f->wire, b, SIZE_MAX) < 0) {
             cp_sendbuf_unref(b);
             cp__session_request_close(bf->s, CP_REASON_NO_MEMORY);
             return;
@@ -1140,7 +1141,6 @@ static cp_filter *ws_attach(cp_filter_kind *k, cp_session *s)
     ws_filter *f = cp__zalloc(sizeof *f);
     if (!f)
         return NULL;
-    f->base.ops = &ws_ops;
     f->base.s = s;
     f->client = s->is_client;
     f->ws = (cp_ws *)(void *)k;
@@ -1189,8 +1189,11 @@ static void ws_detach(cp_filter *bf)
 static void kind_ref(cp_filter_kind *k) { cp_ws_ref((cp_ws *)(void *)k); }
 static void kind_unref(cp_filter_kind *k) { cp_ws_unref((cp_ws *)(void *)k); }
 
+static cp_sendq *ws_wire(cp_filter *bf) { return &ws_of(bf)->wire; }
+
 static const cp_filter_ops ws_ops = {
     .attach = ws_attach,
+    .wire = ws_wire,
     .start = ws_start,
     .input = ws_input,
     .encode = ws_encode,

@@ -36,7 +36,10 @@ static size_t really_pinned(const cp_sendq *q)
     static const void *seen[MAXC];
     size_t n = 0, sum = q->cap * sizeof *q->ring;
     for (uint32_t i = 0; i < q->count; i++) {
-        const cp_sendbuf *b = (const cp_sendbuf *)(q->ring[(q->head + i) & (q->cap - 1)] & ~(uintptr_t)3);
+        /* Without a ring, the one entry is in place of its pointer (sendq.c);
+         * the low three bits are tags. */
+        uintptr_t v = q->cap ? q->ring[(q->head + i) & (q->cap - 1)] : q->one;
+        const cp_sendbuf *b = (const cp_sendbuf *)(v & ~(uintptr_t)7);
         if (!b->chunk) {
             sum += cp__sendbuf_charge(b);
             continue;

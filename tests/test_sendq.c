@@ -207,3 +207,35 @@ Test(sendq, consume_counts_the_users_bytes_through_compaction)
     free(want);
     free(got);
 }
+
+/* A queue that holds one entry at a time (a packet per round, an idle
+ * session) has no ring: the entry sits in place of the ring's pointer,
+ * and the second entry brings the ring. */
+Test(sendq, one_entry_needs_no_ring)
+{
+    cp_sendq q = { 0 };
+    uint8_t got[64];
+    for (int round = 0; round < 3; round++) {
+        cp_sendbuf *a = filled(20, (uint8_t)round);
+        cr_assert_eq(cp__sendq_push(&q, a, SIZE_MAX), 0);
+        cr_assert_eq(q.cap, 0, "one entry took a ring of %u places", q.cap);
+        cr_assert_eq(q.mem, cp__sendbuf_charge(a), "the queue counts the entry alone, no ring");
+        cr_assert_eq(gather_all(&q, got), 20);
+        cr_assert(memcmp(got, cp_sendbuf_data(a), 20) == 0);
+        cr_assert_eq(cp__sendq_consume(&q, 7), 7);
+        cr_assert_eq(gather_all(&q, got), 13);
+        cr_assert_eq(cp__sendq_consume(&q, 13), 13);
+        cr_assert_eq(q.count, 0);
+    }
+    cp_sendbuf *a = filled(5, 1), *b = filled(6, 2);
+    cr_assert_eq(cp__sendq_push(&q, a, SIZE_MAX), 0);
+    cr_assert_eq(cp__sendq_push(&q, b, SIZE_MAX), 0);
+    cr_assert_gt(q.cap, 0, "a second entry brings the ring");
+    cr_assert_eq(gather_all(&q, got), 11);
+    cr_assert(memcmp(got, cp_sendbuf_data(a), 5) == 0 && memcmp(got + 5, cp_sendbuf_data(b), 6) == 0,
+              "the first entry moved into the ring in its place");
+    cp_sendbuf *p = cp__sendq_pop(&q);
+    cr_assert_eq(p, a);
+    cp_sendbuf_unref(p);
+    cp__sendq_clear(&q);
+}

@@ -31,7 +31,14 @@ enum cp_session_state {
 typedef struct cp_sendq {
     /* Entries: buffer pointers; two low bits say how a chunk-carved
      * buffer whose chunk has no slot in chunks[] is charged (sendq.c). */
-    uintptr_t *ring; /* power-of-two capacity */
+    /* The entries, in a ring of cap places (a power of two); while cap is 0
+     * the queue holds at most one entry, in place of the ring's pointer, so
+     * that a session that writes a packet at a time, or an idle one, has no
+     * ring at all. */
+    union {
+        uintptr_t *ring;
+        uintptr_t one;
+    };
     uint32_t head, count, cap;
     uint32_t first_off; /* bytes of ring[head] already written */
     size_t bytes;       /* unsent bytes in the queue */

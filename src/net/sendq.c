@@ -32,6 +32,10 @@
  * cost is paid once per entry. Below the quarter (a reader that keeps up)
  * nothing is copied: a broadcast's one buffer stays shared.
  *
+ * No ring for one entry: a queue that never holds more than one (a session
+ * that writes a packet at a time, a WebSocket session after its upgrade
+ * answer) keeps it in place of the ring's pointer.
+ *
  * Shrinking. When the queue empties, a ring bigger than SQ_CAP_KEEP is freed
  * (a burst's ring would otherwise stay with the session for good; see
  * ring_free for what it costs a session that fills a big ring every round);
@@ -55,7 +59,20 @@
 #define BLOCK_MAX (16u * 1024u - sizeof(cp_sendbuf))
 
 static cp_sendbuf *buf_of(uintptr_t v) { return (cp_sendbuf *)(v & ~TAGS); }
-static uintptr_t *slot(const cp_sendq *q, uint32_t i) { return &q->ring[(q->head + i) & (q->cap - 1)]; }
+/* The place of the i-th entry from the head. Without a ring (cap 0) the
+ * one entry's place is the queue's own field, which a const queue's caller
+ * only reads. */
+static uintptr_t *slot(const cp_sendq *q, uint32_t i)
+{
+    return q->cap ? &q->ring[(q->head + i) & (q->cap - 1)] : (uintptr_t *)(uintptr_t)&q->one;
+}
+
+/* The head entry has left. */
+static void head_advance(cp_sendq *q)
+{
+    q->head = q->cap ? (q->head + 1) & (q->cap - 1) : 0;
+    q->count--;
+}
 static cp_sendbuf *at(const cp_sendq *q, uint32_t i) { return buf_of(*slot(q, i)); }
 
 /* An entry's bytes: a framed one's begin with its frame header. */
@@ -217,7 +234,8 @@ static int ring_resize(cp_sendq *q, uint32_t cap)
         return -ENOMEM;
     for (uint32_t i = 0; i < q->count; i++)
         r[i] = *slot(q, i);
-    ring_release(q->ring, q->cap);
+    if (q->cap)
+        ring_release(q->ring, q->cap);
     q->mem = q->mem - sizeof *r * q->cap + sizeof *r * cap;
     q->ring = r;
     q->head = 0;
@@ -227,7 +245,7 @@ static int ring_resize(cp_sendq *q, uint32_t cap)
 
 static int ring_reserve(cp_sendq *q)
 {
-    if (q->count < q->cap)
+    if (q->count < q->cap || (!q->cap && !q->count))
         return 0;
     return ring_resize(q, q->cap ? q->cap * 2 : q->regrow ? q->regrow : SQ_CAP_MIN);
 }
@@ -457,9 +475,8 @@ cp_sendbuf *cp__sendq_pop(cp_sendq *q)
 {
     if (!q->count || q->first_off || q->inflight)
         return NULL;
-    uintptr_t v = q->ring[q->head];
-    q->head = (q->head + 1) & (q->cap - 1);
-    q->count--;
+    uintptr_t v = *slot(q, 0);
+    head_advance(q);
     q->bytes -= ent_len(v);
     if (q->tidy)
         q->tidy--;
@@ -491,7 +508,7 @@ size_t cp__sendq_consume(cp_sendq *q, size_t n)
     size_t user = 0;
     q->bytes -= n;
     while (n > 0) {
-        uintptr_t v = q->ring[q->head];
+        uintptr_t v = *slot(q, 0);
         cp_sendbuf *b = buf_of(v);
         size_t rem = ent_len(v) - q->first_off;
         if (n < rem) {
@@ -502,8 +519,7 @@ size_t cp__sendq_consume(cp_sendq *q, size_t n)
         user += user_bytes(v, q->first_off, rem, true);
         n -= rem;
         q->first_off = 0;
-        q->head = (q->head + 1) & (q->cap - 1);
-        q->count--;
+        head_advance(q);
         if (q->tidy)
             q->tidy--;
         if (q->inflight)
@@ -520,6 +536,7 @@ void cp__sendq_clear(cp_sendq *q)
 {
     for (uint32_t i = 0; i < q->count; i++)
         cp_sendbuf_unref(at(q, i));
-    ring_release(q->ring, q->cap);
+    if (q->cap)
+        ring_release(q->ring, q->cap);
     *q = (cp_sendq){ .framed = q->framed };
 }

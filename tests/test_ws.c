@@ -253,9 +253,8 @@ Test(ws, cport_client_refused_is_a_connect_failure, .timeout = 60)
 /* A WebSocket client of our own over a blocking socket, for what the npm
  * client cannot show: the exact bytes the server sends. Returns the socket
  * after the 101. */
-static int raw_upgrade(uint16_t port)
+static int raw_upgrade_on(int fd)
 {
-    int fd = cpt_xconnect(port);
     static const char req[] =
         "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
@@ -271,6 +270,8 @@ static int raw_upgrade(uint16_t port)
     cr_assert(strstr(buf, "HTTP/1.1 101"), "%s", buf);
     return fd;
 }
+
+static int raw_upgrade(uint16_t port) { return raw_upgrade_on(cpt_xconnect(port)); }
 
 /* One masked binary frame with a packet of id and size (the header says
  * size; the body sent is what fits in body_len). */
@@ -345,6 +346,56 @@ Test(ws, hard_closes_send_their_close_code, .timeout = 60)
     cpt_close(fd);
 
     CPT_AWAIT(atomic_load(&e.t->disconnected) == 3, 5000, "the sessions did not end");
+    cpt_env_stop(&e);
+    cp_ws_unref(o.session.ws);
+}
+
+/* ------------------------------------------------------------------ backed up */
+
+/* A client that does not read while the server sends 6,000 small packets:
+ * the session's queue backs up and copies them into blocks of its own
+ * (sendq.c), yet each packet must still arrive as one binary message (a
+ * block once became one message holding many), and on_sent must count the
+ * user's bytes only: not the 101, not the frame headers. */
+Test(ws, a_backed_up_queue_keeps_one_message_per_packet, .timeout = 60)
+{
+    enum { N = 6000 };
+    cp_ws_opts wo = { 0 };
+    cp_server_opts o = { .host = CPT_HOST4 };
+    o.session.send_queue_limit = 256u << 10; /* backed up past 64 KiB: compaction */
+    cr_assert_eq(cp_ws_create(&o.session.ws, &wo), 0);
+    cpt_env e;
+    cpt_env_start(&e, 1, &o, NULL, 4, CPT_KEEP_REFS | CPT_NO_ECHO);
+    int fd = cpt_connect(CPT_HOST4, e.sport, 4096);
+    cr_assert_geq(fd, 0);
+    raw_upgrade_on(fd);
+    CPT_AWAIT(atomic_load(&e.t->connected) == 1, 5000, "not connected");
+    cp_session *s = e.t->recs[0].s;
+    long long user = 0;
+    uint8_t body[64];
+    for (int i = 0; i < N; i++) {
+        size_t len = (size_t)(i % 41);
+        memset(body, i & 0xff, len);
+        cp_sendbuf *b = cp_packet_make((uint16_t)i, body, len);
+        user += (long long)cp_sendbuf_len(b);
+        cr_assert_eq(cp_session_send(s, b), 0, "send %d", i);
+        cp_sendbuf_unref(b);
+    }
+    for (int i = 0; i < N; i++) {
+        uint8_t h[4], pkt[4 + 64];
+        cr_assert_eq(cpt_recv_exact(fd, h, 2), 0, "frame %d", i);
+        cr_assert_eq(h[0], 0x82, "frame %d: a final binary frame", i);
+        size_t n = h[1] & 0x7f;
+        cr_assert_lt(n, 126, "frame %d holds %zu bytes: more than one packet", i, n);
+        cr_assert_eq(n, 4 + (size_t)(i % 41), "frame %d: one packet per message", i);
+        cr_assert_eq(cpt_recv_exact(fd, pkt, n), 0);
+        cr_assert_eq(pkt[0] | pkt[1] << 8, (int)n, "frame %d: the packet's own size", i);
+        cr_assert_eq(pkt[2] | pkt[3] << 8, i & 0xffff, "frame %d: packets in order", i);
+    }
+    CPT_AWAIT(atomic_load(&e.t->bytes_sent) == user, 5000, "on_sent counted %lld of the user's %lld bytes",
+              (long long)atomic_load(&e.t->bytes_sent), user);
+    cpt_close(fd);
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 5000, "the session did not end");
     cpt_env_stop(&e);
     cp_ws_unref(o.session.ws);
 }

@@ -68,8 +68,6 @@ typedef struct cp_sendq {
  * queue copied frames into counts its user bytes when its last byte goes);
  * clear releases everything and the ring. */
 int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit);
-/* The same, for b sent framed in any queue. */
-int cp__sendq_push_framed(cp_sendq *q, cp_sendbuf *b, size_t limit);
 /* Takes the first entry out whole, with the queue's reference to it; NULL
  * if there is none, or it is partly written or read by a pending send. */
 cp_sendbuf *cp__sendq_pop(cp_sendq *q);

@@ -469,8 +469,6 @@ int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit)
     return push(q, b, limit, q->framed ? FRAMED_TAG : 0);
 }
 
-int cp__sendq_push_framed(cp_sendq *q, cp_sendbuf *b, size_t limit) { return push(q, b, limit, FRAMED_TAG); }
-
 cp_sendbuf *cp__sendq_pop(cp_sendq *q)
 {
     if (!q->count || q->first_off || q->inflight)

@@ -710,9 +710,10 @@ static void session_connect(cp_worker *w, cp_session *s, int fd)
 static void sent(cp_session *s, size_t n)
 {
     cp__traffic_add(&cp__traffic(s->svc, s->owner)->bytes_out, n);
-    cp__sendq_consume(wire_queue(s), n);
-    /* Each filter says what its wire bytes complete of the queue inside it;
-     * the innermost's answer is the user's bytes. */
+    /* The queue says what the bytes complete of its own (a framed queue:
+     * not the frame headers); then each filter, outermost first, what that
+     * completes of the queue inside it. The last answer is the user's. */
+    n = cp__sendq_consume(wire_queue(s), n);
     for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++)
         n = ops_of(s->flt[i])->written(s->flt[i], n);
     if (s->rx_block & CP_RX_SENDQ)

@@ -300,8 +300,7 @@ static void tls_encode(cp_filter *bf)
             }
             taken += len;
         }
-        cp__sendq_consume(q, taken);
-        total += taken;
+        total += cp__sendq_consume(q, taken); /* the user's bytes among them */
     }
     if (fill && !write_all(f, plain_block, fill))
         return;

@@ -8,9 +8,14 @@
  * messages go to the framer as the session's byte stream, unmasked in place
  * in the buffer the backend lent for the call; control frames are answered
  * (pong, the close handshake); anything RFC 6455 forbids ends the session
- * with the matching Close code. What the session sends needs no copy: each
- * buffer's frame header sits in its headroom (sendbuf.h), so the filter only
- * moves the user's buffers to its wire queue as framed entries.
+ * with the matching Close code. What a server session sends needs no copy
+ * and no queue of the filter's: each buffer's frame header sits in its
+ * headroom (sendbuf.h) and the session's own queue is framed (sendq.c), so
+ * the filter's own frames (pong, Close) join the user's there. An idle
+ * server session keeps 48 bytes here (ws_filter); what it needs only for a
+ * while (the upgrade, a control frame arriving) or only with pings is made
+ * when needed (ws_side). A client's frames are masked copies in a queue of
+ * its own (ws_client).
  */
 #include "net/net.h"
 
@@ -93,85 +98,109 @@ typedef struct upgrade {
 } upgrade;
 
 /* Wire bytes that precede user bytes (a frame header; a whole control frame
- * with body 0) and the user bytes after them: how written wire bytes map
- * back to what the user sent (on_sent). */
+ * with body 0) and the user bytes after them: how a client's written wire
+ * bytes map back to what the user sent (on_sent). */
 typedef struct ws_mark {
     uint32_t head, body;
 } ws_mark;
 
-typedef struct ws_filter {
-    cp_filter base; /* first (net.h) */
-    cp_ws *ws;
-    cp_sendq wire; /* the frames made, in order */
-    bool client;   /* frames we send are masked, those we read are not */
-    uint32_t rnd;  /* a client's masks (xorshift, seeded from OpenSSL's RAND_bytes) */
-    upgrade *up;   /* the request (a client's: the answer), until it is handled */
-    bool open;     /* upgraded: frames from here on */
-    bool failed;   /* our Close for an error is out: the rest is dropped */
-    bool close_sent, close_rcvd;
-    bool pong_seen;
-    /* The frame being read. */
-    uint8_t hdr[14];
-    uint8_t hlen;    /* header bytes kept so far */
-    bool in_payload; /* the header is done, payload bytes follow */
-    uint8_t op, fin; /* of this frame */
-    uint8_t mask[4];
-    uint8_t mpos;     /* the mask's phase */
-    uint64_t left;    /* payload bytes still to come */
-    uint32_t max_msg; /* the options' max_message, or the service's max_packet */
-    uint8_t msg_op;   /* OP_TEXT or OP_BINARY while a message is unfinished, else 0 */
-    uint64_t msg_len; /* its bytes so far */
-    uint32_t utf8;    /* text: the validator's state */
-    uint8_t *ctl;     /* a control frame's payload while it arrives */
+/* What a session needs only for a while, or only with pings: made when
+ * first needed and dropped when nothing needs it (side_release), so that an
+ * idle server session without pings keeps none of it. */
+typedef struct ws_side {
+    upgrade *up;    /* the request (a client's: the answer), until it is handled */
+    cp_wtimer ping; /* armed while ping_interval_ms is set */
     uint8_t ctl_len;
+    uint8_t ctl[CTL_MAX]; /* a control frame's payload while it arrives */
+} ws_side;
+
+enum {                    /* ws_filter.flags */
+       F_OPEN = 1,        /* upgraded: frames from here on */
+       F_FAILED = 2,      /* our Close for an error is out: the rest is dropped */
+       F_CLOSE_SENT = 4,  /* our Close is queued */
+       F_CLOSE_RCVD = 8,  /* the peer's Close came */
+       F_PONG_SEEN = 16,  /* a pong since our last ping */
+       F_IN_PAYLOAD = 32, /* the frame's header is done, payload bytes follow */
+};
+
+/* A session's filter: all that an idle server session keeps (48 bytes). */
+typedef struct ws_filter {
+    cp_filter base; /* first (net.h); base.kind is the cp_ws */
+    ws_side *x;     /* NULL when nothing needs it */
+    /* The frame being read: its first two header bytes, the extended
+     * length as it arrives (then the payload bytes still to come), the mask. */
+    uint64_t left;
+    uint32_t msg_len; /* the unfinished message's bytes so far */
+    uint8_t mask[4];
+    uint8_t h0, h1;
+    uint8_t hlen;   /* header bytes read */
+    uint8_t mpos;   /* the mask's phase */
+    uint8_t msg_op; /* OP_TEXT or OP_BINARY while a message is unfinished, else 0 */
+    uint8_t utf8;   /* text: the validator's state */
+    uint8_t flags;
+} ws_filter;
+
+/* A client's filter: its frames are masked copies (a mask per frame), made
+ * into a queue of its own, with marks that map written bytes back. */
+typedef struct ws_client {
+    ws_filter f;
+    cp_sendq wire;
+    uint32_t rnd;   /* masks: xorshift32, seeded from OpenSSL's RAND_bytes */
     ws_mark *marks; /* ring */
     uint32_t mhead, mlen, mcap;
     ws_mark marks_in[2];
-    cp_wtimer ping;
-} ws_filter;
+} ws_client;
 
 static const cp_filter_ops ws_ops;
 
 static ws_filter *ws_of(cp_filter *f) { return (ws_filter *)(void *)f; }
+static ws_client *client_of(ws_filter *f) { return (ws_client *)(void *)f; }
+static const cp_ws *ws_kind(const ws_filter *f) { return (const cp_ws *)(const void *)f->base.kind; }
+static bool is_client(const ws_filter *f) { return f->base.s->is_client; }
+static bool has(const ws_filter *f, uint8_t flag) { return (f->flags & flag) != 0; }
+static uint8_t frame_op(const ws_filter *f) { return f->h0 & 0x0f; }
 
 static bool connected(const cp_session *s) { return atomic_load(&s->state) == CP_S_CONNECTED; }
 
 /* ------------------------------------------------------------------ UTF-8 */
 
 /* Björn Höhrmann's DFA would be a table; this is the same check by ranges
- * (RFC 3629): state is how many continuation bytes are still due, with the
- * allowed range of the next one in its high bits. */
+ * (RFC 3629), in a byte: the low two bits say how many continuation bytes
+ * are still due, the next three which range the next one must be in. */
 enum { UTF8_OK = 0, UTF8_BAD = 0xff };
+static const uint8_t utf8_lo[5] = { 0x80, 0xa0, 0x80, 0x90, 0x80 };
+static const uint8_t utf8_hi[5] = { 0xbf, 0xbf, 0x9f, 0xbf, 0x8f };
 
-static uint32_t utf8_step(uint32_t st, uint8_t c)
+static uint8_t utf8_due(unsigned need, unsigned range) { return (uint8_t)(need | range << 2); }
+
+static uint8_t utf8_step(uint8_t st, uint8_t c)
 {
-    uint32_t need = st & 0xff;
+    unsigned need = st & 3u, range = st >> 2;
     if (need) {
-        uint8_t lo = (uint8_t)(st >> 8), hi = (uint8_t)(st >> 16);
-        if (c < lo || c > hi)
+        if (c < utf8_lo[range] || c > utf8_hi[range])
             return UTF8_BAD;
-        return need - 1 ? (need - 1) | (0x80u << 8) | (0xbfu << 16) : UTF8_OK;
+        return utf8_due(need - 1, 0);
     }
     if (c < 0x80)
         return UTF8_OK;
     if (c < 0xc2 || c > 0xf4)
         return UTF8_BAD;
     if (c < 0xe0)
-        return 1 | (0x80u << 8) | (0xbfu << 16);
+        return utf8_due(1, 0);
     if (c == 0xe0)
-        return 2 | (0xa0u << 8) | (0xbfu << 16);
+        return utf8_due(2, 1);
     if (c == 0xed)
-        return 2 | (0x80u << 8) | (0x9fu << 16); /* no surrogates */
+        return utf8_due(2, 2); /* no surrogates */
     if (c < 0xf0)
-        return 2 | (0x80u << 8) | (0xbfu << 16);
+        return utf8_due(2, 0);
     if (c == 0xf0)
-        return 3 | (0x90u << 8) | (0xbfu << 16);
+        return utf8_due(3, 3);
     if (c == 0xf4)
-        return 3 | (0x80u << 8) | (0x8fu << 16); /* not past U+10FFFF */
-    return 3 | (0x80u << 8) | (0xbfu << 16);
+        return utf8_due(3, 4); /* not past U+10FFFF */
+    return utf8_due(3, 0);
 }
 
-static uint32_t utf8_run(uint32_t st, const uint8_t *p, size_t n)
+static uint8_t utf8_run(uint8_t st, const uint8_t *p, size_t n)
 {
     for (size_t i = 0; i < n && st != UTF8_BAD; i++)
         st = utf8_step(st, p[i]);
@@ -180,71 +209,40 @@ static uint32_t utf8_run(uint32_t st, const uint8_t *p, size_t n)
 
 /* ------------------------------------------------------------------ sending */
 
-static bool mark_push(ws_filter *f, uint32_t head, uint32_t body)
+static bool mark_push(ws_client *c, uint32_t head, uint32_t body)
 {
-    if (f->mlen == f->mcap) {
-        uint32_t cap = f->mcap * 2;
+    if (c->mlen == c->mcap) {
+        uint32_t cap = c->mcap * 2;
         ws_mark *m = cp__malloc(sizeof *m * cap);
         if (!m)
             return false;
-        for (uint32_t i = 0; i < f->mlen; i++)
-            m[i] = f->marks[(f->mhead + i) & (f->mcap - 1)];
-        if (f->marks != f->marks_in)
-            cp__free(f->marks);
-        f->marks = m;
-        f->mcap = cap;
-        f->mhead = 0;
+        for (uint32_t i = 0; i < c->mlen; i++)
+            m[i] = c->marks[(c->mhead + i) & (c->mcap - 1)];
+        if (c->marks != c->marks_in)
+            cp__free(c->marks);
+        c->marks = m;
+        c->mcap = cap;
+        c->mhead = 0;
     }
-    f->marks[(f->mhead + f->mlen++) & (f->mcap - 1)] = (ws_mark){ head, body };
-    return true;
-}
-
-/* Bytes of the filter's own (an HTTP answer, a control frame) at the end
- * of the wire queue, written at the round's end; false when out of memory
- * (the session is closed). */
-static void ws_encode(cp_filter *bf);
-static bool push_own(ws_filter *f, const void *p, size_t n);
-
-static bool own_bytes(ws_filter *f, const void *p, size_t n)
-{
-    /* After what the user queued before it: an echo the peer asked for
-     * before its bad frame goes out before our Close. */
-    ws_encode(&f->base);
-    return push_own(f, p, n);
-}
-
-static bool push_own(ws_filter *f, const void *p, size_t n)
-{
-    cp_sendbuf *b = cp_sendbuf_copy(p, n);
-    if (!b || cp__sendq_push(&f->wire, b, SIZE_MAX) < 0) {
-        if (b)
-            cp_sendbuf_unref(b);
-        cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
-        return false;
-    }
-    if (!mark_push(f, (uint32_t)n, 0)) {
-        cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
-        return false;
-    }
-    cp__session_wire_ready(f->base.s);
+    c->marks[(c->mhead + c->mlen++) & (c->mcap - 1)] = (ws_mark){ head, body };
     return true;
 }
 
 /* A client's next mask: RFC 6455 wants one per frame, unpredictable to a
  * page's script (which a native client has not); xorshift32 over a random
  * seed keeps it cheap. */
-static uint32_t next_mask(ws_filter *f)
+static uint32_t next_mask(ws_client *c)
 {
-    uint32_t x = f->rnd;
+    uint32_t x = c->rnd;
     x ^= x << 13;
     x ^= x >> 17;
     x ^= x << 5;
-    return f->rnd = x;
+    return c->rnd = x;
 }
 
-/* Writes the header of a len-byte frame of op at h (masked for a client,
- * with the mask in mask); returns its length. */
-static size_t frame_head(ws_filter *f, uint8_t *h, uint8_t op, size_t len, uint8_t mask[4])
+/* Writes the header of a client's len-byte frame of op at h, with a fresh
+ * mask, also put in mask; returns its length. */
+static size_t client_head(ws_client *c, uint8_t *h, uint8_t op, size_t len, uint8_t mask[4])
 {
     size_t hl = 2;
     h[0] = (uint8_t)(0x80 | op);
@@ -261,9 +259,7 @@ static size_t frame_head(ws_filter *f, uint8_t *h, uint8_t op, size_t len, uint8
             h[2 + i] = (uint8_t)((uint64_t)len >> (56 - 8 * i));
         hl = 10;
     }
-    if (!f->client)
-        return hl;
-    uint32_t m = next_mask(f);
+    uint32_t m = next_mask(c);
     memcpy(mask, &m, 4);
     h[1] |= 0x80;
     memcpy(h + hl, mask, 4);
@@ -276,20 +272,126 @@ static void mask_copy(uint8_t *dst, const uint8_t *src, size_t n, const uint8_t 
         dst[i] = src[i] ^ mask[i & 3];
 }
 
+/* A client's message: its own masked copy (each frame has a mask of its
+ * own, so nothing can be shared). NULL when out of memory. */
+static cp_sendbuf *masked_copy(ws_client *c, cp_sendbuf *b, uint32_t *hl)
+{
+    size_t len = cp_sendbuf_len(b);
+    uint8_t h[14], mask[4];
+    *hl = (uint32_t)client_head(c, h, OP_BINARY, len, mask);
+    cp_sendbuf *m = cp_sendbuf_open(*hl + len);
+    if (!m)
+        return NULL;
+    memcpy(cp_sendbuf_data(m), h, *hl);
+    mask_copy(cp_sendbuf_data(m) + *hl, cp_sendbuf_data(b), len, mask);
+    cp_sendbuf_close(m, *hl + len);
+    return m;
+}
+
+/* The user's buffers, masked into the client's queue; false when out of
+ * memory (the session is closing). */
+static bool client_encode(ws_client *c)
+{
+    cp_sendq *src = cp__filter_source(&c->f.base);
+    cp_sendbuf *b;
+    while ((b = cp__sendq_pop(src)) != NULL) {
+        uint32_t hl = 0, len = (uint32_t)cp_sendbuf_len(b);
+        cp_sendbuf *m = masked_copy(c, b, &hl);
+        cp_sendbuf_unref(b);
+        if (!m || cp__sendq_push(&c->wire, m, SIZE_MAX) < 0) {
+            if (m)
+                cp_sendbuf_unref(m);
+            cp__session_request_close(c->f.base.s, CP_REASON_NO_MEMORY);
+            return false;
+        }
+        if (!mark_push(c, hl, len)) {
+            cp__session_request_close(c->f.base.s, CP_REASON_NO_MEMORY);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Bytes of a client's own at the end of its queue; false when out of
+ * memory. */
+static bool client_push(ws_client *c, const void *p, size_t n)
+{
+    cp_sendbuf *b = cp_sendbuf_copy(p, n);
+    if (!b || cp__sendq_push(&c->wire, b, SIZE_MAX) < 0) {
+        if (b)
+            cp_sendbuf_unref(b);
+        return false;
+    }
+    return mark_push(c, (uint32_t)n, 0);
+}
+
+/* The same, after what the user queued before them (an echo the peer
+ * asked for before its bad frame goes out before our Close). */
+static bool client_own(ws_client *c, const void *p, size_t n)
+{
+    return client_encode(c) && client_push(c, p, n);
+}
+
+/* A server's bytes of its own in the session's queue, after the user's:
+ * an HTTP answer, or (op != 0, in the framed queue of an upgraded session)
+ * a control frame whose header its close wrote, with op put in. None of
+ * them counts as the user's (on_sent). False when out of memory. */
+static bool server_own(ws_filter *f, uint8_t op, const void *p, size_t n)
+{
+    cp_session *s = f->base.s;
+    cp_sendbuf *b = cp_sendbuf_copy(p, n);
+    if (!b)
+        return false;
+    if (op) /* the header ends where the bytes begin (sendbuf.h) */
+        cp_sendbuf_data(b)[-(ptrdiff_t)cp__sendbuf_head_len(n)] = (uint8_t)(0x80 | op);
+    b->framing = (uint32_t)n;
+    if (cp__sendq_push(&s->sq, b, SIZE_MAX) < 0) {
+        cp_sendbuf_unref(b);
+        return false;
+    }
+    return true;
+}
+
+/* One control frame of the filter's own, after the user's bytes queued
+ * before it (encoded first, unless this is a hard close, which drops them):
+ * false when out of memory. */
+static bool own_frame(ws_filter *f, uint8_t op, const uint8_t *p, size_t n, bool after_user)
+{
+    if (!is_client(f))
+        return server_own(f, op, p, n);
+    ws_client *c = client_of(f);
+    uint8_t frame[14 + CTL_MAX], mask[4];
+    size_t hl = client_head(c, frame, op, n, mask);
+    mask_copy(frame + hl, p, n, mask);
+    return after_user ? client_own(c, frame, hl + n) : client_push(c, frame, hl + n);
+}
+
+/* The filter's own bytes, written at the round's end; false when out of
+ * memory (the session is closed then). */
+static bool own_done(ws_filter *f, bool ok)
+{
+    if (!ok) {
+        cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
+        return false;
+    }
+    cp__session_wire_ready(f->base.s);
+    return true;
+}
+
+/* An HTTP answer or request. */
+static bool own_bytes(ws_filter *f, const void *p, size_t n)
+{
+    return own_done(f, is_client(f) ? client_own(client_of(f), p, n) : server_own(f, 0, p, n));
+}
+
 static bool control(ws_filter *f, uint8_t op, const uint8_t *p, size_t n)
 {
-    uint8_t frame[14 + CTL_MAX], mask[4];
-    size_t hl = frame_head(f, frame, op, n, mask);
-    if (n && f->client)
-        mask_copy(frame + hl, p, n, mask);
-    else if (n)
-        memcpy(frame + hl, p, n);
-    return own_bytes(f, frame, hl + n);
+    return own_done(f, own_frame(f, op, p, n, true));
 }
 
 static bool send_close(ws_filter *f, uint16_t code)
 {
-    f->close_sent = true;
+    f->flags |= F_CLOSE_SENT;
     uint8_t c[2] = { (uint8_t)(code >> 8), (uint8_t)code };
     return control(f, OP_CLOSE, c, code ? 2 : 0);
 }
@@ -319,24 +421,12 @@ static void ws_closing(cp_filter *bf, int reason)
 {
     ws_filter *f = ws_of(bf);
     uint16_t code = close_code_of(reason);
-    if (!f->open || f->close_sent || !code)
+    if (!has(f, F_OPEN) || has(f, F_CLOSE_SENT) || !code)
         return;
-    f->close_sent = true;
-    uint8_t frame[16], mask[4], c[2] = { (uint8_t)(code >> 8), (uint8_t)code };
-    size_t hl = frame_head(f, frame, OP_CLOSE, 2, mask);
-    if (f->client)
-        mask_copy(frame + hl, c, 2, mask);
-    else
-        memcpy(frame + hl, c, 2);
-    cp_sendbuf *b = cp_sendbuf_copy(frame, hl + 2);
-    if (!b)
-        return;
-    if (cp__sendq_push(&f->wire, b, SIZE_MAX) < 0) {
-        cp_sendbuf_unref(b);
-        return;
-    }
-    (void)mark_push(f, (uint32_t)(hl + 2), 0); /* only on_sent's count, which ends here */
-    cp__session_wire_flush(&f->base);
+    f->flags |= F_CLOSE_SENT;
+    uint8_t c[2] = { (uint8_t)(code >> 8), (uint8_t)code };
+    if (own_frame(f, OP_CLOSE, c, 2, false))
+        cp__session_wire_flush(&f->base);
 }
 
 /* An error of the peer's: our Close with code, then the graceful close
@@ -344,8 +434,8 @@ static void ws_closing(cp_filter *bf, int reason)
 static void ws_fail(ws_filter *f, uint16_t code)
 {
     cp_session *s = f->base.s;
-    f->failed = true;
-    if (!f->close_sent && !send_close(f, code))
+    f->flags |= F_FAILED;
+    if (!has(f, F_CLOSE_SENT) && !send_close(f, code))
         return;
     if (cp__session_shutdown(s, CLOSE_DRAIN_MS, CP_REASON_WEBSOCKET) < 0) {
         cp__session_wire_flush(&f->base);
@@ -353,75 +443,25 @@ static void ws_fail(ws_filter *f, uint16_t code)
     }
 }
 
-/* A client's message: its own masked copy (each frame has a mask of its
- * own, so nothing can be shared). NULL when out of memory. */
-static cp_sendbuf *masked_copy(ws_filter *f, cp_sendbuf *b, uint32_t *hl)
-{
-    size_t len = cp_sendbuf_len(b);
-    uint8_t h[14], mask[4];
-    *hl = (uint32_t)frame_head(f, h, OP_BINARY, len, mask);
-    cp_sendbuf *m = cp_sendbuf_open(*hl + len);
-    if (!m)
-        return NULL;
-    memcpy(cp_sendbuf_data(m), h, *hl);
-    mask_copy(cp_sendbuf_data(m) + *hl, cp_sendbuf_data(b), len, mask);
-    cp_sendbuf_close(m, *hl + len);
-    return m;
-}
-
-static void client_encode(ws_filter *f, cp_sendq *src)
-{
-    cp_sendbuf *b;
-    while ((b = cp__sendq_pop(src)) != NULL) {
-        uint32_t hl = 0, len = (uint32_t)cp_sendbuf_len(b);
-        cp_sendbuf *m = masked_copy(f, b, &hl);
-        cp_sendbuf_unref(b);
-        if (!m || cp__sendq_push(&f->wire, m, SIZE_MAX) < 0) {
-            if (m)
-                cp_sendbuf_unref(m);
-            cp__session_request_close(f->base.s, CP_REASON_NO_MEMORY);
-            return;
-        }
-        if (!mark_push(f, hl, len)) {
-            cp__session_request_close(f->base.s, CP_REASON_NO_MEMORY);
-            return;
-        }
-    }
-}
-
-/* The user's buffers move to the wire queue as they are: each one's frame
- * header is in its headroom. A client's are copied, masked. */
+/* A server's frames are the user's buffers in the session's framed queue:
+ * nothing to do. A client's are masked copies. */
 static void ws_encode(cp_filter *bf)
 {
-    ws_filter *f = ws_of(bf);
-    cp_sendq *src = cp__filter_source(bf);
-    if (f->client) {
-        client_encode(f, src);
-        return;
-    }
-    cp_sendbuf *b;
-    while ((b = cp__sendq_pop(src)) != NULL) {
-        if (cp__sendbuf_is_block(b)) /* the queue's own copy, never shared */
-            cp__sendbuf_frame(b);
-        uint32_t hl = (uint32_t)cp__sendbuf_head_len(cp_sendbuf_len(b));
-        if (cp__sendq_push_framed(&f->wire, b, SIZE_MAX) < 0) {
-            cp_sendbuf_unref(b);
-            cp__session_request_close(bf->s, CP_REASON_NO_MEMORY);
-            return;
-        }
-        if (!mark_push(f, hl, (uint32_t)cp_sendbuf_len(b))) {
-            cp__session_request_close(bf->s, CP_REASON_NO_MEMORY);
-            return;
-        }
-    }
+    if (is_client(ws_of(bf)))
+        (void)client_encode(client_of(ws_of(bf)));
 }
 
+/* A server's queue said itself which bytes were the user's (sendq.c); a
+ * client maps its wire bytes back through its marks. */
 static size_t ws_written(cp_filter *bf, size_t n)
 {
     ws_filter *f = ws_of(bf);
+    if (!is_client(f))
+        return n;
+    ws_client *c = client_of(f);
     size_t user = 0;
-    while (n && f->mlen) {
-        ws_mark *k = &f->marks[f->mhead];
+    while (n && c->mlen) {
+        ws_mark *k = &c->marks[c->mhead];
         size_t t = n < k->head ? n : k->head;
         k->head -= (uint32_t)t;
         n -= t;
@@ -432,8 +472,8 @@ static size_t ws_written(cp_filter *bf, size_t n)
             user += t;
         }
         if (!k->head && !k->body) {
-            f->mhead = (f->mhead + 1) & (f->mcap - 1);
-            f->mlen--;
+            c->mhead = (c->mhead + 1) & (c->mcap - 1);
+            c->mlen--;
         }
     }
     return user;
@@ -444,7 +484,7 @@ static size_t ws_written(cp_filter *bf, size_t n)
 static bool ws_finish(cp_filter *bf)
 {
     ws_filter *f = ws_of(bf);
-    if (!f->open || f->close_sent)
+    if (!has(f, F_OPEN) || has(f, F_CLOSE_SENT))
         return false;
     cp_session *s = bf->s;
     uint16_t code = s->drain_reason == CP_REASON_STOPPING ? WS_GOING_AWAY : WS_NORMAL;
@@ -492,11 +532,11 @@ static upgrade *up_of(llhttp_t *p) { return (upgrade *)(void *)p; }
 /* The request (or answer) is handled, or the session ends: its state goes. */
 static void upgrade_drop(ws_filter *f)
 {
-    if (!f->up)
+    if (!f->x || !f->x->up)
         return;
-    cp__free(f->up->arena);
-    cp__free(f->up);
-    f->up = NULL;
+    cp__free(f->x->up->arena);
+    cp__free(f->x->up);
+    f->x->up = NULL;
 }
 
 static int on_url(llhttp_t *p, const char *at, size_t n)
@@ -652,7 +692,7 @@ static void http_refuse(ws_filter *f, int code, const char *extra, const char *b
                      status_text(code), blen, body ? "Content-Type: text/html; charset=utf-8\r\n" : "",
                      extra ? extra : "");
     upgrade_drop(f);
-    f->failed = true;
+    f->flags |= F_FAILED;
     if (!own_bytes(f, head, (size_t)n) || (blen && !own_bytes(f, body, blen)))
         return;
     cp__session_wire_flush(&f->base);
@@ -714,8 +754,8 @@ static bool origin_allowed(const cp_ws *ws, const char *origin)
 /* The request is complete: answer it. True if the session is upgraded. */
 static bool upgrade_answer(ws_filter *f)
 {
-    upgrade *u = f->up;
-    const cp_ws *ws = f->ws;
+    upgrade *u = f->x->up;
+    const cp_ws *ws = ws_kind(f);
     if (!u->url.set && !arena_add(u, &u->url, "/", 1)) {
         http_refuse(f, 500, NULL, NULL);
         return false;
@@ -783,7 +823,10 @@ static bool upgrade_answer(ws_filter *f)
     upgrade_drop(f);
     if (!own_bytes(f, head, (size_t)n))
         return false;
-    f->open = true;
+    /* From here on every buffer queued is one binary message, its header
+     * in its headroom. */
+    f->base.s->sq.framed = true;
+    f->flags |= F_OPEN;
     cp__filter_up(&f->base); /* on_connected */
     return connected(f->base.s);
 }
@@ -793,8 +836,8 @@ static bool upgrade_answer(ws_filter *f)
 /* The Host a client sends: the option, or the address it connects to. */
 static void host_of(const ws_filter *f, char *out, size_t n)
 {
-    if (f->ws->host) {
-        snprintf(out, n, "%s", f->ws->host);
+    if (ws_kind(f)->host) {
+        snprintf(out, n, "%s", ws_kind(f)->host);
         return;
     }
     const cp_service *svc = atomic_load(&f->base.s->svc);
@@ -814,23 +857,24 @@ static void host_of(const ws_filter *f, char *out, size_t n)
 static int client_request(ws_filter *f)
 {
 #ifdef CP_HAVE_OPENSSL
+    ws_client *c = client_of(f);
     unsigned char nonce[16];
-    if (RAND_bytes(nonce, sizeof nonce) != 1 || RAND_bytes((unsigned char *)&f->rnd, sizeof f->rnd) != 1)
+    if (RAND_bytes(nonce, sizeof nonce) != 1 || RAND_bytes((unsigned char *)&c->rnd, sizeof c->rnd) != 1)
         return -EIO;
-    if (!f->rnd)
-        f->rnd = 0x9e3779b9u; /* xorshift must not start at 0 */
+    if (!c->rnd)
+        c->rnd = 0x9e3779b9u; /* xorshift must not start at 0 */
     char key[25];
     EVP_EncodeBlock((unsigned char *)key, nonce, (int)sizeof nonce);
-    if (sha1_b64(key, f->up->accept) < 0)
+    if (sha1_b64(key, f->x->up->accept) < 0)
         return -EIO;
     char host[96], req[640];
     host_of(f, host, sizeof host);
-    const char *proto = f->ws->subprotocol;
+    const char *proto = ws_kind(f)->subprotocol;
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s%s\r\n",
-                     f->ws->path ? f->ws->path : "/", host, key, proto ? "Sec-WebSocket-Protocol: " : "",
-                     proto ? proto : "", proto ? "\r\n" : "");
+                     ws_kind(f)->path ? ws_kind(f)->path : "/", host, key,
+                     proto ? "Sec-WebSocket-Protocol: " : "", proto ? proto : "", proto ? "\r\n" : "");
     if (n < 0 || (size_t)n >= sizeof req)
         return -EINVAL;
     return own_bytes(f, req, (size_t)n) ? 0 : -ENOMEM;
@@ -844,16 +888,16 @@ static int client_request(ws_filter *f)
 static void client_fail(ws_filter *f, int err)
 {
     upgrade_drop(f);
-    f->failed = true;
+    f->flags |= F_FAILED;
     cp__session_close(f->base.s, CP_REASON_WEBSOCKET, err);
 }
 
 /* The server's 101: checked as RFC 6455 asks. True if the session is up. */
 static bool client_answer(ws_filter *f)
 {
-    upgrade *u = f->up;
+    upgrade *u = f->x->up;
     const char *up = value(u, H_UPGRADE), *acc = value(u, H_ACCEPT), *ext = value(u, H_EXTENSIONS);
-    const char *proto = value(u, H_PROTOCOL), *want = f->ws->subprotocol;
+    const char *proto = value(u, H_PROTOCOL), *want = ws_kind(f)->subprotocol;
     if (u->p.status_code != 101) {
         client_fail(f, -ECONNREFUSED);
         return false;
@@ -865,7 +909,7 @@ static bool client_answer(ws_filter *f)
         return false;
     }
     upgrade_drop(f);
-    f->open = true;
+    f->flags |= F_OPEN;
     cp__filter_up(&f->base); /* on_connected */
     return connected(f->base.s);
 }
@@ -873,12 +917,12 @@ static bool client_answer(ws_filter *f)
 static size_t frames_input(ws_filter *f, uint8_t *p, size_t n);
 
 /* The request (or a client's answer) is read: true if it upgraded. */
-static bool upgrade_done(ws_filter *f) { return f->client ? client_answer(f) : upgrade_answer(f); }
+static bool upgrade_done(ws_filter *f) { return is_client(f) ? client_answer(f) : upgrade_answer(f); }
 
 static size_t upgrade_input(ws_filter *f, uint8_t *p, size_t n)
 {
-    upgrade *u = f->up;
-    uint32_t cap = f->ws->o.max_request;
+    upgrade *u = f->x->up;
+    uint32_t cap = ws_kind(f)->o.max_request;
     size_t room = cap - u->seen;
     size_t take = n < room ? n : room;
     llhttp_errno_t e = take ? llhttp_execute(&u->p, (const char *)p, take) : HPE_OK;
@@ -895,7 +939,7 @@ static size_t upgrade_input(ws_filter *f, uint8_t *p, size_t n)
     u->seen += (uint32_t)take;
     if (e == HPE_OK && take == n && u->seen < cap)
         return 0; /* more to come */
-    if (f->client)
+    if (is_client(f))
         client_fail(f, -EPROTO);
     else
         http_refuse(f, e == HPE_OK ? 431 : 400, NULL, NULL);
@@ -903,6 +947,34 @@ static size_t upgrade_input(ws_filter *f, uint8_t *p, size_t n)
 }
 
 /* ------------------------------------------------------------------ frames */
+
+static void on_ping_timer(cp_worker *w, void *arg);
+
+/* The side state, made on first need; NULL when out of memory. */
+static ws_side *side_get(ws_filter *f)
+{
+    if (f->x)
+        return f->x;
+    ws_side *x = cp__zalloc(sizeof *x);
+    if (!x)
+        return NULL;
+    x->ping.fn = on_ping_timer;
+    x->ping.arg = f;
+    x->ping.heap_index = UINT32_MAX;
+    return f->x = x;
+}
+
+/* Nothing needs the side state any more: it goes (an idle server session
+ * without pings keeps none). */
+static void side_release(ws_filter *f)
+{
+    ws_side *x = f->x;
+    if (!x || x->up || x->ctl_len || ws_kind(f)->o.ping_interval_ms ||
+        (has(f, F_IN_PAYLOAD) && frame_op(f) >= OP_CLOSE))
+        return;
+    cp__free(x);
+    f->x = NULL;
+}
 
 static void unmask(ws_filter *f, uint8_t *p, size_t n)
 {
@@ -920,47 +992,50 @@ static bool close_code_valid(uint16_t c)
 /* The peer's Close: answered with its code, then the graceful close. */
 static void on_close_frame(ws_filter *f)
 {
-    f->close_rcvd = true;
-    if (f->ctl_len == 1) {
+    const ws_side *x = f->x;
+    f->flags |= F_CLOSE_RCVD;
+    if (x->ctl_len == 1) {
         ws_fail(f, WS_PROTOCOL);
         return;
     }
     uint16_t code = 0;
-    if (f->ctl_len >= 2) {
-        code = (uint16_t)(f->ctl[0] << 8 | f->ctl[1]);
+    if (x->ctl_len >= 2) {
+        code = (uint16_t)(x->ctl[0] << 8 | x->ctl[1]);
         if (!close_code_valid(code)) {
             ws_fail(f, WS_PROTOCOL);
             return;
         }
-        if (utf8_run(UTF8_OK, f->ctl + 2, f->ctl_len - 2u) != UTF8_OK) {
+        if (utf8_run(UTF8_OK, x->ctl + 2, x->ctl_len - 2u) != UTF8_OK) {
             ws_fail(f, WS_BAD_DATA);
             return;
         }
     }
     cp_session *s = f->base.s;
-    if (!f->close_sent && !send_close(f, code))
+    if (!has(f, F_CLOSE_SENT) && !send_close(f, code))
         return;
-    f->failed = true;                                                     /* nothing after a Close counts */
+    f->flags |= F_FAILED;                                                 /* nothing after a Close counts */
     (void)cp__session_shutdown(s, CLOSE_DRAIN_MS, CP_REASON_PEER_CLOSED); /* or draining already */
 }
 
 static void frame_end(ws_filter *f)
 {
-    f->in_payload = false;
+    f->flags &= (uint8_t)~F_IN_PAYLOAD;
     f->hlen = 0;
-    if (f->op >= OP_CLOSE) {
-        if (f->op == OP_PING) {
-            if (!f->close_sent)
-                control(f, OP_PONG, f->ctl, f->ctl_len);
-        } else if (f->op == OP_PONG) {
-            f->pong_seen = true;
+    uint8_t op = frame_op(f);
+    if (op >= OP_CLOSE) {
+        ws_side *x = f->x;
+        if (op == OP_PING) {
+            if (!has(f, F_CLOSE_SENT))
+                control(f, OP_PONG, x->ctl, x->ctl_len);
+        } else if (op == OP_PONG) {
+            f->flags |= F_PONG_SEEN;
         } else {
             on_close_frame(f);
         }
-        f->ctl_len = 0;
+        x->ctl_len = 0;
         return;
     }
-    if (!f->fin)
+    if (!(f->h0 & 0x80)) /* not the message's last frame */
         return;
     if (f->msg_op == OP_TEXT && f->utf8 != UTF8_OK) {
         ws_fail(f, WS_BAD_DATA);
@@ -970,93 +1045,101 @@ static void frame_end(ws_filter *f)
     f->msg_len = 0;
 }
 
-/* The frame header in f->hdr is whole: check it. False if the session ends. */
+/* The largest message the session takes. */
+static uint32_t max_message(const ws_filter *f)
+{
+    const cp_ws *ws = ws_kind(f);
+    return ws->o.max_message ? ws->o.max_message : atomic_load(&f->base.s->svc)->max_packet;
+}
+
+/* The frame's header is whole: check it. False if the session ends. */
 static bool frame_begin(ws_filter *f, uint64_t len)
 {
-    uint8_t b0 = f->hdr[0];
-    f->fin = b0 >> 7;
-    f->op = b0 & 0x0f;
+    uint8_t b0 = f->h0, op = frame_op(f);
+    bool fin = b0 >> 7;
     if (b0 & 0x70) { /* reserved bits, and no extension to give them a meaning */
         ws_fail(f, WS_PROTOCOL);
         return false;
     }
-    if (f->op >= OP_CLOSE) {
-        if (f->op > OP_PONG || !f->fin || len > CTL_MAX) {
+    if (op >= OP_CLOSE) {
+        if (op > OP_PONG || !fin || len > CTL_MAX) {
             ws_fail(f, WS_PROTOCOL);
             return false;
         }
-        if (!f->ctl && !(f->ctl = cp__malloc(CTL_MAX))) {
+        if (!side_get(f)) {
             cp__session_close(f->base.s, CP_REASON_NO_MEMORY, -ENOMEM);
             return false;
         }
-    } else if (f->op > OP_BINARY || (f->op == OP_CONT) != (f->msg_op != 0)) {
+    } else if (op > OP_BINARY || (op == OP_CONT) != (f->msg_op != 0)) {
         /* a reserved opcode, a continuation of nothing, a new message inside
          * an unfinished one */
         ws_fail(f, WS_PROTOCOL);
         return false;
     } else {
-        if (f->op != OP_CONT) {
-            if (f->op == OP_TEXT && !f->ws->o.allow_text) {
+        if (op != OP_CONT) {
+            if (op == OP_TEXT && !ws_kind(f)->o.allow_text) {
                 ws_fail(f, WS_UNSUPPORTED);
                 return false;
             }
-            f->msg_op = f->op;
+            f->msg_op = op;
             f->utf8 = UTF8_OK;
         }
-        f->msg_len += len;
-        if (f->msg_len > f->max_msg) {
+        if (len > max_message(f) - f->msg_len) {
             ws_fail(f, WS_TOO_BIG);
             return false;
         }
+        f->msg_len += (uint32_t)len;
     }
-    if (!f->client)
-        memcpy(f->mask, f->hdr + (f->hlen - 4), 4);
     f->mpos = 0;
     f->left = len;
-    f->in_payload = true;
+    f->flags |= F_IN_PAYLOAD;
     return true;
 }
 
-/* Header bytes from p into f->hdr; returns how many it took, and sets *ok
- * when the header is whole and checked. */
+/* The header's length, once its second byte is in: 2, the extended
+ * length, and a client's mask. */
+static uint8_t header_need(const ws_filter *f, bool masked)
+{
+    uint8_t l7 = f->h1 & 0x7f;
+    return (uint8_t)(2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + (masked ? 4 : 0));
+}
+
+/* Header bytes from p, kept as they come (no copy of the header is
+ * needed); returns how many it took, and sets *ok when the header is whole
+ * and checked. */
 static size_t header_take(ws_filter *f, const uint8_t *p, size_t n, bool *ok)
 {
+    bool masked = !is_client(f); /* a client's frames are masked, a server's are not */
     size_t used = 0;
     *ok = false;
-    for (;;) {
-        size_t need = 2;
-        if (f->hlen >= 2) {
-            /* A client's frames are masked, a server's are not. */
-            if (!(f->hdr[1] & 0x80) != f->client) {
+    while (used < n) {
+        uint8_t c = p[used++], i = f->hlen++;
+        if (i == 0) {
+            f->h0 = c;
+            f->left = 0;
+            continue;
+        }
+        if (i == 1) {
+            f->h1 = c;
+            if (!(c & 0x80) == masked) {
                 ws_fail(f, WS_PROTOCOL);
                 return used;
             }
-            uint8_t l7 = f->hdr[1] & 0x7f;
-            need = 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + (f->client ? 0 : 4);
-            if (f->hlen == need)
-                break;
+        } else if (i < header_need(f, masked) - (masked ? 4 : 0)) {
+            f->left = f->left << 8 | c;
+        } else {
+            f->mask[i - (header_need(f, masked) - 4)] = c;
         }
-        size_t t = need - f->hlen;
-        if (t > n - used)
-            t = n - used;
-        memcpy(f->hdr + f->hlen, p + used, t);
-        f->hlen = (uint8_t)(f->hlen + t);
-        used += t;
-        if (f->hlen < need)
-            return used;
+        if (f->hlen == header_need(f, masked))
+            break;
     }
-    uint8_t l7 = f->hdr[1] & 0x7f;
-    uint64_t len = l7;
-    if (l7 == 126) {
-        len = (uint64_t)f->hdr[2] << 8 | f->hdr[3];
-    } else if (l7 == 127) {
-        len = 0;
-        for (int i = 0; i < 8; i++)
-            len = len << 8 | f->hdr[2 + i];
-        if (len >> 63) {
-            ws_fail(f, WS_PROTOCOL);
-            return used;
-        }
+    if (f->hlen < 2 || f->hlen < header_need(f, masked))
+        return used;
+    uint8_t l7 = f->h1 & 0x7f;
+    uint64_t len = l7 < 126 ? l7 : f->left;
+    if (l7 == 127 && len >> 63) {
+        ws_fail(f, WS_PROTOCOL);
+        return used;
     }
     *ok = frame_begin(f, len);
     return used;
@@ -1066,8 +1149,9 @@ static size_t frames_input(ws_filter *f, uint8_t *p, size_t n)
 {
     size_t packets = 0;
     cp_session *s = f->base.s;
-    while (n && !f->failed && connected(s)) {
-        if (!f->in_payload) {
+    bool masked = !is_client(f);
+    while (n && !has(f, F_FAILED) && connected(s)) {
+        if (!has(f, F_IN_PAYLOAD)) {
             bool ok;
             size_t used = header_take(f, p, n, &ok);
             p += used;
@@ -1079,11 +1163,12 @@ static size_t frames_input(ws_filter *f, uint8_t *p, size_t n)
             continue;
         }
         size_t take = f->left < n ? (size_t)f->left : n;
-        if (!f->client)
+        if (masked)
             unmask(f, p, take); /* in place: the backend lends its buffer to the call */
-        if (f->op >= OP_CLOSE) {
-            memcpy(f->ctl + f->ctl_len, p, take);
-            f->ctl_len = (uint8_t)(f->ctl_len + take);
+        if (frame_op(f) >= OP_CLOSE) {
+            /* NOLINTNEXTLINE(clang-analyzer-core.NullDereference): frame_begin made x for a control frame */
+            memcpy(f->x->ctl + f->x->ctl_len, p, take);
+            f->x->ctl_len = (uint8_t)(f->x->ctl_len + take);
         } else {
             if (f->msg_op == OP_TEXT && (f->utf8 = utf8_run(f->utf8, p, take)) == UTF8_BAD) {
                 ws_fail(f, WS_BAD_DATA);
@@ -1097,10 +1182,6 @@ static size_t frames_input(ws_filter *f, uint8_t *p, size_t n)
         if (!f->left)
             frame_end(f);
     }
-    if (f->ctl && !f->ctl_len && !f->in_payload) { /* kept only while a control frame arrives */
-        cp__free(f->ctl);
-        f->ctl = NULL;
-    }
     return packets;
 }
 
@@ -1111,11 +1192,11 @@ static size_t ws_input(cp_filter *bf, const uint8_t *data, size_t n)
      * lent to this call and written by no one else: unmasking in place is
      * what the backend contract allows (port/backend.h). */
     uint8_t *p = (uint8_t *)(uintptr_t)data;
-    if (f->failed)
+    if (has(f, F_FAILED))
         return 0;
-    if (f->up)
-        return upgrade_input(f, p, n);
-    return frames_input(f, p, n);
+    size_t packets = f->x && f->x->up ? upgrade_input(f, p, n) : frames_input(f, p, n);
+    side_release(f);
+    return packets;
 }
 
 /* ------------------------------------------------------------------ pings */
@@ -1123,54 +1204,59 @@ static size_t ws_input(cp_filter *bf, const uint8_t *data, size_t n)
 static void on_ping_timer(cp_worker *w, void *arg)
 {
     ws_filter *f = arg;
-    if (!connected(f->base.s) || f->failed)
+    if (!connected(f->base.s) || has(f, F_FAILED))
         return;
-    if (!f->pong_seen) {
+    if (!has(f, F_PONG_SEEN)) {
         ws_fail(f, WS_POLICY);
         return;
     }
-    f->pong_seen = false;
+    f->flags &= (uint8_t)~F_PONG_SEEN;
     if (control(f, OP_PING, NULL, 0))
-        cp__timer_arm(w, &f->ping, f->ws->o.ping_interval_ms);
+        cp__timer_arm(w, &f->x->ping, ws_kind(f)->o.ping_interval_ms);
 }
 
 /* ------------------------------------------------------------------ the filter */
 
+/* A server's filters are small and many: a slab keeps them packed. */
+static cp_slab filter_slab = CP_SLAB_INIT(sizeof(ws_filter));
+
 static cp_filter *ws_attach(cp_filter_kind *k, cp_session *s)
 {
-    ws_filter *f = cp__zalloc(sizeof *f);
-    if (!f)
+    CP_UNUSED(k);
+    if (!s->is_client) {
+        ws_filter *f = cp__slab_alloc(&filter_slab);
+        if (f)
+            f->base.s = s;
+        return f ? &f->base : NULL;
+    }
+    ws_client *c = cp__zalloc(sizeof *c);
+    if (!c)
         return NULL;
-    f->base.s = s;
-    f->client = s->is_client;
-    f->ws = (cp_ws *)(void *)k;
-    f->max_msg = f->ws->o.max_message ? f->ws->o.max_message : atomic_load(&s->svc)->max_packet;
-    f->marks = f->marks_in;
-    f->mcap = 2;
-    f->ping.fn = on_ping_timer;
-    f->ping.arg = f;
-    f->ping.heap_index = UINT32_MAX;
-    return &f->base;
+    c->f.base.s = s;
+    c->marks = c->marks_in;
+    c->mcap = 2;
+    return &c->f.base;
 }
 
 static int ws_start(cp_filter *bf)
 {
     ws_filter *f = ws_of(bf);
     pthread_once(&http_once, http_settings_make);
-    upgrade *u = cp__zalloc(sizeof *u);
+    ws_side *x = side_get(f);
+    upgrade *u = x ? cp__zalloc(sizeof *u) : NULL;
     if (!u)
         return -ENOMEM;
-    llhttp_init(&u->p, f->client ? HTTP_RESPONSE : HTTP_REQUEST, &http_settings);
+    llhttp_init(&u->p, is_client(f) ? HTTP_RESPONSE : HTTP_REQUEST, &http_settings);
     u->cur = H_N;
-    f->up = u;
-    if (f->client) {
+    x->up = u;
+    if (is_client(f)) {
         int r = client_request(f);
         if (r < 0)
             return r;
     }
-    if (f->ws->o.ping_interval_ms) {
-        f->pong_seen = true;
-        cp__timer_arm(bf->s->owner, &f->ping, f->ws->o.ping_interval_ms);
+    if (ws_kind(f)->o.ping_interval_ms) {
+        f->flags |= F_PONG_SEEN;
+        cp__timer_arm(bf->s->owner, &x->ping, ws_kind(f)->o.ping_interval_ms);
     }
     return 0;
 }
@@ -1178,18 +1264,29 @@ static int ws_start(cp_filter *bf)
 static void ws_detach(cp_filter *bf)
 {
     ws_filter *f = ws_of(bf);
-    cp__timer_cancel(bf->s->owner, &f->ping);
-    upgrade_drop(f);
-    cp__free(f->ctl);
-    if (f->marks != f->marks_in)
-        cp__free(f->marks);
-    cp__free(f);
+    if (f->x) {
+        cp__timer_cancel(bf->s->owner, &f->x->ping);
+        upgrade_drop(f);
+        cp__free(f->x);
+    }
+    if (!is_client(f)) {
+        cp__slab_free(&filter_slab, f);
+        return;
+    }
+    ws_client *c = client_of(f);
+    if (c->marks != c->marks_in)
+        cp__free(c->marks);
+    cp__free(c);
+}
+
+static cp_sendq *ws_wire(cp_filter *bf)
+{
+    ws_filter *f = ws_of(bf);
+    return is_client(f) ? &client_of(f)->wire : NULL;
 }
 
 static void kind_ref(cp_filter_kind *k) { cp_ws_ref((cp_ws *)(void *)k); }
 static void kind_unref(cp_filter_kind *k) { cp_ws_unref((cp_ws *)(void *)k); }
-
-static cp_sendq *ws_wire(cp_filter *bf) { return &ws_of(bf)->wire; }
 
 static const cp_filter_ops ws_ops = {
     .attach = ws_attach,

@@ -29,10 +29,13 @@
 #     delivery over the load window. Goals: WebSocket / plain <= 1.10
 #     (paired), nothing lost, nothing out of order. The drain is 10 s.
 #  3. Idle memory: cport-server --mode packet (with its WebSocket listener);
-#     a warm-up of 50 sessions of the kind measured, 3 s of quiet, VmRSS; then
-#     WS_IDLE (2000) idle_conns sessions, VmRSS 3 s after all are up (the
-#     worker trims after two quiet seconds); per session = the difference /
-#     WS_IDLE. WebSocket (a session counts once its 101 arrived) and plain
+#     a first WS_IDLE/2 idle_conns sessions of the kind measured, kept, VmRSS
+#     once it held still for 2 s; then WS_IDLE (2000) more, VmRSS once still
+#     again (the worker trims in its first two quiet seconds); per session = the difference /
+#     WS_IDLE: what one more idle session costs. The first sessions pay what
+#     a burst of them costs once (malloc's arena growing to the upgrades in
+#     flight, the timer heap, the slabs' first pages), which is not a
+#     session's. WebSocket (a session counts once its 101 arrived) and plain
 #     alternate, ROUNDS times. Goal: a WebSocket session at most 64 bytes
 #     above a plain one (the median of the rounds' differences). lws_echo's
 #     figure is shown for reference.
@@ -161,6 +164,19 @@ cpu_ticks() { # utime+stime (all threads) of process $1, in clock ticks
 }
 
 status_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null; }
+# settled_rss PID: VmRSS (KiB) once it held still for 2 s (the worker's
+# trims come in the first two quiet seconds after load), at most 12 s.
+settled_rss() {
+    local last now i
+    last=$(status_kib "$1" VmRSS)
+    for i in $(seq 1 6); do
+        sleep 2
+        now=$(status_kib "$1" VmRSS)
+        [ "$now" = "$last" ] && [ "$i" -gt 1 ] && break
+        last=$now
+    done
+    echo "$now"
+}
 
 FAILED=0
 fail() { echo "ws.sh: $*" >&2; FAILED=1; }
@@ -364,18 +380,25 @@ fi
 idle_run() {
     local round=$1
     shift
-    local name=$1 kind=$3 flag="" lp rss_f rss0="" rss1="" ipid st=FAILED
+    local name=$1 kind=$3 flag="" lp rss_f rss0="" rss1="" ipid wpid st=FAILED
     IDLE_B=nan
     [ "$kind" = ws ] && flag=--ws
     start_server "$name" "$2" || return 1
     lp=$P
     [ "$kind" = ws ] && lp=$WP
     rss_f=$(status_kib "$SPID" VmRSS)
-    # a warm-up: the first sessions' one-time allocations (the worker's rings, slabs)
+    # the first sessions, kept: they pay the one-time costs of a burst of them
     # shellcheck disable=SC2086
-    taskset -c "$LCPU" "$B/idle_conns" --port "$lp" --conns 50 --hold 0 $flag >"$LOG/$name.warm.log" 2>&1
-    sleep 3
-    rss0=$(status_kib "$SPID" VmRSS)
+    taskset -c "$LCPU" "$B/idle_conns" --port "$lp" --conns $((IDLE_N / 2)) --hold 60 $flag \
+        >"$LOG/$name.warm.log" 2>&1 </dev/null &
+    wpid=$!
+    PIDS="$PIDS $wpid"
+    for _ in $(seq 1 300); do
+        grep -q '^connected' "$LOG/$name.warm.log" 2>/dev/null && break
+        kill -0 "$wpid" 2>/dev/null || break
+        sleep 0.1
+    done
+    rss0=$(settled_rss "$SPID")
     # shellcheck disable=SC2086
     taskset -c "$LCPU" "$B/idle_conns" --port "$lp" --conns "$IDLE_N" --hold 60 $flag \
         >"$LOG/$name.clients.log" 2>&1 </dev/null &
@@ -387,13 +410,14 @@ idle_run() {
         sleep 0.1
     done
     if grep -q '^connected' "$LOG/$name.clients.log"; then
-        sleep 3
-        rss1=$(status_kib "$SPID" VmRSS)
+        rss1=$(settled_rss "$SPID")
         kill -0 "$ipid" 2>/dev/null && st=ok
     fi
-    kill -TERM "$ipid" 2>/dev/null
-    wait "$ipid" 2>/dev/null
+    kill -0 "$wpid" 2>/dev/null || st=FAILED
+    kill -TERM "$ipid" "$wpid" 2>/dev/null
+    wait "$ipid" "$wpid" 2>/dev/null
     forget "$ipid"
+    forget "$wpid"
     stop_server
     [ "$st" = ok ] || fail "$name: the $IDLE_N sessions did not all stay up (see $LOG/$name.clients.log)"
     [ "$st" = ok ] && IDLE_B=$(awk -v a="$rss0" -v b="$rss1" -v n="$IDLE_N" 'BEGIN { printf "%.1f", (b - a) * 1024 / n }')

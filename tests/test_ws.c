@@ -399,3 +399,42 @@ Test(ws, a_backed_up_queue_keeps_one_message_per_packet, .timeout = 60)
     cpt_env_stop(&e);
     cp_ws_unref(o.session.ws);
 }
+
+/* ------------------------------------------------------------------ refusals */
+
+/* A client whose request is refused keeps sending (a body, a pipelined
+ * request): it must still read the whole answer, then an orderly end. A
+ * close over its unread bytes would send a reset, which destroys the
+ * answer in the client's receive queue. */
+Test(ws, a_refused_client_that_keeps_sending_reads_the_whole_answer, .timeout = 60)
+{
+    cp_ws_opts wo = { .path = "/play" };
+    cp_server_opts o = { .host = CPT_HOST4 };
+    cr_assert_eq(cp_ws_create(&o.session.ws, &wo), 0);
+    cpt_env e;
+    cpt_env_start(&e, 1, &o, NULL, 4, 0);
+    for (int round = 0; round < 5; round++) {
+        int fd = cpt_xconnect(e.sport);
+        static const char req[] = "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n";
+        cpt_xsend(fd, req, sizeof req - 1);
+        static uint8_t junk[16384];
+        memset(junk, 'j', sizeof junk);
+        for (int i = 0; i < 16; i++) /* 256 KiB more, while the server answers; errors end it */
+            if (send(fd, (const char *)junk, sizeof junk, MSG_NOSIGNAL) < 0)
+                break;
+        char buf[1024];
+        size_t got = 0;
+        ssize_t r;
+        while ((r = cpt_recv_once(fd, buf + got, sizeof buf - 1 - got)) > 0)
+            got += (size_t)r;
+        buf[got] = '\0';
+        cr_assert(strncmp(buf, "HTTP/1.1 404", 12) == 0, "round %d: the answer was lost (%zu bytes: %s)",
+                  round, got, buf);
+        cr_assert(strstr(buf, "\r\n\r\n") != NULL, "round %d: the answer was cut", round);
+        cr_assert_eq(r, 0, "round %d: the answer ended with an error, not the server's FIN", round);
+        cpt_close(fd);
+    }
+    CPT_AWAIT(cpt_stats(e.svc).by_reason[CP_REASON_WEBSOCKET] == 5, 5000, "the refusals were not counted");
+    cpt_env_stop(&e);
+    cp_ws_unref(o.session.ws);
+}

@@ -293,6 +293,12 @@ int cp__session_request_close(cp_session *s, cp_reason reason);
 /* Any thread: the graceful close of cp_session_shutdown, ending with reason.
  * -ENOTCONN unless connected. */
 int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason);
+/* On the owner, from a filter refusing its handshake with an answer (an
+ * HTTP error): the same graceful close from the handshake, so that the
+ * answer is written and then FIN, and what the peer still sends is read
+ * and dropped rather than reset over. The session never connected: it ends
+ * with reason as a failed handshake. -ENOTCONN unless in a handshake. */
+int cp__session_refuse(cp_session *s, uint32_t timeout_ms, cp_reason reason);
 
 /* Packet/raw parser: consume received bytes for s; returns the packets
  * handed to handlers (raw framing: 0). */

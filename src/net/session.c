@@ -1154,6 +1154,18 @@ int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason)
     return send_ordered(s, NULL); /* NULL: the shutdown's place in the order */
 }
 
+int cp__session_refuse(cp_session *s, uint32_t timeout_ms, cp_reason reason)
+{
+    int st = CP_S_HANDSHAKING;
+    if (!atomic_compare_exchange_strong(&s->state, &st, CP_S_DRAINING))
+        return -ENOTCONN;
+    s->drain_deadline_ns = cp__now_ns() + (uint64_t)timeout_ms * 1000000u;
+    s->drain_reason = (uint8_t)reason;
+    drain_begin(s); /* on the owner, and nothing of the user's is queued to come before it */
+    cp__session_wire_ready(s);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ disconnect */
 
 int cp_session_disconnect(cp_session *s)

@@ -695,9 +695,15 @@ static void http_refuse(ws_filter *f, int code, const char *extra, const char *b
     f->flags |= F_FAILED;
     if (!own_bytes(f, head, (size_t)n) || (blen && !own_bytes(f, body, blen)))
         return;
-    cp__session_wire_flush(&f->base);
-    cp__session_close(f->base.s, code == 200 ? CP_REASON_LOCAL : CP_REASON_WEBSOCKET,
-                      code == 200 ? 0 : -EPROTO);
+    /* Gracefully: a client still sending (a body, a pipelined request)
+     * would otherwise get a reset for the unread bytes, which can destroy
+     * the answer before it reads it. */
+    cp_session *s = f->base.s;
+    cp_reason why = code == 200 ? CP_REASON_LOCAL : CP_REASON_WEBSOCKET;
+    if (cp__session_refuse(s, CLOSE_DRAIN_MS, why) < 0) {
+        cp__session_wire_flush(&f->base);
+        cp__session_close(s, why, code == 200 ? 0 : -EPROTO);
+    }
 }
 
 static int sha1_b64(const char *key, char out[29])

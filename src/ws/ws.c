@@ -982,12 +982,28 @@ static void side_release(ws_filter *f)
     f->x = NULL;
 }
 
+/* XORs the mask over n payload bytes at p, eight at a time: the mask
+ * repeats every four bytes, so from phase k the same eight-byte word
+ * serves every step. */
 static void unmask(ws_filter *f, uint8_t *p, size_t n)
 {
-    uint8_t k = f->mpos;
-    for (size_t i = 0; i < n; i++)
+    unsigned k = f->mpos;
+    size_t i = 0;
+    if (n >= 16) {
+        uint8_t m8[8];
+        for (unsigned j = 0; j < 8; j++)
+            m8[j] = f->mask[(k + j) & 3];
+        uint64_t m, v;
+        memcpy(&m, m8, 8);
+        for (; i + 8 <= n; i += 8) {
+            memcpy(&v, p + i, 8);
+            v ^= m;
+            memcpy(p + i, &v, 8);
+        }
+    }
+    for (; i < n; i++)
         p[i] ^= f->mask[k++ & 3];
-    f->mpos = k & 3;
+    f->mpos = (uint8_t)(k & 3);
 }
 
 static bool close_code_valid(uint16_t c)

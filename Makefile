@@ -44,11 +44,12 @@ deps:
 	fi
 
 # What only the tests use, so that make run and make install do without it:
-# Debian's chromium, the headless browser of the WebSocket tests
+# iproute2 (ip netns: the dead-peer tests' namespaces), Debian's chromium,
+# the headless browser of the WebSocket tests
 # (tests/ws_browser.js), and the npm package ws of their Node.js peers
 # (tests/ws_peer.js, tests/ws_probe.js), pinned in tests/node/package-lock.json
 # and installed there by npm ci, again only when the lock changes.
-TEST_PKGS := chromium
+TEST_PKGS := chromium iproute2
 test-deps: deps
 	@$(MAKE) --no-print-directory deps DEB_PKGS="$(TEST_PKGS)"
 	@$(MAKE) --no-print-directory -s node-deps

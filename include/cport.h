@@ -98,6 +98,10 @@ typedef enum cp_reason {
                                  RFC 6455 forbids, a text message not allowed, a message
                                  over the limit, a missing pong (err -EPROTO, -EMSGSIZE,
                                  -ETIMEDOUT); the peer got the matching Close code */
+    CP_REASON_KEEPALIVE,         /* the peer answered no TCP keepalive probe: it vanished
+                                 while the connection was idle (keepalive_idle_ms) */
+    CP_REASON_USER_TIMEOUT,      /* what the session sent went unacknowledged for
+                                 user_timeout_ms: the peer vanished with data in flight */
     CP_REASON_COUNT_
 } cp_reason;
 
@@ -570,6 +574,19 @@ typedef struct cp_session_opts {
                                     the upgrade, a client's connects ask for it (over TLS
                                     too, with tls); the service keeps its own reference.
                                     NULL = none */
+    /* Dead peers: a peer that vanishes without a FIN (a cable pulled, a NAT
+     * that forgot it) is otherwise found only by the kernel's defaults,
+     * hours later. Both are the kernel's TCP timers, so they cost nothing
+     * per message. */
+    uint32_t keepalive_idle_ms;     /* probe a connection idle this long (TCP keepalive;
+                                       rounded up to whole seconds); unanswered probes
+                                       disconnect with CP_REASON_KEEPALIVE. 0 = off */
+    uint32_t keepalive_interval_ms; /* between probes; 0 = 1000; needs keepalive_idle_ms */
+    uint32_t keepalive_probes;      /* unanswered probes that end it; 0 = 3; at most 127;
+                                       needs keepalive_idle_ms */
+    uint32_t user_timeout_ms;       /* data sent and unacknowledged this long disconnects
+                                       with CP_REASON_USER_TIMEOUT (TCP_USER_TIMEOUT; on
+                                       Windows TCP_MAXRT, whole seconds). 0 = off */
 } cp_session_opts;
 
 /* ------------------------------------------------------------------ TLS */

@@ -124,6 +124,8 @@ static const char *const reason_names[CP_REASON_COUNT_] = {
     [CP_REASON_TLS] = "TLS failure",
     [CP_REASON_HANDSHAKE_TIMEOUT] = "handshake timeout",
     [CP_REASON_WEBSOCKET] = "WebSocket protocol",
+    [CP_REASON_KEEPALIVE] = "keepalive unanswered",
+    [CP_REASON_USER_TIMEOUT] = "sent data unacknowledged",
 };
 
 const char *cp_reason_str(cp_reason reason)

@@ -6,6 +6,7 @@
 
 #ifdef _WIN32
 
+#  include <mstcpip.h> /* SIO_KEEPALIVE_VALS */
 #  include <mswsock.h>
 
 int cp__win_errno(unsigned long code)
@@ -91,6 +92,38 @@ int cp__sock_setint(int fd, int level, int name, int value)
     return setsockopt((SOCKET)fd, level, name, (const char *)&value, sizeof value) ? cp__sock_err() : 0;
 }
 
+/* Windows' numbers for options mingw-w64's headers lack (ws2ipdef.h). */
+#  ifndef TCP_MAXRT
+#    define TCP_MAXRT 5
+#  endif
+#  ifndef TCP_KEEPCNT
+#    define TCP_KEEPCNT 16
+#  endif
+
+static unsigned long secs_up(uint32_t ms) { return ms ? (ms + 999u) / 1000u : 0; }
+
+int cp__sock_keepalive(int fd, uint32_t idle_ms, uint32_t interval_ms, uint32_t probes)
+{
+    struct tcp_keepalive ka = { 1, idle_ms, interval_ms };
+    DWORD got = 0;
+    if (WSAIoctl((SOCKET)fd, SIO_KEEPALIVE_VALS, &ka, sizeof ka, NULL, 0, &got, NULL, NULL) != 0)
+        return cp__sock_err();
+    /* The count is settable from Windows 10 1703 on; before, it is 10. */
+    (void)cp__sock_setint(fd, IPPROTO_TCP, TCP_KEEPCNT, (int)probes);
+    return 0;
+}
+
+int cp__sock_user_timeout(int fd, uint32_t ms)
+{
+    return cp__sock_setint(fd, IPPROTO_TCP, TCP_MAXRT, (int)secs_up(ms));
+}
+
+int cp__sock_unacked(int fd)
+{
+    (void)fd;
+    return -ENOTSUP;
+}
+
 int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog)
 {
     int fd = cp__sock_stream(sa->sa_family);
@@ -172,8 +205,12 @@ int cp_wait_stop_signal(void)
 #  include <pthread.h>
 #  include <semaphore.h>
 #  include <signal.h>
+#  include <sys/ioctl.h>
 #  include <sys/mman.h>
 #  include <time.h>
+#  ifdef __linux__
+#    include <linux/sockios.h> /* SIOCOUTQ */
+#  endif
 
 /* A handler that posts a semaphore is async-signal-safe and works whatever
  * the signal masks of the other threads are, so the caller need not block
@@ -244,6 +281,46 @@ int cp__sock_shutdown_wr(int fd) { return shutdown(fd, SHUT_WR) ? -errno : 0; }
 int cp__sock_setint(int fd, int level, int name, int value)
 {
     return setsockopt(fd, level, name, &value, sizeof value) ? -errno : 0;
+}
+
+/* Linux counts keepalive in whole seconds: ms rounded up, at least 1. */
+static int secs_up(uint32_t ms) { return ms < 1000u ? 1 : (int)((ms + 999u) / 1000u); }
+
+int cp__sock_keepalive(int fd, uint32_t idle_ms, uint32_t interval_ms, uint32_t probes)
+{
+    int r = cp__sock_setint(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
+#  ifdef TCP_KEEPIDLE
+    if (!r)
+        r = cp__sock_setint(fd, IPPROTO_TCP, TCP_KEEPIDLE, secs_up(idle_ms));
+    if (!r)
+        r = cp__sock_setint(fd, IPPROTO_TCP, TCP_KEEPINTVL, secs_up(interval_ms));
+    if (!r)
+        r = cp__sock_setint(fd, IPPROTO_TCP, TCP_KEEPCNT, (int)probes);
+#  else
+    (void)idle_ms, (void)interval_ms, (void)probes;
+#  endif
+    return r;
+}
+
+int cp__sock_user_timeout(int fd, uint32_t ms)
+{
+#  ifdef TCP_USER_TIMEOUT
+    return cp__sock_setint(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, (int)ms);
+#  else
+    (void)fd, (void)ms;
+    return -ENOTSUP;
+#  endif
+}
+
+int cp__sock_unacked(int fd)
+{
+#  ifdef SIOCOUTQ
+    int n = 0;
+    return ioctl(fd, SIOCOUTQ, &n) < 0 ? -errno : n;
+#  else
+    (void)fd;
+    return -ENOTSUP;
+#  endif
 }
 
 int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog)

@@ -55,6 +55,15 @@ int cp__sock_shutdown_wr(int fd);
 int cp__sock_err(void);
 /* setsockopt with an int value; 0 or -errno. */
 int cp__sock_setint(int fd, int level, int name, int value);
+/* TCP keepalive on fd: probes after idle_ms of silence, every interval_ms,
+ * probes of them unanswered end the connection (ETIMEDOUT). 0 or -errno. */
+int cp__sock_keepalive(int fd, uint32_t idle_ms, uint32_t interval_ms, uint32_t probes);
+/* Sent data unacknowledged for ms ends the connection (ETIMEDOUT). 0 or -errno. */
+int cp__sock_user_timeout(int fd, uint32_t ms);
+/* Bytes the socket sent (or holds to send) that the peer has not
+ * acknowledged, also once the connection failed; -ENOTSUP where the system
+ * cannot tell. */
+int cp__sock_unacked(int fd);
 /* Number of CPUs this process may run on (at least 1). */
 int cp__ncpu(void);
 /* Sleeps the calling thread. */

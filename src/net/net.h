@@ -404,14 +404,16 @@ struct cp_service {
     size_t raw_limit; /* raw framing: unconsumed bytes at most (0: see packet.c) */
     size_t send_queue_limit;
     bool nodelay;
-    uint64_t idle_timeout_ns, packet_timeout_ns; /* 0 = off */
-    size_t sq_high, sq_low;                      /* send-queue watermarks (receive paused between) */
-    uint32_t rate_pkts, rate_bytes;              /* receive rate limit per second; 0 = none */
-    uint64_t win_pkts_ns, win_bytes_ns;          /* the bursts, as time at those rates */
-    uint64_t pkt_cost_ns;                        /* one packet at rate_pkts */
-    cp_filter_kind *filters[CP_FILTERS_MAX];     /* outermost first, each a reference */
-    uint8_t nfilters;                            /* 0 = plain TCP */
-    cp_packet_fn *routes;                        /* indexed by id, nroutes entries */
+    uint32_t ka_idle_ms, ka_interval_ms, ka_probes; /* TCP keepalive; idle 0 = off */
+    uint32_t user_timeout_ms;                       /* TCP_USER_TIMEOUT; 0 = off */
+    uint64_t idle_timeout_ns, packet_timeout_ns;    /* 0 = off */
+    size_t sq_high, sq_low;                         /* send-queue watermarks (receive paused between) */
+    uint32_t rate_pkts, rate_bytes;                 /* receive rate limit per second; 0 = none */
+    uint64_t win_pkts_ns, win_bytes_ns;             /* the bursts, as time at those rates */
+    uint64_t pkt_cost_ns;                           /* one packet at rate_pkts */
+    cp_filter_kind *filters[CP_FILTERS_MAX];        /* outermost first, each a reference */
+    uint8_t nfilters;                               /* 0 = plain TCP */
+    cp_packet_fn *routes;                           /* indexed by id, nroutes entries */
     uint32_t nroutes;
 
     /* Live-session table: slot + generation make the session id. */

@@ -157,6 +157,10 @@ static bool session_opts_consistent(const cp_session_opts *o)
         return false;
     if (o->send_queue_high > o->send_queue_limit || o->send_queue_low >= o->send_queue_high)
         return false;
+    if ((o->keepalive_interval_ms || o->keepalive_probes) && !o->keepalive_idle_ms)
+        return false;
+    if (o->keepalive_probes > 127 || o->user_timeout_ms > INT32_MAX)
+        return false;
     return !(o->recv_burst_packets && !o->recv_rate_packets) && !(o->recv_burst_bytes && !o->recv_rate_bytes);
 }
 
@@ -216,6 +220,10 @@ static void session_opts_default(cp_session_opts *o)
         o->recv_burst_packets = o->recv_rate_packets > UINT32_MAX / 2 ? UINT32_MAX : o->recv_rate_packets * 2;
     if (o->recv_rate_bytes && !o->recv_burst_bytes)
         o->recv_burst_bytes = o->recv_rate_bytes > UINT32_MAX / 2 ? UINT32_MAX : o->recv_rate_bytes * 2;
+    if (o->keepalive_idle_ms && !o->keepalive_interval_ms)
+        o->keepalive_interval_ms = 1000;
+    if (o->keepalive_idle_ms && !o->keepalive_probes)
+        o->keepalive_probes = 3;
 }
 
 /* The service's settings, from the checked options. */
@@ -225,6 +233,10 @@ static void service_configure(cp_service *svc, const cp_session_opts *o)
     svc->max_packet = o->max_packet;
     svc->send_queue_limit = o->send_queue_limit;
     svc->nodelay = !o->no_nodelay;
+    svc->ka_idle_ms = o->keepalive_idle_ms;
+    svc->ka_interval_ms = o->keepalive_interval_ms;
+    svc->ka_probes = o->keepalive_probes;
+    svc->user_timeout_ms = o->user_timeout_ms;
     svc->idle_timeout_ns = (uint64_t)o->idle_timeout_ms * 1000000u;
     svc->packet_timeout_ns = (uint64_t)o->packet_timeout_ms * 1000000u;
     svc->sq_high = o->send_queue_high;

@@ -299,12 +299,29 @@ static void unhold(cp_session *s)
         cp__session_unref(s);
 }
 
-static cp_reason reason_of_errno(int err)
+/* A connection the kernel timed out: with data unacknowledged, the user
+ * timeout fired (keepalive never probes while data is in flight);
+ * without, keepalive did. Where the system cannot say, what the session
+ * still had to write decides. */
+static cp_reason dead_peer_reason(const cp_session *s)
+{
+    const cp_service *svc = s->svc;
+    if (!svc->user_timeout_ms)
+        return svc->ka_idle_ms ? CP_REASON_KEEPALIVE : CP_REASON_IO_ERROR;
+    if (!svc->ka_idle_ms)
+        return CP_REASON_USER_TIMEOUT;
+    int unacked = cp__sock_unacked(s->h.fd);
+    bool in_flight = unacked >= 0 ? unacked > 0 : s->sq.count > 0 || s->wr.armed;
+    return in_flight ? CP_REASON_USER_TIMEOUT : CP_REASON_KEEPALIVE;
+}
+
+static cp_reason reason_of(const cp_session *s, int err)
 {
     switch (-err) {
     case ECONNRESET:
     case ECONNABORTED:
     case EPIPE: return CP_REASON_RESET;
+    case ETIMEDOUT: return dead_peer_reason(s);
     default: return CP_REASON_IO_ERROR;
     }
 }
@@ -479,7 +496,7 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         else /* a filter's stream ended without its own end (TLS close_notify): truncated */
             cp__session_close(s, CP_REASON_PEER_CLOSED, s->flt[0] ? -ECONNABORTED : 0);
     } else if (res != -ECANCELED && res != -ENOBUFS) {
-        cp__session_close(s, reason_of_errno(res), res);
+        cp__session_close(s, reason_of(s, res), res);
     }
     if (flags & CP_CQE_MORE)
         return;
@@ -601,14 +618,23 @@ size_t cp__session_queue_room(const cp_session *s)
     return used < s->svc->send_queue_limit ? s->svc->send_queue_limit - used : 0;
 }
 
-static void set_nodelay(cp_session *s)
+/* The service's TCP options on a new connection: 0, or -errno when a dead
+ * peer option the user asked for cannot be had (the session must not run
+ * without the promise it was given). */
+static int set_tcp_options(cp_session *s)
 {
-    if (!s->svc->nodelay)
-        return;
+    const cp_service *svc = s->svc;
     /* TCP_NODELAY lives at IPPROTO_TCP. The C++ IOCP core cport replaces set it
      * at SOL_SOCKET, where it has no effect, so its small writes waited for
      * Nagle's algorithm (flaws::f12_tcp_nodelay_really_set checks this level). */
-    cp__sock_setint(s->h.fd, IPPROTO_TCP, TCP_NODELAY, 1);
+    if (svc->nodelay)
+        cp__sock_setint(s->h.fd, IPPROTO_TCP, TCP_NODELAY, 1);
+    int r = 0;
+    if (svc->ka_idle_ms)
+        r = cp__sock_keepalive(s->h.fd, svc->ka_idle_ms, svc->ka_interval_ms, svc->ka_probes);
+    if (!r && svc->user_timeout_ms)
+        r = cp__sock_user_timeout(s->h.fd, svc->user_timeout_ms);
+    return r;
 }
 
 /* Both start functions run from a message that holds a reference: a stop may
@@ -633,11 +659,12 @@ static void session_accept(cp_worker *w, cp_session *s, int fd)
     if (getpeername(s->h.fd, (struct sockaddr *)&s->peer, &s->peer_len) < 0)
         s->peer_len = 0;
     int r = atomic_load(&s->svc->stopping) ? -ESHUTDOWN : w->port->be->attach(w, &s->h);
+    if (r == 0)
+        r = set_tcp_options(s);
     if (r < 0) {
         cp__session_close(s, CP_REASON_IO_ERROR, r);
         return;
     }
-    set_nodelay(s);
     session_connected(s, CP_S_NEW);
 }
 
@@ -688,8 +715,9 @@ static void session_connect(cp_worker *w, cp_session *s, int fd)
         s->h.fd = fd;
         r = w->port->be->attach(w, &s->h);
     }
+    if (r == 0)
+        r = set_tcp_options(s);
     if (r == 0) {
-        set_nodelay(s);
         s->wr.cb = on_connect_cqe;
         s->wr.kind = CP_OP_CONNECT;
         r = w->port->be->connect(w, &s->h, &s->wr, (struct sockaddr *)&svc->addr, svc->addr_len);
@@ -757,7 +785,7 @@ static void send_start(cp_session *s)
             return;
         }
         if (r < 0) {
-            cp__session_close(s, reason_of_errno(r), r);
+            cp__session_close(s, reason_of(s, r), r);
             return;
         }
         sent(s, (size_t)r);
@@ -776,7 +804,7 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         if (res >= 0)
             sent(s, (size_t)res);
         else if (res != -EAGAIN)
-            cp__session_close(s, reason_of_errno(res), res);
+            cp__session_close(s, reason_of(s, res), res);
     }
     op_done(s);
     if (wire_open(s))
@@ -1123,7 +1151,7 @@ static void drain_step(cp_session *s)
     s->wr_shut = true;
     int r = cp__sock_shutdown_wr(s->h.fd);
     if (r < 0)
-        cp__session_close(s, reason_of_errno(r), r);
+        cp__session_close(s, reason_of(s, r), r);
     else if (s->peer_eof)
         cp__session_close(s, (cp_reason)s->drain_reason, 0);
 }

@@ -409,6 +409,8 @@ static uint16_t close_code_of(int reason)
     case CP_REASON_IO_ERROR:
     case CP_REASON_TLS:
     case CP_REASON_HANDSHAKE_TIMEOUT:
+    case CP_REASON_KEEPALIVE:
+    case CP_REASON_USER_TIMEOUT:
     case CP_REASON_WEBSOCKET: return 0;
     default: return WS_INTERNAL;
     }

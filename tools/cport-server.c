@@ -40,6 +40,8 @@ typedef struct server_config {
     size_t send_queue_limit;
     uint32_t idle_timeout_ms;
     uint32_t packet_timeout_ms;
+    uint32_t keepalive_ms;    /* TCP keepalive: idle this long, then probes */
+    uint32_t user_timeout_ms; /* TCP_USER_TIMEOUT */
     int64_t rate_limit;             /* packets/s per session; -1 = the mode's default */
     const char *bus_url;            /* chat across servers: nats://... or redis://...; NULL = off */
     const char *room;               /* the room's name on the bus */
@@ -111,6 +113,11 @@ static void usage(FILE *out)
             "  --idle-timeout MS     disconnect a session that sent nothing for MS (0 = off)\n"
             "  --packet-timeout MS   disconnect a session whose packet stays unfinished\n"
             "                        for MS (0 = off)\n"
+            "  --keepalive MS        probe a connection silent for MS (TCP keepalive, 3\n"
+            "                        probes 1 s apart): a peer that vanished without a\n"
+            "                        FIN is cut (0 = off, the default)\n"
+            "  --user-timeout MS     cut a peer that leaves sent data unacknowledged for\n"
+            "                        MS (TCP_USER_TIMEOUT; 0 = off, the default)\n"
             "  --rate-limit N        packets a second a session may send, on average,\n"
             "                        with bursts of 2N; more are not read until it is\n"
             "                        back under (TCP pushes back on it); 0 = off\n"
@@ -174,6 +181,8 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                                                  "--send-queue-limit",
                                                  "--idle-timeout",
                                                  "--packet-timeout",
+                                                 "--keepalive",
+                                                 "--user-timeout",
                                                  "--rate-limit",
                                                  "--bus",
                                                  "--room",
@@ -258,6 +267,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                 cfg->idle_timeout_ms = (uint32_t)n;
             else
                 cfg->packet_timeout_ms = (uint32_t)n;
+        } else if (strcmp(opt, "--keepalive") == 0 || strcmp(opt, "--user-timeout") == 0) {
+            if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
+                usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
+            *(opt[2] == 'k' ? &cfg->keepalive_ms : &cfg->user_timeout_ms) = (uint32_t)n;
         } else {
             usage_error("unknown option '%s'", opt);
         }
@@ -558,6 +571,8 @@ int main(int argc, char **argv)
             .send_queue_limit = cfg.send_queue_limit,
             .idle_timeout_ms = cfg.idle_timeout_ms,
             .packet_timeout_ms = cfg.packet_timeout_ms,
+            .keepalive_idle_ms = cfg.keepalive_ms,
+            .user_timeout_ms = cfg.user_timeout_ms,
             .recv_rate_packets = (uint32_t)cfg.rate_limit,
             .tls = tls,
         },

@@ -77,31 +77,33 @@ CP_API const char *cp_err_name(int err);
 /* Why a session ended; passed to on_disconnected. */
 typedef enum cp_reason {
     CP_REASON_NONE = 0,
-    CP_REASON_PEER_CLOSED,       /* the peer closed its side (read returned 0) */
-    CP_REASON_RESET,             /* connection reset or aborted by the peer */
-    CP_REASON_LOCAL,             /* cp_session_disconnect() */
-    CP_REASON_IO_ERROR,          /* another socket error; see the err argument */
-    CP_REASON_BAD_HEADER,        /* packet header size < 4 */
-    CP_REASON_TOO_BIG,           /* packet header size > max_packet */
-    CP_REASON_HANDLER,           /* a packet handler returned a negative value */
-    CP_REASON_SEND_OVERFLOW,     /* the send queue's memory would exceed send_queue_limit */
-    CP_REASON_IDLE_TIMEOUT,      /* nothing received for idle_timeout_ms */
-    CP_REASON_PACKET_TIMEOUT,    /* a packet was started but not finished in time */
-    CP_REASON_STOPPING,          /* the service is stopping */
-    CP_REASON_NO_MEMORY,         /* the session could not get memory it needed */
-    CP_REASON_TLS,               /* TLS failed: a handshake the peer or we refused, a bad
+    CP_REASON_PEER_CLOSED,          /* the peer closed its side (read returned 0) */
+    CP_REASON_RESET,                /* connection reset or aborted by the peer */
+    CP_REASON_LOCAL,                /* cp_session_disconnect() */
+    CP_REASON_IO_ERROR,             /* another socket error; see the err argument */
+    CP_REASON_BAD_HEADER,           /* packet header size < 4 */
+    CP_REASON_TOO_BIG,              /* packet header size > max_packet */
+    CP_REASON_HANDLER,              /* a packet handler returned a negative value */
+    CP_REASON_SEND_OVERFLOW,        /* the send queue's memory would exceed send_queue_limit */
+    CP_REASON_IDLE_TIMEOUT,         /* nothing received for idle_timeout_ms */
+    CP_REASON_PACKET_TIMEOUT,       /* a packet was started but not finished in time */
+    CP_REASON_STOPPING,             /* the service is stopping */
+    CP_REASON_NO_MEMORY,            /* the session could not get memory it needed */
+    CP_REASON_TLS,                  /* TLS failed: a handshake the peer or we refused, a bad
                                  record, a renegotiation attempt (err: -EPROTO, or
                                  -ECONNABORTED for an end of stream without close_notify) */
-    CP_REASON_HANDSHAKE_TIMEOUT, /* the TLS handshake or the WebSocket upgrade did not
+    CP_REASON_HANDSHAKE_TIMEOUT,    /* the TLS handshake or the WebSocket upgrade did not
                                  finish in time */
-    CP_REASON_WEBSOCKET,         /* WebSocket: a refused or malformed upgrade, a frame
+    CP_REASON_WEBSOCKET,            /* WebSocket: a refused or malformed upgrade, a frame
                                  RFC 6455 forbids, a text message not allowed, a message
                                  over the limit, a missing pong (err -EPROTO, -EMSGSIZE,
                                  -ETIMEDOUT); the peer got the matching Close code */
-    CP_REASON_KEEPALIVE,         /* the peer answered no TCP keepalive probe: it vanished
+    CP_REASON_KEEPALIVE,            /* the peer answered no TCP keepalive probe: it vanished
                                  while the connection was idle (keepalive_idle_ms) */
-    CP_REASON_USER_TIMEOUT,      /* what the session sent went unacknowledged for
+    CP_REASON_USER_TIMEOUT,         /* what the session sent went unacknowledged for
                                  user_timeout_ms: the peer vanished with data in flight */
+    CP_REASON_FIRST_PACKET_TIMEOUT, /* no whole packet (raw framing: no bytes) within
+                                    first_packet_timeout_ms of connecting */
     CP_REASON_COUNT_
 } cp_reason;
 
@@ -535,10 +537,10 @@ typedef struct cp_handlers {
  * ignored; each such case is named below. Handlers that do not apply (on_recv
  * with packet framing, on_connect_failed on a server) are simply not called. */
 typedef struct cp_session_opts {
-    cp_framing framing;         /* CP_FRAMING_PACKET; CP_FRAMING_RAW needs on_recv
+    cp_framing framing;               /* CP_FRAMING_PACKET; CP_FRAMING_RAW needs on_recv
                                   and takes no routes */
-    uint32_t max_packet;        /* 4096; 4 to 65535 */
-    size_t send_queue_limit;    /* 1 MiB of memory per session's send queue: what
+    uint32_t max_packet;              /* 4096; 4 to 65535 */
+    size_t send_queue_limit;          /* 1 MiB of memory per session's send queue: what
                                   its unsent buffers keep alive (a small buffer
                                   may pin a 32 KiB chunk until the queue backs
                                   up and copies it out), not only their bytes;
@@ -546,14 +548,17 @@ typedef struct cp_session_opts {
                                   this many bytes. With packet framing at least
                                   max_packet, so that a packet the service
                                   accepts can be echoed */
-    const cp_route *routes;     /* packet handlers by id, copied at start: each
+    const cp_route *routes;           /* packet handlers by id, copied at start: each
                                   with a handler, no id twice */
-    size_t nroutes;             /* routes may be NULL only when this is 0 */
-    int no_nodelay;             /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
-    uint32_t idle_timeout_ms;   /* nothing received for this long: disconnect (0 = off) */
-    uint32_t packet_timeout_ms; /* a packet started but unfinished this long: disconnect
+    size_t nroutes;                   /* routes may be NULL only when this is 0 */
+    int no_nodelay;                   /* 1 keeps Nagle on (TCP_NODELAY is set by default) */
+    uint32_t idle_timeout_ms;         /* nothing received for this long: disconnect (0 = off) */
+    uint32_t packet_timeout_ms;       /* a packet started but unfinished this long: disconnect
                                    (raw framing: bytes on_recv left unconsumed this long,
                                    timed afresh whenever it consumes some) */
+    uint32_t first_packet_timeout_ms; /* no whole packet this long after connecting (a
+                                         login that does not come): disconnect with
+                                         CP_REASON_FIRST_PACKET_TIMEOUT (0 = off) */
     /* Flow control: a session is not read while its peer is over its rate
      * limit, or while its own send queue is above send_queue_high (until it
      * is back below send_queue_low). Its bytes then wait in the kernel and

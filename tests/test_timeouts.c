@@ -268,3 +268,62 @@ Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
     expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
     cpt_env_stop(&e);
 }
+
+/* ------------------------------------------------------------------ first packet */
+
+static void start_first(cpt_env *e, uint32_t first_ms)
+{
+    cp_server_opts o = { .host = CPT_HOST4 };
+    o.session.first_packet_timeout_ms = first_ms;
+    cpt_env_start(e, 0, &o, NULL, 64, 0);
+}
+
+/* A login that never comes: connected, silent, cut at the deadline. */
+Test(timeouts, a_client_that_sends_no_packet_is_cut_by_the_first_packet_timeout, .timeout = 30)
+{
+    cpt_env e;
+    start_first(&e, 200);
+    int fd = cpt_xconnect(e.sport);
+    uint64_t t0 = cpt_now_ms();
+    cpt_xclosed(fd, 3000);
+    uint64_t took = cpt_now_ms() - t0;
+    cr_expect_geq(took, 180, "cut after %llu ms, before the 200 ms deadline", (unsigned long long)took);
+    cr_expect_lt(took, 1500, "cut only after %llu ms", (unsigned long long)took);
+    cpt_close(fd);
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "on_disconnected did not run");
+    cpt_xsettle(e.svc, e.t);
+    cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_FIRST_PACKET_TIMEOUT]), 1);
+    cpt_env_stop(&e);
+}
+
+/* Half a packet is not a packet: the first packet's deadline still holds. */
+Test(timeouts, half_a_first_packet_does_not_meet_the_first_packet_deadline, .timeout = 30)
+{
+    cpt_env e;
+    start_first(&e, 300);
+    int fd = cpt_xconnect(e.sport);
+    send_half_packet(fd);
+    cpt_xclosed(fd, 3000);
+    cpt_close(fd);
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "on_disconnected did not run");
+    cpt_xsettle(e.svc, e.t);
+    cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_FIRST_PACKET_TIMEOUT]), 1);
+    cpt_env_stop(&e);
+}
+
+/* A first packet in time lifts the deadline for good: the session then
+ * stays silent past it, and is still served. */
+Test(timeouts, a_first_packet_in_time_lifts_the_deadline, .timeout = 30)
+{
+    cpt_env e;
+    start_first(&e, 200);
+    int fd = cpt_xconnect(e.sport);
+    cpt_xsend_packet(fd, 5, "login", 5);
+    cpt_xrecv_packet_eq(fd, 5, "login", 5);
+    cpt_sleep_ms(600); /* a window in which nothing may happen: three deadlines long */
+    cpt_xsend_packet(fd, 6, "still here", 10);
+    cpt_xrecv_packet_eq(fd, 6, "still here", 10);
+    cr_assert_eq(atomic_load(&e.t->disconnected), 0, "a session past its first packet was cut");
+    cpt_close(fd);
+    cpt_env_stop(&e);
+}

@@ -40,8 +40,9 @@ typedef struct server_config {
     size_t send_queue_limit;
     uint32_t idle_timeout_ms;
     uint32_t packet_timeout_ms;
-    uint32_t keepalive_ms;    /* TCP keepalive: idle this long, then probes */
-    uint32_t user_timeout_ms; /* TCP_USER_TIMEOUT */
+    uint32_t first_packet_ms;       /* no whole packet this long after connecting: cut */
+    uint32_t keepalive_ms;          /* TCP keepalive: idle this long, then probes */
+    uint32_t user_timeout_ms;       /* TCP_USER_TIMEOUT */
     int64_t rate_limit;             /* packets/s per session; -1 = the mode's default */
     const char *bus_url;            /* chat across servers: nats://... or redis://...; NULL = off */
     const char *room;               /* the room's name on the bus */
@@ -113,6 +114,9 @@ static void usage(FILE *out)
             "  --idle-timeout MS     disconnect a session that sent nothing for MS (0 = off)\n"
             "  --packet-timeout MS   disconnect a session whose packet stays unfinished\n"
             "                        for MS (0 = off)\n"
+            "  --first-packet-timeout MS\n"
+            "                        disconnect a session that sent no whole packet\n"
+            "                        within MS of connecting (a login; 0 = off)\n"
             "  --keepalive MS        probe a connection silent for MS (TCP keepalive, 3\n"
             "                        probes 1 s apart): a peer that vanished without a\n"
             "                        FIN is cut (0 = off, the default)\n"
@@ -181,6 +185,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                                                  "--send-queue-limit",
                                                  "--idle-timeout",
                                                  "--packet-timeout",
+                                                 "--first-packet-timeout",
                                                  "--keepalive",
                                                  "--user-timeout",
                                                  "--rate-limit",
@@ -267,6 +272,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                 cfg->idle_timeout_ms = (uint32_t)n;
             else
                 cfg->packet_timeout_ms = (uint32_t)n;
+        } else if (strcmp(opt, "--first-packet-timeout") == 0) {
+            if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
+                usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
+            cfg->first_packet_ms = (uint32_t)n;
         } else if (strcmp(opt, "--keepalive") == 0 || strcmp(opt, "--user-timeout") == 0) {
             if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
                 usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
@@ -571,6 +580,7 @@ int main(int argc, char **argv)
             .send_queue_limit = cfg.send_queue_limit,
             .idle_timeout_ms = cfg.idle_timeout_ms,
             .packet_timeout_ms = cfg.packet_timeout_ms,
+            .first_packet_timeout_ms = cfg.first_packet_ms,
             .keepalive_idle_ms = cfg.keepalive_ms,
             .user_timeout_ms = cfg.user_timeout_ms,
             .recv_rate_packets = (uint32_t)cfg.rate_limit,

@@ -223,7 +223,13 @@ struct cp_session {
      * TCP. Bit i of flt_finished: flt[i]'s finish ran. */
     cp_filter *flt[CP_FILTERS_MAX];
 
-    uint64_t drain_deadline_ns; /* cp_session_shutdown: closed hard at this time */
+    /* Draining (cp_session_shutdown): closed hard at this time. Before the
+     * first packet (which comes before any drain could matter to it): the
+     * first packet's deadline, first_packet_timeout. */
+    union {
+        uint64_t drain_deadline_ns;
+        uint64_t first_deadline_ns;
+    };
     /* Sends that arrived before an earlier one (owner only): their buffers
      * wait here, sorted, until the tickets before them (tx_applied) have
      * been applied. */
@@ -241,6 +247,7 @@ struct cp_session {
      * resumes a session the limit paused. */
     uint8_t rx_block;
     bool rx_backlog; /* carry holds the rest of a receive a pause stopped (packet.c) */
+    bool first_seen; /* a whole packet (raw: bytes) has arrived */
     uint32_t rx_round, rx_round_bytes;
     uint64_t rx_paused_ns;
     uint64_t tat_pkts, tat_bytes;
@@ -407,6 +414,7 @@ struct cp_service {
     uint32_t ka_idle_ms, ka_interval_ms, ka_probes; /* TCP keepalive; idle 0 = off */
     uint32_t user_timeout_ms;                       /* TCP_USER_TIMEOUT; 0 = off */
     uint64_t idle_timeout_ns, packet_timeout_ns;    /* 0 = off */
+    uint64_t first_packet_ns;                       /* 0 = off */
     size_t sq_high, sq_low;                         /* send-queue watermarks (receive paused between) */
     uint32_t rate_pkts, rate_bytes;                 /* receive rate limit per second; 0 = none */
     uint64_t win_pkts_ns, win_bytes_ns;             /* the bursts, as time at those rates */

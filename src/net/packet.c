@@ -91,6 +91,9 @@ static size_t header_size(cp_session *s, const uint8_t *hdr)
 /* Hands one packet to its handler. Returns false if the session is closing. */
 static bool dispatch(cp_session *s, const uint8_t *pkt, size_t size)
 {
+    /* The first packet's deadline is gone; the timer, if armed for it,
+     * moves on when it fires. */
+    s->first_seen = true;
     cp_service *svc = s->svc;
     uint16_t id = cp_get_u16(pkt + 2);
     cp_packet_fn fn = id < svc->nroutes ? svc->routes[id] : NULL;
@@ -230,6 +233,7 @@ static size_t raw_deliver(cp_session *s, const uint8_t *p, size_t n)
 
 static void raw_input(cp_session *s, const uint8_t *p, size_t n)
 {
+    s->first_seen = true; /* raw framing: bytes count as the first packet */
     size_t limit = s->svc->raw_limit                    ? s->svc->raw_limit
                    : s->svc->max_packet > RAW_CARRY_MIN ? s->svc->max_packet
                                                         : RAW_CARRY_MIN;

@@ -239,6 +239,7 @@ static void service_configure(cp_service *svc, const cp_session_opts *o)
     svc->user_timeout_ms = o->user_timeout_ms;
     svc->idle_timeout_ns = (uint64_t)o->idle_timeout_ms * 1000000u;
     svc->packet_timeout_ns = (uint64_t)o->packet_timeout_ms * 1000000u;
+    svc->first_packet_ns = (uint64_t)o->first_packet_timeout_ms * 1000000u;
     svc->sq_high = o->send_queue_high;
     svc->sq_low = o->send_queue_low;
     svc->rate_pkts = o->recv_rate_packets;

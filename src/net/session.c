@@ -64,11 +64,23 @@ static uint64_t idle_deadline(const cp_session *s)
     return s->last_rx_ns + svc->idle_timeout_ns;
 }
 
-/* The nearer of the two. */
+static uint64_t first_deadline(const cp_session *s)
+{
+    return s->svc->first_packet_ns && !s->first_seen ? s->first_deadline_ns : UINT64_MAX;
+}
+
+/* The nearest of the three. */
 static uint64_t timeout_deadline(const cp_session *s)
 {
-    uint64_t p = packet_deadline(s), i = idle_deadline(s);
-    return p < i ? p : i;
+    uint64_t p = packet_deadline(s), i = idle_deadline(s), f = first_deadline(s);
+    uint64_t d = p < i ? p : i;
+    return f < d ? f : d;
+}
+
+/* The timer watches a deadline of the connected session's. */
+static bool timed(const cp_service *svc)
+{
+    return svc->idle_timeout_ns || svc->packet_timeout_ns || svc->first_packet_ns;
 }
 
 /* With only a packet timeout and no packet under way the timer stays
@@ -102,7 +114,9 @@ static void on_timeout(cp_worker *w, void *sp)
 {
     cp_session *s = sp;
     uint64_t now = cp__now_ns();
-    if (packet_deadline(s) <= now)
+    if (first_deadline(s) <= now)
+        cp__session_close(s, CP_REASON_FIRST_PACKET_TIMEOUT, -ETIMEDOUT);
+    else if (packet_deadline(s) <= now)
         cp__session_close(s, CP_REASON_PACKET_TIMEOUT, -ETIMEDOUT);
     else if (idle_deadline(s) <= now)
         cp__session_close(s, CP_REASON_IDLE_TIMEOUT, -ETIMEDOUT);
@@ -116,7 +130,7 @@ void cp__session_timeout_rearm(cp_session *s)
      * the idle clock must not move (session_connected arms it after). */
     if (atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_HANDSHAKING)
         return;
-    if (s->svc->idle_timeout_ns || s->svc->packet_timeout_ns)
+    if (timed(s->svc))
         timeout_rearm(s->owner, s);
 }
 
@@ -567,8 +581,9 @@ static void session_connected(cp_session *s, int from)
         return;
     s->was_connected = true;
     cp__stat_add(&svc->st.connected, 1);
-    if (svc->idle_timeout_ns || svc->packet_timeout_ns) {
+    if (timed(svc)) {
         s->last_rx_ns = s->owner->now_ns = cp__now_ns();
+        s->first_deadline_ns = s->last_rx_ns + svc->first_packet_ns;
         timeout_rearm(s->owner, s);
     }
     if (svc->h.on_connected)

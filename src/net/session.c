@@ -126,9 +126,10 @@ static void on_timeout(cp_worker *w, void *sp)
 
 void cp__session_timeout_rearm(cp_session *s)
 {
-    /* In a filter's handshake the timer is the handshake's deadline, which
-     * the idle clock must not move (session_connected arms it after). */
-    if (atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_HANDSHAKING)
+    /* Only a connected session's timer watches these deadlines: in a
+     * filter's handshake it is the handshake's (session_connected arms it
+     * after), in a drain the drain's, which they must not move. */
+    if (atomic_load_explicit(&s->state, memory_order_relaxed) != CP_S_CONNECTED)
         return;
     if (timed(s->svc))
         timeout_rearm(s->owner, s);

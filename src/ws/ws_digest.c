@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * SHA-1, random bytes and base64 for WebSocket (ws_digest.h), through
- * OpenSSL. Called once per upgrade, never per frame.
+ * SHA-1, random bytes and base64 for WebSocket (ws_digest.h): OpenSSL on
+ * Linux, CNG on Windows. Both are called once per upgrade, never per frame.
  */
 #include "ws/ws_digest.h"
 
@@ -9,8 +9,13 @@
 #include <stdbool.h>
 #include <string.h>
 
-#include <openssl/evp.h>
-#include <openssl/rand.h>
+#ifdef _WIN32
+#  include <windows.h>
+#  include <bcrypt.h>
+#else
+#  include <openssl/evp.h>
+#  include <openssl/rand.h>
+#endif
 
 #define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #define SHA1_LEN 20
@@ -36,6 +41,33 @@ void cp__ws_base64(const uint8_t *in, size_t n, char *out)
     *out = '\0';
 }
 
+#ifdef _WIN32
+
+/* A provider opened per call: an upgrade is rare next to the frames that
+ * follow it, and nothing outlives the call (no handle to account for). */
+static int sha1_key(const char *key, uint8_t md[SHA1_LEN])
+{
+    BCRYPT_ALG_HANDLE alg = NULL;
+    BCRYPT_HASH_HANDLE h = NULL;
+    bool ok = BCRYPT_SUCCESS(BCryptOpenAlgorithmProvider(&alg, BCRYPT_SHA1_ALGORITHM, NULL, 0)) &&
+              BCRYPT_SUCCESS(BCryptCreateHash(alg, &h, NULL, 0, NULL, 0, 0)) &&
+              BCRYPT_SUCCESS(BCryptHashData(h, (PUCHAR)key, (ULONG)strlen(key), 0)) &&
+              BCRYPT_SUCCESS(BCryptHashData(h, (PUCHAR)WS_GUID, (ULONG)(sizeof WS_GUID - 1), 0)) &&
+              BCRYPT_SUCCESS(BCryptFinishHash(h, md, SHA1_LEN, 0));
+    if (h)
+        BCryptDestroyHash(h);
+    if (alg)
+        BCryptCloseAlgorithmProvider(alg, 0);
+    return ok ? 0 : -EIO;
+}
+
+int cp__ws_random(void *p, size_t n)
+{
+    return BCRYPT_SUCCESS(BCryptGenRandom(NULL, p, (ULONG)n, BCRYPT_USE_SYSTEM_PREFERRED_RNG)) ? 0 : -EIO;
+}
+
+#else
+
 static int sha1_key(const char *key, uint8_t md[SHA1_LEN])
 {
     unsigned int len = 0;
@@ -48,6 +80,8 @@ static int sha1_key(const char *key, uint8_t md[SHA1_LEN])
 }
 
 int cp__ws_random(void *p, size_t n) { return RAND_bytes(p, (int)n) == 1 ? 0 : -EIO; }
+
+#endif
 
 int cp__ws_accept_key(const char *key, char out[CP_WS_ACCEPT_LEN + 1])
 {

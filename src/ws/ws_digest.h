@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * What WebSocket needs of cryptography, behind one seam (ws_digest.c): SHA-1
- * for the accept key and random bytes for a client's key and mask seed,
- * from OpenSSL. Base64 is a few lines of our own, so that a system with
- * another SHA-1 and generator needs only those two.
+ * for the accept key and random bytes for a client's key and mask seed.
+ * OpenSSL provides both on Linux, CNG (bcrypt.dll) on Windows, where there is
+ * no OpenSSL. Base64 is a few lines of our own, so it is the same code on
+ * both systems.
  */
 #ifndef CP_WS_DIGEST_H
 #define CP_WS_DIGEST_H

@@ -695,8 +695,9 @@ typedef struct cp_ws_opts {
                                     else 1007); 0: they close with 1003 */
 } cp_ws_opts;
 
-/* -EINVAL for bad options, -ENOMEM, -ENOTSUP where the build has no SHA-1
- * (no OpenSSL on this platform). */
+/* -EINVAL for bad options, -ENOMEM, -ENOTSUP where the build has no
+ * WebSocket (no llhttp, or Linux without OpenSSL for SHA-1; Windows uses
+ * CNG). */
 CP_API int cp_ws_create(cp_ws **out, const cp_ws_opts *opts);
 CP_API void cp_ws_ref(cp_ws *ws);
 CP_API void cp_ws_unref(cp_ws *ws);

@@ -13,7 +13,7 @@ set(allowed_buf "${allowed_mem};buf/sendbuf.h")
 set(allowed_net "${allowed_port};buf/sendbuf.h;net/net.h")
 set(allowed_bus "${allowed_net};bus/bus.h;bus/nats_wire.h")
 set(allowed_tls "${allowed_net}")
-set(allowed_ws "${allowed_net}")
+set(allowed_ws "${allowed_net};ws/ws_digest.h")
 
 set(rules
   "src/core.c=base" "src/sys.c=base" "src/sys.h=base" "src/queue.h=base" "src/base.h=base"

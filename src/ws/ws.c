@@ -18,6 +18,7 @@
  * its own (ws_client).
  */
 #include "net/net.h"
+#include "ws/ws_digest.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -30,16 +31,10 @@
 
 #include <llhttp.h>
 
-#ifdef CP_HAVE_OPENSSL
-#  include <openssl/evp.h>
-#  include <openssl/rand.h>
-#  include <openssl/sha.h>
-#endif
 #ifndef _WIN32
 #  include <arpa/inet.h>
 #endif
 
-#define WS_GUID "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #define MAX_REQUEST_DEFAULT 8192u
 #define UPGRADE_MS_DEFAULT 10000u
 #define CLOSE_DRAIN_MS 1000u /* after our Close: the peer's answer and FIN, at most this long */
@@ -708,25 +703,6 @@ static void http_refuse(ws_filter *f, int code, const char *extra, const char *b
     }
 }
 
-static int sha1_b64(const char *key, char out[29])
-{
-#ifdef CP_HAVE_OPENSSL
-    unsigned char md[SHA_DIGEST_LENGTH];
-    unsigned int mdlen = 0;
-    EVP_MD_CTX *c = EVP_MD_CTX_new();
-    bool ok = c && EVP_DigestInit_ex(c, EVP_sha1(), NULL) && EVP_DigestUpdate(c, key, strlen(key)) &&
-              EVP_DigestUpdate(c, WS_GUID, sizeof WS_GUID - 1) && EVP_DigestFinal_ex(c, md, &mdlen);
-    EVP_MD_CTX_free(c);
-    if (!ok)
-        return -EIO;
-    EVP_EncodeBlock((unsigned char *)out, md, (int)mdlen);
-    return 0;
-#else
-    CP_UNUSED(key), CP_UNUSED(out);
-    return -ENOTSUP;
-#endif
-}
-
 /* A Sec-WebSocket-Key: the base64 of 16 bytes, so 24 characters ending "==". */
 static bool key_valid(const char *k)
 {
@@ -817,8 +793,8 @@ static bool upgrade_answer(ws_filter *f)
             return false;
         }
     }
-    char accept[29];
-    if (sha1_b64(key, accept) < 0) {
+    char accept[CP_WS_ACCEPT_LEN + 1];
+    if (cp__ws_accept_key(key, accept) < 0) {
         http_refuse(f, 500, NULL, NULL);
         return false;
     }
@@ -864,16 +840,15 @@ static void host_of(const ws_filter *f, char *out, size_t n)
 /* A client's upgrade request, with a fresh key whose answer it keeps. */
 static int client_request(ws_filter *f)
 {
-#ifdef CP_HAVE_OPENSSL
     ws_client *c = client_of(f);
-    unsigned char nonce[16];
-    if (RAND_bytes(nonce, sizeof nonce) != 1 || RAND_bytes((unsigned char *)&c->rnd, sizeof c->rnd) != 1)
+    uint8_t nonce[16];
+    if (cp__ws_random(nonce, sizeof nonce) < 0 || cp__ws_random(&c->rnd, sizeof c->rnd) < 0)
         return -EIO;
     if (!c->rnd)
         c->rnd = 0x9e3779b9u; /* xorshift must not start at 0 */
     char key[25];
-    EVP_EncodeBlock((unsigned char *)key, nonce, (int)sizeof nonce);
-    if (sha1_b64(key, f->x->up->accept) < 0)
+    cp__ws_base64(nonce, sizeof nonce, key);
+    if (cp__ws_accept_key(key, f->x->up->accept) < 0)
         return -EIO;
     char host[96], req[640];
     host_of(f, host, sizeof host);
@@ -886,10 +861,6 @@ static int client_request(ws_filter *f)
     if (n < 0 || (size_t)n >= sizeof req)
         return -EINVAL;
     return own_bytes(f, req, (size_t)n) ? 0 : -ENOMEM;
-#else
-    CP_UNUSED(f);
-    return -ENOTSUP;
-#endif
 }
 
 /* The server did not upgrade: the connect failed (on_connect_failed). */
@@ -1362,9 +1333,6 @@ int cp_ws_create(cp_ws **out, const cp_ws_opts *o)
     if ((o->max_request && o->max_request < 64) || (o->path && o->path[0] != '/') ||
         (o->subprotocol && !o->subprotocol[0]))
         return -EINVAL;
-#ifndef CP_HAVE_OPENSSL
-    return -ENOTSUP;
-#endif
     cp_ws *ws = cp__zalloc(sizeof *ws);
     if (!ws)
         return -ENOMEM;

@@ -37,15 +37,15 @@ else
   srcs=$(printf '%s\n' $srcs | grep -v '/tls/tls\.c$' | tr '\n' ' ')
 fi
 # WebSocket needs llhttp's C sources (Debian's node-llhttp) and OpenSSL's
-# SHA-1, as in the library's build; otherwise its -ENOTSUP stand-in.
-# Exactly one of the two is compiled.
+# SHA-1 (ws_digest.c), as in the library's build; otherwise its -ENOTSUP
+# stand-in. Exactly one of the two is compiled.
 llhttp=/usr/share/llhttp
 if [ -n "$tls_target" ] && [ -f "$llhttp/llhttp.c" ]; then
   srcs=$(printf '%s\n' $srcs | grep -v '/ws_none\.c$' | tr '\n' ' ')
   srcs="$srcs $llhttp/llhttp.c $llhttp/api.c $llhttp/http.c"
   defs="$defs -I/usr/share/include/llhttp"
 else
-  srcs=$(printf '%s\n' $srcs | grep -v '/ws/ws\.c$' | tr '\n' ' ')
+  srcs=$(printf '%s\n' $srcs | grep -v -e '/ws/ws\.c$' -e '/ws/ws_digest\.c$' | tr '\n' ' ')
 fi
 # The bus's Redis driver needs hiredis; without it, that driver and its
 # fuzzer are left out, as in the library's build.

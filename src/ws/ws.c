@@ -140,7 +140,7 @@ typedef struct ws_filter {
 typedef struct ws_client {
     ws_filter f;
     cp_sendq wire;
-    uint32_t rnd;   /* masks: xorshift32, seeded from OpenSSL's RAND_bytes */
+    uint32_t rnd;   /* masks: xorshift32, seeded from the system (cp__ws_random) */
     ws_mark *marks; /* ring */
     uint32_t mhead, mlen, mcap;
     ws_mark marks_in[2];

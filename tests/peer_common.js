@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 //
-// What the Node.js peers of cport's tests share (tests/tls_peer.js): their
-// command line, the random packets, and the load mode's echo loop and lines.
+// What the Node.js peers of cport's tests share (tests/tls_peer.js,
+// tests/ws_peer.js): their command line, the random packets, and the load
+// mode's echo loop and lines.
 'use strict';
 
 // xorshift32: the same sizes and bytes for the same seed (seed=S).

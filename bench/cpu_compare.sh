@@ -25,6 +25,9 @@
 # Exit 0 if every run succeeded (loadgen exit 0), 1 if any failed, 2 on bad usage.
 # shellcheck disable=SC2317,SC2059  # cleanup runs from a trap; printf formats are ours
 set -u
+# cpu_ticks, listening, next_port (P from $port), kv and median
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
 
 usage() {
     cat <<'EOF'
@@ -111,37 +114,7 @@ trap cleanup EXIT
 trap 'echo "cpu_compare: interrupted" >&2; exit 130' INT TERM HUP
 
 # ------------------------------------------------------------------ helpers
-# utime+stime (all threads) of a process, in clock ticks
-cpu_ticks() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }          # drop "pid (comm) "; fields now start at field 3 (state)
-    # shellcheck disable=SC2086
-    set -- $s
-    echo $(( ${12} + ${13} ))
-}
-
-# is something listening on TCP port $1 (IPv4 or IPv6)?
-listening() {
-    local hex
-    hex=$(printf '%04X' "$1")
-    awk -v h=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { f = 1 } END { exit !f }' \
-        /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
-
-next_port() { # sets P to a port nothing listens on; the next run takes the one after
-    while listening "$port"; do port=$((port + 1)); done
-    P=$port
-    port=$((port + 1))
-}
-
 now_ns() { date +%s%N; }
-
-kv() { # kv KEY LINE -> value of KEY=value in LINE
-    local k=$1 w
-    for w in $2; do case "$w" in "$k"=*) echo "${w#*=}"; return 0 ;; esac; done
-    echo ""
-}
 
 # run_one NAME COMMAND -> sets R_msgs R_rate R_cpu_s R_util R_lg R_us R_p99 R_ok
 run_one() {
@@ -235,12 +208,6 @@ spread() { # "[lo, hi] k/N" for per-round ratios on stdin: 90% bootstrap interva
             for (b = 1; b <= B; b++) { for (i = 1; i <= NR; i++) s[i] = v[int(rand() * NR) + 1]; m[b] = med(s, NR) }
             med(m, B)
             printf "[%.3f, %.3f] %d/%d\n", m[int(B * 0.05)], m[int(B * 0.95)], below, NR }'
-}
-
-median() { # median FORMAT < numbers ("nan" and empty ignored)
-    grep -v -e nan -e '^$' | sort -g | awk -v f="$1\n" '{ v[NR] = $1 } END {
-        if (NR == 0) { print "nan"; exit }
-        if (NR % 2) printf f, v[(NR + 1) / 2]; else printf f, (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 # --------------------------------------------------------------------- main

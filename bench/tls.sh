@@ -56,18 +56,13 @@
 # (5), STORM_SECONDS (5), TLS_HS_COUNT (2000), TLS_IDLE (2000), TLS_PARTS
 # (which of the parts above run, default "1 2 3 4 5"; e.g. TLS_PARTS=2 with
 # more rounds to look at the handshake figure alone).
-# shellcheck disable=SC2317,SC2059  # cleanup runs from a trap; printf formats are ours
 set -u
 
-usage() { echo "usage: bench/tls.sh [BUILD_DIR] [ROUNDS]   (defaults: build 3)"; }
-case "${1:-}" in -h | --help) usage; exit 0 ;; esac
-[ $# -le 2 ] || { usage >&2; exit 2; }
-B=${1:-build}
-ROUNDS=${2:-3}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { usage >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
-B=$(cd "$B" 2>/dev/null && pwd) || { echo "tls.sh: no build directory ${1:-build}" >&2; exit 2; }
-SCPU=0 LCPU=1
+ME=tls.sh
+# shellcheck source=lib.sh
+. "$here/lib.sh"
+bench_args "$@"
 ECHO_S=${TLS_ECHO_SECONDS:-4}
 CHURN_S=${TLS_CHURN_SECONDS:-3}
 CHAT_S=${TLS_CHAT_SECONDS:-5}
@@ -75,12 +70,8 @@ STORM_S=${STORM_SECONDS:-5}
 HS_COUNT=${TLS_HS_COUNT:-2000}
 IDLE_N=${TLS_IDLE:-2000}
 
-for p in cport-server loadgen tls_epoll_echo tls_hs_cost storm idle_conns; do
-    [ -x "$B/$p" ] || { echo "tls.sh: $B/$p not built (OpenSSL missing? apt-get install libssl-dev)" >&2; exit 2; }
-done
-for t in openssl taskset timeout awk getconf; do
-    command -v $t >/dev/null || { echo "tls.sh: needs $t" >&2; exit 2; }
-done
+need_built "OpenSSL missing? apt-get install libssl-dev" cport-server loadgen tls_epoll_echo tls_hs_cost storm idle_conns
+need_tools openssl taskset timeout awk getconf
 HAVE_ASIO=0
 [ -x "$B/asio_tls_echo" ] && HAVE_ASIO=1
 
@@ -91,141 +82,9 @@ SRV="$B/cport-server --workers 1 --tls-cert $CERT --tls-key $KEY"
 SRV_PLAIN="$B/cport-server --workers 1"
 T0=$(date +%s)
 
-# ------------------------------------------------------------------ helpers
-PIDS=""
-cleanup() {
-    local p
-    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
-    for p in $PIDS; do
-        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null
-    done
-    wait 2>/dev/null
-}
-trap cleanup EXIT
-trap 'echo "tls.sh: interrupted" >&2; exit 130' INT TERM HUP
-
-forget() { # forget PID: no longer ours to clean up
-    local p out=""
-    for p in $PIDS; do [ "$p" = "$1" ] || out="$out $p"; done
-    PIDS=$out
-}
-
-elapsed() { echo $(($(date +%s) - T0)); }
-
-listening() { # is something listening on TCP port $1 (IPv4 or IPv6)?
-    local hex
-    hex=$(printf '%04X' "$1")
-    awk -v h=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { f = 1 } END { exit !f }' \
-        /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
-
+trap_cleanup
 port=17800
-next_port() { # P = a port nothing listens on; the next call takes the one after
-    while listening "$port"; do port=$((port + 1)); done
-    P=$port
-    port=$((port + 1))
-}
-
-kv() { # kv KEY LINE -> value of KEY=value in LINE
-    local w
-    for w in $2; do case "$w" in "$1"=*) echo "${w#*=}"; return 0 ;; esac; done
-    echo ""
-}
-
-median() { # median FORMAT < numbers ("nan" and empty lines ignored)
-    grep -v -e nan -e '^$' | sort -g | awk -v f="$1\n" '{ v[NR] = $1 } END {
-        if (NR == 0) { print "nan"; exit }
-        if (NR % 2) printf f, v[(NR + 1) / 2]; else printf f, (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
-maxof() { grep -v -e nan -e '^$' | sort -g | tail -1; }
-minof() { grep -v -e nan -e '^$' | sort -g | head -1; }
-
-div() { awk -v a="$1" -v b="$2" -v f="${3:-%.3f}" 'BEGIN { if (a == "" || b == "" || a == "nan" || b == "nan" || b == 0) print "nan"; else printf f "\n", a / b }'; }
-
-verdict() { # verdict VALUE OP LIMIT -> ok / MISSED / n/a
-    awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
-        if (v == "" || v == "nan") { print "n/a"; exit }
-        ok = (op == "<=") ? (v + 0 <= l + 0) : (op == "<") ? (v + 0 < l + 0) : (op == ">=") ? (v + 0 >= l + 0) : (v + 0 == l + 0)
-        print ok ? "ok" : "MISSED" }'
-}
-
-cpu_ticks() { # utime+stime (all threads) of process $1, in clock ticks
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    # shellcheck disable=SC2086
-    set -- $s
-    echo $((${12} + ${13}))
-}
-
-status_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null; }
-
-FAILED=0
-fail() { echo "tls.sh: $*" >&2; FAILED=1; }
-
-# start_server NAME COMMAND -> SPID, P (its port); pinned to SCPU, log in $LOG/NAME.server.log
-start_server() {
-    local name=$1 cmd=$2 deadline
-    next_port
-    # shellcheck disable=SC2086
-    taskset -c "$SCPU" $cmd --port "$P" >"$LOG/$name.server.log" 2>&1 </dev/null &
-    SPID=$!
-    PIDS="$PIDS $SPID"
-    deadline=$(($(date +%s) + 10))
-    while ! listening "$P"; do
-        if ! kill -0 "$SPID" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
-            fail "$name: server not listening on $P (see $LOG/$name.server.log)"
-            stop_server
-            return 1
-        fi
-        sleep 0.05
-    done
-    sleep 0.1
-}
-
-stop_server() {
-    [ -n "${SPID:-}" ] || return 0
-    kill -TERM "$SPID" 2>/dev/null
-    for _ in $(seq 1 50); do kill -0 "$SPID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$SPID" 2>/dev/null
-    wait "$SPID" 2>/dev/null
-    forget "$SPID"
-    SPID=""
-}
-
-# run_load NAME "SERVER COMMAND" "LOADGEN ARGS" -> RL (the RESULT line, "" if none),
-# RL_ok (1 if loadgen exit 0), RL_whole_us (server us/msg over the whole loadgen run)
-run_load() {
-    local name=$1 log=$LOG/$1.loadgen.log c0 c1 rc
-    RL="" RL_ok=0 RL_whole_us=nan
-    start_server "$name" "$2" || return 1
-    c0=$(cpu_ticks "$SPID")
-    # shellcheck disable=SC2086
-    timeout -k 5 120 taskset -c "$LCPU" "$B/loadgen" $3 --port "$P" --server-pid "$SPID" >"$log" 2>&1 </dev/null
-    rc=$?
-    c1=$(cpu_ticks "$SPID") || c1=""
-    stop_server
-    RL=$(grep '^RESULT ' "$log" | tail -1)
-    [ $rc -eq 0 ] && [ -n "$RL" ] && [ -n "$c1" ] && RL_ok=1
-    [ "$RL_ok" = 1 ] || { fail "$name: loadgen exit $rc (see $log)"; grep -v '^RESULT' "$log" | tail -3 >&2; }
-    RL_whole_us=$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" -v m="$(kv msgs "$RL")" \
-        'BEGIN { if (b == "" || m + 0 == 0) print "nan"; else printf "%.4f\n", (b - a) / hz * 1e6 / m }')
-}
-
-# alternating order: the given order on odd rounds, reversed on even ones
-order() { # order ROUND N -> indexes
-    local r=$1 n=$2 i
-    for ((i = 0; i < n; i++)); do
-        if [ $((r % 2)) -eq 0 ]; then echo $((n - 1 - i)); else echo "$i"; fi
-    done
-}
-
-declare -a SUM
-row() { SUM+=("$1|$2|$3|$4"); } # row WHAT VALUE GOAL VERDICT
 PARTS=${TLS_PARTS:-1 2 3 4 5}
-want() { [[ " $PARTS " == *" $1 "* ]]; } # want N: part N is to run
 
 echo "tls.sh: build $B, $ROUNDS round(s); servers on CPU $SCPU (one worker), clients on CPU $LCPU"
 echo "tls.sh: logs and certificate in $LOG"
@@ -293,8 +152,9 @@ echo
 echo "== [$(elapsed) s] 2. handshakes: OpenSSL's own (tls_hs_cost, $HS_COUNT, on CPU $SCPU) and churn"
 echo "   (connect, full handshake, 64 B echo, close_notify, close; 32 slots, ${CHURN_S} s per run), alternating"
 CH_NAMES=(openssl cport_epoll_tls cport_uring_tls tls_epoll_tls cport_epoll_plain cport_uring_plain)
-CH_CMDS=("" "$SRV --backend epoll" "$SRV --backend uring" "$B/tls_epoll_echo --cert $CERT --key $KEY"
-    "$SRV_PLAIN --backend epoll" "$SRV_PLAIN --backend uring")
+CH_CMDS=("" "$SRV --backend epoll --port {PORT}" "$SRV --backend uring --port {PORT}"
+    "$B/tls_epoll_echo --cert $CERT --key $KEY --port {PORT}"
+    "$SRV_PLAIN --backend epoll --port {PORT}" "$SRV_PLAIN --backend uring --port {PORT}")
 CH_LOAD_TLS="--mode churn --tls --conns 32 --size 64 --duration $CHURN_S"
 CH_LOAD_PLAIN="--mode churn --conns 32 --size 64 --duration $CHURN_S"
 declare -A CH
@@ -364,8 +224,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
         n=${ST_NAMES[$i]}
         procs=2
         [ "$n" = quiet_epoll ] && procs=0
-        cmd="$SRV --backend ${n#*_} --mode echo"
-        [ "$n" = tls_epoll ] && cmd="$B/tls_epoll_echo --cert $CERT --key $KEY"
+        cmd="$SRV --backend ${n#*_} --mode echo --port {PORT}"
+        [ "$n" = tls_epoll ] && cmd="$B/tls_epoll_echo --cert $CERT --key $KEY --port {PORT}"
         name=storm.$n.r$r
         st=FAILED
         line=""
@@ -424,7 +284,7 @@ for b in epoll uring; do
         cmd=$SRV tflag=--tls
         [ $kind = plain ] && cmd=$SRV_PLAIN tflag=""
         per=nan st=FAILED rss_f="" rss0="" rss1=""
-        if start_server "$name" "$cmd --backend $b --mode packet"; then
+        if start_server "$name" "$cmd --backend $b --mode packet --port {PORT}"; then
             rss_f=$(status_kib "$SPID" VmRSS)
             # a warm-up: the first sessions' one-time allocations (OpenSSL's tables, the worker's rings)
             # shellcheck disable=SC2086
@@ -432,23 +292,15 @@ for b in epoll uring; do
             sleep 3
             rss0=$(status_kib "$SPID" VmRSS)
             # shellcheck disable=SC2086
-            taskset -c "$LCPU" "$B/idle_conns" --port "$P" --conns "$IDLE_N" --hold 60 $tflag \
-                >"$LOG/$name.clients.log" 2>&1 </dev/null &
-            ipid=$!
-            PIDS="$PIDS $ipid"
-            for _ in $(seq 1 300); do
-                grep -q '^connected' "$LOG/$name.clients.log" 2>/dev/null && break
-                kill -0 "$ipid" 2>/dev/null || break
-                sleep 0.1
-            done
+            idle_clients "$LOG/$name.clients.log" --port "$P" --conns "$IDLE_N" --hold 60 $tflag
             if grep -q '^connected' "$LOG/$name.clients.log"; then
                 sleep 3
                 rss1=$(status_kib "$SPID" VmRSS)
-                kill -0 "$ipid" 2>/dev/null && st=ok
+                kill -0 "$IPID" 2>/dev/null && st=ok
             fi
-            kill -TERM "$ipid" 2>/dev/null
-            wait "$ipid" 2>/dev/null
-            forget "$ipid"
+            kill -TERM "$IPID" 2>/dev/null
+            wait "$IPID" 2>/dev/null
+            forget "$IPID"
             stop_server
             [ "$st" = ok ] || fail "$name: the $IDLE_N sessions did not all stay up (see $LOG/$name.clients.log)"
             [ "$st" = ok ] && per=$(awk -v a="$rss0" -v b="$rss1" -v n="$IDLE_N" 'BEGIN { printf "%.2f", (b - a) / n }')
@@ -475,8 +327,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
         b=${n#cport_}
         b=${b%%_*}
         ld="--mode chat --conns 1000 --rate 1 --size 64 --duration $CHAT_S --drain 10"
-        cmd="$SRV_PLAIN --backend $b --mode chat"
-        case "$n" in *_tls) ld="$ld --tls" cmd="$SRV --backend $b --mode chat" ;; esac
+        cmd="$SRV_PLAIN --backend $b --mode chat --port {PORT}"
+        case "$n" in *_tls) ld="$ld --tls" cmd="$SRV --backend $b --mode chat --port {PORT}" ;; esac
         run_load "chat.$n.r$r" "$cmd" "$ld"
         us=nan
         [ "$RL_ok" = 1 ] && us=$(kv srv_us_per_msg "$RL")
@@ -500,11 +352,5 @@ fi
 echo
 echo "== [$(elapsed) s] summary: issue 17's TLS acceptance, from outside ($ROUNDS rounds; medians;"
 echo "   servers pinned to CPU $SCPU with one worker, clients on CPU $LCPU; a shared VM's numbers are noisy)"
-fmt='%-50s %-74s %-13s %s\n'
-printf "$fmt" what measured goal verdict
-for s in "${SUM[@]}"; do
-    IFS='|' read -r a v g d <<<"$s"
-    printf "$fmt" "$a" "$v" "$g" "$d"
-done
-echo "logs: $LOG"
+summary_table 50 74
 exit $FAILED

@@ -49,29 +49,21 @@
 # bad usage or missing programs, 3 if cport-server has no --ws-port yet.
 # Environment: WS_ECHO_SECONDS (4), WS_CHAT_SECONDS (5), WS_IDLE (2000),
 # WS_ECHO_MODE (packet), WS_PARTS (default "1 2 3"), WS_NODE_DIR.
-# shellcheck disable=SC2317,SC2059  # cleanup runs from a trap; printf formats are ours
 set -u
 
-usage() { echo "usage: bench/ws.sh [BUILD_DIR] [ROUNDS]   (defaults: build 3)"; }
-case "${1:-}" in -h | --help) usage; exit 0 ;; esac
-[ $# -le 2 ] || { usage >&2; exit 2; }
-B=${1:-build}
-ROUNDS=${2:-3}
-[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { usage >&2; exit 2; }
-B=$(cd "$B" 2>/dev/null && pwd) || { echo "ws.sh: no build directory ${1:-build}" >&2; exit 2; }
-SCPU=0 LCPU=1
+here=$(cd "$(dirname "$0")" && pwd)
+ME=ws.sh
+# shellcheck source=lib.sh
+. "$here/lib.sh"
+bench_args "$@"
 ECHO_S=${WS_ECHO_SECONDS:-4}
 CHAT_S=${WS_CHAT_SECONDS:-5}
 IDLE_N=${WS_IDLE:-2000}
 EM=${WS_ECHO_MODE:-packet}
 case "$EM" in packet | echo) ;; *) echo "ws.sh: WS_ECHO_MODE is packet or echo" >&2; exit 2 ;; esac
 
-for p in cport-server loadgen idle_conns; do
-    [ -x "$B/$p" ] || { echo "ws.sh: $B/$p not built" >&2; exit 2; }
-done
-for t in taskset timeout awk getconf; do
-    command -v $t >/dev/null || { echo "ws.sh: needs $t" >&2; exit 2; }
-done
+need_built "" cport-server loadgen idle_conns
+need_tools taskset timeout awk getconf
 if ! "$B/loadgen" --help | grep -q -- --ws || "$B/loadgen" --port 1 --ws --duration 0.01 2>&1 | grep -q 'without OpenSSL'; then
     echo "ws.sh: $B/loadgen has no --ws (built without OpenSSL? apt-get install libssl-dev)" >&2
     exit 2
@@ -95,75 +87,10 @@ SRV="$B/cport-server --workers 1"
 NO_WS="n/a: cport-server has no --ws-port yet"
 T0=$(date +%s)
 
-# ------------------------------------------------------------------ helpers
-PIDS=""
-cleanup() {
-    local p
-    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
-    for p in $PIDS; do
-        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null
-    done
-    wait 2>/dev/null
-}
-trap cleanup EXIT
-trap 'echo "ws.sh: interrupted" >&2; exit 130' INT TERM HUP
-
-forget() { # forget PID: no longer ours to clean up
-    local p out=""
-    for p in $PIDS; do [ "$p" = "$1" ] || out="$out $p"; done
-    PIDS=$out
-}
-
-elapsed() { echo $(($(date +%s) - T0)); }
-
-listening() { # is something listening on TCP port $1 (IPv4 or IPv6)?
-    local hex
-    hex=$(printf '%04X' "$1")
-    awk -v h=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == h { f = 1 } END { exit !f }' \
-        /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
-
+trap_cleanup
 port=18800
-next_port() { # P = a port nothing listens on; the next call takes the one after
-    while listening "$port"; do port=$((port + 1)); done
-    P=$port
-    port=$((port + 1))
-}
+PARTS=${WS_PARTS:-1 2 3}
 
-kv() { # kv KEY LINE -> value of KEY=value in LINE
-    local w
-    for w in $2; do case "$w" in "$1"=*) echo "${w#*=}"; return 0 ;; esac; done
-    echo ""
-}
-
-median() { # median FORMAT < numbers ("nan" and empty lines ignored)
-    grep -v -e nan -e '^$' | sort -g | awk -v f="$1\n" '{ v[NR] = $1 } END {
-        if (NR == 0) { print "nan"; exit }
-        if (NR % 2) printf f, v[(NR + 1) / 2]; else printf f, (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
-maxof() { grep -v -e nan -e '^$' | sort -g | tail -1; }
-
-div() { awk -v a="$1" -v b="$2" -v f="${3:-%.3f}" 'BEGIN { if (a == "" || b == "" || a == "nan" || b == "nan" || b == 0) print "nan"; else printf f "\n", a / b }'; }
-
-verdict() { # verdict VALUE OP LIMIT -> ok / MISSED / n/a
-    awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
-        if (v == "" || v == "nan") { print "n/a"; exit }
-        ok = (op == "<=") ? (v + 0 <= l + 0) : (op == "<") ? (v + 0 < l + 0) : (op == ">=") ? (v + 0 >= l + 0) : (v + 0 == l + 0)
-        print ok ? "ok" : "MISSED" }'
-}
-
-cpu_ticks() { # utime+stime (all threads) of process $1, in clock ticks
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    # shellcheck disable=SC2086
-    set -- $s
-    echo $((${12} + ${13}))
-}
-
-status_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null; }
 # settled_rss PID: VmRSS (KiB) once it held still for 2 s (the worker's
 # trims come in the first two quiet seconds after load), at most 12 s.
 settled_rss() {
@@ -177,80 +104,6 @@ settled_rss() {
     done
     echo "$now"
 }
-
-FAILED=0
-fail() { echo "ws.sh: $*" >&2; FAILED=1; }
-
-# start_server NAME COMMAND -> SPID, P (the port for {PORT}), WP (for {WSPORT});
-# pinned to SCPU, log in $LOG/NAME.server.log; waits until both listen
-start_server() {
-    local name=$1 cmd=$2 deadline
-    next_port
-    local p=$P
-    next_port
-    WP=$P P=$p
-    cmd=${cmd//\{PORT\}/$P}
-    cmd=${cmd//\{WSPORT\}/$WP}
-    # shellcheck disable=SC2086
-    taskset -c "$SCPU" $cmd >"$LOG/$name.server.log" 2>&1 </dev/null &
-    SPID=$!
-    PIDS="$PIDS $SPID"
-    deadline=$(($(date +%s) + 10))
-    while { [[ $2 == *"{PORT}"* ]] && ! listening "$P"; } || { [[ $2 == *"{WSPORT}"* ]] && ! listening "$WP"; }; do
-        if ! kill -0 "$SPID" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
-            fail "$name: server not listening (see $LOG/$name.server.log)"
-            stop_server
-            return 1
-        fi
-        sleep 0.05
-    done
-    sleep 0.1
-}
-
-stop_server() {
-    [ -n "${SPID:-}" ] || return 0
-    kill -TERM "$SPID" 2>/dev/null
-    for _ in $(seq 1 50); do kill -0 "$SPID" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$SPID" 2>/dev/null
-    wait "$SPID" 2>/dev/null
-    forget "$SPID"
-    SPID=""
-}
-
-# run_load NAME "SERVER COMMAND" "LOADGEN ARGS" tcp|ws -> RL (the RESULT line, "" if none),
-# RL_ok (1 if loadgen exit 0), RL_whole_us (server us/msg over the whole loadgen run);
-# the loadgen goes to {PORT} (tcp) or {WSPORT} (ws)
-run_load() {
-    local name=$1 log=$LOG/$1.loadgen.log c0 c1 rc lp
-    RL="" RL_ok=0 RL_whole_us=nan
-    start_server "$name" "$2" || return 1
-    lp=$P
-    [ "$4" = ws ] && lp=$WP
-    c0=$(cpu_ticks "$SPID")
-    # shellcheck disable=SC2086
-    timeout -k 5 120 taskset -c "$LCPU" "$B/loadgen" $3 --port "$lp" --server-pid "$SPID" >"$log" 2>&1 </dev/null
-    rc=$?
-    c1=$(cpu_ticks "$SPID") || c1=""
-    stop_server
-    RL=$(grep '^RESULT ' "$log" | tail -1)
-    [ $rc -eq 0 ] && [ -n "$RL" ] && [ -n "$c1" ] && RL_ok=1
-    [ "$RL_ok" = 1 ] || { fail "$name: loadgen exit $rc (see $log)"; grep -v '^RESULT' "$log" | tail -3 >&2; }
-    RL_whole_us=$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" -v m="$(kv msgs "$RL")" \
-        'BEGIN { if (b == "" || m + 0 == 0) print "nan"; else printf "%.4f\n", (b - a) / hz * 1e6 / m }')
-}
-
-# alternating order: the given order on odd rounds, reversed on even ones
-order() { # order ROUND N -> indexes
-    local r=$1 n=$2 i
-    for ((i = 0; i < n; i++)); do
-        if [ $((r % 2)) -eq 0 ]; then echo $((n - 1 - i)); else echo "$i"; fi
-    done
-}
-
-declare -a SUM
-row() { SUM+=("$1|$2|$3|$4"); } # row WHAT VALUE GOAL VERDICT
-PARTS=${WS_PARTS:-1 2 3}
-want() { [[ " $PARTS " == *" $1 "* ]]; } # want N: part N is to run
 
 echo "ws.sh: build $B, $ROUNDS round(s); servers on CPU $SCPU (one worker), clients on CPU $LCPU"
 echo "ws.sh: logs in $LOG"
@@ -389,26 +242,12 @@ idle_run() {
     rss_f=$(status_kib "$SPID" VmRSS)
     # the first sessions, kept: they pay the one-time costs of a burst of them
     # shellcheck disable=SC2086
-    taskset -c "$LCPU" "$B/idle_conns" --port "$lp" --conns $((IDLE_N / 2)) --hold 60 $flag \
-        >"$LOG/$name.warm.log" 2>&1 </dev/null &
-    wpid=$!
-    PIDS="$PIDS $wpid"
-    for _ in $(seq 1 300); do
-        grep -q '^connected' "$LOG/$name.warm.log" 2>/dev/null && break
-        kill -0 "$wpid" 2>/dev/null || break
-        sleep 0.1
-    done
+    idle_clients "$LOG/$name.warm.log" --port "$lp" --conns $((IDLE_N / 2)) --hold 60 $flag
+    wpid=$IPID
     rss0=$(settled_rss "$SPID")
     # shellcheck disable=SC2086
-    taskset -c "$LCPU" "$B/idle_conns" --port "$lp" --conns "$IDLE_N" --hold 60 $flag \
-        >"$LOG/$name.clients.log" 2>&1 </dev/null &
-    ipid=$!
-    PIDS="$PIDS $ipid"
-    for _ in $(seq 1 300); do
-        grep -q '^connected' "$LOG/$name.clients.log" 2>/dev/null && break
-        kill -0 "$ipid" 2>/dev/null || break
-        sleep 0.1
-    done
+    idle_clients "$LOG/$name.clients.log" --port "$lp" --conns "$IDLE_N" --hold 60 $flag
+    ipid=$IPID
     if grep -q '^connected' "$LOG/$name.clients.log"; then
         rss1=$(settled_rss "$SPID")
         kill -0 "$ipid" 2>/dev/null && st=ok
@@ -469,13 +308,7 @@ echo
 echo "== [$(elapsed) s] summary: issue 18's WebSocket numbers, from outside ($ROUNDS rounds; medians;"
 echo "   servers pinned to CPU $SCPU with one worker, clients on CPU $LCPU; a shared VM's numbers are noisy)"
 [ $HAVE_WS = 1 ] || echo "   cport-server has NO --ws-port yet: the cport WebSocket rows are n/a"
-fmt='%-58s %-72s %-13s %s\n'
-printf "$fmt" what measured goal verdict
-for s in "${SUM[@]}"; do
-    IFS='|' read -r a v g d <<<"$s"
-    printf "$fmt" "$a" "$v" "$g" "$d"
-done
-echo "logs: $LOG"
+summary_table 58 72
 [ $FAILED = 1 ] && exit 1
 [ $HAVE_WS = 1 ] || exit 3
 exit 0

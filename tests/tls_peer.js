@@ -28,30 +28,12 @@
 'use strict';
 const tls = require('tls');
 const fs = require('fs');
+const { commandLine, rand, packet, echoLoad } = require('./peer_common');
 
-const [mode, portArg, caFile, ...rest] = process.argv.slice(2);
-const opt = Object.fromEntries(rest.map((a) => a.split('=')));
+const { args, opt, num } = commandLine(3);
+const [mode, portArg, caFile] = args;
 const port = Number(portArg);
 const ca = fs.readFileSync(caFile);
-
-// xorshift32: the same sizes and bytes for the same seed.
-let seed = Number(opt.seed || 1) >>> 0 || 1;
-function rand() {
-  seed ^= seed << 13;
-  seed >>>= 0;
-  seed ^= seed >>> 17;
-  seed ^= seed << 5;
-  seed >>>= 0;
-  return seed;
-}
-
-function packet(id, len) {
-  const b = Buffer.alloc(4 + len);
-  b.writeUInt16LE(4 + len, 0);
-  b.writeUInt16LE(id & 0xffff, 2);
-  for (let i = 0; i < len; i++) b[4 + i] = rand() & 0xff;
-  return b;
-}
 
 function connect(onUp) {
   const s = tls.connect(
@@ -78,7 +60,7 @@ function write(s, data) {
 }
 
 function burst() {
-  const n = Number(opt.packets || 300);
+  const n = num('packets', 300);
   const parts = [];
   for (let i = 0; i < n; i++) parts.push(packet(i, rand() % 4001));
   const all = Buffer.concat(parts);
@@ -117,68 +99,21 @@ function burst() {
 }
 
 function load() {
-  const n = Number(opt.conns || 1);
-  const counts = new Array(n).fill(0);
-  let errors = 0;
-  let stopping = false;
-  let closed = 0;
-  for (let c = 0; c < n; c++) {
-    let want = null;
-    let got = [];
-    let len = 0;
-    const next = (s) => {
-      if (stopping) {
-        s.end();
-        return;
-      }
-      want = packet(c, rand() % 2000);
-      s.write(want);
-    };
+  echoLoad(num('conns', 1), (c, on) => {
     const s = connect(() => {
       console.log(`UP ${c} ${peerCN(s)}`);
-      next(s);
+      on.up();
     });
-    s.on('data', (d) => {
-      got.push(d);
-      len += d.length;
-      if (!want || len < want.length) return;
-      if (len !== want.length || !Buffer.concat(got).equals(want)) {
-        errors++;
-        console.log(`MISMATCH ${c}`);
-      }
-      got = [];
-      len = 0;
-      counts[c]++;
-      next(s);
-    });
-    s.on('error', (e) => {
-      errors++;
-      console.log(`ERROR ${c} ${e.message}`);
-    });
-    s.on('close', () => {
-      if (!stopping) {
-        errors++;
-        console.log(`CLOSED ${c}`);
-      }
-      if (++closed === n) {
-        console.log(`DONE ${counts.reduce((a, b) => a + b, 0)} ${errors}`);
-        process.exit(errors ? 1 : 0);
-      }
-    });
-  }
-  setInterval(() => {
-    const total = counts.reduce((a, b) => a + b, 0);
-    console.log(`COUNT ${total} ${Math.min(...counts)} ${errors}`);
-  }, 50);
-  process.stdin.on('end', () => {
-    stopping = true;
+    s.on('data', on.data);
+    s.on('error', (e) => on.error(e.message));
+    s.on('close', () => on.closed(true, `CLOSED ${c}`));
+    return { send: (b) => s.write(b), end: () => s.end() };
   });
-  process.stdin.resume();
 }
 
 function storm() {
-  const n = Number(opt.handshakes || 300);
-  const parallel = Number(opt.parallel || 50);
+  const n = num('handshakes', 300);
+  const parallel = num('parallel', 50);
   let started = 0;
   let ok = 0;
   let failed = 0;

@@ -72,6 +72,7 @@ const fs = require('fs');
 const net = require('net');
 const path = require('path');
 const { createRequire } = require('module');
+const { commandLine, rand, packet, echoLoad } = require('./peer_common');
 
 function loadWs() {
   try {
@@ -83,28 +84,8 @@ function loadWs() {
 }
 const WebSocket = loadWs();
 
-const [mode, target, ...rest] = process.argv.slice(2);
-const opt = Object.fromEntries(rest.map((a) => a.split(/=(.*)/s).slice(0, 2)));
-const num = (k, d) => (opt[k] === undefined ? d : Number(opt[k]));
-
-// xorshift32: the same sizes and bytes for the same seed.
-let seed = num('seed', 1) >>> 0 || 1;
-function rand() {
-  seed ^= seed << 13;
-  seed >>>= 0;
-  seed ^= seed >>> 17;
-  seed ^= seed << 5;
-  seed >>>= 0;
-  return seed;
-}
-
-function packet(id, len) {
-  const b = Buffer.alloc(4 + len);
-  b.writeUInt16LE(4 + len, 0);
-  b.writeUInt16LE(id & 0xffff, 2);
-  for (let i = 0; i < len; i++) b[4 + i] = rand() & 0xff;
-  return b;
-}
+const { args, opt, num } = commandLine(2);
+const [mode, target] = args;
 
 function fail(why) {
   console.log(`FAIL ${why}`);
@@ -413,64 +394,17 @@ function chat() {
 // ---------------------------------------------------------------- load
 
 function load() {
-  const n = num('conns', 1);
-  const counts = new Array(n).fill(0);
-  let errors = 0;
-  let stopping = false;
-  let closed = 0;
-  for (let c = 0; c < n; c++) {
-    let want = null;
-    const next = (ws) => {
-      if (stopping) {
-        ws.close(1000, 'done');
-        return;
-      }
-      want = packet(c, rand() % 2000);
-      ws.send(want, { binary: true });
-    };
+  echoLoad(num('conns', 1), (c, on) => {
     const ws = open(() => {
       console.log(`UP ${c}`);
-      next(ws);
+      on.up();
     });
-    let got = [];
-    let len = 0;
-    ws.on('message', (d) => {
-      got.push(d);
-      len += d.length;
-      if (!want || len < want.length) return;
-      if (len !== want.length || !Buffer.concat(got).equals(want)) {
-        errors++;
-        console.log(`MISMATCH ${c}`);
-      }
-      got = [];
-      len = 0;
-      counts[c]++;
-      next(ws);
-    });
+    ws.on('message', on.data);
     ws.removeAllListeners('error');
-    ws.on('error', (e) => {
-      errors++;
-      console.log(`ERROR ${c} ${e.message}`);
-    });
-    ws.on('close', (code) => {
-      if (!stopping || code !== 1000) {
-        errors++;
-        console.log(`CLOSED ${c} ${code}`);
-      }
-      if (++closed === n) {
-        console.log(`DONE ${counts.reduce((a, b) => a + b, 0)} ${errors}`);
-        process.exit(errors ? 1 : 0);
-      }
-    });
-  }
-  setInterval(() => {
-    const total = counts.reduce((a, b) => a + b, 0);
-    console.log(`COUNT ${total} ${Math.min(...counts)} ${errors}`);
-  }, 50);
-  process.stdin.on('end', () => {
-    stopping = true;
+    ws.on('error', (e) => on.error(e.message));
+    ws.on('close', (code) => on.closed(code === 1000, `CLOSED ${c} ${code}`));
+    return { send: (b) => ws.send(b, { binary: true }), end: () => ws.close(1000, 'done') };
   });
-  process.stdin.resume();
 }
 
 // ---------------------------------------------------------------- the reference server

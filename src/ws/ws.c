@@ -1099,6 +1099,11 @@ static uint8_t header_need(const ws_filter *f, bool masked)
     return (uint8_t)(2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + (masked ? 4 : 0));
 }
 
+static bool header_whole(const ws_filter *f, bool masked)
+{
+    return f->hlen >= 2 && f->hlen == header_need(f, masked);
+}
+
 /* Header bytes from p, kept as they come (no copy of the header is
  * needed); returns how many it took, and sets *ok when the header is whole
  * and checked. */
@@ -1107,7 +1112,26 @@ static size_t header_take(ws_filter *f, const uint8_t *p, size_t n, bool *ok)
     bool masked = !is_client(f); /* a client's frames are masked, a server's are not */
     size_t used = 0;
     *ok = false;
-    while (used < n) {
+    if (f->hlen == 0 && n >= 2) { /* the usual case: the whole header is here */
+        f->h1 = p[1];
+        size_t need = header_need(f, masked);
+        if (n >= need) {
+            f->h0 = p[0];
+            if (!(p[1] & 0x80) == masked) {
+                ws_fail(f, WS_PROTOCOL);
+                return 2;
+            }
+            size_t ext = need - 2 - (masked ? 4 : 0);
+            f->left = 0;
+            for (size_t i = 0; i < ext; i++)
+                f->left = f->left << 8 | p[2 + i];
+            if (masked)
+                memcpy(f->mask, p + 2 + ext, 4);
+            f->hlen = (uint8_t)need;
+            used = need;
+        }
+    }
+    while (used < n && !header_whole(f, masked)) {
         uint8_t c = p[used++], i = f->hlen++;
         if (i == 0) {
             f->h0 = c;
@@ -1125,10 +1149,8 @@ static size_t header_take(ws_filter *f, const uint8_t *p, size_t n, bool *ok)
         } else {
             f->mask[i - (header_need(f, masked) - 4)] = c;
         }
-        if (f->hlen == header_need(f, masked))
-            break;
     }
-    if (f->hlen < 2 || f->hlen < header_need(f, masked))
+    if (!header_whole(f, masked))
         return used;
     uint8_t l7 = f->h1 & 0x7f;
     uint64_t len = l7 < 126 ? l7 : f->left;

@@ -23,7 +23,7 @@
 
 typedef struct netpair {
     char ns[32], here[16], there[16];
-    char host[16], peer[16]; /* the addresses of this side and the peer's */
+    char host[24], peer[24]; /* the addresses of this side and the peer's */
 } netpair;
 
 /* Runs a shell command line made from fmt, quietly; true if it worked. */

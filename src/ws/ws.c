@@ -905,8 +905,10 @@ static bool client_answer(ws_filter *f)
         client_fail(f, -ECONNREFUSED);
         return false;
     }
-    /* An extension or subprotocol we did not ask for is a failure too. */
-    if (!has_token(up, "websocket") || strcmp(acc, u->accept) != 0 || *ext ||
+    /* Upgrade and Connection must name the upgrade (RFC 6455 4.1; llhttp's
+     * flag says Connection has the token); an extension or subprotocol we
+     * did not ask for is a failure too. */
+    if (!llhttp_get_upgrade(&u->p) || !has_token(up, "websocket") || strcmp(acc, u->accept) != 0 || *ext ||
         strcmp(proto, want ? want : "") != 0) {
         client_fail(f, -EPROTO);
         return false;

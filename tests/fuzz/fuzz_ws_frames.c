@@ -20,7 +20,8 @@
  *   op byte: bits 5-6 the connection, bits 0-4 the operation (mod OP_COUNT);
  *   most take the next byte as their argument (arg)
  *    0 connect and upgrade (arg bit 0: listener 1, else 0; bit 1: SO_RCVBUF
- *      4096, so server sends back up; bit 2: the request in two writes)
+ *      4096, so server sends back up; bit 2: the request in two writes;
+ *      bit 3: in two writes three ping intervals apart, a slow upgrade)
  *    1 a message of packets, valid unless the stream makes it otherwise (arg:
  *      bits 0-2 packets - 1, bits 3-5 frames - 1, bit 6 a ping between two
  *      of its frames, bit 7 text), then a byte: bits 0-5 how its bytes are
@@ -57,6 +58,9 @@
  *                                           how many (1-4)
  *   16 cp_service_broadcast of a small packet on both listeners
  *   17 send the part of a partial frame that waits
+ *   18 wait for the server's ping: on the ping listener, while the stream is
+ *      healthy, reading (and answering pings) for four intervals must bring
+ *      one, or the stream's end
  *
  * Write cuts (message and frame operations, 6 bits): bits 0-1 the mode as
  * for frames above, bits 2-5 the chunk size of mode 2. Between the pieces
@@ -177,6 +181,7 @@ enum {
     OP_SRV_SEND,
     OP_BROADCAST,
     OP_FLUSH,
+    OP_PING_WAIT,
     OP_COUNT
 };
 
@@ -184,7 +189,7 @@ static const char *const op_names[OP_COUNT] = { "connect",   "message",        "
                                                 "ping",      "pong",           "close",        "read",
                                                 "sync",      "sleep",          "shut-wr",      "reset",
                                                 "close-fd",  "srv-disconnect", "srv-shutdown", "srv-send",
-                                                "broadcast", "flush" };
+                                                "broadcast", "flush",          "ping-wait" };
 
 static int g_trace, g_dump;
 
@@ -385,6 +390,7 @@ typedef struct conn {
     ws_reader rd;
     bool got_close;
     unsigned close_code;
+    unsigned pings;    /* the server's pings read */
     int strict_reason; /* ws's own Close read as the model said: the reason its session must end with; or -1 */
     uint8_t rx[2 * (4 + MAX_PACKET)];
     size_t rx_len;
@@ -824,6 +830,7 @@ static void on_control(void *u, uint8_t op, const uint8_t *p, size_t n)
 {
     conn *c = u;
     if (op == WS_PING) {
+        c->pings++;
         if (c->sending || c->tail_len || c->wr_shut) {
             c->pong_due = true; /* answered when the stream is at a frame's end again */
             c->pong_len = (uint8_t)n;
@@ -1158,10 +1165,12 @@ static void op_connect(conn *c, uint8_t arg)
     static const char req[] = "GET /game HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                               "Connection: Upgrade\r\nSec-WebSocket-Key: " WS_KEY "\r\n"
                               "Sec-WebSocket-Version: 13\r\nOrigin: http://localhost\r\n\r\n";
-    size_t half = (arg & 4) ? 20 : sizeof req - 1;
+    size_t half = (arg & 12) ? 20 : sizeof req - 1;
     c->sending = true;
     bool ok = send(fd, req, half, MSG_NOSIGNAL) == (ssize_t)half;
     if (ok && half < sizeof req - 1) {
+        if (arg & 8)
+            sleep_us(3 * PING_MS * 1000);
         sched_yield();
         ok = send(fd, req + half, sizeof req - 1 - half, MSG_NOSIGNAL) == (ssize_t)(sizeof req - 1 - half);
     }
@@ -1419,6 +1428,21 @@ static void op_sync(conn *c)
     }
 }
 
+/* The ping listener pings every interval a session that answers: reading
+ * for four of them brings one, unless the stream ends meanwhile. */
+static void op_ping_wait(conn *c)
+{
+    if (c->fd < 0 || !c->up || c->ended || c->got_close || c->lis != L_PING || c->m.over || c->srv_closed)
+        return;
+    unsigned before = c->pings;
+    patience p = patience_start(4 * PING_MS * 1000);
+    while (c->pings == before && !c->ended && !c->got_close && !patience_out(&p))
+        if (!conn_read_until(c, now_us() + 5000))
+            return;
+    if (c->pings == before && !c->ended && !c->got_close)
+        fail("the ping listener sent no ping in four intervals", c->lport, (long)c->pings);
+}
+
 static void conn_close(conn *c, int reset)
 {
     if (c->fd < 0)
@@ -1555,6 +1579,7 @@ static void do_op(int kind, conn *c, const uint8_t *data, size_t size, size_t *p
             conn_flush_tail(c);
         conn_send_due_pong(c);
         break;
+    case OP_PING_WAIT: op_ping_wait(c); break;
     }
 }
 

@@ -742,3 +742,48 @@ Test(ws_local, nothing_after_the_close, .timeout = 60)
     cpt_env_stop(&e);
     cp_ws_unref(o.session.ws);
 }
+
+/* ------------------------------------------------------------------ pings */
+
+/* Pings begin when the session is upgraded, however long its upgrade took,
+ * and an unanswered one closes it with 1008. fuzz_ws_frames found a session
+ * whose upgrade took longer than one interval never pinged: the timer, armed
+ * when the upgrade began, found it not connected yet and stopped, so a dead
+ * peer went unnoticed. */
+Test(ws_local, pings_after_a_slow_upgrade, .timeout = 60)
+{
+    cp_ws_opts wo = { .ping_interval_ms = 50 };
+    ws_env we;
+    env_start(&we, &wo);
+    int fd = cpt_xconnect(we.e.sport);
+    static const char req[] =
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    cpt_xsend(fd, req, 20);
+    cpt_sleep_ms(200); /* four intervals into the upgrade */
+    cpt_xsend(fd, req + 20, sizeof req - 1 - 20);
+    char buf[512] = "";
+    size_t got = 0;
+    while (!strstr(buf, "\r\n\r\n")) {
+        ssize_t r = cpt_recv_once(fd, buf + got, 1);
+        cr_assert_gt(r, 0, "no 101");
+        got += (size_t)r;
+        cr_assert_lt(got, sizeof buf - 1);
+    }
+    cr_assert(strstr(buf, "HTTP/1.1 101"), "%s", buf);
+    int pings = 0, code = -1;
+    frame f;
+    while (code < 0) {
+        cr_assert_eq(cpt_poll_in(fd, 1000), 1, "no frame within 1 s (pings so far: %d)", pings);
+        cr_assert_eq(recv_frame(fd, &f), 0, "the stream ended without a Close");
+        if ((f.first & 0x0f) == 9)
+            pings++;
+        if ((f.first & 0x0f) == 8)
+            code = f.len >= 2 ? f.data[0] << 8 | f.data[1] : 0;
+    }
+    cr_assert_geq(pings, 1, "no ping after a slow upgrade");
+    cr_assert_eq(code, 1008, "an unanswered ping closes with 1008 (%d)", code);
+    cpt_close(fd);
+    CPT_AWAIT(atomic_load(&we.e.t->disconnected) == 1, 5000, "the session did not end");
+    env_stop(&we);
+}

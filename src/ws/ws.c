@@ -550,6 +550,18 @@ static bool arena_add(upgrade *u, span *sp, const char *at, size_t n)
 
 static upgrade *up_of(llhttp_t *p) { return (upgrade *)(void *)p; }
 
+/* The session is upgraded: pings begin, one interval from now (the timer's
+ * first turn cannot come during the upgrade, which may take longer). */
+static void pings_start(ws_filter *f)
+{
+    uint32_t every = ws_kind(f)->o.ping_interval_ms;
+    ws_side *x = every ? side_get(f) : NULL; /* there still: the upgrade's */
+    if (!x)
+        return;
+    f->flags |= F_PONG_SEEN;
+    cp__timer_arm(f->base.s->owner, &x->ping, every);
+}
+
 /* The request (or answer) is handled, or the session ends: its state goes. */
 static void upgrade_drop(ws_filter *f)
 {
@@ -835,6 +847,7 @@ static bool upgrade_answer(ws_filter *f)
      * in its headroom. */
     f->base.s->sq.framed = true;
     f->flags |= F_OPEN;
+    pings_start(f);
     cp__filter_up(&f->base); /* on_connected */
     return connected(f->base.s);
 }
@@ -915,6 +928,7 @@ static bool client_answer(ws_filter *f)
     }
     upgrade_drop(f);
     f->flags |= F_OPEN;
+    pings_start(f);
     cp__filter_up(&f->base); /* on_connected */
     return connected(f->base.s);
 }
@@ -1295,10 +1309,6 @@ static int ws_start(cp_filter *bf)
         int r = client_request(f);
         if (r < 0)
             return r;
-    }
-    if (ws_kind(f)->o.ping_interval_ms) {
-        f->flags |= F_PONG_SEEN;
-        cp__timer_arm(bf->s->owner, &x->ping, ws_kind(f)->o.ping_interval_ms);
     }
     return 0;
 }

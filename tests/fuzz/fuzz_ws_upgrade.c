@@ -374,14 +374,18 @@ static bool find_ci(const uint8_t *p, size_t n, const char *s)
 }
 
 /* Where the head ends by the loosest reading (CRLF or bare LF lines): the
- * offset after its blank line, or 0 if there is none in p. */
+ * offset after its blank line, or 0 if there is none in p. The blank line
+ * may also be a bare CR and any byte: llhttp 8.1.0 (Debian 12's) takes that
+ * byte for the LF (the leniency of CVE-2023-30589, strict from 8.1.1). */
 static size_t head_end_loose(const uint8_t *p, size_t n)
 {
-    static const char *const ends[] = { "\r\n\r\n", "\n\n", "\r\n\n", "\n\r\n" };
+    static const char *const ends[] = { "\r\n\r\n", "\n\n", "\r\n\n", "\n\r\n", "\r\n\r", "\n\r" };
     size_t best = 0;
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 6; i++) {
         const uint8_t *e = find(p, n, ends[i]);
         size_t at = e ? (size_t)(e - p) + strlen(ends[i]) : 0;
+        if (at && ends[i][strlen(ends[i]) - 1] == '\r')
+            at = at < n ? at + 1 : 0; /* the byte taken for the LF */
         if (at && (!best || at < best))
             best = at;
     }

@@ -225,11 +225,10 @@ static uint32_t rnd_next(void)
     return g_rnd = v;
 }
 
-/* Writes all of p within the deadline; the bytes written. */
-static size_t send_all(int fd, const uint8_t *p, size_t n, uint64_t us)
+/* Writes all of p by the deadline (absolute); the bytes written. */
+static size_t send_all(int fd, const uint8_t *p, size_t n, uint64_t deadline)
 {
     size_t done = 0;
-    uint64_t deadline = now_us() + us;
     while (done < n) {
         ssize_t r = send(fd, p + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (r > 0) {
@@ -251,7 +250,8 @@ static size_t send_all(int fd, const uint8_t *p, size_t n, uint64_t us)
     return done;
 }
 
-/* p cut into writes as bits 2-4 and 7 of the mode say; the bytes written. */
+/* p cut into writes as bits 2-4 and 7 of the mode say, within a second (and
+ * the pause); the bytes written. */
 static size_t send_cut(int fd, const uint8_t *p, size_t n, uint8_t mode, unsigned deadline_ms)
 {
     size_t cuts[80], nc = 0;
@@ -278,13 +278,16 @@ static size_t send_cut(int fd, const uint8_t *p, size_t n, uint8_t mode, unsigne
     }
     cuts[nc++] = n;
     size_t pos = 0;
+    uint64_t deadline = now_us() + 1000000;
     for (size_t k = 0; k < nc; k++) {
-        if (k + 1 < nc && cuts[k] == cuts[k + 1] && (mode & 0x80))
+        if (k + 1 < nc && cuts[k] == cuts[k + 1] && (mode & 0x80)) {
             sleep_us((uint64_t)(deadline_ms + 30) * 1000);
+            deadline += (uint64_t)(deadline_ms + 30) * 1000;
+        }
         if (cuts[k] <= pos)
             continue;
         size_t len = cuts[k] - pos;
-        size_t w = send_all(fd, p + pos, len, 300000);
+        size_t w = send_all(fd, p + pos, len, deadline);
         pos += w;
         if (w < len)
             break;
@@ -543,7 +546,7 @@ static void after_101(int fd, const uint8_t *rest, size_t rest_len, bool clean, 
     size_t n = ws_frame(out, WS_BINARY, pk, sizeof pk, mask);
     static const uint8_t bye[2] = { 0x03, 0xe8 };
     n += ws_frame(out + n, WS_CLOSE, bye, 2, mask);
-    send_all(fd, out, n, 300000);
+    send_all(fd, out, n, now_us() + 300000);
     patience p = patience_start(PATIENCE_US);
     int end = RD_OPEN;
     while (!ps.closed) {

@@ -41,7 +41,8 @@
  * options can produce (101, 200, 400, 403, 404, 405, 426, 431, 503), the head
  * ends within 4 KiB, header lines are "Name: value"; a refusal says
  * Connection: close and its Content-Length, its body is that long (the page
- * for 200) and the stream then ends; a 101 has Upgrade: websocket,
+ * for 200) and the stream then ends (once the harness, done reading, sends
+ * its FIN); a 101 has Upgrade: websocket,
  * Connection: Upgrade, the accept key of a Sec-WebSocket-Key of the request
  * (and A's subprotocol), answers a request that begins with GET and whose
  * head ends within the cap, and its session is connected (on_connected ran
@@ -667,8 +668,12 @@ static void server_mode(uint8_t mode, const uint8_t *req, size_t n)
     if (header_get(head, "Content-Length", v, sizeof v) != 1)
         fail("an HTTP refusal without Content-Length", code, 0);
     size_t cl = (size_t)strtoul(v, NULL, 10);
-    if (end == RD_OPEN)
+    if (end == RD_OPEN) {
+        /* Done with the answer: our FIN ends the server's graceful refusal
+         * (which else waits a second for it) as a browser's would. */
+        shutdown(fd, SHUT_WR);
         end = read_until(fd, ans, &len, sizeof ans, now_us() + PATIENCE_US, NULL);
+    }
     if (end == RD_OPEN)
         fail("the server kept the stream open after an HTTP refusal", code, 0);
     size_t body = len - hl;

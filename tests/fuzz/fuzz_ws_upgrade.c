@@ -915,7 +915,9 @@ static void client_mode(uint8_t mode, const uint8_t *in, size_t n)
         fail("the client connected on an answer that is no valid 101", (long)an, 0);
     if (!connected && verdict == J_VALID && sent == total)
         fail("the client refused a valid 101", (long)an, 0);
-    if (connected && (mode & 0x20) && sent == total && verdict == J_VALID) {
+    /* A frame right behind a valid answer (nothing else after its head) must arrive. */
+    const uint8_t *he = find(ansb, an, "\r\n\r\n");
+    if (connected && (mode & 0x20) && sent == total && verdict == J_VALID && he == ansb + an - 4) {
         patience q = patience_start(PATIENCE_US);
         while (!atomic_load(&a.probe))
             if (patience_out(&q))

@@ -904,6 +904,23 @@ static bool conn_read_now(conn *c)
 
 static void conn_send_due_pong(conn *c);
 
+/* Reads what is there, then waits for more until the deadline, and no
+ * longer than that once something came; false once the stream ended. */
+static bool conn_read_step(conn *c, uint64_t deadline)
+{
+    if (c->fd < 0 || !c->up || c->ended || !conn_read_now(c))
+        return false;
+    conn_send_due_pong(c);
+    uint64_t now = now_us();
+    if (now < deadline) {
+        struct pollfd pf = { .fd = c->fd, .events = POLLIN };
+        if (poll(&pf, 1, (int)((deadline - now + 999) / 1000)) > 0 && !conn_read_now(c))
+            return false;
+        conn_send_due_pong(c);
+    }
+    return true;
+}
+
 /* Reads until the deadline; false once the stream ended. */
 static bool conn_read_until(conn *c, uint64_t deadline)
 {
@@ -1409,7 +1426,7 @@ static void op_sync(conn *c)
         return;
     patience p = patience_start(SYNC_US);
     while (!sync_done(c)) {
-        if (!conn_read_until(c, now_us() + 10000))
+        if (!conn_read_step(c, now_us() + 10000))
             return; /* the stream ended: checked there */
         if (sync_done(c))
             return;
@@ -1437,7 +1454,7 @@ static void op_ping_wait(conn *c)
     unsigned before = c->pings;
     patience p = patience_start(4 * PING_MS * 1000);
     while (c->pings == before && !c->ended && !c->got_close && !patience_out(&p))
-        if (!conn_read_until(c, now_us() + 5000))
+        if (!conn_read_step(c, now_us() + 5000))
             return;
     if (c->pings == before && !c->ended && !c->got_close)
         fail("the ping listener sent no ping in four intervals", c->lport, (long)c->pings);

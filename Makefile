@@ -22,7 +22,7 @@ MISSING    = $(shell for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$
 # copy of the seed corpus; non-zero exit on a finding (artifacts in FUZZ_BUILD).
 FUZZ_BUILD   ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= fuzz_framer fuzz_session fuzz_nats fuzz_redis fuzz_tls
+FUZZ_TARGETS ?= fuzz_framer fuzz_session fuzz_nats fuzz_redis fuzz_tls fuzz_ws_frames fuzz_ws_upgrade
 FUZZ_BACKEND ?=
 # make soak: tools/cport-soak under ASan+UBSan+LSan, SOAK_SECONDS per backend.
 SOAK_SECONDS ?= 60
@@ -178,7 +178,7 @@ lint:
 
 fuzz:
 	@$(MAKE) --no-print-directory deps DEB_PKGS="clang libclang-rt-14-dev pkg-config liburing-dev libhiredis-dev libssl-dev node-llhttp"
-	tests/fuzz/build.sh $(FUZZ_BUILD)
+	tests/fuzz/build.sh $(FUZZ_BUILD) $(FUZZ_TARGETS)
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  rm -rf $(FUZZ_BUILD)/corpus-$$t; mkdir -p $(FUZZ_BUILD)/corpus-$$t $(FUZZ_BUILD)/artifacts-$$t; \
 	  cp tests/fuzz/corpus/$$t/* $(FUZZ_BUILD)/corpus-$$t/; \

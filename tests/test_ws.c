@@ -18,6 +18,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+
 #ifndef CPT_WS_DIR
 #  error "CPT_WS_DIR: the directory of ws_peer.js and ws_probe.js (tests/CMakeLists.txt)"
 #endif
@@ -171,4 +173,83 @@ Test(ws, cport_client_over_tls, .timeout = 60)
     cp_ws_unref(cws);
     cp_tls_unref(ctls);
     env_stop(&we);
+}
+
+/* ------------------------------------------------------------------ a cport client's 101 */
+
+/* The Sec-WebSocket-Accept that key asks for. */
+static void accept_of(const char *key, char out[29])
+{
+    static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    EVP_MD_CTX *c = EVP_MD_CTX_new();
+    cr_assert(c && EVP_DigestInit_ex(c, EVP_sha1(), NULL) && EVP_DigestUpdate(c, key, strlen(key)) &&
+              EVP_DigestUpdate(c, guid, sizeof guid - 1) && EVP_DigestFinal_ex(c, md, &mdlen));
+    EVP_MD_CTX_free(c);
+    EVP_EncodeBlock((unsigned char *)out, md, (int)mdlen);
+}
+
+/* A 101 must say Connection: Upgrade (RFC 6455 4.1): without it a client's
+ * connect fails, and never reports connected; with it, it connects.
+ * fuzz_ws_upgrade found the client connected on a 101 whose Connection
+ * header was misspelled. (Here, not in test_ws_local.c: the accept key
+ * takes OpenSSL's SHA-1.) */
+Test(ws, cport_client_requires_connection_upgrade, .timeout = 60)
+{
+    int lfd = cpt_xlisten(4);
+    struct sockaddr_in la;
+    socklen_t ll = sizeof la;
+    cr_assert_eq(getsockname(lfd, (struct sockaddr *)&la, &ll), 0);
+    cp_port *port;
+    cp_port_opts po = { .workers = 1 };
+    cr_assert_eq(cp_port_create(&port, &po), 0);
+    cp_ws *cws;
+    cp_ws_opts cwo = { 0 };
+    cr_assert_eq(cp_ws_create(&cws, &cwo), 0);
+    for (int with = 0; with < 2; with++) {
+        cpt_track *t = cpt_track_new(4);
+        t->echo = false;
+        cp_client_opts co = { .host = CPT_HOST4, .port = ntohs(la.sin_port), .sessions = 1 };
+        co.session.ws = cws;
+        cp_handlers h = cpt_track_handlers();
+        cp_service *svc = cpt_xclient(port, &co, &h, t);
+        int fd = cpt_accept(lfd);
+        cr_assert_geq(fd, 0);
+        char req[1024] = "";
+        size_t got = 0;
+        while (!strstr(req, "\r\n\r\n")) {
+            ssize_t r = cpt_recv_once(fd, req + got, sizeof req - 1 - got);
+            cr_assert_gt(r, 0, "the client's request did not come");
+            got += (size_t)r;
+            req[got] = '\0';
+        }
+        const char *k = strstr(req, "Sec-WebSocket-Key: ");
+        cr_assert(k);
+        char key[25], acc[29], ans[256];
+        memcpy(key, k + 19, 24);
+        key[24] = '\0';
+        accept_of(key, acc);
+        int n = snprintf(ans, sizeof ans,
+                         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n%s"
+                         "Sec-WebSocket-Accept: %s\r\n\r\n",
+                         with ? "Connection: Upgrade\r\n" : "", acc);
+        cpt_xsend(fd, ans, (size_t)n);
+        if (with) {
+            CPT_AWAIT(atomic_load(&t->connected) == 1, 5000,
+                      "a 101 with Connection: Upgrade did not connect");
+        } else {
+            CPT_AWAIT(atomic_load(&t->connect_failed) == 1, 5000,
+                      "a 101 without Connection: Upgrade did not fail");
+            cr_assert_eq(atomic_load(&t->connected), 0, "a 101 without Connection: Upgrade connected");
+        }
+        cpt_close(fd);
+        cpt_xstop(svc);
+        cpt_track_stopped(t);
+        cpt_track_xcheck(t);
+        cpt_track_free(t);
+    }
+    cp_ws_unref(cws);
+    cpt_xport_destroy(port);
+    cpt_close(lfd);
 }

@@ -664,3 +664,126 @@ Test(ws_local, a_refused_client_that_keeps_sending_reads_the_whole_answer, .time
     cpt_env_stop(&e);
     cp_ws_unref(o.session.ws);
 }
+
+/* ------------------------------------------------------------------ nothing after a Close */
+
+static _Atomic(cp_session *) g_held;
+static atomic_int g_held_go;
+
+/* Packet 21's handler holds the worker until the test has sent to the
+ * session from its own thread, so that this send is still on its way to the
+ * queue when the frame read behind packet 21 is handled. */
+static int hold_21(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
+{
+    int r = cpt_on_packet(s, id, body, len);
+    if (id == 21) {
+        atomic_store(&g_held, s);
+        for (int i = 0; i < 5000 && !atomic_load(&g_held_go); i++)
+            cpt_sleep_ms(1);
+    }
+    return r;
+}
+
+/* A send made from another thread before ws handled a bad frame (or the
+ * peer's Close) goes out before ws's Close, and nothing goes after that
+ * Close: RFC 6455 allows no data frame after it. fuzz_ws_frames found the
+ * Close written at once, ahead of such a send still on its way. */
+Test(ws_local, nothing_after_the_close, .timeout = 60)
+{
+    cp_server_opts o = { .host = CPT_HOST4 };
+    cp_ws_opts wo = { 0 };
+    cr_assert_eq(cp_ws_create(&o.session.ws, &wo), 0);
+    cp_handlers h = cpt_track_handlers();
+    h.on_packet = hold_21;
+    cpt_env e;
+    cpt_env_start(&e, 1, &o, &h, 8, 0);
+    for (int peer_close = 0; peer_close < 2; peer_close++) {
+        atomic_store(&g_held, NULL);
+        atomic_store(&g_held_go, 0);
+        int fd = raw_upgrade(e.sport);
+        /* Packet 21, then an unmasked frame (1002) or a Close 1000, in one write. */
+        uint8_t w[32] = { 0x82, 0x80 | 8, 1, 2, 3, 4 };
+        cpt_put_header(w + 6, 8, 21);
+        memcpy(w + 10, "hold", 4);
+        for (size_t i = 0; i < 8; i++)
+            w[6 + i] ^= w[2 + (i & 3)];
+        size_t n = 14;
+        if (peer_close) {
+            static const uint8_t c[] = { 0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8 };
+            memcpy(w + n, c, sizeof c);
+            n += sizeof c;
+        } else {
+            w[n++] = 0x82;
+            w[n++] = 0x00;
+        }
+        cpt_xsend(fd, w, n);
+        CPT_AWAIT(atomic_load(&g_held) != NULL, 5000, "packet 21 was not handled");
+        uint8_t late[8];
+        cpt_put_header(late, sizeof late, 30);
+        memcpy(late + 4, "late", 4);
+        cr_assert_eq(cp_session_send_copy(atomic_load(&g_held), late, sizeof late), 0);
+        atomic_store(&g_held_go, 1);
+        /* Frames to the end of the stream: the late packet before the Close. */
+        frame f;
+        int code = -1;
+        bool seen = false;
+        while (recv_frame(fd, &f) == 0) {
+            cr_assert_eq(code, -1, "a frame after the server's Close (0x%02x)", f.first);
+            if ((f.first & 0x0f) == 8)
+                code = f.len >= 2 ? f.data[0] << 8 | f.data[1] : 0;
+            if (f.first == 0x82 && f.len == sizeof late && !memcmp(f.data, late, sizeof late))
+                seen = true;
+        }
+        cr_assert_eq(code, peer_close ? 1000 : 1002, "the server's Close (%d)", code);
+        cr_assert(seen, "a send made before the Close was decided did not go out before it");
+        cpt_close(fd);
+    }
+    CPT_AWAIT(atomic_load(&e.t->disconnected) == 2, 5000, "the sessions did not end");
+    cpt_env_stop(&e);
+    cp_ws_unref(o.session.ws);
+}
+
+/* ------------------------------------------------------------------ pings */
+
+/* Pings begin when the session is upgraded, however long its upgrade took,
+ * and an unanswered one closes it with 1008. fuzz_ws_frames found a session
+ * whose upgrade took longer than one interval never pinged: the timer, armed
+ * when the upgrade began, found it not connected yet and stopped, so a dead
+ * peer went unnoticed. */
+Test(ws_local, pings_after_a_slow_upgrade, .timeout = 60)
+{
+    cp_ws_opts wo = { .ping_interval_ms = 50 };
+    ws_env we;
+    env_start(&we, &wo);
+    int fd = cpt_xconnect(we.e.sport);
+    static const char req[] =
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    cpt_xsend(fd, req, 20);
+    cpt_sleep_ms(200); /* four intervals into the upgrade */
+    cpt_xsend(fd, req + 20, sizeof req - 1 - 20);
+    char buf[512] = "";
+    size_t got = 0;
+    while (!strstr(buf, "\r\n\r\n")) {
+        ssize_t r = cpt_recv_once(fd, buf + got, 1);
+        cr_assert_gt(r, 0, "no 101");
+        got += (size_t)r;
+        cr_assert_lt(got, sizeof buf - 1);
+    }
+    cr_assert(strstr(buf, "HTTP/1.1 101"), "%s", buf);
+    int pings = 0, code = -1;
+    frame f;
+    while (code < 0) {
+        cr_assert_eq(cpt_poll_in(fd, 1000), 1, "no frame within 1 s (pings so far: %d)", pings);
+        cr_assert_eq(recv_frame(fd, &f), 0, "the stream ended without a Close");
+        if ((f.first & 0x0f) == 9)
+            pings++;
+        if ((f.first & 0x0f) == 8)
+            code = f.len >= 2 ? f.data[0] << 8 | f.data[1] : 0;
+    }
+    cr_assert_geq(pings, 1, "no ping after a slow upgrade");
+    cr_assert_eq(code, 1008, "an unanswered ping closes with 1008 (%d)", code);
+    cpt_close(fd);
+    CPT_AWAIT(atomic_load(&we.e.t->disconnected) == 1, 5000, "the session did not end");
+    env_stop(&we);
+}

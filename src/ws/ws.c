@@ -107,15 +107,17 @@ typedef struct ws_side {
     cp_wtimer ping; /* armed while ping_interval_ms is set */
     uint8_t ctl_len;
     uint8_t ctl[CTL_MAX]; /* a control frame's payload while it arrives */
+    uint16_t close_code;  /* F_CLOSE_DUE's (0: a Close without a code) */
 } ws_side;
 
 enum {                    /* ws_filter.flags */
        F_OPEN = 1,        /* upgraded: frames from here on */
-       F_FAILED = 2,      /* our Close for an error is out: the rest is dropped */
+       F_FAILED = 2,      /* an error, or the peer's Close: the rest is dropped */
        F_CLOSE_SENT = 4,  /* our Close is queued */
        F_CLOSE_RCVD = 8,  /* the peer's Close came */
        F_PONG_SEEN = 16,  /* a pong since our last ping */
        F_IN_PAYLOAD = 32, /* the frame's header is done, payload bytes follow */
+       F_CLOSE_DUE = 64,  /* our Close waits for the drain to write what came before */
 };
 
 /* A session's filter: all that an idle server session keeps (48 bytes). */
@@ -426,18 +428,38 @@ static void ws_closing(cp_filter *bf, int reason)
         cp__session_wire_flush(&f->base);
 }
 
-/* An error of the peer's: our Close with code, then the graceful close
- * (the peer reads the Close, answers, closes). */
+static ws_side *side_get(ws_filter *f);
+
+/* Our Close with code ends the graceful close that begins now: ws_finish
+ * writes it once the drain has written what came before. Not at once: a
+ * send another thread made before this moment may still be on its way to
+ * the queue, and no data frame may follow a Close. False if the drain does
+ * not begin (the session is closing already, or no memory for the code). */
+static bool close_after_drain(ws_filter *f, uint16_t code, int reason)
+{
+    ws_side *x = side_get(f);
+    if (!x)
+        return false;
+    x->close_code = code;
+    f->flags |= F_CLOSE_DUE;
+    if (cp__session_shutdown(f->base.s, CLOSE_DRAIN_MS, reason) == 0)
+        return true;
+    f->flags &= (uint8_t)~F_CLOSE_DUE;
+    return false;
+}
+
+/* An error of the peer's: the graceful close, our Close with code at its
+ * end (the peer reads the Close, answers, closes). */
 static void ws_fail(ws_filter *f, uint16_t code)
 {
     cp_session *s = f->base.s;
     f->flags |= F_FAILED;
+    if (close_after_drain(f, code, CP_REASON_WEBSOCKET))
+        return;
     if (!has(f, F_CLOSE_SENT) && !send_close(f, code))
         return;
-    if (cp__session_shutdown(s, CLOSE_DRAIN_MS, CP_REASON_WEBSOCKET) < 0) {
-        cp__session_wire_flush(&f->base);
-        cp__session_close(s, CP_REASON_WEBSOCKET, -EPROTO);
-    }
+    cp__session_wire_flush(&f->base);
+    cp__session_close(s, CP_REASON_WEBSOCKET, -EPROTO);
 }
 
 /* A server's frames are the user's buffers in the session's framed queue:
@@ -477,7 +499,8 @@ static size_t ws_written(cp_filter *bf, size_t n)
 }
 
 /* A draining session has written everything: our Close, with the code of
- * why it drains, unless one went out already. */
+ * why it drains (the peer's error, or its own Close's code), unless one
+ * went out already. */
 static bool ws_finish(cp_filter *bf)
 {
     ws_filter *f = ws_of(bf);
@@ -485,7 +508,8 @@ static bool ws_finish(cp_filter *bf)
         return false;
     cp_session *s = bf->s;
     uint16_t code = s->drain_reason == CP_REASON_STOPPING ? WS_GOING_AWAY : WS_NORMAL;
-    return send_close(f, code);
+    /* NOLINTNEXTLINE(clang-analyzer-core.NullDereference): F_CLOSE_DUE keeps x (side_release) */
+    return send_close(f, has(f, F_CLOSE_DUE) ? f->x->close_code : code);
 }
 
 /* ------------------------------------------------------------------ the upgrade */
@@ -525,6 +549,18 @@ static bool arena_add(upgrade *u, span *sp, const char *at, size_t n)
 }
 
 static upgrade *up_of(llhttp_t *p) { return (upgrade *)(void *)p; }
+
+/* The session is upgraded: pings begin, one interval from now (the timer's
+ * first turn cannot come during the upgrade, which may take longer). */
+static void pings_start(ws_filter *f)
+{
+    uint32_t every = ws_kind(f)->o.ping_interval_ms;
+    ws_side *x = every ? side_get(f) : NULL; /* there still: the upgrade's */
+    if (!x)
+        return;
+    f->flags |= F_PONG_SEEN;
+    cp__timer_arm(f->base.s->owner, &x->ping, every);
+}
 
 /* The request (or answer) is handled, or the session ends: its state goes. */
 static void upgrade_drop(ws_filter *f)
@@ -811,6 +847,7 @@ static bool upgrade_answer(ws_filter *f)
      * in its headroom. */
     f->base.s->sq.framed = true;
     f->flags |= F_OPEN;
+    pings_start(f);
     cp__filter_up(&f->base); /* on_connected */
     return connected(f->base.s);
 }
@@ -881,14 +918,17 @@ static bool client_answer(ws_filter *f)
         client_fail(f, -ECONNREFUSED);
         return false;
     }
-    /* An extension or subprotocol we did not ask for is a failure too. */
-    if (!has_token(up, "websocket") || strcmp(acc, u->accept) != 0 || *ext ||
+    /* Upgrade and Connection must name the upgrade (RFC 6455 4.1; llhttp's
+     * flag says Connection has the token); an extension or subprotocol we
+     * did not ask for is a failure too. */
+    if (!llhttp_get_upgrade(&u->p) || !has_token(up, "websocket") || strcmp(acc, u->accept) != 0 || *ext ||
         strcmp(proto, want ? want : "") != 0) {
         client_fail(f, -EPROTO);
         return false;
     }
     upgrade_drop(f);
     f->flags |= F_OPEN;
+    pings_start(f);
     cp__filter_up(&f->base); /* on_connected */
     return connected(f->base.s);
 }
@@ -948,7 +988,7 @@ static ws_side *side_get(ws_filter *f)
 static void side_release(ws_filter *f)
 {
     ws_side *x = f->x;
-    if (!x || x->up || x->ctl_len || ws_kind(f)->o.ping_interval_ms ||
+    if (!x || x->up || x->ctl_len || ws_kind(f)->o.ping_interval_ms || has(f, F_CLOSE_DUE) ||
         (has(f, F_IN_PAYLOAD) && frame_op(f) >= OP_CLOSE))
         return;
     cp__free(x);
@@ -1005,11 +1045,10 @@ static void on_close_frame(ws_filter *f)
             return;
         }
     }
-    cp_session *s = f->base.s;
-    if (!has(f, F_CLOSE_SENT) && !send_close(f, code))
-        return;
-    f->flags |= F_FAILED;                                                 /* nothing after a Close counts */
-    (void)cp__session_shutdown(s, CLOSE_DRAIN_MS, CP_REASON_PEER_CLOSED); /* or draining already */
+    /* Answered at the drain's end, after what was sent before, as in ws_fail. */
+    f->flags |= F_FAILED; /* nothing after a Close counts */
+    if (!close_after_drain(f, code, CP_REASON_PEER_CLOSED) && !has(f, F_CLOSE_SENT))
+        (void)send_close(f, code); /* draining already, or out of memory: at once */
 }
 
 static void frame_end(ws_filter *f)
@@ -1270,10 +1309,6 @@ static int ws_start(cp_filter *bf)
         int r = client_request(f);
         if (r < 0)
             return r;
-    }
-    if (ws_kind(f)->o.ping_interval_ms) {
-        f->flags |= F_PONG_SEEN;
-        cp__timer_arm(bf->s->owner, &x->ping, ws_kind(f)->o.ping_interval_ms);
     }
     return 0;
 }

@@ -4,10 +4,13 @@
 # the library sources are compiled into each fuzzer with the same flags
 # (clang, -fsanitize=fuzzer,address,undefined), both backends (epoll and
 # io_uring when liburing is installed). Usage: tests/fuzz/build.sh [OUTDIR]
+# [TARGET...]: only those targets (default: every one this machine can build).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=${1:-build-fuzz}
+[ $# -gt 0 ] && shift
+only="$*"
 mkdir -p "$out"
 CC=${CC:-clang}
 SAN=${FUZZ_SAN:--fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined}
@@ -38,12 +41,15 @@ else
 fi
 # WebSocket needs llhttp's C sources (Debian's node-llhttp) and OpenSSL's
 # SHA-1 (ws_digest.c), as in the library's build; otherwise its -ENOTSUP
-# stand-in. Exactly one of the two is compiled.
+# stand-in. Exactly one of the two is compiled. The WebSocket fuzzers come
+# with it, as the TLS one with OpenSSL.
 llhttp=/usr/share/llhttp
+ws_targets=
 if [ -n "$tls_target" ] && [ -f "$llhttp/llhttp.c" ]; then
   srcs=$(printf '%s\n' $srcs | grep -v '/ws_none\.c$' | tr '\n' ' ')
   srcs="$srcs $llhttp/llhttp.c $llhttp/api.c $llhttp/http.c"
   defs="$defs -I/usr/share/include/llhttp"
+  ws_targets="fuzz_ws_frames fuzz_ws_upgrade"
 else
   srcs=$(printf '%s\n' $srcs | grep -v -e '/ws/ws\.c$' -e '/ws/ws_digest\.c$' | tr '\n' ' ')
 fi
@@ -57,8 +63,9 @@ else
   srcs=$(printf '%s\n' $srcs | grep -v '/redis\.c$' | tr '\n' ' ')
   targets="fuzz_framer fuzz_session fuzz_nats"
 fi
-targets="$targets $tls_target"
+targets="$targets $tls_target $ws_targets"
 for t in $targets; do
+  case " ${only:-$t} " in *" $t "*) ;; *) continue ;; esac
   echo "building $out/$t"
   # shellcheck disable=SC2086
   $CC -std=c11 -g -O1 -fno-omit-frame-pointer $SAN $defs -I"$root/include" -I"$root/src" \

@@ -73,13 +73,6 @@ static void fail(const char *what, long a, long b)
     abort();
 }
 
-static uint64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
 static void enter(cp_session *s, rec **out)
 {
     rec *r = cp_session_data(s);

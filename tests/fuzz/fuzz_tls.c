@@ -151,53 +151,6 @@ static void fail(const char *what, long a, long b)
     abort();
 }
 
-static uint64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-/* Short waits spin (yielding), so that they stay short; long ones sleep,
- * leaving the two cores to the server. */
-static void sleep_us(uint64_t us)
-{
-    if (us >= 1000) {
-        struct timespec ts = { .tv_sec = (time_t)(us / 1000000u), .tv_nsec = (long)(us % 1000000u) * 1000 };
-        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-            ;
-        return;
-    }
-    uint64_t until = now_us() + us;
-    while (now_us() < until)
-        sched_yield();
-}
-
-/* A deadline for the server that does not count time this thread was not
- * running (a stall of the machine or of its VM: on 2 shared cores a wait
- * of 1 ms once came back seconds later). */
-typedef struct patience {
-    uint64_t deadline, last, stalled;
-} patience;
-
-static patience patience_start(uint64_t us)
-{
-    uint64_t now = now_us();
-    return (patience){ .deadline = now + us, .last = now };
-}
-
-/* Called on each turn of a wait loop; true once the time is up. */
-static bool patience_out(patience *p)
-{
-    uint64_t now = now_us();
-    if (now - p->last > 100000) {
-        p->deadline += now - p->last;
-        p->stalled += now - p->last;
-    }
-    p->last = now;
-    return now > p->deadline;
-}
-
 /* ------------------------------------------------------------------ the server */
 
 typedef struct rec {
@@ -1008,38 +961,9 @@ static void do_op(int kind, conn *c, const uint8_t *data, size_t size, size_t *p
     }
 }
 
-/* The server's listening socket, found among our descriptors, to read its
- * accept queue: a connection still in it has no session yet, so "no session
- * live" alone could pass before this input's last sessions even began (a
- * TLS session has no on_connected to wait for at connect). Read only. */
+/* The server's listening socket (fuzz_common.h), to read its accept queue:
+ * a TLS session has no on_connected to wait for at connect. */
 static int g_listen_fd = -1;
-
-static void listener_find(void)
-{
-    for (int fd = 0; fd < 1024; fd++) {
-        int acc = 0;
-        socklen_t al = sizeof acc;
-        struct sockaddr_in a;
-        socklen_t sl = sizeof a;
-        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) == 0 && acc &&
-            getsockname(fd, (struct sockaddr *)&a, &sl) == 0 && a.sin_family == AF_INET &&
-            ntohs(a.sin_port) == cp_service_listen_port(g_svc)) {
-            g_listen_fd = fd;
-            return;
-        }
-    }
-}
-
-/* Connections waiting to be accepted (Linux reports a listener's accept
- * queue as tcpi_unacked); 0 when unknown. */
-static unsigned accept_backlog(void)
-{
-    struct tcp_info ti;
-    socklen_t len = sizeof ti;
-    if (g_listen_fd < 0 || getsockopt(g_listen_fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0)
-        return 0;
-    return ti.tcpi_unacked;
-}
 
 /* ------------------------------------------------------------------ libFuzzer */
 
@@ -1094,7 +1018,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         fprintf(stderr, "fuzz_tls: cp_server_start: %s\n", cp_strerror(rc));
         exit(1);
     }
-    listener_find();
+    g_listen_fd = listener_fd_of(cp_service_listen_port(g_svc));
     fprintf(stderr, "fuzz_tls: backend %s, TLS server on port %u (listener fd %d), certificates in %s\n",
             cp_port_backend_name(g_port), cp_service_listen_port(g_svc), g_listen_fd, g_dir);
     return 0;
@@ -1110,12 +1034,12 @@ static void wait_all_ended(const uint16_t *used_ports, int nused)
         cp_service_stats_get(g_svc, &st);
         long con = atomic_load(&g_connected), dis = atomic_load(&g_disconnected);
         if (con == dis && st.sessions == 0 && st.connected == (uint64_t)con &&
-            st.disconnected == (uint64_t)dis && accept_backlog() == 0) {
+            st.disconnected == (uint64_t)dis && accept_backlog(g_listen_fd) == 0) {
             /* An accept just taken may not be in the table yet (io_uring
              * posts it for the listener's worker to handle): look again. */
             sleep_us(2000);
             cp_service_stats_get(g_svc, &st);
-            if (st.sessions == 0 && accept_backlog() == 0)
+            if (st.sessions == 0 && accept_backlog(g_listen_fd) == 0)
                 return;
             continue;
         }
@@ -1125,7 +1049,7 @@ static void wait_all_ended(const uint16_t *used_ports, int nused)
                     "connected %llu disconnected %llu, to accept %u (this thread stalled %llu ms "
                     "meanwhile, not counted)\n",
                     con, dis, (unsigned long long)st.sessions, (unsigned long long)st.connected,
-                    (unsigned long long)st.disconnected, accept_backlog(),
+                    (unsigned long long)st.disconnected, accept_backlog(g_listen_fd),
                     (unsigned long long)(p.stalled / 1000));
             int nr = atomic_load(&g_nrecs);
             for (int i = 0; i < nr; i++)

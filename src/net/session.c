@@ -816,12 +816,15 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     CP_UNUSED(w), CP_UNUSED(flags), CP_UNUSED(data);
     cp_session *s = SESSION_OF(op, wr);
     cp__sendq_landed(wire_queue(s));
-    if (wire_open(s)) {
-        if (res >= 0)
-            sent(s, (size_t)res);
-        else if (res != -EAGAIN)
-            cp__session_close(s, reason_of(s, res), res);
-    }
+    /* What was written leaves the queue also when a close was requested
+     * meanwhile (DISCONNECTING): the close's flush (cp__session_wire_flush,
+     * the filters' last words) still writes from the queue's head, and
+     * would send those bytes a second time. */
+    bool closing_soon = atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_DISCONNECTING;
+    if (res >= 0 && (wire_open(s) || closing_soon))
+        sent(s, (size_t)res);
+    else if (res < 0 && res != -EAGAIN && wire_open(s))
+        cp__session_close(s, reason_of(s, res), res);
     op_done(s);
     if (wire_open(s))
         send_start(s);

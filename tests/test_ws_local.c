@@ -787,3 +787,49 @@ Test(ws_local, pings_after_a_slow_upgrade, .timeout = 60)
     CPT_AWAIT(atomic_load(&we.e.t->disconnected) == 1, 5000, "the session did not end");
     env_stop(&we);
 }
+
+/* A disconnect that lands while the 101's send is still in flight (io_uring:
+ * the send completes on the worker after the close was requested) must not
+ * make the close write those bytes again: after the 101 come frames only,
+ * each buffer at most once and in order, then the Close. fuzz_ws_frames
+ * found the 101 sent twice (tests/fuzz/repro/uring_disconnect_resends.c);
+ * about one run in four showed it on io_uring. */
+Test(ws_local, a_disconnect_during_a_send_writes_nothing_twice, .timeout = 120)
+{
+    enum { RUNS = 200, BUFS = 4, SIZE = 4000 };
+    ws_env we;
+    cp_ws_opts wo = { 0 };
+    cr_assert_eq(cp_ws_create(&we.ws, &wo), 0);
+    cp_server_opts o = { .host = CPT_HOST4 };
+    o.session.ws = we.ws;
+    cpt_env_start(&we.e, 2, &o, NULL, RUNS + 8, CPT_KEEP_REFS | CPT_NO_ECHO);
+    static uint8_t junk[SIZE];
+    static frame f;
+    for (int it = 0; it < RUNS; it++) {
+        int fd = raw_upgrade(we.e.sport);
+        CPT_AWAIT(atomic_load(&we.e.t->connected) == it + 1, 5000, "run %d: not connected", it);
+        cp_session *s = we.e.t->recs[it].s;
+        for (int k = 0; k < BUFS; k++) {
+            memset(junk, 'j', sizeof junk);
+            junk[0] = (uint8_t)k; /* each buffer its own first byte */
+            cr_assert_eq(cp_session_send_copy(s, junk, sizeof junk), 0);
+        }
+        cr_assert_eq(cp_session_disconnect(s), 0);
+        int next = 0;
+        bool closed = false;
+        while (!closed && recv_frame(fd, &f) == 0) {
+            cr_assert(f.first == 0x82 || f.first == 0x88, "run %d: not a frame after the 101 (0x%02x '%c')",
+                      it, f.first, f.first);
+            if (f.first == 0x88) {
+                closed = true;
+            } else {
+                cr_assert(f.len == SIZE && f.data[0] == next, "run %d: buffer %d again or out of order", it,
+                          f.data[0]);
+                next++;
+            }
+        }
+        cpt_close(fd);
+        CPT_AWAIT(atomic_load(&we.e.t->disconnected) == it + 1, 5000, "run %d: the session did not end", it);
+    }
+    env_stop(&we);
+}

@@ -39,8 +39,9 @@ static bool sh(const char *fmt, ...)
     return system(quiet) == 0;
 }
 
-/* The pair of the running test, removed by its fini whatever happened. */
+/* The pair of the running test, removed whatever happened (netpair_fini). */
 static netpair *g_np;
+static void netpair_fini(void);
 
 /* A namespace and a veth pair, a /30 of 10.213.0.0/16 of this process and
  * test of its own (ctest runs the backends' programs side by side). */
@@ -54,9 +55,15 @@ static void netpair_up(netpair *np, int n)
     snprintf(np->peer, sizeof np->peer, "10.213.%u.%u", idx / 64u, (idx % 64u) * 4u + 2u);
     if (geteuid() != 0 || !sh("ip netns add %s", np->ns))
         cr_skip_test("needs root and iproute2 (ip netns)");
-    static netpair kept; /* the fini runs after the test's frame is gone */
+    /* Removed at the test's end, or at its process's exit if an assertion
+     * ended it first (each test runs in a process of its own). */
+    static netpair kept;
+    static bool registered;
     kept = *np;
     g_np = &kept;
+    if (!registered)
+        atexit(netpair_fini);
+    registered = true;
     cr_assert(sh("ip link add %s type veth peer name %s", np->here, np->there), "veth pair");
     cr_assert(sh("ip link set %s netns %s", np->there, np->ns));
     cr_assert(sh("ip addr add %s/30 dev %s", np->host, np->here));
@@ -150,8 +157,7 @@ static uint64_t vanish(dp_env *d, bool send, int *reason)
 
 /* Data in flight to a peer that vanished: TCP_USER_TIMEOUT ends the
  * session within its setting and a second. */
-Test(dead_peer, user_timeout_ends_a_peer_that_vanished_with_data_in_flight, .timeout = 60,
-     .fini = netpair_fini)
+Test(dead_peer, user_timeout_ends_a_peer_that_vanished_with_data_in_flight, .timeout = 60)
 {
     dp_env d;
     cp_server_opts o = { .session.user_timeout_ms = 1000 };
@@ -166,7 +172,7 @@ Test(dead_peer, user_timeout_ends_a_peer_that_vanished_with_data_in_flight, .tim
 
 /* An idle connection whose peer vanished: keepalive's probes go
  * unanswered and end it, idle + interval x probes (+ 1 s) after the cut. */
-Test(dead_peer, keepalive_ends_an_idle_peer_that_vanished, .timeout = 60, .fini = netpair_fini)
+Test(dead_peer, keepalive_ends_an_idle_peer_that_vanished, .timeout = 60)
 {
     dp_env d;
     cp_server_opts o = { .session.keepalive_idle_ms = 1000,
@@ -191,24 +197,21 @@ static void both(int n, bool send, cp_reason want)
     dp_start(&d, n, &o);
     int reason = 0;
     uint64_t ms = vanish(&d, send, &reason);
-    cr_assert_eq(reason, want, "reason %d (%s), want %s", reason, cp_reason_str((cp_reason)reason),
+    cr_assert_eq(reason, (int)want, "reason %d (%s), want %s", reason, cp_reason_str((cp_reason)reason),
                  cp_reason_str(want));
     cr_assert_leq(ms, 2500 + 1000 + 1000, "found after %llu ms", (unsigned long long)ms);
     dp_stop(&d);
 }
 
-Test(dead_peer, with_both_data_in_flight_is_the_user_timeout, .timeout = 60, .fini = netpair_fini)
+Test(dead_peer, with_both_data_in_flight_is_the_user_timeout, .timeout = 60)
 {
     both(3, true, CP_REASON_USER_TIMEOUT);
 }
 
-Test(dead_peer, with_both_an_idle_peer_is_keepalive, .timeout = 60, .fini = netpair_fini)
-{
-    both(4, false, CP_REASON_KEEPALIVE);
-}
+Test(dead_peer, with_both_an_idle_peer_is_keepalive, .timeout = 60) { both(4, false, CP_REASON_KEEPALIVE); }
 
 /* A live peer is never cut: keepalive's probes are answered. */
-Test(dead_peer, a_live_idle_peer_stays, .timeout = 60, .fini = netpair_fini)
+Test(dead_peer, a_live_idle_peer_stays, .timeout = 60)
 {
     dp_env d;
     cp_server_opts o = { .session.keepalive_idle_ms = 1000,

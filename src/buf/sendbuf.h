@@ -27,10 +27,11 @@ struct cp_sendbuf {
     uint32_t cap;
     uint32_t big_class;     /* allocated alone: its size class, or BIG_NONE */
     struct cp_chunk *chunk; /* NULL for buffers allocated alone */
-    /* Bytes of data that are not the user's, which on_sent does not count:
-     * all of a filter's own buffer (an HTTP answer, a WebSocket control
-     * frame), or the frame headers and control frames a send queue's block
-     * copied in. 0 for the user's buffers. */
+    /* How many bytes at the start of data are not the user's, which on_sent
+     * does not count: all of a filter's own buffer (an HTTP answer, a
+     * WebSocket control frame), a masked copy's frame header. In a send
+     * queue's block: how many of its bytes, wherever they are, came from
+     * such parts (sendq.c). 0 for the user's buffers. */
     uint32_t framing;
     uint8_t head[CP_SENDBUF_HEADROOM];
     uint8_t data[];

@@ -84,26 +84,28 @@ static const uint8_t *ent_bytes(uintptr_t v)
 }
 static size_t ent_len(uintptr_t v) { return buf_of(v)->len + head_of(v); }
 
-/* How many of entry v's bytes from off on are not the user's: a filter's
- * own buffer is all framing, a framed user buffer only its header (a
- * block, which never moves, does not ask). */
+/* The bytes of entry v before the user's: its frame header (framed), then
+ * its data's framing prefix (sendbuf.h). */
+static size_t prefix_of(uintptr_t v) { return head_of(v) + buf_of(v)->framing; }
+
+/* How many of entry v's bytes from off on are not the user's (a block,
+ * which never moves, does not ask). */
 static size_t framing_from(uintptr_t v, size_t off)
 {
-    if (buf_of(v)->framing)
-        return ent_len(v) - off;
-    size_t hl = head_of(v);
-    return hl > off ? hl - off : 0;
+    size_t p = prefix_of(v);
+    return p > off ? p - off : 0;
 }
 
 /* The user's bytes among t bytes of entry v written from off on (done: its
- * last byte is among them). A user buffer's count is exact; one holding
- * framing (a block) counts when it is done, as a whole. */
+ * last byte is among them). Exact for a buffer, whose framing is a prefix;
+ * a block, whose framing lies anywhere in it, counts when it is done, as a
+ * whole. */
 static size_t user_bytes(uintptr_t v, size_t off, size_t t, bool done)
 {
     cp_sendbuf *b = buf_of(v);
-    if (b->framing)
+    if (cp__sendbuf_is_block(b))
         return done ? b->len - b->framing : 0;
-    size_t hl = head_of(v), lo = off > hl ? off : hl, hi = off + t;
+    size_t p = prefix_of(v), lo = off > p ? off : p, hi = off + t;
     return hi > lo ? hi - lo : 0;
 }
 

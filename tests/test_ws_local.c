@@ -187,7 +187,8 @@ static int check_echo(cp_session *s, uint16_t id, const uint8_t *body, size_t le
 
 /* Two cport client sessions each send 300 packets of 0-4000 bytes through
  * a cport server's echo: connected only after the 101, their masked
- * frames read by the server, every echo back in order, byte-identical. */
+ * frames read by the server, every echo back in order, byte-identical, and
+ * on_sent counting the clients' own bytes. */
 Test(ws_local, cport_client_echo_of_many_packets_is_byte_identical, .timeout = 60)
 {
     enum { SESSIONS = 2, PACKETS = 300, BATCH = 30 };
@@ -227,6 +228,11 @@ Test(ws_local, cport_client_echo_of_many_packets_is_byte_identical, .timeout = 6
     cr_assert_eq(atomic_load(&t->bytes_in), bytes);
     cr_assert_eq(atomic_load(&we.e.t->packets), SESSIONS * PACKETS, "the server read the masked packets");
     cr_assert_eq(atomic_load(&we.e.t->bytes_in), bytes);
+    /* on_sent counts the packets the clients sent, header included: not
+     * the upgrade request, not the masked copies' frame headers. */
+    long long sent = bytes + 4LL * SESSIONS * PACKETS;
+    CPT_AWAIT(atomic_load(&t->bytes_sent) == sent, 5000, "the clients' on_sent counted %lld of %lld",
+              (long long)atomic_load(&t->bytes_sent), sent);
     cpt_xstop(svc);
     cpt_track_stopped(t);
     cpt_track_xcheck(t);

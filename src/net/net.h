@@ -122,7 +122,9 @@ typedef struct cp_filter_ops {
      * stream (TLS close_notify); true if anything was appended. */
     bool (*finish)(cp_filter *f);
     /* n bytes of the wire queue were written: how many bytes of its source
-     * that completes (for the innermost, the user's: on_sent). */
+     * that completes (for the innermost, the user's: on_sent). NULL when
+     * the wire queue says it itself: its buffers' framing is all the
+     * filter adds (sendbuf.h; a WebSocket's headers and masked copies). */
     size_t (*written)(cp_filter *f, size_t n);
     /* The session is about to close hard with reason (its socket still
      * open, its state not yet changed): last words, written at once, best

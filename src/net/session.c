@@ -759,7 +759,8 @@ static void sent(cp_session *s, size_t n)
      * completes of the queue inside it. The last answer is the user's. */
     n = cp__sendq_consume(wire_queue(s), n);
     for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++)
-        n = ops_of(s->flt[i])->written(s->flt[i], n);
+        if (ops_of(s->flt[i])->written)
+            n = ops_of(s->flt[i])->written(s->flt[i], n);
     if (s->rx_block & CP_RX_SENDQ)
         cp__rx_sendq_check(s);
     if (s->svc->h.on_sent && n)

@@ -92,13 +92,6 @@ typedef struct upgrade {
     char accept[29]; /* a client's: the Sec-WebSocket-Accept the server must answer */
 } upgrade;
 
-/* Wire bytes that precede user bytes (a frame header; a whole control frame
- * with body 0) and the user bytes after them: how a client's written wire
- * bytes map back to what the user sent (on_sent). */
-typedef struct ws_mark {
-    uint32_t head, body;
-} ws_mark;
-
 /* What a session needs only for a while, or only with pings: made when
  * first needed and dropped when nothing needs it (side_release), so that an
  * idle server session without pings keeps none of it. */
@@ -138,14 +131,12 @@ typedef struct ws_filter {
 } ws_filter;
 
 /* A client's filter: its frames are masked copies (a mask per frame), made
- * into a queue of its own, with marks that map written bytes back. */
+ * into a queue of its own; each copy's header is its framing (sendbuf.h),
+ * so the queue itself says which written bytes were the user's. */
 typedef struct ws_client {
     ws_filter f;
     cp_sendq wire;
-    uint32_t rnd;   /* masks: xorshift32, seeded from the system (cp__ws_random) */
-    ws_mark *marks; /* ring */
-    uint32_t mhead, mlen, mcap;
-    ws_mark marks_in[2];
+    uint32_t rnd; /* masks: xorshift32, seeded from the system (cp__ws_random) */
 } ws_client;
 
 static const cp_filter_ops ws_ops;
@@ -206,25 +197,6 @@ static uint8_t utf8_run(uint8_t st, const uint8_t *p, size_t n)
 
 /* ------------------------------------------------------------------ sending */
 
-static bool mark_push(ws_client *c, uint32_t head, uint32_t body)
-{
-    if (c->mlen == c->mcap) {
-        uint32_t cap = c->mcap * 2;
-        ws_mark *m = cp__malloc(sizeof *m * cap);
-        if (!m)
-            return false;
-        for (uint32_t i = 0; i < c->mlen; i++)
-            m[i] = c->marks[(c->mhead + i) & (c->mcap - 1)];
-        if (c->marks != c->marks_in)
-            cp__free(c->marks);
-        c->marks = m;
-        c->mcap = cap;
-        c->mhead = 0;
-    }
-    c->marks[(c->mhead + c->mlen++) & (c->mcap - 1)] = (ws_mark){ head, body };
-    return true;
-}
-
 /* A client's next mask: RFC 6455 wants one per frame, unpredictable to a
  * page's script (which a native client has not); xorshift32 over a random
  * seed keeps it cheap. */
@@ -282,6 +254,7 @@ static cp_sendbuf *masked_copy(ws_client *c, cp_sendbuf *b, uint32_t *hl)
     memcpy(cp_sendbuf_data(m), h, *hl);
     mask_copy(cp_sendbuf_data(m) + *hl, cp_sendbuf_data(b), len, mask);
     cp_sendbuf_close(m, *hl + len);
+    m->framing = *hl; /* the header is not the user's (on_sent) */
     return m;
 }
 
@@ -292,16 +265,12 @@ static bool client_encode(ws_client *c)
     cp_sendq *src = cp__filter_source(&c->f.base);
     cp_sendbuf *b;
     while ((b = cp__sendq_pop(src)) != NULL) {
-        uint32_t hl = 0, len = (uint32_t)cp_sendbuf_len(b);
+        uint32_t hl = 0;
         cp_sendbuf *m = masked_copy(c, b, &hl);
         cp_sendbuf_unref(b);
         if (!m || cp__sendq_push(&c->wire, m, SIZE_MAX) < 0) {
             if (m)
                 cp_sendbuf_unref(m);
-            cp__session_request_close(c->f.base.s, CP_REASON_NO_MEMORY);
-            return false;
-        }
-        if (!mark_push(c, hl, len)) {
             cp__session_request_close(c->f.base.s, CP_REASON_NO_MEMORY);
             return false;
         }
@@ -314,12 +283,14 @@ static bool client_encode(ws_client *c)
 static bool client_push(ws_client *c, const void *p, size_t n)
 {
     cp_sendbuf *b = cp_sendbuf_copy(p, n);
-    if (!b || cp__sendq_push(&c->wire, b, SIZE_MAX) < 0) {
-        if (b)
-            cp_sendbuf_unref(b);
+    if (!b)
+        return false;
+    b->framing = (uint32_t)n; /* none of it the user's (on_sent) */
+    if (cp__sendq_push(&c->wire, b, SIZE_MAX) < 0) {
+        cp_sendbuf_unref(b);
         return false;
     }
-    return mark_push(c, (uint32_t)n, 0);
+    return true;
 }
 
 /* The same, after what the user queued before them (an echo the peer
@@ -468,34 +439,6 @@ static void ws_encode(cp_filter *bf)
 {
     if (is_client(ws_of(bf)))
         (void)client_encode(client_of(ws_of(bf)));
-}
-
-/* A server's queue said itself which bytes were the user's (sendq.c); a
- * client maps its wire bytes back through its marks. */
-static size_t ws_written(cp_filter *bf, size_t n)
-{
-    ws_filter *f = ws_of(bf);
-    if (!is_client(f))
-        return n;
-    ws_client *c = client_of(f);
-    size_t user = 0;
-    while (n && c->mlen) {
-        ws_mark *k = &c->marks[c->mhead];
-        size_t t = n < k->head ? n : k->head;
-        k->head -= (uint32_t)t;
-        n -= t;
-        if (!k->head) {
-            t = n < k->body ? n : k->body;
-            k->body -= (uint32_t)t;
-            n -= t;
-            user += t;
-        }
-        if (!k->head && !k->body) {
-            c->mhead = (c->mhead + 1) & (c->mcap - 1);
-            c->mlen--;
-        }
-    }
-    return user;
 }
 
 /* A draining session has written everything: our Close, with the code of
@@ -1289,8 +1232,6 @@ static cp_filter *ws_attach(cp_filter_kind *k, cp_session *s)
     if (!c)
         return NULL;
     c->f.base.s = s;
-    c->marks = c->marks_in;
-    c->mcap = 2;
     return &c->f.base;
 }
 
@@ -1325,10 +1266,7 @@ static void ws_detach(cp_filter *bf)
         cp__slab_free(&filter_slab, f);
         return;
     }
-    ws_client *c = client_of(f);
-    if (c->marks != c->marks_in)
-        cp__free(c->marks);
-    cp__free(c);
+    cp__free(client_of(f));
 }
 
 static cp_sendq *ws_wire(cp_filter *bf)
@@ -1347,7 +1285,6 @@ static const cp_filter_ops ws_ops = {
     .input = ws_input,
     .encode = ws_encode,
     .finish = ws_finish,
-    .written = ws_written,
     .closing = ws_closing,
     .detach = ws_detach,
     .kind_ref = kind_ref,

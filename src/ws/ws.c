@@ -107,7 +107,6 @@ enum {                    /* ws_filter.flags */
        F_OPEN = 1,        /* upgraded: frames from here on */
        F_FAILED = 2,      /* an error, or the peer's Close: the rest is dropped */
        F_CLOSE_SENT = 4,  /* our Close is queued */
-       F_CLOSE_RCVD = 8,  /* the peer's Close came */
        F_PONG_SEEN = 16,  /* a pong since our last ping */
        F_IN_PAYLOAD = 32, /* the frame's header is done, payload bytes follow */
        F_CLOSE_DUE = 64,  /* our Close waits for the drain to write what came before */
@@ -971,7 +970,6 @@ static bool close_code_valid(uint16_t c)
 static void on_close_frame(ws_filter *f)
 {
     const ws_side *x = f->x;
-    f->flags |= F_CLOSE_RCVD;
     if (x->ctl_len == 1) {
         ws_fail(f, WS_PROTOCOL);
         return;

@@ -361,6 +361,15 @@ static bool wire_open(const cp_session *s)
     return st == CP_S_HANDSHAKING || st == CP_S_CONNECTED || st == CP_S_DRAINING;
 }
 
+/* The socket still takes the wire queue: open, or a close requested a
+ * moment ago (DISCONNECTING), whose filters' last words go out by
+ * cp__session_wire_flush from the queue's head. Bytes written meanwhile
+ * must leave the queue, or that flush would send them a second time. */
+static bool wire_live(const cp_session *s)
+{
+    return wire_open(s) || atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_DISCONNECTING;
+}
+
 /* The queue the socket is written from: the filter's wire queue, or the
  * user's own. */
 static cp_sendq *wire_queue(cp_session *s) { return s->flt[0] ? filter_wire(s->flt[0]) : &s->sq; }
@@ -817,12 +826,7 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     CP_UNUSED(w), CP_UNUSED(flags), CP_UNUSED(data);
     cp_session *s = SESSION_OF(op, wr);
     cp__sendq_landed(wire_queue(s));
-    /* What was written leaves the queue also when a close was requested
-     * meanwhile (DISCONNECTING): the close's flush (cp__session_wire_flush,
-     * the filters' last words) still writes from the queue's head, and
-     * would send those bytes a second time. */
-    bool closing_soon = atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_DISCONNECTING;
-    if (res >= 0 && (wire_open(s) || closing_soon))
+    if (res >= 0 && wire_live(s))
         sent(s, (size_t)res);
     else if (res < 0 && res != -EAGAIN && wire_open(s))
         cp__session_close(s, reason_of(s, res), res);
@@ -839,10 +843,7 @@ void cp__session_wire_flush(cp_filter *from)
 {
     cp_session *s = from->s;
     cp_worker *w = s->owner;
-    /* A close requested a moment ago (DISCONNECTING) still has its socket:
-     * the last words of its filters go out too. */
-    int st = atomic_load_explicit(&s->state, memory_order_relaxed);
-    if (s->wr.armed || s->h.fd < 0 || (!wire_open(s) && st != CP_S_DISCONNECTING))
+    if (s->wr.armed || s->h.fd < 0 || !wire_live(s))
         return;
     /* What the filter made goes through the filters outside it (a
      * WebSocket Close inside TLS), never through itself again. */

@@ -1191,25 +1191,29 @@ int cp_session_shutdown(cp_session *s, uint32_t timeout_ms)
     return cp__session_shutdown(s, timeout_ms, CP_REASON_LOCAL);
 }
 
-int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason)
+/* The state moves from `from` to DRAINING, and the caller that won that
+ * change writes the deadline and the reason, once, before the owner can
+ * see the drain (the caller then publishes it). */
+static bool drain_enter(cp_session *s, int from, uint32_t timeout_ms, cp_reason reason)
 {
-    int st = CP_S_CONNECTED;
-    if (!atomic_compare_exchange_strong(&s->state, &st, CP_S_DRAINING))
-        return -ENOTCONN;
-    /* Written once, by the caller that won the state change, before the
-     * owner can see the shutdown (the message publishes it). */
+    if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_DRAINING))
+        return false;
     s->drain_deadline_ns = cp__now_ns() + (uint64_t)timeout_ms * 1000000u;
     s->drain_reason = (uint8_t)reason;
+    return true;
+}
+
+int cp__session_shutdown(cp_session *s, uint32_t timeout_ms, cp_reason reason)
+{
+    if (!drain_enter(s, CP_S_CONNECTED, timeout_ms, reason))
+        return -ENOTCONN;
     return send_ordered(s, NULL); /* NULL: the shutdown's place in the order */
 }
 
 int cp__session_refuse(cp_session *s, uint32_t timeout_ms, cp_reason reason)
 {
-    int st = CP_S_HANDSHAKING;
-    if (!atomic_compare_exchange_strong(&s->state, &st, CP_S_DRAINING))
+    if (!drain_enter(s, CP_S_HANDSHAKING, timeout_ms, reason))
         return -ENOTCONN;
-    s->drain_deadline_ns = cp__now_ns() + (uint64_t)timeout_ms * 1000000u;
-    s->drain_reason = (uint8_t)reason;
     drain_begin(s); /* on the owner, and nothing of the user's is queued to come before it */
     cp__session_wire_ready(s);
     return 0;

@@ -12,6 +12,37 @@ static void start_env(cpt_env *e, uint32_t idle_ms, uint32_t packet_ms)
     cpt_env_start(e, 0, &o, NULL, 64, 0);
 }
 
+/* The connection is up and its session has started its timers. */
+static int connect_tracked(cpt_env *e)
+{
+    int fd = cpt_xconnect(e->sport);
+    CPT_AWAIT(atomic_load(&e->t->connected) == 1, 2000, "the session did not connect");
+    return fd;
+}
+
+static void expect_one_disconnect(cpt_env *e, cp_reason reason)
+{
+    CPT_AWAIT(atomic_load(&e->t->disconnected) == 1, 2000, "on_disconnected did not run");
+    cpt_xsettle(e->svc, e->t);
+    cr_expect_eq(atomic_load(&e->t->reasons[reason]), 1, "the session did not end with \"%s\"",
+                 cp_reason_str(reason));
+}
+
+/* The server closes fd between min_ms and max_ms after t0, and its one
+ * session ends with reason. */
+static void expect_cut(cpt_env *e, int fd, uint64_t t0, unsigned min_ms, unsigned max_ms, cp_reason reason)
+{
+    cpt_xclosed(fd, max_ms + 3000);
+    uint64_t took = cpt_now_ms() - t0;
+    cr_expect_geq(took, min_ms, "cut after %llu ms, before %u ms (%s)", (unsigned long long)took, min_ms,
+                  cp_reason_str(reason));
+    cr_expect_lt(took, max_ms, "cut only after %llu ms, not before %u ms (%s)", (unsigned long long)took,
+                 max_ms, cp_reason_str(reason));
+    cpt_close(fd);
+    /* The client can see the close before on_disconnected has run. */
+    expect_one_disconnect(e, reason);
+}
+
 /* Sends 6 bytes of a packet whose header promises 40, and no more; returns
  * when it was sent (ms). */
 static uint64_t send_half_packet(int fd)
@@ -30,15 +61,7 @@ Test(timeouts, half_a_packet_then_silence_is_cut_by_the_packet_timeout, .timeout
     start_env(&e, 0, 200);
     int fd = cpt_xconnect(e.sport);
     uint64_t t0 = send_half_packet(fd);
-    cpt_xclosed(fd, 3000);
-    uint64_t took = cpt_now_ms() - t0;
-    cr_expect_geq(took, 180, "cut after %llu ms, before the 200 ms timeout", (unsigned long long)took);
-    cr_expect_lt(took, 1500, "cut only after %llu ms", (unsigned long long)took);
-    cpt_close(fd);
-    /* The client can see the close before on_disconnected has run. */
-    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "on_disconnected did not run");
-    cpt_xsettle(e.svc, e.t);
-    cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_PACKET_TIMEOUT]), 1);
+    expect_cut(&e, fd, t0, 180, 1500, CP_REASON_PACKET_TIMEOUT);
     cpt_env_xneighbour(&e);
     cpt_env_stop(&e);
 }
@@ -49,15 +72,7 @@ Test(timeouts, an_idle_client_is_cut_by_the_idle_timeout, .timeout = 30)
     start_env(&e, 200, 0);
     int fd = cpt_xconnect(e.sport);
     uint64_t t0 = cpt_now_ms();
-    cpt_xclosed(fd, 3000);
-    uint64_t took = cpt_now_ms() - t0;
-    cr_expect_geq(took, 180, "cut after %llu ms", (unsigned long long)took);
-    cr_expect_lt(took, 1500, "cut only after %llu ms", (unsigned long long)took);
-    cpt_close(fd);
-    /* The client can see the close before on_disconnected has run. */
-    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "on_disconnected did not run");
-    cpt_xsettle(e.svc, e.t);
-    cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_IDLE_TIMEOUT]), 1);
+    expect_cut(&e, fd, t0, 180, 1500, CP_REASON_IDLE_TIMEOUT);
     cpt_env_stop(&e);
 }
 
@@ -104,28 +119,6 @@ Test(timeouts, timeouts_off_keep_an_idle_client, .timeout = 30)
 
 /* ------------------------------------------------------------------ both timeouts, each at its own deadline */
 
-/* The connection is up and its session has started its timers. */
-static int connect_tracked(cpt_env *e)
-{
-    int fd = cpt_xconnect(e->sport);
-    CPT_AWAIT(atomic_load(&e->t->connected) == 1, 2000, "the session did not connect");
-    return fd;
-}
-
-static uint64_t xcut_after(int fd, uint64_t t0, unsigned timeout_ms)
-{
-    cpt_xclosed(fd, timeout_ms);
-    return cpt_now_ms() - t0;
-}
-
-static void expect_one_disconnect(cpt_env *e, cp_reason reason)
-{
-    CPT_AWAIT(atomic_load(&e->t->disconnected) == 1, 2000, "on_disconnected did not run");
-    cpt_xsettle(e->svc, e->t);
-    cr_expect_eq(atomic_load(&e->t->reasons[reason]), 1, "the session did not end with \"%s\"",
-                 cp_reason_str(reason));
-}
-
 /* The bug: with both timeouts on, the session's one timer stayed armed for
  * the idle deadline when a packet began, so half a packet and silence was cut
  * at the idle timeout (here 1.5 s), not at the packet timeout (0.6 s). */
@@ -135,11 +128,7 @@ Test(timeouts, packet_timeout_waited_for_the_idle_deadline, .timeout = 30)
     start_env(&e, 1500, 600);
     int fd = connect_tracked(&e);
     uint64_t t0 = send_half_packet(fd);
-    uint64_t took = xcut_after(fd, t0, 4000);
-    cr_expect_geq(took, 580, "cut after %llu ms, before the 600 ms packet timeout", (unsigned long long)took);
-    cr_expect_lt(took, 1000, "cut after %llu ms: the packet timeout is 600 ms", (unsigned long long)took);
-    cpt_close(fd);
-    expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
+    expect_cut(&e, fd, t0, 580, 1000, CP_REASON_PACKET_TIMEOUT);
     cpt_env_stop(&e);
 }
 
@@ -159,12 +148,7 @@ Test(timeouts, a_drip_fed_packet_is_cut_by_the_packet_timeout, .timeout = 30)
             break;
         cpt_sleep_ms(50); /* a sleep: the client drips at a set pace */
     }
-    uint64_t took = xcut_after(fd, t0, 4000);
-    cr_expect_geq(took, 580, "cut after %llu ms, before the 600 ms packet timeout", (unsigned long long)took);
-    cr_expect_lt(took, 1000, "a drip-fed packet was cut after %llu ms: the packet timeout is 600 ms",
-                 (unsigned long long)took);
-    cpt_close(fd);
-    expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
+    expect_cut(&e, fd, t0, 580, 1000, CP_REASON_PACKET_TIMEOUT);
     cpt_env_stop(&e);
 }
 
@@ -174,11 +158,7 @@ Test(timeouts, with_both_timeouts_an_idle_client_is_cut_at_the_idle_deadline, .t
     start_env(&e, 1500, 600);
     uint64_t t0 = cpt_now_ms();
     int fd = connect_tracked(&e);
-    uint64_t took = xcut_after(fd, t0, 4000);
-    cr_expect_geq(took, 1450, "cut after %llu ms, before the 1500 ms idle timeout", (unsigned long long)took);
-    cr_expect_lt(took, 2000, "cut only after %llu ms: the idle timeout is 1500 ms", (unsigned long long)took);
-    cpt_close(fd);
-    expect_one_disconnect(&e, CP_REASON_IDLE_TIMEOUT);
+    expect_cut(&e, fd, t0, 1450, 2000, CP_REASON_IDLE_TIMEOUT);
     cpt_env_stop(&e);
 }
 
@@ -190,11 +170,7 @@ Test(timeouts, an_idle_deadline_before_the_packet_deadline_cuts_first, .timeout 
     int fd = connect_tracked(&e);
     cpt_sleep_ms(100); /* a sleep: idle time, so that the idle deadline comes before the packet's */
     uint64_t t0 = send_half_packet(fd);
-    uint64_t took = xcut_after(fd, t0, 4000);
-    cr_expect_geq(took, 280, "cut after %llu ms, before the 300 ms idle timeout", (unsigned long long)took);
-    cr_expect_lt(took, 1000, "cut after %llu ms: the idle timeout is 300 ms", (unsigned long long)took);
-    cpt_close(fd);
-    expect_one_disconnect(&e, CP_REASON_IDLE_TIMEOUT);
+    expect_cut(&e, fd, t0, 280, 1000, CP_REASON_IDLE_TIMEOUT);
     cpt_env_stop(&e);
 }
 
@@ -213,11 +189,7 @@ Test(timeouts, a_packet_finished_in_time_leaves_the_idle_deadline, .timeout = 30
     uint64_t t0 = cpt_now_ms();
     cpt_xsend(fd, pkt + 6, sizeof pkt - 6);
     cpt_xrecv_packet_eq(fd, 3, "finished", 8);
-    uint64_t took = xcut_after(fd, t0, 4000);
-    cr_expect_geq(took, 950, "cut after %llu ms, before the 1000 ms idle timeout", (unsigned long long)took);
-    cr_expect_lt(took, 1500, "cut after %llu ms: the idle timeout is 1000 ms", (unsigned long long)took);
-    cpt_close(fd);
-    expect_one_disconnect(&e, CP_REASON_IDLE_TIMEOUT);
+    expect_cut(&e, fd, t0, 950, 1500, CP_REASON_IDLE_TIMEOUT);
     cpt_env_stop(&e);
 }
 
@@ -259,13 +231,7 @@ Test(timeouts, raw_unconsumed_bytes_had_no_start_time, .timeout = 30)
                  (unsigned long long)(cpt_now_ms() - t0));
     uint64_t t1 = cpt_now_ms();
     cpt_xsend(fd, "c\nd", 3); /* a line consumed: "d" starts a new clock */
-    uint64_t took = xcut_after(fd, t1, 4000);
-    cr_expect_geq(took, 280, "cut %llu ms after the line, before the 300 ms packet timeout",
-                  (unsigned long long)took);
-    cr_expect_lt(took, 1000, "cut %llu ms after the line: the packet timeout is 300 ms",
-                 (unsigned long long)took);
-    cpt_close(fd);
-    expect_one_disconnect(&e, CP_REASON_PACKET_TIMEOUT);
+    expect_cut(&e, fd, t1, 280, 1000, CP_REASON_PACKET_TIMEOUT);
     cpt_env_stop(&e);
 }
 
@@ -285,14 +251,7 @@ Test(timeouts, a_client_that_sends_no_packet_is_cut_by_the_first_packet_timeout,
     start_first(&e, 200);
     int fd = cpt_xconnect(e.sport);
     uint64_t t0 = cpt_now_ms();
-    cpt_xclosed(fd, 3000);
-    uint64_t took = cpt_now_ms() - t0;
-    cr_expect_geq(took, 180, "cut after %llu ms, before the 200 ms deadline", (unsigned long long)took);
-    cr_expect_lt(took, 1500, "cut only after %llu ms", (unsigned long long)took);
-    cpt_close(fd);
-    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "on_disconnected did not run");
-    cpt_xsettle(e.svc, e.t);
-    cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_FIRST_PACKET_TIMEOUT]), 1);
+    expect_cut(&e, fd, t0, 180, 1500, CP_REASON_FIRST_PACKET_TIMEOUT);
     cpt_env_stop(&e);
 }
 
@@ -305,9 +264,7 @@ Test(timeouts, half_a_first_packet_does_not_meet_the_first_packet_deadline, .tim
     send_half_packet(fd);
     cpt_xclosed(fd, 3000);
     cpt_close(fd);
-    CPT_AWAIT(atomic_load(&e.t->disconnected) == 1, 2000, "on_disconnected did not run");
-    cpt_xsettle(e.svc, e.t);
-    cr_expect_eq(atomic_load(&e.t->reasons[CP_REASON_FIRST_PACKET_TIMEOUT]), 1);
+    expect_one_disconnect(&e, CP_REASON_FIRST_PACKET_TIMEOUT);
     cpt_env_stop(&e);
 }
 

@@ -708,6 +708,14 @@ typedef struct cp_server_opts {
     int backlog;           /* listen backlog; 0 = 1024; not negative */
     int accepts;           /* accepts kept pending (K); 0 = 64; at most 65535 */
     uint32_t max_sessions; /* live sessions at most; 0 = 10000 */
+    /* 1: SO_REUSEPORT, so that a new process can listen on the same port
+     * while this one drains (a rolling restart: start the new one, then stop
+     * this one with cp_service_stop_ex and a drain). The kernel spreads new
+     * connections over the listeners; those still queued to a listener
+     * when it closes are reset unless net.ipv4.tcp_migrate_req is 1 (Linux
+     * 5.14+), which moves them to another. Linux only: -ENOTSUP elsewhere.
+     * 0 = off: a second listener gets -EADDRINUSE. */
+    int reuseport;
     cp_session_opts session;
 } cp_server_opts;
 

@@ -124,8 +124,12 @@ int cp__sock_unacked(int fd)
     return -ENOTSUP;
 }
 
-int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog)
+int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog, bool reuseport)
 {
+    /* Windows has no SO_REUSEPORT: its SO_REUSEADDR lets a second socket
+     * take the port over, not share the connections. */
+    if (reuseport)
+        return -ENOTSUP;
     int fd = cp__sock_stream(sa->sa_family);
     if (fd < 0)
         return fd;
@@ -323,12 +327,17 @@ int cp__sock_unacked(int fd)
 #  endif
 }
 
-int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog)
+int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog, bool reuseport)
 {
     int fd = cp__sock_stream(sa->sa_family);
     if (fd < 0)
         return fd;
     cp__sock_setint(fd, SOL_SOCKET, SO_REUSEADDR, 1);
+    if (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &(int){ 1 }, sizeof(int)) < 0) {
+        int r = -errno;
+        close(fd);
+        return r;
+    }
     if (bind(fd, sa, len) < 0 || listen(fd, backlog) < 0) {
         int r = -errno;
         close(fd);

@@ -45,8 +45,9 @@ struct iovec {
 /* A non-blocking, close-on-exec (not inherited) TCP socket, or -errno. On
  * Windows it is also opened for overlapped I/O. */
 int cp__sock_stream(int family);
-/* A socket bound to sa and listening, or -errno. */
-int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog);
+/* A socket bound to sa and listening, or -errno. reuseport: SO_REUSEPORT,
+ * so that another listener may share the port (Linux; -ENOTSUP elsewhere). */
+int cp__sock_listener(const struct sockaddr *sa, socklen_t len, int backlog, bool reuseport);
 /* closesocket() or close(). */
 void cp__sock_close(int fd);
 /* Half-close: the peer reads what was sent, then end of stream. 0 or -errno. */

@@ -54,6 +54,45 @@ Test(listener, second_server_on_same_port_is_refused, .timeout = 10)
     cpt_env_stop(&e);
 }
 
+#ifndef _WIN32
+/* With reuseport on both, a second server shares the port, and a client is
+ * served whichever listener the kernel picks. Both must ask: one that did
+ * not is refused (the test above), whatever the other did. */
+Test(listener, reuseport_lets_two_servers_share_a_port, .timeout = 10)
+{
+    cp_server_opts o = { .host = CPT_HOST4, .reuseport = 1 };
+    cpt_env e;
+    cpt_env_start(&e, 2, &o, NULL, 64, 0);
+    cp_handlers h = cpt_track_handlers();
+    cp_service *svc = NULL;
+    cp_server_opts plain = { .host = CPT_HOST4, .port = e.sport };
+    int rc = cp_server_start(&svc, e.port, &plain, &h, e.t);
+    cr_assert_eq(rc, -EADDRINUSE, "a server without reuseport: %d (%s)", rc, cp_strerror(rc));
+    o.port = e.sport;
+    svc = cpt_xserver(e.port, &o, &h, e.t);
+    for (int i = 0; i < 8; i++)
+        cpt_env_xneighbour(&e);
+    cpt_xstop(svc);
+    cpt_env_stop(&e);
+}
+#else
+/* Windows has nothing like SO_REUSEPORT: asking for it is an error, never
+ * a port silently not shared. */
+Test(listener, reuseport_is_not_supported, .timeout = 10)
+{
+    cpt_leak_mark leak;
+    cpt_leak_begin(&leak);
+    cp_port *p = cpt_xport(1);
+    cp_handlers h = cpt_track_handlers();
+    cp_service *svc = NULL;
+    cp_server_opts o = { .host = CPT_HOST4, .reuseport = 1 };
+    int rc = cp_server_start(&svc, p, &o, &h, NULL);
+    cr_assert_eq(rc, -ENOTSUP, "reuseport on Windows: %d (%s)", rc, cp_strerror(rc));
+    cpt_xport_destroy(p);
+    cpt_leak_end(&leak);
+}
+#endif
+
 Test(listener, bad_host_is_refused, .timeout = 10)
 {
     cpt_leak_mark leak;

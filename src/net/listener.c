@@ -154,10 +154,10 @@ static void listener_close(cp_worker *w, void *lp, void *unused, uintptr_t c)
     /* else: the accept completes with -ECANCELED and finishes the listener */
 }
 
-int cp__listener_start(cp_service *svc, int backlog, int accepts)
+int cp__listener_start(cp_service *svc, int backlog, int accepts, bool reuseport)
 {
     const struct sockaddr *sa = (const struct sockaddr *)&svc->addr;
-    int fd = cp__sock_listener(sa, svc->addr_len, backlog);
+    int fd = cp__sock_listener(sa, svc->addr_len, backlog, reuseport);
     if (fd < 0)
         return fd;
     socklen_t len = sizeof svc->addr;

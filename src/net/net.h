@@ -457,7 +457,7 @@ int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_s
 void cp__service_set_raw_limit(cp_service *svc, size_t bytes);
 
 /* Listener (listener.c). */
-int cp__listener_start(cp_service *svc, int backlog, int accepts);
+int cp__listener_start(cp_service *svc, int backlog, int accepts, bool reuseport);
 void cp__listener_stop(cp_service *svc);
 
 static inline void cp__stat_add(atomic_uint_fast64_t *c, uint64_t v)

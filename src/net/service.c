@@ -346,7 +346,7 @@ int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
     if (!out || !opts)
         return -EINVAL;
     *out = NULL;
-    if (opts->backlog < 0 || opts->accepts < 0 || opts->accepts > 65535)
+    if (opts->backlog < 0 || opts->accepts < 0 || opts->accepts > 65535 || (unsigned)opts->reuseport > 1)
         return -EINVAL;
     cp_service *svc;
     int r = service_new(&svc, port, &opts->session, h, ctx, opts->max_sessions ? opts->max_sessions : 10000,
@@ -355,7 +355,8 @@ int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
         return r;
     r = cp__resolve(opts->host, opts->port, true, &svc->addr, &svc->addr_len);
     if (r == 0)
-        r = cp__listener_start(svc, opts->backlog ? opts->backlog : 1024, opts->accepts ? opts->accepts : 64);
+        r = cp__listener_start(svc, opts->backlog ? opts->backlog : 1024, opts->accepts ? opts->accepts : 64,
+                               opts->reuseport != 0);
     if (r < 0) {
         service_free(svc);
         return r;

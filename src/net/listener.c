@@ -42,6 +42,7 @@ static void listener_done(cp_listener *l)
 {
     cp_service *svc = l->svc;
     cp__free(l);
+    cp__service_listener_done(svc);
     cp__service_object_done(svc);
 }
 

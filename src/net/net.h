@@ -405,7 +405,10 @@ struct cp_service {
     cp_handlers h;
     void *ctx;
     bool is_client;
-    atomic_bool stopping;
+    atomic_bool stop_claimed;  /* a stop is under way (a second one gets -EALREADY) */
+    atomic_bool stopping;      /* no new sessions: set once a draining stop's listener is closed */
+    atomic_uint stop_drain_ms; /* the stop's drain, set before stopping: see session_connected */
+    bool listener_closed;      /* under lock: it accepts nothing more */
 
     /* Session options, fixed at start. */
     cp_framing framing;
@@ -449,6 +452,8 @@ struct cp_service {
 int cp__service_add_session(cp_service *svc, cp_session *s);
 void cp__service_session_done(cp_service *svc, cp_session *s);
 void cp__service_object_done(cp_service *svc);
+/* The listener has closed: every connection it accepted is in the table. */
+void cp__service_listener_done(cp_service *svc);
 int cp__addr_str(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
 int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss, socklen_t *len);
 

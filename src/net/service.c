@@ -82,6 +82,14 @@ int cp__service_add_session(cp_service *svc, cp_session *s)
     return r;
 }
 
+void cp__service_listener_done(cp_service *svc)
+{
+    pthread_mutex_lock(&svc->lock);
+    svc->listener_closed = true;
+    pthread_cond_broadcast(&svc->drained);
+    pthread_mutex_unlock(&svc->lock);
+}
+
 void cp__service_object_done(cp_service *svc)
 {
     pthread_mutex_lock(&svc->lock);
@@ -471,16 +479,24 @@ int cp_client_start(cp_service **out, cp_port *port, const cp_client_opts *opts,
 int cp_service_stop(cp_service *svc) { return cp_service_stop_ex(svc, 0, NULL); }
 
 /* Every session still in the table: closed hard, or gracefully within
- * drain_ms (a session that is not connected yet is closed hard either way). */
+ * drain_ms. A session whose start has not run yet (NEW) drains itself when
+ * it does (session_connected); one still connecting or in a handshake is
+ * closed hard; one draining or closing already is left to it. */
 static void close_all(cp_service *svc, uint32_t drain_ms)
 {
     size_t n;
     cp_session **all = snapshot(svc, &n);
     cp__batch_begin(svc->port);
     for (size_t i = 0; i < n; i++) {
-        if (!drain_ms || cp__session_shutdown(all[i], drain_ms, CP_REASON_STOPPING) != 0)
-            cp__session_request_close(all[i], CP_REASON_STOPPING);
-        cp__session_unref(all[i]);
+        cp_session *s = all[i];
+        if (!drain_ms) {
+            cp__session_request_close(s, CP_REASON_STOPPING);
+        } else if (cp__session_shutdown(s, drain_ms, CP_REASON_STOPPING) != 0) {
+            int st = atomic_load(&s->state);
+            if (st == CP_S_CONNECTING || st == CP_S_HANDSHAKING)
+                cp__session_request_close(s, CP_REASON_STOPPING);
+        }
+        cp__session_unref(s);
     }
     cp__batch_end(svc->port);
     cp__free(all);
@@ -520,10 +536,22 @@ int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *fin
     CP_ASSERT(cp__live_has(CP_LIVE_SERVICE, svc), "cp_service_stop: not a live service (stopped twice?)");
     if (cp__on_worker(svc->port))
         return -EDEADLK;
-    if (atomic_exchange(&svc->stopping, true))
+    if (atomic_exchange(&svc->stop_claimed, true))
         return -EALREADY;
-    if (svc->listener)
+    atomic_store(&svc->stop_drain_ms, drain_ms);
+    if (svc->listener) {
         cp__listener_stop(svc);
+        /* A draining stop (a rolling restart) loses no connection: what the
+         * listener accepted until its socket closed joins the table and is
+         * drained with the rest. A hard stop does not wait. */
+        if (drain_ms) {
+            pthread_mutex_lock(&svc->lock);
+            while (!svc->listener_closed)
+                pthread_cond_wait(&svc->drained, &svc->lock);
+            pthread_mutex_unlock(&svc->lock);
+        }
+    }
+    atomic_store(&svc->stopping, true);
     close_all(svc, drain_ms);
     if (drain_ms) {
         /* Each session's own deadline closes it hard; this one is a backstop

@@ -600,6 +600,15 @@ static void session_connected(cp_session *s, int from)
         svc->h.on_connected(s);
     if (writing(s) && !s->flt[0]) /* on_connected may have started a graceful close */
         arm_recv(s);              /* (a filter's handshake armed it already) */
+    /* A stop that began while this session started saw it not connected
+     * (close_all) and left it to this: it drains or closes like the rest. */
+    if (atomic_load(&svc->stopping)) {
+        uint32_t drain = atomic_load(&svc->stop_drain_ms);
+        if (!drain)
+            cp__session_request_close(s, CP_REASON_STOPPING);
+        else
+            (void)cp__session_shutdown(s, drain, CP_REASON_STOPPING); /* -ENOTCONN: drained already */
+    }
 }
 
 void cp__filter_up(cp_filter *f)
@@ -683,7 +692,9 @@ static void session_accept(cp_worker *w, cp_session *s, int fd)
     s->peer_len = sizeof s->peer;
     if (getpeername(s->h.fd, (struct sockaddr *)&s->peer, &s->peer_len) < 0)
         s->peer_len = 0;
-    int r = atomic_load(&s->svc->stopping) ? -ESHUTDOWN : w->port->be->attach(w, &s->h);
+    /* A draining stop serves a connection it accepted (session_connected). */
+    bool refuse = atomic_load(&s->svc->stopping) && !atomic_load(&s->svc->stop_drain_ms);
+    int r = refuse ? -ESHUTDOWN : w->port->be->attach(w, &s->h);
     if (r == 0)
         r = set_tcp_options(s);
     if (r < 0) {

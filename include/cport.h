@@ -795,9 +795,13 @@ CP_API void cp_service_stats_get(const cp_service *svc, cp_service_stats *out);
  * connected session is closed as by cp_session_shutdown(s, drain_ms): no new
  * sends, what is queued is written, then FIN, and the session ends on the
  * peer's FIN (on_disconnected(s, CP_REASON_STOPPING, 0)) or hard at the
- * deadline (CP_REASON_STOPPING, -ETIMEDOUT); sessions not yet connected, and
- * any left a moment after the deadline, are closed hard. Returns when every
- * session has finished, so within about drain_ms. */
+ * deadline (CP_REASON_STOPPING, -ETIMEDOUT). A server's listener is closed
+ * first, and the drain waits for it: a connection it accepted until then is
+ * started (on_connected) and drained at once, never dropped, so that with
+ * reuseport a new server can take over the port without one connection
+ * lost (a rolling restart). Sessions still connecting or in a TLS or
+ * WebSocket handshake, and any left a moment after the deadline, are closed
+ * hard. Returns when every session has finished, so within about drain_ms. */
 CP_API int cp_service_stop_ex(cp_service *svc, uint32_t drain_ms, cp_service_stats *final);
 
 /* By session id, any thread: queue buf / disconnect. -ENOTCONN if that session

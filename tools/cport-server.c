@@ -48,6 +48,8 @@ typedef struct server_config {
     const char *room;               /* the room's name on the bus */
     const char *tls_cert, *tls_key; /* both: the listener speaks TLS */
     int ws_port;                    /* a WebSocket listener on this port too; -1 = none */
+    int reuseport;                  /* SO_REUSEPORT: a new server may share the port */
+    uint32_t drain_ms;              /* stop signal: drain sessions this long; 0 = hard stop */
 } server_config;
 
 /* The chat room. Only its own jobs touch members, and they never run two at a
@@ -72,6 +74,7 @@ typedef struct server_state {
     atomic_uint_fast64_t connected;
     atomic_uint_fast64_t disconnected;
     atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
+    atomic_uint_fast64_t stop_cut; /* CP_REASON_STOPPING with an error: the drain's deadline */
 } server_state;
 
 /* The WebSocket listener: the same handlers, room and options as the main
@@ -134,6 +137,13 @@ static void usage(FILE *out)
             "  --tls-key FILE        PEM private key of --tls-cert (both or neither)\n"
             "  --ws-port P           also listen for WebSocket clients on port P (0 picks a\n"
             "                        free one), same mode and room; wss with --tls-cert\n"
+            "  --reuseport           share the port with another server (SO_REUSEPORT;\n"
+            "                        Linux): start a new one, then stop this one with\n"
+            "                        --drain for a restart that refuses no connection\n"
+            "                        (set net.ipv4.tcp_migrate_req=1, see the README)\n"
+            "  --drain MS            on SIGINT/SIGTERM stop accepting, let sessions\n"
+            "                        finish what is queued and close gracefully within\n"
+            "                        MS, then exit (0 = close them at once, the default)\n"
             "  --help                show this text\n",
             prog);
 }
@@ -194,6 +204,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                                                  "--tls-cert",
                                                  "--tls-key",
                                                  "--ws-port",
+                                                 "--drain",
                                                  NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
@@ -201,6 +212,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             usage(stdout);
             /* NOLINTNEXTLINE(concurrency-mt-unsafe): option parsing, before any other thread starts */
             exit(0);
+        }
+        if (strcmp(opt, "--reuseport") == 0) {
+            cfg->reuseport = 1;
+            continue;
         }
         if (!tool_is_option(opt, value_options))
             usage_error(strncmp(opt, "-", 1) == 0 ? "unknown option '%s'" : "unexpected argument '%s'", opt);
@@ -276,6 +291,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
                 usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
             cfg->first_packet_ms = (uint32_t)n;
+        } else if (strcmp(opt, "--drain") == 0) {
+            if (tool_parse_u64(val, 0, 3600000, 0, &n) != 0)
+                usage_error("bad --drain '%s' (milliseconds, 0..3600000)", val);
+            cfg->drain_ms = (uint32_t)n;
         } else if (strcmp(opt, "--keepalive") == 0 || strcmp(opt, "--user-timeout") == 0) {
             if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
                 usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
@@ -368,8 +387,9 @@ static void on_connected(cp_session *s)
 
 static void on_disconnected(cp_session *s, cp_reason reason, int err)
 {
-    (void)err;
     server_state *st = cp_session_ctx(s);
+    if (reason == CP_REASON_STOPPING && err != 0)
+        atomic_fetch_add_explicit(&st->stop_cut, 1, memory_order_relaxed);
     if (st->room != NULL) {
         cp_session_ref(s);
         if (cp_jobq_push(st->room->q, room_leave, s) != 0)
@@ -469,6 +489,22 @@ static void print_bus_stats(cp_bus *bus)
 
 /* ------------------------------------------------------------------ main */
 
+/* With reuseport, connections the kernel has queued to this listener when
+ * it closes are reset, unless net.ipv4.tcp_migrate_req moves them to the
+ * server that shares the port (Linux 5.14+). Says so when it will not. */
+static void warn_unmigrated(uint32_t drain_ms)
+{
+    FILE *f = fopen("/proc/sys/net/ipv4/tcp_migrate_req", "r");
+    int c = f != NULL ? fgetc(f) : EOF;
+    if (f != NULL)
+        fclose(f);
+    if (c != '1')
+        fprintf(stderr,
+                "%s: --reuseport: net.ipv4.tcp_migrate_req is not 1, so connections queued to this "
+                "listener when it stops are reset%s\n",
+                prog, drain_ms ? "" : " (and without --drain its sessions are cut)");
+}
+
 static void print_final_stats(const server_state *st, const cp_service_stats *lib, double uptime_s)
 {
     char reasons[512];
@@ -484,11 +520,12 @@ static void print_final_stats(const server_state *st, const cp_service_stats *li
             used += (size_t)w;
     }
     printf("cport-server stopped after %.1fs: connected=%llu disconnected=%llu rejected=%llu "
-           "accept_errors=%llu bytes_in=%llu bytes_out=%llu packets_in=%llu reasons={%s}\n",
+           "accept_errors=%llu bytes_in=%llu bytes_out=%llu packets_in=%llu reasons={%s} drain_cut=%llu\n",
            uptime_s, (unsigned long long)atomic_load(&st->connected),
            (unsigned long long)atomic_load(&st->disconnected), (unsigned long long)lib->rejected,
            (unsigned long long)lib->accept_errors, (unsigned long long)lib->bytes_in,
-           (unsigned long long)lib->bytes_out, (unsigned long long)lib->packets_in, reasons);
+           (unsigned long long)lib->bytes_out, (unsigned long long)lib->packets_in, reasons,
+           (unsigned long long)atomic_load(&st->stop_cut));
     fflush(stdout);
 }
 
@@ -574,6 +611,7 @@ int main(int argc, char **argv)
         .host = cfg.host,
         .port = cfg.port,
         .max_sessions = cfg.max_sessions,
+        .reuseport = cfg.reuseport,
         .session = {
             .framing = cfg.mode == MODE_ECHO ? CP_FRAMING_RAW : CP_FRAMING_PACKET,
             .max_packet = cfg.max_packet,
@@ -619,6 +657,8 @@ int main(int argc, char **argv)
                (unsigned)cp_service_listen_port(ws_svc));
     if (tls != NULL)
         printf("%s: TLS with %s\n", prog, cfg.tls_cert);
+    if (cfg.reuseport)
+        warn_unmigrated(cfg.drain_ms);
     fflush(stdout);
     uint64_t started = tool_now_ns();
 
@@ -628,7 +668,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s: waiting for a stop signal failed: %s; stopping\n", prog, cp_strerror(sig));
         status = 1;
     } else {
-        fprintf(stderr, "%s: %s received, stopping\n", prog, sig == SIGINT ? "SIGINT" : "SIGTERM");
+        fprintf(stderr, "%s: %s received, stopping%s\n", prog, sig == SIGINT ? "SIGINT" : "SIGTERM",
+                cfg.drain_ms ? " (draining)" : "");
     }
 
     /* Library counters (bytes, packets, rejected) are read before the stop
@@ -644,13 +685,13 @@ int main(int argc, char **argv)
         lib.bytes_in += w.bytes_in;
         lib.bytes_out += w.bytes_out;
         lib.packets_in += w.packets_in;
-        rc = cp_service_stop(ws_svc);
+        rc = cp_service_stop_ex(ws_svc, cfg.drain_ms, NULL);
         if (rc != 0) {
             fprintf(stderr, "%s: cp_service_stop (WebSocket): %s\n", prog, cp_strerror(rc));
             status = 1;
         }
     }
-    rc = cp_service_stop(svc);
+    rc = cp_service_stop_ex(svc, cfg.drain_ms, NULL);
     if (rc != 0) {
         fprintf(stderr, "%s: cp_service_stop: %s\n", prog, cp_strerror(rc));
         status = 1;

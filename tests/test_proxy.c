@@ -500,4 +500,44 @@ Test(proxy, haproxy_send_proxy_v1_and_v2_report_each_clients_address)
     peer_stop(&h.p);
     cpt_env_stop(&e);
 }
+
+/* TLS behind the header: openssl s_client through haproxy's send-proxy-v2,
+ * the handshake verified and a packet echoed. */
+Test(proxy, tls_behind_haproxy)
+{
+    pem pm;
+    pem_make(&pm, "proxy", "localhost");
+    cp_tls *tls = NULL;
+    int r = cp_tls_create(&tls, &(cp_tls_opts){ .cert_file = pm.cert, .key_file = pm.key });
+    if (r == -ENOTSUP)
+        cr_skip("no TLS in this build");
+    cr_assert_eq(r, 0);
+    cpt_env e;
+    cp_server_opts o = { .proxy_protocol = 1, .proxy_trusted = "127.0.0.1/32", .session = { .tls = tls } };
+    cp_handlers hd = record_handlers();
+    cpt_env_start(&e, 2, &o, &hd, 8, 0);
+    cp_tls_unref(tls);
+    haproxy h;
+    haproxy_start(&h, e.sport);
+    char connect[32];
+    snprintf(connect, sizeof connect, "127.0.0.1:%u", h.v2);
+    char *argv[] = { OPENSSL_BIN,   "s_client",  "-connect",
+                     connect,       "-CAfile",   pm.cert,
+                     "-servername", "localhost", "-verify_return_error",
+                     "-brief",      NULL };
+    peer c;
+    peer_start(&c, argv);
+    peer_xwait(&c, ERR, "Verification: OK", 5000);
+    uint8_t pkt[4 + sizeof ping], back[sizeof pkt];
+    cpt_put_header(pkt, (uint16_t)sizeof pkt, 3);
+    memcpy(pkt + 4, ping, sizeof ping);
+    peer_write(&c, pkt, sizeof pkt);
+    CPT_AWAIT(peer_len(&c, OUT) >= sizeof pkt, 5000, "the packet came back through TLS and haproxy");
+    cr_assert(peer_copy(&c, OUT, 0, back, sizeof back));
+    cr_assert_eq(memcmp(back, pkt, sizeof pkt), 0);
+    cr_assert_eq(atomic_load(&e.t->connected), 1);
+    peer_stop(&c);
+    peer_stop(&h.p);
+    cpt_env_stop(&e);
+}
 #endif

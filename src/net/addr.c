@@ -377,9 +377,9 @@ int cp__addrcap_admit(cp_addrcap *c, cp_addr_key k, uint64_t now)
     pthread_mutex_lock(&c->lock);
     addr_ent *e = entry(c, k, now);
     int r = -1;
-    if (!e) /* out of memory, every entry holding sessions: refusing is the safe side */
-        r = CP_REFUSED_PER_ADDR;
-    else if (c->per_addr && e->live >= c->per_addr)
+    /* No entry: out of memory with every entry holding sessions; refusing
+     * is the safe side. */
+    if (!e || (c->per_addr && e->live >= c->per_addr))
         r = CP_REFUSED_PER_ADDR;
     else if (c->addr_cost_ns && !rate_take(&e->tat, c->addr_cost_ns, c->addr_win_ns, now))
         r = CP_REFUSED_ADDR_RATE;

@@ -454,6 +454,7 @@ struct cp_service {
     cp_handlers h;
     void *ctx;
     bool is_client;
+    bool proxy; /* proxy_protocol: every connection begins with a PROXY header */
     atomic_bool stopping;
 
     /* Session options, fixed at start. */
@@ -483,11 +484,10 @@ struct cp_service {
     int objects;                      /* live sessions + listener, for stop */
 
     cp_listener *listener;
-    cp_addrcap *caps;          /* caps by address and accept rate; NULL: none */
-    bool proxy;                /* proxy_protocol */
-    uint32_t proxy_timeout_ms; /* the header's deadline */
-    cp_cidr *trusted;          /* proxy_trusted, ntrusted ranges */
+    cp_addrcap *caps; /* caps by address and accept rate; NULL: none */
+    cp_cidr *trusted; /* proxy_protocol: proxy_trusted, ntrusted ranges */
     uint32_t ntrusted;
+    uint32_t proxy_timeout_ms;    /* proxy_protocol: the header's deadline */
     struct sockaddr_storage addr; /* server: bound address; client: target */
     socklen_t addr_len;
 

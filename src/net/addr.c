@@ -182,6 +182,7 @@ typedef struct addr_ent {
 
 struct cp_addrcap {
     pthread_mutex_t lock;
+    bool by_addr;                       /* a cap by address is on: t exists (fixed at creation) */
     uint32_t per_addr;                  /* live sessions per address; 0 = off */
     uint64_t addr_cost_ns, addr_win_ns; /* rate per address: one connection, the burst; 0 = off */
     uint64_t cost_ns, win_ns;           /* total rate; 0 = off */
@@ -227,6 +228,7 @@ int cp__addrcap_new(cp_addrcap **out, uint32_t per_addr, uint32_t rate_per_addr,
         c->win_ns = c->cost_ns * rate;
     }
     if (per_addr || rate_per_addr) {
+        c->by_addr = true;
         c->limit = (size_t)max_sessions + ADDR_SLACK;
         c->max_cap = pow2_at_least(c->limit * 2);
         c->cap = ADDR_MIN_CAP;
@@ -252,7 +254,8 @@ void cp__addrcap_free(cp_addrcap *c)
     cp__free(c);
 }
 
-bool cp__addrcap_by_addr(const cp_addrcap *c) { return c && c->t; }
+/* Not c->t, which a growing table replaces under the lock. */
+bool cp__addrcap_by_addr(const cp_addrcap *c) { return c && c->by_addr; }
 
 static uint64_t mix(uint64_t x)
 {

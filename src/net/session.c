@@ -718,9 +718,9 @@ static void proxy_begin(cp_session *s)
     arm_recv(s);
 }
 
-/* The header was read (hlen bytes of buf): the session goes on with the
- * client's address, as any accepted one, unless the caps by address refuse
- * it. rest: the bytes after the header in this receive. */
+/* The header was read, with the client's address (len 0: the socket's
+ * stands): the session goes on as any accepted one would, unless the caps
+ * by address refuse it. rest: the bytes that followed the header. */
 static void proxy_done(cp_worker *w, cp_session *s, const cp_sockaddr *addr, socklen_t len,
                        const uint8_t *rest, size_t nrest)
 {

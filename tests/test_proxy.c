@@ -339,7 +339,7 @@ Test(proxy, websocket_behind_the_header)
     cp_ws *ws = NULL;
     int r = cp_ws_create(&ws, &(cp_ws_opts){ 0 });
     if (r == -ENOTSUP)
-        cr_skip("no WebSocket in this build");
+        cr_skip_test("no WebSocket in this build");
     cr_assert_eq(r, 0);
     cpt_env e;
     cp_server_opts o = { .proxy_protocol = 1, .proxy_trusted = "127.0.0.1/32", .session = { .ws = ws } };
@@ -415,7 +415,7 @@ typedef struct haproxy {
 static void haproxy_start(haproxy *h, uint16_t sport)
 {
     if (access(HAPROXY_BIN, X_OK) != 0)
-        cr_skip("haproxy is not installed (make test-deps)");
+        cr_skip_test("haproxy is not installed (make test-deps)");
     h->v1 = free_port("127.0.0.1");
     h->v2 = free_port("127.0.0.1");
     h->v6 = free_port("::1");
@@ -514,7 +514,7 @@ Test(proxy, tls_behind_haproxy)
     cp_tls *tls = NULL;
     int r = cp_tls_create(&tls, &(cp_tls_opts){ .cert_file = pm.cert, .key_file = pm.key });
     if (r == -ENOTSUP)
-        cr_skip("no TLS in this build");
+        cr_skip_test("no TLS in this build");
     cr_assert_eq(r, 0);
     cpt_env e;
     cp_server_opts o = { .proxy_protocol = 1, .proxy_trusted = "127.0.0.1/32", .session = { .tls = tls } };

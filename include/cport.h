@@ -104,11 +104,28 @@ typedef enum cp_reason {
                                  user_timeout_ms: the peer vanished with data in flight */
     CP_REASON_FIRST_PACKET_TIMEOUT, /* no whole packet (raw framing: no bytes) within
                                     first_packet_timeout_ms of connecting */
+    CP_REASON_PROXY,                /* proxy_protocol: the PROXY header was malformed, or not
+                                    complete within proxy_timeout_ms (never connected:
+                                    counted in by_reason, no callback) */
     CP_REASON_COUNT_
 } cp_reason;
 
 /* A short constant string naming the reason ("peer closed", ...). */
 CP_API const char *cp_reason_str(cp_reason reason);
+
+/* Why a server closed a new connection at once, before any session work or
+ * callback (cp_service_stats.refused). */
+typedef enum cp_refusal {
+    CP_REFUSED_MAX_SESSIONS = 0, /* max_sessions were live (also cp_service_stats.rejected) */
+    CP_REFUSED_PER_ADDR,         /* max_sessions_per_addr sessions from its address were live */
+    CP_REFUSED_ADDR_RATE,        /* its address was over accept_rate_per_addr */
+    CP_REFUSED_RATE,             /* the server was over accept_rate */
+    CP_REFUSED_UNTRUSTED,        /* proxy_protocol: its source is not in proxy_trusted */
+    CP_REFUSED_COUNT_
+} cp_refusal;
+
+/* A short constant string naming the cause ("max sessions", ...). */
+CP_API const char *cp_refusal_str(cp_refusal cause);
 
 /* ------------------------------------------------------------------ logging */
 
@@ -717,6 +734,30 @@ typedef struct cp_server_opts {
      * 0 = off: a second listener gets -EADDRINUSE. */
     int reuseport;
     cp_session_opts session;
+    /* Caps by source address, each 0 = off. An address is an IPv4 address,
+     * or an IPv6 /64 (one subscriber's usual allotment; an IPv4-mapped IPv6
+     * address counts as its IPv4 address). A connection over a cap is closed
+     * at once, before any session work or callback, and counted in
+     * cp_service_stats.refused. With proxy_protocol the caps by address
+     * apply to the client's address from the header, once it is read. */
+    uint32_t max_sessions_per_addr; /* live sessions from one address at most */
+    uint32_t accept_rate_per_addr;  /* new connections a second from one address, on average,
+                                       with bursts of as many */
+    uint32_t accept_rate;           /* new connections a second in all, bursts of as many */
+    /* PROXY protocol (v1 text and v2 binary, as HAProxy's send-proxy and
+     * send-proxy-v2 write it): every connection must begin with a header,
+     * which is read and consumed before anything else (TLS, WebSocket).
+     * cp_session_peer then gives the client's address (a v2 LOCAL header, a
+     * proxy's health check, keeps the socket's). A connection whose source is
+     * not in proxy_trusted is refused at accept (CP_REFUSED_UNTRUSTED); a
+     * malformed header, or one not complete within proxy_timeout_ms, closes
+     * the connection with CP_REASON_PROXY. Headers of more than 1024 bytes
+     * (v2 with large TLVs) are refused as malformed. */
+    int proxy_protocol;        /* 1: on */
+    const char *proxy_trusted; /* the proxies' addresses: comma-separated CIDRs, IPv4 or
+                                  IPv6 ("10.0.0.0/8,::1/128"; an address alone is one
+                                  host); required with proxy_protocol, else -EINVAL */
+    uint32_t proxy_timeout_ms; /* the header's deadline; 0 = 5000 */
 } cp_server_opts;
 
 typedef struct cp_client_opts {
@@ -775,12 +816,14 @@ typedef struct cp_service_stats {
     uint64_t sessions;     /* live now */
     uint64_t connected;    /* on_connected calls so far */
     uint64_t disconnected; /* on_disconnected calls so far */
-    uint64_t rejected;     /* accepted beyond max_sessions and closed at once */
+    uint64_t rejected;     /* accepted beyond max_sessions and closed at once
+                              (refused[CP_REFUSED_MAX_SESSIONS]) */
     uint64_t connect_failed;
     uint64_t accept_errors; /* EMFILE, ENFILE, ENOBUFS... (each backoff counts once) */
     uint64_t bytes_in, bytes_out;
     uint64_t packets_in;
     uint64_t by_reason[CP_REASON_COUNT_];
+    uint64_t refused[CP_REFUSED_COUNT_]; /* new connections closed at once, by cause */
 } cp_service_stats;
 
 /* A snapshot of counters; any thread. */

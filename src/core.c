@@ -127,6 +127,7 @@ static const char *const reason_names[CP_REASON_COUNT_] = {
     [CP_REASON_KEEPALIVE] = "keepalive unanswered",
     [CP_REASON_USER_TIMEOUT] = "sent data unacknowledged",
     [CP_REASON_FIRST_PACKET_TIMEOUT] = "first packet timeout",
+    [CP_REASON_PROXY] = "PROXY protocol",
 };
 
 const char *cp_reason_str(cp_reason reason)
@@ -134,6 +135,19 @@ const char *cp_reason_str(cp_reason reason)
     if ((unsigned)reason >= CP_REASON_COUNT_)
         return "unknown reason";
     return reason_names[reason];
+}
+
+static const char *const refusal_names[CP_REFUSED_COUNT_] = {
+    [CP_REFUSED_MAX_SESSIONS] = "max sessions",         [CP_REFUSED_PER_ADDR] = "sessions per address",
+    [CP_REFUSED_ADDR_RATE] = "accept rate per address", [CP_REFUSED_RATE] = "accept rate",
+    [CP_REFUSED_UNTRUSTED] = "untrusted proxy",
+};
+
+const char *cp_refusal_str(cp_refusal cause)
+{
+    if ((unsigned)cause >= CP_REFUSED_COUNT_)
+        return "unknown cause";
+    return refusal_names[cause];
 }
 
 static _Atomic(cp_log_fn) log_fn;

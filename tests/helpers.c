@@ -789,6 +789,29 @@ int cpt_connect(const char *host, uint16_t port, int rcvbuf)
     return fd;
 }
 
+int cpt_connect_from(const char *src, const char *host, uint16_t port)
+{
+    struct sockaddr_storage ss, from;
+    socklen_t len, flen;
+    int rc = make_addr(host, port, &ss, &len);
+    if (rc == 0)
+        rc = make_addr(src, 0, &from, &flen);
+    if (rc)
+        return rc;
+    int fd = cpt_socket(ss.ss_family);
+    if (fd < 0)
+        return fd;
+    cpt_setsockopt_int(fd, IPPROTO_TCP, TCP_NODELAY, 1);
+    set_timeo(fd, SO_RCVTIMEO, CPT_IO_TIMEOUT_MS);
+    set_timeo(fd, SO_SNDTIMEO, CPT_IO_TIMEOUT_MS);
+    if (bind(fd, (struct sockaddr *)&from, flen) != 0 || connect(fd, (struct sockaddr *)&ss, len) != 0) {
+        rc = -cpt_sock_errno();
+        cpt_close(fd);
+        return rc;
+    }
+    return fd;
+}
+
 int cpt_xconnect(uint16_t port)
 {
     int fd = cpt_connect(CPT_HOST4, port, 0);

@@ -244,6 +244,9 @@ int cpt_under_wine(void);
 int cpt_connect(const char *host, uint16_t port, int rcvbuf);
 /* Asserting form, 127.0.0.1. */
 int cpt_xconnect(uint16_t port);
+/* cpt_connect (no rcvbuf) from the source address src (bound before the
+ * connect, any port): 127.0.0.2 and the like, for caps by address. */
+int cpt_connect_from(const char *src, const char *host, uint16_t port);
 /* Sets the receive timeout of fd. */
 int cpt_set_rcvtimeo(int fd, unsigned ms);
 /* Sends all n bytes (MSG_NOSIGNAL). 0 or negative errno. */

@@ -14,7 +14,16 @@ set(bad
   "--port|needs a value"
   "--mode,chat,--bus,tcp://x:1|bad --bus"
   "--mode,echo,--bus,nats://127.0.0.1:4222|only with --mode chat"
-  "--mode,chat,--bus,nats://127.0.0.1:4222,--room,a.b|bad --room")
+  "--mode,chat,--bus,nats://127.0.0.1:4222,--room,a.b|bad --room"
+  "--max-per-ip,-1|bad --max-per-ip"
+  "--accept-rate-per-ip,x|bad --accept-rate-per-ip"
+  "--accept-rate,1k|bad --accept-rate"
+  "--proxy-protocol|--proxy-protocol and --proxy-trusted go together"
+  "--proxy-trusted,127.0.0.1/32|--proxy-protocol and --proxy-trusted go together"
+  "--proxy-protocol,--proxy-trusted,10.0.0.1/8|bad --proxy-trusted"
+  "--proxy-protocol,--proxy-trusted,::1/129|bad --proxy-trusted"
+  "--proxy-protocol,--proxy-trusted,localhost|bad --proxy-trusted")
 include(${CMAKE_CURRENT_LIST_DIR}/usage_check.cmake)
 usage_refuses(cport-server ${EXE} ${bad})
 usage_describes(cport-server ${EXE} "--rate-limit N")
+usage_describes(cport-server ${EXE} "--proxy-trusted CIDR")

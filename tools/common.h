@@ -18,6 +18,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,9 +31,12 @@
 #  ifndef WIN32_LEAN_AND_MEAN
 #    define WIN32_LEAN_AND_MEAN
 #  endif
+#  include <winsock2.h>
+#  include <ws2tcpip.h> /* inet_pton */
 #  include <windows.h>
 #  include <psapi.h> /* GetProcessMemoryInfo (kernel32's K32 entry point) */
 #else
+#  include <arpa/inet.h> /* inet_pton */
 #  include <sys/resource.h>
 #endif
 

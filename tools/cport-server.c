@@ -48,6 +48,12 @@ typedef struct server_config {
     const char *room;               /* the room's name on the bus */
     const char *tls_cert, *tls_key; /* both: the listener speaks TLS */
     int ws_port;                    /* a WebSocket listener on this port too; -1 = none */
+    uint32_t max_per_ip;            /* live sessions per source address; 0 = off */
+    uint32_t accept_rate_per_ip;    /* new connections a second per source address; 0 = off */
+    uint32_t accept_rate;           /* new connections a second in all; 0 = off */
+    bool proxy_protocol;            /* every connection begins with a PROXY header */
+    const char *proxy_trusted;      /* the proxies' ranges (CIDRs, comma-separated) */
+    bool verbose;                   /* a line per connection, with the peer's address */
     int reuseport;                  /* SO_REUSEPORT: a new server may share the port */
     uint32_t drain_ms;              /* stop signal: drain sessions this long; 0 = hard stop */
 } server_config;
@@ -68,6 +74,7 @@ static chat_room the_room;
 typedef struct server_state {
     chat_room *room; /* chat mode only: &the_room */
     cp_group *group; /* chat mode with --bus: the room, bridged */
+    bool verbose;    /* --verbose */
     /* Counted here rather than read from cp_service_stats because the final
      * line is printed after cp_service_stop has freed the service, and it must
      * include the sessions that the stop itself disconnected. */
@@ -137,6 +144,20 @@ static void usage(FILE *out)
             "  --tls-key FILE        PEM private key of --tls-cert (both or neither)\n"
             "  --ws-port P           also listen for WebSocket clients on port P (0 picks a\n"
             "                        free one), same mode and room; wss with --tls-cert\n"
+            "  --max-per-ip N        live sessions from one address at most (IPv6: one\n"
+            "                        /64); more are closed at once and counted (0 = off)\n"
+            "  --accept-rate-per-ip N\n"
+            "                        new connections a second from one address, bursts\n"
+            "                        of N; more are closed at once and counted (0 = off)\n"
+            "  --accept-rate N       new connections a second in all, bursts of N (0 = off)\n"
+            "  --proxy-protocol      every connection begins with a PROXY header (v1 or v2,\n"
+            "                        HAProxy's send-proxy / send-proxy-v2): sessions get\n"
+            "                        the client's address, and the caps above count it;\n"
+            "                        needs --proxy-trusted\n"
+            "  --proxy-trusted CIDR[,CIDR...]\n"
+            "                        the proxies' addresses (e.g. 10.0.0.0/8,::1/128);\n"
+            "                        connections from elsewhere are refused\n"
+            "  --verbose             print a line per connection with the peer's address\n"
             "  --reuseport           share the port with another server (SO_REUSEPORT;\n"
             "                        Linux): start a new one, then stop this one with\n"
             "                        --drain for a restart that refuses no connection\n"
@@ -168,6 +189,53 @@ static int room_name_ok(const char *s)
               *s == '_'))
             return 0;
     return 1;
+}
+
+/* One range: an address, or an address and a prefix length no longer than
+ * its family's, with no bit set past the prefix (the library's rule). */
+static int cidr_ok(const char *s, size_t n)
+{
+    char buf[INET6_ADDRSTRLEN + 8];
+    if (n == 0 || n >= sizeof buf)
+        return 0;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    char *slash = strchr(buf, '/');
+    uint64_t bits = UINT64_MAX;
+    if (slash) {
+        *slash = '\0';
+        if (tool_parse_u64(slash + 1, 0, 128, 0, &bits) != 0)
+            return 0;
+    }
+    unsigned char a[16];
+    unsigned max;
+    if (inet_pton(AF_INET, buf, a) == 1)
+        max = 32;
+    else if (inet_pton(AF_INET6, buf, a) == 1)
+        max = 128;
+    else
+        return 0;
+    if (bits == UINT64_MAX)
+        return 1;
+    if (bits > max)
+        return 0;
+    for (unsigned i = (unsigned)bits; i < max; i++)
+        if (a[i / 8] & (0x80 >> (i % 8)))
+            return 0;
+    return 1;
+}
+
+static int cidr_list_ok(const char *s)
+{
+    for (;;) {
+        const char *e = strchr(s, ',');
+        size_t n = e ? (size_t)(e - s) : strlen(s);
+        if (!cidr_ok(s, n))
+            return 0;
+        if (!e)
+            return 1;
+        s = e + 1;
+    }
 }
 
 static void parse_args(int argc, char **argv, server_config *cfg)
@@ -205,6 +273,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                                                  "--tls-key",
                                                  "--ws-port",
                                                  "--drain",
+                                                 "--max-per-ip",
+                                                 "--accept-rate-per-ip",
+                                                 "--accept-rate",
+                                                 "--proxy-trusted",
                                                  NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
@@ -215,6 +287,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         }
         if (strcmp(opt, "--reuseport") == 0) {
             cfg->reuseport = 1;
+            continue;
+        }
+        if (strcmp(opt, "--proxy-protocol") == 0 || strcmp(opt, "--verbose") == 0) {
+            *(opt[2] == 'p' ? &cfg->proxy_protocol : &cfg->verbose) = true;
             continue;
         }
         if (!tool_is_option(opt, value_options))
@@ -295,6 +371,17 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (tool_parse_u64(val, 0, 3600000, 0, &n) != 0)
                 usage_error("bad --drain '%s' (milliseconds, 0..3600000)", val);
             cfg->drain_ms = (uint32_t)n;
+        } else if (strcmp(opt, "--max-per-ip") == 0 || strcmp(opt, "--accept-rate-per-ip") == 0 ||
+                   strcmp(opt, "--accept-rate") == 0) {
+            if (tool_parse_u64(val, 0, 100000000, 0, &n) != 0)
+                usage_error("bad %s '%s' (0..100000000, 0 = off)", opt, val);
+            *(opt[2] == 'm'                           ? &cfg->max_per_ip
+              : strlen(opt) > strlen("--accept-rate") ? &cfg->accept_rate_per_ip
+                                                      : &cfg->accept_rate) = (uint32_t)n;
+        } else if (strcmp(opt, "--proxy-trusted") == 0) {
+            if (!cidr_list_ok(val))
+                usage_error("bad --proxy-trusted '%s' (CIDR[,CIDR...], e.g. 10.0.0.0/8,::1/128)", val);
+            cfg->proxy_trusted = val;
         } else if (strcmp(opt, "--keepalive") == 0 || strcmp(opt, "--user-timeout") == 0) {
             if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
                 usage_error("bad %s '%s' (milliseconds, 0..86400000)", opt, val);
@@ -370,6 +457,14 @@ static void on_connected(cp_session *s)
 {
     server_state *st = cp_session_ctx(s);
     atomic_fetch_add_explicit(&st->connected, 1, memory_order_relaxed);
+    if (st->verbose) {
+        /* With --proxy-protocol, the client's address from the header. */
+        char peer[96];
+        if (cp_session_peer(s, peer, sizeof peer) < 0)
+            snprintf(peer, sizeof peer, "?");
+        printf("%s: connected %s\n", prog, peer);
+        fflush(stdout);
+    }
     if (st->group != NULL) {
         /* A member leaves every group by itself when it disconnects. */
         if (cp_group_add(st->group, s) != 0)
@@ -519,12 +614,26 @@ static void print_final_stats(const server_state *st, const cp_service_stats *li
         if (w > 0)
             used += (size_t)w;
     }
+    /* Refusals at accept by cause, max sessions being rejected= already;
+     * the PROXY header's failures are among the reasons. */
+    char refused[256];
+    used = 0;
+    refused[0] = '\0';
+    for (int c = 1; c < CP_REFUSED_COUNT_; c++) {
+        if (lib->refused[c] == 0 || used >= sizeof refused)
+            continue;
+        int w = snprintf(refused + used, sizeof refused - used, "%s%s=%llu", used ? "," : "",
+                         cp_refusal_str((cp_refusal)c), (unsigned long long)lib->refused[c]);
+        if (w > 0)
+            used += (size_t)w;
+    }
     printf("cport-server stopped after %.1fs: connected=%llu disconnected=%llu rejected=%llu "
-           "accept_errors=%llu bytes_in=%llu bytes_out=%llu packets_in=%llu reasons={%s} drain_cut=%llu\n",
+           "accept_errors=%llu bytes_in=%llu bytes_out=%llu packets_in=%llu refused={%s} reasons={%s} "
+           "drain_cut=%llu\n",
            uptime_s, (unsigned long long)atomic_load(&st->connected),
            (unsigned long long)atomic_load(&st->disconnected), (unsigned long long)lib->rejected,
            (unsigned long long)lib->accept_errors, (unsigned long long)lib->bytes_in,
-           (unsigned long long)lib->bytes_out, (unsigned long long)lib->packets_in, reasons,
+           (unsigned long long)lib->bytes_out, (unsigned long long)lib->packets_in, refused, reasons,
            (unsigned long long)atomic_load(&st->stop_cut));
     fflush(stdout);
 }
@@ -543,6 +652,8 @@ int main(int argc, char **argv)
         usage_error("--bus joins chat rooms: only with --mode chat");
     if ((cfg.tls_cert == NULL) != (cfg.tls_key == NULL))
         usage_error("--tls-cert and --tls-key go together");
+    if (cfg.proxy_protocol != (cfg.proxy_trusted != NULL))
+        usage_error("--proxy-protocol and --proxy-trusted go together");
 
     /* Before any other thread exists: from here on SIGINT/SIGTERM (Windows:
      * Ctrl-C, console close) are caught, and only by the watcher thread. */
@@ -564,6 +675,7 @@ int main(int argc, char **argv)
                 prog, (unsigned long long)have, (unsigned long long)want, cfg.max_sessions);
 
     static server_state state; /* static: zero-initialised atomics, lives past main's frame */
+    state.verbose = cfg.verbose;
     cp_tls *tls = NULL;
     if (cfg.tls_cert != NULL) {
         cp_tls_opts to = { .cert_file = cfg.tls_cert, .key_file = cfg.tls_key };
@@ -612,6 +724,11 @@ int main(int argc, char **argv)
         .port = cfg.port,
         .max_sessions = cfg.max_sessions,
         .reuseport = cfg.reuseport,
+        .max_sessions_per_addr = cfg.max_per_ip,
+        .accept_rate_per_addr = cfg.accept_rate_per_ip,
+        .accept_rate = cfg.accept_rate,
+        .proxy_protocol = cfg.proxy_protocol ? 1 : 0,
+        .proxy_trusted = cfg.proxy_trusted,
         .session = {
             .framing = cfg.mode == MODE_ECHO ? CP_FRAMING_RAW : CP_FRAMING_PACKET,
             .max_packet = cfg.max_packet,
@@ -681,6 +798,8 @@ int main(int argc, char **argv)
         cp_service_stats w;
         cp_service_stats_get(ws_svc, &w);
         lib.rejected += w.rejected;
+        for (int c = 0; c < CP_REFUSED_COUNT_; c++)
+            lib.refused[c] += w.refused[c];
         lib.accept_errors += w.accept_errors;
         lib.bytes_in += w.bytes_in;
         lib.bytes_out += w.bytes_out;

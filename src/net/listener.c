@@ -70,6 +70,19 @@ static void new_connection(cp_listener *l, int fd)
 {
     cp_service *svc = l->svc;
     l->backoff_ms = BACKOFF_MIN_MS;
+    /* The caps by address are decided here, before a session exists; the
+     * session keeps the address (one getpeername per connection). */
+    cp_sockaddr peer;
+    socklen_t peer_len = sizeof peer;
+    if (getpeername(fd, &peer.sa, &peer_len) < 0)
+        peer_len = 0;
+    bool counted = false;
+    int cause = cp__service_admit_accept(svc, &peer, peer_len, &counted);
+    if (cause >= 0) {
+        cp__sock_close(fd);
+        cp__service_refused(svc, cause);
+        return;
+    }
     cp_worker *owner = cp__pick_worker(svc->port);
     cp_session *s = cp__session_new(svc, owner, false);
     int r = s ? cp__service_add_session(svc, s) : -ENOMEM;
@@ -78,10 +91,16 @@ static void new_connection(cp_listener *l, int fd)
         cp__sock_close(fd);
         if (s)
             cp__session_unref(s);
+        cp_addr_key k;
+        if (counted && cp__addr_key(&peer.sa, peer_len, &k)) /* no session will release it */
+            cp__addrcap_release(svc->caps, k);
         if (r != -ESHUTDOWN)
-            cp__stat_add(&svc->st.rejected, 1);
+            cp__service_refused(svc, CP_REFUSED_MAX_SESSIONS);
         return;
     }
+    s->peer = peer;
+    s->peer_len = peer_len;
+    s->addr_counted = counted;
     cp__session_ref(s); /* the start message's reference */
     if (owner == l->w)
         cp__session_start_accepted(owner, s, (void *)(intptr_t)fd, 0);

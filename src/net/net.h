@@ -12,11 +12,20 @@
 
 typedef struct cp_session cp_session;
 
+/* A TCP peer's address: IPv4 or IPv6, so 28 bytes, not a
+ * sockaddr_storage's 128 (every idle session carries one). */
+typedef union cp_sockaddr {
+    struct sockaddr sa;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+} cp_sockaddr;
+
 /* ------------------------------------------------------------------ sessions */
 
 enum cp_session_state {
     CP_S_NEW = 0,     /* allocated, not yet on its worker */
     CP_S_CONNECTING,  /* client: connect in flight */
+    CP_S_PROXY,       /* server with proxy_protocol: reading the PROXY header */
     CP_S_HANDSHAKING, /* TCP is up, a filter's handshake (TLS) is not done yet */
     CP_S_CONNECTED,
     CP_S_DRAINING,      /* cp_session_shutdown: no new sends; queued ones go out, then FIN */
@@ -250,6 +259,9 @@ struct cp_session {
     uint8_t rx_block;
     bool rx_backlog; /* carry holds the rest of a receive a pause stopped (packet.c) */
     bool first_seen; /* a whole packet (raw: bytes) has arrived */
+    /* Counted in the service's caps by address, under peer (here: a byte
+     * of padding that was free). */
+    bool addr_counted;
     uint32_t rx_round, rx_round_bytes;
     uint64_t rx_paused_ns;
     uint64_t tat_pkts, tat_bytes;
@@ -264,13 +276,8 @@ struct cp_session {
     cp_group **groups;
     uint32_t ngroups, capgroups;
 
-    /* The peer's address: TCP over IPv4 or IPv6, so 28 bytes, not a
-     * sockaddr_storage's 128 (every idle session carries it). */
-    union {
-        struct sockaddr sa;
-        struct sockaddr_in v4;
-        struct sockaddr_in6 v6;
-    } peer;
+    /* The peer's address (with proxy_protocol, the client's from the header). */
+    cp_sockaddr peer;
     socklen_t peer_len;
 
     /* Work bound to the session (session_work.c): posts and timer starts on
@@ -392,6 +399,48 @@ typedef struct cp_slot {
 
 typedef struct cp_listener cp_listener;
 
+/* ------------------------------------------------------------------ addresses (addr.c, proxy.c) */
+
+/* What the caps by address count under: an IPv4 address (IPv4-mapped IPv6
+ * too), or an IPv6 address's /64. */
+typedef struct cp_addr_key {
+    uint64_t hi, lo;
+} cp_addr_key;
+/* False for a family that is neither. */
+bool cp__addr_key(const struct sockaddr *sa, socklen_t len, cp_addr_key *k);
+
+/* Trusted ranges: parsed from "a/b,c/d" (-EINVAL, -ENOMEM); matched with
+ * IPv4 and IPv4-mapped IPv6 alike. The array is freed with cp__free. */
+typedef struct cp_cidr cp_cidr;
+int cp__cidr_parse(const char *list, cp_cidr **out, uint32_t *n);
+bool cp__cidr_match(const cp_cidr *v, uint32_t n, const struct sockaddr *sa, socklen_t len);
+
+/* The caps by address and the total accept rate of one server (0 = off for
+ * each); any thread, one lock, taken per accept and per finished session
+ * only. max_sessions bounds the table (see addr.c). */
+typedef struct cp_addrcap cp_addrcap;
+int cp__addrcap_new(cp_addrcap **out, uint32_t per_addr, uint32_t rate_per_addr, uint32_t rate,
+                    uint32_t max_sessions);
+void cp__addrcap_free(cp_addrcap *c);
+/* Any cap by address is on (else admit and release must not be called). */
+bool cp__addrcap_by_addr(const cp_addrcap *c);
+/* The total rate: true if one more connection fits now (and takes it). */
+bool cp__addrcap_total(cp_addrcap *c, uint64_t now);
+/* One more session from k: -1 if admitted (counted: release it when it
+ * finishes), else the cp_refusal. */
+int cp__addrcap_admit(cp_addrcap *c, cp_addr_key k, uint64_t now);
+void cp__addrcap_release(cp_addrcap *c, cp_addr_key k);
+/* Entries in the table now (for tests). */
+size_t cp__addrcap_entries(cp_addrcap *c);
+
+/* The longest PROXY header taken (v2 with its TLVs); longer is malformed. */
+#define CP_PROXY_MAX 1024
+/* A PROXY header (v1 or v2) at the start of the n bytes received so far:
+ * its length, with *len 0 when the socket's own address stands (v2 LOCAL,
+ * v1 UNKNOWN, a family with no address) or else *addr and *len the
+ * client's; 0 if more bytes are needed; -1 if malformed. */
+int cp__proxy_parse(const uint8_t *data, size_t n, cp_sockaddr *addr, socklen_t *len);
+
 /* A service's traffic counters on one worker: written by that worker alone,
  * so adding is a plain load and store (no locked instruction, and no cache
  * line shared with other workers); readers sum the workers' blocks. */
@@ -405,6 +454,7 @@ struct cp_service {
     cp_handlers h;
     void *ctx;
     bool is_client;
+    bool proxy;                /* proxy_protocol: every connection begins with a PROXY header */
     atomic_bool stop_claimed;  /* a stop is under way (a second one gets -EALREADY) */
     atomic_bool stopping;      /* no new sessions: set once a draining stop's listener is closed */
     atomic_uint stop_drain_ms; /* the stop's drain, set before stopping: see session_connected */
@@ -437,12 +487,17 @@ struct cp_service {
     int objects;                      /* live sessions + listener, for stop */
 
     cp_listener *listener;
+    cp_addrcap *caps; /* caps by address and accept rate; NULL: none */
+    cp_cidr *trusted; /* proxy_protocol: proxy_trusted, ntrusted ranges */
+    uint32_t ntrusted;
+    uint32_t proxy_timeout_ms;    /* proxy_protocol: the header's deadline */
     struct sockaddr_storage addr; /* server: bound address; client: target */
     socklen_t addr_len;
 
     struct {
         atomic_uint_fast64_t connected, disconnected, rejected, connect_failed, accept_errors;
         atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
+        atomic_uint_fast64_t refused[CP_REFUSED_COUNT_]; /* [MAX_SESSIONS] unused: rejected */
     } st;
     cp_traffic *traffic; /* one per worker of the port, 64-byte aligned */
     void *traffic_mem;
@@ -454,6 +509,16 @@ void cp__service_session_done(cp_service *svc, cp_session *s);
 void cp__service_object_done(cp_service *svc);
 /* The listener has closed: every connection it accepted is in the table. */
 void cp__service_listener_done(cp_service *svc);
+/* A new connection from peer may go on (-1), or the cp_refusal that closes
+ * it at once: the total accept rate, the trusted proxies, and (without
+ * proxy_protocol) the caps by address, which then count s (addr_counted).
+ * Any thread. */
+int cp__service_admit_accept(cp_service *svc, const cp_sockaddr *peer, socklen_t len, bool *counted);
+/* The caps by address for a session whose PROXY header gave its address:
+ * -1 (counted) or the cp_refusal. */
+int cp__service_admit_session(cp_service *svc, cp_session *s);
+/* Counts a refusal of that cause. */
+void cp__service_refused(cp_service *svc, int cause);
 int cp__addr_str(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);
 int cp__resolve(const char *host, uint16_t port, bool passive, struct sockaddr_storage *ss, socklen_t *len);
 

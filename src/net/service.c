@@ -99,9 +99,48 @@ void cp__service_object_done(cp_service *svc)
     /* svc may be freed by the stopping thread from here on. */
 }
 
+void cp__service_refused(cp_service *svc, int cause)
+{
+    cp__stat_add(cause == CP_REFUSED_MAX_SESSIONS ? &svc->st.rejected : &svc->st.refused[cause], 1);
+}
+
+int cp__service_admit_accept(cp_service *svc, const cp_sockaddr *peer, socklen_t len, bool *counted)
+{
+    *counted = false;
+    /* An untrusted source costs the total rate nothing: it never was a client. */
+    if (svc->proxy && !cp__cidr_match(svc->trusted, svc->ntrusted, &peer->sa, len))
+        return CP_REFUSED_UNTRUSTED;
+    if (!svc->caps)
+        return -1;
+    uint64_t now = cp__now_ns();
+    if (!cp__addrcap_total(svc->caps, now))
+        return CP_REFUSED_RATE;
+    /* Behind a proxy the socket's address is the proxy's: the caps by
+     * address wait for the header (cp__service_admit_session). */
+    cp_addr_key k;
+    if (svc->proxy || !cp__addrcap_by_addr(svc->caps) || !cp__addr_key(&peer->sa, len, &k))
+        return -1;
+    int r = cp__addrcap_admit(svc->caps, k, now);
+    *counted = r < 0;
+    return r;
+}
+
+int cp__service_admit_session(cp_service *svc, cp_session *s)
+{
+    cp_addr_key k;
+    if (!cp__addrcap_by_addr(svc->caps) || !cp__addr_key(&s->peer.sa, s->peer_len, &k))
+        return -1;
+    int r = cp__addrcap_admit(svc->caps, k, cp__now_ns());
+    s->addr_counted = r < 0;
+    return r;
+}
+
 void cp__service_session_done(cp_service *svc, cp_session *s)
 {
     uint32_t i = (uint32_t)s->id;
+    cp_addr_key k;
+    if (s->addr_counted && cp__addr_key(&s->peer.sa, s->peer_len, &k))
+        cp__addrcap_release(svc->caps, k);
     pthread_mutex_lock(&svc->lock);
     cp_slot *slot = &svc->slots[i];
     slot->s = NULL;
@@ -343,6 +382,8 @@ static void service_free(cp_service *svc)
     cp__free(svc->traffic_mem);
     cp__free(svc->slots);
     cp__free(svc->routes);
+    cp__addrcap_free(svc->caps);
+    cp__free(svc->trusted);
     for (int i = 0; i < svc->nfilters; i++)
         svc->filters[i]->ops->kind_unref(svc->filters[i]);
     cp__free(svc);
@@ -356,12 +397,23 @@ int cp_server_start(cp_service **out, cp_port *port, const cp_server_opts *opts,
     *out = NULL;
     if (opts->backlog < 0 || opts->accepts < 0 || opts->accepts > 65535 || (unsigned)opts->reuseport > 1)
         return -EINVAL;
+    if ((opts->proxy_protocol != 0) != (opts->proxy_trusted != NULL) || (unsigned)opts->proxy_protocol > 1)
+        return -EINVAL; /* a header with no one to trust, or ranges with no header */
+    uint32_t max = opts->max_sessions ? opts->max_sessions : 10000;
     cp_service *svc;
-    int r = service_new(&svc, port, &opts->session, h, ctx, opts->max_sessions ? opts->max_sessions : 10000,
-                        false);
+    int r = service_new(&svc, port, &opts->session, h, ctx, max, false);
     if (r < 0)
         return r;
-    r = cp__resolve(opts->host, opts->port, true, &svc->addr, &svc->addr_len);
+    if (opts->proxy_protocol) {
+        svc->proxy = true;
+        svc->proxy_timeout_ms = opts->proxy_timeout_ms ? opts->proxy_timeout_ms : 5000;
+        r = cp__cidr_parse(opts->proxy_trusted, &svc->trusted, &svc->ntrusted);
+    }
+    if (r == 0 && (opts->max_sessions_per_addr || opts->accept_rate_per_addr || opts->accept_rate))
+        r = cp__addrcap_new(&svc->caps, opts->max_sessions_per_addr, opts->accept_rate_per_addr,
+                            opts->accept_rate, max);
+    if (r == 0)
+        r = cp__resolve(opts->host, opts->port, true, &svc->addr, &svc->addr_len);
     if (r == 0)
         r = cp__listener_start(svc, opts->backlog ? opts->backlog : 1024, opts->accepts ? opts->accepts : 64,
                                opts->reuseport != 0);
@@ -480,8 +532,9 @@ int cp_service_stop(cp_service *svc) { return cp_service_stop_ex(svc, 0, NULL); 
 
 /* Every session still in the table: closed hard, or gracefully within
  * drain_ms. A session whose start has not run yet (NEW) drains itself when
- * it does (session_connected); one still connecting or in a handshake is
- * closed hard; one draining or closing already is left to it. */
+ * it does (session_connected); one still connecting, waiting for its PROXY
+ * header or in a handshake is closed hard; one draining or closing already
+ * is left to it. */
 static void close_all(cp_service *svc, uint32_t drain_ms)
 {
     size_t n;
@@ -493,7 +546,7 @@ static void close_all(cp_service *svc, uint32_t drain_ms)
             cp__session_request_close(s, CP_REASON_STOPPING);
         } else if (cp__session_shutdown(s, drain_ms, CP_REASON_STOPPING) != 0) {
             int st = atomic_load(&s->state);
-            if (st == CP_S_CONNECTING || st == CP_S_HANDSHAKING)
+            if (st == CP_S_CONNECTING || st == CP_S_HANDSHAKING || st == CP_S_PROXY)
                 cp__session_request_close(s, CP_REASON_STOPPING);
         }
         cp__session_unref(s);
@@ -651,6 +704,9 @@ void cp_service_stats_get(const cp_service *svc, cp_service_stats *out)
     }
     for (int i = 0; i < CP_REASON_COUNT_; i++)
         out->by_reason[i] = atomic_load(&svc->st.by_reason[i]);
+    for (int i = 1; i < CP_REFUSED_COUNT_; i++)
+        out->refused[i] = atomic_load(&svc->st.refused[i]);
+    out->refused[CP_REFUSED_MAX_SESSIONS] = out->rejected;
 }
 
 void cp__service_set_raw_limit(cp_service *svc, size_t bytes) { svc->raw_limit = bytes; }

@@ -461,9 +461,9 @@ void cp__session_close(cp_session *s, cp_reason reason, int err)
         if (svc->h.on_disconnected)
             svc->h.on_disconnected(s, reason, err);
     } else if (reason == CP_REASON_TLS || reason == CP_REASON_HANDSHAKE_TIMEOUT ||
-               reason == CP_REASON_WEBSOCKET) {
-        /* A handshake (or upgrade) that failed: the session was never
-         * connected, but the operator wants to see it. */
+               reason == CP_REASON_WEBSOCKET || reason == CP_REASON_PROXY) {
+        /* A handshake (or upgrade, or PROXY header) that failed: the
+         * session was never connected, but the operator wants to see it. */
         cp__stat_add(&svc->st.by_reason[reason], 1);
     }
     if (!s->was_connected && s->is_client) {
@@ -498,6 +498,17 @@ static void arm_recv(cp_session *s)
     hold(s);
 }
 
+/* Received bytes for a connected session, or one in a filter's handshake. */
+static void recv_input(cp_worker *w, cp_session *s, const uint8_t *data, size_t n)
+{
+    w->feeder = &s->feeder;
+    size_t packets = s->flt[0] ? ops_of(s->flt[0])->input(s->flt[0], data, n) : cp__session_input(s, data, n);
+    w->feeder = NULL;
+    cp__rx_account(s, n, packets);
+}
+
+static void proxy_input(cp_worker *w, cp_session *s, const uint8_t *data, size_t n);
+
 static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)
 {
     cp_session *s = SESSION_OF(op, rd);
@@ -506,11 +517,13 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         if (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING) {
             s->last_rx_ns = w->now_ns;
             cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
-            w->feeder = &s->feeder;
-            size_t packets = s->flt[0] ? ops_of(s->flt[0])->input(s->flt[0], data, (size_t)res)
-                                       : cp__session_input(s, data, (size_t)res);
-            w->feeder = NULL;
-            cp__rx_account(s, (size_t)res, packets);
+            recv_input(w, s, data, (size_t)res);
+        } else if (st == CP_S_PROXY) {
+            /* Before the header is read, and never after it: a plain
+             * session pays nothing for this branch. */
+            s->last_rx_ns = w->now_ns;
+            cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
+            proxy_input(w, s, data, (size_t)res);
         }
         /* Draining: what the peer still sends is read and dropped, so that
          * closing never resets a connection over unread bytes. */
@@ -526,7 +539,8 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
         return;
     /* A multishot receive that ended without an error (or ran out of provided
      * buffers) is simply armed again. */
-    bool rearm = wire_open(s) && !s->peer_eof && (res > 0 || res == -ENOBUFS);
+    bool rearm = (wire_open(s) || atomic_load_explicit(&s->state, memory_order_relaxed) == CP_S_PROXY) &&
+                 !s->peer_eof && (res > 0 || res == -ENOBUFS);
     op_done(s);
     if (rearm)
         arm_recv(s);
@@ -572,7 +586,8 @@ static void filter_begin(cp_session *s, int from)
         f->kind = k;
         s->flt[i] = f;
     }
-    arm_recv(s);
+    if (from != CP_S_PROXY) /* else the receive that read the header is still armed */
+        arm_recv(s);
     if (atomic_load(&s->state) == CP_S_HANDSHAKING && filter_start(s->flt[0]))
         send_start(s);
 }
@@ -598,8 +613,10 @@ static void session_connected(cp_session *s, int from)
     }
     if (svc->h.on_connected)
         svc->h.on_connected(s);
-    if (writing(s) && !s->flt[0]) /* on_connected may have started a graceful close */
-        arm_recv(s);              /* (a filter's handshake armed it already) */
+    /* on_connected may have started a graceful close; a filter's handshake
+     * armed the receive already, and so did the PROXY header's reading. */
+    if (writing(s) && !s->flt[0] && from != CP_S_PROXY)
+        arm_recv(s);
     /* A stop that began while this session started saw it not connected
      * (close_all) and left it to this: it drains or closes like the rest. */
     if (atomic_load(&svc->stopping)) {
@@ -686,12 +703,120 @@ void cp__session_start_accepted(cp_worker *w, void *sp, void *fdp, uintptr_t c)
     cp__session_unref(s);
 }
 
+/* ------------------------------------------------------------------ PROXY header */
+
+/* A step of the receive path rather than a filter: it runs only until the
+ * header is read, and then leaves the session as if it had never been there
+ * (no filter in the chain, nothing per receive). */
+
+static void on_proxy_timeout(cp_worker *w, void *sp)
+{
+    CP_UNUSED(w);
+    cp__session_close(sp, CP_REASON_PROXY, -ETIMEDOUT);
+}
+
+/* Accepted on a service with proxy_protocol: read the header first, under
+ * its deadline (the session's timer). */
+static void proxy_begin(cp_session *s)
+{
+    int from = CP_S_NEW;
+    if (!atomic_compare_exchange_strong(&s->state, &from, CP_S_PROXY))
+        return;
+    s->tmo.fn = on_proxy_timeout;
+    cp__timer_arm(s->owner, &s->tmo, s->svc->proxy_timeout_ms);
+    arm_recv(s);
+}
+
+/* The header was read, with the client's address (len 0: the socket's
+ * stands): the session goes on as any accepted one would, unless the caps
+ * by address refuse it. rest: the bytes that followed the header. */
+static void proxy_done(cp_worker *w, cp_session *s, const cp_sockaddr *addr, socklen_t len,
+                       const uint8_t *rest, size_t nrest)
+{
+    cp__timer_cancel(w, &s->tmo);
+    s->tmo.fn = on_timeout;
+    if (len) {
+        s->peer = *addr;
+        s->peer_len = len;
+    }
+    int cause = cp__service_admit_session(s->svc, s);
+    if (cause >= 0) {
+        cp__service_refused(s->svc, cause);
+        /* Never connected: nothing is reported, the refusal is counted. */
+        cp__session_close(s, CP_REASON_LOCAL, 0);
+        return;
+    }
+    session_connected(s, CP_S_PROXY);
+    int st = atomic_load_explicit(&s->state, memory_order_relaxed);
+    if (nrest && (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING))
+        recv_input(w, s, rest, nrest);
+}
+
+/* The header may come in pieces (a proxy writes it whole, but TCP need not
+ * deliver it so): a partial one waits in carry, which is free until the
+ * session connects. */
+static void proxy_input(cp_worker *w, cp_session *s, const uint8_t *data, size_t n)
+{
+    cp_sockaddr addr;
+    socklen_t len;
+    if (!s->carry_len) {
+        int h = cp__proxy_parse(data, n, &addr, &len);
+        if (h > 0) {
+            proxy_done(w, s, &addr, len, data + h, n - (size_t)h);
+            return;
+        }
+        if (h == 0) {
+            s->carry = cp__malloc(CP_PROXY_MAX);
+            if (!s->carry) {
+                cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
+                return;
+            }
+            s->carry_cap = CP_PROXY_MAX;
+            memcpy(s->carry, data, n); /* n < CP_PROXY_MAX: else the parser said malformed */
+            s->carry_len = (uint32_t)n;
+            return;
+        }
+    } else {
+        size_t take = n < CP_PROXY_MAX - s->carry_len ? n : CP_PROXY_MAX - s->carry_len;
+        memcpy(s->carry + s->carry_len, data, take);
+        s->carry_len += (uint32_t)take;
+        int h = cp__proxy_parse(s->carry, s->carry_len, &addr, &len);
+        if (h > 0) {
+            /* What followed the header: the end of carry, then the rest of data. */
+            uint8_t *c = s->carry;
+            size_t clen = s->carry_len, cap = s->carry_cap;
+            s->carry = NULL;
+            s->carry_len = s->carry_cap = 0;
+            size_t after = clen - (size_t)h; /* of carry, after the header */
+            uint8_t *both = NULL;
+            if (after && take < n) { /* rare: both pieces; one buffer keeps the receive one input */
+                both = cp__malloc(after + n - take);
+                if (!both) {
+                    cp__carry_free(c, cap);
+                    cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
+                    return;
+                }
+                memcpy(both, c + h, after);
+                memcpy(both + after, data + take, n - take);
+                proxy_done(w, s, &addr, len, both, after + n - take);
+            } else if (after) {
+                proxy_done(w, s, &addr, len, c + h, after);
+            } else {
+                proxy_done(w, s, &addr, len, data + take, n - take);
+            }
+            cp__free(both);
+            cp__carry_free(c, cap);
+            return;
+        }
+        if (h == 0 && s->carry_len < CP_PROXY_MAX)
+            return;
+    }
+    cp__session_close(s, CP_REASON_PROXY, -EPROTO);
+}
+
 static void session_accept(cp_worker *w, cp_session *s, int fd)
 {
-    s->h.fd = fd;
-    s->peer_len = sizeof s->peer;
-    if (getpeername(s->h.fd, (struct sockaddr *)&s->peer, &s->peer_len) < 0)
-        s->peer_len = 0;
+    s->h.fd = fd; /* the peer's address came with the accept (listener.c) */
     /* A draining stop serves a connection it accepted (session_connected). */
     bool refuse = atomic_load(&s->svc->stopping) && !atomic_load(&s->svc->stop_drain_ms);
     int r = refuse ? -ESHUTDOWN : w->port->be->attach(w, &s->h);
@@ -701,7 +826,10 @@ static void session_accept(cp_worker *w, cp_session *s, int fd)
         cp__session_close(s, CP_REASON_IO_ERROR, r);
         return;
     }
-    session_connected(s, CP_S_NEW);
+    if (s->svc->proxy)
+        proxy_begin(s);
+    else
+        session_connected(s, CP_S_NEW);
 }
 
 static void on_connect_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const uint8_t *data)

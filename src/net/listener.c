@@ -69,6 +69,7 @@ static void new_connection(cp_listener *l, int fd)
 {
     cp_service *svc = l->svc;
     l->backoff_ms = BACKOFF_MIN_MS;
+    cp__stat_add(&svc->st.accepted, 1);
     cp_worker *owner = cp__pick_worker(svc->port);
     cp_session *s = cp__session_new(svc, owner, false);
     int r = s ? cp__service_add_session(svc, s) : -ENOMEM;

@@ -14,7 +14,11 @@ set(bad
   "--port|needs a value"
   "--mode,chat,--bus,tcp://x:1|bad --bus"
   "--mode,echo,--bus,nats://127.0.0.1:4222|only with --mode chat"
-  "--mode,chat,--bus,nats://127.0.0.1:4222,--room,a.b|bad --room")
+  "--mode,chat,--bus,nats://127.0.0.1:4222,--room,a.b|bad --room"
+  "--metrics,7070|bad --metrics"
+  "--metrics,::1:7070|bad --metrics"
+  "--metrics,127.0.0.1:99999|bad --metrics")
 include(${CMAKE_CURRENT_LIST_DIR}/usage_check.cmake)
 usage_refuses(cport-server ${EXE} ${bad})
 usage_describes(cport-server ${EXE} "--rate-limit N")
+usage_describes(cport-server ${EXE} "--metrics HOST:PORT")

@@ -9,7 +9,7 @@
 // it has loaded, before the WebSocket exchange, and --virtual-time-budget
 // runs the page's clock ahead while it waits on the network.
 //
-//   node ws_browser.js URL [timeout=S (20)] [ca=FILE] [chromium=PATH]
+//   node ws_browser.js URL [timeout=S (20)] [ca=FILE] [chromium=PATH] [shot=FILE.png]
 //
 // URL is the page, as served by the server under test (http:// for ws://,
 // https:// for wss://). With ca=FILE, the server's certificate (self-signed:
@@ -17,7 +17,8 @@
 // (--ignore-certificate-errors-spki-list), no other. Prints
 // "BROWSER <version>", then the page's log lines as "PAGE <line>" once it
 // is done, then "RESULT <title>"; exit 0 on PASS, 1 on FAIL or a timeout,
-// 2 when chromium is missing or does not start.
+// 2 when chromium is missing or does not start. With shot=FILE, a PASS
+// also saves a screenshot of the page (1280x900) to FILE.
 'use strict';
 const { spawn } = require('child_process');
 const crypto = require('crypto');
@@ -139,6 +140,10 @@ async function main() {
   console.log(`BROWSER ${v.product}`);
   const { targetId } = await send('Target.createTarget', { url });
   const { sessionId } = await send('Target.attachToTarget', { targetId, flatten: true });
+  if (opt.shot) {
+    const size = { width: 1280, height: 900, deviceScaleFactor: 1, mobile: false };
+    await send('Emulation.setDeviceMetricsOverride', size, sessionId);
+  }
   const evaluate = async (expression) =>
     (await send('Runtime.evaluate', { expression, returnByValue: true }, sessionId)).result.value;
   // The page sets its title once its exchange is over; poll it.
@@ -146,6 +151,11 @@ async function main() {
     const title = String(await evaluate('document.title'));
     lastTitle = title;
     if (/^(PASS|FAIL)\b/.test(title)) {
+      if (opt.shot && title.startsWith('PASS')) {
+        const shot = await send('Page.captureScreenshot', { format: 'png' }, sessionId);
+        fs.writeFileSync(opt.shot, Buffer.from(shot.data, 'base64'));
+        console.log(`SHOT ${opt.shot}`);
+      }
       const log = String((await evaluate("(document.getElementById('log') || {}).textContent || ''")) || '');
       for (const line of log.split('\n').filter(Boolean)) console.log(`PAGE ${line}`);
       quit(title.startsWith('PASS') ? 0 : 1, `RESULT ${title}`);

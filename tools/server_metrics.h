@@ -317,11 +317,9 @@ static void http_respond(cp_session *s, http_conn *c)
     char *q = strchr(c->url, '?');
     if (q != NULL)
         *q = '\0';
-    if (c->url_long) {
-        http_answer(s, 404, text, "not found\n", 10);
-    } else if (method != HTTP_GET && method != HTTP_HEAD) {
+    if (method != HTTP_GET && method != HTTP_HEAD) {
         http_answer(s, 405, text, "GET only\n", 9);
-    } else if (strcmp(c->url, "/metrics") == 0) {
+    } else if (!c->url_long && strcmp(c->url, "/metrics") == 0) {
         mbuf b = { 0 };
         metrics_render(src, &b);
         if (b.failed)
@@ -330,7 +328,7 @@ static void http_respond(cp_session *s, http_conn *c)
             http_answer(s, 200, "text/plain; version=0.0.4; charset=utf-8", b.p,
                         method == HTTP_HEAD ? 0 : b.n);
         free(b.p);
-    } else if (strcmp(c->url, "/") == 0) {
+    } else if (!c->url_long && strcmp(c->url, "/") == 0) {
         http_answer(s, 200, "text/html; charset=utf-8", metrics_page,
                     method == HTTP_HEAD ? 0 : strlen(metrics_page));
     } else {

@@ -435,6 +435,7 @@ struct cp_service {
     uint8_t nfilters;                               /* 0 = plain TCP */
     cp_packet_fn *routes;                           /* indexed by id, nroutes entries */
     uint32_t nroutes;
+    uint32_t route_stride; /* counters per worker in route_pkts (below) */
 
     /* Live-session table: slot + generation make the session id. */
     pthread_mutex_t lock;
@@ -457,7 +458,6 @@ struct cp_service {
     uint8_t *traffic;
     void *traffic_mem;
     atomic_uint_fast64_t *route_pkts;
-    uint32_t route_stride;
 };
 
 /* Table slot management (service.c). */

@@ -840,8 +840,9 @@ typedef struct cp_service_metrics {
     /* Live sessions by the memory their send queues hold now (what
      * send_queue_limit is compared with), in bytes: count is the live
      * sessions, sum the memory, bucket 0 the sessions with nothing queued.
-     * Sampled when the session queues a buffer and when a write completes,
-     * so a queue that a filter re-encodes shows a moment later. */
+     * Sampled at the first send of each round, when the round's flush
+     * writes the queue and when a write completes: a queue whose write is
+     * stalled may show without what its last round queued. */
     cp_histogram send_queue;
 } cp_service_metrics;
 

@@ -221,9 +221,11 @@ struct cp_session {
     uint32_t carry_len, carry_cap;
 
     cp_sendq sq;
-    /* The send-queue memory last sampled into the worker's histogram, and
-     * its bucket (cp__session_sq_sample; owner only). */
+    /* The send-queue memory last sampled into the worker's histogram, its
+     * bucket (cp__session_sq_sample), and the owner's round of the last
+     * sample a send took (owner only). */
     size_t sq_seen;
+    uint32_t sq_round;
     uint8_t sq_bucket;
     /* The filters, outermost (the socket's side) first; flt[0] NULL: plain
      * TCP. Bit i of flt_finished: flt[i]'s finish ran. */

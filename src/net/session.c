@@ -941,8 +941,13 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         cp__session_request_close(s, r == -ENOBUFS ? CP_REASON_SEND_OVERFLOW : CP_REASON_NO_MEMORY);
     } else {
         cp__traffic_add(&cp__traffic(s->svc, s->owner)->packets_out, 1);
-        cp__session_sq_sample(s);
-        if (s->sq_seen > s->svc->sq_high)
+        /* The first send of a round samples the queue (a write in flight
+         * posts no flush, so a stalled queue's growth shows here). */
+        if (s->sq_round != s->owner->round) {
+            s->sq_round = s->owner->round;
+            cp__session_sq_sample(s);
+        }
+        if (cp__session_queued_mem(s) > s->svc->sq_high)
             cp__rx_sendq_check(s);
         flush_later(s);
         return 0;
@@ -958,6 +963,10 @@ static void flush_posted(cp_worker *w, cp_posted *p)
     CP_UNUSED(w);
     cp_session *s = (cp_session *)((char *)p - offsetof(cp_session, flush));
     s->dirty = false;
+    /* What the round queued, once per round rather than per send (a
+     * finished session has left the histogram, and its service). */
+    if (atomic_load_explicit(&s->state, memory_order_relaxed) != CP_S_CLOSED)
+        cp__session_sq_sample(s);
     send_start(s);
     unhold(s);
 }

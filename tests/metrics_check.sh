@@ -32,7 +32,7 @@ srv= load=
 # shellcheck disable=SC2317  # runs from the trap
 cleanup() {
   [ -n "$load" ] && kill "$load" 2>/dev/null && wait "$load" 2>/dev/null
-  [ -n "$srv" ] && kill -INT "$srv" 2>/dev/null && wait "$srv" 2>/dev/null
+  [ -n "$srv" ] && kill -TERM "$srv" 2>/dev/null && wait "$srv" 2>/dev/null
   rm -rf "$tmp"
 }
 trap cleanup EXIT

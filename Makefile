@@ -49,7 +49,7 @@ deps:
 # (tests/ws_browser.js), and the npm package ws of their Node.js peers
 # (tests/ws_peer.js, tests/ws_probe.js), pinned in tests/node/package-lock.json
 # and installed there by npm ci, again only when the lock changes.
-TEST_PKGS := chromium iproute2 haproxy
+TEST_PKGS := chromium iproute2 haproxy prometheus
 test-deps: deps
 	@$(MAKE) --no-print-directory deps DEB_PKGS="$(TEST_PKGS)"
 	@$(MAKE) --no-print-directory -s node-deps

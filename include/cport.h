@@ -203,6 +203,55 @@ CP_API int cp_port_post(cp_port *port, void (*fn)(void *arg), void *arg);
 CP_API const char *cp_port_backend_name(const cp_port *port); /* "epoll", ... */
 CP_API int cp_port_workers(const cp_port *port);
 
+/*
+ * Metrics (docs/design.md, "Metrics"). Counters the library keeps anyway,
+ * cheaply: each worker writes its own (a plain load and store, no locked
+ * instruction, no cache line shared with another worker), and a snapshot
+ * sums them. Always on; a snapshot may be taken from any thread at any time
+ * and is consistent per counter, not across counters.
+ *
+ * A histogram counts values in CP_METRICS_BUCKETS power-of-two buckets:
+ * bucket 0 holds the value 0, bucket k (1 <= k < CP_METRICS_BUCKETS - 1) the
+ * values in (2^(k-2), 2^(k-1)], and the last bucket everything above, so
+ * cp_metrics_bucket_le(k) is 0, 1, 2, 4, ..., 2^31, then UINT64_MAX. The
+ * counts are per bucket, not cumulative (Prometheus' are: add them up).
+ */
+#define CP_METRICS_BUCKETS 34
+typedef struct cp_histogram {
+    uint64_t count; /* values counted */
+    uint64_t sum;   /* their sum */
+    uint64_t buckets[CP_METRICS_BUCKETS];
+} cp_histogram;
+/* Bucket k's upper bound (inclusive): 0, then 2^(k-1); UINT64_MAX for the last. */
+CP_API uint64_t cp_metrics_bucket_le(int k);
+
+/* A worker's loop, or every worker's summed. Times in nanoseconds. */
+typedef struct cp_worker_metrics {
+    /* Rounds by how long each took, from its poll's return to the end of
+     * the round (completions, messages, timers, posted work, writes): a
+     * completion that arrives meanwhile waits at most that long. One clock
+     * read per round. */
+    cp_histogram round_ns;
+    /* For each poll that found completions: how long they can have waited,
+     * at most. A poll that had to wait for its first completion (the worker
+     * was idle) counts 0; one that found completions already there (the
+     * worker came straight from the last round) counts the time since the
+     * previous poll returned. No clock read of its own. */
+    cp_histogram wait_ns;
+    /* Jobs of the port's job queues by how long each waited between its
+     * push and its start, measured on the worker's clocks of the round (a
+     * push from a worker is stamped with its round's start, so this is an
+     * upper bound by up to a round). */
+    cp_histogram job_wait_ns;
+    uint64_t inbox_depth;  /* messages sent to the worker and not run yet, now */
+    uint64_t timers_armed; /* timers armed on it, at the end of its last round */
+} cp_worker_metrics;
+
+/* Fills out with worker's metrics, or with every worker's summed when
+ * worker is -1 (cp_port_workers says how many there are). Any thread.
+ * -EINVAL for a worker out of range. */
+CP_API int cp_port_metrics_get(const cp_port *port, int worker, cp_worker_metrics *out);
+
 /* Blocks the calling thread until the process is asked to stop: SIGINT or
  * SIGTERM on POSIX systems, Ctrl-C, Ctrl-Break or closing the console on
  * Windows. Returns the signal number (SIGINT/SIGTERM; Windows reports the
@@ -816,18 +865,43 @@ typedef struct cp_service_stats {
     uint64_t sessions;     /* live now */
     uint64_t connected;    /* on_connected calls so far */
     uint64_t disconnected; /* on_disconnected calls so far */
+    uint64_t accepted;     /* connections the listener accepted (each once, refused or not) */
     uint64_t rejected;     /* accepted beyond max_sessions and closed at once
                               (refused[CP_REFUSED_MAX_SESSIONS]) */
     uint64_t connect_failed;
     uint64_t accept_errors; /* EMFILE, ENFILE, ENOBUFS... (each backoff counts once) */
     uint64_t bytes_in, bytes_out;
     uint64_t packets_in;
+    uint64_t packets_out; /* buffers queued to send (packet framing: packets) */
     uint64_t by_reason[CP_REASON_COUNT_];
     uint64_t refused[CP_REFUSED_COUNT_]; /* new connections closed at once, by cause */
 } cp_service_stats;
 
 /* A snapshot of counters; any thread. */
 CP_API void cp_service_stats_get(const cp_service *svc, cp_service_stats *out);
+
+/* What cp_service_metrics_get adds to the counters (see "Metrics" above). */
+typedef struct cp_service_metrics {
+    cp_service_stats stats; /* as cp_service_stats_get */
+    /* Packets by route id (packet framing): route_packets[id] for the ids
+     * below nroutes (the largest id routed + 1); the rest, handled by
+     * on_packet or dropped, here. */
+    uint64_t unrouted_packets;
+    uint32_t nroutes;
+    /* Live sessions by the memory their send queues hold now (what
+     * send_queue_limit is compared with), in bytes: count is the live
+     * sessions, sum the memory, bucket 0 the sessions with nothing queued.
+     * Sampled at the first send of each round, when the round's flush
+     * writes the queue and when a write completes: a queue whose write is
+     * stalled may show without what its last round queued. */
+    cp_histogram send_queue;
+} cp_service_metrics;
+
+/* A snapshot of the service's counters and metrics; any thread. The packets
+ * by route id go to route_packets[0 .. n-1] (n may be 0 and route_packets
+ * NULL; out->nroutes says how many there are). */
+CP_API void cp_service_metrics_get(const cp_service *svc, cp_service_metrics *out, uint64_t *route_packets,
+                                   size_t n);
 
 /* cp_service_stop that also reports the service's final counters: final (if
  * not NULL) is filled after every session has finished, just before the

@@ -22,8 +22,12 @@ set(bad
   "--proxy-trusted,127.0.0.1/32|--proxy-protocol and --proxy-trusted go together"
   "--proxy-protocol,--proxy-trusted,10.0.0.1/8|bad --proxy-trusted"
   "--proxy-protocol,--proxy-trusted,::1/129|bad --proxy-trusted"
-  "--proxy-protocol,--proxy-trusted,localhost|bad --proxy-trusted")
+  "--proxy-protocol,--proxy-trusted,localhost|bad --proxy-trusted"
+  "--metrics,7070|bad --metrics"
+  "--metrics,::1:7070|bad --metrics"
+  "--metrics,127.0.0.1:99999|bad --metrics")
 include(${CMAKE_CURRENT_LIST_DIR}/usage_check.cmake)
 usage_refuses(cport-server ${EXE} ${bad})
 usage_describes(cport-server ${EXE} "--rate-limit N")
 usage_describes(cport-server ${EXE} "--proxy-trusted CIDR")
+usage_describes(cport-server ${EXE} "--metrics HOST:PORT")

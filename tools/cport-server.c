@@ -19,7 +19,8 @@
  * backend that is not available.
  */
 #include "common.h"
-#include "ws_chat_page.h" /* generated from tools/ws_chat.html (CMakeLists.txt) */
+#include "server_metrics.h" /* --metrics: the HTTP endpoint and its page */
+#include "ws_chat_page.h"   /* generated from tools/ws_chat.html (CMakeLists.txt) */
 
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -56,6 +57,8 @@ typedef struct server_config {
     bool verbose;                   /* a line per connection, with the peer's address */
     int reuseport;                  /* SO_REUSEPORT: a new server may share the port */
     uint32_t drain_ms;              /* stop signal: drain sessions this long; 0 = hard stop */
+    char metrics_host[64];          /* --metrics HOST:PORT; metrics_port -1 = off */
+    int metrics_port;
 } server_config;
 
 /* The chat room. Only its own jobs touch members, and they never run two at a
@@ -165,6 +168,9 @@ static void usage(FILE *out)
             "  --drain MS            on SIGINT/SIGTERM stop accepting, let sessions\n"
             "                        finish what is queued and close gracefully within\n"
             "                        MS, then exit (0 = close them at once, the default)\n"
+            "  --metrics HOST:PORT   serve metrics over HTTP on HOST:PORT ([::1]:PORT for\n"
+            "                        IPv6; port 0 picks a free one): /metrics in the\n"
+            "                        Prometheus text format, / a live page (off by default)\n"
             "  --help                show this text\n",
             prog);
 }
@@ -238,6 +244,26 @@ static int cidr_list_ok(const char *s)
     }
 }
 
+/* HOST:PORT or [HOST]:PORT into host (at most size - 1 bytes) and *port;
+ * -1 if malformed. */
+static int parse_host_port(const char *val, char *host, size_t size, uint64_t *port)
+{
+    const char *colon = strrchr(val, ':');
+    if (colon == NULL || tool_parse_u64(colon + 1, 0, 65535, 0, port) != 0)
+        return -1;
+    const char *h = val;
+    size_t n = (size_t)(colon - val);
+    if (n >= 2 && h[0] == '[' && h[n - 1] == ']')
+        h++, n -= 2;
+    else if (memchr(h, ':', n) != NULL)
+        return -1; /* an IPv6 address goes in brackets */
+    if (n == 0 || n >= size)
+        return -1;
+    memcpy(host, h, n);
+    host[n] = '\0';
+    return 0;
+}
+
 static void parse_args(int argc, char **argv, server_config *cfg)
 {
     *cfg = (server_config){
@@ -252,6 +278,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
         .rate_limit = -1,
         .room = "lobby",
         .ws_port = -1,
+        .metrics_port = -1,
     };
     static const char *const value_options[] = { "--host",
                                                  "--port",
@@ -277,6 +304,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                                                  "--accept-rate-per-ip",
                                                  "--accept-rate",
                                                  "--proxy-trusted",
+                                                 "--metrics",
                                                  NULL };
     for (int i = 1; i < argc; i++) {
         const char *opt = argv[i];
@@ -352,6 +380,10 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (tool_parse_u64(val, 0, 65535, 0, &n) != 0)
                 usage_error("bad --ws-port '%s' (0..65535)", val);
             cfg->ws_port = (int)n;
+        } else if (strcmp(opt, "--metrics") == 0) {
+            if (parse_host_port(val, cfg->metrics_host, sizeof cfg->metrics_host, &n) != 0)
+                usage_error("bad --metrics '%s' (HOST:PORT, [IPv6]:PORT; port 0..65535)", val);
+            cfg->metrics_port = (int)n;
         } else if (strcmp(opt, "--tls-cert") == 0 || strcmp(opt, "--tls-key") == 0) {
             if (*val == '\0')
                 usage_error("empty %s", opt);
@@ -746,8 +778,23 @@ int main(int argc, char **argv)
     rc = cp_server_start(&svc, port, &opts, &handlers, &state);
     if (rc == 0 && cfg.ws_port >= 0)
         rc = ws_listen(&cfg, port, &opts, &handlers, &state, &ws_svc);
+    static metrics_src msrc; /* the metrics service's ctx: lives past main's frame */
+    cp_service *metrics_svc = NULL;
+    if (rc == 0 && cfg.metrics_port >= 0) {
+        msrc = (metrics_src){ .port = port,
+                              .svc = { svc, ws_svc },
+                              .name = { "tcp", ws_svc != NULL ? "ws" : NULL },
+                              .mode = mode_names[cfg.mode],
+                              .backend = cp_port_backend_name(port) };
+        rc = metrics_start(port, cfg.metrics_host, (uint16_t)cfg.metrics_port, &msrc, &metrics_svc);
+        if (rc != 0)
+            fprintf(stderr, "%s: cannot serve metrics on %s:%d: %s\n", prog, cfg.metrics_host,
+                    cfg.metrics_port, cp_strerror(rc));
+    }
     cp_tls_unref(tls); /* the services keep their own */
     if (rc != 0) {
+        if (ws_svc != NULL)
+            cp_service_stop(ws_svc);
         if (svc != NULL)
             cp_service_stop(svc);
         else
@@ -776,6 +823,10 @@ int main(int argc, char **argv)
         printf("%s: TLS with %s\n", prog, cfg.tls_cert);
     if (cfg.reuseport)
         warn_unmigrated(cfg.drain_ms);
+    if (metrics_svc != NULL) /* scripts read the port from this line (--metrics HOST:0) */
+        printf(strchr(cfg.metrics_host, ':') ? "%s: metrics on http://[%s]:%u/ (Prometheus: /metrics)\n"
+                                             : "%s: metrics on http://%s:%u/ (Prometheus: /metrics)\n",
+               prog, cfg.metrics_host, (unsigned)cp_service_listen_port(metrics_svc));
     fflush(stdout);
     uint64_t started = tool_now_ns();
 
@@ -792,6 +843,8 @@ int main(int argc, char **argv)
     /* Library counters (bytes, packets, rejected) are read before the stop
      * frees the service; the few bytes that arrive during the stop are not
      * worth a different design. */
+    if (metrics_svc != NULL)
+        (void)cp_service_stop(metrics_svc); /* first: it reads the others */
     cp_service_stats lib;
     cp_service_stats_get(svc, &lib);
     if (ws_svc != NULL) {

@@ -5,7 +5,9 @@
 #   tools/run-main.sh [BUILD_DIR]        (default: build)
 #
 # 1. starts BUILD_DIR/cport-server in chat mode on 127.0.0.1 with a free port
-#    (--port 0; the port is read back from its "listening on" line);
+#    (--port 0; the port is read back from its "listening on" line), with its
+#    metrics on another free port (--metrics 127.0.0.1:0): the live page's
+#    address is printed, and it is up while the run lasts;
 # 2. runs BUILD_DIR/cport-dummy: 500 sessions, each sending one 64-byte chat
 #    packet per second for 10 s, all of them verified by every session
 #    (250,000 deliveries per second), with a progress line each second:
@@ -66,7 +68,7 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 # --- 1. server -------------------------------------------------------------
 # stdout (the listening line and the final stats line) goes to a file we
 # parse; stderr (log messages) goes straight to the terminal.
-"$SERVER" --host 127.0.0.1 --port 0 --mode chat >"$tmp/server.out" &
+"$SERVER" --host 127.0.0.1 --port 0 --mode chat --metrics 127.0.0.1:0 >"$tmp/server.out" &
 server_pid=$!
 
 port=""
@@ -87,6 +89,11 @@ while [ -z "$port" ]; do
     sleep 0.05
 done
 head -n 1 "$tmp/server.out"
+# The metrics line is printed with the listening line, in the same write.
+page=$(sed -n 's|^cport-server: metrics on \(http://[^ ]*\) .*|\1|p' "$tmp/server.out")
+if [ -n "$page" ]; then
+    echo "run-main: live metrics page: $page (Prometheus: ${page}metrics), up while the run lasts"
+fi
 
 # --- 2. dummy clients ------------------------------------------------------
 # Progress lines arrive on stderr, live; the RESULT line on stdout is kept.

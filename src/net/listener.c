@@ -70,6 +70,7 @@ static void new_connection(cp_listener *l, int fd)
 {
     cp_service *svc = l->svc;
     l->backoff_ms = BACKOFF_MIN_MS;
+    cp__stat_add(&svc->st.accepted, 1);
     /* The caps by address are decided here, before a session exists; the
      * session keeps the address (one getpeername per connection). */
     cp_sockaddr peer;

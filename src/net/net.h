@@ -230,6 +230,12 @@ struct cp_session {
     uint32_t carry_len, carry_cap;
 
     cp_sendq sq;
+    /* The send-queue memory last sampled into the worker's histogram, its
+     * bucket (cp__session_sq_sample), and the owner's round of the last
+     * sample a send took (owner only). */
+    size_t sq_seen;
+    uint32_t sq_round;
+    uint8_t sq_bucket;
     /* The filters, outermost (the socket's side) first; flt[0] NULL: plain
      * TCP. Bit i of flt_finished: flt[i]'s finish ran. */
     cp_filter *flt[CP_FILTERS_MAX];
@@ -445,9 +451,15 @@ int cp__proxy_parse(const uint8_t *data, size_t n, cp_sockaddr *addr, socklen_t 
  * so adding is a plain load and store (no locked instruction, and no cache
  * line shared with other workers); readers sum the workers' blocks. */
 typedef struct cp_traffic {
-    atomic_uint_fast64_t bytes_in, bytes_out, packets_in;
-    char pad_[64 - 3 * sizeof(atomic_uint_fast64_t)];
+    atomic_uint_fast64_t bytes_in, bytes_out, packets_in, packets_out, unrouted;
+    /* The worker's sessions by send-queue memory (cp_service_metrics): the
+     * memory, and the sessions in each bucket but 0 (those with nothing
+     * queued are the rest of the live ones). */
+    atomic_uint_fast64_t sq_mem;
+    atomic_uint_fast64_t sq_hist[CP_METRICS_BUCKETS];
 } cp_traffic;
+/* Each worker's cp_traffic on cache lines of its own. */
+#define CP_TRAFFIC_STRIDE ((sizeof(cp_traffic) + 63) & ~(size_t)63)
 
 struct cp_service {
     cp_port *port;
@@ -478,6 +490,7 @@ struct cp_service {
     uint8_t nfilters;                               /* 0 = plain TCP */
     cp_packet_fn *routes;                           /* indexed by id, nroutes entries */
     uint32_t nroutes;
+    uint32_t route_stride; /* counters per worker in route_pkts (below) */
 
     /* Live-session table: slot + generation make the session id. */
     pthread_mutex_t lock;
@@ -495,12 +508,16 @@ struct cp_service {
     socklen_t addr_len;
 
     struct {
-        atomic_uint_fast64_t connected, disconnected, rejected, connect_failed, accept_errors;
+        atomic_uint_fast64_t connected, disconnected, accepted, rejected, connect_failed, accept_errors;
         atomic_uint_fast64_t by_reason[CP_REASON_COUNT_];
         atomic_uint_fast64_t refused[CP_REFUSED_COUNT_]; /* [MAX_SESSIONS] unused: rejected */
     } st;
-    cp_traffic *traffic; /* one per worker of the port, 64-byte aligned */
+    /* Per worker of the port, 64-byte aligned, CP_TRAFFIC_STRIDE apart:
+     * the traffic, then the packets by route id (nroutes counters, rounded
+     * up to whole cache lines: route_stride of them). */
+    uint8_t *traffic;
     void *traffic_mem;
+    atomic_uint_fast64_t *route_pkts;
 };
 
 /* Table slot management (service.c). */
@@ -536,11 +553,26 @@ static inline void cp__stat_add(atomic_uint_fast64_t *c, uint64_t v)
 }
 
 /* On the owner worker w only: see cp_traffic. */
-static inline cp_traffic *cp__traffic(cp_service *svc, const cp_worker *w) { return &svc->traffic[w->index]; }
-
-static inline void cp__traffic_add(atomic_uint_fast64_t *c, uint64_t v)
+static inline cp_traffic *cp__traffic(cp_service *svc, const cp_worker *w)
 {
-    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v, memory_order_relaxed);
+    return (cp_traffic *)(void *)(svc->traffic + CP_TRAFFIC_STRIDE * (size_t)w->index);
 }
+
+static inline void cp__traffic_add(atomic_uint_fast64_t *c, uint64_t v) { cp__own_add(c, v); }
+
+/* On the owner: a packet with this id was handed to its handler. */
+static inline void cp__route_count(cp_session *s, uint16_t id)
+{
+    cp_service *svc = s->svc;
+    if (id < svc->nroutes)
+        cp__own_add(&svc->route_pkts[(size_t)svc->route_stride * (size_t)s->owner->index + id], 1);
+    else
+        cp__own_add(&cp__traffic(svc, s->owner)->unrouted, 1);
+}
+
+/* On the owner: the session's send-queue memory may have changed; moves it
+ * in its worker's histogram (cp_traffic.sq_hist). A bucket computed and
+ * compared, and one add; two more when it changed bucket. */
+void cp__session_sq_sample(cp_session *s);
 
 #endif

@@ -96,6 +96,7 @@ static bool dispatch(cp_session *s, const uint8_t *pkt, size_t size)
     s->first_seen = true;
     cp_service *svc = s->svc;
     uint16_t id = cp_get_u16(pkt + 2);
+    cp__route_count(s, id);
     cp_packet_fn fn = id < svc->nroutes ? svc->routes[id] : NULL;
     if (!fn)
         fn = svc->h.on_packet;

@@ -312,13 +312,18 @@ static int tables_alloc(cp_service *svc, uint32_t max_sessions)
 {
     svc->nslots = max_sessions;
     svc->slots = cp__malloc(sizeof *svc->slots * max_sessions);
-    svc->traffic_mem = cp__zalloc(sizeof(cp_traffic) * (size_t)svc->port->nworkers + 63);
+    /* The packets by route id: a row per worker, in whole cache lines. */
+    size_t nw = (size_t)svc->port->nworkers;
+    svc->route_stride = (svc->nroutes + 7) & ~7u;
+    size_t traffic = CP_TRAFFIC_STRIDE * nw, routes = sizeof(atomic_uint_fast64_t) * svc->route_stride * nw;
+    svc->traffic_mem = cp__zalloc(traffic + routes + 63);
     if (!svc->slots || !svc->traffic_mem) {
         cp__free(svc->traffic_mem);
         cp__free(svc->slots);
         return -ENOMEM;
     }
-    svc->traffic = (cp_traffic *)(((uintptr_t)svc->traffic_mem + 63) & ~(uintptr_t)63);
+    svc->traffic = (uint8_t *)(((uintptr_t)svc->traffic_mem + 63) & ~(uintptr_t)63);
+    svc->route_pkts = (atomic_uint_fast64_t *)(void *)(svc->traffic + traffic);
     for (uint32_t i = 0; i < max_sessions; i++)
         svc->slots[i] = (cp_slot){ .s = NULL,
                                    .gen = 1,
@@ -696,17 +701,46 @@ void cp_service_stats_get(const cp_service *svc, cp_service_stats *out)
     out->rejected = atomic_load(&svc->st.rejected);
     out->connect_failed = atomic_load(&svc->st.connect_failed);
     out->accept_errors = atomic_load(&svc->st.accept_errors);
+    out->accepted = atomic_load(&svc->st.accepted);
     for (int i = 0; i < svc->port->nworkers; i++) {
-        const cp_traffic *t = &svc->traffic[i];
+        const cp_traffic *t = cp__traffic(m, &svc->port->workers[i]);
         out->bytes_in += atomic_load_explicit(&t->bytes_in, memory_order_relaxed);
         out->bytes_out += atomic_load_explicit(&t->bytes_out, memory_order_relaxed);
         out->packets_in += atomic_load_explicit(&t->packets_in, memory_order_relaxed);
+        out->packets_out += atomic_load_explicit(&t->packets_out, memory_order_relaxed);
     }
     for (int i = 0; i < CP_REASON_COUNT_; i++)
         out->by_reason[i] = atomic_load(&svc->st.by_reason[i]);
     for (int i = 1; i < CP_REFUSED_COUNT_; i++)
         out->refused[i] = atomic_load(&svc->st.refused[i]);
     out->refused[CP_REFUSED_MAX_SESSIONS] = out->rejected;
+}
+
+void cp_service_metrics_get(const cp_service *svc, cp_service_metrics *out, uint64_t *route_packets, size_t n)
+{
+    memset(out, 0, sizeof *out);
+    cp_service_stats_get(svc, &out->stats);
+    cp_service *m = (cp_service *)svc; /* cp__traffic's pointer arithmetic; nothing is written */
+    out->nroutes = svc->nroutes;
+    for (size_t id = 0; id < n; id++)
+        route_packets[id] = 0;
+    uint64_t busy = 0; /* sessions with something queued */
+    for (int i = 0; i < svc->port->nworkers; i++) {
+        const cp_traffic *t = cp__traffic(m, &svc->port->workers[i]);
+        out->unrouted_packets += atomic_load_explicit(&t->unrouted, memory_order_relaxed);
+        out->send_queue.sum += atomic_load_explicit(&t->sq_mem, memory_order_relaxed);
+        for (int k = 1; k < CP_METRICS_BUCKETS; k++)
+            out->send_queue.buckets[k] += atomic_load_explicit(&t->sq_hist[k], memory_order_relaxed);
+        const atomic_uint_fast64_t *row = svc->route_pkts + (size_t)svc->route_stride * (size_t)i;
+        for (size_t id = 0; id < n && id < svc->nroutes; id++)
+            route_packets[id] += atomic_load_explicit(&row[id], memory_order_relaxed);
+    }
+    for (int k = 1; k < CP_METRICS_BUCKETS; k++)
+        busy += out->send_queue.buckets[k];
+    /* The counts are read one by one while sessions come, go and move
+     * between buckets: the live count may be a little below them. */
+    out->send_queue.buckets[0] = out->stats.sessions > busy ? out->stats.sessions - busy : 0;
+    out->send_queue.count = out->send_queue.buckets[0] + busy;
 }
 
 void cp__service_set_raw_limit(cp_service *svc, size_t bytes) { svc->raw_limit = bytes; }

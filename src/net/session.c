@@ -403,6 +403,7 @@ static void session_finish(cp_session *s)
     cp__sendq_clear(&s->sq);
     filter_drop(s);
     held_drop(s);
+    cp__session_sq_sample(s); /* nothing queued: out of the histogram */
     cp_service *svc = s->svc;
     /* Release: a thread that reads NULL through cp_session_service sees
      * everything the session did before, on_disconnected included. */
@@ -663,6 +664,24 @@ void cp__session_wire_ready(cp_session *s)
 
 size_t cp__session_queued_mem(const cp_session *s) { return cp__sendq_mem(&s->sq) + filters_mem(s); }
 
+void cp__session_sq_sample(cp_session *s)
+{
+    size_t mem = cp__session_queued_mem(s);
+    cp_traffic *t = cp__traffic(s->svc, s->owner);
+    /* Unsigned arithmetic: a queue that shrank adds the difference's
+     * two's complement, and the worker's sum comes out right. */
+    cp__own_add(&t->sq_mem, (uint64_t)mem - (uint64_t)s->sq_seen);
+    s->sq_seen = mem;
+    unsigned b = cp__metrics_bucket(mem);
+    if (b == s->sq_bucket)
+        return;
+    if (s->sq_bucket)
+        cp__own_add(&t->sq_hist[s->sq_bucket], UINT64_MAX); /* minus one */
+    if (b)
+        cp__own_add(&t->sq_hist[b], 1);
+    s->sq_bucket = (uint8_t)b;
+}
+
 size_t cp__session_queue_room(const cp_session *s)
 {
     size_t used = filters_mem(s);
@@ -909,6 +928,7 @@ static void sent(cp_session *s, size_t n)
     for (int i = 0; i < CP_FILTERS_MAX && s->flt[i]; i++)
         if (ops_of(s->flt[i])->written)
             n = ops_of(s->flt[i])->written(s->flt[i], n);
+    cp__session_sq_sample(s);
     if (s->rx_block & CP_RX_SENDQ)
         cp__rx_sendq_check(s);
     if (s->svc->h.on_sent && n)
@@ -1059,6 +1079,13 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         /* -ENOBUFS: what the queue would pin passes the limit (sendq.c). */
         cp__session_request_close(s, r == -ENOBUFS ? CP_REASON_SEND_OVERFLOW : CP_REASON_NO_MEMORY);
     } else {
+        cp__traffic_add(&cp__traffic(s->svc, s->owner)->packets_out, 1);
+        /* The first send of a round samples the queue (a write in flight
+         * posts no flush, so a stalled queue's growth shows here). */
+        if (s->sq_round != s->owner->round) {
+            s->sq_round = s->owner->round;
+            cp__session_sq_sample(s);
+        }
         if (cp__session_queued_mem(s) > s->svc->sq_high)
             cp__rx_sendq_check(s);
         flush_later(s);
@@ -1075,6 +1102,10 @@ static void flush_posted(cp_worker *w, cp_posted *p)
     CP_UNUSED(w);
     cp_session *s = (cp_session *)((char *)p - offsetof(cp_session, flush));
     s->dirty = false;
+    /* What the round queued, once per round rather than per send (a
+     * finished session has left the histogram, and its service). */
+    if (atomic_load_explicit(&s->state, memory_order_relaxed) != CP_S_CLOSED)
+        cp__session_sq_sample(s);
     send_start(s);
     unhold(s);
 }

@@ -550,6 +550,14 @@ static void trim_check(cp_worker *w, trim_state *t, int completions)
     t->window_end = w->now_ns + TRIM_WINDOW_NS;
 }
 
+/* The round's duration, from its poll's return; the timers it left armed. */
+static void round_measure(cp_worker *w)
+{
+    uint64_t end = cp__now_ns();
+    cp__whist_add(&w->m->round, end > w->now_ns ? end - w->now_ns : 0);
+    atomic_store_explicit(&w->m->timers, w->ntimers, memory_order_relaxed);
+}
+
 static void *worker_main(void *arg)
 {
     cp_worker *w = arg;
@@ -567,6 +575,7 @@ static void *worker_main(void *arg)
         return NULL;
     }
     trim_state trim = { 0 };
+    uint64_t last_poll = cp__now_ns();
     for (;;) {
         if (atomic_load(&w->port->exiting) && !has_work(w))
             break;
@@ -574,7 +583,13 @@ static void *worker_main(void *arg)
         int pr = w->port->be->poll(w, timeout); /* sets w->now_ns */
         if (pr < 0 && pr != -EINTR)
             cp__log(CP_LOG_ERROR, "worker %d: poll failed: %s", w->index, cp_strerror(pr));
+        /* A poll that did not block found its completions waiting since up
+         * to the previous poll; one that blocked was woken by them. */
+        if (pr > 0)
+            cp__whist_add(&w->m->wait, timeout == 0 && w->now_ns > last_poll ? w->now_ns - last_poll : 0);
+        last_poll = w->now_ns;
         round_finish(w);
+        round_measure(w);
         trim_check(w, &trim, pr);
     }
     if (w->port->be->thread_fini)
@@ -742,6 +757,9 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
     return platform_backend(want, err);
 }
 
+/* Each worker's cp_wmetrics on cache lines of its own. */
+#define WM_STRIDE ((sizeof(cp_wmetrics) + 63) & ~(size_t)63)
+
 /* What the workers used; the port and worker structures themselves stay
  * until the last reference (see cp_port.refs). */
 static void workers_free(cp_port *p)
@@ -768,6 +786,7 @@ static void port_free(cp_port *p)
     pthread_mutex_destroy(&p->qlock);
     pthread_cond_destroy(&p->qcond);
     cp__free(p->workers);
+    cp__free(p->wm_mem);
     cp__free(p);
 }
 
@@ -793,7 +812,10 @@ static cp_port *port_alloc(const cp_backend_ops *be, const cp_port_opts *o)
     p->nworkers = o->workers;
     p->reuse_sockets = o->iocp_reuse_sockets != 0;
     p->workers = cp__zalloc(sizeof *p->workers * (size_t)o->workers);
-    if (!p->workers) {
+    p->wm_mem = cp__zalloc(WM_STRIDE * (size_t)o->workers + 63);
+    if (!p->workers || !p->wm_mem) {
+        cp__free(p->workers);
+        cp__free(p->wm_mem);
         pthread_mutex_destroy(&p->qlock);
         pthread_cond_destroy(&p->qcond);
         cp__free(p);
@@ -809,6 +831,7 @@ static int worker_init(cp_port *p, int i)
     cp_worker *w = &p->workers[i];
     w->port = p;
     w->index = i;
+    w->m = (cp_wmetrics *)((((uintptr_t)p->wm_mem + 63) & ~(uintptr_t)63) + WM_STRIDE * (size_t)i);
     cp__queue_init(&w->ready);
     /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)p->nworkers);
@@ -993,3 +1016,39 @@ int cp_port_destroy(cp_port *p)
 
 const char *cp_port_backend_name(const cp_port *port) { return port ? port->be->name : "none"; }
 int cp_port_workers(const cp_port *port) { return port ? port->nworkers : 0; }
+
+/* ------------------------------------------------------------------ metrics */
+
+uint64_t cp_metrics_bucket_le(int k)
+{
+    if (k <= 0)
+        return 0;
+    if (k >= CP_METRICS_BUCKETS - 1)
+        return UINT64_MAX;
+    return UINT64_C(1) << (k - 1);
+}
+
+void cp__whist_read(const cp_whist *h, cp_histogram *out)
+{
+    out->count += atomic_load_explicit(&h->count, memory_order_relaxed);
+    out->sum += atomic_load_explicit(&h->sum, memory_order_relaxed);
+    for (int k = 0; k < CP_METRICS_BUCKETS; k++)
+        out->buckets[k] += atomic_load_explicit(&h->b[k], memory_order_relaxed);
+}
+
+int cp_port_metrics_get(const cp_port *port, int worker, cp_worker_metrics *out)
+{
+    if (!port || !out || worker < -1 || worker >= port->nworkers)
+        return -EINVAL;
+    memset(out, 0, sizeof *out);
+    int from = worker < 0 ? 0 : worker, to = worker < 0 ? port->nworkers : worker + 1;
+    for (int i = from; i < to; i++) {
+        const cp_worker *w = &port->workers[i];
+        cp__whist_read(&w->m->round, &out->round_ns);
+        cp__whist_read(&w->m->wait, &out->wait_ns);
+        cp__whist_read(&w->m->job, &out->job_wait_ns);
+        out->inbox_depth += atomic_load_explicit(&w->backlog, memory_order_relaxed);
+        out->timers_armed += atomic_load_explicit(&w->m->timers, memory_order_relaxed);
+    }
+    return 0;
+}

@@ -47,6 +47,45 @@ void cp__timer_arm_at(cp_worker *w, cp_wtimer *t, uint64_t deadline_ns);
 void cp__timer_cancel(cp_worker *w, cp_wtimer *t);
 void cp__timer_drop_public(cp_wtimer *t);
 
+/* ------------------------------------------------------------------ metrics */
+
+/* A counter one thread writes and any thread reads: adding is a plain load
+ * and store (no locked instruction); the relaxed atomics keep a reader's
+ * load whole and the race defined. */
+static inline void cp__own_add(atomic_uint_fast64_t *c, uint64_t v)
+{
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v, memory_order_relaxed);
+}
+
+/* The bucket of v in a cp_histogram (cport.h): 0 for 0, then k for
+ * (2^(k-2), 2^(k-1)], the last for everything above. */
+static inline unsigned cp__metrics_bucket(uint64_t v)
+{
+    unsigned k = v <= 1 ? (unsigned)v : 65u - (unsigned)__builtin_clzll(v - 1);
+    return k < CP_METRICS_BUCKETS ? k : CP_METRICS_BUCKETS - 1;
+}
+
+/* A histogram one thread writes (cp__own_add on each field). */
+typedef struct cp_whist {
+    atomic_uint_fast64_t count, sum, b[CP_METRICS_BUCKETS];
+} cp_whist;
+
+static inline void cp__whist_add(cp_whist *h, uint64_t v)
+{
+    cp__own_add(&h->count, 1);
+    cp__own_add(&h->sum, v);
+    cp__own_add(&h->b[cp__metrics_bucket(v)], 1);
+}
+/* Adds what h counts to out (any thread). */
+void cp__whist_read(const cp_whist *h, cp_histogram *out);
+
+/* A worker's loop metrics (cp_worker_metrics), written by the worker alone,
+ * in a block of cache lines of its own (cp_port.wm_mem). */
+typedef struct cp_wmetrics {
+    cp_whist round, wait, job;
+    atomic_uint_fast64_t timers; /* armed at the end of the last round */
+} cp_wmetrics;
+
 /* ------------------------------------------------------------------ port */
 
 /* Work a layer above the port posts to run later on a worker, without a
@@ -136,6 +175,7 @@ struct cp_worker {
     /* What the worker takes input from now (its callbacks run now), so that
      * a job queue that is full can pause it (jobq.c); NULL otherwise. */
     cp_feeder *feeder;
+    cp_wmetrics *m; /* its metrics (cp_port.wm_mem) */
 };
 
 /* What a layer above keeps for reuse and can give back: run on a worker
@@ -149,6 +189,7 @@ struct cp_port {
     bool reuse_sockets; /* cp_port_opts.iocp_reuse_sockets */
     int nworkers;
     cp_worker *workers;
+    void *wm_mem;               /* the workers' cp_wmetrics, each on cache lines of its own */
     atomic_bool stopping;       /* destroying: posts, timer starts and new queues are refused */
     atomic_bool exiting;        /* destroying, the queues drained: workers leave once idle */
     atomic_bool inboxes_closed; /* destroyed: nothing may be sent to a worker any more */

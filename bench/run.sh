@@ -16,7 +16,8 @@
 # Environment: BENCH_ROUNDS (override rounds, default 3), BENCH_SECONDS (load duration
 # of one run, default 1.5), BENCH_SERVER_CPU / BENCH_LOAD_CPU (default 0 / 1),
 # BENCH_PORT_BASE (default 17900), BENCH_SCENARIOS (a space-separated list of scenario
-# ids, e.g. "chat500 chat1000" or "idle10000": run only those; default all of the mode's).
+# ids, e.g. "chat500 chat1000" or "idle10000": run only those, and write
+# bench/results/subset.md + subset-chart.png + subset.tsv instead; default all of the mode's).
 # shellcheck disable=SC2317  # cleanup runs from a trap
 set -u
 
@@ -58,7 +59,9 @@ resdir=$here/results
 logdir=$B/bench-logs/$MODE
 mkdir -p "$resdir" "$logdir"
 rm -f "$logdir"/*.log
-if [ "$MODE" = full ]; then
+if [ -n "${BENCH_SCENARIOS:-}" ]; then # a subset: leave the whole runs' results alone
+    out_md=$resdir/subset.md out_png=$resdir/subset-chart.png out_tsv=$resdir/subset.tsv
+elif [ "$MODE" = full ]; then
     out_md=$resdir/latest.md out_png=$resdir/chart.png out_tsv=$resdir/latest.tsv
 else
     out_md=$resdir/quick.md out_png=$resdir/quick-chart.png out_tsv=$resdir/quick.tsv
@@ -311,7 +314,8 @@ scenario() {
 #   contender msgs/s us paired ratio p50 p99 util rss_MiB ok n behind delivered%
 # Runs that are "behind" count in the medians beside the ok ones (their numbers are what
 # the server did while saturated: CPU per delivery made, the latency of what arrived);
-# delivered% is the median share of the deliveries that arrived before the drain ended.
+# delivered% is the median, over the behind runs, of the share of the deliveries that
+# arrived before the drain ended.
 # ratio  = median us/msg of the contender / median us/msg of the baseline (ratio of medians)
 # paired = median over the rounds of (contender's us/msg / the baseline's us/msg in the
 #          same round); only rounds in which both succeeded count. A slow phase of the
@@ -325,7 +329,7 @@ medians() {
     $1 == s { tot[$2]++; if ($4 == "ok" || $4 == "behind") { if ($4 == "ok") ok[$2]++; else bh[$2]++
               R[$2] = R[$2] " " $6; U[$2] = U[$2] " " $9
               P5[$2] = P5[$2] " " $10; P9[$2] = P9[$2] " " $11; C[$2] = C[$2] " " $8; M[$2] = M[$2] " " $12
-              D[$2] = D[$2] " " ($5 + $14 > 0 ? 100 * $5 / ($5 + $14) : 0)
+              if ($4 == "behind") D[$2] = D[$2] " " ($5 + $14 > 0 ? 100 * $5 / ($5 + $14) : 0)
               rounds[$3] = 1; if ($9 != "nan") UR[$2, $3] = $9 + 0 } }
     END { n = split(order, o, " "); bu = med(U[base])
         for (i = 1; i <= n; i++) { c = o[i]; u = med(U[c])
@@ -557,7 +561,7 @@ cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     fi
     echo
     echo "Raw per-run rows: \`$(basename "$out_tsv")\` (scenario, contender, round, status, msgs, msgs/s,"
-    echo "server CPU s, server CPU %, µs/msg, p50, p99, peak RSS KiB, loadgen CPU %). Chart: \`$(basename "$out_png")\`."
+    echo "server CPU s, server CPU %, µs/msg, p50, p99, peak RSS KiB, loadgen CPU %, deliveries lost). Chart: \`$(basename "$out_png")\`."
 } >"$out_md"
 
 # chart: server CPU per message for the main echo scenario; for the main chat scenario,

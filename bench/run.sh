@@ -478,10 +478,14 @@ plan() {
     MAIN_ECHO=echo64x200 MAIN_CHAT=chat1000
 }
 
-: >"$out_tsv"
 COUNTING=1 TOTAL_RUNS=0
 plan
 COUNTING=0
+if [ "$TOTAL_RUNS" = 0 ]; then
+    echo "bench: nothing to run (BENCH_SCENARIOS=\"${BENCH_SCENARIOS:-}\" names no $MODE scenario, or no contender is built)" >&2
+    exit 2
+fi
+: >"$out_tsv"
 echo "bench ($MODE): $TOTAL_RUNS runs; server on CPU $SCPU, loadgen on CPU $LCPU, CLK_TCK=$hz; programs in $B; logs in $logdir"
 plan
 
@@ -496,7 +500,11 @@ cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     echo "build type $(awk -F= '/^CMAKE_BUILD_TYPE:/ { print ($2 == "" ? "(default: RelWithDebInfo)" : $2) }' "$B/CMakeCache.txt" 2>/dev/null),"
     echo "CLK_TCK=$hz. Loopback only. Total run time ${T_TOTAL} s."
     echo
-    echo "Command: \`bench/run.sh $1 $MODE\` (\`make bench$([ "$MODE" = quick ] && echo -quick)\`)."
+    if [ -n "${BENCH_SCENARIOS:-}" ]; then
+        echo "Command: \`$([ -n "${BENCH_ROUNDS:-}" ] && echo "BENCH_ROUNDS=$BENCH_ROUNDS ")BENCH_SCENARIOS=\"$BENCH_SCENARIOS\" bench/run.sh $1 $MODE\` (a subset of \`make bench$([ "$MODE" = quick ] && echo -quick)\`)."
+    else
+        echo "Command: \`bench/run.sh $1 $MODE\` (\`make bench$([ "$MODE" = quick ] && echo -quick)\`)."
+    fi
     echo "Each run starts the server pinned to CPU $SCPU (\`taskset -c $SCPU\`), runs \`taskset -c $LCPU loadgen ARGS --port P\`,"
     echo "reads the server's utime+stime from /proc/PID/stat before and after, and stops the server"
     echo "(SIGTERM). Contenders alternate (A B C …, then C B A …). Every number is the median over"

@@ -35,6 +35,7 @@
  */
 #include "net/net.h"
 
+#include <errno.h>
 #include <stdlib.h>
 
 /* Input one session may bring in one round: four of epoll's 64 KiB reads,
@@ -140,6 +141,10 @@ static uint64_t gcra_take(uint64_t *tat, uint64_t now, uint64_t n, uint32_t rate
     return t - now > window ? t - now - window : 0;
 }
 
+/* How far a theoretical arrival time runs ahead of now: the part of the
+ * burst window in use. */
+static uint64_t ahead_of(uint64_t tat, uint64_t now) { return tat > now ? tat - now : 0; }
+
 /* When the session may read again: when half of the burst is back. */
 static uint64_t rested_at(uint64_t tat, uint64_t window) { return tat - window / 2; }
 
@@ -150,20 +155,125 @@ static void rate_rest_until(cp_session *s, uint64_t until)
         cp__timer_arm_at(s->owner, &s->rx_tmo, until);
 }
 
+/* ------------------------------------------------------------------ flood */
+
+/*
+ * Flood control's second threshold (flood_ms). Throttling alone already
+ * bounds what a flooder costs this process; the cut is for the peer that
+ * would otherwise be throttled for ever. What tells it from an honest bursty
+ * client is not how much arrives at once: a paused session's bytes wait in
+ * the kernel, so when it is read again a whole socket buffer of them comes
+ * in one go whoever sent them, and a count of packets past the burst would
+ * measure the pause rather than the peer. It is that the pressure never
+ * lets up. So a session is "over" from the first packet (or receive, for
+ * the bytes limit) a limit refuses, and stays over until a packet finds that
+ * same limit with three quarters of its burst to spare, that is, until the
+ * peer has fallen back well under the rate for a while. A flooder never
+ * does: each time its rest ends (half a burst back) its waiting bytes spend
+ * that half at once and are refused again, so it stays over, however its
+ * bytes are delivered, and is cut at the first refusal past flood_ms. An
+ * honest burst of N packets over a burst B is over for about (N - B) / rate
+ * seconds and then calm; a peer at or under the rate is never refused at
+ * all. The limit that made the session over is remembered (flood_by), so
+ * that packets on an id without a limit, or under another limit, cannot
+ * make a flooder of one id look calm. Timer lateness can only make a
+ * flooder look calm for a moment (delaying its cut), never make an honest
+ * peer look over.
+ */
+#define FLOOD_PKTS 0u  /* the session's packet limit */
+#define FLOOD_BYTES 1u /* its byte limit */
+#define FLOOD_ID 2u    /* + the index of an id's limit */
+
+/* A limit refused: the session is over from now on, unless it already was.
+ * True when it has been over for flood_ms: it is closed. */
+static bool flood_over(cp_session *s, unsigned by)
+{
+    cp_service *svc = s->svc;
+    if (!svc->flood_ms)
+        return false;
+    /* Milliseconds, truncated to 32 bits: the difference below is right
+     * across the wrap for any span under 49 days. */
+    uint32_t now = (uint32_t)(s->owner->now_ns / 1000000u) | 1u;
+    if (!s->flood_since) {
+        s->flood_since = now;
+        s->flood_by = (uint8_t)by;
+        return false;
+    }
+    if ((uint32_t)(now - s->flood_since) < svc->flood_ms)
+        return false;
+    cp__session_close(s, CP_REASON_FLOOD, 0);
+    return true;
+}
+
+/* Limit by took a packet (receive) with ahead of its window already in use. */
+static void flood_calm(cp_session *s, unsigned by, uint64_t ahead, uint64_t window)
+{
+    if (s->flood_since && s->flood_by == by && ahead <= window / 4)
+        s->flood_since = 0;
+}
+
+/* A limit refused: throttle the session until half that limit's burst is
+ * back, or cut it as a flooder. */
+static void rate_over(cp_session *s, unsigned by, uint64_t until)
+{
+    if (!flood_over(s, by))
+        rate_rest_until(s, until);
+}
+
+/* The per-id limits' state, at the session's first packet on a limited id:
+ * zeroed, every limit's burst is there. */
+static bool route_tat_alloc(cp_session *s)
+{
+    s->route_tat = cp__zalloc(sizeof *s->route_tat * s->svc->nlimits);
+    if (s->route_tat)
+        return true;
+    cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
+    return false;
+}
+
+void cp__rx_free(cp_session *s)
+{
+    cp__free(s->route_tat);
+    s->route_tat = NULL;
+}
+
 /* Packets are taken one at a time while the receive is handled (packet.c),
  * so a packet over the rate waits in the backlog instead of running up a
  * debt: a single 64 KiB receive of 4-byte packets would otherwise cost a
- * session limited to 10 packets a second half an hour of silence. */
-bool cp__rx_rate_packet(cp_session *s)
+ * session limited to 10 packets a second half an hour of silence. Both the
+ * id's limit and the session's must allow a packet before either is taken,
+ * so a refused packet costs neither budget anything. */
+bool cp__rx_rate_packet(cp_session *s, uint16_t id)
 {
     cp_service *svc = s->svc;
     uint64_t now = s->owner->now_ns;
-    uint64_t t = s->tat_pkts > now ? s->tat_pkts : now;
-    if (t - now > svc->win_pkts_ns) {
-        rate_rest_until(s, rested_at(t, svc->win_pkts_ns));
-        return false;
+    const struct cp_id_limit *l = NULL;
+    uint32_t li = 0;
+    uint64_t ahead_id = 0, ahead_pkts = 0;
+    if (id < svc->nlimit_ids && svc->limit_of[id]) {
+        li = svc->limit_of[id] - 1u;
+        l = &svc->limits[li];
+        if (!s->route_tat && !route_tat_alloc(s))
+            return false;
+        ahead_id = ahead_of(s->route_tat[li], now);
+        if (ahead_id > l->win_ns) {
+            rate_over(s, FLOOD_ID + li, rested_at(now + ahead_id, l->win_ns));
+            return false;
+        }
     }
-    s->tat_pkts = t + svc->pkt_cost_ns;
+    if (svc->rate_pkts) {
+        ahead_pkts = ahead_of(s->tat_pkts, now);
+        if (ahead_pkts > svc->win_pkts_ns) {
+            rate_over(s, FLOOD_PKTS, rested_at(now + ahead_pkts, svc->win_pkts_ns));
+            return false;
+        }
+        s->tat_pkts = now + ahead_pkts + svc->pkt_cost_ns;
+        flood_calm(s, FLOOD_PKTS, ahead_pkts, svc->win_pkts_ns);
+    }
+    if (l) {
+        s->route_tat[li] = now + ahead_id + l->cost_ns;
+        flood_calm(s, FLOOD_ID + li, ahead_id, l->win_ns);
+    }
     return true;
 }
 
@@ -171,8 +281,12 @@ bool cp__rx_rate_packet(cp_session *s)
 static void rate_account(cp_session *s, size_t n)
 {
     cp_service *svc = s->svc;
-    if (svc->rate_bytes && gcra_take(&s->tat_bytes, s->owner->now_ns, n, svc->rate_bytes, svc->win_bytes_ns))
-        rate_rest_until(s, rested_at(s->tat_bytes, svc->win_bytes_ns));
+    uint64_t now = s->owner->now_ns;
+    uint64_t ahead = ahead_of(s->tat_bytes, now);
+    if (gcra_take(&s->tat_bytes, now, n, svc->rate_bytes, svc->win_bytes_ns))
+        rate_over(s, FLOOD_BYTES, rested_at(s->tat_bytes, svc->win_bytes_ns));
+    else
+        flood_calm(s, FLOOD_BYTES, ahead, svc->win_bytes_ns);
 }
 
 /* ------------------------------------------------------------------ share */
@@ -210,7 +324,8 @@ void cp__rx_account(cp_session *s, size_t n, size_t packets)
     CP_UNUSED(packets); /* taken one at a time, cp__rx_rate_packet */
     if (s->svc->rate_bytes)
         rate_account(s, n);
-    share_account(s, n);
+    if (cp__session_reading(s)) /* not cut as a flooder */
+        share_account(s, n);
 }
 
 /* ------------------------------------------------------------------ send queue */

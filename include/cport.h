@@ -612,20 +612,22 @@ typedef struct cp_session_opts {
                                        Windows TCP_MAXRT, whole seconds). 0 = off */
     /* Flood control (docs/design.md, "Flood control"): per-id limits, and
      * the second threshold past which throttling gives way to a cut. */
-    const cp_route_limit *route_limits; /* packet framing only; no id twice */
+    const cp_route_limit *route_limits; /* packet framing only; no id twice; at most 254 */
     size_t nroute_limits;               /* route_limits may be NULL only when this is 0 */
     uint32_t flood_ms;                  /* a session held back by a rate limit (its own
                                            packets or bytes, or one id's) continuously for
                                            this long is disconnected with CP_REASON_FLOOD.
                                            Continuously: from the first packet a limit
-                                           refused until a packet finds that limit with at
-                                           least three quarters of its burst to spare, so a
-                                           burst that drains within flood_ms and a peer at
-                                           or under the rate are never cut, while a
-                                           flooder's bytes waiting in the kernel keep it
-                                           over. Set it above the longest throttle an honest
-                                           burst needs ((burst sent - burst) / rate s).
-                                           0 = off; needs a rate limit */
+                                           refused until that limit finds it calm again (a
+                                           packet taken with three quarters of the burst to
+                                           spare, or after half a burst's time of reading
+                                           without a refusal). So a burst that drains within
+                                           flood_ms and a peer at or under the rate are
+                                           never cut, while a flooder, whose bytes wait in
+                                           the kernel and spend each rest's budget at once,
+                                           stays over. Set it above the longest throttle an
+                                           honest burst needs ((burst sent - burst) / rate
+                                           s). 0 = off; needs a rate limit */
 } cp_session_opts;
 
 /* ------------------------------------------------------------------ TLS */

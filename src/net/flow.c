@@ -10,8 +10,8 @@
  * Readers that keep up are never cut for it. Three reasons pause a session's
  * receive, each a bit of rx_block; it reads again when none holds:
  *
- * - RATE: the receive rate limit (packets/s and bytes/s, each with a burst)
- *   is spent. The limit is a GCRA, the token bucket written as a time: each
+ * - RATE: a receive rate limit (packets/s and bytes/s, each with a burst,
+ *   and packets/s of one id: flood control, below) is spent. The limit is a GCRA, the token bucket written as a time: each
  *   packet (byte) moves the theoretical arrival time on by 1/rate, and the
  *   peer is over its burst when that time runs more than burst/rate ahead of
  *   now. A receive is always consumed whole (it may run ahead by one
@@ -46,7 +46,7 @@
 static void rx_pause(cp_session *s)
 {
     cp_worker *w = s->owner;
-    s->rx_paused_ns = w->now_ns;
+    s->rx_turned_ns = w->now_ns;
     w->port->be->recv_pause(w, &s->h);
 }
 
@@ -56,9 +56,10 @@ static void rx_resume(cp_session *s)
     uint64_t now = cp__now_ns();
     /* The peer could not finish a packet while it was not read (a packet
      * may also have begun in bytes delivered after the pause). */
-    uint64_t since = s->pkt_start_ns > s->rx_paused_ns ? s->pkt_start_ns : s->rx_paused_ns;
+    uint64_t since = s->pkt_start_ns > s->rx_turned_ns ? s->pkt_start_ns : s->rx_turned_ns;
     if (s->carry_len && now > since)
         s->pkt_start_ns += now - since;
+    s->rx_turned_ns = now; /* flood control's calm (flood_calm) */
     w->port->be->recv_resume(w, &s->h);
 }
 
@@ -166,12 +167,13 @@ static void rate_rest_until(cp_session *s, uint64_t until)
  * in one go whoever sent them, and a count of packets past the burst would
  * measure the pause rather than the peer. It is that the pressure never
  * lets up. So a session is "over" from the first packet (or receive, for
- * the bytes limit) a limit refuses, and stays over until a packet finds that
- * same limit with three quarters of its burst to spare, that is, until the
- * peer has fallen back well under the rate for a while. A flooder never
- * does: each time its rest ends (half a burst back) its waiting bytes spend
- * that half at once and are refused again, so it stays over, however its
- * bytes are delivered, and is cut at the first refusal past flood_ms. An
+ * the bytes limit) a limit refuses, and stays over until that same limit
+ * finds it calm (flood_calm): the peer has fallen back well under the rate,
+ * or it has been read for half a burst's time without being refused. A
+ * flooder never is: each time its rest ends (half a burst back) its waiting
+ * bytes spend that half at once and are refused again, so it stays over,
+ * however its bytes are delivered, and is cut at the first refusal past
+ * flood_ms (a rest is cut short to reach that refusal in time). An
  * honest burst of N packets over a burst B is over for about (N - B) / rate
  * seconds and then calm; a peer at or under the rate is never refused at
  * all. The limit that made the session over is remembered (flood_by), so
@@ -185,39 +187,56 @@ static void rate_rest_until(cp_session *s, uint64_t until)
 #define FLOOD_ID 2u    /* + the index of an id's limit */
 
 /* A limit refused: the session is over from now on, unless it already was.
- * True when it has been over for flood_ms: it is closed. */
-static bool flood_over(cp_session *s, unsigned by)
+ * Returns how long it may still be held back before it is cut (UINT64_MAX:
+ * flood control is off), or 0 when that time has come: it is closed. */
+static uint64_t flood_over(cp_session *s, unsigned by)
 {
     cp_service *svc = s->svc;
     if (!svc->flood_ms)
-        return false;
+        return UINT64_MAX;
     /* Milliseconds, truncated to 32 bits: the difference below is right
      * across the wrap for any span under 49 days. */
     uint32_t now = (uint32_t)(s->owner->now_ns / 1000000u) | 1u;
     if (!s->flood_since) {
         s->flood_since = now;
         s->flood_by = (uint8_t)by;
-        return false;
     }
-    if ((uint32_t)(now - s->flood_since) < svc->flood_ms)
-        return false;
+    uint32_t held = now - s->flood_since;
+    if (held < svc->flood_ms)
+        return (uint64_t)(svc->flood_ms - held) * 1000000u;
     cp__session_close(s, CP_REASON_FLOOD, 0);
-    return true;
+    return 0;
 }
 
-/* Limit by took a packet (receive) with ahead of its window already in use. */
+/* Limit by took a packet (receive) with ahead of its window already in
+ * use: the peer is calm if it has three quarters of the burst to spare, or
+ * if it has been read for half a window since its last pause and not been
+ * refused meanwhile. The second is for a peer at the rate itself after one
+ * burst: GCRA keeps its spare part of the burst where the burst left it
+ * (about half, after a rest), so it would never look calm by the first. */
 static void flood_calm(cp_session *s, unsigned by, uint64_t ahead, uint64_t window)
 {
-    if (s->flood_since && s->flood_by == by && ahead <= window / 4)
+    if (!s->flood_since || s->flood_by != by)
+        return;
+    uint64_t now = s->owner->now_ns;
+    if (ahead <= window / 4 || (now > s->rx_turned_ns && now - s->rx_turned_ns > window / 2))
         s->flood_since = 0;
 }
 
 /* A limit refused: throttle the session until half that limit's burst is
- * back, or cut it as a flooder. */
+ * back, or cut it as a flooder. A rest that would outlast the threshold
+ * (a byte limit after one large receive, a slow id's) ends when the
+ * threshold is reached instead: the session is read then, and its next
+ * refusal cuts it; without that, the cut would wait for the rest. */
 static void rate_over(cp_session *s, unsigned by, uint64_t until)
 {
-    if (!flood_over(s, by))
-        rate_rest_until(s, until);
+    uint64_t left = flood_over(s, by);
+    if (!left)
+        return;
+    /* 1 ms on, so that the truncated milliseconds have reached it. */
+    if (left != UINT64_MAX && s->owner->now_ns + left + 1000000u < until)
+        until = s->owner->now_ns + left + 1000000u;
+    rate_rest_until(s, until);
 }
 
 /* The per-id limits' state, at the session's first packet on a limited id:

@@ -256,7 +256,7 @@ struct cp_session {
      * worker's milliseconds (truncated, never 0); 0: not over. It and
      * flood_by sit in what was padding: the threshold costs no memory. */
     uint32_t flood_since;
-    uint64_t rx_paused_ns;
+    uint64_t rx_turned_ns; /* when the receive last paused (while paused) or resumed */
     uint64_t tat_pkts, tat_bytes;
     /* The per-id limits' theoretical arrival times (svc->nlimits of them),
      * allocated at the session's first packet on a limited id. */

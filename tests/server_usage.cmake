@@ -14,7 +14,17 @@ set(bad
   "--port|needs a value"
   "--mode,chat,--bus,tcp://x:1|bad --bus"
   "--mode,echo,--bus,nats://127.0.0.1:4222|only with --mode chat"
-  "--mode,chat,--bus,nats://127.0.0.1:4222,--room,a.b|bad --room")
+  "--mode,chat,--bus,nats://127.0.0.1:4222,--room,a.b|bad --room"
+  "--mode,packet,--route-rate,7|bad --route-rate"
+  "--mode,packet,--route-rate,7:0|bad --route-rate"
+  "--mode,packet,--route-rate,70000:5|bad --route-rate"
+  "--mode,packet,--route-rate,7:5:x|bad --route-rate"
+  "--mode,packet,--route-rate,7:5,--route-rate,7:6|given twice"
+  "--mode,echo,--route-rate,7:5|not in echo mode"
+  "--mode,packet,--flood,x|bad --flood"
+  "--mode,packet,--flood,1000|--flood needs a rate limit")
 include(${CMAKE_CURRENT_LIST_DIR}/usage_check.cmake)
 usage_refuses(cport-server ${EXE} ${bad})
 usage_describes(cport-server ${EXE} "--rate-limit N")
+usage_describes(cport-server ${EXE} "--route-rate ID:RATE")
+usage_describes(cport-server ${EXE} "--flood MS")

@@ -694,9 +694,9 @@ CP_API int cp_session_tls_info(const cp_session *s, cp_tls_info *out);
  * declined. Close codes the server sends: 1000 cp_session_shutdown and
  * cp_session_disconnect, 1001 a stopping service, 1002 a frame RFC 6455
  * forbids, 1003 a text message not allowed, 1007 invalid UTF-8 in an allowed
- * text message, 1008 a missing pong or a flood (CP_REASON_FLOOD), 1009 a message over the limit or a
- * packet over max_packet, 1011 any other reason (docs/design.md,
- * "WebSocket").
+ * text message, 1008 a missing pong or a flood (CP_REASON_FLOOD), 1009 a
+ * message over the limit or a packet over max_packet, 1011 any other reason
+ * (docs/design.md, "WebSocket").
  */
 
 /* What the upgrade callback sees; the strings are valid during the call. */

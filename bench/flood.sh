@@ -27,7 +27,7 @@
 # 100 ms, after its first packet's; goal <= 100 ms) and which packet that
 # was (about the burst, 201); the flooder's packets
 # echoed against what it sent (it was held at the rate, not read at its
-# pace); the largest Recv-Q among the server's connections 1.5 s into the
+# pace); the largest Recv-Q among the server's connections 1.4 s into the
 # flood (the flooder's bytes waiting in the kernel: its receive is paused);
 # the server's VmRSS just before the flood and the most it reached during it
 # (goal: flat, within 1 MiB), and its peak beside the run without a flooder; and when the cut came (goal: FLOOD_MS plus at
@@ -161,7 +161,7 @@ row "time to throttle (ms after its first packet)" "$thr" "<= 100" "$(verdict "$
 row "first packet held back (burst 2 x $LIMIT)" "$thp" "~$((2 * LIMIT + 1))" ""
 row "flooder echoed / sent (throttled run)" "$ech / $sent" "~$LIMIT/s" ""
 row "flooder order errors (worst)" "$ord" "0" "$(verdict "$ord" "==" 0)"
-row "largest server Recv-Q 1.5 s in (B)" "$rq" "" ""
+row "largest server Recv-Q 1.4 s in (B)" "$rq" "" ""
 row "server VmRSS growth in flood (KiB, med/max)" "$rssd / $rssmax" "<= 1024" "$(verdict "$rssmax" "<=" 1024)"
 row "server VmRSS peak, none / throttled (KiB)" "$rss_none / $rss_thr" "" ""
 row "flooder cut at (ms, median; never: $nevers)" "$cut_med" "$FLOOD_MS..$((FLOOD_MS + 1000))" \

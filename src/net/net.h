@@ -436,7 +436,6 @@ struct cp_service {
     cp_filter_kind *filters[CP_FILTERS_MAX];        /* outermost first, each a reference */
     uint8_t nfilters;                               /* 0 = plain TCP */
     cp_packet_fn *routes;                           /* indexed by id, nroutes entries */
-    uint32_t nroutes;
     /* Per-id receive limits (flow.c): limit_of[id] is 1 + the limit's index
      * (0: none), for ids below nlimit_ids; each limit as a GCRA's cost of a
      * packet and burst window. */
@@ -444,7 +443,7 @@ struct cp_service {
         uint64_t cost_ns, win_ns;
     } * limits;
     uint16_t *limit_of;
-    uint32_t nlimit_ids, nlimits;
+    uint32_t nroutes, nlimit_ids, nlimits;
     uint32_t flood_ms; /* flood control's second threshold; 0 = off */
 
     /* Live-session table: slot + generation make the session id. */

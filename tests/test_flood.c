@@ -161,8 +161,8 @@ Test(flood, route_limit_throttles_in_order, .timeout = 60)
                   R);
     /* At most the two B packets after each A one taken got through. */
     cr_assert_leq(b, 2 * a + 2, "%lld B packets taken, %lld A: B overtook a waiting A", b, a);
-    CPT_AWAIT(atomic_load(&e.t->packets) == N, 10000, "%d of %d packets handled", atomic_load(&e.t->packets),
-              N);
+    CPT_AWAIT(atomic_load(&e.t->packets) == N, 10000, "%lld of %d packets handled",
+              (long long)atomic_load(&e.t->packets), N);
     cr_assert_eq(atomic_load(&g_out_of_turn), 0, "packets lost or out of order");
     cr_assert_eq(atomic_load(&e.t->disconnected), 0, "the client was cut");
     free(burst);

@@ -204,7 +204,8 @@ static bool whole_packets(cp_session *s, rx_cursor *c)
             return false;
         if (c->n < size)
             return carry_reserve(s, size);
-        if (cp__rx_limited(s->svc, cp_get_u16(c->p + 2)) && !cp__rx_rate_packet(s, cp_get_u16(c->p + 2))) {
+        uint16_t id = cp_get_u16(c->p + 2);
+        if (cp__rx_limited(s->svc, id) && !cp__rx_rate_packet(s, id)) {
             if (still_connected(s))          /* not cut as a flooder */
                 backlog_keep(s, c->p, c->n); /* this packet is over the rate: it waits */
             return false;

@@ -11,7 +11,8 @@
  * receive, each a bit of rx_block; it reads again when none holds:
  *
  * - RATE: a receive rate limit (packets/s and bytes/s, each with a burst,
- *   and packets/s of one id: flood control, below) is spent. The limit is a GCRA, the token bucket written as a time: each
+ *   and packets/s of one id: flood control, below) is spent. The limit is a
+ *   GCRA, the token bucket written as a time: each
  *   packet (byte) moves the theoretical arrival time on by 1/rate, and the
  *   peer is over its burst when that time runs more than burst/rate ahead of
  *   now. A receive is always consumed whole (it may run ahead by one

@@ -372,6 +372,39 @@ Test(flood, client_at_the_rate_after_a_burst_not_cut, .timeout = 60)
     cpt_env_stop(&e);
 }
 
+/* A client that went over on one id and then never sent it again: that
+ * limit sees no packet to call it calm, but the session was read freely
+ * afterwards, so its over state is stale. A burst over another id a second
+ * later (held back 0.2 s) must not count from the first: it would be cut
+ * at once (1.2 s > flood_ms). */
+Test(flood, over_one_id_then_quiet_not_held_against_another, .timeout = 60)
+{
+    enum { R = 100, B = 10, N = 30 };
+    const cp_route_limit lim[] = { { .id = ID_A, .rate_packets = R, .burst_packets = B },
+                                   { .id = ID_B, .rate_packets = R, .burst_packets = B } };
+    cp_server_opts o = { .session.route_limits = lim, .session.nroute_limits = 2, .session.flood_ms = 500 };
+    cpt_env e;
+    env_start(&e, &o, 4);
+    int fd = cpt_xconnect(e.sport);
+    const uint16_t a[] = { ID_A }, b[] = { ID_B };
+    size_t len;
+    uint8_t *burst = packets_make(a, 1, N, 0, &len);
+    cpt_xsend(fd, burst, len);
+    free(burst);
+    CPT_AWAIT(by_id(ID_A) == N, 3000, "%lld of the A burst taken", by_id(ID_A));
+    cpt_sleep_ms(1000); /* a sleep: quiet, read freely */
+    burst = packets_make(b, 1, N, N, &len);
+    cpt_xsend(fd, burst, len);
+    free(burst);
+    CPT_AWAIT(by_id(ID_B) == N || atomic_load(&e.t->disconnected), 3000, "%lld of the B burst taken",
+              by_id(ID_B));
+    cr_assert_eq(atomic_load(&e.t->disconnected), 0, "cut for %s",
+                 cp_reason_str((cp_reason)atomic_load(&e.t->recs[0].reason)));
+    cr_assert_eq(atomic_load(&g_out_of_turn), 0);
+    cpt_close(fd);
+    cpt_env_stop(&e);
+}
+
 /* ------------------------------------------------------------------ options */
 
 static cp_handlers no_handlers(void)

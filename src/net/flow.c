@@ -187,10 +187,21 @@ static void rate_rest_until(cp_session *s, uint64_t until)
 #define FLOOD_BYTES 1u /* its byte limit */
 #define FLOOD_ID 2u    /* + the index of an id's limit */
 
-/* A limit refused: the session is over from now on, unless it already was.
- * Returns how long it may still be held back before it is cut (UINT64_MAX:
- * flood control is off), or 0 when that time has come: it is closed. */
-static uint64_t flood_over(cp_session *s, unsigned by)
+/* Whether the session has been read for half a window since its last pause
+ * (so, without a refusal): it was not held back meanwhile. */
+static bool read_freely(const cp_session *s, uint64_t window)
+{
+    uint64_t now = s->owner->now_ns;
+    return now > s->rx_turned_ns && now - s->rx_turned_ns > window / 2;
+}
+
+/* Limit by, of the given window, refused: the session is over from now on,
+ * unless it already was. Returns how long it may still be held back before
+ * it is cut (UINT64_MAX: flood control is off), or 0 when that time has
+ * come: it is closed. An over state that the session has since been read
+ * freely through is stale (its limit saw no packet after it to call it
+ * calm: a peer that flooded one id and went quiet): a new one begins. */
+static uint64_t flood_over(cp_session *s, unsigned by, uint64_t window)
 {
     cp_service *svc = s->svc;
     if (!svc->flood_ms)
@@ -198,7 +209,7 @@ static uint64_t flood_over(cp_session *s, unsigned by)
     /* Milliseconds, truncated to 32 bits: the difference below is right
      * across the wrap for any span under 49 days. */
     uint32_t now = (uint32_t)(s->owner->now_ns / 1000000u) | 1u;
-    if (!s->flood_since) {
+    if (!s->flood_since || read_freely(s, window)) {
         s->flood_since = now;
         s->flood_by = (uint8_t)by;
     }
@@ -217,10 +228,7 @@ static uint64_t flood_over(cp_session *s, unsigned by)
  * (about half, after a rest), so it would never look calm by the first. */
 static void flood_calm(cp_session *s, unsigned by, uint64_t ahead, uint64_t window)
 {
-    if (!s->flood_since || s->flood_by != by)
-        return;
-    uint64_t now = s->owner->now_ns;
-    if (ahead <= window / 4 || (now > s->rx_turned_ns && now - s->rx_turned_ns > window / 2))
+    if (s->flood_since && s->flood_by == by && (ahead <= window / 4 || read_freely(s, window)))
         s->flood_since = 0;
 }
 
@@ -229,9 +237,9 @@ static void flood_calm(cp_session *s, unsigned by, uint64_t ahead, uint64_t wind
  * (a byte limit after one large receive, a slow id's) ends when the
  * threshold is reached instead: the session is read then, and its next
  * refusal cuts it; without that, the cut would wait for the rest. */
-static void rate_over(cp_session *s, unsigned by, uint64_t until)
+static void rate_over(cp_session *s, unsigned by, uint64_t window, uint64_t until)
 {
-    uint64_t left = flood_over(s, by);
+    uint64_t left = flood_over(s, by, window);
     if (!left)
         return;
     /* 1 ms on, so that the truncated milliseconds have reached it. */
@@ -277,14 +285,14 @@ bool cp__rx_rate_packet(cp_session *s, uint16_t id)
             return false;
         ahead_id = ahead_of(s->route_tat[li], now);
         if (ahead_id > l->win_ns) {
-            rate_over(s, FLOOD_ID + li, rested_at(now + ahead_id, l->win_ns));
+            rate_over(s, FLOOD_ID + li, l->win_ns, rested_at(now + ahead_id, l->win_ns));
             return false;
         }
     }
     if (svc->rate_pkts) {
         ahead_pkts = ahead_of(s->tat_pkts, now);
         if (ahead_pkts > svc->win_pkts_ns) {
-            rate_over(s, FLOOD_PKTS, rested_at(now + ahead_pkts, svc->win_pkts_ns));
+            rate_over(s, FLOOD_PKTS, svc->win_pkts_ns, rested_at(now + ahead_pkts, svc->win_pkts_ns));
             return false;
         }
         s->tat_pkts = now + ahead_pkts + svc->pkt_cost_ns;
@@ -304,7 +312,7 @@ static void rate_account(cp_session *s, size_t n)
     uint64_t now = s->owner->now_ns;
     uint64_t ahead = ahead_of(s->tat_bytes, now);
     if (gcra_take(&s->tat_bytes, now, n, svc->rate_bytes, svc->win_bytes_ns))
-        rate_over(s, FLOOD_BYTES, rested_at(s->tat_bytes, svc->win_bytes_ns));
+        rate_over(s, FLOOD_BYTES, svc->win_bytes_ns, rested_at(s->tat_bytes, svc->win_bytes_ns));
     else
         flood_calm(s, FLOOD_BYTES, ahead, svc->win_bytes_ns);
 }

@@ -2,9 +2,9 @@
 /*
  * storm — neighbours' echo latency while other clients churn connections.
  *
- *   storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]
+ *   storm --port P [--host H] [--mode rst|connect|flood] [--procs N] [--rate R]
  *         [--neighbours K] [--interval MS] [--size S] [--duration SEC]
- *         [--storm-nice N] [--tls [--slots K]] [--samples FILE]
+ *         [--storm-nice N] [--tls [--slots K]] [--flood-id ID] [--samples FILE]
  *
  * K neighbour connections (default 20) each send S bytes (default 64) every
  * MS milliseconds (default 10; their sends are spread over the period) and
@@ -17,6 +17,19 @@
  *   rst      connect, then close at once with SO_LINGER {1, 0}: the server
  *            accepts a connection that is already reset;
  *   connect  connect, send one S-byte message, close normally (FIN).
+ *   flood    (issue 19) each process is one connection that sends cport
+ *            packets {u16 size, u16 id} of S bytes with id --flood-id
+ *            (default 9), numbered (u32 after the header), paced at its share
+ *            of R packets a second (default 10000), never holding back: what
+ *            the socket does not take is sent as soon as it does. It reads
+ *            the echoes (cport-server --mode packet), checks they come in
+ *            order with nothing missing, and reports when the server began to
+ *            hold it back (the send time of the first packet whose echo took
+ *            over 100 ms, from the flood's start), when its socket first
+ *            refused bytes (the server's receive paused and the kernel
+ *            buffers full), and when it was disconnected, if it was. The
+ *            neighbours' messages are then packets too (id 1), so the same
+ *            server echoes both.
  * The storm starts 0.5 s after the neighbours and stops 0.5 s before them, so
  * the neighbours' figures cover the storm only (samples outside it are dropped).
  * --storm-nice N (0..19) runs the storm processes at that nice value: with
@@ -42,6 +55,12 @@
  * "<send time, us after the storm began> <round trip us> <send-to-echo us>",
  * to see when in the storm the slow ones came.
  *
+ * --mode flood prints "connected" once the neighbours are (the flood begins
+ * 0.5 s later), and a line "FLOOD sent= echoed= order_errors= throttle_pkt=
+ * throttle_us= blocked_us= cut_us=" before RESULT: the first packet held
+ * back and its send time after the first packet's; when the socket first
+ * refused bytes and when the connection was cut, from the flood's start
+ * (-1: never).
  * Last line: RESULT mode=... procs=N connects=C connects_per_s=X connect_errors=E
  *            samples=K p50_us=... p99_us=... max_us=... srv_p99_us=... srv_max_us=...
  *            wake_p99_us=... wake_max_us=... neighbour_errors=E
@@ -85,12 +104,17 @@ typedef struct bio_st BIO;
 typedef struct {
     const char *host, *samples;
     long port, procs, rate, neighbours, interval_ms, size, duration, storm_nice, slots;
-    int rst, tls;
+    long flood_id;
+    int rst, tls, flood;
 } opts;
 
 typedef struct {
     _Atomic long connects;
     _Atomic long errors;
+    /* flood mode, summed (counts) or the first process's (times, us from the
+     * flood's start; -1 never) */
+    _Atomic long fl_sent, fl_echoed, fl_order_errors;
+    _Atomic long fl_throttle_us, fl_throttle_pkt, fl_blocked_us, fl_cut_us;
 } storm_counts;
 
 typedef struct {
@@ -113,9 +137,9 @@ static int64_t now_ns(void)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: storm --port P [--host H] [--mode rst|connect] [--procs N] [--rate R]\n"
+    fprintf(f, "usage: storm --port P [--host H] [--mode rst|connect|flood] [--procs N] [--rate R]\n"
                "             [--neighbours K] [--interval MS] [--size S] [--duration SEC]\n"
-               "             [--storm-nice N] [--tls [--slots K]] [--samples FILE]\n");
+               "             [--storm-nice N] [--tls [--slots K]] [--flood-id ID] [--samples FILE]\n");
 }
 
 static int num(const char *s, long lo, long hi, long *out)
@@ -138,6 +162,7 @@ static int parse(int argc, char **argv, opts *o)
                  .size = 64,
                  .duration = 5,
                  .slots = 1,
+                 .flood_id = 9,
                  .rst = 1 };
     static const struct option lo[] = {
         { "port", required_argument, NULL, 'p' },
@@ -153,6 +178,7 @@ static int parse(int argc, char **argv, opts *o)
         { "tls", no_argument, NULL, 'L' },
         { "slots", required_argument, NULL, 'K' },
         { "samples", required_argument, NULL, 'S' },
+        { "flood-id", required_argument, NULL, 'F' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -167,6 +193,8 @@ static int parse(int argc, char **argv, opts *o)
                 o->rst = 1;
             else if (!strcmp(optarg, "connect"))
                 o->rst = 0;
+            else if (!strcmp(optarg, "flood"))
+                o->rst = 0, o->flood = 1;
             else
                 bad = 1;
             break;
@@ -180,6 +208,7 @@ static int parse(int argc, char **argv, opts *o)
         case 'L': o->tls = 1; break;
         case 'K': bad = num(optarg, 1, 10000, &o->slots); break;
         case 'S': o->samples = optarg; break;
+        case 'F': bad = num(optarg, 2, 65535, &o->flood_id); break;
         case 'h': usage(stdout); exit(0);
         default: bad = 1;
         }
@@ -190,6 +219,12 @@ static int parse(int argc, char **argv, opts *o)
         fprintf(stderr, "storm: --tls storms are unpaced connect storms (--mode connect, no --rate)\n");
         return -1;
     }
+    if (o->flood && (o->tls || o->size < 8 || o->size > 65535)) {
+        fprintf(stderr, "storm: --mode flood sends packets of 8..65535 bytes, without TLS\n");
+        return -1;
+    }
+    if (o->flood && !o->rate)
+        o->rate = 10000;
     if (!o->tls && o->slots != 1) {
         fprintf(stderr, "storm: --slots is for --tls storms\n");
         return -1;
@@ -450,6 +485,133 @@ static void tls_storm_proc(const opts *o, const struct sockaddr_in *sa, int64_t 
 }
 #endif
 
+/* ------------------------------------------------------------------ flood */
+
+static void put16(char *p, unsigned v)
+{
+    p[0] = (char)(v & 0xff);
+    p[1] = (char)(v >> 8);
+}
+
+static uint32_t get32(const char *p)
+{
+    const unsigned char *u = (const unsigned char *)p;
+    return (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16 | (uint32_t)u[3] << 24;
+}
+
+/* Packet k of the flood: header, then k, then filler. */
+static void flood_packet(const opts *o, char *p, uint32_t k)
+{
+    put16(p, (unsigned)o->size);
+    put16(p + 2, (unsigned)o->flood_id);
+    for (int i = 0; i < 4; i++)
+        p[4 + i] = (char)(k >> (8 * i));
+    memset(p + 8, 'f', (size_t)o->size - 8);
+}
+
+/* Reads the echoes there are; -1 once the connection is gone. */
+static int flood_read(const opts *o, int fd, char *rb, long *have, uint32_t *next_echo,
+                      const int64_t *sent_at, int64_t start, storm_counts *counts, int first)
+{
+    for (;;) {
+        ssize_t r = recv(fd, rb + *have, 65536 - (size_t)*have, MSG_DONTWAIT);
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
+            return -1;
+        if (r < 0)
+            return 0;
+        *have += r;
+        long off = 0;
+        int64_t t = now_ns();
+        for (; *have - off >= o->size; off += o->size) {
+            uint32_t k = get32(rb + off + 4);
+            if (k != *next_echo)
+                atomic_fetch_add(&counts->fl_order_errors, 1);
+            *next_echo = k + 1;
+            atomic_fetch_add(&counts->fl_echoed, 1);
+            /* The first packet the server held back: its echo took long.
+             * Timed from the first packet's send, so that a flooder that
+             * got its CPU late does not count its own lateness. */
+            if (first && atomic_load(&counts->fl_throttle_us) < 0 && sent_at[k] &&
+                t - sent_at[k] > 100000000LL) {
+                atomic_store(&counts->fl_throttle_us, (long)((sent_at[k] - sent_at[0]) / 1000));
+                atomic_store(&counts->fl_throttle_pkt, (long)k);
+            }
+        }
+        memmove(rb, rb + off, (size_t)(*have - off));
+        *have -= off;
+    }
+}
+
+/* One flooder: one connection, packets at its share of the rate, every
+ * packet sent as soon as the socket takes it (a backlog is caught up, never
+ * dropped), until the deadline or the server cuts it. */
+static void flood_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int64_t end,
+                       storm_counts *counts, int first)
+{
+    int fd = connect_to(o, sa);
+    if (fd < 0) {
+        atomic_fetch_add(&counts->errors, 1);
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    double rate = (double)o->rate / (double)o->procs;
+    long cap = (long)(rate * (double)(end - start) / 1e9) + 16;
+    int64_t *sent_at = calloc((size_t)cap, sizeof *sent_at);
+    char *wb = malloc((size_t)o->size * 64), *rb = malloc(65536);
+    if (!sent_at || !wb || !rb)
+        _exit(1);
+    long have = 0;
+    uint32_t next_echo = 0, k = 0; /* k: packets wholly sent */
+    long part = 0;                 /* bytes of packet k already sent */
+    while (now_ns() < start)
+        usleep(1000);
+    int cut = 0;
+    while (!cut) {
+        int64_t t = now_ns();
+        if (t >= end)
+            break;
+        long due = (long)((double)(t - start) * rate / 1e9) + 1;
+        if (due > cap)
+            due = cap;
+        while ((long)k < due) {
+            long n = due - (long)k > 64 ? 64 : due - (long)k;
+            for (long i = 0; i < n; i++)
+                flood_packet(o, wb + i * o->size, k + (uint32_t)i);
+            ssize_t w = send(fd, wb + part, (size_t)(n * o->size - part), MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                cut = 1;
+                break;
+            }
+            if (w <= 0) {
+                if (first && atomic_load(&counts->fl_blocked_us) < 0)
+                    atomic_store(&counts->fl_blocked_us, (long)((now_ns() - start) / 1000));
+                break;
+            }
+            int64_t ts = now_ns();
+            long done = (part + w) / o->size;
+            for (long i = 0; i < done; i++)
+                sent_at[k + (uint32_t)i] = ts;
+            k += (uint32_t)done;
+            part = (part + w) % o->size;
+            atomic_fetch_add(&counts->fl_sent, done);
+        }
+        if (!cut && flood_read(o, fd, rb, &have, &next_echo, sent_at, start, counts, first) < 0)
+            cut = 1;
+        if (cut) {
+            if (first)
+                atomic_store(&counts->fl_cut_us, (long)((now_ns() - start) / 1000));
+            break;
+        }
+        struct pollfd pf = { .fd = fd, .events = POLLIN };
+        poll(&pf, 1, 1);
+    }
+    close(fd);
+    free(sent_at);
+    free(wb);
+    free(rb);
+}
+
 /* One storm process: churns connections until the deadline, at its share of
  * the rate (0 = unpaced). */
 static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int64_t end,
@@ -459,6 +621,8 @@ static void storm_proc(const opts *o, struct sockaddr_in *sa, int64_t start, int
         tls_storm_proc(o, sa, start, end, counts);
         return;
     }
+    if (o->flood)
+        return; /* main runs flood_proc */
     char *msg = calloc(1, (size_t)o->size);
     int64_t gap = o->rate ? 1000000000LL * o->procs / o->rate : 0;
     int64_t next = start;
@@ -601,6 +765,10 @@ static int run_neighbours(const opts *o, neighbour *ns, struct pollfd *pf, int64
     char *pattern = malloc((size_t)o->size);
     for (long i = 0; i < o->size; i++)
         pattern[i] = (char)('a' + i % 26);
+    if (o->flood) { /* a packet of id 1, which the server echoes as it is */
+        put16(pattern, (unsigned)o->size);
+        put16(pattern + 2, 1);
+    }
     int64_t period = o->interval_ms * 1000000LL;
     int64_t t0 = now_ns();
     for (long i = 0; i < o->neighbours; i++)
@@ -681,6 +849,14 @@ int main(int argc, char **argv)
                                 0);
     if (counts == MAP_FAILED)
         return 1;
+    atomic_store(&counts->fl_throttle_us, -1);
+    atomic_store(&counts->fl_throttle_pkt, -1);
+    atomic_store(&counts->fl_blocked_us, -1);
+    atomic_store(&counts->fl_cut_us, -1);
+    if (o.flood) { /* flood.sh waits for this to read the server's memory before the flood */
+        printf("connected\n");
+        fflush(stdout);
+    }
     int64_t t0 = now_ns();
     int64_t begin = t0 + MARGIN_NS, stop = t0 + o.duration * 1000000000LL + MARGIN_NS;
     pid_t kids[MAX_PROCS];
@@ -688,7 +864,10 @@ int main(int argc, char **argv)
         if ((kids[i] = fork()) == 0) {
             if (o.storm_nice && nice((int)o.storm_nice) < 0)
                 perror("storm: nice");
-            storm_proc(&o, &sa, begin, stop, counts);
+            if (o.flood)
+                flood_proc(&o, &sa, begin, stop, counts, i == 0);
+            else
+                storm_proc(&o, &sa, begin, stop, counts);
             _exit(0);
         }
     }
@@ -711,15 +890,35 @@ int main(int argc, char **argv)
     double secs = (double)(stop - begin) / 1e9;
 #define PCT(a, q) (n ? (long long)((a)[n * (q) / 100] / 1000) : 0LL)
 #define MAXV(a) (n ? (long long)((a)[n - 1] / 1000) : 0LL)
+    if (o.flood) {
+        printf("flood: %ld packets sent at %ld/s, %ld echoed (%ld out of order); held back from packet %ld, "
+               "%.1f ms after the first; socket full at %.1f ms, cut at %.1f ms (-0.001: never)\n",
+               atomic_load(&counts->fl_sent), o.rate, atomic_load(&counts->fl_echoed),
+               atomic_load(&counts->fl_order_errors), atomic_load(&counts->fl_throttle_pkt),
+               atomic_load(&counts->fl_throttle_us) / 1e3, atomic_load(&counts->fl_blocked_us) / 1e3,
+               atomic_load(&counts->fl_cut_us) / 1e3);
+        printf("FLOOD sent=%ld echoed=%ld order_errors=%ld throttle_pkt=%ld throttle_us=%ld blocked_us=%ld "
+               "cut_us=%ld\n",
+               atomic_load(&counts->fl_sent), atomic_load(&counts->fl_echoed),
+               atomic_load(&counts->fl_order_errors), atomic_load(&counts->fl_throttle_pkt),
+               atomic_load(&counts->fl_throttle_us), atomic_load(&counts->fl_blocked_us),
+               atomic_load(&counts->fl_cut_us));
+    }
     printf("storm %s%s: %ld connects in %.1f s (%.0f/s, %ld errors); neighbours %ld samples, "
            "p50 %.2f ms p99 %.2f ms max %.2f ms (send-to-echo part p99 %.2f ms, wake part p99 %.2f ms)%s\n",
-           o.rst ? "rst" : "connect", o.tls ? " (TLS)" : "", c, secs, c / secs, atomic_load(&counts->errors),
-           n, PCT(rtt, 50) / 1e3, PCT(rtt, 99) / 1e3, MAXV(rtt) / 1e3, PCT(srv, 99) / 1e3,
-           PCT(wake, 99) / 1e3, r < 0 ? " NEIGHBOUR FAILED" : "");
+           o.flood ? "flood"
+           : o.rst ? "rst"
+                   : "connect",
+           o.tls ? " (TLS)" : "", c, secs, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50) / 1e3,
+           PCT(rtt, 99) / 1e3, MAXV(rtt) / 1e3, PCT(srv, 99) / 1e3, PCT(wake, 99) / 1e3,
+           r < 0 ? " NEIGHBOUR FAILED" : "");
     printf("RESULT mode=%s procs=%ld connects=%ld connects_per_s=%.0f connect_errors=%ld samples=%ld "
            "p50_us=%lld p99_us=%lld max_us=%lld srv_p99_us=%lld srv_max_us=%lld wake_p99_us=%lld "
            "wake_max_us=%lld neighbour_errors=%d tls=%d\n",
-           o.rst ? "rst" : "connect", o.procs, c, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50),
-           PCT(rtt, 99), MAXV(rtt), PCT(srv, 99), MAXV(srv), PCT(wake, 99), MAXV(wake), r < 0, o.tls);
+           o.flood ? "flood"
+           : o.rst ? "rst"
+                   : "connect",
+           o.procs, c, c / secs, atomic_load(&counts->errors), n, PCT(rtt, 50), PCT(rtt, 99), MAXV(rtt),
+           PCT(srv, 99), MAXV(srv), PCT(wake, 99), MAXV(wake), r < 0, o.tls);
     return r < 0 ? 1 : 0;
 }

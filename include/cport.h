@@ -107,6 +107,8 @@ typedef enum cp_reason {
     CP_REASON_PROXY,                /* proxy_protocol: the PROXY header was malformed, or not
                                     complete within proxy_timeout_ms (never connected:
                                     counted in by_reason, no callback) */
+    CP_REASON_FLOOD,                /* held back by a receive rate limit (the session's or
+                                    a route's) without a break for flood_ms: a flooder */
     CP_REASON_COUNT_
 } cp_reason;
 
@@ -575,6 +577,22 @@ typedef struct cp_route {
     cp_packet_fn fn;
 } cp_route;
 
+/* A receive rate limit on one packet id (chat 5/s, move 30/s), per session,
+ * beside the session-wide recv_rate_packets: a packet is taken when both
+ * allow it. A session over it is throttled as by the session's limit (its
+ * receive paused until the id's budget is back; nothing is dropped and order
+ * is kept, so its packets on other ids wait behind it too). The id needs no
+ * route (the limit also holds for what on_packet gets). A separate array
+ * rather than fields of cp_route, so that every route initialiser written
+ * before it (positional { id, fn }) still compiles without warnings. A
+ * session carries the limits' state (8 bytes a limit) from its first packet
+ * on a limited id; one that never sends one carries a pointer. */
+typedef struct cp_route_limit {
+    uint16_t id;
+    uint32_t rate_packets;  /* packets a second on this id, on average; > 0 */
+    uint32_t burst_packets; /* packets at once above the rate; 0 = twice the rate */
+} cp_route_limit;
+
 typedef struct cp_handlers {
     /* The session is connected and receiving. */
     void (*on_connected)(cp_session *s);
@@ -658,6 +676,24 @@ typedef struct cp_session_opts {
     uint32_t user_timeout_ms;       /* data sent and unacknowledged this long disconnects
                                        with CP_REASON_USER_TIMEOUT (TCP_USER_TIMEOUT; on
                                        Windows TCP_MAXRT, whole seconds). 0 = off */
+    /* Flood control (docs/design.md, "Flood control"): per-id limits, and
+     * the second threshold past which throttling gives way to a cut. */
+    const cp_route_limit *route_limits; /* packet framing only; no id twice; at most 254 */
+    size_t nroute_limits;               /* route_limits may be NULL only when this is 0 */
+    uint32_t flood_ms;                  /* a session held back by a rate limit (its own
+                                           packets or bytes, or one id's) continuously for
+                                           this long is disconnected with CP_REASON_FLOOD.
+                                           Continuously: from the first packet a limit
+                                           refused until that limit finds it calm again (a
+                                           packet taken with three quarters of the burst to
+                                           spare, or after half a burst's time of reading
+                                           without a refusal). So a burst that drains within
+                                           flood_ms and a peer at or under the rate are
+                                           never cut, while a flooder, whose bytes wait in
+                                           the kernel and spend each rest's budget at once,
+                                           stays over. Set it above the longest throttle an
+                                           honest burst needs ((burst sent - burst) / rate
+                                           s). 0 = off; needs a rate limit */
 } cp_session_opts;
 
 /* ------------------------------------------------------------------ TLS */
@@ -724,9 +760,9 @@ CP_API int cp_session_tls_info(const cp_session *s, cp_tls_info *out);
  * declined. Close codes the server sends: 1000 cp_session_shutdown and
  * cp_session_disconnect, 1001 a stopping service, 1002 a frame RFC 6455
  * forbids, 1003 a text message not allowed, 1007 invalid UTF-8 in an allowed
- * text message, 1008 a missing pong, 1009 a message over the limit or a
- * packet over max_packet, 1011 any other reason (docs/design.md,
- * "WebSocket").
+ * text message, 1008 a missing pong or a flood (CP_REASON_FLOOD), 1009 a
+ * message over the limit or a packet over max_packet, 1011 any other reason
+ * (docs/design.md, "WebSocket").
  */
 
 /* What the upgrade callback sees; the strings are valid during the call. */

@@ -128,6 +128,7 @@ static const char *const reason_names[CP_REASON_COUNT_] = {
     [CP_REASON_USER_TIMEOUT] = "sent data unacknowledged",
     [CP_REASON_FIRST_PACKET_TIMEOUT] = "first packet timeout",
     [CP_REASON_PROXY] = "PROXY protocol",
+    [CP_REASON_FLOOD] = "flood",
 };
 
 const char *cp_reason_str(cp_reason reason)

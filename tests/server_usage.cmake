@@ -25,9 +25,19 @@ set(bad
   "--proxy-protocol,--proxy-trusted,localhost|bad --proxy-trusted"
   "--metrics,7070|bad --metrics"
   "--metrics,::1:7070|bad --metrics"
-  "--metrics,127.0.0.1:99999|bad --metrics")
+  "--metrics,127.0.0.1:99999|bad --metrics"
+  "--mode,packet,--route-rate,7|bad --route-rate"
+  "--mode,packet,--route-rate,7:0|bad --route-rate"
+  "--mode,packet,--route-rate,70000:5|bad --route-rate"
+  "--mode,packet,--route-rate,7:5:x|bad --route-rate"
+  "--mode,packet,--route-rate,7:5,--route-rate,7:6|given twice"
+  "--mode,echo,--route-rate,7:5|not in echo mode"
+  "--mode,packet,--flood,x|bad --flood"
+  "--mode,packet,--flood,1000|--flood needs a rate limit")
 include(${CMAKE_CURRENT_LIST_DIR}/usage_check.cmake)
 usage_refuses(cport-server ${EXE} ${bad})
 usage_describes(cport-server ${EXE} "--rate-limit N")
 usage_describes(cport-server ${EXE} "--proxy-trusted CIDR")
 usage_describes(cport-server ${EXE} "--metrics HOST:PORT")
+usage_describes(cport-server ${EXE} "--route-rate ID:RATE")
+usage_describes(cport-server ${EXE} "--flood MS")

@@ -41,10 +41,13 @@ typedef struct server_config {
     size_t send_queue_limit;
     uint32_t idle_timeout_ms;
     uint32_t packet_timeout_ms;
-    uint32_t first_packet_ms;       /* no whole packet this long after connecting: cut */
-    uint32_t keepalive_ms;          /* TCP keepalive: idle this long, then probes */
-    uint32_t user_timeout_ms;       /* TCP_USER_TIMEOUT */
-    int64_t rate_limit;             /* packets/s per session; -1 = the mode's default */
+    uint32_t first_packet_ms;         /* no whole packet this long after connecting: cut */
+    uint32_t keepalive_ms;            /* TCP keepalive: idle this long, then probes */
+    uint32_t user_timeout_ms;         /* TCP_USER_TIMEOUT */
+    int64_t rate_limit;               /* packets/s per session; -1 = the mode's default */
+    cp_route_limit route_limits[254]; /* --route-rate, as many as cp_session_opts takes */
+    size_t nroute_limits;
+    uint32_t flood_ms;              /* --flood: held back this long without a break: cut */
     const char *bus_url;            /* chat across servers: nats://... or redis://...; NULL = off */
     const char *room;               /* the room's name on the bus */
     const char *tls_cert, *tls_key; /* both: the listener speaks TLS */
@@ -139,6 +142,16 @@ static void usage(FILE *out)
             "                        with bursts of 2N; more are not read until it is\n"
             "                        back under (TCP pushes back on it); 0 = off\n"
             "                        (default 1000 in chat mode, else 0; not in echo mode)\n"
+            "  --route-rate ID:RATE[:BURST]\n"
+            "                        packets a second a session may send with packet id\n"
+            "                        ID (0..65535), with bursts of BURST (default 2*RATE),\n"
+            "                        beside --rate-limit; more wait unread, in order, as\n"
+            "                        with --rate-limit. Repeatable, one per id (e.g.\n"
+            "                        --route-rate 10:5 --route-rate 11:30); not in echo mode\n"
+            "  --flood MS            disconnect a session held back by --rate-limit or a\n"
+            "                        --route-rate without a break for MS (reason \"flood\":\n"
+            "                        a flooder; an honest burst is calm again once drained);\n"
+            "                        needs a rate limit (0 = off, the default)\n"
             "  --bus URL             chat mode: one room across every server on this bus,\n"
             "                        nats://host:port[,host:port...] or redis://host:port\n"
             "  --room NAME           the room's name on the bus: letters, digits, '-', '_'\n"
@@ -264,6 +277,29 @@ static int parse_host_port(const char *val, char *host, size_t size, uint64_t *p
     return 0;
 }
 
+/* "ID:RATE[:BURST]" into l; 0, or -1 if malformed or out of range. */
+static int parse_route_rate(const char *val, cp_route_limit *l)
+{
+    char buf[64];
+    size_t len = strlen(val);
+    if (len >= sizeof buf)
+        return -1;
+    memcpy(buf, val, len + 1);
+    char *rate = strchr(buf, ':');
+    if (rate == NULL)
+        return -1;
+    *rate++ = '\0';
+    char *burst = strchr(rate, ':');
+    if (burst != NULL)
+        *burst++ = '\0';
+    uint64_t id, r, b = 0;
+    if (tool_parse_u64(buf, 0, 65535, 0, &id) != 0 || tool_parse_u64(rate, 1, 100000000, 0, &r) != 0 ||
+        (burst != NULL && tool_parse_u64(burst, 1, 100000000, 0, &b) != 0))
+        return -1;
+    *l = (cp_route_limit){ .id = (uint16_t)id, .rate_packets = (uint32_t)r, .burst_packets = (uint32_t)b };
+    return 0;
+}
+
 static void parse_args(int argc, char **argv, server_config *cfg)
 {
     *cfg = (server_config){
@@ -294,6 +330,8 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                                                  "--keepalive",
                                                  "--user-timeout",
                                                  "--rate-limit",
+                                                 "--route-rate",
+                                                 "--flood",
                                                  "--bus",
                                                  "--room",
                                                  "--tls-cert",
@@ -368,6 +406,21 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (tool_parse_u64(val, 0, 100000000, 0, &n) != 0)
                 usage_error("bad --rate-limit '%s' (packets a second per session, 0 = off)", val);
             cfg->rate_limit = (int64_t)n;
+        } else if (strcmp(opt, "--route-rate") == 0) {
+            if (cfg->nroute_limits == sizeof cfg->route_limits / sizeof cfg->route_limits[0])
+                usage_error("too many --route-rate (at most %zu)", cfg->nroute_limits);
+            cp_route_limit *l = &cfg->route_limits[cfg->nroute_limits];
+            if (parse_route_rate(val, l) != 0)
+                usage_error(
+                    "bad --route-rate '%s' (ID:RATE[:BURST], id 0..65535, rate and burst 1..100000000)", val);
+            for (size_t k = 0; k < cfg->nroute_limits; k++)
+                if (cfg->route_limits[k].id == l->id)
+                    usage_error("--route-rate: id %u given twice", (unsigned)l->id);
+            cfg->nroute_limits++;
+        } else if (strcmp(opt, "--flood") == 0) {
+            if (tool_parse_u64(val, 0, 86400000, 0, &n) != 0)
+                usage_error("bad --flood '%s' (milliseconds, 0..86400000)", val);
+            cfg->flood_ms = (uint32_t)n;
         } else if (strcmp(opt, "--bus") == 0) {
             if (strncmp(val, "nats://", 7) != 0 && strncmp(val, "redis://", 8) != 0)
                 usage_error("bad --bus '%s' (nats://host:port[,host:port...] or redis://host:port)", val);
@@ -680,6 +733,10 @@ int main(int argc, char **argv)
         cfg.rate_limit = cfg.mode == MODE_CHAT ? 1000 : 0;
     if (cfg.rate_limit > 0 && cfg.mode == MODE_ECHO)
         usage_error("--rate-limit counts packets: not in echo mode");
+    if (cfg.nroute_limits > 0 && cfg.mode == MODE_ECHO)
+        usage_error("--route-rate counts packets by id: not in echo mode");
+    if (cfg.flood_ms > 0 && cfg.rate_limit == 0 && cfg.nroute_limits == 0)
+        usage_error("--flood needs a rate limit (--rate-limit or --route-rate)");
     if (cfg.bus_url != NULL && cfg.mode != MODE_CHAT)
         usage_error("--bus joins chat rooms: only with --mode chat");
     if ((cfg.tls_cert == NULL) != (cfg.tls_key == NULL))
@@ -771,6 +828,9 @@ int main(int argc, char **argv)
             .keepalive_idle_ms = cfg.keepalive_ms,
             .user_timeout_ms = cfg.user_timeout_ms,
             .recv_rate_packets = (uint32_t)cfg.rate_limit,
+            .route_limits = cfg.route_limits,
+            .nroute_limits = cfg.nroute_limits,
+            .flood_ms = cfg.flood_ms,
             .tls = tls,
         },
     };

@@ -263,14 +263,22 @@ struct cp_session {
      * rate limit's theoretical arrival times (GCRA) with the timer that
      * resumes a session the limit paused. */
     uint8_t rx_block;
-    bool rx_backlog; /* carry holds the rest of a receive a pause stopped (packet.c) */
-    bool first_seen; /* a whole packet (raw: bytes) has arrived */
+    bool rx_backlog;  /* carry holds the rest of a receive a pause stopped (packet.c) */
+    bool first_seen;  /* a whole packet (raw: bytes) has arrived */
+    uint8_t flood_by; /* flood control: the limit that refused first (flow.c) */
     /* Counted in the service's caps by address, under peer (here: a byte
      * of padding that was free). */
     bool addr_counted;
     uint32_t rx_round, rx_round_bytes;
-    uint64_t rx_paused_ns;
+    /* Flood control: when a limit first refused this session, in the
+     * worker's milliseconds (truncated, never 0); 0: not over. It and
+     * flood_by sit in what was padding: the threshold costs no memory. */
+    uint32_t flood_since;
+    uint64_t rx_turned_ns; /* when the receive last paused (while paused) or resumed */
     uint64_t tat_pkts, tat_bytes;
+    /* The per-id limits' theoretical arrival times (svc->nlimits of them),
+     * allocated at the session's first packet on a limited id. */
+    uint64_t *route_tat;
     cp_posted share_end; /* resumes a session paused for its share, next round */
     cp_feeder feeder;    /* what a full job queue pauses (flow.c) */
     cp_wtimer rx_tmo;
@@ -358,9 +366,13 @@ void cp__rx_sendq_check(cp_session *s);
 void cp__rx_reset(cp_session *s, bool resume);
 /* At creation. */
 void cp__rx_init(cp_session *s);
-/* Packet framing, while a receive is handled: takes one packet from the rate
- * limit; false (and the session paused) when it is over its rate. */
-bool cp__rx_rate_packet(cp_session *s);
+/* Packet framing, while a receive is handled: takes one packet of this id
+ * from the session's rate limit and the id's; false when either is spent:
+ * the session is then paused, or closed (CP_REASON_FLOOD, or out of
+ * memory for the limits' state). */
+bool cp__rx_rate_packet(cp_session *s, uint16_t id);
+/* The session has finished: its limits' state goes. */
+void cp__rx_free(cp_session *s);
 /* Frees a session's carry buffer of cap bytes (packet.c says where it is from). */
 void cp__carry_free(uint8_t *carry, size_t cap);
 /* On the owner, in a clean context: handles the backlog a pause left in
@@ -489,7 +501,15 @@ struct cp_service {
     cp_filter_kind *filters[CP_FILTERS_MAX];        /* outermost first, each a reference */
     uint8_t nfilters;                               /* 0 = plain TCP */
     cp_packet_fn *routes;                           /* indexed by id, nroutes entries */
-    uint32_t nroutes;
+    /* Per-id receive limits (flow.c): limit_of[id] is 1 + the limit's index
+     * (0: none), for ids below nlimit_ids; each limit as a GCRA's cost of a
+     * packet and burst window. */
+    struct cp_id_limit {
+        uint64_t cost_ns, win_ns;
+    } * limits;
+    uint16_t *limit_of;
+    uint32_t nroutes, nlimit_ids, nlimits;
+    uint32_t flood_ms;     /* flood control's second threshold; 0 = off */
     uint32_t route_stride; /* counters per worker in route_pkts (below) */
 
     /* Live-session table: slot + generation make the session id. */
@@ -519,6 +539,13 @@ struct cp_service {
     void *traffic_mem;
     atomic_uint_fast64_t *route_pkts;
 };
+
+/* Whether a packet of this id is under any receive limit (flow.c; then each one is
+ * taken through cp__rx_rate_packet). */
+static inline bool cp__rx_limited(const cp_service *svc, uint16_t id)
+{
+    return svc->rate_pkts || (id < svc->nlimit_ids && svc->limit_of[id]);
+}
 
 /* Table slot management (service.c). */
 int cp__service_add_session(cp_service *svc, cp_session *s);

@@ -157,6 +157,20 @@ static bool pause_taken(cp_session *s, const rx_cursor *c)
     return true;
 }
 
+/* The packet finished in carry is over a rate: it stays there, with the
+ * rest of the receive (the bytes at c) behind it, as the backlog. */
+static void carry_backlog(cp_session *s, const rx_cursor *c)
+{
+    size_t have = s->carry_len;
+    if (!carry_reserve(s, have + c->n))
+        return;
+    if (c->n)
+        memcpy(s->carry + have, c->p, c->n);
+    s->carry_len = (uint32_t)(have + c->n);
+    s->rx_backlog = true;
+    s->pkt_start_ns = s->owner->now_ns; /* waiting is not the peer's doing */
+}
+
 /* Finishes the packet started by an earlier receive, from the front of this
  * one, and hands it to its handler. False if parsing stops here: the packet
  * is still incomplete, or the session is closing or paused. */
@@ -167,6 +181,12 @@ static bool carry_finish(cp_session *s, rx_cursor *c)
     size_t size = header_size(s, s->carry);
     if (!size || !carry_reserve(s, size) || !carry_fill(s, c, size))
         return false;
+    uint16_t id = cp_get_u16(s->carry + 2);
+    if (cp__rx_limited(s->svc, id) && !cp__rx_rate_packet(s, id)) {
+        if (still_connected(s))
+            carry_backlog(s, c); /* over the rate: the packet and the rest wait */
+        return false;
+    }
     c->packets++;
     bool ok = dispatch(s, s->carry, size);
     if (s->carry) /* the handler may have closed the session, which frees it */
@@ -185,8 +205,10 @@ static bool whole_packets(cp_session *s, rx_cursor *c)
             return false;
         if (c->n < size)
             return carry_reserve(s, size);
-        if (s->svc->rate_pkts && !cp__rx_rate_packet(s)) {
-            backlog_keep(s, c->p, c->n); /* this packet is over the rate: it waits */
+        uint16_t id = cp_get_u16(c->p + 2);
+        if (cp__rx_limited(s->svc, id) && !cp__rx_rate_packet(s, id)) {
+            if (still_connected(s))          /* not cut as a flooder */
+                backlog_keep(s, c->p, c->n); /* this packet is over the rate: it waits */
             return false;
         }
         c->packets++;

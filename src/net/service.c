@@ -208,6 +208,17 @@ static bool session_opts_consistent(const cp_session_opts *o)
         return false;
     if (o->keepalive_probes > 127 || o->user_timeout_ms > INT32_MAX)
         return false;
+    if (o->nroute_limits && !o->route_limits)
+        return false;
+    /* flood_by (net.h) names a limit in a byte: two for the session's own. */
+    if (o->nroute_limits > 254)
+        return false;
+    for (size_t i = 0; i < o->nroute_limits; i++)
+        if (!o->route_limits[i].rate_packets)
+            return false;
+    /* The second threshold needs a first one. */
+    if (o->flood_ms && !o->recv_rate_packets && !o->recv_rate_bytes && !o->nroute_limits)
+        return false;
     return !(o->recv_burst_packets && !o->recv_rate_packets) && !(o->recv_burst_bytes && !o->recv_rate_bytes);
 }
 
@@ -218,7 +229,7 @@ static int check_session_opts(const cp_session_opts *o, const cp_handlers *h)
     if (!session_opts_consistent(o))
         return -EINVAL;
     if (o->framing == CP_FRAMING_RAW)
-        return h->on_recv && !o->nroutes && !o->recv_rate_packets ? 0 : -EINVAL;
+        return h->on_recv && !o->nroutes && !o->recv_rate_packets && !o->nroute_limits ? 0 : -EINVAL;
     /* A packet the service accepts must fit its own send queue, or echoing
      * or relaying it would disconnect the session. */
     return o->send_queue_limit >= o->max_packet ? 0 : -EINVAL;
@@ -250,6 +261,48 @@ static int routes_copy(cp_service *svc, const cp_session_opts *o)
     svc->routes = table;
     svc->nroutes = top;
     return 0;
+}
+
+/* The per-id limits as a table indexed by id (limit_of) and the limits'
+ * costs and windows. -EINVAL for an id given twice. */
+static int limits_copy(cp_service *svc, const cp_session_opts *o)
+{
+    uint32_t top = 0;
+    for (size_t i = 0; i < o->nroute_limits; i++)
+        if ((uint32_t)o->route_limits[i].id + 1 > top)
+            top = (uint32_t)o->route_limits[i].id + 1;
+    if (!top)
+        return 0;
+    uint16_t *of = cp__zalloc(sizeof *of * top);
+    struct cp_id_limit *l = cp__zalloc(sizeof *l * o->nroute_limits);
+    if (!of || !l) {
+        cp__free(of);
+        cp__free(l);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < o->nroute_limits; i++) {
+        const cp_route_limit *rl = &o->route_limits[i];
+        if (of[rl->id]) {
+            cp__free(of);
+            cp__free(l);
+            return -EINVAL;
+        }
+        of[rl->id] = (uint16_t)(i + 1);
+        uint64_t burst = rl->burst_packets ? rl->burst_packets : (uint64_t)rl->rate_packets * 2;
+        l[i].cost_ns = 1000000000u / rl->rate_packets;
+        l[i].win_ns = burst * 1000000000u / rl->rate_packets;
+    }
+    svc->limit_of = of;
+    svc->limits = l;
+    svc->nlimit_ids = top;
+    svc->nlimits = (uint32_t)o->nroute_limits;
+    return 0;
+}
+
+static void limits_free(cp_service *svc)
+{
+    cp__free(svc->limit_of);
+    cp__free(svc->limits);
 }
 
 /* The defaults of the options left at 0. */
@@ -297,6 +350,7 @@ static void service_configure(cp_service *svc, const cp_session_opts *o)
     }
     if (o->recv_rate_bytes)
         svc->win_bytes_ns = (uint64_t)o->recv_burst_bytes * 1000000000u / o->recv_rate_bytes;
+    svc->flood_ms = o->flood_ms;
     /* A cp_tls begins with its filter kind (the TLS layer, above this one,
      * promises it), so net can hold one without knowing TLS. TLS is the
      * outermost filter. The references: service_open. */
@@ -368,7 +422,8 @@ static int service_new(cp_service **out, cp_port *port, const cp_session_opts *s
         cp__free(svc);
         return r;
     }
-    if ((r = tables_alloc(svc, max_sessions)) < 0) {
+    if ((r = limits_copy(svc, &o)) < 0 || (r = tables_alloc(svc, max_sessions)) < 0) {
+        limits_free(svc);
         cp__free(svc->routes);
         cp__free(svc);
         return r;
@@ -389,6 +444,7 @@ static void service_free(cp_service *svc)
     cp__free(svc->routes);
     cp__addrcap_free(svc->caps);
     cp__free(svc->trusted);
+    limits_free(svc);
     for (int i = 0; i < svc->nfilters; i++)
         svc->filters[i]->ops->kind_unref(svc->filters[i]);
     cp__free(svc);

@@ -258,6 +258,7 @@ static size_t filters_mem(const cp_session *s)
 static void session_free(cp_session *s)
 {
     cp__carry_free(s->carry, s->carry_cap);
+    cp__rx_free(s);
     cp__sendq_clear(&s->sq);
     filter_drop(s);
     held_drop(s);
@@ -400,6 +401,7 @@ static void session_finish(cp_session *s)
     cp__carry_free(s->carry, s->carry_cap);
     s->carry = NULL;
     s->carry_len = s->carry_cap = 0;
+    cp__rx_free(s);
     cp__sendq_clear(&s->sq);
     filter_drop(s);
     held_drop(s);

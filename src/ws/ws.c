@@ -371,6 +371,7 @@ static uint16_t close_code_of(int reason)
     case CP_REASON_LOCAL: return WS_NORMAL;
     case CP_REASON_STOPPING: return WS_GOING_AWAY;
     case CP_REASON_TOO_BIG: return WS_TOO_BIG;
+    case CP_REASON_FLOOD: return WS_POLICY; /* the peer broke the service's rate policy */
     case CP_REASON_PEER_CLOSED:
     case CP_REASON_RESET:
     case CP_REASON_IO_ERROR:

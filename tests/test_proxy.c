@@ -93,7 +93,8 @@ static size_t v2(uint8_t *out, unsigned cmd, uint8_t fam, const uint8_t *addrs, 
     size_t body = alen + tlv;
     out[14] = (uint8_t)(body >> 8);
     out[15] = (uint8_t)body;
-    memcpy(out + 16, addrs, alen);
+    if (alen) /* addrs may be NULL then (LOCAL), which memcpy must not get */
+        memcpy(out + 16, addrs, alen);
     for (size_t i = 0; i < tlv; i += 3) { /* PP2_TYPE_NOOP TLVs of no value */
         out[16 + alen + i] = 0x04;
         out[16 + alen + i + 1] = 0;

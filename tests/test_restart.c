@@ -161,7 +161,7 @@ Test(restart, a_draining_server_hands_the_port_over_without_refusing, .timeout =
             cpt_xrecv_packet_eq(held[i], 2, body, sizeof body); /* queued before the drain */
         cpt_xclosed(held[i], 5000);
     }
-    cr_expect_not(atomic_load(&st.done), "the old server stopped before its clients closed");
+    cr_expect(!atomic_load(&st.done), "the old server stopped before its clients closed");
     for (int i = 0; i < HELD; i++)
         cpt_close(held[i]);
     pthread_join(sth, NULL);

@@ -517,16 +517,13 @@ static void on_recv_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     cp_session *s = SESSION_OF(op, rd);
     if (res > 0) {
         int st = atomic_load_explicit(&s->state, memory_order_relaxed);
-        if (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING) {
+        if (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING || st == CP_S_PROXY) {
             s->last_rx_ns = w->now_ns;
             cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
-            recv_input(w, s, data, (size_t)res);
-        } else if (st == CP_S_PROXY) {
-            /* Before the header is read, and never after it: a plain
-             * session pays nothing for this branch. */
-            s->last_rx_ns = w->now_ns;
-            cp__traffic_add(&cp__traffic(s->svc, w)->bytes_in, (uint64_t)res);
-            proxy_input(w, s, data, (size_t)res);
+            if (st == CP_S_PROXY) /* before the header is read, never after it */
+                proxy_input(w, s, data, (size_t)res);
+            else
+                recv_input(w, s, data, (size_t)res);
         }
         /* Draining: what the peer still sends is read and dropped, so that
          * closing never resets a connection over unread bytes. */
@@ -748,6 +745,15 @@ static void proxy_begin(cp_session *s)
     arm_recv(s);
 }
 
+/* Bytes that followed the header go on as received input, if the session
+ * is still reading (on_connected may have closed it). */
+static void proxy_rest(cp_worker *w, cp_session *s, const uint8_t *rest, size_t n)
+{
+    int st = atomic_load_explicit(&s->state, memory_order_relaxed);
+    if (n && (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING))
+        recv_input(w, s, rest, n);
+}
+
 /* The header was read, with the client's address (len 0: the socket's
  * stands): the session goes on as any accepted one would, unless the caps
  * by address refuse it. rest: the bytes that followed the header. */
@@ -768,9 +774,7 @@ static void proxy_done(cp_worker *w, cp_session *s, const cp_sockaddr *addr, soc
         return;
     }
     session_connected(s, CP_S_PROXY);
-    int st = atomic_load_explicit(&s->state, memory_order_relaxed);
-    if (nrest && (st == CP_S_CONNECTED || st == CP_S_HANDSHAKING))
-        recv_input(w, s, rest, nrest);
+    proxy_rest(w, s, rest, nrest);
 }
 
 /* The header may come in pieces (a proxy writes it whole, but TCP need not
@@ -808,24 +812,10 @@ static void proxy_input(cp_worker *w, cp_session *s, const uint8_t *data, size_t
             size_t clen = s->carry_len, cap = s->carry_cap;
             s->carry = NULL;
             s->carry_len = s->carry_cap = 0;
-            size_t after = clen - (size_t)h; /* of carry, after the header */
-            uint8_t *both = NULL;
-            if (after && take < n) { /* rare: both pieces; one buffer keeps the receive one input */
-                both = cp__malloc(after + n - take);
-                if (!both) {
-                    cp__carry_free(c, cap);
-                    cp__session_close(s, CP_REASON_NO_MEMORY, -ENOMEM);
-                    return;
-                }
-                memcpy(both, c + h, after);
-                memcpy(both + after, data + take, n - take);
-                proxy_done(w, s, &addr, len, both, after + n - take);
-            } else if (after) {
-                proxy_done(w, s, &addr, len, c + h, after);
-            } else {
-                proxy_done(w, s, &addr, len, data + take, n - take);
-            }
-            cp__free(both);
+            /* A byte stream may be handed on in two pieces, as TCP may
+             * deliver it: no buffer to join them. */
+            proxy_done(w, s, &addr, len, c + h, clen - (size_t)h);
+            proxy_rest(w, s, data + take, n - take);
             cp__carry_free(c, cap);
             return;
         }

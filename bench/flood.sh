@@ -47,7 +47,10 @@ need_tools taskset timeout awk ss
 
 DURATION=${DURATION:-6}
 FLOOD_MS=${FLOOD_MS:-2000}
-NEIGHBOURS=100 INTERVAL_MS=20 FLOOD_RATE=10000 LIMIT=100
+NEIGHBOURS=100 INTERVAL_MS=20 LIMIT=100
+# FLOOD_RATE=100: a client at exactly the limit in the flooder's place, to
+# tell what one more client costs the neighbours from what a flooder does.
+FLOOD_RATE=${FLOOD_RATE:-10000}
 LOG=$(mktemp -d /tmp/cport-flood.XXXXXX)
 T0=$(date +%s)
 port=${PORT_BASE:-21900}

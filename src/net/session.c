@@ -644,14 +644,15 @@ void cp__filter_up(cp_filter *f)
     session_connected(s, CP_S_HANDSHAKING);
 }
 
-/* The queue is written at the end of the round, once however many sends
- * came; none is posted while a write is in flight (its completion goes on). */
+/* The queue is written in its turn among the worker's writes (port.c), once
+ * however many sends came before it; none is posted while a write is in
+ * flight (its completion goes on). */
 static void flush_later(cp_session *s)
 {
     if (!s->dirty && !s->wr.armed) {
         s->dirty = true;
         hold(s); /* the posted item's */
-        cp__post(s->owner, &s->flush);
+        cp__post_write(s->owner, &s->flush);
     }
 }
 
@@ -982,8 +983,12 @@ static void on_send_cqe(cp_worker *w, cp_op *op, int res, unsigned flags, const 
     else if (res < 0 && res != -EAGAIN && wire_open(s))
         cp__session_close(s, reason_of(s, res), res);
     op_done(s);
-    if (wire_open(s))
-        send_start(s);
+    /* What came during the write waits its turn among the worker's writes
+     * (port.c): written at once, it would let the sessions whose writes
+     * complete every round write every round, in small pieces, while the
+     * rest wait. */
+    if (wire_open(s) && (wire_queue(s)->count || s->flt[0] || s->drain_marked))
+        flush_later(s);
     unhold(s);
 }
 

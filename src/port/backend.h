@@ -107,6 +107,12 @@ typedef struct cp_backend_ops {
      * completion (io_uring, IOCP): the core must not move those bytes. An
      * epoll send only waits for room, and gathers again. */
     bool send_holds_bufs;
+    /* The writes a round makes before the worker polls again; 0 for no
+     * bound. An epoll write happens inside the round, so the bound is how
+     * long input waits behind writes (port.c, writes_run). io_uring and IOCP
+     * only queue their writes in the round: they run in the kernel at the
+     * next poll, which takes the new input right after them. */
+    unsigned writes_per_round;
     /* Cancels every armed op (each completes with -ECANCELED, later, never
      * inside this call) and closes the descriptor. */
     void (*close)(cp_worker *w, cp_handle *h);

@@ -328,6 +328,7 @@ const cp_backend_ops cp__epoll_backend = {
     .connect = ep_connect,
     .recv = ep_recv,
     .send = ep_send,
+    .writes_per_round = 128,
     .recv_pause = ep_recv_pause,
     .recv_resume = ep_recv_resume,
     .close = ep_close,

@@ -407,7 +407,8 @@ static int timers_timeout_ms(cp_worker *w)
 
 static bool has_work(cp_worker *w)
 {
-    return w->ndeferred || w->posted || w->pending || atomic_load_explicit(&w->inbox, memory_order_relaxed) ||
+    return w->ndeferred || w->posted || w->writes || w->pending ||
+           atomic_load_explicit(&w->inbox, memory_order_relaxed) ||
            atomic_load_explicit(&w->urgent, memory_order_relaxed) || w->port->be->busy(w);
 }
 
@@ -421,6 +422,29 @@ static void posted_run(cp_worker *w, cp_posted **list)
         cp_posted *next = p->next;
         p->fn(w, p);
         p = next;
+    }
+}
+
+/*
+ * A round makes at most be->writes_per_round of the writes waiting their turn
+ * (cp__post_write), oldest first, after its other work. A broadcast makes
+ * every member's session wait to write; if one round wrote them all, input
+ * that came meanwhile would wait for the whole pass, and its delivery to the
+ * first members for one more: with 1000 chat clients on one epoll worker a
+ * pass took 13 ms and p99 was two passes. Taken in turns, the worker reads
+ * between turns, and a member's next write carries what came up to its turn:
+ * one pass at most. Every write still carries all its session had queued, so
+ * the writes per message do not change.
+ */
+static void writes_run(cp_worker *w)
+{
+    unsigned cap = w->port->be->writes_per_round;
+    for (unsigned i = 0; (cap == 0 || i < cap) && w->writes; i++) {
+        cp_posted *p = w->writes;
+        w->writes = p->next;
+        if (!w->writes)
+            w->writes_tail = &w->writes;
+        p->fn(w, p);
     }
 }
 
@@ -449,6 +473,7 @@ static void round_finish(cp_worker *w)
         }
     } while (more && budget &&
              (w->ndeferred || w->posted || w->pending || atomic_load(&w->inbox) || atomic_load(&w->urgent)));
+    writes_run(w);
     outbox_flush(w);
     if (w->next_round) {
         inbox_push(w, w->next_round);
@@ -833,6 +858,7 @@ static int worker_init(cp_port *p, int i)
     w->index = i;
     w->m = (cp_wmetrics *)((((uintptr_t)p->wm_mem + 63) & ~(uintptr_t)63) + WM_STRIDE * (size_t)i);
     cp__queue_init(&w->ready);
+    w->writes_tail = &w->writes;
     /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)p->nworkers);
     w->rbuf_size = RBUF_SIZE;

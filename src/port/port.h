@@ -147,6 +147,10 @@ struct cp_worker {
     /* Posted to run within this round, before its outboxes are flushed (the
      * round goes on until none is left: a posted item may post again). */
     cp_posted *posted;
+    /* Writes waiting their turn, oldest first (cp__post_write): a round
+     * takes at most CP_WRITES_PER_ROUND of them, after its other work, and
+     * leaves the rest to the rounds that follow, each after a poll. */
+    cp_posted *writes, **writes_tail;
 
     /* Completions known before their operation could finish (cancellations). */
     struct cp_deferred {
@@ -266,6 +270,14 @@ static inline void cp__post(cp_worker *w, cp_posted *p)
 {
     p->next = w->posted;
     w->posted = p;
+}
+/* On w's own thread: p->fn runs in its turn among the worker's writes, in
+ * this round or a later one (see CP_WRITES_PER_ROUND in port.c). */
+static inline void cp__post_write(cp_worker *w, cp_posted *p)
+{
+    p->next = NULL;
+    *w->writes_tail = p;
+    w->writes_tail = &p->next;
 }
 static inline void cp__post_round_end(cp_worker *w, cp_posted *p)
 {

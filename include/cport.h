@@ -247,6 +247,11 @@ typedef struct cp_worker_metrics {
     cp_histogram job_wait_ns;
     uint64_t inbox_depth;  /* messages sent to the worker and not run yet, now */
     uint64_t timers_armed; /* timers armed on it, at the end of its last round */
+    /* io_uring's provided receive buffers (32 KiB each): how many the worker
+     * has, how many are free (in the kernel's ring or waiting to go back),
+     * and how many keep bytes for paused sessions; at its last poll. The rest
+     * are being handled. All 0 on other backends. */
+    uint64_t recv_bufs, recv_bufs_free, recv_bufs_held;
 } cp_worker_metrics;
 
 /* Fills out with worker's metrics, or with every worker's summed when

@@ -210,3 +210,70 @@ Test(regressions, uring_mshot_lost_reset_session_ends_with_its_bytes, .timeout =
     if (!can_reset)
         cr_skip_test("CP_REASON_RESET not checked: Wine cannot reset a connection (all else held)");
 }
+
+/* ------------------------------------------------------------------ uring_ring_lost_held_buffers */
+
+#ifndef _WIN32
+#  include <fcntl.h>
+#  include <sys/socket.h>
+
+/* On io_uring, a paused session's receive completions are held with their
+ * provided buffers (uring.c, handle_hold). A close outside a batch of
+ * completions (here cp_session_disconnect from another thread; in the field
+ * a send-queue overflow from a broadcast, a timeout or a stop) handed the
+ * held buffers back into ring slots that the next batch wrote over: each
+ * such close lost up to 32 of them for good. 80 such closes left the worker
+ * one buffer of 512, and every receive but one a round ended with ENOBUFS.
+ * Each client here writes 1 MiB at once into a session limited to 1 KiB/s,
+ * so the kernel has read ahead many buffers when the limit pauses it; then
+ * the session is disconnected from the test's thread. Every buffer must be
+ * free again after (cp_worker_metrics.recv_bufs_free), and a neighbour
+ * served. */
+static void write_until_full(int fd, size_t max)
+{
+    static uint8_t chunk[64 * 1024];
+    for (size_t i = 0; i + 8 <= sizeof chunk; i += 8) {
+        cpt_put_header(chunk + i, 8, 5);
+        memset(chunk + i + 4, 0x5a, 4);
+    }
+    cr_assert_eq(fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK), 0);
+    size_t done = 0;
+    while (done < max) {
+        ssize_t n = send(fd, chunk, sizeof chunk, MSG_NOSIGNAL);
+        if (n <= 0)
+            break; /* full: the server stopped reading */
+        done += (size_t)n;
+    }
+    cr_assert_gt(done, 0u);
+}
+
+Test(regressions, uring_ring_keeps_buffers_of_sessions_closed_while_paused, .timeout = 120)
+{
+    cp_server_opts o = { .session.recv_rate_bytes = 1024 };
+    cpt_env e;
+    enum { N = 80 };
+    cpt_env_start(&e, 1, &o, NULL, N + 4, CPT_KEEP_REFS);
+    for (int i = 0; i < N; i++) {
+        int fd = cpt_xconnect(e.sport);
+        CPT_AWAIT(atomic_load(&e.t->connected) == i + 1, 5000, "client %d not connected", i);
+        write_until_full(fd, 1u << 20);
+        cpt_sleep_ms(30); /* the server reads ahead, takes 1 KiB and pauses */
+        cpt_srec *r = &e.t->recs[i];
+        cr_assert_eq(cp_session_disconnect(r->s), 0);
+        CPT_AWAIT(atomic_load(&r->disconnected) == 1, 5000, "client %d's session not closed", i);
+        cpt_close(fd);
+    }
+    cpt_env_xneighbour(&e);
+    cp_worker_metrics wm;
+    if (strcmp(cp_port_backend_name(e.port), "io_uring") == 0) {
+        CPT_AWAIT(cp_port_metrics_get(e.port, 0, &wm) == 0 && wm.recv_bufs > 0 &&
+                      wm.recv_bufs_free == wm.recv_bufs,
+                  5000, "receive buffers free %llu of %llu, held %llu", (unsigned long long)wm.recv_bufs_free,
+                  (unsigned long long)wm.recv_bufs, (unsigned long long)wm.recv_bufs_held);
+    } else {
+        cr_assert_eq(cp_port_metrics_get(e.port, 0, &wm), 0);
+        cr_assert_eq(wm.recv_bufs, 0u, "only io_uring has provided receive buffers");
+    }
+    cpt_env_stop(&e);
+}
+#endif

@@ -1075,6 +1075,9 @@ int cp_port_metrics_get(const cp_port *port, int worker, cp_worker_metrics *out)
         cp__whist_read(&w->m->job, &out->job_wait_ns);
         out->inbox_depth += atomic_load_explicit(&w->backlog, memory_order_relaxed);
         out->timers_armed += atomic_load_explicit(&w->m->timers, memory_order_relaxed);
+        out->recv_bufs += atomic_load_explicit(&w->m->rbufs, memory_order_relaxed);
+        out->recv_bufs_free += atomic_load_explicit(&w->m->rbufs_free, memory_order_relaxed);
+        out->recv_bufs_held += atomic_load_explicit(&w->m->rbufs_held, memory_order_relaxed);
     }
     return 0;
 }

@@ -84,6 +84,8 @@ void cp__whist_read(const cp_whist *h, cp_histogram *out);
 typedef struct cp_wmetrics {
     cp_whist round, wait, job;
     atomic_uint_fast64_t timers; /* armed at the end of the last round */
+    /* The backend's receive buffers (io_uring), at the last poll. */
+    atomic_uint_fast64_t rbufs, rbufs_free, rbufs_held;
 } cp_wmetrics;
 
 /* ------------------------------------------------------------------ port */

@@ -51,6 +51,8 @@
 #define UR_RECHECK 64              /* receives rechecked per poll(2) call */
 #define UR_FILES 65536             /* registered-file table size at most (index = fd) */
 #define UR_HELD_MAX (UR_NBUFS / 4) /* provided buffers that held completions may keep */
+#define UR_RING_MIN 32             /* provided buffers in the ring at least (see ring_refill) */
+#define UR_RING_SHRINK 1024        /* batches that never use half of the ring before it halves */
 #define UR_COPY_MAX (64u << 20)    /* bytes held as copies past UR_HELD_MAX, per worker */
 
 #ifndef WAKE_MSG_RING_DEFAULT
@@ -90,7 +92,13 @@ typedef struct ur_state {
     bool ring_up;
     struct io_uring_buf_ring *br;
     uint8_t *bufs;
-    unsigned buf_returns; /* buffers handed back in this batch, not yet published */
+    uint16_t *free_bids; /* buffers out of the ring and unused, the most recently freed on top */
+    unsigned nfree;
+    unsigned in_ring;   /* buffers added to the ring that no completion has named yet */
+    unsigned ring_goal; /* how many ring_refill keeps there (UR_RING_MIN..UR_NBUFS) */
+    unsigned ring_low;  /* the fewest left after a batch since the goal last changed */
+    unsigned ring_batches;
+    bool ring_starved; /* a receive found no buffer (ENOBUFS) since the last refill */
     ur_slot *free_slots;
     cp_queue recheck; /* handles whose multishot receive was armed since the last poll */
     cp_queue replay;  /* resumed handles that still have completions held */
@@ -323,6 +331,7 @@ static int ur_init(cp_worker *w)
 }
 
 static void ur_thread_fini(cp_worker *w);
+static void ring_refill(ur_state *st);
 
 static int ur_thread_init(cp_worker *w)
 {
@@ -358,11 +367,15 @@ static int ur_thread_init(cp_worker *w)
     if ((r = io_uring_register_buf_ring(&st->ring, &reg, 0)) < 0)
         goto fail;
     io_uring_buf_ring_init(st->br);
-    int mask = io_uring_buf_ring_mask(UR_NBUFS);
-    for (unsigned i = 0; i < UR_NBUFS; i++)
-        io_uring_buf_ring_add(st->br, st->bufs + (size_t)i * UR_BUFSZ, UR_BUFSZ, (unsigned short)i, mask,
-                              (int)i);
-    io_uring_buf_ring_advance(st->br, UR_NBUFS);
+    if (!(st->free_bids = cp__malloc(sizeof *st->free_bids * UR_NBUFS))) {
+        r = -ENOMEM;
+        goto fail;
+    }
+    for (unsigned i = 0; i < UR_NBUFS; i++) /* buffer 0 on top */
+        st->free_bids[i] = (uint16_t)(UR_NBUFS - 1 - i);
+    st->nfree = UR_NBUFS;
+    st->ring_goal = st->ring_low = UR_RING_MIN;
+    ring_refill(st);
     return 0;
 fail:
     ur_thread_fini(w);
@@ -406,6 +419,8 @@ static void ur_thread_fini(cp_worker *w)
         munmap(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
     st->br = NULL;
     st->bufs = NULL;
+    cp__free(st->free_bids);
+    st->free_bids = NULL;
     /* Held-completion records: closing every handle gave them back. */
     free_spares(st);
 }
@@ -773,11 +788,53 @@ static void arm_wake(ur_state *st)
     st->wake_armed = true;
 }
 
-static void recycle(ur_state *st, unsigned bid)
+/* A buffer the worker is done with: on top of the free ones, for the next
+ * ring_refill. */
+static void recycle(ur_state *st, unsigned bid) { st->free_bids[st->nfree++] = (uint16_t)bid; }
+
+/*
+ * Which provided buffers the kernel gets. The ring is a queue: the kernel
+ * takes buffers from its head, and a buffer added at its tail comes back only
+ * after every buffer ahead of it. With all 512 in the ring, each receive wrote
+ * into the buffer used longest ago, 16 MiB back and out of the caches: at
+ * 16 KiB echo the kernel's copy into it cost 2.3 times its copy of the same
+ * bytes out of the send buffer. So the ring holds only about as many buffers
+ * as the receives between two polls take (ring_goal), topped up before each
+ * io_uring_enter from the free ones, the most recently freed first; the rest
+ * wait unused. With DEFER_TASKRUN receives run only inside this thread's
+ * io_uring_enter, so a batch sees what one poll took. The goal doubles when a
+ * batch leaves less than a quarter of it in the ring, or a receive found
+ * none (it ends with ENOBUFS and the session arms it again); it halves after
+ * UR_RING_SHRINK batches that never took half.
+ */
+static void ring_adapt(ur_state *st)
 {
-    io_uring_buf_ring_add(st->br, st->bufs + (size_t)bid * UR_BUFSZ, UR_BUFSZ, (unsigned short)bid,
-                          io_uring_buf_ring_mask(UR_NBUFS), (int)st->buf_returns++);
-    /* Published all at once (one store) after the batch, in ur_poll. */
+    if (st->in_ring < st->ring_low)
+        st->ring_low = st->in_ring;
+    if ((st->ring_starved || st->in_ring < st->ring_goal / 4) && st->ring_goal < UR_NBUFS) {
+        st->ring_goal *= 2;
+        st->ring_low = st->ring_goal;
+        st->ring_batches = 0;
+    } else if (++st->ring_batches >= UR_RING_SHRINK) {
+        if (st->ring_low >= st->ring_goal / 2 && st->ring_goal > UR_RING_MIN)
+            st->ring_goal /= 2;
+        st->ring_low = st->ring_goal;
+        st->ring_batches = 0;
+    }
+    st->ring_starved = false;
+}
+
+static void ring_refill(ur_state *st)
+{
+    int mask = io_uring_buf_ring_mask(UR_NBUFS), n = 0;
+    while (st->in_ring < st->ring_goal && st->nfree) {
+        unsigned bid = st->free_bids[--st->nfree];
+        io_uring_buf_ring_add(st->br, st->bufs + (size_t)bid * UR_BUFSZ, UR_BUFSZ, (unsigned short)bid, mask,
+                              n++);
+        st->in_ring++;
+    }
+    if (n)
+        io_uring_buf_ring_advance(st->br, n); /* published at once: one store */
 }
 
 /*
@@ -958,7 +1015,6 @@ static void replay_held(cp_worker *w, ur_state *st)
      * leaves the walk (held_drop). */
     cp_queue walk;
     cp__queue_move(&st->replay, &walk);
-    st->buf_returns = 0;
     cp_queue *n;
     while ((n = cp__queue_pop_head(&walk)) != NULL) {
         cp_handle *h = CP_QUEUE_DATA(n, cp_handle, replay);
@@ -973,9 +1029,6 @@ static void replay_held(cp_worker *w, ur_state *st)
             held_free(st, e);
         }
     }
-    if (st->buf_returns)
-        io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
-    st->buf_returns = 0;
 }
 
 /* A completion of op that is due for the core. */
@@ -1063,6 +1116,10 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         return;
     bool has_buf = flags & IORING_CQE_F_BUFFER;
     unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+    if (has_buf)
+        st->in_ring--;
+    else if (res == -ENOBUFS)
+        st->ring_starved = true;
     const uint8_t *data = has_buf ? st->bufs + (size_t)bid * UR_BUFSZ : NULL;
     cp_op *op = ud == TAG_IGNORE ? NULL : current_op(ud);
     if (op && !complete_op(w, st, op, res, flags, data))
@@ -1135,12 +1192,9 @@ static int take_batch(cp_worker *w, ur_state *st)
             __builtin_prefetch((const void *)(uintptr_t)(c[i].ud & PTR_MASK));
     }
     io_uring_cq_advance(&st->ring, n);
-    st->buf_returns = 0;
     for (unsigned i = 0; i < n; i++)
         dispatch(w, st, c[i].ud, c[i].res, c[i].flags);
-    if (st->buf_returns)
-        io_uring_buf_ring_advance(st->br, (int)st->buf_returns);
-    st->buf_returns = 0;
+    ring_adapt(st);
     return (int)n;
 }
 
@@ -1154,6 +1208,10 @@ static int ur_poll(cp_worker *w, int timeout_ms)
      * a lost reset would make endless): a round that armed receives does not
      * wait, it only collects what is ready. */
     bool recheck = !cp__queue_empty(&st->recheck);
+    ring_refill(st);
+    atomic_store_explicit(&w->m->rbufs, UR_NBUFS, memory_order_relaxed);
+    atomic_store_explicit(&w->m->rbufs_free, st->in_ring + st->nfree, memory_order_relaxed);
+    atomic_store_explicit(&w->m->rbufs_held, st->nheld, memory_order_relaxed);
     int r = ur_enter(st, timeout_ms, recheck);
     if (recheck && !io_uring_sq_ready(&st->ring))
         recheck_recvs(st); /* its cancellations go out with the next submission */

@@ -413,10 +413,8 @@ typedef struct haproxy {
 /* haproxy in front of 127.0.0.1:sport: frontends v1 (send-proxy), v2
  * (send-proxy-v2), v6 (on ::1, send-proxy-v2) and untrusted (send-proxy,
  * connecting from 127.0.0.5), and probe (to port 1, for the start). */
-static void haproxy_start(haproxy *h, uint16_t sport)
+static bool haproxy_try(haproxy *h, uint16_t sport)
 {
-    if (access(HAPROXY_BIN, X_OK) != 0)
-        cr_skip_test("haproxy is not installed (make test-deps)");
     h->v1 = free_port("127.0.0.1");
     h->v2 = free_port("127.0.0.1");
     h->v6 = free_port("::1");
@@ -449,11 +447,31 @@ static void haproxy_start(haproxy *h, uint16_t sport)
         int fd = cpt_connect(CPT_HOST4, h->probe, 0);
         if (fd >= 0) {
             cpt_close(fd);
-            return;
+            return true;
         }
         if (peer_exited(&h->p))
             break;
         cpt_sleep_ms(10);
+    }
+    return false;
+}
+
+/* The frontends' ports are picked free and then bound by haproxy: a test
+ * running beside this one can take one in between (CI saw "Address already
+ * in use" once, under ctest -j2). haproxy then exits at once, and is started
+ * again on fresh ports; any other failure to start fails the test. */
+static void haproxy_start(haproxy *h, uint16_t sport)
+{
+    if (access(HAPROXY_BIN, X_OK) != 0)
+        cr_skip_test("haproxy is not installed (make test-deps)");
+    for (int attempt = 1;; attempt++) {
+        if (haproxy_try(h, sport))
+            return;
+        for (int i = 0; i < 200 && !peer_drained(&h->p); i++)
+            cpt_sleep_ms(10); /* its last words are read */
+        if (attempt == 5 || !peer_exited(&h->p) || !peer_has(&h->p, ERR, "Address already in use"))
+            break;
+        peer_stop(&h->p);
     }
     peer_dump(&h->p, "haproxy");
     cr_assert_fail("haproxy did not start");

@@ -19,6 +19,7 @@ Test(stop_signal, console_events, .timeout = 10)
 
 #else
 
+#  include <dirent.h>
 #  include <pthread.h>
 #  include <signal.h>
 #  include <stdio.h>
@@ -69,15 +70,24 @@ static void log_child_state(pid_t pid)
             cr_log_info("child %s", line);
     }
     fclose(f);
-    for (int tid = pid; tid < pid + 64; tid++) {
-        snprintf(path, sizeof path, "/proc/%d/task/%d/wchan", (int)pid, tid);
-        FILE *w = fopen(path, "r");
+    snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return;
+    struct dirent *t;
+    while ((t = readdir(d)) != NULL) {
+        if (t->d_name[0] == '.')
+            continue;
+        char wpath[sizeof path + sizeof t->d_name + 8];
+        snprintf(wpath, sizeof wpath, "%s/%s/wchan", path, t->d_name);
+        FILE *w = fopen(wpath, "r");
         if (!w)
             continue;
         if (fgets(line, sizeof line, w))
-            cr_log_info("child thread %d waits in %s", tid, line); /* wchan has no newline */
+            cr_log_info("child thread %s waits in %s", t->d_name, line); /* wchan has no newline */
         fclose(w);
     }
+    closedir(d);
 }
 
 /* Runs fn(arg) in a forked child and returns its exit code; fails the test if

@@ -375,6 +375,7 @@ static int ur_thread_init(cp_worker *w)
         st->free_bids[i] = (uint16_t)(UR_NBUFS - 1 - i);
     st->nfree = UR_NBUFS;
     st->ring_goal = st->ring_low = UR_RING_MIN;
+    atomic_store_explicit(&w->m->rbufs, UR_NBUFS, memory_order_relaxed);
     ring_refill(st);
     return 0;
 fail:
@@ -1209,7 +1210,6 @@ static int ur_poll(cp_worker *w, int timeout_ms)
      * wait, it only collects what is ready. */
     bool recheck = !cp__queue_empty(&st->recheck);
     ring_refill(st);
-    atomic_store_explicit(&w->m->rbufs, UR_NBUFS, memory_order_relaxed);
     atomic_store_explicit(&w->m->rbufs_free, st->in_ring + st->nfree, memory_order_relaxed);
     atomic_store_explicit(&w->m->rbufs_held, st->nheld, memory_order_relaxed);
     int r = ur_enter(st, timeout_ms, recheck);

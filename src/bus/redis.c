@@ -17,6 +17,7 @@
 #include "bus/nats_wire.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 
 #include <hiredis/hiredis.h>
@@ -179,11 +180,45 @@ static void on_reply(cp_bus *bus, int i, const redisReply *r)
 
 /* The reader of each connection lives in its slot of the driver state, made
  * on the first bytes and freed when the connection ends. */
+/*
+ * hiredis 0.14 (Debian 12) allocates an array reply's element table as soon
+ * as it reads the header, for any count: "*300000000" from the server asked
+ * for 2.4 GB (found by fuzz_redis). The replies the bus reads are pushes of
+ * 3 or 4 elements and (p)subscribe confirmations, so an array longer than
+ * READER_MAX_ELEMENTS is refused before the allocation: the reader reports
+ * an error and the connection ends with -EPROTO.
+ */
+#define READER_MAX_ELEMENTS 64
+static redisReplyObjectFunctions reader_fns;
+static void *(*reader_create_array)(const redisReadTask *, int);
+static pthread_once_t reader_fns_once = PTHREAD_ONCE_INIT;
+
+static void *create_array_bounded(const redisReadTask *task, int elements)
+{
+    if (elements < 0 || elements > READER_MAX_ELEMENTS)
+        return NULL; /* hiredis: out of memory, the reader's error */
+    return reader_create_array(task, elements);
+}
+
+static void reader_fns_init(void)
+{
+    redisReader *probe = redisReaderCreate();
+    if (!probe)
+        return;
+    reader_fns = *probe->fn;
+    reader_create_array = reader_fns.createArray;
+    reader_fns.createArray = create_array_bounded;
+    redisReaderFree(probe);
+}
+
 int cp__bus_redis_feed(cp_bus *bus, int i, const uint8_t *p, size_t n)
 {
     redisReader *rd = bus->drv_state[i];
     if (!rd) {
-        rd = redisReaderCreate();
+        pthread_once(&reader_fns_once, reader_fns_init);
+        if (!reader_create_array)
+            return -ENOMEM;
+        rd = redisReaderCreateWithFunctions(&reader_fns);
         if (!rd)
             return -ENOMEM;
         bus->drv_state[i] = rd;

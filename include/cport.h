@@ -987,6 +987,27 @@ CP_API int cp_session_send(cp_session *s, cp_sendbuf *b);
 /* Copies data into a new buffer and sends it. */
 CP_API int cp_session_send_copy(cp_session *s, const void *data, size_t len);
 
+/* Forwarding without a copy: a closed send buffer holding len bytes at data,
+ * which must lie within what the running callback of s was given: on_recv's
+ * bytes, or a packet handler's body together with the CP_PACKET_HEADER bytes
+ * before it (body - CP_PACKET_HEADER, len + CP_PACKET_HEADER: the packet as
+ * it came, header and all). Only on s's worker, inside that callback. Where
+ * the bytes are still in the receive buffer the backend read them into
+ * (epoll, io_uring, IOCP), the buffer itself is lent to the send buffer and
+ * the worker reads on into another one, so a relay, an echo or a
+ * broadcast of what a player sent costs no copy; the buffer goes back when
+ * the last reference to the send buffer is released, on any thread, also
+ * after the port is gone. Otherwise the bytes are copied, as by
+ * cp_sendbuf_copy: when they were reassembled across receives, came through
+ * a filter (TLS, WebSocket), are smaller than 4 KiB (a copy costs less), or
+ * the worker has many buffers lent already (io_uring keeps 3/4 of its
+ * buffers for receiving). A lent buffer costs its whole size (32 or 64 KiB)
+ * against a send queue's limit while queued, and a queue that backs up
+ * copies it out as it does other buffers (send_queue_limit). The caller
+ * holds one reference. NULL if s is NULL, data is NULL with len > 0, or out
+ * of memory. */
+CP_API cp_sendbuf *cp_sendbuf_from_recv(cp_session *s, const void *data, size_t len);
+
 /* The hard close: starts disconnecting with CP_REASON_LOCAL at once. What is
  * still queued is dropped (a packet sent just before may never arrive; use
  * cp_session_shutdown for that). Any thread; -ENOTCONN if already

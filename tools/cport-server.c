@@ -580,23 +580,31 @@ static void on_disconnected(cp_session *s, cp_reason reason, int err)
     atomic_fetch_add_explicit(&st->disconnected, 1, memory_order_relaxed);
 }
 
-/* echo: raw bytes back as they came. Everything offered is consumed, so the
- * session never keeps a carry buffer. A failed allocation disconnects the
- * session: silently dropping bytes would corrupt the client's stream. */
+/* echo: raw bytes back as they came, in the very buffer they were received
+ * into where the backend can lend it (cp_sendbuf_from_recv: no copy).
+ * Everything offered is consumed, so the session never keeps a carry
+ * buffer. A failed allocation disconnects the session: silently dropping
+ * bytes would corrupt the client's stream. */
 static size_t echo_on_recv(cp_session *s, const uint8_t *data, size_t len)
 {
-    /* The copy's only reference goes to the queue. Any other error means the
-     * session is already going away (or just overflowed its send queue and is
-     * being disconnected for it). */
-    if (cp_session_send_copy(s, data, len) == -ENOMEM)
+    cp_sendbuf *b = cp_sendbuf_from_recv(s, data, len);
+    if (b == NULL) {
         cp_session_disconnect(s);
+        return len;
+    }
+    /* Any error means the session is already going away (or just
+     * overflowed its send queue and is being disconnected for it). */
+    (void)cp_session_send(s, b);
+    cp_sendbuf_unref(b);
     return len;
 }
 
-/* packet: the same packet back. Returning < 0 disconnects (CP_REASON_HANDLER). */
+/* packet: the same packet back, header and all, as it came. Returning < 0
+ * disconnects (CP_REASON_HANDLER). */
 static int packet_on_packet(cp_session *s, uint16_t id, const uint8_t *body, size_t len)
 {
-    cp_sendbuf *b = cp_packet_make(id, body, len);
+    (void)id;
+    cp_sendbuf *b = cp_sendbuf_from_recv(s, body - CP_PACKET_HEADER, len + CP_PACKET_HEADER);
     if (b == NULL)
         return -1;
     (void)cp_session_send(s, b);

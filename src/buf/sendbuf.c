@@ -42,6 +42,8 @@
 #define BIG_CLASSES 4u    /* 16, 32, 64, 128 KiB */
 #define BIG_NONE UINT32_MAX
 #define BIG_POOL_BYTES (4u << 20) /* kept per class at most */
+/* A view's header and tail, allocated alone. */
+#define VIEW_BYTES (sizeof(cp_sendbuf) + sizeof(cp__sendbuf_view_tail))
 /* What malloc adds to an allocation (glibc: an 8-byte header, 16-byte steps). */
 #define MALLOC_OVERHEAD 16u
 
@@ -133,6 +135,13 @@ static cp_sendbuf *big_get(size_t cap)
 static void alone_put(cp_sendbuf *b)
 {
     uint32_t cls = b->big_class;
+    if (cls == CP_SENDBUF_VIEW) {
+        cp__sendbuf_view_tail t;
+        memcpy(&t, b->data, sizeof t);
+        cp__free(b);
+        t.put(t.arg, t.tag);
+        return;
+    }
     if (cls == CP_SENDBUF_BLOCK) {
         cp__pages_put(b, cp__sendbuf_block_charge(b->cap));
         return;
@@ -196,6 +205,8 @@ const size_t cp__sendbuf_chunk_charge = sizeof(cp_chunk);
 
 size_t cp__sendbuf_alone_charge(const cp_sendbuf *b)
 {
+    if (cp__sendbuf_is_view(b))
+        return ((const cp__sendbuf_view_tail *)(const void *)b->data)->pin + malloc_cost(VIEW_BYTES);
     if (b->big_class == CP_SENDBUF_BLOCK)
         return cp__sendbuf_block_charge(b->cap);
     if (b->big_class < BIG_CLASSES)
@@ -244,6 +255,35 @@ cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap)
     n->framing = b->framing;
     alone_put(b);
     return n;
+}
+
+cp_sendbuf *cp__sendbuf_view(const uint8_t *p, size_t len, const cp__sendbuf_view_tail *how)
+{
+    if (len > UINT32_MAX - 64)
+        return NULL;
+    cp_sendbuf *b = cp__malloc(VIEW_BYTES);
+    if (!b)
+        return NULL;
+    atomic_init(&b->refs, 1);
+    b->len = b->cap = (uint32_t)len;
+    b->framing = 0;
+    b->big_class = CP_SENDBUF_VIEW;
+    b->chunk = NULL;
+    cp__sendbuf_view_tail t = *how;
+    t.bytes = p;
+    memcpy(b->data, &t, sizeof t);
+    return b;
+}
+
+cp_sendbuf *cp__sendbuf_unview(cp_sendbuf *b)
+{
+    cp_sendbuf *c = cp__sendbuf_open(b->len);
+    if (c) {
+        memcpy(c->data, cp__sendbuf_bytes(b), b->len);
+        cp__sendbuf_close(c, b->len);
+    }
+    cp_sendbuf_unref(b);
+    return c;
 }
 
 /* Moves this thread's chunk past its open buffer, which keeps its first
@@ -390,7 +430,9 @@ cp_sendbuf *cp_sendbuf_open(size_t cap)
 #endif
 }
 
-uint8_t *cp_sendbuf_data(cp_sendbuf *b) { return b->data; }
+/* A view's bytes are received bytes lent out: readable, and written by
+ * nobody (cp_sendbuf_from_recv's buffers are closed). */
+uint8_t *cp_sendbuf_data(cp_sendbuf *b) { return (uint8_t *)(uintptr_t)cp__sendbuf_bytes(b); }
 
 /* Any thread: a buffer opened on one thread may be written and closed on
  * another. Only the thread that carved it moves its chunk on, and only when

@@ -749,7 +749,7 @@ static int publish(cp_bus *bus, const char *subject, uint64_t *seq, const cp_bus
 
 int cp__bus_publish_room(cp_bus *bus, const char *subject, uint64_t *seq, cp_sendbuf *b)
 {
-    cp_bus_payload p = { b->data, b->len, b };
+    cp_bus_payload p = { cp__sendbuf_bytes(b), b->len, b };
     return publish(bus, subject, seq, &p);
 }
 
@@ -798,7 +798,7 @@ int cp_bus_publish_buf(cp_bus *bus, const char *subject, cp_sendbuf *b)
 {
     if (!bus || !subject || !b || !cp__nats_subject_ok(subject, 0))
         return -EINVAL;
-    cp_bus_payload p = { b->data, b->len, b };
+    cp_bus_payload p = { cp__sendbuf_bytes(b), b->len, b };
     return publish(bus, subject, NULL, &p);
 }
 

@@ -80,7 +80,7 @@ static size_t head_of(uintptr_t v) { return (v & FRAMED_TAG) ? cp__sendbuf_head_
 static const uint8_t *ent_bytes(uintptr_t v)
 {
     size_t hl = head_of(v);
-    return hl ? buf_of(v)->head + CP_SENDBUF_HEADROOM - hl : buf_of(v)->data;
+    return hl ? buf_of(v)->head + CP_SENDBUF_HEADROOM - hl : cp__sendbuf_bytes(buf_of(v));
 }
 static size_t ent_len(uintptr_t v) { return buf_of(v)->len + head_of(v); }
 

@@ -1067,6 +1067,13 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         drain_begin(s); /* cp_session_shutdown's place in the order */
         return 0;
     }
+    /* A framed queue sends each buffer with its frame header in the
+     * headroom before its bytes, which a view of received bytes lacks. */
+    if (s->sq.framed && cp__sendbuf_is_view(b) && writing(s) && !s->drain_marked && b->len &&
+        !(b = cp__sendbuf_unview(b))) {
+        cp__session_request_close(s, CP_REASON_NO_MEMORY);
+        return -ENOMEM;
+    }
     if (!writing(s) || s->drain_marked) {
         r = -ENOTCONN;
     } else if (b->len == 0) {
@@ -1270,6 +1277,26 @@ int cp_session_send(cp_session *s, cp_sendbuf *b)
     if (!s || !b)
         return -EINVAL;
     return cp__session_send(s, b);
+}
+
+/* Below this a copy costs less than a lend (a view's allocation, and the
+ * receive buffer it keeps whole while queued). */
+#define LEND_MIN 4096u
+
+cp_sendbuf *cp_sendbuf_from_recv(cp_session *s, const void *data, size_t len)
+{
+    if (!s || (!data && len))
+        return NULL;
+    cp_worker *w = s->owner;
+    cp_rx_lend how;
+    if (len >= LEND_MIN && cp__self == w && w->port->be->rx_lend && w->port->be->rx_lend(w, data, len, &how)) {
+        cp__sendbuf_view_tail t = { .put = how.put, .arg = how.arg, .tag = how.tag, .pin = how.pin };
+        cp_sendbuf *b = cp__sendbuf_view(data, len, &t);
+        if (b)
+            return b;
+        how.put(how.arg, how.tag);
+    }
+    return cp_sendbuf_copy(data, len);
 }
 
 int cp_session_send_copy(cp_session *s, const void *data, size_t len)

@@ -67,6 +67,15 @@ struct cp_handle {
     void *be;               /* IOCP: the backend's record of the socket; io_uring: its held completions */
 };
 
+/* A receive buffer lent out (rx_lend below): put(arg, tag) gives it back;
+ * pin is the memory it keeps alive meanwhile. */
+typedef struct cp_rx_lend {
+    void (*put)(void *arg, uint32_t tag);
+    void *arg;
+    uint32_t tag;
+    uint32_t pin;
+} cp_rx_lend;
+
 typedef struct cp_backend_ops {
     const char *name;
     int (*init)(cp_worker *w);
@@ -119,6 +128,12 @@ typedef struct cp_backend_ops {
     /* Optional: gives back memory the backend kept from a load that is over
      * (the worker has gone quiet); called between rounds, never in poll(). */
     void (*trim)(cp_worker *w);
+    /* Lends out the receive buffer holding [p, p + n) that the completion
+     * this worker is delivering reads (cp_sendbuf_from_recv, on the worker,
+     * inside the completion's callback): fills how, and does not reuse the buffer until put is called (once per lend, any
+     * thread, possibly after the port is gone). False if p is not in such a
+     * buffer or no more may be lent now: the caller copies the bytes. */
+    bool (*rx_lend)(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how);
 } cp_backend_ops;
 
 #ifdef _WIN32

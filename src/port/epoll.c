@@ -135,7 +135,9 @@ static void do_recv(cp_worker *w, cp_handle *h, cp_op *op)
     for (int i = 0; i < READS_PER_PASS; i++) {
         ssize_t n = read(h->fd, w->rbuf, w->rbuf_size);
         if (n > 0) {
+            cp__rbuf_enter(w);
             op->cb(w, op, (int)n, CP_CQE_MORE, w->rbuf);
+            cp__rbuf_settle(w);
             if (h->rd != op || h->rd_paused)
                 return;
             /* A short read drained the socket and the next bytes bring a new
@@ -317,6 +319,7 @@ static void ep_close(cp_worker *w, cp_handle *h)
 }
 
 const cp_backend_ops cp__epoll_backend = {
+    .rx_lend = cp__rbuf_lend,
     .name = "epoll",
     .init = ep_init,
     .fini = ep_fini,

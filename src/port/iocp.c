@@ -341,7 +341,9 @@ static void do_recv(cp_worker *w, io_sock *is)
     for (int i = 0; i < READS_PER_PASS; i++) {
         int n = recv(is->s, (char *)w->rbuf, (int)w->rbuf_size, 0);
         if (n > 0) {
+            cp__rbuf_enter(w);
             op->cb(w, op, n, CP_CQE_MORE, w->rbuf);
+            cp__rbuf_settle(w);
             if (is->h != h || h->rd != op || h->rd_paused)
                 return; /* closed, disarmed or paused by the callback */
             if ((size_t)n < w->rbuf_size) {
@@ -709,6 +711,7 @@ static void io_close(cp_worker *w, cp_handle *h)
 }
 
 const cp_backend_ops cp__iocp_backend = {
+    .rx_lend = cp__rbuf_lend,
     .name = "iocp",
     .init = io_init,
     .fini = io_fini,

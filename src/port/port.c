@@ -25,7 +25,7 @@
 
 _Thread_local cp_worker *cp__self;
 
-#define RBUF_SIZE (64u * 1024u)
+#define RBUF_RUN (64u * 1024u) /* a receive buffer's pages, its header included */
 #define BLK_MIN 16u
 #define BLK_MAX 1024u
 /* Inbox messages a round replays at most (whole blocks) before the backend's
@@ -531,8 +531,8 @@ static void worker_trim(cp_worker *w)
     }
     cp__pages_trim();
     cp__slab_trim();
-    if (w->rbuf)
-        cp__pages_discard(w->rbuf, w->rbuf_size);
+    if (w->rbuf_own) /* all but the first page, which has the header */
+        cp__pages_discard((uint8_t *)w->rbuf_own + CP_PAGE, RBUF_RUN - CP_PAGE);
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif
@@ -787,14 +787,69 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
 
 /* What the workers used; the port and worker structures themselves stay
  * until the last reference (see cp_port.refs). */
+/*
+ * The receive buffer of epoll and IOCP. Every read of the worker goes into
+ * the same one, so its bytes are warm in the cache. A handler that forwards
+ * what it was given without a copy (cp_sendbuf_from_recv) is lent the
+ * buffer: its views keep it, counted here, and the worker reads into a new
+ * one from the page cache after the callback; the last view to go, on any
+ * thread, puts the old one back there.
+ */
+struct cp_rbuf {
+    atomic_uint refs; /* the worker's while it reads into it, and one per view */
+    _Alignas(16) uint8_t data[];
+};
+#define RBUF_SIZE (RBUF_RUN - offsetof(struct cp_rbuf, data))
+
+static struct cp_rbuf *rbuf_new(void)
+{
+    struct cp_rbuf *b = cp__pages_get(RBUF_RUN);
+    if (b)
+        atomic_init(&b->refs, 1);
+    return b;
+}
+
+static void rbuf_put(void *arg, uint32_t tag)
+{
+    CP_UNUSED(tag);
+    struct cp_rbuf *b = arg;
+    if (atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1)
+        cp__pages_put(b, RBUF_RUN);
+}
+
+bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how)
+{
+    if (!w->rbuf_live || p < w->rbuf || p > w->rbuf + w->rbuf_size || n > (size_t)(w->rbuf + w->rbuf_size - p))
+        return false;
+    if (!w->rbuf_next && !(w->rbuf_next = rbuf_new()))
+        return false;
+    atomic_fetch_add_explicit(&w->rbuf_own->refs, 1, memory_order_relaxed);
+    *how = (cp_rx_lend){ .put = rbuf_put, .arg = w->rbuf_own, .pin = RBUF_RUN };
+    return true;
+}
+
+void cp__rbuf_settle(cp_worker *w)
+{
+    w->rbuf_live = false;
+    if (!w->rbuf_next)
+        return;
+    rbuf_put(w->rbuf_own, 0);
+    w->rbuf_own = w->rbuf_next;
+    w->rbuf_next = NULL;
+    w->rbuf = w->rbuf_own->data;
+}
+
 static void workers_free(cp_port *p)
 {
     for (int i = 0; i < p->nworkers; i++) {
         cp_worker *w = &p->workers[i];
         cp__free(w->outbox);
         cp__free(w->deferred);
-        if (w->rbuf)
-            cp__pages_unmap(w->rbuf, w->rbuf_size);
+        if (w->rbuf_own)
+            rbuf_put(w->rbuf_own, 0); /* lent views may keep it */
+        if (w->rbuf_next)
+            rbuf_put(w->rbuf_next, 0);
+        w->rbuf_own = w->rbuf_next = NULL;
         cp__free(w->timers);
         w->outbox = NULL;
         w->deferred = NULL;
@@ -861,9 +916,11 @@ static int worker_init(cp_port *p, int i)
     w->writes_tail = &w->writes;
     /* NOLINTNEXTLINE(bugprone-sizeof-expression): an array of pointers: the element size is a pointer's */
     w->outbox = cp__zalloc(sizeof *w->outbox * (size_t)p->nworkers);
+    /* From the page cache, so that it can be lent (cp__rbuf_lend); a trim
+     * gives its pages back (worker_trim). */
+    w->rbuf_own = rbuf_new();
+    w->rbuf = w->rbuf_own ? w->rbuf_own->data : NULL;
     w->rbuf_size = RBUF_SIZE;
-    /* Pages of its own: a trim gives them back (worker_trim). */
-    w->rbuf = cp__pages_map(RBUF_SIZE, CP_PAGE);
     if (!w->outbox || !w->rbuf)
         return -ENOMEM;
     return p->be->init(w);

@@ -161,9 +161,15 @@ struct cp_worker {
     } * deferred;
     size_t ndeferred, capdeferred;
 
-    /* Receive buffer shared by every session of this worker. */
+    /* Receive buffer shared by every session of this worker (epoll, IOCP):
+     * the bytes of rbuf_own, which a handler may keep (cp__rbuf_lend). The
+     * worker then reads into rbuf_next, taken by the lend, once the
+     * callback is over (cp__rbuf_settle). rbuf_live: inside a receive's
+     * callback. */
     uint8_t *rbuf;
     size_t rbuf_size;
+    struct cp_rbuf *rbuf_own, *rbuf_next;
+    bool rbuf_live;
 
     /* Timer heap. */
     cp_wtimer **timers;
@@ -288,5 +294,11 @@ static inline void cp__post_round_end(cp_worker *w, cp_posted *p)
 }
 /* True when called on a worker of this port. */
 static inline bool cp__on_worker(const cp_port *p) { return cp__self && cp__self->port == p; }
+
+/* The rx_lend of the backends that read into the worker's rbuf (epoll,
+ * IOCP), and what they call around a receive's callback. */
+bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how);
+static inline void cp__rbuf_enter(cp_worker *w) { w->rbuf_live = true; }
+void cp__rbuf_settle(cp_worker *w);
 
 #endif

@@ -54,6 +54,7 @@
 #define UR_RING_MIN 32             /* provided buffers in the ring at least (see ring_refill) */
 #define UR_RING_SHRINK 1024        /* batches that never use half of the ring before it halves */
 #define UR_COPY_MAX (64u << 20)    /* bytes held as copies past UR_HELD_MAX, per worker */
+#define UR_LEND_MAX (UR_NBUFS / 4) /* provided buffers lent out at once (ur_lend) */
 
 #ifndef WAKE_MSG_RING_DEFAULT
 #  define WAKE_MSG_RING_DEFAULT 1
@@ -69,6 +70,50 @@ typedef struct ur_slot {
     struct iovec iov[UR_IOV];
     struct ur_slot *next;
 } ur_slot;
+
+/*
+ * Provided buffers lent out (cp_sendbuf_from_recv): a handler forwards the
+ * bytes it was given without a copy, and the buffer stays out of the ring
+ * until the last view of it is released, on any thread, possibly after the
+ * worker has gone. So the buffers' mapping belongs to this record, shared by
+ * the worker and the views: it is unmapped by the last of them. A buffer's
+ * count is 0 while it is not lent; lending it makes it 2, the view's and the
+ * worker's, which the worker drops when the completion's delivery is over
+ * (recycle); each further view of it adds one. Whoever drops the last gives
+ * the buffer back: the worker to its free stack directly, another thread to
+ * ret, which the worker takes at its next refill.
+ */
+typedef struct ur_lent {
+    atomic_uint refs; /* the worker's, and one per buffer lent */
+    atomic_bool any_returned;
+    pthread_mutex_t lock; /* ret, nret */
+    unsigned nret;
+    uint16_t ret[UR_NBUFS];
+    atomic_uint count[UR_NBUFS];
+    uint8_t *bufs; /* UR_NBUFS * UR_BUFSZ bytes */
+} ur_lent;
+
+static void lent_unref(ur_lent *l)
+{
+    if (atomic_fetch_sub_explicit(&l->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    munmap(l->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
+    pthread_mutex_destroy(&l->lock);
+    cp__free(l);
+}
+
+/* A view's release (any thread): the last one hands the buffer back. */
+static void lent_put(void *arg, uint32_t bid)
+{
+    ur_lent *l = arg;
+    if (atomic_fetch_sub_explicit(&l->count[bid], 1, memory_order_acq_rel) != 1)
+        return;
+    pthread_mutex_lock(&l->lock);
+    l->ret[l->nret++] = (uint16_t)bid;
+    atomic_store_explicit(&l->any_returned, true, memory_order_release);
+    pthread_mutex_unlock(&l->lock);
+    lent_unref(l);
+}
 
 /* A receive completion held back because its session was paused (see
  * "Holding completions back"), with the provided buffer it names. */
@@ -92,6 +137,8 @@ typedef struct ur_state {
     bool ring_up;
     struct io_uring_buf_ring *br;
     uint8_t *bufs;
+    struct ur_lent *lent; /* owns the mapping at bufs */
+    int cur_bid;          /* the buffer of the completion being delivered, or -1 */
     uint16_t *free_bids; /* buffers out of the ring and unused, the most recently freed on top */
     unsigned nfree;
     unsigned in_ring;   /* buffers added to the ring that no completion has named yet */
@@ -357,10 +404,14 @@ static int ur_thread_init(cp_worker *w)
     st->br = mmap(NULL, brsz, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
     st->bufs = mmap(NULL, (size_t)UR_NBUFS * UR_BUFSZ, PROT_READ | PROT_WRITE,
                     MAP_ANONYMOUS | MAP_PRIVATE | MAP_NORESERVE, -1, 0);
-    if (st->br == MAP_FAILED || st->bufs == MAP_FAILED) {
+    if (st->br == MAP_FAILED || st->bufs == MAP_FAILED || !(st->lent = cp__zalloc(sizeof *st->lent))) {
         r = -ENOMEM;
         goto fail;
     }
+    atomic_init(&st->lent->refs, 1);
+    pthread_mutex_init(&st->lent->lock, NULL);
+    st->lent->bufs = st->bufs;
+    st->cur_bid = -1;
     struct io_uring_buf_reg reg = { .ring_addr = (uintptr_t)st->br,
                                     .ring_entries = UR_NBUFS,
                                     .bgid = UR_BGID };
@@ -416,8 +467,12 @@ static void ur_thread_fini(cp_worker *w)
     st->ring_up = false;
     if (st->br && st->br != MAP_FAILED)
         munmap(st->br, sizeof(struct io_uring_buf) * UR_NBUFS);
-    if (st->bufs && st->bufs != MAP_FAILED)
+    /* The mapping goes with the last view of a lent buffer, if any is left. */
+    if (st->lent)
+        lent_unref(st->lent);
+    else if (st->bufs && st->bufs != MAP_FAILED)
         munmap(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
+    st->lent = NULL;
     st->br = NULL;
     st->bufs = NULL;
     cp__free(st->free_bids);
@@ -791,7 +846,56 @@ static void arm_wake(ur_state *st)
 
 /* A buffer the worker is done with: on top of the free ones, for the next
  * ring_refill. */
-static void recycle(ur_state *st, unsigned bid) { st->free_bids[st->nfree++] = (uint16_t)bid; }
+static void recycle(ur_state *st, unsigned bid)
+{
+    /* A lent buffer comes back when its views are gone, unless they already
+     * are (its count was raised from 0 only here, on this thread). */
+    atomic_uint *c = &st->lent->count[bid];
+    if (atomic_load_explicit(c, memory_order_acquire) != 0) {
+        if (atomic_fetch_sub_explicit(c, 1, memory_order_acq_rel) != 1)
+            return;
+        atomic_fetch_sub_explicit(&st->lent->refs, 1, memory_order_relaxed); /* never the last: ours stays */
+    }
+    st->free_bids[st->nfree++] = (uint16_t)bid;
+}
+
+/* Buffers whose views were released on other threads. */
+static void take_returned(ur_state *st)
+{
+    ur_lent *l = st->lent;
+    if (!atomic_load_explicit(&l->any_returned, memory_order_acquire))
+        return;
+    pthread_mutex_lock(&l->lock);
+    for (unsigned i = 0; i < l->nret; i++)
+        st->free_bids[st->nfree++] = l->ret[i];
+    l->nret = 0;
+    atomic_store_explicit(&l->any_returned, false, memory_order_relaxed);
+    pthread_mutex_unlock(&l->lock);
+}
+
+/* The backend's rx_lend: the buffer of the completion being delivered, if
+ * [p, p + n) lies in it and fewer than UR_LEND_MAX are out. */
+static bool ur_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how)
+{
+    ur_state *st = w->be;
+    if (st->cur_bid < 0)
+        return false;
+    ur_lent *l = st->lent;
+    unsigned bid = (unsigned)st->cur_bid;
+    const uint8_t *base = st->bufs + (size_t)bid * UR_BUFSZ;
+    if (p < base || p > base + UR_BUFSZ || n > (size_t)(base + UR_BUFSZ - p))
+        return false;
+    if (atomic_load_explicit(&l->count[bid], memory_order_relaxed) == 0) {
+        if (atomic_load_explicit(&l->refs, memory_order_relaxed) > UR_LEND_MAX)
+            return false;
+        atomic_fetch_add_explicit(&l->refs, 1, memory_order_relaxed);
+        atomic_store_explicit(&l->count[bid], 2, memory_order_relaxed);
+    } else {
+        atomic_fetch_add_explicit(&l->count[bid], 1, memory_order_relaxed);
+    }
+    *how = (cp_rx_lend){ .put = lent_put, .arg = l, .tag = bid, .pin = UR_BUFSZ };
+    return true;
+}
 
 /*
  * Which provided buffers the kernel gets. The ring is a queue: the kernel
@@ -828,6 +932,7 @@ static void ring_adapt(ur_state *st)
 static void ring_refill(ur_state *st)
 {
     int mask = io_uring_buf_ring_mask(UR_NBUFS), n = 0;
+    take_returned(st);
     while (st->in_ring < st->ring_goal && st->nfree) {
         unsigned bid = st->free_bids[--st->nfree];
         io_uring_buf_ring_add(st->br, st->bufs + (size_t)bid * UR_BUFSZ, UR_BUFSZ, (unsigned short)bid, mask,
@@ -1024,9 +1129,12 @@ static void replay_held(cp_worker *w, ur_state *st)
             ur_held *e = h->be;
             h->be = e->next;
             const uint8_t *data = e->copy;
-            if (e->flags & IORING_CQE_F_BUFFER)
-                data = st->bufs + (size_t)(e->flags >> IORING_CQE_BUFFER_SHIFT) * UR_BUFSZ;
+            if (e->flags & IORING_CQE_F_BUFFER) {
+                st->cur_bid = (int)(e->flags >> IORING_CQE_BUFFER_SHIFT);
+                data = st->bufs + (size_t)st->cur_bid * UR_BUFSZ;
+            }
             deliver(w, st, e->op, e->res, e->flags, data);
+            st->cur_bid = -1;
             held_free(st, e);
         }
     }
@@ -1123,7 +1231,10 @@ static void dispatch(cp_worker *w, ur_state *st, uint64_t ud, int res, unsigned 
         st->ring_starved = true;
     const uint8_t *data = has_buf ? st->bufs + (size_t)bid * UR_BUFSZ : NULL;
     cp_op *op = ud == TAG_IGNORE ? NULL : current_op(ud);
-    if (op && !complete_op(w, st, op, res, flags, data))
+    st->cur_bid = has_buf ? (int)bid : -1;
+    bool done = !op || complete_op(w, st, op, res, flags, data);
+    st->cur_bid = -1;
+    if (!done)
         return; /* the buffer (or a copy) stays with the held completion */
     if (has_buf)
         recycle(st, bid);
@@ -1241,7 +1352,9 @@ static void ur_trim(cp_worker *w)
 {
     ur_state *st = w->be;
     free_spares(st);
-    if (st->bufs && !st->nheld && (st->ring.flags & IORING_SETUP_DEFER_TASKRUN))
+    /* Nor while a buffer is lent: its views still send its bytes. */
+    if (st->bufs && !st->nheld && atomic_load_explicit(&st->lent->refs, memory_order_acquire) == 1 &&
+        (st->ring.flags & IORING_SETUP_DEFER_TASKRUN))
         (void)madvise(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ, MADV_DONTNEED);
 }
 
@@ -1270,4 +1383,5 @@ const cp_backend_ops cp__uring_backend = {
     .send_holds_bufs = true,
     .close = ur_close,
     .trim = ur_trim,
+    .rx_lend = ur_lend,
 };

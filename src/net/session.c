@@ -1289,7 +1289,8 @@ cp_sendbuf *cp_sendbuf_from_recv(cp_session *s, const void *data, size_t len)
         return NULL;
     cp_worker *w = s->owner;
     cp_rx_lend how;
-    if (len >= LEND_MIN && cp__self == w && w->port->be->rx_lend && w->port->be->rx_lend(w, data, len, &how)) {
+    if (len >= LEND_MIN && cp__self == w && w->port->be->rx_lend &&
+        w->port->be->rx_lend(w, data, len, &how)) {
         cp__sendbuf_view_tail t = { .put = how.put, .arg = how.arg, .tag = how.tag, .pin = how.pin };
         cp_sendbuf *b = cp__sendbuf_view(data, len, &t);
         if (b)

@@ -139,7 +139,7 @@ typedef struct ur_state {
     uint8_t *bufs;
     struct ur_lent *lent; /* owns the mapping at bufs */
     int cur_bid;          /* the buffer of the completion being delivered, or -1 */
-    uint16_t *free_bids; /* buffers out of the ring and unused, the most recently freed on top */
+    uint16_t *free_bids;  /* buffers out of the ring and unused, the most recently freed on top */
     unsigned nfree;
     unsigned in_ring;   /* buffers added to the ring that no completion has named yet */
     unsigned ring_goal; /* how many ring_refill keeps there (UR_RING_MIN..UR_NBUFS) */

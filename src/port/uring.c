@@ -80,11 +80,13 @@ typedef struct ur_slot {
  * count is 0 while it is not lent; lending it makes it 2, the view's and the
  * worker's, which the worker drops when the completion's delivery is over
  * (recycle); each further view of it adds one. Whoever drops the last gives
- * the buffer back: the worker to its free stack directly, another thread to
- * ret, which the worker takes at its next refill.
+ * the buffer back: the worker itself (an echo's write completed) to its free
+ * stack directly, another thread to ret, which the worker takes at its next
+ * refill.
  */
 typedef struct ur_lent {
-    atomic_uint refs; /* the worker's, and one per buffer lent */
+    _Atomic(cp_worker *) w; /* the owner: on its thread the free stack is at hand */
+    atomic_uint refs;       /* the worker's, and one per buffer lent */
     atomic_bool any_returned;
     pthread_mutex_t lock; /* ret, nret */
     unsigned nret;
@@ -92,28 +94,6 @@ typedef struct ur_lent {
     atomic_uint count[UR_NBUFS];
     uint8_t *bufs; /* UR_NBUFS * UR_BUFSZ bytes */
 } ur_lent;
-
-static void lent_unref(ur_lent *l)
-{
-    if (atomic_fetch_sub_explicit(&l->refs, 1, memory_order_acq_rel) != 1)
-        return;
-    munmap(l->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
-    pthread_mutex_destroy(&l->lock);
-    cp__free(l);
-}
-
-/* A view's release (any thread): the last one hands the buffer back. */
-static void lent_put(void *arg, uint32_t bid)
-{
-    ur_lent *l = arg;
-    if (atomic_fetch_sub_explicit(&l->count[bid], 1, memory_order_acq_rel) != 1)
-        return;
-    pthread_mutex_lock(&l->lock);
-    l->ret[l->nret++] = (uint16_t)bid;
-    atomic_store_explicit(&l->any_returned, true, memory_order_release);
-    pthread_mutex_unlock(&l->lock);
-    lent_unref(l);
-}
 
 /* A receive completion held back because its session was paused (see
  * "Holding completions back"), with the provided buffer it names. */
@@ -157,6 +137,35 @@ typedef struct ur_state {
     int msg_fd;          /* a duplicate of the ring's descriptor for other workers' MSG_RING
                            * wake-ups, open until ur_fini (after every worker has stopped) */
 } ur_state;
+
+static void lent_unref(ur_lent *l)
+{
+    if (atomic_fetch_sub_explicit(&l->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    munmap(l->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
+    pthread_mutex_destroy(&l->lock);
+    cp__free(l);
+}
+
+/* A view's release (any thread): the last one hands the buffer back. */
+static void lent_put(void *arg, uint32_t bid)
+{
+    ur_lent *l = arg;
+    if (atomic_fetch_sub_explicit(&l->count[bid], 1, memory_order_acq_rel) != 1)
+        return;
+    cp_worker *owner = atomic_load_explicit(&l->w, memory_order_relaxed);
+    if (owner && cp__self == owner) { /* the owner, alive: it holds a reference of its own */
+        ur_state *st = owner->be;
+        st->free_bids[st->nfree++] = (uint16_t)bid;
+        atomic_fetch_sub_explicit(&l->refs, 1, memory_order_relaxed);
+        return;
+    }
+    pthread_mutex_lock(&l->lock);
+    l->ret[l->nret++] = (uint16_t)bid;
+    atomic_store_explicit(&l->any_returned, true, memory_order_release);
+    pthread_mutex_unlock(&l->lock);
+    lent_unref(l);
+}
 
 /* How a worker wakes another worker of its port (threads that are not workers
  * always write the eventfd): 1 = IORING_OP_MSG_RING from the waker's own ring,
@@ -411,6 +420,7 @@ static int ur_thread_init(cp_worker *w)
     atomic_init(&st->lent->refs, 1);
     pthread_mutex_init(&st->lent->lock, NULL);
     st->lent->bufs = st->bufs;
+    atomic_store_explicit(&st->lent->w, w, memory_order_relaxed);
     st->cur_bid = -1;
     struct io_uring_buf_reg reg = { .ring_addr = (uintptr_t)st->br,
                                     .ring_entries = UR_NBUFS,
@@ -467,10 +477,12 @@ static void ur_thread_fini(cp_worker *w)
     st->ring_up = false;
     if (st->br && st->br != MAP_FAILED)
         munmap(st->br, sizeof(struct io_uring_buf) * UR_NBUFS);
-    /* The mapping goes with the last view of a lent buffer, if any is left. */
-    if (st->lent)
+    /* The mapping goes with the last view of a lent buffer, if any is left;
+     * views released from now on, here too, take the locked way back. */
+    if (st->lent) {
+        atomic_store_explicit(&st->lent->w, NULL, memory_order_relaxed);
         lent_unref(st->lent);
-    else if (st->bufs && st->bufs != MAP_FAILED)
+    } else if (st->bufs && st->bufs != MAP_FAILED)
         munmap(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ);
     st->lent = NULL;
     st->br = NULL;

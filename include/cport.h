@@ -1003,9 +1003,11 @@ CP_API int cp_session_send_copy(cp_session *s, const void *data, size_t len);
  * the worker has many buffers lent already (io_uring keeps 3/4 of its
  * buffers for receiving). A lent buffer costs its whole size (32 or 64 KiB)
  * against a send queue's limit while queued, and a queue that backs up
- * copies it out as it does other buffers (send_queue_limit). The caller
- * holds one reference. NULL if s is NULL, data is NULL with len > 0, or out
- * of memory. */
+ * copies it out as it does other buffers (send_queue_limit). The buffer is
+ * closed: cp_sendbuf_data gives its bytes to read, never to write (a lent
+ * buffer's bytes may be queued on other sessions already). The caller holds
+ * one reference. NULL if s is NULL, data is NULL with len > 0, or out of
+ * memory. */
 CP_API cp_sendbuf *cp_sendbuf_from_recv(cp_session *s, const void *data, size_t len);
 
 /* The hard close: starts disconnecting with CP_REASON_LOCAL at once. What is

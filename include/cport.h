@@ -249,9 +249,11 @@ typedef struct cp_worker_metrics {
     uint64_t timers_armed; /* timers armed on it, at the end of its last round */
     /* io_uring's provided receive buffers (32 KiB each): how many the worker
      * has, how many are free (in the kernel's ring or waiting to go back),
-     * and how many keep bytes for paused sessions; at its last poll. The rest
-     * are being handled. All 0 on other backends. */
-    uint64_t recv_bufs, recv_bufs_free, recv_bufs_held;
+     * how many keep bytes for paused sessions, and how many are lent to send
+     * buffers (cp_sendbuf_from_recv: forwarded bytes not written yet, at
+     * most a quarter); at its last poll. The rest are being handled. All 0
+     * on other backends. */
+    uint64_t recv_bufs, recv_bufs_free, recv_bufs_held, recv_bufs_lent;
 } cp_worker_metrics;
 
 /* Fills out with worker's metrics, or with every worker's summed when

@@ -244,14 +244,16 @@ static void metrics_render(const metrics_src *src, mbuf *b)
         mbuf_printf(b, "cport_worker_timers{worker=\"%d\"} %llu\n", w,
                     (unsigned long long)wm[w].timers_armed);
     metric_head(b, "cport_worker_recv_buffers", "gauge",
-                "io_uring receive buffers of the worker by state: free, held for paused sessions, or in "
-                "use.");
+                "io_uring receive buffers of the worker by state: free, held for paused sessions, lent to "
+                "forwarded send buffers, or in use.");
     for (int w = 0; w < nw; w++) {
-        unsigned long long all = wm[w].recv_bufs, fr = wm[w].recv_bufs_free, held = wm[w].recv_bufs_held;
+        unsigned long long all = wm[w].recv_bufs, fr = wm[w].recv_bufs_free, held = wm[w].recv_bufs_held,
+                           lent = wm[w].recv_bufs_lent;
         mbuf_printf(b, "cport_worker_recv_buffers{worker=\"%d\",state=\"free\"} %llu\n", w, fr);
         mbuf_printf(b, "cport_worker_recv_buffers{worker=\"%d\",state=\"held\"} %llu\n", w, held);
+        mbuf_printf(b, "cport_worker_recv_buffers{worker=\"%d\",state=\"lent\"} %llu\n", w, lent);
         mbuf_printf(b, "cport_worker_recv_buffers{worker=\"%d\",state=\"in_use\"} %llu\n", w,
-                    all >= fr + held ? all - fr - held : 0);
+                    all >= fr + held + lent ? all - fr - held - lent : 0);
     }
     free(wm);
 }

@@ -1136,6 +1136,7 @@ int cp_port_metrics_get(const cp_port *port, int worker, cp_worker_metrics *out)
         out->recv_bufs += atomic_load_explicit(&w->m->rbufs, memory_order_relaxed);
         out->recv_bufs_free += atomic_load_explicit(&w->m->rbufs_free, memory_order_relaxed);
         out->recv_bufs_held += atomic_load_explicit(&w->m->rbufs_held, memory_order_relaxed);
+        out->recv_bufs_lent += atomic_load_explicit(&w->m->rbufs_lent, memory_order_relaxed);
     }
     return 0;
 }

@@ -85,7 +85,7 @@ typedef struct cp_wmetrics {
     cp_whist round, wait, job;
     atomic_uint_fast64_t timers; /* armed at the end of the last round */
     /* The backend's receive buffers (io_uring), at the last poll. */
-    atomic_uint_fast64_t rbufs, rbufs_free, rbufs_held;
+    atomic_uint_fast64_t rbufs, rbufs_free, rbufs_held, rbufs_lent;
 } cp_wmetrics;
 
 /* ------------------------------------------------------------------ port */

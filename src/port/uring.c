@@ -1335,6 +1335,9 @@ static int ur_poll(cp_worker *w, int timeout_ms)
     ring_refill(st);
     atomic_store_explicit(&w->m->rbufs_free, st->in_ring + st->nfree, memory_order_relaxed);
     atomic_store_explicit(&w->m->rbufs_held, st->nheld, memory_order_relaxed);
+    /* Buffers lent: one reference each to the record, besides the worker's. */
+    atomic_store_explicit(&w->m->rbufs_lent, atomic_load_explicit(&st->lent->refs, memory_order_relaxed) - 1,
+                          memory_order_relaxed);
     int r = ur_enter(st, timeout_ms, recheck);
     if (recheck && !io_uring_sq_ready(&st->ring))
         recheck_recvs(st); /* its cancellations go out with the next submission */

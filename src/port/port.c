@@ -25,7 +25,7 @@
 
 _Thread_local cp_worker *cp__self;
 
-#define RBUF_RUN (64u * 1024u) /* a receive buffer's pages, its header included */
+#define RBUF_SIZE (64u * 1024u)
 #define BLK_MIN 16u
 #define BLK_MAX 1024u
 /* Inbox messages a round replays at most (whole blocks) before the backend's
@@ -531,8 +531,8 @@ static void worker_trim(cp_worker *w)
     }
     cp__pages_trim();
     cp__slab_trim();
-    if (w->rbuf_own) /* all but the first page, which has the header */
-        cp__pages_discard((uint8_t *)w->rbuf_own + CP_PAGE, RBUF_RUN - CP_PAGE);
+    if (w->rbuf)
+        cp__pages_discard(w->rbuf, w->rbuf_size);
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif
@@ -793,17 +793,21 @@ static const cp_backend_ops *choose_backend(cp_backend want, int *err)
  * what it was given without a copy (cp_sendbuf_from_recv) is lent the
  * buffer: its views keep it, counted here, and the worker reads into a new
  * one from the page cache after the callback; the last view to go, on any
- * thread, puts the old one back there.
+ * thread, puts the old one back there. The count is apart from the pages,
+ * so that a trim can give every page of the worker's buffer back.
  */
 struct cp_rbuf {
     atomic_uint refs; /* the worker's while it reads into it, and one per view */
-    _Alignas(16) uint8_t data[];
+    uint8_t *data;    /* RBUF_SIZE bytes from the page cache */
 };
-#define RBUF_SIZE (RBUF_RUN - offsetof(struct cp_rbuf, data))
 
 static struct cp_rbuf *rbuf_new(void)
 {
-    struct cp_rbuf *b = cp__pages_get(RBUF_RUN);
+    struct cp_rbuf *b = cp__malloc(sizeof *b);
+    if (b && !(b->data = cp__pages_get(RBUF_SIZE))) {
+        cp__free(b);
+        b = NULL;
+    }
     if (b)
         atomic_init(&b->refs, 1);
     return b;
@@ -813,8 +817,10 @@ static void rbuf_put(void *arg, uint32_t tag)
 {
     CP_UNUSED(tag);
     struct cp_rbuf *b = arg;
-    if (atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1)
-        cp__pages_put(b, RBUF_RUN);
+    if (atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    cp__pages_put(b->data, RBUF_SIZE);
+    cp__free(b);
 }
 
 bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how)
@@ -825,7 +831,7 @@ bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how)
     if (!w->rbuf_next && !(w->rbuf_next = rbuf_new()))
         return false;
     atomic_fetch_add_explicit(&w->rbuf_own->refs, 1, memory_order_relaxed);
-    *how = (cp_rx_lend){ .put = rbuf_put, .arg = w->rbuf_own, .pin = RBUF_RUN };
+    *how = (cp_rx_lend){ .put = rbuf_put, .arg = w->rbuf_own, .pin = RBUF_SIZE };
     return true;
 }
 

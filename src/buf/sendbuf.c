@@ -139,7 +139,7 @@ static void alone_put(cp_sendbuf *b)
         cp__sendbuf_view_tail t;
         memcpy(&t, b->data, sizeof t);
         cp__free(b);
-        t.put(t.arg, t.tag);
+        t.loan.put(t.loan.arg, t.loan.tag);
         return;
     }
     if (cls == CP_SENDBUF_BLOCK) {
@@ -206,7 +206,7 @@ const size_t cp__sendbuf_chunk_charge = sizeof(cp_chunk);
 size_t cp__sendbuf_alone_charge(const cp_sendbuf *b)
 {
     if (cp__sendbuf_is_view(b))
-        return ((const cp__sendbuf_view_tail *)(const void *)b->data)->pin + malloc_cost(VIEW_BYTES);
+        return ((const cp__sendbuf_view_tail *)(const void *)b->data)->loan.pin + malloc_cost(VIEW_BYTES);
     if (b->big_class == CP_SENDBUF_BLOCK)
         return cp__sendbuf_block_charge(b->cap);
     if (b->big_class < BIG_CLASSES)
@@ -257,7 +257,7 @@ cp_sendbuf *cp__sendbuf_block_grow(cp_sendbuf *b, size_t cap)
     return n;
 }
 
-cp_sendbuf *cp__sendbuf_view(const uint8_t *p, size_t len, const cp__sendbuf_view_tail *how)
+cp_sendbuf *cp__sendbuf_view(const uint8_t *p, size_t len, const cp_loan *loan)
 {
     if (len > UINT32_MAX - 64)
         return NULL;
@@ -269,8 +269,7 @@ cp_sendbuf *cp__sendbuf_view(const uint8_t *p, size_t len, const cp__sendbuf_vie
     b->framing = 0;
     b->big_class = CP_SENDBUF_VIEW;
     b->chunk = NULL;
-    cp__sendbuf_view_tail t = *how;
-    t.bytes = p;
+    cp__sendbuf_view_tail t = { .bytes = p, .loan = *loan };
     memcpy(b->data, &t, sizeof t);
     return b;
 }

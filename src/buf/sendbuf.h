@@ -49,17 +49,14 @@ void cp__sendbuf_frame(cp_sendbuf *b);
 /* big_class of a view: a buffer whose bytes are memory it does not own, a
  * received buffer a backend lent out (cp_sendbuf_from_recv). Its header is
  * allocated alone, followed by a cp__sendbuf_view_tail in place of data; the
- * last unref gives the memory back through the tail's put. A view has no
- * headroom before its bytes, so a WebSocket session's framed queue takes a
- * copy of it instead (session.c). */
+ * last unref frees it and puts the loan back. A view has no headroom before
+ * its bytes, so a WebSocket session's framed queue takes a copy of it
+ * instead (sendq.c). */
 #define CP_SENDBUF_VIEW (UINT32_MAX - 2)
 
 typedef struct cp__sendbuf_view_tail {
     const uint8_t *bytes;
-    void (*put)(void *arg, uint32_t tag); /* any thread, once */
-    void *arg;
-    uint32_t tag;
-    uint32_t pin; /* bytes the lent memory keeps alive: the view's charge */
+    cp_loan loan; /* its pin is the view's charge */
 } cp__sendbuf_view_tail;
 
 static inline bool cp__sendbuf_is_view(const cp_sendbuf *b) { return b->big_class == CP_SENDBUF_VIEW; }
@@ -68,9 +65,9 @@ static inline const uint8_t *cp__sendbuf_bytes(const cp_sendbuf *b)
 {
     return cp__sendbuf_is_view(b) ? ((const cp__sendbuf_view_tail *)(const void *)b->data)->bytes : b->data;
 }
-/* A closed view of len bytes at p (one reference), or NULL out of memory
- * (then put is not called: the caller still owns the memory). */
-cp_sendbuf *cp__sendbuf_view(const uint8_t *p, size_t len, const cp__sendbuf_view_tail *how);
+/* A closed view of len bytes at p (one reference) that takes over the loan,
+ * or NULL out of memory (the caller then still holds the loan). */
+cp_sendbuf *cp__sendbuf_view(const uint8_t *p, size_t len, const cp_loan *loan);
 /* A closed copy of b's bytes in an ordinary buffer (with headroom), which
  * takes over the caller's reference to b; NULL out of memory (b released). */
 cp_sendbuf *cp__sendbuf_unview(cp_sendbuf *b);

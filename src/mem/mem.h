@@ -29,6 +29,17 @@ size_t cp__pages_in_use(void); /* bytes handed out and not given back */
 static inline size_t cp__pages_round(size_t n) { return (n + CP_PAGE - 1) & ~(size_t)(CP_PAGE - 1); }
 
 
+/* Memory lent out by its owner (a backend's receive buffer, lent to a send
+ * buffer by cp_sendbuf_from_recv): put(arg, tag) gives it back, once, on any
+ * thread, possibly after the owner is gone; pin is how many bytes the loan
+ * keeps alive meanwhile. */
+typedef struct cp_loan {
+    void (*put)(void *arg, uint32_t tag);
+    void *arg;
+    uint32_t tag;
+    uint32_t pin;
+} cp_loan;
+
 /* Objects of one size in blocks of pages of their own (slab.c). Any thread. */
 typedef struct cp_slab {
     pthread_mutex_t lock;

@@ -1288,14 +1288,13 @@ cp_sendbuf *cp_sendbuf_from_recv(cp_session *s, const void *data, size_t len)
     if (!s || (!data && len))
         return NULL;
     cp_worker *w = s->owner;
-    cp_rx_lend how;
+    cp_loan loan;
     if (len >= LEND_MIN && cp__self == w && w->port->be->rx_lend &&
-        w->port->be->rx_lend(w, data, len, &how)) {
-        cp__sendbuf_view_tail t = { .put = how.put, .arg = how.arg, .tag = how.tag, .pin = how.pin };
-        cp_sendbuf *b = cp__sendbuf_view(data, len, &t);
+        w->port->be->rx_lend(w, data, len, &loan)) {
+        cp_sendbuf *b = cp__sendbuf_view(data, len, &loan);
         if (b)
             return b;
-        how.put(how.arg, how.tag);
+        loan.put(loan.arg, loan.tag);
     }
     return cp_sendbuf_copy(data, len);
 }

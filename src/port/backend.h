@@ -12,6 +12,7 @@
 #ifndef CP_BACKEND_H
 #define CP_BACKEND_H
 
+#include "mem/mem.h"
 #include "sys.h"
 
 #include <stdbool.h>
@@ -67,15 +68,6 @@ struct cp_handle {
     void *be;               /* IOCP: the backend's record of the socket; io_uring: its held completions */
 };
 
-/* A receive buffer lent out (rx_lend below): put(arg, tag) gives it back;
- * pin is the memory it keeps alive meanwhile. */
-typedef struct cp_rx_lend {
-    void (*put)(void *arg, uint32_t tag);
-    void *arg;
-    uint32_t tag;
-    uint32_t pin;
-} cp_rx_lend;
-
 typedef struct cp_backend_ops {
     const char *name;
     int (*init)(cp_worker *w);
@@ -130,10 +122,10 @@ typedef struct cp_backend_ops {
     void (*trim)(cp_worker *w);
     /* Lends out the receive buffer holding [p, p + n) that the completion
      * this worker is delivering reads (cp_sendbuf_from_recv, on the worker,
-     * inside the completion's callback): fills how, and does not reuse the buffer until put is called (once per lend, any
-     * thread, possibly after the port is gone). False if p is not in such a
-     * buffer or no more may be lent now: the caller copies the bytes. */
-    bool (*rx_lend)(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how);
+     * inside the completion's callback): fills loan, and does not reuse the
+     * buffer until the loan is put back. False if p is not in such a buffer
+     * or no more may be lent now: the caller copies the bytes. */
+    bool (*rx_lend)(cp_worker *w, const uint8_t *p, size_t n, cp_loan *loan);
 } cp_backend_ops;
 
 #ifdef _WIN32

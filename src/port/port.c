@@ -823,7 +823,7 @@ static void rbuf_put(void *arg, uint32_t tag)
     cp__free(b);
 }
 
-bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how)
+bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_loan *loan)
 {
     if (!w->rbuf_live || p < w->rbuf || p > w->rbuf + w->rbuf_size ||
         n > (size_t)(w->rbuf + w->rbuf_size - p))
@@ -831,7 +831,7 @@ bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how)
     if (!w->rbuf_next && !(w->rbuf_next = rbuf_new()))
         return false;
     atomic_fetch_add_explicit(&w->rbuf_own->refs, 1, memory_order_relaxed);
-    *how = (cp_rx_lend){ .put = rbuf_put, .arg = w->rbuf_own, .pin = RBUF_SIZE };
+    *loan = (cp_loan){ .put = rbuf_put, .arg = w->rbuf_own, .pin = RBUF_SIZE };
     return true;
 }
 

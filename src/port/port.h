@@ -297,7 +297,7 @@ static inline bool cp__on_worker(const cp_port *p) { return cp__self && cp__self
 
 /* The rx_lend of the backends that read into the worker's rbuf (epoll,
  * IOCP), and what they call around a receive's callback. */
-bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how);
+bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_loan *loan);
 static inline void cp__rbuf_enter(cp_worker *w) { w->rbuf_live = true; }
 void cp__rbuf_settle(cp_worker *w);
 

@@ -887,7 +887,7 @@ static void take_returned(ur_state *st)
 
 /* The backend's rx_lend: the buffer of the completion being delivered, if
  * [p, p + n) lies in it and fewer than UR_LEND_MAX are out. */
-static bool ur_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how)
+static bool ur_lend(cp_worker *w, const uint8_t *p, size_t n, cp_loan *loan)
 {
     ur_state *st = w->be;
     if (st->cur_bid < 0)
@@ -905,7 +905,7 @@ static bool ur_lend(cp_worker *w, const uint8_t *p, size_t n, cp_rx_lend *how)
     } else {
         atomic_fetch_add_explicit(&l->count[bid], 1, memory_order_relaxed);
     }
-    *how = (cp_rx_lend){ .put = lent_put, .arg = l, .tag = bid, .pin = UR_BUFSZ };
+    *loan = (cp_loan){ .put = lent_put, .arg = l, .tag = bid, .pin = UR_BUFSZ };
     return true;
 }
 

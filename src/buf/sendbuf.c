@@ -274,17 +274,6 @@ cp_sendbuf *cp__sendbuf_view(const uint8_t *p, size_t len, const cp_loan *loan)
     return b;
 }
 
-cp_sendbuf *cp__sendbuf_unview(cp_sendbuf *b)
-{
-    cp_sendbuf *c = cp__sendbuf_open(b->len);
-    if (c) {
-        memcpy(c->data, cp__sendbuf_bytes(b), b->len);
-        cp__sendbuf_close(c, b->len);
-    }
-    cp_sendbuf_unref(b);
-    return c;
-}
-
 /* Moves this thread's chunk past its open buffer, which keeps its first
  * `keep` bytes of data. */
 static void commit_open(uint32_t keep)

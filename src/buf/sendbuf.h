@@ -68,9 +68,6 @@ static inline const uint8_t *cp__sendbuf_bytes(const cp_sendbuf *b)
 /* A closed view of len bytes at p (one reference) that takes over the loan,
  * or NULL out of memory (the caller then still holds the loan). */
 cp_sendbuf *cp__sendbuf_view(const uint8_t *p, size_t len, const cp_loan *loan);
-/* A closed copy of b's bytes in an ordinary buffer (with headroom), which
- * takes over the caller's reference to b; NULL out of memory (b released). */
-cp_sendbuf *cp__sendbuf_unview(cp_sendbuf *b);
 
 /* The memory b may keep alive while it is referenced, about what malloc
  * took for it: for a buffer carved from a chunk, the whole chunk (any one

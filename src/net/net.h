@@ -68,7 +68,8 @@ typedef struct cp_sendq {
  * passes limit (an empty queue takes any b of at most limit bytes), -ENOMEM;
  * the caller keeps b then. In a framed queue, b is sent with the frame
  * header its close wrote into its headroom in front (sendbuf.h: one
- * WebSocket binary message). gather fills at most max_iov entries with the
+ * WebSocket binary message); a view, which has no headroom, is queued as a
+ * copy. gather fills at most max_iov entries with the
  * unsent bytes from the front, stopping once max_bytes are reached, and
  * returns how many; pending says that a send which reads those n entries'
  * memory is in flight, landed that it completed; consume drops the first n

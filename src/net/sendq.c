@@ -468,7 +468,22 @@ static int push(cp_sendq *q, cp_sendbuf *b, size_t limit, uintptr_t framed)
 
 int cp__sendq_push(cp_sendq *q, cp_sendbuf *b, size_t limit)
 {
-    return push(q, b, limit, q->framed ? FRAMED_TAG : 0);
+    if (!q->framed || !cp__sendbuf_is_view(b))
+        return push(q, b, limit, q->framed ? FRAMED_TAG : 0);
+    /* A framed entry goes out with its frame header in the headroom just
+     * before its bytes, which a view (received bytes lent out) does not
+     * have: a copy is queued in its place, and stands for the caller's
+     * reference. */
+    cp_sendbuf *c = cp_sendbuf_copy(cp__sendbuf_bytes(b), b->len);
+    if (!c)
+        return -ENOMEM;
+    int r = push(q, c, limit, FRAMED_TAG);
+    if (r < 0) {
+        cp_sendbuf_unref(c);
+        return r;
+    }
+    cp_sendbuf_unref(b);
+    return 0;
 }
 
 cp_sendbuf *cp__sendq_pop(cp_sendq *q)

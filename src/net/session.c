@@ -1067,13 +1067,6 @@ static int queue_owned(cp_session *s, cp_sendbuf *b)
         drain_begin(s); /* cp_session_shutdown's place in the order */
         return 0;
     }
-    /* A framed queue sends each buffer with its frame header in the
-     * headroom before its bytes, which a view of received bytes lacks. */
-    if (s->sq.framed && cp__sendbuf_is_view(b) && writing(s) && !s->drain_marked && b->len &&
-        !(b = cp__sendbuf_unview(b))) {
-        cp__session_request_close(s, CP_REASON_NO_MEMORY);
-        return -ENOMEM;
-    }
     if (!writing(s) || s->drain_marked) {
         r = -ENOTCONN;
     } else if (b->len == 0) {

@@ -68,6 +68,12 @@ struct cp_handle {
     void *be;               /* IOCP: the backend's record of the socket; io_uring: its held completions */
 };
 
+/* True if the n bytes at p lie within the size bytes at base (rx_lend). */
+static inline bool cp__bytes_within(const uint8_t *p, size_t n, const uint8_t *base, size_t size)
+{
+    return p >= base && p <= base + size && n <= (size_t)(base + size - p);
+}
+
 typedef struct cp_backend_ops {
     const char *name;
     int (*init)(cp_worker *w);

@@ -825,8 +825,7 @@ static void rbuf_put(void *arg, uint32_t tag)
 
 bool cp__rbuf_lend(cp_worker *w, const uint8_t *p, size_t n, cp_loan *loan)
 {
-    if (!w->rbuf_live || p < w->rbuf || p > w->rbuf + w->rbuf_size ||
-        n > (size_t)(w->rbuf + w->rbuf_size - p))
+    if (!w->rbuf_live || !cp__bytes_within(p, n, w->rbuf, w->rbuf_size))
         return false;
     if (!w->rbuf_next && !(w->rbuf_next = rbuf_new()))
         return false;

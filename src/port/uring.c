@@ -147,7 +147,8 @@ static void lent_unref(ur_lent *l)
     cp__free(l);
 }
 
-/* A view's release (any thread): the last one hands the buffer back. */
+/* A view's release, any thread, or the worker's part of a loan (recycle):
+ * the last reference hands the buffer back. */
 static void lent_put(void *arg, uint32_t bid)
 {
     ur_lent *l = arg;
@@ -860,15 +861,13 @@ static void arm_wake(ur_state *st)
  * ring_refill. */
 static void recycle(ur_state *st, unsigned bid)
 {
-    /* A lent buffer comes back when its views are gone, unless they already
-     * are (its count was raised from 0 only here, on this thread). */
-    atomic_uint *c = &st->lent->count[bid];
-    if (atomic_load_explicit(c, memory_order_acquire) != 0) {
-        if (atomic_fetch_sub_explicit(c, 1, memory_order_acq_rel) != 1)
-            return;
-        atomic_fetch_sub_explicit(&st->lent->refs, 1, memory_order_relaxed); /* never the last: ours stays */
-    }
-    st->free_bids[st->nfree++] = (uint16_t)bid;
+    /* A lent buffer: the worker drops its part of the loan, and the buffer
+     * comes back now if its views are gone already, else with the last of
+     * them (a count is raised from 0 only on this thread). */
+    if (atomic_load_explicit(&st->lent->count[bid], memory_order_acquire) != 0)
+        lent_put(st->lent, bid);
+    else
+        st->free_bids[st->nfree++] = (uint16_t)bid;
 }
 
 /* Buffers whose views were released on other threads. */
@@ -894,8 +893,7 @@ static bool ur_lend(cp_worker *w, const uint8_t *p, size_t n, cp_loan *loan)
         return false;
     ur_lent *l = st->lent;
     unsigned bid = (unsigned)st->cur_bid;
-    const uint8_t *base = st->bufs + (size_t)bid * UR_BUFSZ;
-    if (p < base || p > base + UR_BUFSZ || n > (size_t)(base + UR_BUFSZ - p))
+    if (!cp__bytes_within(p, n, st->bufs + (size_t)bid * UR_BUFSZ, UR_BUFSZ))
         return false;
     if (atomic_load_explicit(&l->count[bid], memory_order_relaxed) == 0) {
         if (atomic_load_explicit(&l->refs, memory_order_relaxed) > UR_LEND_MAX)

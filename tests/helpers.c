@@ -99,7 +99,14 @@ uint64_t cpt_process_cpu_ns(void)
     return (kt + ut) * 100u; /* 100 ns units */
 }
 
-static int cpt_thread_id(void) { return (int)GetCurrentThreadId(); }
+int cpt_thread_id(void) { return (int)GetCurrentThreadId(); }
+
+/* Windows does not say; a caller then judges every window. */
+uint64_t cpt_thread_kept_off_ns(int tid)
+{
+    (void)tid;
+    return 0;
+}
 
 #else
 
@@ -128,9 +135,51 @@ uint64_t cpt_process_cpu_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static int cpt_thread_id(void) { return (int)gettid(); }
+int cpt_thread_id(void) { return (int)gettid(); }
+
+/* The thread's run-queue wait from its schedstat, plus the machine's steal
+ * time averaged over its CPUs (a hypervisor stops every thread alike). */
+uint64_t cpt_thread_kept_off_ns(int tid)
+{
+    uint64_t kept = 0;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/task/%d/schedstat", tid);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        unsigned long long on_cpu, waited;
+        if (fscanf(f, "%llu %llu", &on_cpu, &waited) == 2)
+            kept += waited;
+        fclose(f);
+    }
+    f = fopen("/proc/stat", "r");
+    if (f) {
+        unsigned long long v[8];
+        if (fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                   &v[6], &v[7]) == 8) {
+            long hz = sysconf(_SC_CLK_TCK), cpus = sysconf(_SC_NPROCESSORS_ONLN);
+            if (hz > 0 && cpus > 0)
+                kept += v[7] * (1000000000u / (uint64_t)hz) / (uint64_t)cpus;
+        }
+        fclose(f);
+    }
+    return kept;
+}
 
 #endif
+
+uint64_t cpt_sleep_watching(unsigned ms, const int *tids, int n)
+{
+    uint64_t before[8], worst = 0;
+    n = n < 8 ? n : 8;
+    for (int i = 0; i < n; i++)
+        before[i] = cpt_thread_kept_off_ns(tids[i]);
+    cpt_sleep_ms(ms);
+    for (int i = 0; i < n; i++) {
+        uint64_t k = cpt_thread_kept_off_ns(tids[i]) - before[i];
+        worst = k > worst ? k : worst;
+    }
+    return worst;
+}
 
 /* ------------------------------------------------------------------ port and services */
 

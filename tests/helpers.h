@@ -69,6 +69,17 @@ void cpt_sleep_ms(unsigned ms);
 void cpt_sleep_us(unsigned us);
 /* CPU time used by the whole process (all threads), in nanoseconds. */
 uint64_t cpt_process_cpu_ns(void);
+/* The calling thread's id, as the system numbers threads. */
+int cpt_thread_id(void);
+/* How long thread tid (of this process) has so far been kept from running
+ * while it wanted to run: waiting for a CPU, or stopped by the hypervisor.
+ * A timing test compares two readings to tell a slow part from a starved
+ * machine. 0 where the system does not say. */
+uint64_t cpt_thread_kept_off_ns(int tid);
+/* Sleeps ms, the window a timing test counts in, and returns the longest any
+ * of the n threads was kept from running meanwhile. A window in which a
+ * worker was starved says nothing about the part under test. */
+uint64_t cpt_sleep_watching(unsigned ms, const int *tids, int n);
 
 /* Evaluates expr every millisecond until it is true or timeout_ms passed;
  * sets ok (a bool lvalue) to the final value of expr. */

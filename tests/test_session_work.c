@@ -35,6 +35,7 @@ typedef struct sstate {
     int last_seq[NHAMMER]; /* per poster thread; touched on the owner only */
     atomic_int ticks;
     atomic_int ticks_at_disc;
+    atomic_int tid; /* the owner's thread id, for its run-queue wait */
     atomic_int post_ran;
     atomic_int post_saw_connected;
     atomic_int fired;
@@ -369,6 +370,7 @@ static void tick(cp_session *s, void *arg)
 
 static void start_ticking(cp_session *s, sstate *st)
 {
+    atomic_store(&st->tid, cpt_thread_id());
     cp_session_timer *t = NULL;
     if (cp_session_timer_start(&t, s, 100, 100, tick, st) != 0)
         atomic_fetch_add(&bad_rc, 1);
@@ -384,6 +386,33 @@ static void stop_ticking(cp_session *s, sstate *st)
         atomic_fetch_add(&failures, 1); /* the disconnect ended it already */
 }
 
+/* Counts the ticks of sessions 0..n-1 over a window of ms. A window in which
+ * a worker was kept from running for more than half a period (waiting for a
+ * CPU, or stopped by the hypervisor) says nothing about the timer: its ticks
+ * were late because nothing ran. Such a window is measured again, at most
+ * five times; a window that was not starved is judged as it is. */
+static uint64_t count_ticks(int n, unsigned ms, int *ticks)
+{
+    uint64_t elapsed = 0;
+    int before[2], tids[2];
+    for (int i = 0; i < n; i++)
+        tids[i] = atomic_load(&states[i].tid);
+    for (int round = 0; round < 5; round++) {
+        for (int i = 0; i < n; i++)
+            before[i] = atomic_load(&states[i].ticks);
+        uint64_t t0 = cpt_now_ms();
+        uint64_t starved = cpt_sleep_watching(ms, tids, n); /* a sleep: the window the test counts in */
+        elapsed = cpt_now_ms() - t0;
+        for (int i = 0; i < n; i++)
+            ticks[i] = atomic_load(&states[i].ticks) - before[i];
+        if (starved < 50u * 1000000u)
+            break;
+        cr_log_info("a worker was kept from running for %llu ms of a %llu ms window; measuring again",
+                    (unsigned long long)(starved / 1000000u), (unsigned long long)elapsed);
+    }
+    return elapsed;
+}
+
 /* A bot's 10 Hz tick: about ten a second, on the session's worker; it ends
  * with the session, and a cancel from another thread ends it too. */
 Test(session_work, a_10hz_session_timer_ticks_until_the_disconnect, .timeout = 30)
@@ -393,15 +422,13 @@ Test(session_work, a_10hz_session_timer_ticks_until_the_disconnect, .timeout = 3
     start_env(2, 0, NULL);
     int fds[2];
     connect_clients(fds, 2);
-    uint64_t t0 = cpt_now_ms();
-    cpt_sleep_ms(1000); /* a sleep: the test counts the ticks of this window */
-    uint64_t elapsed = cpt_now_ms() - t0;
+    int ticks[2];
+    uint64_t elapsed = count_ticks(2, 1000, ticks);
     for (int i = 0; i < 2; i++) {
-        int n = atomic_load(&states[i].ticks);
-        /* A stall of this shared machine's scheduler can cost a tick or two:
-         * after one, the next tick is a period away. */
-        cr_expect(n >= 7 && n <= 12, "session %d ticked %d times in %llu ms at 10 Hz", i, n,
-                  (unsigned long long)elapsed);
+        /* A tick may fall outside the window's edges; where the system does
+         * not tell starvation (Windows), a short stall can cost another. */
+        cr_expect(ticks[i] >= 7 && ticks[i] <= 12, "session %d ticked %d times in %llu ms at 10 Hz", i,
+                  ticks[i], (unsigned long long)elapsed);
     }
     /* The first client's session disconnects: its timer stops with it; the
      * other session's goes on. */

@@ -153,6 +153,10 @@ int cp__ncpu(void)
 
 void cp__sleep_ms(unsigned ms) { Sleep(ms); }
 
+bool cp__fine_pause_ok(void) { return false; }
+uint64_t cp__thread_cpu_ns(void) { return 0; }
+void cp__pause_ns(uint64_t ns) { CP_UNUSED(ns); }
+
 void *cp__pages_map(size_t bytes, size_t align)
 {
     (void)align; /* VirtualAlloc aligns to 64 KiB */
@@ -214,6 +218,7 @@ int cp_wait_stop_signal(void)
 #  include <time.h>
 #  ifdef __linux__
 #    include <linux/sockios.h> /* SIOCOUTQ */
+#    include <sys/prctl.h>
 #  endif
 
 /* A handler that posts a semaphore is async-signal-safe and works whatever
@@ -377,6 +382,30 @@ void cp__pages_discard(void *p, size_t bytes) { madvise(p, bytes, MADV_DONTNEED)
 void cp__sleep_ms(unsigned ms)
 {
     struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+bool cp__fine_pause_ok(void) { return true; }
+
+uint64_t cp__thread_cpu_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0)
+        return 0;
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void cp__pause_ns(uint64_t ns)
+{
+#  ifdef PR_SET_TIMERSLACK
+    static _Thread_local bool fine;
+    if (!fine) {
+        prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL); /* 1 us */
+        fine = true;
+    }
+#  endif
+    struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000u), .tv_nsec = (long)(ns % 1000000000u) };
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
         ;
 }

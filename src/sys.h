@@ -13,6 +13,7 @@
 #define CP_SYS_H
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -69,6 +70,18 @@ int cp__sock_unacked(int fd);
 int cp__ncpu(void);
 /* Sleeps the calling thread. */
 void cp__sleep_ms(unsigned ms);
+/* Whether this system can pause a thread for well under a millisecond and
+ * tell the CPU time a thread used to as fine a grain (Linux, and POSIX
+ * systems with a thread CPU clock; not Windows, whose sleeps and thread
+ * times come in scheduler ticks). */
+bool cp__fine_pause_ok(void);
+/* CPU time the calling thread has used, in nanoseconds (0 where
+ * cp__fine_pause_ok is false). */
+uint64_t cp__thread_cpu_ns(void);
+/* Sleeps the calling thread for ns nanoseconds (no-op where
+ * cp__fine_pause_ok is false); asks the system, once per thread, not to
+ * stretch such short sleeps by its default timer slack (50 us on Linux). */
+void cp__pause_ns(uint64_t ns);
 /* bytes (a multiple of CP_PAGE) of zeroed memory straight from the system,
  * aligned to align (a power of two; at most CP_PAGES_ALIGN_MAX, which is
  * Windows' allocation granularity, so VirtualAlloc aligns by itself), or

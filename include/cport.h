@@ -169,6 +169,20 @@ typedef struct cp_port_opts {
      * of closing and opening sockets. Off by default: Wine does not implement
      * it, so only the default path is tested in CI (docs/design.md). */
     int iocp_reuse_sockets;
+    /* A worker whose writes fan out -- a round that started 32 or more
+     * sends, at least four per receive it handled: a room's broadcasts --
+     * pauses before its next poll for this percentage of the CPU time the
+     * round used (at most 1 ms). Meanwhile the room's next packets arrive
+     * and queue, so each of its next writes carries more of them: fewer,
+     * larger writes cost the server less per delivery and each client fewer
+     * reads. A loaded broadcast costs a quarter less CPU per delivery at the
+     * default, with no worse tail latency (bench/RESULTS.md); a packet waits
+     * for at most one pause more. Request and reply traffic (a send per
+     * receive) never pauses. 0 = the default, 25; -1 = never pause (each
+     * write as soon as the round allows); at most 100. Linux only: Windows
+     * cannot sleep or count a thread's CPU time that finely, and its workers
+     * never pause. */
+    int fanout_pause_pct;
 } cp_port_opts;
 
 /* Creates a port and starts its workers. opts may be NULL.
@@ -254,6 +268,9 @@ typedef struct cp_worker_metrics {
      * most a quarter); at its last poll. The rest are being handled. All 0
      * on other backends. */
     uint64_t recv_bufs, recv_bufs_free, recv_bufs_held, recv_bufs_lent;
+    /* Pauses after fan-out (cp_port_opts.fanout_pause_pct) and their total
+     * length, since the port started. */
+    uint64_t fanout_pauses, fanout_pause_ns;
 } cp_worker_metrics;
 
 /* Fills out with worker's metrics, or with every worker's summed when

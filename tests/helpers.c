@@ -197,10 +197,14 @@ cp_backend cpt_env_backend(void)
     return CP_BACKEND_AUTO;
 }
 
-cp_port *cpt_xport(int workers)
+cp_port *cpt_xport(int workers) { return cpt_xport_opts(&(cp_port_opts){ .workers = workers }); }
+
+cp_port *cpt_xport_opts(const cp_port_opts *opts)
 {
     cp_port *port = NULL;
-    cp_port_opts o = { .workers = workers, .backend = cpt_env_backend() };
+    cp_port_opts o = *opts;
+    o.backend = cpt_env_backend();
+    int workers = o.workers;
     int rc = cp_port_create(&port, &o);
     if (rc == -ENOTSUP && o.backend != CP_BACKEND_EPOLL && o.backend != CP_BACKEND_AUTO)
         cr_skip_test("backend %s not available here", getenv("CP_BACKEND"));
@@ -1453,9 +1457,15 @@ void cpt_leak_end(const cpt_leak_mark *m)
 void cpt_env_start(cpt_env *e, int workers, const cp_server_opts *opts, const cp_handlers *h, int cap,
                    unsigned flags)
 {
+    cpt_env_start_on(e, &(cp_port_opts){ .workers = workers }, opts, h, cap, flags);
+}
+
+void cpt_env_start_on(cpt_env *e, const cp_port_opts *port_opts, const cp_server_opts *opts,
+                      const cp_handlers *h, int cap, unsigned flags)
+{
     memset(e, 0, sizeof *e);
     cpt_leak_begin(&e->leak);
-    e->port = cpt_xport(workers);
+    e->port = cpt_xport_opts(port_opts);
     e->t = cpt_track_new(cap);
     e->t->keep_refs = (flags & CPT_KEEP_REFS) != 0;
     e->t->echo = (flags & CPT_NO_ECHO) == 0;

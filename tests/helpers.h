@@ -115,6 +115,8 @@ cp_backend cpt_env_backend(void);
 /* Creates a port with that backend (workers 0 = one per CPU). Skips the test if
  * the named backend is not available on this kernel (io_uring, IOCP). */
 cp_port *cpt_xport(int workers);
+/* The same with port options (the backend is still the environment's). */
+cp_port *cpt_xport_opts(const cp_port_opts *opts);
 void cpt_xport_destroy(cp_port *port);
 
 /* Starts a server. opts may be NULL; a NULL host becomes 127.0.0.1 and the
@@ -379,6 +381,9 @@ typedef struct cpt_env {
  * port); h may be NULL (cpt_track_handlers()); h is copied into e->h. */
 void cpt_env_start(cpt_env *e, int workers, const cp_server_opts *opts, const cp_handlers *h, int cap,
                    unsigned flags);
+/* The same on a port made with port_opts (the backend is the environment's). */
+void cpt_env_start_on(cpt_env *e, const cp_port_opts *port_opts, const cp_server_opts *opts,
+                      const cp_handlers *h, int cap, unsigned flags);
 /* Stops the server, checks the tracking, frees it, destroys the port and runs
  * the leak check. Close every test socket first. */
 void cpt_env_stop(cpt_env *e);

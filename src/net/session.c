@@ -504,6 +504,7 @@ static void arm_recv(cp_session *s)
 /* Received bytes for a connected session, or one in a filter's handshake. */
 static void recv_input(cp_worker *w, cp_session *s, const uint8_t *data, size_t n)
 {
+    cp__note_recv(w);
     w->feeder = &s->feeder;
     size_t packets = s->flt[0] ? ops_of(s->flt[0])->input(s->flt[0], data, n) : cp__session_input(s, data, n);
     w->feeder = NULL;
@@ -954,6 +955,7 @@ static void send_start(cp_session *s)
     cp_sendq *q = wire_queue(s);
     while (wire_open(s) && q->count && !s->wr.armed) {
         int n = cp__sendq_gather(q, iov, IOV_CAP, SEND_BYTES_CAP);
+        cp__note_send(w);
         int r = w->port->be->send(w, &s->h, &s->wr, iov, n);
         if (r == CP_PENDING) {
             if (w->port->be->send_holds_bufs)

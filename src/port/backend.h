@@ -87,6 +87,11 @@ typedef struct cp_backend_ops {
     int (*poll)(cp_worker *w, int timeout_ms);
     /* True while the backend has work that must not wait (no blocking poll). */
     int (*busy)(cp_worker *w);
+    /* Optional: starts what the round queued (io_uring: its submission
+     * queue) without taking completions, so that it runs before the worker
+     * pauses (port.c, fanout_pause). Backends whose writes run in the round
+     * leave it NULL. */
+    void (*submit)(cp_worker *w);
     /* Makes a worker blocked in poll() return. Any thread. */
     void (*wake)(cp_worker *w);
     /* Starts watching h->fd on this worker. */

@@ -576,6 +576,54 @@ static void trim_check(cp_worker *w, trim_state *t, int completions)
 }
 
 /* The round's duration, from its poll's return; the timers it left armed. */
+/*
+ * The pause after fan-out (cp_port_opts.fanout_pause_pct). A broadcast makes
+ * each receive a send to every member; a loaded worker then spends its time
+ * on writes, and the writes carry what came since the member's last one.
+ * Busy without a break, it writes as often as it can: each write is small
+ * and costs its syscall and its packet whatever it carries (chat, 1000
+ * clients: 13 packets a write). A pause of a quarter of the round's CPU
+ * time lets the room's next packets queue, so the next writes carry more;
+ * the worker's CPU per delivery falls by about the pause's share, and the
+ * clients, which read once per write, keep up better. Request and reply
+ * traffic (a send per receive) gains nothing from waiting and never pauses.
+ *
+ * What the worker used: the thread's CPU clock since its last pause (on
+ * io_uring the writes run in the kernel on this thread's clock, at the next
+ * submission); before its first, the round's own time since its poll
+ * returned. One clock read per pause. The writes the round queued start
+ * before the pause (io_uring submits them), so a pause delays what comes
+ * next, never what was already queued.
+ */
+#define FANOUT_MIN_SENDS 32u
+#define FANOUT_SENDS_PER_RECV 4u
+#define FANOUT_PAUSE_MAX_NS 1000000u
+
+static void fanout_pause(cp_worker *w)
+{
+    uint32_t sends = w->round_sends, recvs = w->round_recvs;
+    w->round_sends = w->round_recvs = 0;
+    unsigned pct = w->port->fanout_pause_pct;
+    if (!pct || sends < FANOUT_MIN_SENDS || sends < FANOUT_SENDS_PER_RECV * (recvs + 1))
+        return;
+    if (atomic_load_explicit(&w->port->exiting, memory_order_relaxed))
+        return;
+    if (w->port->be->submit)
+        w->port->be->submit(w);
+    uint64_t cpu = cp__thread_cpu_ns(), now = cp__now_ns();
+    uint64_t used = now > w->now_ns ? now - w->now_ns : 0;
+    if (w->paused_cpu_ns && cpu > w->paused_cpu_ns)
+        used = cpu - w->paused_cpu_ns;
+    uint64_t ns = used * pct / 100u;
+    ns = ns < FANOUT_PAUSE_MAX_NS ? ns : FANOUT_PAUSE_MAX_NS;
+    cp__pause_ns(ns);
+    w->paused_cpu_ns = cpu;
+    atomic_store_explicit(&w->m->pauses, atomic_load_explicit(&w->m->pauses, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+    atomic_store_explicit(&w->m->pause_ns, atomic_load_explicit(&w->m->pause_ns, memory_order_relaxed) + ns,
+                          memory_order_relaxed);
+}
+
 static void round_measure(cp_worker *w)
 {
     uint64_t end = cp__now_ns();
@@ -615,6 +663,7 @@ static void *worker_main(void *arg)
         last_poll = w->now_ns;
         round_finish(w);
         round_measure(w);
+        fanout_pause(w);
         trim_check(w, &trim, pr);
     }
     if (w->port->be->thread_fini)
@@ -897,6 +946,7 @@ static cp_port *port_alloc(const cp_backend_ops *be, const cp_port_opts *o)
     cp__queue_init(&p->queues);
     p->nworkers = o->workers;
     p->reuse_sockets = o->iocp_reuse_sockets != 0;
+    p->fanout_pause_pct = (unsigned)o->fanout_pause_pct;
     p->workers = cp__zalloc(sizeof *p->workers * (size_t)o->workers);
     p->wm_mem = cp__zalloc(WM_STRIDE * (size_t)o->workers + 63);
     if (!p->workers || !p->wm_mem) {
@@ -990,8 +1040,11 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
         return -EINVAL;
     *out = NULL;
     cp_port_opts o = opts ? *opts : (cp_port_opts){ 0 };
-    if (o.workers < 0 || o.workers > 1024)
+    if (o.workers < 0 || o.workers > 1024 || o.fanout_pause_pct < -1 || o.fanout_pause_pct > 100)
         return -EINVAL;
+    o.fanout_pause_pct = o.fanout_pause_pct == 0 ? 25 : o.fanout_pause_pct < 0 ? 0 : o.fanout_pause_pct;
+    if (!cp__fine_pause_ok())
+        o.fanout_pause_pct = 0;
     if (o.workers == 0) {
         o.workers = cp__ncpu();
     }
@@ -1142,6 +1195,8 @@ int cp_port_metrics_get(const cp_port *port, int worker, cp_worker_metrics *out)
         out->recv_bufs_free += atomic_load_explicit(&w->m->rbufs_free, memory_order_relaxed);
         out->recv_bufs_held += atomic_load_explicit(&w->m->rbufs_held, memory_order_relaxed);
         out->recv_bufs_lent += atomic_load_explicit(&w->m->rbufs_lent, memory_order_relaxed);
+        out->fanout_pauses += atomic_load_explicit(&w->m->pauses, memory_order_relaxed);
+        out->fanout_pause_ns += atomic_load_explicit(&w->m->pause_ns, memory_order_relaxed);
     }
     return 0;
 }

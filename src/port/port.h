@@ -86,6 +86,7 @@ typedef struct cp_wmetrics {
     atomic_uint_fast64_t timers; /* armed at the end of the last round */
     /* The backend's receive buffers (io_uring), at the last poll. */
     atomic_uint_fast64_t rbufs, rbufs_free, rbufs_held, rbufs_lent;
+    atomic_uint_fast64_t pauses, pause_ns; /* after fan-out (port.c) */
 } cp_wmetrics;
 
 /* ------------------------------------------------------------------ port */
@@ -188,6 +189,11 @@ struct cp_worker {
      * a job queue that is full can pause it (jobq.c); NULL otherwise. */
     cp_feeder *feeder;
     cp_wmetrics *m; /* its metrics (cp_port.wm_mem) */
+    /* What the current round did, as the layer above tells it
+     * (cp__note_send, cp__note_recv), for the pause after fan-out; and the
+     * thread's CPU clock at its last pause (0: none yet). */
+    uint32_t round_sends, round_recvs;
+    uint64_t paused_cpu_ns;
 };
 
 /* What a layer above keeps for reuse and can give back: run on a worker
@@ -197,8 +203,9 @@ typedef void (*cp_trim_fn)(void);
 
 struct cp_port {
     const cp_backend_ops *be;
-    void *be_shared;    /* backend state shared by the workers (IOCP's one port) */
-    bool reuse_sockets; /* cp_port_opts.iocp_reuse_sockets */
+    void *be_shared;           /* backend state shared by the workers (IOCP's one port) */
+    bool reuse_sockets;        /* cp_port_opts.iocp_reuse_sockets */
+    unsigned fanout_pause_pct; /* cp_port_opts.fanout_pause_pct; 0: never */
     int nworkers;
     cp_worker *workers;
     void *wm_mem;               /* the workers' cp_wmetrics, each on cache lines of its own */
@@ -287,6 +294,11 @@ static inline void cp__post_write(cp_worker *w, cp_posted *p)
     *w->writes_tail = p;
     w->writes_tail = &p->next;
 }
+
+/* A send started, a receive handled: counted for the pause after fan-out
+ * (port.c, fanout_pause). Owner only. */
+static inline void cp__note_send(cp_worker *w) { w->round_sends++; }
+static inline void cp__note_recv(cp_worker *w) { w->round_recvs++; }
 static inline void cp__post_round_end(cp_worker *w, cp_posted *p)
 {
     p->next = w->at_round_end;

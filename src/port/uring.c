@@ -1371,6 +1371,15 @@ static void ur_trim(cp_worker *w)
         (void)madvise(st->bufs, (size_t)UR_NBUFS * UR_BUFSZ, MADV_DONTNEED);
 }
 
+/* A refusal (-EBUSY while completions overflow) is left to the next poll,
+ * which submits again. */
+static void ur_submit(cp_worker *w)
+{
+    ur_state *st = w->be;
+    if (io_uring_sq_ready(&st->ring))
+        (void)io_uring_submit(&st->ring);
+}
+
 static int ur_busy(cp_worker *w)
 {
     ur_state *st = w->be;
@@ -1385,6 +1394,7 @@ const cp_backend_ops cp__uring_backend = {
     .thread_fini = ur_thread_fini,
     .poll = ur_poll,
     .busy = ur_busy,
+    .submit = ur_submit,
     .wake = ur_wake,
     .attach = ur_attach,
     .accept = ur_accept,

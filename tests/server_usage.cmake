@@ -33,11 +33,15 @@ set(bad
   "--mode,packet,--route-rate,7:5,--route-rate,7:6|given twice"
   "--mode,echo,--route-rate,7:5|not in echo mode"
   "--mode,packet,--flood,x|bad --flood"
-  "--mode,packet,--flood,1000|--flood needs a rate limit")
+  "--mode,packet,--flood,1000|--flood needs a rate limit"
+  "--fanout-pause,0|bad --fanout-pause"
+  "--fanout-pause,101|bad --fanout-pause"
+  "--fanout-pause,on|bad --fanout-pause")
 include(${CMAKE_CURRENT_LIST_DIR}/usage_check.cmake)
 usage_refuses(cport-server ${EXE} ${bad})
 usage_describes(cport-server ${EXE} "--rate-limit N")
 usage_describes(cport-server ${EXE} "--proxy-trusted CIDR")
+usage_describes(cport-server ${EXE} "--fanout-pause PCT")
 usage_describes(cport-server ${EXE} "--metrics HOST:PORT")
 usage_describes(cport-server ${EXE} "--route-rate ID:RATE")
 usage_describes(cport-server ${EXE} "--flood MS")

@@ -185,15 +185,14 @@ static inline int tool_parse_backend(const char *text, cp_backend *out)
  * or the kernel refuses it" into a message that says so. Returns 0, or the
  * exit status the caller should use (2 for an unavailable backend, which is a
  * usage problem, 1 for anything else). */
-static inline int tool_create_port(const char *prog, cp_port **port, int workers, cp_backend backend)
+static inline int tool_create_port(const char *prog, cp_port **port, const cp_port_opts *opts)
 {
-    cp_port_opts opts = { .workers = workers, .backend = backend };
-    int rc = cp_port_create(port, &opts);
+    int rc = cp_port_create(port, opts);
     if (rc == 0)
         return 0;
-    if (rc == -ENOTSUP && backend != CP_BACKEND_AUTO) {
+    if (rc == -ENOTSUP && opts->backend != CP_BACKEND_AUTO) {
         fprintf(stderr, "%s: %s backend not available in this build or on this kernel (%s)\n", prog,
-                backend == CP_BACKEND_URING ? "io_uring" : "requested", cp_strerror(rc));
+                opts->backend == CP_BACKEND_URING ? "io_uring" : "requested", cp_strerror(rc));
         return TOOL_EXIT_USAGE;
     }
     fprintf(stderr, "%s: cannot create the completion port: %s\n", prog, cp_strerror(rc));

@@ -1312,7 +1312,8 @@ int main(int argc, char **argv)
     }
 
     cp_port *port = NULL;
-    int status = tool_create_port(prog, &port, cfg->workers, cfg->backend);
+    int status = tool_create_port(prog, &port,
+                                  &(cp_port_opts){ .workers = cfg->workers, .backend = cfg->backend });
     if (status != 0) {
         free_state(st);
         return status;

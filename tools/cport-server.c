@@ -36,6 +36,7 @@ typedef struct server_config {
     server_mode mode;
     cp_backend backend;
     int workers;
+    int fanout_pause_pct; /* cp_port_opts: 0 = the library's default, -1 = off */
     uint32_t max_sessions;
     uint32_t max_packet;
     size_t send_queue_limit;
@@ -122,6 +123,9 @@ static void usage(FILE *out)
             "  --mode M              echo | packet | chat (default echo)\n"
             "  --backend B           " TOOL_BACKEND_CHOICES " (default auto)\n"
             "  --workers N           worker threads, 0 = one per CPU (default 0)\n"
+            "  --fanout-pause PCT    a worker busy with broadcasts pauses PCT%% of the CPU\n"
+            "                        time of a round before its next poll, so that its\n"
+            "                        writes carry more: 1..100, or off (default 25)\n"
             "  --max-sessions M      live sessions at most (default 10000)\n"
             "  --max-packet B        largest packet in bytes, header included, 4..65535\n"
             "                        (default 4096)\n"
@@ -321,6 +325,7 @@ static void parse_args(int argc, char **argv, server_config *cfg)
                                                  "--mode",
                                                  "--backend",
                                                  "--workers",
+                                                 "--fanout-pause",
                                                  "--max-sessions",
                                                  "--max-packet",
                                                  "--send-queue-limit",
@@ -389,6 +394,13 @@ static void parse_args(int argc, char **argv, server_config *cfg)
             if (tool_parse_u64(val, 0, 1024, 0, &n) != 0)
                 usage_error("bad --workers '%s' (0..1024)", val);
             cfg->workers = (int)n;
+        } else if (strcmp(opt, "--fanout-pause") == 0) {
+            if (strcmp(val, "off") == 0)
+                cfg->fanout_pause_pct = -1;
+            else if (tool_parse_u64(val, 1, 100, 0, &n) == 0)
+                cfg->fanout_pause_pct = (int)n;
+            else
+                usage_error("bad --fanout-pause '%s' (1..100 or off)", val);
         } else if (strcmp(opt, "--max-sessions") == 0) {
             if (tool_parse_u64(val, 1, 10000000, 0, &n) != 0)
                 usage_error("bad --max-sessions '%s' (1..10000000)", val);
@@ -784,7 +796,10 @@ int main(int argc, char **argv)
         }
     }
     cp_port *port = NULL;
-    int status = tool_create_port(prog, &port, cfg.workers, cfg.backend);
+    int status = tool_create_port(prog, &port,
+                                  &(cp_port_opts){ .workers = cfg.workers,
+                                                   .backend = cfg.backend,
+                                                   .fanout_pause_pct = cfg.fanout_pause_pct });
     if (status != 0)
         return status;
     cp_bus *bus = NULL;

@@ -255,6 +255,17 @@ static void metrics_render(const metrics_src *src, mbuf *b)
         mbuf_printf(b, "cport_worker_recv_buffers{worker=\"%d\",state=\"in_use\"} %llu\n", w,
                     all >= fr + held + lent ? all - fr - held - lent : 0);
     }
+    metric_head(b, "cport_worker_fanout_pauses_total", "counter",
+                "Pauses the worker made after rounds that fanned out (broadcasts), so that its next writes "
+                "carry more.");
+    for (int w = 0; w < nw; w++)
+        mbuf_printf(b, "cport_worker_fanout_pauses_total{worker=\"%d\"} %llu\n", w,
+                    (unsigned long long)wm[w].fanout_pauses);
+    metric_head(b, "cport_worker_fanout_pause_seconds_total", "counter",
+                "Time the worker spent in those pauses.");
+    for (int w = 0; w < nw; w++)
+        mbuf_printf(b, "cport_worker_fanout_pause_seconds_total{worker=\"%d\"} %.9f\n", w,
+                    (double)wm[w].fanout_pause_ns * 1e-9);
     free(wm);
 }
 

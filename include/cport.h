@@ -169,19 +169,19 @@ typedef struct cp_port_opts {
      * of closing and opening sockets. Off by default: Wine does not implement
      * it, so only the default path is tested in CI (docs/design.md). */
     int iocp_reuse_sockets;
-    /* A worker whose writes fan out -- a round that started 32 or more
-     * sends, at least four per receive it handled: a room's broadcasts --
-     * pauses before its next poll for this percentage of the CPU time the
-     * round used (at most 1 ms). Meanwhile the room's next packets arrive
-     * and queue, so each of its next writes carries more of them: fewer,
-     * larger writes cost the server less per delivery and each client fewer
-     * reads. A loaded broadcast costs a quarter less CPU per delivery at the
-     * default, with no worse tail latency (bench/RESULTS.md); a packet waits
-     * for at most one pause more. Request and reply traffic (a send per
-     * receive) never pauses. 0 = the default, 25; -1 = never pause (each
-     * write as soon as the round allows); at most 100. Linux only: Windows
-     * cannot sleep or count a thread's CPU time that finely, and its workers
-     * never pause. */
+    /* A worker whose writes fan out (a round that started 32 or more
+     * sends, while its last rounds made four or more per receive: a room's
+     * broadcasts) pauses before its next poll for this percentage of the
+     * CPU time it used since its last pause, at most 1 ms. Meanwhile the
+     * room's next packets arrive and queue, so each of its next writes
+     * carries more of them: fewer, larger writes cost the server less per
+     * delivery and each client fewer reads. At the default a loaded room
+     * costs about a fifth less CPU per delivery with no worse tail latency
+     * (bench/RESULTS.md); a packet waits for at most one pause more.
+     * Request and reply traffic (a send per receive) never pauses. 0 = the
+     * default, 25; -1 = never pause (each write as soon as the round
+     * allows); at most 100. Linux only: Windows cannot sleep or count a
+     * thread's CPU time that finely, and its workers never pause. */
     int fanout_pause_pct;
 } cp_port_opts;
 

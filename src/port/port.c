@@ -575,7 +575,6 @@ static void trim_check(cp_worker *w, trim_state *t, int completions)
     t->window_end = w->now_ns + TRIM_WINDOW_NS;
 }
 
-/* The round's duration, from its poll's return; the timers it left armed. */
 /*
  * The pause after fan-out (cp_port_opts.fanout_pause_pct). A broadcast makes
  * each receive a send to every member; a loaded worker then spends its time
@@ -587,6 +586,10 @@ static void trim_check(cp_worker *w, trim_state *t, int completions)
  * the worker's CPU per delivery falls by about the pause's share, and the
  * clients, which read once per write, keep up better. Request and reply
  * traffic (a send per receive) gains nothing from waiting and never pauses.
+ * Sends and receives are weighed over the last rounds (a sum that loses an
+ * eighth a round), not the round alone: a round that only writes what
+ * queued behind writes in flight (their completions came in it, the
+ * requests in the rounds before) is not a broadcast.
  *
  * What the worker used: the thread's CPU clock since its last pause (on
  * io_uring the writes run in the kernel on this thread's clock, at the next
@@ -601,10 +604,12 @@ static void trim_check(cp_worker *w, trim_state *t, int completions)
 
 static void fanout_pause(cp_worker *w)
 {
-    uint32_t sends = w->round_sends, recvs = w->round_recvs;
+    uint32_t sends = w->round_sends;
+    w->recent_sends += sends - (w->recent_sends >> 3);
+    w->recent_recvs += w->round_recvs - (w->recent_recvs >> 3);
     w->round_sends = w->round_recvs = 0;
     unsigned pct = w->port->fanout_pause_pct;
-    if (!pct || sends < FANOUT_MIN_SENDS || sends < FANOUT_SENDS_PER_RECV * (recvs + 1))
+    if (!pct || sends < FANOUT_MIN_SENDS || w->recent_sends < FANOUT_SENDS_PER_RECV * (w->recent_recvs + 1))
         return;
     if (atomic_load_explicit(&w->port->exiting, memory_order_relaxed))
         return;
@@ -624,6 +629,7 @@ static void fanout_pause(cp_worker *w)
                           memory_order_relaxed);
 }
 
+/* The round's duration, from its poll's return; the timers it left armed. */
 static void round_measure(cp_worker *w)
 {
     uint64_t end = cp__now_ns();

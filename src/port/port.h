@@ -190,9 +190,11 @@ struct cp_worker {
     cp_feeder *feeder;
     cp_wmetrics *m; /* its metrics (cp_port.wm_mem) */
     /* What the current round did, as the layer above tells it
-     * (cp__note_send, cp__note_recv), for the pause after fan-out; and the
+     * (cp__note_send, cp__note_recv), for the pause after fan-out; the
+     * same over the last rounds (each round keeps seven eighths); and the
      * thread's CPU clock at its last pause (0: none yet). */
     uint32_t round_sends, round_recvs;
+    uint32_t recent_sends, recent_recvs;
     uint64_t paused_cpu_ns;
 };
 

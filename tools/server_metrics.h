@@ -92,6 +92,22 @@ static void metric_head(mbuf *b, const char *name, const char *type, const char 
     mbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* One sample per worker of the uint64_t at offset off in its metrics: a
+ * count, or (scale non-zero) a quantity times scale (1e-9: ns to s). */
+static void worker_metric(mbuf *b, const char *name, const char *type, const char *help,
+                          const cp_worker_metrics *wm, int nw, size_t off, double scale)
+{
+    metric_head(b, name, type, help);
+    for (int w = 0; w < nw; w++) {
+        uint64_t v;
+        memcpy(&v, (const char *)&wm[w] + off, sizeof v);
+        if (scale != 0)
+            mbuf_printf(b, "%s{worker=\"%d\"} %.9f\n", name, w, (double)v * scale);
+        else
+            mbuf_printf(b, "%s{worker=\"%d\"} %llu\n", name, w, (unsigned long long)v);
+    }
+}
+
 /* A histogram of the library's (cp_histogram) as a Prometheus one: the
  * buckets cumulative, each bound times scale (1e-9: nanoseconds to seconds). */
 static void metric_histogram(mbuf *b, const char *name, const char *labels, const cp_histogram *h,
@@ -234,15 +250,11 @@ static void metrics_render(const metrics_src *src, mbuf *b)
                              (const cp_histogram *)(const void *)((const char *)&wm[w] + hists[h].off), 1e-9);
         }
     }
-    metric_head(b, "cport_worker_inbox_messages", "gauge", "Messages sent to the worker and not run yet.");
-    for (int w = 0; w < nw; w++)
-        mbuf_printf(b, "cport_worker_inbox_messages{worker=\"%d\"} %llu\n", w,
-                    (unsigned long long)wm[w].inbox_depth);
-    metric_head(b, "cport_worker_timers", "gauge",
-                "Timers armed on the worker at the end of its last round.");
-    for (int w = 0; w < nw; w++)
-        mbuf_printf(b, "cport_worker_timers{worker=\"%d\"} %llu\n", w,
-                    (unsigned long long)wm[w].timers_armed);
+    worker_metric(b, "cport_worker_inbox_messages", "gauge", "Messages sent to the worker and not run yet.",
+                  wm, nw, offsetof(cp_worker_metrics, inbox_depth), 0);
+    worker_metric(b, "cport_worker_timers", "gauge",
+                  "Timers armed on the worker at the end of its last round.", wm, nw,
+                  offsetof(cp_worker_metrics, timers_armed), 0);
     metric_head(b, "cport_worker_recv_buffers", "gauge",
                 "io_uring receive buffers of the worker by state: free, held for paused sessions, lent to "
                 "forwarded send buffers, or in use.");
@@ -255,17 +267,13 @@ static void metrics_render(const metrics_src *src, mbuf *b)
         mbuf_printf(b, "cport_worker_recv_buffers{worker=\"%d\",state=\"in_use\"} %llu\n", w,
                     all >= fr + held + lent ? all - fr - held - lent : 0);
     }
-    metric_head(b, "cport_worker_fanout_pauses_total", "counter",
-                "Pauses the worker made after rounds that fanned out (broadcasts), so that its next writes "
-                "carry more.");
-    for (int w = 0; w < nw; w++)
-        mbuf_printf(b, "cport_worker_fanout_pauses_total{worker=\"%d\"} %llu\n", w,
-                    (unsigned long long)wm[w].fanout_pauses);
-    metric_head(b, "cport_worker_fanout_pause_seconds_total", "counter",
-                "Time the worker spent in those pauses.");
-    for (int w = 0; w < nw; w++)
-        mbuf_printf(b, "cport_worker_fanout_pause_seconds_total{worker=\"%d\"} %.9f\n", w,
-                    (double)wm[w].fanout_pause_ns * 1e-9);
+    worker_metric(b, "cport_worker_fanout_pauses_total", "counter",
+                  "Pauses the worker made after rounds that fanned out (broadcasts), so that its next writes "
+                  "carry more.",
+                  wm, nw, offsetof(cp_worker_metrics, fanout_pauses), 0);
+    worker_metric(b, "cport_worker_fanout_pause_seconds_total", "counter",
+                  "Time the worker spent in those pauses.", wm, nw,
+                  offsetof(cp_worker_metrics, fanout_pause_ns), 1e-9);
     free(wm);
 }
 

@@ -176,11 +176,12 @@ typedef struct cp_port_opts {
      * room's next packets arrive and queue, so each of its next writes
      * carries more of them: fewer, larger writes cost the server less per
      * delivery and each client fewer reads. At the default a loaded room
-     * costs about a fifth less CPU per delivery with no worse tail latency
+     * costs a fifth to a third less CPU per delivery with no worse tail latency
      * (bench/RESULTS.md); a packet waits for at most one pause more.
      * Request and reply traffic (a send per receive) never pauses. 0 = the
-     * default, 25; -1 = never pause (each write as soon as the round
-     * allows); at most 100. Linux only: Windows cannot sleep or count a
+     * default: 25 on epoll, 50 on io_uring (its sends cost less, so at the
+     * same share its writes stay smaller); -1 = never pause (each write as
+     * soon as the round allows); at most 100. Linux only: Windows cannot sleep or count a
      * thread's CPU time that finely, and its workers never pause. */
     int fanout_pause_pct;
 } cp_port_opts;

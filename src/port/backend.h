@@ -125,6 +125,11 @@ typedef struct cp_backend_ops {
      * only queue their writes in the round: they run in the kernel at the
      * next poll, which takes the new input right after them. */
     unsigned writes_per_round;
+    /* The default share of the pause after fan-out (port.c,
+     * cp_port_opts.fanout_pause_pct), in percent; 0: never pauses. A backend
+     * whose sends cost the worker less writes more often at the same share,
+     * and needs a longer pause for its writes to carry as much. */
+    unsigned fanout_pause_pct;
     /* Cancels every armed op (each completes with -ECANCELED, later, never
      * inside this call) and closes the descriptor. */
     void (*close)(cp_worker *w, cp_handle *h);

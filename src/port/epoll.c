@@ -332,6 +332,7 @@ const cp_backend_ops cp__epoll_backend = {
     .recv = ep_recv,
     .send = ep_send,
     .writes_per_round = 128,
+    .fanout_pause_pct = 25,
     .recv_pause = ep_recv_pause,
     .recv_resume = ep_recv_resume,
     .close = ep_close,

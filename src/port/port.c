@@ -1048,9 +1048,6 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     cp_port_opts o = opts ? *opts : (cp_port_opts){ 0 };
     if (o.workers < 0 || o.workers > 1024 || o.fanout_pause_pct < -1 || o.fanout_pause_pct > 100)
         return -EINVAL;
-    o.fanout_pause_pct = o.fanout_pause_pct == 0 ? 25 : o.fanout_pause_pct < 0 ? 0 : o.fanout_pause_pct;
-    if (!cp__fine_pause_ok())
-        o.fanout_pause_pct = 0;
     if (o.workers == 0) {
         o.workers = cp__ncpu();
     }
@@ -1058,6 +1055,10 @@ int cp_port_create(cp_port **out, const cp_port_opts *opts)
     const cp_backend_ops *be = choose_backend(o.backend, &err);
     if (!be)
         return err;
+    if (o.fanout_pause_pct == 0)
+        o.fanout_pause_pct = (int)be->fanout_pause_pct;
+    if (o.fanout_pause_pct < 0 || !cp__fine_pause_ok())
+        o.fanout_pause_pct = 0;
 
     cp_port *p = port_alloc(be, &o);
     if (!p)

@@ -1395,6 +1395,9 @@ const cp_backend_ops cp__uring_backend = {
     .poll = ur_poll,
     .busy = ur_busy,
     .submit = ur_submit,
+    /* At 25% its writes stayed smaller than epoll's and the chat clients'
+     * reader fell behind in some runs (bench/RESULTS.md). */
+    .fanout_pause_pct = 50,
     .wake = ur_wake,
     .attach = ur_attach,
     .accept = ur_accept,

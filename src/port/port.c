@@ -623,10 +623,8 @@ static void fanout_pause(cp_worker *w)
     ns = ns < FANOUT_PAUSE_MAX_NS ? ns : FANOUT_PAUSE_MAX_NS;
     cp__pause_ns(ns);
     w->paused_cpu_ns = cpu;
-    atomic_store_explicit(&w->m->pauses, atomic_load_explicit(&w->m->pauses, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
-    atomic_store_explicit(&w->m->pause_ns, atomic_load_explicit(&w->m->pause_ns, memory_order_relaxed) + ns,
-                          memory_order_relaxed);
+    cp__own_add(&w->m->pauses, 1);
+    cp__own_add(&w->m->pause_ns, ns);
 }
 
 /* The round's duration, from its poll's return; the timers it left armed. */

@@ -581,10 +581,12 @@ static void trim_check(cp_worker *w, trim_state *t, int completions)
  * on writes, and the writes carry what came since the member's last one.
  * Busy without a break, it writes as often as it can: each write is small
  * and costs its syscall and its packet whatever it carries (chat, 1000
- * clients: 13 packets a write). A pause of a quarter of the round's CPU
- * time lets the room's next packets queue, so the next writes carry more;
- * the worker's CPU per delivery falls by about the pause's share, and the
- * clients, which read once per write, keep up better. Request and reply
+ * clients: 13 packets a write). A pause of a share of the CPU time (the
+ * backend's default: 25% on epoll, 50% on io_uring, whose cheaper sends
+ * need a longer one) lets the room's next packets queue, so the next
+ * writes carry more; the worker's CPU per delivery falls by about the
+ * pause's share, and the clients, which read once per write, keep up
+ * better. Request and reply
  * traffic (a send per receive) gains nothing from waiting and never pauses.
  * Sends and receives are weighed over the last rounds (a sum that loses an
  * eighth a round), not the round alone: a round that only writes what

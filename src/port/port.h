@@ -301,6 +301,7 @@ static inline void cp__post_write(cp_worker *w, cp_posted *p)
  * (port.c, fanout_pause). Owner only. */
 static inline void cp__note_send(cp_worker *w) { w->round_sends++; }
 static inline void cp__note_recv(cp_worker *w) { w->round_recvs++; }
+
 static inline void cp__post_round_end(cp_worker *w, cp_posted *p)
 {
     p->next = w->at_round_end;
